@@ -1,0 +1,234 @@
+"""Hugging Face checkpoint directory -> lorax's stacked base-parameter pytree.
+
+Tensors are read one at a time from memory-mapped safetensors shards, cast, quantized to
+NF4 while loading when asked, and written into their stacked slot, so peak host memory
+stays near one copy of the result. Every mismatch between the checkpoint and the config is
+an error that names the file, the tensor and both shapes.
+
+This module knows parameter layouts, not models: it takes the config object from its caller.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from convert.names import IGNORABLE_SUFFIXES, TensorSpec, tensor_specs
+from convert.safetensors_io import SafetensorsError, SafetensorsFile
+from pallas_kernels.nf4 import NF4Tensor, quantize_nf4, stack
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not match its config or cannot be read."""
+
+
+class ShardedCheckpoint(Mapping[str, np.ndarray]):
+    """All tensors of a (possibly sharded) safetensors checkpoint, read lazily by name."""
+
+    def __init__(self, directory: str):
+        self.directory = directory
+        index_path = os.path.join(directory, INDEX_FILE)
+        single = os.path.join(directory, SINGLE_FILE)
+        if os.path.exists(index_path):
+            with open(index_path, encoding="utf-8") as f:
+                try:
+                    weight_map = json.load(f)["weight_map"]
+                except (json.JSONDecodeError, KeyError) as e:
+                    raise CheckpointError(f"{index_path}: not a safetensors index ({e})") from e
+            files = sorted(set(weight_map.values()))
+        elif os.path.exists(single):
+            files, weight_map = [SINGLE_FILE], None
+        else:
+            files = sorted(f for f in os.listdir(directory) if f.endswith(".safetensors"))
+            if not files:
+                bins = [f for f in os.listdir(directory) if f.endswith((".bin", ".pt", ".pth"))]
+                hint = (
+                    f" (found PyTorch pickles {bins}: re-save with "
+                    "`model.save_pretrained(dir, safe_serialization=True)`)"
+                    if bins
+                    else ""
+                )
+                raise CheckpointError(f"{directory}: no safetensors weights{hint}")
+            weight_map = None
+        self.files: dict[str, SafetensorsFile] = {}
+        for name in files:
+            path = os.path.join(directory, name)
+            if not os.path.exists(path):
+                raise CheckpointError(f"{index_path}: lists shard {name!r}, which is missing")
+            try:
+                self.files[name] = SafetensorsFile(path)
+            except SafetensorsError as e:
+                raise CheckpointError(str(e)) from e
+        self._where: dict[str, str] = {}
+        for fname, f in self.files.items():
+            for tensor in f:
+                self._where[tensor] = fname
+        if weight_map is not None:
+            for tensor, fname in weight_map.items():
+                if self._where.get(tensor) != fname:
+                    raise CheckpointError(
+                        f"{index_path}: maps {tensor!r} to {fname}, which does not contain it"
+                    )
+
+    def file_of(self, name: str) -> str:
+        return os.path.join(self.directory, self._where[name])
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.files[self._where[name]][name]
+
+    def __iter__(self):
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.files[self._where[name]].shape(name)
+
+
+def read_config(directory: str) -> dict[str, Any]:
+    """The parsed ``config.json`` of an HF model directory."""
+    path = os.path.join(directory, "config.json")
+    if not os.path.isdir(directory):
+        raise CheckpointError(f"{directory}: not a directory")
+    if not os.path.exists(path):
+        raise CheckpointError(f"{directory}: no config.json")
+    with open(path, encoding="utf-8") as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{path}: not valid JSON ({e})") from e
+
+
+def is_bnb_4bit(hf_config: Mapping[str, Any]) -> bool:
+    q = hf_config.get("quantization_config") or {}
+    return q.get("quant_method") == "bitsandbytes" and bool(q.get("load_in_4bit"))
+
+
+def load_params(
+    directory: str,
+    config: Any,
+    *,
+    quantize: str | None = None,
+    dtype: Any = jnp.bfloat16,
+    double_quant: bool = True,
+    hf_config: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Reads the checkpoint in ``directory`` into the stacked base pytree.
+
+    ``quantize="nf4"`` quantizes every decoder projection (bitsandbytes-exact NF4, as
+    ``load_in_4bit`` does; embeddings, norms and the LM head stay in ``dtype``). A checkpoint
+    saved by bitsandbytes in 4-bit keeps its quantized projections as they are.
+    """
+    if quantize not in (None, "nf4"):
+        raise ValueError(f"quantize must be None or 'nf4', got {quantize!r}")
+    hf_config = read_config(directory) if hf_config is None else hf_config
+    ckpt = ShardedCheckpoint(directory)
+    pre_quantized = is_bnb_4bit(hf_config)
+    specs = list(tensor_specs(config))
+    _check_names(ckpt, specs, config, pre_quantized)
+
+    def read(spec: TensorSpec, name: str) -> Any:
+        if pre_quantized and spec.quantizable:
+            from convert.bnb import nf4_from_bnb_tensors
+
+            prefix = name[: -len(".weight")]
+            return nf4_from_bnb_tensors(prefix, ckpt, source=ckpt.file_of(name))
+        shape = ckpt.shape(name)
+        if tuple(shape) != spec.shape:
+            raise CheckpointError(
+                f"{ckpt.file_of(name)}: tensor {name!r} has shape {list(shape)}, "
+                f"config expects {list(spec.shape)}"
+            )
+        array = jnp.asarray(np.asarray(ckpt[name]), dtype=dtype)
+        if quantize == "nf4" and spec.quantizable:
+            return quantize_nf4(array, blocksize=64, double_quant=double_quant)
+        return array
+
+    params: dict[str, Any] = {}
+    for spec in specs:
+        names = spec.hf_names(config.num_layers)
+        if spec.per_layer:
+            value = _stack([read(spec, n) for n in names])
+        else:
+            value = read(spec, names[0])
+        _set(params, spec.path, value)
+    return params
+
+
+def _stack(values: list[Any]) -> Any:
+    if isinstance(values[0], NF4Tensor):
+        return stack(values)
+    return jnp.stack(values)
+
+
+def _set(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+_BNB_SUFFIXES = (
+    ".absmax",
+    ".quant_map",
+    ".nested_absmax",
+    ".nested_quant_map",
+    ".quant_state.bitsandbytes__nf4",
+)
+
+
+def _check_names(
+    ckpt: ShardedCheckpoint, specs: list[TensorSpec], config: Any, pre_quantized: bool
+) -> None:
+    expected: dict[str, TensorSpec] = {}
+    for spec in specs:
+        for name in spec.hf_names(config.num_layers):
+            expected[name] = spec
+    missing = [n for n in expected if n not in ckpt]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else "")
+        raise CheckpointError(f"{ckpt.directory}: checkpoint is missing tensor(s): {shown}")
+
+    def accounted(name: str) -> bool:
+        if name in expected or name.endswith(IGNORABLE_SUFFIXES):
+            return True
+        if config.tie_word_embeddings and name == "lm_head.weight":
+            return True  # some tied checkpoints store the shared matrix twice
+        if pre_quantized:
+            for suffix in _BNB_SUFFIXES:
+                if name.endswith(suffix) and name[: -len(suffix)] in expected:
+                    return True
+        return False
+
+    unexpected = [n for n in ckpt if not accounted(n)]
+    if unexpected:
+        shown = ", ".join(f"{n} ({ckpt.file_of(n)})" for n in unexpected[:5])
+        raise CheckpointError(
+            f"{ckpt.directory}: unexpected tensor(s) for a {config.model_type} model with "
+            f"{config.num_layers} layers: {shown}"
+        )
+
+
+def load_tokenizer(directory: str) -> Any | None:
+    """The HF tokenizer of ``directory`` when its files are there, else None."""
+    if not any(os.path.exists(os.path.join(directory, f)) for f in TOKENIZER_FILES):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(directory)
+
+
+def params_nbytes(params: Any) -> int:
+    """Device bytes of a parameter pytree (NF4 leaves count their packed bytes)."""
+    return sum(int(x.size) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(params))
+

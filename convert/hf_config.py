@@ -1,0 +1,157 @@
+"""``ModelConfig`` -> a Hugging Face ``config.json`` dict, for exported model directories.
+
+lorax keeps only the fields that change the computation, not the original ``config.json``,
+so exports regenerate it. The dict is written for the widest range of readers: the fields
+transformers >= 5 reads (``rope_parameters``, ``dtype``, ``layer_types``) beside their
+legacy spellings (``rope_theta``/``rope_scaling``, ``torch_dtype``, ``max_window_layers``)
+that older transformers, vLLM and llama.cpp's converter read. Reading it back with
+``ModelConfig.from_hf_dict`` gives the same config; a config this format cannot express for
+its ``model_type`` is an error, never a silently different model.
+
+This module knows config layouts, not models: it duck-types the config object it is given.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+}
+DTYPE_NAMES = ("bfloat16", "float16", "float32")
+
+_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+_MLP = ("gate_proj", "up_proj", "down_proj")
+_QWEN2_BIAS = ("q_proj", "k_proj", "v_proj")
+
+
+class HFConfigError(ValueError):
+    """A ``ModelConfig`` that the HF config format of its ``model_type`` cannot express."""
+
+
+def hf_config_dict(config: Any, dtype: str) -> dict[str, Any]:
+    """A ``config.json`` dict that transformers loads as the architecture ``config`` describes.
+
+    ``dtype`` names the dtype of the stored (non-quantized) tensors; it becomes ``dtype`` and
+    ``torch_dtype``.
+    """
+    if config.model_type not in ARCHITECTURES:
+        raise HFConfigError(f"cannot write a config.json for model_type={config.model_type!r}")
+    if dtype not in DTYPE_NAMES:
+        raise HFConfigError(f"dtype must be one of {DTYPE_NAMES}, got {dtype!r}")
+    eos = config.eos_token_id
+    hf: dict[str, Any] = {
+        "architectures": [ARCHITECTURES[config.model_type]],
+        "model_type": config.model_type,
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+        "num_hidden_layers": config.num_layers,
+        "num_attention_heads": config.num_heads,
+        "num_key_value_heads": config.num_kv_heads,
+        "head_dim": config.head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": config.rms_norm_eps,
+        "max_position_embeddings": config.max_position_embeddings,
+        "attention_dropout": 0.0,
+        "tie_word_embeddings": config.tie_word_embeddings,
+        "bos_token_id": config.bos_token_id,
+        "eos_token_id": list(eos) if isinstance(eos, tuple) else eos,
+        "pad_token_id": config.pad_token_id,
+        "use_cache": True,
+        "dtype": dtype,
+        "torch_dtype": dtype,
+    }
+    hf.update(_bias_fields(config))
+    hf.update(_window_fields(config))
+    hf.update(_rope_fields(config))
+    return hf
+
+
+def generation_config_dict(config: Any) -> dict[str, Any]:
+    """A minimal ``generation_config.json``: the special tokens generation stops and pads on."""
+    eos = config.eos_token_id
+    out = {
+        "bos_token_id": config.bos_token_id,
+        "eos_token_id": list(eos) if isinstance(eos, tuple) else eos,
+        "pad_token_id": config.pad_token_id,
+    }
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def _bias_fields(config: Any) -> dict[str, Any]:
+    bias = set(config.bias_projections)
+    attention, mlp = bias & set(_ATTENTION), bias & set(_MLP)
+    if config.model_type == "qwen2":
+        if bias != set(_QWEN2_BIAS):
+            raise HFConfigError(
+                f"qwen2 has biases on exactly {list(_QWEN2_BIAS)}; config has {sorted(bias)}"
+            )
+        return {}
+    if config.model_type == "mistral":
+        if bias:
+            raise HFConfigError(f"mistral has no projection biases; config has {sorted(bias)}")
+        return {}
+    # llama: one switch for all attention projections, one for all MLP projections.
+    if attention not in (set(), set(_ATTENTION)) or mlp not in (set(), set(_MLP)):
+        raise HFConfigError(
+            "llama's attention_bias/mlp_bias cover all attention/MLP projections; config has "
+            f"biases on {sorted(bias)}"
+        )
+    return {"attention_bias": bool(attention), "mlp_bias": bool(mlp)}
+
+
+def _window_fields(config: Any) -> dict[str, Any]:
+    windows = tuple(config.layer_windows)
+    sizes = sorted(set(windows) - {0})
+    if len(sizes) > 1:
+        raise HFConfigError(f"{config.model_type} has one sliding window size; config has {sizes}")
+    window = sizes[0] if sizes else None
+    if config.model_type == "llama":
+        if window is not None:
+            raise HFConfigError(f"llama has no sliding-window attention; config has {window}")
+        return {}
+    if config.model_type == "mistral":
+        if window is not None and 0 in windows:
+            raise HFConfigError("mistral applies its sliding window to every layer or none")
+        return {"sliding_window": window}
+    # qwen2: layers from ``max_window_layers`` on slide; ``layer_types`` spells it per layer.
+    first = windows.index(window) if window is not None else len(windows)
+    if any(w != (window or 0) for w in windows[first:]):
+        raise HFConfigError(
+            "qwen2 slides the window on every layer from max_window_layers on; config has "
+            f"layer windows {list(windows)}"
+        )
+    return {
+        "use_sliding_window": window is not None,
+        "sliding_window": window,
+        "max_window_layers": first,
+        "layer_types": ["sliding_attention" if w else "full_attention" for w in windows],
+    }
+
+
+def _rope_fields(config: Any) -> dict[str, Any]:
+    rope = config.rope
+    scaling: dict[str, Any] = {"rope_type": rope.type}
+    if rope.type != "default":
+        scaling["factor"] = rope.factor
+    if rope.type == "llama3":
+        scaling["low_freq_factor"] = rope.low_freq_factor
+        scaling["high_freq_factor"] = rope.high_freq_factor
+        scaling["original_max_position_embeddings"] = rope.original_max_position_embeddings
+    elif rope.type == "yarn":
+        scaling["original_max_position_embeddings"] = rope.original_max_position_embeddings
+        scaling["beta_fast"] = rope.beta_fast
+        scaling["beta_slow"] = rope.beta_slow
+        for key in ("attention_factor", "mscale", "mscale_all_dim"):
+            if getattr(rope, key) is not None:
+                scaling[key] = getattr(rope, key)
+        if not rope.truncate:
+            scaling["truncate"] = False
+    return {
+        "rope_theta": rope.theta,
+        "rope_parameters": {"rope_theta": rope.theta, **scaling},
+        "rope_scaling": scaling if rope.type != "default" else None,
+    }

@@ -1,0 +1,206 @@
+"""Merged export: the base model with its LoRA folded in, as a Hugging Face model directory.
+
+Every adapted projection becomes ``W' = W + scale·B·A``, computed in float32 from the
+(dequantized) base weight and rounded once to the output dtype, so the merged model is as
+close to the adapted one as the output dtype allows. ``dtype="nf4"`` re-quantizes merged
+projections to bitsandbytes' serialized 4-bit form (``transformers`` loads it with
+``load_in_4bit`` semantics and no quantization step); projections without an adapter keep
+their NF4 bytes untouched.
+
+Tensors are produced one at a time, layer by layer in HF's order, and written into shards of
+at most ``max_shard_size``, so host memory peaks near one shard beyond the loaded model. The
+directory is written beside the destination and renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from convert.bnb import bnb_quantization_config, nf4_to_bnb_tensors
+from convert.export_common import (
+    DEFAULT_MAX_SHARD_SIZE,
+    ShardWriter,
+    check_destination,
+    staged_directory,
+    write_json,
+)
+from convert.hf_config import generation_config_dict, hf_config_dict
+from convert.names import TensorSpec, tensor_specs
+from pallas_kernels.nf4 import NF4Tensor, dequantize_nf4, quantize_nf4
+
+OUTPUT_DTYPES = ("bfloat16", "float16", "float32", "nf4")
+_STORE_DTYPES = {"bfloat16": jnp.bfloat16, "float16": jnp.float16, "float32": jnp.float32}
+
+
+def save_merged(
+    model: Any,
+    lora: Any,
+    directory: str | os.PathLike[str],
+    dtype: str = "bfloat16",
+    *,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    allow_overwrite: bool = False,
+) -> None:
+    """Writes ``model`` with ``lora`` merged in as an HF directory ``from_pretrained`` loads.
+
+    ``dtype`` is the dtype of the stored weights: ``"bfloat16"``, ``"float16"``,
+    ``"float32"``, or ``"nf4"`` (bitsandbytes 4-bit projections, everything else in the
+    model's compute dtype, and a ``quantization_config`` in ``config.json``). ``lora`` may
+    be None to export the base model alone. The directory gets ``config.json``,
+    ``generation_config.json``, the tokenizer's files when the model has a tokenizer, and
+    ``model.safetensors`` (or shards of at most ``max_shard_size`` bytes, e.g. ``"2GB"``,
+    with ``model.safetensors.index.json``). An existing non-empty directory is replaced,
+    atomically, only with ``allow_overwrite``.
+    """
+    if dtype not in OUTPUT_DTYPES:
+        raise ValueError(f"dtype must be one of {OUTPUT_DTYPES}, got {dtype!r}")
+    check_destination(directory, allow_overwrite)  # refuse before the expensive part
+    plan = _Plan.make(model, lora, dtype)
+    config = model.config
+    hf_config = hf_config_dict(config, plan.store.name)
+    if plan.quantize:
+        hf_config["quantization_config"] = bnb_quantization_config(
+            compute_dtype=plan.store.name, double_quant=plan.double_quant
+        )
+
+    with staged_directory(directory, allow_overwrite=allow_overwrite) as staging:
+        writer = ShardWriter(staging, max_shard_size)
+        for spec, layer in _in_hf_order(tensor_specs(config), config.num_layers):
+            writer.add(plan.tensors(spec, layer))
+        writer.close()
+        write_json(os.path.join(staging, "config.json"), hf_config)
+        write_json(os.path.join(staging, "generation_config.json"), generation_config_dict(config))
+        if model.tokenizer is not None:
+            model.tokenizer.save_pretrained(staging)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """What every tensor of one export needs: the weights, the adapters and the formats."""
+
+    params: Mapping[str, Any]
+    adapters: Mapping[str, Mapping[str, jax.Array]]
+    scale: float
+    store: np.dtype  # dtype of every stored tensor that is not 4-bit
+    quantize: bool  # projections as bnb 4-bit
+    double_quant: bool
+
+    @classmethod
+    def make(cls, model: Any, lora: Any, dtype: str) -> _Plan:
+        quantize = dtype == "nf4"
+        store = jnp.dtype(model.dtype) if quantize else jnp.dtype(_STORE_DTYPES[dtype])
+        adapters, scale = _adapters(model.config, lora)
+        return cls(model.params, adapters, scale, store, quantize, _double_quant(model.params))
+
+    def tensors(self, spec: TensorSpec, layer: int) -> dict[str, np.ndarray]:
+        """One HF tensor (or the group of tensors of a bnb 4-bit weight), ready to write."""
+        name = spec.hf_name.format(i=layer) if spec.per_layer else spec.hf_name
+        value = _param(self.params, spec.path)
+        if spec.per_layer:
+            value = jax.tree.map(lambda x: x[layer], value)
+        projection = _is_projection_weight(spec)
+        adapter = self.adapters.get(spec.path[1]) if projection else None
+        if self.quantize and projection and adapter is None and isinstance(value, NF4Tensor):
+            return _bnb_tensors(name, value)  # untouched: keep its exact bytes
+        a = b = None
+        if adapter is not None:
+            a, b = adapter["lora_a"][layer], adapter["lora_b"][layer]
+        merged = _merged(value, a, b, self.scale, self.store)
+        if self.quantize and projection:
+            return _bnb_tensors(name, quantize_nf4(merged, double_quant=self.double_quant))
+        array = np.asarray(merged)
+        if not np.isfinite(array).all():
+            raise ValueError(
+                f"tensor {name!r} is not finite in {self.store.name} (overflow?); export in a "
+                "wider dtype such as bfloat16 or float32"
+            )
+        return {name: array}
+
+
+def _adapters(config: Any, lora: Any) -> tuple[dict[str, Any], float]:
+    """The LoRA entries by projection (checked against the base's shapes) and their scale."""
+    if lora is None:
+        return {}, 0.0
+    layers = lora.params["layers"]
+    for proj, ab in layers.items():
+        out_dim, in_dim = config.projection_shape(proj)
+        a_shape, b_shape = tuple(ab["lora_a"].shape), tuple(ab["lora_b"].shape)
+        rank = a_shape[1] if len(a_shape) == 3 else -1
+        expected_a = (config.num_layers, rank, in_dim)
+        expected_b = (config.num_layers, out_dim, rank)
+        if a_shape != expected_a or b_shape != expected_b:
+            raise ValueError(
+                f"LoRA {proj} has lora_a {list(a_shape)} and lora_b {list(b_shape)}; the model "
+                f"needs [{config.num_layers}, r, {in_dim}] and [{config.num_layers}, {out_dim}, r]"
+            )
+    return dict(layers), float(lora.config.scale)
+
+
+def _double_quant(params: Any) -> bool:
+    """Re-quantize in the base's NF4 format, or with QLoRA's double quantization if dense."""
+    for leaf in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, NF4Tensor)):
+        if isinstance(leaf, NF4Tensor):
+            return leaf.double_quant
+    return True
+
+
+def _in_hf_order(specs: Iterator[TensorSpec], num_layers: int) -> Iterator[tuple[TensorSpec, int]]:
+    """(spec, layer) in HF's on-disk order: each layer's tensors together, layer by layer.
+
+    Non-layer tensors get layer -1.
+    """
+    block: list[TensorSpec] = []
+    for spec in [*specs, None]:
+        if spec is not None and spec.per_layer:
+            block.append(spec)
+            continue
+        for i in range(num_layers):
+            for s in block:
+                yield s, i
+        block = []
+        if spec is not None:
+            yield spec, -1
+
+
+def _is_projection_weight(spec: TensorSpec) -> bool:
+    return spec.quantizable and spec.path[-1] == "weight"
+
+
+def _param(params: Mapping[str, Any], path: tuple[str, ...]) -> Any:
+    for key in path:
+        params = params[key]
+    return params
+
+
+def _bnb_tensors(name: str, weight: NF4Tensor) -> dict[str, np.ndarray]:
+    """bitsandbytes' serialized tensors for the weight named ``name`` (``X.weight``)."""
+    return nf4_to_bnb_tensors(name.removesuffix(".weight"), weight)
+
+
+@functools.partial(jax.jit, static_argnames="store")
+def _merged(
+    value: Any, lora_a: jax.Array | None, lora_b: jax.Array | None, scale: float, store: Any
+) -> jax.Array:
+    """``W + scale·B·A`` for one layer, in float32, rounded once to ``store``.
+
+    An NF4 base weight is dequantized as bitsandbytes does (to its original dtype) before
+    the float32 sum, so the result is what merging into a ``load_in_4bit`` model gives.
+    """
+    if isinstance(value, NF4Tensor):
+        value = dequantize_nf4(value)
+    if lora_a is None:
+        return value.astype(store)
+    delta = jnp.matmul(
+        lora_b.astype(jnp.float32),
+        lora_a.astype(jnp.float32),
+        precision=jax.lax.Precision.HIGHEST,
+    )
+    return (value.astype(jnp.float32) + scale * delta).astype(store)

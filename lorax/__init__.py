@@ -1,0 +1,39 @@
+"""lorax: fast LoRA/QLoRA fine-tuning of Hugging Face LLMs in JAX.
+
+The public API is this module's names: load a model, make adapters, run the pure forward,
+train, and export. Everything else is an implementation detail that may move.
+"""
+
+from convert.merged import save_merged
+from convert.peft import load_adapter, save_adapter
+from lorax.config import ConfigError, ModelConfig, RopeConfig
+from lorax.facade import FastLanguageModel, PeftModel
+from lorax.loading import load
+from lorax.lora import LoraConfig, LoraWeights, init_lora, lora_linear
+from lorax.model import ForwardOptions, Model, forward, hidden_states
+from pallas_kernels.nf4 import NF4Tensor, dequantize_nf4, quantize_nf4
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ConfigError",
+    "FastLanguageModel",
+    "ForwardOptions",
+    "LoraConfig",
+    "LoraWeights",
+    "Model",
+    "ModelConfig",
+    "NF4Tensor",
+    "PeftModel",
+    "RopeConfig",
+    "dequantize_nf4",
+    "forward",
+    "hidden_states",
+    "init_lora",
+    "load",
+    "load_adapter",
+    "lora_linear",
+    "quantize_nf4",
+    "save_adapter",
+    "save_merged",
+]

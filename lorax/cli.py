@@ -1,0 +1,203 @@
+"""The ``lorax`` command: a thin layer over the public API.
+
+``lorax train`` with no model or data fine-tunes the embedded default (a real pretrained
+model when one is installed, else a tiny built-in one) on the bundled demo data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+import tomllib
+import types
+import typing
+from typing import Any
+
+# Options of ``lorax train`` that are not TrainConfig fields (model, adapters, data, sample).
+RUN_OPTIONS: dict[str, tuple[Any, str]] = {
+    "model": (None, "HF model directory or .gguf file (default: the embedded demo model; "
+                    "'tiny' forces the built-in tiny model)"),
+    "data": (None, "training data: JSONL/JSON/Parquet/Arrow/CSV file, directory or glob "
+                   "(default: the bundled demo data)"),
+    "eval_data": (None, "evaluation data (same formats)"),
+    "quantize": ("auto", "base weights: nf4 | none | auto (nf4 on GPU, none on CPU)"),
+    "dtype": ("auto", "compute dtype: bfloat16 | float16 | float32 | auto (bf16 on GPU, f32 "
+                      "on CPU)"),
+    "rank": (16, "LoRA rank r"),
+    "alpha": (16.0, "LoRA alpha (scale = alpha / r)"),
+    "targets": ("all-linear", "LoRA targets: all-linear | attention | mlp | comma list"),
+    "dropout": (0.0, "LoRA dropout"),
+    "use_rslora": (False, "rank-stabilised scaling alpha / sqrt(r)"),
+    "prompt": (None, "prompt for the sample generation printed before and after training"),
+    "max_new_tokens": (40, "tokens to generate for the sample (0: no sample)"),
+}
+
+DEMO_PROMPT = "What is 7 + 5?"
+
+
+def _field_type(annotation: Any) -> type:
+    """The scalar type argparse should parse for a dataclass annotation (``float | None``)."""
+    if isinstance(annotation, str):
+        annotation = eval(annotation, {"Any": Any})  # annotations are postponed strings
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+    return annotation
+
+
+def _add_option(parser: argparse.ArgumentParser, name: str, kind: type, default: Any,
+                help: str) -> None:
+    flag = "--" + name.replace("_", "-")
+    if kind is bool:
+        parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction,
+                            default=None, help=f"{help} (default: {default})")
+    else:
+        parser.add_argument(flag, dest=name, type=kind, default=None,
+                            help=f"{help} (default: {default})")
+
+
+def _train_parser(sub: Any) -> argparse.ArgumentParser:
+    from lorax.train.trainer import TrainConfig
+
+    p = sub.add_parser(
+        "train",
+        help="fine-tune LoRA adapters",
+        description="Fine-tune LoRA adapters and save them in PEFT format to OUTPUT_DIR. "
+        "Options may also come from a TOML or JSON --config file (keys are the option names "
+        "with underscores); flags override it.",
+    )
+    p.add_argument("--config", help="TOML or JSON file of options")
+    for name, (default, help) in RUN_OPTIONS.items():
+        kind = type(default) if default is not None else str
+        _add_option(p, name, kind, default, help)
+    for field in dataclasses.fields(TrainConfig):
+        default = None if field.default is dataclasses.MISSING else field.default
+        _add_option(p, field.name, _field_type(field.type), default, field.metadata["help"])
+    return p
+
+
+def _read_config_file(path: str) -> dict[str, Any]:
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        return tomllib.loads(raw.decode()) if path.endswith(".toml") else json.loads(raw)
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SystemExit(f"lorax train: cannot parse --config {path}: {e}") from e
+
+
+def _resolve_options(args: argparse.Namespace) -> dict[str, Any]:
+    from lorax.train.trainer import TrainConfig
+
+    known = set(RUN_OPTIONS) | {f.name for f in dataclasses.fields(TrainConfig)}
+    options = {name: default for name, (default, _) in RUN_OPTIONS.items()}
+    if args.config:
+        from_file = _read_config_file(args.config)
+        unknown = sorted(set(from_file) - known)
+        if unknown:
+            raise SystemExit(f"lorax train: unknown option(s) in {args.config}: {unknown}")
+        options.update(from_file)
+    options.update({k: v for k, v in vars(args).items() if k in known and v is not None})
+    if not options.get("output_dir"):
+        raise SystemExit("lorax train: --output-dir is required")
+    return options
+
+
+def _load_model(options: dict[str, Any]) -> tuple[Any, str]:
+    import jax
+
+    import lorax
+    from lorax import demo
+
+    on_gpu = jax.default_backend() != "cpu"
+    dtype = options["dtype"] if options["dtype"] != "auto" else (
+        "bfloat16" if on_gpu else "float32")
+    quantize = {"auto": "nf4" if on_gpu else None, "none": None, "nf4": "nf4"}.get(
+        options["quantize"], options["quantize"])
+    source = options["model"]
+    if source is None:
+        source = _bundled_model() or "tiny"
+    if source == "tiny":
+        return demo.tiny_model(dtype=lorax.loading.resolve_dtype(dtype)), "built-in tiny Llama"
+    return lorax.load(source, quantize=quantize, dtype=dtype), source
+
+
+def _bundled_model() -> str | None:
+    try:
+        from convert.gguf import bundled_smollm2_path
+    except ImportError:
+        return None
+    return bundled_smollm2_path()
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import jax
+
+    import lorax
+    from lorax.data import demo_data_path
+    from lorax.generate import generate_text
+    from lorax.train.trainer import Trainer, TrainConfig
+
+    options = _resolve_options(args)
+    t0 = time.perf_counter()
+    model, described = _load_model(options)
+    print(f"model: {described} ({model.config.model_type}, {model.config.num_layers} layers, "
+          f"{model.config.num_parameters() / 1e6:.1f}M params) loaded in "
+          f"{time.perf_counter() - t0:.1f}s")
+    targets = options["targets"]
+    if isinstance(targets, str) and "," in targets:
+        targets = [t.strip() for t in targets.split(",")]
+    cfg = TrainConfig(**{f.name: options[f.name] for f in dataclasses.fields(TrainConfig)
+                         if f.name in options})
+    lora = lorax.init_lora(
+        model, rank=options["rank"], alpha=options["alpha"], targets=targets,
+        key=jax.random.key(cfg.seed), dropout=options["dropout"],
+        use_rslora=options["use_rslora"],
+    )
+    data = options["data"] or str(demo_data_path())
+    prompt = options["prompt"] or (DEMO_PROMPT if options["data"] is None else None)
+    sample = _sampler(model, prompt, options["max_new_tokens"], generate_text)
+    sample("before", lora)
+    trainer = Trainer(model, lora, data, cfg, eval_dataset=options["eval_data"])
+    print(f"data: {data}: {trainer.loader.stats}")
+    lora = trainer.train()
+    history = trainer._read_history()
+    if history:
+        print(f"loss: {history[0]['loss']:.4f} (step {history[0]['step']}) -> "
+              f"{history[-1]['loss']:.4f} (step {history[-1]['step']})")
+    sample("after", lora)
+    adapter_dir = os.path.join(cfg.output_dir, "adapter")
+    _save_adapter(model, lora, adapter_dir, described)
+    print(f"adapter: {adapter_dir}\nmetrics: {os.path.join(cfg.output_dir, 'metrics.jsonl')}\n"
+          f"loss curve: {os.path.join(cfg.output_dir, 'loss_curve.png')}")
+    return 0
+
+
+def _sampler(model: Any, prompt: str | None, max_new_tokens: int, generate_text: Any):
+    def sample(when: str, lora: Any) -> None:
+        if prompt is None or model.tokenizer is None or max_new_tokens <= 0:
+            return
+        text = generate_text(model, lora, prompt, max_new_tokens=max_new_tokens)
+        print(f"sample {when} training: {prompt!r} -> {text!r}")
+
+    return sample
+
+
+def _save_adapter(model: Any, lora: Any, directory: str, base: str) -> None:
+    from lorax import save_adapter
+
+    save_adapter(model, lora, directory, base_model_name_or_path=base)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="lorax", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    _train_parser(sub).set_defaults(func=cmd_train)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,327 @@
+"""Static model configuration, read from a Hugging Face ``config.json``.
+
+``ModelConfig`` is a frozen, hashable dataclass: it is the static half of a model, so
+``jax.jit`` keys its cache on it and compiles once per (config, shape). Every field that
+changes the computation lives here; everything else in ``config.json`` is ignored, and every
+option we cannot honour is rejected by name instead of silently computing something else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+# model_type -> the HF architecture family it is computed as. Yi and DeepSeek's dense models
+# ship as ``model_type: "llama"``; they need no entry of their own.
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+# The projections of one decoder layer, in HF's names (PEFT's target names too).
+ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+PROJECTIONS = ATTENTION_PROJECTIONS + MLP_PROJECTIONS
+
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
+
+
+class ConfigError(ValueError):
+    """A ``config.json`` field we cannot honour; the message names the field and its value."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeConfig:
+    """Rotary embedding parameters, covering HF's ``rope_scaling``/``rope_parameters`` types."""
+
+    theta: float = 10000.0
+    type: str = "default"
+    factor: float = 1.0
+    # llama3
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int | None = None
+    # yarn
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    attention_factor: float | None = None
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    truncate: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The architecture of a decoder-only model of the Llama family."""
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope: RopeConfig = RopeConfig()
+    max_position_embeddings: int = 2048
+    # Projections that carry a bias (llama's attention_bias covers q, k, v and o; qwen2's
+    # covers q, k and v; llama's mlp_bias covers gate, up and down).
+    bias_projections: tuple[str, ...] = ()
+    # Per layer: the attention window (a query at i sees keys j with i - w < j <= i), or 0 for
+    # full causal attention. Data scanned over with the layers, not a Python branch.
+    layer_windows: tuple[int, ...] = ()
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = None
+    eos_token_id: int | tuple[int, ...] | None = None
+    pad_token_id: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(
+                f"num_attention_heads={self.num_heads} is not a multiple of "
+                f"num_key_value_heads={self.num_kv_heads}"
+            )
+        if not self.layer_windows:
+            object.__setattr__(self, "layer_windows", (0,) * self.num_layers)
+        if len(self.layer_windows) != self.num_layers:
+            raise ConfigError(
+                f"layer_windows has {len(self.layer_windows)} entries for "
+                f"num_hidden_layers={self.num_layers}"
+            )
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def projection_shape(self, name: str) -> tuple[int, int]:
+        """The HF ``[out, in]`` shape of one layer's projection ``name``."""
+        d, f = self.hidden_size, self.intermediate_size
+        shapes = {
+            "q_proj": (self.q_size, d),
+            "k_proj": (self.kv_size, d),
+            "v_proj": (self.kv_size, d),
+            "o_proj": (d, self.q_size),
+            "gate_proj": (f, d),
+            "up_proj": (f, d),
+            "down_proj": (d, f),
+        }
+        return shapes[name]
+
+    def num_parameters(self) -> int:
+        """Parameters in the dense model (embeddings, projections, biases, norms, head)."""
+        linear = sum(int(np.prod(self.projection_shape(p))) for p in PROJECTIONS)
+        biases = sum(self.projection_shape(p)[0] for p in self.bias_projections)
+        per_layer = linear + biases + 2 * self.hidden_size
+        head = 0 if self.tie_word_embeddings else self.vocab_size * self.hidden_size
+        return (
+            self.vocab_size * self.hidden_size
+            + self.num_layers * per_layer
+            + self.hidden_size
+            + head
+        )
+
+    # ------------------------------------------------------------------ reading HF configs
+
+    @classmethod
+    def from_hf_dict(cls, hf: Mapping[str, Any], *, source: str = "config.json") -> ModelConfig:
+        """Builds the config from a parsed HF ``config.json``; rejects what we cannot compute."""
+        model_type = hf.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ConfigError(
+                f"{source}: unsupported model_type={model_type!r}; "
+                f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+            )
+
+        def need(key: str) -> Any:
+            if key not in hf or hf[key] is None:
+                raise ConfigError(f"{source}: required field {key!r} is missing")
+            return hf[key]
+
+        act = hf.get("hidden_act", "silu")
+        if act != "silu":
+            raise ConfigError(f"{source}: unsupported hidden_act={act!r}; supported: 'silu'")
+        if hf.get("pretraining_tp", 1) not in (1, None):
+            raise ConfigError(f"{source}: unsupported pretraining_tp={hf['pretraining_tp']!r}")
+        partial = hf.get("partial_rotary_factor", 1.0)
+        if partial not in (1, 1.0, None):
+            raise ConfigError(f"{source}: unsupported partial_rotary_factor={partial!r}")
+
+        hidden = int(need("hidden_size"))
+        num_heads = int(need("num_attention_heads"))
+        num_kv = int(hf.get("num_key_value_heads") or num_heads)
+        num_layers = int(need("num_hidden_layers"))
+        head_dim = int(hf.get("head_dim") or hidden // num_heads)
+
+        bias: tuple[str, ...] = ()
+        if model_type == "qwen2":
+            bias = ("q_proj", "k_proj", "v_proj")
+        elif hf.get("attention_bias"):
+            bias = ATTENTION_PROJECTIONS
+        if hf.get("mlp_bias"):
+            bias = bias + MLP_PROJECTIONS
+
+        eos = hf.get("eos_token_id")
+        if isinstance(eos, list):
+            eos = tuple(eos)
+        return cls(
+            model_type=model_type,
+            vocab_size=int(need("vocab_size")),
+            hidden_size=hidden,
+            intermediate_size=int(need("intermediate_size")),
+            num_layers=num_layers,
+            num_heads=num_heads,
+            num_kv_heads=num_kv,
+            head_dim=head_dim,
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            rope=_rope_from_hf(hf, source),
+            max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
+            bias_projections=bias,
+            layer_windows=_layer_windows_from_hf(hf, model_type, num_layers, source),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_id=eos,
+            pad_token_id=hf.get("pad_token_id"),
+        )
+
+    @classmethod
+    def from_json_file(cls, path: str | os.PathLike[str]) -> ModelConfig:
+        with open(path, encoding="utf-8") as f:
+            try:
+                hf = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{path}: not valid JSON ({e})") from e
+        return cls.from_hf_dict(hf, source=str(path))
+
+
+def _rope_from_hf(hf: Mapping[str, Any], source: str) -> RopeConfig:
+    # transformers >= 5 writes ``rope_parameters`` (theta inside); older files ``rope_scaling``
+    # plus a top-level ``rope_theta``.
+    params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    theta = params.pop("rope_theta", hf.get("rope_theta", 10000.0))
+    rope_type = params.pop("rope_type", None) or params.pop("type", None) or "default"
+    params.pop("type", None)
+    if rope_type not in ROPE_TYPES:
+        raise ConfigError(
+            f"{source}: unsupported rope_scaling type {rope_type!r}; supported: "
+            f"{', '.join(ROPE_TYPES)}"
+        )
+    known = {f.name for f in dataclasses.fields(RopeConfig)} - {"theta", "type"}
+    unknown = sorted(set(params) - known - {"partial_rotary_factor"})
+    if unknown:
+        raise ConfigError(f"{source}: unsupported rope_scaling field(s) {unknown} for {rope_type}")
+    if rope_type != "default" and params.get("factor") is None:
+        if rope_type == "yarn" and params.get("original_max_position_embeddings"):
+            params["factor"] = hf["max_position_embeddings"] / params[
+                "original_max_position_embeddings"
+            ]
+        else:
+            raise ConfigError(f"{source}: rope_scaling type {rope_type!r} needs 'factor'")
+    if rope_type in ("llama3", "yarn"):
+        params.setdefault(
+            "original_max_position_embeddings", hf.get("max_position_embeddings", 2048)
+        )
+    params.pop("partial_rotary_factor", None)
+    clean = {k: v for k, v in params.items() if v is not None}
+    return RopeConfig(theta=float(theta), type=rope_type, **clean)
+
+
+def _layer_windows_from_hf(
+    hf: Mapping[str, Any], model_type: str, num_layers: int, source: str
+) -> tuple[int, ...]:
+    window = hf.get("sliding_window")
+    if model_type == "mistral":
+        return (int(window or 0),) * num_layers
+    if model_type == "qwen2":
+        if not hf.get("use_sliding_window"):
+            return (0,) * num_layers
+        layer_types = hf.get("layer_types")
+        if layer_types is None:
+            first = int(hf.get("max_window_layers", num_layers))
+            layer_types = [
+                "sliding_attention" if i >= first else "full_attention" for i in range(num_layers)
+            ]
+        windows = []
+        for t in layer_types:
+            if t not in ("sliding_attention", "full_attention"):
+                raise ConfigError(f"{source}: unsupported layer_types entry {t!r}")
+            windows.append(int(window) if t == "sliding_attention" and window else 0)
+        return tuple(windows)
+    if window:
+        raise ConfigError(f"{source}: sliding_window={window!r} is not supported for {model_type}")
+    return (0,) * num_layers
+
+
+# ---------------------------------------------------------------------------------- RoPE
+
+
+def rope_frequencies(rope: RopeConfig, head_dim: int, seq_len: int, max_pos: int):
+    """Inverse frequencies ``[head_dim // 2]`` (float64 numpy) and the cos/sin scale.
+
+    Computed on the host once per trace: they depend only on static config. ``seq_len`` is
+    only read by ``dynamic`` scaling, which (like HF) rescales once sequences outgrow
+    ``max_position_embeddings``; we take the static row length for HF's ``max(position)+1``.
+    """
+    exponents = np.arange(0, head_dim, 2, dtype=np.float64) / head_dim
+    inv_freq = 1.0 / rope.theta**exponents
+    attention_factor = 1.0
+    if rope.type == "linear":
+        inv_freq = inv_freq / rope.factor
+    elif rope.type == "dynamic":
+        n = max(seq_len, max_pos)
+        base = rope.theta * ((rope.factor * n / max_pos) - (rope.factor - 1)) ** (
+            head_dim / (head_dim - 2)
+        )
+        inv_freq = 1.0 / base**exponents
+    elif rope.type == "llama3":
+        old = rope.original_max_position_embeddings
+        low_wavelen = old / rope.low_freq_factor
+        high_wavelen = old / rope.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = np.where(wavelen > low_wavelen, inv_freq / rope.factor, inv_freq)
+        smooth = (old / wavelen - rope.low_freq_factor) / (
+            rope.high_freq_factor - rope.low_freq_factor
+        )
+        smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        inv_freq = np.where(medium, smoothed, scaled)
+    elif rope.type == "yarn":
+        inv_freq, attention_factor = _yarn(rope, head_dim, exponents)
+    return inv_freq.astype(np.float32), attention_factor
+
+
+def _yarn(rope: RopeConfig, head_dim: int, exponents: np.ndarray):
+    factor = rope.factor
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attention_factor = rope.attention_factor
+    if attention_factor is None:
+        if rope.mscale and rope.mscale_all_dim:
+            attention_factor = mscale(factor, rope.mscale) / mscale(factor, rope.mscale_all_dim)
+        else:
+            attention_factor = mscale(factor)
+
+    def correction_dim(rotations: float) -> float:
+        old = rope.original_max_position_embeddings
+        return head_dim * math.log(old / (rotations * 2 * math.pi)) / (2 * math.log(rope.theta))
+
+    low, high = correction_dim(rope.beta_fast), correction_dim(rope.beta_slow)
+    if rope.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = np.clip((np.arange(head_dim // 2, dtype=np.float64) - low) / (high - low), 0, 1)
+    extrapolation = 1 - ramp
+    pos_freqs = rope.theta**exponents
+    inv_freq = (1 / (factor * pos_freqs)) * (1 - extrapolation) + (1 / pos_freqs) * extrapolation
+    return inv_freq, float(attention_factor)

@@ -1,0 +1,97 @@
+"""An Unsloth-shaped facade, so Unsloth scripts move over nearly unchanged.
+
+It only calls the public functions (``lorax.load``, ``lorax.init_lora``); it holds no state
+of its own beyond what it returns.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+from typing import Any
+
+import jax
+
+from lorax.loading import load
+from lorax.lora import LoraWeights, init_lora
+from lorax.model import Model
+from lorax.remat import POLICIES
+
+# Unsloth's names for gradient checkpointing -> lorax's remat policies.
+_CHECKPOINTING = {False: "none", True: "full", "unsloth": "offload", None: "none"}
+
+
+@dataclasses.dataclass(frozen=True)
+class PeftModel:
+    """What ``get_peft_model`` returns: the frozen base, its adapters and the remat policy."""
+
+    base: Model
+    lora: LoraWeights
+    remat: str = "none"
+
+    @property
+    def config(self):
+        return self.base.config
+
+    @property
+    def tokenizer(self):
+        return self.base.tokenizer
+
+
+class FastLanguageModel:
+    """``from_pretrained`` -> ``(model, tokenizer)``; ``get_peft_model`` -> ``PeftModel``."""
+
+    @staticmethod
+    def from_pretrained(
+        model_name: str,
+        max_seq_length: int | None = None,
+        dtype: Any = None,
+        load_in_4bit: bool = True,
+        **unsupported: Any,
+    ) -> tuple[Model, Any]:
+        _reject(unsupported, "from_pretrained", allowed={"token", "device_map"})
+        model = load(
+            model_name, quantize="nf4" if load_in_4bit else None, dtype=dtype or "bfloat16"
+        )
+        return model, model.tokenizer
+
+    @staticmethod
+    def get_peft_model(
+        model: Model,
+        r: int = 16,
+        target_modules: str | Iterable[str] = "all-linear",
+        lora_alpha: float = 16,
+        lora_dropout: float = 0.0,
+        bias: str = "none",
+        use_gradient_checkpointing: bool | str | None = "unsloth",
+        random_state: int = 3407,
+        use_rslora: bool = False,
+        **unsupported: Any,
+    ) -> PeftModel:
+        if bias != "none":
+            raise ValueError(f"get_peft_model: bias={bias!r} is not supported (only 'none')")
+        _reject(unsupported, "get_peft_model", allowed={"max_seq_length", "loftq_config"})
+        if unsupported.get("loftq_config"):
+            raise ValueError("get_peft_model: loftq_config is not supported")
+        remat = _CHECKPOINTING.get(use_gradient_checkpointing, use_gradient_checkpointing)
+        if remat not in POLICIES:
+            raise ValueError(
+                f"get_peft_model: use_gradient_checkpointing={use_gradient_checkpointing!r}; "
+                f"use True, False, 'unsloth' or one of {POLICIES}"
+            )
+        lora = init_lora(
+            model,
+            rank=r,
+            alpha=lora_alpha,
+            targets=target_modules,
+            key=jax.random.key(random_state),
+            dropout=lora_dropout,
+            use_rslora=use_rslora,
+        )
+        return PeftModel(model, lora, remat)
+
+
+def _reject(kwargs: dict[str, Any], where: str, allowed: set[str]) -> None:
+    bad = sorted(set(kwargs) - allowed)
+    if bad:
+        raise TypeError(f"{where}: unsupported argument(s) {bad}")

@@ -1,0 +1,48 @@
+"""``lorax.load``: a model directory (or file) in, a ``Model`` out."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax.numpy as jnp
+
+from convert.hf import load_params, load_tokenizer, read_config
+from lorax.config import ModelConfig
+from lorax.model import Model
+
+DTYPES = {"bfloat16": jnp.bfloat16, "float16": jnp.float16, "float32": jnp.float32}
+
+
+def resolve_dtype(dtype: Any) -> Any:
+    """Accepts a name ("bfloat16") or a dtype; rejects anything else by name."""
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
+        return DTYPES[dtype]
+    if jnp.dtype(dtype) not in [jnp.dtype(d) for d in DTYPES.values()]:
+        raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
+    return jnp.dtype(dtype).type
+
+
+def load(
+    path: str | os.PathLike[str],
+    quantize: str | None = None,
+    dtype: Any = "bfloat16",
+    *,
+    double_quant: bool = True,
+) -> Model:
+    """Loads an HF model directory into a ``Model`` (config, frozen params, tokenizer).
+
+    ``quantize="nf4"`` stores every decoder projection as bitsandbytes-exact NF4
+    (``double_quant`` compresses the block scales too); ``dtype`` is the compute dtype and the
+    dtype of everything not quantized.
+    """
+    path = os.fspath(path)
+    compute = resolve_dtype(dtype)
+    hf = read_config(path)
+    config = ModelConfig.from_hf_dict(hf, source=os.path.join(path, "config.json"))
+    params = load_params(
+        path, config, quantize=quantize, dtype=compute, double_quant=double_quant, hf_config=hf
+    )
+    return Model(params, config, load_tokenizer(path))

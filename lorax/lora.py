@@ -1,0 +1,144 @@
+"""LoRA: the trainable pytree and the one linear op every projection goes through.
+
+The LoRA parameters are a pytree separate from the frozen base, with the base's nesting
+(``{"layers": {"q_proj": {"lora_a": [L, r, in], "lora_b": [L, out, r]}}}``) and PEFT's
+shapes, init and scaling, so adapters round-trip with ``peft``. The static half (rank,
+alpha, targets, ...) travels as pytree metadata, so ``jax.grad`` w.r.t. a ``LoraWeights``
+gives a ``LoraWeights`` of gradients and ``jit`` specialises on the config, not the values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from lorax.config import MLP_PROJECTIONS, PROJECTIONS, ModelConfig
+from pallas_kernels.nf4_matmul import nf4_lora_matmul
+
+Array = jax.Array
+
+TARGET_PRESETS = {
+    "all-linear": PROJECTIONS,
+    "attention": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "mlp": MLP_PROJECTIONS,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """Static LoRA hyper-parameters (PEFT's meaning for every field)."""
+
+    rank: int
+    alpha: float
+    targets: tuple[str, ...]
+    dropout: float = 0.0
+    use_rslora: bool = False
+
+    @property
+    def scale(self) -> float:
+        """alpha / r, or alpha / sqrt(r) with rsLoRA (rank-stabilised scaling)."""
+        return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LoraWeights:
+    """The trainable pytree: ``params`` are arrays, ``config`` is static metadata."""
+
+    params: dict[str, Any]
+    config: LoraConfig = dataclasses.field(metadata=dict(static=True))
+
+    def num_parameters(self) -> int:
+        return sum(int(x.size) for x in jax.tree_util.tree_leaves(self.params))
+
+
+def resolve_targets(targets: str | Iterable[str]) -> tuple[str, ...]:
+    """Expands a preset name or validates a list of projection names."""
+    if isinstance(targets, str):
+        if targets in TARGET_PRESETS:
+            return TARGET_PRESETS[targets]
+        targets = [targets]
+    names = tuple(targets)
+    unknown = [t for t in names if t not in PROJECTIONS]
+    if unknown or not names:
+        raise ValueError(
+            f"unknown LoRA target(s) {unknown or names}; use one of {list(TARGET_PRESETS)} "
+            f"or names from {list(PROJECTIONS)}"
+        )
+    return tuple(p for p in PROJECTIONS if p in names)  # canonical order, no duplicates
+
+
+def init_lora(
+    model: Any,
+    rank: int,
+    alpha: float,
+    targets: str | Iterable[str] = "all-linear",
+    key: Array | None = None,
+    dropout: float = 0.0,
+    use_rslora: bool = False,
+    dtype: Any = jnp.float32,
+) -> LoraWeights:
+    """PEFT-initialised adapters: A ~ kaiming-uniform(a=sqrt(5)) = U(±1/sqrt(in)), B = 0.
+
+    With B = 0 the adapted model starts exactly at the base model. Parameters default to
+    float32 (PEFT's autocast default): they are tiny, and bf16 updates would round away.
+    """
+    if rank <= 0:
+        raise ValueError(f"LoRA rank must be positive, got {rank}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout}")
+    config: ModelConfig = model.config
+    cfg = LoraConfig(rank, float(alpha), resolve_targets(targets), float(dropout), use_rslora)
+    key = jax.random.key(0) if key is None else key
+    layers = {}
+    for name, k in zip(cfg.targets, jax.random.split(key, len(cfg.targets)), strict=True):
+        out_dim, in_dim = config.projection_shape(name)
+        bound = 1.0 / math.sqrt(in_dim)
+        a_shape = (config.num_layers, rank, in_dim)
+        layers[name] = {
+            "lora_a": jax.random.uniform(k, a_shape, dtype, -bound, bound),
+            "lora_b": jnp.zeros((config.num_layers, out_dim, rank), dtype),
+        }
+    return LoraWeights({"layers": layers}, cfg)
+
+
+def lora_linear(
+    x: Array,
+    weight: Any,
+    bias: Array | None = None,
+    adapter: dict[str, Array] | None = None,
+    scale: float = 1.0,
+    *,
+    dropout: float = 0.0,
+    dropout_key: Array | None = None,
+    impl: str | None = None,
+) -> Array:
+    """``y = x·Wᵀ (+ bias) + scale·(dropout(x)·Aᵀ)·Bᵀ`` for a dense or NF4 ``W [out, in]``.
+
+    The single entry point for every projection: the fused Pallas kernel (GPU) or its jnp
+    reference (CPU) sits behind ``pallas_kernels.nf4_lora_matmul``. With dropout active the
+    LoRA branch sees a different x than the base matmul, so it is computed beside the
+    kernel instead of inside it.
+    """
+    a = b = None
+    if adapter is not None:
+        a, b = adapter["lora_a"], adapter["lora_b"]
+    if a is not None and dropout > 0.0 and dropout_key is not None:
+        y = nf4_lora_matmul(x, weight, None, None, 0.0, impl=impl)
+        keep = jax.random.bernoulli(dropout_key, 1.0 - dropout, x.shape)
+        x_drop = jnp.where(keep, x / (1.0 - dropout), 0).astype(x.dtype)
+        low = jnp.einsum("...k,rk->...r", x_drop, a.astype(x.dtype),
+                         preferred_element_type=jnp.float32)
+        delta = jnp.einsum("...r,nr->...n", low.astype(x.dtype), b.astype(x.dtype),
+                           preferred_element_type=jnp.float32)
+        y = (y.astype(jnp.float32) + scale * delta).astype(x.dtype)
+    else:
+        y = nf4_lora_matmul(x, weight, a, b, scale, impl=impl)
+    if bias is not None:
+        y = y + bias.astype(y.dtype)
+    return y

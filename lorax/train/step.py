@@ -1,0 +1,182 @@
+"""The functional training step, for ``Trainer`` and for users' own ``jit`` loops.
+
+Usage in a custom loop::
+
+    optimizer = lorax.train.make_optimizer("adamw", 2e-4)
+    state = lorax.train.init_train_state(lora, optimizer, key=jax.random.key(0))
+    step = lorax.train.make_train_step(model, optimizer, StepConfig())   # jitted, donates state
+    for batch in batches:            # dict of [accum, B, S] arrays (accum may be 1)
+        state, metrics = step(state, batch)
+
+The loss of a step is the sum of per-token losses over *all* micro-batches divided by the
+number of target tokens in all of them, so accumulating k micro-batches gives exactly the
+update of one batch k times larger.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from lorax.lora import LoraWeights
+from lorax.model import ForwardOptions, Model, hidden_states
+from lorax.train.loss import chunked_cross_entropy, shift_labels
+
+Array = jax.Array
+Batch = Mapping[str, Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    """Static knobs of the step (hashable: part of what ``jit`` specialises on)."""
+
+    loss_chunk_size: int = 2048
+    z_loss: float = 0.0
+    logit_softcap: float | None = None
+    forward: ForwardOptions = ForwardOptions()
+    # "skip": a step whose loss or gradients are not finite leaves the state unchanged (the
+    # metrics say so); the trainer may then stop instead.
+    skip_nonfinite: bool = True
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TrainState:
+    """Everything a step changes: adapters, optimizer state, step count and RNG."""
+
+    lora: LoraWeights
+    opt_state: Any
+    step: Array
+    key: Array
+
+
+def init_train_state(
+    lora: LoraWeights, optimizer: optax.GradientTransformation, *, key: Array
+) -> TrainState:
+    """A fresh state. The adapters are copied: steps donate the state's buffers, and the
+    caller's ``lora`` must stay usable."""
+    lora = jax.tree_util.tree_map(jnp.copy, lora)
+    return TrainState(lora, optimizer.init(lora.params), jnp.zeros((), jnp.int32), key)
+
+
+def loss_sum(
+    lora: LoraWeights,
+    model: Model,
+    batch: Batch,
+    config: StepConfig,
+    dropout_key: Array | None = None,
+) -> tuple[Array, Array]:
+    """(sum of per-token losses, number of target tokens) for one micro-batch.
+
+    ``batch`` holds ``input_ids`` and ``labels`` ``[B, S]`` (labels unshifted, -100 =
+    ignore) and optionally ``segment_ids``/``positions`` for packed rows.
+    """
+    segment_ids = batch.get("segment_ids")
+    h = hidden_states(
+        model,
+        lora,
+        batch["input_ids"],
+        positions=batch.get("positions"),
+        segment_ids=segment_ids,
+        dropout_key=dropout_key,
+        options=config.forward,
+    )
+    labels = shift_labels(batch["labels"], segment_ids)
+    return chunked_cross_entropy(
+        h.reshape(-1, h.shape[-1]),
+        model.lm_head(),
+        labels.reshape(-1),
+        chunk_size=config.loss_chunk_size,
+        softcap=config.logit_softcap,
+        z_loss=config.z_loss,
+    )
+
+
+def accumulated_grads(
+    lora: LoraWeights, model: Model, batches: Batch, config: StepConfig, key: Array
+) -> tuple[Array, Array, LoraWeights]:
+    """Loss sum, target count and summed gradients over the leading micro-batch axis."""
+    use_dropout = lora.config.dropout > 0.0
+    grad_fn = jax.value_and_grad(
+        lambda lo, mb, k: loss_sum(lo, model, mb, config, k if use_dropout else None),
+        has_aux=True,
+    )
+    num_micro = jax.tree_util.tree_leaves(batches)[0].shape[0]
+    keys = jax.random.split(key, num_micro)
+
+    def body(carry, xs):
+        total, count, grads = carry
+        micro, k = xs
+        (s, n), g = grad_fn(lora, micro, k)
+        grads = jax.tree_util.tree_map(jnp.add, grads, g)
+        return (total + s, count + n.astype(jnp.float32), grads), None
+
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, lora)
+    init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros)
+    (total, count, grads), _ = jax.lax.scan(body, init, (dict(batches), keys))
+    return total, count, grads
+
+
+def train_step(
+    state: TrainState,
+    batches: Batch,
+    *,
+    model: Model,
+    optimizer: optax.GradientTransformation,
+    config: StepConfig,
+) -> tuple[TrainState, dict[str, Array]]:
+    """One optimizer update from ``[accum, B, S]`` micro-batches. Pure; jit it (or use
+    ``make_train_step``)."""
+    key, step_key = jax.random.split(state.key)
+    total, count, grads = accumulated_grads(state.lora, model, batches, config, step_key)
+    denom = jnp.maximum(count, 1.0)
+    loss = total / denom
+    grads = jax.tree_util.tree_map(lambda g: g / denom, grads)
+    grad_norm = jnp.sqrt(
+        sum(jnp.sum(jnp.square(g)) for g in jax.tree_util.tree_leaves(grads.params))
+    )
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+    updates, opt_state = optimizer.update(grads.params, state.opt_state, state.lora.params)
+    params = optax.apply_updates(state.lora.params, updates)
+    new = TrainState(
+        LoraWeights(params, state.lora.config), opt_state, state.step + 1, key
+    )
+    if config.skip_nonfinite:
+        # Keep the old adapters and moments, but advance step and RNG so a skipped batch is
+        # not retried forever and resume stays exact.
+        kept = jax.tree_util.tree_map(
+            lambda n, o: jnp.where(finite, n, o), (new.lora, new.opt_state),
+            (state.lora, state.opt_state),
+        )
+        new = TrainState(kept[0], kept[1], new.step, key)
+    metrics = {
+        "loss": loss,
+        "grad_norm": grad_norm,
+        "target_tokens": count,
+        "finite": finite,
+    }
+    return new, metrics
+
+
+def make_train_step(
+    model: Model, optimizer: optax.GradientTransformation, config: StepConfig = StepConfig()
+) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, Array]]]:
+    """``train_step`` jitted with the state donated (its buffers are reused in place)."""
+
+    def step(state: TrainState, batches: Batch, model: Model):
+        return train_step(state, batches, model=model, optimizer=optimizer, config=config)
+
+    jitted = jax.jit(step, donate_argnums=(0,))
+    return lambda state, batches: jitted(state, batches, model)
+
+
+def make_eval_step(model: Model, config: StepConfig = StepConfig()) -> Callable[..., Any]:
+    """Jitted ``(lora, batch) -> (loss_sum, count)`` for one ``[B, S]`` batch."""
+    jitted = jax.jit(lambda lora, batch, model: loss_sum(lora, model, batch, config))
+    return lambda lora, batch: jitted(lora, batch, model)

@@ -1,0 +1,1 @@
+"""Pallas GPU kernels and their plain-jnp references; array-level code only (no lorax imports)."""

@@ -1,0 +1,387 @@
+"""``y = x·Wᵀ + scale·(x·Aᵀ)·Bᵀ (+ bias)`` for an NF4 (QLoRA) or dense (LoRA) frozen W.
+
+The one linear op every LoRA-targeted projection goes through. W is an
+:class:`~pallas_kernels.nf4.NF4Tensor` of a Hugging Face weight ``[N=out, K=in]`` or a dense
+``[N, K]`` array; A ``[r, K]`` and B ``[N, r]`` are the LoRA factors (both None: plain matmul).
+
+Semantics (kernels and reference alike). The compute dtype is ``x.dtype``: W, A and B are cast
+(NF4 decoded) to it, every dot accumulates in float32, and the rank-r intermediates ``x·Aᵀ``
+and ``dy·B`` are rounded to the compute dtype, as PEFT does under autocast. The result is
+``x.dtype``. Gradients flow to x, A and B only: W (and bias) are frozen base parameters and get
+zero cotangents. The backward, a ``jax.custom_vjp``, is ordered so that everything it keeps or
+builds besides dx is rank r::
+
+    dx = dy·W + scale·(dy·B)·A        dA = scale·(dy·B)ᵀ·x        dB = scale·dyᵀ·(x·Aᵀ)
+
+and its residuals are x and ``x·Aᵀ`` (plus references to the inputs), never a decoded W.
+
+Implementations (``plan_nf4_lora_matmul`` says which one a call gets, and why):
+
+``fused`` (Pallas)
+    One kernel per orientation decodes W tiles in registers inside the matmul loop
+    (``x·Wᵀ`` forward, ``dy·W`` backward) with the LoRA up-projection and bias in the
+    epilogue. Never writes W in 16 bits; its decode work scales with M / block_m.
+``dequant_then_dot`` (Pallas + XLA)
+    A memory-bound Pallas kernel writes the 16-bit W (one layer's worth, transient; decoded
+    again in the backward), then XLA's dot (cuBLAS) does the matmul.
+``dense``
+    W is already 16-bit: XLA dots (cuBLAS is the ceiling; there is nothing to fuse).
+``reference``
+    Plain jnp: ``dequantize_nf4`` then XLA dots (the CPU path), under the same custom VJP.
+
+Selection: ``impl`` / ``interpret`` choose kernel vs reference as everywhere in
+``pallas_kernels`` (see :mod:`pallas_kernels._backend`: by default the kernels on GPU, the
+reference elsewhere). Among kernels, ``config.variant`` picks; ``"auto"`` (default) takes
+``fused`` for M ≤ ``config.fused_max_m`` and ``dequant_then_dot`` above, and
+``dequant_then_dot`` whenever K % 64 != 0 (the fused kernel reads W row by row and needs whole
+absmax blocks per row; the dequant kernel works on the flat element order). Asking for
+``variant="fused"`` with such a K raises. NF4 blocksizes other than 64 are served by the
+reference under the default selection and raise if a kernel is forced.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from pallas_kernels import _backend
+from pallas_kernels import nf4_matmul_kernels as _k
+from pallas_kernels.nf4 import NF4Tensor, dequantize_absmax, dequantize_nf4
+from pallas_kernels.nf4_matmul_kernels import NF4MatmulConfig
+
+Array = jax.Array
+
+__all__ = [
+    "NF4MatmulConfig",
+    "NF4MatmulPlan",
+    "nf4_dequantize",
+    "nf4_lora_matmul",
+    "nf4_lora_matmul_reference",
+    "plan_nf4_lora_matmul",
+]
+
+_NT = (((1,), (1,)), ((), ()))  # a[m, k] · b[n, k]ᵀ
+_NN = (((1,), (0,)), ((), ()))  # a[m, k] · b[k, n]
+_TN = (((0,), (0,)), ((), ()))  # a[k, m]ᵀ · b[k, n]
+
+VARIANTS = ("reference", "dense", "fused", "dequant_then_dot")
+
+
+@dataclasses.dataclass(frozen=True)
+class NF4MatmulPlan:
+    """The implementation a call runs: ``variant`` (one of :data:`VARIANTS`), whether the
+    kernels run in interpret mode, a human-readable ``reason``, and the config used."""
+
+    variant: str
+    interpret: bool
+    reason: str
+    config: NF4MatmulConfig
+
+
+def _weight_shape(w: Any) -> tuple[int, int]:
+    if isinstance(w, NF4Tensor):
+        if len(w.shape) != 2:
+            raise ValueError(f"NF4 weight must be 2-D [N, K]; got shape {w.shape}")
+        if w.packed.ndim != 1:
+            raise ValueError(
+                f"nf4_lora_matmul takes one layer's NF4Tensor (packed rank 1); got packed "
+                f"{w.packed.shape}. Index the stacked layer axis first (lax.scan does)."
+            )
+        return w.shape[0], w.shape[1]
+    if getattr(w, "ndim", None) != 2:
+        raise ValueError(
+            f"w must be an NF4Tensor or a 2-D [N, K] array; got {type(w).__name__}"
+            f" of shape {getattr(w, 'shape', None)}"
+        )
+    return w.shape[0], w.shape[1]
+
+
+def _check_args(x: Any, w: Any, a: Any, b: Any, bias: Any) -> tuple[int, int]:
+    n, k = _weight_shape(w)
+    if x.ndim < 1 or x.shape[-1] != k:
+        raise ValueError(f"x {x.shape} must end in K={k} (w is [N, K] = [{n}, {k}])")
+    if (a is None) != (b is None):
+        raise ValueError("pass both LoRA factors a and b, or neither")
+    if a is not None:
+        if a.ndim != 2 or a.shape[1] != k:
+            raise ValueError(f"a must be [r, K={k}]; got {a.shape}")
+        if b.shape != (n, a.shape[0]):
+            raise ValueError(f"b must be [N={n}, r={a.shape[0]}]; got {b.shape}")
+    if bias is not None and bias.shape != (n,):
+        raise ValueError(f"bias must be [N={n}]; got {bias.shape}")
+    return n, k
+
+
+def plan_nf4_lora_matmul(
+    x: Any,
+    w: Any,
+    *,
+    impl: str | None = None,
+    interpret: bool | None = None,
+    config: NF4MatmulConfig | None = None,
+) -> NF4MatmulPlan:
+    """Which implementation ``nf4_lora_matmul(x, w, ..., impl=, interpret=, config=)`` runs.
+
+    ``x`` may be an array or anything with a ``shape`` (e.g. ``jax.ShapeDtypeStruct``). Pure
+    function of shapes, arguments and platform; raises the same errors the call would.
+    """
+    config = NF4MatmulConfig() if config is None else config
+    n, k = _weight_shape(w)
+    choice = _backend.choose(impl, interpret)
+    if not choice.use_kernel:
+        return NF4MatmulPlan("reference", False, choice.reason, config)
+    if not isinstance(w, NF4Tensor):
+        return NF4MatmulPlan("dense", False, "dense W: XLA dot (cuBLAS); no decode to fuse", config)
+    forced = impl is not None or interpret is not None
+    if w.blocksize != _k.QBLOCK:
+        why = f"NF4 blocksize {w.blocksize} (the kernels handle {_k.QBLOCK})"
+        if forced or config.variant != "auto":
+            raise ValueError(f"no Pallas NF4 kernel for {why}; use impl='reference'")
+        return NF4MatmulPlan("reference", False, f"{why}: reference", config)
+    m = 1
+    for d in x.shape[:-1]:
+        m *= int(d)
+    fused_ok = k % _k.QBLOCK == 0
+    where = f"{choice.reason}; W [N, K] = [{n}, {k}], M = {m}"
+    if config.variant == "fused":
+        if not fused_ok:
+            raise ValueError(
+                f"variant='fused' needs K % {_k.QBLOCK} == 0 (whole absmax blocks per row of "
+                f"W); W has shape [N, K] = [{n}, {k}]. Use variant='dequant_then_dot' or 'auto'."
+            )
+        return NF4MatmulPlan("fused", choice.interpret, f"{where}: variant='fused'", config)
+    if config.variant == "dequant_then_dot":
+        return NF4MatmulPlan(
+            "dequant_then_dot", choice.interpret, f"{where}: variant='dequant_then_dot'", config
+        )
+    if not fused_ok:
+        return NF4MatmulPlan(
+            "dequant_then_dot",
+            choice.interpret,
+            f"{where}: K % {_k.QBLOCK} != 0, absmax blocks straddle rows, so not fused",
+            config,
+        )
+    if m <= config.fused_max_m:
+        return NF4MatmulPlan(
+            "fused", choice.interpret, f"{where}: M <= fused_max_m={config.fused_max_m}", config
+        )
+    return NF4MatmulPlan(
+        "dequant_then_dot",
+        choice.interpret,
+        f"{where}: M > fused_max_m={config.fused_max_m}",
+        config,
+    )
+
+
+def nf4_lora_matmul(
+    x: Array,
+    w: NF4Tensor | Array,
+    a: Array | None = None,
+    b: Array | None = None,
+    scale: float = 1.0,
+    *,
+    bias: Array | None = None,
+    interpret: bool | None = None,
+    impl: str | None = None,
+    config: NF4MatmulConfig | None = None,
+) -> Array:
+    """``x·Wᵀ + scale·(x·Aᵀ)·Bᵀ (+ bias)`` in ``x.dtype`` with float32 accumulation.
+
+    Args:
+      x: ``[..., K]`` activations; leading dims are flattened into M rows.
+      w: NF4Tensor of a ``[N, K]`` weight (one layer: packed of rank 1), or a dense ``[N, K]``.
+      a, b: LoRA ``A [r, K]`` and ``B [N, r]``, or both None for a plain matmul.
+      scale: LoRA scaling (alpha / r), a Python number (static).
+      bias: optional ``[N]`` added in float32 before the final cast (frozen: no gradient).
+      interpret, impl: kernel vs reference, see :mod:`pallas_kernels._backend`.
+      config: variant and tile sizes (:class:`NF4MatmulConfig`).
+
+    Returns:
+      ``[..., N]`` in ``x.dtype``. Differentiable in x, a and b (custom VJP); W and bias get
+      zero cotangents.
+    """
+    n, k = _check_args(x, w, a, b, bias)
+    plan = plan_nf4_lora_matmul(x, w, impl=impl, interpret=interpret, config=config)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    if x2.shape[0] == 0:
+        return jnp.zeros((*lead, n), x.dtype)
+    y = _lora_matmul(plan, float(scale) if a is not None else 0.0, x2, w, a, b, bias)
+    return y.reshape(*lead, n)
+
+
+def nf4_lora_matmul_reference(
+    x: Array,
+    w: NF4Tensor | Array,
+    a: Array | None = None,
+    b: Array | None = None,
+    scale: float = 1.0,
+    *,
+    bias: Array | None = None,
+    interpret: bool | None = None,
+    impl: str | None = None,
+    config: NF4MatmulConfig | None = None,
+) -> Array:
+    """The definition of :func:`nf4_lora_matmul` in plain jnp (gradients by autodiff).
+
+    Same signature; ``interpret``, ``impl`` and ``config`` are accepted and ignored. W passes
+    through ``stop_gradient`` so a dense W gets a zero gradient, as in the op. This is what
+    the tests compare against; unlike the op, autodiff keeps the decoded W as a residual.
+    """
+    del interpret, impl, config
+    _check_args(x, w, a, b, bias)
+    cd = x.dtype
+    w = jax.tree.map(lax.stop_gradient, w)
+    wd = dequantize_nf4(w, cd) if isinstance(w, NF4Tensor) else w.astype(cd)
+    y = jnp.einsum("...k,nk->...n", x, wd, preferred_element_type=jnp.float32)
+    if a is not None:
+        xa = jnp.einsum("...k,rk->...r", x, a.astype(cd), preferred_element_type=jnp.float32)
+        lora = jnp.einsum(
+            "...r,nr->...n", xa.astype(cd), b.astype(cd), preferred_element_type=jnp.float32
+        )
+        y = y + scale * lora
+    if bias is not None:
+        y = y + lax.stop_gradient(bias).astype(jnp.float32)
+    return y.astype(cd)
+
+
+def nf4_dequantize(
+    w: NF4Tensor,
+    dtype: Any = None,
+    *,
+    interpret: bool | None = None,
+    impl: str | None = None,
+    config: NF4MatmulConfig | None = None,
+) -> Array:
+    """Decodes one layer's NF4Tensor to a dense ``w.shape`` array (Pallas kernel or jnp).
+
+    The decode half of ``dequant_then_dot``; bit-identical to ``dequantize_nf4``.
+    """
+    dtype = w.dtype if dtype is None else dtype
+    _weight_shape(w)
+    choice = _backend.choose(impl, interpret)
+    if not choice.use_kernel or w.blocksize != _k.QBLOCK:
+        if choice.use_kernel and (impl is not None or interpret is not None):
+            raise ValueError(f"no Pallas NF4 kernel for blocksize {w.blocksize}")
+        return dequantize_nf4(w, dtype)
+    return _k.dequantize_pallas(
+        w.packed,
+        _absmax_f32(w),
+        tuple(w.shape),
+        dtype,
+        config=NF4MatmulConfig() if config is None else config,
+        interpret=choice.interpret,
+    )
+
+
+# --------------------------------------------------------------------------------------
+# The custom VJP
+# --------------------------------------------------------------------------------------
+
+
+def _dot(lhs: Array, rhs: Array, dims: Any) -> Array:
+    return lax.dot_general(lhs, rhs, dims, preferred_element_type=jnp.float32)
+
+
+def _absmax_f32(w: NF4Tensor) -> Array:
+    """Per-block float32 scales; decodes double quantization (a small XLA fusion)."""
+    if w.nested_absmax is None:
+        return w.absmax.astype(jnp.float32)
+    return dequantize_absmax(w).astype(jnp.float32)
+
+
+def _rows(w: NF4Tensor) -> tuple[Array, Array]:
+    """W's bytes and scales viewed row by row: ``[N, K/2]`` uint8, ``[N, K/64]`` f32."""
+    n, k = w.shape
+    return w.packed.reshape(n, k // 2), _absmax_f32(w).reshape(n, k // _k.QBLOCK)
+
+
+def _dense_weight(plan: NF4MatmulPlan, w: Any, dtype: Any) -> Array:
+    """W in the compute dtype for the variants that hand a dense W to XLA's dot."""
+    if not isinstance(w, NF4Tensor):
+        return w.astype(dtype)
+    if plan.variant == "dequant_then_dot":
+        return _k.dequantize_pallas(
+            w.packed,
+            _absmax_f32(w),
+            tuple(w.shape),
+            dtype,
+            config=plan.config,
+            interpret=plan.interpret,
+        )
+    return dequantize_nf4(w, dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _lora_matmul(
+    plan: NF4MatmulPlan,
+    scale: float,
+    x: Array,
+    w: Any,
+    a: Array | None,
+    b: Array | None,
+    bias: Array | None,
+) -> Array:
+    return _lora_matmul_fwd(plan, scale, x, w, a, b, bias)[0]
+
+
+def _lora_matmul_fwd(
+    plan: NF4MatmulPlan,
+    scale: float,
+    x: Array,
+    w: Any,
+    a: Array | None,
+    b: Array | None,
+    bias: Array | None,
+) -> tuple[Array, tuple[Any, ...]]:
+    cd = x.dtype
+    xa = None if a is None else _dot(x, a.astype(cd), _NT).astype(cd)
+    b_cd = None if b is None else b.astype(cd)
+    if plan.variant == "fused":
+        packed, absmax = _rows(w)
+        y = _k.fused_matmul_nt(
+            x, packed, absmax, xa, b_cd, bias,
+            scale=scale, config=plan.config, interpret=plan.interpret,
+        )  # fmt: skip
+    else:
+        y = _dot(x, _dense_weight(plan, w, cd), _NT)
+        if xa is not None:
+            y = y + scale * _dot(xa, b_cd, _NT)
+        if bias is not None:
+            y = y + bias.astype(jnp.float32)
+        y = y.astype(cd)
+    return y, (x, xa, w, a, b)
+
+
+def _lora_matmul_bwd(
+    plan: NF4MatmulPlan, scale: float, res: tuple[Any, ...], dy: Array
+) -> tuple[Any, ...]:
+    x, xa, w, a, b = res
+    cd = x.dtype
+    dy = dy.astype(cd)
+    a_cd = None if a is None else a.astype(cd)
+    dyb = None if b is None else _dot(dy, b.astype(cd), _NN).astype(cd)  # [M, r]
+    if plan.variant == "fused":
+        packed, absmax = _rows(w)
+        dx = _k.fused_matmul_nn(
+            dy, packed, absmax, dyb, a_cd,
+            scale=scale, config=plan.config, interpret=plan.interpret,
+        )  # fmt: skip
+    else:
+        dx = _dot(dy, _dense_weight(plan, w, cd), _NN)
+        if dyb is not None:
+            dx = dx + scale * _dot(dyb, a_cd, _NN)
+        dx = dx.astype(cd)
+    da = db = None
+    if a is not None:
+        da = (scale * _dot(dyb, x, _TN)).astype(a.dtype)  # [r, K]
+        db = (scale * _dot(dy, xa, _TN)).astype(b.dtype)  # [N, r]
+    return dx, None, da, db, None
+
+
+_lora_matmul.defvjp(_lora_matmul_fwd, _lora_matmul_bwd)

@@ -1,0 +1,194 @@
+"""End-to-end QLoRA training throughput on one GPU: Llama-3.1-8B architecture, random weights.
+
+Workload (the same as scripts/bench_torch.py and ../shared/reference/h200-baselines.md):
+NF4 base (double-quantized), LoRA r=16 alpha=16 on all 7 projections (f32 adapters), AdamW
+lr 1e-4, causal-LM loss on random tokens with labels = inputs. Each (shape, remat) case runs
+in its own process so peak device memory is that case's alone. tokens/s is B*S over the
+median step time of >= 8 timed steps after warm-up; MFU counts the FLOPs of
+lorax.train.flops.train_flops_per_token against the bf16 dense peak.
+
+    python scripts/bench_train.py --shapes 2x2048,1x8192 --remat none,offload --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+START = time.perf_counter()
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+LLAMA31_8B = dict(
+    model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+    num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-5,
+    max_position_embeddings=8192,
+)
+
+
+def build_model(num_layers: int | None = None, config_overrides: dict | None = None):
+    import jax
+    import jax.numpy as jnp
+
+    from lorax.config import ModelConfig, RopeConfig
+    from lorax.model import Model
+    from pallas_kernels.nf4 import quantize_nf4, stack
+
+    fields = dict(LLAMA31_8B, **(config_overrides or {}))
+    if num_layers:
+        fields["num_layers"] = num_layers
+    config = ModelConfig(rope=RopeConfig(theta=500000.0), **fields)
+    key = jax.random.key(0)
+
+    @jax.jit
+    def random_nf4(k, shape_holder):
+        w = (0.02 * jax.random.normal(k, shape_holder.shape, jnp.float32)).astype(jnp.bfloat16)
+        return quantize_nf4(w, blocksize=64, double_quant=True)
+
+    layers = {
+        "input_layernorm": jnp.ones((config.num_layers, config.hidden_size), jnp.bfloat16),
+        "post_attention_layernorm": jnp.ones((config.num_layers, config.hidden_size),
+                                             jnp.bfloat16),
+    }
+    for p in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
+        shape = jax.ShapeDtypeStruct(config.projection_shape(p), jnp.bfloat16)
+        per_layer = []
+        for _ in range(config.num_layers):
+            key, k = jax.random.split(key)
+            per_layer.append(random_nf4(k, shape))
+        layers[p] = {"weight": stack(per_layer)}
+        del per_layer
+    k1, k2 = jax.random.split(key)
+    v, d = config.vocab_size, config.hidden_size
+    params = {
+        "embed_tokens": (0.02 * jax.random.normal(k1, (v, d))).astype(jnp.bfloat16),
+        "layers": layers,
+        "norm": jnp.ones((d,), jnp.bfloat16),
+        "lm_head": {"weight": (0.02 * jax.random.normal(k2, (v, d))).astype(jnp.bfloat16)},
+    }
+    return Model(params, config, None)
+
+
+def run_case(shape: str, remat: str, steps: int, warmup: int, chunk: int,
+             num_layers: int | None) -> dict:
+    import jax
+    import numpy as np
+
+    import lorax
+    from lorax.model import ForwardOptions
+    from lorax.train import make_optimizer
+    from lorax.train.flops import device_peak_flops, peak_memory_bytes, train_flops_per_token
+    from lorax.train.step import StepConfig, init_train_state, make_train_step
+
+    b, s = (int(x) for x in shape.split("x"))
+    t_import = time.perf_counter() - START
+    model = build_model(num_layers)
+    jax.block_until_ready(jax.tree_util.tree_leaves(model.params))
+    t_load = time.perf_counter() - START
+    lora = lorax.init_lora(model, rank=16, alpha=16, targets="all-linear",
+                           key=jax.random.key(1))
+    opt = make_optimizer("adamw", 1e-4, max_grad_norm=None)
+    state = init_train_state(lora, opt, key=jax.random.key(2))
+    step = make_train_step(
+        model, opt, StepConfig(loss_chunk_size=chunk, forward=ForwardOptions(remat=remat))
+    )
+    rng = np.random.default_rng(0)
+    batches = []
+    for _ in range(4):
+        ids = rng.integers(0, model.config.vocab_size, size=(1, b, s)).astype(np.int32)
+        batches.append({"input_ids": jax.device_put(ids), "labels": jax.device_put(ids)})
+    times, losses = [], []
+    first_step_done = None
+    for i in range(warmup + steps):
+        t0 = time.perf_counter()
+        state, metrics = step(state, batches[i % 4])
+        loss = float(metrics["loss"])  # blocks until the step is done
+        dt = time.perf_counter() - t0
+        if first_step_done is None:
+            first_step_done = time.perf_counter() - START
+        losses.append(loss)
+        if i >= warmup:
+            times.append(dt)
+    median = statistics.median(times)
+    tokens = b * s
+    flops = train_flops_per_token(model.config, s, remat=remat, lora_rank=16,
+                                  lora_targets=lora.config.targets) * tokens
+    peak = device_peak_flops()
+    mem = peak_memory_bytes()
+    return {
+        "shape": shape,
+        "remat": remat,
+        "tokens_per_s": tokens / median,
+        "median_step_s": median,
+        "min_step_s": min(times),
+        "max_step_s": max(times),
+        "tflops": flops / median / 1e12,
+        "mfu": flops / median / peak if peak else None,
+        "peak_mem_gib": mem / 2**30 if mem else None,
+        "first_loss": losses[0],
+        "last_loss": losses[-1],
+        "import_s": t_import,
+        "load_s": t_load - t_import,
+        "start_to_first_step_s": first_step_done,
+        "steps_timed": len(times),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shapes", default="2x2048,1x8192")
+    p.add_argument("--remat", default="none,offload", help="comma list of remat policies")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--chunk", type=int, default=4096, help="loss chunk (tokens)")
+    p.add_argument("--layers", type=int, default=None, help="fewer layers (smoke runs)")
+    p.add_argument("--mem-fraction", default=None,
+                   help="XLA_PYTHON_CLIENT_MEM_FRACTION for each case")
+    p.add_argument("--json", default=None)
+    p.add_argument("--case", default=None, help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.case:
+        shape, remat = a.case.split(":")
+        print("RESULT " + json.dumps(run_case(shape, remat, a.steps, a.warmup, a.chunk,
+                                                a.layers)), flush=True)
+        return
+    import jax
+
+    rows = []
+    env = dict(os.environ)
+    if a.mem_fraction:
+        env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = a.mem_fraction
+    print(f"jax {jax.__version__}, device {jax.devices()[0].device_kind}", flush=True)
+    for shape in a.shapes.split(","):
+        for remat in a.remat.split(","):
+            cmd = [sys.executable, __file__, "--case", f"{shape}:{remat}", "--steps",
+                   str(a.steps), "--warmup", str(a.warmup), "--chunk", str(a.chunk)]
+            if a.layers:
+                cmd += ["--layers", str(a.layers)]
+            out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            result = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
+            if out.returncode or not result:
+                tail = (out.stderr or out.stdout).strip().splitlines()[-12:]
+                print(f"{shape} {remat}: FAILED\n  " + "\n  ".join(tail), flush=True)
+                rows.append({"shape": shape, "remat": remat, "error": tail[-1:]})
+                continue
+            r = json.loads(result[0][len("RESULT "):])
+            rows.append(r)
+            print(f"{shape:>7} remat={remat:<9} {r['tokens_per_s']:8.0f} tok/s  "
+                  f"{r['tflops']:6.1f} TFLOP/s  mfu {r['mfu'] or 0:.3f}  "
+                  f"peak {r['peak_mem_gib'] or 0:.2f} GiB  first step at "
+                  f"{r['start_to_first_step_s']:.1f}s  loss {r['first_loss']:.4f}", flush=True)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"device": jax.devices()[0].device_kind, "jax": jax.__version__,
+                       "date": datetime.date.today().isoformat(), "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""Shared fixtures: tiny random HF models written to disk, and their PyTorch reference."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+TINY = dict(
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=128,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-5,
+)
+
+
+def perturb_(model, seed: int = 0) -> None:
+    """Gives every parameter random values so no test passes on trivial 1s and 0s."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g, dtype=torch.float32)
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.2 * noise)
+            else:
+                p.copy_(0.08 * noise)
+
+
+def make_hf_model(tmp_path, model_type: str = "llama", seed: int = 0, **overrides):
+    """Builds a tiny transformers model, perturbs it, saves it; returns (torch_model, dir)."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    config_cls = {
+        "llama": transformers.LlamaConfig,
+        "mistral": transformers.MistralConfig,
+        "qwen2": transformers.Qwen2Config,
+    }[model_type]
+    kwargs = {**TINY, **overrides}
+    config = config_cls(**kwargs)
+    config._attn_implementation = "eager"
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    model = model.float().eval()
+    perturb_(model, seed)
+    path = os.path.join(str(tmp_path), f"{model_type}-{seed}")
+    model.save_pretrained(path)
+    return model, path
+
+
+def torch_logits(model, input_ids: np.ndarray, **kw) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        out = model(torch.as_tensor(np.asarray(input_ids), dtype=torch.long), **kw)
+    return out.logits.float().numpy()
+
+
+def rel_err(a, b) -> float:
+    a = np.asarray(a, np.float64)
+    b = np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+
+
+@pytest.fixture
+def rng():
+    """A fresh generator per test; the seed is printed so a failure can be replayed."""
+    seed = int(np.random.SeedSequence().entropy % 2**32)
+    print(f"rng seed: {seed}")
+    return np.random.default_rng(seed)

@@ -1,0 +1,413 @@
+"""Merged export: transformers loads what we write and computes what lorax computes."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+from conftest import make_hf_model, rel_err, torch_logits
+
+import lorax
+from convert import export_common
+from convert.export_common import INDEX_FILE, ShardWriter, parse_size
+from convert.hf import ShardedCheckpoint
+from convert.hf_config import HFConfigError, hf_config_dict
+from convert.safetensors_io import SafetensorsFile
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+forward = jax.jit(lorax.forward)
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP = ("gate_proj", "up_proj", "down_proj")
+
+
+def random_lora(model, rng, rank, alpha, targets, **kw) -> lorax.LoraWeights:
+    """Adapters with random A and B (B nonzero, unlike PEFT's init, so they change outputs).
+
+    Built in numpy rather than with ``init_lora``: the tests need values, not the init, and
+    this keeps them free of per-shape compiles.
+    """
+    config = lorax.LoraConfig(rank, float(alpha), tuple(targets), **kw)
+    layers = {}
+    for proj in config.targets:
+        out_dim, in_dim = model.config.projection_shape(proj)
+        shape_a = (model.config.num_layers, rank, in_dim)
+        shape_b = (model.config.num_layers, out_dim, rank)
+        layers[proj] = {
+            "lora_a": jnp.asarray(rng.uniform(-1, 1, shape_a) / np.sqrt(in_dim), jnp.float32),
+            "lora_b": jnp.asarray(0.2 * rng.normal(size=shape_b), jnp.float32),
+        }
+    return lorax.LoraWeights({"layers": layers}, config)
+
+
+def _hf_model(path, **kw):
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        path, attn_implementation="eager", **kw
+    ).eval()
+
+
+def _logits(model, lora, ids) -> np.ndarray:
+    return np.asarray(forward(model, lora, jnp.asarray(ids)))
+
+
+def _layer(tree, i):
+    return jax.tree.map(lambda x: x[i], tree)
+
+
+def _exact_merge(model, lora, proj, i) -> np.ndarray:
+    """W + scale·B·A for one layer in float64, the reference for the export's float32 sum."""
+    w = model.params["layers"][proj]["weight"]
+    w = lorax.dequantize_nf4(_layer(w, i)) if isinstance(w, lorax.NF4Tensor) else w[i]
+    ab = lora.params["layers"][proj]
+    a, b = (np.asarray(ab[k][i], np.float64) for k in ("lora_a", "lora_b"))
+    return np.asarray(w, np.float64) + lora.config.scale * (b @ a)
+
+
+@pytest.mark.parametrize("max_shard_size", ["5GB", 40_000])
+def test_float32_merged_matches_lorax_with_adapter(tmp_path, rng, max_shard_size):
+    # Tied embeddings and qwen2's biases; once in one file, once in many small shards.
+    torch_model, path = make_hf_model(tmp_path, "qwen2", tie_word_embeddings=True)
+    model = lorax.load(path, dtype="float32")
+    lora = random_lora(model, rng, 4, 8, ATTENTION + MLP, use_rslora=True)
+    out = str(tmp_path / "merged")
+    lorax.save_merged(model, lora, out, dtype="float32", max_shard_size=max_shard_size)
+
+    ckpt = ShardedCheckpoint(out)
+    assert "lm_head.weight" not in ckpt
+    assert lorax.ModelConfig.from_json_file(os.path.join(out, "config.json")) == model.config
+    ids = rng.integers(0, model.config.vocab_size, size=(2, 12))
+    expected = _logits(model, lora, ids)
+    assert rel_err(torch_logits(_hf_model(out), ids), expected) < 1e-5
+    assert rel_err(torch_logits(torch_model, ids), expected) > 1e-2  # the merge mattered
+    if max_shard_size == "5GB":
+        assert sorted(os.listdir(out)) == [
+            "config.json",
+            "generation_config.json",
+            "model.safetensors",
+        ]
+        return
+    with open(os.path.join(out, INDEX_FILE)) as f:
+        index = json.load(f)
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 3 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    assert sorted(os.listdir(out)) == sorted(
+        [*shards, INDEX_FILE, "config.json", "generation_config.json"]
+    )
+    for shard in shards:
+        f = SafetensorsFile(os.path.join(out, shard))
+        assert sum(f[k].nbytes for k in f) <= max_shard_size or len(f) == 1
+    assert index["metadata"]["total_size"] == sum(ckpt[k].nbytes for k in ckpt)
+
+
+def test_bfloat16_merge_rounds_once_from_float32(tmp_path, rng):
+    _, path = make_hf_model(tmp_path, "llama", attention_bias=True, mlp_bias=True)
+    model = lorax.load(path, dtype="float32")
+    lora = random_lora(model, rng, 4, 8, ATTENTION)
+    out = str(tmp_path / "merged")
+    lorax.save_merged(model, lora, out)  # bfloat16 by default
+
+    stored = ShardedCheckpoint(out)
+    got = stored["model.layers.1.self_attn.k_proj.weight"]
+    assert got.dtype == ml_dtypes.bfloat16
+    exact = _exact_merge(model, lora, "k_proj", 1).astype(np.float32)
+    np.testing.assert_array_equal(got, exact.astype(ml_dtypes.bfloat16))
+    for name, value in [
+        ("model.layers.0.mlp.up_proj.weight", model.params["layers"]["up_proj"]["weight"][0]),
+        ("model.layers.1.mlp.up_proj.bias", model.params["layers"]["up_proj"]["bias"][1]),
+        ("lm_head.weight", model.params["lm_head"]["weight"]),
+    ]:
+        np.testing.assert_array_equal(stored[name], np.asarray(value).astype(ml_dtypes.bfloat16))
+
+    hf = _hf_model(out)
+    assert hf.dtype == torch.bfloat16
+    ids = rng.integers(0, model.config.vocab_size, size=(2, 12))
+    assert rel_err(torch_logits(hf, ids), _logits(model, lora, ids)) < 3e-2
+
+
+def test_tokenizer_and_generation_config_are_written(tmp_path):
+    tokenizers = pytest.importorskip("tokenizers")
+    _, path = make_hf_model(
+        tmp_path, "mistral", sliding_window=8, bos_token_id=1, eos_token_id=[2, 3], pad_token_id=0
+    )
+    vocab = {f"t{i}": i for i in range(128)}
+    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="t0"))
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="t0")
+    tokenizer.save_pretrained(path)
+    model = lorax.load(path, dtype="float32")
+    out = str(tmp_path / "merged")
+    lorax.save_merged(model, None, out, dtype="float32")
+
+    assert transformers.AutoTokenizer.from_pretrained(out).convert_tokens_to_ids("t5") == 5
+    with open(os.path.join(out, "generation_config.json")) as f:
+        assert json.load(f) == {"bos_token_id": 1, "eos_token_id": [2, 3], "pad_token_id": 0}
+    config = transformers.AutoConfig.from_pretrained(out)
+    assert (config.model_type, config.sliding_window) == ("mistral", 8)
+    assert lorax.load(out, dtype="float32").config == model.config
+
+
+# ----------------------------------------------------------------------------------- nf4
+
+
+def test_nf4_merged_loads_in_transformers_with_bitsandbytes(tmp_path, rng):
+    pytest.importorskip("bitsandbytes")
+    _, path = make_hf_model(tmp_path, "llama")
+    model = lorax.load(path, quantize="nf4", dtype="float32")
+    lora = random_lora(model, rng, 4, 8, ATTENTION)
+    out = str(tmp_path / "merged-nf4")
+    lorax.save_merged(model, lora, out, dtype="nf4")
+
+    with open(os.path.join(out, "config.json")) as f:
+        quant = json.load(f)["quantization_config"]
+    assert quant["load_in_4bit"] and quant["bnb_4bit_quant_type"] == "nf4"
+    reloaded = lorax.load(out, dtype="float32")  # lorax reads bnb's serialized 4-bit form
+    layers = reloaded.params["layers"]
+    # Projections without an adapter keep their NF4 bytes ...
+    for proj in MLP:
+        jax.tree.map(
+            np.testing.assert_array_equal,
+            layers[proj]["weight"],
+            model.params["layers"][proj]["weight"],
+        )
+    # ... adapted ones are the float32 merge, re-quantized. Against a float64 reference a
+    # block scale may move by an ulp, and a code flip where the two sums straddle a midpoint.
+    got = np.asarray(lorax.dequantize_nf4(_layer(layers["v_proj"]["weight"], 1)))
+    exact = jnp.asarray(_exact_merge(model, lora, "v_proj", 1), jnp.float32)
+    want = np.asarray(lorax.dequantize_nf4(lorax.quantize_nf4(exact)))
+    assert np.mean(~np.isclose(got, want, rtol=1e-5, atol=0)) < 1e-3
+
+    hf = _hf_model(out, device_map="cpu")
+    assert type(hf.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
+    ids = rng.integers(0, model.config.vocab_size, size=(2, 10))
+    merged = _logits(reloaded, None, ids)
+    # Same 4-bit weights: transformers + bitsandbytes and lorax agree to float32 rounding.
+    assert rel_err(torch_logits(hf, ids), merged) < 1e-5
+    # Against lorax's adapted NF4 model only the re-quantization differs: the merged model
+    # is far closer to it than the unadapted base is.
+    adapted = _logits(model, lora, ids)
+    assert rel_err(merged, adapted) < 0.5 * rel_err(_logits(model, None, ids), adapted)
+
+
+def test_merging_into_nf4_base_dequantizes_like_bitsandbytes(tmp_path, rng):
+    _, path = make_hf_model(tmp_path, "llama")
+    model = lorax.load(path, quantize="nf4", dtype="float32")
+    lora = random_lora(model, rng, 2, 2, ("o_proj",))
+    out = str(tmp_path / "merged")
+    lorax.save_merged(model, lora, out, dtype="float32")
+
+    stored = ShardedCheckpoint(out)
+    np.testing.assert_allclose(
+        stored["model.layers.0.self_attn.o_proj.weight"],
+        _exact_merge(model, lora, "o_proj", 0),
+        rtol=1e-6,
+        atol=1e-7,
+    )
+    base_q = lorax.dequantize_nf4(_layer(model.params["layers"]["q_proj"]["weight"], 1))
+    np.testing.assert_array_equal(stored["model.layers.1.self_attn.q_proj.weight"], base_q)
+
+
+# ------------------------------------------------------------------------ atomic output
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """A tiny llama and an adapter, shared by the tests below, which only read them."""
+    _, path = make_hf_model(tmp_path_factory.mktemp("small"), "llama")
+    model = lorax.load(path, dtype="float32")
+    return model, random_lora(model, np.random.default_rng(0), 2, 4, ATTENTION + MLP)
+
+
+def _digest(directory) -> dict[str, str]:
+    return {
+        name: hashlib.sha256((directory / name).read_bytes()).hexdigest()
+        for name in sorted(os.listdir(directory))
+    }
+
+
+def test_refuses_to_overwrite_and_replaces_whole_when_asked(tmp_path, small):
+    model, lora = small
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="allow_overwrite=True"):
+        lorax.save_merged(model, lora, out)
+    assert os.listdir(out) == ["keep.txt"]
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(FileExistsError, match="not a directory"):
+        lorax.save_merged(model, lora, tmp_path / "a-file", allow_overwrite=True)
+
+    lorax.save_merged(model, lora, out, dtype="float32", allow_overwrite=True)
+    assert "keep.txt" not in os.listdir(out) and "model.safetensors" in os.listdir(out)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    lorax.save_merged(model, None, empty, dtype="float32")  # an empty directory is free
+    assert "config.json" in os.listdir(empty)
+
+
+def test_failure_midway_leaves_no_output_and_keeps_the_old(tmp_path, small, monkeypatch):
+    model, lora = small
+    old = tmp_path / "old"
+    lorax.save_merged(model, None, old, dtype="float32")
+    old_files = _digest(old)
+    before = sorted(os.listdir(tmp_path))
+    real_save = export_common.save_file
+    calls = []
+
+    def failing_save(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise OSError("disk full")
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(export_common, "save_file", failing_save)
+    for target, overwrite in ((tmp_path / "new", False), (old, True)):
+        calls.clear()
+        with pytest.raises(OSError, match="disk full"):
+            lorax.save_merged(model, lora, target, max_shard_size=30_000, allow_overwrite=overwrite)
+        assert len(calls) == 3
+    assert sorted(os.listdir(tmp_path)) == before  # no "new", no temp directories
+    assert _digest(old) == old_files
+
+
+def test_float16_overflow_is_an_error_not_infs(tmp_path, small):
+    model, lora = small
+    layers = dict(lora.params["layers"])
+    layers["v_proj"] = {**layers["v_proj"], "lora_b": layers["v_proj"]["lora_b"] * 1e7}
+    huge = lorax.LoraWeights({"layers": layers}, lora.config)
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.v_proj\.weight.*float16"):
+        lorax.save_merged(model, huge, tmp_path / "o", dtype="float16")
+    assert not os.path.exists(tmp_path / "o")
+
+
+def test_lora_for_another_model_is_refused(tmp_path, small):
+    model, lora = small
+    other = random_lora(
+        type("M", (), {"config": dataclasses.replace(model.config, hidden_size=32)}),
+        np.random.default_rng(0),
+        2,
+        4,
+        ("q_proj",),
+    )
+    with pytest.raises(ValueError, match=r"LoRA q_proj has lora_a \[2, 2, 32\]"):
+        lorax.save_merged(model, other, tmp_path / "o")
+    assert not os.path.exists(tmp_path / "o")
+
+
+# ------------------------------------------------------------------------ config, shards
+
+
+def _cfg(**kw) -> lorax.ModelConfig:
+    base = dict(
+        model_type="llama",
+        vocab_size=32,
+        hidden_size=16,
+        intermediate_size=24,
+        num_layers=4,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=4,
+    )
+    return lorax.ModelConfig(**{**base, **kw})
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        _cfg(
+            rope=lorax.RopeConfig(
+                theta=5e5, type="llama3", factor=8.0, original_max_position_embeddings=64
+            ),
+            max_position_embeddings=512,
+            bias_projections=(
+                "q_proj",
+                "k_proj",
+                "v_proj",
+                "o_proj",
+                "gate_proj",
+                "up_proj",
+                "down_proj",
+            ),
+            eos_token_id=(1, 2),
+            bos_token_id=0,
+        ),
+        _cfg(rope=lorax.RopeConfig(type="linear", factor=2.0), tie_word_embeddings=True),
+        _cfg(rope=lorax.RopeConfig(type="dynamic", factor=3.0)),
+        _cfg(
+            rope=lorax.RopeConfig(
+                type="yarn",
+                factor=4.0,
+                original_max_position_embeddings=32,
+                beta_fast=16.0,
+                attention_factor=1.5,
+                truncate=False,
+            ),
+            max_position_embeddings=128,
+        ),
+        _cfg(model_type="mistral", layer_windows=(7, 7, 7, 7)),
+        _cfg(model_type="mistral"),
+        _cfg(
+            model_type="qwen2",
+            bias_projections=("q_proj", "k_proj", "v_proj"),
+            layer_windows=(0, 0, 5, 5),
+        ),
+        _cfg(model_type="qwen2", bias_projections=("q_proj", "k_proj", "v_proj")),
+    ],
+)
+def test_hf_config_round_trips(config):
+    hf = json.loads(json.dumps(hf_config_dict(config, "bfloat16")))
+    assert lorax.ModelConfig.from_hf_dict(hf) == config
+    # transformers agrees on what it means.
+    parsed = transformers.AutoConfig.for_model(**hf)
+    assert parsed.num_key_value_heads == config.num_kv_heads and parsed.head_dim == config.head_dim
+    assert parsed.rope_parameters["rope_type"] == config.rope.type
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        (_cfg(layer_windows=(0, 4, 0, 4)), "llama has no sliding-window"),
+        (_cfg(model_type="mistral", layer_windows=(0, 4, 4, 4)), "every layer or none"),
+        (
+            _cfg(
+                model_type="qwen2",
+                bias_projections=("q_proj", "k_proj", "v_proj"),
+                layer_windows=(4, 0, 0, 4),
+            ),
+            "max_window_layers",
+        ),
+        (_cfg(model_type="qwen2"), "qwen2 has biases"),
+        (_cfg(bias_projections=("q_proj",)), "attention_bias"),
+    ],
+)
+def test_hf_config_refuses_what_the_format_cannot_say(config, message):
+    with pytest.raises(HFConfigError, match=message):
+        hf_config_dict(config, "float32")
+
+
+def test_parse_size_and_shard_packing(tmp_path):
+    assert parse_size("5GB") == 5 * 10**9 and parse_size("2MiB") == 2 * 2**20 and parse_size(7) == 7
+    with pytest.raises(ValueError, match="size must be"):
+        parse_size("5 gigs")
+    writer = ShardWriter(str(tmp_path), max_shard_size=100)
+    for k, n in enumerate([10, 10, 10, 30, 5]):  # float32: 40, 40, 40, 120, 20 bytes
+        writer.add({f"t{k}": np.full(n, k, np.float32)})
+    files = writer.close()
+    assert files[-1] == INDEX_FILE
+    with open(tmp_path / INDEX_FILE) as f:
+        weight_map = json.load(f)["weight_map"]
+    # Greedy in order: [t0, t1] (80), [t2] (t3 would overflow), [t3] alone (over the limit), [t4].
+    assert [weight_map[f"t{k}"][6:11] for k in range(5)] == [
+        "00001",
+        "00001",
+        "00002",
+        "00003",
+        "00004",
+    ]
+    assert sorted(os.listdir(tmp_path)) == sorted(files)

@@ -1,0 +1,307 @@
+"""PEFT adapter export/import: PEFT runs our adapters, we run PEFT's, bad adapters are named."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import make_hf_model, rel_err, torch_logits
+from test_export_merged import random_lora
+
+import lorax
+from convert import peft as peft_io
+from convert.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterError
+from convert.safetensors_io import SafetensorsFile, save_file
+
+torch = pytest.importorskip("torch")
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+forward = jax.jit(lorax.forward)
+ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _lorax_logits(model, lora, ids) -> np.ndarray:
+    return np.asarray(forward(model, lora, jnp.asarray(ids)))
+
+
+def _assert_same_lora(a: lorax.LoraWeights, b: lorax.LoraWeights) -> None:
+    assert a.config == b.config
+    jax.tree.map(np.testing.assert_array_equal, a.params, b.params)
+
+
+@pytest.mark.parametrize(
+    "model_type, kw",
+    [
+        ("llama", dict(rank=4, alpha=8, targets=ALL)),
+        (
+            "qwen2",
+            dict(rank=3, alpha=5, targets=("q_proj", "v_proj", "down_proj"), use_rslora=True),
+        ),
+    ],
+)
+def test_peft_runs_our_adapter_like_lorax(tmp_path, rng, model_type, kw):
+    _, path = make_hf_model(tmp_path, model_type)
+    model = lorax.load(path, dtype="float32")
+    lora = random_lora(model, rng, **kw)
+    out = tmp_path / "adapter"
+    lorax.save_adapter(model, lora, out)
+
+    assert sorted(os.listdir(out)) == [ADAPTER_CONFIG, ADAPTER_WEIGHTS]
+    base = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager")
+    peft_model = peft.PeftModel.from_pretrained(base, str(out)).eval()
+    assert peft_model.peft_config["default"].target_modules == set(lora.config.targets)
+    ids = rng.integers(0, model.config.vocab_size, size=(2, 12))
+    expected = _lorax_logits(model, lora, ids)
+    assert rel_err(torch_logits(peft_model, ids), expected) < 1e-5
+    with peft_model.disable_adapter():  # the adapter must matter, or the above proves nothing
+        assert rel_err(torch_logits(peft_model, ids), expected) > 1e-2
+
+    _assert_same_lora(lorax.load_adapter(model, out), lora)
+
+
+def test_adapter_config_records_base_and_plain_lora(tmp_path, rng, base):
+    lora = random_lora(
+        base, rng, rank=2, alpha=3.5, targets=("q_proj", "k_proj", "v_proj", "o_proj")
+    )
+    lorax.save_adapter(base, lora, tmp_path / "a", base_model_name_or_path="org/base")
+    with open(tmp_path / "a" / ADAPTER_CONFIG) as f:
+        cfg = json.load(f)
+    assert cfg["base_model_name_or_path"] == "org/base"
+    assert (cfg["r"], cfg["lora_alpha"]) == (2, 3.5)
+    assert (cfg["peft_type"], cfg["task_type"]) == ("LORA", "CAUSAL_LM")
+    assert cfg["target_modules"] == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    parsed = peft.LoraConfig.from_pretrained(str(tmp_path / "a"))
+    assert (parsed.r, parsed.lora_alpha, parsed.use_dora, parsed.bias) == (2, 3.5, False, "none")
+
+
+def _peft_saved_adapter(tmp_path, torch_model, rng, **lora_kw) -> str:
+    """An adapter written by PEFT itself, with random B, as a PEFT or Unsloth run leaves it."""
+    peft_model = peft.get_peft_model(torch_model, peft.LoraConfig(task_type="CAUSAL_LM", **lora_kw))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.from_numpy(rng.normal(size=tuple(p.shape)).astype(np.float32)))
+    out = os.path.join(str(tmp_path), "peft-adapter")
+    peft_model.save_pretrained(out)
+    return out, peft_model.eval()
+
+
+def test_reads_adapter_written_by_peft(tmp_path, rng):
+    torch_model, path = make_hf_model(tmp_path, "mistral")
+    out, peft_model = _peft_saved_adapter(
+        tmp_path, torch_model, rng, r=4, lora_alpha=16, use_rslora=True, lora_dropout=0.05,
+        target_modules=["k_proj", "o_proj", "up_proj"],
+    )  # fmt: skip
+    model = lorax.load(path, dtype="float32")
+    lora = lorax.load_adapter(model, out)
+    assert lora.config == lorax.LoraConfig(
+        4, 16.0, ("k_proj", "o_proj", "up_proj"), dropout=0.05, use_rslora=True
+    )
+    ids = rng.integers(0, model.config.vocab_size, size=(2, 10))
+    assert rel_err(_lorax_logits(model, lora, ids), torch_logits(peft_model, ids)) < 1e-5
+
+
+def _rewrite(adapter_dir, edit_tensors=None, **config_changes) -> None:
+    """Edits an adapter on disk: ``edit_tensors(dict)`` and/or top-level config fields."""
+    if edit_tensors is not None:
+        path = os.path.join(adapter_dir, ADAPTER_WEIGHTS)
+        f = SafetensorsFile(path)
+        tensors = {k: np.array(f[k]) for k in f}
+        edit_tensors(tensors)
+        save_file(path, tensors, {"format": "pt"})
+    if config_changes:
+        path = os.path.join(adapter_dir, ADAPTER_CONFIG)
+        with open(path) as fh:
+            cfg = json.load(fh)
+        cfg.update(config_changes)
+        with open(path, "w") as fh:
+            json.dump(cfg, fh)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> lorax.Model:
+    """One tiny llama shared by the tests below, which only read it."""
+    _, path = make_hf_model(tmp_path_factory.mktemp("base"), "llama")
+    return lorax.load(path, dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def lora(base) -> lorax.LoraWeights:
+    return random_lora(
+        base, np.random.default_rng(0), rank=4, alpha=8, targets=("q_proj", "down_proj")
+    )
+
+
+@pytest.fixture
+def adapter(tmp_path, base, lora) -> str:
+    """A fresh copy of ``lora`` saved for ``base``, for a test to edit."""
+    out = str(tmp_path / "adapter")
+    lorax.save_adapter(base, lora, out)
+    return out
+
+
+def _other_base(base, **changes):
+    """A stand-in model with another architecture: exporters read only config and tokenizer."""
+    config = dataclasses.replace(base.config, layer_windows=(), **changes)
+    return types.SimpleNamespace(config=config, tokenizer=None)
+
+
+def _adapter_for(tmp_path, model) -> str:
+    out = str(tmp_path / "other-adapter")
+    other = random_lora(
+        model, np.random.default_rng(1), rank=4, alpha=8, targets=("q_proj", "down_proj")
+    )
+    lorax.save_adapter(model, other, out)
+    return out
+
+
+def test_reads_keys_with_adapter_name_or_without_prefix(base, lora, adapter):
+    def rename(tensors):
+        for k in list(tensors):
+            new = k.replace(".weight", ".default.weight").replace("base_model.model.", "")
+            tensors[new] = tensors.pop(k)
+
+    _rewrite(adapter, rename, target_modules="all-linear")
+    _assert_same_lora(lorax.load_adapter(base, adapter), lora)
+
+
+def test_reads_half_precision_adapters_into_float32(base, lora, adapter):
+    _rewrite(adapter, lambda t: t.update({k: v.astype(np.float16) for k, v in t.items()}))
+    loaded = lorax.load_adapter(base, adapter)
+    for proj, ab in loaded.params["layers"].items():
+        assert ab["lora_a"].dtype == jnp.float32
+        np.testing.assert_array_equal(
+            ab["lora_b"], lora.params["layers"][proj]["lora_b"].astype(jnp.float16)
+        )
+
+
+def test_adapter_for_another_base_is_named(tmp_path, base):
+    out = _adapter_for(tmp_path, _other_base(base, intermediate_size=80))
+    name = "base_model.model.model.layers.0.mlp.down_proj.lora_A.weight"
+    with pytest.raises(AdapterError, match=rf"{ADAPTER_WEIGHTS}.*{name}.*\[4, 80\].*\[4, 96\]"):
+        lorax.load_adapter(base, out)
+
+
+def test_adapter_with_more_layers_is_named(tmp_path, base):
+    out = _adapter_for(tmp_path, _other_base(base, num_layers=3))
+    with pytest.raises(AdapterError, match="layer 2 but the base model has 2 layers"):
+        lorax.load_adapter(base, out)
+
+
+def test_adapter_with_fewer_layers_is_named(tmp_path, base):
+    out = _adapter_for(tmp_path, _other_base(base, num_layers=1))
+    with pytest.raises(AdapterError, match=r"missing LoRA tensor.*layers\.1\.self_attn\.q_proj"):
+        lorax.load_adapter(base, out)
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (dict(rank_pattern={"q_proj": 8}), "rank_pattern"),
+        (dict(alpha_pattern={"q_proj": 8}), "alpha_pattern"),
+        (dict(layers_to_transform=[0]), "layers_to_transform"),
+        (dict(use_dora=True), "DoRA"),
+        (dict(modules_to_save=["lm_head"]), "modules_to_save"),
+        (dict(bias="lora_only"), "bias='lora_only'"),
+        (dict(target_modules=["q_proj", "down_proj", "lm_head"]), r"\['lm_head'\]"),
+        (dict(target_modules=["q_proj", "down_proj", "v_proj"]), "target_modules lists"),
+        (dict(peft_type="IA3"), "peft_type='IA3'"),
+        (dict(r=0), "r=0"),
+        (dict(r=8), r"shape \[4, 64\].*\[8, 64\]"),
+        (dict(init_lora_weights="pissa_niter_4"), "rewrites the base weights"),
+    ],
+)
+def test_unsupported_adapter_config_is_named(base, adapter, changes, message):
+    _rewrite(adapter, **changes)
+    with pytest.raises(AdapterError, match=message):
+        lorax.load_adapter(base, adapter)
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (
+            lambda t: t.update({"base_model.model.lm_head.lora_A.weight": np.ones((4, 64))}),
+            "lm_head",
+        ),
+        (
+            lambda t: t.update(
+                {"base_model.model.model.layers.0.mlp.q_proj.lora_A.weight": np.ones((4, 64))}
+            ),
+            "unknown module",
+        ),
+        (
+            lambda t: t.pop("base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"),
+            r"missing.*layers\.1\.mlp\.down_proj\.lora_B",
+        ),
+    ],
+)
+def test_unexpected_or_missing_adapter_tensor_is_named(base, adapter, edit, message):
+    _rewrite(adapter, edit)
+    with pytest.raises(AdapterError, match=message):
+        lorax.load_adapter(base, adapter)
+
+
+def test_missing_or_corrupt_files_are_named(base, adapter):
+    weights = os.path.join(adapter, ADAPTER_WEIGHTS)
+    with open(weights, "r+b") as f:
+        f.truncate(os.path.getsize(weights) - 10)
+    with pytest.raises(AdapterError, match=rf"{ADAPTER_WEIGHTS}: truncated"):
+        lorax.load_adapter(base, adapter)
+
+    os.replace(weights, os.path.join(adapter, "adapter_model.bin"))
+    with pytest.raises(AdapterError, match="adapter_model.bin, a PyTorch pickle"):
+        lorax.load_adapter(base, adapter)
+
+    with open(os.path.join(adapter, ADAPTER_CONFIG), "w") as f:
+        f.write("{not json")
+    with pytest.raises(AdapterError, match=rf"{ADAPTER_CONFIG}: not valid JSON"):
+        lorax.load_adapter(base, adapter)
+
+    os.remove(os.path.join(adapter, ADAPTER_CONFIG))
+    with pytest.raises(AdapterError, match="not a PEFT adapter directory"):
+        lorax.load_adapter(base, adapter)
+
+
+def test_save_refuses_to_overwrite_and_replaces_when_asked(base, lora, adapter):
+    with pytest.raises(FileExistsError, match="allow_overwrite=True"):
+        lorax.save_adapter(base, lora, adapter)
+    other = random_lora(
+        base,
+        np.random.default_rng(2),
+        rank=2,
+        alpha=2,
+        targets=("gate_proj", "up_proj", "down_proj"),
+    )
+    open(os.path.join(adapter, "stale.txt"), "w").close()
+    lorax.save_adapter(base, other, adapter, allow_overwrite=True)
+    assert sorted(os.listdir(adapter)) == [ADAPTER_CONFIG, ADAPTER_WEIGHTS]
+    _assert_same_lora(lorax.load_adapter(base, adapter), other)
+
+
+def test_failed_save_leaves_nothing_behind(tmp_path, base, lora, adapter, monkeypatch):
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(peft_io, "write_json", fail)
+    before = sorted(os.listdir(tmp_path))
+    with pytest.raises(OSError, match="disk full"):
+        lorax.save_adapter(base, lora, tmp_path / "fresh")
+    with pytest.raises(OSError, match="disk full"):
+        lorax.save_adapter(base, lora, adapter, allow_overwrite=True)
+    assert sorted(os.listdir(tmp_path)) == before  # no "fresh", no temp directories
+    _assert_same_lora(lorax.load_adapter(base, adapter), lora)  # the old adapter is intact
+
+
+def test_lora_for_another_model_is_refused_on_save(tmp_path, base, lora):
+    small = _other_base(base, hidden_size=32)
+    with pytest.raises(AdapterError, match=r"q_proj\.lora_a has shape \[2, 4, 64\]"):
+        lorax.save_adapter(small, lora, tmp_path / "x")
+    assert not os.path.exists(tmp_path / "x")

@@ -1,0 +1,112 @@
+"""LoRA: PEFT's init, scaling, forward and gradients, on the same weights."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import make_hf_model, rel_err
+
+import lorax
+from convert.names import module_name
+
+
+def _peft_model(torch_model, lora: lorax.LoraWeights):
+    import peft
+    import torch
+
+    cfg = lora.config
+    peft_model = peft.get_peft_model(
+        torch_model,
+        peft.LoraConfig(
+            r=cfg.rank, lora_alpha=cfg.alpha, target_modules=list(cfg.targets),
+            lora_dropout=0.0, use_rslora=cfg.use_rslora,
+        ),
+    )
+    layers = peft_model.base_model.model.model.layers
+    with torch.no_grad():
+        for proj, ab in lora.params["layers"].items():
+            for i, layer in enumerate(layers):
+                module = layer.get_submodule(module_name(proj))
+                module.lora_A["default"].weight.copy_(torch.from_numpy(np.asarray(ab["lora_a"][i])))
+                module.lora_B["default"].weight.copy_(torch.from_numpy(np.asarray(ab["lora_b"][i])))
+    return peft_model, layers
+
+
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_forward_and_grads_match_peft(tmp_path, rng, use_rslora):
+    torch = pytest.importorskip("torch")
+    torch_model, path = make_hf_model(tmp_path, "qwen2")
+    model = lorax.load(path, dtype="float32")
+    lora = lorax.init_lora(model, rank=4, alpha=8, key=jax.random.key(int(rng.integers(1e6))),
+                           use_rslora=use_rslora)
+    # B starts at zero (PEFT's init); give it values so the adapter changes the output.
+    params = jax.tree_util.tree_map(
+        lambda x: jnp.asarray(rng.normal(size=x.shape) * 0.1, jnp.float32), lora.params
+    )
+    lora = lorax.LoraWeights(params, lora.config)
+    peft_model, layers = _peft_model(torch_model, lora)
+
+    ids = rng.integers(0, model.config.vocab_size, size=(2, 20))
+    cotangent = rng.normal(size=(2, 20, model.config.vocab_size)).astype(np.float32)
+
+    def objective(lora):
+        return jnp.sum(lorax.forward(model, lora, jnp.asarray(ids)) * cotangent)
+
+    value, grads = jax.value_and_grad(objective)(lora)
+    logits = peft_model(torch.as_tensor(ids)).logits
+    ref_value = (logits * torch.from_numpy(cotangent)).sum()
+    ref_value.backward()
+
+    np.testing.assert_allclose(float(value), float(ref_value), rtol=1e-5)
+    for proj, ab in grads.params["layers"].items():
+        for i, layer in enumerate(layers):
+            module = layer.get_submodule(module_name(proj))
+            ref_a = module.lora_A["default"].weight.grad.numpy()
+            ref_b = module.lora_B["default"].weight.grad.numpy()
+            assert rel_err(ab["lora_a"][i], ref_a) < 1e-5, (proj, i)
+            assert rel_err(ab["lora_b"][i], ref_b) < 1e-5, (proj, i)
+
+
+def test_init_matches_peft_conventions(tmp_path):
+    _, path = make_hf_model(tmp_path, "llama")
+    model = lorax.load(path, dtype="float32")
+    lora = lorax.init_lora(model, rank=8, alpha=16, targets=["q_proj", "down_proj"])
+    assert lora.config.targets == ("q_proj", "down_proj")
+    assert lora.config.scale == 2.0
+    a, b = lora.params["layers"]["down_proj"]["lora_a"], lora.params["layers"]["down_proj"]["lora_b"]
+    assert a.shape == (2, 8, model.config.intermediate_size)
+    assert b.shape == (2, model.config.hidden_size, 8)
+    bound = 1 / np.sqrt(model.config.intermediate_size)
+    assert np.all(np.abs(a) <= bound) and np.abs(a).max() > 0.9 * bound
+    assert not np.any(b)
+    rs = lorax.init_lora(model, rank=16, alpha=8, use_rslora=True)
+    assert rs.config.scale == pytest.approx(2.0)
+    # B = 0: the adapted model starts exactly at the base model.
+    ids = jnp.arange(12)[None]
+    np.testing.assert_array_equal(
+        lorax.forward(model, lora, ids), lorax.forward(model, None, ids)
+    )
+
+
+def test_init_rejects_bad_arguments(tmp_path):
+    _, path = make_hf_model(tmp_path, "llama")
+    model = lorax.load(path, dtype="float32")
+    with pytest.raises(ValueError, match="unknown LoRA target"):
+        lorax.init_lora(model, rank=4, alpha=4, targets=["qkv"])
+    with pytest.raises(ValueError, match="rank must be positive"):
+        lorax.init_lora(model, rank=0, alpha=4)
+
+
+def test_facade_builds_adapters(tmp_path):
+    _, path = make_hf_model(tmp_path, "llama")
+    model, tokenizer = lorax.FastLanguageModel.from_pretrained(path, load_in_4bit=True)
+    assert isinstance(model.params["layers"]["gate_proj"]["weight"], lorax.NF4Tensor)
+    peft_model = lorax.FastLanguageModel.get_peft_model(
+        model, r=4, target_modules=["q_proj", "v_proj"], lora_alpha=8, random_state=1
+    )
+    assert peft_model.lora.config.targets == ("q_proj", "v_proj")
+    assert peft_model.remat == "offload"
+    with pytest.raises(ValueError, match="bias"):
+        lorax.FastLanguageModel.get_peft_model(model, bias="all")

@@ -1,0 +1,324 @@
+"""nf4_lora_matmul: Pallas kernels (interpret mode) and the custom VJP vs the jnp reference.
+
+Every case draws fresh random inputs from the ``rng`` fixture (seed printed on failure). Tiles
+are shrunk (``SMALL``) so that even these small shapes span several grid steps with ragged
+M/N edges, exercising the grouped launch order, the K/N loops and the padding paths.
+
+Tolerances: float32 cases must match the reference to ~1e-5 of the output's scale (only the
+summation order differs). bfloat16 cases round W, the rank-r intermediates and the result to
+bf16 (eps 2^-8 ≈ 3.9e-3) and may sum in another order, so they are checked at 2e-2 of the
+output's scale for values and 4e-2 for gradients (the reference differentiates through
+float32 intermediates where the op rounds ``dy·B`` to bf16).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import _backend
+from pallas_kernels.nf4 import NF4_CODE, NF4Tensor, dequantize_nf4, quantize_nf4, stack
+from pallas_kernels.nf4_matmul import (
+    NF4MatmulConfig,
+    nf4_dequantize,
+    nf4_lora_matmul,
+    nf4_lora_matmul_reference,
+    plan_nf4_lora_matmul,
+)
+from pallas_kernels.nf4_matmul_kernels import nf4_lookup
+
+SMALL = NF4MatmulConfig(
+    block_m=16,
+    block_n=32,
+    block_k=64,
+    group_m=2,
+    bwd_block_m=16,
+    bwd_block_n=16,
+    bwd_block_k=64,
+    dequant_rows=16,
+)
+TOL = {jnp.float32: (2e-5, 2e-5), jnp.bfloat16: (2e-2, 4e-2)}  # (value, gradient)
+
+
+def _rel(a, b) -> float:
+    a = np.asarray(jnp.asarray(a, jnp.float32), np.float64)
+    b = np.asarray(jnp.asarray(b, jnp.float32), np.float64)
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+
+
+def _case(rng, lead, n, k, r, dtype, weight="nf4_dq", bias=False):
+    """Random x [*lead, k], W [n, k] (NF4 double-quantized, NF4, or dense), LoRA A, B, bias."""
+    x = jnp.asarray(rng.standard_normal((*lead, k)), dtype)
+    w_dense = (0.05 * rng.standard_normal((n, k))).astype(np.float32)
+    if weight == "dense":
+        w = jnp.asarray(w_dense, dtype)
+    else:
+        w = quantize_nf4(jnp.asarray(w_dense), blocksize=64, double_quant=weight == "nf4_dq")
+    a = b = None
+    if r:
+        # B is zero at PEFT init; use random B so the LoRA term and dA are non-trivial.
+        a = jnp.asarray(0.1 * rng.standard_normal((r, k)), jnp.float32)
+        b = jnp.asarray(0.1 * rng.standard_normal((n, r)), jnp.float32)
+    bias_arr = jnp.asarray(rng.standard_normal(n), jnp.float32) if bias else None
+    return x, w, a, b, bias_arr
+
+
+def _value_and_grads(fn, x, w, a, b, bias, scale, dy):
+    """y and the VJP of the sampled cotangent dy w.r.t. (x, a, b), in one jit."""
+
+    def run(x, a, b):
+        y, vjp = jax.vjp(lambda x, a, b: fn(x, w, a, b, scale, bias=bias), x, a, b)
+        return y, vjp(dy)
+
+    return jax.jit(run)(x, a, b)
+
+
+def _check(rng, lead, n, k, r, dtype, weight, variant, bias=False, scale=0.75):
+    x, w, a, b, bias_arr = _case(rng, lead, n, k, r, dtype, weight, bias)
+    dy = jnp.asarray(rng.standard_normal((*lead, n)), dtype)
+    if variant == "reference":
+        kw = dict(impl="reference")
+    elif variant == "dense":
+        kw = dict(interpret=True, config=SMALL)
+    else:
+        variant, _, lookup = variant.partition("/")
+        cfg = dataclasses.replace(SMALL, variant=variant, lookup=lookup or "select")
+        kw = dict(interpret=True, config=cfg)
+    assert plan_nf4_lora_matmul(x, w, **kw).variant == variant
+
+    def op(*args, **kws):
+        return nf4_lora_matmul(*args, **kws, **kw)
+
+    y, grads = _value_and_grads(op, x, w, a, b, bias_arr, scale, dy)
+    y_ref, grads_ref = _value_and_grads(nf4_lora_matmul_reference, x, w, a, b, bias_arr, scale, dy)
+    assert y.shape == (*lead, n) and y.dtype == dtype
+    tol_y, tol_g = TOL[dtype]
+    assert _rel(y, y_ref) < tol_y, "forward"
+    for name, g, g_ref in zip(("dx", "dA", "dB"), grads, grads_ref, strict=True):
+        if g_ref is None:
+            assert g is None, name
+            continue
+        assert g.shape == g_ref.shape and g.dtype == g_ref.dtype, name
+        assert _rel(g, g_ref) < tol_g, name
+
+
+# Each case is one fwd+bwd compile of the kernels in interpret mode (seconds on a small CPU), so
+# the matrix is covered diagonally rather than as a full product: every variant sees both
+# dtypes, both NF4 flavours, LoRA on and off, bias, leading dims and ragged M/N (and K for the
+# dequant kernel, whose flat layout takes any K). "variant/table" uses the table lookup.
+CASES = [
+    # variant, lead, N, K, r, dtype, weight, bias
+    ("fused", (3, 11), 200, 192, 8, jnp.float32, "nf4_dq", False),
+    ("fused/table", (2, 9), 96, 256, 4, jnp.bfloat16, "nf4", True),
+    ("fused", (45,), 80, 128, 0, jnp.float32, "nf4_dq", True),
+    ("dequant_then_dot", (3, 11), 200, 192, 8, jnp.bfloat16, "nf4_dq", False),
+    ("dequant_then_dot/table", (9,), 50, 100, 0, jnp.float32, "nf4", True),
+    ("dense", (5, 7), 72, 48, 6, jnp.bfloat16, "dense", True),
+    ("dense", (5, 7), 72, 48, 6, jnp.float32, "dense", False),
+    ("reference", (13,), 40, 96, 8, jnp.float32, "nf4_dq", True),
+    ("reference", (13,), 40, 96, 8, jnp.bfloat16, "dense", False),
+]
+
+
+@pytest.mark.parametrize(
+    "variant, lead, n, k, r, dtype, weight, bias",
+    CASES,
+    ids=[f"{c[0]}-{c[6]}-{jnp.dtype(c[5]).name}-r{c[4]}{'-bias' if c[7] else ''}" for c in CASES],
+)
+def test_matches_reference(rng, variant, lead, n, k, r, dtype, weight, bias):
+    _check(rng, lead, n, k, r, dtype, weight, variant, bias=bias)
+
+
+def test_k_not_multiple_of_64_is_routed_or_rejected(rng):
+    """K = 100: absmax blocks straddle rows of W, so "auto" picks dequant and "fused" raises."""
+    x, w, a, b, _ = _case(rng, (9,), 50, 100, 4, jnp.float32)
+    plan = plan_nf4_lora_matmul(x, w, interpret=True, config=SMALL)
+    assert plan.variant == "dequant_then_dot" and "K % 64" in plan.reason
+    fused = dataclasses.replace(SMALL, variant="fused")
+    with pytest.raises(ValueError, match=r"\[N, K\] = \[50, 100\]"):
+        nf4_lora_matmul(x, w, a, b, 1.0, interpret=True, config=fused)
+
+
+def test_single_row_default_tiles(rng):
+    """M = 1 (decode) with the default, large tiles: rows pad up to the 16-row minimum."""
+    x, w, a, b, _ = _case(rng, (1,), 64, 128, 16, jnp.float32)
+    cfg = NF4MatmulConfig(variant="fused")
+    y = jax.jit(lambda x: nf4_lora_matmul(x, w, a, b, 2.0, interpret=True, config=cfg))(x)
+    assert _rel(y, jax.jit(nf4_lora_matmul_reference)(x, w, a, b, 2.0)) < 2e-5
+
+
+def test_dequantize_kernel_is_bit_exact(rng):
+    """The decode (kernel) equals dequantize_nf4 bit for bit, numel % 64 != 0 included."""
+    w_dq = quantize_nf4(jnp.asarray(rng.standard_normal((40, 192)), jnp.float32))
+    w_odd = quantize_nf4(jnp.asarray(rng.standard_normal((7, 90)), jnp.float32), double_quant=False)
+
+    def both(fn):
+        return fn(w_dq, jnp.bfloat16), fn(w_odd, jnp.float32)
+
+    got = jax.jit(lambda: both(lambda w, d: nf4_dequantize(w, d, interpret=True, config=SMALL)))()
+    want = jax.jit(lambda: both(dequantize_nf4))()
+    for g, e in zip(got, want, strict=True):
+        assert g.dtype == e.dtype and g.shape == e.shape
+        np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(e, np.float32))
+
+
+def test_select_tree_lookup_is_exact():
+    codes = jnp.arange(16, dtype=jnp.uint8).reshape(2, 8)
+    np.testing.assert_array_equal(
+        np.asarray(nf4_lookup(codes)).reshape(-1), np.asarray(NF4_CODE, np.float32)
+    )
+
+
+@pytest.mark.parametrize("weight", ["nf4_dq", "dense"])
+def test_weight_gets_zero_cotangent(rng, weight):
+    """W is frozen: the custom VJP (shared by all variants; the cheap one here) returns zeros."""
+    x, w, a, b, _ = _case(rng, (6,), 32, 64, 4, jnp.float32, weight)
+    dy = jnp.asarray(rng.standard_normal((6, 32)), jnp.float32)
+    op = lambda w: nf4_lora_matmul(x, w, a, b, 1.0, impl="reference")
+    (dw,) = jax.jit(lambda w, dy: jax.vjp(op, w)[1](dy))(w, dy)
+    for leaf in jax.tree.leaves(dw):
+        if leaf.dtype != jax.dtypes.float0:
+            assert not np.any(np.asarray(leaf)), "W must get a zero cotangent"
+
+
+def test_jit_scan_over_stacked_layers(rng):
+    """The model's use: a scanned stack of NF4 layers, jitted, differentiated w.r.t. LoRA.
+
+    Through the op's custom VJP with the reference variant (the kernels are covered above;
+    slicing the stacked NF4Tensor and the VJP plumbing are the same for every variant).
+    """
+    layers = [_case(rng, (4, 8), 64, 64, 4, jnp.float32) for _ in range(2)]
+    x = layers[0][0]
+    w = stack([c[1] for c in layers])
+    a = jnp.stack([c[2] for c in layers])
+    b = jnp.stack([c[3] for c in layers])
+    assert isinstance(w, NF4Tensor) and w.packed.ndim == 2
+
+    def loss(fn, a, b, **kw):
+        def body(h, layer):
+            wl, al, bl = layer
+            return jnp.tanh(fn(h, wl, al, bl, 0.5, **kw)), None
+
+        h, _ = jax.lax.scan(body, x, (w, a, b))
+        return jnp.sum(h**2)
+
+    got = jax.jit(jax.value_and_grad(
+        lambda a, b: loss(nf4_lora_matmul, a, b, impl="reference"), argnums=(0, 1)
+    ))(a, b)  # fmt: skip
+    want = jax.jit(
+        jax.value_and_grad(lambda a, b: loss(nf4_lora_matmul_reference, a, b), argnums=(0, 1))
+    )(a, b)
+    for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        assert _rel(g, r) < 1e-4
+
+
+def test_zero_rows(rng):
+    x, w, a, b, _ = _case(rng, (0,), 32, 64, 4, jnp.float32)
+    assert nf4_lora_matmul(x, w, a, b, 1.0, interpret=True).shape == (0, 32)
+
+
+# ------------------------------------------------------------------------------------------
+# Selection and errors
+# ------------------------------------------------------------------------------------------
+
+
+def test_selection(rng):
+    x, w, a, b, _ = _case(rng, (8,), 32, 64, 4, jnp.float32)
+    dense = jnp.zeros((32, 64))
+    assert jax.default_backend() == "cpu"
+    plan = plan_nf4_lora_matmul(x, w)
+    assert (plan.variant, plan.interpret) == ("reference", False) and "cpu" in plan.reason
+    assert plan_nf4_lora_matmul(x, w, impl="pallas").interpret is True
+    assert plan_nf4_lora_matmul(x, w, impl="reference").variant == "reference"
+    compiled = plan_nf4_lora_matmul(x, w, interpret=False)
+    assert (compiled.variant, compiled.interpret) == ("fused", False)  # M <= fused_max_m
+    big_m = jax.ShapeDtypeStruct((4, 4096, 64), jnp.bfloat16)
+    assert plan_nf4_lora_matmul(big_m, w, interpret=True).variant == "dequant_then_dot"
+    assert plan_nf4_lora_matmul(x, dense, interpret=True).variant == "dense"
+    forced = NF4MatmulConfig(variant="dequant_then_dot")
+    assert plan_nf4_lora_matmul(x, w, interpret=True, config=forced).variant == "dequant_then_dot"
+    # Other blocksizes: reference by default, an error when a kernel is forced.
+    w128 = quantize_nf4(jnp.asarray(rng.standard_normal((32, 128)), jnp.float32), blocksize=128)
+    x128 = jnp.zeros((8, 128))
+    assert plan_nf4_lora_matmul(x128, w128, impl=None).variant == "reference"
+    with pytest.raises(ValueError, match="blocksize 128"):
+        plan_nf4_lora_matmul(x128, w128, interpret=True)
+
+
+def test_backend_choose_table():
+    on = jax.default_backend()
+    assert _backend.choose(None, None) == _backend.KernelChoice(
+        False, False, f"default on {on}: reference"
+    )
+    assert _backend.choose(None, True).use_kernel and _backend.choose(None, True).interpret
+    assert _backend.choose("pallas", False) == _backend.KernelChoice(
+        True, False, "interpret=False (compiled kernel requested)"
+    )
+    with pytest.raises(ValueError, match="impl must be"):
+        _backend.choose("triton", None)
+    with pytest.raises(ValueError, match="meaningless"):
+        _backend.choose("reference", True)
+    assert _backend.triton_available()
+    params = _backend.triton_compiler_params(num_warps=4, num_stages=2)
+    assert (params.num_warps, params.num_stages) == (4, 2)
+
+
+def test_argument_errors(rng):
+    x, w, a, b, _ = _case(rng, (8,), 32, 64, 4, jnp.float32)
+    with pytest.raises(ValueError, match="both LoRA factors"):
+        nf4_lora_matmul(x, w, a, None, 1.0)
+    with pytest.raises(ValueError, match="must end in K=64"):
+        nf4_lora_matmul(x[:, :32], w, a, b, 1.0)
+    with pytest.raises(ValueError, match="b must be"):
+        nf4_lora_matmul(x, w, a, b.T, 1.0)
+    with pytest.raises(ValueError, match="bias must be"):
+        nf4_lora_matmul(x, w, a, b, 1.0, bias=jnp.zeros(31))
+    stacked = stack([w, w])
+    with pytest.raises(ValueError, match="Index the stacked layer axis"):
+        nf4_lora_matmul(x, stacked, a, b, 1.0)
+    with pytest.raises(ValueError, match="variant must be"):
+        NF4MatmulConfig(variant="fast")
+    with pytest.raises(ValueError, match="power of two"):
+        NF4MatmulConfig(block_k=96)
+    with pytest.raises(ValueError, match="lookup must be"):
+        NF4MatmulConfig(lookup="gather")
+
+
+def test_kernels_lower_to_triton(rng):
+    """Both variants, forward and backward, go through the Pallas Triton lowering for CUDA.
+
+    Cross-platform export runs Pallas' Triton lowering on this CPU machine (no GPU needed),
+    catching unsupported primitives and non-power-of-two tile shapes before GPU time is spent.
+    The Triton → PTX compile itself happens on the GPU.
+    """
+    x, w, a, b, bias = _case(rng, (256,), 384, 512, 16, jnp.bfloat16, bias=True)
+    target = _backend.triton_custom_call_target()
+    for variant, lookup in (("fused", "select"), ("dequant_then_dot", "table")):
+        cfg = NF4MatmulConfig(variant=variant, lookup=lookup)
+
+        def fwd_bwd(x, a, b, cfg=cfg):
+            y, vjp = jax.vjp(
+                lambda x, a, b: nf4_lora_matmul(
+                    x, w, a, b, 2.0, bias=bias, interpret=False, config=cfg
+                ),
+                x, a, b,
+            )  # fmt: skip
+            return y, vjp(y)
+
+        try:
+            exported = jax.export.export(
+                jax.jit(fwd_bwd),
+                platforms=["cuda"],
+                disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(target)],
+            )(x, a, b)
+        except ImportError as e:  # a jaxlib without the Triton bindings
+            pytest.skip(f"cannot lower Pallas Triton kernels here: {e}")
+        except RuntimeError as e:  # newer jax lowers Triton only with a (possibly abstract) GPU
+            if "GPU" not in str(e):
+                raise
+            pytest.skip(f"this jax lowers Pallas Triton kernels only with a GPU: {e}")
+        assert exported.mlir_module().count(target) == 2, variant
