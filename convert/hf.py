@@ -158,10 +158,7 @@ def load_params(
     params: dict[str, Any] = {}
     for spec in specs:
         names = spec.hf_names(config.num_layers)
-        if spec.per_layer:
-            value = _stack([read(spec, n) for n in names])
-        else:
-            value = read(spec, names[0])
+        value = _stack([read(spec, n) for n in names]) if spec.per_layer else read(spec, names[0])
         _set(params, spec.path, value)
     return params
 
@@ -196,7 +193,9 @@ def _check_names(
             expected[name] = spec
     missing = [n for n in expected if n not in ckpt]
     if missing:
-        shown = ", ".join(missing[:5]) + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else "")
+        shown = ", ".join(missing[:5]) + (
+            f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""
+        )
         raise CheckpointError(f"{ckpt.directory}: checkpoint is missing tensor(s): {shown}")
 
     def accounted(name: str) -> bool:
@@ -231,4 +230,3 @@ def load_tokenizer(directory: str) -> Any | None:
 def params_nbytes(params: Any) -> int:
     """Device bytes of a parameter pytree (NF4 leaves count their packed bytes)."""
     return sum(int(x.size) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(params))
-

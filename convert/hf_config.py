@@ -137,12 +137,12 @@ def _rope_fields(config: Any) -> dict[str, Any]:
     scaling: dict[str, Any] = {"rope_type": rope.type}
     if rope.type != "default":
         scaling["factor"] = rope.factor
+        if rope.original_max_position_embeddings is not None:
+            scaling["original_max_position_embeddings"] = rope.original_max_position_embeddings
     if rope.type == "llama3":
         scaling["low_freq_factor"] = rope.low_freq_factor
         scaling["high_freq_factor"] = rope.high_freq_factor
-        scaling["original_max_position_embeddings"] = rope.original_max_position_embeddings
     elif rope.type == "yarn":
-        scaling["original_max_position_embeddings"] = rope.original_max_position_embeddings
         scaling["beta_fast"] = rope.beta_fast
         scaling["beta_slow"] = rope.beta_slow
         for key in ("attention_factor", "mscale", "mscale_all_dim"):

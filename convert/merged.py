@@ -114,15 +114,14 @@ class _Plan:
         if adapter is not None:
             a, b = adapter["lora_a"][layer], adapter["lora_b"][layer]
         merged = _merged(value, a, b, self.scale, self.store)
-        if self.quantize and projection:
-            return _bnb_tensors(name, quantize_nf4(merged, double_quant=self.double_quant))
-        array = np.asarray(merged)
-        if not np.isfinite(array).all():
+        if not bool(jnp.isfinite(merged).all()):
             raise ValueError(
                 f"tensor {name!r} is not finite in {self.store.name} (overflow?); export in a "
                 "wider dtype such as bfloat16 or float32"
             )
-        return {name: array}
+        if self.quantize and projection:
+            return _bnb_tensors(name, quantize_nf4(merged, double_quant=self.double_quant))
+        return {name: np.asarray(merged)}
 
 
 def _adapters(config: Any, lora: Any) -> tuple[dict[str, Any], float]:

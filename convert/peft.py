@@ -18,14 +18,18 @@ import math
 import os
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from convert.export_common import staged_directory, write_json
 from convert.names import peft_lora_name
 from convert.safetensors_io import SafetensorsError, SafetensorsFile, save_file
+
+if TYPE_CHECKING:
+    from lorax.lora import LoraWeights
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -156,26 +160,12 @@ def adapter_config_dict(lora_config: Any, base_model_name_or_path: str | None) -
 # -------------------------------------------------------------------------------- loading
 
 
-def load_adapter(model: Any, directory: str | os.PathLike[str], *, dtype: Any = jnp.float32):
-    """Reads a PEFT LoRA adapter directory for ``model`` into a ``lorax.LoraWeights``.
-
-    Works for adapters written by ``save_adapter``, PEFT or Unsloth. ``dtype`` is the dtype
-    of the returned parameters (float32, as training keeps them, by default).
-    """
-    # The pytree type lives in lorax; convert only knows the layout, so it is imported here,
-    # at the single point where the layout becomes lorax's object.
-    from lorax.lora import LoraConfig, LoraWeights
-
-    params, settings = read_adapter(directory, model.config, dtype=dtype)
-    return LoraWeights(params, LoraConfig(**settings))
-
-
 def read_adapter(
     directory: str | os.PathLike[str], config: Any, *, dtype: Any = jnp.float32
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The stacked LoRA pytree of an adapter directory and its ``LoraConfig`` fields.
 
-    Everything is checked before anything is built, so an error leaves nothing behind.
+    Every name and shape is checked before any array is read.
     """
     directory = os.fspath(directory)
     settings = _read_adapter_config(directory)
@@ -184,20 +174,19 @@ def read_adapter(
     targets = _check_targets(weights, found, settings.pop("listed_targets"))
     _check_coverage(weights, found, targets, config.num_layers)
 
-    layers: dict[str, Any] = {}
+    rank = settings["rank"]
+    names = {}
     for proj in targets:
         out_dim, in_dim = config.projection_shape(proj)
-        expected = {"A": (settings["rank"], in_dim), "B": (out_dim, settings["rank"])}
-        stacked = {}
-        for which, shape in expected.items():
-            names = [found[(i, proj, which)] for i in range(config.num_layers)]
-            for name in names:
-                _check_shape(weights, name, shape, proj, which, settings["rank"])
-            stacked[which] = np.stack([np.asarray(weights[n]) for n in names])
-        layers[proj] = {
-            "lora_a": jnp.asarray(stacked["A"], dtype=dtype),
-            "lora_b": jnp.asarray(stacked["B"], dtype=dtype),
-        }
+        for which, shape in (("A", (rank, in_dim)), ("B", (out_dim, rank))):
+            names[proj, which] = [found[(i, proj, which)] for i in range(config.num_layers)]
+            for name in names[proj, which]:
+                _check_shape(weights, name, shape, proj, which, rank)
+
+    def stacked(proj: str, which: str) -> jax.Array:
+        return jnp.asarray(np.stack([weights[n] for n in names[proj, which]]), dtype=dtype)
+
+    layers = {p: {"lora_a": stacked(p, "A"), "lora_b": stacked(p, "B")} for p in targets}
     return {"layers": layers}, {**settings, "targets": targets}
 
 

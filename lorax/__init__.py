@@ -4,8 +4,9 @@ The public API is this module's names: load a model, make adapters, run the pure
 train, and export. Everything else is an implementation detail that may move.
 """
 
+from convert.gguf import export_gguf
 from convert.merged import save_merged
-from convert.peft import load_adapter, save_adapter
+from lorax.adapters import load_adapter, save_adapter
 from lorax.config import ConfigError, ModelConfig, RopeConfig
 from lorax.facade import FastLanguageModel, PeftModel
 from lorax.loading import load
@@ -27,6 +28,7 @@ __all__ = [
     "PeftModel",
     "RopeConfig",
     "dequantize_nf4",
+    "export_gguf",
     "forward",
     "hidden_states",
     "init_lora",

@@ -19,14 +19,22 @@ from typing import Any
 
 # Options of ``lorax train`` that are not TrainConfig fields (model, adapters, data, sample).
 RUN_OPTIONS: dict[str, tuple[Any, str]] = {
-    "model": (None, "HF model directory or .gguf file (default: the embedded demo model; "
-                    "'tiny' forces the built-in tiny model)"),
-    "data": (None, "training data: JSONL/JSON/Parquet/Arrow/CSV file, directory or glob "
-                   "(default: the bundled demo data)"),
+    "model": (
+        None,
+        "HF model directory or .gguf file (default: the embedded demo model; "
+        "'tiny' forces the built-in tiny model)",
+    ),
+    "data": (
+        None,
+        "training data: JSONL/JSON/Parquet/Arrow/CSV file, directory or glob "
+        "(default: the bundled demo data)",
+    ),
     "eval_data": (None, "evaluation data (same formats)"),
     "quantize": ("auto", "base weights: nf4 | none | auto (nf4 on GPU, none on CPU)"),
-    "dtype": ("auto", "compute dtype: bfloat16 | float16 | float32 | auto (bf16 on GPU, f32 "
-                      "on CPU)"),
+    "dtype": (
+        "auto",
+        "compute dtype: bfloat16 | float16 | float32 | auto (bf16 on GPU, f32 on CPU)",
+    ),
     "rank": (16, "LoRA rank r"),
     "alpha": (16.0, "LoRA alpha (scale = alpha / r)"),
     "targets": ("all-linear", "LoRA targets: all-linear | attention | mlp | comma list"),
@@ -48,15 +56,22 @@ def _field_type(annotation: Any) -> type:
     return annotation
 
 
-def _add_option(parser: argparse.ArgumentParser, name: str, kind: type, default: Any,
-                help: str) -> None:
+def _add_option(
+    parser: argparse.ArgumentParser, name: str, kind: type, default: Any, help: str
+) -> None:
     flag = "--" + name.replace("_", "-")
     if kind is bool:
-        parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction,
-                            default=None, help=f"{help} (default: {default})")
+        parser.add_argument(
+            flag,
+            dest=name,
+            action=argparse.BooleanOptionalAction,
+            default=None,
+            help=f"{help} (default: {default})",
+        )
     else:
-        parser.add_argument(flag, dest=name, type=kind, default=None,
-                            help=f"{help} (default: {default})")
+        parser.add_argument(
+            flag, dest=name, type=kind, default=None, help=f"{help} (default: {default})"
+        )
 
 
 def _train_parser(sub: Any) -> argparse.ArgumentParser:
@@ -112,10 +127,12 @@ def _load_model(options: dict[str, Any]) -> tuple[Any, str]:
     from lorax import demo
 
     on_gpu = jax.default_backend() != "cpu"
-    dtype = options["dtype"] if options["dtype"] != "auto" else (
-        "bfloat16" if on_gpu else "float32")
+    dtype = (
+        options["dtype"] if options["dtype"] != "auto" else ("bfloat16" if on_gpu else "float32")
+    )
     quantize = {"auto": "nf4" if on_gpu else None, "none": None, "nf4": "nf4"}.get(
-        options["quantize"], options["quantize"])
+        options["quantize"], options["quantize"]
+    )
     source = options["model"]
     if source is None:
         source = _bundled_model() or "tiny"
@@ -138,22 +155,29 @@ def cmd_train(args: argparse.Namespace) -> int:
     import lorax
     from lorax.data import demo_data_path
     from lorax.generate import generate_text
-    from lorax.train.trainer import Trainer, TrainConfig
+    from lorax.train.trainer import TrainConfig, Trainer
 
     options = _resolve_options(args)
     t0 = time.perf_counter()
     model, described = _load_model(options)
-    print(f"model: {described} ({model.config.model_type}, {model.config.num_layers} layers, "
-          f"{model.config.num_parameters() / 1e6:.1f}M params) loaded in "
-          f"{time.perf_counter() - t0:.1f}s")
+    print(
+        f"model: {described} ({model.config.model_type}, {model.config.num_layers} layers, "
+        f"{model.config.num_parameters() / 1e6:.1f}M params) loaded in "
+        f"{time.perf_counter() - t0:.1f}s"
+    )
     targets = options["targets"]
     if isinstance(targets, str) and "," in targets:
         targets = [t.strip() for t in targets.split(",")]
-    cfg = TrainConfig(**{f.name: options[f.name] for f in dataclasses.fields(TrainConfig)
-                         if f.name in options})
+    cfg = TrainConfig(
+        **{f.name: options[f.name] for f in dataclasses.fields(TrainConfig) if f.name in options}
+    )
     lora = lorax.init_lora(
-        model, rank=options["rank"], alpha=options["alpha"], targets=targets,
-        key=jax.random.key(cfg.seed), dropout=options["dropout"],
+        model,
+        rank=options["rank"],
+        alpha=options["alpha"],
+        targets=targets,
+        key=jax.random.key(cfg.seed),
+        dropout=options["dropout"],
         use_rslora=options["use_rslora"],
     )
     data = options["data"] or str(demo_data_path())
@@ -165,13 +189,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     lora = trainer.train()
     history = trainer._read_history()
     if history:
-        print(f"loss: {history[0]['loss']:.4f} (step {history[0]['step']}) -> "
-              f"{history[-1]['loss']:.4f} (step {history[-1]['step']})")
+        print(
+            f"loss: {history[0]['loss']:.4f} (step {history[0]['step']}) -> "
+            f"{history[-1]['loss']:.4f} (step {history[-1]['step']})"
+        )
     sample("after", lora)
     adapter_dir = os.path.join(cfg.output_dir, "adapter")
     _save_adapter(model, lora, adapter_dir, described)
-    print(f"adapter: {adapter_dir}\nmetrics: {os.path.join(cfg.output_dir, 'metrics.jsonl')}\n"
-          f"loss curve: {os.path.join(cfg.output_dir, 'loss_curve.png')}")
+    print(
+        f"adapter: {adapter_dir}\nmetrics: {os.path.join(cfg.output_dir, 'metrics.jsonl')}\n"
+        f"loss curve: {os.path.join(cfg.output_dir, 'loss_curve.png')}"
+    )
     return 0
 
 

@@ -163,9 +163,9 @@ class ModelConfig:
         bias: tuple[str, ...] = ()
         if model_type == "qwen2":
             bias = ("q_proj", "k_proj", "v_proj")
-        elif hf.get("attention_bias"):
-            bias = ATTENTION_PROJECTIONS
-        if hf.get("mlp_bias"):
+        elif model_type == "llama" and hf.get("attention_bias"):
+            bias = ATTENTION_PROJECTIONS  # HF's Mistral has no attention_bias: it is ignored
+        if model_type == "llama" and hf.get("mlp_bias"):
             bias = bias + MLP_PROJECTIONS
 
         eos = hf.get("eos_token_id")
@@ -219,9 +219,9 @@ def _rope_from_hf(hf: Mapping[str, Any], source: str) -> RopeConfig:
         raise ConfigError(f"{source}: unsupported rope_scaling field(s) {unknown} for {rope_type}")
     if rope_type != "default" and params.get("factor") is None:
         if rope_type == "yarn" and params.get("original_max_position_embeddings"):
-            params["factor"] = hf["max_position_embeddings"] / params[
-                "original_max_position_embeddings"
-            ]
+            params["factor"] = (
+                hf["max_position_embeddings"] / params["original_max_position_embeddings"]
+            )
         else:
             raise ConfigError(f"{source}: rope_scaling type {rope_type!r} needs 'factor'")
     if rope_type in ("llama3", "yarn"):

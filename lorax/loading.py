@@ -7,6 +7,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from convert.gguf import load_gguf
 from convert.hf import load_params, load_tokenizer, read_config
 from lorax.config import ModelConfig
 from lorax.model import Model
@@ -32,14 +33,21 @@ def load(
     *,
     double_quant: bool = True,
 ) -> Model:
-    """Loads an HF model directory into a ``Model`` (config, frozen params, tokenizer).
+    """Loads an HF model directory or a ``.gguf`` file into a ``Model``.
 
     ``quantize="nf4"`` stores every decoder projection as bitsandbytes-exact NF4
     (``double_quant`` compresses the block scales too); ``dtype`` is the compute dtype and the
-    dtype of everything not quantized.
+    dtype of everything not quantized. A GGUF's tensors (any llama.cpp type) are dequantized
+    first, so NF4 re-quantizes them.
     """
     path = os.fspath(path)
     compute = resolve_dtype(dtype)
+    if path.lower().endswith(".gguf") and os.path.isfile(path):
+        config, params, tokenizer = load_gguf(
+            path, ModelConfig.from_hf_dict, quantize=quantize, dtype=compute,
+            double_quant=double_quant,
+        )
+        return Model(params, config, tokenizer)
     hf = read_config(path)
     config = ModelConfig.from_hf_dict(hf, source=os.path.join(path, "config.json"))
     params = load_params(

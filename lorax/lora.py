@@ -132,10 +132,15 @@ def lora_linear(
         y = nf4_lora_matmul(x, weight, None, None, 0.0, impl=impl)
         keep = jax.random.bernoulli(dropout_key, 1.0 - dropout, x.shape)
         x_drop = jnp.where(keep, x / (1.0 - dropout), 0).astype(x.dtype)
-        low = jnp.einsum("...k,rk->...r", x_drop, a.astype(x.dtype),
-                         preferred_element_type=jnp.float32)
-        delta = jnp.einsum("...r,nr->...n", low.astype(x.dtype), b.astype(x.dtype),
-                           preferred_element_type=jnp.float32)
+        low = jnp.einsum(
+            "...k,rk->...r", x_drop, a.astype(x.dtype), preferred_element_type=jnp.float32
+        )
+        delta = jnp.einsum(
+            "...r,nr->...n",
+            low.astype(x.dtype),
+            b.astype(x.dtype),
+            preferred_element_type=jnp.float32,
+        )
         y = (y.astype(jnp.float32) + scale * delta).astype(x.dtype)
     else:
         y = nf4_lora_matmul(x, weight, a, b, scale, impl=impl)

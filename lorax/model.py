@@ -129,8 +129,14 @@ def _decoder_layer(
 
     def attend(window: int) -> Array:
         return flash_attention(
-            q, k, v, causal=True, sliding_window=window or None, segment_ids=segment_ids,
-            scale=config.head_dim**-0.5, impl=options.attention_impl,
+            q,
+            k,
+            v,
+            causal=True,
+            sliding_window=window or None,
+            segment_ids=segment_ids,
+            scale=config.head_dim**-0.5,
+            impl=options.attention_impl,
         )
 
     # Attention kernels take the window as a static size, so layers with different windows
@@ -181,8 +187,17 @@ def hidden_states(
     def body(carry: Array, xs: tuple) -> tuple[Array, None]:
         layer, layer_adapters, window_index, key = xs
         out = _decoder_layer(
-            config, lora_cfg, options, carry, layer, layer_adapters, window_index, cos, sin,
-            segment_ids, key,
+            config,
+            lora_cfg,
+            options,
+            carry,
+            layer,
+            layer_adapters,
+            window_index,
+            cos,
+            sin,
+            segment_ids,
+            key,
         )
         return out, None
 
@@ -207,7 +222,12 @@ def forward(
     ``segment_ids`` (no attention across segments). ``dropout_key`` enables LoRA dropout.
     """
     h = hidden_states(
-        model, lora, input_ids, positions=positions, segment_ids=segment_ids,
-        dropout_key=dropout_key, options=options,
+        model,
+        lora,
+        input_ids,
+        positions=positions,
+        segment_ids=segment_ids,
+        dropout_key=dropout_key,
+        options=options,
     )
     return jnp.einsum("bsd,vd->bsv", h, model.lm_head(), preferred_element_type=jnp.float32)

@@ -38,10 +38,11 @@ Exact bnb rounding, as read from bitsandbytes 0.50 (``backends/default/ops.py``,
   (the pivot CUDA's binary search always ends on), and an all-equal nested block
   (``nested_absmax == 0``, a 0/0) gets index 0, as both CUDA and CPU bnb produce.
 * bnb's CPU path quantizes the nested absmax with a division and an approximate lookup
-  (``BinSearch`` ``Direct2`` plus one neighbour check) that picks the index one step off for
-  values close to a midpoint: about 0.15% of codes. We keep CUDA's exact nearest rounding;
-  against bnb on CPU, nested codes may differ by at most one step in that small fraction
-  (the packed nibbles, absmax and nested absmax are unaffected).
+  (``BinSearch`` ``Direct2`` plus one neighbour check) that misses the nearest index for
+  values close to a midpoint: about 0.15% of codes for ordinary weights (more when an
+  outlier squeezes most values into the dense region near zero), usually by one step,
+  occasionally by two there. We keep CUDA's exact nearest rounding, so against bnb on CPU
+  those few nested codes differ; the packed nibbles and the float32 absmax do not.
 * ``offset`` is bnb's ``absmax.mean()`` in float32, whose summation order is torch's. We sum
   pairwise in explicit halving steps instead, which is accurate and gives the same bits on
   every backend (XLA does not reassociate float adds), so it may differ from torch's mean by

@@ -7,8 +7,13 @@ The one linear op every LoRA-targeted projection goes through. W is an
 Semantics (kernels and reference alike). The compute dtype is ``x.dtype``: W, A and B are cast
 (NF4 decoded) to it, every dot accumulates in float32, and the rank-r intermediates ``x·Aᵀ``
 and ``dy·B`` are rounded to the compute dtype, as PEFT does under autocast. The result is
-``x.dtype``. Gradients flow to x, A and B only: W (and bias) are frozen base parameters and get
-zero cotangents. The backward, a ``jax.custom_vjp``, is ordered so that everything it keeps or
+``x.dtype``. The base product and the LoRA product are summed in float32 (+ bias) and rounded
+once; the paths built on XLA dots (and the reference) first round each product to the compute
+dtype, so that cuBLAS writes 16-bit outputs (PEFT's order too), while the fused kernel adds
+them in its float32 accumulator: the two agree to one rounding of ``x.dtype``.
+
+Gradients flow to x, A and B only: W (and bias) are frozen base parameters and get zero
+cotangents. The backward, a ``jax.custom_vjp``, is ordered so that everything it keeps or
 builds besides dx is rank r::
 
     dx = dy·W + scale·(dy·B)·A        dA = scale·(dy·B)ᵀ·x        dB = scale·dyᵀ·(x·Aᵀ)
@@ -32,11 +37,21 @@ Implementations (``plan_nf4_lora_matmul`` says which one a call gets, and why):
 Selection: ``impl`` / ``interpret`` choose kernel vs reference as everywhere in
 ``pallas_kernels`` (see :mod:`pallas_kernels._backend`: by default the kernels on GPU, the
 reference elsewhere). Among kernels, ``config.variant`` picks; ``"auto"`` (default) takes
-``fused`` for M ≤ ``config.fused_max_m`` and ``dequant_then_dot`` above, and
+``fused`` for M ≤ ``config.fused_max_m`` (256: decode-sized calls, where not writing W wins)
+and ``dequant_then_dot`` above (training-sized M, where cuBLAS on a decoded W wins), and
 ``dequant_then_dot`` whenever K % 64 != 0 (the fused kernel reads W row by row and needs whole
 absmax blocks per row; the dequant kernel works on the flat element order). Asking for
 ``variant="fused"`` with such a K raises. NF4 blocksizes other than 64 are served by the
-reference under the default selection and raise if a kernel is forced.
+reference under the default selection and raise if a kernel is forced. ``config.lookup``
+picks how the kernels turn a 4-bit code into its value (select tree or table gather; see
+:mod:`pallas_kernels.nf4_matmul_kernels`). ``scripts/bench_nf4_matmul.py`` measures every
+combination; the defaults are estimates until its numbers are in.
+
+Example::
+
+    y = nf4_lora_matmul(x, w_nf4, lora_a, lora_b, alpha / r)           # GPU: Pallas
+    y = nf4_lora_matmul(x, w_nf4, lora_a, lora_b, alpha / r, impl="reference")
+    plan_nf4_lora_matmul(x, w_nf4).reason   # e.g. "default on GPU: compiled kernel; ..."
 """
 
 from __future__ import annotations
@@ -238,13 +253,11 @@ def nf4_lora_matmul_reference(
     cd = x.dtype
     w = jax.tree.map(lax.stop_gradient, w)
     wd = dequantize_nf4(w, cd) if isinstance(w, NF4Tensor) else w.astype(cd)
-    y = jnp.einsum("...k,nk->...n", x, wd, preferred_element_type=jnp.float32)
+    y = jnp.einsum("...k,nk->...n", x, wd, preferred_element_type=cd).astype(jnp.float32)
     if a is not None:
         xa = jnp.einsum("...k,rk->...r", x, a.astype(cd), preferred_element_type=jnp.float32)
-        lora = jnp.einsum(
-            "...r,nr->...n", xa.astype(cd), b.astype(cd), preferred_element_type=jnp.float32
-        )
-        y = y + scale * lora
+        lora = jnp.einsum("...r,nr->...n", xa.astype(cd), b.astype(cd), preferred_element_type=cd)
+        y = y + scale * lora.astype(jnp.float32)
     if bias is not None:
         y = y + lax.stop_gradient(bias).astype(jnp.float32)
     return y.astype(cd)
@@ -258,25 +271,41 @@ def nf4_dequantize(
     impl: str | None = None,
     config: NF4MatmulConfig | None = None,
 ) -> Array:
-    """Decodes one layer's NF4Tensor to a dense ``w.shape`` array (Pallas kernel or jnp).
+    """Decodes an NF4Tensor to a dense ``(*w.batch_shape, *w.shape)`` array.
 
-    The decode half of ``dequant_then_dot``; bit-identical to ``dequantize_nf4``.
+    The decode half of ``dequant_then_dot`` as a standalone op (kernel/reference selection as
+    in :func:`nf4_lora_matmul`); bit-identical to ``dequantize_nf4``. Stacked (e.g. per-layer)
+    tensors go through the kernel in one launch when a matrix is a whole number of absmax
+    blocks, since their flat layouts then concatenate; otherwise, and for blocksizes other
+    than 64, the reference runs (or, if a kernel was forced, ``ValueError``).
     """
     dtype = w.dtype if dtype is None else dtype
-    _weight_shape(w)
     choice = _backend.choose(impl, interpret)
-    if not choice.use_kernel or w.blocksize != _k.QBLOCK:
+    batch = tuple(w.packed.shape[:-1])
+    numel = 1
+    for d in w.shape:
+        numel *= int(d)
+    why = None
+    if w.blocksize != _k.QBLOCK:
+        why = f"blocksize {w.blocksize} (the kernel handles {_k.QBLOCK})"
+    elif batch and numel % _k.QBLOCK:
+        why = f"stacked matrices of {numel} elements (not a multiple of {_k.QBLOCK})"
+    if not choice.use_kernel or why is not None:
         if choice.use_kernel and (impl is not None or interpret is not None):
-            raise ValueError(f"no Pallas NF4 kernel for blocksize {w.blocksize}")
+            raise ValueError(f"no Pallas NF4 decode for {why}; use impl='reference'")
         return dequantize_nf4(w, dtype)
-    return _k.dequantize_pallas(
-        w.packed,
-        _absmax_f32(w),
-        tuple(w.shape),
+    count = numel
+    for d in batch:
+        count *= int(d)
+    flat = _k.dequantize_pallas(
+        w.packed.reshape(-1),
+        _absmax_f32(w).reshape(-1),
+        (count,),
         dtype,
         config=NF4MatmulConfig() if config is None else config,
         interpret=choice.interpret,
     )
+    return flat.reshape(*batch, *w.shape)
 
 
 # --------------------------------------------------------------------------------------
@@ -286,6 +315,37 @@ def nf4_dequantize(
 
 def _dot(lhs: Array, rhs: Array, dims: Any) -> Array:
     return lax.dot_general(lhs, rhs, dims, preferred_element_type=jnp.float32)
+
+
+def _xla_linear(
+    lhs: Array,
+    w: Array,
+    low: Array | None,
+    low_w: Array | None,
+    dims: Any,
+    scale: float,
+    bias: Array | None,
+) -> Array:
+    """``lhs·W + scale·low·low_w (+ bias)`` with XLA dots, in ``lhs.dtype``.
+
+    Each product accumulates in float32 and is written in the compute dtype (so cuBLAS writes
+    16-bit outputs), then the two are summed in float32 and rounded once more: PEFT's order
+    (it adds the base layer's and the adapter's 16-bit outputs), and half the memory traffic
+    of float32 partial products on this elementwise pass, which XLA may also fold into the
+    GEMM as its ``beta·C`` input.
+    """
+    cd = lhs.dtype
+    y = lax.dot_general(lhs, w, dims, preferred_element_type=cd)
+    if low is None and bias is None:
+        return y
+    y = y.astype(jnp.float32)
+    if low is not None:
+        y = y + scale * lax.dot_general(low, low_w, dims, preferred_element_type=cd).astype(
+            jnp.float32
+        )
+    if bias is not None:
+        y = y + bias.astype(jnp.float32)
+    return y.astype(cd)
 
 
 def _absmax_f32(w: NF4Tensor) -> Array:
@@ -349,12 +409,7 @@ def _lora_matmul_fwd(
             scale=scale, config=plan.config, interpret=plan.interpret,
         )  # fmt: skip
     else:
-        y = _dot(x, _dense_weight(plan, w, cd), _NT)
-        if xa is not None:
-            y = y + scale * _dot(xa, b_cd, _NT)
-        if bias is not None:
-            y = y + bias.astype(jnp.float32)
-        y = y.astype(cd)
+        y = _xla_linear(x, _dense_weight(plan, w, cd), xa, b_cd, _NT, scale, bias)
     return y, (x, xa, w, a, b)
 
 
@@ -373,10 +428,7 @@ def _lora_matmul_bwd(
             scale=scale, config=plan.config, interpret=plan.interpret,
         )  # fmt: skip
     else:
-        dx = _dot(dy, _dense_weight(plan, w, cd), _NN)
-        if dyb is not None:
-            dx = dx + scale * _dot(dyb, a_cd, _NN)
-        dx = dx.astype(cd)
+        dx = _xla_linear(dy, _dense_weight(plan, w, cd), dyb, a_cd, _NN, scale, None)
     da = db = None
     if a is not None:
         da = (scale * _dot(dyb, x, _TN)).astype(a.dtype)  # [r, K]

@@ -19,13 +19,27 @@ import time
 import numpy as np
 
 CONFIG = dict(
-    model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=2048,
-    intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-    num_key_value_heads=8, head_dim=64, vocab_size=128256, max_position_embeddings=131072,
-    rms_norm_eps=1e-5, tie_word_embeddings=True, hidden_act="silu",
-    rope_parameters={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
-                     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192,
-                     "rope_theta": 500000.0},
+    model_type="llama",
+    architectures=["LlamaForCausalLM"],
+    hidden_size=2048,
+    intermediate_size=8192,
+    num_hidden_layers=16,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=64,
+    vocab_size=128256,
+    max_position_embeddings=131072,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=True,
+    hidden_act="silu",
+    rope_parameters={
+        "rope_type": "llama3",
+        "factor": 32.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+        "rope_theta": 500000.0,
+    },
 )
 
 
@@ -85,13 +99,19 @@ def main() -> None:
         write_checkpoint(a.dir)
         print(f"wrote {a.dir} in {time.perf_counter() - t0:.0f}s")
     size = os.path.getsize(os.path.join(a.dir, "model.safetensors")) / 2**30
-    out = subprocess.run([sys.executable, __file__, "--dir", a.dir, "--quantize", a.quantize,
-                          "--child"], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, __file__, "--dir", a.dir, "--quantize", a.quantize, "--child"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     r = json.loads(out.stdout.strip().splitlines()[-1])
-    print(f"| params | checkpoint | quantize | load s | result GiB | peak RSS GiB |")
-    print(f"|---|---|---|---|---|---|")
-    print(f"| {r['params_b']:.2f}B | {size:.2f} GiB bf16 | {r['quantize']} | {r['load_s']:.1f} "
-          f"| {r['result_gib']:.2f} | {r['peak_rss_gib']:.2f} |")
+    print("| params | checkpoint | quantize | load s | result GiB | peak RSS GiB |")
+    print("|---|---|---|---|---|---|")
+    print(
+        f"| {r['params_b']:.2f}B | {size:.2f} GiB bf16 | {r['quantize']} | {r['load_s']:.1f} "
+        f"| {r['result_gib']:.2f} | {r['peak_rss_gib']:.2f} |"
+    )
 
 
 if __name__ == "__main__":

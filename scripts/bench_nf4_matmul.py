@@ -12,7 +12,8 @@ Variants (LoRA r=16 on, bf16 activations, f32 LoRA weights, double-quantized NF4
   ``bf16_dot``       ``x·Wᵀ`` with a dense bf16 W of the same shape, f32 accumulation: the
                      ceiling (its fwd+bwd is ``x·Wᵀ`` plus ``dx = dy·W``; no LoRA).
   ``lora16``         the op on a dense bf16 W (the 16-bit LoRA path: XLA dots + LoRA).
-  ``reference``      ``nf4_lora_matmul_reference`` under jit (jnp dequantize, then dot).
+  ``reference``      the op with ``impl="reference"`` under jit: plain-jnp ``dequantize_nf4``
+                     (table-gather decode by XLA), then XLA dots (the CPU path, same VJP).
   ``fused``          fused Pallas kernels, select-tree decode (``variant="fused"``).
   ``fused[table]``   the same with the table-gather decode (``lookup="table"``).
   ``dequant``        Pallas decode kernel + XLA dot (``variant="dequant_then_dot"``).
@@ -24,11 +25,11 @@ largest shapes); small-M rows on the widest shape (the fused vs dequant crossove
 ``NF4MatmulConfig.fused_max_m`` should be set from); and the decode alone (Pallas vs XLA,
 two largest shapes) as bandwidth.
 
-Order: correctness at full size first (each Pallas variant's forward and gradients dx, dA,
-dB against the reference on the same inputs; relative error = max |diff| / max |reference|,
-bf16 rounding puts it near 1e-2), then timings at the middle M for every shape, then the
-extras, then the other Ms. ``--budget-s`` bounds the run: rows that would start after it are
-listed as skipped.
+Order: correctness at full size first (each variant's forward and gradients dx, dA, dB against
+``nf4_lora_matmul_reference``, the autodiff definition, on the same inputs; relative error =
+max |diff| / max |definition|, bf16 rounding puts it near 1e-2), then timings at the middle M
+for every shape, then the extras, then the other Ms. ``--budget-s`` bounds the run: rows that
+would start after it are listed as skipped.
 
 Timing: compile + 2 warm-up calls, then the median over ``--reps`` of (``n`` back-to-back calls,
 blocking on the last) / n, with n chosen so a rep lasts about 50 ms: device time, dispatch
@@ -188,10 +189,10 @@ def build_variants(interpret: bool, base: dict[str, Any]) -> dict[str, tuple[Any
 
         return op
 
-    def reference(x, w, a, b):
+    def oracle(x, w, a, b):
         return nf4_lora_matmul_reference(x, w, a, b, SCALE)
 
-    def lora16(x, w, a, b):
+    def reference(x, w, a, b):
         return nf4_lora_matmul(x, w, a, b, SCALE, impl="reference")
 
     fused = dict(variant="fused")
@@ -199,7 +200,8 @@ def build_variants(interpret: bool, base: dict[str, Any]) -> dict[str, tuple[Any
     table = dict(lookup="table")
     variants = {
         "bf16_dot": (*_ceiling_fns(), "bf16"),
-        "lora16": (*_op_fns(lora16), "bf16"),
+        "oracle": (*_op_fns(oracle), "dq"),  # for the checks; not timed
+        "lora16": (*_op_fns(reference), "bf16"),
         "reference": (*_op_fns(reference), "dq"),
         "fused": (*_op_fns(op_with(**fused)), "dq"),
         "fused[table]": (*_op_fns(op_with(**fused, **table)), "dq"),
@@ -284,8 +286,8 @@ class Bench:
             return None
 
     def check(self, names: list[str], inp: Inputs, k: int, n: int) -> None:
-        """Forward and gradients of each variant vs the reference on the same W."""
-        ref_fwd, ref_bwd, _ = self.variants["reference"]
+        """Forward and gradients of each variant vs the autodiff definition on the same W."""
+        ref_fwd, ref_bwd, _ = self.variants["oracle"]
         refs: dict[str, Any] = {}
         for name in names:
             m = int(inp.x.shape[0])
@@ -445,7 +447,7 @@ def main() -> int:
             if bench.over_budget(f"K×N {k}×{n} M {m} (all)") or not (inp := bench.inputs(m, k, n)):
                 continue
             if i == 0:
-                checked = ["lora16", *pallas] + ([] if args.no_extras else F32_ABSMAX)
+                checked = ["lora16", "reference", *pallas] + ([] if args.no_extras else F32_ABSMAX)
                 bench.check(checked, inp, k, n)
             print(HEADER)
             bench.time_rows(main_names, inp, k, n)

@@ -26,8 +26,15 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 LLAMA31_8B = dict(
-    model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
-    num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-5,
+    model_type="llama",
+    vocab_size=128256,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_layers=32,
+    num_heads=32,
+    num_kv_heads=8,
+    head_dim=128,
+    rms_norm_eps=1e-5,
     max_position_embeddings=8192,
 )
 
@@ -53,8 +60,7 @@ def build_model(num_layers: int | None = None, config_overrides: dict | None = N
 
     layers = {
         "input_layernorm": jnp.ones((config.num_layers, config.hidden_size), jnp.bfloat16),
-        "post_attention_layernorm": jnp.ones((config.num_layers, config.hidden_size),
-                                             jnp.bfloat16),
+        "post_attention_layernorm": jnp.ones((config.num_layers, config.hidden_size), jnp.bfloat16),
     }
     for p in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
         shape = jax.ShapeDtypeStruct(config.projection_shape(p), jnp.bfloat16)
@@ -75,8 +81,9 @@ def build_model(num_layers: int | None = None, config_overrides: dict | None = N
     return Model(params, config, None)
 
 
-def run_case(shape: str, remat: str, steps: int, warmup: int, chunk: int,
-             num_layers: int | None) -> dict:
+def run_case(
+    shape: str, remat: str, steps: int, warmup: int, chunk: int, num_layers: int | None
+) -> dict:
     import jax
     import numpy as np
 
@@ -91,8 +98,7 @@ def run_case(shape: str, remat: str, steps: int, warmup: int, chunk: int,
     model = build_model(num_layers)
     jax.block_until_ready(jax.tree_util.tree_leaves(model.params))
     t_load = time.perf_counter() - START
-    lora = lorax.init_lora(model, rank=16, alpha=16, targets="all-linear",
-                           key=jax.random.key(1))
+    lora = lorax.init_lora(model, rank=16, alpha=16, targets="all-linear", key=jax.random.key(1))
     opt = make_optimizer("adamw", 1e-4, max_grad_norm=None)
     state = init_train_state(lora, opt, key=jax.random.key(2))
     step = make_train_step(
@@ -117,8 +123,12 @@ def run_case(shape: str, remat: str, steps: int, warmup: int, chunk: int,
             times.append(dt)
     median = statistics.median(times)
     tokens = b * s
-    flops = train_flops_per_token(model.config, s, remat=remat, lora_rank=16,
-                                  lora_targets=lora.config.targets) * tokens
+    flops = (
+        train_flops_per_token(
+            model.config, s, remat=remat, lora_rank=16, lora_targets=lora.config.targets
+        )
+        * tokens
+    )
     peak = device_peak_flops()
     mem = peak_memory_bytes()
     return {
@@ -148,15 +158,18 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--chunk", type=int, default=4096, help="loss chunk (tokens)")
     p.add_argument("--layers", type=int, default=None, help="fewer layers (smoke runs)")
-    p.add_argument("--mem-fraction", default=None,
-                   help="XLA_PYTHON_CLIENT_MEM_FRACTION for each case")
+    p.add_argument(
+        "--mem-fraction", default=None, help="XLA_PYTHON_CLIENT_MEM_FRACTION for each case"
+    )
     p.add_argument("--json", default=None)
     p.add_argument("--case", default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.case:
         shape, remat = a.case.split(":")
-        print("RESULT " + json.dumps(run_case(shape, remat, a.steps, a.warmup, a.chunk,
-                                                a.layers)), flush=True)
+        print(
+            "RESULT " + json.dumps(run_case(shape, remat, a.steps, a.warmup, a.chunk, a.layers)),
+            flush=True,
+        )
         return
     import jax
 
@@ -167,8 +180,18 @@ def main() -> None:
     print(f"jax {jax.__version__}, device {jax.devices()[0].device_kind}", flush=True)
     for shape in a.shapes.split(","):
         for remat in a.remat.split(","):
-            cmd = [sys.executable, __file__, "--case", f"{shape}:{remat}", "--steps",
-                   str(a.steps), "--warmup", str(a.warmup), "--chunk", str(a.chunk)]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--case",
+                f"{shape}:{remat}",
+                "--steps",
+                str(a.steps),
+                "--warmup",
+                str(a.warmup),
+                "--chunk",
+                str(a.chunk),
+            ]
             if a.layers:
                 cmd += ["--layers", str(a.layers)]
             out = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -178,16 +201,27 @@ def main() -> None:
                 print(f"{shape} {remat}: FAILED\n  " + "\n  ".join(tail), flush=True)
                 rows.append({"shape": shape, "remat": remat, "error": tail[-1:]})
                 continue
-            r = json.loads(result[0][len("RESULT "):])
+            r = json.loads(result[0][len("RESULT ") :])
             rows.append(r)
-            print(f"{shape:>7} remat={remat:<9} {r['tokens_per_s']:8.0f} tok/s  "
-                  f"{r['tflops']:6.1f} TFLOP/s  mfu {r['mfu'] or 0:.3f}  "
-                  f"peak {r['peak_mem_gib'] or 0:.2f} GiB  first step at "
-                  f"{r['start_to_first_step_s']:.1f}s  loss {r['first_loss']:.4f}", flush=True)
+            print(
+                f"{shape:>7} remat={remat:<9} {r['tokens_per_s']:8.0f} tok/s  "
+                f"{r['tflops']:6.1f} TFLOP/s  mfu {r['mfu'] or 0:.3f}  "
+                f"peak {r['peak_mem_gib'] or 0:.2f} GiB  first step at "
+                f"{r['start_to_first_step_s']:.1f}s  loss {r['first_loss']:.4f}",
+                flush=True,
+            )
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"device": jax.devices()[0].device_kind, "jax": jax.__version__,
-                       "date": datetime.date.today().isoformat(), "rows": rows}, f, indent=1)
+            json.dump(
+                {
+                    "device": jax.devices()[0].device_kind,
+                    "jax": jax.__version__,
+                    "date": datetime.date.today().isoformat(),
+                    "rows": rows,
+                },
+                f,
+                indent=1,
+            )
 
 
 if __name__ == "__main__":

@@ -7,8 +7,11 @@ import os
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+
+import lorax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -80,3 +83,22 @@ def rng():
     seed = int(np.random.SeedSequence().entropy % 2**32)
     print(f"rng seed: {seed}")
     return np.random.default_rng(seed)
+
+
+def random_lora(model, rng, rank, alpha, targets, **kw) -> lorax.LoraWeights:
+    """Adapters with random A and B (B nonzero, unlike PEFT's init, so they change outputs).
+
+    Built in numpy rather than with ``init_lora``: the tests need values, not the init, and
+    this keeps them free of per-shape compiles.
+    """
+    config = lorax.LoraConfig(rank, float(alpha), tuple(targets), **kw)
+    layers = {}
+    for proj in config.targets:
+        out_dim, in_dim = model.config.projection_shape(proj)
+        shape_a = (model.config.num_layers, rank, in_dim)
+        shape_b = (model.config.num_layers, out_dim, rank)
+        layers[proj] = {
+            "lora_a": jnp.asarray(rng.uniform(-1, 1, shape_a) / np.sqrt(in_dim), jnp.float32),
+            "lora_b": jnp.asarray(0.2 * rng.normal(size=shape_b), jnp.float32),
+        }
+    return lorax.LoraWeights({"layers": layers}, config)

@@ -11,8 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import make_hf_model, rel_err, torch_logits
-from test_export_merged import random_lora
+from conftest import make_hf_model, random_lora, rel_err, torch_logits
 
 import lorax
 from convert import peft as peft_io

@@ -44,9 +44,16 @@ def test_config_is_hashable_and_frozen(tmp_path):
 
 def test_legacy_rope_scaling_field_is_read():
     cfg = lorax.ModelConfig.from_hf_dict(
-        dict(model_type="llama", vocab_size=10, hidden_size=8, intermediate_size=16,
-             num_hidden_layers=1, num_attention_heads=2, rope_theta=5e5,
-             rope_scaling={"type": "linear", "factor": 4.0})
+        dict(
+            model_type="llama",
+            vocab_size=10,
+            hidden_size=8,
+            intermediate_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            rope_theta=5e5,
+            rope_scaling={"type": "linear", "factor": 4.0},
+        )
     )
     assert cfg.rope == lorax.RopeConfig(theta=5e5, type="linear", factor=4.0)
 
@@ -85,7 +92,9 @@ def test_misshaped_tensor_names_file_tensor_and_shapes(tmp_path):
     _, path = make_hf_model(tmp_path, "llama")
     bad = "model.layers.0.self_attn.k_proj.weight"
     _rewrite_weights(path, lambda t: t.update({bad: t[bad][:-1]}))
-    with pytest.raises(CheckpointError, match=r"model\.safetensors.*k_proj.*\[31, 64\].*\[32, 64\]"):
+    with pytest.raises(
+        CheckpointError, match=r"model\.safetensors.*k_proj.*\[31, 64\].*\[32, 64\]"
+    ):
         lorax.load(path)
 
 
@@ -95,7 +104,9 @@ def test_truncated_file_is_reported(tmp_path):
     size = os.path.getsize(weights)
     with open(weights, "r+b") as f:
         f.truncate(size - 100)
-    with pytest.raises(CheckpointError, match=r"truncated.*model\.safetensors|model\.safetensors.*truncated"):
+    with pytest.raises(
+        CheckpointError, match=r"truncated.*model\.safetensors|model\.safetensors.*truncated"
+    ):
         lorax.load(path)
 
 

@@ -20,8 +20,11 @@ def _peft_model(torch_model, lora: lorax.LoraWeights):
     peft_model = peft.get_peft_model(
         torch_model,
         peft.LoraConfig(
-            r=cfg.rank, lora_alpha=cfg.alpha, target_modules=list(cfg.targets),
-            lora_dropout=0.0, use_rslora=cfg.use_rslora,
+            r=cfg.rank,
+            lora_alpha=cfg.alpha,
+            target_modules=list(cfg.targets),
+            lora_dropout=0.0,
+            use_rslora=cfg.use_rslora,
         ),
     )
     layers = peft_model.base_model.model.model.layers
@@ -39,8 +42,9 @@ def test_forward_and_grads_match_peft(tmp_path, rng, use_rslora):
     torch = pytest.importorskip("torch")
     torch_model, path = make_hf_model(tmp_path, "qwen2")
     model = lorax.load(path, dtype="float32")
-    lora = lorax.init_lora(model, rank=4, alpha=8, key=jax.random.key(int(rng.integers(1e6))),
-                           use_rslora=use_rslora)
+    lora = lorax.init_lora(
+        model, rank=4, alpha=8, key=jax.random.key(int(rng.integers(1e6))), use_rslora=use_rslora
+    )
     # B starts at zero (PEFT's init); give it values so the adapter changes the output.
     params = jax.tree_util.tree_map(
         lambda x: jnp.asarray(rng.normal(size=x.shape) * 0.1, jnp.float32), lora.params
@@ -75,7 +79,10 @@ def test_init_matches_peft_conventions(tmp_path):
     lora = lorax.init_lora(model, rank=8, alpha=16, targets=["q_proj", "down_proj"])
     assert lora.config.targets == ("q_proj", "down_proj")
     assert lora.config.scale == 2.0
-    a, b = lora.params["layers"]["down_proj"]["lora_a"], lora.params["layers"]["down_proj"]["lora_b"]
+    a, b = (
+        lora.params["layers"]["down_proj"]["lora_a"],
+        lora.params["layers"]["down_proj"]["lora_b"],
+    )
     assert a.shape == (2, 8, model.config.intermediate_size)
     assert b.shape == (2, model.config.hidden_size, 8)
     bound = 1 / np.sqrt(model.config.intermediate_size)
@@ -85,9 +92,7 @@ def test_init_matches_peft_conventions(tmp_path):
     assert rs.config.scale == pytest.approx(2.0)
     # B = 0: the adapted model starts exactly at the base model.
     ids = jnp.arange(12)[None]
-    np.testing.assert_array_equal(
-        lorax.forward(model, lora, ids), lorax.forward(model, None, ids)
-    )
+    np.testing.assert_array_equal(lorax.forward(model, lora, ids), lorax.forward(model, None, ids))
 
 
 def test_init_rejects_bad_arguments(tmp_path):

@@ -108,6 +108,11 @@ def test_bf16_inputs_close_to_f32_reference():
     np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
     for g, w in zip(got[2], want[2], strict=True):
         _assert_close(g, w, rtol=1e-2)
+    # f32 activations meet a bf16 head in bf16 (no f32 copy of the head); each gradient
+    # keeps its input's dtype.
+    mixed = _loss_and_grads(chunked_cross_entropy, hidden, w16, labels, **kw)
+    np.testing.assert_allclose(mixed[0], got[0], rtol=1e-6)
+    assert mixed[2][0].dtype == jnp.float32 and mixed[2][1].dtype == jnp.bfloat16
 
 
 def test_batched_inputs_are_flattened():

@@ -27,18 +27,28 @@ CASES = {
     ),
     "llama-linear-rope-mlp-bias": (
         "llama",
-        dict(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0},
-             mlp_bias=True),
+        dict(
+            rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0},
+            mlp_bias=True,
+        ),
     ),
     "llama-dynamic-rope": (
         "llama",
-        dict(max_position_embeddings=24,
-             rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}),
+        dict(
+            max_position_embeddings=24,
+            rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0},
+        ),
     ),
     "llama-yarn-rope": (
         "llama",
-        dict(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0,
-                              "original_max_position_embeddings": 32}),
+        dict(
+            rope_parameters={
+                "rope_type": "yarn",
+                "factor": 4.0,
+                "rope_theta": 10000.0,
+                "original_max_position_embeddings": 32,
+            }
+        ),
     ),
     "mistral-window": ("mistral", dict(sliding_window=8)),
     "qwen2-bias": ("qwen2", dict(num_key_value_heads=4)),
@@ -75,7 +85,10 @@ def test_packed_segments_equal_separate_sequences(tmp_path, rng):
     segment_ids = np.concatenate([np.full(n, i + 1) for i, n in enumerate(lengths)])[None]
     positions = np.concatenate([np.arange(n) for n in lengths])[None]
     packed = lorax.forward(
-        model, None, jnp.asarray(ids), positions=jnp.asarray(positions),
+        model,
+        None,
+        jnp.asarray(ids),
+        positions=jnp.asarray(positions),
         segment_ids=jnp.asarray(segment_ids),
     )
     start = 0

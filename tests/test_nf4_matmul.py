@@ -152,12 +152,14 @@ def test_single_row_default_tiles(rng):
 
 
 def test_dequantize_kernel_is_bit_exact(rng):
-    """The decode (kernel) equals dequantize_nf4 bit for bit, numel % 64 != 0 included."""
+    """The decode kernel equals dequantize_nf4 bit for bit (numel % 64 != 0, stacked too)."""
     w_dq = quantize_nf4(jnp.asarray(rng.standard_normal((40, 192)), jnp.float32))
     w_odd = quantize_nf4(jnp.asarray(rng.standard_normal((7, 90)), jnp.float32), double_quant=False)
 
+    w_stacked = stack([w_dq, w_dq])  # [2, ...]: decoded in one launch
+
     def both(fn):
-        return fn(w_dq, jnp.bfloat16), fn(w_odd, jnp.float32)
+        return fn(w_dq, jnp.bfloat16), fn(w_odd, jnp.float32), fn(w_stacked, jnp.bfloat16)
 
     got = jax.jit(lambda: both(lambda w, d: nf4_dequantize(w, d, interpret=True, config=SMALL)))()
     want = jax.jit(lambda: both(dequantize_nf4))()

@@ -19,7 +19,7 @@ import lorax
 from lorax import demo
 from lorax.train import make_optimizer
 from lorax.train.step import StepConfig, init_train_state, make_train_step
-from lorax.train.trainer import Trainer, TrainConfig
+from lorax.train.trainer import TrainConfig, Trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -38,9 +38,7 @@ def _batch(rng, b, s, vocab):
 
 def test_accumulation_equals_one_big_batch(tiny, rng):
     lora = lorax.init_lora(tiny, rank=4, alpha=8, key=jax.random.key(3))
-    lora = lorax.LoraWeights(
-        jax.tree_util.tree_map(lambda x: x + 0.01, lora.params), lora.config
-    )
+    lora = lorax.LoraWeights(jax.tree_util.tree_map(lambda x: x + 0.01, lora.params), lora.config)
     # Plain SGD: the update is the gradient itself (Adam's g/sqrt(v) would amplify f32
     # rounding on near-zero gradients into visible differences).
     opt = optax.sgd(0.5)
@@ -52,8 +50,9 @@ def test_accumulation_equals_one_big_batch(tiny, rng):
     s2, m2 = step(init_train_state(lora, opt, key=jax.random.key(0)), two)
     np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-6)
     np.testing.assert_allclose(m1["grad_norm"], m2["grad_norm"], rtol=1e-5)
-    for a, b in zip(jax.tree_util.tree_leaves(s1.lora), jax.tree_util.tree_leaves(s2.lora),
-                    strict=True):
+    for a, b in zip(
+        jax.tree_util.tree_leaves(s1.lora), jax.tree_util.tree_leaves(s2.lora), strict=True
+    ):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8)
 
 
@@ -69,15 +68,25 @@ def test_nonfinite_step_is_skipped(tiny, rng):
     state, metrics = step(state, {k: v[None] for k, v in _batch(rng, 2, 16, 500).items()})
     assert not bool(metrics["finite"])
     assert int(state.step) == 1
-    for a, b in zip(jax.tree_util.tree_leaves(before), jax.tree_util.tree_leaves(state.lora.params),
-                    strict=True):
+    for a, b in zip(
+        jax.tree_util.tree_leaves(before), jax.tree_util.tree_leaves(state.lora.params), strict=True
+    ):
         np.testing.assert_array_equal(a, b)
 
 
 def test_trainer_logs_plots_and_checkpoints(tiny, tmp_path):
-    cfg = TrainConfig(output_dir=str(tmp_path), max_steps=6, batch_size=2, seq_len=64,
-                      learning_rate=3e-3, save_every=3, keep_checkpoints=1, eval_every=3,
-                      eval_batches=2, progress=False)
+    cfg = TrainConfig(
+        output_dir=str(tmp_path),
+        max_steps=6,
+        batch_size=2,
+        seq_len=64,
+        learning_rate=3e-3,
+        save_every=3,
+        keep_checkpoints=1,
+        eval_every=3,
+        eval_batches=2,
+        progress=False,
+    )
     data = str(lorax.data.demo_data_path())
     trainer = Trainer(tiny, lorax.init_lora(tiny, rank=4, alpha=8), data, cfg, eval_dataset=data)
     trainer.train()
@@ -91,9 +100,26 @@ def test_trainer_logs_plots_and_checkpoints(tiny, tmp_path):
 
 
 def _cli(out, *extra):
-    return [sys.executable, "-m", "lorax.cli", "train", "--model", "tiny", "--output-dir",
-            str(out), "--batch-size", "2", "--seq-len", "64", "--learning-rate", "3e-3",
-            "--no-progress", "--max-new-tokens", "0", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "lorax.cli",
+        "train",
+        "--model",
+        "tiny",
+        "--output-dir",
+        str(out),
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "64",
+        "--learning-rate",
+        "3e-3",
+        "--no-progress",
+        "--max-new-tokens",
+        "0",
+        *extra,
+    ]
 
 
 def _losses(out):
@@ -107,8 +133,9 @@ def test_sigkill_and_resume_gives_identical_losses(tmp_path):
     subprocess.run(_cli(straight, *args), check=True, env=env, capture_output=True)
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(_cli(killed, *args), env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        _cli(killed, *args), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 300
     ckpts = killed / "checkpoints"
     while time.time() < deadline:
@@ -126,10 +153,27 @@ def test_sigkill_and_resume_gives_identical_losses(tmp_path):
 def test_cli_default_runs_end_to_end(tmp_path):
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO}
     out = subprocess.run(
-        [sys.executable, "-m", "lorax.cli", "train", "--output-dir", str(tmp_path),
-         "--max-steps", "2", "--batch-size", "1", "--seq-len", "64", "--max-new-tokens", "3",
-         "--no-progress"],
-        check=True, env=env, capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "lorax.cli",
+            "train",
+            "--output-dir",
+            str(tmp_path),
+            "--max-steps",
+            "2",
+            "--batch-size",
+            "1",
+            "--seq-len",
+            "64",
+            "--max-new-tokens",
+            "3",
+            "--no-progress",
+        ],
+        check=True,
+        env=env,
+        capture_output=True,
+        text=True,
     )
     assert "sample before training" in out.stdout and "sample after training" in out.stdout
     adapter = tmp_path / "adapter"
@@ -138,9 +182,22 @@ def test_cli_default_runs_end_to_end(tmp_path):
 
 
 def test_cli_help_documents_every_option():
-    out = subprocess.run([sys.executable, "-m", "lorax.cli", "train", "--help"],
-                         capture_output=True, text=True, check=True,
-                         env={**os.environ, "PYTHONPATH": REPO})
-    for field in ("--max-steps", "--grad-accum-steps", "--remat", "--optimizer", "--config",
-                  "--model", "--data", "--rank", "--on-nonfinite"):
+    out = subprocess.run(
+        [sys.executable, "-m", "lorax.cli", "train", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONPATH": REPO},
+    )
+    for field in (
+        "--max-steps",
+        "--grad-accum-steps",
+        "--remat",
+        "--optimizer",
+        "--config",
+        "--model",
+        "--data",
+        "--rank",
+        "--on-nonfinite",
+    ):
         assert field in out.stdout

@@ -19,7 +19,11 @@ PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e1
 
 
 def train_flops_per_token(
-    config: Any, seq_len: int, *, remat: str = "none", lora_rank: int = 0,
+    config: Any,
+    seq_len: int,
+    *,
+    remat: str = "none",
+    lora_rank: int = 0,
     lora_targets: tuple[str, ...] = (),
 ) -> float:
     """Model FLOPs per trained token (fwd + input-grad bwd, + recompute with remat)."""

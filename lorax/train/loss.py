@@ -95,8 +95,9 @@ def chunked_cross_entropy(
     """Summed next-token cross-entropy, computed ``chunk_size`` tokens at a time.
 
     Args:
-      hidden: ``[T, D]`` final (already normalised) hidden states, bf16 or f32. Extra
-        leading axes (``[B, S, D]``) are flattened.
+      hidden: ``[T, D]`` final (already normalised) hidden states, bf16 or f32; cast to
+        ``lm_head``'s dtype for the matmul. Extra leading axes (``[B, S, D]``) are
+        flattened.
       lm_head: ``[V, D]`` output projection in Hugging Face layout (the tied embedding
         when embeddings are tied).
       labels: ``[T]`` int targets, already shifted (see :func:`shift_labels`);
@@ -158,16 +159,15 @@ def _plan_chunks(num_tokens: int, chunk_size: int) -> tuple[int, int]:
     return num_chunks, chunk
 
 
-def _compute_dtype(hidden: Array, lm_head: Array) -> jnp.dtype:
-    return jnp.result_type(hidden.dtype, lm_head.dtype)
-
-
 def _logits(hidden: Array, lm_head: Array, softcap: float | None) -> Array:
-    """``hidden @ lm_head.T`` accumulated and returned in f32, optionally soft-capped."""
-    dtype = _compute_dtype(hidden, lm_head)
+    """``hidden @ lm_head.T`` accumulated and returned in f32, optionally soft-capped.
+
+    The operands meet in ``lm_head``'s dtype: casting a few thousand hidden rows is cheap,
+    while promoting a bf16 ``[V, D]`` head to f32 would copy it at 4 bytes per entry.
+    """
     logits = jax.lax.dot_general(
-        hidden.astype(dtype),
-        lm_head.astype(dtype),
+        hidden.astype(lm_head.dtype),
+        lm_head,
         (((1,), (1,)), ((), ())),
         preferred_element_type=jnp.float32,
     )
@@ -231,22 +231,22 @@ def _chunked_bwd(
     The lm_head gradient is accumulated in f32 across chunks.
     """
     hidden, lm_head, labels, lse = residuals
-    dtype = _compute_dtype(hidden, lm_head)
-    w = lm_head.astype(dtype)
+    dtype = lm_head.dtype
 
     def step(d_w: Array, chunk: tuple[Array, Array, Array]) -> tuple[Array, Array]:
         h, y, chunk_lse = chunk
         h = h.astype(dtype)
-        z = _logits(h, w, softcap)
+        z = _logits(h, lm_head, softcap)
         valid = y != IGNORE_INDEX
         row_scale = jnp.where(valid, g * (1.0 + 2.0 * z_loss * chunk_lse), 0.0)
         probs = jnp.exp(z - chunk_lse[:, None])
+        # IGNORE_INDEX is negative, so masked rows match no column.
         is_target = jax.lax.broadcasted_iota(jnp.int32, z.shape, 1) == y[:, None]
-        d_z = probs * row_scale[:, None] - jnp.where(is_target & valid[:, None], g, 0.0)
+        d_z = probs * row_scale[:, None] - jnp.where(is_target, g, 0.0)
         if softcap is not None:
             d_z = d_z * (1.0 - jnp.square(z / softcap))
         d_z = d_z.astype(dtype)
-        d_h = jnp.dot(d_z, w, preferred_element_type=jnp.float32)
+        d_h = jnp.dot(d_z, lm_head, preferred_element_type=jnp.float32)
         d_w = d_w + jax.lax.dot_general(
             d_z, h, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32
         )

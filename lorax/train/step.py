@@ -144,14 +144,13 @@ def train_step(
 
     updates, opt_state = optimizer.update(grads.params, state.opt_state, state.lora.params)
     params = optax.apply_updates(state.lora.params, updates)
-    new = TrainState(
-        LoraWeights(params, state.lora.config), opt_state, state.step + 1, key
-    )
+    new = TrainState(LoraWeights(params, state.lora.config), opt_state, state.step + 1, key)
     if config.skip_nonfinite:
         # Keep the old adapters and moments, but advance step and RNG so a skipped batch is
         # not retried forever and resume stays exact.
         kept = jax.tree_util.tree_map(
-            lambda n, o: jnp.where(finite, n, o), (new.lora, new.opt_state),
+            lambda n, o: jnp.where(finite, n, o),
+            (new.lora, new.opt_state),
             (state.lora, state.opt_state),
         )
         new = TrainState(kept[0], kept[1], new.step, key)

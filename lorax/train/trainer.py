@@ -29,7 +29,6 @@ from lorax.train.optim import make_optimizer, make_schedule
 from lorax.train.plot import write_loss_curve
 from lorax.train.step import (
     StepConfig,
-    TrainState,
     init_train_state,
     make_eval_step,
     make_train_step,
@@ -47,8 +46,9 @@ def _opt(default: Any, help: str) -> Any:
 class TrainConfig:
     """Everything a run is configured by; the CLI's options are these fields and their help."""
 
-    output_dir: str = dataclasses.field(metadata={"help": "where metrics, plots, checkpoints "
-                                                  "and the adapter go"})
+    output_dir: str = dataclasses.field(
+        metadata={"help": "where metrics, plots, checkpoints and the adapter go"}
+    )
     max_steps: int = _opt(100, "optimizer steps to train for")
     batch_size: int = _opt(4, "rows per micro-batch")
     grad_accum_steps: int = _opt(1, "micro-batches per optimizer step")
@@ -115,11 +115,16 @@ class Trainer:
         self.loader = self._loader(dataset, shuffle=True)
         self.eval_loader = self._loader(eval_dataset, shuffle=False) if eval_dataset else None
         self.schedule = make_schedule(
-            config.lr_schedule, config.learning_rate, config.max_steps, config.warmup_steps,
+            config.lr_schedule,
+            config.learning_rate,
+            config.max_steps,
+            config.warmup_steps,
             config.min_lr_ratio,
         )
         self.optimizer = make_optimizer(
-            config.optimizer, self.schedule, weight_decay=config.weight_decay,
+            config.optimizer,
+            self.schedule,
+            weight_decay=config.weight_decay,
             max_grad_norm=config.max_grad_norm,
         )
         self.step_config = StepConfig(
@@ -162,8 +167,9 @@ class Trainer:
         stacked = {}
         for key in micro[0]:
             rows = [
-                np.pad(m[key], ((0, 0), (0, width - m[key].shape[1])),
-                       constant_values=pads.get(key, 0))
+                np.pad(
+                    m[key], ((0, 0), (0, width - m[key].shape[1])), constant_values=pads.get(key, 0)
+                )
                 for m in micro
             ]
             stacked[key] = np.stack(rows)
@@ -179,8 +185,11 @@ class Trainer:
         step_fn = make_train_step(self.model, self.optimizer, self.step_config)
         eval_fn = make_eval_step(self.model, self.step_config)
         flops_per_token = train_flops_per_token(
-            self.model.config, cfg.seq_len, remat=cfg.remat,
-            lora_rank=self.state.lora.config.rank, lora_targets=self.state.lora.config.targets,
+            self.model.config,
+            cfg.seq_len,
+            remat=cfg.remat,
+            lora_rank=self.state.lora.config.rank,
+            lora_targets=self.state.lora.config.targets,
         )
         peak = device_peak_flops()
         batches = self.loader.forever()
@@ -225,9 +234,7 @@ class Trainer:
                 metrics_file.write(json.dumps(record) + "\n")
                 metrics_file.flush()
                 bar.update(1)
-                bar.set_postfix(
-                    loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}"
-                )
+                bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
                 if cfg.save_every and (step % cfg.save_every == 0 or step == cfg.max_steps):
                     self._save(step)
         bar.close()
@@ -286,6 +293,10 @@ def _progress(total: int, initial: int, *, enabled: bool) -> Any:
     from tqdm.auto import tqdm
 
     return tqdm(
-        total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True,
+        total=total,
+        initial=initial,
+        disable=not enabled,
+        unit="step",
+        dynamic_ncols=True,
         smoothing=0.1 if not math.isinf(total) else 0.3,
     )

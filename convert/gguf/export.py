@@ -1,0 +1,128 @@
+"""``export_gguf``: a lorax model, its LoRA merged in, as a GGUF file llama.cpp runs.
+
+Each tensor is produced when the writer reaches it: its base weight is sliced from the
+stacked pytree (NF4 dequantized), the adapter merged in float32 (``W + scale·B·A``, the
+same merge as ``save_merged``), the query/key rows reordered for llama.cpp's rope, and the
+result encoded in the type llama.cpp's quantizer would pick for it. Only the tensor being
+written exists outside the model, so an export needs little memory beyond the model itself.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from convert.gguf.format import KV, GGUFError, TensorType, string
+from convert.gguf.layout import (
+    ROPE_FREQS,
+    Arch,
+    arch_for_export,
+    gguf_name,
+    rope_heads,
+    to_gguf_rope_rows,
+)
+from convert.gguf.metadata import llama3_rope_factors, model_metadata
+from convert.gguf.quants import ModelShape, Scheme, encode, scheme, tensor_type
+from convert.gguf.tokenizer import tokenizer_metadata
+from convert.gguf.writer import TensorPlan, write_gguf
+from convert.merged import _adapters, _merged
+from convert.names import TensorSpec, tensor_specs
+
+
+def export_gguf(
+    model: Any,
+    lora: Any,
+    path: str | os.PathLike[str],
+    quant: str = "f16",
+    *,
+    name: str | None = None,
+) -> None:
+    """Writes ``model`` with ``lora`` merged in (``lora`` may be None) as a GGUF v3 file.
+
+    ``quant`` is one of ``convert.gguf.quants.SCHEMES``: ``f32``, ``f16``, ``bf16``,
+    ``q8_0``, ``q4_0``, ``q4_1``, ``q5_0``, ``q5_1``, ``q4_k_m``, ``q5_k_m``, ``q6_k``. The
+    quantized schemes give each tensor the type ``llama-quantize`` would. ``name`` is
+    ``general.name`` (default: the tokenizer's source, else the model type). The file is
+    written atomically: on any error no file (and no partial file) is left at ``path``.
+    """
+    chosen = scheme(quant)
+    config = model.config
+    arch = arch_for_export(config.model_type)
+    adapters, lora_scale = _adapters(config, lora)
+    metadata = model_metadata(config, arch, chosen.file_type, name or _default_name(model))
+    metadata.update(_tokenizer_keys(model.tokenizer, config.vocab_size))
+    plans = list(_plans(model, adapters, lora_scale, arch, chosen))
+    write_gguf(path, metadata, plans)
+
+
+def _default_name(model: Any) -> str:
+    source = getattr(model.tokenizer, "name_or_path", None)
+    return os.path.basename(os.path.normpath(source)) if source else model.config.model_type
+
+
+def _tokenizer_keys(tokenizer: Any, vocab_size: int) -> dict[str, KV]:
+    if tokenizer is None:
+        warnings.warn("the model has no tokenizer: the GGUF gets none, and llama.cpp can only "
+                      "run it on token ids", stacklevel=3)
+        return {"tokenizer.ggml.model": string("none")}
+    return tokenizer_metadata(tokenizer, vocab_size)
+
+
+def _plans(
+    model: Any, adapters: Mapping[str, Any], lora_scale: float, arch: Arch, s: Scheme
+) -> Iterator[TensorPlan]:
+    config = model.config
+    shape = ModelShape(arch.name, config.num_layers, config.num_heads, config.num_kv_heads,
+                       config.tie_word_embeddings)
+    specs = list(tensor_specs(config))
+    placed = [(spec, None) for spec in specs if not spec.per_layer]
+    placed += [(spec, i) for i in range(config.num_layers) for spec in specs if spec.per_layer]
+    for spec, layer in placed:
+        name = gguf_name(spec.path, layer)
+        ttype = tensor_type(s, name, spec.shape, shape)
+        produce = functools.partial(
+            _encode_param, model.params, spec, layer, adapters, lora_scale,
+            rope_heads(arch, config, spec.path), ttype, name,
+        )
+        yield TensorPlan(name, spec.shape, ttype, produce)
+    if config.rope.type == "llama3":
+        rope = config.rope
+        factors = llama3_rope_factors(
+            rope.theta, config.head_dim, rope.factor, rope.low_freq_factor,
+            rope.high_freq_factor, rope.original_max_position_embeddings,
+        )
+        yield TensorPlan(ROPE_FREQS, factors.shape, TensorType.F32, lambda: factors)
+
+
+def _encode_param(
+    params: Mapping[str, Any],
+    spec: TensorSpec,
+    layer: int | None,
+    adapters: Mapping[str, Any],
+    lora_scale: float,
+    heads: int | None,
+    ttype: TensorType,
+    name: str,
+) -> np.ndarray:
+    value: Any = params
+    for key in spec.path:
+        value = value[key]
+    a = b = None
+    if layer is not None:
+        value = jax.tree.map(lambda x: x[layer], value)
+        adapter = adapters.get(spec.path[1]) if spec.path[-1] == "weight" else None
+        if adapter is not None:
+            a, b = adapter["lora_a"][layer], adapter["lora_b"][layer]
+    weight = _merged(value, a, b, lora_scale, jnp.float32)
+    if not bool(jnp.isfinite(weight).all()):
+        raise GGUFError(f"tensor {name!r} has non-finite values; refusing to export it")
+    if heads is not None:
+        weight = to_gguf_rope_rows(weight, heads)
+    return encode(weight.reshape(-1, weight.shape[-1]), ttype)

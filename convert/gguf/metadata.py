@@ -1,0 +1,288 @@
+"""Model hyper-parameters ↔ GGUF metadata, as llama.cpp writes and reads them.
+
+Export writes the keys llama.cpp's converter writes for a Llama-family model, typed as
+llama.cpp reads them. Import inverts that into a Hugging Face style ``config.json`` dict
+(lorax turns it into a ``ModelConfig``; this package never imports lorax).
+
+RoPE scaling is where the formats differ most. Linear and YaRN scaling are metadata keys.
+Llama 3's scaling is not: llama.cpp's converter stores it as ``rope_freqs.weight``, one
+divisor per frequency, which import turns back into Llama 3's four parameters. Dynamic NTK
+scaling has no llama.cpp counterpart; it only acts beyond the training context, so within
+that context the file computes the same model, and export says so in a warning.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import numpy as np
+from gguf import GGML_QUANT_VERSION
+
+from convert.gguf.format import KV, GGUFError, ValueType, array, f32, string, u32
+from convert.gguf.layout import ROPE_FREQS, Arch, arch_named
+from convert.gguf.reader import GGUFFile
+
+
+def model_metadata(config: Any, arch: Arch, file_type: int, name: str) -> dict[str, KV]:
+    """The ``general.*`` and ``{arch}.*`` keys describing ``config``."""
+    a = arch.name
+    kv: dict[str, KV] = {
+        "general.architecture": string(a),
+        "general.type": string("model"),
+        "general.name": string(name),
+        "general.file_type": u32(file_type),
+        "general.quantization_version": u32(GGML_QUANT_VERSION),
+        f"{a}.vocab_size": u32(config.vocab_size),
+        f"{a}.context_length": u32(config.max_position_embeddings),
+        f"{a}.embedding_length": u32(config.hidden_size),
+        f"{a}.block_count": u32(config.num_layers),
+        f"{a}.feed_forward_length": u32(config.intermediate_size),
+        f"{a}.attention.head_count": u32(config.num_heads),
+        f"{a}.attention.head_count_kv": u32(config.num_kv_heads),
+        f"{a}.attention.key_length": u32(config.head_dim),
+        f"{a}.attention.value_length": u32(config.head_dim),
+        f"{a}.attention.layer_norm_rms_epsilon": f32(config.rms_norm_eps),
+        f"{a}.rope.dimension_count": u32(config.head_dim),
+        f"{a}.rope.freq_base": f32(config.rope.theta),
+    }
+    kv.update(_rope_scaling(config, a))
+    kv.update(_sliding_window(config, a))
+    return kv
+
+
+def _rope_scaling(config: Any, a: str) -> dict[str, KV]:
+    rope = config.rope
+    if rope.type == "linear":
+        return {f"{a}.rope.scaling.type": string("linear"),
+                f"{a}.rope.scaling.factor": f32(rope.factor)}
+    if rope.type == "yarn":
+        if not rope.truncate:
+            raise GGUFError("YaRN with truncate=False has no llama.cpp counterpart")
+        kv = {
+            f"{a}.rope.scaling.type": string("yarn"),
+            f"{a}.rope.scaling.factor": f32(rope.factor),
+            f"{a}.rope.scaling.original_context_length": u32(
+                rope.original_max_position_embeddings
+            ),
+            f"{a}.rope.scaling.yarn_beta_fast": f32(rope.beta_fast),
+            f"{a}.rope.scaling.yarn_beta_slow": f32(rope.beta_slow),
+        }
+        # llama.cpp scales attention by YaRN's default mscale, times this factor.
+        extra = yarn_attention_factor(rope) / _mscale(rope.factor)
+        if not math.isclose(extra, 1.0, rel_tol=1e-7):
+            kv[f"{a}.rope.scaling.attn_factor"] = f32(extra)
+        return kv
+    if rope.type == "dynamic":
+        warnings.warn(
+            "llama.cpp has no dynamic-NTK RoPE scaling: the GGUF computes the same model up to "
+            f"{config.max_position_embeddings} tokens and does not extend beyond it",
+            stacklevel=3,
+        )
+    return {}  # "default"; "llama3" travels as the rope_freqs tensor
+
+
+def _sliding_window(config: Any, a: str) -> dict[str, KV]:
+    windows = [int(w) for w in config.layer_windows]
+    sizes = sorted(set(windows) - {0})
+    if not sizes:
+        return {}
+    if len(sizes) > 1:
+        raise GGUFError(f"layers use several sliding windows {sizes}; GGUF records one")
+    if sizes[0] < config.max_position_embeddings:
+        warnings.warn(
+            f"llama.cpp's {a} architecture has no sliding-window attention: it attends over "
+            f"the whole context, so outputs differ from this model beyond {sizes[0]} tokens",
+            stacklevel=3,
+        )
+    # Recorded so the model reads back as it was; llama.cpp ignores it for this architecture.
+    return {
+        f"{a}.attention.sliding_window": u32(sizes[0]),
+        f"{a}.attention.sliding_window_pattern": array(
+            ValueType.BOOL, [w != 0 for w in windows]
+        ),
+    }
+
+
+# ------------------------------------------------------------------------------- RoPE
+
+
+def _mscale(factor: float, m: float = 1.0) -> float:
+    return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
+
+
+def yarn_attention_factor(rope: Any) -> float:
+    """The attention scale HF's YaRN applies to cos/sin (as transformers computes it)."""
+    if rope.attention_factor is not None:
+        return float(rope.attention_factor)
+    if rope.mscale and rope.mscale_all_dim:
+        return _mscale(rope.factor, rope.mscale) / _mscale(rope.factor, rope.mscale_all_dim)
+    return _mscale(rope.factor)
+
+
+def _inv_freq(theta: float, head_dim: int) -> np.ndarray:
+    return 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+
+
+def llama3_rope_factors(
+    theta: float,
+    head_dim: int,
+    factor: float,
+    low_freq_factor: float,
+    high_freq_factor: float,
+    original_max_position_embeddings: int,
+) -> np.ndarray:
+    """``rope_freqs.weight``: the divisor of each frequency under Llama 3 scaling."""
+    wavelen = 2 * math.pi / _inv_freq(theta, head_dim)
+    old = original_max_position_embeddings
+    with np.errstate(divide="ignore", invalid="ignore"):
+        smooth = (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+        medium = 1.0 / ((1 - smooth) / factor + smooth)
+    factors = np.where(
+        wavelen < old / high_freq_factor,
+        1.0,
+        np.where(wavelen > old / low_freq_factor, factor, medium),
+    )
+    return factors.astype(np.float32)
+
+
+def _llama3_from_factors(factors: np.ndarray, theta: float, head_dim: int, source: str) -> dict:
+    """Llama 3 parameters that reproduce ``factors`` (their inverse map).
+
+    The factors fix ``factor`` (the largest) and, in the band between the high- and low-
+    frequency ends, a line ``smooth = a·freq + b``; every parameter set with the same line
+    gives the same frequencies, so we return the one with ``low_freq_factor = 1``.
+    """
+    f = factors.astype(np.float64)
+    freq = _inv_freq(theta, head_dim)
+    factor = float(f.max())
+    tol = 1e-5 * factor
+    medium = (f > 1 + tol) & (f < factor - tol)
+    if factor <= 1 + tol or medium.sum() < 2 or ((f > 1 + tol) & ~medium).sum() == 0:
+        raise GGUFError(f"{source}: {ROPE_FREQS} does not describe Llama 3 RoPE scaling")
+    smooth = (1 / f[medium] - 1 / factor) / (1 - 1 / factor)
+    a, b = np.polyfit(freq[medium], smooth, 1)
+    high = 1 - 1 / b
+    old = -2 * math.pi * a / b
+    params = dict(factor=factor, low_freq_factor=1.0, high_freq_factor=float(high),
+                  original_max_position_embeddings=int(round(old)))
+    # Tidy values that were round numbers before float32 storage (8192, 4.0, 8.0).
+    for key in ("factor", "high_freq_factor"):
+        if math.isclose(params[key], round(params[key]), rel_tol=1e-5):
+            params[key] = float(round(params[key]))
+    again = llama3_rope_factors(theta, head_dim, **params)
+    if not np.allclose(again, factors, rtol=1e-4, atol=1e-6):
+        raise GGUFError(f"{source}: {ROPE_FREQS} does not describe Llama 3 RoPE scaling")
+    return params
+
+
+# ----------------------------------------------------------------------------- import
+
+
+def config_from_gguf(f: GGUFFile) -> dict[str, Any]:
+    """A Hugging Face ``config.json`` dict for the model in ``f``."""
+    arch = arch_named(f.architecture, f.path)
+    a = arch.name
+
+    def key(name: str, default: Any = None, required: bool = False) -> Any:
+        value = f.require(f"{a}.{name}") if required else f.get(f"{a}.{name}", default)
+        if isinstance(value, np.ndarray):  # some files give per-layer values
+            if value.size == 0 or (value != value.flat[0]).any():
+                raise GGUFError(f"{f.path}: per-layer {a}.{name} = {value.tolist()} is not "
+                                "supported (lorax needs one value for all layers)")
+            value = value.flat[0].item()
+        return value
+
+    hidden = int(key("embedding_length", required=True))
+    heads = int(key("attention.head_count", required=True))
+    layers = int(key("block_count", required=True))
+    head_dim = int(key("attention.key_length", hidden // heads))
+    for other in ("attention.value_length", "rope.dimension_count"):
+        if int(key(other, head_dim)) != head_dim:
+            raise GGUFError(f"{f.path}: {a}.{other}={key(other)} differs from the head size "
+                            f"{head_dim}; lorax supports neither partial rotary nor distinct "
+                            "value heads")
+    tokens = f.get("tokenizer.ggml.tokens")
+    vocab = key("vocab_size") or (len(tokens) if tokens is not None else None)
+    if vocab is None and "token_embd.weight" in f:
+        vocab = f.tensors["token_embd.weight"].shape[0]
+    hf: dict[str, Any] = {
+        "model_type": arch.model_type,
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "intermediate_size": key("feed_forward_length", required=True),
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": int(key("attention.head_count_kv", heads)),
+        "head_dim": head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": float(key("attention.layer_norm_rms_epsilon", 1e-5)),
+        "max_position_embeddings": int(key("context_length", 2048)),
+        "tie_word_embeddings": "output.weight" not in f,
+        "bos_token_id": f.get("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": f.get("tokenizer.ggml.eos_token_id"),
+        "pad_token_id": f.get("tokenizer.ggml.padding_token_id"),
+    }
+    if arch.name == "llama":
+        hf["attention_bias"] = "blk.0.attn_q.bias" in f
+        hf["mlp_bias"] = "blk.0.ffn_gate.bias" in f
+    hf.update(_rope_from_gguf(f, a, head_dim, float(key("rope.freq_base", 10000.0))))
+    hf.update(_window_from_gguf(f, a, layers))
+    return hf
+
+
+def _rope_from_gguf(f: GGUFFile, a: str, head_dim: int, theta: float) -> dict[str, Any]:
+    scaling_type = f.get(f"{a}.rope.scaling.type", "none")
+    # Older files give only the linear factor, under its old key.
+    factor = f.get(f"{a}.rope.scaling.factor", f.get(f"{a}.rope.scale_linear"))
+    params: dict[str, Any] = {}
+    if scaling_type == "linear" or (scaling_type == "none" and factor not in (None, 0, 1)):
+        params = {"rope_type": "linear", "factor": float(factor)}
+    elif scaling_type == "yarn":
+        factor = float(factor)
+        params = {
+            "rope_type": "yarn",
+            "factor": factor,
+            "original_max_position_embeddings": int(
+                f.get(f"{a}.rope.scaling.original_context_length",
+                      f.get(f"{a}.context_length", 2048))
+            ),
+            "beta_fast": float(f.get(f"{a}.rope.scaling.yarn_beta_fast", 32.0)),
+            "beta_slow": float(f.get(f"{a}.rope.scaling.yarn_beta_slow", 1.0)),
+        }
+        extra = f.get(f"{a}.rope.scaling.attn_factor")
+        if extra is not None and not math.isclose(extra, 1.0, rel_tol=1e-6):
+            params["attention_factor"] = float(extra) * _mscale(factor)
+    elif scaling_type not in ("none", "linear"):
+        raise GGUFError(f"{f.path}: unsupported RoPE scaling type {scaling_type!r}")
+    if ROPE_FREQS in f:
+        if params:
+            raise GGUFError(f"{f.path}: both {ROPE_FREQS} and {scaling_type} RoPE scaling")
+        factors = f.tensor(ROPE_FREQS)
+        if not np.allclose(factors, 1.0):
+            params = {"rope_type": "llama3",
+                      **_llama3_from_factors(factors, theta, head_dim, f.path)}
+    out: dict[str, Any] = {"rope_theta": theta}
+    if params:
+        out["rope_scaling"] = params
+    return out
+
+
+def _window_from_gguf(f: GGUFFile, a: str, layers: int) -> dict[str, Any]:
+    window = f.get(f"{a}.attention.sliding_window")
+    if not window:
+        return {}
+    pattern = f.get(f"{a}.attention.sliding_window_pattern")
+    sliding = [bool(x) for x in pattern] if pattern is not None else [True] * layers
+    if len(sliding) != layers:
+        raise GGUFError(f"{f.path}: {a}.attention.sliding_window_pattern has {len(sliding)} "
+                        f"entries for {layers} layers")
+    if a == "llama":  # a llama-architecture file with a window is a Mistral
+        return {"model_type": "mistral", "sliding_window": int(window)}
+    return {
+        "use_sliding_window": True,
+        "sliding_window": int(window),
+        "layer_types": ["sliding_attention" if s else "full_attention" for s in sliding],
+    }
+
