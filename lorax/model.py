@@ -126,6 +126,7 @@ def _decoder_layer(
     k = linear("k_proj", x).reshape(b, s, config.num_kv_heads, config.head_dim)
     v = linear("v_proj", x).reshape(b, s, config.num_kv_heads, config.head_dim)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    q, k, v = remat_lib.name(q, "query"), remat_lib.name(k, "key"), remat_lib.name(v, "value")
 
     def attend(window: int) -> Array:
         return flash_attention(

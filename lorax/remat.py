@@ -13,9 +13,12 @@ from typing import Any
 import jax
 from jax.ad_checkpoint import checkpoint_name
 
-# Intermediates the forward names: cheap to keep (rank-r or one [B, S, H*D] tensor per layer)
-# and expensive to recompute (attention is the one op whose recompute costs O(S^2)).
-SELECTIVE_SAVES = ("attention_out", "query")
+from pallas_kernels.flash_attention import save_forward_residuals
+
+# Intermediates the forward names. "selective" keeps the attention inputs and output (with
+# GQA, q + k + v + out are ~2.5 x [B, S, D] per layer) so the backward recomputes only the
+# norms and the MLP, never the O(S^2) attention or the q/k/v projections.
+SELECTIVE_SAVES = ("query", "key", "value", "attention_out")
 
 POLICIES = ("none", "full", "selective", "offload")
 
@@ -33,7 +36,11 @@ def policy(kind: str) -> Callable[..., Any] | None:
     if kind == "full":
         return cp.nothing_saveable
     if kind == "selective":
-        return cp.save_only_these_names(*SELECTIVE_SAVES)
+        # Names cannot reach inside the attention kernel's custom_vjp: its own residuals
+        # (output and logsumexp) are kept by a primitive-level policy beside the names.
+        return cp.save_from_both_policies(
+            cp.save_only_these_names(*SELECTIVE_SAVES), save_forward_residuals
+        )
     if kind == "offload":
         # The layer's input (the residual stream, scan's carry) is what a fully
         # rematerialised layer saves; keep it in pinned host memory instead of HBM.

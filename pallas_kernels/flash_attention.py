@@ -66,6 +66,8 @@ def resolve_impl(impl: str | None, interpret: bool | None) -> tuple[Impl, bool]:
     """``(impl, interpret)`` after the package-wide rules of ``pallas_kernels._backend.choose``
     (kernel on GPU, reference elsewhere, ``interpret=True`` forces the interpreted kernel),
     plus this op's extra ``impl="cudnn"``."""
+    if impl not in (None, "pallas", "reference", "cudnn"):
+        raise ValueError(f"impl must be None, 'pallas', 'reference' or 'cudnn'; got {impl!r}")
     if impl == "cudnn":
         if interpret:
             raise ValueError("impl='cudnn' runs no Pallas kernel; interpret=True is meaningless")

@@ -363,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default=None, help="write all rows and metadata here")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--budget-s", type=float, default=220.0, help="stop starting new rows")
+    parser.add_argument("--budget-s", type=float, default=200.0, help="stop starting new rows")
     parser.add_argument("--verbose", action="store_true", help="print tracebacks of failures")
     opts = parser.parse_args(argv)
     opts.t0 = time.perf_counter()

@@ -10,7 +10,8 @@ reset_peak_memory_stats at the start of each shape. Each system runs in its own 
 
 Systems (--systems):
   hf_peft_bnb   transformers + PEFT + bitsandbytes NF4 (double quant, compute bf16), sdpa,
-                gradient_checkpointing_enable(use_reentrant=False), no prepare_model_for_kbit_training
+                gradient_checkpointing_enable(use_reentrant=False), no
+                prepare_model_for_kbit_training
   unsloth       FastLanguageModel 4-bit, get_peft_model(use_gradient_checkpointing="unsloth"),
                 for_training
   hf_peft_bf16, unsloth_bf16   the same without quantization (also what --no-quant selects)
@@ -39,6 +40,7 @@ CPU smoke test (no bitsandbytes needed):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import math
@@ -70,17 +72,36 @@ def _use_site() -> None:
 
 _use_site()
 # No network on the device: keep every library from trying the hub.
-for _k, _v in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
-               "UNSLOTH_DISABLE_STATISTICS": "1", "TOKENIZERS_PARALLELISM": "false"}.items():
+for _k, _v in {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "UNSLOTH_DISABLE_STATISTICS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}.items():
     os.environ.setdefault(_k, _v)
 
 LLAMA31_8B = dict(
-    vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-    num_attention_heads=32, num_key_value_heads=8, head_dim=128, rope_theta=500000.0,
-    rms_norm_eps=1e-5, max_position_embeddings=8192,
+    vocab_size=128256,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=128,
+    rope_theta=500000.0,
+    rms_norm_eps=1e-5,
+    max_position_embeddings=8192,
 )
-TINY = dict(LLAMA31_8B, hidden_size=256, intermediate_size=768, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, head_dim=64)
+TINY = dict(
+    LLAMA31_8B,
+    hidden_size=256,
+    intermediate_size=768,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=64,
+)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SYSTEMS = {  # name -> (family, 4-bit)
     "hf_peft_bnb": ("hf", True),
@@ -101,17 +122,29 @@ def model_config(tiny: bool) -> dict:
     """config.json of the benchmark model (legacy rope_theta form; transformers 5 converts it)."""
     c = TINY if tiny else LLAMA31_8B
     return dict(
-        architectures=["LlamaForCausalLM"], model_type="llama", torch_dtype="bfloat16",
-        hidden_act="silu", attention_bias=False, attention_dropout=0.0, mlp_bias=False,
-        initializer_range=0.02, pretraining_tp=1, rope_scaling=None, tie_word_embeddings=False,
-        use_cache=True, bos_token_id=128000, eos_token_id=128001, **c,
+        architectures=["LlamaForCausalLM"],
+        model_type="llama",
+        torch_dtype="bfloat16",
+        hidden_act="silu",
+        attention_bias=False,
+        attention_dropout=0.0,
+        mlp_bias=False,
+        initializer_range=0.02,
+        pretraining_tp=1,
+        rope_scaling=None,
+        tie_word_embeddings=False,
+        use_cache=True,
+        bos_token_id=128000,
+        eos_token_id=128001,
+        **c,
     )
 
 
 def tensor_shapes(cfg: dict) -> list[tuple[str, tuple[int, ...]]]:
     """HF Llama parameter names and shapes, in checkpoint order."""
     d, i, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
-    q, kv = cfg["num_attention_heads"] * cfg["head_dim"], cfg["num_key_value_heads"] * cfg["head_dim"]
+    q = cfg["num_attention_heads"] * cfg["head_dim"]
+    kv = cfg["num_key_value_heads"] * cfg["head_dim"]
     out = [("model.embed_tokens.weight", (v, d))]
     for n in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{n}."
@@ -134,8 +167,12 @@ def write_tokenizer(path: str, vocab_size: int) -> None:
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    special = {128000: "<|begin_of_text|>", 128001: "<|end_of_text|>",
-               128004: "<|finetune_right_pad_id|>", 128009: "<|eot_id|>"}
+    special = {
+        128000: "<|begin_of_text|>",
+        128001: "<|end_of_text|>",
+        128004: "<|finetune_right_pad_id|>",
+        128009: "<|eot_id|>",
+    }
     vocab = {}
     for n in range(vocab_size):
         if n >= 128000:
@@ -145,8 +182,12 @@ def write_tokenizer(path: str, vocab_size: int) -> None:
     tok = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=special[128000], eos_token=special[128001],
-        pad_token=special[128004], unk_token="t0", model_max_length=8192,
+        tokenizer_object=tok,
+        bos_token=special[128000],
+        eos_token=special[128001],
+        pad_token=special[128004],
+        unk_token="t0",
+        model_max_length=8192,
     )
     fast.save_pretrained(path)
 
@@ -212,8 +253,14 @@ def ensure_checkpoint(path: str, tiny: bool, deadline: float) -> None:
         print(f"checkpoint: reusing {path}", flush=True)
         return
     t0 = time.perf_counter()
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", "make-model",
-           "--model-dir", path] + (["--tiny"] if tiny else [])
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--worker",
+        "make-model",
+        "--model-dir",
+        path,
+    ] + (["--tiny"] if tiny else [])
     rc, _ = run_worker(cmd, deadline, tag="make-model")
     if rc or not checkpoint_ready(path, tiny):
         raise RuntimeError(f"writing the checkpoint to {path} failed (rc={rc})")
@@ -222,17 +269,25 @@ def ensure_checkpoint(path: str, tiny: bool, deadline: float) -> None:
 
 # -------------------------------------------------------------------------------------- loading
 
+TIMES: dict[str, float] = {}  # seconds since START at which imports / loading finished
+
 
 def versions() -> dict:
     from importlib import metadata
 
     out = {}
-    for pkg in ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "unsloth",
-                "unsloth_zoo", "triton"):
-        try:
+    for pkg in (
+        "torch",
+        "transformers",
+        "peft",
+        "accelerate",
+        "bitsandbytes",
+        "unsloth",
+        "unsloth_zoo",
+        "triton",
+    ):
+        with contextlib.suppress(metadata.PackageNotFoundError):
             out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            pass
     return out
 
 
@@ -242,36 +297,54 @@ def load_hf(path: str, quant: bool):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    cuda = torch.cuda.is_available()
+    TIMES["import_s"] = time.perf_counter() - START
     kwargs = dict(dtype=torch.bfloat16, attn_implementation="sdpa")
     if quant:
         kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16,
         )
-    if cuda:
+    if torch.cuda.is_available():
         kwargs["device_map"] = {"": 0}
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    lora = LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS,
-                      bias="none", task_type="CAUSAL_LM")
+    lora = LoraConfig(
+        r=16,
+        lora_alpha=16,
+        lora_dropout=0.0,
+        target_modules=TARGETS,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
     model = get_peft_model(model, lora)
     model.train()  # from_pretrained returns eval mode, where checkpointing is off
     return model
 
 
 def load_unsloth(path: str, quant: bool, max_seq_length: int):
-    """Unsloth's documented QLoRA recipe (h200-baselines.md section 1)."""
-    import unsloth  # noqa: F401  (must come before transformers / peft)
+    """Unsloth's QLoRA recipe as in h200-baselines.md section 1."""
     import torch
+    import unsloth  # noqa: F401  (before transformers / peft, so it can patch them)
     from unsloth import FastLanguageModel
 
+    TIMES["import_s"] = time.perf_counter() - START
     model, _tokenizer = FastLanguageModel.from_pretrained(
-        path, max_seq_length=max_seq_length, dtype=torch.bfloat16, load_in_4bit=quant,
+        path,
+        max_seq_length=max_seq_length,
+        dtype=torch.bfloat16,
+        load_in_4bit=quant,
     )
     model = FastLanguageModel.get_peft_model(
-        model, r=16, target_modules=TARGETS, lora_alpha=16, lora_dropout=0, bias="none",
-        use_gradient_checkpointing="unsloth", random_state=3407,
+        model,
+        r=16,
+        target_modules=TARGETS,
+        lora_alpha=16,
+        lora_dropout=0,
+        bias="none",
+        use_gradient_checkpointing="unsloth",
+        random_state=3407,
     )
     FastLanguageModel.for_training(model)
     return model
@@ -280,15 +353,18 @@ def load_unsloth(path: str, quant: bool, max_seq_length: int):
 def load_system(system: str, path: str, max_seq_length: int):
     family, quant = SYSTEMS[system]
     if family == "unsloth":
-        return load_unsloth(path, quant, max_seq_length)
-    return load_hf(path, quant)
+        model = load_unsloth(path, quant, max_seq_length)
+    else:
+        model = load_hf(path, quant)
+    TIMES["loaded_s"] = time.perf_counter() - START
+    return model
 
 
 def system_config(system: str) -> str:
     family, quant = SYSTEMS[system]
-    lora = "LoRA r16 a16 d0 q,k,v,o,gate,up,down (f32); torch AdamW lr 1e-4"
+    lora = "LoRA r16 a16 d0 q,k,v,o,gate,up,down (f32); torch AdamW lr 1e-4 wd 0"
     if family == "hf":
-        base = ("bnb NF4 double-quant, compute bf16" if quant else "bf16 base")
+        base = "bnb NF4 double-quant, compute bf16" if quant else "bf16 base"
         return f"transformers+PEFT, {base}, sdpa, grad ckpt use_reentrant=False; {lora}"
     base = "load_in_4bit" if quant else "16-bit (load_in_4bit=False)"
     return f"unsloth FastLanguageModel {base}, gc='unsloth', for_training; {lora}"
@@ -304,8 +380,10 @@ def set_unsloth_max_seq_length(model, seq: int) -> None:
 # ------------------------------------------------------------------------------------- stepping
 
 
-def device_of(model):
-    return next(p.device for p in model.parameters())
+def compute_device():
+    import torch
+
+    return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def sync(device) -> None:
@@ -323,6 +401,7 @@ def make_optimizer(model):
 
 
 def make_batches(b: int, s: int, vocab: int, device, n: int = 4) -> list:
+    """n fixed random batches, the same for every system (so step-0 losses must agree)."""
     import torch
 
     gen = torch.Generator().manual_seed(SEED + 1000 * b + s)
@@ -331,14 +410,13 @@ def make_batches(b: int, s: int, vocab: int, device, n: int = 4) -> list:
 
 def timed_step(model, opt, ids) -> tuple[float, object]:
     """One synchronized training step; returns (seconds, detached loss)."""
-    device = ids.device
-    sync(device)
+    sync(ids.device)
     t0 = time.perf_counter()
     loss = model(ids, labels=ids).loss
     loss.backward()
     opt.step()
     opt.zero_grad()
-    sync(device)
+    sync(ids.device)
     return time.perf_counter() - t0, loss.detach()
 
 
@@ -354,32 +432,45 @@ def reset_memory(device) -> None:
 
 
 def peak_memory(device) -> tuple[float | None, float | None]:
+    """(max allocated, max reserved) in GiB since the last reset; None on CPU."""
     import torch
 
     if device.type != "cuda":
         return None, None
-    return (torch.cuda.max_memory_allocated(device) / GIB,
-            torch.cuda.max_memory_reserved(device) / GIB)
+    return (
+        torch.cuda.max_memory_allocated(device) / GIB,
+        torch.cuda.max_memory_reserved(device) / GIB,
+    )
 
 
-def bench_shape(model, opt, shape: str, vocab: int, warmup: int, steps: int) -> dict:
+def bench_shape(model, opt, shape: str, warmup: int, steps: int) -> dict:
     b, s = (int(x) for x in shape.split("x"))
-    device = device_of(model)
-    batches = make_batches(b, s, vocab, device)
+    device = compute_device()
+    batches = make_batches(b, s, model.config.vocab_size, device)
     reset_memory(device)
-    times, losses = [], []
+    times, losses, first_done = [], [], None
     for i in range(warmup + steps):
         dt, loss = timed_step(model, opt, batches[i % len(batches)])
+        first_done = first_done or time.perf_counter() - START
         losses.append(float(loss))
         times.append(dt)
     timed = times[warmup:]
     median = statistics.median(timed)
     alloc, reserved = peak_memory(device)
     return {
-        "shape": shape, "tokens_per_s": b * s / median, "median_step_s": median,
-        "min_step_s": min(timed), "max_step_s": max(timed), "first_step_s": times[0],
-        "peak_mem_gib": alloc, "peak_reserved_gib": reserved, "first_loss": losses[0],
-        "last_loss": losses[-1], "steps_timed": len(timed), "warmup": warmup,
+        "shape": shape,
+        "tokens_per_s": b * s / median,
+        "median_step_s": median,
+        "min_step_s": min(timed),
+        "max_step_s": max(timed),
+        "first_step_s": times[0],
+        "first_step_done_s": first_done,
+        "peak_mem_gib": alloc,
+        "peak_reserved_gib": reserved,
+        "first_loss": losses[0],
+        "last_loss": losses[-1],
+        "steps_timed": len(timed),
+        "warmup": warmup,
     }
 
 
@@ -396,51 +487,75 @@ def device_name() -> str:
     return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
 
 
+def error_text(e: BaseException) -> str:
+    msg = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {msg[0] if msg else ''}"[:300]
+
+
 def worker_bench(a) -> None:
-    """One system, every shape in turn; one ROW line per shape (errors included)."""
+    """One system, every shape in turn; one ROW line per shape (failures included)."""
     shapes = a.shapes.split(",")
     max_s = max(8192, *(int(x.split("x")[1]) for x in shapes))
     model = load_system(a.system, a.model_dir, max_s)
-    import torch  # after load_system: unsloth must be imported before transformers
-
-    t_import_load = time.perf_counter() - START
     opt, n_train = make_optimizer(model)
-    vocab = model.config.vocab_size
-    base = {"system": a.system, "config": system_config(a.system), "device": device_name(),
-            "versions": versions(), "trainable_params": n_train,
-            "import_and_load_s": t_import_load}
+    base = {
+        "system": a.system,
+        "config": system_config(a.system),
+        "device": device_name(),
+        "versions": versions(),
+        "trainable_params": n_train,
+        **TIMES,
+    }
     first = True
     for shape in shapes:
         try:
-            row = bench_shape(model, opt, shape, vocab, a.warmup, a.steps)
+            row = bench_shape(model, opt, shape, a.warmup, a.steps)
         except Exception as e:  # an OOM at one shape must not lose the others
-            msg = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-            emit("ROW", dict(base, shape=shape, tokens_per_s=None, peak_mem_gib=None,
-                             notes=f"FAILED {msg}", error=msg))
+            emit(
+                "ROW",
+                dict(
+                    base,
+                    shape=shape,
+                    tokens_per_s=None,
+                    peak_mem_gib=None,
+                    notes=f"FAILED {error_text(e)}",
+                    error=error_text(e),
+                ),
+            )
             opt.zero_grad()
-            reset_memory(device_of(model))
+            reset_memory(compute_device())
             continue
-        if first:  # first step finished at START + load + first_step_s
-            row["start_to_first_step_s"] = t_import_load + row["first_step_s"]
+        if first:
+            row["start_to_first_step_s"] = row["first_step_done_s"]
             first = False
-        row["notes"] = (f"median of {row['steps_timed']} after {a.warmup} warm-up; steps "
-                        f"{row['min_step_s']:.3f}-{row['max_step_s']:.3f}s; first step "
-                        f"{row['first_step_s']:.1f}s")
+        row["notes"] = (
+            f"median of {row['steps_timed']} after {a.warmup} warm-up; steps "
+            f"{row['min_step_s']:.3f}-{row['max_step_s']:.3f}s; first step at this "
+            f"shape {row['first_step_s']:.1f}s"
+        )
         emit("ROW", dict(base, **row))
-    del torch
+
+
+def set_cap(cap_gib: float) -> None:
+    """Emulate a card with cap_gib of memory (0: no cap)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(
+        min(1.0, cap_gib * GIB / total) if cap_gib else 1.0, 0
+    )
 
 
 def probe_once(model, opt, seq: int, cap_gib: float, steps: int) -> dict:
-    """Train `steps` steps at 1 x seq under a memory cap (0 = none); OOM is a result."""
+    """Train `steps` steps at 1 x seq under a memory cap (0 = none); an OOM is a result."""
     import torch
 
-    device = device_of(model)
+    device = compute_device()
     reset_memory(device)
-    if device.type == "cuda":
-        total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(
-            min(1.0, cap_gib * GIB / total) if cap_gib else 1.0, device)
-    if hasattr(model, "max_seq_length"):
+    set_cap(cap_gib)
+    if hasattr(model, "max_seq_length"):  # unsloth only
         set_unsloth_max_seq_length(model, max(seq, 8192))
     out = {"seq": seq, "cap_gib": cap_gib, "ok": True, "oom": False}
     try:
@@ -448,10 +563,8 @@ def probe_once(model, opt, seq: int, cap_gib: float, steps: int) -> dict:
         times = [timed_step(model, opt, ids)[0] for _ in range(steps)]
         out["step_s"] = times[-1]
     except Exception as e:
-        msg = str(e)
-        out.update(ok=False, oom=isinstance(e, torch.cuda.OutOfMemoryError)
-                   or "out of memory" in msg.lower(),
-                   error=f"{type(e).__name__}: {msg.splitlines()[0] if msg else ''}"[:300])
+        oom = isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
+        out.update(ok=False, oom=oom, error=error_text(e))
     opt.zero_grad()
     out["peak_mem_gib"], out["peak_reserved_gib"] = peak_memory(device)
     reset_memory(device)
@@ -470,37 +583,49 @@ def cuda_healthy() -> bool:
 
 
 def worker_probe(a) -> None:
-    """Max-context worker. With --probe "CAP SEQ": one probe, cap set before loading (a smaller
-    card). Otherwise: load once, print READY, then answer "CAP SEQ" lines from stdin."""
-    import torch  # noqa: F401  (CUDA init before the cap; unsloth does not mind torch first)
-
-    once = a.probe is not None
-    if once:
-        cap, seq = float(a.probe.split()[0]), int(a.probe.split()[1])
-        if cap and torch.cuda.is_available():
-            total = torch.cuda.get_device_properties(0).total_memory
-            torch.cuda.set_per_process_memory_fraction(min(1.0, cap * GIB / total), 0)
+    """Max-context worker. With --probe "CAP SEQ STEPS": one probe, the cap set before loading
+    (as on a smaller card). Otherwise: load once, print READY, then answer "CAP SEQ STEPS"
+    lines from stdin with PROBE lines."""
+    once = [float(x) for x in a.probe.split()] if a.probe else None
+    cap0 = once[0] if once else 0.0
+    set_cap(cap0)  # imports torch; unsloth is fine with torch first (not transformers)
     try:
-        model = load_system(a.system, a.model_dir, max(8192, seq if once else 8192))
-    except Exception as e:  # an OOM while loading under a cap is a failed probe
+        model = load_system(a.system, a.model_dir, max(8192, int(once[1]) if once else 8192))
+        opt, _ = make_optimizer(model)
+    except Exception as e:  # e.g. OOM while loading under a cap: a failed probe
         if not once:
             raise
-        emit("PROBE", {"seq": seq, "cap_gib": cap, "ok": False, "oom": "memory" in str(e),
-                       "error": f"load: {type(e).__name__}: {str(e)[:200]}"})
+        emit(
+            "PROBE",
+            {
+                "seq": int(once[1]),
+                "cap_gib": cap0,
+                "ok": False,
+                "oom": "memory" in str(e).lower(),
+                "error": "load: " + error_text(e),
+            },
+        )
         return
-    opt, _ = make_optimizer(model)
-    warm = probe_once(model, opt, 512, 0, 1)  # compiles, and creates the AdamW state
+    warm = probe_once(model, opt, 512, cap0, 2)  # compiles; creates the AdamW state
     if once:
-        res = probe_once(model, opt, seq, cap, a.probe_steps)
-        emit("PROBE", dict(res, startup_s=time.perf_counter() - START))
+        res = probe_once(model, opt, int(once[1]), cap0, int(once[2]))
+        emit("PROBE", dict(res, startup_s=time.perf_counter() - START, warm=warm))
         return
-    emit("READY", {"device": device_name(), "startup_s": time.perf_counter() - START,
-                   "warm": warm, "versions": versions(), "config": system_config(a.system)})
+    emit(
+        "READY",
+        {
+            "device": device_name(),
+            "startup_s": time.perf_counter() - START,
+            "warm": warm,
+            "versions": versions(),
+            "config": system_config(a.system),
+        },
+    )
     for line in sys.stdin:
         if not line.strip() or line.strip() == "quit":
             break
-        cap, seq = float(line.split()[0]), int(line.split()[1])
-        res = probe_once(model, opt, seq, cap, a.probe_steps)
+        cap, seq, steps = line.split()
+        res = probe_once(model, opt, int(seq), float(cap), int(steps))
         emit("PROBE", res)
         if not res["ok"] and not cuda_healthy():
             sys.exit(3)  # sticky CUDA error: the parent starts a fresh worker
@@ -516,13 +641,19 @@ def _pump(stream, q: queue.Queue) -> None:
 
 
 class Worker:
-    """A child process whose stdout is echoed (prefixed) and scanned for tagged JSON lines."""
+    """A child process (own process group) whose output is echoed, prefixed, and scanned for
+    tagged JSON lines ("ROW {...}", "PROBE {...}", "READY {...}")."""
 
     def __init__(self, cmd: list[str], tag: str, stdin: bool = False):
         self.tag = tag
         self.proc = subprocess.Popen(
-            cmd, stdin=subprocess.PIPE if stdin else subprocess.DEVNULL, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True,
+            cmd,
+            stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
+            start_new_session=True,
         )
         self.lines: queue.Queue = queue.Queue()
         self.tail: list[str] = []
@@ -533,10 +664,10 @@ class Worker:
         """Echo output until a line tagged with one of `tags`; None at exit or deadline."""
         while not self.done:
             try:
-                line = self.lines.get(timeout=max(0.0, min(5.0, deadline - time.time())))
+                line = self.lines.get(timeout=max(0.01, min(5.0, deadline - time.time())))
             except queue.Empty:
                 if time.time() >= deadline:
-                    print(f"[{self.tag}] deadline reached: killing", flush=True)
+                    print(f"[{self.tag}] deadline reached: killing it", flush=True)
                     self.kill()
                     return None
                 continue
@@ -547,29 +678,29 @@ class Worker:
             self.tail = (self.tail + [line])[-15:]
             tag = line.split(" ", 1)[0]
             if tag in tags:
-                return tag, json.loads(line[len(tag) + 1:])
+                return tag, json.loads(line[len(tag) + 1 :])
             print(f"[{self.tag}] {line}", flush=True)
         return None
 
-    def send(self, text: str) -> None:
-        self.proc.stdin.write(text + "\n")
-        self.proc.stdin.flush()
+    def send(self, text: str) -> bool:
+        try:
+            self.proc.stdin.write(text + "\n")
+            self.proc.stdin.flush()
+            return True
+        except (OSError, ValueError):
+            return False
 
     def kill(self) -> None:
         if self.proc.poll() is None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         self.proc.wait()
         self.done = True
 
     def finish(self, timeout: float = 60.0) -> int:
         if self.proc.stdin:
-            try:
+            with contextlib.suppress(OSError):
                 self.proc.stdin.close()
-            except OSError:
-                pass
         try:
             return self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -585,43 +716,59 @@ def run_worker(cmd: list[str], deadline: float, tag: str) -> tuple[int, list[dic
         rows.append(got[1])
     rc = w.finish(timeout=max(1.0, deadline - time.time()))
     if rc:
-        print(f"[{tag}] exited with {rc}; last lines:\n  " + "\n  ".join(w.tail[-8:]),
-              flush=True)
+        print(f"[{tag}] exited with {rc}; last lines:\n  " + "\n  ".join(w.tail[-8:]), flush=True)
     return rc, rows
 
 
 def worker_cmd(a, kind: str, system: str) -> list[str]:
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", kind, "--system", system,
-           "--model-dir", a.model_dir, "--shapes", a.shapes, "--steps", str(a.steps),
-           "--warmup", str(a.warmup), "--probe-steps", str(a.probe_steps)]
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--worker",
+        kind,
+        "--system",
+        system,
+        "--model-dir",
+        a.model_dir,
+        "--shapes",
+        a.shapes,
+        "--steps",
+        str(a.steps),
+        "--warmup",
+        str(a.warmup),
+    ]
     return cmd + (["--tiny"] if a.tiny else [])
 
 
+def failed_row(system: str, shape: str | None, why: str) -> dict:
+    return {
+        "system": system,
+        "shape": shape,
+        "tokens_per_s": None,
+        "peak_mem_gib": None,
+        "config": system_config(system),
+        "notes": f"FAILED ({why})",
+        "error": why,
+    }
+
+
 def run_bench(a, deadline: float) -> tuple[list[dict], str | None]:
+    """Each system in its own subprocess, in turn; a failure of one never stops the next."""
     rows, device = [], None
     for system in a.systems:
+        t0 = time.time()
         try:
-            t0 = time.time()
             rc, got = run_worker(worker_cmd(a, "bench", system), deadline, tag=system)
-            seen = {r["shape"] for r in got}
-            for r in got:
-                device = device or r.get("device")
-                rows.append(r)
-                print_bench_row(r)
-            for shape in a.shapes.split(","):
-                if shape not in seen:
-                    why = "deadline" if time.time() >= deadline else f"worker rc={rc}"
-                    r = {"system": system, "shape": shape, "tokens_per_s": None,
-                         "peak_mem_gib": None, "config": system_config(system),
-                         "notes": f"FAILED ({why})", "error": why}
-                    rows.append(r)
-                    print_bench_row(r)
-            print(f"[{system}] {time.time() - t0:.0f}s wall", flush=True)
-        except Exception as e:  # never let one system take the other down
-            print(f"[{system}] failed in the parent: {e!r}", flush=True)
-            rows.append({"system": system, "shape": None, "tokens_per_s": None,
-                         "peak_mem_gib": None, "config": system_config(system),
-                         "notes": f"FAILED {e!r}", "error": repr(e)})
+        except Exception as e:
+            rc, got = repr(e), []
+        seen = {r["shape"] for r in got}
+        why = "deadline" if time.time() >= deadline else f"worker exit {rc}"
+        got += [failed_row(system, s, why) for s in a.shapes.split(",") if s not in seen]
+        for r in got:
+            device = device or r.get("device")
+            print_bench_row(r)
+        rows += got
+        print(f"[{system}] {time.time() - t0:.0f}s wall", flush=True)
     return rows, device
 
 
@@ -630,57 +777,71 @@ def print_bench_row(r: dict) -> None:
         print(f"{r['system']:<13} {r['shape'] or '-':>7}  {r['notes']}", flush=True)
         return
     first = r.get("start_to_first_step_s")
-    print(f"{r['system']:<13} {r['shape']:>7} {r['tokens_per_s']:8.0f} tok/s  median "
-          f"{r['median_step_s']:.3f}s  peak {r['peak_mem_gib'] or 0:6.2f} GiB alloc "
-          f"{r.get('peak_reserved_gib') or 0:6.2f} reserved  loss0 {r['first_loss']:.4f}"
-          + (f"  start->first step {first:.1f}s" if first else ""), flush=True)
+    print(
+        f"{r['system']:<13} {r['shape']:>7} {r['tokens_per_s']:8.0f} tok/s  median "
+        f"{r['median_step_s']:.3f}s  peak {r['peak_mem_gib'] or 0:6.2f} GiB alloc "
+        f"{r.get('peak_reserved_gib') or 0:6.2f} reserved  loss0 {r['first_loss']:.4f}"
+        + (f"  start->first step {first:.1f}s" if first else ""),
+        flush=True,
+    )
 
 
 def print_bench_table(rows: list[dict]) -> None:
-    print("\n| system | shape | tokens/s | median step (s) | peak alloc GiB | first loss | notes |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        "\n| system | shape | tokens/s | median step (s) | peak alloc GiB | peak reserved GiB "
+        "| first loss | start→first step (s) | notes |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if r.get("tokens_per_s") is None:
-            print(f"| {r['system']} | {r.get('shape')} | – | – | – | – | {r['notes']} |")
+            print(f"| {r['system']} | {r.get('shape')} | – | – | – | – | – | – | {r['notes']} |")
             continue
-        print(f"| {r['system']} | {r['shape']} | {r['tokens_per_s']:.0f} | "
-              f"{r['median_step_s']:.3f} | {r['peak_mem_gib'] or 0:.2f} | "
-              f"{r['first_loss']:.4f} | {r['notes']} |")
+        first = r.get("start_to_first_step_s")
+        print(
+            f"| {r['system']} | {r['shape']} | {r['tokens_per_s']:.0f} | "
+            f"{r['median_step_s']:.3f} | {r['peak_mem_gib'] or 0:.2f} | "
+            f"{r.get('peak_reserved_gib') or 0:.2f} | {r['first_loss']:.4f} | "
+            f"{f'{first:.1f}' if first else ''} | {r['notes']} |",
+            flush=True,
+        )
 
 
 # ---------------------------------------------------------------------------------- max context
 
 
 class Prober:
-    """Answers probe(cap_gib, seq) from a long-lived worker; restarts it if it dies."""
+    """probe(cap, seq, steps) answered by one long-lived worker, restarted if it dies."""
 
     def __init__(self, a, system: str):
         self.a, self.system, self.w, self.info = a, system, None, {}
-        self.startup_s = None
+        self.startup_s = 0.0  # extra seconds a probe costs besides its steps
 
     def _start(self, deadline: float) -> bool:
-        self.w = Worker(worker_cmd(self.a, "probe", self.system), f"{self.system} probe",
-                        stdin=True)
+        self.w = Worker(
+            worker_cmd(self.a, "probe", self.system), f"{self.system} worker", stdin=True
+        )
         got = self.w.next_tagged(("READY",), deadline)
         if got is None:
             self.w.finish(5)
             self.w = None
             return False
         self.info = got[1]
-        self.startup_s = self.info["startup_s"]
         return True
 
-    def probe(self, cap: float, seq: int, deadline: float) -> dict:
+    def probe(self, cap: float, seq: int, steps: int, deadline: float) -> dict:
+        fail = {"seq": seq, "cap_gib": cap, "ok": False, "oom": False}
         if (self.w is None or self.w.done) and not self._start(deadline):
-            return {"seq": seq, "cap_gib": cap, "ok": False, "oom": False,
-                    "error": "worker failed to start"}
-        self.w.send(f"{cap} {seq}")
-        got = self.w.next_tagged(("PROBE",), deadline)
-        if got is None:  # died mid-probe (or deadline): treat as a failure, restart next time
+            return dict(fail, error="worker failed to start")
+        if not self.w.send(f"{cap} {seq} {steps}"):
             self.w.finish(5)
             self.w = None
-            return {"seq": seq, "cap_gib": cap, "ok": False, "oom": time.time() < deadline,
-                    "error": "worker died" if time.time() < deadline else "deadline"}
+            return dict(fail, error="worker gone")
+        got = self.w.next_tagged(("PROBE",), deadline)
+        if got is None:  # died mid-probe (host OOM, CUDA abort) or deadline
+            rc = self.w.finish(5)
+            self.w = None
+            late = time.time() >= deadline
+            return dict(fail, oom=not late, error="deadline" if late else f"worker exit {rc}")
         return got[1]
 
     def close(self) -> None:
@@ -691,18 +852,25 @@ class Prober:
 
 
 class IsolatedProber(Prober):
-    """Each probe in a fresh process, the cap set before loading (--isolate-probes)."""
+    """Each probe in a fresh process with the cap set before loading (--isolate-probes)."""
 
-    def probe(self, cap: float, seq: int, deadline: float) -> dict:
-        cmd = worker_cmd(self.a, "probe", self.system) + ["--probe", f"{cap} {seq}"]
-        w = Worker(cmd, f"{self.system} probe {cap:g}GiB S={seq}")
+    def probe(self, cap: float, seq: int, steps: int, deadline: float) -> dict:
+        cmd = worker_cmd(self.a, "probe", self.system) + ["--probe", f"{cap} {seq} {steps}"]
+        w = Worker(cmd, f"{self.system} {cap:g}GiB S={seq}")
         got = w.next_tagged(("PROBE",), deadline)
         rc = w.finish(10)
         if got is None:
-            return {"seq": seq, "cap_gib": cap, "ok": False, "oom": rc != 0,
-                    "error": f"process exit {rc}"}
-        self.startup_s = got[1].get("startup_s", self.startup_s)
-        return got[1]
+            late = time.time() >= deadline
+            return {
+                "seq": seq,
+                "cap_gib": cap,
+                "ok": False,
+                "oom": not late and rc != 0,
+                "error": "deadline" if late else f"process exit {rc}",
+            }
+        res = got[1]
+        self.startup_s = res.get("startup_s", self.startup_s)
+        return res
 
     def close(self) -> None:
         pass
@@ -717,17 +885,18 @@ def fit_line(xs: list[float], ys: list[float]) -> tuple[float, float]:
     return my - b * mx, b
 
 
-class Model:
-    """Calibrated peak memory a + b*S (GiB) and step time S*(c + d*S) (s) of a 1 x S step."""
+class CostModel:
+    """From uncapped probes: peak GiB ~ a + b*S and step seconds ~ S*(c + d*S) at batch 1."""
 
     def __init__(self, calib: list[dict]):
         pts = [p for p in calib if p["ok"] and p.get("peak_mem_gib") is not None]
         if len(pts) < 2:
             raise RuntimeError(f"calibration needs 2 successful probes, got {calib}")
-        self.mem = fit_line([p["seq"] for p in pts], [p["peak_mem_gib"] for p in pts])
-        c, d = fit_line([p["seq"] for p in pts], [p["step_s"] / p["seq"] for p in pts])
+        seqs = [p["seq"] for p in pts]
+        self.mem = fit_line(seqs, [p["peak_mem_gib"] for p in pts])
+        c, d = fit_line(seqs, [p["step_s"] / p["seq"] for p in pts])
         last = max(pts, key=lambda p: p["seq"])
-        self.time = (max(c, 1e-9), max(d, 0.0)) if c > 0 else (last["step_s"] / last["seq"], 0)
+        self.time = (c, max(d, 0.0)) if c > 0 else (last["step_s"] / last["seq"], 0.0)
 
     def max_seq(self, cap_gib: float) -> int:
         a, b = self.mem
@@ -739,93 +908,125 @@ class Model:
 
 
 def known_bounds(cap: float, probes: list[dict], g: int, max_s: int) -> tuple[int, int]:
-    """Largest S known to fit under `cap` and smallest known not to, from all probes so far."""
+    """(largest S known to fit under cap or 0, smallest S known not to or max_s + g).
+
+    A fit under a smaller cap, or uncapped with peak reserved <= cap, implies a fit; an OOM
+    under a larger cap, or uncapped peak allocated > cap, implies no fit."""
     lo, hi = 0, max_s + g
     for p in probes:
         pcap = p["cap_gib"] or math.inf
         if p["ok"] and (pcap <= cap or (p.get("peak_reserved_gib") or math.inf) <= cap):
             lo = max(lo, p["seq"])
-        if p.get("oom") and pcap >= cap:
+        if (p.get("oom") and pcap >= cap) or (p["ok"] and (p.get("peak_mem_gib") or 0) > cap):
             hi = min(hi, p["seq"])
-        if p["ok"] and p.get("peak_mem_gib") is not None and p["peak_mem_gib"] > cap:
-            hi = min(hi, p["seq"])
-    return lo, max(hi, lo + g) if hi <= lo else hi
+    return lo, max(hi, lo + g)
 
 
-def search_cap(cap: float, prober, model: Model, probes: list[dict], a, deadline: float) -> dict:
-    """Gallop from the prediction, then bisect, to a resolution of a.granularity tokens."""
+def next_seq(ok: bool, seq: int, lo: int, hi: int, stride: int, max_s: int, g: int) -> int:
+    """Gallop away from the last probe while one side is unknown, else bisect."""
+    if ok and hi > max_s:
+        return min(seq + stride, max_s)
+    if not ok and lo == 0:
+        return max(seq - stride, g)
+    return (lo + hi) // 2 // g * g
+
+
+def search_cap(
+    cap: float, prober: Prober, cost: CostModel, probes: list[dict], a, deadline: float
+) -> dict:
+    """Longest S (multiple of a.granularity) that fits under cap: start at the prediction,
+    gallop until bracketed, then bisect; stop early at the deadline."""
     g = a.granularity
-    pred = max(g, model.max_seq(cap) // g * g)
+    pred = max(g, cost.max_seq(cap) // g * g)
     lo, hi = known_bounds(cap, probes, g, a.max_s)
     seq, stride, status = min(max(pred, lo + g), hi - g), g, "resolved"
     while hi - lo > g:
-        if not (lo < seq < hi):
+        if not lo < seq < hi:
             seq = (lo + hi) // 2 // g * g
-        need = model.step_s(seq) * (1 + a.probe_steps) + (
-            prober.startup_s or 0 if isinstance(prober, IsolatedProber) else 0) + 15
+        need = cost.step_s(seq) * a.probe_steps * 1.5 + prober.startup_s + 20
         if time.time() + need > deadline:
-            status = f"deadline (next probe S={seq} needs ~{need:.0f}s)"
+            status = f"deadline (S={seq} would need ~{need:.0f}s)"
             break
-        r = prober.probe(cap, seq, deadline)
+        r = prober.probe(cap, seq, a.probe_steps, deadline)
         probes.append(r)
-        print(f"  cap {cap:g} GiB  S={seq:>7}  {'ok ' if r['ok'] else 'OOM' if r['oom'] else 'ERR'}"
-              f"  peak {r.get('peak_mem_gib') or 0:.2f} GiB  step {r.get('step_s') or 0:.1f}s"
-              + (f"  {r['error']}" if r.get("error") else ""), flush=True)
+        verdict = "ok " if r["ok"] else "OOM" if r["oom"] else "ERR"
+        print(
+            f"  cap {cap:g} GiB  S={seq:>7}  {verdict}  peak {r.get('peak_mem_gib') or 0:.2f} "
+            f"GiB  step {r.get('step_s') or 0:.1f}s  {r.get('error', '')}",
+            flush=True,
+        )
         if not r["ok"] and not r["oom"]:
             status = f"error at S={seq}: {r.get('error')}"
             break
-        gallop = hi > a.max_s or lo == 0  # no failure (or success) seen yet on that side
-        if r["ok"]:
-            lo = seq
-            seq = seq + stride if hi > a.max_s else (lo + hi) // 2 // g * g
-        else:
-            hi = seq
-            seq = seq - stride if lo == 0 else (lo + hi) // 2 // g * g
-        stride = stride * 2 if gallop else stride
-        seq = max(g, min(seq, a.max_s))
-    ok = [p for p in probes if p["ok"] and p["seq"] == lo]
-    return {"cap_gib": cap, "predicted_seq": pred, "max_seq_len": lo or None,
-            "verified": status == "resolved" and lo > 0, "lo_ok": lo or None,
-            "hi_fail": hi if hi <= a.max_s else None, "status": status,
-            "peak_mem_gib_at_max": ok[-1].get("peak_mem_gib") if ok else None,
-            "step_s_at_max": ok[-1].get("step_s") if ok else None}
+        lo, hi = (seq, hi) if r["ok"] else (lo, seq)
+        seq = next_seq(r["ok"], seq, lo, hi, stride, a.max_s, g)
+        stride *= 2
+    at_lo = [p for p in probes if p["ok"] and p["seq"] == lo]
+    return {
+        "cap_gib": cap,
+        "predicted_seq": pred,
+        "max_seq_len": lo or None,
+        "verified": status == "resolved" and lo > 0,
+        "lo_ok": lo or None,
+        "hi_fail": hi if hi <= a.max_s else None,
+        "status": status,
+        "peak_mem_gib_at_max": at_lo[-1].get("peak_mem_gib") if at_lo else None,
+        "step_s_at_max": at_lo[-1].get("step_s") if at_lo else None,
+    }
 
 
 def run_max_context(a, system: str, deadline: float) -> dict:
-    calib_seqs = [int(x) for x in a.calib_seqs.split(",")]
+    """Calibrate without a cap in one worker, then search each cap, smallest first."""
     base = Prober(a, system)
     probes: list[dict] = []
-    for seq in calib_seqs:
-        r = base.probe(0, seq, deadline)
+    for seq in (int(x) for x in a.calib_seqs.split(",")):
+        r = base.probe(0, seq, max(2, a.probe_steps), deadline)  # 2: the 1st may compile
         probes.append(r)
-        print(f"  calibrate S={seq:>6}: {'ok' if r['ok'] else r.get('error')}  peak "
-              f"{r.get('peak_mem_gib') or 0:.2f} GiB  step {r.get('step_s') or 0:.2f}s", flush=True)
-    model = Model(probes)
-    print(f"  fit: peak GiB = {model.mem[0]:.2f} + {model.mem[1] * 1024 * 1024:.1f} KiB/token x S;"
-          f" step s = S*({model.time[0]:.2e} + {model.time[1]:.2e} S)", flush=True)
-    prober = IsolatedProber(a, system) if a.isolate_probes else base
+        print(
+            f"  calibrate S={seq:>6}: {'ok' if r['ok'] else r.get('error')}  peak "
+            f"{r.get('peak_mem_gib') or 0:.2f} GiB  step {r.get('step_s') or 0:.2f}s",
+            flush=True,
+        )
+    cost = CostModel(probes)
+    print(
+        f"  fit: peak GiB = {cost.mem[0]:.2f} + S x {cost.mem[1] * 2**20:.1f} KiB; "
+        f"step s = S x ({cost.time[0]:.3e} + {cost.time[1]:.3e} S)",
+        flush=True,
+    )
+    prober = base
     if a.isolate_probes:
         base.close()
-    rows = []
-    for cap in sorted(a.caps):
-        row = search_cap(cap, prober, model, probes, a, deadline)
-        rows.append(dict(row, system=system))
+        prober = IsolatedProber(a, system)
+        prober.startup_s = base.info.get("startup_s", 90.0)
+    rows = [
+        dict(search_cap(cap, prober, cost, probes, a, deadline), system=system)
+        for cap in sorted(a.caps)
+    ]
     prober.close()
     base.close()
-    return {"rows": rows, "probes": probes, "info": base.info,
-            "calibration": {"mem_gib": list(model.mem), "time": list(model.time)}}
+    return {
+        "rows": rows,
+        "probes": probes,
+        "info": base.info,
+        "calibration": {"mem_gib": list(cost.mem), "time_s": list(cost.time)},
+    }
 
 
 def print_max_context(rows: list[dict]) -> None:
-    print("\n| system | cap GiB | max S (batch 1) | predicted S | fails at | peak GiB | step s "
-          "| status |")
+    print(
+        "\n| system | cap GiB | max S (batch 1) | predicted S | fails at S | peak alloc GiB "
+        "| step s | status |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         ms = r["max_seq_len"]
-        ms = "–" if ms is None else (f"{ms}" if r["verified"] else f">= {ms}")
-        print(f"| {r['system']} | {r['cap_gib']:g} | {ms} | {r['predicted_seq']} | "
-              f"{r['hi_fail'] or '–'} | {r['peak_mem_gib_at_max'] or 0:.2f} | "
-              f"{r['step_s_at_max'] or 0:.1f} | {r['status']} |")
+        ms = "–" if ms is None else f"{ms}" if r["verified"] else f">= {ms}"
+        print(
+            f"| {r['system']} | {r['cap_gib']:g} | {ms} | {r['predicted_seq']} | "
+            f"{r['hi_fail'] or '–'} | {r['peak_mem_gib_at_max'] or 0:.2f} | "
+            f"{r['step_s_at_max'] or 0:.1f} | {r['status']} |",
+            flush=True,
+        )
 
 
 # ----------------------------------------------------------------------------------------- main
@@ -835,41 +1036,66 @@ def git_commit() -> str:
     if os.environ.get("LORAX_COMMIT"):
         return os.environ["LORAX_COMMIT"]
     try:
-        out = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"],
-                             capture_output=True, text=True, timeout=10)
+        out = subprocess.run(
+            ["git", "-C", REPO, "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--systems", default="hf_peft_bnb,unsloth",
-                   help=f"comma list of {', '.join(SYSTEMS)} (max-context default: unsloth)")
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--systems",
+        default=None,
+        help=f"comma list of {', '.join(SYSTEMS)} (default hf_peft_bnb,unsloth; "
+        "unsloth with --max-context)",
+    )
     p.add_argument("--shapes", default=None, help="BxS list (default 2x2048,1x8192)")
     p.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--deadline-s", type=float, default=540.0,
-                   help="wall-clock budget of the whole run; workers are killed past it")
-    p.add_argument("--json", default=None, help="write results here")
+    p.add_argument(
+        "--deadline-s",
+        type=float,
+        default=540.0,
+        help="wall-clock budget of the whole run; workers past it are killed",
+    )
+    p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--model-dir", default=None, help="checkpoint dir (default: under $TMPDIR)")
-    p.add_argument("--tiny", action="store_true", help="2-layer, hidden 256 model (smoke tests)")
-    p.add_argument("--no-quant", action="store_true",
-                   help="bf16 base instead of NF4 (hf_peft_bnb->hf_peft_bf16, unsloth->"
-                        "unsloth_bf16); runs on CPU without bitsandbytes")
+    p.add_argument("--tiny", action="store_true", help="2-layer, hidden-256 model (smoke tests)")
+    p.add_argument(
+        "--no-quant",
+        action="store_true",
+        help="bf16 base instead of NF4 (hf_peft_bnb->hf_peft_bf16, unsloth->"
+        "unsloth_bf16); runs on CPU without bitsandbytes",
+    )
     p.add_argument("--commit", default=None, help="recorded in the JSON (default: git HEAD)")
     g = p.add_argument_group("max context")
-    g.add_argument("--max-context", action="store_true",
-                   help="find the longest batch-1 S that trains under each memory cap")
+    g.add_argument(
+        "--max-context",
+        action="store_true",
+        help="find the longest batch-1 S whose step fits under each memory cap",
+    )
     g.add_argument("--caps", default="12,16,24,40,48,80", help="memory caps, GiB")
     g.add_argument("--granularity", type=int, default=2048, help="resolution of S, tokens")
-    g.add_argument("--calib-seqs", default="2048,4096,8192,16384",
-                   help="uncapped S values the memory/time model is fitted on")
+    g.add_argument(
+        "--calib-seqs",
+        default="2048,4096,8192,16384",
+        help="uncapped S values that the memory/time model is fitted on",
+    )
     g.add_argument("--max-s", type=int, default=524288, help="never probe above this S")
     g.add_argument("--probe-steps", type=int, default=1, help="training steps per probe")
-    g.add_argument("--isolate-probes", action="store_true",
-                   help="each capped probe in a fresh process (slow, cleanest)")
+    g.add_argument(
+        "--isolate-probes",
+        action="store_true",
+        help="each capped probe in a fresh process (cleanest; ~1 min each)",
+    )
     p.add_argument("--worker", choices=["bench", "probe", "make-model"], help=argparse.SUPPRESS)
     p.add_argument("--system", help=argparse.SUPPRESS)
     p.add_argument("--probe", help=argparse.SUPPRESS)
@@ -879,51 +1105,59 @@ def parse_args(argv=None):
     if a.model_dir is None:
         name = "lorax_bench_tiny" if a.tiny else "lorax_bench_llama8b"
         a.model_dir = os.path.join(tempfile.gettempdir(), name)
-    systems = a.systems if a.systems != p.get_default("systems") or not a.max_context \
-        else "unsloth"
-    a.systems = [BF16_TWIN.get(s, s) if a.no_quant else s for s in systems.split(",")]
-    unknown = [s for s in a.systems if s not in SYSTEMS]
-    if unknown:
+    if a.systems is None:
+        a.systems = "unsloth" if a.max_context else "hf_peft_bnb,unsloth"
+    a.systems = [BF16_TWIN.get(s, s) if a.no_quant else s for s in a.systems.split(",")]
+    if unknown := [s for s in a.systems if s not in SYSTEMS]:
         p.error(f"unknown systems {unknown}; choose from {list(SYSTEMS)}")
     a.caps = [float(x) for x in a.caps.split(",")]
+    a.max_s = a.max_s // a.granularity * a.granularity
     return a
 
 
 def main(argv=None) -> None:
     a = parse_args(argv)
-    if a.worker == "make-model":
-        write_checkpoint(a.model_dir, a.tiny)
-        return
-    if a.worker == "bench":
-        worker_bench(a)
-        return
-    if a.worker == "probe":
-        worker_probe(a)
+    if a.worker:
+        {
+            "make-model": lambda: write_checkpoint(a.model_dir, a.tiny),
+            "bench": lambda: worker_bench(a),
+            "probe": lambda: worker_probe(a),
+        }[a.worker]()
         return
     deadline = time.time() + a.deadline_s
-    out = {"device": None, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
-        timespec="seconds"), "commit": a.commit or git_commit(), "rows": []}
+    now = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    out = {
+        "device": None,
+        "date": now,
+        "commit": a.commit or git_commit(),
+        "rows": [],
+        "model": "tiny 2-layer smoke model" if a.tiny else "Llama-3.1-8B architecture",
+    }
     ensure_checkpoint(a.model_dir, a.tiny, deadline)
     if a.max_context:
-        out.update(mode="max_context", caps_gib=a.caps, granularity=a.granularity, probes=[])
+        out.update(
+            mode="max_context",
+            caps_gib=a.caps,
+            granularity=a.granularity,
+            probes=[],
+            calibration={},
+        )
         for system in a.systems:
             try:
                 res = run_max_context(a, system, deadline)
-            except Exception as e:
+            except Exception as e:  # never let one system take the other down
                 print(f"[{system}] max-context failed: {e!r}", flush=True)
                 out["rows"].append({"system": system, "error": repr(e)})
                 continue
             out["rows"] += res["rows"]
             out["probes"] += [dict(p, system=system) for p in res["probes"]]
-            out.setdefault("calibration", {})[system] = res["calibration"]
+            out["calibration"][system] = res["calibration"]
             out["device"] = out["device"] or res["info"].get("device")
         print_max_context([r for r in out["rows"] if "cap_gib" in r])
     else:
         out.update(mode="train", shapes=a.shapes.split(","), steps=a.steps, warmup=a.warmup)
         out["rows"], out["device"] = run_bench(a, deadline)
         print_bench_table(out["rows"])
-    if a.tiny:
-        out["notes"] = "tiny 2-layer smoke model"
     if a.json:
         os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
         with open(a.json, "w") as f:

@@ -33,6 +33,9 @@ from pallas_kernels.flash_attention import (
 )
 from pallas_kernels.flash_attention_kernels import KernelSpec, flash_backward, flash_forward
 
+# jax 0.11 warns whenever a Triton-lowered Pallas kernel is lowered (the cross-lowering tests).
+pytestmark = pytest.mark.filterwarnings("ignore:.*Pallas Triton backend is deprecated")
+
 SMALL_BLOCKS = BlockSizes(
     block_q=32, block_k=16, block_q_dkv=16, block_k_dkv=32, block_q_dq=32, block_k_dq=16
 )

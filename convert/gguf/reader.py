@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import struct
 from collections.abc import Iterator
 from typing import Any
 
@@ -60,14 +61,14 @@ class GGUFFile:
         magic = cursor.take(len(MAGIC), "magic")
         if magic != MAGIC:
             raise GGUFError(f"{self.path}: not a GGUF file (magic {magic!r}, expected {MAGIC!r})")
-        self.version = cursor.scalar("<u4", "version")
+        self.version = cursor.scalar("<I", "version")
         if self.version not in READABLE_VERSIONS:
             raise GGUFError(
                 f"{self.path}: unsupported GGUF version {self.version}; readable: "
                 f"{', '.join(map(str, READABLE_VERSIONS))}"
             )
-        n_tensors = cursor.scalar("<u8", "tensor count")
-        n_kv = cursor.scalar("<u8", "metadata count")
+        n_tensors = cursor.scalar("<Q", "tensor count")
+        n_kv = cursor.scalar("<Q", "metadata count")
         # Each entry takes at least 8 bytes, which bounds any honest count by the file size.
         for what, n in (("tensor", n_tensors), ("metadata", n_kv)):
             if n > self.size // 8:
@@ -148,17 +149,17 @@ class GGUFFile:
 
     def _tensor_info(self, cursor: _Cursor) -> tuple[str, tuple[int, ...], TensorType, int]:
         name = cursor.string("tensor name")
-        n_dims = cursor.scalar("<u4", f"tensor {name!r} dims")
+        n_dims = cursor.scalar("<I", f"tensor {name!r} dims")
         if not 1 <= n_dims <= MAX_DIMS:
             raise GGUFError(f"{self.path}: tensor {name!r} has {n_dims} dimensions "
                             f"(1 to {MAX_DIMS} allowed)")
-        dims = [cursor.scalar("<u8", f"tensor {name!r} dims") for _ in range(n_dims)]
-        code = cursor.scalar("<u4", f"tensor {name!r} type")
+        dims = [cursor.scalar("<Q", f"tensor {name!r} dims") for _ in range(n_dims)]
+        code = cursor.scalar("<I", f"tensor {name!r} type")
         try:
             tensor_type = TensorType(code)
         except ValueError:
             raise GGUFError(f"{self.path}: tensor {name!r} has unknown type code {code}") from None
-        offset = cursor.scalar("<u8", f"tensor {name!r} offset")
+        offset = cursor.scalar("<Q", f"tensor {name!r} offset")
         return name, tuple(reversed(dims)), tensor_type, offset
 
     def _place(
@@ -188,38 +189,44 @@ class _Cursor:
     """Reads the header sequentially, checking every length against the bytes that remain."""
 
     def __init__(self, data: np.ndarray, path: str):
-        self.data = data
+        self.data = memoryview(data).cast("B")
         self.path = path
         self.pos = 0
 
-    def take(self, n: int, what: str) -> bytes:
+    def _need(self, n: int, what: str) -> None:
         if n > len(self.data) - self.pos:
             raise GGUFError(
                 f"{self.path}: truncated or corrupt header: {what} needs {n} bytes at offset "
                 f"{self.pos}, the file has {len(self.data)} bytes"
             )
-        out = self.data[self.pos : self.pos + n].tobytes()
+
+    def take(self, n: int, what: str) -> bytes:
+        self._need(n, what)
+        out = bytes(self.data[self.pos : self.pos + n])
         self.pos += n
         return out
 
     def scalar(self, fmt: str, what: str) -> Any:
-        dtype = np.dtype(fmt)
-        return np.frombuffer(self.take(dtype.itemsize, what), dtype)[0].item()
+        code = _STRUCT[fmt]
+        self._need(code.size, what)
+        (value,) = code.unpack_from(self.data, self.pos)
+        self.pos += code.size
+        return value
 
     def string(self, what: str) -> str:
-        n = self.scalar("<u8", what)
+        n = self.scalar("<Q", what)
         # Token bytes need not be valid UTF-8; surrogateescape keeps them round-trippable.
         return self.take(n, what).decode("utf-8", "surrogateescape")
 
     def value(self, key: str) -> KV:
-        code = self.scalar("<u4", f"type of {key!r}")
+        code = self.scalar("<I", f"type of {key!r}")
         value_type = self._value_type(code, key)
         if value_type == ValueType.STRING:
             return KV(value_type, self.string(f"value of {key!r}"))
         if value_type in SCALAR_FORMATS:
             return KV(value_type, self.scalar(SCALAR_FORMATS[value_type], f"value of {key!r}"))
-        item_type = self._value_type(self.scalar("<u4", f"item type of {key!r}"), key)
-        n = self.scalar("<u8", f"length of {key!r}")
+        item_type = self._value_type(self.scalar("<I", f"item type of {key!r}"), key)
+        n = self.scalar("<Q", f"length of {key!r}")
         if item_type == ValueType.STRING:
             if n > (len(self.data) - self.pos) // 8:
                 raise GGUFError(f"{self.path}: corrupt array {key!r}: {n} strings cannot fit "
@@ -241,3 +248,5 @@ class _Cursor:
         except ValueError:
             raise GGUFError(f"{self.path}: metadata {key!r} has unknown value type {code}") from None
 
+
+_STRUCT = {fmt: struct.Struct(fmt) for fmt in SCALAR_FORMATS.values()}
