@@ -79,11 +79,24 @@ def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
 
 @dataclasses.dataclass(frozen=True)
 class ForwardOptions:
-    """Static knobs of the forward pass (kernel choices, remat); the defaults pick for you."""
+    """Static knobs of the forward pass (kernel choices, remat); the defaults pick for you.
+
+    ``attention_impl=None`` takes the fastest implementation that supports the call: on a GPU
+    cuDNN's fused attention where its features suffice (no packed segments, no softcap; it is
+    3-4x faster than our Pallas kernel in the backward pass, see BENCHMARKS.md), otherwise
+    the Pallas flash-attention kernel; the jnp reference on CPU. ``"pallas"``, ``"cudnn"`` and
+    ``"reference"`` force one. ``matmul_impl`` likewise for the NF4/LoRA matmul.
+    """
 
     remat: str = "none"
     matmul_impl: str | None = None
     attention_impl: str | None = None
+
+
+def _attention_impl(requested: str | None, segment_ids: Array | None) -> str | None:
+    if requested is None and segment_ids is None and jax.default_backend() == "gpu":
+        return "cudnn"
+    return requested
 
 
 def distinct_windows(config: ModelConfig) -> list[int]:
@@ -137,7 +150,7 @@ def _decoder_layer(
             sliding_window=window or None,
             segment_ids=segment_ids,
             scale=config.head_dim**-0.5,
-            impl=options.attention_impl,
+            impl=_attention_impl(options.attention_impl, segment_ids),
         )
 
     # Attention kernels take the window as a static size, so layers with different windows

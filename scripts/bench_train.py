@@ -82,7 +82,13 @@ def build_model(num_layers: int | None = None, config_overrides: dict | None = N
 
 
 def run_case(
-    shape: str, remat: str, steps: int, warmup: int, chunk: int, num_layers: int | None
+    shape: str,
+    remat: str,
+    attention: str,
+    steps: int,
+    warmup: int,
+    chunk: int,
+    num_layers: int | None,
 ) -> dict:
     import jax
     import numpy as np
@@ -102,7 +108,14 @@ def run_case(
     opt = make_optimizer("adamw", 1e-4, max_grad_norm=None)
     state = init_train_state(lora, opt, key=jax.random.key(2))
     step = make_train_step(
-        model, opt, StepConfig(loss_chunk_size=chunk, forward=ForwardOptions(remat=remat))
+        model,
+        opt,
+        StepConfig(
+            loss_chunk_size=chunk or None,
+            forward=ForwardOptions(
+                remat=remat, attention_impl=None if attention == "auto" else attention
+            ),
+        ),
     )
     rng = np.random.default_rng(0)
     batches = []
@@ -134,6 +147,7 @@ def run_case(
     return {
         "shape": shape,
         "remat": remat,
+        "attention": attention,
         "tokens_per_s": tokens / median,
         "median_step_s": median,
         "min_step_s": min(times),
@@ -154,9 +168,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shapes", default="2x2048,1x8192")
     p.add_argument("--remat", default="none,offload", help="comma list of remat policies")
+    p.add_argument("--attention", default="auto", help="comma list: auto, cudnn, pallas")
+    p.add_argument("--cases", default=None, help="explicit list SHAPE:REMAT:ATTENTION,...")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--chunk", type=int, default=4096, help="loss chunk (tokens)")
+    p.add_argument("--chunk", type=int, default=0, help="loss chunk in tokens (0: auto)")
     p.add_argument("--layers", type=int, default=None, help="fewer layers (smoke runs)")
     p.add_argument(
         "--mem-fraction", default=None, help="XLA_PYTHON_CLIENT_MEM_FRACTION for each case"
@@ -165,11 +181,9 @@ def main() -> None:
     p.add_argument("--case", default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.case:
-        shape, remat = a.case.split(":")
-        print(
-            "RESULT " + json.dumps(run_case(shape, remat, a.steps, a.warmup, a.chunk, a.layers)),
-            flush=True,
-        )
+        shape, remat, attention = a.case.split(":")
+        result = run_case(shape, remat, attention, a.steps, a.warmup, a.chunk, a.layers)
+        print("RESULT " + json.dumps(result), flush=True)
         return
     import jax
 
@@ -178,38 +192,48 @@ def main() -> None:
     if a.mem_fraction:
         env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = a.mem_fraction
     print(f"jax {jax.__version__}, device {jax.devices()[0].device_kind}", flush=True)
-    for shape in a.shapes.split(","):
-        for remat in a.remat.split(","):
-            cmd = [
-                sys.executable,
-                __file__,
-                "--case",
-                f"{shape}:{remat}",
-                "--steps",
-                str(a.steps),
-                "--warmup",
-                str(a.warmup),
-                "--chunk",
-                str(a.chunk),
-            ]
-            if a.layers:
-                cmd += ["--layers", str(a.layers)]
-            out = subprocess.run(cmd, capture_output=True, text=True, env=env)
-            result = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
-            if out.returncode or not result:
-                tail = (out.stderr or out.stdout).strip().splitlines()[-12:]
-                print(f"{shape} {remat}: FAILED\n  " + "\n  ".join(tail), flush=True)
-                rows.append({"shape": shape, "remat": remat, "error": tail[-1:]})
-                continue
-            r = json.loads(result[0][len("RESULT ") :])
-            rows.append(r)
-            print(
-                f"{shape:>7} remat={remat:<9} {r['tokens_per_s']:8.0f} tok/s  "
-                f"{r['tflops']:6.1f} TFLOP/s  mfu {r['mfu'] or 0:.3f}  "
-                f"peak {r['peak_mem_gib'] or 0:.2f} GiB  first step at "
-                f"{r['start_to_first_step_s']:.1f}s  loss {r['first_loss']:.4f}",
-                flush=True,
-            )
+    cases = (
+        a.cases.split(",")
+        if a.cases
+        else [
+            f"{shape}:{remat}:{attn}"
+            for shape in a.shapes.split(",")
+            for remat in a.remat.split(",")
+            for attn in a.attention.split(",")
+        ]
+    )
+    for case in cases:
+        shape, remat, attn = case.split(":")
+        cmd = [
+            sys.executable,
+            __file__,
+            "--case",
+            case,
+            "--steps",
+            str(a.steps),
+            "--warmup",
+            str(a.warmup),
+            "--chunk",
+            str(a.chunk),
+        ]
+        if a.layers:
+            cmd += ["--layers", str(a.layers)]
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        result = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
+        if out.returncode or not result:
+            tail = (out.stderr or out.stdout).strip().splitlines()[-12:]
+            print(f"{case}: FAILED\n  " + "\n  ".join(tail), flush=True)
+            rows.append({"shape": shape, "remat": remat, "attention": attn, "error": tail[-1:]})
+            continue
+        r = json.loads(result[0][len("RESULT ") :])
+        rows.append(r)
+        print(
+            f"{shape:>7} remat={remat:<9} attn={attn:<6} {r['tokens_per_s']:8.0f} tok/s  "
+            f"{r['tflops']:6.1f} TFLOP/s  mfu {r['mfu'] or 0:.3f}  "
+            f"peak {r['peak_mem_gib'] or 0:.2f} GiB  first step at "
+            f"{r['start_to_first_step_s']:.1f}s  loss {r['first_loss']:.4f}",
+            flush=True,
+        )
     if a.json:
         with open(a.json, "w") as f:
             json.dump(

@@ -130,23 +130,23 @@ def _search_scale_min(
     """ggml's ``make_qkx2_quants`` on sub-blocks ``x [n, ...]`` with weights ``w``.
 
     Returns levels in ``[0, nmax]``, the scale and the (positive) min with
-    ``x ≈ scale·L - min``. Candidates are tried in the reference's order and one replaces
-    the best only if its weighted squared error is strictly smaller; the winner's levels
-    are recomputed from its numerator, which reproduces them exactly.
+    ``x ≈ scale·L - min``. Candidates are tried in the reference's order; one replaces the
+    best only if its weighted squared error is strictly smaller, and, as in the reference,
+    later candidates grid from the best min found so far rather than from the data's min.
     """
     lo = jnp.minimum(jnp.min(x, 0), 0.0)
     hi = jnp.max(x, 0)
     flat = hi == lo
-    span = jnp.where(flat, 1.0, hi - lo)
     sum_w, sum_x = _seq_sum(w, w * x)
-    shifted = x - lo
 
-    def levels(numerator: jax.Array) -> jax.Array:
-        return _round_clip((numerator / span) * shifted, 0, nmax).astype(f32)
+    def levels(iscale: jax.Array, mn: jax.Array) -> jax.Array:
+        return _round_clip(iscale * (x - mn), 0, nmax).astype(f32)
 
+    span = jnp.where(flat, 1.0, hi - lo)
     iscale = nmax / span
     scale0 = 1.0 / iscale
-    diff = scale0 * levels(jnp.full_like(span, nmax)) + lo - x
+    q0 = levels(iscale, lo)
+    diff = scale0 * q0 + lo - x
     error0 = _seq_sum(w * (diff * diff))
     numerators = _f32_table(
         [np.float32(rmin) + np.float32(rdelta) * np.float32(i) + np.float32(nmax)
@@ -154,8 +154,8 @@ def _search_scale_min(
     )
 
     def trial(i: jax.Array, best: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
-        numerator = numerators[i]
-        q = levels(numerator)
+        error_best, _, mn_best, _ = best
+        q = levels(numerators[i] / jnp.where(flat, 1.0, hi - mn_best), mn_best)
         wl = w * q
         sum_l, sum_l2, sum_xl = _seq_sum(wl, wl * q, wl * x)
         det = sum_w * sum_l2 - sum_l * sum_l
@@ -166,13 +166,14 @@ def _search_scale_min(
         mn = jnp.where(clamped, 0.0, mn)
         diff = scale * q + mn - x
         error = _seq_sum(w * (diff * diff))
-        better = (det > 0) & (error < best[0])
-        new = (error, scale, mn, jnp.broadcast_to(numerator, span.shape))
-        return tuple(jnp.where(better, n, b) for n, b in zip(new, best, strict=True))
+        better = (det > 0) & (error < error_best)
+        return tuple(
+            jnp.where(better, new, old)
+            for new, old in zip((error, scale, mn, q), best, strict=True)
+        )
 
-    start = (error0, scale0, lo, jnp.full_like(span, nmax))
-    _, scale, mn, numerator = jax.lax.fori_loop(0, nstep + 1, trial, start)
-    q = jnp.where(flat, 0, levels(numerator).astype(jnp.int32))
+    _, scale, mn, q = jax.lax.fori_loop(0, nstep + 1, trial, (error0, scale0, lo, q0))
+    q = jnp.where(flat, 0, q.astype(jnp.int32))
     return q, jnp.where(flat, 0.0, scale), -jnp.where(flat, lo, mn)
 
 

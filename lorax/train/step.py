@@ -35,7 +35,8 @@ Batch = Mapping[str, Array]
 class StepConfig:
     """Static knobs of the step (hashable: part of what ``jit`` specialises on)."""
 
-    loss_chunk_size: int = 2048
+    # Tokens per LM-head chunk; None sizes chunks to ~64M logits (256 MiB in f32) each.
+    loss_chunk_size: int | None = None
     z_loss: float = 0.0
     logit_softcap: float | None = None
     forward: ForwardOptions = ForwardOptions()
@@ -53,6 +54,14 @@ class TrainState:
     opt_state: Any
     step: Array
     key: Array
+
+
+def auto_chunk_size(vocab_size: int, logits_per_chunk: int = 2**26) -> int:
+    """The largest power of two (64 to 8192) of tokens whose f32 logits fit the budget."""
+    size = 64
+    while size < 8192 and 2 * size * vocab_size <= logits_per_chunk:
+        size *= 2
+    return size
 
 
 def init_train_state(
@@ -91,7 +100,7 @@ def loss_sum(
         h.reshape(-1, h.shape[-1]),
         model.lm_head(),
         labels.reshape(-1),
-        chunk_size=config.loss_chunk_size,
+        chunk_size=config.loss_chunk_size or auto_chunk_size(model.config.vocab_size),
         softcap=config.logit_softcap,
         z_loss=config.z_loss,
     )

@@ -60,7 +60,9 @@ class TrainConfig:
     optimizer: str = _opt("adamw", "adamw | adamw_8bit (block-wise 8-bit moments)")
     weight_decay: float = _opt(0.0, "decoupled weight decay")
     max_grad_norm: float | None = _opt(1.0, "clip gradients to this global norm (None: off)")
-    loss_chunk_size: int = _opt(2048, "tokens per chunk of the LM-head cross-entropy")
+    loss_chunk_size: int | None = _opt(
+        None, "tokens per chunk of the LM-head cross-entropy (default: ~256 MiB of logits)"
+    )
     z_loss: float = _opt(0.0, "z-loss coefficient (logsumexp^2 penalty)")
     remat: str = _opt("none", "rematerialisation: none | full | selective | offload")
     packing: bool = _opt(True, "pack several examples per row (else length buckets)")
