@@ -41,7 +41,7 @@ class SafetensorsError(ValueError):
 
 
 class SafetensorsFile(Mapping[str, np.ndarray]):
-    """A lazily read safetensors file: ``f[name]`` memory-maps one tensor (read-only)."""
+    """A lazily read safetensors file: ``f[name]`` reads one tensor from disk."""
 
     def __init__(self, path: str | os.PathLike[str]):
         self.path = str(path)
@@ -93,9 +93,16 @@ class SafetensorsFile(Mapping[str, np.ndarray]):
         dtype, shape, begin, _ = self._entries[name]
         if int(np.prod(shape, dtype=np.int64)) == 0:
             return np.zeros(shape, dtype)
-        return np.memmap(
-            self.path, dtype=dtype, mode="r", offset=self._data_start + begin, shape=shape
-        )
+        # A plain read, not a memory map: mapped pages would stay resident (and count as the
+        # process's memory) for the life of the map, while this buffer is freed as soon as
+        # the caller has converted the tensor.
+        count = int(np.prod(shape, dtype=np.int64))
+        with open(self.path, "rb") as f:
+            f.seek(self._data_start + begin)
+            data = np.fromfile(f, dtype=dtype, count=count)
+        if data.size != count:
+            raise SafetensorsError(f"{self.path}: tensor {name!r} is cut short")
+        return data.reshape(shape)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._entries)

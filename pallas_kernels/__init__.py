@@ -1,1 +1,19 @@
-"""Pallas GPU kernels and their plain-jnp references; array-level code only (no lorax imports)."""
+"""Pallas GPU kernels and their plain-jnp references; array-level code only (no lorax imports).
+
+Each op picks its compiled kernel on GPU and its reference elsewhere; ``impl=`` and
+``interpret=`` force either (see ``pallas_kernels._backend``).
+"""
+
+from pallas_kernels.flash_attention import attention_reference, flash_attention
+from pallas_kernels.nf4 import NF4Tensor, dequantize_nf4, quantize_nf4
+from pallas_kernels.nf4_matmul import nf4_lora_matmul, nf4_lora_matmul_reference
+
+__all__ = [
+    "NF4Tensor",
+    "attention_reference",
+    "dequantize_nf4",
+    "flash_attention",
+    "nf4_lora_matmul",
+    "nf4_lora_matmul_reference",
+    "quantize_nf4",
+]

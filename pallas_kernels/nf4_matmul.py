@@ -294,15 +294,18 @@ def nf4_dequantize(
         if choice.use_kernel and (impl is not None or interpret is not None):
             raise ValueError(f"no Pallas NF4 decode for {why}; use impl='reference'")
         return dequantize_nf4(w, dtype)
+    config = NF4MatmulConfig() if config is None else config
+    if not batch:
+        return _decode_kernel(w, dtype, config, choice.interpret)
     count = numel
     for d in batch:
         count *= int(d)
     flat = _k.dequantize_pallas(
         w.packed.reshape(-1),
-        _absmax_f32(w).reshape(-1),
+        _absmax_f32(w).reshape(-1),  # per-layer offsets: decoded here, not in the kernel
         (count,),
         dtype,
-        config=NF4MatmulConfig() if config is None else config,
+        config=config,
         interpret=choice.interpret,
     )
     return flat.reshape(*batch, *w.shape)
@@ -361,19 +364,24 @@ def _rows(w: NF4Tensor) -> tuple[Array, Array]:
     return w.packed.reshape(n, k // 2), _absmax_f32(w).reshape(n, k // _k.QBLOCK)
 
 
+def _decode_kernel(w: NF4Tensor, dtype: Any, config: NF4MatmulConfig, interpret: bool) -> Array:
+    """One layer's W decoded by the Pallas kernel (absmax decoded where ``config`` says)."""
+    if config.absmax_decode == "kernel" and w.nested_absmax is not None:
+        return _k.dequantize_pallas(
+            w.packed, w.absmax, tuple(w.shape), dtype, config=config, interpret=interpret,
+            nested=(w.nested_absmax, w.offset, w.nested_blocksize),
+        )  # fmt: skip
+    return _k.dequantize_pallas(
+        w.packed, _absmax_f32(w), tuple(w.shape), dtype, config=config, interpret=interpret
+    )
+
+
 def _dense_weight(plan: NF4MatmulPlan, w: Any, dtype: Any) -> Array:
     """W in the compute dtype for the variants that hand a dense W to XLA's dot."""
     if not isinstance(w, NF4Tensor):
         return w.astype(dtype)
     if plan.variant == "dequant_then_dot":
-        return _k.dequantize_pallas(
-            w.packed,
-            _absmax_f32(w),
-            tuple(w.shape),
-            dtype,
-            config=plan.config,
-            interpret=plan.interpret,
-        )
+        return _decode_kernel(w, dtype, plan.config, plan.interpret)
     return dequantize_nf4(w, dtype)
 
 

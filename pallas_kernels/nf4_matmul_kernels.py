@@ -28,10 +28,13 @@ Decoding a tile, and why it looks the way it does:
   ``tl.interleave`` does), a register shuffle, not a memory round trip.
 * The value is ``code_value * absmax`` in float32, rounded once to the compute dtype, which
   is bit-for-bit what the jnp reference (``dequantize_nf4``) produces.
-* absmax arrives as float32 (decoded per call from the double-quantized uint8 codes by the
-  wrapper: ``numel/64`` floats, a few microseconds). Decoding it in-kernel would need a
-  256-entry table gather (the signed dynamic map), which has no gather-free equivalent as
-  cheap as that XLA fusion.
+* absmax: the fused kernels take float32 scales, decoded per call from double-quantized
+  uint8 codes by a small XLA fusion in the wrapper (``numel/64`` floats). The dequant kernel
+  can instead decode them itself (``NF4MatmulConfig.absmax_decode="kernel"``): a gather from
+  the 256-entry dynamic code book, times the program's one nested scale, plus the offset.
+  That reads 1 byte per block instead of 4 and saves a launch; the benchmark weighs it. The
+  compiler may contract the multiply-add into an FMA, so a scale can differ from
+  ``dequantize_absmax``'s by one float32 ulp (as XLA:GPU's own fusion may).
 
 Lowering: the kernels use the blocked-tensor style (``jnp.dot`` on loaded tiles), which the
 Pallas Triton backend implements and Mosaic GPU's ``pallas_call`` lowering does not (it has no
@@ -56,7 +59,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels import _backend
-from pallas_kernels.nf4 import NF4_CODE
+from pallas_kernels.nf4 import DYNAMIC_CODE, NF4_CODE
 
 Array = jax.Array
 
@@ -92,6 +95,9 @@ class NF4MatmulConfig:
     (256) is that estimate, to be replaced by the crossover ``scripts/bench_nf4_matmul.py``
     measures.
     ``lookup``: ``"select"`` or ``"table"``, how a 4-bit code becomes its value (module doc).
+    ``absmax_decode``: ``"wrapper"`` or ``"kernel"``, where the dequant kernel gets the
+    float32 scales of a double-quantized W (module doc; the fused kernels always use the
+    wrapper's).
 
     Forward ``y = x·Wᵀ`` (fused): ``block_m × block_n`` output tiles, K walked in ``block_k``
     steps (a multiple of 64 so absmax blocks never straddle a step); ``group_m`` row-tiles
@@ -118,6 +124,7 @@ class NF4MatmulConfig:
     variant: str = "auto"
     fused_max_m: int = 256
     lookup: str = "select"
+    absmax_decode: str = "wrapper"
     block_m: int = 128
     block_n: int = 128
     block_k: int = 64
@@ -145,6 +152,10 @@ class NF4MatmulConfig:
         _check_pow2("dequant_rows", self.dequant_rows, 1)
         if self.lookup not in ("select", "table"):
             raise ValueError(f"lookup must be 'select' or 'table'; got {self.lookup!r}")
+        if self.absmax_decode not in ("wrapper", "kernel"):
+            raise ValueError(
+                f"absmax_decode must be 'wrapper' or 'kernel'; got {self.absmax_decode!r}"
+            )
         if self.group_m < 1:
             raise ValueError(f"group_m must be >= 1; got {self.group_m}")
 
@@ -509,9 +520,16 @@ def fused_matmul_nn(
 # --------------------------------------------------------------------------------------
 
 
-def _dequant_kernel(*refs: Any, has_table: bool) -> None:
-    table_ref, (packed_ref, absmax_ref, out_ref) = _split_table(has_table, refs)
-    out_ref[...] = dequant_tile(packed_ref[...], absmax_ref[...], out_ref.dtype, table_ref)
+def _dequant_kernel(*refs: Any, has_table: bool, nested_rows: int | None) -> None:
+    table_ref, refs = _split_table(has_table, refs)
+    if nested_rows is None:
+        packed_ref, absmax_ref, out_ref = refs
+        absmax = absmax_ref[...]
+    else:  # double-quantized: absmax = code_book[code] * nested[block // 256] + offset
+        dynamic_ref, nested_ref, offset_ref, packed_ref, codes_ref, out_ref = refs
+        nested = nested_ref[pl.program_id(0) // nested_rows]  # one nested block per program
+        absmax = dynamic_ref[codes_ref[...].astype(jnp.int32)] * nested + offset_ref[0]
+    out_ref[...] = dequant_tile(packed_ref[...], absmax, out_ref.dtype, table_ref)
 
 
 def dequantize_pallas(
@@ -522,12 +540,16 @@ def dequantize_pallas(
     *,
     config: NF4MatmulConfig,
     interpret: bool,
+    nested: tuple[Array, Array, int] | None = None,
 ) -> Array:
     """Decodes flat NF4 bytes into a dense array of ``shape`` and ``dtype``.
 
     Works on the flat element order, one absmax block (64 weights, 32 bytes) per row of a
     ``[nblocks, 64]`` view, so any shape works (blocks may straddle rows of W). Copies only
     when the element count is not a multiple of ``64 × rows-per-program``.
+
+    ``absmax`` is float32 scales, or, with ``nested = (nested_absmax, offset,
+    nested_blocksize)``, the uint8 double-quantization codes, decoded in the kernel.
     """
     numel = int(np.prod(shape))
     nblocks = absmax.shape[0]
@@ -537,16 +559,34 @@ def dequantize_pallas(
             f"got packed {packed.shape}, absmax {absmax.shape}"
         )
     rows = _fit(nblocks, config.dequant_rows, min(_MIN_DOT, config.dequant_rows))
+    nested_rows = None
+    if nested is not None:
+        nested_absmax, offset, nested_blocksize = nested
+        if nested_blocksize % rows:
+            raise ValueError(f"{rows} blocks per program must divide {nested_blocksize}")
+        nested_rows = nested_blocksize // rows
     nb_pad = _round_up(nblocks, rows)
     packed2d = _pad(packed, (nb_pad * QBLOCK // 2,)).reshape(nb_pad, QBLOCK // 2)
-    absmax2d = _pad(absmax.astype(jnp.float32), (nb_pad,)).reshape(nb_pad, 1)
     table = _table_operand(config)
+    operands = [t for t, _ in table]
+    in_specs = [s for _, s in table]
+    if nested is None:
+        absmax2d = _pad(absmax.astype(jnp.float32), (nb_pad,)).reshape(nb_pad, 1)
+    else:
+        absmax2d = _pad(absmax, (nb_pad,)).reshape(nb_pad, 1)
+        extra = [
+            jnp.asarray(np.asarray(DYNAMIC_CODE, np.float32)),
+            nested_absmax.astype(jnp.float32),
+            jnp.reshape(offset, (1,)).astype(jnp.float32),
+        ]
+        operands += extra
+        in_specs += [pl.BlockSpec(a.shape, lambda i: (0,)) for a in extra]
     out = pl.pallas_call(
-        functools.partial(_dequant_kernel, has_table=bool(table)),
+        functools.partial(_dequant_kernel, has_table=bool(table), nested_rows=nested_rows),
         out_shape=jax.ShapeDtypeStruct((nb_pad, QBLOCK), dtype),
         grid=(nb_pad // rows,),
-        in_specs=[s for _, s in table]
-        + [
+        in_specs=[
+            *in_specs,
             pl.BlockSpec((rows, QBLOCK // 2), lambda i: (i, 0)),
             pl.BlockSpec((rows, 1), lambda i: (i, 0)),
         ],
@@ -554,7 +594,7 @@ def dequantize_pallas(
         compiler_params=_compiler_params(interpret, config.dequant_num_warps, 1),
         interpret=interpret,
         name="nf4_dequantize",
-    )(*[t for t, _ in table], packed2d, absmax2d)
+    )(*operands, packed2d, absmax2d)
     flat = out.reshape(-1)
     if flat.shape[0] != numel:
         flat = flat[:numel]

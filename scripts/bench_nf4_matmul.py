@@ -2,7 +2,7 @@
 
 Usage (GPU, one call, about 5-6 minutes including compiles)::
 
-    python scripts/bench_nf4_matmul.py --json bench/results/nf4_matmul.json
+    python scripts/bench_nf4_matmul.py --json out/bench_nf4_matmul.json
 
 CPU smoke test (interpret mode, tiny shapes; checks the script, not speed)::
 
@@ -20,10 +20,11 @@ Variants (LoRA r=16 on, bf16 activations, f32 LoRA weights, double-quantized NF4
   ``dequant[table]`` the same with the table-gather decode.
 Extras (at the middle M): the Pallas variants on a W whose absmax is stored in float32, so
 the difference to the main rows is the per-call decode of the double-quantized absmax (an
-upper bound on what decoding it inside the kernels could save); alternative fused tiles (two
-largest shapes); small-M rows on the widest shape (the fused vs dequant crossover that
-``NF4MatmulConfig.fused_max_m`` should be set from); and the decode alone (Pallas vs XLA,
-two largest shapes) as bandwidth.
+upper bound on what decoding it inside the kernels could save), and the dequant variant
+decoding it inside its kernel (``absmax_decode="kernel"``), the other way to pay for it;
+alternative fused tiles (two largest shapes); small-M rows on the widest shape (the fused vs
+dequant crossover that ``NF4MatmulConfig.fused_max_m`` should be set from); and the decode
+alone (Pallas vs XLA, two largest shapes) as bandwidth.
 
 Order: correctness at full size first (each variant's forward and gradients dx, dA, dB against
 ``nf4_lora_matmul_reference``, the autodiff definition, on the same inputs; relative error =
@@ -87,6 +88,7 @@ _NT = (((1,), (1,)), ((), ()))
 MAIN = ["bf16_dot", "lora16", "reference", "fused", "fused[table]", "dequant", "dequant[table]"]
 PALLAS = ["fused", "fused[table]", "dequant", "dequant[table]"]
 F32_ABSMAX = ["fused[f32 absmax]", "dequant[f32 absmax]"]
+ABSMAX_IN_KERNEL = ["dequant[dq in kernel]", "dequant[table,dq in kernel]"]
 ALT_FUSED = {
     "fused[bm64,w4]": dict(block_m=64, num_warps=4, bwd_block_m=64, bwd_num_warps=4),
     "fused[bk128,s3]": dict(block_k=128, num_stages=3, bwd_block_n=32, bwd_num_stages=3),
@@ -209,6 +211,11 @@ def build_variants(interpret: bool, base: dict[str, Any]) -> dict[str, tuple[Any
         "dequant[table]": (*_op_fns(op_with(**dequant, **table)), "dq"),
         "fused[f32 absmax]": (*_op_fns(op_with(**fused)), "f32absmax"),
         "dequant[f32 absmax]": (*_op_fns(op_with(**dequant)), "f32absmax"),
+        "dequant[dq in kernel]": (*_op_fns(op_with(**dequant, absmax_decode="kernel")), "dq"),
+        "dequant[table,dq in kernel]": (
+            *_op_fns(op_with(**dequant, **table, absmax_decode="kernel")),
+            "dq",
+        ),
     }
     for name, cfg in ALT_FUSED.items():
         variants[name] = (*_op_fns(op_with(**fused, **cfg)), "dq")
@@ -271,6 +278,26 @@ class Bench:
         self.weights: dict[str, Any] = {}
         self.reps = 1 if args.interpret else (3 if args.quick else args.reps)
         self.max_calls = 1 if args.interpret else args.max_calls
+        self.json_header: dict[str, Any] = {}
+
+    def save(self, final: bool = False) -> None:
+        """Writes everything so far to ``--json`` (after every row: a killed run keeps its rows)."""
+        if not self.args.json:
+            return
+        os.makedirs(os.path.dirname(os.path.abspath(self.args.json)), exist_ok=True)
+        doc = dict(
+            self.json_header,
+            complete=final,
+            seconds=time.perf_counter() - self.start,
+            checks=self.checks,
+            rows=self.rows,
+            skipped=self.skipped,
+        )
+        with open(self.args.json + ".tmp", "w") as f:
+            json.dump(doc, f, indent=1)
+        os.replace(self.args.json + ".tmp", self.args.json)
+        if final:
+            print(f"wrote {self.args.json}")
 
     def over_budget(self, label: str) -> bool:
         if time.perf_counter() - self.start > self.args.budget_s:
@@ -308,6 +335,7 @@ class Bench:
             except Exception as e:  # noqa: BLE001 - report and go on
                 row["error"] = _short(e)
             self.checks.append(row)
+            self.save()
             errs = " ".join(
                 f"{c}={row[c]:.1e}" for c in ("y", "y_bwd", "dx", "da", "db") if c in row
             )
@@ -345,6 +373,7 @@ class Bench:
                     row["error"] = _short(e)
                     line = f"FAILED: {row['error']}"
                 self.rows.append(row)
+                self.save()
                 print(f"{k:>5}×{n:<6} {m:>6} {mode:<8} {name:<20} {line}", flush=True)
 
     def lookup(self, k: int, n: int, m: int, mode: str, variant: str) -> float | None:
@@ -363,12 +392,20 @@ class Bench:
             "pallas[table]": lambda w: nf4_dequantize(
                 w, jnp.bfloat16, config=NF4MatmulConfig(**base, lookup="table"), **interp
             ),
+            "pallas[table,dq in kernel]": lambda w: nf4_dequantize(
+                w,
+                jnp.bfloat16,
+                config=NF4MatmulConfig(**base, lookup="table", absmax_decode="kernel"),
+                **interp,
+            ),
         }
         jitted = {name: jax.jit(fn) for name, fn in decoders.items()}
         for k, n in shapes:
             for dq in (True, False):
                 w = random_nf4(jax.random.key(2), n, k, dq)
                 for name, fn in jitted.items():
+                    if not dq and "dq in kernel" in name:
+                        continue  # nothing to decode
                     label = f"decode {k}×{n} {'dq' if dq else 'f32 absmax'} {name}"
                     if self.over_budget(label):
                         continue
@@ -386,7 +423,8 @@ class Bench:
                         row["error"] = _short(e)
                         line = f"FAILED: {row['error']}"
                     self.rows.append(row)
-                    print(f"  {label:<44} {line}", flush=True)
+                    self.save()
+                    print(f"  {label:<52} {line}", flush=True)
 
 
 HEADER = (
@@ -397,10 +435,10 @@ HEADER = (
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="2 shapes, 1 M, fewer extras")
+    p.add_argument("--quick", action="store_true", help="2 shapes, 1 M, fewer checks/extras")
     p.add_argument("--tiny", action="store_true", help="tiny shapes (CPU smoke test)")
     p.add_argument("--interpret", action="store_true", help="Pallas interpret mode (CPU)")
-    p.add_argument("--json", metavar="PATH", help="write all rows as JSON")
+    p.add_argument("--json", metavar="PATH", help="write all rows as JSON (after every row)")
     p.add_argument("--ms", help="comma-separated M values (default 4096,8192,16384)")
     p.add_argument("--variants", help="comma-separated subset of the main variants to time")
     p.add_argument("--reps", type=int, default=5)
@@ -423,7 +461,7 @@ def main() -> int:
     ms = TINY_MS if args.tiny else LLAMA_MS
     small_ms = TINY_SMALL_MS if args.tiny else SMALL_MS
     if args.quick:
-        shapes, ms = shapes[-2:], ms[1:2]
+        shapes, ms, small_ms = shapes[-2:], ms[1:2], small_ms[:1]
     if args.ms:
         ms = [int(v) for v in args.ms.split(",")]
     ms = [ms[len(ms) // 2]] + [m for i, m in enumerate(ms) if i != len(ms) // 2]
@@ -433,8 +471,21 @@ def main() -> int:
         keep = set(args.variants.split(",")) | {"bf16_dot", "reference"}
         main_names = [v for v in MAIN if v in keep]
     pallas = [v for v in main_names if v in PALLAS]
+    extras = [] if args.no_extras else [*F32_ABSMAX, *ABSMAX_IN_KERNEL]
+    if args.quick:
+        extras = extras[:1] + extras[2:3]  # fused[f32 absmax], dequant[dq in kernel]
+    big = sorted(shapes, key=lambda s: s[0] * s[1])[-2:]
     bench = Bench(args, build_variants(args.interpret, base))
-    print(f"default config: {NF4MatmulConfig(**base)}")
+    header = dict(
+        jax=jax.__version__,
+        device=dev.device_kind,
+        backend=jax.default_backend(),
+        date=datetime.datetime.now().isoformat(timespec="seconds"),
+        argv=sys.argv[1:],
+        default_config=str(NF4MatmulConfig(**base)),
+    )
+    bench.json_header = header
+    print(f"default config: {header['default_config']}")
     print(
         f"shapes K×N {shapes}, M {ms} (first one first, then extras), LoRA r={RANK}, "
         f"bf16 x, f32 LoRA weights, reps {bench.reps}, budget {args.budget_s:.0f} s"
@@ -447,21 +498,20 @@ def main() -> int:
             if bench.over_budget(f"K×N {k}×{n} M {m} (all)") or not (inp := bench.inputs(m, k, n)):
                 continue
             if i == 0:
-                checked = ["lora16", "reference", *pallas] + ([] if args.no_extras else F32_ABSMAX)
-                bench.check(checked, inp, k, n)
+                checked = [] if args.quick else ["lora16", "reference"]
+                bench.check([*checked, *pallas, *extras], inp, k, n)
             print(HEADER)
             bench.time_rows(main_names, inp, k, n)
             del inp
         if i == 0 and not args.no_extras:
-            big = sorted(shapes, key=lambda s: s[0] * s[1])[-2:]
-            print(f"\n== extras at M={m}: f32-stored absmax (no per-call decode), alt tiles ==")
+            print(f"\n== extras at M={m}: f32-stored / in-kernel absmax decode, alt tiles ==")
             for k, n in shapes:
                 if bench.over_budget(f"extras K×N {k}×{n}") or not (inp := bench.inputs(m, k, n)):
                     continue
                 alt = [] if args.quick or (k, n) not in big else list(ALT_FUSED)
                 bench.check(alt, inp, k, n)
                 print(HEADER)
-                bench.time_rows([*F32_ABSMAX, *alt], inp, k, n)
+                bench.time_rows([*extras, *alt], inp, k, n)
                 del inp
             k, n = max(shapes, key=lambda s: s[1])
             print(f"\n== small M on K×N {k}×{n} (fused vs dequant crossover) ==")
@@ -470,7 +520,7 @@ def main() -> int:
                 if inp := bench.inputs(small, k, n):
                     bench.time_rows(["bf16_dot", "reference", *pallas], inp, k, n)
             print("\n== decode alone (bytes = packed + absmax read + bf16 W written) ==")
-            bench.decode_rows(big, base)
+            bench.decode_rows(big[-1:] if args.quick else big, base)
 
     total = time.perf_counter() - bench.start
     if bench.skipped:
@@ -484,26 +534,7 @@ def main() -> int:
         f"\ndone in {total:.0f} s: {len(bench.rows)} timing rows, {len(bench.checks)} checks, "
         f"{len(failures)} failures, {len(bad)} checks over tolerance"
     )
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(
-                dict(
-                    jax=jax.__version__,
-                    device=dev.device_kind,
-                    backend=jax.default_backend(),
-                    date=datetime.datetime.now().isoformat(timespec="seconds"),
-                    argv=sys.argv[1:],
-                    default_config=str(NF4MatmulConfig(**base)),
-                    checks=bench.checks,
-                    rows=bench.rows,
-                    skipped=bench.skipped,
-                    seconds=total,
-                ),
-                f,
-                indent=1,
-            )
-        print(f"wrote {args.json}")
+    bench.save(final=True)
     return 0
 
 

@@ -298,15 +298,17 @@ def load_hf(path: str, quant: bool):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     TIMES["import_s"] = time.perf_counter() - START
-    kwargs = dict(dtype=torch.bfloat16, attn_implementation="sdpa")
+    cuda = torch.cuda.is_available()
+    # CPU (smoke tests only): fp32 compute, since bf16 matmuls are very slow there.
+    kwargs = dict(dtype=torch.bfloat16 if cuda else torch.float32, attn_implementation="sdpa")
     if quant:
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16,
+            bnb_4bit_compute_dtype=kwargs["dtype"],
         )
-    if torch.cuda.is_available():
+    if cuda:
         kwargs["device_map"] = {"": 0}
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -588,7 +590,11 @@ def worker_probe(a) -> None:
     lines from stdin with PROBE lines."""
     once = [float(x) for x in a.probe.split()] if a.probe else None
     cap0 = once[0] if once else 0.0
-    set_cap(cap0)  # imports torch; unsloth is fine with torch first (not transformers)
+    if SYSTEMS[a.system][0] == "unsloth":
+        # Before CUDA starts: importing unsloth sets PYTORCH_ALLOC_CONF=expandable_segments,
+        # which the allocator reads only when it is created.
+        import unsloth  # noqa: F401
+    set_cap(cap0)
     try:
         model = load_system(a.system, a.model_dir, max(8192, int(once[1]) if once else 8192))
         opt, _ = make_optimizer(model)
@@ -922,12 +928,13 @@ def known_bounds(cap: float, probes: list[dict], g: int, max_s: int) -> tuple[in
     return lo, max(hi, lo + g)
 
 
-def next_seq(ok: bool, seq: int, lo: int, hi: int, stride: int, max_s: int, g: int) -> int:
-    """Gallop away from the last probe while one side is unknown, else bisect."""
-    if ok and hi > max_s:
-        return min(seq + stride, max_s)
-    if not ok and lo == 0:
-        return max(seq - stride, g)
+def next_seq(ok: bool, seq: int, lo: int, hi: int, stride: int, g: int, seen: set) -> int:
+    """Gallop away from the last probe until this search has seen both an ok and an OOM (the
+    prediction is usually within a few strides), then bisect. `seen` holds the outcomes."""
+    if ok and False not in seen:
+        return seq + stride
+    if not ok and True not in seen:
+        return seq - stride
     return (lo + hi) // 2 // g * g
 
 
@@ -939,7 +946,8 @@ def search_cap(
     g = a.granularity
     pred = max(g, cost.max_seq(cap) // g * g)
     lo, hi = known_bounds(cap, probes, g, a.max_s)
-    seq, stride, status = min(max(pred, lo + g), hi - g), g, "resolved"
+    seq, stride, status, seen = min(max(pred, lo + g), hi - g), g, "resolved", set()
+    notes: list[str] = []
     while hi - lo > g:
         if not lo < seq < hi:
             seq = (lo + hi) // 2 // g * g
@@ -958,8 +966,12 @@ def search_cap(
         if not r["ok"] and not r["oom"]:
             status = f"error at S={seq}: {r.get('error')}"
             break
+        if r["ok"] and (r.get("peak_reserved_gib") or 0) > cap * 1.01:
+            notes.append(f"cap not enforced: S={seq} reserved {r['peak_reserved_gib']:.2f} GiB")
+            print(f"  WARNING {notes[-1]}", flush=True)
         lo, hi = (seq, hi) if r["ok"] else (lo, seq)
-        seq = next_seq(r["ok"], seq, lo, hi, stride, a.max_s, g)
+        seen.add(r["ok"])
+        seq = next_seq(r["ok"], seq, lo, hi, stride, g, seen)
         stride *= 2
     at_lo = [p for p in probes if p["ok"] and p["seq"] == lo]
     return {
@@ -972,41 +984,42 @@ def search_cap(
         "status": status,
         "peak_mem_gib_at_max": at_lo[-1].get("peak_mem_gib") if at_lo else None,
         "step_s_at_max": at_lo[-1].get("step_s") if at_lo else None,
+        "notes": "; ".join(notes),
     }
 
 
-def run_max_context(a, system: str, deadline: float) -> dict:
-    """Calibrate without a cap in one worker, then search each cap, smallest first."""
-    base = Prober(a, system)
-    probes: list[dict] = []
-    for seq in (int(x) for x in a.calib_seqs.split(",")):
-        r = base.probe(0, seq, max(2, a.probe_steps), deadline)  # 2: the 1st may compile
-        probes.append(r)
+def run_max_context(a, system: str, deadline: float, probes: list[dict]) -> dict:
+    """Calibrate without a cap in one worker, then search each cap, smallest first. Every
+    probe is appended to `probes` as it happens, so a failure keeps what was measured."""
+    base = prober = Prober(a, system)
+    try:
+        for seq in (int(x) for x in a.calib_seqs.split(",")):
+            r = base.probe(0, seq, max(2, a.probe_steps), deadline)  # 2: the 1st may compile
+            probes.append(r)
+            print(
+                f"  calibrate S={seq:>6}: {'ok' if r['ok'] else r.get('error')}  peak "
+                f"{r.get('peak_mem_gib') or 0:.2f} GiB  step {r.get('step_s') or 0:.2f}s",
+                flush=True,
+            )
+        cost = CostModel(probes)
         print(
-            f"  calibrate S={seq:>6}: {'ok' if r['ok'] else r.get('error')}  peak "
-            f"{r.get('peak_mem_gib') or 0:.2f} GiB  step {r.get('step_s') or 0:.2f}s",
+            f"  fit: peak GiB = {cost.mem[0]:.2f} + S x {cost.mem[1] * 2**20:.1f} KiB; "
+            f"step s = S x ({cost.time[0]:.3e} + {cost.time[1]:.3e} S)",
             flush=True,
         )
-    cost = CostModel(probes)
-    print(
-        f"  fit: peak GiB = {cost.mem[0]:.2f} + S x {cost.mem[1] * 2**20:.1f} KiB; "
-        f"step s = S x ({cost.time[0]:.3e} + {cost.time[1]:.3e} S)",
-        flush=True,
-    )
-    prober = base
-    if a.isolate_probes:
+        if a.isolate_probes:
+            base.close()  # frees the GPU for the fresh processes
+            prober = IsolatedProber(a, system)
+            prober.startup_s = base.info.get("startup_s", 90.0)
+        rows = [
+            dict(search_cap(cap, prober, cost, probes, a, deadline), system=system)
+            for cap in sorted(a.caps)
+        ]
+    finally:
+        prober.close()
         base.close()
-        prober = IsolatedProber(a, system)
-        prober.startup_s = base.info.get("startup_s", 90.0)
-    rows = [
-        dict(search_cap(cap, prober, cost, probes, a, deadline), system=system)
-        for cap in sorted(a.caps)
-    ]
-    prober.close()
-    base.close()
     return {
         "rows": rows,
-        "probes": probes,
         "info": base.info,
         "calibration": {"mem_gib": list(cost.mem), "time_s": list(cost.time)},
     }
@@ -1143,14 +1156,16 @@ def main(argv=None) -> None:
             calibration={},
         )
         for system in a.systems:
+            probes: list[dict] = []
             try:
-                res = run_max_context(a, system, deadline)
+                res = run_max_context(a, system, deadline, probes)
             except Exception as e:  # never let one system take the other down
                 print(f"[{system}] max-context failed: {e!r}", flush=True)
-                out["rows"].append({"system": system, "error": repr(e)})
-                continue
+                res = {"rows": [{"system": system, "error": repr(e)[:500]}], "info": {}}
+            out["probes"] += [dict(p, system=system) for p in probes]
             out["rows"] += res["rows"]
-            out["probes"] += [dict(p, system=system) for p in res["probes"]]
+            if "calibration" not in res:
+                continue
             out["calibration"][system] = res["calibration"]
             out["device"] = out["device"] or res["info"].get("device")
         print_max_context([r for r in out["rows"] if "cap_gib" in r])

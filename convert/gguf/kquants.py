@@ -51,7 +51,7 @@ def quantize_k(rows: jax.Array | np.ndarray, tensor_type: GGMLQuantizationType) 
         size = part.shape[0]
         padded = min(chunk, max(64, 1 << (size - 1).bit_length()))  # few compiled shapes
         part = jnp.pad(part, ((0, padded - size), (0, 0)))
-        fields = encoder(part, f32(63.0))
+        fields = encoder(part, f32(63.0), f32(1.0))
         out[start : start + size] = _assemble(fields)[:size]
     return out.reshape(rows.shape[0], -1)
 
@@ -92,6 +92,17 @@ def _seq_sum(*terms: jax.Array) -> jax.Array | tuple[jax.Array, ...]:
     return tuple(total) if len(terms) > 1 else total
 
 
+def _rounded(one: jax.Array, *products: jax.Array) -> tuple[jax.Array, ...]:
+    """``products`` each rounded to float32 before anything adds to them.
+
+    C evaluates ``a*b + c`` as two rounded operations, but XLA fuses it into one FMA, which
+    changes last bits and, through them, which candidate wins. Multiplying by a 1 that is
+    only known at run time keeps the product a separate rounded value (an FMA of it with 1
+    rounds like the plain add); an optimization barrier does not.
+    """
+    return tuple(p * one for p in products)
+
+
 def _round_clip(x: jax.Array, lo: int, hi: int) -> jax.Array:
     return jnp.clip(jnp.rint(x), lo, hi).astype(jnp.int32)
 
@@ -125,7 +136,8 @@ def _f32_table(values: list[float]) -> jax.Array:
 
 
 def _search_scale_min(
-    x: jax.Array, w: jax.Array, nmax: int, rmin: float, rdelta: float, nstep: int
+    x: jax.Array, w: jax.Array, one: jax.Array, nmax: int, rmin: float, rdelta: float,
+    nstep: int,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """ggml's ``make_qkx2_quants`` on sub-blocks ``x [n, ...]`` with weights ``w``.
 
@@ -146,7 +158,8 @@ def _search_scale_min(
     iscale = nmax / span
     scale0 = 1.0 / iscale
     q0 = levels(iscale, lo)
-    diff = scale0 * q0 + lo - x
+    (sq,) = _rounded(one, scale0 * q0)
+    diff = sq + lo - x
     error0 = _seq_sum(w * (diff * diff))
     numerators = _f32_table(
         [np.float32(rmin) + np.float32(rdelta) * np.float32(i) + np.float32(nmax)
@@ -158,13 +171,16 @@ def _search_scale_min(
         q = levels(numerators[i] / jnp.where(flat, 1.0, hi - mn_best), mn_best)
         wl = w * q
         sum_l, sum_l2, sum_xl = _seq_sum(wl, wl * q, wl * x)
-        det = sum_w * sum_l2 - sum_l * sum_l
-        scale = (sum_w * sum_xl - sum_x * sum_l) / det
-        mn = (sum_l2 * sum_x - sum_l * sum_xl) / det
+        p = _rounded(one, sum_w * sum_l2, sum_l * sum_l, sum_w * sum_xl, sum_x * sum_l,
+                     sum_l2 * sum_x, sum_l * sum_xl)
+        det = p[0] - p[1]
+        scale = (p[2] - p[3]) / det
+        mn = (p[4] - p[5]) / det
         clamped = mn > 0
         scale = jnp.where(clamped, sum_xl / sum_l2, scale)
         mn = jnp.where(clamped, 0.0, mn)
-        diff = scale * q + mn - x
+        (sq,) = _rounded(one, scale * q)
+        diff = sq + mn - x
         error = _seq_sum(w * (diff * diff))
         better = (det > 0) & (error < error_best)
         return tuple(
@@ -178,14 +194,15 @@ def _search_scale_min(
 
 
 def _affine_superblocks(
-    x: jax.Array, c63: jax.Array, nmax: int, rmin: float, rdelta: float, nstep: int
+    x: jax.Array, c63: jax.Array, one: jax.Array, nmax: int, rmin: float, rdelta: float,
+    nstep: int,
 ) -> tuple[jax.Array, ...]:
     """Q4_K/Q5_K common part: (d bits, dmin bits, packed scales, levels [B, 8, 32])."""
     n_sub = QK_K // 32
     xs = x.reshape(-1, 32).T  # [32, B·8]
     av_x = jnp.sqrt(_seq_sum(xs * xs) / 32)
     weights = av_x + jnp.abs(xs)
-    levels, scales, mins = _search_scale_min(xs, weights, nmax, rmin, rdelta, nstep)
+    levels, scales, mins = _search_scale_min(xs, weights, one, nmax, rmin, rdelta, nstep)
     scales, mins = scales.reshape(-1, n_sub), mins.reshape(-1, n_sub)
 
     max_scale = jnp.maximum(jnp.max(scales, -1), 0.0)
@@ -200,7 +217,7 @@ def _affine_superblocks(
     # Re-quantize against the scales as stored (float16 d times 6-bit sc). A sub-block
     # whose stored scale is 0 keeps the search's levels, as in the reference.
     dd = (d.astype(f32)[:, None] * ls.astype(f32)).reshape(-1)
-    dm = (dmin.astype(f32)[:, None] * lm.astype(f32)).reshape(-1)
+    (dm,) = _rounded(one, (dmin.astype(f32)[:, None] * lm.astype(f32)).reshape(-1))
     requantized = _round_clip((xs + dm) / dd, 0, nmax)
     levels = jnp.where(dd == 0, levels, requantized).T.reshape(-1, n_sub, 32)
 
@@ -222,14 +239,14 @@ def _low_nibbles(levels: jax.Array) -> jax.Array:
 
 
 @jax.jit
-def _encode_q4_k(x: jax.Array, c63: jax.Array) -> tuple[jax.Array, ...]:
-    d, dmin, scales, levels = _affine_superblocks(x, c63, 15, -1.0, 0.1, 20)
+def _encode_q4_k(x: jax.Array, c63: jax.Array, one: jax.Array) -> tuple[jax.Array, ...]:
+    d, dmin, scales, levels = _affine_superblocks(x, c63, one, 15, -1.0, 0.1, 20)
     return d, dmin, scales, _low_nibbles(levels).astype(jnp.uint8)
 
 
 @jax.jit
-def _encode_q5_k(x: jax.Array, c63: jax.Array) -> tuple[jax.Array, ...]:
-    d, dmin, scales, levels = _affine_superblocks(x, c63, 31, -0.5, 0.1, 15)
+def _encode_q5_k(x: jax.Array, c63: jax.Array, one: jax.Array) -> tuple[jax.Array, ...]:
+    d, dmin, scales, levels = _affine_superblocks(x, c63, one, 31, -0.5, 0.1, 15)
     # Fifth bits: bit s of byte l is the high bit of sub-block s's value l.
     shifts = jnp.arange(QK_K // 32, dtype=jnp.int32)[None, :, None]
     high = jnp.sum(((levels >> 4) & 1) << shifts, axis=1)
@@ -275,8 +292,8 @@ def _search_symmetric(x: jax.Array, nmax: int) -> tuple[jax.Array, jax.Array]:
 
 
 @jax.jit
-def _encode_q6_k(x: jax.Array, c63: jax.Array) -> tuple[jax.Array, ...]:
-    del c63  # Q6_K divides by no literal
+def _encode_q6_k(x: jax.Array, c63: jax.Array, one: jax.Array) -> tuple[jax.Array, ...]:
+    del c63, one  # Q6_K divides by no literal and adds to no product
     n_sub = QK_K // 16
     xs = x.reshape(-1, 16).T  # [16, B·16]
     levels, scales = _search_symmetric(xs, 32)

@@ -180,6 +180,12 @@ def _llama3_from_factors(factors: np.ndarray, theta: float, head_dim: int, sourc
 # ----------------------------------------------------------------------------- import
 
 
+def _f32(value: Any) -> float:
+    """A FLOAT32 key as the decimal it was written from (1e-05, not 9.999999747378752e-06):
+    the shortest decimal that rounds to the same float32."""
+    return float(str(np.float32(value)))
+
+
 def config_from_gguf(f: GGUFFile) -> dict[str, Any]:
     """A Hugging Face ``config.json`` dict for the model in ``f``."""
     arch = arch_named(f.architecture, f.path)
@@ -217,7 +223,7 @@ def config_from_gguf(f: GGUFFile) -> dict[str, Any]:
         "num_key_value_heads": int(key("attention.head_count_kv", heads)),
         "head_dim": head_dim,
         "hidden_act": "silu",
-        "rms_norm_eps": float(key("attention.layer_norm_rms_epsilon", 1e-5)),
+        "rms_norm_eps": _f32(key("attention.layer_norm_rms_epsilon", 1e-5)),
         "max_position_embeddings": int(key("context_length", 2048)),
         "tie_word_embeddings": "output.weight" not in f,
         "bos_token_id": f.get("tokenizer.ggml.bos_token_id"),
@@ -227,7 +233,7 @@ def config_from_gguf(f: GGUFFile) -> dict[str, Any]:
     if arch.name == "llama":
         hf["attention_bias"] = "blk.0.attn_q.bias" in f
         hf["mlp_bias"] = "blk.0.ffn_gate.bias" in f
-    hf.update(_rope_from_gguf(f, a, head_dim, float(key("rope.freq_base", 10000.0))))
+    hf.update(_rope_from_gguf(f, a, head_dim, _f32(key("rope.freq_base", 10000.0))))
     hf.update(_window_from_gguf(f, a, layers))
     return hf
 
@@ -238,9 +244,9 @@ def _rope_from_gguf(f: GGUFFile, a: str, head_dim: int, theta: float) -> dict[st
     factor = f.get(f"{a}.rope.scaling.factor", f.get(f"{a}.rope.scale_linear"))
     params: dict[str, Any] = {}
     if scaling_type == "linear" or (scaling_type == "none" and factor not in (None, 0, 1)):
-        params = {"rope_type": "linear", "factor": float(factor)}
+        params = {"rope_type": "linear", "factor": _f32(factor)}
     elif scaling_type == "yarn":
-        factor = float(factor)
+        factor = _f32(factor)
         params = {
             "rope_type": "yarn",
             "factor": factor,
@@ -248,12 +254,12 @@ def _rope_from_gguf(f: GGUFFile, a: str, head_dim: int, theta: float) -> dict[st
                 f.get(f"{a}.rope.scaling.original_context_length",
                       f.get(f"{a}.context_length", 2048))
             ),
-            "beta_fast": float(f.get(f"{a}.rope.scaling.yarn_beta_fast", 32.0)),
-            "beta_slow": float(f.get(f"{a}.rope.scaling.yarn_beta_slow", 1.0)),
+            "beta_fast": _f32(f.get(f"{a}.rope.scaling.yarn_beta_fast", 32.0)),
+            "beta_slow": _f32(f.get(f"{a}.rope.scaling.yarn_beta_slow", 1.0)),
         }
         extra = f.get(f"{a}.rope.scaling.attn_factor")
         if extra is not None and not math.isclose(extra, 1.0, rel_tol=1e-6):
-            params["attention_factor"] = float(extra) * _mscale(factor)
+            params["attention_factor"] = _f32(extra) * _mscale(factor)
     elif scaling_type not in ("none", "linear"):
         raise GGUFError(f"{f.path}: unsupported RoPE scaling type {scaling_type!r}")
     if ROPE_FREQS in f:

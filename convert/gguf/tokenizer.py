@@ -95,8 +95,8 @@ def tokenizer_metadata(tokenizer: Any, vocab_size: int) -> dict[str, KV]:
     tokens, types = [], []
     for i in range(vocab_size):
         token = by_id.get(i)
-        if token is None:
-            tokens.append(f"[PAD{i}]")
+        if token is None or token == _padding_name(i):
+            tokens.append(_padding_name(i))
             types.append(TokenType.UNUSED)
         elif i in added:
             tokens.append(token)
@@ -127,6 +127,12 @@ def tokenizer_metadata(tokenizer: Any, vocab_size: int) -> dict[str, KV]:
     kv["tokenizer.ggml.add_eos_token"] = boolean(add_eos)
     kv.update(_chat_templates(getattr(tokenizer, "chat_template", None)))
     return kv
+
+
+def _padding_name(token_id: int) -> str:
+    """llama.cpp's name for an embedding row no token uses (vocabularies padded to a multiple
+    of 64 or 128); a tokenizer read back from a GGUF keeps these names."""
+    return f"[PAD{token_id}]"
 
 
 def _find(node: Any, type_name: str) -> dict[str, Any] | None:

@@ -1,0 +1,78 @@
+"""Merges bench_train.py and bench_torch.py outputs into scripts/results/bench_train.json.
+
+"lorax" is the fastest lorax configuration whose peak device memory is within 24 GiB;
+"lorax_lowmem" the one with the least peak memory (ties: the faster). Rows from the PyTorch
+side are copied as they are.
+
+    python scripts/publish_results.py --lorax train.json --torch torch.json --commit SHA
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+MEMORY_CAP_GIB = 24.0
+WORKLOAD = "NF4 double-quant base, LoRA r16 a16 on all 7 projections (f32), AdamW"
+
+
+def lorax_rows(path: str) -> tuple[list[dict], dict]:
+    with open(path) as f:
+        data = json.load(f)
+    ok = [r for r in data["rows"] if "error" not in r]
+    out = []
+    for shape in sorted({r["shape"] for r in ok}):
+        runs = [r for r in ok if r["shape"] == shape]
+        within = [r for r in runs if r["peak_mem_gib"] <= MEMORY_CAP_GIB]
+        fastest = max(within, key=lambda r: r["tokens_per_s"])
+        leanest = min(runs, key=lambda r: (round(r["peak_mem_gib"], 2), -r["tokens_per_s"]))
+        for system, r in (("lorax", fastest), ("lorax_lowmem", leanest)):
+            out.append(
+                {
+                    "system": system,
+                    "shape": shape,
+                    "tokens_per_s": round(r["tokens_per_s"], 1),
+                    "peak_mem_gib": round(r["peak_mem_gib"], 2),
+                    "config": f"{WORKLOAD}; remat={r['remat']}, attention={r['attention']}",
+                    "notes": f"median of {r['steps_timed']} steps "
+                    f"({r['median_step_s'] * 1e3:.0f} ms); "
+                    f"MFU {r['mfu']:.3f} counting lorax.train.flops; start to first step "
+                    f"{r['start_to_first_step_s']:.1f} s; first loss {r['first_loss']:.4f}",
+                }
+            )
+    return out, data
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--lorax", required=True)
+    p.add_argument("--torch", default=None)
+    p.add_argument("--commit", required=True)
+    p.add_argument(
+        "--out", default=os.path.join(os.path.dirname(__file__), "results", "bench_train.json")
+    )
+    a = p.parse_args()
+    rows, data = lorax_rows(a.lorax)
+    if a.torch:
+        with open(a.torch) as f:
+            rows += json.load(f)["rows"]
+    result = {
+        "device": data["device"],
+        "date": data["date"],
+        "commit": a.commit,
+        "jax": data.get("jax"),
+        "rows": rows,
+    }
+    with open(a.out, "w") as f:
+        json.dump(result, f, indent=1)
+        f.write("\n")
+    for r in rows:
+        print(
+            f"{r['system']:<13} {r['shape']:>7} {r['tokens_per_s']:>9.0f} tok/s "
+            f"{r['peak_mem_gib']:6.2f} GiB  {r['config']}"
+        )
+
+
+if __name__ == "__main__":
+    main()

