@@ -17,10 +17,11 @@ Systems (--systems):
   hf_peft_bf16, unsloth_bf16   the same without quantization (also what --no-quant selects)
 
 The GPU image lacks bitsandbytes, unsloth & co.; they are carried unzipped in .site/ (ignored by
-git through .git/info/exclude). On the device, from the repository root:
+git through .git/info/exclude; carry=[".site"]). On the device, from the repository root
+(each fits one 10-minute call; --deadline-s 540 by default):
 
-    export PYTHONPATH=$PWD/.site; python scripts/bench_torch.py --json $OUT/torch.json
-    export PYTHONPATH=$PWD/.site; python scripts/bench_torch.py --max-context \\
+    export PYTHONPATH=$PWD/.site; python3 scripts/bench_torch.py --json $OUT/torch.json
+    export PYTHONPATH=$PWD/.site; python3 scripts/bench_torch.py --max-context \\
         --json $OUT/torch_maxctx.json
 
 (the script also puts .site on sys.path and PYTHONPATH itself when it exists). --max-context
@@ -34,7 +35,7 @@ Unsloth).
 
 CPU smoke test (no bitsandbytes needed):
 
-    python scripts/bench_torch.py --tiny --no-quant --systems hf_peft_bnb --steps 2 --warmup 1
+    python3 scripts/bench_torch.py --tiny --no-quant --systems hf_peft_bnb --steps 2 --warmup 1
 """
 
 from __future__ import annotations
@@ -261,7 +262,7 @@ def ensure_checkpoint(path: str, tiny: bool, deadline: float) -> None:
         "--model-dir",
         path,
     ] + (["--tiny"] if tiny else [])
-    rc, _ = run_worker(cmd, deadline, tag="make-model")
+    rc, _, _ = run_worker(cmd, deadline, tag="make-model")
     if rc or not checkpoint_ready(path, tiny):
         raise RuntimeError(f"writing the checkpoint to {path} failed (rc={rc})")
     print(f"checkpoint: wrote {path} in {time.perf_counter() - t0:.1f}s", flush=True)
@@ -714,8 +715,8 @@ class Worker:
             return -9
 
 
-def run_worker(cmd: list[str], deadline: float, tag: str) -> tuple[int, list[dict]]:
-    """Run a child to completion (or the deadline); return its exit code and ROW payloads."""
+def run_worker(cmd: list[str], deadline: float, tag: str) -> tuple[int, list[dict], str]:
+    """Run a child to completion (or the deadline): its exit code, ROW payloads, last line."""
     w = Worker(cmd, tag)
     rows = []
     while (got := w.next_tagged(("ROW",), deadline)) is not None:
@@ -723,7 +724,8 @@ def run_worker(cmd: list[str], deadline: float, tag: str) -> tuple[int, list[dic
     rc = w.finish(timeout=max(1.0, deadline - time.time()))
     if rc:
         print(f"[{tag}] exited with {rc}; last lines:\n  " + "\n  ".join(w.tail[-8:]), flush=True)
-    return rc, rows
+    last = next((ln.strip() for ln in reversed(w.tail) if ln.strip()), "")
+    return rc, rows, last
 
 
 def worker_cmd(a, kind: str, system: str) -> list[str]:
@@ -764,11 +766,11 @@ def run_bench(a, deadline: float) -> tuple[list[dict], str | None]:
     for system in a.systems:
         t0 = time.time()
         try:
-            rc, got = run_worker(worker_cmd(a, "bench", system), deadline, tag=system)
+            rc, got, last = run_worker(worker_cmd(a, "bench", system), deadline, tag=system)
         except Exception as e:
-            rc, got = repr(e), []
+            rc, got, last = -1, [], repr(e)
         seen = {r["shape"] for r in got}
-        why = "deadline" if time.time() >= deadline else f"worker exit {rc}"
+        why = "deadline" if time.time() >= deadline else f"worker exit {rc}: {last[:300]}"
         got += [failed_row(system, s, why) for s in a.shapes.split(",") if s not in seen]
         for r in got:
             device = device or r.get("device")
@@ -778,6 +780,10 @@ def run_bench(a, deadline: float) -> tuple[list[dict], str | None]:
     return rows, device
 
 
+def gib(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.2f}"
+
+
 def print_bench_row(r: dict) -> None:
     if r.get("tokens_per_s") is None:
         print(f"{r['system']:<13} {r['shape'] or '-':>7}  {r['notes']}", flush=True)
@@ -785,8 +791,8 @@ def print_bench_row(r: dict) -> None:
     first = r.get("start_to_first_step_s")
     print(
         f"{r['system']:<13} {r['shape']:>7} {r['tokens_per_s']:8.0f} tok/s  median "
-        f"{r['median_step_s']:.3f}s  peak {r['peak_mem_gib'] or 0:6.2f} GiB alloc "
-        f"{r.get('peak_reserved_gib') or 0:6.2f} reserved  loss0 {r['first_loss']:.4f}"
+        f"{r['median_step_s']:.3f}s  peak {gib(r['peak_mem_gib']):>6} GiB alloc "
+        f"{gib(r.get('peak_reserved_gib')):>6} reserved  loss0 {r['first_loss']:.4f}"
         + (f"  start->first step {first:.1f}s" if first else ""),
         flush=True,
     )
@@ -805,8 +811,8 @@ def print_bench_table(rows: list[dict]) -> None:
         first = r.get("start_to_first_step_s")
         print(
             f"| {r['system']} | {r['shape']} | {r['tokens_per_s']:.0f} | "
-            f"{r['median_step_s']:.3f} | {r['peak_mem_gib'] or 0:.2f} | "
-            f"{r.get('peak_reserved_gib') or 0:.2f} | {r['first_loss']:.4f} | "
+            f"{r['median_step_s']:.3f} | {gib(r['peak_mem_gib'])} | "
+            f"{gib(r.get('peak_reserved_gib'))} | {r['first_loss']:.4f} | "
             f"{f'{first:.1f}' if first else ''} | {r['notes']} |",
             flush=True,
         )

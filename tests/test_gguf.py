@@ -155,46 +155,65 @@ def _rel(a, b) -> float:
 
 # -------------------------------------------------------------------- llama.cpp parity
 
-# (llama.cpp on our file vs lorax on the same file, lorax on the file vs the original):
-# max |Δlogit| / max |logit|. The first is llama.cpp's arithmetic: float16 KV cache
-# everywhere; activations rounded to float16 for F16 weights and to 8-bit blocks (Q8_0 or
-# Q8_K) for quantized ones, which costs ~1e-2. The second is the weights' rounding: ~2^-11
-# relative for F16, 2^-8 for BF16, and for the block types about a quarter of the block's
-# step size, 2^-(bits+1) of its range, amplified ~2x through the two layers.
-TOLERANCES = {
-    "f32": (2e-3, 1e-5),
-    "f16": (3e-3, 3e-3),
-    "bf16": (3e-3, 2e-2),
-    "q8_0": (2e-2, 2e-2),
-    "q6_k": (2e-2, 4e-2),
-    "q5_0": (2e-2, 8e-2),
-    "q5_1": (2e-2, 8e-2),
-    "q5_k_m": (2e-2, 8e-2),
-    "q4_0": (3e-2, 1.5e-1),
-    "q4_1": (3e-2, 1.5e-1),
-    "q4_k_m": (3e-2, 1.5e-1),
-}
+# llama.cpp on our file vs lorax on the same file: max |Δlogit| / max |logit|, from
+# llama.cpp's arithmetic alone. It keeps the KV cache in float16 (~2^-11) and rounds
+# activations to the weights' kind before each matmul: float16 (2^-11) for F16 weights,
+# bfloat16 (2^-8) for BF16, and 8-bit blocks (Q8_0/Q8_K, ~2^-8 of each block's range) for
+# quantized weights, whose errors add up over the dot products of two layers.
+ENGINE_TOLERANCE = {"f32": 1e-3, "f16": 3e-3, "bf16": 1.5e-2}
+QUANTIZED_ENGINE_TOLERANCE = 8e-2
+
+
+def _rms_rel(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.sqrt(np.mean((a - b) ** 2) / np.mean(b**2)))
+
+
+@pytest.fixture(scope="module")
+def merged(request, out):
+    """The model with its LoRA merged in float32, read back from an f32 GGUF (exact)."""
+    cache = {}
+
+    def get(which):
+        if which not in cache:
+            model, lora = request.getfixturevalue(which)
+            path = out / f"{which}-merged.gguf"
+            lorax.export_gguf(model, lora, path, quant="f32")
+            cache[which] = lorax.load(str(path), dtype="float32")
+        return cache[which]
+
+    return get
 
 
 @pytest.mark.parametrize(
     "quant, which", [(q, "kq" if q in K_SCHEMES else "tiny") for q in SCHEMES]
     + [("q4_k_m", "tiny")],
 )
-def test_llama_cpp_computes_our_file(llama_cpp, request, out, quant, which):
+def test_llama_cpp_computes_our_file(llama_cpp, request, merged, out, quant, which):
+    """llama.cpp computes what the file says, and the file is the model up to the weights'
+    rounding: the logits' relative RMS error stays within a small multiple of the largest
+    relative RMS error of any weight. Two layers and the head compound it: measured 2.5-3.3x
+    for the 64-wide model and ~5.5x for the 256-wide one, for every type; we allow 8x."""
     model, lora = request.getfixturevalue(which)
     path = out / f"{which}-{quant}.gguf"
     lorax.export_gguf(model, lora, path, quant=quant)
     ids = _ids(model)
-    ours = _lorax_logits(model, lora, ids)
     readback = lorax.load(str(path), dtype="float32")
     from_file = _lorax_logits(readback, None, ids)
     cpp = _cpp_logits(llama_cpp, path, ids)
-    engine, weights = _rel(cpp, from_file), _rel(from_file, ours)
-    print(f"{which} {quant}: llama.cpp vs lorax(file) {engine:.2e}, file vs model {weights:.2e}")
-    assert engine < TOLERANCES[quant][0]
-    assert weights < TOLERANCES[quant][1]
+    reference = merged(which)
+    weight_error = max(
+        _rms_rel(a, b) for a, b in zip(jax.tree.leaves(readback.params),
+                                       jax.tree.leaves(reference.params), strict=True)
+    )
+    logit_error = _rms_rel(from_file, _lorax_logits(model, lora, ids))
+    engine = _rel(cpp, from_file)
+    print(f"{which} {quant}: llama.cpp vs lorax(file) {engine:.1e}; weights {weight_error:.1e}"
+          f" -> logits {logit_error:.1e}")
+    assert engine < ENGINE_TOLERANCE.get(quant, QUANTIZED_ENGINE_TOLERANCE)
+    assert logit_error <= 8 * weight_error + 1e-6
     if quant in ("f32", "f16"):
-        assert (cpp.argmax(-1) == ours.argmax(-1)).all()
+        assert (cpp.argmax(-1) == from_file.argmax(-1)).all()
 
 
 def test_llama_cpp_f32_is_exact_up_to_summation_order(llama_cpp, tiny, out):
