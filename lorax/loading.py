@@ -44,7 +44,10 @@ def load(
     compute = resolve_dtype(dtype)
     if path.lower().endswith(".gguf") and os.path.isfile(path):
         config, params, tokenizer = load_gguf(
-            path, ModelConfig.from_hf_dict, quantize=quantize, dtype=compute,
+            path,
+            ModelConfig.from_hf_dict,
+            quantize=quantize,
+            dtype=compute,
             double_quant=double_quant,
         )
         return Model(params, config, tokenizer)

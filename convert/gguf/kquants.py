@@ -10,13 +10,15 @@ them whenever no importance matrix is given) for a whole tensor at once: super-b
 the rows of a ``[blocks, 256]`` array and each search is vectorized over its candidates, so
 it runs as a few fused kernels on an accelerator instead of a loop per block.
 
-We aim at the reference's bytes, not only its quality, so its float32 arithmetic is kept:
-sums over a sub-block accumulate sequentially in the reference's order (a tree reduction
-rounds differently), round-half-to-even stands in for ggml's ``nearest_int``, and the
-divisions by the literal 63 take it as an argument, because XLA rewrites division by a
-constant into multiplication by its rounded reciprocal. Where a compiler fuses a multiply
-and an add into one FMA (XLA does; C compilers may) a candidate's error can still differ in
-its last bit and, rarely, pick a different candidate; tests measure the agreement.
+The output is the reference's bytes, not only its quality, because its float32 arithmetic
+is kept step for step: sums over a sub-block accumulate sequentially in its order (a tree
+reduction rounds differently); round-half-to-even stands in for ggml's ``nearest_int``; the
+division by the literal 63 takes it as an argument (XLA rewrites division by a constant into
+multiplication by its rounded reciprocal); and products that C adds to are kept from being
+fused into FMAs (``_rounded``). The candidates' errors are compared exactly as in C, so the
+same one wins. Against ggml's reference compiled as its source is written (no FMA
+contraction) this is bit-exact; a build that contracts (GCC's default with -march=native)
+differs in a few blocks per thousand, by one step of one sub-block.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from gguf import GGMLQuantizationType
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 QK_K = 256
 # ggml treats a sub-block whose largest magnitude is below this as all zeros.
@@ -37,11 +39,13 @@ f32 = jnp.float32
 
 def quantize_k(rows: jax.Array | np.ndarray, tensor_type: GGMLQuantizationType) -> np.ndarray:
     """Encodes ``rows [n, k]`` (k a multiple of 256) as ``uint8 [n, k/256·block bytes]``."""
-    encoder, block_bytes = _ENCODERS[tensor_type]
+    encoder = _ENCODERS[tensor_type]
+    block_bytes = GGML_QUANT_SIZES[tensor_type][1]
     rows = jnp.asarray(rows, f32)
     if rows.ndim != 2 or rows.shape[1] % QK_K:
-        raise ValueError(f"{tensor_type.name} needs rows of a multiple of {QK_K}, got "
-                         f"{tuple(rows.shape)}")
+        raise ValueError(
+            f"{tensor_type.name} needs rows of a multiple of {QK_K}, got {tuple(rows.shape)}"
+        )
     blocks = rows.reshape(-1, QK_K)
     n = blocks.shape[0]
     chunk = _chunk_blocks()
@@ -49,17 +53,22 @@ def quantize_k(rows: jax.Array | np.ndarray, tensor_type: GGMLQuantizationType) 
     for start in range(0, n, chunk):
         part = blocks[start : start + chunk]
         size = part.shape[0]
-        padded = min(chunk, max(64, 1 << (size - 1).bit_length()))  # few compiled shapes
+        # Pad to a power of two, at least _MIN_BLOCKS: each shape compiles once, and small
+        # tensors (norm-sized, tests) share one.
+        padded = min(chunk, max(_MIN_BLOCKS, 1 << (size - 1).bit_length()))
         part = jnp.pad(part, ((0, padded - size), (0, 0)))
         fields = encoder(part, f32(63.0), f32(1.0))
         out[start : start + size] = _assemble(fields)[:size]
     return out.reshape(rows.shape[0], -1)
 
 
+_MIN_BLOCKS = 1 << 10
+
+
 def _chunk_blocks() -> int:
-    # A Q4_K search holds ~21 candidates x 256 values per super-block in flight: 8 MB per
-    # 1k blocks. Large chunks amortise dispatch on accelerators; small ones bound host RAM.
-    return 1 << 16 if jax.default_backend() != "cpu" else 1 << 12
+    """Super-blocks per call. The search's working set is ~10x its input (4 MB per 1k
+    blocks): big chunks amortise dispatch on an accelerator, smaller ones bound host RAM."""
+    return 1 << 18 if jax.default_backend() != "cpu" else 1 << 14
 
 
 def _assemble(fields: tuple[jax.Array, ...]) -> np.ndarray:
@@ -136,7 +145,12 @@ def _f32_table(values: list[float]) -> jax.Array:
 
 
 def _search_scale_min(
-    x: jax.Array, w: jax.Array, one: jax.Array, nmax: int, rmin: float, rdelta: float,
+    x: jax.Array,
+    w: jax.Array,
+    one: jax.Array,
+    nmax: int,
+    rmin: float,
+    rdelta: float,
     nstep: int,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """ggml's ``make_qkx2_quants`` on sub-blocks ``x [n, ...]`` with weights ``w``.
@@ -162,8 +176,10 @@ def _search_scale_min(
     diff = sq + lo - x
     error0 = _seq_sum(w * (diff * diff))
     numerators = _f32_table(
-        [np.float32(rmin) + np.float32(rdelta) * np.float32(i) + np.float32(nmax)
-         for i in range(nstep + 1)]
+        [
+            np.float32(rmin) + np.float32(rdelta) * np.float32(i) + np.float32(nmax)
+            for i in range(nstep + 1)
+        ]
     )
 
     def trial(i: jax.Array, best: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
@@ -171,8 +187,15 @@ def _search_scale_min(
         q = levels(numerators[i] / jnp.where(flat, 1.0, hi - mn_best), mn_best)
         wl = w * q
         sum_l, sum_l2, sum_xl = _seq_sum(wl, wl * q, wl * x)
-        p = _rounded(one, sum_w * sum_l2, sum_l * sum_l, sum_w * sum_xl, sum_x * sum_l,
-                     sum_l2 * sum_x, sum_l * sum_xl)
+        p = _rounded(
+            one,
+            sum_w * sum_l2,
+            sum_l * sum_l,
+            sum_w * sum_xl,
+            sum_x * sum_l,
+            sum_l2 * sum_x,
+            sum_l * sum_xl,
+        )
         det = p[0] - p[1]
         scale = (p[2] - p[3]) / det
         mn = (p[4] - p[5]) / det
@@ -194,7 +217,12 @@ def _search_scale_min(
 
 
 def _affine_superblocks(
-    x: jax.Array, c63: jax.Array, one: jax.Array, nmax: int, rmin: float, rdelta: float,
+    x: jax.Array,
+    c63: jax.Array,
+    one: jax.Array,
+    nmax: int,
+    rmin: float,
+    rdelta: float,
     nstep: int,
 ) -> tuple[jax.Array, ...]:
     """Q4_K/Q5_K common part: (d bits, dmin bits, packed scales, levels [B, 8, 32])."""
@@ -314,8 +342,10 @@ def _encode_q6_k(x: jax.Array, c63: jax.Array, one: jax.Array) -> tuple[jax.Arra
     # and (1, 3); the high 2-bit parts of all four quarters share a byte.
     q = levels
     low = jnp.concatenate(
-        [(q[:, :, 0] & 0xF) | ((q[:, :, 2] & 0xF) << 4),
-         (q[:, :, 1] & 0xF) | ((q[:, :, 3] & 0xF) << 4)],
+        [
+            (q[:, :, 0] & 0xF) | ((q[:, :, 2] & 0xF) << 4),
+            (q[:, :, 1] & 0xF) | ((q[:, :, 3] & 0xF) << 4),
+        ],
         axis=-1,
     )
     high = functools.reduce(jnp.bitwise_or, [((q[:, :, k] >> 4) & 3) << (2 * k) for k in range(4)])
@@ -327,10 +357,9 @@ def _encode_q6_k(x: jax.Array, c63: jax.Array, one: jax.Array) -> tuple[jax.Arra
     )
 
 
-T = GGMLQuantizationType
-_ENCODERS: dict[GGMLQuantizationType, tuple[Callable[..., tuple[jax.Array, ...]], int]] = {
-    T.Q4_K: (_encode_q4_k, 144),
-    T.Q5_K: (_encode_q5_k, 176),
-    T.Q6_K: (_encode_q6_k, 210),
+_ENCODERS: dict[GGMLQuantizationType, Callable[..., tuple[jax.Array, ...]]] = {
+    GGMLQuantizationType.Q4_K: _encode_q4_k,
+    GGMLQuantizationType.Q5_K: _encode_q5_k,
+    GGMLQuantizationType.Q6_K: _encode_q6_k,
 }
 SUPPORTED = tuple(_ENCODERS)

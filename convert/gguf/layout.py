@@ -44,9 +44,7 @@ def arch_for_export(model_type: str) -> Arch:
 
 def arch_named(name: str, source: str) -> Arch:
     if name not in ARCHES:
-        raise GGUFError(
-            f"{source}: unsupported architecture {name!r}; lorax reads {list(ARCHES)}"
-        )
+        raise GGUFError(f"{source}: unsupported architecture {name!r}; lorax reads {list(ARCHES)}")
     return ARCHES[name]
 
 
@@ -89,13 +87,13 @@ def rope_heads(arch: Arch, config: Any, path: tuple[str, ...]) -> int | None:
 
 def to_gguf_rope_rows(w: Any, heads: int) -> Any:
     """HF's half-split rows → llama.cpp's interleaved pairs, per head (weight or bias)."""
-    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(
-        w.shape
+    return (
+        w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
     )
 
 
 def from_gguf_rope_rows(w: Any, heads: int) -> Any:
     """The inverse of ``to_gguf_rope_rows``."""
-    return w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(
-        w.shape
+    return (
+        w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
     )

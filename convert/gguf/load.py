@@ -59,8 +59,10 @@ def _read_params(
     unexpected = sorted(set(f.tensors) - expected)
     if unexpected:
         shown = ", ".join(unexpected[:5]) + (" ..." if len(unexpected) > 5 else "")
-        raise GGUFError(f"{f.path}: unexpected tensor(s) for a {config.model_type} model with "
-                        f"{config.num_layers} layers: {shown}")
+        raise GGUFError(
+            f"{f.path}: unexpected tensor(s) for a {config.model_type} model with "
+            f"{config.num_layers} layers: {shown}"
+        )
 
     def read(spec: TensorSpec, layer: int | None) -> Any:
         name = gguf_name(spec.path, layer)
@@ -68,8 +70,10 @@ def _read_params(
             raise GGUFError(f"{f.path}: missing tensor {name!r}")
         shape = f.tensors[name].shape
         if tuple(shape) != tuple(spec.shape):
-            raise GGUFError(f"{f.path}: tensor {name!r} has shape {list(shape)}, the config "
-                            f"expects {list(spec.shape)}")
+            raise GGUFError(
+                f"{f.path}: tensor {name!r} has shape {list(shape)}, the config "
+                f"expects {list(spec.shape)}"
+            )
         value = f.tensor(name)
         heads = rope_heads(arch, config, spec.path)
         if heads is not None:

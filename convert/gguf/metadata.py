@@ -55,17 +55,17 @@ def model_metadata(config: Any, arch: Arch, file_type: int, name: str) -> dict[s
 def _rope_scaling(config: Any, a: str) -> dict[str, KV]:
     rope = config.rope
     if rope.type == "linear":
-        return {f"{a}.rope.scaling.type": string("linear"),
-                f"{a}.rope.scaling.factor": f32(rope.factor)}
+        return {
+            f"{a}.rope.scaling.type": string("linear"),
+            f"{a}.rope.scaling.factor": f32(rope.factor),
+        }
     if rope.type == "yarn":
         if not rope.truncate:
             raise GGUFError("YaRN with truncate=False has no llama.cpp counterpart")
         kv = {
             f"{a}.rope.scaling.type": string("yarn"),
             f"{a}.rope.scaling.factor": f32(rope.factor),
-            f"{a}.rope.scaling.original_context_length": u32(
-                rope.original_max_position_embeddings
-            ),
+            f"{a}.rope.scaling.original_context_length": u32(rope.original_max_position_embeddings),
             f"{a}.rope.scaling.yarn_beta_fast": f32(rope.beta_fast),
             f"{a}.rope.scaling.yarn_beta_slow": f32(rope.beta_slow),
         }
@@ -99,9 +99,7 @@ def _sliding_window(config: Any, a: str) -> dict[str, KV]:
     # Recorded so the model reads back as it was; llama.cpp ignores it for this architecture.
     return {
         f"{a}.attention.sliding_window": u32(sizes[0]),
-        f"{a}.attention.sliding_window_pattern": array(
-            ValueType.BOOL, [w != 0 for w in windows]
-        ),
+        f"{a}.attention.sliding_window_pattern": array(ValueType.BOOL, [w != 0 for w in windows]),
     }
 
 
@@ -148,29 +146,55 @@ def llama3_rope_factors(
 
 
 def _llama3_from_factors(factors: np.ndarray, theta: float, head_dim: int, source: str) -> dict:
-    """Llama 3 parameters that reproduce ``factors`` (their inverse map).
+    """Llama 3 parameters that reproduce ``factors`` (the inverse of the map above).
 
-    The factors fix ``factor`` (the largest) and, in the band between the high- and low-
-    frequency ends, a line ``smooth = a·freq + b``; every parameter set with the same line
-    gives the same frequencies, so we return the one with ``low_freq_factor = 1``.
+    Llama 3 divides the low frequencies by ``factor`` (the largest divisor), keeps the high
+    ones, and in the band between interpolates with ``smooth``, a linear function of the
+    frequency that is 0 and 1 at the band's ends. The band's divisors give that line; with
+    fewer than two of them any line through them whose ends fall in the gaps between
+    neighbouring frequencies gives the same divisors, and we take the middle of each gap.
+    A line is many parameter sets (``original_max_position_embeddings`` is free), so we pick
+    the one whose original context is the line's own scale, which is the true one for the
+    released Llama 3 models.
     """
     f = factors.astype(np.float64)
-    freq = _inv_freq(theta, head_dim)
+    u = _inv_freq(theta, head_dim) / (2 * math.pi)  # 1 / wavelength, decreasing
     factor = float(f.max())
     tol = 1e-5 * factor
-    medium = (f > 1 + tol) & (f < factor - tol)
-    if factor <= 1 + tol or medium.sum() < 2 or ((f > 1 + tol) & ~medium).sum() == 0:
+    high, low = f <= 1 + tol, f >= factor - tol  # high- and low-frequency ends
+    band = ~high & ~low
+    if factor <= 1 + tol or not low.any():
         raise GGUFError(f"{source}: {ROPE_FREQS} does not describe Llama 3 RoPE scaling")
-    smooth = (1 / f[medium] - 1 / factor) / (1 - 1 / factor)
-    a, b = np.polyfit(freq[medium], smooth, 1)
-    high = 1 - 1 / b
-    old = -2 * math.pi * a / b
-    params = dict(factor=factor, low_freq_factor=1.0, high_freq_factor=float(high),
-                  original_max_position_embeddings=int(round(old)))
-    # Tidy values that were round numbers before float32 storage (8192, 4.0, 8.0).
-    for key in ("factor", "high_freq_factor"):
+    smooth = (1 / f[band] - 1 / factor) / (1 - 1 / factor)
+    u_low = u[low].max()  # the band ends between u_low and the band / the high end
+    u_high = u[high].min() if high.any() else 4 * u.max()
+    if band.sum() >= 2:
+        a, b = np.polyfit(u[band], smooth, 1)
+    elif band.sum() == 1:
+        # A line through (u_m, s) that is 0 at u0 > u_low and 1 before u_high.
+        u_m, s = float(u[band][0]), float(smooth[0])
+        u0 = (max(u_low, (u_m - s * u_high) / (1 - s)) + u_m) / 2
+        a = s / (u_m - u0)
+        b = -a * u0
+    else:
+        u0, u1 = u_low ** (2 / 3) * u_high ** (1 / 3), u_low ** (1 / 3) * u_high ** (2 / 3)
+        a = 1 / (u1 - u0)
+        b = -a * u0
+    # smooth = old/(hi - lo)·u - lo/(hi - lo): any ``old`` works with lo = -b·old/a.
+    old = int(round(-a / b))
+    lo = float(-b * old / a)
+    params = dict(
+        factor=factor,
+        low_freq_factor=lo,
+        high_freq_factor=float(lo + old / a),
+        original_max_position_embeddings=old,
+    )
+    # Tidy values that were round numbers before float32 storage (8.0, 1.0, 4.0).
+    for key in ("factor", "low_freq_factor", "high_freq_factor"):
         if math.isclose(params[key], round(params[key]), rel_tol=1e-5):
             params[key] = float(round(params[key]))
+    if not 0 < params["low_freq_factor"] < params["high_freq_factor"]:
+        raise GGUFError(f"{source}: {ROPE_FREQS} does not describe Llama 3 RoPE scaling")
     again = llama3_rope_factors(theta, head_dim, **params)
     if not np.allclose(again, factors, rtol=1e-4, atol=1e-6):
         raise GGUFError(f"{source}: {ROPE_FREQS} does not describe Llama 3 RoPE scaling")
@@ -195,8 +219,10 @@ def config_from_gguf(f: GGUFFile) -> dict[str, Any]:
         value = f.require(f"{a}.{name}") if required else f.get(f"{a}.{name}", default)
         if isinstance(value, np.ndarray):  # some files give per-layer values
             if value.size == 0 or (value != value.flat[0]).any():
-                raise GGUFError(f"{f.path}: per-layer {a}.{name} = {value.tolist()} is not "
-                                "supported (lorax needs one value for all layers)")
+                raise GGUFError(
+                    f"{f.path}: per-layer {a}.{name} = {value.tolist()} is not "
+                    "supported (lorax needs one value for all layers)"
+                )
             value = value.flat[0].item()
         return value
 
@@ -206,9 +232,11 @@ def config_from_gguf(f: GGUFFile) -> dict[str, Any]:
     head_dim = int(key("attention.key_length", hidden // heads))
     for other in ("attention.value_length", "rope.dimension_count"):
         if int(key(other, head_dim)) != head_dim:
-            raise GGUFError(f"{f.path}: {a}.{other}={key(other)} differs from the head size "
-                            f"{head_dim}; lorax supports neither partial rotary nor distinct "
-                            "value heads")
+            raise GGUFError(
+                f"{f.path}: {a}.{other}={key(other)} differs from the head size "
+                f"{head_dim}; lorax supports neither partial rotary nor distinct "
+                "value heads"
+            )
     tokens = f.get("tokenizer.ggml.tokens")
     vocab = key("vocab_size") or (len(tokens) if tokens is not None else None)
     if vocab is None and "token_embd.weight" in f:
@@ -251,8 +279,9 @@ def _rope_from_gguf(f: GGUFFile, a: str, head_dim: int, theta: float) -> dict[st
             "rope_type": "yarn",
             "factor": factor,
             "original_max_position_embeddings": int(
-                f.get(f"{a}.rope.scaling.original_context_length",
-                      f.get(f"{a}.context_length", 2048))
+                f.get(
+                    f"{a}.rope.scaling.original_context_length", f.get(f"{a}.context_length", 2048)
+                )
             ),
             "beta_fast": _f32(f.get(f"{a}.rope.scaling.yarn_beta_fast", 32.0)),
             "beta_slow": _f32(f.get(f"{a}.rope.scaling.yarn_beta_slow", 1.0)),
@@ -267,8 +296,10 @@ def _rope_from_gguf(f: GGUFFile, a: str, head_dim: int, theta: float) -> dict[st
             raise GGUFError(f"{f.path}: both {ROPE_FREQS} and {scaling_type} RoPE scaling")
         factors = f.tensor(ROPE_FREQS)
         if not np.allclose(factors, 1.0):
-            params = {"rope_type": "llama3",
-                      **_llama3_from_factors(factors, theta, head_dim, f.path)}
+            params = {
+                "rope_type": "llama3",
+                **_llama3_from_factors(factors, theta, head_dim, f.path),
+            }
     out: dict[str, Any] = {"rope_theta": theta}
     if params:
         out["rope_scaling"] = params
@@ -282,8 +313,10 @@ def _window_from_gguf(f: GGUFFile, a: str, layers: int) -> dict[str, Any]:
     pattern = f.get(f"{a}.attention.sliding_window_pattern")
     sliding = [bool(x) for x in pattern] if pattern is not None else [True] * layers
     if len(sliding) != layers:
-        raise GGUFError(f"{f.path}: {a}.attention.sliding_window_pattern has {len(sliding)} "
-                        f"entries for {layers} layers")
+        raise GGUFError(
+            f"{f.path}: {a}.attention.sliding_window_pattern has {len(sliding)} "
+            f"entries for {layers} layers"
+        )
     if a == "llama":  # a llama-architecture file with a window is a Mistral
         return {"model_type": "mistral", "sliding_window": int(window)}
     return {
@@ -291,4 +324,3 @@ def _window_from_gguf(f: GGUFFile, a: str, layers: int) -> dict[str, Any]:
         "sliding_window": int(window),
         "layer_types": ["sliding_attention" if s else "full_attention" for s in sliding],
     }
-

@@ -108,9 +108,8 @@ def tensor_type(s: Scheme, name: str, shape: tuple[int, ...], model: ModelShape)
         # more on it.
         if _is_70b(model) and chosen == T.Q4_K:
             chosen = T.Q5_K
-    elif name.endswith("ffn_down.weight"):
-        if s.medium_mix and _more_bits(layer, model.num_layers):
-            chosen = T.Q6_K
+    elif name.endswith("ffn_down.weight") and s.medium_mix and _more_bits(layer, model.num_layers):
+        chosen = T.Q6_K
     if row % block_size(chosen):
         chosen = K_FALLBACK.get(chosen, chosen)
         if row % block_size(chosen):

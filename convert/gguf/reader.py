@@ -72,8 +72,10 @@ class GGUFFile:
         # Each entry takes at least 8 bytes, which bounds any honest count by the file size.
         for what, n in (("tensor", n_tensors), ("metadata", n_kv)):
             if n > self.size // 8:
-                raise GGUFError(f"{self.path}: corrupt header: {n} {what} entries in a file of "
-                                f"{self.size} bytes")
+                raise GGUFError(
+                    f"{self.path}: corrupt header: {n} {what} entries in a file of "
+                    f"{self.size} bytes"
+                )
         self.metadata: dict[str, KV] = {}
         for _ in range(n_kv):
             key = cursor.string("metadata key")
@@ -143,16 +145,18 @@ class GGUFFile:
             return DEFAULT_ALIGNMENT
         value = kv.value
         if kv.type != ValueType.UINT32 or value <= 0 or value & (value - 1):
-            raise GGUFError(f"{self.path}: {ALIGNMENT_KEY} must be a power-of-two UINT32, got "
-                            f"{value!r}")
+            raise GGUFError(
+                f"{self.path}: {ALIGNMENT_KEY} must be a power-of-two UINT32, got {value!r}"
+            )
         return int(value)
 
     def _tensor_info(self, cursor: _Cursor) -> tuple[str, tuple[int, ...], TensorType, int]:
         name = cursor.string("tensor name")
         n_dims = cursor.scalar("<I", f"tensor {name!r} dims")
         if not 1 <= n_dims <= MAX_DIMS:
-            raise GGUFError(f"{self.path}: tensor {name!r} has {n_dims} dimensions "
-                            f"(1 to {MAX_DIMS} allowed)")
+            raise GGUFError(
+                f"{self.path}: tensor {name!r} has {n_dims} dimensions (1 to {MAX_DIMS} allowed)"
+            )
         dims = [cursor.scalar("<Q", f"tensor {name!r} dims") for _ in range(n_dims)]
         code = cursor.scalar("<I", f"tensor {name!r} type")
         try:
@@ -174,8 +178,9 @@ class GGUFFile:
         except GGUFError as e:
             raise GGUFError(f"{self.path}: tensor {name!r} {list(shape)}: {e}") from None
         if rel % self.alignment:
-            raise GGUFError(f"{self.path}: tensor {name!r} offset {rel} is not aligned to "
-                            f"{self.alignment}")
+            raise GGUFError(
+                f"{self.path}: tensor {name!r} offset {rel} is not aligned to {self.alignment}"
+            )
         end = start + rel + nbytes
         if end > self.size:
             raise GGUFError(
@@ -229,13 +234,16 @@ class _Cursor:
         n = self.scalar("<Q", f"length of {key!r}")
         if item_type == ValueType.STRING:
             if n > (len(self.data) - self.pos) // 8:
-                raise GGUFError(f"{self.path}: corrupt array {key!r}: {n} strings cannot fit "
-                                "in the file")
+                raise GGUFError(
+                    f"{self.path}: corrupt array {key!r}: {n} strings cannot fit in the file"
+                )
             items = [self.string(f"item of {key!r}") for _ in range(n)]
             return KV(value_type, items, item_type)
         if item_type not in SCALAR_FORMATS:
-            raise GGUFError(f"{self.path}: metadata {key!r} is an array of {item_type.name}, "
-                            "which is not supported")
+            raise GGUFError(
+                f"{self.path}: metadata {key!r} is an array of {item_type.name}, "
+                "which is not supported"
+            )
         dtype = np.dtype(SCALAR_FORMATS[item_type])
         if n > (len(self.data) - self.pos) // dtype.itemsize:
             raise GGUFError(f"{self.path}: truncated or corrupt array {key!r} of {n} items")
@@ -246,7 +254,9 @@ class _Cursor:
         try:
             return ValueType(code)
         except ValueError:
-            raise GGUFError(f"{self.path}: metadata {key!r} has unknown value type {code}") from None
+            raise GGUFError(
+                f"{self.path}: metadata {key!r} has unknown value type {code}"
+            ) from None
 
 
 _STRUCT = {fmt: struct.Struct(fmt) for fmt in SCALAR_FORMATS.values()}

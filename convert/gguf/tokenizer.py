@@ -36,13 +36,16 @@ _QWEN2_SPLIT = (
 
 
 def _byte_level(use_regex: bool) -> dict[str, Any]:
-    return {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
-            "use_regex": use_regex}
+    return {
+        "type": "ByteLevel",
+        "add_prefix_space": False,
+        "trim_offsets": True,
+        "use_regex": use_regex,
+    }
 
 
 def _split_then_bytes(regex: str) -> dict[str, Any]:
-    split = {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated",
-             "invert": False}
+    split = {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": False}
     return {"type": "Sequence", "pretokenizers": [split, _byte_level(False)]}
 
 
@@ -51,13 +54,19 @@ PRE_TOKENIZERS: dict[str, dict[str, Any]] = {
     "gpt-2": _byte_level(True),
     "llama-bpe": _split_then_bytes(_LLAMA3_SPLIT),
     "qwen2": _split_then_bytes(_QWEN2_SPLIT),
-    "smollm": {"type": "Sequence", "pretokenizers": [
-        {"type": "Digits", "individual_digits": True}, _byte_level(True)]},
+    "smollm": {
+        "type": "Sequence",
+        "pretokenizers": [{"type": "Digits", "individual_digits": True}, _byte_level(True)],
+    },
 }
 # Names llama.cpp gives the same splitting (it treats each group identically).
 PRE_ALIASES = {
-    "llama3": "llama-bpe", "llama-v3": "llama-bpe", "falcon3": "llama-bpe",
-    "pixtral": "llama-bpe", "deepseek-r1-qwen": "qwen2", "phi-2": "gpt-2",
+    "llama3": "llama-bpe",
+    "llama-v3": "llama-bpe",
+    "falcon3": "llama-bpe",
+    "pixtral": "llama-bpe",
+    "deepseek-r1-qwen": "qwen2",
+    "phi-2": "gpt-2",
 }
 # llama.cpp's BPE skips the merges for a word that is a whole token for these (as HF's
 # ``ignore_merges``) and adds BOS by default.
@@ -73,22 +82,29 @@ def tokenizer_metadata(tokenizer: Any, vocab_size: int) -> dict[str, KV]:
     """The ``tokenizer.*`` keys for an HF fast tokenizer, padded to the model's vocabulary."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
-        raise GGUFError(f"GGUF export needs a fast (tokenizers-backed) tokenizer, got "
-                        f"{type(tokenizer).__name__}")
+        raise GGUFError(
+            f"GGUF export needs a fast (tokenizers-backed) tokenizer, got "
+            f"{type(tokenizer).__name__}"
+        )
     spec = json.loads(backend.to_str())
     model = spec["model"]
     if model.get("type") != "BPE":
         raise GGUFError(f"GGUF export supports BPE tokenizers; this one is {model.get('type')}")
-    byte_level = bool(_find(spec.get("pre_tokenizer"), "ByteLevel")
-                      or _find(spec.get("decoder"), "ByteLevel"))
+    byte_level = bool(
+        _find(spec.get("pre_tokenizer"), "ByteLevel") or _find(spec.get("decoder"), "ByteLevel")
+    )
     if not byte_level and not model.get("byte_fallback"):
-        raise GGUFError("GGUF export supports byte-level BPE and SentencePiece-style BPE with "
-                        "byte fallback; this tokenizer is neither")
+        raise GGUFError(
+            "GGUF export supports byte-level BPE and SentencePiece-style BPE with "
+            "byte fallback; this tokenizer is neither"
+        )
 
     vocab = backend.get_vocab(with_added_tokens=True)
     if max(vocab.values()) >= vocab_size:
-        raise GGUFError(f"the tokenizer has token id {max(vocab.values())}, beyond the model's "
-                        f"vocab_size {vocab_size}")
+        raise GGUFError(
+            f"the tokenizer has token id {max(vocab.values())}, beyond the model's "
+            f"vocab_size {vocab_size}"
+        )
     by_id = {i: t for t, i in vocab.items()}
     added = backend.get_added_tokens_decoder()
     unk = model.get("unk_token")
@@ -187,8 +203,9 @@ def _merge_scores(tokens: list[str], merges: list[str]) -> list[float]:
 
 def _adds_space_prefix(spec: dict[str, Any]) -> bool:
     """Whether a SentencePiece-style tokenizer prefixes text with "▁" (llama.cpp's flag)."""
-    meta = _find(spec.get("pre_tokenizer"), "Metaspace") or _find(spec.get("normalizer"),
-                                                                  "Metaspace")
+    meta = _find(spec.get("pre_tokenizer"), "Metaspace") or _find(
+        spec.get("normalizer"), "Metaspace"
+    )
     if meta is not None:
         default = "always" if meta.get("add_prefix_space", True) else "never"
         return meta.get("prepend_scheme", default) != "never"
@@ -197,8 +214,12 @@ def _adds_space_prefix(spec: dict[str, Any]) -> bool:
 
 
 def _special_ids(tokenizer: Any) -> dict[str, int]:
-    names = {"bos_token_id": "bos_token_id", "eos_token_id": "eos_token_id",
-             "unk_token_id": "unknown_token_id", "pad_token_id": "padding_token_id"}
+    names = {
+        "bos_token_id": "bos_token_id",
+        "eos_token_id": "eos_token_id",
+        "unk_token_id": "unknown_token_id",
+        "pad_token_id": "padding_token_id",
+    }
     out = {}
     for attr, key in names.items():
         value = getattr(tokenizer, attr, None)
@@ -238,8 +259,10 @@ def tokenizer_from_gguf(f: GGUFFile) -> Any | None:
     if kind is None or kind in ("none", "no_vocab"):
         return None
     if kind not in ("gpt2", "llama"):
-        raise GGUFError(f"{f.path}: tokenizer model {kind!r} is not supported; lorax reads "
-                        "'gpt2' (byte-level BPE) and 'llama' (SentencePiece BPE)")
+        raise GGUFError(
+            f"{f.path}: tokenizer model {kind!r} is not supported; lorax reads "
+            "'gpt2' (byte-level BPE) and 'llama' (SentencePiece BPE)"
+        )
     from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
     from transformers import PreTrainedTokenizerFast
 
@@ -249,31 +272,48 @@ def tokenizer_from_gguf(f: GGUFFile) -> Any | None:
     vocab: dict[str, int] = {}
     for i, token in enumerate(tokens):
         vocab.setdefault(token, i)
-    special = {key: f.get(f"tokenizer.ggml.{key}")
-               for key in ("bos_token_id", "eos_token_id", "unknown_token_id", "padding_token_id")}
-    name_of = {k: tokens[v] if v is not None and 0 <= v < len(tokens) else None
-               for k, v in special.items()}
+    special = {
+        key: f.get(f"tokenizer.ggml.{key}")
+        for key in ("bos_token_id", "eos_token_id", "unknown_token_id", "padding_token_id")
+    }
+    name_of = {
+        k: tokens[v] if v is not None and 0 <= v < len(tokens) else None for k, v in special.items()
+    }
 
     if kind == "gpt2":
         pre = str(f.get("tokenizer.ggml.pre", "gpt-2"))
         pre = PRE_ALIASES.get(pre, pre)
         if pre not in PRE_TOKENIZERS:
-            warnings.warn(f"{f.path}: pre-tokenizer {pre!r} is unknown to lorax; splitting as "
-                          "GPT-2 does, which may differ from llama.cpp", stacklevel=2)
+            warnings.warn(
+                f"{f.path}: pre-tokenizer {pre!r} is unknown to lorax; splitting as "
+                "GPT-2 does, which may differ from llama.cpp",
+                stacklevel=2,
+            )
             pre = "gpt-2"
         merges = [tuple(m.split(" ", 1)) for m in f.require("tokenizer.ggml.merges")]
-        backend = Tokenizer(models.BPE(vocab=vocab, merges=merges,
-                                       ignore_merges=pre in _LLAMA3_LIKE))
+        backend = Tokenizer(
+            models.BPE(vocab=vocab, merges=merges, ignore_merges=pre in _LLAMA3_LIKE)
+        )
         backend = Tokenizer.from_str(_with_pre_tokenizer(backend.to_str(), PRE_TOKENIZERS[pre]))
         backend.decoder = decoders.ByteLevel()
         add_bos_default = pre in _LLAMA3_LIKE
     else:
         space_prefix = bool(f.get("tokenizer.ggml.add_space_prefix", True))
         merges = f.get("tokenizer.ggml.merges")
-        merges = ([tuple(m.split(" ", 1)) for m in merges] if merges is not None
-                  else _merges_from_scores(tokens, list(f.require("tokenizer.ggml.scores"))))
-        backend = Tokenizer(models.BPE(vocab=vocab, merges=merges, byte_fallback=True,
-                                       unk_token=name_of["unknown_token_id"], fuse_unk=True))
+        merges = (
+            [tuple(m.split(" ", 1)) for m in merges]
+            if merges is not None
+            else _merges_from_scores(tokens, list(f.require("tokenizer.ggml.scores")))
+        )
+        backend = Tokenizer(
+            models.BPE(
+                vocab=vocab,
+                merges=merges,
+                byte_fallback=True,
+                unk_token=name_of["unknown_token_id"],
+                fuse_unk=True,
+            )
+        )
         steps = [normalizers.Prepend(_SPM_SPACE)] if space_prefix else []
         backend.normalizer = normalizers.Sequence([*steps, normalizers.Replace(" ", _SPM_SPACE)])
         backend.decoder = decoders.Sequence(
@@ -282,32 +322,49 @@ def tokenizer_from_gguf(f: GGUFFile) -> Any | None:
         )
         add_bos_default = True
 
-    backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                                for t, k in zip(tokens, types, strict=False)
-                                if k == TokenType.CONTROL])
-    backend.add_tokens([AddedToken(t, special=False, normalized=False)
-                        for t, k in zip(tokens, types, strict=False)
-                        if k == TokenType.USER_DEFINED])
+    backend.add_special_tokens(
+        [
+            AddedToken(t, special=True, normalized=False)
+            for t, k in zip(tokens, types, strict=False)
+            if k == TokenType.CONTROL
+        ]
+    )
+    backend.add_tokens(
+        [
+            AddedToken(t, special=False, normalized=False)
+            for t, k in zip(tokens, types, strict=False)
+            if k == TokenType.USER_DEFINED
+        ]
+    )
     add_bos = bool(f.get("tokenizer.ggml.add_bos_token", add_bos_default))
     add_eos = bool(f.get("tokenizer.ggml.add_eos_token", False))
     bos, eos = name_of["bos_token_id"], name_of["eos_token_id"]
     single = [*([bos] if add_bos and bos else []), "$A", *([eos] if add_eos and eos else [])]
-    pair = [*single, *([bos] if add_bos and bos else []), "$B:1",
-            *([eos] if add_eos and eos else [])]
+    pair = [
+        *single,
+        *([bos] if add_bos and bos else []),
+        "$B:1",
+        *([eos] if add_eos and eos else []),
+    ]
     backend.post_processor = processors.TemplateProcessing(
-        single=single, pair=pair,
+        single=single,
+        pair=pair,
         special_tokens=[(t, vocab[t]) for t in {bos, eos} if t is not None and t in single],
     )
-    templates = {k[len("tokenizer.chat_template."):]: v for k, v in
-                 ((k, kv.value) for k, kv in f.metadata.items())
-                 if k.startswith("tokenizer.chat_template.")}
+    templates = {
+        k[len("tokenizer.chat_template.") :]: v
+        for k, v in ((k, kv.value) for k, kv in f.metadata.items())
+        if k.startswith("tokenizer.chat_template.")
+    }
     template = f.get("tokenizer.chat_template")
     if templates:
         templates["default"] = template
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,
-        bos_token=bos, eos_token=eos,
-        unk_token=name_of["unknown_token_id"], pad_token=name_of["padding_token_id"],
+        bos_token=bos,
+        eos_token=eos,
+        unk_token=name_of["unknown_token_id"],
+        pad_token=name_of["padding_token_id"],
         chat_template=templates or template,
     )
 
@@ -330,4 +387,3 @@ def _merges_from_scores(tokens: list[str], scores: list[float]) -> list[tuple[st
                 found.append((-score, index[left], index[right], left, right))
     found.sort()
     return [(left, right) for *_, left, right in found]
-
