@@ -12,6 +12,7 @@ from lorax.facade import FastLanguageModel, PeftModel
 from lorax.loading import load
 from lorax.lora import LoraConfig, LoraWeights, init_lora, lora_linear
 from lorax.model import ForwardOptions, Model, forward, hidden_states
+from lorax.train.trainer import TrainConfig, Trainer
 from pallas_kernels.nf4 import NF4Tensor, dequantize_nf4, quantize_nf4
 
 __version__ = "0.1.0"
@@ -27,6 +28,8 @@ __all__ = [
     "NF4Tensor",
     "PeftModel",
     "RopeConfig",
+    "TrainConfig",
+    "Trainer",
     "dequantize_nf4",
     "export_gguf",
     "forward",

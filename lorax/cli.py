@@ -45,6 +45,10 @@ RUN_OPTIONS: dict[str, tuple[Any, str]] = {
 }
 
 DEMO_PROMPT = "What is 7 + 5?"
+# The embedded default (no --model, no --data) must finish in minutes on a laptop CPU: short
+# packed rows (the demo records average ~50 tokens) and a brisk learning rate. Flags and
+# --config values still win.
+DEMO_DEFAULTS = {"batch_size": 2, "seq_len": 128, "max_steps": 40, "learning_rate": 1e-3}
 
 
 def _field_type(annotation: Any) -> type:
@@ -114,7 +118,11 @@ def _resolve_options(args: argparse.Namespace) -> dict[str, Any]:
         if unknown:
             raise SystemExit(f"lorax train: unknown option(s) in {args.config}: {unknown}")
         options.update(from_file)
-    options.update({k: v for k, v in vars(args).items() if k in known and v is not None})
+    given = {k: v for k, v in vars(args).items() if k in known and v is not None}
+    demo = not ({"model", "data"} & set(given)) and options["model"] is None and not options["data"]
+    if demo:
+        options.update({k: v for k, v in DEMO_DEFAULTS.items() if k not in options})
+    options.update(given)
     if not options.get("output_dir"):
         raise SystemExit("lorax train: --output-dir is required")
     return options

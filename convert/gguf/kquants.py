@@ -12,8 +12,8 @@ it runs as a few fused kernels on an accelerator instead of a loop per block.
 
 The output is the reference's bytes, not only its quality, because its float32 arithmetic
 is kept step for step: sums over a sub-block accumulate sequentially in its order (a tree
-reduction rounds differently); round-half-to-even stands in for ggml's ``nearest_int``; the
-division by the literal 63 takes it as an argument (XLA rewrites division by a constant into
+reduction rounds differently); round-half-to-even stands in for ggml's ``nearest_int``;
+divisions stay divisions (``_divide``; XLA turns division by a broadcast value into
 multiplication by its rounded reciprocal); and products that C adds to are kept from being
 fused into FMAs (``_rounded``). The candidates' errors are compared exactly as in C, so the
 same one wins. Against ggml's reference compiled as its source is written (no FMA
@@ -57,7 +57,7 @@ def quantize_k(rows: jax.Array | np.ndarray, tensor_type: GGMLQuantizationType) 
         # tensors (norm-sized, tests) share one.
         padded = min(chunk, max(_MIN_BLOCKS, 1 << (size - 1).bit_length()))
         part = jnp.pad(part, ((0, padded - size), (0, 0)))
-        fields = encoder(part, f32(63.0), f32(1.0))
+        fields = encoder(part, f32(1.0))
         out[start : start + size] = _assemble(fields)[:size]
     return out.reshape(rows.shape[0], -1)
 
@@ -110,6 +110,16 @@ def _rounded(one: jax.Array, *products: jax.Array) -> tuple[jax.Array, ...]:
     rounds like the plain add); an optimization barrier does not.
     """
     return tuple(p * one for p in products)
+
+
+def _divide(a: jax.Array, b: jax.Array | float) -> jax.Array:
+    """``a / b`` rounded as IEEE division, also when ``b`` is a scalar or broadcast.
+
+    XLA rewrites ``a / broadcast(b)`` into ``a * broadcast(1 / b)``, which differs in the
+    last bit about half the time. Selecting ``b`` into ``a``'s shape through a data-
+    dependent predicate (``a == a`` is false for NaN) leaves nothing to hoist.
+    """
+    return a / jnp.where(a == a, b, a)
 
 
 def _round_clip(x: jax.Array, lo: int, hi: int) -> jax.Array:
@@ -218,7 +228,6 @@ def _search_scale_min(
 
 def _affine_superblocks(
     x: jax.Array,
-    c63: jax.Array,
     one: jax.Array,
     nmax: int,
     rmin: float,
@@ -239,14 +248,14 @@ def _affine_superblocks(
     inv_min = jnp.where(max_min > 0, 63.0 / max_min, 0.0)
     ls = jnp.minimum(_wrap(_nearest_int(inv_scale[:, None] * scales)), 63)
     lm = jnp.minimum(_wrap(_nearest_int(inv_min[:, None] * mins)), 63)
-    d = (max_scale / c63).astype(jnp.float16)
-    dmin = (max_min / c63).astype(jnp.float16)
+    d = _divide(max_scale, 63.0).astype(jnp.float16)
+    dmin = _divide(max_min, 63.0).astype(jnp.float16)
 
     # Re-quantize against the scales as stored (float16 d times 6-bit sc). A sub-block
     # whose stored scale is 0 keeps the search's levels, as in the reference.
     dd = (d.astype(f32)[:, None] * ls.astype(f32)).reshape(-1)
     (dm,) = _rounded(one, (dmin.astype(f32)[:, None] * lm.astype(f32)).reshape(-1))
-    requantized = _round_clip((xs + dm) / dd, 0, nmax)
+    requantized = _round_clip(_divide(xs + dm, dd), 0, nmax)
     levels = jnp.where(dd == 0, levels, requantized).T.reshape(-1, n_sub, 32)
 
     packed_scales = jnp.concatenate(
@@ -267,14 +276,14 @@ def _low_nibbles(levels: jax.Array) -> jax.Array:
 
 
 @jax.jit
-def _encode_q4_k(x: jax.Array, c63: jax.Array, one: jax.Array) -> tuple[jax.Array, ...]:
-    d, dmin, scales, levels = _affine_superblocks(x, c63, one, 15, -1.0, 0.1, 20)
+def _encode_q4_k(x: jax.Array, one: jax.Array) -> tuple[jax.Array, ...]:
+    d, dmin, scales, levels = _affine_superblocks(x, one, 15, -1.0, 0.1, 20)
     return d, dmin, scales, _low_nibbles(levels).astype(jnp.uint8)
 
 
 @jax.jit
-def _encode_q5_k(x: jax.Array, c63: jax.Array, one: jax.Array) -> tuple[jax.Array, ...]:
-    d, dmin, scales, levels = _affine_superblocks(x, c63, one, 31, -0.5, 0.1, 15)
+def _encode_q5_k(x: jax.Array, one: jax.Array) -> tuple[jax.Array, ...]:
+    d, dmin, scales, levels = _affine_superblocks(x, one, 31, -0.5, 0.1, 15)
     # Fifth bits: bit s of byte l is the high bit of sub-block s's value l.
     shifts = jnp.arange(QK_K // 32, dtype=jnp.int32)[None, :, None]
     high = jnp.sum(((levels >> 4) & 1) << shifts, axis=1)
@@ -320,8 +329,8 @@ def _search_symmetric(x: jax.Array, nmax: int) -> tuple[jax.Array, jax.Array]:
 
 
 @jax.jit
-def _encode_q6_k(x: jax.Array, c63: jax.Array, one: jax.Array) -> tuple[jax.Array, ...]:
-    del c63, one  # Q6_K divides by no literal and adds to no product
+def _encode_q6_k(x: jax.Array, one: jax.Array) -> tuple[jax.Array, ...]:
+    del one  # Q6_K adds to no product
     n_sub = QK_K // 16
     xs = x.reshape(-1, 16).T  # [16, B·16]
     levels, scales = _search_symmetric(xs, 32)
@@ -334,7 +343,7 @@ def _encode_q6_k(x: jax.Array, c63: jax.Array, one: jax.Array) -> tuple[jax.Arra
     sc = _wrap(jnp.minimum(127, _nearest_int(iscale[:, None] * scales)), signed=True)
     sc = jnp.where(zero[:, None], 0, sc)
     dd = (d.astype(f32)[:, None] * sc.astype(f32)).reshape(-1)
-    requantized = _round_clip(xs / dd, -32, 31) + 32
+    requantized = _round_clip(_divide(xs, dd), -32, 31) + 32
     levels = jnp.where(dd == 0, levels, requantized).T.reshape(-1, n_sub * 16)
     levels = jnp.where(zero[:, None], 0, levels).reshape(-1, 2, 4, 32)
 
