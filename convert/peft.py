@@ -29,7 +29,7 @@ from convert.names import peft_lora_name
 from convert.safetensors_io import SafetensorsError, SafetensorsFile, save_file
 
 if TYPE_CHECKING:
-    from lorax.lora import LoraWeights
+    pass
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
