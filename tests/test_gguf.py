@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import os
 import struct
 
@@ -60,52 +61,98 @@ def llama_cpp():
 
 
 def _save_tokenizer(directory: str, pre: str = "bytes", vocab: int = 300) -> None:
-    """A real byte-level BPE trained on ``CORPUS`` (GPT-2's splitting, or Llama 3's regex
-    for ``pre="llama3"``), with BOS added by the post-processor and a chat template."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    """A real BPE trained on ``CORPUS``: byte-level with GPT-2's splitting (``"bytes"``) or
+    Llama 3's regex (``"llama3"``), or SentencePiece-style with byte fallback (``"spm"``,
+    as Llama 2 and Mistral). BOS is added by the post-processor; it has a chat template."""
+    from tokenizers import (
+        AddedToken,
+        Regex,
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
     from transformers import PreTrainedTokenizerFast
 
-    tk = Tokenizer(models.BPE())
-    if pre == "llama3":
-        regex = (
-            r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-            r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+    if pre == "spm":
+        bos, eos, specials = "<s>", "</s>", ["<unk>", "<s>", "</s>"]
+        base = Tokenizer(models.BPE())
+        base.normalizer = normalizers.Sequence(
+            [normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")]
         )
-        tk.pre_tokenizer = pre_tokenizers.Sequence(
+        base.train_from_iterator(
+            CORPUS, trainers.BpeTrainer(vocab_size=vocab - 259, show_progress=False)
+        )
+        trained = json.loads(base.to_str())["model"]
+        ids = {t: i for i, t in enumerate(specials + [f"<0x{b:02X}>" for b in range(256)])}
+        for token in sorted(trained["vocab"], key=trained["vocab"].get):
+            ids.setdefault(token, len(ids))
+        merges = [
+            tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in trained["merges"]
+        ]
+        tk = Tokenizer(
+            models.BPE(
+                vocab=ids, merges=merges, byte_fallback=True, unk_token="<unk>", fuse_unk=True
+            )
+        )
+        tk.normalizer = base.normalizer
+        tk.decoder = decoders.Sequence(
             [
-                pre_tokenizers.Split(Regex(regex), behavior="isolated"),
-                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+                decoders.Replace("\u2581", " "),
+                decoders.ByteFallback(),
+                decoders.Fuse(),
+                decoders.Strip(" ", 1, 0),
             ]
         )
+        tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
     else:
-        tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|pad|>"]
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab,
-        special_tokens=specials,
-        show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tk.train_from_iterator(CORPUS, trainer)
+        bos, eos, specials = "<|begin_of_text|>", "<|end_of_text|>", []
+        tk = Tokenizer(models.BPE())
+        if pre == "llama3":
+            regex = (
+                r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+            )
+            tk.pre_tokenizer = pre_tokenizers.Sequence(
+                [
+                    pre_tokenizers.Split(Regex(regex), behavior="isolated"),
+                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+                ]
+            )
+        else:
+            tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tk.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab,
+            special_tokens=[bos, eos, "<|pad|>"],
+            show_progress=False,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        )
+        tk.train_from_iterator(CORPUS, trainer)
     tk.post_processor = processors.TemplateProcessing(
-        single="<|begin_of_text|> $A",
-        pair="<|begin_of_text|> $A $B:1",
-        special_tokens=[("<|begin_of_text|>", 0)],
+        single=f"{bos} $A",
+        pair=f"{bos} $A $B:1",
+        special_tokens=[(bos, tk.token_to_id(bos))],
     )
     PreTrainedTokenizerFast(
         tokenizer_object=tk,
-        bos_token="<|begin_of_text|>",
-        eos_token="<|end_of_text|>",
-        pad_token="<|pad|>",
-        chat_template="{% for m in messages %}<|begin_of_text|>{{ m['content'] }}"
-        "<|end_of_text|>{% endfor %}",
+        bos_token=bos,
+        eos_token=eos,
+        unk_token="<unk>" if pre == "spm" else None,
+        pad_token=None if pre == "spm" else "<|pad|>",
+        chat_template=f"{{% for m in messages %}}{bos}{{{{ m['content'] }}}}{eos}{{% endfor %}}",
     ).save_pretrained(directory)
 
 
 def _model(tmp_path_factory, model_type: str = "llama", pre: str = "bytes", **overrides):
     directory = tmp_path_factory.mktemp(model_type)
-    ids = dict(vocab_size=320, bos_token_id=0, eos_token_id=1, pad_token_id=2)
+    if pre == "spm":
+        ids = dict(vocab_size=320, bos_token_id=1, eos_token_id=2, pad_token_id=None)
+    else:
+        ids = dict(vocab_size=320, bos_token_id=0, eos_token_id=1, pad_token_id=2)
     _, path = make_hf_model(directory, model_type, **{**ids, **overrides})
     _save_tokenizer(path, pre)
     return lorax.load(path, dtype="float32")
@@ -239,13 +286,14 @@ def test_llama_cpp_f32_is_exact_up_to_summation_order(llama_cpp, tiny, out):
     assert _rel(cpp, _lorax_logits(model, lora, ids)) < 1e-5
 
 
-@pytest.mark.parametrize("pre", ["bytes", "llama3"])
+@pytest.mark.parametrize("pre", ["bytes", "llama3", "spm"])
 def test_llama_cpp_tokenizes_like_hf(llama_cpp, tmp_path_factory, out, pre):
     model = _model(tmp_path_factory, pre=pre)
     path = out / f"tok-{pre}.gguf"
     lorax.export_gguf(model, None, path, quant="q8_0")
     f = GGUFFile(path)
-    assert f.get("tokenizer.ggml.pre") == {"bytes": "gpt-2", "llama3": "llama-bpe"}[pre]
+    assert f.get("tokenizer.ggml.model") == ("llama" if pre == "spm" else "gpt2")
+    assert f.get("tokenizer.ggml.pre") == {"bytes": "gpt-2", "llama3": "llama-bpe"}.get(pre)
     llm = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
     hf, back = model.tokenizer, lorax.load(str(path), dtype="float32").tokenizer
     for text in (TEXT, " leading space", "digits 1234567 and 東京🚀", ""):

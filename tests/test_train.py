@@ -201,3 +201,64 @@ def test_cli_help_documents_every_option():
         "--on-nonfinite",
     ):
         assert field in out.stdout
+
+
+def test_packed_row_gives_the_losses_and_grads_of_separate_sequences(tiny, rng):
+    """Packing isolation: no attention and no loss across segments, so a packed row's loss
+    sum and LoRA gradients equal the sums over its sequences run one by one."""
+    from lorax.train.step import loss_sum
+
+    lora = lorax.init_lora(tiny, rank=4, alpha=8, key=jax.random.key(5))
+    lora = lorax.LoraWeights(jax.tree_util.tree_map(lambda x: x + 0.02, lora.params), lora.config)
+    config = StepConfig(loss_chunk_size=16)
+    grad = jax.jit(jax.value_and_grad(lambda lo, b: loss_sum(lo, tiny, b, config), has_aux=True))
+    lengths = (9, 14, 6)
+    seqs = [rng.integers(0, tiny.config.vocab_size, size=n).astype(np.int32) for n in lengths]
+    packed = {
+        "input_ids": np.concatenate(seqs)[None],
+        "labels": np.concatenate(seqs)[None],
+        "segment_ids": np.concatenate([np.full(n, i + 1, np.int32) for i, n in enumerate(lengths)])[
+            None
+        ],
+        "positions": np.concatenate([np.arange(n, dtype=np.int32) for n in lengths])[None],
+    }
+    (total, count), g_packed = grad(lora, packed)
+    sums, counts, grads = [], [], []
+    for seq in seqs:
+        (s, n), g = grad(lora, {"input_ids": seq[None], "labels": seq[None]})
+        sums.append(float(s))
+        counts.append(int(n))
+        grads.append(g)
+    assert int(count) == sum(counts) == sum(n - 1 for n in lengths)
+    np.testing.assert_allclose(float(total), sum(sums), rtol=1e-5)
+    g_separate = jax.tree_util.tree_map(lambda *gs: sum(gs), *grads)
+    for a, b in zip(
+        jax.tree_util.tree_leaves(g_packed), jax.tree_util.tree_leaves(g_separate), strict=True
+    ):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_nonfinite_stop_mode_raises_with_a_clear_message(tmp_path):
+    poisoned = demo.tiny_model(seed=2)
+    poisoned = lorax.Model(
+        {**poisoned.params, "norm": poisoned.params["norm"] * jnp.nan},
+        poisoned.config,
+        poisoned.tokenizer,
+    )
+    cfg = TrainConfig(
+        output_dir=str(tmp_path),
+        max_steps=3,
+        batch_size=2,
+        seq_len=64,
+        on_nonfinite="stop",
+        save_every=1,
+        progress=False,
+    )
+    trainer = Trainer(
+        poisoned, lorax.init_lora(poisoned, rank=4, alpha=8), str(lorax.data.demo_data_path()), cfg
+    )
+    with pytest.raises(FloatingPointError, match="step 1: loss or gradients are not finite"):
+        trainer.train()
+    assert not (tmp_path / "checkpoints").exists() or not any(
+        d.isdigit() for d in os.listdir(tmp_path / "checkpoints")
+    )

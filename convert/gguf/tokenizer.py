@@ -114,6 +114,9 @@ def tokenizer_metadata(tokenizer: Any, vocab_size: int) -> dict[str, KV]:
         if token is None or token == _padding_name(i):
             tokens.append(_padding_name(i))
             types.append(TokenType.UNUSED)
+        elif token == unk:
+            tokens.append(token)
+            types.append(TokenType.UNKNOWN)
         elif i in added:
             tokens.append(token)
             types.append(TokenType.CONTROL if added[i].special else TokenType.USER_DEFINED)
@@ -122,7 +125,7 @@ def tokenizer_metadata(tokenizer: Any, vocab_size: int) -> dict[str, KV]:
             types.append(TokenType.BYTE)
         else:
             tokens.append(token)
-            types.append(TokenType.UNKNOWN if token == unk else TokenType.NORMAL)
+            types.append(TokenType.NORMAL)
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
 
     kv: dict[str, KV] = {
