@@ -97,7 +97,7 @@ class _Plan:
     def make(cls, model: Any, lora: Any, dtype: str) -> _Plan:
         quantize = dtype == "nf4"
         store = jnp.dtype(model.dtype) if quantize else jnp.dtype(_STORE_DTYPES[dtype])
-        adapters, scale = _adapters(model.config, lora)
+        adapters, scale = lora_adapters(model.config, lora)
         return cls(model.params, adapters, scale, store, quantize, _double_quant(model.params))
 
     def tensors(self, spec: TensorSpec, layer: int) -> dict[str, np.ndarray]:
@@ -113,7 +113,7 @@ class _Plan:
         a = b = None
         if adapter is not None:
             a, b = adapter["lora_a"][layer], adapter["lora_b"][layer]
-        merged = _merged(value, a, b, self.scale, self.store)
+        merged = merge_lora_weight(value, a, b, self.scale, self.store)
         if not bool(jnp.isfinite(merged).all()):
             raise ValueError(
                 f"tensor {name!r} is not finite in {self.store.name} (overflow?); export in a "
@@ -124,7 +124,7 @@ class _Plan:
         return {name: np.asarray(merged)}
 
 
-def _adapters(config: Any, lora: Any) -> tuple[dict[str, Any], float]:
+def lora_adapters(config: Any, lora: Any) -> tuple[dict[str, Any], float]:
     """The LoRA entries by projection (checked against the base's shapes) and their scale."""
     if lora is None:
         return {}, 0.0
@@ -185,7 +185,7 @@ def _bnb_tensors(name: str, weight: NF4Tensor) -> dict[str, np.ndarray]:
 
 
 @functools.partial(jax.jit, static_argnames="store")
-def _merged(
+def merge_lora_weight(
     value: Any, lora_a: jax.Array | None, lora_b: jax.Array | None, scale: float, store: Any
 ) -> jax.Array:
     """``W + scale·B·A`` for one layer, in float32, rounded once to ``store``.

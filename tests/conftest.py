@@ -77,6 +77,14 @@ def rel_err(a, b) -> float:
     return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
 
 
+def rel_l2(a, b) -> float:
+    """||a - b|| / ||b||: the relative error of a whole tensor (insensitive to where the
+    largest entry happens to sit, unlike ``rel_err``)."""
+    a = np.asarray(a, np.float64)
+    b = np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
 @pytest.fixture
 def rng():
     """A fresh generator per test; the seed is printed so a failure can be replayed."""

@@ -66,7 +66,7 @@ def test_float32_merged_matches_lorax_with_adapter(tmp_path, rng, max_shard_size
     assert lorax.ModelConfig.from_json_file(os.path.join(out, "config.json")) == model.config
     ids = rng.integers(0, model.config.vocab_size, size=(2, 12))
     expected = _logits(model, lora, ids)
-    assert rel_err(torch_logits(_hf_model(out), ids), expected) < 1e-5
+    assert rel_err(torch_logits(_hf_model(out), ids), expected) < 1e-4
     assert rel_err(torch_logits(torch_model, ids), expected) > 1e-2  # the merge mattered
     if max_shard_size == "5GB":
         assert sorted(os.listdir(out)) == [
@@ -169,7 +169,7 @@ def test_nf4_merged_loads_in_transformers_with_bitsandbytes(tmp_path, rng):
     ids = rng.integers(0, model.config.vocab_size, size=(2, 10))
     merged = _logits(reloaded, None, ids)
     # Same 4-bit weights: transformers + bitsandbytes and lorax agree to float32 rounding.
-    assert rel_err(torch_logits(hf, ids), merged) < 1e-5
+    assert rel_err(torch_logits(hf, ids), merged) < 1e-4
     # Against lorax's adapted NF4 model only the re-quantization differs: the merged model
     # is far closer to it than the unadapted base is.
     adapted = _logits(model, lora, ids)

@@ -58,7 +58,7 @@ def test_peft_runs_our_adapter_like_lorax(tmp_path, rng, model_type, kw):
     assert peft_model.peft_config["default"].target_modules == set(lora.config.targets)
     ids = rng.integers(0, model.config.vocab_size, size=(2, 12))
     expected = _lorax_logits(model, lora, ids)
-    assert rel_err(torch_logits(peft_model, ids), expected) < 1e-5
+    assert rel_err(torch_logits(peft_model, ids), expected) < 1e-4
     with peft_model.disable_adapter():  # the adapter must matter, or the above proves nothing
         assert rel_err(torch_logits(peft_model, ids), expected) > 1e-2
 
@@ -104,7 +104,7 @@ def test_reads_adapter_written_by_peft(tmp_path, rng):
         4, 16.0, ("k_proj", "o_proj", "up_proj"), dropout=0.05, use_rslora=True
     )
     ids = rng.integers(0, model.config.vocab_size, size=(2, 10))
-    assert rel_err(_lorax_logits(model, lora, ids), torch_logits(peft_model, ids)) < 1e-5
+    assert rel_err(_lorax_logits(model, lora, ids), torch_logits(peft_model, ids)) < 1e-4
 
 
 def _rewrite(adapter_dir, edit_tensors=None, **config_changes) -> None:

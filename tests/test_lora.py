@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import make_hf_model, rel_err
+from conftest import make_hf_model, rel_l2
 
 import lorax
 from convert.names import module_name
@@ -69,8 +69,8 @@ def test_forward_and_grads_match_peft(tmp_path, rng, use_rslora):
             module = layer.get_submodule(module_name(proj))
             ref_a = module.lora_A["default"].weight.grad.numpy()
             ref_b = module.lora_B["default"].weight.grad.numpy()
-            assert rel_err(ab["lora_a"][i], ref_a) < 1e-5, (proj, i)
-            assert rel_err(ab["lora_b"][i], ref_b) < 1e-5, (proj, i)
+            assert rel_l2(ab["lora_a"][i], ref_a) < 1e-5, (proj, i)
+            assert rel_l2(ab["lora_b"][i], ref_b) < 1e-5, (proj, i)
 
 
 def test_init_matches_peft_conventions(tmp_path):

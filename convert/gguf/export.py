@@ -32,7 +32,7 @@ from convert.gguf.metadata import llama3_rope_factors, model_metadata
 from convert.gguf.quants import ModelShape, Scheme, encode, scheme, tensor_type
 from convert.gguf.tokenizer import tokenizer_metadata
 from convert.gguf.writer import TensorPlan, write_gguf
-from convert.merged import _adapters, _merged
+from convert.merged import lora_adapters, merge_lora_weight
 from convert.names import TensorSpec, tensor_specs
 
 
@@ -55,7 +55,7 @@ def export_gguf(
     chosen = scheme(quant)
     config = model.config
     arch = arch_for_export(config.model_type)
-    adapters, lora_scale = _adapters(config, lora)
+    adapters, lora_scale = lora_adapters(config, lora)
     metadata = model_metadata(config, arch, chosen.file_type, name or _default_name(model))
     metadata.update(_tokenizer_keys(model.tokenizer, config.vocab_size))
     plans = list(_plans(model, adapters, lora_scale, arch, chosen))
@@ -139,7 +139,7 @@ def _encode_param(
         adapter = adapters.get(spec.path[1]) if spec.path[-1] == "weight" else None
         if adapter is not None:
             a, b = adapter["lora_a"][layer], adapter["lora_b"][layer]
-    weight = _merged(value, a, b, lora_scale, jnp.float32)
+    weight = merge_lora_weight(value, a, b, lora_scale, jnp.float32)
     if not bool(jnp.isfinite(weight).all()):
         raise GGUFError(f"tensor {name!r} has non-finite values; refusing to export it")
     if heads is not None:

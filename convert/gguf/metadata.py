@@ -288,7 +288,7 @@ def _rope_from_gguf(f: GGUFFile, a: str, head_dim: int, theta: float) -> dict[st
         }
         extra = f.get(f"{a}.rope.scaling.attn_factor")
         if extra is not None and not math.isclose(extra, 1.0, rel_tol=1e-6):
-            params["attention_factor"] = _f32(extra) * _mscale(factor)
+            params["attention_factor"] = _f32(_f32(extra) * _mscale(factor))
     elif scaling_type not in ("none", "linear"):
         raise GGUFError(f"{f.path}: unsupported RoPE scaling type {scaling_type!r}")
     if ROPE_FREQS in f:
