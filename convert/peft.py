@@ -160,6 +160,18 @@ def adapter_config_dict(lora_config: Any, base_model_name_or_path: str | None) -
 # -------------------------------------------------------------------------------- loading
 
 
+def adapter_base_model(directory: str | os.PathLike[str]) -> str | None:
+    """The ``base_model_name_or_path`` an adapter directory records (None if it has none)."""
+    path = os.path.join(os.fspath(directory), ADAPTER_CONFIG)
+    if not os.path.exists(path):
+        raise AdapterError(f"{directory}: no {ADAPTER_CONFIG}; not a PEFT adapter directory")
+    with open(path, encoding="utf-8") as f:
+        try:
+            return json.load(f).get("base_model_name_or_path") or None
+        except json.JSONDecodeError as e:
+            raise AdapterError(f"{path}: not valid JSON ({e})") from e
+
+
 def read_adapter(
     directory: str | os.PathLike[str], config: Any, *, dtype: Any = jnp.float32
 ) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -145,7 +145,7 @@ def _load_model(options: dict[str, Any]) -> tuple[Any, str]:
     if source is None:
         source = _bundled_model() or "tiny"
     if source == "tiny":
-        return demo.tiny_model(dtype=lorax.loading.resolve_dtype(dtype)), "built-in tiny Llama"
+        return demo.tiny_model(dtype=lorax.loading.resolve_dtype(dtype)), "tiny"
     return lorax.load(source, quantize=quantize, dtype=dtype), source
 
 
@@ -227,12 +227,73 @@ def _save_adapter(model: Any, lora: Any, directory: str, base: str) -> None:
     save_adapter(model, lora, directory, base_model_name_or_path=base)
 
 
+def _export_parser(sub: Any) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "export",
+        help="export a trained adapter: GGUF, merged HF model, or PEFT adapter",
+        description="Load the base model and a LoRA adapter (PEFT format, e.g. OUTPUT_DIR/adapter "
+        "from `lorax train`) and write OUT in one format.",
+    )
+    p.add_argument("out", help="output file (GGUF) or directory (merged model, PEFT adapter)")
+    p.add_argument("--adapter", required=True, help="PEFT adapter directory")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="base model: HF directory, .gguf file or "
+        "'tiny' (default: the adapter's base_model_name_or_path)",
+    )
+    fmt = p.add_mutually_exclusive_group(required=True)
+    fmt.add_argument(
+        "--gguf",
+        metavar="QUANT",
+        help="GGUF for llama.cpp / Ollama: f32, f16, "
+        "bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q4_k_m, q5_k_m, q6_k",
+    )
+    fmt.add_argument(
+        "--merged",
+        metavar="DTYPE",
+        help="HF model with LoRA merged: bfloat16, float16, float32 or nf4 (bitsandbytes 4-bit)",
+    )
+    fmt.add_argument("--peft", action="store_true", help="PEFT adapter directory")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT directory")
+    return p
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    import lorax
+    from convert.peft import adapter_base_model
+    from lorax import demo
+
+    base = args.model or adapter_base_model(args.adapter)
+    if not base:
+        raise SystemExit(f"lorax export: {args.adapter} names no base model; pass --model PATH")
+    dtype = "float32" if args.merged == "float32" else "bfloat16"
+    model = demo.tiny_model() if base == "tiny" else lorax.load(base, dtype=dtype)
+    lora = lorax.load_adapter(model, args.adapter)
+    if args.gguf:
+        lorax.export_gguf(model, lora, args.out, quant=args.gguf)
+    elif args.merged:
+        lorax.save_merged(model, lora, args.out, dtype=args.merged, allow_overwrite=args.overwrite)
+    else:
+        lorax.save_adapter(
+            model, lora, args.out, base_model_name_or_path=base, allow_overwrite=args.overwrite
+        )
+    print(f"wrote {args.out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lorax", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub).set_defaults(func=cmd_train)
+    _export_parser(sub).set_defaults(func=cmd_export)
     args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        # Our errors name the file, tensor and values; a traceback would only bury that.
+        print(f"lorax {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
