@@ -52,9 +52,7 @@ DEMO_DEFAULTS = {"batch_size": 2, "seq_len": 128, "max_steps": 40, "learning_rat
 
 
 def _field_type(annotation: Any) -> type:
-    """The scalar type argparse should parse for a dataclass annotation (``float | None``)."""
-    if isinstance(annotation, str):
-        annotation = eval(annotation, {"Any": Any})  # annotations are postponed strings
+    """The scalar type argparse should parse for a resolved annotation (``float | None``)."""
     if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
         annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
     return annotation
@@ -92,9 +90,10 @@ def _train_parser(sub: Any) -> argparse.ArgumentParser:
     for name, (default, help) in RUN_OPTIONS.items():
         kind = type(default) if default is not None else str
         _add_option(p, name, kind, default, help)
+    hints = typing.get_type_hints(TrainConfig)
     for field in dataclasses.fields(TrainConfig):
         default = None if field.default is dataclasses.MISSING else field.default
-        _add_option(p, field.name, _field_type(field.type), default, field.metadata["help"])
+        _add_option(p, field.name, _field_type(hints[field.name]), default, field.metadata["help"])
     return p
 
 
@@ -195,7 +194,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     trainer = Trainer(model, lora, data, cfg, eval_dataset=options["eval_data"])
     print(f"data: {data}: {trainer.loader.stats}")
     lora = trainer.train()
-    history = trainer._read_history()
+    history = trainer.logged_metrics()
     if history:
         print(
             f"loss: {history[0]['loss']:.4f} (step {history[0]['step']}) -> "
@@ -203,7 +202,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         )
     sample("after", lora)
     adapter_dir = os.path.join(cfg.output_dir, "adapter")
-    _save_adapter(model, lora, adapter_dir, described)
+    lorax.save_adapter(model, lora, adapter_dir, base_model_name_or_path=described)
     print(
         f"adapter: {adapter_dir}\nmetrics: {os.path.join(cfg.output_dir, 'metrics.jsonl')}\n"
         f"loss curve: {os.path.join(cfg.output_dir, 'loss_curve.png')}"
@@ -219,12 +218,6 @@ def _sampler(model: Any, prompt: str | None, max_new_tokens: int, generate_text:
         print(f"sample {when} training: {prompt!r} -> {text!r}")
 
     return sample
-
-
-def _save_adapter(model: Any, lora: Any, directory: str, base: str) -> None:
-    from lorax import save_adapter
-
-    save_adapter(model, lora, directory, base_model_name_or_path=base)
 
 
 def _export_parser(sub: Any) -> argparse.ArgumentParser:

@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from convert.rope import llama3_rope_factors
+
 # model_type -> the HF architecture family it is computed as. Yi and DeepSeek's dense models
 # ship as ``model_type: "llama"``; they need no entry of their own.
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -281,17 +283,14 @@ def rope_frequencies(rope: RopeConfig, head_dim: int, seq_len: int, max_pos: int
         )
         inv_freq = 1.0 / base**exponents
     elif rope.type == "llama3":
-        old = rope.original_max_position_embeddings
-        low_wavelen = old / rope.low_freq_factor
-        high_wavelen = old / rope.high_freq_factor
-        wavelen = 2 * math.pi / inv_freq
-        scaled = np.where(wavelen > low_wavelen, inv_freq / rope.factor, inv_freq)
-        smooth = (old / wavelen - rope.low_freq_factor) / (
-            rope.high_freq_factor - rope.low_freq_factor
-        )
-        smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
-        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
-        inv_freq = np.where(medium, smoothed, scaled)
+        inv_freq = inv_freq / llama3_rope_factors(
+            rope.theta,
+            head_dim,
+            rope.factor,
+            rope.low_freq_factor,
+            rope.high_freq_factor,
+            rope.original_max_position_embeddings,
+        ).astype(np.float64)
     elif rope.type == "yarn":
         inv_freq, attention_factor = _yarn(rope, head_dim, exponents)
     return inv_freq.astype(np.float32), attention_factor

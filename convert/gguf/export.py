@@ -28,12 +28,13 @@ from convert.gguf.layout import (
     rope_heads,
     to_gguf_rope_rows,
 )
-from convert.gguf.metadata import llama3_rope_factors, model_metadata
+from convert.gguf.metadata import model_metadata
 from convert.gguf.quants import ModelShape, Scheme, encode, scheme, tensor_type
 from convert.gguf.tokenizer import tokenizer_metadata
 from convert.gguf.writer import TensorPlan, write_gguf
 from convert.merged import lora_adapters, merge_lora_weight
 from convert.names import TensorSpec, tensor_specs
+from convert.rope import llama3_rope_factors
 
 
 def export_gguf(

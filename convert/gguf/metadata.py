@@ -23,6 +23,7 @@ from gguf import GGML_QUANT_VERSION
 from convert.gguf.format import KV, GGUFError, ValueType, array, f32, string, u32
 from convert.gguf.layout import ROPE_FREQS, Arch, arch_named
 from convert.gguf.reader import GGUFFile
+from convert.rope import default_inv_freq, llama3_rope_factors
 
 
 def model_metadata(config: Any, arch: Arch, file_type: int, name: str) -> dict[str, KV]:
@@ -119,32 +120,6 @@ def yarn_attention_factor(rope: Any) -> float:
     return _mscale(rope.factor)
 
 
-def _inv_freq(theta: float, head_dim: int) -> np.ndarray:
-    return 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
-
-
-def llama3_rope_factors(
-    theta: float,
-    head_dim: int,
-    factor: float,
-    low_freq_factor: float,
-    high_freq_factor: float,
-    original_max_position_embeddings: int,
-) -> np.ndarray:
-    """``rope_freqs.weight``: the divisor of each frequency under Llama 3 scaling."""
-    wavelen = 2 * math.pi / _inv_freq(theta, head_dim)
-    old = original_max_position_embeddings
-    with np.errstate(divide="ignore", invalid="ignore"):
-        smooth = (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
-        medium = 1.0 / ((1 - smooth) / factor + smooth)
-    factors = np.where(
-        wavelen < old / high_freq_factor,
-        1.0,
-        np.where(wavelen > old / low_freq_factor, factor, medium),
-    )
-    return factors.astype(np.float32)
-
-
 def _llama3_from_factors(factors: np.ndarray, theta: float, head_dim: int, source: str) -> dict:
     """Llama 3 parameters that reproduce ``factors`` (the inverse of the map above).
 
@@ -158,7 +133,7 @@ def _llama3_from_factors(factors: np.ndarray, theta: float, head_dim: int, sourc
     released Llama 3 models.
     """
     f = factors.astype(np.float64)
-    u = _inv_freq(theta, head_dim) / (2 * math.pi)  # 1 / wavelength, decreasing
+    u = default_inv_freq(theta, head_dim) / (2 * math.pi)  # 1 / wavelength, decreasing
     factor = float(f.max())
     tol = 1e-5 * factor
     high, low = f <= 1 + tol, f >= factor - tol  # high- and low-frequency ends

@@ -241,7 +241,7 @@ class Trainer:
                     self._save(step)
         bar.close()
         self.checkpoints.wait()
-        write_loss_curve(self._read_history(), os.path.join(cfg.output_dir, LOSS_CURVE_FILE))
+        write_loss_curve(self.logged_metrics(), os.path.join(cfg.output_dir, LOSS_CURVE_FILE))
         return self.state.lora
 
     def evaluate(self, eval_fn: Any = None) -> float:
@@ -273,7 +273,8 @@ class Trainer:
             with open(path, "w", encoding="utf-8") as f:
                 f.writelines(json.dumps(r) + "\n" for r in kept)
 
-    def _read_history(self) -> list[dict[str, Any]]:
+    def logged_metrics(self) -> list[dict[str, Any]]:
+        """Every step's metrics of this run so far, resumed segments included."""
         path = os.path.join(self.config.output_dir, METRICS_FILE)
         return _read_jsonl(path) if os.path.exists(path) else self.history
 
