@@ -12,10 +12,10 @@ from typing import Any
 
 import jax
 
+from lorax import remat as remat_lib
 from lorax.loading import load
 from lorax.lora import LoraWeights, init_lora
 from lorax.model import Model
-from lorax.remat import POLICIES
 
 # Unsloth's names for gradient checkpointing -> lorax's remat policies.
 _CHECKPOINTING = {False: "none", True: "full", "unsloth": "offload", None: "none"}
@@ -74,11 +74,14 @@ class FastLanguageModel:
         if unsupported.get("loftq_config"):
             raise ValueError("get_peft_model: loftq_config is not supported")
         remat = _CHECKPOINTING.get(use_gradient_checkpointing, use_gradient_checkpointing)
-        if remat not in POLICIES:
+        try:
+            remat_lib.validate(remat if isinstance(remat, str) else repr(remat))
+        except ValueError as e:
             raise ValueError(
                 f"get_peft_model: use_gradient_checkpointing={use_gradient_checkpointing!r}; "
-                f"use True, False, 'unsloth' or one of {POLICIES}"
-            )
+                f"use True, False, 'unsloth', one of {remat_lib.POLICIES} or a schedule such "
+                f"as 'mlp:12,selective' ({e})"
+            ) from None
         lora = init_lora(
             model,
             rank=r,

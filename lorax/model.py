@@ -86,11 +86,24 @@ class ForwardOptions:
     3-4x faster than our Pallas kernel in the backward pass, see BENCHMARKS.md), otherwise
     the Pallas flash-attention kernel; the jnp reference on CPU. ``"pallas"``, ``"cudnn"`` and
     ``"reference"`` force one. ``matmul_impl`` likewise for the NF4/LoRA matmul.
+
+    ``remat`` is a policy name or a per-layer schedule (see :mod:`lorax.remat`).
+    ``mlp_chunk_tokens`` runs each MLP over that many tokens at a time, each chunk
+    rematerialised on its own: the MLP's ``[tokens, intermediate]`` temporaries (the largest
+    activations of the step, ~3.5x the hidden width each) then stop growing with the sequence,
+    which is what bounds the longest trainable context. Each chunk decodes the NF4 weights
+    again, so use it for long sequences (tens of thousands of tokens), not short ones.
     """
 
     remat: str = "none"
     matmul_impl: str | None = None
     attention_impl: str | None = None
+    mlp_chunk_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        remat_lib.validate(self.remat)
+        if self.mlp_chunk_tokens is not None and self.mlp_chunk_tokens <= 0:
+            raise ValueError(f"mlp_chunk_tokens must be positive, got {self.mlp_chunk_tokens}")
 
 
 def _attention_impl(requested: str | None, segment_ids: Array | None) -> str | None:
@@ -118,11 +131,19 @@ def _decoder_layer(
     dropout_key: Array | None,
 ) -> Array:
     b, s, _ = h.shape
-    keys = iter(jax.random.split(dropout_key, 7)) if dropout_key is not None else None
+    projections = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    keys = (
+        dict(zip(projections, jax.random.split(dropout_key, 7), strict=True))
+        if dropout_key is not None
+        else {}
+    )
 
-    def linear(name: str, x: Array) -> Array:
+    def linear(name: str, x: Array, key_salt: Array | None = None) -> Array:
         proj = layer[name]
         adapter = adapters.get(name)
+        key = keys.get(name)
+        if key is not None and key_salt is not None:
+            key = jax.random.fold_in(key, key_salt)
         return lora_linear(
             x,
             proj["weight"],
@@ -130,7 +151,7 @@ def _decoder_layer(
             adapter,
             lora_cfg.scale if adapter is not None else 0.0,
             dropout=lora_cfg.dropout if adapter is not None else 0.0,
-            dropout_key=next(keys) if keys is not None else None,
+            dropout_key=key,
             impl=options.matmul_impl,
         )
 
@@ -141,6 +162,8 @@ def _decoder_layer(
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     q, k, v = remat_lib.name(q, "query"), remat_lib.name(k, "key"), remat_lib.name(v, "value")
 
+    attention_impl = _attention_impl(options.attention_impl, segment_ids)
+
     def attend(window: int) -> Array:
         return flash_attention(
             q,
@@ -150,7 +173,7 @@ def _decoder_layer(
             sliding_window=window or None,
             segment_ids=segment_ids,
             scale=config.head_dim**-0.5,
-            impl=_attention_impl(options.attention_impl, segment_ids),
+            impl=attention_impl,
         )
 
     # Attention kernels take the window as a static size, so layers with different windows
@@ -160,12 +183,42 @@ def _decoder_layer(
         attn = attend(windows[0])
     else:
         attn = jax.lax.switch(window_index, [lambda w=w: attend(w) for w in windows])
-    attn = remat_lib.name(attn, "attention_out")
+    if attention_impl != "cudnn":
+        # cuDNN's output is already kept by the kernel-residual policy, in cuDNN's own memory
+        # layout; naming the row-major copy too would keep the same values twice.
+        attn = remat_lib.name(attn, "attention_out")
     h = h + linear("o_proj", attn.reshape(b, s, config.q_size))
+    h = remat_lib.name(h, "attention_residual")
 
     x = rms_norm(h, layer["post_attention_layernorm"], config.rms_norm_eps)
-    gated = jax.nn.silu(linear("gate_proj", x)) * linear("up_proj", x)
-    return h + linear("down_proj", gated)
+
+    def mlp(x: Array, chunk_index: Array | None = None) -> Array:
+        # Chunks fold their index into the dropout keys so they draw different masks.
+        gate = remat_lib.name(linear("gate_proj", x, chunk_index), "mlp_gate")
+        up = remat_lib.name(linear("up_proj", x, chunk_index), "mlp_up")
+        return linear("down_proj", jax.nn.silu(gate) * up, chunk_index)
+
+    return h + _chunked_over_tokens(mlp, x, options.mlp_chunk_tokens)
+
+
+def _chunked_over_tokens(fn: Any, x: Array, chunk: int | None) -> Array:
+    """``fn(x)`` for a per-token ``fn(x, chunk_index=None)``, ``chunk`` tokens at a time.
+
+    Each chunk is its own ``jax.checkpoint`` so the backward pass also holds one chunk's
+    temporaries at a time. The tokens are padded up to a multiple of ``chunk`` (the padding
+    rows are computed and dropped: ``fn`` is per token, so they cannot affect real rows).
+    """
+    b, s, d = x.shape
+    n = b * s
+    if chunk is None or n <= chunk:
+        return fn(x)
+    num_chunks = -(-n // chunk)
+    flat = jnp.pad(x.reshape(n, d), ((0, num_chunks * chunk - n), (0, 0)))
+    per_chunk = jax.checkpoint(fn, policy=jax.checkpoint_policies.nothing_saveable)
+    out = jax.lax.map(
+        lambda xs: per_chunk(*xs), (flat.reshape(num_chunks, chunk, d), jnp.arange(num_chunks))
+    )
+    return out.reshape(num_chunks * chunk, -1)[:n].reshape(b, s, -1)
 
 
 def hidden_states(
@@ -215,8 +268,31 @@ def hidden_states(
         )
         return out, None
 
-    body = remat_lib.apply(body, options.remat)
-    h, _ = jax.lax.scan(body, h, (params["layers"], adapters, window_index, layer_keys))
+    segments = remat_lib.schedule(options.remat, config.num_layers)
+    if len(segments) == 1:
+        body = remat_lib.apply(body, options.remat)
+        h, _ = jax.lax.scan(body, h, (params["layers"], adapters, window_index, layer_keys))
+    else:
+        # One scan per policy segment. The frozen layers are indexed inside the body rather
+        # than sliced outside it, so no segment copies its part of the (large) base weights.
+        start = 0
+        for kind, count in segments:
+            stop = start + count
+
+            def indexed_body(carry: Array, xs: tuple, _body: Any = body) -> tuple[Array, None]:
+                i, layer_adapters, window_index, key = xs
+                layer = jax.tree.map(
+                    lambda p, i=i: jax.lax.dynamic_index_in_dim(p, i, keepdims=False),
+                    params["layers"],
+                )
+                return _body(carry, (layer, layer_adapters, window_index, key))
+
+            def part(tree: Any, start: int = start, stop: int = stop) -> Any:
+                return jax.tree.map(lambda a: a[start:stop], tree)
+
+            xs = (jnp.arange(start, stop), part(adapters), part(window_index), part(layer_keys))
+            h, _ = jax.lax.scan(remat_lib.apply(indexed_body, kind), h, xs)
+            start = stop
     return rms_norm(h, params["norm"], config.rms_norm_eps)
 
 

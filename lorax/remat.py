@@ -3,6 +3,12 @@
 The forward names the intermediates worth saving (``checkpoint_name``); a policy says which
 of them a layer keeps for the backward pass, which it recomputes, and which it parks in host
 memory. Everything else about the model is unaware of remat.
+
+A *schedule* gives different layers different policies: ``"mlp:12,selective"`` runs the first
+12 layers under ``mlp`` and the rest under ``selective``. That spends a memory budget exactly:
+each ``mlp`` layer trades ``B·S·(2·intermediate + hidden)`` saved bf16 values for not
+recomputing its two largest matmuls, so a budget that holds only some of those layers still
+gets the speed-up on those.
 """
 
 from __future__ import annotations
@@ -19,8 +25,12 @@ from pallas_kernels.flash_attention import save_forward_residuals
 # GQA, q + k + v + out are ~2.5 x [B, S, D] per layer) so the backward recomputes only the
 # norms and the MLP, never the O(S^2) attention or the q/k/v projections.
 SELECTIVE_SAVES = ("query", "key", "value", "attention_out")
+# "mlp" also keeps the residual stream after attention and the gate/up projections: then the
+# backward recomputes only elementwise work (norms, rope, SiLU·up), no matmul at all. The
+# decoded NF4 weights are never saved; they are cheap to decode again and as big as the model.
+MLP_SAVES = (*SELECTIVE_SAVES, "attention_residual", "mlp_gate", "mlp_up")
 
-POLICIES = ("none", "full", "selective", "offload")
+POLICIES = ("none", "full", "selective", "mlp", "offload")
 
 
 def name(x: Any, tag: str) -> Any:
@@ -35,12 +45,11 @@ def policy(kind: str) -> Callable[..., Any] | None:
         return None
     if kind == "full":
         return cp.nothing_saveable
-    if kind == "selective":
+    if kind in ("selective", "mlp"):
         # Names cannot reach inside the attention kernel's custom_vjp: its own residuals
         # (output and logsumexp) are kept by a primitive-level policy beside the names.
-        return cp.save_from_both_policies(
-            cp.save_only_these_names(*SELECTIVE_SAVES), save_forward_residuals
-        )
+        saves = SELECTIVE_SAVES if kind == "selective" else MLP_SAVES
+        return cp.save_from_both_policies(cp.save_only_these_names(*saves), save_forward_residuals)
     if kind == "offload":
         # The layer's input (the residual stream, scan's carry) is what a fully
         # rematerialised layer saves; keep it in pinned host memory instead of HBM.
@@ -51,6 +60,43 @@ def policy(kind: str) -> Callable[..., Any] | None:
             offload_dst="pinned_host",
         )
     raise ValueError(f"unknown remat policy {kind!r}; choose one of {POLICIES}")
+
+
+def schedule(spec: str, num_layers: int) -> list[tuple[str, int]]:
+    """Parses ``"POLICY[:COUNT],...,POLICY"`` into ``[(policy, layers), ...]`` covering all layers.
+
+    Every segment but the last needs a count; the last takes the remaining layers (a count
+    there must match them). A plain policy name is one segment over every layer.
+    """
+    parts = [p.strip() for p in spec.split(",")]
+    segments: list[tuple[str, int]] = []
+    used = 0
+    for i, part in enumerate(parts):
+        kind, _, count = part.partition(":")
+        if kind not in POLICIES:
+            raise ValueError(f"unknown remat policy {kind!r} in {spec!r}; choose from {POLICIES}")
+        last = i == len(parts) - 1
+        if not count and not last:
+            raise ValueError(f"remat schedule {spec!r}: segment {part!r} needs ':LAYERS'")
+        n = int(count) if count else num_layers - used
+        if n <= 0 or used + n > num_layers or (last and used + n != num_layers):
+            raise ValueError(
+                f"remat schedule {spec!r} does not cover the model's {num_layers} layers "
+                f"(segments must be positive and sum to {num_layers})"
+            )
+        segments.append((kind, n))
+        used += n
+    return segments
+
+
+def validate(spec: str) -> None:
+    """Raises ValueError when ``spec`` is not a policy name or a schedule of them."""
+    parts = spec.split(",")
+    counts = [p.partition(":")[2] for p in parts]
+    if any(c and not c.isdigit() for c in counts):
+        raise ValueError(f"remat schedule {spec!r}: layer counts must be positive integers")
+    total = sum(int(c) for c in counts if c) + (0 if counts[-1] else 1)
+    schedule(spec, max(total, 1))
 
 
 def apply(body: Callable[..., Any], kind: str) -> Callable[..., Any]:

@@ -60,6 +60,9 @@ Impl = Literal["pallas", "reference", "cudnn"]
 # queries see padded keys, and their outputs are sliced off.
 _PAD_SEGMENT = -1
 _FWD_KERNEL = "flash_attention_fwd"  # the forward pallas_call's name (flash_attention_kernels)
+# jax.nn.dot_product_attention(implementation="cudnn")'s forward inside its custom_vjp: its
+# outputs are the attention output and the softmax statistics its backward needs.
+_CUDNN_FWD_PRIMITIVES = ("dot_product_attention_fwd_wrapper", "dot_product_attention_fwd")
 
 
 def resolve_impl(impl: str | None, interpret: bool | None) -> tuple[Impl, bool]:
@@ -214,6 +217,9 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 def save_forward_residuals(prim: Any, *_: Any, **params: Any) -> bool:
     """``jax.checkpoint`` policy: keep the forward kernel's outputs (``o`` and ``lse``).
 
+    Covers both forward kernels the model may call: ours and cuDNN's (whose second output is
+    its softmax statistics, the same role as ``lse``).
+
     Under remat, the backward of a ``custom_vjp`` needs its residuals, and name-based
     policies cannot see them (a ``checkpoint_name`` on the attention output does *not* stop
     the forward kernel from running again). Saving the forward ``pallas_call`` 's outputs —
@@ -222,7 +228,10 @@ def save_forward_residuals(prim: Any, *_: Any, **params: Any) -> bool:
     ``jax.checkpoint_policies.save_from_both_policies(save_only_these_names(...),
     save_forward_residuals)``. q, k, v follow whatever the other policy does.
     """
-    return getattr(prim, "name", None) == "pallas_call" and params.get("name") == _FWD_KERNEL
+    name = getattr(prim, "name", None)
+    if name in _CUDNN_FWD_PRIMITIVES:
+        return True
+    return name == "pallas_call" and params.get("name") == _FWD_KERNEL
 
 
 def _cudnn_attention(

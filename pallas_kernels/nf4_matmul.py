@@ -29,6 +29,11 @@ Implementations (``plan_nf4_lora_matmul`` says which one a call gets, and why):
 ``dequant_then_dot`` (Pallas + XLA)
     A memory-bound Pallas kernel writes the 16-bit W (one layer's worth, transient; decoded
     again in the backward), then XLA's dot (cuBLAS) does the matmul.
+``xla``
+    The reference's jnp decode, compiled by XLA, then XLA's dot: XLA fuses the decode with
+    its neighbours and schedules it among the other layer work. The default for
+    training-sized M: end to end it beats ``dequant_then_dot`` by 1-6% (BENCHMARKS.md §1,
+    the matmul_impl ablation), though the two are within 5% either way in isolation (§2).
 ``dense``
     W is already 16-bit: XLA dots (cuBLAS is the ceiling; there is nothing to fuse).
 ``reference``
@@ -38,9 +43,10 @@ Selection: ``impl`` / ``interpret`` choose kernel vs reference as everywhere in
 ``pallas_kernels`` (see :mod:`pallas_kernels._backend`: by default the kernels on GPU, the
 reference elsewhere). Among kernels, ``config.variant`` picks; ``"auto"`` (default) takes
 ``fused`` for M ≤ ``config.fused_max_m`` (256: decode-sized calls, where not writing W wins)
-and ``dequant_then_dot`` above (training-sized M, where cuBLAS on a decoded W wins), and
-``dequant_then_dot`` whenever K % 64 != 0 (the fused kernel reads W row by row and needs whole
-absmax blocks per row; the dequant kernel works on the flat element order). Asking for
+and ``xla`` above (training-sized M, where cuBLAS on a decoded W wins and XLA's own decode
+measured fastest end to end), and ``dequant_then_dot`` for small M whenever K % 64 != 0 (the
+fused kernel reads W row by row and needs whole absmax blocks per row; the dequant kernel
+works on the flat element order). Asking for
 ``variant="fused"`` with such a K raises. NF4 blocksizes other than 64 are served by the
 reference under the default selection and raise if a kernel is forced. ``config.lookup``
 picks how the kernels turn a 4-bit code into its value (select tree or table gather; see
@@ -84,7 +90,7 @@ _NT = (((1,), (1,)), ((), ()))  # a[m, k] · b[n, k]ᵀ
 _NN = (((1,), (0,)), ((), ()))  # a[m, k] · b[k, n]
 _TN = (((0,), (0,)), ((), ()))  # a[k, m]ᵀ · b[k, n]
 
-VARIANTS = ("reference", "dense", "fused", "dequant_then_dot")
+VARIANTS = ("reference", "dense", "fused", "dequant_then_dot", "xla")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,9 +176,17 @@ def plan_nf4_lora_matmul(
                 f"W); W has shape [N, K] = [{n}, {k}]. Use variant='dequant_then_dot' or 'auto'."
             )
         return NF4MatmulPlan("fused", choice.interpret, f"{where}: variant='fused'", config)
-    if config.variant == "dequant_then_dot":
+    if config.variant in ("dequant_then_dot", "xla"):
         return NF4MatmulPlan(
-            "dequant_then_dot", choice.interpret, f"{where}: variant='dequant_then_dot'", config
+            config.variant, choice.interpret, f"{where}: variant={config.variant!r}", config
+        )
+    if m > config.fused_max_m:
+        return NF4MatmulPlan(
+            "xla",
+            choice.interpret,
+            f"{where}: M > fused_max_m={config.fused_max_m}: XLA decode + dot (fastest end "
+            "to end, BENCHMARKS.md §1)",
+            config,
         )
     if not fused_ok:
         return NF4MatmulPlan(
@@ -181,15 +195,8 @@ def plan_nf4_lora_matmul(
             f"{where}: K % {_k.QBLOCK} != 0, absmax blocks straddle rows, so not fused",
             config,
         )
-    if m <= config.fused_max_m:
-        return NF4MatmulPlan(
-            "fused", choice.interpret, f"{where}: M <= fused_max_m={config.fused_max_m}", config
-        )
     return NF4MatmulPlan(
-        "dequant_then_dot",
-        choice.interpret,
-        f"{where}: M > fused_max_m={config.fused_max_m}",
-        config,
+        "fused", choice.interpret, f"{where}: M <= fused_max_m={config.fused_max_m}", config
     )
 
 

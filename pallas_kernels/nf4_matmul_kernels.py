@@ -85,11 +85,13 @@ _NN = (((1,), (0,)), ((), ()))  # a[m, k] · b[k, n]
 class NF4MatmulConfig:
     """Variant choice, tile sizes and launch parameters (frozen: hashable, a static argument).
 
-    ``variant``: ``"auto"`` (see ``fused_max_m``), ``"fused"`` or ``"dequant_then_dot"``.
+    ``variant``: ``"auto"`` (see ``fused_max_m``), ``"fused"``, ``"dequant_then_dot"`` or
+    ``"xla"``.
     ``fused_max_m``: under ``"auto"``, the fused kernel runs when the flattened row count M is
-    at most this, ``dequant_then_dot`` above it. The fused kernel decodes every W tile once
-    per ``block_m`` rows, so its decode work grows with M, while ``dequant_then_dot`` decodes
-    once (one extra bf16 W write + read) and then runs at cuBLAS speed. By instruction counts
+    at most this, ``xla`` (XLA's decode, then cuBLAS) above it. The fused kernel decodes
+    every W tile once per ``block_m`` rows, so its decode work grows with M, while the
+    decode-first variants decode once (one extra bf16 W write + read) and then run at cuBLAS
+    speed. By instruction counts
     the decode costs ~29 ALU instructions per weight (select tree) against 2·block_m flops
     of tensor-core work, so past a few row tiles the fused kernel is ALU-bound; the default
     (256) is that estimate, to be replaced by the crossover ``scripts/bench_nf4_matmul.py``

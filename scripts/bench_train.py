@@ -8,6 +8,10 @@ median step time of >= 8 timed steps after warm-up; MFU counts the FLOPs of
 lorax.train.flops.train_flops_per_token against the bf16 dense peak.
 
     python scripts/bench_train.py --shapes 2x2048,1x8192 --remat none,offload --json out.json
+    python scripts/bench_train.py --cases 2x2048@mlp@auto 1x8192@mlp:12,selective@auto
+
+A case is SHAPE@REMAT@ATTENTION (REMAT may be a per-layer schedule, see lorax.remat);
+--forward passes further ForwardOptions fields (e.g. mlp_chunk_tokens=4096) to every case.
 """
 
 from __future__ import annotations
@@ -72,11 +76,18 @@ def build_model(num_layers: int | None = None, config_overrides: dict | None = N
         del per_layer
     k1, k2 = jax.random.split(key)
     v, d = config.vocab_size, config.hidden_size
+
+    # Under jit the f32 normals stay inside one fusion: no f32 [V, D] temporary inflates the
+    # process's peak-memory reading before training starts.
+    @jax.jit
+    def random_dense(k):
+        return (0.02 * jax.random.normal(k, (v, d), jnp.float32)).astype(jnp.bfloat16)
+
     params = {
-        "embed_tokens": (0.02 * jax.random.normal(k1, (v, d))).astype(jnp.bfloat16),
+        "embed_tokens": random_dense(k1),
         "layers": layers,
         "norm": jnp.ones((d,), jnp.bfloat16),
-        "lm_head": {"weight": (0.02 * jax.random.normal(k2, (v, d))).astype(jnp.bfloat16)},
+        "lm_head": {"weight": random_dense(k2)},
     }
     return Model(params, config, None)
 
@@ -89,6 +100,7 @@ def run_case(
     warmup: int,
     chunk: int,
     num_layers: int | None,
+    forward: dict | None = None,
 ) -> dict:
     import jax
     import numpy as np
@@ -113,7 +125,9 @@ def run_case(
         StepConfig(
             loss_chunk_size=chunk or None,
             forward=ForwardOptions(
-                remat=remat, attention_impl=None if attention == "auto" else attention
+                remat=remat,
+                attention_impl=None if attention == "auto" else attention,
+                **(forward or {}),
             ),
         ),
     )
@@ -148,6 +162,7 @@ def run_case(
         "shape": shape,
         "remat": remat,
         "attention": attention,
+        "forward": forward or {},
         "tokens_per_s": tokens / median,
         "median_step_s": median,
         "min_step_s": min(times),
@@ -164,12 +179,22 @@ def run_case(
     }
 
 
+def parse_forward(spec: str | None) -> dict:
+    """``key=value,...`` into ForwardOptions keyword arguments (ints where they parse)."""
+    out: dict = {}
+    for item in filter(None, (spec or "").split(",")):
+        key, _, value = item.partition("=")
+        out[key] = int(value) if value.lstrip("-").isdigit() else value
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shapes", default="2x2048,1x8192")
     p.add_argument("--remat", default="none,offload", help="comma list of remat policies")
     p.add_argument("--attention", default="auto", help="comma list: auto, cudnn, pallas")
-    p.add_argument("--cases", default=None, help="explicit list SHAPE:REMAT:ATTENTION,...")
+    p.add_argument("--cases", nargs="+", default=None, help="SHAPE@REMAT@ATTENTION ...")
+    p.add_argument("--forward", default=None, help="ForwardOptions fields, key=value,...")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--chunk", type=int, default=0, help="loss chunk in tokens (0: auto)")
@@ -180,9 +205,10 @@ def main() -> None:
     p.add_argument("--json", default=None)
     p.add_argument("--case", default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
+    forward = parse_forward(a.forward)
     if a.case:
-        shape, remat, attention = a.case.split(":")
-        result = run_case(shape, remat, attention, a.steps, a.warmup, a.chunk, a.layers)
+        shape, remat, attention = a.case.split("@")
+        result = run_case(shape, remat, attention, a.steps, a.warmup, a.chunk, a.layers, forward)
         print("RESULT " + json.dumps(result), flush=True)
         return
     import jax
@@ -193,17 +219,17 @@ def main() -> None:
         env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = a.mem_fraction
     print(f"jax {jax.__version__}, device {jax.devices()[0].device_kind}", flush=True)
     cases = (
-        a.cases.split(",")
+        a.cases
         if a.cases
         else [
-            f"{shape}:{remat}:{attn}"
+            f"{shape}@{remat}@{attn}"
             for shape in a.shapes.split(",")
             for remat in a.remat.split(",")
             for attn in a.attention.split(",")
         ]
     )
     for case in cases:
-        shape, remat, attn = case.split(":")
+        shape, remat, attn = case.split("@")
         cmd = [
             sys.executable,
             __file__,
@@ -218,6 +244,8 @@ def main() -> None:
         ]
         if a.layers:
             cmd += ["--layers", str(a.layers)]
+        if a.forward:
+            cmd += ["--forward", a.forward]
         out = subprocess.run(cmd, capture_output=True, text=True, env=env)
         result = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
         if out.returncode or not result:
@@ -228,7 +256,8 @@ def main() -> None:
         r = json.loads(result[0][len("RESULT ") :])
         rows.append(r)
         print(
-            f"{shape:>7} remat={remat:<9} attn={attn:<6} {r['tokens_per_s']:8.0f} tok/s  "
+            f"{shape:>7} remat={remat:<9} attn={attn:<6} {a.forward or ''} "
+            f"{r['tokens_per_s']:8.0f} tok/s  "
             f"{r['tflops']:6.1f} TFLOP/s  mfu {r['mfu'] or 0:.3f}  "
             f"peak {r['peak_mem_gib'] or 0:.2f} GiB  first step at "
             f"{r['start_to_first_step_s']:.1f}s  loss {r['first_loss']:.4f}",

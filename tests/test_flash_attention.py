@@ -478,6 +478,33 @@ def test_remat_policy_keeps_forward_residuals() -> None:
     assert forward_kernels(combined) == 1
 
 
+@pytest.mark.skipif(
+    jax.default_backend() != "gpu", reason="cuDNN attention only exists on NVIDIA GPUs"
+)
+def test_remat_policy_keeps_cudnn_forward_residuals() -> None:
+    """The same for cuDNN's attention (the model's default on GPU): without the policy its
+    forward runs again in the backward pass to rebuild the softmax statistics."""
+    q = jnp.zeros((1, 128, 4, 64), jnp.bfloat16)
+    kv = jnp.zeros((1, 128, 2, 64), jnp.bfloat16)
+
+    def forward_kernels(policy: Any) -> int:
+        def layer(q, k, v):
+            out = flash_attention(q * 2, k * 2, v * 2, impl="cudnn")
+            return checkpoint_name(out, "attention_out")
+
+        layer = jax.checkpoint(layer, policy=policy)
+        grad = jax.grad(lambda *a: layer(*a).astype(jnp.float32).sum(), argnums=(0, 1, 2))
+        eqns = _eqns(jax.make_jaxpr(grad)(q, kv, kv).jaxpr)
+        return sum(e.primitive.name.startswith("dot_product_attention_fwd") for e in eqns)
+
+    policies = jax.checkpoint_policies
+    assert forward_kernels(policies.save_only_these_names("attention_out")) == 2
+    combined = policies.save_from_both_policies(
+        policies.save_only_these_names("attention_out"), save_forward_residuals
+    )
+    assert forward_kernels(combined) == 1
+
+
 def test_invalid_arguments() -> None:
     q = jnp.zeros((1, 16, 4, 64))
     kv = jnp.zeros((1, 16, 3, 64))
