@@ -95,6 +95,10 @@ class ShardedCheckpoint(Mapping[str, np.ndarray]):
     def shape(self, name: str) -> tuple[int, ...]:
         return self.files[self._where[name]].shape(name)
 
+    def read_flat(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Elements ``[start, stop)`` of ``name`` flattened row-major (one contiguous read)."""
+        return self.files[self._where[name]].read_flat(name, start, stop)
+
 
 def read_config(directory: str) -> dict[str, Any]:
     """The parsed ``config.json`` of an HF model directory."""
@@ -115,6 +119,65 @@ def is_bnb_4bit(hf_config: Mapping[str, Any]) -> bool:
     return q.get("quant_method") == "bitsandbytes" and bool(q.get("load_in_4bit"))
 
 
+def open_checkpoint(
+    directory: str, config: Any, hf_config: Mapping[str, Any] | None = None
+) -> tuple[ShardedCheckpoint, list[TensorSpec], bool]:
+    """Opens ``directory`` and checks its tensor names against ``config``.
+
+    Returns the lazy checkpoint, the tensor specs in HF order, and whether the projections
+    are stored pre-quantized by bitsandbytes (4-bit). Loaders (this module's and the sharded
+    one in ``lorax.sharding``) share this so they accept and reject exactly the same files.
+    """
+    hf_config = read_config(directory) if hf_config is None else hf_config
+    ckpt = ShardedCheckpoint(directory)
+    pre_quantized = is_bnb_4bit(hf_config)
+    specs = list(tensor_specs(config))
+    _check_names(ckpt, specs, config, pre_quantized)
+    return ckpt, specs, pre_quantized
+
+
+def check_shape(ckpt: ShardedCheckpoint, spec: TensorSpec, name: str) -> None:
+    """Raises ``CheckpointError`` naming the file when tensor ``name`` is not ``spec.shape``."""
+    shape = ckpt.shape(name)
+    if tuple(shape) != spec.shape:
+        raise CheckpointError(
+            f"{ckpt.file_of(name)}: tensor {name!r} has shape {list(shape)}, "
+            f"config expects {list(spec.shape)}"
+        )
+
+
+def read_tensor(
+    ckpt: ShardedCheckpoint,
+    spec: TensorSpec,
+    name: str,
+    *,
+    quantize: str | None,
+    dtype: Any,
+    double_quant: bool,
+    pre_quantized: bool,
+) -> Any:
+    """One whole tensor as the base pytree stores it: cast to ``dtype``, NF4 when asked.
+
+    A pre-quantized (bitsandbytes 4-bit) projection is read as the NF4Tensor it holds.
+    """
+    if pre_quantized and spec.quantizable:
+        from convert.bnb import nf4_from_bnb_tensors
+
+        prefix = name[: -len(".weight")]
+        return nf4_from_bnb_tensors(prefix, ckpt, source=ckpt.file_of(name))
+    check_shape(ckpt, spec, name)
+    array = jnp.asarray(np.asarray(ckpt[name]), dtype=dtype)
+    if quantize == "nf4" and spec.quantizable:
+        return quantize_nf4(array, blocksize=64, double_quant=double_quant)
+    return array
+
+
+def check_quantize(quantize: str | None) -> None:
+    """Rejects a ``quantize`` option the loaders do not know."""
+    if quantize not in (None, "nf4"):
+        raise ValueError(f"quantize must be None or 'nf4', got {quantize!r}")
+
+
 def load_params(
     directory: str,
     config: Any,
@@ -130,46 +193,39 @@ def load_params(
     ``load_in_4bit`` does; embeddings, norms and the LM head stay in ``dtype``). A checkpoint
     saved by bitsandbytes in 4-bit keeps its quantized projections as they are.
     """
-    if quantize not in (None, "nf4"):
-        raise ValueError(f"quantize must be None or 'nf4', got {quantize!r}")
-    hf_config = read_config(directory) if hf_config is None else hf_config
-    ckpt = ShardedCheckpoint(directory)
-    pre_quantized = is_bnb_4bit(hf_config)
-    specs = list(tensor_specs(config))
-    _check_names(ckpt, specs, config, pre_quantized)
+    check_quantize(quantize)
+    ckpt, specs, pre_quantized = open_checkpoint(directory, config, hf_config)
 
     def read(spec: TensorSpec, name: str) -> Any:
-        if pre_quantized and spec.quantizable:
-            from convert.bnb import nf4_from_bnb_tensors
-
-            prefix = name[: -len(".weight")]
-            return nf4_from_bnb_tensors(prefix, ckpt, source=ckpt.file_of(name))
-        shape = ckpt.shape(name)
-        if tuple(shape) != spec.shape:
-            raise CheckpointError(
-                f"{ckpt.file_of(name)}: tensor {name!r} has shape {list(shape)}, "
-                f"config expects {list(spec.shape)}"
-            )
-        array = jnp.asarray(np.asarray(ckpt[name]), dtype=dtype)
-        if quantize == "nf4" and spec.quantizable:
-            return quantize_nf4(array, blocksize=64, double_quant=double_quant)
-        return array
+        return read_tensor(
+            ckpt,
+            spec,
+            name,
+            quantize=quantize,
+            dtype=dtype,
+            double_quant=double_quant,
+            pre_quantized=pre_quantized,
+        )
 
     params: dict[str, Any] = {}
     for spec in specs:
         names = spec.hf_names(config.num_layers)
-        value = _stack([read(spec, n) for n in names]) if spec.per_layer else read(spec, names[0])
-        _set(params, spec.path, value)
+        value = (
+            stack_layers([read(spec, n) for n in names]) if spec.per_layer else read(spec, names[0])
+        )
+        set_path(params, spec.path, value)
     return params
 
 
-def _stack(values: list[Any]) -> Any:
+def stack_layers(values: list[Any]) -> Any:
+    """Per-layer values (arrays or NF4Tensors) stacked on a new leading layer axis."""
     if isinstance(values[0], NF4Tensor):
         return stack(values)
     return jnp.stack(values)
 
 
-def _set(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
+def set_path(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
+    """Stores ``value`` at the nested-dict ``path`` of ``tree``, creating dicts on the way."""
     for key in path[:-1]:
         tree = tree.setdefault(key, {})
     tree[path[-1]] = value

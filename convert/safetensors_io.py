@@ -104,6 +104,28 @@ class SafetensorsFile(Mapping[str, np.ndarray]):
             raise SafetensorsError(f"{self.path}: tensor {name!r} is cut short")
         return data.reshape(shape)
 
+    def read_flat(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Elements ``[start, stop)`` of tensor ``name`` flattened row-major, as a 1-D array.
+
+        One contiguous read of just those bytes, so a sharded loader can take its slice of a
+        tensor (whole rows, or a block-aligned flat range) without reading the rest.
+        """
+        if name not in self._entries:
+            raise KeyError(f"{self.path}: no tensor {name!r}")
+        dtype, shape, begin, _ = self._entries[name]
+        numel = int(np.prod(shape, dtype=np.int64))
+        if not 0 <= start <= stop <= numel:
+            raise ValueError(
+                f"{self.path}: tensor {name!r} has {numel} elements; cannot read [{start}, {stop})"
+            )
+        count = stop - start
+        with open(self.path, "rb") as f:
+            f.seek(self._data_start + begin + start * dtype.itemsize)
+            data = np.fromfile(f, dtype=dtype, count=count)
+        if data.size != count:
+            raise SafetensorsError(f"{self.path}: tensor {name!r} is cut short")
+        return data
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._entries)
 

@@ -6,6 +6,7 @@ train, and export. Everything else is an implementation detail that may move.
 
 from convert.gguf import export_gguf
 from convert.merged import save_merged
+from lorax import distributed, sharding
 from lorax.adapters import load_adapter, save_adapter
 from lorax.config import ConfigError, ModelConfig, RopeConfig
 from lorax.facade import FastLanguageModel, PeftModel
@@ -31,6 +32,7 @@ __all__ = [
     "TrainConfig",
     "Trainer",
     "dequantize_nf4",
+    "distributed",
     "export_gguf",
     "forward",
     "hidden_states",
@@ -41,4 +43,5 @@ __all__ = [
     "quantize_nf4",
     "save_adapter",
     "save_merged",
+    "sharding",
 ]

@@ -42,7 +42,22 @@ RUN_OPTIONS: dict[str, tuple[Any, str]] = {
     "use_rslora": (False, "rank-stabilised scaling alpha / sqrt(r)"),
     "prompt": (None, "prompt for the sample generation printed before and after training"),
     "max_new_tokens": (40, "tokens to generate for the sample (0: no sample)"),
+    "coordinator": (
+        None,
+        "multi-host: HOST:PORT of process 0's coordinator (jax.distributed); every process "
+        "runs the same command with its own --process-id",
+    ),
+    "num_processes": (None, "multi-host: number of processes (with --coordinator)"),
+    "process_id": (None, "multi-host: this process's index, 0..N-1 (with --coordinator)"),
+    "distributed": (
+        False,
+        "multi-host without --coordinator: let JAX detect the cluster (Slurm, Open MPI, "
+        "TPU) or read JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID",
+    ),
 }
+
+# Run options whose default (None) does not tell argparse their type.
+RUN_OPTION_TYPES = {"num_processes": int, "process_id": int}
 
 DEMO_PROMPT = "What is 7 + 5?"
 # The embedded default (no --model, no --data) must finish in minutes on a laptop CPU: short
@@ -88,7 +103,7 @@ def _train_parser(sub: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("--config", help="TOML or JSON file of options")
     for name, (default, help) in RUN_OPTIONS.items():
-        kind = type(default) if default is not None else str
+        kind = type(default) if default is not None else RUN_OPTION_TYPES.get(name, str)
         _add_option(p, name, kind, default, help)
     hints = typing.get_type_hints(TrainConfig)
     for field in dataclasses.fields(TrainConfig):
@@ -127,7 +142,23 @@ def _resolve_options(args: argparse.Namespace) -> dict[str, Any]:
     return options
 
 
-def _load_model(options: dict[str, Any]) -> tuple[Any, str]:
+def _distributed_config(options: dict[str, Any]) -> Any:
+    """The multi-host set-up the options (or JAX's environment variables) ask for, or None."""
+    from lorax.distributed import DistributedConfig
+
+    if options["coordinator"]:
+        return DistributedConfig(
+            options["coordinator"], options["num_processes"], options["process_id"]
+        )
+    if options["num_processes"] is not None or options["process_id"] is not None:
+        raise ValueError("--num-processes and --process-id need --coordinator HOST:PORT")
+    from_env = DistributedConfig.from_env()
+    if from_env is not None:
+        return from_env
+    return DistributedConfig() if options["distributed"] else None
+
+
+def _load_model(options: dict[str, Any], mesh: Any) -> tuple[Any, str]:
     import jax
 
     import lorax
@@ -145,7 +176,7 @@ def _load_model(options: dict[str, Any]) -> tuple[Any, str]:
         source = _bundled_model() or "tiny"
     if source == "tiny":
         return demo.tiny_model(dtype=lorax.loading.resolve_dtype(dtype)), "tiny"
-    return lorax.load(source, quantize=quantize, dtype=dtype), source
+    return lorax.load(source, quantize=quantize, dtype=dtype, mesh=mesh), source
 
 
 def _bundled_model() -> str | None:
@@ -160,24 +191,33 @@ def cmd_train(args: argparse.Namespace) -> int:
     import jax
 
     import lorax
+    import lorax.distributed
+    import lorax.sharding
     from lorax.data import demo_data_path
     from lorax.generate import generate_text
     from lorax.train.trainer import TrainConfig, Trainer
 
     options = _resolve_options(args)
-    t0 = time.perf_counter()
-    model, described = _load_model(options)
-    print(
-        f"model: {described} ({model.config.model_type}, {model.config.num_layers} layers, "
-        f"{model.config.num_parameters() / 1e6:.1f}M params) loaded in "
-        f"{time.perf_counter() - t0:.1f}s"
-    )
-    targets = options["targets"]
-    if isinstance(targets, str) and "," in targets:
-        targets = [t.strip() for t in targets.split(",")]
     cfg = TrainConfig(
         **{f.name: options[f.name] for f in dataclasses.fields(TrainConfig) if f.name in options}
     )
+    distributed = _distributed_config(options)
+    if distributed is not None:
+        # Before anything touches a JAX backend: the processes must meet first.
+        lorax.distributed.initialize(distributed)
+    primary = lorax.distributed.is_primary()
+    t0 = time.perf_counter()
+    mesh = lorax.sharding.make_mesh(cfg.mesh)
+    model, described = _load_model(options, mesh)
+    if primary:
+        print(
+            f"model: {described} ({model.config.model_type}, {model.config.num_layers} layers, "
+            f"{model.config.num_parameters() / 1e6:.1f}M params) loaded in "
+            f"{time.perf_counter() - t0:.1f}s on {lorax.sharding.describe(mesh)}"
+        )
+    targets = options["targets"]
+    if isinstance(targets, str) and "," in targets:
+        targets = [t.strip() for t in targets.split(",")]
     lora = lorax.init_lora(
         model,
         rank=options["rank"],
@@ -189,11 +229,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     )
     data = options["data"] or str(demo_data_path())
     prompt = options["prompt"] or (DEMO_PROMPT if options["data"] is None else None)
-    sample = _sampler(model, prompt, options["max_new_tokens"], generate_text)
+    # Sampling runs a whole-sequence forward outside the mesh: one process only.
+    new_tokens = options["max_new_tokens"] if jax.process_count() == 1 else 0
+    sample = _sampler(model, prompt, new_tokens, generate_text)
     sample("before", lora)
-    trainer = Trainer(model, lora, data, cfg, eval_dataset=options["eval_data"])
-    print(f"data: {data}: {trainer.loader.stats}")
+    trainer = Trainer(model, lora, data, cfg, eval_dataset=options["eval_data"], mesh=mesh)
+    if primary:
+        print(f"data: {data}: {trainer.loader.stats}")
     lora = trainer.train()
+    host_lora = lorax.sharding.to_host(lora)  # every process takes part in the gather
+    if not primary:
+        return 0
     history = trainer.logged_metrics()
     if history:
         print(
@@ -202,7 +248,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         )
     sample("after", lora)
     adapter_dir = os.path.join(cfg.output_dir, "adapter")
-    lorax.save_adapter(model, lora, adapter_dir, base_model_name_or_path=described)
+    lorax.save_adapter(model, host_lora, adapter_dir, base_model_name_or_path=described)
     print(
         f"adapter: {adapter_dir}\nmetrics: {os.path.join(cfg.output_dir, 'metrics.jsonl')}\n"
         f"loss curve: {os.path.join(cfg.output_dir, 'loss_curve.png')}"

@@ -6,9 +6,11 @@ import os
 from typing import Any
 
 import jax.numpy as jnp
+from jax.sharding import Mesh
 
 from convert.gguf import load_gguf
 from convert.hf import load_params, load_tokenizer, read_config
+from lorax import sharding
 from lorax.config import ModelConfig
 from lorax.model import Model
 
@@ -32,6 +34,8 @@ def load(
     dtype: Any = "bfloat16",
     *,
     double_quant: bool = True,
+    mesh: Mesh | None = None,
+    sharding_rules: sharding.ShardingRules = sharding.DEFAULT_RULES,
 ) -> Model:
     """Loads an HF model directory or a ``.gguf`` file into a ``Model``.
 
@@ -39,6 +43,11 @@ def load(
     (``double_quant`` compresses the block scales too); ``dtype`` is the compute dtype and the
     dtype of everything not quantized. A GGUF's tensors (any llama.cpp type) are dequantized
     first, so NF4 re-quantizes them.
+
+    With a ``mesh`` (``lorax.sharding.make_mesh``) the parameters come back laid out on it by
+    ``sharding_rules``. An HF directory is read
+    straight into that layout, each process reading only its devices' pieces, so a model
+    larger than one device loads; a GGUF file is loaded whole, then split.
     """
     path = os.fspath(path)
     compute = resolve_dtype(dtype)
@@ -50,10 +59,23 @@ def load(
             dtype=compute,
             double_quant=double_quant,
         )
-        return Model(params, config, tokenizer)
+        model = Model(params, config, tokenizer)
+        return model if mesh is None else sharding.shard_model(model, mesh, sharding_rules)
     hf = read_config(path)
     config = ModelConfig.from_hf_dict(hf, source=os.path.join(path, "config.json"))
-    params = load_params(
-        path, config, quantize=quantize, dtype=compute, double_quant=double_quant, hf_config=hf
-    )
+    if mesh is None:
+        params = load_params(
+            path, config, quantize=quantize, dtype=compute, double_quant=double_quant, hf_config=hf
+        )
+    else:
+        params = sharding.load_params_sharded(
+            path,
+            config,
+            mesh,
+            quantize=quantize,
+            dtype=compute,
+            double_quant=double_quant,
+            hf_config=hf,
+            rules=sharding_rules,
+        )
     return Model(params, config, load_tokenizer(path))

@@ -93,12 +93,19 @@ class ForwardOptions:
     activations of the step, ~3.5x the hidden width each) then stop growing with the sequence,
     which is what bounds the longest trainable context. Each chunk decodes the NF4 weights
     again, so use it for long sequences (tens of thousands of tokens), not short ones.
+
+    ``layer_weights_sharding`` / ``activation_sharding`` (``jax.sharding.NamedSharding``, set
+    by ``lorax.sharding.forward_constraints`` on a multi-device mesh) make a scanned layer
+    FSDP-shaped: its frozen weights are gathered as they are stored (4-bit bytes, not decoded
+    16-bit values) before use, and the hidden states stay split by batch rows.
     """
 
     remat: str = "none"
     matmul_impl: str | None = None
     attention_impl: str | None = None
     mlp_chunk_tokens: int | None = None
+    layer_weights_sharding: Any = None
+    activation_sharding: Any = None
 
     def __post_init__(self) -> None:
         remat_lib.validate(self.remat)
@@ -253,6 +260,13 @@ def hidden_states(
 
     def body(carry: Array, xs: tuple) -> tuple[Array, None]:
         layer, layer_adapters, window_index, key = xs
+        if options.layer_weights_sharding is not None:
+            layer = jax.tree.map(
+                lambda p: jax.lax.with_sharding_constraint(p, options.layer_weights_sharding),
+                layer,
+            )
+        if options.activation_sharding is not None:
+            carry = jax.lax.with_sharding_constraint(carry, options.activation_sharding)
         out = _decoder_layer(
             config,
             lora_cfg,

@@ -73,6 +73,7 @@ __all__ = [
     "NF4Tensor",
     "dequantize_absmax",
     "dequantize_nf4",
+    "double_quantize_absmax",
     "quantize_nf4",
     "stack",
 ]
@@ -320,7 +321,7 @@ def _quantize_flat(
     packed = (pairs[:, 0] << 4) | pairs[:, 1]
     if not double_quant:
         return packed, absmax, None, None
-    return packed, *_double_quantize(absmax)
+    return packed, *double_quantize_absmax(absmax)
 
 
 def _quantize_blocks(x: jax.Array, blocksize: int) -> tuple[jax.Array, jax.Array]:
@@ -342,7 +343,7 @@ def _quantize_blocks(x: jax.Array, blocksize: int) -> tuple[jax.Array, jax.Array
     return codes.reshape(-1), absmax
 
 
-def _double_quantize(absmax: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+def double_quantize_absmax(absmax: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """bnb's nested quantization of absmax: (uint8 codes, float32 nested absmax, offset)."""
     n = absmax.shape[0]
     offset = _pairwise_sum(absmax) / n

@@ -163,6 +163,7 @@ def run_case(
         "remat": remat,
         "attention": attention,
         "forward": forward or {},
+        "loss_chunk": chunk or "auto",
         "tokens_per_s": tokens / median,
         "median_step_s": median,
         "min_step_s": min(times),

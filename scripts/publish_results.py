@@ -5,6 +5,10 @@
 side are copied as they are.
 
     python scripts/publish_results.py --lorax train.json --torch torch.json --commit SHA
+
+Several --torch files may be given, newest first: a (system, shape) row is taken from the first
+file that has it, and every copied row records its file under "source" (so a baseline carried
+over from an earlier session says so).
 """
 
 from __future__ import annotations
@@ -34,7 +38,9 @@ def lorax_rows(path: str) -> tuple[list[dict], dict]:
                     "shape": shape,
                     "tokens_per_s": round(r["tokens_per_s"], 1),
                     "peak_mem_gib": round(r["peak_mem_gib"], 2),
-                    "config": f"{WORKLOAD}; remat={r['remat']}, attention={r['attention']}",
+                    "config": f"{WORKLOAD}; remat={r['remat']}, attention={r['attention']}"
+                    + "".join(f", {k}={v}" for k, v in r.get("forward", {}).items())
+                    + f", loss_chunk={r.get('loss_chunk', 'auto')}",
                     "notes": f"median of {r['steps_timed']} steps "
                     f"({r['median_step_s'] * 1e3:.0f} ms); "
                     f"MFU {r['mfu']:.3f} counting lorax.train.flops; start to first step "
@@ -47,16 +53,20 @@ def lorax_rows(path: str) -> tuple[list[dict], dict]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--lorax", required=True)
-    p.add_argument("--torch", default=None)
+    p.add_argument("--torch", nargs="*", default=[], help="bench_torch.py JSONs, newest first")
     p.add_argument("--commit", required=True)
     p.add_argument(
         "--out", default=os.path.join(os.path.dirname(__file__), "results", "bench_train.json")
     )
     a = p.parse_args()
     rows, data = lorax_rows(a.lorax)
-    if a.torch:
-        with open(a.torch) as f:
-            rows += json.load(f)["rows"]
+    seen = set()
+    for path in a.torch:
+        with open(path) as f:
+            for r in json.load(f)["rows"]:
+                if (r["system"], r["shape"]) not in seen:
+                    seen.add((r["system"], r["shape"]))
+                    rows.append(dict(r, source=os.path.relpath(path)))
     result = {
         "device": data["device"],
         "date": data["date"],

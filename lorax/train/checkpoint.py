@@ -3,6 +3,11 @@
 orbax writes each step into a temporary directory and renames it into place when complete,
 so a run killed at any moment (even SIGKILL mid-write) leaves the previous checkpoints
 intact, and restore only ever sees finished ones. The last ``keep`` steps are kept.
+
+Sharded states are saved as global arrays: with several processes every process calls
+``save`` and writes its own shards (orbax's multi-host mode; process 0 the metadata).
+``restore_latest`` lays each array out like the corresponding leaf of ``like``, so a
+checkpoint written on one mesh resumes on any other (more or fewer devices or processes).
 """
 
 from __future__ import annotations

@@ -46,7 +46,7 @@ def train_flops_per_token(
 
 def device_peak_flops(device: Any = None) -> float | None:
     """The bf16 peak of ``device`` (default: the first), or None when unknown (e.g. CPU)."""
-    device = device or jax.devices()[0]
+    device = device or jax.local_devices()[0]
     kind = getattr(device, "device_kind", "")
     for name, peak in PEAK_BF16_FLOPS.items():
         if name in kind:
@@ -56,7 +56,7 @@ def device_peak_flops(device: Any = None) -> float | None:
 
 def peak_memory_bytes(device: Any = None) -> int | None:
     """Peak bytes in use on ``device`` since start, where the backend reports it."""
-    device = device or jax.devices()[0]
+    device = device or jax.local_devices()[0]
     stats = device.memory_stats() if hasattr(device, "memory_stats") else None
     if not stats:
         return None

@@ -11,6 +11,10 @@ Usage in a custom loop::
 The loss of a step is the sum of per-token losses over *all* micro-batches divided by the
 number of target tokens in all of them, so accumulating k micro-batches gives exactly the
 update of one batch k times larger.
+
+On a device mesh the step is the same function, jitted with the ``StepShardings`` of its
+inputs and outputs (``lorax.sharding.step_shardings`` builds them): XLA partitions it and
+inserts the collectives (weight gathers, gradient reductions); there are none by hand.
 """
 
 from __future__ import annotations
@@ -43,6 +47,23 @@ class StepConfig:
     # "skip": a step whose loss or gradients are not finite leaves the state unchanged (the
     # metrics say so); the trainer may then stop instead.
     skip_nonfinite: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class StepShardings:
+    """Where the step's inputs and outputs live on a mesh (pytrees of ``NamedSharding``).
+
+    ``state`` matches a ``TrainState`` (the output state is laid out like the input, so a
+    donated state keeps its layout step after step), ``model`` matches the ``Model``,
+    ``batch`` is the ``[accum, B, S]`` batch arrays' and ``eval_batch`` the ``[B, S]`` ones',
+    and ``replicated`` is for the metrics.
+    """
+
+    state: Any
+    model: Any
+    batch: Any
+    eval_batch: Any
+    replicated: Any
 
 
 @jax.tree_util.register_dataclass
@@ -173,18 +194,53 @@ def train_step(
 
 
 def make_train_step(
-    model: Model, optimizer: optax.GradientTransformation, config: StepConfig = StepConfig()
+    model: Model,
+    optimizer: optax.GradientTransformation,
+    config: StepConfig = StepConfig(),
+    *,
+    shardings: StepShardings | None = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, Array]]]:
-    """``train_step`` jitted with the state donated (its buffers are reused in place)."""
+    """``train_step`` jitted with the state donated (its buffers are reused in place).
+
+    With ``shardings`` the inputs must already be laid out that way (``lorax.sharding``'s
+    ``place_*`` helpers) and the new state comes back in the same layout.
+    """
 
     def step(state: TrainState, batches: Batch, model: Model):
         return train_step(state, batches, model=model, optimizer=optimizer, config=config)
 
-    jitted = jax.jit(step, donate_argnums=(0,))
-    return lambda state, batches: jitted(state, batches, model)
+    if shardings is None:
+        jitted = jax.jit(step, donate_argnums=(0,))
+    else:
+        jitted = jax.jit(
+            step,
+            donate_argnums=(0,),
+            in_shardings=(shardings.state, shardings.batch, shardings.model),
+            out_shardings=(shardings.state, shardings.replicated),
+        )
+
+    def run(state: TrainState, batches: Batch) -> tuple[TrainState, dict[str, Array]]:
+        return jitted(state, batches, model)
+
+    # Ahead-of-time use (memory analysis, HLO inspection) compiles exactly this program.
+    run.lower = lambda state, batches: jitted.lower(state, batches, model)  # type: ignore[attr-defined]
+    return run
 
 
-def make_eval_step(model: Model, config: StepConfig = StepConfig()) -> Callable[..., Any]:
+def make_eval_step(
+    model: Model, config: StepConfig = StepConfig(), *, shardings: StepShardings | None = None
+) -> Callable[..., Any]:
     """Jitted ``(lora, batch) -> (loss_sum, count)`` for one ``[B, S]`` batch."""
-    jitted = jax.jit(lambda lora, batch, model: loss_sum(lora, model, batch, config))
+
+    def evaluate(lora: LoraWeights, batch: Batch, model: Model):
+        return loss_sum(lora, model, batch, config)
+
+    if shardings is None:
+        jitted = jax.jit(evaluate)
+    else:
+        jitted = jax.jit(
+            evaluate,
+            in_shardings=(shardings.state.lora, shardings.eval_batch, shardings.model),
+            out_shardings=shardings.replicated,
+        )
     return lambda lora, batch: jitted(lora, batch, model)

@@ -3,10 +3,19 @@
 It owns what a loop needs beyond the math: batches of micro-batches, the jitted step,
 progress and metrics, periodic evaluation, and checkpoints that resume exactly (LoRA params,
 optimizer state, step, RNG and data position, written atomically by orbax, last K kept).
+
+It always runs on a device mesh (``lorax.sharding``), one device being the smallest: the base
+model, adapters and optimizer state are laid out by the sharding rules and every batch is
+split over ``data x fsdp``. With several processes each one builds the same global batch (a
+pure function of the seed and the data position) and places only the rows its own devices
+hold, so the split is deterministic and a checkpoint's data position means the same batches
+on any number of processes or devices. Process 0 alone writes metrics, plots and adapters;
+orbax writes checkpoints from all processes together.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -18,10 +27,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
+from lorax import remat as remat_lib
+from lorax import sharding
+from lorax.distributed import is_primary
 from lorax.lora import LoraWeights
 from lorax.model import ForwardOptions, Model
-from lorax.remat import POLICIES
 from lorax.train import checkpoint as ckpt_lib
 from lorax.train.flops import device_peak_flops, peak_memory_bytes, train_flops_per_token
 from lorax.train.loss import mean_loss
@@ -64,7 +76,11 @@ class TrainConfig:
         None, "tokens per chunk of the LM-head cross-entropy (default: ~256 MiB of logits)"
     )
     z_loss: float = _opt(0.0, "z-loss coefficient (logsumexp^2 penalty)")
-    remat: str = _opt("none", "rematerialisation: none | full | selective | offload")
+    remat: str = _opt(
+        "none",
+        "rematerialisation: none | full | selective | mlp | offload, or a per-layer schedule "
+        "such as mlp:12,selective",
+    )
     packing: bool = _opt(True, "pack several examples per row (else length buckets)")
     train_on_responses_only: bool = _opt(True, "chat data: train on assistant turns only")
     eval_every: int = _opt(0, "evaluate every N steps (0: never)")
@@ -75,15 +91,21 @@ class TrainConfig:
     on_nonfinite: str = _opt("skip", "NaN/inf loss or gradients: skip the step | stop")
     resume: bool = _opt(True, "resume from the latest checkpoint in output_dir")
     progress: bool = _opt(True, "show a progress bar")
+    mesh: str | None = _opt(
+        None,
+        "device mesh 'data=D,fsdp=F' (-1 infers one axis; batch_size must divide by D*F); "
+        "default: data=processes, fsdp=devices per process",
+    )
+    memory_report: bool = _opt(True, "print per-device memory accounting before training")
 
     def __post_init__(self) -> None:
-        if self.remat not in POLICIES:
-            raise ValueError(f"remat must be one of {POLICIES}, got {self.remat!r}")
+        remat_lib.validate(self.remat)
         if self.on_nonfinite not in ("skip", "stop"):
             raise ValueError(f"on_nonfinite must be 'skip' or 'stop', got {self.on_nonfinite!r}")
         for name in ("max_steps", "batch_size", "grad_accum_steps", "seq_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        sharding.parse_mesh(self.mesh)  # a malformed mesh fails here, not after loading
 
 
 class Trainer:
@@ -92,6 +114,10 @@ class Trainer:
     ``dataset`` is a ``lorax.data.DataLoader`` or anything ``lorax.data.build_dataset``
     reads (a file path, a list of records, a ``datasets.Dataset``). ``model`` may be the
     facade's ``PeftModel`` (then ``lora`` may be None and its remat policy is used).
+
+    ``mesh`` (default: ``lorax.sharding.make_mesh(config.mesh)``) is where training runs;
+    ``sharding_rules`` decide which leaves are split over its ``fsdp`` axis. A model loaded
+    with ``lorax.load(..., mesh=mesh)`` is already laid out and is not copied.
     """
 
     def __init__(
@@ -102,6 +128,8 @@ class Trainer:
         config: TrainConfig,
         *,
         eval_dataset: Any = None,
+        mesh: Mesh | None = None,
+        sharding_rules: sharding.ShardingRules = sharding.DEFAULT_RULES,
     ):
         from lorax.facade import PeftModel
 
@@ -112,10 +140,19 @@ class Trainer:
             model = model.base
         if lora is None:
             raise ValueError("Trainer needs LoRA weights (lorax.init_lora)")
+        self.mesh = mesh if mesh is not None else sharding.make_mesh(config.mesh)
         self.model: Model = model
         self.config = config
         self.loader = self._loader(dataset, shuffle=True)
         self.eval_loader = self._loader(eval_dataset, shuffle=False) if eval_dataset else None
+        ways = sharding.batch_divisor(self.mesh)
+        for loader in (self.loader, self.eval_loader):
+            if loader is not None and loader.batch_size % ways:
+                raise ValueError(
+                    f"batch_size={loader.batch_size} must be a multiple of data x fsdp = {ways} "
+                    f"(mesh {sharding.describe(self.mesh)}): each device takes 1/{ways} of a batch"
+                )
+        self.model = sharding.shard_model(model, self.mesh, sharding_rules)
         self.schedule = make_schedule(
             config.lr_schedule,
             config.learning_rate,
@@ -132,10 +169,15 @@ class Trainer:
         self.step_config = StepConfig(
             loss_chunk_size=config.loss_chunk_size,
             z_loss=config.z_loss,
-            forward=ForwardOptions(remat=config.remat),
+            forward=ForwardOptions(remat=config.remat, **sharding.forward_constraints(self.mesh)),
         )
-        self.state = init_train_state(lora, self.optimizer, key=jax.random.key(config.seed))
+        state = init_train_state(lora, self.optimizer, key=jax.random.key(config.seed))
+        self.state = sharding.place_tree(
+            state, sharding.trainable_shardings(state, self.mesh, sharding_rules)
+        )
+        self.shardings = sharding.step_shardings(self.model, self.state, self.mesh, sharding_rules)
         self.history: list[dict[str, Any]] = []
+        self.memory: sharding.MemoryReport | None = None
         os.makedirs(config.output_dir, exist_ok=True)
         self.checkpoints = ckpt_lib.CheckpointStore(
             os.path.join(config.output_dir, "checkpoints"), keep=config.keep_checkpoints
@@ -184,8 +226,14 @@ class Trainer:
         cfg = self.config
         if cfg.resume:
             self._maybe_resume()
-        step_fn = make_train_step(self.model, self.optimizer, self.step_config)
-        eval_fn = make_eval_step(self.model, self.step_config)
+        step_fn = make_train_step(
+            self.model, self.optimizer, self.step_config, shardings=self.shardings
+        )
+        eval_fn = make_eval_step(self.model, self.step_config, shardings=self.shardings)
+        self.memory = self.memory_report()
+        primary = is_primary()
+        if cfg.memory_report and primary:
+            print(self.memory.table(), flush=True)
         flops_per_token = train_flops_per_token(
             self.model.config,
             cfg.seq_len,
@@ -193,16 +241,19 @@ class Trainer:
             lora_rank=self.state.lora.config.rank,
             lora_targets=self.state.lora.config.targets,
         )
-        peak = device_peak_flops()
+        # This process's own device: another process's cannot be queried.
+        local_device = jax.local_devices()[0]
+        peak = device_peak_flops(local_device)
         batches = self.loader.forever()
         start = int(self.state.step)
-        bar = _progress(cfg.max_steps, start, enabled=cfg.progress)
+        bar = _progress(cfg.max_steps, start, enabled=cfg.progress and primary)
         metrics_path = os.path.join(cfg.output_dir, METRICS_FILE)
         last_time = time.perf_counter()
-        with open(metrics_path, "a", encoding="utf-8") as metrics_file:
+        with _open_if(primary, metrics_path) as metrics_file:
             for step in range(start + 1, cfg.max_steps + 1):
                 batch = self._next_batches(batches)
-                self.state, metrics = step_fn(self.state, batch)
+                placed = sharding.place_batch(batch, self.shardings.batch)
+                self.state, metrics = step_fn(self.state, placed)
                 metrics = jax.device_get(metrics)
                 now = time.perf_counter()
                 tokens = int((batch["labels"] != -100).sum())
@@ -221,7 +272,7 @@ class Trainer:
                 }
                 if peak:
                     record["mfu"] = slots * flops_per_token / seconds / peak
-                mem = peak_memory_bytes()
+                mem = peak_memory_bytes(local_device)
                 if mem is not None:
                     record["peak_mem_gib"] = mem / 2**30
                 if record["skipped"] and cfg.on_nonfinite == "stop":
@@ -233,23 +284,40 @@ class Trainer:
                 if cfg.eval_every and self.eval_loader and step % cfg.eval_every == 0:
                     record["eval_loss"] = self.evaluate(eval_fn)
                 self.history.append(record)
-                metrics_file.write(json.dumps(record) + "\n")
-                metrics_file.flush()
+                if metrics_file is not None:
+                    metrics_file.write(json.dumps(record) + "\n")
+                    metrics_file.flush()
                 bar.update(1)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
                 if cfg.save_every and (step % cfg.save_every == 0 or step == cfg.max_steps):
                     self._save(step)
         bar.close()
         self.checkpoints.wait()
-        write_loss_curve(self.logged_metrics(), os.path.join(cfg.output_dir, LOSS_CURVE_FILE))
+        if primary:
+            write_loss_curve(self.logged_metrics(), os.path.join(cfg.output_dir, LOSS_CURVE_FILE))
         return self.state.lora
+
+    def memory_report(self) -> sharding.MemoryReport:
+        """Per-device bytes of the base, adapters and optimizer state as laid out, and an
+        estimate of the activations of one micro-batch."""
+        return sharding.memory_report(
+            self.model,
+            self.state,
+            tokens_per_device=self.loader.batch_size
+            * self.loader.max_length
+            // sharding.batch_divisor(self.mesh),
+            remat=self.config.remat,
+            loss_chunk_size=self.config.loss_chunk_size,
+            mesh=self.mesh,
+        )
 
     def evaluate(self, eval_fn: Any = None) -> float:
         """Mean loss over up to ``eval_batches`` batches of the eval set (from its start)."""
-        eval_fn = eval_fn or make_eval_step(self.model, self.step_config)
+        eval_fn = eval_fn or make_eval_step(self.model, self.step_config, shardings=self.shardings)
         total = count = 0.0
         for i in range(min(self.config.eval_batches, len(self.eval_loader))):
-            s, n = eval_fn(self.state.lora, self.eval_loader.batch(0, i))
+            batch = sharding.place_batch(self.eval_loader.batch(0, i), self.shardings.eval_batch)
+            s, n = eval_fn(self.state.lora, batch)
             total += float(s)
             count += float(n)
         return float(mean_loss(jnp.asarray(total), jnp.asarray(count)))
@@ -268,7 +336,7 @@ class Trainer:
         # Drop metric lines past the checkpoint: those steps are about to be re-run.
         step = int(self.state.step)
         path = os.path.join(self.config.output_dir, METRICS_FILE)
-        if os.path.exists(path):
+        if is_primary() and os.path.exists(path):
             kept = [r for r in _read_jsonl(path) if r["step"] <= step]
             with open(path, "w", encoding="utf-8") as f:
                 f.writelines(json.dumps(r) + "\n" for r in kept)
@@ -290,6 +358,16 @@ def _read_jsonl(path: str) -> list[dict[str, Any]]:
                 except json.JSONDecodeError:
                     break  # a line cut by a kill mid-write ends the readable history
     return out
+
+
+@contextlib.contextmanager
+def _open_if(enabled: bool, path: str) -> Iterator[Any]:
+    """The metrics file opened for appending on the writing process, None elsewhere."""
+    if not enabled:
+        yield None
+        return
+    with open(path, "a", encoding="utf-8") as f:
+        yield f
 
 
 def _progress(total: int, initial: int, *, enabled: bool) -> Any:
