@@ -98,8 +98,19 @@ def test_bfloat16_merge_rounds_once_from_float32(tmp_path, rng):
     stored = ShardedCheckpoint(out)
     got = stored["model.layers.1.self_attn.k_proj.weight"]
     assert got.dtype == ml_dtypes.bfloat16
-    exact = _exact_merge(model, lora, "k_proj", 1).astype(np.float32)
-    np.testing.assert_array_equal(got, exact.astype(ml_dtypes.bfloat16))
+    exact = _exact_merge(model, lora, "k_proj", 1)
+    want = exact.astype(np.float32).astype(ml_dtypes.bfloat16)
+    # One rounding from the float32 sum W + s·B·A. That sum carries a few float32 ulps of its
+    # operands' size as error, which can only matter where the exact value sits that close to
+    # a bfloat16 rounding midpoint: there, and only there, the neighbouring value is accepted.
+    w = np.asarray(model.params["layers"]["k_proj"]["weight"][1], np.float64)
+    operands = np.abs(w) + np.abs(exact - w)
+    differ = got.astype(np.float64) != want.astype(np.float64)
+    midpoint = (got.astype(np.float64) + want.astype(np.float64)) / 2
+    near_tie = np.abs(exact - midpoint) <= 8 * np.finfo(np.float32).eps * operands
+    one_step = np.abs(got.view(np.uint16).astype(int) - want.view(np.uint16).astype(int)) <= 1
+    assert np.all(~differ | (near_tie & one_step)), np.argwhere(differ & ~near_tie)
+    assert differ.mean() < 0.01
     for name, value in [
         ("model.layers.0.mlp.up_proj.weight", model.params["layers"]["up_proj"]["weight"][0]),
         ("model.layers.1.mlp.up_proj.bias", model.params["layers"]["up_proj"]["bias"][1]),

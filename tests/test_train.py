@@ -51,10 +51,12 @@ def test_accumulation_equals_one_big_batch(tiny, rng):
     s2, m2 = step(init_train_state(lora, opt, key=jax.random.key(0)), two)
     np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-6)
     np.testing.assert_allclose(m1["grad_norm"], m2["grad_norm"], rtol=1e-5)
+    # Whole tensors: a parameter that the update nearly cancels (0.01 - 0.5 g ~ 1e-5) shows
+    # float32 summation-order differences as a large per-element relative error.
     for a, b in zip(
         jax.tree_util.tree_leaves(s1.lora), jax.tree_util.tree_leaves(s2.lora), strict=True
     ):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8)
+        assert rel_l2(a, b) < 1e-6
 
 
 def test_nonfinite_step_is_skipped(tiny, rng):
