@@ -12,7 +12,7 @@ Method (every stage watches --deadline-s; whatever is known at the end is printe
 
 1. Compile-only memory model. Worker processes build the model, LoRA and AdamW state
    abstractly (jax.eval_shape over bench_train.build_model: no weights exist), lower the
-   library's train step (make_train_step, under one outer jit) for a ShapeDtypeStruct batch
+   library's train step (make_train_step's own jit, lowered) for a ShapeDtypeStruct batch
    and compile it. XLA's `compiled.memory_analysis()` gives the device estimate
    argument + output - alias + temp + generated code; the host_* fields (where the offload
    policy parks activations) are recorded beside it. Calibrate at --calib-seqs, fit
@@ -149,34 +149,10 @@ def model_overrides(name: str, tiny: bool) -> dict:
     raise ValueError(f"unknown model {name!r}")
 
 
-def parse_forward(spec: str | None) -> dict[str, Any]:
-    """`key=value,...` -> kwargs (ints, floats, true/false, none; anything else a string)."""
-    out: dict[str, Any] = {}
-    for item in (spec or "").split(","):
-        if not item.strip():
-            continue
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise ValueError(f"--forward item {item!r} is not key=value")
-        value: Any = raw.strip()
-        low = value.lower()
-        if low in ("none", "null"):
-            value = None
-        elif low in ("true", "false"):
-            value = low == "true"
-        else:
-            for conv in (int, float):
-                try:
-                    value = conv(value)
-                    break
-                except ValueError:
-                    pass
-        out[key.strip()] = value
-    return out
-
-
 def forward_options(remat: str, spec: str | None) -> Any:
     """ForwardOptions(remat=..., **--forward): unknown fields raise TypeError here."""
+    from bench_train import parse_forward
+
     from lorax.model import ForwardOptions
 
     return ForwardOptions(remat=remat, **parse_forward(spec))
@@ -188,19 +164,6 @@ def step_config(a: argparse.Namespace) -> Any:
     return StepConfig(
         loss_chunk_size=a.loss_chunk or None, forward=forward_options(a.remat, a.forward)
     )
-
-
-def jit_step(optimizer: Any, config: Any) -> Any:
-    """The library's train step (make_train_step) under one outer jit, so that it can be
-    lowered for abstract arguments; same donation (the state) as make_train_step's."""
-    import jax
-
-    from lorax.train.step import make_train_step
-
-    def step(state: Any, batch: Any, model: Any) -> Any:
-        return make_train_step(model, optimizer, config)(state, batch)
-
-    return jax.jit(step, donate_argnums=(0,))
 
 
 def setup_jax(a: argparse.Namespace) -> None:
@@ -343,6 +306,8 @@ def device_info() -> dict:
 def worker_compile(a: argparse.Namespace) -> None:
     """Answers {"model": M, "seq": S} lines on stdin with COMPILE lines (estimates only)."""
     setup_jax(a)
+    from lorax.train.step import make_train_step
+
     cache: dict[str, tuple[Any, Any, Any, Any, dict]] = {}
     emit("READY", dict(device_info(), startup_s=time.perf_counter() - START))
     for line in sys.stdin:
@@ -355,13 +320,13 @@ def worker_compile(a: argparse.Namespace) -> None:
             if name not in cache:
                 t0 = time.perf_counter()
                 model, state, opt = build_state(a, name, abstract=True)
-                fn = jit_step(opt, step_config(a))
+                fn = make_train_step(model, opt, step_config(a))
                 cache[name] = (model, state, opt, fn, fixed_costs(model, state))
                 res["build_s"] = time.perf_counter() - t0
             model, state, _, fn, fixed = cache[name]
             res["fixed"] = fixed
             t0 = time.perf_counter()
-            lowered = fn.lower(state, batch_of(seq), model)
+            lowered = fn.lower(state, batch_of(seq))
             t1 = time.perf_counter()
             compiled = lowered.compile()
             res["lower_s"], res["compile_s"] = t1 - t0, time.perf_counter() - t1
@@ -381,10 +346,11 @@ def worker_run(a: argparse.Namespace) -> None:
     the step time. Stops at the first failure (the state may be donated)."""
     setup_jax(a)
     from lorax.train.flops import peak_memory_bytes
+    from lorax.train.step import make_train_step
 
     try:
         model, state, opt = build_state(a, a.model, abstract=False)
-        fn = jit_step(opt, step_config(a))
+        fn = make_train_step(model, opt, step_config(a))
     except Exception as e:  # e.g. the weights alone exceed the cap
         emit("READY", dict(device_info(), ok=False, oom=is_oom(str(e)), error=short_error(e)))
         return
@@ -402,7 +368,7 @@ def worker_run(a: argparse.Namespace) -> None:
         try:
             batch = batch_of(seq, model.config.vocab_size)
             t0 = time.perf_counter()
-            compiled = fn.lower(state, batch, model).compile()
+            compiled = fn.lower(state, batch).compile()
             res["compile_s"] = time.perf_counter() - t0
             res.update(memory_stats(compiled))
             times, loss = [], None
@@ -627,14 +593,9 @@ def fit_line(xs: list[float], ys: list[float]) -> tuple[float, float]:
 
 def offload_layers(remat: str, num_layers: int) -> int:
     """Layers under the offload policy (a policy name or a "POLICY:N,..." schedule)."""
-    if "offload" not in remat:
-        return 0
-    try:
-        from lorax.remat import schedule
+    from lorax.remat import schedule
 
-        return sum(n for kind, n in schedule(remat, num_layers) if kind == "offload")
-    except (ImportError, ValueError):
-        return num_layers if remat == "offload" else 0
+    return sum(n for kind, n in schedule(remat, num_layers) if kind == "offload")
 
 
 def offload_bytes(seq: int, dims: dict | None, remat: str) -> int:

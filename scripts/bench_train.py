@@ -24,6 +24,7 @@ import statistics
 import subprocess
 import sys
 import time
+from typing import Any
 
 START = time.perf_counter()
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -180,12 +181,29 @@ def run_case(
     }
 
 
-def parse_forward(spec: str | None) -> dict:
-    """``key=value,...`` into ForwardOptions keyword arguments (ints where they parse)."""
-    out: dict = {}
-    for item in filter(None, (spec or "").split(",")):
-        key, _, value = item.partition("=")
-        out[key] = int(value) if value.lstrip("-").isdigit() else value
+def parse_forward(spec: str | None) -> dict[str, Any]:
+    """`key=value,...` -> kwargs (ints, floats, true/false, none; anything else a string)."""
+    out: dict[str, Any] = {}
+    for item in (spec or "").split(","):
+        if not item.strip():
+            continue
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ValueError(f"--forward item {item!r} is not key=value")
+        value: Any = raw.strip()
+        low = value.lower()
+        if low in ("none", "null"):
+            value = None
+        elif low in ("true", "false"):
+            value = low == "true"
+        else:
+            for conv in (int, float):
+                try:
+                    value = conv(value)
+                    break
+                except ValueError:
+                    pass
+        out[key.strip()] = value
     return out
 
 

@@ -48,7 +48,7 @@ def build_step(shape: str, remat: str, forward: dict, layers: int | None, tiny: 
     import lorax
     from lorax.model import ForwardOptions
     from lorax.train import make_optimizer
-    from lorax.train.step import StepConfig, init_train_state, train_step
+    from lorax.train.step import StepConfig, init_train_state, make_train_step
 
     b, s = (int(x) for x in shape.split("x"))
     model = build_model(layers, TINY if tiny else None)
@@ -56,15 +56,11 @@ def build_step(shape: str, remat: str, forward: dict, layers: int | None, tiny: 
     opt = make_optimizer("adamw", 1e-4, max_grad_norm=None)
     state = init_train_state(lora, opt, key=jax.random.key(2))
     options = ForwardOptions(remat=remat, **forward)
-    config = StepConfig(forward=options)
-    # make_train_step's jit, kept here so its compiled module (and HLO text) is in hand.
-    jitted = jax.jit(
-        lambda st, bt, m: train_step(st, bt, model=m, optimizer=opt, config=config),
-        donate_argnums=(0,),
-    )
     ids = np.random.default_rng(0).integers(0, model.config.vocab_size, (1, b, s), np.int32)
     batch = {"input_ids": jax.device_put(ids), "labels": jax.device_put(ids)}
-    compiled = jitted.lower(state, batch, model).compile()
+    # The library's own jitted step, lowered: its compiled module (and HLO text) in hand.
+    step = make_train_step(model, opt, StepConfig(forward=options))
+    compiled = step.lower(state, batch).compile()
     return (lambda st, bt: compiled(st, bt, model)), compiled, state, batch
 
 
