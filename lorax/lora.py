@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from lorax.config import MLP_PROJECTIONS, PROJECTIONS, ModelConfig
-from pallas_kernels.nf4_matmul import nf4_lora_matmul
+from pallas_kernels.nf4_matmul import nf4_lora_matmul, nf4_lora_matmul_group
 
 Array = jax.Array
 
@@ -147,3 +147,38 @@ def lora_linear(
     if bias is not None:
         y = y + bias.astype(y.dtype)
     return y
+
+
+def lora_linears(
+    x: Array,
+    projections: Sequence[tuple[Any, Array | None, dict[str, Array] | None]],
+    scale: float = 1.0,
+    *,
+    dropout: float = 0.0,
+    dropout_keys: Sequence[Array | None] | None = None,
+    impl: str | None = None,
+) -> list[Array]:
+    """:func:`lora_linear` for several ``(weight, bias, adapter)`` projections of the same x.
+
+    The model's q/k/v and gate/up projections come through here, so that the matmul layer can
+    run each group as one GEMM per direction (``pallas_kernels.nf4_lora_matmul_group``). With
+    LoRA dropout active every adapter sees its own mask, so the members run one by one.
+    """
+    keys = list(dropout_keys) if dropout_keys is not None else [None] * len(projections)
+    if dropout > 0.0 and any(k is not None for k in keys):
+        return [
+            lora_linear(x, w, bias, adapter, scale if adapter is not None else 0.0,
+                        dropout=dropout if adapter is not None else 0.0, dropout_key=key,
+                        impl=impl)
+            for (w, bias, adapter), key in zip(projections, keys, strict=True)
+        ]  # fmt: skip
+    return list(
+        nf4_lora_matmul_group(
+            x,
+            [w for w, _, _ in projections],
+            [None if ad is None else (ad["lora_a"], ad["lora_b"]) for _, _, ad in projections],
+            scale,
+            biases=[bias for _, bias, _ in projections],
+            impl=impl,
+        )
+    )

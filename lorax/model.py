@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from lorax import remat as remat_lib
 from lorax.config import ModelConfig, rope_frequencies
-from lorax.lora import LoraWeights, lora_linear
+from lorax.lora import LoraWeights, lora_linears
 from pallas_kernels.flash_attention import flash_attention
 
 Array = jax.Array
@@ -145,27 +145,28 @@ def _decoder_layer(
         else {}
     )
 
-    def linear(name: str, x: Array, key_salt: Array | None = None) -> Array:
-        proj = layer[name]
-        adapter = adapters.get(name)
-        key = keys.get(name)
-        if key is not None and key_salt is not None:
-            key = jax.random.fold_in(key, key_salt)
-        return lora_linear(
+    def linears(names: tuple[str, ...], x: Array, key_salt: Array | None = None) -> list[Array]:
+        # Projections of the same x go through the matmul layer together (one GEMM each way).
+        salted = [keys.get(name) for name in names]
+        if key_salt is not None:
+            salted = [None if k is None else jax.random.fold_in(k, key_salt) for k in salted]
+        projections = [
+            (layer[name]["weight"], layer[name].get("bias"), adapters.get(name)) for name in names
+        ]
+        return lora_linears(
             x,
-            proj["weight"],
-            proj.get("bias"),
-            adapter,
-            lora_cfg.scale if adapter is not None else 0.0,
-            dropout=lora_cfg.dropout if adapter is not None else 0.0,
-            dropout_key=key,
+            projections,
+            lora_cfg.scale if lora_cfg is not None else 0.0,
+            dropout=lora_cfg.dropout if lora_cfg is not None else 0.0,
+            dropout_keys=salted,
             impl=options.matmul_impl,
         )
 
     x = rms_norm(h, layer["input_layernorm"], config.rms_norm_eps)
-    q = linear("q_proj", x).reshape(b, s, config.num_heads, config.head_dim)
-    k = linear("k_proj", x).reshape(b, s, config.num_kv_heads, config.head_dim)
-    v = linear("v_proj", x).reshape(b, s, config.num_kv_heads, config.head_dim)
+    q, k, v = linears(("q_proj", "k_proj", "v_proj"), x)
+    q = q.reshape(b, s, config.num_heads, config.head_dim)
+    k = k.reshape(b, s, config.num_kv_heads, config.head_dim)
+    v = v.reshape(b, s, config.num_kv_heads, config.head_dim)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     q, k, v = remat_lib.name(q, "query"), remat_lib.name(k, "key"), remat_lib.name(v, "value")
 
@@ -194,16 +195,18 @@ def _decoder_layer(
         # cuDNN's output is already kept by the kernel-residual policy, in cuDNN's own memory
         # layout; naming the row-major copy too would keep the same values twice.
         attn = remat_lib.name(attn, "attention_out")
-    h = h + linear("o_proj", attn.reshape(b, s, config.q_size))
+    (attn_out,) = linears(("o_proj",), attn.reshape(b, s, config.q_size))
+    h = h + attn_out
     h = remat_lib.name(h, "attention_residual")
 
     x = rms_norm(h, layer["post_attention_layernorm"], config.rms_norm_eps)
 
     def mlp(x: Array, chunk_index: Array | None = None) -> Array:
         # Chunks fold their index into the dropout keys so they draw different masks.
-        gate = remat_lib.name(linear("gate_proj", x, chunk_index), "mlp_gate")
-        up = remat_lib.name(linear("up_proj", x, chunk_index), "mlp_up")
-        return linear("down_proj", jax.nn.silu(gate) * up, chunk_index)
+        gate, up = linears(("gate_proj", "up_proj"), x, chunk_index)
+        gate, up = remat_lib.name(gate, "mlp_gate"), remat_lib.name(up, "mlp_up")
+        (down,) = linears(("down_proj",), jax.nn.silu(gate) * up, chunk_index)
+        return down
 
     return h + _chunked_over_tokens(mlp, x, options.mlp_chunk_tokens)
 
@@ -261,9 +264,12 @@ def hidden_states(
     def body(carry: Array, xs: tuple) -> tuple[Array, None]:
         layer, layer_adapters, window_index, key = xs
         if options.layer_weights_sharding is not None:
-            layer = jax.tree.map(
+            # The adapters too: their A factors are stacked beside the gathered weights in
+            # one GEMM operand, and a sharded A would make XLA split (and re-gather, decoded)
+            # the weights to match. They are rank-r small; their gradients reduce-scatter.
+            layer, layer_adapters = jax.tree.map(
                 lambda p: jax.lax.with_sharding_constraint(p, options.layer_weights_sharding),
-                layer,
+                (layer, layer_adapters),
             )
         if options.activation_sharding is not None:
             carry = jax.lax.with_sharding_constraint(carry, options.activation_sharding)

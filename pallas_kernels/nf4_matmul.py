@@ -64,6 +64,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -82,6 +83,7 @@ __all__ = [
     "NF4MatmulPlan",
     "nf4_dequantize",
     "nf4_lora_matmul",
+    "nf4_lora_matmul_group",
     "nf4_lora_matmul_reference",
     "plan_nf4_lora_matmul",
 ]
@@ -91,6 +93,9 @@ _NN = (((1,), (0,)), ((), ()))  # a[m, k] · b[k, n]
 _TN = (((0,), (0,)), ((), ()))  # a[k, m]ᵀ · b[k, n]
 
 VARIANTS = ("reference", "dense", "fused", "dequant_then_dot", "xla")
+# The variants that hand an NF4 W to XLA's dot after a jnp decode: these run as one GEMM per
+# group of projections sharing x (see nf4_lora_matmul_group).
+_GROUPED_VARIANTS = ("xla", "reference")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -233,8 +238,87 @@ def nf4_lora_matmul(
     x2 = x.reshape(-1, k)
     if x2.shape[0] == 0:
         return jnp.zeros((*lead, n), x.dtype)
-    y = _lora_matmul(plan, float(scale) if a is not None else 0.0, x2, w, a, b, bias)
+    if isinstance(w, NF4Tensor) and plan.variant in _GROUPED_VARIANTS:
+        # A group of one: the same XLA dots, with the LoRA term folded into dx's GEMM.
+        (y,) = _group_matmul(float(scale), x2, (w,), (a,), (b,), (bias,))
+    else:
+        y = _lora_matmul(plan, float(scale) if a is not None else 0.0, x2, w, a, b, bias)
     return y.reshape(*lead, n)
+
+
+def nf4_lora_matmul_group(
+    x: Array,
+    weights: Sequence[NF4Tensor | Array],
+    adapters: Sequence[tuple[Array, Array] | None],
+    scale: float = 1.0,
+    *,
+    biases: Sequence[Array | None] | None = None,
+    interpret: bool | None = None,
+    impl: str | None = None,
+    config: NF4MatmulConfig | None = None,
+) -> tuple[Array, ...]:
+    """Several projections of the same x (q/k/v, gate/up): one :func:`nf4_lora_matmul` each.
+
+    Same semantics as calling :func:`nf4_lora_matmul` per member with ``adapters[i] = (A, B)``
+    or None and ``biases[i]``. Why a group: on the training-sized path (``xla``/``reference``
+    variants, NF4 weights) each separate projection reads x again for its base and LoRA
+    products, and its backward writes a ``[M, K]`` LoRA term ``(dy·B)·A`` and adds it to dx.
+    The group instead decodes its weights into one ``[ΣN, K]`` operand (XLA writes the decoded
+    W anyway, so the concatenation costs nothing) and runs
+
+        forward   [y_1 .. y_n] = x·[W_1; ..; W_n]ᵀ        x·[A_1; ..; A_n]ᵀ  (rank Σr)
+        backward  dx = [dy_1 .. dy_n | s·dy_1·B_1 .. s·dy_n·B_n]·[W_1; ..; W_n; A_1; ..; A_n]
+                  [dA_1; ..; dA_n] = s·[dy_1·B_1 .. dy_n·B_n]ᵀ·x
+
+    so x is read once per direction and dx is one GEMM with the LoRA terms folded into its
+    reduction (summed in float32 before a single rounding, where separate projections round
+    each term). The rank-r products stay separate dots, so a remat policy that saves the
+    outputs never recomputes the large GEMM to get them. A group of one still gets the
+    folded backward. Dense weights (a concatenation would copy them every step) and the
+    Pallas variants (small M) run member by member.
+    """
+    if not weights:
+        raise ValueError("nf4_lora_matmul_group needs at least one weight")
+    biases = (None,) * len(weights) if biases is None else tuple(biases)
+    if not len(weights) == len(adapters) == len(biases):
+        raise ValueError(
+            f"weights, adapters and biases must pair up; got {len(weights)}, {len(adapters)}"
+            f" and {len(biases)}"
+        )
+    shapes = []
+    for w, ab, bias in zip(weights, adapters, biases, strict=True):
+        a, b = (None, None) if ab is None else ab
+        shapes.append(_check_args(x, w, a, b, bias))
+    plans = [
+        plan_nf4_lora_matmul(x, w, impl=impl, interpret=interpret, config=config) for w in weights
+    ]
+    grouped = all(
+        isinstance(w, NF4Tensor) and p.variant in _GROUPED_VARIANTS
+        for w, p in zip(weights, plans, strict=True)
+    )
+    if not grouped:
+        return tuple(
+            nf4_lora_matmul(
+                x,
+                w,
+                *((None, None) if ab is None else ab),
+                scale,
+                bias=bias,
+                interpret=interpret,
+                impl=impl,
+                config=config,
+            )  # fmt: skip
+            for w, ab, bias in zip(weights, adapters, biases, strict=True)
+        )
+    lead = x.shape[:-1]
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k)
+    if x2.shape[0] == 0:
+        return tuple(jnp.zeros((*lead, n), x.dtype) for n, _ in shapes)
+    a_s = tuple(None if ab is None else ab[0] for ab in adapters)
+    b_s = tuple(None if ab is None else ab[1] for ab in adapters)
+    ys = _group_matmul(float(scale), x2, tuple(weights), a_s, b_s, biases)
+    return tuple(y.reshape(*lead, n) for y, (n, _) in zip(ys, shapes, strict=True))
 
 
 def nf4_lora_matmul_reference(
@@ -452,3 +536,99 @@ def _lora_matmul_bwd(
 
 
 _lora_matmul.defvjp(_lora_matmul_fwd, _lora_matmul_bwd)
+
+
+# --------------------------------------------------------------------------------------
+# The grouped custom VJP (NF4 weights on XLA dots)
+# --------------------------------------------------------------------------------------
+
+
+def _split(y: Array, sizes: Sequence[int]) -> list[Array]:
+    """Column blocks of ``y [M, Σ sizes]``."""
+    out, start = [], 0
+    for size in sizes:
+        out.append(y[:, start : start + size])
+        start += size
+    return out
+
+
+def _concat(parts: Sequence[Array], axis: int) -> Array:
+    return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=axis)
+
+
+def _group_weight(ws: Sequence[NF4Tensor], dtype: Any) -> Array:
+    """The members' decoded weights stacked along N: one XLA fusion writes all of them."""
+    return _concat([dequantize_nf4(w, dtype) for w in ws], axis=0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _group_matmul(
+    scale: float,
+    x: Array,
+    ws: tuple[NF4Tensor, ...],
+    a_s: tuple[Array | None, ...],
+    b_s: tuple[Array | None, ...],
+    biases: tuple[Array | None, ...],
+) -> tuple[Array, ...]:
+    return _group_matmul_fwd(scale, x, ws, a_s, b_s, biases)[0]
+
+
+def _group_matmul_fwd(
+    scale: float,
+    x: Array,
+    ws: tuple[NF4Tensor, ...],
+    a_s: tuple[Array | None, ...],
+    b_s: tuple[Array | None, ...],
+    biases: tuple[Array | None, ...],
+) -> tuple[tuple[Array, ...], tuple[Any, ...]]:
+    cd = x.dtype
+    base = _split(
+        lax.dot_general(x, _group_weight(ws, cd), _NT, preferred_element_type=cd),
+        [w.shape[0] for w in ws],
+    )
+    with_lora = [a for a in a_s if a is not None]
+    xa_all = None
+    xa: list[Array | None] = [None] * len(ws)
+    if with_lora:
+        xa_all = _dot(x, _concat([a.astype(cd) for a in with_lora], 0), _NT).astype(cd)
+        parts = iter(_split(xa_all, [a.shape[0] for a in with_lora]))
+        xa = [None if a is None else next(parts) for a in a_s]
+    ys = []
+    for y, low, b, bias in zip(base, xa, b_s, biases, strict=True):
+        if low is not None:
+            y = y.astype(jnp.float32) + scale * _dot(low, b.astype(cd), _NT).astype(cd).astype(
+                jnp.float32
+            )
+        if bias is not None:
+            y = y.astype(jnp.float32) + bias.astype(jnp.float32)
+        ys.append(y.astype(cd))
+    return tuple(ys), (x, xa_all, ws, a_s, b_s)
+
+
+def _group_matmul_bwd(
+    scale: float, res: tuple[Any, ...], dys: tuple[Array, ...]
+) -> tuple[Any, ...]:
+    x, xa_all, ws, a_s, b_s = res
+    cd = x.dtype
+    dys = [dy.astype(cd) for dy in dys]
+    members = [i for i, a in enumerate(a_s) if a is not None]
+    dyb = {i: _dot(dys[i], b_s[i].astype(cd), _NN).astype(cd) for i in members}  # [M, r]
+    lhs = _concat([*dys, *((scale * dyb[i]).astype(cd) for i in members)], axis=1)
+    rhs = _concat([_group_weight(ws, cd), *(a_s[i].astype(cd) for i in members)], axis=0)
+    dx = lax.dot_general(lhs, rhs, _NN, preferred_element_type=cd)
+    da: list[Array | None] = [None] * len(ws)
+    db: list[Array | None] = [None] * len(ws)
+    if members:
+        da_all = scale * _dot(_concat([dyb[i] for i in members], 1), x, _TN)  # [Σr, K]
+        xa = iter(_split(xa_all, [a_s[i].shape[0] for i in members]))
+        start = 0
+        for i in members:
+            r = a_s[i].shape[0]
+            da[i] = da_all[start : start + r].astype(a_s[i].dtype)
+            db[i] = (scale * _dot(dys[i], next(xa), _TN)).astype(b_s[i].dtype)  # [N, r]
+            start += r
+    zero_w = tuple(None for _ in ws)
+    return dx, zero_w, tuple(da), tuple(db), tuple(None for _ in ws)
+
+
+_group_matmul.defvjp(_group_matmul_fwd, _group_matmul_bwd)

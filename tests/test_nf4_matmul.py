@@ -26,6 +26,7 @@ from pallas_kernels.nf4_matmul import (
     NF4MatmulConfig,
     nf4_dequantize,
     nf4_lora_matmul,
+    nf4_lora_matmul_group,
     nf4_lora_matmul_reference,
     plan_nf4_lora_matmul,
 )
@@ -234,6 +235,137 @@ def test_jit_scan_over_stacked_layers(rng):
 def test_zero_rows(rng):
     x, w, a, b, _ = _case(rng, (0,), 32, 64, 4, jnp.float32)
     assert nf4_lora_matmul(x, w, a, b, 1.0, interpret=True).shape == (0, 32)
+
+
+# ------------------------------------------------------------------------------------------
+# Groups of projections sharing x (q/k/v, gate/up)
+# ------------------------------------------------------------------------------------------
+
+
+def _group_case(rng, lead, k, members, dtype, weight="nf4_dq"):
+    """Per member ``(n, r, bias)``: weights, adapters ((A, B) or None), biases and cotangents."""
+    x = jnp.asarray(rng.standard_normal((*lead, k)), dtype)
+    ws, adapters, biases, dys = [], [], [], []
+    for n, r, bias in members:
+        _, w, a, b, bias_arr = _case(rng, lead, n, k, r, dtype, weight, bias)
+        ws.append(w)
+        adapters.append(None if a is None else (a, b))
+        biases.append(bias_arr)
+        dys.append(jnp.asarray(rng.standard_normal((*lead, n)), dtype))
+    return x, ws, adapters, biases, tuple(dys)
+
+
+def _group_vjp(fn, x, adapters, dys):
+    def run(x, adapters):
+        ys, vjp = jax.vjp(fn, x, adapters)
+        return ys, vjp(dys)
+
+    return jax.jit(run)(x, adapters)
+
+
+GROUPS = [
+    # lead, K, members (N, r, bias), dtype
+    ((3, 5), 128, [(64, 8, False), (32, 0, True), (32, 4, False)], jnp.float32),
+    ((7,), 192, [(96, 16, False), (96, 16, False)], jnp.bfloat16),
+    ((9,), 64, [(40, 4, True)], jnp.bfloat16),
+]
+
+
+@pytest.mark.parametrize("lead, k, members, dtype", GROUPS, ids=["qkv", "gate-up", "one"])
+def test_group_matches_members(rng, lead, k, members, dtype):
+    """The grouped op equals the reference projection by projection, values and gradients
+    (x: one folded GEMM summing every member's dx and LoRA term; A, B per member)."""
+    x, ws, adapters, biases, dys = _group_case(rng, lead, k, members, dtype)
+    scale = 0.75
+
+    def grouped(x, adapters):
+        return nf4_lora_matmul_group(x, ws, adapters, scale, biases=biases, impl="reference")
+
+    def reference(x, adapters):
+        return tuple(
+            nf4_lora_matmul_reference(x, w, *(ab or (None, None)), scale, bias=bias)
+            for w, ab, bias in zip(ws, adapters, biases, strict=True)
+        )
+
+    (ys, (dx, dad)), (ys_ref, (dx_ref, dad_ref)) = (
+        _group_vjp(fn, x, adapters, dys) for fn in (grouped, reference)
+    )
+    tol_y, tol_g = TOL[dtype]
+    for y, y_ref in zip(ys, ys_ref, strict=True):
+        assert y.shape == y_ref.shape and y.dtype == dtype
+        assert _rel(y, y_ref) < tol_y
+    assert _rel(dx, dx_ref) < tol_g, "dx"
+    for i, (g, g_ref) in enumerate(zip(dad, dad_ref, strict=True)):
+        if g_ref is None:
+            assert g is None, i
+            continue
+        for name, gi, ri in zip(("dA", "dB"), g, g_ref, strict=True):
+            assert gi.dtype == ri.dtype and _rel(gi, ri) < tol_g, f"member {i} {name}"
+
+
+def _dot_output_shapes(jaxpr) -> list[tuple[int, ...]]:
+    shapes = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            shapes.append(tuple(eqn.outvars[0].aval.shape))
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            shapes.extend(_dot_output_shapes(sub))
+    return shapes
+
+
+def test_group_is_one_gemm_per_direction(rng):
+    """What the group is for: x·Wᵀ for all members is one dot, and dx is one dot (the LoRA
+    terms folded in), where member-by-member calls would take 3 base dots and 6 for dx."""
+    m, k = 12, 192  # sum of N = 128: the base product [m, 128], dx [m, 192]
+    x, ws, adapters, _, dys = _group_case(
+        rng, (m,), k, [(64, 8, False), (32, 8, False), (32, 8, False)], jnp.float32
+    )
+
+    def grouped(x, adapters):
+        return nf4_lora_matmul_group(x, ws, adapters, 1.0, impl="reference")
+
+    def members(x, adapters):
+        return tuple(
+            nf4_lora_matmul(x, w, *ab, 1.0, impl="reference")
+            for w, ab in zip(ws, adapters, strict=True)
+        )
+
+    def dx_dots(fn):
+        jaxpr = jax.make_jaxpr(lambda x, ad: jax.vjp(fn, x, ad)[1](dys))(x, adapters).jaxpr
+        return _dot_output_shapes(jaxpr).count((m, k))
+
+    assert dx_dots(grouped) == 1
+    assert dx_dots(members) == 3  # each member's own (LoRA-folded) dx GEMM
+    fwd = _dot_output_shapes(jax.make_jaxpr(grouped)(x, adapters).jaxpr)
+    assert fwd.count((m, 128)) == 1  # [y_q | y_k | y_v] in one dot
+    assert fwd.count((m, 24)) == 1  # x·[A_q; A_k; A_v]ᵀ in one dot
+
+
+def test_group_falls_back_member_by_member(rng):
+    """Dense weights (a concatenation would copy them) and the Pallas variants run each
+    member through nf4_lora_matmul, with identical results."""
+    for weight, kw in (
+        ("dense", dict(impl="reference")),
+        ("nf4_dq", dict(interpret=True, config=dataclasses.replace(SMALL, variant="fused"))),
+    ):
+        x, ws, adapters, biases, _ = _group_case(
+            rng, (5,), 128, [(32, 4, True), (64, 0, False)], jnp.float32, weight
+        )
+        ys = nf4_lora_matmul_group(x, ws, adapters, 0.5, biases=biases, **kw)
+        for y, w, ab, bias in zip(ys, ws, adapters, biases, strict=True):
+            want = nf4_lora_matmul(x, w, *(ab or (None, None)), 0.5, bias=bias, **kw)
+            np.testing.assert_array_equal(np.asarray(y), np.asarray(want))
+
+
+def test_group_argument_errors(rng):
+    x, ws, adapters, biases, _ = _group_case(rng, (4,), 64, [(32, 4, False)], jnp.float32)
+    with pytest.raises(ValueError, match="at least one weight"):
+        nf4_lora_matmul_group(x, [], [], 1.0)
+    with pytest.raises(ValueError, match="must pair up"):
+        nf4_lora_matmul_group(x, ws, adapters + [None], 1.0)
+    with pytest.raises(ValueError, match="must end in K=64"):
+        nf4_lora_matmul_group(x[:, :32], ws, adapters, 1.0)
+    assert nf4_lora_matmul_group(x[:0], ws, adapters, 1.0)[0].shape == (0, 32)
 
 
 # ------------------------------------------------------------------------------------------

@@ -124,6 +124,9 @@ def loss_sum(
         chunk_size=config.loss_chunk_size or auto_chunk_size(model.config.vocab_size),
         softcap=config.logit_softcap,
         z_loss=config.z_loss,
+        # The LM head belongs to the frozen base model (only ``lora`` is differentiated):
+        # this lets the loss skip recomputing the logits in the backward pass.
+        lm_head_grad=False,
     )
 
 
