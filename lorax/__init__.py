@@ -12,7 +12,7 @@ from lorax.config import ConfigError, ModelConfig, RopeConfig
 from lorax.facade import FastLanguageModel, PeftModel
 from lorax.loading import load
 from lorax.lora import LoraConfig, LoraWeights, init_lora, lora_linear
-from lorax.model import ForwardOptions, Model, forward, hidden_states
+from lorax.model import ForwardOptions, Model, embeddings_to_host, forward, hidden_states
 from lorax.train.trainer import TrainConfig, Trainer
 from pallas_kernels.nf4 import NF4Tensor, dequantize_nf4, quantize_nf4
 
@@ -33,6 +33,7 @@ __all__ = [
     "Trainer",
     "dequantize_nf4",
     "distributed",
+    "embeddings_to_host",
     "export_gguf",
     "forward",
     "hidden_states",

@@ -102,6 +102,7 @@ def run_case(
     chunk: int,
     num_layers: int | None,
     forward: dict | None = None,
+    embeddings_on_host: bool = False,
 ) -> dict:
     import jax
     import numpy as np
@@ -115,6 +116,8 @@ def run_case(
     b, s = (int(x) for x in shape.split("x"))
     t_import = time.perf_counter() - START
     model = build_model(num_layers)
+    if embeddings_on_host:
+        model = lorax.embeddings_to_host(model)
     jax.block_until_ready(jax.tree_util.tree_leaves(model.params))
     t_load = time.perf_counter() - START
     lora = lorax.init_lora(model, rank=16, alpha=16, targets="all-linear", key=jax.random.key(1))
@@ -165,6 +168,7 @@ def run_case(
         "attention": attention,
         "forward": forward or {},
         "loss_chunk": chunk or "auto",
+        "embeddings_on_host": embeddings_on_host,
         "tokens_per_s": tokens / median,
         "median_step_s": median,
         "min_step_s": min(times),
@@ -221,13 +225,21 @@ def main() -> None:
     p.add_argument(
         "--mem-fraction", default=None, help="XLA_PYTHON_CLIENT_MEM_FRACTION for each case"
     )
+    p.add_argument(
+        "--embeddings-on-host",
+        action="store_true",
+        help="keep the embedding table in pinned host memory (lorax.embeddings_to_host)",
+    )
     p.add_argument("--json", default=None)
     p.add_argument("--case", default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
     forward = parse_forward(a.forward)
     if a.case:
         shape, remat, attention = a.case.split("@")
-        result = run_case(shape, remat, attention, a.steps, a.warmup, a.chunk, a.layers, forward)
+        result = run_case(
+            shape, remat, attention, a.steps, a.warmup, a.chunk, a.layers, forward,
+            embeddings_on_host=a.embeddings_on_host,
+        )  # fmt: skip
         print("RESULT " + json.dumps(result), flush=True)
         return
     import jax
@@ -265,6 +277,8 @@ def main() -> None:
             cmd += ["--layers", str(a.layers)]
         if a.forward:
             cmd += ["--forward", a.forward]
+        if a.embeddings_on_host:
+            cmd += ["--embeddings-on-host"]
         out = subprocess.run(cmd, capture_output=True, text=True, env=env)
         result = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
         if out.returncode or not result:
@@ -276,6 +290,7 @@ def main() -> None:
         rows.append(r)
         print(
             f"{shape:>7} remat={remat:<9} attn={attn:<6} {a.forward or ''} "
+            f"{'host-emb ' if a.embeddings_on_host else ''}"
             f"{r['tokens_per_s']:8.0f} tok/s  "
             f"{r['tflops']:6.1f} TFLOP/s  mfu {r['mfu'] or 0:.3f}  "
             f"peak {r['peak_mem_gib'] or 0:.2f} GiB  first step at "

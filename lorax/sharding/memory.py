@@ -24,19 +24,23 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from lorax import remat as remat_lib
+from lorax.model import HOST_MEMORY_KINDS
 from lorax.sharding.mesh import describe
 from lorax.train.step import auto_chunk_size
 from pallas_kernels.nf4 import NF4Tensor
 
 
 def per_device_bytes(tree: Any) -> int:
-    """Bytes the most loaded device holds of ``tree``'s leaves (arrays or ShapeDtypeStructs;
-    a leaf without a sharding counts whole, as on one device)."""
+    """Device-memory bytes the most loaded device holds of ``tree``'s leaves (arrays or
+    ShapeDtypeStructs; a leaf without a sharding counts whole, as on one device; leaves in
+    host memory count nothing)."""
     counts: dict[Any, int] = {}
     for x in jax.tree_util.tree_leaves(tree):
         if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
             continue  # an RNG key: a few bytes, and its dtype has no itemsize
         sharding = getattr(x, "sharding", None)
+        if getattr(sharding, "memory_kind", None) in HOST_MEMORY_KINDS:
+            continue  # kept in host memory (e.g. lorax.model.embeddings_to_host)
         itemsize = jnp.dtype(x.dtype).itemsize
         if sharding is None:
             counts[None] = counts.get(None, 0) + math.prod(x.shape) * itemsize
@@ -194,7 +198,8 @@ def memory_report(
     compute_bytes = jnp.dtype(model.params["embed_tokens"].dtype).itemsize
     # One layer's weights gathered (when sharded) and its largest projection decoded, in the
     # forward and again in the backward.
-    gathered = stored_layer if base < total_bytes(model.params) else 0
+    layers = model.params["layers"]
+    gathered = stored_layer if per_device_bytes(layers) < total_bytes(layers) else 0
     workspace = 2 * (gathered + largest * compute_bytes)
     lora_bytes = per_device_bytes(lora.params)
     return MemoryReport(
