@@ -144,6 +144,9 @@ class ForwardOptions:
     ``"reference"`` force one. ``matmul_impl`` likewise for the NF4/LoRA matmul.
 
     ``remat`` is a policy name or a per-layer schedule (see :mod:`lorax.remat`).
+    ``offload_layer_inputs`` keeps every layer's input (the residual stream, which any remat
+    policy saves) in pinned host memory: ``[tokens, hidden]`` per layer off the device, for
+    the price of overlapped host copies (it is what ``offload`` does beyond ``full``).
     ``mlp_chunk_tokens`` runs each MLP over that many tokens at a time, each chunk
     rematerialised on its own: the MLP's ``[tokens, intermediate]`` temporaries (the largest
     activations of the step, ~3.5x the hidden width each) then stop growing with the sequence,
@@ -157,6 +160,7 @@ class ForwardOptions:
     """
 
     remat: str = "none"
+    offload_layer_inputs: bool = False
     matmul_impl: str | None = None
     attention_impl: str | None = None
     mlp_chunk_tokens: int | None = None
@@ -165,6 +169,11 @@ class ForwardOptions:
 
     def __post_init__(self) -> None:
         remat_lib.validate(self.remat)
+        if self.offload_layer_inputs and "none" in self.remat.replace(",", ":").split(":"):
+            raise ValueError(
+                f"offload_layer_inputs needs a remat policy on every layer; remat={self.remat!r}"
+                " has 'none' layers, which save everything on the device"
+            )
         if self.mlp_chunk_tokens is not None and self.mlp_chunk_tokens <= 0:
             raise ValueError(f"mlp_chunk_tokens must be positive, got {self.mlp_chunk_tokens}")
 
@@ -346,7 +355,7 @@ def hidden_states(
 
     segments = remat_lib.schedule(options.remat, config.num_layers)
     if len(segments) == 1:
-        body = remat_lib.apply(body, options.remat)
+        body = remat_lib.apply(body, options.remat, options.offload_layer_inputs)
         h, _ = jax.lax.scan(body, h, (params["layers"], adapters, window_index, layer_keys))
     else:
         # One scan per policy segment. The frozen layers are indexed inside the body rather
@@ -367,7 +376,8 @@ def hidden_states(
                 return jax.tree.map(lambda a: a[start:stop], tree)
 
             xs = (jnp.arange(start, stop), part(adapters), part(window_index), part(layer_keys))
-            h, _ = jax.lax.scan(remat_lib.apply(indexed_body, kind), h, xs)
+            body_k = remat_lib.apply(indexed_body, kind, options.offload_layer_inputs)
+            h, _ = jax.lax.scan(body_k, h, xs)
             start = stop
     return rms_norm(h, params["norm"], config.rms_norm_eps)
 

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-from jax.ad_checkpoint import checkpoint_name
+from jax.ad_checkpoint import Offloadable, checkpoint_name
 
 from pallas_kernels.flash_attention import save_forward_residuals
 
@@ -31,6 +31,9 @@ SELECTIVE_SAVES = ("query", "key", "value", "attention_out")
 MLP_SAVES = (*SELECTIVE_SAVES, "attention_residual", "mlp_gate", "mlp_up")
 
 POLICIES = ("none", "full", "selective", "mlp", "offload")
+# The scan carry entering each layer (the residual stream): every remat policy keeps it, as
+# the point the layer is recomputed from; ``offload`` and ``offload_inputs`` keep it on the host.
+LAYER_INPUT = "layer_input"
 
 
 def name(x: Any, tag: str) -> Any:
@@ -38,28 +41,44 @@ def name(x: Any, tag: str) -> Any:
     return checkpoint_name(x, tag)
 
 
-def policy(kind: str) -> Callable[..., Any] | None:
-    """The ``jax.checkpoint`` policy for ``kind`` (None means no remat at all)."""
+def policy(kind: str, offload_inputs: bool = False) -> Callable[..., Any] | None:
+    """The ``jax.checkpoint`` policy for ``kind`` (None means no remat at all).
+
+    ``offload_inputs`` keeps each layer's input in pinned host memory instead of device memory
+    (``offload`` is ``full`` with it): one ``[tokens, hidden]`` array per layer crosses the host
+    link each way, overlapped with the layer's own compute, and the device memory it frees
+    holds more layers' ``mlp`` saves.
+    """
     cp = jax.checkpoint_policies
     if kind == "none":
+        if offload_inputs:
+            raise ValueError("offloading layer inputs needs a remat policy; 'none' saves all")
         return None
+    if kind == "offload":
+        kind, offload_inputs = "full", True
     if kind == "full":
-        return cp.nothing_saveable
-    if kind in ("selective", "mlp"):
+        keep = cp.nothing_saveable
+    elif kind in ("selective", "mlp"):
         # Names cannot reach inside the attention kernel's custom_vjp: its own residuals
         # (output and logsumexp) are kept by a primitive-level policy beside the names.
         saves = SELECTIVE_SAVES if kind == "selective" else MLP_SAVES
-        return cp.save_from_both_policies(cp.save_only_these_names(*saves), save_forward_residuals)
-    if kind == "offload":
-        # The layer's input (the residual stream, scan's carry) is what a fully
-        # rematerialised layer saves; keep it in pinned host memory instead of HBM.
-        return cp.save_and_offload_only_these_names(
-            names_which_can_be_saved=[],
-            names_which_can_be_offloaded=["layer_input"],
-            offload_src="device",
-            offload_dst="pinned_host",
-        )
-    raise ValueError(f"unknown remat policy {kind!r}; choose one of {POLICIES}")
+        keep = cp.save_from_both_policies(cp.save_only_these_names(*saves), save_forward_residuals)
+    else:
+        raise ValueError(f"unknown remat policy {kind!r}; choose one of {POLICIES}")
+    if not offload_inputs:
+        return keep
+    offload = cp.save_and_offload_only_these_names(
+        names_which_can_be_saved=[],
+        names_which_can_be_offloaded=[LAYER_INPUT],
+        offload_src="device",
+        offload_dst="pinned_host",
+    )
+
+    def keep_or_offload(prim: Any, *args: Any, **params: Any) -> Any:
+        decision = offload(prim, *args, **params)
+        return decision if isinstance(decision, Offloadable) else keep(prim, *args, **params)
+
+    return keep_or_offload
 
 
 def schedule(spec: str, num_layers: int) -> list[tuple[str, int]]:
@@ -99,15 +118,15 @@ def validate(spec: str) -> None:
     schedule(spec, max(total, 1))
 
 
-def apply(body: Callable[..., Any], kind: str) -> Callable[..., Any]:
+def apply(body: Callable[..., Any], kind: str, offload_inputs: bool = False) -> Callable[..., Any]:
     """Wraps a scan body ``(carry, xs) -> (carry, ys)`` with the named policy."""
-    pol = policy(kind)
+    pol = policy(kind, offload_inputs)
     if kind == "none":
         return body
-    if kind == "offload":
+    if kind == "offload" or offload_inputs:
         inner = body
 
         def body(carry: Any, xs: Any) -> Any:  # noqa: F811 - tag the carry, then run
-            return inner(name(carry, "layer_input"), xs)
+            return inner(name(carry, LAYER_INPUT), xs)
 
     return jax.checkpoint(body, policy=pol, prevent_cse=False)

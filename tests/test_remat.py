@@ -60,8 +60,9 @@ def reference(tiny):
         ForwardOptions(remat="mlp:1,full:1,offload:1,selective"),
         ForwardOptions(remat="none", mlp_chunk_tokens=7),  # 2x12 tokens: ragged last chunk
         ForwardOptions(remat="offload", mlp_chunk_tokens=8),
+        ForwardOptions(remat="mlp:1,selective:1,full", offload_layer_inputs=True),
     ],
-    ids=lambda o: f"{o.remat}-chunk{o.mlp_chunk_tokens}",
+    ids=lambda o: f"{o.remat}-chunk{o.mlp_chunk_tokens}{'-host' if o.offload_layer_inputs else ''}",
 )
 def test_policies_match_no_remat(tiny, reference, options):
     model, lora = tiny
@@ -126,3 +127,24 @@ def test_mlp_policy_saves_the_mlp_and_recomputes_no_matmul(tiny):
         return sum(n >= tokens * model.config.hidden_size for n in sizes)
 
     assert dots("mlp") == dots("none") < dots("selective") < dots("full")
+
+
+def test_offload_layer_inputs_moves_each_scan_segments_carry_to_host(tiny):
+    """One device-to-host transfer per scanned segment (of its stacked layer inputs), none
+    without the option; ``offload`` is ``full`` plus this option."""
+    model, lora = tiny
+    ids = jnp.zeros((1, 8), jnp.int32)
+
+    def host_puts(options: ForwardOptions) -> int:
+        def loss(params):
+            return forward(model, lorax.LoraWeights(params, lora.config), ids, options=options)
+
+        jaxpr = str(jax.make_jaxpr(jax.grad(lambda p: loss(p).sum()))(lora.params))
+        return len(re.findall(r"device_put\[[^\]]*MemorySpace\.Host", jaxpr))
+
+    assert host_puts(ForwardOptions(remat="mlp")) == 0
+    assert host_puts(ForwardOptions(remat="mlp", offload_layer_inputs=True)) == 1
+    assert host_puts(ForwardOptions(remat="mlp:2,selective", offload_layer_inputs=True)) == 2
+    assert host_puts(ForwardOptions(remat="offload")) == 1
+    with pytest.raises(ValueError, match="needs a remat policy"):
+        ForwardOptions(remat="mlp:2,none", offload_layer_inputs=True)

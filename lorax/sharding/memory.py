@@ -82,6 +82,7 @@ def activation_bytes(
     *,
     tokens: int,
     remat: str,
+    offload_layer_inputs: bool = False,
     compute_bytes: int,
     lora_rank: int = 0,
     lora_targets: int = 0,
@@ -95,6 +96,7 @@ def activation_bytes(
     ``full`` keeps only the layer input (D), ``selective`` that plus q, k, v and the attention
     output, ``mlp`` also the post-attention residual and gate/up, ``offload`` nothing on the
     device; every policy but ``none`` also rebuilds one whole layer during the backward.
+    ``offload_layer_inputs`` moves the layer input (D) of every policy to the host.
     """
     d, i = config.hidden_size, config.intermediate_size
     q = config.num_heads * config.head_dim
@@ -108,9 +110,11 @@ def activation_bytes(
         "mlp": (2 * d + 2 * q + 2 * kv + 2 * i) * compute_bytes + lse,
         "offload": 0,
     }
+    kept_layer_input = ("full", "selective", "mlp")  # the policies that count D for it
     per_token = 0
     for kind, layers in remat_lib.schedule(remat, config.num_layers):
-        per_token += kept[kind] * layers
+        on_host = d * compute_bytes if offload_layer_inputs and kind in kept_layer_input else 0
+        per_token += (kept[kind] - on_host) * layers
     if remat != "none":
         per_token += full_layer  # one layer recomputed at a time in the backward
     chunk = loss_chunk_size or auto_chunk_size(config.vocab_size)
@@ -182,6 +186,7 @@ def memory_report(
     *,
     tokens_per_device: int,
     remat: str = "none",
+    offload_layer_inputs: bool = False,
     loss_chunk_size: int | None = None,
     mesh: Mesh | None = None,
 ) -> MemoryReport:
@@ -215,6 +220,7 @@ def memory_report(
             config,
             tokens=tokens_per_device,
             remat=remat,
+            offload_layer_inputs=offload_layer_inputs,
             compute_bytes=compute_bytes,
             lora_rank=lora.config.rank,
             lora_targets=len(lora.config.targets),

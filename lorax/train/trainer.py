@@ -29,7 +29,6 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from lorax import remat as remat_lib
 from lorax import sharding
 from lorax.distributed import is_primary
 from lorax.lora import LoraWeights
@@ -81,6 +80,11 @@ class TrainConfig:
         "rematerialisation: none | full | selective | mlp | offload, or a per-layer schedule "
         "such as mlp:12,selective",
     )
+    offload_layer_inputs: bool = _opt(
+        False,
+        "keep each layer's input (the residual stream every remat policy saves) in pinned host "
+        "memory; frees tokens x hidden per layer for more mlp layers (needs remat != none)",
+    )
     packing: bool = _opt(True, "pack several examples per row (else length buckets)")
     train_on_responses_only: bool = _opt(True, "chat data: train on assistant turns only")
     eval_every: int = _opt(0, "evaluate every N steps (0: never)")
@@ -104,7 +108,7 @@ class TrainConfig:
     )
 
     def __post_init__(self) -> None:
-        remat_lib.validate(self.remat)
+        ForwardOptions(remat=self.remat, offload_layer_inputs=self.offload_layer_inputs)
         if self.on_nonfinite not in ("skip", "stop"):
             raise ValueError(f"on_nonfinite must be 'skip' or 'stop', got {self.on_nonfinite!r}")
         for name in ("max_steps", "batch_size", "grad_accum_steps", "seq_len"):
@@ -176,7 +180,11 @@ class Trainer:
         self.step_config = StepConfig(
             loss_chunk_size=config.loss_chunk_size,
             z_loss=config.z_loss,
-            forward=ForwardOptions(remat=config.remat, **sharding.forward_constraints(self.mesh)),
+            forward=ForwardOptions(
+                remat=config.remat,
+                offload_layer_inputs=config.offload_layer_inputs,
+                **sharding.forward_constraints(self.mesh),
+            ),
         )
         state = init_train_state(lora, self.optimizer, key=jax.random.key(config.seed))
         self.state = sharding.place_tree(
@@ -314,6 +322,7 @@ class Trainer:
             * self.loader.max_length
             // sharding.batch_divisor(self.mesh),
             remat=self.config.remat,
+            offload_layer_inputs=self.config.offload_layer_inputs,
             loss_chunk_size=self.config.loss_chunk_size,
             mesh=self.mesh,
         )
