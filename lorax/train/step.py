@@ -39,7 +39,7 @@ Batch = Mapping[str, Array]
 class StepConfig:
     """Static knobs of the step (hashable: part of what ``jit`` specialises on)."""
 
-    # Tokens per LM-head chunk; None sizes chunks to ~64M logits (256 MiB in f32) each.
+    # Tokens per LM-head chunk; None sizes chunks to ~128M logits (512 MiB in f32) each.
     loss_chunk_size: int | None = None
     z_loss: float = 0.0
     logit_softcap: float | None = None
@@ -77,8 +77,14 @@ class TrainState:
     key: Array
 
 
-def auto_chunk_size(vocab_size: int, logits_per_chunk: int = 2**26) -> int:
-    """The largest power of two (64 to 8192) of tokens whose f32 logits fit the budget."""
+def auto_chunk_size(vocab_size: int, logits_per_chunk: int = 2**27) -> int:
+    """The largest power of two (64 to 8192) of tokens whose f32 logits fit the budget.
+
+    1024 tokens for a 128K vocabulary. Each chunk runs two vocab-sized GEMMs (logits, and the
+    hidden-state gradient), which want many rows: at 1x8192 on an H200, 1024-token chunks
+    stepped 0.7% faster than 512 at the same peak memory (the loss's transients sit below
+    the backward's). Low-memory configurations pass a smaller ``loss_chunk_size``.
+    """
     size = 64
     while size < 8192 and 2 * size * vocab_size <= logits_per_chunk:
         size *= 2

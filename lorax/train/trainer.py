@@ -72,7 +72,7 @@ class TrainConfig:
     weight_decay: float = _opt(0.0, "decoupled weight decay")
     max_grad_norm: float | None = _opt(1.0, "clip gradients to this global norm (None: off)")
     loss_chunk_size: int | None = _opt(
-        None, "tokens per chunk of the LM-head cross-entropy (default: ~256 MiB of logits)"
+        None, "tokens per chunk of the LM-head cross-entropy (default: ~512 MiB of logits)"
     )
     z_loss: float = _opt(0.0, "z-loss coefficient (logsumexp^2 penalty)")
     remat: str = _opt(
