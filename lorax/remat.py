@@ -46,8 +46,9 @@ def policy(kind: str, offload_inputs: bool = False) -> Callable[..., Any] | None
 
     ``offload_inputs`` keeps each layer's input in pinned host memory instead of device memory
     (``offload`` is ``full`` with it): one ``[tokens, hidden]`` array per layer crosses the host
-    link each way, overlapped with the layer's own compute, and the device memory it frees
-    holds more layers' ``mlp`` saves.
+    link each way. Measured on an H200 at 1x8192 under ``mlp:19,selective`` (BENCHMARKS.md §1):
+    1.94 GiB freed for 5.6% of the step time, more than the extra ``mlp`` layers that memory
+    holds win back; it pays where memory, not speed, is the limit.
     """
     cp = jax.checkpoint_policies
     if kind == "none":

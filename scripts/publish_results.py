@@ -4,7 +4,8 @@
 "lorax_lowmem" the one with the least peak memory (ties: the faster). Rows from the PyTorch
 side are copied as they are.
 
-    python scripts/publish_results.py --lorax train.json --torch torch.json --commit SHA
+    python scripts/publish_results.py --lorax train.json [more.json ...] --torch torch.json \
+        --commit SHA
 
 Several --torch files may be given, newest first: a (system, shape) row is taken from the first
 file that has it, and every copied row records its file under "source" (so a baseline carried
@@ -21,10 +22,15 @@ MEMORY_CAP_GIB = 24.0
 WORKLOAD = "NF4 double-quant base, LoRA r16 a16 on all 7 projections (f32), AdamW"
 
 
-def lorax_rows(path: str) -> tuple[list[dict], dict]:
-    with open(path) as f:
-        data = json.load(f)
-    ok = [r for r in data["rows"] if "error" not in r]
+def lorax_rows(paths: list[str]) -> tuple[list[dict], dict]:
+    """The published lorax rows from every bench_train.py JSON in ``paths`` (rows pooled)."""
+    data: dict = {}
+    pooled: list[dict] = []
+    for path in paths:
+        with open(path) as f:
+            data = json.load(f)
+        pooled += data["rows"]
+    ok = [r for r in pooled if "error" not in r]
     out = []
     for shape in sorted({r["shape"] for r in ok}):
         runs = [r for r in ok if r["shape"] == shape]
@@ -40,7 +46,8 @@ def lorax_rows(path: str) -> tuple[list[dict], dict]:
                     "peak_mem_gib": round(r["peak_mem_gib"], 2),
                     "config": f"{WORKLOAD}; remat={r['remat']}, attention={r['attention']}"
                     + "".join(f", {k}={v}" for k, v in r.get("forward", {}).items())
-                    + f", loss_chunk={r.get('loss_chunk', 'auto')}",
+                    + f", loss_chunk={r.get('loss_chunk', 'auto')}"
+                    + (", embeddings_on_host" if r.get("embeddings_on_host") else ""),
                     "notes": f"median of {r['steps_timed']} steps "
                     f"({r['median_step_s'] * 1e3:.0f} ms); "
                     f"MFU {r['mfu']:.3f} counting lorax.train.flops; start to first step "
@@ -52,7 +59,7 @@ def lorax_rows(path: str) -> tuple[list[dict], dict]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--lorax", required=True)
+    p.add_argument("--lorax", required=True, nargs="+", help="bench_train.py JSONs (pooled)")
     p.add_argument("--torch", nargs="*", default=[], help="bench_torch.py JSONs, newest first")
     p.add_argument("--commit", required=True)
     p.add_argument(
