@@ -11,7 +11,7 @@ from lorax.adapters import load_adapter, save_adapter
 from lorax.config import ConfigError, ModelConfig, RopeConfig
 from lorax.facade import FastLanguageModel, PeftModel
 from lorax.loading import load
-from lorax.lora import LoraConfig, LoraWeights, init_lora, lora_linear
+from lorax.lora import LoraConfig, LoraWeights, init_lora, lora_linear, lora_linears
 from lorax.model import ForwardOptions, Model, embeddings_to_host, forward, hidden_states
 from lorax.train.trainer import TrainConfig, Trainer
 from pallas_kernels.nf4 import NF4Tensor, dequantize_nf4, quantize_nf4
@@ -41,6 +41,7 @@ __all__ = [
     "load",
     "load_adapter",
     "lora_linear",
+    "lora_linears",
     "quantize_nf4",
     "save_adapter",
     "save_merged",

@@ -6,7 +6,11 @@ Each op picks its compiled kernel on GPU and its reference elsewhere; ``impl=`` 
 
 from pallas_kernels.flash_attention import attention_reference, flash_attention
 from pallas_kernels.nf4 import NF4Tensor, dequantize_nf4, quantize_nf4
-from pallas_kernels.nf4_matmul import nf4_lora_matmul, nf4_lora_matmul_reference
+from pallas_kernels.nf4_matmul import (
+    nf4_lora_matmul,
+    nf4_lora_matmul_group,
+    nf4_lora_matmul_reference,
+)
 
 __all__ = [
     "NF4Tensor",
@@ -14,6 +18,7 @@ __all__ = [
     "dequantize_nf4",
     "flash_attention",
     "nf4_lora_matmul",
+    "nf4_lora_matmul_group",
     "nf4_lora_matmul_reference",
     "quantize_nf4",
 ]

@@ -39,6 +39,11 @@ Implementations (``plan_nf4_lora_matmul`` says which one a call gets, and why):
 ``reference``
     Plain jnp: ``dequantize_nf4`` then XLA dots (the CPU path), under the same custom VJP.
 
+Projections that share x (the model's q/k/v and gate/up) go through
+:func:`nf4_lora_matmul_group`: on the ``xla``/``reference`` variants with NF4 weights, one
+GEMM per direction for the whole group, the LoRA terms folded into dx's reduction (a single
+``nf4_lora_matmul`` on those variants is a group of one, so it gets the folded dx too).
+
 Selection: ``impl`` / ``interpret`` choose kernel vs reference as everywhere in
 ``pallas_kernels`` (see :mod:`pallas_kernels._backend`: by default the kernels on GPU, the
 reference elsewhere). Among kernels, ``config.variant`` picks; ``"auto"`` (default) takes
