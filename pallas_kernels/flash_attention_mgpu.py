@@ -143,6 +143,30 @@ def _causal_mask(
     return rows >= cols if rows_are_q else cols >= rows
 
 
+def _feed_ring(load: Any, steps: Array, slots: int, consumed: Any) -> None:
+    """The memory warpgroup's loop: ``load(step, slot)`` for ``steps`` steps through a ring.
+
+    The first ``slots`` loads go out at once; each later one waits until both compute
+    warpgroups have released its slot. At the end the last slots' releases are observed too,
+    so every phase of every barrier is seen before the shared memory goes out of scope.
+    """
+    for i in range(slots):
+
+        @pl.when(i < steps)
+        def _prologue(i: int = i) -> None:
+            load(jnp.int32(i), jnp.int32(i))
+
+    @pl.loop(slots, steps)
+    def _stream(step: Array) -> None:
+        slot = lax.rem(step, slots)
+        plgpu.barrier_wait(consumed.at[slot])
+        load(step, slot)
+
+    @pl.loop(jnp.maximum(steps - slots, 0), steps)
+    def _drain(step: Array) -> None:
+        plgpu.barrier_wait(consumed.at[lax.rem(step, slots)])
+
+
 def _dkdv_call(q, k, v, do, lse2, delta, scale: float, config: MgpuBackwardConfig, interpret):
     b, s, hq, d = q.shape
     hkv = k.shape[2]
@@ -238,23 +262,7 @@ def _dkdv_call(q, k, v, do, lse2, delta, scale: float, config: MgpuBackwardConfi
                     delta_ref.at[stats], delta_ring.at[slot], delta_bar.at[slot]
                 )
 
-            for i in range(slots):
-
-                @pl.when(i < steps)
-                def _prologue(i: int = i) -> None:
-                    load(jnp.int32(i), jnp.int32(i))
-
-            @pl.loop(slots, steps)
-            def _stream(step: Array) -> None:
-                slot = lax.rem(step, slots)
-                plgpu.barrier_wait(consumed.at[slot])
-                load(step, slot)
-
-            # Observe the last slots' consumption too: every phase of every barrier is seen
-            # before the shared memory goes out of scope.
-            @pl.loop(jnp.maximum(steps - slots, 0), steps)
-            def _drain(step: Array) -> None:
-                plgpu.barrier_wait(consumed.at[lax.rem(step, slots)])
+            _feed_ring(load, steps, slots, consumed)
 
     def entry(*refs: Any) -> None:
         pl.run_scoped(
@@ -359,23 +367,7 @@ def _dq_call(q, k, v, do, lse2, delta, scale: float, config: MgpuBackwardConfig,
                 plgpu.copy_gmem_to_smem(k_ref.at[tile_rows], k_ring.at[slot], k_bar.at[slot])
                 plgpu.copy_gmem_to_smem(v_ref.at[tile_rows], v_ring.at[slot], v_bar.at[slot])
 
-            for i in range(slots):
-
-                @pl.when(i < steps)
-                def _prologue(i: int = i) -> None:
-                    load(jnp.int32(i), jnp.int32(i))
-
-            @pl.loop(slots, steps)
-            def _stream(step: Array) -> None:
-                slot = lax.rem(step, slots)
-                plgpu.barrier_wait(consumed.at[slot])
-                load(step, slot)
-
-            # Observe the last slots' consumption too: every phase of every barrier is seen
-            # before the shared memory goes out of scope.
-            @pl.loop(jnp.maximum(steps - slots, 0), steps)
-            def _drain(step: Array) -> None:
-                plgpu.barrier_wait(consumed.at[lax.rem(step, slots)])
+            _feed_ring(load, steps, slots, consumed)
 
     def entry(*refs: Any) -> None:
         pl.run_scoped(

@@ -13,11 +13,11 @@ not hold the table, and how long the gather takes.
 from __future__ import annotations
 
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _timing import median_ms
 
 from lorax.model import embed
 
@@ -25,16 +25,6 @@ from lorax.model import embed
 def _peak_gib(device: jax.Device) -> float:
     stats = device.memory_stats() or {}
     return stats.get("peak_bytes_in_use", 0) / 2**30
-
-
-def _time_ms(fn, *args, reps: int = 20) -> float:
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return 1e3 * float(np.median(times))
 
 
 def main() -> None:
@@ -55,14 +45,14 @@ def main() -> None:
     )
     gather = jax.jit(lambda table, ids: embed(table, ids) * 2)
     got = gather(table_host, ids)
-    ms = _time_ms(gather, table_host, ids)
+    ms = median_ms(gather, table_host, ids)
     print(
         f"host table: out on {got.sharding.memory_kind}, {ms:.2f} ms, "
         f"device peak {_peak_gib(device):.3f} GiB"
     )
     table_dev = jax.device_put(table_np, device)
     want = gather(table_dev, ids)
-    ms_dev = _time_ms(gather, table_dev, ids)
+    ms_dev = median_ms(gather, table_dev, ids)
     print(f"device table: {ms_dev:.2f} ms, device peak {_peak_gib(device):.3f} GiB")
     same = np.array_equal(np.asarray(got.astype(jnp.float32)), np.asarray(want.astype(jnp.float32)))
     print(f"equal to the on-device gather: {same}")

@@ -11,24 +11,13 @@ Causal FLOPs: forward 2·B·Hq·S²·D, backward 2.5x that.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _timing import median_ms
 
 from pallas_kernels.flash_attention_mgpu import MgpuBackwardConfig, flash_backward_mgpu
-
-
-def _median_ms(fn, *args, reps: int = 10) -> float:
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
 
 
 def _reference(q, k, v, scale):
@@ -91,9 +80,9 @@ def main() -> None:
             )
         )
         flops_fwd = 2 * b * hq * s * s * d
-        t_fb = _median_ms(cudnn, q, k, v, do)
-        t_f = _median_ms(cudnn_fwd, q, k, v)
-        t_mosaic = _median_ms(mosaic, q, k, v, out, lse, do)
+        t_fb = median_ms(cudnn, q, k, v, do)
+        t_f = median_ms(cudnn_fwd, q, k, v)
+        t_mosaic = median_ms(mosaic, q, k, v, out, lse, do)
         print(
             f"{shape}: cuDNN fwd {flops_fwd / t_f / 1e9:.0f} TFLOP/s, cuDNN bwd "
             f"{2.5 * flops_fwd / (t_fb - t_f) / 1e9:.0f} (fwd+bwd {t_fb:.2f} ms), Mosaic bwd "

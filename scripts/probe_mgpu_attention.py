@@ -13,22 +13,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-
-def _median_ms(fn, *args, reps: int = 10) -> float:
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
+from _timing import median_ms
 
 
 def _fwd_bwd(attend):
@@ -81,8 +70,8 @@ def main() -> None:
                     / float(jnp.max(jnp.abs(r.astype(jnp.float32))))
                     for a, r in zip(g, ref, strict=True)
                 )
-                t_f = _median_ms(fwd, q, k, v)
-                t_fb = _median_ms(grad, q, k, v)
+                t_f = median_ms(fwd, q, k, v)
+                t_fb = median_ms(grad, q, k, v)
                 print(
                     f"{shape} {name:<34} fwd {t_f:7.2f} ms {flops_fwd / t_f / 1e9:6.0f} TFLOP/s"
                     f"   fwd+bwd {t_fb:7.2f} ms {3.5 * flops_fwd / t_fb / 1e9:6.0f} TFLOP/s"
