@@ -74,6 +74,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from _common import fit_line
+
 START = time.perf_counter()
 SCRIPTS = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(SCRIPTS)
@@ -582,15 +584,6 @@ class Compiler:
             self.child = None
 
 
-def fit_line(xs: list[float], ys: list[float]) -> tuple[float, float]:
-    """Least-squares y = a + b x."""
-    n = len(xs)
-    mx, my = sum(xs) / n, sum(ys) / n
-    var = sum((x - mx) ** 2 for x in xs)
-    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / var if var else 0.0
-    return my - b * mx, b
-
-
 def offload_layers(remat: str, num_layers: int) -> int:
     """Layers under the offload policy (a policy name or a "POLICY:N,..." schedule)."""
     from lorax.remat import schedule
@@ -817,15 +810,14 @@ class TimeModel:
                 self.c, self.d = c, d
                 return
         if pts:  # one point (or a noisy fit): split it by the FLOP model
-            from bench_train import LLAMA31_8B
+            from bench_train import llama31_8b_config
 
-            from lorax.config import ModelConfig, RopeConfig
             from lorax.train.flops import train_flops_per_token
 
-            fields = dict(LLAMA31_8B, **model_overrides("8b", a.tiny))
+            fields = dict(model_overrides("8b", a.tiny))
             if a.layers:
                 fields["num_layers"] = a.layers
-            cfg = ModelConfig(rope=RopeConfig(theta=500000.0), **fields)
+            cfg = llama31_8b_config(**fields)
             s0, t0 = pts[-1]
             remat = "full" if "offload" in a.remat or "full" in a.remat else a.remat
             f0 = train_flops_per_token(cfg, s0, remat=remat)

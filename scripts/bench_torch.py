@@ -55,6 +55,8 @@ import tempfile
 import threading
 import time
 
+from _common import fit_line
+
 START = time.perf_counter()
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SITE = os.path.join(REPO, ".site")
@@ -886,15 +888,6 @@ class IsolatedProber(Prober):
 
     def close(self) -> None:
         pass
-
-
-def fit_line(xs: list[float], ys: list[float]) -> tuple[float, float]:
-    """Least-squares y = a + b x."""
-    n = len(xs)
-    mx, my = sum(xs) / n, sum(ys) / n
-    var = sum((x - mx) ** 2 for x in xs)
-    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / var if var else 0.0
-    return my - b * mx, b
 
 
 class CostModel:

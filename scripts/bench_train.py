@@ -44,18 +44,24 @@ LLAMA31_8B = dict(
 )
 
 
+def llama31_8b_config(**overrides: Any):
+    """The benchmarked architecture as a ``lorax.config.ModelConfig`` (fields overridable)."""
+    from lorax.config import ModelConfig, RopeConfig
+
+    return ModelConfig(rope=RopeConfig(theta=500000.0), **{**LLAMA31_8B, **overrides})
+
+
 def build_model(num_layers: int | None = None, config_overrides: dict | None = None):
     import jax
     import jax.numpy as jnp
 
-    from lorax.config import ModelConfig, RopeConfig
     from lorax.model import Model
     from pallas_kernels.nf4 import quantize_nf4, stack
 
-    fields = dict(LLAMA31_8B, **(config_overrides or {}))
+    fields = dict(config_overrides or {})
     if num_layers:
         fields["num_layers"] = num_layers
-    config = ModelConfig(rope=RopeConfig(theta=500000.0), **fields)
+    config = llama31_8b_config(**fields)
     key = jax.random.key(0)
 
     @jax.jit

@@ -17,7 +17,7 @@ import argparse
 import jax
 import jax.numpy as jnp
 import numpy as np
-from _timing import median_ms
+from _common import median_ms
 
 from lorax.model import embed
 

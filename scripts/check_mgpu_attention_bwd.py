@@ -15,7 +15,7 @@ import argparse
 import jax
 import jax.numpy as jnp
 import numpy as np
-from _timing import median_ms
+from _common import median_ms
 
 from pallas_kernels.flash_attention_mgpu import MgpuBackwardConfig, flash_backward_mgpu
 

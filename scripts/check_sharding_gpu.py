@@ -281,14 +281,12 @@ def main() -> int:
     if a.tiny:
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
     import jax
-    from bench_train import LLAMA31_8B
+    from bench_train import llama31_8b_config
 
     from lorax import sharding
-    from lorax.config import ModelConfig, RopeConfig
 
     start = time.perf_counter()
-    fields = dict(LLAMA31_8B, **(TINY if a.tiny else {}))
-    config = ModelConfig(rope=RopeConfig(theta=500000.0), **fields)
+    config = llama31_8b_config(**(TINY if a.tiny else {}))
     mesh = sharding.make_mesh(a.mesh)
     # Tiny leaves are all below the default thresholds: split them anyway to exercise fsdp.
     rules = sharding.ShardingRules(0, 0) if a.tiny else sharding.DEFAULT_RULES

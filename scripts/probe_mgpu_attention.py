@@ -17,7 +17,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
-from _timing import median_ms
+from _common import median_ms
 
 
 def _fwd_bwd(attend):

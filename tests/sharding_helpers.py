@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from typing import Any
 
 import numpy as np
@@ -87,19 +88,10 @@ def train_config(output_dir: str, **overrides) -> Any:
 
 
 def llama31_8b_config() -> Any:
-    """The Llama-3.1-8B architecture (as scripts/bench_train.py builds it), for sizing only."""
-    from lorax.config import ModelConfig, RopeConfig
+    """The Llama-3.1-8B architecture exactly as scripts/bench_train.py benchmarks it."""
+    scripts = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts")
+    if scripts not in sys.path:
+        sys.path.insert(0, scripts)
+    from bench_train import llama31_8b_config as from_bench
 
-    return ModelConfig(
-        model_type="llama",
-        vocab_size=128256,
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_layers=32,
-        num_heads=32,
-        num_kv_heads=8,
-        head_dim=128,
-        rms_norm_eps=1e-5,
-        rope=RopeConfig(theta=500000.0),
-        max_position_embeddings=8192,
-    )
+    return from_bench()
