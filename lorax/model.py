@@ -168,12 +168,7 @@ class ForwardOptions:
     activation_sharding: Any = None
 
     def __post_init__(self) -> None:
-        remat_lib.validate(self.remat)
-        if self.offload_layer_inputs and "none" in self.remat.replace(",", ":").split(":"):
-            raise ValueError(
-                f"offload_layer_inputs needs a remat policy on every layer; remat={self.remat!r}"
-                " has 'none' layers, which save everything on the device"
-            )
+        remat_lib.validate(self.remat, self.offload_layer_inputs)
         if self.mlp_chunk_tokens is not None and self.mlp_chunk_tokens <= 0:
             raise ValueError(f"mlp_chunk_tokens must be positive, got {self.mlp_chunk_tokens}")
 

@@ -109,14 +109,20 @@ def schedule(spec: str, num_layers: int) -> list[tuple[str, int]]:
     return segments
 
 
-def validate(spec: str) -> None:
-    """Raises ValueError when ``spec`` is not a policy name or a schedule of them."""
+def validate(spec: str, offload_inputs: bool = False) -> None:
+    """Raises ValueError when ``spec`` is not a policy name or a schedule of them, or when
+    ``offload_inputs`` is asked of a schedule with ``none`` layers (they save everything)."""
     parts = spec.split(",")
     counts = [p.partition(":")[2] for p in parts]
     if any(c and not c.isdigit() for c in counts):
         raise ValueError(f"remat schedule {spec!r}: layer counts must be positive integers")
     total = sum(int(c) for c in counts if c) + (0 if counts[-1] else 1)
-    schedule(spec, max(total, 1))
+    segments = schedule(spec, max(total, 1))
+    if offload_inputs and any(kind == "none" for kind, _ in segments):
+        raise ValueError(
+            f"offload_layer_inputs needs a remat policy on every layer; remat={spec!r} has "
+            "'none' layers, which save everything on the device"
+        )
 
 
 def apply(body: Callable[..., Any], kind: str, offload_inputs: bool = False) -> Callable[..., Any]:

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from lorax import remat as remat_lib
 from lorax import sharding
 from lorax.distributed import is_primary
 from lorax.lora import LoraWeights
@@ -108,7 +109,7 @@ class TrainConfig:
     )
 
     def __post_init__(self) -> None:
-        ForwardOptions(remat=self.remat, offload_layer_inputs=self.offload_layer_inputs)
+        remat_lib.validate(self.remat, self.offload_layer_inputs)
         if self.on_nonfinite not in ("skip", "stop"):
             raise ValueError(f"on_nonfinite must be 'skip' or 'stop', got {self.on_nonfinite!r}")
         for name in ("max_steps", "batch_size", "grad_accum_steps", "seq_len"):
