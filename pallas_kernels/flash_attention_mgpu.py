@@ -1,43 +1,52 @@
-"""Causal GQA flash-attention backward as Mosaic GPU kernels (Hopper: TMA + wgmma).
+"""Causal GQA flash attention, forward and backward, as Mosaic GPU kernels (Hopper: TMA + wgmma).
 
-WORK IN PROGRESS (branch ``wip/mgpu-attention-bwd``): checked against the jnp reference in
-Mosaic GPU interpret mode on the CPU only; not yet compiled or timed on an H200. Why this
-design: jax's own Mosaic GPU attention backward (non-causal only) reached 92% of cuDNN's
-forward+backward at 1x8192 and 106% at 2x2048 on the H200 (BENCHMARKS.md §3, planning probe)
-with 64x64 tiles and two compute warpgroups; these kernels keep that shape and add what lorax
-needs: causal block skipping, the GQA reduction inside the dK/dV kernel, bf16, and the scale.
+Why these kernels exist: the Triton-lowered kernels in :mod:`pallas_kernels.flash_attention_kernels`
+reach only a third of cuDNN's forward+backward speed on the H200, and jax's own Mosaic GPU
+attention has no causal backward. The design follows jax's (FlashAttention-3 style: 64-row
+tiles per warpgroup, two compute warpgroups and one memory warpgroup per CTA) and adds what
+lorax needs: causal tile skipping in all kernels, GQA with K/V never repeated, bf16, the score
+scale, and a backward that computes dQ inside the dK/dV kernel.
 
-Two kernels, each a CTA of two compute warpgroups plus one memory warpgroup that streams
-tiles through a ring of shared-memory slots with TMA (``slots`` deep; a slot is refilled once
-both compute warpgroups have arrived on its ``consumed`` barrier):
+Every CTA has two compute warpgroups and one memory warpgroup that streams tiles through a
+ring of shared-memory slots with TMA (``_feed_ring``; a slot is refilled once both compute
+warpgroups have arrived on its ``free`` barrier). Softmax runs in base 2 on scaled scores:
+``c = scale·log2 e`` and ``lse₂ = lse·log2 e``.
 
-* dK/dV, grid ``(kv_heads, kv_tiles / 2, batch)``: warpgroup ``w`` owns K/V rows
-  ``[kv_base, kv_base + block)`` in shared memory and float32 dK/dV accumulators in registers.
-  The stream is every query tile that can see the CTA's rows, for each of the ``G`` query heads
-  of the KV head in turn: the GQA sum happens in the accumulators. Per tile::
+* Forward, grid ``(q_heads, q_tiles / 2, batch)``: warpgroup ``w`` owns 64 query rows and
+  streams the K/V tiles up to its diagonal with the online softmax; the two warpgroups take
+  turns on the tensor cores (one's softmax overlaps the other's matmuls). Saves ``out`` and
+  ``lse₂`` only.
+* dK/dV(/dQ), grid ``(kv_heads, kv_tiles / 2, batch)``: warpgroup ``w`` owns 64 K/V rows and
+  float32 dK/dV accumulators in registers, and streams every query tile that can see them, for
+  each of the ``G`` query heads of its KV head in turn (the GQA sum happens in the
+  accumulators). Per tile::
 
-      sT = K·Qᵀ   pT = exp2(sT·c − lse₂)   dV += pT·dO   dpT = V·dOᵀ   dsT = pT ⊙ (dpT − Δ)
-      dK += dsT·Q                           (c = scale·log2 e, lse₂ = lse·log2 e)
+      sT = K·Qᵀ  dpT = V·dOᵀ        pT = exp2(sT·c − lse₂)   dsT = pT ⊙ (dpT − Δ)
+      dV += pT·dO  dK += dsT·Q  [dQ_part = dsTᵀ·K, added to a float32 dQ in global memory]
 
-* dQ, grid ``(q_heads, q_tiles / 2, batch)``: warpgroup ``w`` owns a query tile (Q, dO, lse,
-  Δ) and streams the K/V tiles up to the diagonal::
+  With ``fused_dq`` (the default) the dQ partial goes through shared memory to a TMA
+  reduce-add into a zero-initialised float32 buffer: five tile products per tile pair, the
+  FLOPs of the textbook backward. Without it, a second kernel (grid ``(q_heads, q_tiles / 2,
+  batch)``, warpgroups own query tiles and stream K/V) recomputes ``s`` and ``dp`` for dQ: seven
+  products, no atomics.
 
-      s = Q·Kᵀ   p = exp2(s·c − lse₂)   dp = dO·Vᵀ   ds = p ⊙ (dp − Δ)   dQ += ds·K
+Causality costs nothing beyond the diagonal: each CTA streams only the tiles that intersect its
+causal triangle, and only the (at most two) tiles per stream that straddle the diagonal pay
+for the mask. Grids run the heaviest CTAs first.
 
-Causality costs nothing beyond the diagonal: each CTA streams only the tiles that intersect
-its causal triangle, and only the (at most two) tiles per stream that straddle the diagonal
-pay for the mask (``iota`` compare and select); a tile that is entirely above the diagonal for
-one of the two warpgroups is computed under the mask (all zeros) so both consume every slot.
-
-Requirements (checked): S a multiple of ``2 * block`` (callers pad), head_dim 64 or 128
-(a 128-byte swizzle row is 64 bf16), bf16 or f16, causal (no window, softcap or segments:
-the Triton kernels in :mod:`pallas_kernels.flash_attention_kernels` keep those).
+Requirements (checked by :func:`check_supported`): S a multiple of 128 (callers pad), head_dim
+64 or 128, bf16 or f16, causal, no window, softcap or segments (the Triton kernels keep those).
+In the Mosaic GPU interpreter (CPU tests) transposed shared-memory views, ``run_state`` and
+TMA reductions do not exist, so the helpers below have an interpreter branch that computes
+the same values with plain reads (marked where used).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -46,89 +55,125 @@ from jax import Array, lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-__all__ = ["MgpuBackwardConfig", "flash_backward_mgpu"]
+__all__ = [
+    "MgpuAttentionConfig",
+    "check_supported",
+    "flash_attention_mgpu",
+    "flash_backward_mgpu",
+    "flash_forward_mgpu",
+]
 
 _LOG2E = math.log2(math.e)
+_COMPUTE_WGS = 2
+_ROWS = 64  # rows per warpgroup tile: the wgmma M
+FORWARD_KERNEL_NAME = "lorax_mgpu_attention_fwd"
 
 
 @dataclasses.dataclass(frozen=True)
-class MgpuBackwardConfig:
-    """Tile sizes of both kernels. ``block`` is the query and the key tile (64: the probe's
-    best); ``slots`` is the depth of the TMA ring; ``compute_registers`` per compute thread."""
+class MgpuAttentionConfig:
+    """Tile sizes and launch parameters of the Mosaic GPU attention kernels.
 
-    block: int = 64
-    slots: int = 2
+    ``fwd_block_kv``/``fwd_slots``: the forward's K/V tile and ring depth. ``bwd_slots``: the
+    backward's Q/dO ring depth (its tiles are 64x64). ``fused_dq``: dQ inside the dK/dV kernel
+    by TMA reduce-add (five products per tile pair) instead of a second kernel (seven).
+    """
+
+    fwd_block_kv: int = 128
+    fwd_slots: int = 2
+    bwd_slots: int = 2
+    fused_dq: bool = True
     compute_registers: int = 232
     memory_registers: int = 40
 
     def __post_init__(self) -> None:
-        if self.block % 64:
-            raise ValueError(f"block must be a multiple of 64 (wgmma M), got {self.block}")
-        if self.slots < 2:
-            raise ValueError(f"slots must be at least 2, got {self.slots}")
+        if self.fwd_block_kv not in (64, 128):
+            raise ValueError(f"fwd_block_kv must be 64 or 128, got {self.fwd_block_kv}")
+        if min(self.fwd_slots, self.bwd_slots) < 2:
+            raise ValueError(f"ring depths must be >= 2, got {self.fwd_slots}/{self.bwd_slots}")
+
+    @property
+    def seq_multiple(self) -> int:
+        """S must be a multiple of this (one CTA's query rows and the forward's K/V tile)."""
+        return max(_COMPUTE_WGS * _ROWS, self.fwd_block_kv)
 
 
-_COMPUTE_WGS = 2
+def check_supported(q: Array, k: Array, v: Array, config: MgpuAttentionConfig) -> None:
+    """Raises ``ValueError`` naming the first requirement the arguments miss."""
+    b, s, hq, d = q.shape
+    if k.shape != v.shape or k.ndim != 4 or k.shape[:2] != (b, s) or k.shape[3] != d:
+        raise ValueError(f"q {q.shape}, k {k.shape}, v {v.shape}: need [B,S,Hq,D], [B,S,Hkv,D]")
+    if hq % k.shape[2]:
+        raise ValueError(f"{hq} query heads are not a multiple of {k.shape[2]} KV heads")
+    if s % config.seq_multiple:
+        raise ValueError(f"S={s} must be a multiple of {config.seq_multiple} (pad it)")
+    if d not in (64, 128):
+        raise ValueError(f"head_dim {d}: the Mosaic GPU kernels handle 64 and 128")
+    if q.dtype not in (jnp.bfloat16, jnp.float16) or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"dtypes {q.dtype}/{k.dtype}/{v.dtype}: need one of bf16, f16")
 
 
-def _smem_tile(shape: tuple[int, ...], dtype: Any) -> Any:
-    """A shared-memory buffer laid out for TMA and wgmma (8x64 tiles, 128-byte swizzle)."""
-    transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
-    return plgpu.SMEM(shape, dtype, transforms=transforms)
+# ----------------------------------------------------------------------------------- helpers
 
 
-def _matmul(
-    lhs: Any,
-    rhs: Any,
-    shape: tuple[int, int],
-    acc: Array | None = None,
-    interpret: Any = None,
-    *,
-    rhs_transposed: bool = False,
-) -> Array:
-    """``acc + lhs @ rhs`` (or ``rhs``ᵀ) on the tensor cores; ``lhs`` registers or smem.
+@dataclasses.dataclass(frozen=True)
+class _T:
+    """A shared-memory tile used transposed as a matmul operand."""
 
-    On the GPU the running ``acc`` is the wgmma accumulator itself (``run_state``) and a
-    transposed operand is a transposed view of shared memory. The Mosaic GPU interpreter has
-    neither ``run_state`` nor transposed views, so there the same product is a plain dot of the
-    tiles read into registers (what is checked on the CPU is the pipeline, the indexing and
-    the math; the wgmma operand forms are the GPU's).
+    ref: Any
+
+
+def _operand(x: Any, interpret: Any) -> Any:
+    if isinstance(x, _T):
+        # Interpreter: no transposed views, so transpose the values read.
+        return plgpu.transpose_ref(x.ref, (1, 0)) if interpret is None else x.ref[...].T
+    return x if interpret is None or isinstance(x, jax.Array) else x[...]
+
+
+def _products(
+    terms: Sequence[tuple[Array, Any, Any]],
+    interpret: Any,
+    after_issue: Callable[[], None] | None = None,
+) -> list[Array]:
+    """``[acc + lhs @ rhs for acc, lhs, rhs in terms]`` in float32 on the tensor cores.
+
+    All products are issued before any is awaited (one wgmma wait for the lot), and
+    ``after_issue`` runs while they are in flight. ``lhs`` is registers or shared memory,
+    ``rhs`` shared memory; either may be ``_T(ref)``.
     """
-    if interpret is not None:
-        a = lhs if isinstance(lhs, jax.Array) else lhs[...]
-        b = rhs[...].T if rhs_transposed else rhs[...]
-        out = jnp.dot(a, b, preferred_element_type=jnp.float32)
-        return out if acc is None else acc + out
-    if rhs_transposed:
-        rhs = plgpu.transpose_ref(rhs, (1, 0))
+    if interpret is not None:  # Interpreter: no run_state / wgmma; plain dots.
+        if after_issue is not None:
+            after_issue()
+        return [
+            acc
+            + jnp.dot(
+                _operand(a, interpret), _operand(b, interpret), preferred_element_type=jnp.float32
+            )
+            for acc, a, b in terms
+        ]
 
-    def product(ref: Any) -> Array:
-        plgpu.wgmma(ref, lhs, rhs)
-        return ref[...]
+    def issue(refs: tuple[Any, ...]) -> None:
+        for ref, (_, a, b) in zip(refs, terms, strict=True):
+            plgpu.wgmma(ref, _operand(a, None), _operand(b, None))
+        if after_issue is not None:
+            after_issue()
 
-    if acc is None:
-        return pl.run_scoped(product, plgpu.ACC(shape, jnp.float32))
-    return pl.run_state(lambda ref: plgpu.wgmma(ref, lhs, rhs))(plgpu.ACC.init(acc))
+    return list(pl.run_state(issue)(tuple(plgpu.ACC.init(acc) for acc, _, _ in terms)))
 
 
-def _layout(x: Array, layout: Any, interpret: Any) -> Array:
-    """Pins ``x``'s register layout for the GPU lowering (the interpreter has no layouts)."""
+def _full(shape: tuple[int, ...], value: float, layout: Any, interpret: Any) -> Array:
+    """A float32 constant pinned to a register layout (the interpreter has no layouts)."""
+    x = jnp.full(shape, value, jnp.float32)
     return x if interpret is not None else plgpu.layout_cast(x, layout)
 
 
-def _load_stats(ref: Any, layout: Any, interpret: Any) -> Array:
-    """A per-row float32 vector from shared memory in the layout its broadcast needs.
-
-    ``plgpu.load`` with an explicit layout is what the GPU lowering wants; the Mosaic GPU
-    interpreter has no rule for it, so there the same values come from a plain read.
-    """
-    if interpret is None:
-        return plgpu.load(ref, (), layout=layout)
-    return ref[...]
-
-
 def _zeros(shape: tuple[int, int], interpret: Any) -> Array:
-    return _layout(jnp.zeros(shape, jnp.float32), plgpu.Layout.WGMMA, interpret)
+    return _full(shape, 0.0, plgpu.Layout.WGMMA, interpret)
+
+
+def _load_stats(ref: Any, layout: Any, interpret: Any) -> Array:
+    """A per-row float32 vector from shared memory in the layout its broadcast needs."""
+    # Interpreter: no rule for plgpu.load, so a plain read.
+    return plgpu.load(ref, (), layout=layout) if interpret is None else ref[...]
 
 
 def _causal_mask(
@@ -143,41 +188,218 @@ def _causal_mask(
     return rows >= cols if rows_are_q else cols >= rows
 
 
-def _feed_ring(load: Any, steps: Array, slots: int, consumed: Any) -> None:
-    """The memory warpgroup's loop: ``load(step, slot)`` for ``steps`` steps through a ring.
+def _smem_tile(shape: tuple[int, ...], dtype: Any) -> Any:
+    """A shared-memory buffer laid out for TMA and wgmma (128-byte swizzled rows)."""
+    row = 128 // jnp.dtype(dtype).itemsize
+    transforms = (plgpu.TilingTransform((8, row)), plgpu.SwizzleTransform(128))
+    return plgpu.SMEM(shape, dtype, transforms=transforms)
 
-    The first ``slots`` loads go out at once; each later one waits until both compute
-    warpgroups have released its slot. At the end the last slots' releases are observed too,
-    so every phase of every barrier is seen before the shared memory goes out of scope.
+
+def _feed_ring(streams: Sequence[tuple[Callable[[Array, Array], None], Any]], steps: Array,
+               slots: int) -> None:  # fmt: skip
+    """The memory warpgroup's loop: for each step, each ``(load, free)`` stream loads a slot.
+
+    The first ``slots`` steps load at once; a later load waits until both compute warpgroups
+    have arrived on that stream's ``free`` barrier for the slot. At the end the last slots'
+    releases are observed too, so every phase of every barrier is seen before the shared
+    memory goes out of scope.
     """
     for i in range(slots):
 
         @pl.when(i < steps)
         def _prologue(i: int = i) -> None:
-            load(jnp.int32(i), jnp.int32(i))
+            for load, _ in streams:
+                load(jnp.int32(i), jnp.int32(i))
 
     @pl.loop(slots, steps)
     def _stream(step: Array) -> None:
         slot = lax.rem(step, slots)
-        plgpu.barrier_wait(consumed.at[slot])
-        load(step, slot)
+        for load, free in streams:
+            plgpu.barrier_wait(free.at[slot])
+            load(step, slot)
 
     @pl.loop(jnp.maximum(steps - slots, 0), steps)
     def _drain(step: Array) -> None:
-        plgpu.barrier_wait(consumed.at[lax.rem(step, slots)])
+        for _, free in streams:
+            plgpu.barrier_wait(free.at[lax.rem(step, slots)])
 
 
-def _dkdv_call(q, k, v, do, lse2, delta, scale: float, config: MgpuBackwardConfig, interpret):
+def _launch(body: Callable[..., None], out_type: Any, grid: dict[str, int], name: str,
+            interpret: Any) -> Callable[..., Any]:  # fmt: skip
+    """A CTA of two compute warpgroups and one memory warpgroup per grid point."""
+    mesh = plgpu.Mesh(
+        grid=tuple(grid.values()),
+        grid_names=tuple(grid),
+        num_threads=_COMPUTE_WGS + 1,
+        thread_name="wg",
+        kernel_name=name,
+    )
+    return pl.kernel(
+        body,
+        out_type=out_type,
+        mesh=mesh,
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        interpret=interpret if interpret is not None else False,
+        name=name,
+    )
+
+
+# ----------------------------------------------------------------------------------- forward
+
+
+def _forward_call(q: Array, k: Array, v: Array, scale: float, config: MgpuAttentionConfig,
+                  interpret: Any) -> tuple[Array, Array]:  # fmt: skip
+    """``(out, lse₂)`` with ``lse₂ [B, Hq, S]`` the base-2 log-sum-exp of ``scores·c``."""
+    b, s, hq, d = q.shape
+    groups = hq // k.shape[2]
+    bq, bkv, slots = _ROWS, config.fwd_block_kv, config.fwd_slots
+    num_tiles = s // (_COMPUTE_WGS * bq)
+    c = scale * _LOG2E
+
+    def kernel(q_ref, k_ref, v_ref, out_ref, lse_ref, scoped):
+        (q_smem, k_ring, v_ring, lse_smem), bars = scoped
+        q_bar, k_bar, v_bar, k_free, v_free, turn = bars
+        batch, head = lax.axis_index("batch"), lax.axis_index("heads")
+        tile = num_tiles - 1 - lax.axis_index("q_tiles")  # the longest rows first
+        wg = lax.axis_index("wg")
+        cta_base = tile * (_COMPUTE_WGS * bq)
+        cta_steps = pl.cdiv(cta_base + _COMPUTE_WGS * bq, bkv)
+
+        def take_turn() -> None:
+            plgpu.barrier_arrive(turn)
+            plgpu.barrier_wait(turn)
+
+        @pl.when(wg < _COMPUTE_WGS)
+        def _compute() -> None:
+            plgpu.set_max_registers(config.compute_registers, action="increase")
+            q_base = cta_base + wg * bq
+            rows = (batch, pl.ds(q_base, bq), head)
+            plgpu.copy_gmem_to_smem(q_ref.at[rows], q_smem.at[wg], q_bar.at[wg])
+            plgpu.barrier_wait(q_bar.at[wg])
+            steps = pl.cdiv(q_base + bq, bkv)  # K/V tiles this warpgroup's rows can see
+            full = q_base // bkv  # ... of which wholly visible
+
+            def step(j: Array, carry: tuple[Array, Array, Array], masked: bool) -> Any:
+                acc, m, denom = carry
+                slot = lax.rem(j, slots)
+                plgpu.barrier_wait(k_bar.at[slot])
+                (scores,) = _products(
+                    [(_zeros((bq, bkv), interpret), q_smem.at[wg], _T(k_ring.at[slot]))],
+                    interpret,
+                    after_issue=take_turn,  # the other warpgroup's PV runs meanwhile
+                )
+                plgpu.barrier_arrive(k_free.at[slot])
+                scores = scores * c
+                if masked:
+                    visible = _causal_mask((bq, bkv), q_base, j * bkv, True, interpret)
+                    scores = jnp.where(visible, scores, -jnp.inf)
+                m_new = jnp.maximum(m, scores.max(axis=1))
+                alpha = jnp.exp2(m - m_new)
+                p = jnp.exp2(scores - lax.broadcast_in_dim(m_new, scores.shape, [0]))
+                denom = denom * alpha + p.sum(axis=1)
+                acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+                p16 = p.astype(q.dtype)
+                acc, denom, m_new, p16 = lax.optimization_barrier((acc, denom, m_new, p16))
+                plgpu.barrier_arrive(turn)  # softmax done
+                plgpu.barrier_wait(v_bar.at[slot])
+                plgpu.barrier_wait(turn)  # the tensor cores are ours
+                (acc,) = _products([(acc, p16, v_ring.at[slot])], interpret)
+                plgpu.barrier_arrive(v_free.at[slot])
+                return acc, m_new, denom
+
+            def skip(j: Array, _: None) -> None:
+                # Tiles wholly above this warpgroup's diagonal but not the CTA's: release the
+                # slots and keep the turn-taking in step with the other warpgroup.
+                # Every warpgroup observes every phase of the load barriers.
+                slot = lax.rem(j, slots)
+                plgpu.barrier_wait(k_bar.at[slot])
+                plgpu.barrier_arrive(k_free.at[slot])
+                plgpu.barrier_wait(v_bar.at[slot])
+                plgpu.barrier_arrive(v_free.at[slot])
+                take_turn()
+                take_turn()
+
+            row_stat = plgpu.Layout.WGMMA.reduce(1)
+            carry = (
+                _zeros((bq, d), interpret),
+                _full((bq,), -jnp.inf, row_stat, interpret),
+                _full((bq,), 0.0, row_stat, interpret),
+            )
+            pl.when(wg == 1)(take_turn)  # warpgroup 0 starts on the tensor cores
+            carry = lax.fori_loop(0, full, lambda j, x: step(j, x, False), carry)
+            acc, m, denom = lax.fori_loop(full, steps, lambda j, x: step(j, x, True), carry)
+            lax.fori_loop(steps, cta_steps, skip, None)
+            pl.when(wg == 0)(take_turn)
+            q_smem.at[wg][...] = (acc / lax.broadcast_in_dim(denom, acc.shape, [0])).astype(q.dtype)
+            lse_smem.at[wg][...] = m + jnp.log(denom) * _LOG2E
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(q_smem.at[wg], out_ref.at[rows])
+            plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[batch, head, pl.ds(q_base, bq)])
+            plgpu.wait_smem_to_gmem(0)
+
+        @pl.when(wg == _COMPUTE_WGS)
+        def _memory() -> None:
+            plgpu.set_max_registers(config.memory_registers, action="decrease")
+            kv_head = head // groups
+
+            def loader(src: Any, ring: Any, bar: Any) -> Callable[[Array, Array], None]:
+                def load(j: Array, slot: Array) -> None:
+                    tile_rows = (batch, pl.ds(j * bkv, bkv), kv_head)
+                    plgpu.copy_gmem_to_smem(src.at[tile_rows], ring.at[slot], bar.at[slot])
+
+                return load
+
+            k_stream = (loader(k_ref, k_ring, k_bar), k_free)
+            _feed_ring([k_stream, (loader(v_ref, v_ring, v_bar), v_free)], cta_steps, slots)
+
+    def entry(*refs: Any) -> None:
+        pl.run_scoped(
+            lambda *scoped: kernel(*refs, scoped),
+            (
+                _smem_tile((_COMPUTE_WGS, bq, d), q.dtype),
+                _smem_tile((slots, bkv, d), k.dtype),
+                _smem_tile((slots, bkv, d), v.dtype),
+                plgpu.SMEM((_COMPUTE_WGS, bq), jnp.float32),
+            ),
+            (
+                plgpu.Barrier(num_barriers=_COMPUTE_WGS),  # Q
+                plgpu.Barrier(num_barriers=slots),  # K loaded
+                plgpu.Barrier(num_barriers=slots),  # V loaded
+                plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=slots),  # K free
+                plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=slots),  # V free
+                plgpu.Barrier(num_arrivals=_COMPUTE_WGS),  # tensor-core turn
+            ),
+            collective_axes="wg",
+        )
+
+    out_type = (
+        jax.ShapeDtypeStruct(q.shape, q.dtype),
+        jax.ShapeDtypeStruct((b, hq, s), jnp.float32),
+    )
+    grid = {"heads": hq, "q_tiles": num_tiles, "batch": b}
+    return _launch(entry, out_type, grid, FORWARD_KERNEL_NAME, interpret)(q, k, v)
+
+
+# ---------------------------------------------------------------------------------- backward
+
+
+def _dkdv_call(q, k, v, do, lse2, delta, dq_acc, scale: float, config: MgpuAttentionConfig,
+               interpret):  # fmt: skip
+    """dK, dV (and, given the ``dq_acc`` ref, dQ partials added into it)."""
     b, s, hq, d = q.shape
     hkv = k.shape[2]
     groups = hq // hkv
-    blk, slots = config.block, config.slots
+    blk, slots = _ROWS, config.bwd_slots
     num_q_tiles = s // blk
     c = scale * _LOG2E
+    fused = dq_acc is not None
 
-    def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, scoped):
-        (k_smem, v_smem, q_ring, do_ring, lse_ring, delta_ring), bars = scoped
-        k_bar, v_bar, q_bar, do_bar, lse_bar, delta_bar, consumed = bars
+    def kernel(*refs):
+        q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = refs[:6]
+        dq_ref = refs[6] if fused else None
+        dk_ref, dv_ref, scoped = refs[6 + fused :]
+        (k_smem, v_smem, q_ring, do_ring, lse_ring, delta_ring, *dq_scratch), bars = scoped
+        k_bar, v_bar, q_bar, do_bar, lse_bar, delta_bar, free = bars
         batch, kv_head, tile = (lax.axis_index(n) for n in ("batch", "kv_heads", "kv_tiles"))
         wg = lax.axis_index("wg")
         cta_base = tile * (_COMPUTE_WGS * blk)
@@ -198,35 +420,58 @@ def _dkdv_call(q, k, v, do, lse2, delta, scale: float, config: MgpuBackwardConfi
             plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[wg], v_bar.at[wg])
             plgpu.barrier_wait(k_bar.at[wg])
             plgpu.barrier_wait(v_bar.at[wg])
+            key_stat = plgpu.Layout.WGMMA.reduce(0)
 
             def body(step: Array, carry: tuple[Array, Array], masked: bool) -> Any:
                 dk, dv = carry
                 slot = lax.rem(step, slots)
-                _, q0 = coords(step)
+                head, q0 = coords(step)
                 for bar in (q_bar, do_bar, lse_bar, delta_bar):
                     plgpu.barrier_wait(bar.at[slot])
-                s_t = _matmul(
-                    k_smem.at[wg], q_ring.at[slot], (blk, blk), None, interpret, rhs_transposed=True
+                zeros = _zeros((blk, blk), interpret)
+                s_t, dp_t = _products(
+                    [
+                        (zeros, k_smem.at[wg], _T(q_ring.at[slot])),
+                        (zeros, v_smem.at[wg], _T(do_ring.at[slot])),
+                    ],
+                    interpret,
                 )
-                lse = _load_stats(lse_ring.at[slot], plgpu.Layout.WGMMA.reduce(0), interpret)
+                lse = _load_stats(lse_ring.at[slot], key_stat, interpret)
                 p_t = jnp.exp2(s_t * c - lax.broadcast_in_dim(lse, (blk, blk), [1]))
                 if masked:
                     p_t = jnp.where(
                         _causal_mask((blk, blk), kv_base, q0, False, interpret), p_t, 0.0
                     )
-                dv = _matmul(p_t.astype(q.dtype), do_ring.at[slot], (blk, d), dv, interpret)
-                dp_t = _matmul(
-                    v_smem.at[wg],
-                    do_ring.at[slot],
-                    (blk, blk),
-                    None,
+                dlt = _load_stats(delta_ring.at[slot], key_stat, interpret)
+                ds_t = (p_t * (dp_t - lax.broadcast_in_dim(dlt, (blk, blk), [1]))).astype(q.dtype)
+                p_t = p_t.astype(q.dtype)
+                if not fused:
+                    dv, dk = _products(
+                        [(dv, p_t, do_ring.at[slot]), (dk, ds_t, q_ring.at[slot])], interpret
+                    )
+                    plgpu.barrier_arrive(free.at[slot])
+                    return dk, dv
+                ds_smem, dq_stage = (x.at[wg] for x in dq_scratch)
+                ds_smem[...] = ds_t
+                plgpu.commit_smem()
+                dv, dk, dq = _products(
+                    [
+                        (dv, p_t, do_ring.at[slot]),
+                        (dk, ds_smem, q_ring.at[slot]),
+                        (_zeros((blk, d), interpret), _T(ds_smem), k_smem.at[wg]),
+                    ],
                     interpret,
-                    rhs_transposed=True,
                 )
-                dlt = _load_stats(delta_ring.at[slot], plgpu.Layout.WGMMA.reduce(0), interpret)
-                ds_t = p_t * (dp_t - lax.broadcast_in_dim(dlt, (blk, blk), [1]))
-                dk = _matmul(ds_t.astype(q.dtype), q_ring.at[slot], (blk, d), dk, interpret)
-                plgpu.barrier_arrive(consumed.at[slot])
+                plgpu.barrier_arrive(free.at[slot])
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # last tile's dQ was read
+                dq_stage[...] = dq
+                plgpu.commit_smem()
+                if interpret is None:
+                    target = dq_ref.at[batch, pl.ds(q0, blk), head]
+                    plgpu.copy_smem_to_gmem(dq_stage, target, reduction_op="add")
+                else:  # Interpreter: no TMA reductions; one plane per writer, summed outside.
+                    plane = tile * _COMPUTE_WGS + wg
+                    plgpu.copy_smem_to_gmem(dq_stage, dq_ref.at[plane, batch, pl.ds(q0, blk), head])
                 return dk, dv
 
             # Per head: the first COMPUTE_WGS query tiles straddle the CTA's diagonal (or lie
@@ -262,19 +507,26 @@ def _dkdv_call(q, k, v, do, lse2, delta, scale: float, config: MgpuBackwardConfi
                     delta_ref.at[stats], delta_ring.at[slot], delta_bar.at[slot]
                 )
 
-            _feed_ring(load, steps, slots, consumed)
+            _feed_ring([(load, free)], steps, slots)
+
+    scratch = [
+        _smem_tile((_COMPUTE_WGS, blk, d), k.dtype),
+        _smem_tile((_COMPUTE_WGS, blk, d), v.dtype),
+        _smem_tile((slots, blk, d), q.dtype),
+        _smem_tile((slots, blk, d), do.dtype),
+        plgpu.SMEM((slots, blk), jnp.float32),
+        plgpu.SMEM((slots, blk), jnp.float32),
+    ]
+    if fused:
+        scratch += [
+            _smem_tile((_COMPUTE_WGS, blk, blk), q.dtype),  # dSᵀ
+            _smem_tile((_COMPUTE_WGS, blk, d), jnp.float32),  # dQ partial on its way out
+        ]
 
     def entry(*refs: Any) -> None:
         pl.run_scoped(
             lambda *scoped: kernel(*refs, scoped),
-            (
-                _smem_tile((_COMPUTE_WGS, blk, d), k.dtype),
-                _smem_tile((_COMPUTE_WGS, blk, d), v.dtype),
-                _smem_tile((slots, blk, d), q.dtype),
-                _smem_tile((slots, blk, d), do.dtype),
-                plgpu.SMEM((slots, blk), jnp.float32),
-                plgpu.SMEM((slots, blk), jnp.float32),
-            ),
+            tuple(scratch),
             (
                 *(plgpu.Barrier(num_barriers=_COMPUTE_WGS) for _ in range(2)),  # K, V
                 *(plgpu.Barrier(num_barriers=slots) for _ in range(4)),  # Q, dO, lse, delta
@@ -283,28 +535,25 @@ def _dkdv_call(q, k, v, do, lse2, delta, scale: float, config: MgpuBackwardConfi
             collective_axes="wg",
         )
 
-    return plgpu.kernel(
-        entry,
-        out_type=(jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)),
-        grid=(hkv, s // (_COMPUTE_WGS * blk), b),
-        grid_names=("kv_heads", "kv_tiles", "batch"),
-        num_threads=_COMPUTE_WGS + 1,
-        thread_name="wg",
-        compiler_params=plgpu.CompilerParams(approx_math=True),
-        **({"interpret": interpret} if interpret is not None else {}),
-    )(q, k, v, do, lse2, delta)
+    out_type = (jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype))
+    grid = {"kv_heads": hkv, "kv_tiles": s // (_COMPUTE_WGS * blk), "batch": b}
+    operands = (q, k, v, do, lse2, delta) + ((dq_acc,) if fused else ())
+    return _launch(entry, out_type, grid, "lorax_mgpu_attention_dkdv", interpret)(*operands)
 
 
-def _dq_call(q, k, v, do, lse2, delta, scale: float, config: MgpuBackwardConfig, interpret):
+def _dq_call(q, k, v, do, lse2, delta, scale: float, config: MgpuAttentionConfig, interpret):
+    """dQ by a kernel of its own (``fused_dq=False``): recomputes ``s`` and ``dp``."""
     b, s, hq, d = q.shape
     groups = hq // k.shape[2]
-    blk, slots = config.block, config.slots
+    blk, slots = _ROWS, config.bwd_slots
+    num_tiles = s // (_COMPUTE_WGS * blk)
     c = scale * _LOG2E
 
     def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, scoped):
         (q_smem, do_smem, lse_smem, delta_smem, k_ring, v_ring), bars = scoped
-        (q_bar, do_bar, lse_bar, delta_bar), k_bar, v_bar, consumed = bars
-        batch, head, tile = (lax.axis_index(n) for n in ("batch", "heads", "q_tiles"))
+        (q_bar, do_bar, lse_bar, delta_bar), k_bar, v_bar, free = bars
+        batch, head = lax.axis_index("batch"), lax.axis_index("heads")
+        tile = num_tiles - 1 - lax.axis_index("q_tiles")  # the longest rows first
         kv_head = head // groups
         wg = lax.axis_index("wg")
         cta_base = tile * (_COMPUTE_WGS * blk)
@@ -322,32 +571,30 @@ def _dq_call(q, k, v, do, lse2, delta, scale: float, config: MgpuBackwardConfig,
                 plgpu.copy_gmem_to_smem(src.at[index], dst.at[wg], bar.at[wg])
             for _, _, _, bar in own:
                 plgpu.barrier_wait(bar.at[wg])
-            lse = _load_stats(lse_smem.at[wg], plgpu.Layout.WGMMA.reduce(1), interpret)
-            dlt = _load_stats(delta_smem.at[wg], plgpu.Layout.WGMMA.reduce(1), interpret)
+            row_stat = plgpu.Layout.WGMMA.reduce(1)
+            lse = _load_stats(lse_smem.at[wg], row_stat, interpret)
+            dlt = _load_stats(delta_smem.at[wg], row_stat, interpret)
 
             def body(step: Array, dq: Array, masked: bool) -> Array:
                 slot = lax.rem(step, slots)
                 plgpu.barrier_wait(k_bar.at[slot])
-                s_ = _matmul(
-                    q_smem.at[wg], k_ring.at[slot], (blk, blk), None, interpret, rhs_transposed=True
+                plgpu.barrier_wait(v_bar.at[slot])
+                zeros = _zeros((blk, blk), interpret)
+                s_, dp = _products(
+                    [
+                        (zeros, q_smem.at[wg], _T(k_ring.at[slot])),
+                        (zeros, do_smem.at[wg], _T(v_ring.at[slot])),
+                    ],
+                    interpret,
                 )
                 p = jnp.exp2(s_ * c - lax.broadcast_in_dim(lse, (blk, blk), [0]))
                 if masked:
                     p = jnp.where(
                         _causal_mask((blk, blk), q_base, step * blk, True, interpret), p, 0.0
                     )
-                plgpu.barrier_wait(v_bar.at[slot])
-                dp = _matmul(
-                    do_smem.at[wg],
-                    v_ring.at[slot],
-                    (blk, blk),
-                    None,
-                    interpret,
-                    rhs_transposed=True,
-                )
                 ds = p * (dp - lax.broadcast_in_dim(dlt, (blk, blk), [0]))
-                dq = _matmul(ds.astype(q.dtype), k_ring.at[slot], (blk, d), dq, interpret)
-                plgpu.barrier_arrive(consumed.at[slot])
+                (dq,) = _products([(dq, ds.astype(q.dtype), k_ring.at[slot])], interpret)
+                plgpu.barrier_arrive(free.at[slot])
                 return dq
 
             edge = steps - _COMPUTE_WGS  # the last tiles straddle (or pass) the diagonal
@@ -367,7 +614,7 @@ def _dq_call(q, k, v, do, lse2, delta, scale: float, config: MgpuBackwardConfig,
                 plgpu.copy_gmem_to_smem(k_ref.at[tile_rows], k_ring.at[slot], k_bar.at[slot])
                 plgpu.copy_gmem_to_smem(v_ref.at[tile_rows], v_ring.at[slot], v_bar.at[slot])
 
-            _feed_ring(load, steps, slots, consumed)
+            _feed_ring([(load, free)], steps, slots)
 
     def entry(*refs: Any) -> None:
         pl.run_scoped(
@@ -389,51 +636,82 @@ def _dq_call(q, k, v, do, lse2, delta, scale: float, config: MgpuBackwardConfig,
             collective_axes="wg",
         )
 
-    return plgpu.kernel(
-        entry,
-        out_type=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        grid=(hq, s // (_COMPUTE_WGS * blk), b),
-        grid_names=("heads", "q_tiles", "batch"),
-        num_threads=_COMPUTE_WGS + 1,
-        thread_name="wg",
-        compiler_params=plgpu.CompilerParams(approx_math=True),
-        **({"interpret": interpret} if interpret is not None else {}),
-    )(q, k, v, do, lse2, delta)
+    out_type = jax.ShapeDtypeStruct(q.shape, q.dtype)
+    grid = {"heads": hq, "q_tiles": num_tiles, "batch": b}
+    return _launch(entry, out_type, grid, "lorax_mgpu_attention_dq", interpret)(
+        q, k, v, do, lse2, delta
+    )
 
 
-def flash_backward_mgpu(
-    q: Array,
-    k: Array,
-    v: Array,
-    out: Array,
-    lse: Array,
-    d_out: Array,
-    *,
-    scale: float,
-    config: MgpuBackwardConfig = MgpuBackwardConfig(),
-    interpret: Any = None,
-) -> tuple[Array, Array, Array]:
-    """``(dq, dk, dv)`` of causal attention from the forward's ``out`` and ``lse``.
-
-    ``q, out, d_out [B, S, Hq, D]``, ``k, v [B, S, Hkv, D]``, ``lse [B, Hq, S]`` (natural-log
-    log-sum-exp of the scaled scores, float32). ``interpret``: a Mosaic GPU interpreter
-    parameter object (tests on the CPU), or None to compile for the GPU.
-    """
-    b, s, hq, d = q.shape
-    hkv = k.shape[2]
-    if k.shape != v.shape or k.shape[:2] != (b, s) or k.shape[3] != d or hq % hkv:
-        raise ValueError(f"q {q.shape}, k {k.shape}, v {v.shape}: need [B,S,Hq,D], [B,S,Hkv,D]")
-    if s % (_COMPUTE_WGS * config.block):
-        raise ValueError(f"S={s} must be a multiple of {_COMPUTE_WGS * config.block} (pad it)")
-    if d not in (64, 128):
-        raise ValueError(f"head_dim {d}: the Mosaic GPU backward handles 64 and 128")
-    if q.dtype not in (jnp.bfloat16, jnp.float16):
-        raise ValueError(f"dtype {q.dtype}: the Mosaic GPU backward takes bf16 or f16")
+@functools.partial(jax.jit, static_argnums=(6, 7, 8))  # a mutable dQ buffer needs a jit scope
+def _backward(q, k, v, out, lse2, d_out, scale: float, config: MgpuAttentionConfig, interpret):
+    """``(dq, dk, dv)`` from the forward's ``out`` and base-2 ``lse₂``."""
     delta = jnp.einsum(
         "bshd,bshd->bhs", out.astype(jnp.float32), d_out.astype(jnp.float32)
     )  # rowsum(dO ⊙ O): a memory-bound XLA reduction
-    lse2 = lse.astype(jnp.float32) * _LOG2E
+    lse2 = lse2.astype(jnp.float32)
     d_out = d_out.astype(q.dtype)
-    dk, dv = _dkdv_call(q, k, v, d_out, lse2, delta, scale, config, interpret)
-    dq = _dq_call(q, k, v, d_out, lse2, delta, scale, config, interpret)
-    return dq, dk, dv
+    args = (q, k, v, d_out, lse2, delta)
+    if not config.fused_dq:
+        dk, dv = _dkdv_call(*args, None, scale, config, interpret)
+        return _dq_call(*args, scale, config, interpret), dk, dv
+    # Interpreter: one plane per (CTA, warpgroup) writer instead of a TMA reduction.
+    acc_shape = q.shape if interpret is None else (q.shape[1] // _ROWS, *q.shape)
+    dq_acc = jax.new_ref(jnp.zeros(acc_shape, jnp.float32), memory_space=plgpu.GMEM)
+    dk, dv = _dkdv_call(*args, dq_acc, scale, config, interpret)
+    dq = dq_acc[...]
+    if interpret is not None:
+        dq = dq.sum(axis=0)
+    return (dq * scale).astype(q.dtype), dk, dv
+
+
+# ------------------------------------------------------------------------------- public API
+
+
+def flash_forward_mgpu(q: Array, k: Array, v: Array, *, scale: float,
+                       config: MgpuAttentionConfig = MgpuAttentionConfig(),
+                       interpret: Any = None) -> tuple[Array, Array]:  # fmt: skip
+    """``(out, lse)`` of causal attention; ``lse [B, Hq, S]`` natural-log, float32.
+
+    ``q [B, S, Hq, D]``, ``k, v [B, S, Hkv, D]``. ``interpret``: a Mosaic GPU interpreter
+    parameter object (CPU tests), or None to compile for the GPU.
+    """
+    check_supported(q, k, v, config)
+    out, lse2 = _forward_call(q, k, v, float(scale), config, interpret)
+    return out, lse2 / _LOG2E
+
+
+def flash_backward_mgpu(q: Array, k: Array, v: Array, out: Array, lse: Array, d_out: Array, *,
+                        scale: float, config: MgpuAttentionConfig = MgpuAttentionConfig(),
+                        interpret: Any = None) -> tuple[Array, Array, Array]:  # fmt: skip
+    """``(dq, dk, dv)`` of causal attention from the forward's ``out`` and natural-log ``lse``."""
+    check_supported(q, k, v, config)
+    lse2 = lse.astype(jnp.float32) * _LOG2E
+    return _backward(q, k, v, out, lse2, d_out, float(scale), config, interpret)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def flash_attention_mgpu(q: Array, k: Array, v: Array, scale: float,
+                         config: MgpuAttentionConfig = MgpuAttentionConfig(),
+                         interpret: Any = None) -> Array:  # fmt: skip
+    """Causal GQA attention on the Mosaic GPU kernels, differentiable w.r.t. q, k, v.
+
+    Saves only ``out`` and ``lse₂`` for the backward (no S×S array anywhere). Arguments as
+    :func:`flash_forward_mgpu`; unsupported shapes raise (see :func:`check_supported`).
+    """
+    check_supported(q, k, v, config)
+    return _forward_call(q, k, v, float(scale), config, interpret)[0]
+
+
+def _vjp_forward(q, k, v, scale, config, interpret):
+    check_supported(q, k, v, config)
+    out, lse2 = _forward_call(q, k, v, float(scale), config, interpret)
+    return out, (q, k, v, out, lse2)
+
+
+def _vjp_backward(scale, config, interpret, residuals, d_out):
+    q, k, v, out, lse2 = residuals
+    return _backward(q, k, v, out, lse2, d_out, float(scale), config, interpret)
+
+
+flash_attention_mgpu.defvjp(_vjp_forward, _vjp_backward)

@@ -1,11 +1,11 @@
-"""The Mosaic GPU causal attention backward, run by the Mosaic GPU interpreter on the CPU.
+"""The Mosaic GPU causal attention kernels, run by the Mosaic GPU interpreter on the CPU.
 
-What this checks: the TMA ring and its barriers (the interpreter fails on a barrier phase that
-is never observed), the causal tile ranges of both kernels (S = 256 gives each kernel one CTA
-that streams only masked tiles and one that streams both kinds), the GQA reduction inside the
-dK/dV kernel (4 query heads on 2 KV heads) and the math, against float32 autodiff of
-attention. The wgmma operand forms are the GPU's (``scripts/check_mgpu_attention_bwd.py``).
-About 45 s on a 2-core CPU.
+What this checks: the TMA rings and their barriers (the interpreter fails on a barrier phase
+that is never observed), the tensor-core turn-taking of the forward, the causal tile ranges
+(S = 256 gives each kernel CTAs that stream only masked tiles and CTAs that stream both
+kinds), the GQA reduction inside the dK/dV kernel (4 query heads on 2 KV heads), both dQ
+paths, and the math, against float32 autodiff of attention. The wgmma operand forms and the
+TMA reduce-add of the fused dQ are the GPU's (``scripts/check_mgpu_attention.py``).
 """
 
 from __future__ import annotations
@@ -15,7 +15,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.flash_attention_mgpu import MgpuBackwardConfig, flash_backward_mgpu
+from pallas_kernels.flash_attention_mgpu import (
+    MgpuAttentionConfig,
+    flash_attention_mgpu,
+    flash_backward_mgpu,
+    flash_forward_mgpu,
+)
 
 interpret_params = pytest.importorskip(
     "jax._src.pallas.mosaic_gpu.interpret.params",
@@ -34,24 +39,65 @@ def _attention(q, k, v, scale):
     return jnp.einsum("bhqk,bkhd->bqhd", jnp.exp(s - lse[..., None]), vv), lse
 
 
-def test_matches_reference_gradients(rng):
-    b, s, hq, hkv, d = 1, 256, 4, 2, 64
-    q, k, v, do = (
+def _inputs(rng, b=1, s=256, hq=4, hkv=2, d=64):
+    return tuple(
         jnp.asarray(rng.standard_normal((b, s, h, d)), jnp.bfloat16) for h in (hq, hkv, hkv, hq)
     )
-    scale = d**-0.5
+
+
+def _rel_err(got, want):
+    return float(jnp.max(jnp.abs(got.astype(jnp.float32) - want)) / jnp.max(jnp.abs(want)))
+
+
+@pytest.mark.parametrize("block_kv", [64, 128])
+def test_forward_matches_reference(rng, block_kv):
+    q, k, v, _ = _inputs(rng)
+    scale = 0.3  # not D**-0.5: the scale must reach the kernel
+    want_out, want_lse = _attention(*(x.astype(jnp.float32) for x in (q, k, v)), scale)
+    config = MgpuAttentionConfig(fwd_block_kv=block_kv)
+    out, lse = flash_forward_mgpu(
+        q, k, v, scale=scale, config=config, interpret=interpret_params.InterpretGPUParams()
+    )
+    assert out.dtype == jnp.bfloat16 and lse.shape == (1, 4, 256)
+    assert _rel_err(out, want_out) < 1e-2
+    np.testing.assert_allclose(lse, want_lse, rtol=0, atol=2e-3)
+
+
+@pytest.mark.parametrize("fused_dq", [True, False], ids=["fused-dq", "dq-kernel"])
+def test_backward_matches_reference_gradients(rng, fused_dq):
+    q, k, v, do = _inputs(rng)
+    scale = 64**-0.5
     f32 = [x.astype(jnp.float32) for x in (q, k, v)]
     (out, lse), vjp = jax.vjp(lambda *x: _attention(*x, scale), *f32)
     want = vjp((do.astype(jnp.float32), jnp.zeros_like(lse)))
     got = flash_backward_mgpu(
         q, k, v, out.astype(jnp.bfloat16), lse, do, scale=scale,
+        config=MgpuAttentionConfig(fused_dq=fused_dq),
         interpret=interpret_params.InterpretGPUParams(),
     )  # fmt: skip
     for name, g, w in zip(("dq", "dk", "dv"), got, want, strict=True):
         assert g.shape == w.shape and g.dtype == jnp.bfloat16, name
-        err = float(jnp.max(jnp.abs(g.astype(jnp.float32) - w)) / jnp.max(jnp.abs(w)))
         # bf16 inputs, P and dS rounded to bf16 for the tensor cores: ~2^-8 relative.
-        assert err < 1.5e-2, (name, err)
+        assert _rel_err(g, w) < 1.5e-2, (name, _rel_err(g, w))
+
+
+def test_custom_vjp_end_to_end(rng):
+    """jax.grad through the forward kernel's residuals into the fused backward."""
+    q, k, v, do = _inputs(rng, b=2, s=128, hq=2, hkv=1)
+    scale = 64**-0.5
+    params = interpret_params.InterpretGPUParams()
+
+    def loss(attend, *x):
+        return jnp.sum(attend(*x).astype(jnp.float32) * do.astype(jnp.float32))
+
+    got = jax.grad(lambda *x: loss(lambda *y: flash_attention_mgpu(*y, scale, interpret=params),
+                                   *x), argnums=(0, 1, 2))(q, k, v)  # fmt: skip
+    f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+    want = jax.grad(lambda *x: loss(lambda *y: _attention(*y, scale)[0], *x), argnums=(0, 1, 2))(
+        *f32
+    )
+    for name, g, w in zip(("dq", "dk", "dv"), got, want, strict=True):
+        assert _rel_err(g, w) < 1.5e-2, (name, _rel_err(g, w))
 
 
 def test_argument_errors():
@@ -62,12 +108,11 @@ def test_argument_errors():
         flash_backward_mgpu(q[:, :192], kv[:, :192], kv[:, :192], q[:, :192], lse, q[:, :192],
                             scale=1.0)  # fmt: skip
     with pytest.raises(ValueError, match="head_dim 32"):
-        flash_backward_mgpu(q[..., :32], kv[..., :32], kv[..., :32], q[..., :32], lse,
-                            q[..., :32], scale=1.0)  # fmt: skip
-    with pytest.raises(ValueError, match="bf16 or f16"):
+        flash_forward_mgpu(q[..., :32], kv[..., :32], kv[..., :32], scale=1.0)
+    with pytest.raises(ValueError, match="bf16, f16"):
         f = q.astype(jnp.float32)
-        flash_backward_mgpu(f, kv.astype(jnp.float32), kv.astype(jnp.float32), f, lse, f,
-                            scale=1.0)  # fmt: skip
-    with pytest.raises(ValueError, match="multiple of 64"):
-        MgpuBackwardConfig(block=96)
-    np.testing.assert_equal(MgpuBackwardConfig().block, 64)
+        flash_forward_mgpu(f, kv.astype(jnp.float32), kv.astype(jnp.float32), scale=1.0)
+    with pytest.raises(ValueError, match="not a multiple of 3 KV heads"):
+        flash_forward_mgpu(q, kv[:, :, :1].repeat(3, 2), kv[:, :, :1].repeat(3, 2), scale=1.0)
+    with pytest.raises(ValueError, match="fwd_block_kv"):
+        MgpuAttentionConfig(fwd_block_kv=96)

@@ -1,0 +1,126 @@
+"""Correctness and speed of the Mosaic GPU causal attention kernels on a GPU (issue 5).
+
+For each shape (32 query / 8 KV heads, d = 128, bf16, causal): the Mosaic forward's output
+and log-sum-exp, and both backward variants' dq, dk, dv, against float32 jnp attention (where
+the S×S reference fits); then pipelined timings (median, dispatch hidden) of the forward, the
+backward alone and forward+backward, against cuDNN. Causal FLOPs: forward 2·B·Hq·S²·D,
+backward 2.5x, forward+backward 3.5x. Each variant runs in try/except, so one failure is
+reported and the rest go on.
+
+    python scripts/check_mgpu_attention.py [--shapes 2x2048,1x8192,1x32768]
+"""
+
+from __future__ import annotations
+
+import argparse
+import traceback
+
+import jax
+import jax.numpy as jnp
+from _common import pipelined_ms
+
+from pallas_kernels.flash_attention_mgpu import (
+    MgpuAttentionConfig,
+    flash_attention_mgpu,
+    flash_backward_mgpu,
+    flash_forward_mgpu,
+)
+
+VARIANTS = {
+    "fused-dq kv128": MgpuAttentionConfig(),
+    "dq-kernel kv128": MgpuAttentionConfig(fused_dq=False),
+    "fused-dq kv64": MgpuAttentionConfig(fwd_block_kv=64),
+}
+
+
+def _reference(q, k, v, scale):
+    """Causal GQA attention in float32: output and natural-log logsumexp [B, Hq, S]."""
+    groups = q.shape[2] // k.shape[2]
+    kk = jnp.repeat(k, groups, axis=2).astype(jnp.float32)
+    vv = jnp.repeat(v, groups, axis=2).astype(jnp.float32)
+    s = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), kk) * scale
+    n = q.shape[1]
+    s = jnp.where(jnp.tril(jnp.ones((n, n), bool)), s, -jnp.inf)
+    lse = jax.nn.logsumexp(s, axis=-1)
+    return jnp.einsum("bhqk,bkhd->bqhd", jnp.exp(s - lse[..., None]), vv), lse
+
+
+def _rel(a, b) -> float:
+    a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+    return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+
+
+def _fwd_bwd(attend):
+    def run(q, k, v, do):
+        out, vjp = jax.vjp(attend, q, k, v)
+        return out, *vjp(do)
+
+    return jax.jit(run)
+
+
+def _try(label: str, fn) -> None:
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001 - report and go on
+        print(f"  {label}: FAILED {type(e).__name__}: {str(e)[:1500]}", flush=True)
+        traceback.print_exc(limit=3)
+
+
+def check_shape(b: int, s: int, hq: int = 32, hkv: int = 8, d: int = 128) -> None:
+    scale = d**-0.5
+    keys = jax.random.split(jax.random.key(0), 4)
+    q, k, v, do = (
+        jax.random.normal(key, (b, s, h, d), jnp.bfloat16)
+        for key, h in zip(keys, (hq, hkv, hkv, hq), strict=True)
+    )
+    fwd_flops = 2 * b * hq * s * s * d
+    rate = lambda flops, ms: f"{flops / ms / 1e9:6.0f} TFLOP/s ({ms:.3f} ms)"
+    print(f"== {b}x{s}", flush=True)
+    cudnn = lambda q, k, v: jax.nn.dot_product_attention(
+        q, k, v, is_causal=True, scale=scale, implementation="cudnn"
+    )
+    t_fwd = pipelined_ms(jax.jit(cudnn), q, k, v)
+    t_fb = pipelined_ms(_fwd_bwd(cudnn), q, k, v, do)
+    print(f"  cuDNN    fwd {rate(fwd_flops, t_fwd)}  bwd {rate(2.5 * fwd_flops, t_fb - t_fwd)}"
+          f"  fwd+bwd {rate(3.5 * fwd_flops, t_fb)}", flush=True)  # fmt: skip
+
+    want = None
+    if b * hq * s * s * 4 <= 2**34:  # the f32 score matrix fits a few times over
+        (out_ref, lse_ref), vjp = jax.vjp(lambda *x: _reference(*x, scale), q, k, v)
+        want = (out_ref, lse_ref, *vjp((do.astype(jnp.float32), jnp.zeros_like(lse_ref))))
+
+    for name, config in VARIANTS.items():
+
+        def run(config=config, name=name) -> None:
+            fwd = jax.jit(lambda q, k, v: flash_forward_mgpu(q, k, v, scale=scale, config=config))
+            bwd = jax.jit(lambda *a: flash_backward_mgpu(*a, scale=scale, config=config))
+            out, lse = fwd(q, k, v)
+            grads = bwd(q, k, v, out, lse, do)
+            errs = ""
+            if want is not None:
+                grad_errs = [_rel(g, w) for g, w in zip(grads, want[2:], strict=True)]
+                lse_err = float(jnp.max(jnp.abs(lse - want[1])))
+                errs = f"  rel.err out {_rel(out, want[0]):.1e} lse-abs {lse_err:.1e} dq/dk/dv "
+                errs += "/".join(f"{e:.1e}" for e in grad_errs)
+            t_f = pipelined_ms(fwd, q, k, v)
+            t_b = pipelined_ms(bwd, q, k, v, out, lse, do)
+            t_fb = pipelined_ms(
+                _fwd_bwd(lambda q, k, v: flash_attention_mgpu(q, k, v, scale, config)), q, k, v, do
+            )
+            print(f"  {name:<16} fwd {rate(fwd_flops, t_f)}  bwd {rate(2.5 * fwd_flops, t_b)}"
+                  f"  fwd+bwd {rate(3.5 * fwd_flops, t_fb)}{errs}", flush=True)  # fmt: skip
+
+        _try(name, run)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", default="2x2048,1x8192,1x32768")
+    args = parser.parse_args()
+    for shape in args.shapes.split(","):
+        b, s = (int(x) for x in shape.split("x"))
+        check_shape(b, s)
+
+
+if __name__ == "__main__":
+    main()
