@@ -27,9 +27,9 @@ from pallas_kernels.flash_attention_mgpu import (
 )
 
 VARIANTS = {
-    "fused-dq kv128": MgpuAttentionConfig(),
-    "dq-kernel kv128": MgpuAttentionConfig(fused_dq=False),
-    "fused-dq kv64": MgpuAttentionConfig(fwd_block_kv=64),
+    "fused-dq": MgpuAttentionConfig(),
+    "dq-kernel": MgpuAttentionConfig(fused_dq=False),
+    "dq-kernel slots3": MgpuAttentionConfig(fused_dq=False, bwd_slots=3),
 }
 
 

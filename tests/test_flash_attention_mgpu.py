@@ -65,8 +65,9 @@ def test_forward_matches_reference(rng, block_kv):
 
 @pytest.mark.parametrize("fused_dq", [True, False], ids=["fused-dq", "dq-kernel"])
 def test_backward_matches_reference_gradients(rng, fused_dq):
-    q, k, v, do = _inputs(rng)
-    scale = 64**-0.5
+    d = 128 if fused_dq else 64  # the fused kernel needs D = 128 (others take the dQ kernel)
+    q, k, v, do = _inputs(rng, d=d)
+    scale = d**-0.5
     f32 = [x.astype(jnp.float32) for x in (q, k, v)]
     (out, lse), vjp = jax.vjp(lambda *x: _attention(*x, scale), *f32)
     want = vjp((do.astype(jnp.float32), jnp.zeros_like(lse)))
@@ -83,8 +84,8 @@ def test_backward_matches_reference_gradients(rng, fused_dq):
 
 def test_custom_vjp_end_to_end(rng):
     """jax.grad through the forward kernel's residuals into the fused backward."""
-    q, k, v, do = _inputs(rng, b=2, s=128, hq=2, hkv=1)
-    scale = 64**-0.5
+    q, k, v, do = _inputs(rng, b=2, s=128, hq=2, hkv=1, d=128)
+    scale = 128**-0.5
     params = interpret_params.InterpretGPUParams()
 
     def loss(attend, *x):
