@@ -138,24 +138,19 @@ def _products(
 
     All products are issued before any is awaited (one wgmma wait for the lot), and
     ``after_issue`` runs while they are in flight. ``lhs`` is registers or shared memory,
-    ``rhs`` shared memory; either may be ``_T(ref)``. Tuples ``lhs``, ``rhs`` of equal length
-    accumulate ``Σ lhs[i] @ rhs[i]`` (a contraction split into pieces).
+    ``rhs`` shared memory; either may be ``_T(ref)``.
     """
-    pairs = [list(zip(*((a, b) if isinstance(a, tuple) else ((a,), (b,))), strict=True))
-             for _, a, b in terms]  # fmt: skip
     if interpret is not None:  # Interpreter: no run_state / wgmma; plain dots.
         if after_issue is not None:
             after_issue()
         dot = lambda a, b: jnp.dot(
             _operand(a, interpret), _operand(b, interpret), preferred_element_type=jnp.float32
         )
-        accs = [acc for acc, _, _ in terms]
-        return [acc + sum(dot(a, b) for a, b in ab) for acc, ab in zip(accs, pairs, strict=True)]
+        return [acc + dot(a, b) for acc, a, b in terms]
 
     def issue(refs: tuple[Any, ...]) -> None:
-        for ref, ab in zip(refs, pairs, strict=True):
-            for a, b in ab:
-                plgpu.wgmma(ref, _operand(a, None), _operand(b, None))
+        for ref, (_, a, b) in zip(refs, terms, strict=True):
+            plgpu.wgmma(ref, _operand(a, None), _operand(b, None))
         if after_issue is not None:
             after_issue()
 
@@ -391,10 +386,10 @@ def _dkdv_call(q, k, v, do, lse2, delta, dq_acc, scale: float, config: MgpuAtten
 
     Fused dQ: both warpgroups write their dSᵀ rows into one shared ``[128 keys, 64 queries]``
     tile (double-buffered; a two-arrival barrier per step says both halves are there), then
-    warpgroup ``w`` computes the CTA's whole dQ partial for head-dim columns ``[64w, 64w+64)``
-    (``dSᵀᵀ · K[:, cols]``, K kept in shared memory split by column half for that) and
+    one warpgroup, alternating by step, computes the CTA's whole dQ partial ``dSᵀᵀ · K`` and
     reduce-adds it. One reduction per CTA and tile instead of one per warpgroup halves the
-    atomic traffic to L2, which bounds this kernel otherwise.
+    atomic traffic to L2, which bounds this kernel otherwise (measured: a reduction per
+    warpgroup ran the backward at 2/3 of the unfused kernels' speed).
     """
     b, s, hq, d = q.shape
     hkv = k.shape[2]
@@ -403,7 +398,6 @@ def _dkdv_call(q, k, v, do, lse2, delta, dq_acc, scale: float, config: MgpuAtten
     num_q_tiles = s // blk
     c = scale * _LOG2E
     fused = dq_acc is not None
-    half = d // 2
 
     def kernel(*refs):
         q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = refs[:6]
@@ -427,18 +421,9 @@ def _dkdv_call(q, k, v, do, lse2, delta, dq_acc, scale: float, config: MgpuAtten
             plgpu.set_max_registers(config.compute_registers, action="increase")
             kv_base = cta_base + wg * blk
             rows = (batch, pl.ds(kv_base, blk), kv_head)
-            own_rows = pl.ds(wg * blk, blk)
-            if fused:  # K by column half: [half, CTA rows, cols]
-                for h in range(2):
-                    plgpu.copy_gmem_to_smem(
-                        k_ref.at[(*rows, pl.ds(h * half, half))],
-                        k_smem.at[h, own_rows],
-                        k_bar.at[wg * 2 + h],
-                    )
-                    plgpu.barrier_wait(k_bar.at[wg * 2 + h])
-            else:
-                plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[wg], k_bar.at[wg])
-                plgpu.barrier_wait(k_bar.at[wg])
+            own_rows = pl.ds(wg * blk, blk)  # of the CTA's K (the fused dQ reads all of it)
+            plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[own_rows], k_bar.at[wg])
+            plgpu.barrier_wait(k_bar.at[wg])
             plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[wg], v_bar.at[wg])
             plgpu.barrier_wait(v_bar.at[wg])
             key_stat = plgpu.Layout.WGMMA.reduce(0)
@@ -450,14 +435,11 @@ def _dkdv_call(q, k, v, do, lse2, delta, dq_acc, scale: float, config: MgpuAtten
                 for bar in (q_bar, do_bar, lse_bar, delta_bar):
                     plgpu.barrier_wait(bar.at[slot])
                 zeros = _zeros((blk, blk), interpret)
-                if fused:  # sT = Σ over column halves of K[:, h]·Q[:, h]ᵀ
-                    cols = [pl.ds(h * half, half) for h in range(2)]
-                    s_lhs = tuple(k_smem.at[h, own_rows] for h in range(2))
-                    s_rhs = tuple(_T(q_ring.at[slot, :, col]) for col in cols)
-                else:
-                    s_lhs, s_rhs = k_smem.at[wg], _T(q_ring.at[slot])
                 s_t, dp_t = _products(
-                    [(zeros, s_lhs, s_rhs), (zeros, v_smem.at[wg], _T(do_ring.at[slot]))],
+                    [
+                        (zeros, k_smem.at[own_rows], _T(q_ring.at[slot])),
+                        (zeros, v_smem.at[wg], _T(do_ring.at[slot])),
+                    ],
                     interpret,
                 )
                 lse = _load_stats(lse_ring.at[slot], key_stat, interpret)
@@ -491,17 +473,22 @@ def _dkdv_call(q, k, v, do, lse2, delta, dq_acc, scale: float, config: MgpuAtten
                     after_issue=both_halves_written,
                 )
                 plgpu.barrier_arrive(free.at[slot])
-                (dq,) = _products(
-                    [(_zeros((blk, half), interpret), _T(ds_all), k_smem.at[wg])], interpret
-                )
-                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # last tile's dQ was read
-                dq_stage.at[wg][...] = dq
-                plgpu.commit_smem()
-                dq_cols = (batch, pl.ds(q0, blk), head, pl.ds(wg * half, half))
-                if interpret is None:
-                    plgpu.copy_smem_to_gmem(dq_stage.at[wg], dq_ref.at[dq_cols], reduction_op="add")
-                else:  # Interpreter: no TMA reductions; one plane per CTA, summed outside.
-                    plgpu.copy_smem_to_gmem(dq_stage.at[wg], dq_ref.at[(tile, *dq_cols)])
+
+                @pl.when(wg == lax.rem(step, _COMPUTE_WGS))
+                def _dq() -> None:
+                    zeros_dq = _zeros((blk, d), interpret)
+                    (dq,) = _products([(zeros_dq, _T(ds_all), k_smem)], interpret)
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # its last dQ was read
+                    dq_stage.at[wg][...] = dq
+                    plgpu.commit_smem()
+                    rows_q = (batch, pl.ds(q0, blk), head)
+                    if interpret is None:
+                        plgpu.copy_smem_to_gmem(
+                            dq_stage.at[wg], dq_ref.at[rows_q], reduction_op="add"
+                        )
+                    else:  # Interpreter: no TMA reductions; one plane per CTA, summed outside.
+                        plgpu.copy_smem_to_gmem(dq_stage.at[wg], dq_ref.at[(tile, *rows_q)])
+
                 return dk, dv
 
             # Per head: the first COMPUTE_WGS query tiles straddle the CTA's diagonal (or lie
@@ -515,7 +502,8 @@ def _dkdv_call(q, k, v, do, lse2, delta, dq_acc, scale: float, config: MgpuAtten
                     edge, start + per_head, lambda i, c_: body(i, c_, False), carry
                 )
             dk, dv = carry
-            # Out through this warpgroup's V tile (K may be split by columns): dV, then dK.
+            # Out through this warpgroup's V tile, dV then dK: the other warpgroup's last
+            # fused dQ product may still be reading all of K.
             for grad, dst in ((dv, dv_ref), (dk * scale, dk_ref)):
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)
                 v_smem.at[wg][...] = grad.astype(v.dtype)
@@ -540,14 +528,8 @@ def _dkdv_call(q, k, v, do, lse2, delta, dq_acc, scale: float, config: MgpuAtten
 
             _feed_ring([(load, free)], steps, slots)
 
-    if fused:
-        k_scratch = _smem_tile((2, _COMPUTE_WGS * blk, half), k.dtype)
-        k_barriers = plgpu.Barrier(num_barriers=2 * _COMPUTE_WGS)
-    else:
-        k_scratch = _smem_tile((_COMPUTE_WGS, blk, d), k.dtype)
-        k_barriers = plgpu.Barrier(num_barriers=_COMPUTE_WGS)
     scratch = [
-        k_scratch,
+        _smem_tile((_COMPUTE_WGS * blk, d), k.dtype),
         _smem_tile((_COMPUTE_WGS, blk, d), v.dtype),
         _smem_tile((slots, blk, d), q.dtype),
         _smem_tile((slots, blk, d), do.dtype),
@@ -555,7 +537,7 @@ def _dkdv_call(q, k, v, do, lse2, delta, dq_acc, scale: float, config: MgpuAtten
         plgpu.SMEM((slots, blk), jnp.float32),
     ]
     barriers = [
-        k_barriers,
+        plgpu.Barrier(num_barriers=_COMPUTE_WGS),  # K
         plgpu.Barrier(num_barriers=_COMPUTE_WGS),  # V
         *(plgpu.Barrier(num_barriers=slots) for _ in range(4)),  # Q, dO, lse, delta
         plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=slots),  # slot free
@@ -563,7 +545,7 @@ def _dkdv_call(q, k, v, do, lse2, delta, dq_acc, scale: float, config: MgpuAtten
     if fused:
         scratch += [
             _smem_tile((2, _COMPUTE_WGS * blk, blk), q.dtype),  # dSᵀ, double-buffered
-            _smem_tile((_COMPUTE_WGS, blk, half), jnp.float32),  # dQ columns on their way out
+            _smem_tile((_COMPUTE_WGS, blk, d), jnp.float32),  # dQ partials on their way out
         ]
         barriers.append(plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=2))  # dS ready
 
@@ -692,7 +674,7 @@ def _backward(q, k, v, out, lse2, d_out, scale: float, config: MgpuAttentionConf
     lse2 = lse2.astype(jnp.float32)
     d_out = d_out.astype(q.dtype)
     args = (q, k, v, d_out, lse2, delta)
-    if not config.fused_dq or q.shape[3] != 128:  # the fused kernel splits D into 64-wide halves
+    if not config.fused_dq:
         dk, dv = _dkdv_call(*args, None, scale, config, interpret)
         return _dq_call(*args, scale, config, interpret), dk, dv
     # Interpreter: one plane per CTA writer instead of a TMA reduction.

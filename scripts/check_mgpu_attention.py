@@ -29,7 +29,6 @@ from pallas_kernels.flash_attention_mgpu import (
 VARIANTS = {
     "fused-dq": MgpuAttentionConfig(),
     "dq-kernel": MgpuAttentionConfig(fused_dq=False),
-    "dq-kernel slots3": MgpuAttentionConfig(fused_dq=False, bwd_slots=3),
 }
 
 
