@@ -12,6 +12,11 @@
 * ``"cudnn"``: ``jax.nn.dot_product_attention(implementation="cudnn")`` for the options cuDNN
   has natively (causal, sliding window, GQA; no softcap, no segment ids) — a GPU-only
   comparison/fallback, not selected automatically.
+* ``"mosaic"``: the Mosaic GPU kernels of :mod:`pallas_kernels.flash_attention_mgpu` (Hopper
+  TMA + wgmma; causal GQA only, head_dim 64/128, bf16/f16; S padded to a multiple of 128).
+  Its forward is at least cuDNN's speed on the H200, its backward not yet (BENCHMARKS.md §3),
+  so it is selected only on request; ``interpret=True`` runs it in the Mosaic GPU
+  interpreter (CPU tests).
 
 Selection follows the package-wide rules of ``pallas_kernels._backend.choose``: ``impl=None``
 means the compiled Pallas kernels on a GPU backend and the reference elsewhere;
@@ -33,6 +38,7 @@ import jax.numpy as jnp
 from jax import Array
 
 from pallas_kernels import _backend
+from pallas_kernels import flash_attention_mgpu as mgpu
 from pallas_kernels.flash_attention_kernels import (
     BlockSizes,
     KernelSpec,
@@ -55,7 +61,7 @@ __all__ = [
     "save_forward_residuals",
 ]
 
-Impl = Literal["pallas", "reference", "cudnn"]
+Impl = Literal["pallas", "reference", "cudnn", "mosaic"]
 # Segment id given to padding rows/keys added to reach a multiple of the block size. Only padded
 # queries see padded keys, and their outputs are sliced off.
 _PAD_SEGMENT = -1
@@ -69,12 +75,16 @@ def resolve_impl(impl: str | None, interpret: bool | None) -> tuple[Impl, bool]:
     """``(impl, interpret)`` after the package-wide rules of ``pallas_kernels._backend.choose``
     (kernel on GPU, reference elsewhere, ``interpret=True`` forces the interpreted kernel),
     plus this op's extra ``impl="cudnn"``."""
-    if impl not in (None, "pallas", "reference", "cudnn"):
-        raise ValueError(f"impl must be None, 'pallas', 'reference' or 'cudnn'; got {impl!r}")
+    if impl not in (None, "pallas", "reference", "cudnn", "mosaic"):
+        raise ValueError(
+            f"impl must be None, 'pallas', 'reference', 'cudnn' or 'mosaic'; got {impl!r}"
+        )
     if impl == "cudnn":
         if interpret:
             raise ValueError("impl='cudnn' runs no Pallas kernel; interpret=True is meaningless")
         return "cudnn", False
+    if impl == "mosaic":  # like "pallas": compiled on a GPU, interpreted elsewhere
+        return "mosaic", (not _backend.on_gpu()) if interpret is None else interpret
     choice = _backend.choose(impl, interpret)
     return ("pallas" if choice.use_kernel else "reference"), choice.interpret
 
@@ -107,7 +117,8 @@ def flash_attention(
         (padding) attends only within itself; a row that can see no key yields 0, not NaN.
       scale: score scale, default ``D ** -0.5``.
       interpret: run the Pallas kernels in interpret mode (CPU tests).
-      impl: ``"pallas"``, ``"reference"`` or ``"cudnn"``; ``None`` picks (see module doc).
+      impl: ``"pallas"``, ``"reference"``, ``"cudnn"`` or ``"mosaic"``; ``None`` picks (see
+        module doc).
       block_sizes: Pallas tile sizes / launch parameters (default by head_dim).
 
     Returns:
@@ -139,6 +150,8 @@ def flash_attention(
         return attention_reference(q, k, v, **options)
     if impl_ == "cudnn":
         return _cudnn_attention(q, k, v, **options)
+    if impl_ == "mosaic":
+        return _mosaic_attention(q, k, v, **options, interpret=interpret_)
     return _pallas_attention(q, k, v, **options, interpret=interpret_, block_sizes=block_sizes)
 
 
@@ -217,8 +230,8 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 def save_forward_residuals(prim: Any, *_: Any, **params: Any) -> bool:
     """``jax.checkpoint`` policy: keep the forward kernel's outputs (``o`` and ``lse``).
 
-    Covers both forward kernels the model may call: ours and cuDNN's (whose second output is
-    its softmax statistics, the same role as ``lse``).
+    Covers every forward kernel the model may call: the Triton and Mosaic GPU ones and cuDNN's
+    (whose second output is its softmax statistics, the same role as ``lse``).
 
     Under remat, the backward of a ``custom_vjp`` needs its residuals, and name-based
     policies cannot see them (a ``checkpoint_name`` on the attention output does *not* stop
@@ -231,6 +244,8 @@ def save_forward_residuals(prim: Any, *_: Any, **params: Any) -> bool:
     name = getattr(prim, "name", None)
     if name in _CUDNN_FWD_PRIMITIVES:
         return True
+    if name == "mpmd_map":  # how a Mosaic GPU kernel (pl.kernel over a mesh) appears
+        return params.get("name") == mgpu.FORWARD_KERNEL_NAME
     return name == "pallas_call" and params.get("name") == _FWD_KERNEL
 
 
@@ -258,3 +273,47 @@ def _cudnn_attention(
         local_window_size=window,
         implementation="cudnn",
     )
+
+
+def _mosaic_attention(
+    q: Array,
+    k: Array,
+    v: Array,
+    *,
+    causal: bool,
+    sliding_window: int | None,
+    softcap: float | None,
+    segment_ids: Array | None,
+    scale: float | None,
+    interpret: bool,
+) -> Array:
+    """The Mosaic GPU kernels; pads S to their multiple (zeros at the end: causal masking
+    keeps real queries off the padded keys, and the padded queries are sliced off)."""
+    missing = [
+        name
+        for name, unsupported in (
+            ("non-causal attention", not causal),
+            ("sliding_window", sliding_window is not None and sliding_window < q.shape[1]),
+            ("softcap", softcap is not None),
+            ("segment_ids", segment_ids is not None),
+        )
+        if unsupported
+    ]
+    if missing:
+        raise NotImplementedError(
+            f"impl='mosaic' supports causal attention only, not {', '.join(missing)}; "
+            "use impl='pallas' (or None) for those"
+        )
+    config = mgpu.MgpuAttentionConfig()
+    seq_len, head_dim = q.shape[1], q.shape[3]
+    padded_len = -(-seq_len // config.seq_multiple) * config.seq_multiple
+    if padded_len != seq_len:
+        pad = [(0, 0), (0, padded_len - seq_len), (0, 0), (0, 0)]
+        q, k, v = (jnp.pad(x, pad) for x in (q, k, v))
+    params = None
+    if interpret:
+        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+
+        params = InterpretGPUParams()
+    scale_ = head_dim**-0.5 if scale is None else float(scale)
+    return mgpu.flash_attention_mgpu(q, k, v, scale_, config, params)[:, :seq_len]

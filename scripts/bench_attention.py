@@ -13,6 +13,8 @@ causal, bf16, layout ``[B, S, H, D]``) at B×S in {2×2048, 1×8192, 1×32768}:
 
 ``pallas``  ``flash_attention(impl="pallas")``: the Pallas FlashAttention-2 kernels (Triton
             lowering), GQA through the index map;
+``mosaic``  ``flash_attention(impl="mosaic")``: the Mosaic GPU kernels (TMA + wgmma, causal
+            GQA; ``pallas_kernels.flash_attention_mgpu``);
 ``cudnn``   ``jax.nn.dot_product_attention(implementation="cudnn")`` (GQA native);
 ``xla``     ``jax.nn.dot_product_attention(implementation="xla")``, which materialises the
             scores (skipped when they would not fit, e.g. S=32768);
@@ -71,7 +73,7 @@ FULL_SHAPES = [(2, 2048), (1, 8192), (1, 32768)]  # (B, S)
 FULL_HEADS = (32, 8, 128)  # (Hq, Hkv, D): Llama-3.1-8B
 TINY_SHAPES = [(2, 64), (1, 200)]  # 200: not a multiple of the block (exercises padding)
 TINY_HEADS = (4, 2, 64)
-IMPLS = ("pallas", "cudnn", "xla")
+IMPLS = ("pallas", "mosaic", "cudnn", "xla")
 XLA_SCORE_LIMIT_BYTES = 48 * 2**30  # skip xla when its f32 scores (x3 live) exceed this
 
 # Sweep grids for head_dim <= 128: (block_q, block_k, num_warps, num_stages) for the forward;
@@ -147,6 +149,10 @@ def _time(fn: Callable[..., Any], args: tuple, warmup: int, reps: int) -> float:
 
 
 def _attention_fn(impl: str, interpret: bool, blocks: BlockSizes | None) -> Callable[..., Array]:
+    if impl == "mosaic":
+        return lambda q, k, v: flash_attention(
+            q, k, v, causal=True, impl="mosaic", interpret=interpret or None
+        )
     if impl == "pallas":
         return lambda q, k, v: flash_attention(
             q, k, v, causal=True, impl="pallas", interpret=interpret or None, block_sizes=blocks

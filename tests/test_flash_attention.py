@@ -328,6 +328,8 @@ def test_selection_rules() -> None:
     assert resolve_impl("reference", None) == ("reference", False)
     assert resolve_impl("pallas", None) == ("pallas", not backend_is_gpu)
     assert resolve_impl("cudnn", None) == ("cudnn", False)
+    assert resolve_impl("mosaic", None) == ("mosaic", not backend_is_gpu)
+    assert resolve_impl("mosaic", True) == ("mosaic", True)
     with pytest.raises(ValueError, match="impl"):
         resolve_impl("triton", None)
 

@@ -117,3 +117,63 @@ def test_argument_errors():
         flash_forward_mgpu(q, kv[:, :, :1].repeat(3, 2), kv[:, :, :1].repeat(3, 2), scale=1.0)
     with pytest.raises(ValueError, match="fwd_block_kv"):
         MgpuAttentionConfig(fwd_block_kv=96)
+
+
+def test_flash_attention_entry_point_pads_and_differentiates(rng):
+    """``flash_attention(impl="mosaic")``: S = 100 is padded to 128 and sliced back."""
+    from pallas_kernels.flash_attention import attention_reference, flash_attention
+
+    q, k, v, do = _inputs(rng, s=100, hq=2, hkv=1)
+
+    def loss(impl, *x):
+        out = flash_attention(*x, causal=True, impl=impl, interpret=impl == "mosaic" or None)
+        return jnp.sum(out.astype(jnp.float32) * do.astype(jnp.float32)), out
+
+    (_, got_out), got = jax.value_and_grad(
+        lambda *x: loss("mosaic", *x), argnums=(0, 1, 2), has_aux=True
+    )(q, k, v)
+    f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+    (_, want_out), want = jax.value_and_grad(
+        lambda *x: loss("reference", *x), argnums=(0, 1, 2), has_aux=True
+    )(*f32)
+    assert got_out.shape == q.shape
+    np.testing.assert_allclose(
+        attention_reference(*f32, causal=True), want_out, rtol=1e-6, atol=1e-6
+    )
+    assert _rel_err(got_out, want_out) < 1e-2
+    for name, g, w in zip(("dq", "dk", "dv"), got, want, strict=True):
+        assert _rel_err(g, w) < 1.5e-2, (name, _rel_err(g, w))
+
+
+def test_flash_attention_entry_point_refuses_what_it_lacks():
+    from pallas_kernels.flash_attention import flash_attention
+
+    q = jnp.zeros((1, 128, 2, 64), jnp.bfloat16)
+    for options, what in (
+        (dict(softcap=5.0), "softcap"),
+        (dict(sliding_window=16), "sliding_window"),
+        (dict(segment_ids=jnp.zeros((1, 128), jnp.int32)), "segment_ids"),
+        (dict(causal=False), "non-causal"),
+    ):
+        with pytest.raises(NotImplementedError, match=what):
+            flash_attention(q, q, q, impl="mosaic", interpret=True, **options)
+
+
+def test_remat_policy_keeps_the_mosaic_forward_outputs():
+    """Under ``jax.checkpoint``, ``save_forward_residuals`` spares the backward a second run of
+    the Mosaic forward kernel (and ``nothing_saveable`` does not). Traced for the GPU (no
+    lowering happens here); the interpreter's callbacks are effects remat cannot take."""
+    from pallas_kernels.flash_attention import save_forward_residuals
+    from pallas_kernels.flash_attention_mgpu import FORWARD_KERNEL_NAME
+
+    q = jnp.zeros((1, 128, 2, 64), jnp.bfloat16)
+
+    def forward_runs(policy) -> int:
+        f = jax.checkpoint(
+            lambda q: flash_attention_mgpu(q, q, q, 0.1).astype(float).sum(),
+            policy=policy,
+        )
+        return str(jax.make_jaxpr(jax.grad(f))(q)).count(f"name={FORWARD_KERNEL_NAME}")
+
+    assert forward_runs(save_forward_residuals) == 1
+    assert forward_runs(jax.checkpoint_policies.nothing_saveable) == 2
