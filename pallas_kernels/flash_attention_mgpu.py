@@ -24,11 +24,11 @@ warpgroups have arrived on its ``free`` barrier). Softmax runs in base 2 on scal
       sT = K·Qᵀ  dpT = V·dOᵀ        pT = exp2(sT·c − lse₂)   dsT = pT ⊙ (dpT − Δ)
       dV += pT·dO  dK += dsT·Q  [dQ_part = dsTᵀ·K, added to a float32 dQ in global memory]
 
-  With ``fused_dq`` (the default) the dQ partial goes through shared memory to a TMA
-  reduce-add into a zero-initialised float32 buffer: five tile products per tile pair, the
-  FLOPs of the textbook backward. Without it, a second kernel (grid ``(q_heads, q_tiles / 2,
-  batch)``, warpgroups own query tiles and stream K/V) recomputes ``s`` and ``dp`` for dQ: seven
-  products, no atomics.
+  By default a second kernel computes dQ (grid ``(q_heads, q_tiles / 2, batch)``; warpgroups
+  own query tiles and stream K/V up to the diagonal), recomputing ``s`` and ``dp``: seven tile
+  products per tile pair, no atomics. With ``fused_dq`` the dQ partial instead goes through
+  shared memory to a TMA reduce-add into a zero-initialised float32 buffer: five products,
+  the FLOPs of the textbook backward, but slower on the H200 (the L2 reductions bound it).
 
 Causality costs nothing beyond the diagonal: each CTA streams only the tiles that intersect its
 causal triangle, and only the (at most two) tiles per stream that straddle the diagonal pay
@@ -75,13 +75,15 @@ class MgpuAttentionConfig:
 
     ``fwd_block_kv``/``fwd_slots``: the forward's K/V tile and ring depth. ``bwd_slots``: the
     backward's Q/dO ring depth (its tiles are 64x64). ``fused_dq``: dQ inside the dK/dV kernel
-    by TMA reduce-add (five products per tile pair) instead of a second kernel (seven).
+    by TMA reduce-add (five products per tile pair) instead of a second kernel (seven); off by
+    default because on the H200 it is slower at every measured shape (the reduce-adds to L2
+    bound it: BENCHMARKS.md §3).
     """
 
     fwd_block_kv: int = 128
     fwd_slots: int = 2
     bwd_slots: int = 2
-    fused_dq: bool = True
+    fused_dq: bool = False
     compute_registers: int = 232
     memory_registers: int = 40
 

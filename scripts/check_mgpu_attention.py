@@ -27,8 +27,8 @@ from pallas_kernels.flash_attention_mgpu import (
 )
 
 VARIANTS = {
-    "fused-dq": MgpuAttentionConfig(),
-    "dq-kernel": MgpuAttentionConfig(fused_dq=False),
+    "fused-dq": MgpuAttentionConfig(fused_dq=True),
+    "dq-kernel": MgpuAttentionConfig(),
 }
 
 
