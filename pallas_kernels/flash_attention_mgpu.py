@@ -77,19 +77,21 @@ class MgpuAttentionConfig:
     backward's Q/dO ring depth (its tiles are 64x64). ``fused_dq``: dQ inside the dK/dV kernel
     by TMA reduce-add (five products per tile pair) instead of a second kernel (seven); off by
     default because on the H200 it is slower at every measured shape (the reduce-adds to L2
-    bound it: BENCHMARKS.md §3).
+    bound it: BENCHMARKS.md §3). ``dq_block_kv``: the dQ kernel's K/V tile.
     """
 
     fwd_block_kv: int = 128
     fwd_slots: int = 2
     bwd_slots: int = 2
     fused_dq: bool = False
+    dq_block_kv: int = 64
     compute_registers: int = 232
     memory_registers: int = 40
 
     def __post_init__(self) -> None:
-        if self.fwd_block_kv not in (64, 128):
-            raise ValueError(f"fwd_block_kv must be 64 or 128, got {self.fwd_block_kv}")
+        for name in ("fwd_block_kv", "dq_block_kv"):
+            if getattr(self, name) not in (64, 128):
+                raise ValueError(f"{name} must be 64 or 128, got {getattr(self, name)}")
         if min(self.fwd_slots, self.bwd_slots) < 2:
             raise ValueError(f"ring depths must be >= 2, got {self.fwd_slots}/{self.bwd_slots}")
 
@@ -569,7 +571,7 @@ def _dq_call(q, k, v, do, lse2, delta, scale: float, config: MgpuAttentionConfig
     """dQ by a kernel of its own (``fused_dq=False``): recomputes ``s`` and ``dp``."""
     b, s, hq, d = q.shape
     groups = hq // k.shape[2]
-    blk, slots = _ROWS, config.bwd_slots
+    blk, bkv, slots = _ROWS, config.dq_block_kv, config.bwd_slots
     num_tiles = s // (_COMPUTE_WGS * blk)
     c = scale * _LOG2E
 
@@ -581,7 +583,7 @@ def _dq_call(q, k, v, do, lse2, delta, scale: float, config: MgpuAttentionConfig
         kv_head = head // groups
         wg = lax.axis_index("wg")
         cta_base = tile * (_COMPUTE_WGS * blk)
-        steps = (cta_base + _COMPUTE_WGS * blk) // blk  # K/V tiles up to the CTA's diagonal
+        steps = (cta_base + _COMPUTE_WGS * blk) // bkv  # K/V tiles up to the CTA's diagonal
 
         @pl.when(wg < _COMPUTE_WGS)
         def _compute() -> None:
@@ -603,7 +605,7 @@ def _dq_call(q, k, v, do, lse2, delta, scale: float, config: MgpuAttentionConfig
                 slot = lax.rem(step, slots)
                 plgpu.barrier_wait(k_bar.at[slot])
                 plgpu.barrier_wait(v_bar.at[slot])
-                zeros = _zeros((blk, blk), interpret)
+                zeros = _zeros((blk, bkv), interpret)
                 s_, dp = _products(
                     [
                         (zeros, q_smem.at[wg], _T(k_ring.at[slot])),
@@ -611,17 +613,17 @@ def _dq_call(q, k, v, do, lse2, delta, scale: float, config: MgpuAttentionConfig
                     ],
                     interpret,
                 )
-                p = jnp.exp2(s_ * c - lax.broadcast_in_dim(lse, (blk, blk), [0]))
+                p = jnp.exp2(s_ * c - lax.broadcast_in_dim(lse, (blk, bkv), [0]))
                 if masked:
                     p = jnp.where(
-                        _causal_mask((blk, blk), q_base, step * blk, True, interpret), p, 0.0
+                        _causal_mask((blk, bkv), q_base, step * bkv, True, interpret), p, 0.0
                     )
-                ds = p * (dp - lax.broadcast_in_dim(dlt, (blk, blk), [0]))
+                ds = p * (dp - lax.broadcast_in_dim(dlt, (blk, bkv), [0]))
                 (dq,) = _products([(dq, ds.astype(q.dtype), k_ring.at[slot])], interpret)
                 plgpu.barrier_arrive(free.at[slot])
                 return dq
 
-            edge = steps - _COMPUTE_WGS  # the last tiles straddle (or pass) the diagonal
+            edge = steps - _COMPUTE_WGS * blk // bkv  # the last tiles straddle the diagonal
             dq = lax.fori_loop(0, edge, lambda i, a: body(i, a, False), _zeros((blk, d), interpret))
             dq = lax.fori_loop(edge, steps, lambda i, a: body(i, a, True), dq)
             q_smem.at[wg][...] = (dq * scale).astype(q.dtype)
@@ -634,7 +636,7 @@ def _dq_call(q, k, v, do, lse2, delta, scale: float, config: MgpuAttentionConfig
             plgpu.set_max_registers(config.memory_registers, action="decrease")
 
             def load(step: Array, slot: Array) -> None:
-                tile_rows = (batch, pl.ds(step * blk, blk), kv_head)
+                tile_rows = (batch, pl.ds(step * bkv, bkv), kv_head)
                 plgpu.copy_gmem_to_smem(k_ref.at[tile_rows], k_ring.at[slot], k_bar.at[slot])
                 plgpu.copy_gmem_to_smem(v_ref.at[tile_rows], v_ring.at[slot], v_bar.at[slot])
 
@@ -648,8 +650,8 @@ def _dq_call(q, k, v, do, lse2, delta, scale: float, config: MgpuAttentionConfig
                 _smem_tile((_COMPUTE_WGS, blk, d), do.dtype),
                 plgpu.SMEM((_COMPUTE_WGS, blk), jnp.float32),
                 plgpu.SMEM((_COMPUTE_WGS, blk), jnp.float32),
-                _smem_tile((slots, blk, d), k.dtype),
-                _smem_tile((slots, blk, d), v.dtype),
+                _smem_tile((slots, bkv, d), k.dtype),
+                _smem_tile((slots, bkv, d), v.dtype),
             ),
             (
                 tuple(plgpu.Barrier(num_barriers=_COMPUTE_WGS) for _ in range(4)),

@@ -27,8 +27,12 @@ from pallas_kernels.flash_attention_mgpu import (
 )
 
 VARIANTS = {
-    "fused-dq": MgpuAttentionConfig(fused_dq=True),
     "dq-kernel": MgpuAttentionConfig(),
+    "dq kv128": MgpuAttentionConfig(dq_block_kv=128),
+    "dq kv128 r240": MgpuAttentionConfig(
+        dq_block_kv=128, compute_registers=240, memory_registers=24
+    ),
+    "fused-dq": MgpuAttentionConfig(fused_dq=True),
 }
 
 
@@ -65,7 +69,7 @@ def _try(label: str, fn) -> None:
         traceback.print_exc(limit=3)
 
 
-def check_shape(b: int, s: int, hq: int = 32, hkv: int = 8, d: int = 128) -> None:
+def check_shape(b: int, s: int, variants: list[str], hq: int = 32, hkv: int = 8, d: int = 128):
     scale = d**-0.5
     keys = jax.random.split(jax.random.key(0), 4)
     q, k, v, do = (
@@ -88,7 +92,8 @@ def check_shape(b: int, s: int, hq: int = 32, hkv: int = 8, d: int = 128) -> Non
         (out_ref, lse_ref), vjp = jax.vjp(lambda *x: _reference(*x, scale), q, k, v)
         want = (out_ref, lse_ref, *vjp((do.astype(jnp.float32), jnp.zeros_like(lse_ref))))
 
-    for name, config in VARIANTS.items():
+    for name in variants:
+        config = VARIANTS[name]
 
         def run(config=config, name=name) -> None:
             fwd = jax.jit(lambda q, k, v: flash_forward_mgpu(q, k, v, scale=scale, config=config))
@@ -115,10 +120,11 @@ def check_shape(b: int, s: int, hq: int = 32, hkv: int = 8, d: int = 128) -> Non
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default="2x2048,1x8192,1x32768")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma list")
     args = parser.parse_args()
     for shape in args.shapes.split(","):
         b, s = (int(x) for x in shape.split("x"))
-        check_shape(b, s)
+        check_shape(b, s, [v for v in args.variants.split(",") if v])
 
 
 if __name__ == "__main__":

@@ -63,9 +63,17 @@ def test_forward_matches_reference(rng, block_kv):
     np.testing.assert_allclose(lse, want_lse, rtol=0, atol=2e-3)
 
 
-@pytest.mark.parametrize("fused_dq", [True, False], ids=["fused-dq", "dq-kernel"])
-def test_backward_matches_reference_gradients(rng, fused_dq):
-    d = 128 if fused_dq else 64  # the fused kernel needs D = 128 (others take the dQ kernel)
+@pytest.mark.parametrize(
+    "config",
+    [
+        MgpuAttentionConfig(fused_dq=True),
+        MgpuAttentionConfig(),
+        MgpuAttentionConfig(dq_block_kv=128),
+    ],
+    ids=["fused-dq", "dq-kernel", "dq-kernel-kv128"],
+)
+def test_backward_matches_reference_gradients(rng, config):
+    d = 128 if config.fused_dq else 64
     q, k, v, do = _inputs(rng, d=d)
     scale = d**-0.5
     f32 = [x.astype(jnp.float32) for x in (q, k, v)]
@@ -73,7 +81,7 @@ def test_backward_matches_reference_gradients(rng, fused_dq):
     want = vjp((do.astype(jnp.float32), jnp.zeros_like(lse)))
     got = flash_backward_mgpu(
         q, k, v, out.astype(jnp.bfloat16), lse, do, scale=scale,
-        config=MgpuAttentionConfig(fused_dq=fused_dq),
+        config=config,
         interpret=interpret_params.InterpretGPUParams(),
     )  # fmt: skip
     for name, g, w in zip(("dq", "dk", "dv"), got, want, strict=True):
