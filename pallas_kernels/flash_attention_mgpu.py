@@ -84,7 +84,7 @@ class MgpuAttentionConfig:
     fwd_slots: int = 2
     bwd_slots: int = 2
     fused_dq: bool = False
-    dq_block_kv: int = 64
+    dq_block_kv: int = 128
     compute_registers: int = 232
     memory_registers: int = 40
 

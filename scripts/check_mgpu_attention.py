@@ -27,11 +27,9 @@ from pallas_kernels.flash_attention_mgpu import (
 )
 
 VARIANTS = {
-    "dq-kernel": MgpuAttentionConfig(),
-    "dq kv128": MgpuAttentionConfig(dq_block_kv=128),
-    "dq kv128 r240": MgpuAttentionConfig(
-        dq_block_kv=128, compute_registers=240, memory_registers=24
-    ),
+    "dq kv64": MgpuAttentionConfig(dq_block_kv=64),
+    "dq kv128": MgpuAttentionConfig(),
+    "dq kv128 r240": MgpuAttentionConfig(compute_registers=240, memory_registers=24),
     "fused-dq": MgpuAttentionConfig(fused_dq=True),
 }
 

@@ -67,10 +67,10 @@ def test_forward_matches_reference(rng, block_kv):
     "config",
     [
         MgpuAttentionConfig(fused_dq=True),
+        MgpuAttentionConfig(dq_block_kv=64),
         MgpuAttentionConfig(),
-        MgpuAttentionConfig(dq_block_kv=128),
     ],
-    ids=["fused-dq", "dq-kernel", "dq-kernel-kv128"],
+    ids=["fused-dq", "dq-kernel-kv64", "dq-kernel-kv128"],
 )
 def test_backward_matches_reference_gradients(rng, config):
     d = 128 if config.fused_dq else 64
