@@ -4,8 +4,9 @@ For each shape (32 query / 8 KV heads, d = 128, bf16, causal): the Mosaic forwar
 and log-sum-exp, and both backward variants' dq, dk, dv, against float32 jnp attention (where
 the S×S reference fits); then pipelined timings (median, dispatch hidden) of the forward, the
 backward alone and forward+backward, against cuDNN. Causal FLOPs: forward 2·B·Hq·S²·D,
-backward 2.5x, forward+backward 3.5x. Each variant runs in try/except, so one failure is
-reported and the rest go on.
+backward 2.5x, forward+backward 3.5x; the per-kernel lines of the backward count the tile
+products the kernels really run (dK/dV 4, dQ 3 per tile pair, against the textbook's 5). Each
+variant runs in try/except, so one failure is reported and the rest go on.
 
     python scripts/check_mgpu_attention.py [--shapes 2x2048,1x8192,1x32768]
 """
@@ -13,12 +14,14 @@ reported and the rest go on.
 from __future__ import annotations
 
 import argparse
+import math
 import traceback
 
 import jax
 import jax.numpy as jnp
 from _common import pipelined_ms
 
+from pallas_kernels import flash_attention_mgpu as mgpu  # the kernels one by one, for timing
 from pallas_kernels.flash_attention_mgpu import (
     MgpuAttentionConfig,
     flash_attention_mgpu,
@@ -111,6 +114,16 @@ def check_shape(b: int, s: int, variants: list[str], hq: int = 32, hkv: int = 8,
             )
             print(f"  {name:<16} fwd {rate(fwd_flops, t_f)}  bwd {rate(2.5 * fwd_flops, t_b)}"
                   f"  fwd+bwd {rate(3.5 * fwd_flops, t_fb)}{errs}", flush=True)  # fmt: skip
+            if not config.fused_dq:  # where the backward's time goes, kernel by kernel
+                lse2 = lse * math.log2(math.e)
+                delta = jnp.einsum("bshd,bshd->bhs", out.astype(jnp.float32), do.astype(jnp.float32))
+                args = (q, k, v, do, lse2, delta)
+                dkdv = jax.jit(lambda *a: mgpu._dkdv_call(*a, None, scale, config, None))
+                dq = jax.jit(lambda *a: mgpu._dq_call(*a, scale, config, None))
+                # Tile products actually run: dK/dV 4 and dQ 3 per tile pair (forward: 2).
+                print(f"  {'':<16} dK/dV kernel {rate(2 * fwd_flops, pipelined_ms(dkdv, *args))}"
+                      f"  dQ kernel {rate(1.5 * fwd_flops, pipelined_ms(dq, *args))}"
+                      "  (real tensor work)", flush=True)  # fmt: skip
 
         _try(name, run)
 
