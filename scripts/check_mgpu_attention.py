@@ -116,7 +116,8 @@ def check_shape(b: int, s: int, variants: list[str], hq: int = 32, hkv: int = 8,
                   f"  fwd+bwd {rate(3.5 * fwd_flops, t_fb)}{errs}", flush=True)  # fmt: skip
             if not config.fused_dq:  # where the backward's time goes, kernel by kernel
                 lse2 = lse * math.log2(math.e)
-                delta = jnp.einsum("bshd,bshd->bhs", out.astype(jnp.float32), do.astype(jnp.float32))
+                f32 = jnp.float32
+                delta = jnp.einsum("bshd,bshd->bhs", out.astype(f32), do.astype(f32))
                 args = (q, k, v, do, lse2, delta)
                 dkdv = jax.jit(lambda *a: mgpu._dkdv_call(*a, None, scale, config, None))
                 dq = jax.jit(lambda *a: mgpu._dq_call(*a, scale, config, None))
