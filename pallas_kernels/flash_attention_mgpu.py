@@ -26,9 +26,10 @@ warpgroups have arrived on its ``free`` barrier). Softmax runs in base 2 on scal
 
   By default a second kernel computes dQ (grid ``(q_heads, q_tiles / 2, batch)``; warpgroups
   own query tiles and stream K/V up to the diagonal), recomputing ``s`` and ``dp``: seven tile
-  products per tile pair, no atomics. With ``fused_dq`` the dQ partial instead goes through
-  shared memory to a TMA reduce-add into a zero-initialised float32 buffer: five products,
-  the FLOPs of the textbook backward, but slower on the H200 (the L2 reductions bound it).
+  products per tile pair, no atomics. With ``fused_dq`` the memory warpgroup instead computes
+  the CTA's dQ partial from the dSᵀ tiles the compute warpgroups leave in shared memory and
+  TMA-reduce-adds it into a zero-initialised float32 buffer: five products, the FLOPs of the
+  textbook backward (not yet measured on a GPU; two earlier fused designs were slower).
 
 Causality costs nothing beyond the diagonal: each CTA streams only the tiles that intersect its
 causal triangle, and only the (at most two) tiles per stream that straddle the diagonal pay
@@ -76,8 +77,11 @@ class MgpuAttentionConfig:
     ``fwd_block_kv``/``fwd_slots``: the forward's K/V tile and ring depth. ``bwd_slots``: the
     backward's Q/dO ring depth (its tiles are 64x64). ``fused_dq``: dQ inside the dK/dV kernel
     by TMA reduce-add (five products per tile pair) instead of a second kernel (seven); off by
-    default because on the H200 it is slower at every measured shape (the reduce-adds to L2
-    bound it: BENCHMARKS.md §3). ``dq_block_kv``: the dQ kernel's K/V tile.
+    default until measured: the two earlier fused designs were slower on the H200
+    (BENCHMARKS.md §3). ``dq_block_kv``: the dQ kernel's K/V tile. Registers per
+    thread: ``compute_registers``/``memory_registers`` for the compute and memory warpgroups;
+    ``fused_registers`` the same pair for the fused kernel, whose memory warpgroup also
+    accumulates dQ (2·128·208 + 128·96 = 64K, the register file).
     """
 
     fwd_block_kv: int = 128
@@ -87,6 +91,7 @@ class MgpuAttentionConfig:
     dq_block_kv: int = 128
     compute_registers: int = 232
     memory_registers: int = 40
+    fused_registers: tuple[int, int] = (208, 96)
 
     def __post_init__(self) -> None:
         for name in ("fwd_block_kv", "dq_block_kv"):
@@ -197,11 +202,14 @@ def _smem_tile(shape: tuple[int, ...], dtype: Any) -> Any:
 
 
 def _feed_ring(streams: Sequence[tuple[Callable[[Array, Array], None], Any]], steps: Array,
-               slots: int) -> None:  # fmt: skip
+               slots: int, each_step: Callable[[Array, Callable[[], None]], None] | None = None,
+               ) -> None:  # fmt: skip
     """The memory warpgroup's loop: for each step, each ``(load, free)`` stream loads a slot.
 
-    The first ``slots`` steps load at once; a later load waits until both compute warpgroups
-    have arrived on that stream's ``free`` barrier for the slot. At the end the last slots'
+    The first ``slots`` steps load at once; the load for step ``i + slots`` (the "refill")
+    waits until both compute warpgroups have arrived on that stream's ``free`` barrier for step
+    ``i``'s slot. ``each_step(i, refill)``, if given, is other work this warpgroup does per
+    step, behind the compute warpgroups; it calls ``refill`` where it fits. The last steps'
     releases are observed too, so every phase of every barrier is seen before the shared
     memory goes out of scope.
     """
@@ -212,17 +220,22 @@ def _feed_ring(streams: Sequence[tuple[Callable[[Array, Array], None], Any]], st
             for load, _ in streams:
                 load(jnp.int32(i), jnp.int32(i))
 
-    @pl.loop(slots, steps)
+    @pl.loop(0, steps)
     def _stream(step: Array) -> None:
         slot = lax.rem(step, slots)
-        for load, free in streams:
-            plgpu.barrier_wait(free.at[slot])
-            load(step, slot)
 
-    @pl.loop(jnp.maximum(steps - slots, 0), steps)
-    def _drain(step: Array) -> None:
-        for _, free in streams:
-            plgpu.barrier_wait(free.at[lax.rem(step, slots)])
+        def refill() -> None:
+            for load, free in streams:
+                plgpu.barrier_wait(free.at[slot])
+
+                @pl.when(step + slots < steps)
+                def _load(load: Callable[[Array, Array], None] = load) -> None:
+                    load(step + slots, slot)
+
+        if each_step is None:
+            refill()
+        else:
+            each_step(step, refill)
 
 
 def _launch(body: Callable[..., None], out_type: Any, grid: dict[str, int], name: str,
@@ -388,12 +401,14 @@ def _dkdv_call(q, k, v, do, lse2, delta, dq_acc, scale: float, config: MgpuAtten
                interpret):  # fmt: skip
     """dK, dV (and, given the ``dq_acc`` ref, dQ partials added into it).
 
-    Fused dQ: both warpgroups write their dSᵀ rows into one shared ``[128 keys, 64 queries]``
-    tile (double-buffered; a two-arrival barrier per step says both halves are there), then
-    one warpgroup, alternating by step, computes the CTA's whole dQ partial ``dSᵀᵀ · K`` and
-    reduce-adds it. One reduction per CTA and tile instead of one per warpgroup halves the
-    atomic traffic to L2, which bounds this kernel otherwise (measured: a reduction per
-    warpgroup ran the backward at 2/3 of the unfused kernels' speed).
+    Fused dQ: both compute warpgroups write their dSᵀ rows into one shared ``[128 keys, 64
+    queries]`` tile (double-buffered) and go on; the memory warpgroup, between its TMA loads,
+    computes the CTA's whole dQ partial ``dSᵀᵀ · K`` and reduce-adds it to global memory. The
+    compute warpgroups then never wait for dQ work (they only wait, two steps later, until the
+    buffer was read). Two earlier designs that made a compute warpgroup do it (per warpgroup,
+    or per CTA with the two taking turns) were slower than the separate dQ kernel on the H200:
+    the hand-off between warpgroups each step, not the L2 reductions, bounded them (halving the
+    reduction traffic gained only 10%).
     """
     b, s, hq, d = q.shape
     hkv = k.shape[2]
@@ -408,7 +423,7 @@ def _dkdv_call(q, k, v, do, lse2, delta, dq_acc, scale: float, config: MgpuAtten
         dq_ref = refs[6] if fused else None
         dk_ref, dv_ref, scoped = refs[6 + fused :]
         (k_smem, v_smem, q_ring, do_ring, lse_ring, delta_ring, *dq_scratch), bars = scoped
-        k_bar, v_bar, q_bar, do_bar, lse_bar, delta_bar, free, *ds_ready = bars
+        k_bar, v_bar, q_bar, do_bar, lse_bar, delta_bar, free, *ds_bars = bars
         batch, kv_head, tile = (lax.axis_index(n) for n in ("batch", "kv_heads", "kv_tiles"))
         wg = lax.axis_index("wg")
         cta_base = tile * (_COMPUTE_WGS * blk)
@@ -422,7 +437,8 @@ def _dkdv_call(q, k, v, do, lse2, delta, dq_acc, scale: float, config: MgpuAtten
 
         @pl.when(wg < _COMPUTE_WGS)
         def _compute() -> None:
-            plgpu.set_max_registers(config.compute_registers, action="increase")
+            registers = config.fused_registers[0] if fused else config.compute_registers
+            plgpu.set_max_registers(registers, action="increase")
             kv_base = cta_base + wg * blk
             rows = (batch, pl.ds(kv_base, blk), kv_head)
             own_rows = pl.ds(wg * blk, blk)  # of the CTA's K (the fused dQ reads all of it)
@@ -461,38 +477,22 @@ def _dkdv_call(q, k, v, do, lse2, delta, dq_acc, scale: float, config: MgpuAtten
                     )
                     plgpu.barrier_arrive(free.at[slot])
                     return dk, dv
-                ds_tiles, dq_stage = dq_scratch
+                ds_tiles, _ = dq_scratch
+                ds_ready, ds_free = ds_bars
                 buf = lax.rem(step, 2)
-                ds_all = ds_tiles.at[buf]  # [CTA keys, queries]
-                ds_all.at[own_rows][...] = ds_t
+
+                @pl.when(step >= 2)
+                def _buffer_read() -> None:  # the dQ of two steps ago has read this buffer
+                    plgpu.barrier_wait(ds_free.at[buf])
+
+                ds_own = ds_tiles.at[buf].at[own_rows]  # [keys, queries]
+                ds_own[...] = ds_t
                 plgpu.commit_smem()
-
-                def both_halves_written() -> None:
-                    plgpu.barrier_arrive(ds_ready[0].at[buf])
-                    plgpu.barrier_wait(ds_ready[0].at[buf])
-
+                plgpu.barrier_arrive(ds_ready.at[buf])
                 dv, dk = _products(
-                    [(dv, p_t, do_ring.at[slot]), (dk, ds_all.at[own_rows], q_ring.at[slot])],
-                    interpret,
-                    after_issue=both_halves_written,
+                    [(dv, p_t, do_ring.at[slot]), (dk, ds_own, q_ring.at[slot])], interpret
                 )
                 plgpu.barrier_arrive(free.at[slot])
-
-                @pl.when(wg == lax.rem(step, _COMPUTE_WGS))
-                def _dq() -> None:
-                    zeros_dq = _zeros((blk, d), interpret)
-                    (dq,) = _products([(zeros_dq, _T(ds_all), k_smem)], interpret)
-                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # its last dQ was read
-                    dq_stage.at[wg][...] = dq
-                    plgpu.commit_smem()
-                    rows_q = (batch, pl.ds(q0, blk), head)
-                    if interpret is None:
-                        plgpu.copy_smem_to_gmem(
-                            dq_stage.at[wg], dq_ref.at[rows_q], reduction_op="add"
-                        )
-                    else:  # Interpreter: no TMA reductions; one plane per CTA, summed outside.
-                        plgpu.copy_smem_to_gmem(dq_stage.at[wg], dq_ref.at[(tile, *rows_q)])
-
                 return dk, dv
 
             # Per head: the first COMPUTE_WGS query tiles straddle the CTA's diagonal (or lie
@@ -506,8 +506,14 @@ def _dkdv_call(q, k, v, do, lse2, delta, dq_acc, scale: float, config: MgpuAtten
                     edge, start + per_head, lambda i, c_: body(i, c_, False), carry
                 )
             dk, dv = carry
-            # Out through this warpgroup's V tile, dV then dK: the other warpgroup's last
-            # fused dQ product may still be reading all of K.
+            if fused:  # observe the dS buffers' last releases (every phase is waited on)
+
+                @pl.loop(jnp.maximum(steps - 2, 0), steps)
+                def _last_reads(step: Array) -> None:
+                    plgpu.barrier_wait(ds_bars[1].at[lax.rem(step, 2)])
+
+            # Out through this warpgroup's V tile, dV then dK: the fused dQ may still be
+            # reading all of K.
             for grad, dst in ((dv, dv_ref), (dk * scale, dk_ref)):
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)
                 v_smem.at[wg][...] = grad.astype(v.dtype)
@@ -517,7 +523,8 @@ def _dkdv_call(q, k, v, do, lse2, delta, dq_acc, scale: float, config: MgpuAtten
 
         @pl.when(wg == _COMPUTE_WGS)
         def _memory() -> None:
-            plgpu.set_max_registers(config.memory_registers, action="decrease")
+            registers = config.fused_registers[1] if fused else config.memory_registers
+            plgpu.set_max_registers(registers, action="decrease")
 
             def load(step: Array, slot: Array) -> None:
                 head, q0 = coords(step)
@@ -530,7 +537,34 @@ def _dkdv_call(q, k, v, do, lse2, delta, dq_acc, scale: float, config: MgpuAtten
                     delta_ref.at[stats], delta_ring.at[slot], delta_bar.at[slot]
                 )
 
-            _feed_ring([(load, free)], steps, slots)
+            def dq_step(step: Array, refill: Callable[[], None]) -> None:
+                """dQ of this step's query tile from both halves of dSᵀ, reduce-added; the
+                ring's refill is issued while the product runs."""
+                ds_tiles, dq_stage = dq_scratch
+                ds_ready, ds_free = ds_bars
+                buf = lax.rem(step, 2)
+                head, q0 = coords(step)
+                plgpu.barrier_wait(ds_ready.at[buf])
+                zeros = _zeros((blk, d), interpret)
+                (dq,) = _products(
+                    [(zeros, _T(ds_tiles.at[buf]), k_smem)], interpret, after_issue=refill
+                )
+                plgpu.barrier_arrive(ds_free.at[buf])
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last dQ left the stage
+                dq_stage[...] = dq
+                plgpu.commit_smem()
+                rows_q = (batch, pl.ds(q0, blk), head)
+                if interpret is None:
+                    plgpu.copy_smem_to_gmem(dq_stage, dq_ref.at[rows_q], reduction_op="add")
+                else:  # Interpreter: no TMA reductions; one plane per CTA, summed outside.
+                    plgpu.copy_smem_to_gmem(dq_stage, dq_ref.at[(tile, *rows_q)])
+
+            if fused:
+                for w in range(_COMPUTE_WGS):  # all of K is the dQ product's right operand
+                    plgpu.barrier_wait(k_bar.at[w])
+            _feed_ring([(load, free)], steps, slots, each_step=dq_step if fused else None)
+            if fused:
+                plgpu.wait_smem_to_gmem(0)
 
     scratch = [
         _smem_tile((_COMPUTE_WGS * blk, d), k.dtype),
@@ -549,9 +583,10 @@ def _dkdv_call(q, k, v, do, lse2, delta, dq_acc, scale: float, config: MgpuAtten
     if fused:
         scratch += [
             _smem_tile((2, _COMPUTE_WGS * blk, blk), q.dtype),  # dSᵀ, double-buffered
-            _smem_tile((_COMPUTE_WGS, blk, d), jnp.float32),  # dQ partials on their way out
+            _smem_tile((blk, d), jnp.float32),  # the dQ partial on its way out
         ]
-        barriers.append(plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=2))  # dS ready
+        barriers.append(plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=2))  # dS written
+        barriers.append(plgpu.Barrier(num_barriers=2))  # dS read by the dQ product
 
     def entry(*refs: Any) -> None:
         pl.run_scoped(
