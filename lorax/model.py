@@ -141,8 +141,8 @@ class ForwardOptions:
     cuDNN's fused attention where its features suffice (no packed segments, no softcap; it is
     3-4x faster than our Pallas kernel in the backward pass, see BENCHMARKS.md), otherwise
     the Pallas flash-attention kernel; the jnp reference on CPU. ``"pallas"``, ``"cudnn"``,
-    ``"mosaic"`` (the Mosaic GPU kernels: causal only, forward ≥ cuDNN, backward not yet) and
-    ``"reference"`` force one. ``matmul_impl`` likewise for the NF4/LoRA matmul.
+    ``"mosaic"`` (the Mosaic GPU kernels: causal only; forward at cuDNN's speed, backward not
+    yet) and ``"reference"`` force one. ``matmul_impl`` likewise for the NF4/LoRA matmul.
 
     ``remat`` is a policy name or a per-layer schedule (see :mod:`lorax.remat`).
     ``offload_layer_inputs`` keeps every layer's input (the residual stream, which any remat

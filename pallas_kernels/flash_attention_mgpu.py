@@ -6,8 +6,8 @@ attention has no causal backward. The design follows jax's (FlashAttention-3 sty
 tiles per warpgroup, two compute warpgroups and one memory warpgroup per CTA) and adds what
 lorax needs: causal tile skipping in all kernels, GQA with K/V never repeated (the GQA sum of
 dK/dV inside the kernel), bf16, and the score scale. On the H200 (BENCHMARKS.md §3) the
-forward is at cuDNN's speed or above; forward+backward is at parity at 2x2048 and 93% of cuDNN
-at 8K-32K.
+forward is faster than cuDNN's up to 8K and within 1% at 32K; forward+backward is at parity at
+2x2048 and 93% of cuDNN at 8K-32K.
 
 Every CTA has two compute warpgroups and one memory warpgroup that streams tiles through a
 ring of shared-memory slots with TMA (``_feed_ring``; a slot is refilled once both compute
