@@ -21,17 +21,19 @@ def median_ms(fn: Callable[..., Any], *args: Any, reps: int = 10) -> float:
     return 1e3 * statistics.median(times)
 
 
-def pipelined_ms(fn: Callable[..., Any], *args: Any, warmup: int = 3, reps: int = 7) -> float:
+def pipelined_ms(fn: Callable[..., Any], *args: Any, warmup: int = 3, reps: int = 7,
+                 min_calls: int = 1, max_calls: int = 50) -> float:  # fmt: skip
     """Median milliseconds per call with dispatch hidden: each rep runs ``n`` calls back to back
-    (about 50 ms in all) and blocks on the last. Close to device time; used for kernel rates."""
+    (about 50 ms in all, within ``[min_calls, max_calls]``) and blocks on the last. Close to
+    device time; what every kernel rate in BENCHMARKS.md is computed from."""
     import jax
 
     for _ in range(warmup):
-        out = fn(*args)
-    jax.block_until_ready(out)
+        jax.block_until_ready(fn(*args))
     t0 = time.perf_counter()
     jax.block_until_ready(fn(*args))
-    n = int(min(50, max(1, round(0.05 / max(time.perf_counter() - t0, 1e-6)))))
+    single = time.perf_counter() - t0
+    n = int(min(max_calls, max(min_calls, round(0.05 / max(single, 1e-6)))))
     samples = []
     for _ in range(reps):
         t0 = time.perf_counter()

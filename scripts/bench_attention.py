@@ -48,7 +48,6 @@ import json
 import math
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import time
@@ -62,6 +61,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from _common import pipelined_ms  # noqa: E402
 
 from pallas_kernels.flash_attention import BlockSizes, flash_attention  # noqa: E402
 
@@ -128,26 +128,6 @@ def _rel_l2(a: Array, b: Array) -> float:
     return float(np.linalg.norm(a64 - b64) / max(np.linalg.norm(b64), 1e-30))
 
 
-def _time(fn: Callable[..., Any], args: tuple, warmup: int, reps: int) -> float:
-    """Median seconds per call, pipelined (n back-to-back calls per rep, block on the last)."""
-    out = None
-    for _ in range(warmup):
-        out = fn(*args)
-    jax.block_until_ready(out)
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    single = time.perf_counter() - start
-    n = int(min(50, max(1, round(0.05 / max(single, 1e-6)))))
-    samples = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        for _ in range(n):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        samples.append((time.perf_counter() - start) / n)
-    return statistics.median(samples)
-
-
 def _attention_fn(impl: str, interpret: bool, blocks: BlockSizes | None) -> Callable[..., Array]:
     if impl == "mosaic":
         return lambda q, k, v: flash_attention(
@@ -184,7 +164,7 @@ def _measure(
         row.compile_s = time.perf_counter() - start
         with contextlib.suppress(Exception):  # not every backend reports it
             row.temp_mib = compiled.memory_analysis().temp_size_in_bytes / 2**20
-        seconds = _time(compiled, args, opts.warmup, opts.reps)
+        seconds = pipelined_ms(compiled, *args, warmup=opts.warmup, reps=opts.reps) / 1e3
         row.ms = seconds * 1e3
         row.tflops = flops / seconds / 1e12
         return compiled(*args)

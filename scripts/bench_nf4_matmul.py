@@ -52,7 +52,6 @@ import json
 import math
 import os
 import platform
-import statistics
 import sys
 import time
 import traceback
@@ -64,6 +63,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from _common import pipelined_ms  # noqa: E402
 from jax import lax  # noqa: E402
 
 from pallas_kernels.nf4 import NF4Tensor  # noqa: E402
@@ -242,18 +242,8 @@ def time_fn(fn: Callable[..., Any], args: tuple[Any, ...], reps: int, max_calls:
     key = (id(fn), tuple((a.shape, a.dtype) for a in jax.tree.leaves(args)))
     for _ in range(3):  # compile (if not yet) + 2 warm-up calls
         _call(fn, args)
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    single = time.perf_counter() - t0
-    calls = int(min(max_calls, max(3, round(0.05 / max(single, 1e-6)))))
-    samples = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        samples.append((time.perf_counter() - t0) / calls)
-    return dict(seconds=statistics.median(samples), compile_s=_FIRST_CALL_S[key], calls=calls)
+    ms = pipelined_ms(fn, *args, warmup=0, reps=reps, min_calls=3, max_calls=max_calls)
+    return dict(seconds=ms / 1e3, compile_s=_FIRST_CALL_S[key])
 
 
 def rel_err(got: Any, want: Any) -> float:
@@ -358,7 +348,6 @@ class Bench:
                         ms=r["seconds"] * 1e3,
                         tflops=flops / r["seconds"] / 1e12,
                         compile_s=r["compile_s"],
-                        calls=r["calls"],
                     )
                     ceil = self.lookup(k, n, m, mode, "bf16_dot")
                     ref = self.lookup(k, n, m, mode, "reference")
