@@ -46,6 +46,7 @@ from pallas_kernels.flash_attention_kernels import (
     flash_forward,
 )
 from pallas_kernels.flash_attention_reference import (
+    attention_logsumexp,
     attention_mask,
     attention_reference,
     validate_attention_args,
@@ -54,6 +55,7 @@ from pallas_kernels.flash_attention_reference import (
 __all__ = [
     "BlockSizes",
     "Impl",
+    "attention_logsumexp",
     "attention_mask",
     "attention_reference",
     "flash_attention",

@@ -22,7 +22,12 @@ import jax
 import jax.numpy as jnp
 from jax import Array
 
-__all__ = ["attention_mask", "attention_reference", "validate_attention_args"]
+__all__ = [
+    "attention_logsumexp",
+    "attention_mask",
+    "attention_reference",
+    "validate_attention_args",
+]
 
 
 def validate_attention_args(
@@ -90,6 +95,40 @@ def attention_mask(
     return mask
 
 
+def _scores(
+    q: Array,
+    k: Array,
+    *,
+    causal: bool,
+    sliding_window: int | None,
+    softcap: float | None,
+    segment_ids: Array | None,
+    scale: float | None,
+) -> Array:
+    """Scaled, softcapped, masked float32 scores ``[B, Hkv, G, Sq, Sk]`` (masked: -inf)."""
+    batch, seq_len, num_q_heads, head_dim = q.shape
+    num_kv_heads = k.shape[2]
+    groups = num_q_heads // num_kv_heads
+    scale = head_dim**-0.5 if scale is None else float(scale)
+    qg = q.reshape(batch, seq_len, num_kv_heads, groups, head_dim)
+    scores = jnp.einsum(
+        "bqhgd,bkhd->bhgqk",
+        qg,
+        k,
+        preferred_element_type=jnp.float32,
+        precision=jax.lax.Precision.HIGHEST,
+    )
+    scores = scores * scale
+    if softcap is not None:
+        scores = softcap * jnp.tanh(scores / softcap)
+    mask = attention_mask(
+        seq_len, causal=causal, sliding_window=sliding_window, segment_ids=segment_ids
+    )
+    if mask is not None:
+        scores = jnp.where(mask[:, None, None], scores, -jnp.inf)
+    return scores
+
+
 def attention_reference(
     q: Array,
     k: Array,
@@ -121,29 +160,47 @@ def attention_reference(
         softcap=softcap,
         segment_ids=segment_ids,
     )
-    batch, seq_len, num_q_heads, head_dim = q.shape
-    num_kv_heads = k.shape[2]
-    groups = num_q_heads // num_kv_heads
-    scale = head_dim**-0.5 if scale is None else float(scale)
-    highest = jax.lax.Precision.HIGHEST
-
-    qg = q.reshape(batch, seq_len, num_kv_heads, groups, head_dim)
-    scores = jnp.einsum(
-        "bqhgd,bkhd->bhgqk", qg, k, preferred_element_type=jnp.float32, precision=highest
+    scores = _scores(
+        q,
+        k,
+        causal=causal,
+        sliding_window=sliding_window,
+        softcap=softcap,
+        segment_ids=segment_ids,
+        scale=scale,
     )
-    scores = scores * scale
-    if softcap is not None:
-        scores = softcap * jnp.tanh(scores / softcap)
-    mask = attention_mask(
-        seq_len, causal=causal, sliding_window=sliding_window, segment_ids=segment_ids
-    )
-    if mask is not None:
-        scores = jnp.where(mask[:, None, None], scores, -jnp.inf)
     # A fully masked row has max -inf; shift by 0 instead so exp() gives exact zeros.
     row_max = jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True))
     row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
     probs = jnp.exp(scores - row_max)
     denom = jnp.sum(probs, axis=-1, keepdims=True)
     probs = probs / jnp.where(denom == 0.0, 1.0, denom)
-    out = jnp.einsum("bhgqk,bkhd->bqhgd", probs, v.astype(jnp.float32), precision=highest)
-    return out.reshape(batch, seq_len, num_q_heads, head_dim).astype(q.dtype)
+    out = jnp.einsum(
+        "bhgqk,bkhd->bqhgd", probs, v.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST
+    )
+    return out.reshape(q.shape).astype(q.dtype)
+
+
+def attention_logsumexp(
+    q: Array,
+    k: Array,
+    *,
+    causal: bool = True,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    segment_ids: Array | None = None,
+    scale: float | None = None,
+) -> Array:
+    """The per-row natural-log log-sum-exp of the scores, ``[B, Hq, S]`` float32: what a
+    flash-attention forward saves for its backward (``-inf`` for a row that sees no key)."""
+    scores = _scores(
+        q,
+        k,
+        causal=causal,
+        sliding_window=sliding_window,
+        softcap=softcap,
+        segment_ids=segment_ids,
+        scale=scale,
+    )
+    lse = jax.nn.logsumexp(scores, axis=-1)  # [B, Hkv, G, S]
+    return lse.reshape(q.shape[0], q.shape[2], q.shape[1])

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from _common import pipelined_ms
 
 from pallas_kernels import flash_attention_mgpu as mgpu  # the kernels one by one, for timing
+from pallas_kernels.flash_attention import attention_logsumexp, attention_reference
 from pallas_kernels.flash_attention_mgpu import (
     MgpuAttentionConfig,
     flash_attention_mgpu,
@@ -39,14 +40,9 @@ VARIANTS = {
 
 def _reference(q, k, v, scale):
     """Causal GQA attention in float32: output and natural-log logsumexp [B, Hq, S]."""
-    groups = q.shape[2] // k.shape[2]
-    kk = jnp.repeat(k, groups, axis=2).astype(jnp.float32)
-    vv = jnp.repeat(v, groups, axis=2).astype(jnp.float32)
-    s = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), kk) * scale
-    n = q.shape[1]
-    s = jnp.where(jnp.tril(jnp.ones((n, n), bool)), s, -jnp.inf)
-    lse = jax.nn.logsumexp(s, axis=-1)
-    return jnp.einsum("bhqk,bkhd->bqhd", jnp.exp(s - lse[..., None]), vv), lse
+    q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
+    out = attention_reference(q, k, v, causal=True, scale=scale)
+    return out, attention_logsumexp(q, k, causal=True, scale=scale)
 
 
 def _rel(a, b) -> float:

@@ -26,6 +26,7 @@ from jax.ad_checkpoint import checkpoint_name
 from pallas_kernels._backend import triton_custom_call_target
 from pallas_kernels.flash_attention import (
     BlockSizes,
+    attention_logsumexp,
     attention_reference,
     flash_attention,
     resolve_impl,
@@ -520,3 +521,24 @@ def test_invalid_arguments() -> None:
         BlockSizes(block_q=48)
     with pytest.raises(NotImplementedError):
         flash_attention(q, q, q, softcap=5.0, impl="cudnn")
+
+
+def test_reference_logsumexp_is_the_softmax_normaliser(rng):
+    """``attention_logsumexp`` (the lse a forward saves) against scores built head by head with
+    K repeated: GQA grouping, window, softcap, segments (one row alone in its segment)."""
+    b, s, hq, hkv, d = 2, 9, 4, 2, 8
+    q = jnp.asarray(rng.standard_normal((b, s, hq, d)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((b, s, hkv, d)), jnp.float32)
+    segments = jnp.asarray([[1] * 5 + [2] * 4, [1] * 9])
+    segments = segments.at[1, 4].set(3)  # row 4 of batch 1 sees only itself
+    got = attention_logsumexp(
+        q, k, causal=True, sliding_window=3, softcap=4.0, segment_ids=segments, scale=0.5
+    )
+    kk = jnp.repeat(k, hq // hkv, axis=2)
+    scores = 4.0 * jnp.tanh(jnp.einsum("bqhd,bkhd->bhqk", q, kk) * 0.5 / 4.0)
+    i, j = np.arange(s)[:, None], np.arange(s)[None, :]
+    visible = (j <= i) & (j > i - 3)
+    visible = visible & (segments[:, :, None] == segments[:, None, :])
+    want = jax.nn.logsumexp(jnp.where(visible[:, None], scores, -jnp.inf), axis=-1)
+    assert got.shape == (b, hq, s)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pallas_kernels.flash_attention import attention_logsumexp, attention_reference
 from pallas_kernels.flash_attention_mgpu import (
     MgpuAttentionConfig,
     flash_attention_mgpu,
@@ -29,14 +30,11 @@ interpret_params = pytest.importorskip(
 
 
 def _attention(q, k, v, scale):
-    groups = q.shape[2] // k.shape[2]
-    kk = jnp.repeat(k, groups, axis=2)
-    vv = jnp.repeat(v, groups, axis=2)
-    s = jnp.einsum("bqhd,bkhd->bhqk", q, kk) * scale
-    n = q.shape[1]
-    s = jnp.where(jnp.tril(jnp.ones((n, n), bool)), s, -jnp.inf)
-    lse = jax.nn.logsumexp(s, axis=-1)
-    return jnp.einsum("bhqk,bkhd->bqhd", jnp.exp(s - lse[..., None]), vv), lse
+    """Causal attention and its log-sum-exp (what the forward saves), from the references."""
+    return (
+        attention_reference(q, k, v, causal=True, scale=scale),
+        attention_logsumexp(q, k, causal=True, scale=scale),
+    )
 
 
 def _inputs(rng, b=1, s=256, hq=4, hkv=2, d=64):
