@@ -19,20 +19,22 @@ together before one wait (``_products``). Softmax runs in base 2 on scaled score
   streams the K/V tiles up to its diagonal with the online softmax; the two warpgroups take
   turns on the tensor cores (one's softmax overlaps the other's matmuls). Saves ``out`` and
   ``lse₂`` only.
-* dK/dV(/dQ), grid ``(kv_heads, kv_tiles / 2, batch)``: warpgroup ``w`` owns 64 K/V rows and
+* dK/dV, grid ``(kv_heads, kv_tiles / 2, batch)``: warpgroup ``w`` owns 64 K/V rows and
   float32 dK/dV accumulators in registers, and streams every query tile that can see them, for
   each of the ``G`` query heads of its KV head in turn (the GQA sum happens in the
   accumulators). Per tile::
 
       sT = K·Qᵀ  dpT = V·dOᵀ        pT = exp2(sT·c − lse₂)   dsT = pT ⊙ (dpT − Δ)
-      dV += pT·dO  dK += dsT·Q  [dQ_part = dsTᵀ·K, added to a float32 dQ in global memory]
+      dV += pT·dO  dK += dsT·Q
 
-  By default a second kernel computes dQ (grid ``(q_heads, q_tiles / 2, batch)``; warpgroups
-  own query tiles and stream K/V up to the diagonal), recomputing ``s`` and ``dp``: seven tile
-  products per tile pair, no atomics. With ``fused_dq`` the memory warpgroup instead computes
-  the CTA's dQ partial from the dSᵀ tiles the compute warpgroups leave in shared memory and
-  TMA-reduce-adds it into a zero-initialised float32 buffer: five products, the FLOPs of the
-  textbook backward (not yet measured on a GPU; two earlier fused designs were slower).
+* dQ, grid ``(q_heads, q_tiles / 2, batch)``: warpgroups own query tiles and stream K/V up to
+  the diagonal, recomputing ``s`` and ``dp``: seven tile products per tile pair where the
+  textbook has five, but no atomics. Three designs that fused dQ into the dK/dV kernel (dQ
+  partials reduce-added into float32 global memory by TMA) were slower on the H200 or
+  deadlocked (BENCHMARKS.md §3).
+
+With ``bwd_turns`` the two backward kernels use the forward's tensor-core turn-taking too: one
+warpgroup's elementwise work between its two product groups overlaps the other's products.
 
 Causality costs nothing beyond the diagonal: each CTA streams only the tiles that intersect its
 causal triangle, and only the (at most two) tiles per stream that straddle the diagonal pay
@@ -40,8 +42,8 @@ for the mask. Grids run the heaviest CTAs first.
 
 Requirements (checked by :func:`check_supported`): S a multiple of 128 (callers pad), head_dim
 64 or 128, bf16 or f16, causal, no window, softcap or segments (the Triton kernels keep those).
-In the Mosaic GPU interpreter (CPU tests) transposed shared-memory views, ``run_state`` and
-TMA reductions do not exist, so the helpers below have an interpreter branch that computes
+In the Mosaic GPU interpreter (CPU tests) transposed shared-memory views and ``run_state`` do
+not exist, so the helpers below have an interpreter branch that computes
 the same values with plain reads (marked where used).
 """
 
@@ -78,23 +80,20 @@ class MgpuAttentionConfig:
     """Tile sizes and launch parameters of the Mosaic GPU attention kernels.
 
     ``fwd_block_kv``/``fwd_slots``: the forward's K/V tile and ring depth. ``bwd_slots``: the
-    backward's Q/dO ring depth (its tiles are 64x64). ``fused_dq``: dQ inside the dK/dV kernel
-    by TMA reduce-add (five products per tile pair) instead of a second kernel (seven); off by
-    default until measured: the two earlier fused designs were slower on the H200
-    (BENCHMARKS.md §3). ``dq_block_kv``: the dQ kernel's K/V tile. Registers per
-    thread: ``compute_registers``/``memory_registers`` for the compute and memory warpgroups;
-    ``fused_registers`` the same pair for the fused kernel, whose memory warpgroup also
-    accumulates dQ (2·128·208 + 128·96 = 64K, the register file).
+    backward's ring depth (Q/dO tiles are 64x64 in the dK/dV kernel; K/V tiles are
+    ``dq_block_kv`` wide in the dQ kernel). ``bwd_turns``: the backward kernels take turns on
+    the tensor cores like the forward. Registers per thread: ``compute_registers`` /
+    ``memory_registers`` for the compute and memory warpgroups (2·128·232 + 128·40 ≤ 64K, the
+    register file).
     """
 
     fwd_block_kv: int = 128
     fwd_slots: int = 2
     bwd_slots: int = 2
-    fused_dq: bool = False
+    bwd_turns: bool = False
     dq_block_kv: int = 128
     compute_registers: int = 232
     memory_registers: int = 40
-    fused_registers: tuple[int, int] = (208, 96)
 
     def __post_init__(self) -> None:
         for name in ("fwd_block_kv", "dq_block_kv"):
@@ -205,16 +204,13 @@ def _smem_tile(shape: tuple[int, ...], dtype: Any) -> Any:
 
 
 def _feed_ring(streams: Sequence[tuple[Callable[[Array, Array], None], Any]], steps: Array,
-               slots: int, each_step: Callable[[Array, Callable[[], None]], None] | None = None,
-               ) -> None:  # fmt: skip
+               slots: int) -> None:  # fmt: skip
     """The memory warpgroup's loop: for each step, each ``(load, free)`` stream loads a slot.
 
-    The first ``slots`` steps load at once; the load for step ``i + slots`` (the "refill")
-    waits until both compute warpgroups have arrived on that stream's ``free`` barrier for step
-    ``i``'s slot. ``each_step(i, refill)``, if given, is other work this warpgroup does per
-    step, behind the compute warpgroups; it calls ``refill`` where it fits. The last steps'
-    releases are observed too, so every phase of every barrier is seen before the shared
-    memory goes out of scope.
+    The first ``slots`` steps load at once; the load for step ``i + slots`` waits until both
+    compute warpgroups have arrived on that stream's ``free`` barrier for step ``i``'s slot.
+    The last steps' releases are observed too, so every phase of every barrier is seen before
+    the shared memory goes out of scope.
     """
     for i in range(slots):
 
@@ -226,19 +222,24 @@ def _feed_ring(streams: Sequence[tuple[Callable[[Array, Array], None], Any]], st
     @pl.loop(0, steps)
     def _stream(step: Array) -> None:
         slot = lax.rem(step, slots)
+        for load, free in streams:
+            plgpu.barrier_wait(free.at[slot])
 
-        def refill() -> None:
-            for load, free in streams:
-                plgpu.barrier_wait(free.at[slot])
+            @pl.when(step + slots < steps)
+            def _load(load: Callable[[Array, Array], None] = load) -> None:
+                load(step + slots, slot)
 
-                @pl.when(step + slots < steps)
-                def _load(load: Callable[[Array, Array], None] = load) -> None:
-                    load(step + slots, slot)
 
-        if each_step is None:
-            refill()
-        else:
-            each_step(step, refill)
+def _take_turn(turn: Any) -> None:
+    """Rendezvous of the two compute warpgroups on the tensor-core ``turn`` barrier.
+
+    With the later warpgroup one rendezvous behind (it takes one extra turn before its first
+    step, the earlier one after its last), a warpgroup's elementwise work between its two
+    product groups runs while the other's products occupy the tensor cores (FlashAttention-3's
+    ping-pong schedule).
+    """
+    plgpu.barrier_arrive(turn)
+    plgpu.barrier_wait(turn)
 
 
 def _launch(body: Callable[..., None], out_type: Any, grid: dict[str, int], name: str,
@@ -282,9 +283,7 @@ def _forward_call(q: Array, k: Array, v: Array, scale: float, config: MgpuAttent
         cta_base = tile * (_COMPUTE_WGS * bq)
         cta_steps = pl.cdiv(cta_base + _COMPUTE_WGS * bq, bkv)
 
-        def take_turn() -> None:
-            plgpu.barrier_arrive(turn)
-            plgpu.barrier_wait(turn)
+        take_turn = functools.partial(_take_turn, turn)
 
         @pl.when(wg < _COMPUTE_WGS)
         def _compute() -> None:
@@ -400,33 +399,19 @@ def _forward_call(q: Array, k: Array, v: Array, scale: float, config: MgpuAttent
 # ---------------------------------------------------------------------------------- backward
 
 
-def _dkdv_call(q, k, v, do, lse2, delta, dq_acc, scale: float, config: MgpuAttentionConfig,
-               interpret):  # fmt: skip
-    """dK, dV (and, given the ``dq_acc`` ref, dQ partials added into it).
-
-    Fused dQ: both compute warpgroups write their dSᵀ rows into one shared ``[128 keys, 64
-    queries]`` tile (double-buffered) and go on; the memory warpgroup, between its TMA loads,
-    computes the CTA's whole dQ partial ``dSᵀᵀ · K`` and reduce-adds it to global memory. The
-    compute warpgroups then never wait for dQ work (they only wait, two steps later, until the
-    buffer was read). Two earlier designs that made a compute warpgroup do it (per warpgroup,
-    or per CTA with the two taking turns) were slower than the separate dQ kernel on the H200:
-    the hand-off between warpgroups each step, not the L2 reductions, bounded them (halving the
-    reduction traffic gained only 10%).
-    """
+def _dkdv_call(q, k, v, do, lse2, delta, scale: float, config: MgpuAttentionConfig, interpret):
+    """dK and dV: each CTA owns ``2·64`` keys and streams every query tile that sees them."""
     b, s, hq, d = q.shape
     hkv = k.shape[2]
     groups = hq // hkv
     blk, slots = _ROWS, config.bwd_slots
     num_q_tiles = s // blk
     c = scale * _LOG2E
-    fused = dq_acc is not None
+    turns = config.bwd_turns
 
-    def kernel(*refs):
-        q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = refs[:6]
-        dq_ref = refs[6] if fused else None
-        dk_ref, dv_ref, scoped = refs[6 + fused :]
-        (k_smem, v_smem, q_ring, do_ring, lse_ring, delta_ring, *dq_scratch), bars = scoped
-        k_bar, v_bar, q_bar, do_bar, lse_bar, delta_bar, free, *ds_bars = bars
+    def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, scoped):
+        (k_smem, v_smem, q_ring, do_ring, lse_ring, delta_ring), bars = scoped
+        k_bar, v_bar, q_bar, do_bar, lse_bar, delta_bar, free, turn = bars
         batch, kv_head, tile = (lax.axis_index(n) for n in ("batch", "kv_heads", "kv_tiles"))
         wg = lax.axis_index("wg")
         cta_base = tile * (_COMPUTE_WGS * blk)
@@ -440,30 +425,29 @@ def _dkdv_call(q, k, v, do, lse2, delta, dq_acc, scale: float, config: MgpuAtten
 
         @pl.when(wg < _COMPUTE_WGS)
         def _compute() -> None:
-            registers = config.fused_registers[0] if fused else config.compute_registers
-            plgpu.set_max_registers(registers, action="increase")
+            plgpu.set_max_registers(config.compute_registers, action="increase")
             kv_base = cta_base + wg * blk
             rows = (batch, pl.ds(kv_base, blk), kv_head)
-            own_rows = pl.ds(wg * blk, blk)  # of the CTA's K (the fused dQ reads all of it)
-            plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[own_rows], k_bar.at[wg])
-            plgpu.barrier_wait(k_bar.at[wg])
+            plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[wg], k_bar.at[wg])
             plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[wg], v_bar.at[wg])
+            plgpu.barrier_wait(k_bar.at[wg])
             plgpu.barrier_wait(v_bar.at[wg])
             key_stat = plgpu.Layout.WGMMA.reduce(0)
 
             def body(step: Array, carry: tuple[Array, Array], masked: bool) -> Any:
                 dk, dv = carry
                 slot = lax.rem(step, slots)
-                head, q0 = coords(step)
+                _, q0 = coords(step)
                 for bar in (q_bar, do_bar, lse_bar, delta_bar):
                     plgpu.barrier_wait(bar.at[slot])
                 zeros = _zeros((blk, blk), interpret)
                 s_t, dp_t = _products(
                     [
-                        (zeros, k_smem.at[own_rows], _T(q_ring.at[slot])),
+                        (zeros, k_smem.at[wg], _T(q_ring.at[slot])),
                         (zeros, v_smem.at[wg], _T(do_ring.at[slot])),
                     ],
                     interpret,
+                    after_issue=functools.partial(_take_turn, turn) if turns else None,
                 )
                 lse = _load_stats(lse_ring.at[slot], key_stat, interpret)
                 p_t = jnp.exp2(s_t * c - lax.broadcast_in_dim(lse, (blk, blk), [1]))
@@ -474,26 +458,12 @@ def _dkdv_call(q, k, v, do, lse2, delta, dq_acc, scale: float, config: MgpuAtten
                 dlt = _load_stats(delta_ring.at[slot], key_stat, interpret)
                 ds_t = (p_t * (dp_t - lax.broadcast_in_dim(dlt, (blk, blk), [1]))).astype(q.dtype)
                 p_t = p_t.astype(q.dtype)
-                if not fused:
-                    dv, dk = _products(
-                        [(dv, p_t, do_ring.at[slot]), (dk, ds_t, q_ring.at[slot])], interpret
-                    )
-                    plgpu.barrier_arrive(free.at[slot])
-                    return dk, dv
-                ds_tiles, _ = dq_scratch
-                ds_ready, ds_free = ds_bars
-                buf = lax.rem(step, 2)
-
-                @pl.when(step >= 2)
-                def _buffer_read() -> None:  # the dQ of two steps ago has read this buffer
-                    plgpu.barrier_wait(ds_free.at[buf])
-
-                ds_own = ds_tiles.at[buf].at[own_rows]  # [keys, queries]
-                ds_own[...] = ds_t
-                plgpu.commit_smem()
-                plgpu.barrier_arrive(ds_ready.at[buf])
+                if turns:
+                    p_t, ds_t = lax.optimization_barrier((p_t, ds_t))
+                    plgpu.barrier_arrive(turn)  # elementwise done
+                    plgpu.barrier_wait(turn)  # the tensor cores are ours
                 dv, dk = _products(
-                    [(dv, p_t, do_ring.at[slot]), (dk, ds_own, q_ring.at[slot])], interpret
+                    [(dv, p_t, do_ring.at[slot]), (dk, ds_t, q_ring.at[slot])], interpret
                 )
                 plgpu.barrier_arrive(free.at[slot])
                 return dk, dv
@@ -501,6 +471,8 @@ def _dkdv_call(q, k, v, do, lse2, delta, dq_acc, scale: float, config: MgpuAtten
             # Per head: the first COMPUTE_WGS query tiles straddle the CTA's diagonal (or lie
             # wholly above it for the later warpgroup); the rest are fully visible.
             carry = (_zeros((blk, d), interpret), _zeros((blk, d), interpret))
+            if turns:
+                pl.when(wg == 1)(functools.partial(_take_turn, turn))
             for g in range(groups):
                 start = g * per_head
                 edge = start + jnp.minimum(per_head, _COMPUTE_WGS)
@@ -508,26 +480,20 @@ def _dkdv_call(q, k, v, do, lse2, delta, dq_acc, scale: float, config: MgpuAtten
                 carry = lax.fori_loop(
                     edge, start + per_head, lambda i, c_: body(i, c_, False), carry
                 )
+            if turns:
+                pl.when(wg == 0)(functools.partial(_take_turn, turn))
             dk, dv = carry
-            if fused:  # observe the dS buffers' last releases (every phase is waited on)
-
-                @pl.loop(jnp.maximum(steps - 2, 0), steps)
-                def _last_reads(step: Array) -> None:
-                    plgpu.barrier_wait(ds_bars[1].at[lax.rem(step, 2)])
-
-            # Out through this warpgroup's V tile, dV then dK: the fused dQ may still be
-            # reading all of K.
-            for grad, dst in ((dv, dv_ref), (dk * scale, dk_ref)):
-                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-                v_smem.at[wg][...] = grad.astype(v.dtype)
-                plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(v_smem.at[wg], dst.at[rows])
+            # Out through this warpgroup's K and V tiles (every product reading them is done).
+            k_smem.at[wg][...] = (dk * scale).astype(k.dtype)
+            v_smem.at[wg][...] = dv.astype(v.dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(k_smem.at[wg], dk_ref.at[rows])
+            plgpu.copy_smem_to_gmem(v_smem.at[wg], dv_ref.at[rows])
             plgpu.wait_smem_to_gmem(0)
 
         @pl.when(wg == _COMPUTE_WGS)
         def _memory() -> None:
-            registers = config.fused_registers[1] if fused else config.memory_registers
-            plgpu.set_max_registers(registers, action="decrease")
+            plgpu.set_max_registers(config.memory_registers, action="decrease")
 
             def load(step: Array, slot: Array) -> None:
                 head, q0 = coords(step)
@@ -540,82 +506,48 @@ def _dkdv_call(q, k, v, do, lse2, delta, dq_acc, scale: float, config: MgpuAtten
                     delta_ref.at[stats], delta_ring.at[slot], delta_bar.at[slot]
                 )
 
-            def dq_step(step: Array, refill: Callable[[], None]) -> None:
-                """dQ of this step's query tile from both halves of dSᵀ, reduce-added; the
-                ring's refill is issued while the product runs."""
-                ds_tiles, dq_stage = dq_scratch
-                ds_ready, ds_free = ds_bars
-                buf = lax.rem(step, 2)
-                head, q0 = coords(step)
-                plgpu.barrier_wait(ds_ready.at[buf])
-                zeros = _zeros((blk, d), interpret)
-                (dq,) = _products(
-                    [(zeros, _T(ds_tiles.at[buf]), k_smem)], interpret, after_issue=refill
-                )
-                plgpu.barrier_arrive(ds_free.at[buf])
-                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last dQ left the stage
-                dq_stage[...] = dq
-                plgpu.commit_smem()
-                rows_q = (batch, pl.ds(q0, blk), head)
-                if interpret is None:
-                    plgpu.copy_smem_to_gmem(dq_stage, dq_ref.at[rows_q], reduction_op="add")
-                else:  # Interpreter: no TMA reductions; one plane per CTA, summed outside.
-                    plgpu.copy_smem_to_gmem(dq_stage, dq_ref.at[(tile, *rows_q)])
-
-            if fused:
-                for w in range(_COMPUTE_WGS):  # all of K is the dQ product's right operand
-                    plgpu.barrier_wait(k_bar.at[w])
-            _feed_ring([(load, free)], steps, slots, each_step=dq_step if fused else None)
-            if fused:
-                plgpu.wait_smem_to_gmem(0)
-
-    scratch = [
-        _smem_tile((_COMPUTE_WGS * blk, d), k.dtype),
-        _smem_tile((_COMPUTE_WGS, blk, d), v.dtype),
-        _smem_tile((slots, blk, d), q.dtype),
-        _smem_tile((slots, blk, d), do.dtype),
-        plgpu.SMEM((slots, blk), jnp.float32),
-        plgpu.SMEM((slots, blk), jnp.float32),
-    ]
-    barriers = [
-        plgpu.Barrier(num_barriers=_COMPUTE_WGS),  # K
-        plgpu.Barrier(num_barriers=_COMPUTE_WGS),  # V
-        *(plgpu.Barrier(num_barriers=slots) for _ in range(4)),  # Q, dO, lse, delta
-        plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=slots),  # slot free
-    ]
-    if fused:
-        scratch += [
-            _smem_tile((2, _COMPUTE_WGS * blk, blk), q.dtype),  # dSᵀ, double-buffered
-            _smem_tile((blk, d), jnp.float32),  # the dQ partial on its way out
-        ]
-        barriers.append(plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=2))  # dS written
-        barriers.append(plgpu.Barrier(num_barriers=2))  # dS read by the dQ product
+            _feed_ring([(load, free)], steps, slots)
 
     def entry(*refs: Any) -> None:
         pl.run_scoped(
             lambda *scoped: kernel(*refs, scoped),
-            tuple(scratch),
-            tuple(barriers),
+            (
+                _smem_tile((_COMPUTE_WGS, blk, d), k.dtype),
+                _smem_tile((_COMPUTE_WGS, blk, d), v.dtype),
+                _smem_tile((slots, blk, d), q.dtype),
+                _smem_tile((slots, blk, d), do.dtype),
+                plgpu.SMEM((slots, blk), jnp.float32),
+                plgpu.SMEM((slots, blk), jnp.float32),
+            ),
+            (
+                plgpu.Barrier(num_barriers=_COMPUTE_WGS),  # K
+                plgpu.Barrier(num_barriers=_COMPUTE_WGS),  # V
+                *(plgpu.Barrier(num_barriers=slots) for _ in range(4)),  # Q, dO, lse, delta
+                plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=slots),  # slot free
+                plgpu.Barrier(num_arrivals=_COMPUTE_WGS),  # tensor-core turn
+            ),
             collective_axes="wg",
         )
 
     out_type = (jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype))
     grid = {"kv_heads": hkv, "kv_tiles": s // (_COMPUTE_WGS * blk), "batch": b}
-    operands = (q, k, v, do, lse2, delta) + ((dq_acc,) if fused else ())
-    return _launch(entry, out_type, grid, "lorax_mgpu_attention_dkdv", interpret)(*operands)
+    return _launch(entry, out_type, grid, "lorax_mgpu_attention_dkdv", interpret)(
+        q, k, v, do, lse2, delta
+    )
 
 
 def _dq_call(q, k, v, do, lse2, delta, scale: float, config: MgpuAttentionConfig, interpret):
-    """dQ by a kernel of its own (``fused_dq=False``): recomputes ``s`` and ``dp``."""
+    """dQ: each CTA owns ``2·64`` queries and streams K/V up to its diagonal."""
     b, s, hq, d = q.shape
     groups = hq // k.shape[2]
     blk, bkv, slots = _ROWS, config.dq_block_kv, config.bwd_slots
     num_tiles = s // (_COMPUTE_WGS * blk)
     c = scale * _LOG2E
+    turns = config.bwd_turns
 
     def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, scoped):
         (q_smem, do_smem, lse_smem, delta_smem, k_ring, v_ring), bars = scoped
-        (q_bar, do_bar, lse_bar, delta_bar), k_bar, v_bar, free = bars
+        (q_bar, do_bar, lse_bar, delta_bar), k_bar, v_bar, free, turn = bars
         batch, head = lax.axis_index("batch"), lax.axis_index("heads")
         tile = num_tiles - 1 - lax.axis_index("q_tiles")  # the longest rows first
         kv_head = head // groups
@@ -650,20 +582,29 @@ def _dq_call(q, k, v, do, lse2, delta, scale: float, config: MgpuAttentionConfig
                         (zeros, do_smem.at[wg], _T(v_ring.at[slot])),
                     ],
                     interpret,
+                    after_issue=functools.partial(_take_turn, turn) if turns else None,
                 )
                 p = jnp.exp2(s_ * c - lax.broadcast_in_dim(lse, (blk, bkv), [0]))
                 if masked:
                     p = jnp.where(
                         _causal_mask((blk, bkv), q_base, step * bkv, True, interpret), p, 0.0
                     )
-                ds = p * (dp - lax.broadcast_in_dim(dlt, (blk, bkv), [0]))
-                (dq,) = _products([(dq, ds.astype(q.dtype), k_ring.at[slot])], interpret)
+                ds = (p * (dp - lax.broadcast_in_dim(dlt, (blk, bkv), [0]))).astype(q.dtype)
+                if turns:
+                    ds = lax.optimization_barrier(ds)
+                    plgpu.barrier_arrive(turn)  # elementwise done
+                    plgpu.barrier_wait(turn)  # the tensor cores are ours
+                (dq,) = _products([(dq, ds, k_ring.at[slot])], interpret)
                 plgpu.barrier_arrive(free.at[slot])
                 return dq
 
             edge = steps - _COMPUTE_WGS * blk // bkv  # the last tiles straddle the diagonal
+            if turns:
+                pl.when(wg == 1)(functools.partial(_take_turn, turn))
             dq = lax.fori_loop(0, edge, lambda i, a: body(i, a, False), _zeros((blk, d), interpret))
             dq = lax.fori_loop(edge, steps, lambda i, a: body(i, a, True), dq)
+            if turns:
+                pl.when(wg == 0)(functools.partial(_take_turn, turn))
             q_smem.at[wg][...] = (dq * scale).astype(q.dtype)
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(q_smem.at[wg], dq_ref.at[rows])
@@ -696,6 +637,7 @@ def _dq_call(q, k, v, do, lse2, delta, scale: float, config: MgpuAttentionConfig
                 plgpu.Barrier(num_barriers=slots),
                 plgpu.Barrier(num_barriers=slots),
                 plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=slots),
+                plgpu.Barrier(num_arrivals=_COMPUTE_WGS),  # tensor-core turn
             ),
             collective_axes="wg",
         )
@@ -707,26 +649,15 @@ def _dq_call(q, k, v, do, lse2, delta, scale: float, config: MgpuAttentionConfig
     )
 
 
-@functools.partial(jax.jit, static_argnums=(6, 7, 8))  # a mutable dQ buffer needs a jit scope
+@functools.partial(jax.jit, static_argnums=(6, 7, 8))
 def _backward(q, k, v, out, lse2, d_out, scale: float, config: MgpuAttentionConfig, interpret):
     """``(dq, dk, dv)`` from the forward's ``out`` and base-2 ``lse₂``."""
     delta = jnp.einsum(
         "bshd,bshd->bhs", out.astype(jnp.float32), d_out.astype(jnp.float32)
     )  # rowsum(dO ⊙ O): a memory-bound XLA reduction
-    lse2 = lse2.astype(jnp.float32)
-    d_out = d_out.astype(q.dtype)
-    args = (q, k, v, d_out, lse2, delta)
-    if not config.fused_dq:
-        dk, dv = _dkdv_call(*args, None, scale, config, interpret)
-        return _dq_call(*args, scale, config, interpret), dk, dv
-    # Interpreter: one plane per CTA writer instead of a TMA reduction.
-    acc_shape = q.shape if interpret is None else (q.shape[1] // (_COMPUTE_WGS * _ROWS), *q.shape)
-    dq_acc = jax.new_ref(jnp.zeros(acc_shape, jnp.float32), memory_space=plgpu.GMEM)
-    dk, dv = _dkdv_call(*args, dq_acc, scale, config, interpret)
-    dq = dq_acc[...]
-    if interpret is not None:
-        dq = dq.sum(axis=0)
-    return (dq * scale).astype(q.dtype), dk, dv
+    args = (q, k, v, d_out.astype(q.dtype), lse2.astype(jnp.float32), delta)
+    dk, dv = _dkdv_call(*args, scale, config, interpret)
+    return _dq_call(*args, scale, config, interpret), dk, dv
 
 
 # ------------------------------------------------------------------------------- public API

@@ -6,7 +6,8 @@ the S×S reference fits); then pipelined timings (median, dispatch hidden) of th
 backward alone and forward+backward, against cuDNN. Causal FLOPs: forward 2·B·Hq·S²·D,
 backward 2.5x, forward+backward 3.5x; the per-kernel lines of the backward count the tile
 products the kernels really run (dK/dV 4, dQ 3 per tile pair, against the textbook's 5). Each
-variant runs in try/except, so one failure is reported and the rest go on.
+variant runs in try/except, so one failure is reported and the rest go on (a kernel that
+hangs is not caught: run one variant per process under ``timeout``, as gpu_run17.sh does).
 
     python scripts/check_mgpu_attention.py [--shapes 2x2048,1x8192,1x32768]
 """
@@ -31,10 +32,11 @@ from pallas_kernels.flash_attention_mgpu import (
 )
 
 VARIANTS = {
+    "default": MgpuAttentionConfig(),
     "dq kv64": MgpuAttentionConfig(dq_block_kv=64),
-    "dq kv128": MgpuAttentionConfig(),
-    "dq kv128 r240": MgpuAttentionConfig(compute_registers=240, memory_registers=24),
-    "fused-dq": MgpuAttentionConfig(fused_dq=True),
+    "turns": MgpuAttentionConfig(bwd_turns=True),
+    "turns dq kv64": MgpuAttentionConfig(bwd_turns=True, dq_block_kv=64),
+    "turns 3 slots": MgpuAttentionConfig(bwd_turns=True, bwd_slots=3),
 }
 
 
@@ -66,7 +68,8 @@ def _try(label: str, fn) -> None:
         traceback.print_exc(limit=3)
 
 
-def check_shape(b: int, s: int, variants: list[str], hq: int = 32, hkv: int = 8, d: int = 128):
+def check_shape(b: int, s: int, variants: list[str], cudnn: bool = True, hq: int = 32, hkv: int = 8,
+                d: int = 128) -> None:  # fmt: skip
     scale = d**-0.5
     keys = jax.random.split(jax.random.key(0), 4)
     q, k, v, do = (
@@ -76,13 +79,14 @@ def check_shape(b: int, s: int, variants: list[str], hq: int = 32, hkv: int = 8,
     fwd_flops = 2 * b * hq * s * s * d
     rate = lambda flops, ms: f"{flops / ms / 1e9:6.0f} TFLOP/s ({ms:.3f} ms)"
     print(f"== {b}x{s}", flush=True)
-    cudnn = lambda q, k, v: jax.nn.dot_product_attention(
-        q, k, v, is_causal=True, scale=scale, implementation="cudnn"
-    )
-    t_fwd = pipelined_ms(jax.jit(cudnn), q, k, v)
-    t_fb = pipelined_ms(_fwd_bwd(cudnn), q, k, v, do)
-    print(f"  cuDNN    fwd {rate(fwd_flops, t_fwd)}  bwd {rate(2.5 * fwd_flops, t_fb - t_fwd)}"
-          f"  fwd+bwd {rate(3.5 * fwd_flops, t_fb)}", flush=True)  # fmt: skip
+    if cudnn:
+        attend = lambda q, k, v: jax.nn.dot_product_attention(
+            q, k, v, is_causal=True, scale=scale, implementation="cudnn"
+        )
+        t_fwd = pipelined_ms(jax.jit(attend), q, k, v)
+        t_fb = pipelined_ms(_fwd_bwd(attend), q, k, v, do)
+        print(f"  cuDNN    fwd {rate(fwd_flops, t_fwd)}  bwd {rate(2.5 * fwd_flops, t_fb - t_fwd)}"
+              f"  fwd+bwd {rate(3.5 * fwd_flops, t_fb)}", flush=True)  # fmt: skip
 
     want = None
     if b * hq * s * s * 4 <= 2**34:  # the f32 score matrix fits a few times over
@@ -110,17 +114,17 @@ def check_shape(b: int, s: int, variants: list[str], hq: int = 32, hkv: int = 8,
             )
             print(f"  {name:<16} fwd {rate(fwd_flops, t_f)}  bwd {rate(2.5 * fwd_flops, t_b)}"
                   f"  fwd+bwd {rate(3.5 * fwd_flops, t_fb)}{errs}", flush=True)  # fmt: skip
-            if not config.fused_dq:  # where the backward's time goes, kernel by kernel
-                lse2 = lse * math.log2(math.e)
-                f32 = jnp.float32
-                delta = jnp.einsum("bshd,bshd->bhs", out.astype(f32), do.astype(f32))
-                args = (q, k, v, do, lse2, delta)
-                dkdv = jax.jit(lambda *a: mgpu._dkdv_call(*a, None, scale, config, None))
-                dq = jax.jit(lambda *a: mgpu._dq_call(*a, scale, config, None))
-                # Tile products actually run: dK/dV 4 and dQ 3 per tile pair (forward: 2).
-                print(f"  {'':<16} dK/dV kernel {rate(2 * fwd_flops, pipelined_ms(dkdv, *args))}"
-                      f"  dQ kernel {rate(1.5 * fwd_flops, pipelined_ms(dq, *args))}"
-                      "  (real tensor work)", flush=True)  # fmt: skip
+            # Where the backward's time goes, kernel by kernel.
+            lse2 = lse * math.log2(math.e)
+            f32 = jnp.float32
+            delta = jnp.einsum("bshd,bshd->bhs", out.astype(f32), do.astype(f32))
+            args = (q, k, v, do, lse2, delta)
+            dkdv = jax.jit(lambda *a: mgpu._dkdv_call(*a, scale, config, None))
+            dq = jax.jit(lambda *a: mgpu._dq_call(*a, scale, config, None))
+            # Tile products actually run: dK/dV 4 and dQ 3 per tile pair (forward: 2).
+            print(f"  {'':<16} dK/dV kernel {rate(2 * fwd_flops, pipelined_ms(dkdv, *args))}"
+                  f"  dQ kernel {rate(1.5 * fwd_flops, pipelined_ms(dq, *args))}"
+                  "  (real tensor work)", flush=True)  # fmt: skip
 
         _try(name, run)
 
@@ -129,10 +133,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default="2x2048,1x8192,1x32768")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma list")
+    parser.add_argument("--no-cudnn", action="store_true", help="skip the cuDNN baseline")
     args = parser.parse_args()
     for shape in args.shapes.split(","):
         b, s = (int(x) for x in shape.split("x"))
-        check_shape(b, s, [v for v in args.variants.split(",") if v])
+        check_shape(b, s, [v for v in args.variants.split(",") if v], cudnn=not args.no_cudnn)
 
 
 if __name__ == "__main__":

@@ -3,9 +3,9 @@
 What this checks: the TMA rings and their barriers (the interpreter fails on a barrier phase
 that is never observed), the tensor-core turn-taking of the forward, the causal tile ranges
 (S = 256 gives each kernel CTAs that stream only masked tiles and CTAs that stream both
-kinds), the GQA reduction inside the dK/dV kernel (4 query heads on 2 KV heads), both dQ
-paths, and the math, against float32 autodiff of attention. The wgmma operand forms and the
-TMA reduce-add of the fused dQ are the GPU's (``scripts/check_mgpu_attention.py``).
+kinds), the GQA reduction inside the dK/dV kernel (4 query heads on 2 KV heads), the backward with
+and without turn-taking, and the math, against float32 autodiff of attention. The wgmma
+operand forms are the GPU's (``scripts/check_mgpu_attention.py``).
 """
 
 from __future__ import annotations
@@ -64,14 +64,14 @@ def test_forward_matches_reference(rng, block_kv):
 @pytest.mark.parametrize(
     "config",
     [
-        MgpuAttentionConfig(fused_dq=True),
+        MgpuAttentionConfig(bwd_turns=True),
         MgpuAttentionConfig(dq_block_kv=64),
         MgpuAttentionConfig(),
     ],
-    ids=["fused-dq", "dq-kernel-kv64", "dq-kernel-kv128"],
+    ids=["turns", "dq-kernel-kv64", "dq-kernel-kv128"],
 )
 def test_backward_matches_reference_gradients(rng, config):
-    d = 128 if config.fused_dq else 64
+    d = 128 if config.bwd_turns else 64
     q, k, v, do = _inputs(rng, d=d)
     scale = d**-0.5
     f32 = [x.astype(jnp.float32) for x in (q, k, v)]
@@ -89,7 +89,7 @@ def test_backward_matches_reference_gradients(rng, config):
 
 
 def test_custom_vjp_end_to_end(rng):
-    """jax.grad through the forward kernel's residuals into the fused backward."""
+    """jax.grad through the forward kernel's residuals into the backward kernels."""
     q, k, v, do = _inputs(rng, b=2, s=128, hq=2, hkv=1, d=128)
     scale = 128**-0.5
     params = interpret_params.InterpretGPUParams()
