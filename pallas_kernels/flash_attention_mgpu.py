@@ -30,11 +30,11 @@ together before one wait (``_products``). Softmax runs in base 2 on scaled score
 * dQ, grid ``(q_heads, q_tiles / 2, batch)``: warpgroups own query tiles and stream K/V up to
   the diagonal, recomputing ``s`` and ``dp``: seven tile products per tile pair where the
   textbook has five, but no atomics. Three designs that fused dQ into the dK/dV kernel (dQ
-  partials reduce-added into float32 global memory by TMA) were slower on the H200 or
-  deadlocked (BENCHMARKS.md §3).
+  partials reduce-added into float32 global memory by TMA) were slower on the H200 or, the
+  last, deadlocked there (BENCHMARKS.md §3).
 
-With ``bwd_turns`` the two backward kernels use the forward's tensor-core turn-taking too: one
-warpgroup's elementwise work between its two product groups overlaps the other's products.
+The backward kernels do not take turns on the tensor cores: measured, the forward's
+turn-taking made both of them 3-12% slower (BENCHMARKS.md §3).
 
 Causality costs nothing beyond the diagonal: each CTA streams only the tiles that intersect its
 causal triangle, and only the (at most two) tiles per stream that straddle the diagonal pay
@@ -81,8 +81,7 @@ class MgpuAttentionConfig:
 
     ``fwd_block_kv``/``fwd_slots``: the forward's K/V tile and ring depth. ``bwd_slots``: the
     backward's ring depth (Q/dO tiles are 64x64 in the dK/dV kernel; K/V tiles are
-    ``dq_block_kv`` wide in the dQ kernel). ``bwd_turns``: the backward kernels take turns on
-    the tensor cores like the forward. Registers per thread: ``compute_registers`` /
+    ``dq_block_kv`` wide in the dQ kernel). Registers per thread: ``compute_registers`` /
     ``memory_registers`` for the compute and memory warpgroups (2·128·232 + 128·40 ≤ 64K, the
     register file).
     """
@@ -90,7 +89,6 @@ class MgpuAttentionConfig:
     fwd_block_kv: int = 128
     fwd_slots: int = 2
     bwd_slots: int = 2
-    bwd_turns: bool = False
     dq_block_kv: int = 128
     compute_registers: int = 232
     memory_registers: int = 40
@@ -407,11 +405,10 @@ def _dkdv_call(q, k, v, do, lse2, delta, scale: float, config: MgpuAttentionConf
     blk, slots = _ROWS, config.bwd_slots
     num_q_tiles = s // blk
     c = scale * _LOG2E
-    turns = config.bwd_turns
 
     def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, scoped):
         (k_smem, v_smem, q_ring, do_ring, lse_ring, delta_ring), bars = scoped
-        k_bar, v_bar, q_bar, do_bar, lse_bar, delta_bar, free, turn = bars
+        k_bar, v_bar, q_bar, do_bar, lse_bar, delta_bar, free = bars
         batch, kv_head, tile = (lax.axis_index(n) for n in ("batch", "kv_heads", "kv_tiles"))
         wg = lax.axis_index("wg")
         cta_base = tile * (_COMPUTE_WGS * blk)
@@ -447,7 +444,6 @@ def _dkdv_call(q, k, v, do, lse2, delta, scale: float, config: MgpuAttentionConf
                         (zeros, v_smem.at[wg], _T(do_ring.at[slot])),
                     ],
                     interpret,
-                    after_issue=functools.partial(_take_turn, turn) if turns else None,
                 )
                 lse = _load_stats(lse_ring.at[slot], key_stat, interpret)
                 p_t = jnp.exp2(s_t * c - lax.broadcast_in_dim(lse, (blk, blk), [1]))
@@ -458,10 +454,6 @@ def _dkdv_call(q, k, v, do, lse2, delta, scale: float, config: MgpuAttentionConf
                 dlt = _load_stats(delta_ring.at[slot], key_stat, interpret)
                 ds_t = (p_t * (dp_t - lax.broadcast_in_dim(dlt, (blk, blk), [1]))).astype(q.dtype)
                 p_t = p_t.astype(q.dtype)
-                if turns:
-                    p_t, ds_t = lax.optimization_barrier((p_t, ds_t))
-                    plgpu.barrier_arrive(turn)  # elementwise done
-                    plgpu.barrier_wait(turn)  # the tensor cores are ours
                 dv, dk = _products(
                     [(dv, p_t, do_ring.at[slot]), (dk, ds_t, q_ring.at[slot])], interpret
                 )
@@ -471,8 +463,6 @@ def _dkdv_call(q, k, v, do, lse2, delta, scale: float, config: MgpuAttentionConf
             # Per head: the first COMPUTE_WGS query tiles straddle the CTA's diagonal (or lie
             # wholly above it for the later warpgroup); the rest are fully visible.
             carry = (_zeros((blk, d), interpret), _zeros((blk, d), interpret))
-            if turns:
-                pl.when(wg == 1)(functools.partial(_take_turn, turn))
             for g in range(groups):
                 start = g * per_head
                 edge = start + jnp.minimum(per_head, _COMPUTE_WGS)
@@ -480,8 +470,6 @@ def _dkdv_call(q, k, v, do, lse2, delta, scale: float, config: MgpuAttentionConf
                 carry = lax.fori_loop(
                     edge, start + per_head, lambda i, c_: body(i, c_, False), carry
                 )
-            if turns:
-                pl.when(wg == 0)(functools.partial(_take_turn, turn))
             dk, dv = carry
             # Out through this warpgroup's K and V tiles (every product reading them is done).
             k_smem.at[wg][...] = (dk * scale).astype(k.dtype)
@@ -524,7 +512,6 @@ def _dkdv_call(q, k, v, do, lse2, delta, scale: float, config: MgpuAttentionConf
                 plgpu.Barrier(num_barriers=_COMPUTE_WGS),  # V
                 *(plgpu.Barrier(num_barriers=slots) for _ in range(4)),  # Q, dO, lse, delta
                 plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=slots),  # slot free
-                plgpu.Barrier(num_arrivals=_COMPUTE_WGS),  # tensor-core turn
             ),
             collective_axes="wg",
         )
@@ -543,11 +530,10 @@ def _dq_call(q, k, v, do, lse2, delta, scale: float, config: MgpuAttentionConfig
     blk, bkv, slots = _ROWS, config.dq_block_kv, config.bwd_slots
     num_tiles = s // (_COMPUTE_WGS * blk)
     c = scale * _LOG2E
-    turns = config.bwd_turns
 
     def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, scoped):
         (q_smem, do_smem, lse_smem, delta_smem, k_ring, v_ring), bars = scoped
-        (q_bar, do_bar, lse_bar, delta_bar), k_bar, v_bar, free, turn = bars
+        (q_bar, do_bar, lse_bar, delta_bar), k_bar, v_bar, free = bars
         batch, head = lax.axis_index("batch"), lax.axis_index("heads")
         tile = num_tiles - 1 - lax.axis_index("q_tiles")  # the longest rows first
         kv_head = head // groups
@@ -582,7 +568,6 @@ def _dq_call(q, k, v, do, lse2, delta, scale: float, config: MgpuAttentionConfig
                         (zeros, do_smem.at[wg], _T(v_ring.at[slot])),
                     ],
                     interpret,
-                    after_issue=functools.partial(_take_turn, turn) if turns else None,
                 )
                 p = jnp.exp2(s_ * c - lax.broadcast_in_dim(lse, (blk, bkv), [0]))
                 if masked:
@@ -590,21 +575,13 @@ def _dq_call(q, k, v, do, lse2, delta, scale: float, config: MgpuAttentionConfig
                         _causal_mask((blk, bkv), q_base, step * bkv, True, interpret), p, 0.0
                     )
                 ds = (p * (dp - lax.broadcast_in_dim(dlt, (blk, bkv), [0]))).astype(q.dtype)
-                if turns:
-                    ds = lax.optimization_barrier(ds)
-                    plgpu.barrier_arrive(turn)  # elementwise done
-                    plgpu.barrier_wait(turn)  # the tensor cores are ours
                 (dq,) = _products([(dq, ds, k_ring.at[slot])], interpret)
                 plgpu.barrier_arrive(free.at[slot])
                 return dq
 
             edge = steps - _COMPUTE_WGS * blk // bkv  # the last tiles straddle the diagonal
-            if turns:
-                pl.when(wg == 1)(functools.partial(_take_turn, turn))
             dq = lax.fori_loop(0, edge, lambda i, a: body(i, a, False), _zeros((blk, d), interpret))
             dq = lax.fori_loop(edge, steps, lambda i, a: body(i, a, True), dq)
-            if turns:
-                pl.when(wg == 0)(functools.partial(_take_turn, turn))
             q_smem.at[wg][...] = (dq * scale).astype(q.dtype)
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(q_smem.at[wg], dq_ref.at[rows])
@@ -637,7 +614,6 @@ def _dq_call(q, k, v, do, lse2, delta, scale: float, config: MgpuAttentionConfig
                 plgpu.Barrier(num_barriers=slots),
                 plgpu.Barrier(num_barriers=slots),
                 plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=slots),
-                plgpu.Barrier(num_arrivals=_COMPUTE_WGS),  # tensor-core turn
             ),
             collective_axes="wg",
         )

@@ -7,7 +7,7 @@ backward alone and forward+backward, against cuDNN. Causal FLOPs: forward 2·B·
 backward 2.5x, forward+backward 3.5x; the per-kernel lines of the backward count the tile
 products the kernels really run (dK/dV 4, dQ 3 per tile pair, against the textbook's 5). Each
 variant runs in try/except, so one failure is reported and the rest go on (a kernel that
-hangs is not caught: run one variant per process under ``timeout``, as gpu_run17.sh does).
+hangs is not caught: run one variant per process under ``timeout``, as scripts/gpu_run17.sh did).
 
     python scripts/check_mgpu_attention.py [--shapes 2x2048,1x8192,1x32768]
 """
@@ -34,9 +34,7 @@ from pallas_kernels.flash_attention_mgpu import (
 VARIANTS = {
     "default": MgpuAttentionConfig(),
     "dq kv64": MgpuAttentionConfig(dq_block_kv=64),
-    "turns": MgpuAttentionConfig(bwd_turns=True),
-    "turns dq kv64": MgpuAttentionConfig(bwd_turns=True, dq_block_kv=64),
-    "turns 3 slots": MgpuAttentionConfig(bwd_turns=True, bwd_slots=3),
+    "r240": MgpuAttentionConfig(compute_registers=240, memory_registers=24),
 }
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Next GPU session, call 2 (~6 min): end to end at 1x8192 on one machine: lorax with cuDNN and
-# (8 timed steps, after the attention_out residual fix), then Unsloth
-# for a same-machine ratio. Needs the .gpu and .site carry folders (see gpu_run13.sh).
+# GPU call (~4 min): end to end at 1x8192 on one machine: lorax with cuDNN attention (8 timed
+# steps, after the attention_out residual fix), then Unsloth for a same-machine ratio. Needs
+# the .gpu and .site carry folders (see gpu_run13.sh).
 set -u
 export PYTHONPATH=$PWD/.gpu:$PWD:${PYTHONPATH:-}
 export PYTHONUNBUFFERED=1

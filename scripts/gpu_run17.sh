@@ -2,6 +2,7 @@
 # GPU call (~5 min): the Mosaic attention backward with tensor-core turn-taking (bwd_turns)
 # against the default and cuDNN, at all three shapes. The turn-taking variants run in their
 # own processes under timeout: a deadlocked kernel costs at most 150 s and stops the rest.
+# Ran at commit adbd9fa; the turn-taking variants were removed afterwards (slower everywhere).
 # Output: $OUT/check_mgpu_attention.log.
 set -u
 export PYTHONPATH=$PWD:${PYTHONPATH:-}

@@ -3,8 +3,8 @@
 What this checks: the TMA rings and their barriers (the interpreter fails on a barrier phase
 that is never observed), the tensor-core turn-taking of the forward, the causal tile ranges
 (S = 256 gives each kernel CTAs that stream only masked tiles and CTAs that stream both
-kinds), the GQA reduction inside the dK/dV kernel (4 query heads on 2 KV heads), the backward with
-and without turn-taking, and the math, against float32 autodiff of attention. The wgmma
+kinds), the GQA reduction inside the dK/dV kernel (4 query heads on 2 KV heads), both dQ tile widths
+and both head dims, and the math, against float32 autodiff of attention. The wgmma
 operand forms are the GPU's (``scripts/check_mgpu_attention.py``).
 """
 
@@ -62,16 +62,15 @@ def test_forward_matches_reference(rng, block_kv):
 
 
 @pytest.mark.parametrize(
-    "config",
+    ("config", "d"),
     [
-        MgpuAttentionConfig(bwd_turns=True),
-        MgpuAttentionConfig(dq_block_kv=64),
-        MgpuAttentionConfig(),
+        (MgpuAttentionConfig(dq_block_kv=64), 64),
+        (MgpuAttentionConfig(), 64),
+        (MgpuAttentionConfig(), 128),
     ],
-    ids=["turns", "dq-kernel-kv64", "dq-kernel-kv128"],
+    ids=["dq-kernel-kv64", "dq-kernel-kv128", "head-dim-128"],
 )
-def test_backward_matches_reference_gradients(rng, config):
-    d = 128 if config.bwd_turns else 64
+def test_backward_matches_reference_gradients(rng, config, d):
     q, k, v, do = _inputs(rng, d=d)
     scale = d**-0.5
     f32 = [x.astype(jnp.float32) for x in (q, k, v)]
