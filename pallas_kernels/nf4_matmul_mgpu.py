@@ -1,0 +1,482 @@
+"""``y = x·Wᵀ`` for an NF4 W as a Mosaic GPU kernel (Hopper: TMA + wgmma), W decoded in registers.
+
+Why this kernel exists (issue #4). The Triton-lowered ``fused`` kernel in
+:mod:`pallas_kernels.nf4_matmul_kernels` only wins at decode-sized M; at training-sized M the
+fastest path is still XLA's decode-then-dot, which writes a 16-bit W and reads it back (4.5
+bytes of traffic per weight against the 0.5 NF4 needs) in a separate memory-bound pass. Here
+the decode happens inside a Hopper tensor-core matmul, so W never exists in 16 bits outside
+the registers of the warpgroup that multiplies it.
+
+The shape of the computation: the transposed product ``yᵀ[N, M] = W[N, K] · xᵀ[K, M]``. A
+wgmma's A operand may live in registers, its B operand must be in shared memory; putting the
+decoded W in A (64 rows per warpgroup, the wgmma M) and a token tile of x in B (up to 256
+tokens, the wgmma N) means each decoded weight feeds ``2·block_m`` flops. That ratio is what
+decides the kernel's speed: the decode is ALU work (per weight 15 selects, see below, which the
+lowered module shows as 480 two-wide selects per thread and step, plus 4 bit tests, the scale
+and the conversion: ~22 instructions), and an H200 SM issues 128 such lane-instructions per
+cycle against ~4,100 dense bf16 tensor flops. At ``block_m = 256`` (512 flops per weight) the
+decode needs ~0.17 SM-cycles per weight and the tensor cores ~0.125, so the kernel is ALU-bound
+at best near 3/4 of the tensor peak; at ``block_m = 128`` the bound halves and at 64 it is a
+fifth. The two compute warpgroups of a CTA interleave (one decodes while the other's wgmma
+runs), and inside a warpgroup the second half-tile is decoded while the first half's wgmma is in
+flight. Memory, by contrast, is easy: per 128-wide K step a CTA reads ``2·block_m·128`` bytes of
+x and ``128·64`` bytes of W (+1 KiB of scales) for ``2·128·block_m·128`` flops, over 110 flops
+per byte at ``block_m = 256`` (a bf16 GEMM with the same tile has ~85).
+
+Layout of one CTA (grid ``(M / block_m, N / 128)``, N tiles fastest so that CTAs in flight
+share x tiles in L2): warpgroups 0 and 1 each own 64 W rows and a ``[64, block_m]`` float32
+accumulator; warpgroup 2 streams, per K step of 128, five TMA copies into a ring of ``slots``
+shared-memory slots: the two 64-column halves of the x tile (``[block_m, 64]`` bf16, 128-byte
+swizzle; as B operands they are used through a transposed view), the CTA's packed W tile
+(``[128, 64]`` uint8, 64-byte swizzle) and the two halves' scales (``[2, 64]`` float32). A
+slot is refilled once both compute warpgroups have arrived on its ``free`` barrier. The
+epilogue writes ``yᵀ`` straight into ``y``: the accumulator is cast to bf16, moved to the
+``WGMMA_TRANSPOSED`` register layout and stored through a transposed view of a ``[block_m,
+64]`` shared tile, which one TMA copies to ``y[m0:m0+block_m, n0:n0+64]`` (with
+``transposed_store=False`` the kernel writes ``yᵀ`` and XLA transposes it: a fallback in case
+the transposed store does not lower, costing ``4·M·N`` extra bytes).
+
+Nibbles to registers. bitsandbytes packs elements ``2i`` (high nibble) and ``2i+1`` (low) of a
+row in one byte, so a byte's two nibbles are neighbours in K, which no register layout of the
+wgmma A operand can split into two operands cheaply. :func:`prepare_weight` therefore repacks
+W once per call (or once per model, if the caller keeps its result): within every 128-wide K
+tile of a row, byte ``j`` (``0 <= j < 64``) holds element ``j`` in its high nibble and
+element ``64 + j`` in its low nibble. A ``[64, 64]`` packed tile loaded into registers in the
+layout of a bf16 ``[64, 64]`` wgmma operand (``plgpu.Layout.WGMMA``: each thread holds pairs of
+consecutive bytes) then gives both halves of the K tile in that same layout: the high nibbles
+are K columns 0-63 and the low nibbles K columns 64-127, decoded element-wise into two bf16
+A operands for two K=64 wgmmas against the two x half-tiles. Each half is exactly one absmax
+block per row (blocksize 64), so its scale is one float32 per row: the repack stores the
+decoded absmax (double quantization resolved with :func:`~pallas_kernels.nf4.dequantize_absmax`)
+as ``scales[K/64, N/64, 64]``, which the kernel loads as a per-row vector
+(``Layout.WGMMA.reduce(1)``) and broadcasts along the 64 columns. The NF4 lookup has no gather
+in Mosaic GPU: :func:`~pallas_kernels.nf4_matmul_kernels.nf4_lookup`'s select tree (4 bit
+tests, 15 selects between float32 constants) gives the code's value; times the scale in
+float32, rounded once to x's dtype, it is bit-identical to
+:func:`~pallas_kernels.nf4.dequantize_nf4`.
+
+Cost of the repack (:func:`prepare_weight`, a few fused elementwise XLA ops): it
+reads the 0.5 bytes per weight of ``packed`` (plus the 8-bit absmax) and writes 0.5 bytes per
+weight of repacked nibbles and 4/64 of float32 scales: ~1.1 bytes per weight, e.g. 65 MB and
+~20 µs of H200 bandwidth for a 4096x14336 projection (0.9 ms of matmul at M = 4096), against
+the 2.5 bytes per weight of a bf16 decode. A caller that reuses W across calls (inference, or
+the frozen base weights of a LoRA run) can call it once and pass the :class:`MgpuNF4Weight`.
+
+Shapes. K must be a multiple of 64 (whole absmax blocks per row; otherwise blocks straddle
+rows and :func:`check_supported` raises, so the caller falls back to another implementation).
+Everything else is padded: N to a multiple of 128 and K to a multiple of 128 by the repack
+(zero scales and zero codes), M to a multiple of the effective token tile by the wrapper (a
+copy of x only when M is ragged). The token tile is ``min(block_m, M rounded up to 64)``.
+x must be bf16 or f16 (the decode targets x's dtype); blocksize 64; one matrix (no layer axis).
+
+Interpreter (CPU tests): transposed shared-memory views, register layouts, ``plgpu.load`` with
+a layout, ``run_state`` and wgmma do not exist there, so the few helpers that use them have an
+interpreter branch computing the same values with plain reads and dots (marked where used).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import Array, lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels.nf4 import NF4Tensor, dequantize_absmax, dequantize_nf4
+from pallas_kernels.nf4_matmul_kernels import nf4_lookup
+
+__all__ = [
+    "MgpuNF4Config",
+    "MgpuNF4Weight",
+    "check_supported",
+    "nf4_matmul_mgpu",
+    "nf4_matmul_mgpu_reference",
+    "prepare_weight",
+]
+
+_COMPUTE_WGS = 2
+_ROWS = 64  # W rows per compute warpgroup: the wgmma M
+BLOCK_N = _COMPUTE_WGS * _ROWS  # W rows per CTA
+BLOCK_K = 128  # K per pipeline step: two 64-wide halves, one absmax block each
+_QBLOCK = 64  # the NF4 blocksize this kernel handles
+_HALF = BLOCK_K // 2
+_SMEM_BYTES = 227 * 1024  # H100/H200 per-block shared memory limit
+_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+KERNEL_NAME = "lorax_mgpu_nf4_matmul"
+
+
+@dataclasses.dataclass(frozen=True)
+class MgpuNF4Config:
+    """Tile sizes and launch parameters of the Mosaic GPU NF4 matmul.
+
+    ``block_m``: tokens per CTA, the wgmma N (64, 128, 192 or 256; smaller M uses M rounded up
+    to 64). Larger amortizes the decode over more flops (module docstring) but holds a
+    ``[64, block_m]`` float32 accumulator per thread group (128 registers per thread at 256).
+    ``slots``: ring depth of the x/W/scale stream (the default pair is the most decode
+    amortization that fits shared memory; an estimate until measured on the GPU).
+    ``transposed_store``: write ``y`` directly through a transposed shared-memory view
+    (default), or write ``yᵀ`` and let XLA transpose it (fallback).
+    ``compute_registers``/``memory_registers``: registers per thread for the compute and
+    memory warpgroups (2·128·232 + 128·40 = 64K, the register file). Block N (128 W rows, two
+    warpgroups of 64) and block K (128) are fixed by the design.
+    """
+
+    block_m: int = 256
+    slots: int = 2
+    transposed_store: bool = True
+    compute_registers: int = 232
+    memory_registers: int = 40
+
+    def __post_init__(self) -> None:
+        if self.block_m not in (64, 128, 192, 256):
+            raise ValueError(f"block_m must be 64, 128, 192 or 256, got {self.block_m}")
+        if self.slots < 2:
+            raise ValueError(f"slots must be >= 2, got {self.slots}")
+
+    def smem_bytes(self, block_m: int | None = None) -> int:
+        """Shared memory the kernel allocates with token tile ``block_m`` (default the config's)."""
+        bm = self.block_m if block_m is None else block_m
+        buffers = [self.slots * bm * _HALF * 2] * 2  # x halves
+        buffers += [self.slots * BLOCK_N * _HALF]  # W
+        buffers += [self.slots * BLOCK_N * 4] * 2  # scales
+        buffers += [_COMPUTE_WGS * bm * _ROWS * 2, 1024]  # output tiles, barriers
+        return sum(_round_up(b, 1024) for b in buffers)  # allocations are 1 KiB aligned
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["packed", "scales"],
+    meta_fields=["shape"],
+)
+@dataclasses.dataclass(frozen=True)
+class MgpuNF4Weight:
+    """An NF4 ``W [N, K]`` repacked for :func:`nf4_matmul_mgpu` (see :func:`prepare_weight`).
+
+    Attributes:
+      packed: uint8 ``[Np, Kp/2]`` (N, K padded to multiples of 128): in each 128-wide K tile
+        of a row, byte ``j`` holds element ``j`` (high nibble) and ``64 + j`` (low nibble).
+      scales: float32 ``[Kp/64, Np/64, 64]``: ``scales[b, r // 64, r % 64]`` is the absmax of
+        row ``r``'s block ``b`` (zero in the padding).
+      shape: the logical ``(N, K)``.
+    """
+
+    packed: Array
+    scales: Array
+    shape: tuple[int, int]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def _check_nf4(w: NF4Tensor) -> tuple[int, int]:
+    if not isinstance(w, NF4Tensor):
+        raise TypeError(f"w must be an NF4Tensor or MgpuNF4Weight, got {type(w).__name__}")
+    if len(w.shape) != 2 or w.packed.ndim != 1:
+        raise ValueError(
+            f"nf4_matmul_mgpu takes one 2-D NF4 matrix [N, K] (no layer axis); got shape "
+            f"{w.shape} with packed {w.packed.shape}"
+        )
+    n, k = w.shape
+    if w.blocksize != _QBLOCK:
+        raise ValueError(
+            f"the Mosaic GPU NF4 kernel handles blocksize {_QBLOCK}, not {w.blocksize}"
+        )
+    if k % _QBLOCK:
+        raise ValueError(
+            f"the Mosaic GPU NF4 kernel needs K % {_QBLOCK} == 0 (whole absmax blocks per row of "
+            f"W); W has shape [N, K] = [{n}, {k}]. Use another nf4_lora_matmul variant."
+        )
+    return n, k
+
+
+@jax.jit
+def prepare_weight(w: NF4Tensor) -> MgpuNF4Weight:
+    """Repacks a bitsandbytes-layout NF4 ``W [N, K]`` for :func:`nf4_matmul_mgpu` (plain XLA).
+
+    Pads N and K to multiples of 128, regroups the nibbles of each 128-wide K tile so that a
+    byte holds elements ``j`` and ``64 + j``, and decodes the (possibly double-quantized)
+    absmax to float32, transposed to ``[K/64, N/64, 64]``. About 1.1 bytes of traffic per
+    weight (module docstring); call it once and keep the result when W is reused.
+    """
+    n, k = _check_nf4(w)
+    np_, kp = _round_up(n, BLOCK_N), _round_up(k, BLOCK_K)
+    codes = jnp.stack([w.packed >> 4, w.packed & 0xF], axis=-1).reshape(n, k)
+    codes = jnp.pad(codes, ((0, np_ - n), (0, kp - k)), constant_values=7)  # 7: the code of 0.0
+    tiles = codes.reshape(np_, kp // BLOCK_K, 2, _HALF)
+    packed = (tiles[:, :, 0] << 4) | tiles[:, :, 1]
+    scales = dequantize_absmax(w).reshape(n, k // _QBLOCK)
+    scales = jnp.pad(scales, ((0, np_ - n), (0, (kp - k) // _QBLOCK)))
+    scales = scales.T.reshape(kp // _QBLOCK, np_ // _ROWS, _ROWS)
+    return MgpuNF4Weight(packed.reshape(np_, kp // 2).astype(jnp.uint8), scales, (n, k))
+
+
+def check_supported(x: Any, w: NF4Tensor | MgpuNF4Weight, config: MgpuNF4Config) -> None:
+    """Raises ``ValueError`` naming the first requirement ``x · Wᵀ`` misses (module docstring)."""
+    n, k = w.shape if isinstance(w, MgpuNF4Weight) else _check_nf4(w)
+    if x.ndim < 1 or x.shape[-1] != k:
+        raise ValueError(f"x {tuple(x.shape)} must end in K={k} (W is [N, K] = [{n}, {k}])")
+    if jnp.dtype(x.dtype) not in _DTYPES:
+        raise ValueError(f"x dtype {x.dtype}: the Mosaic GPU NF4 kernel needs bf16 or f16")
+    m = 1
+    for d in x.shape[:-1]:
+        m *= int(d)
+    if m == 0:
+        raise ValueError(f"x {tuple(x.shape)} has no rows")
+    bm = _token_tile(m, config)
+    if config.smem_bytes(bm) > _SMEM_BYTES:
+        raise ValueError(
+            f"config {config} needs {config.smem_bytes(bm)} bytes of shared memory at block_m "
+            f"{bm} (limit {_SMEM_BYTES}); use fewer slots or a smaller block_m"
+        )
+
+
+def _token_tile(m: int, config: MgpuNF4Config) -> int:
+    return min(config.block_m, _round_up(m, _ROWS))
+
+
+# ----------------------------------------------------------------------------------- helpers
+
+
+def _smem_tile(shape: tuple[int, ...], dtype: Any) -> Any:
+    """A shared-memory buffer laid out for TMA and wgmma: rows swizzled by their byte width."""
+    row_bytes = min(128, shape[-1] * jnp.dtype(dtype).itemsize)
+    row = row_bytes // jnp.dtype(dtype).itemsize
+    transforms = (plgpu.TilingTransform((8, row)), plgpu.SwizzleTransform(row_bytes))
+    return plgpu.SMEM(shape, dtype, transforms=transforms)
+
+
+def _read(ref: Any, layout: Any, interpret: Any) -> Array:
+    """``ref``'s contents in registers, in ``layout`` (the interpreter has no layouts)."""
+    return plgpu.load(ref, (), layout=layout) if interpret is None else ref[...]
+
+
+def _decode_half(packed: Array, high: bool, scale: Array, dtype: Any) -> Array:
+    """One K half of a repacked ``[64, 64]`` uint8 tile as a ``[64, 64]`` ``dtype`` operand.
+
+    ``high``: the high nibbles (K columns 0-63 of the tile) or the low ones (64-127).
+    ``scale``: the ``[64]`` float32 absmax of each row's block. Element-wise, so the result
+    keeps ``packed``'s register layout (the bf16 wgmma operand layout on the GPU).
+    """
+    byte = packed.astype(jnp.int32)
+    codes = byte >> 4 if high else byte & 0xF
+    values = nf4_lookup(codes) * lax.broadcast_in_dim(scale, packed.shape, [0])
+    return values.astype(dtype)
+
+
+def _accumulate(acc: Array, terms: Sequence[tuple[Callable[[], Array], Any]], interpret: Any,
+                ) -> Array:  # fmt: skip
+    """``acc + Σ lhs() @ rhsᵀ`` in float32 on the tensor cores; ``rhs`` a ``[n, k]`` smem tile.
+
+    The wgmmas are issued in order into one accumulator and awaited once; each ``lhs`` thunk
+    (register operand) is evaluated just before its wgmma is issued, so the decode of a later
+    term runs while the earlier terms' wgmmas are in flight.
+    """
+    if interpret is not None:  # Interpreter: no run_state / wgmma / transposed views; dots.
+        for lhs, rhs in terms:
+            acc = acc + jnp.dot(lhs(), rhs[...].T, preferred_element_type=jnp.float32)
+        return acc
+
+    def issue(refs: tuple[Any]) -> None:
+        (ref,) = refs
+        for lhs, rhs in terms:
+            plgpu.wgmma(ref, lhs(), plgpu.transpose_ref(rhs, (1, 0)))
+
+    (acc,) = pl.run_state(issue)((plgpu.ACC.init(acc),))
+    return acc
+
+
+def _feed(load: Callable[[Array, Array], None], free: Any, steps: int, slots: int) -> None:
+    """The memory warpgroup's loop: fill the ring, then refill each slot once it is released.
+
+    Step ``i + slots`` is loaded into step ``i``'s slot after both compute warpgroups arrived on
+    ``free`` for it. Every release is waited on, the last ``slots`` included, so each phase of
+    ``free`` is observed before the shared memory goes out of scope.
+    """
+    for i in range(min(slots, steps)):
+        load(jnp.int32(i), jnp.int32(i))
+
+    @pl.loop(0, steps)
+    def _refill(step: Array) -> None:
+        slot = lax.rem(step, slots)
+        plgpu.barrier_wait(free.at[slot])
+
+        @pl.when(step + slots < steps)
+        def _load() -> None:
+            load(step + slots, slot)
+
+
+# ------------------------------------------------------------------------------------ kernel
+
+
+def _nf4_matmul_call(x: Array, packed: Array, scales: Array, block_m: int,
+                     config: MgpuNF4Config, interpret: Any) -> Array:  # fmt: skip
+    """``y [Mp, Np]`` (or ``yᵀ [Np, Mp]`` without ``transposed_store``) for padded operands."""
+    mp, kp = x.shape
+    np_ = packed.shape[0]
+    bm, slots, dtype = block_m, config.slots, x.dtype
+    steps = kp // BLOCK_K
+    transposed = config.transposed_store
+
+    def kernel(x_ref, w_ref, s_ref, out_ref, scoped):
+        (x_lo, x_hi, w_ring, s_lo, s_hi, out_smem), (load_bars, free) = scoped
+        m_tile, n_tile = lax.axis_index("m_tiles"), lax.axis_index("n_tiles")
+        wg = lax.axis_index("wg")
+        m0, n0 = m_tile * bm, n_tile * BLOCK_N
+
+        @pl.when(wg < _COMPUTE_WGS)
+        def _compute() -> None:
+            plgpu.set_max_registers(config.compute_registers, action="increase")
+            own_rows = pl.ds(wg * _ROWS, _ROWS)
+            row_layout = plgpu.Layout.WGMMA.reduce(1)
+
+            def step(i: Array, acc: Array) -> Array:
+                slot = lax.rem(i, slots)
+                for bar in load_bars:
+                    plgpu.barrier_wait(bar.at[slot])
+                w_tile = w_ring.at[slot].at[own_rows]
+
+                def operand(high: bool, scales_ring: Any) -> Callable[[], Array]:
+                    def decode() -> Array:
+                        packed_regs = _read(w_tile, plgpu.Layout.WGMMA, interpret)
+                        scale = _read(scales_ring.at[slot].at[wg], row_layout, interpret)
+                        return _decode_half(packed_regs, high, scale, dtype)
+
+                    return decode
+
+                acc = _accumulate(
+                    acc,
+                    [(operand(True, s_lo), x_lo.at[slot]), (operand(False, s_hi), x_hi.at[slot])],
+                    interpret,
+                )
+                plgpu.barrier_arrive(free.at[slot])
+                return acc
+
+            zeros = jnp.zeros((_ROWS, bm), jnp.float32)
+            if interpret is None:
+                zeros = plgpu.layout_cast(zeros, plgpu.Layout.WGMMA)
+            acc = lax.fori_loop(0, steps, step, zeros).astype(dtype)
+            tile = out_smem.at[wg]
+            if transposed:  # y[m0:m0+bm, n0 + wg·64 : +64] = accᵀ
+                if interpret is None:
+                    plgpu.transpose_ref(tile, (1, 0))[...] = plgpu.layout_cast(
+                        acc, plgpu.Layout.WGMMA_TRANSPOSED
+                    )
+                else:  # Interpreter: no transposed views.
+                    tile[...] = acc.T
+                dst = out_ref.at[pl.ds(m0, bm), pl.ds(n0 + wg * _ROWS, _ROWS)]
+            else:  # yᵀ[n0 + wg·64 : +64, m0:m0+bm] = acc
+                tile[...] = acc
+                dst = out_ref.at[pl.ds(n0 + wg * _ROWS, _ROWS), pl.ds(m0, bm)]
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(tile, dst)
+            plgpu.wait_smem_to_gmem(0)
+
+        @pl.when(wg == _COMPUTE_WGS)
+        def _memory() -> None:
+            plgpu.set_max_registers(config.memory_registers, action="decrease")
+            x_bar_lo, x_bar_hi, w_bar, s_bar_lo, s_bar_hi = load_bars
+            tokens = pl.ds(m0, bm)
+            w_rows = pl.ds(n0, BLOCK_N)
+            s_rows = pl.ds(n_tile * _COMPUTE_WGS, _COMPUTE_WGS)
+
+            def load(i: Array, slot: Array) -> None:
+                k0 = i * BLOCK_K
+                copies = (
+                    (x_ref.at[tokens, pl.ds(k0, _HALF)], x_lo, x_bar_lo),
+                    (x_ref.at[tokens, pl.ds(k0 + _HALF, _HALF)], x_hi, x_bar_hi),
+                    (w_ref.at[w_rows, pl.ds(i * _HALF, _HALF)], w_ring, w_bar),
+                    (s_ref.at[2 * i, s_rows], s_lo, s_bar_lo),
+                    (s_ref.at[2 * i + 1, s_rows], s_hi, s_bar_hi),
+                )
+                for src, ring, bar in copies:
+                    plgpu.copy_gmem_to_smem(src, ring.at[slot], bar.at[slot])
+
+            _feed(load, free, steps, slots)
+
+    out_tile = (bm, _ROWS) if transposed else (_ROWS, bm)
+    scratch = (
+        _smem_tile((slots, bm, _HALF), dtype),  # x, K columns 0-63 of the step
+        _smem_tile((slots, bm, _HALF), dtype),  # x, K columns 64-127
+        _smem_tile((slots, BLOCK_N, _HALF), jnp.uint8),  # repacked W
+        plgpu.SMEM((slots, _COMPUTE_WGS, _ROWS), jnp.float32),  # scales, first half
+        plgpu.SMEM((slots, _COMPUTE_WGS, _ROWS), jnp.float32),  # scales, second half
+        _smem_tile((_COMPUTE_WGS, *out_tile), dtype),  # the output tiles on their way out
+    )
+    barriers = (
+        tuple(plgpu.Barrier(num_barriers=slots) for _ in range(5)),  # x lo/hi, W, scales lo/hi
+        plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=slots),  # slot free
+    )
+
+    def entry(*refs: Any) -> None:
+        pl.run_scoped(
+            lambda *scoped: kernel(*refs, scoped), scratch, barriers, collective_axes="wg"
+        )
+
+    out_shape = (mp, np_) if transposed else (np_, mp)
+    mesh = plgpu.Mesh(
+        grid=(mp // bm, np_ // BLOCK_N),
+        grid_names=("m_tiles", "n_tiles"),  # the last grid axis varies fastest
+        num_threads=_COMPUTE_WGS + 1,
+        thread_name="wg",
+        kernel_name=KERNEL_NAME,
+    )
+    return pl.kernel(
+        entry,
+        out_type=jax.ShapeDtypeStruct(out_shape, dtype),
+        mesh=mesh,
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        interpret=interpret if interpret is not None else False,
+        name=KERNEL_NAME,
+    )(x, packed, scales)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "interpret"))
+def _matmul(x: Array, w: MgpuNF4Weight, config: MgpuNF4Config, interpret: Any) -> Array:
+    n, k = w.shape
+    np_, kp2 = w.packed.shape
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    m = x2.shape[0]
+    bm = _token_tile(m, config)
+    mp = _round_up(m, bm)
+    if (mp, 2 * kp2) != (m, k):
+        x2 = jnp.pad(x2, ((0, mp - m), (0, 2 * kp2 - k)))
+    y = _nf4_matmul_call(x2, w.packed, w.scales, bm, config, interpret)
+    if not config.transposed_store:
+        y = y.T
+    return y[:m, :n].reshape(*lead, n)
+
+
+# ------------------------------------------------------------------------------- public API
+
+
+def nf4_matmul_mgpu(x: Array, w: NF4Tensor | MgpuNF4Weight, *,
+                    config: MgpuNF4Config = MgpuNF4Config(), interpret: Any = None,
+                    ) -> Array:  # fmt: skip
+    """``x · Wᵀ`` for ``x [..., K]`` (bf16/f16) and an NF4 ``W [N, K]``; returns ``[..., N]``.
+
+    Float32 accumulation, one rounding to ``x.dtype``. ``w``: an :class:`NF4Tensor` (repacked
+    by :func:`prepare_weight` on every call, ~1.1 bytes of traffic per weight) or the
+    :class:`MgpuNF4Weight` it returns. ``interpret``: a Mosaic GPU interpreter parameter
+    object (``plgpu.InterpretGPUParams()``, CPU tests), or None to compile for the GPU.
+    Unsupported arguments raise ``ValueError`` (see :func:`check_supported`).
+    """
+    check_supported(x, w, config)
+    if not isinstance(w, MgpuNF4Weight):
+        w = prepare_weight(w)
+    return _matmul(x, w, config, interpret)
+
+
+def nf4_matmul_mgpu_reference(x: Array, w: NF4Tensor) -> Array:
+    """The plain-jnp reference: decode W to ``x.dtype``, then a float32-accumulated dot."""
+    y = jnp.dot(x, dequantize_nf4(w, x.dtype).T, preferred_element_type=jnp.float32)
+    return y.astype(x.dtype)

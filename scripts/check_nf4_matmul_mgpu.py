@@ -1,0 +1,244 @@
+"""Correctness and speed of the Mosaic GPU NF4 matmul (``pallas_kernels.nf4_matmul_mgpu``, issue 4).
+
+For each Llama-8B projection shape ``K×N`` and token count M: the kernel's ``y = x·Wᵀ`` (bf16
+x, double-quantized NF4 W, float32 accumulation) against the float32-accumulated dot of x with
+the jnp-decoded W (relative L2 error; bf16 output rounding puts it near 1.6e-3), then pipelined
+timings (median, dispatch hidden, ``_common.pipelined_ms``) in TFLOP/s of 2·M·N·K and as % of
+
+  (a) ``bf16 dot``:  ``jnp.dot`` with a dense bf16 W of the same shape (cuBLAS, the ceiling),
+  (b) ``xla deq+dot``: ``dequantize_nf4`` by XLA, then the same dot (what ``variant="xla"`` runs),
+
+for each kernel config twice: ``mgpu+prep`` takes the NF4Tensor (the repack,
+``prepare_weight``, runs every call) and ``mgpu`` a weight repacked once (kernel only).
+
+Each config runs in its own subprocess with a timeout (``--timeout``, default 150 s): a config
+that fails to lower prints its error's first lines, one that hangs (a kernel deadlock) is killed
+(after ``--stall-s``, default 60 s, without output), and the sweep goes on; no subprocess starts
+or runs past ``--budget-s`` (default 540 s, under a 10-minute call). Configs are listed safest
+first; the default four take an estimated 5-6 minutes on an H200 (the two others: ``--configs
+m256s2-r240,m64s4``).
+
+    python scripts/check_nf4_matmul_mgpu.py [--ms 4096,8192] [--shapes 4096x4096,4096x1024,...]
+        [--configs m128s4,m256s2,m192s3,m128s4-yT] [--timeout 150] [--stall-s 60]
+        [--budget-s 540]
+
+CPU smoke test of the script itself (the kernel in the Mosaic GPU interpreter)::
+
+    JAX_PLATFORMS=cpu python scripts/check_nf4_matmul_mgpu.py --interpret --ms 64 \
+        --shapes 128x128 --configs m128s4,m64s4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+
+# Named configs, safest first (keyword arguments of MgpuNF4Config).
+CONFIGS = {
+    "m128s4": dict(block_m=128, slots=4),  # 64 accumulator registers per thread
+    "m256s2": dict(block_m=256, slots=2),  # the default: most decode amortization, 128 acc regs
+    "m192s3": dict(block_m=192, slots=3),
+    "m128s4-yT": dict(block_m=128, slots=4, transposed_store=False),  # if the y store fails
+    "m256s2-r240": dict(block_m=256, slots=2, compute_registers=240, memory_registers=24),
+    "m64s4": dict(block_m=64, slots=4),  # least amortization: shows the decode cost
+}
+SHAPES = "4096x4096,4096x1024,4096x14336,14336x4096"  # K x N (q/o, k/v, gate/up, down)
+DEFAULT_CONFIGS = "m128s4,m256s2,m192s3,m128s4-yT"
+
+
+def _inputs(m: int, k: int, n: int):
+    import jax
+    import jax.numpy as jnp
+
+    from pallas_kernels.nf4 import quantize_nf4
+
+    kx, kw = jax.random.split(jax.random.key(0))
+    x = jax.random.normal(kx, (m, k), jnp.bfloat16)
+    w16 = (0.02 * jax.random.normal(kw, (n, k), jnp.float32)).astype(jnp.bfloat16)
+    return x, w16, quantize_nf4(w16, double_quant=True)
+
+
+def _row(label: str, flops: float, ms: float, base_ms: float | None, extra: str = "") -> str:
+    pct = f"{100 * base_ms / ms:6.1f}%" if base_ms else "    - "
+    return f"  {label:<22} {ms:8.3f} ms {flops / ms / 1e9:7.1f} TFLOP/s {pct} {extra}"
+
+
+def _shapes(args) -> list[tuple[int, int, int]]:
+    out = []
+    for m in (int(v) for v in args.ms.split(",") if v):
+        for shape in (s for s in args.shapes.split(",") if s):
+            k, n = (int(v) for v in shape.split("x"))
+            out.append((m, k, n))
+    return out
+
+
+def _baseline_worker(args) -> None:
+    """(a) and (b) for every shape; their ms go to ``args.out`` for the % columns."""
+    import jax
+    import jax.numpy as jnp
+    from _common import pipelined_ms
+
+    from pallas_kernels.nf4 import dequantize_nf4
+
+    print(f"== baselines on {jax.devices()[0].device_kind}, jax {jax.__version__}", flush=True)
+    dot = jax.jit(lambda x, w: jnp.dot(x, w.T, preferred_element_type=jnp.float32).astype(x.dtype))
+    deq = jax.jit(lambda x, w: dot(x, dequantize_nf4(w, x.dtype)))
+    result = {}
+    for m, k, n in _shapes(args):
+        x, w16, w = _inputs(m, k, n)
+        flops = 2 * m * n * k
+        t_dot = pipelined_ms(dot, x, w16)
+        t_deq = pipelined_ms(deq, x, w)
+        result[f"{m}x{k}x{n}"] = {"dot": t_dot, "deq": t_deq}
+        print(f"M={m} K={k} N={n}", flush=True)
+        print(_row("(a) bf16 dot", flops, t_dot, t_dot), flush=True)
+        print(_row("(b) xla deq+dot", flops, t_deq, t_dot), flush=True)
+        del x, w16, w
+    with open(args.out, "w") as f:
+        json.dump(result, f)
+
+
+def _config_worker(args) -> None:
+    """One config: error and timings on every shape, each shape in try/except."""
+    import jax
+    import jax.numpy as jnp
+    from _common import pipelined_ms
+
+    from pallas_kernels.nf4 import dequantize_nf4
+    from pallas_kernels.nf4_matmul_mgpu import MgpuNF4Config, nf4_matmul_mgpu, prepare_weight
+
+    base = {}
+    if args.base and os.path.exists(args.base):
+        with open(args.base) as f:
+            base = json.load(f)
+    config = MgpuNF4Config(**CONFIGS[args.worker])
+    interpret = None
+    if args.interpret:  # CPU smoke test of this script
+        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+
+        interpret = InterpretGPUParams()
+    print(f"== config {args.worker}: {config}", flush=True)
+    kernel = lambda x, w: nf4_matmul_mgpu(x, w, config=config, interpret=interpret)
+    with_prep, prepared_fn = jax.jit(kernel), jax.jit(kernel)
+    reference = jax.jit(
+        lambda x, w: jnp.dot(x, dequantize_nf4(w, x.dtype).T, preferred_element_type=jnp.float32)
+    )
+    for m, k, n in _shapes(args):
+        key = f"{m}x{k}x{n}"
+        t_dot = base.get(key, {}).get("dot")
+        t_deq = base.get(key, {}).get("deq")
+        flops = 2 * m * n * k
+        try:
+            x, _, w = _inputs(m, k, n)
+            t0 = time.perf_counter()
+            prepared = jax.block_until_ready(prepare_weight(w))
+            y = jax.block_until_ready(prepared_fn(x, prepared))
+            compile_s = time.perf_counter() - t0
+            want = reference(x, w)
+            err = float(jnp.linalg.norm(y.astype(jnp.float32) - want) / jnp.linalg.norm(want))
+            status = "ok" if err < 1e-2 else "WRONG"
+            print(f"M={m} K={k} N={n}  rel.L2 {err:.2e} {status}  first call {compile_s:.1f} s",
+                  flush=True)  # fmt: skip
+            t_kernel = pipelined_ms(prepared_fn, x, prepared)
+            t_prep = pipelined_ms(with_prep, x, w)
+            vs_deq = f"{t_deq / t_kernel:5.2f}x faster than (b)" if t_deq else ""
+            print(_row(f"mgpu {args.worker}", flops, t_kernel, t_dot, vs_deq), flush=True)
+            print(_row(f"mgpu+prep {args.worker}", flops, t_prep, t_dot), flush=True)
+        except Exception as e:  # noqa: BLE001 - report and go on
+            lines = f"{type(e).__name__}: {e}".splitlines()
+            print(f"M={m} K={k} N={n}  {args.worker}: FAILED " + "\n    ".join(lines[:12]),
+                  flush=True)  # fmt: skip
+            traceback.print_exc(limit=2)
+            if "lower" in str(e).lower() or "NotImplemented" in type(e).__name__:
+                return  # a lowering failure will repeat on every shape
+
+
+def _run_child(argv: list[str], timeout: float, stall: float) -> None:
+    """Runs this script on ``argv`` in its own process group, relaying its output; kills the
+    group after ``timeout`` seconds, or after ``stall`` seconds without a line of output (a
+    deadlocked kernel never returns, so a hang costs ``stall`` seconds, not the whole call)."""
+    cmd = [sys.executable, os.path.abspath(__file__), *argv]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            bufsize=1, start_new_session=True)  # fmt: skip
+    start = last = time.monotonic()
+
+    def pump() -> None:
+        nonlocal last
+        for line in proc.stdout:
+            last = time.monotonic()
+            print(line, end="", flush=True)
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    why = None
+    while proc.poll() is None:
+        now = time.monotonic()
+        if now - start > timeout:
+            why = f"TIMEOUT after {timeout:.0f} s"
+        elif now - last > stall:
+            why = f"no output for {stall:.0f} s (a deadlock?)"
+        if why:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            break
+        time.sleep(0.5)
+    reader.join(timeout=5)
+    label = " ".join(argv[:2])
+    if why:
+        print(f"  [{label}] killed: {why}", flush=True)
+    elif proc.returncode:
+        print(f"  [{label}] exited with status {proc.returncode}", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ms", default="4096,8192", help="comma list of token counts M")
+    parser.add_argument("--shapes", default=SHAPES, help="comma list of KxN")
+    parser.add_argument("--configs", default=DEFAULT_CONFIGS, help=f"comma list of {list(CONFIGS)}")
+    parser.add_argument("--timeout", type=float, default=150.0, help="seconds per subprocess")
+    parser.add_argument("--stall-s", type=float, default=60.0, help="kill a silent subprocess")
+    parser.add_argument("--budget-s", type=float, default=540.0, help="seconds for the whole run")
+    parser.add_argument("--no-baselines", action="store_true")
+    parser.add_argument("--interpret", action="store_true", help="CPU smoke test (interpreter)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--base", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker == "baseline":
+        return _baseline_worker(args)
+    if args.worker:
+        return _config_worker(args)
+
+    names = [c for c in args.configs.split(",") if c]
+    unknown = [c for c in names if c not in CONFIGS]
+    if unknown:
+        parser.error(f"unknown configs {unknown}; known: {list(CONFIGS)}")
+    common = ["--ms", args.ms, "--shapes", args.shapes] + (
+        ["--interpret"] if args.interpret else []
+    )
+    deadline = time.monotonic() + args.budget_s
+    runs = [] if args.no_baselines else [["--worker", "baseline"]]
+    runs += [["--worker", name] for name in names]
+    with tempfile.TemporaryDirectory() as tmp:
+        base = os.path.join(tmp, "base.json")
+        for run in runs:
+            left = deadline - time.monotonic()
+            if left < 20:
+                print(
+                    f"  [{' '.join(run)}] skipped: --budget-s {args.budget_s:.0f} spent", flush=True
+                )
+                continue
+            extra = ["--out", base] if run[1] == "baseline" else ["--base", base]
+            _run_child([*run, *extra, *common], min(args.timeout, left), args.stall_s)
+
+
+if __name__ == "__main__":
+    main()
