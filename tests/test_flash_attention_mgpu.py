@@ -182,3 +182,27 @@ def test_remat_policy_keeps_the_mosaic_forward_outputs():
 
     assert forward_runs(save_forward_residuals) == 1
     assert forward_runs(jax.checkpoint_policies.nothing_saveable) == 2
+
+
+@pytest.mark.parametrize("d", [64, 128])
+def test_kernels_lower_for_hopper(d):
+    """The compiled kernels (no interpreter) lower to Mosaic GPU custom calls for ``cuda``.
+
+    The Pallas-to-Mosaic-GPU lowering runs without a GPU, so this catches what the interpreter
+    cannot: unsupported layouts or operand forms (e.g. static ref indices in wgmma operands on
+    jax 0.11) and shared memory overflow. ptxas and the run itself are the GPU's.
+    """
+    q = jax.ShapeDtypeStruct((1, 256, 4, d), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((1, 256, 2, d), jnp.bfloat16)
+
+    def fwd_bwd(q, k, v):
+        out, vjp = jax.vjp(lambda *x: flash_attention_mgpu(*x, d**-0.5), q, k, v)
+        return vjp(out)
+
+    text = jax.jit(fwd_bwd).trace(q, kv, kv).lower(lowering_platforms=("cuda",)).as_text()
+    for kernel in (
+        "lorax_mgpu_attention_fwd",
+        "lorax_mgpu_attention_dkdv",
+        "lorax_mgpu_attention_dq",
+    ):
+        assert kernel in text, kernel
