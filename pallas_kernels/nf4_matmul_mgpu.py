@@ -55,6 +55,25 @@ tests, 15 selects between float32 constants) gives the code's value; times the s
 float32, rounded once to x's dtype, it is bit-identical to
 :func:`~pallas_kernels.nf4.dequantize_nf4`.
 
+The cheaper decode (``MgpuNF4Config(decode="prmt")``; the GPU measured the select decode as
+the bound: ``block_m = 256`` at 45-51% of the bf16 cuBLAS dot, 128 at ~26%). The PTX byte
+permute ``prmt.b32`` is a 4-lane lookup into an 8-byte table held in two 32-bit operands, so
+two of them and a third ``prmt`` that picks per byte by the code's bit 3 look up one byte of
+the 16-entry table for 4 codes at once. Each 16-bit register of the packed tile (2 bytes, 4
+codes: 2 of each K half) costs 15 instructions (:func:`_prmt_asm`, inline PTX through
+``plgpu.inline_mgpu``): 3 to form the selectors, 6 ``prmt`` for the low and the high bytes of
+the 4 values as ``dtype`` bit patterns, 2 ``prmt`` to interleave them into one ``dtype`` pair
+per K half, and ``fma.rn(v, s_hi, mul.rn(v, s_lo))`` per pair, ``v·s`` with the float32 scale
+split into two ``dtype`` parts (2 packed instructions per 2 weights). That is 3.75
+instructions per weight, ~4.2 with the per-step scale split (counted in the lowered module:
+16 such asm blocks per thread and K step, plus 4 scales × ~6 conversions), against ~22. Its
+rounding: the NF4 value is rounded to ``dtype`` and the product rounded once more, so ~17%
+of the weights differ from :func:`~pallas_kernels.nf4.dequantize_nf4`'s by one ulp (never
+more) and ``y`` measures a rel. L2 error of ~2.8-2.9e-3 against the reference where the
+select decode's is ~1.7e-3 (bf16 output rounding; interpreter, K = 384 to 4096; the plain
+``mul.rn`` by a bf16-rounded scale, 0.5 instruction per weight cheaper, measures ~3.3e-3).
+Both K halves are decoded before the first of the step's two wgmmas (the lookups serve both).
+
 Cost of the repack (:func:`prepare_weight`, a few fused elementwise XLA ops): it
 reads the 0.5 bytes per weight of ``packed`` (plus the 8-bit absmax) and writes 0.5 bytes per
 weight of repacked nibbles and 4/64 of float32 scales: ~1.1 bytes per weight, e.g. 65 MB and
@@ -70,8 +89,9 @@ copy of x only when M is ragged). The token tile is ``min(block_m, M rounded up 
 x must be bf16 or f16 (the decode targets x's dtype); blocksize 64; one matrix (no layer axis).
 
 Interpreter (CPU tests): transposed shared-memory views, register layouts, ``plgpu.load`` with
-a layout, ``run_state`` and wgmma do not exist there, so the few helpers that use them have an
-interpreter branch computing the same values with plain reads and dots (marked where used).
+a layout, ``run_state``, wgmma and inline PTX do not exist there, so the few helpers that use
+them have an interpreter branch computing the same values with plain reads and dots, or (the
+``prmt`` decode) the same roundings in jnp (marked where used).
 """
 
 from __future__ import annotations
@@ -83,11 +103,12 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import Array, lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.nf4 import NF4Tensor, dequantize_absmax, dequantize_nf4
+from pallas_kernels.nf4 import NF4_CODE, NF4Tensor, dequantize_absmax, dequantize_nf4
 from pallas_kernels.nf4_matmul_kernels import nf4_lookup
 
 __all__ = [
@@ -108,6 +129,7 @@ _HALF = BLOCK_K // 2
 _SMEM_BYTES = 227 * 1024  # H100/H200 per-block shared memory limit
 _DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 KERNEL_NAME = "lorax_mgpu_nf4_matmul"
+_DECODES = ("select", "prmt")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,6 +146,10 @@ class MgpuNF4Config:
     ``compute_registers``/``memory_registers``: registers per thread for the compute and
     memory warpgroups (2·128·232 + 128·40 = 64K, the register file). Block N (128 W rows, two
     warpgroups of 64) and block K (128) are fixed by the design.
+    ``decode``: ``"select"`` (the select tree in float32, ~22 instructions per weight, exactly
+    :func:`~pallas_kernels.nf4.dequantize_nf4`'s weights) or ``"prmt"`` (byte-permute lookups
+    and packed ``dtype`` math, ~4 instructions per weight, weights within one ulp; module
+    docstring; needs ``plgpu.inline_mgpu``).
     """
 
     block_m: int = 256
@@ -131,8 +157,11 @@ class MgpuNF4Config:
     transposed_store: bool = True
     compute_registers: int = 232
     memory_registers: int = 40
+    decode: str = "select"
 
     def __post_init__(self) -> None:
+        if self.decode not in _DECODES:
+            raise ValueError(f"decode must be one of {_DECODES}, got {self.decode!r}")
         if self.block_m not in (64, 128, 192, 256):
             raise ValueError(f"block_m must be 64, 128, 192 or 256, got {self.block_m}")
         if self.slots < 2:
@@ -272,6 +301,152 @@ def _decode_half(packed: Array, high: bool, scale: Array, dtype: Any) -> Array:
     return values.astype(dtype)
 
 
+def _nf4_bits(dtype: Any) -> np.ndarray:
+    """The 16 NF4 values rounded to ``dtype`` (bf16/f16), as uint16 bit patterns."""
+    return np.asarray(NF4_CODE, np.float32).astype(jnp.dtype(dtype)).view(np.uint16)
+
+
+def _byte_tables(dtype: Any) -> tuple[list[int], list[int]]:
+    """``prmt`` tables of the low and high bytes of :func:`_nf4_bits`: four 32-bit words each,
+    word ``w`` holding the bytes of codes ``4w .. 4w+3`` (code ``4w`` in its least significant
+    byte), so words 0-1 are the 8-byte table of codes 0-7 and words 2-3 that of codes 8-15."""
+    bits = _nf4_bits(dtype).astype(np.uint32)
+    tables = []
+    for byte in ((bits & 0xFF), (bits >> 8)):
+        words = byte.reshape(4, 4) << np.array([0, 8, 16, 24], np.uint32)
+        tables.append([int(w) for w in np.bitwise_or.reduce(words, axis=1)])
+    return tables[0], tables[1]
+
+
+def _prmt_asm(dtype: Any) -> str:
+    """PTX of the decode of one 16-bit register (2 bytes, 4 codes) into two ``dtype`` pairs.
+
+    ``$2``: the register, zero-extended. Its nibbles are, from the least significant, ``[l0,
+    h0, l1, h1]`` (byte ``i`` = ``h_i << 4 | l_i``; ``h`` are K columns 0-63 of the tile, ``l``
+    64-127). ``$3, $4`` / ``$5, $6``: the first / second K half's scale split in two ``dtype``
+    pairs, ``(s_hi, s_hi)`` and ``(s_lo, s_lo)`` with ``s_hi = dtype(s)``, ``s_lo = dtype(s -
+    s_hi)``. Outputs ``$0 = [v(h0), v(h1)]·s_first``, ``$1 = [v(l0), v(l1)]·s_second``, 15
+    instructions for 4 weights:
+
+    - ``idx = x & 0x7777``: each nibble's 3-bit index into an 8-entry byte table (bit 3 of a
+      ``prmt`` selector means "replicate the sign", so it must be cleared);
+    - ``sel = ((x >> 1) & 0x4444) | 0x3210`` (``shr``, ``lop3``): selector ``k + 4·bit3(nibble
+      k)``, which picks byte ``k`` of the codes-0-7 lookup or of the codes-8-15 lookup;
+    - per byte of a ``dtype`` value (low, high): two 8-entry lookups (``prmt`` with the table
+      as immediates) and the ``sel`` blend, giving ``blo = [lo(l0), lo(h0), lo(l1), lo(h1)]``
+      and ``bhi`` likewise (6 ``prmt``);
+    - two ``prmt`` interleave ``blo`` and ``bhi`` into the pairs ``[v(h0), v(h1)]`` (bytes 1,
+      5, 3, 7 of ``blo:bhi``: selector ``0x7351``) and ``[v(l0), v(l1)]`` (``0x6240``);
+    - per pair ``fma.rn(v, s_hi, mul.rn(v, s_lo))``: ``v·s`` with the scale's float32
+      precision kept (``s_hi + s_lo`` carries 16 of its bits; ``mul`` alone would round the
+      scale to ``dtype`` first, a third rounding that measures ~3.3e-3 rel. L2 instead of
+      ~2.8e-3 on y) and one rounding of the sum.
+    """
+    lo, hi = _byte_tables(dtype)
+    kind = "bf16x2" if jnp.dtype(dtype) == jnp.bfloat16 else "f16x2"
+    return f"""
+    {{
+    .reg .b32 idx, sel, t, pl, ql, ph, qh, blo, bhi, vh, vl, ch, cl;
+    and.b32 idx, $2, 0x7777;
+    shr.u32 t, $2, 1;
+    lop3.b32 sel, t, 0x4444, 0x3210, 0xea;
+    prmt.b32 pl, {lo[0]}, {lo[1]}, idx;
+    prmt.b32 ql, {lo[2]}, {lo[3]}, idx;
+    prmt.b32 blo, pl, ql, sel;
+    prmt.b32 ph, {hi[0]}, {hi[1]}, idx;
+    prmt.b32 qh, {hi[2]}, {hi[3]}, idx;
+    prmt.b32 bhi, ph, qh, sel;
+    prmt.b32 vh, blo, bhi, 0x7351;
+    prmt.b32 vl, blo, bhi, 0x6240;
+    mul.rn.{kind} ch, vh, $4;
+    mul.rn.{kind} cl, vl, $6;
+    fma.rn.{kind} $0, vh, $3, ch;
+    fma.rn.{kind} $1, vl, $5, cl;
+    }}
+    """
+
+
+def _split(scale: Array, dtype: Any) -> tuple[Array, Array]:
+    """``(s_hi, s_lo)`` in ``dtype`` with ``s_hi + s_lo`` ~ ``scale`` to 16 bits (float32 math)."""
+    hi = scale.astype(dtype)
+    return hi, (scale - hi.astype(jnp.float32)).astype(dtype)
+
+
+def _fma_round(a: Array, b: Array, dtype: Any) -> Array:
+    """``dtype(a + b)`` for float32 ``a, b`` with one rounding of the exact sum, as ``fma.rn``.
+
+    The float32 sum is rounded to odd (its last bit set when inexact, the TwoSum error telling
+    which neighbour), which float32's 13 or 16 extra bits then round to ``dtype`` correctly.
+    """
+    s = a + b
+    bb = s - a
+    err = (a - (s - bb)) + (b - bb)
+    bits = lax.bitcast_convert_type(s, jnp.int32)
+    away = (err > 0) == (s > 0)  # the exact sum is farther from zero than s
+    fix = jnp.where(away, 1, -1).astype(jnp.int32)
+    bits = jnp.where((err != 0) & ((bits & 1) == 0), bits + fix, bits)
+    return lax.bitcast_convert_type(bits, jnp.float32).astype(dtype)
+
+
+def _decode_prmt(packed: Array, scale_first: Array, scale_second: Array, dtype: Any,
+                 interpret: Any) -> tuple[Array, Array]:  # fmt: skip
+    """Both K halves of a repacked ``[64, 64]`` uint8 tile, decoded by byte permutes.
+
+    ``decode="prmt"`` (see :class:`MgpuNF4Config`): the code's value is looked up as a
+    ``dtype`` bit pattern and multiplied by the float32 scale in packed ``dtype`` arithmetic
+    (:func:`_prmt_asm`, 15 instructions per 4 weights). Two roundings (the NF4 value to
+    ``dtype``, the product) against :func:`_decode_half`'s one, so a weight can differ from
+    :func:`~pallas_kernels.nf4.dequantize_nf4` by one ulp of ``dtype``. The interpreter branch
+    computes the same values: the products of ``dtype`` operands are exact in float32, the
+    ``mul.rn`` rounds once, and :func:`_fma_round` is ``fma.rn``'s single rounding.
+    """
+    shape = packed.shape
+    split = [_split(s, dtype) for s in (scale_first, scale_second)]
+    s_full = [lax.broadcast_in_dim(part, shape, [0]) for pair in split for part in pair]
+    if interpret is not None:  # Interpreter: no inline PTX; the same roundings in jnp.
+        byte = packed.astype(jnp.int32)
+        f32 = [s.astype(jnp.float32) for s in s_full]
+        out = []
+        for codes, s_hi, s_lo in ((byte >> 4, *f32[:2]), (byte & 0xF, *f32[2:])):
+            value = nf4_lookup(codes).astype(dtype).astype(jnp.float32)
+            low = (value * s_lo).astype(dtype).astype(jnp.float32)
+            out.append(_fma_round(value * s_hi, low, dtype))
+        return out[0], out[1]
+    return _prmt_decoder(dtype)(packed, *s_full)
+
+
+@functools.cache
+def _prmt_decoder(dtype: Any) -> Callable[..., tuple[Array, Array]]:
+    """The ``plgpu.inline_mgpu`` function running :func:`_prmt_asm` on every register."""
+    from jax._src.lib.mlir import ir
+    from jax._src.lib.mlir.dialects import arith, llvm
+    from jax.experimental.mosaic.gpu import utils as mgpu_utils
+
+    asm = _prmt_asm(dtype)
+    out_type = plgpu.ShapeDtypeStruct((_ROWS, _HALF), dtype, layout=plgpu.Layout.WGMMA)
+    wgmma = plgpu.Layout.WGMMA
+
+    @plgpu.inline_mgpu(arg_types=(wgmma,) * 5, return_type=(out_type, out_type))
+    def decode(ctx: Any, packed: Any, *scales: Any) -> tuple[Any, Any]:
+        del ctx
+        i16, i32 = ir.IntegerType.get_signless(16), ir.IntegerType.get_signless(32)
+        like = scales[0]
+        pair = ir.VectorType(like.registers.flat[0].type)
+        result = llvm.StructType.get_literal([i32, i32])
+        first, second = np.empty_like(like.registers), np.empty_like(like.registers)
+        for idx, reg in np.ndenumerate(packed.registers):  # vector<2xi8>: 2 bytes, 4 codes
+            word = arith.extui(i32, mgpu_utils.bitcast(reg, i16))
+            s_regs = [mgpu_utils.bitcast(s.registers[idx], i32) for s in scales]
+            out = llvm.inline_asm(result, [word, *s_regs], asm, "=r,=r,r,r,r,r,r")
+            for regs, i in ((first, 0), (second, 1)):
+                regs[idx] = mgpu_utils.bitcast(llvm.extractvalue(i32, out, [i]), pair)
+        return tuple(
+            type(like)(_registers=r, _layout=like.layout, _is_signed=None) for r in (first, second)
+        )
+
+    return decode
+
+
 def _accumulate(acc: Array, terms: Sequence[tuple[Callable[[], Array], Any]], interpret: Any,
                 ) -> Array:  # fmt: skip
     """``acc + Σ lhs() @ rhsᵀ`` in float32 on the tensor cores; ``rhs`` a ``[n, k]`` smem tile.
@@ -344,18 +519,37 @@ def _nf4_matmul_call(x: Array, packed: Array, scales: Array, block_m: int,
                     plgpu.barrier_wait(bar.at[slot])
                 w_tile = w_ring.at[slot].at[own_rows]
 
+                def scale(scales_ring: Any) -> Array:
+                    return _read(scales_ring.at[slot].at[wg], row_layout, interpret)
+
                 def operand(high: bool, scales_ring: Any) -> Callable[[], Array]:
                     def decode() -> Array:
                         packed_regs = _read(w_tile, plgpu.Layout.WGMMA, interpret)
-                        scale = _read(scales_ring.at[slot].at[wg], row_layout, interpret)
-                        return _decode_half(packed_regs, high, scale, dtype)
+                        return _decode_half(packed_regs, high, scale(scales_ring), dtype)
 
                     return decode
 
+                if config.decode == "select":
+                    lhs = (operand(True, s_lo), operand(False, s_hi))
+                else:  # "prmt" decodes both halves at once, before the first wgmma.
+                    both: list[tuple[Array, Array]] = []
+
+                    def half(i: int) -> Callable[[], Array]:
+                        def decode() -> Array:
+                            if not both:
+                                packed_regs = _read(w_tile, plgpu.Layout.WGMMA, interpret)
+                                both.append(
+                                    _decode_prmt(
+                                        packed_regs, scale(s_lo), scale(s_hi), dtype, interpret
+                                    )
+                                )
+                            return both[0][i]
+
+                        return decode
+
+                    lhs = (half(0), half(1))
                 acc = _accumulate(
-                    acc,
-                    [(operand(True, s_lo), x_lo.at[slot]), (operand(False, s_hi), x_hi.at[slot])],
-                    interpret,
+                    acc, [(lhs[0], x_lo.at[slot]), (lhs[1], x_hi.at[slot])], interpret
                 )
                 plgpu.barrier_arrive(free.at[slot])
                 return acc
