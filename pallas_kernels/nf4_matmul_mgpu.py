@@ -55,8 +55,10 @@ tests, 15 selects between float32 constants) gives the code's value; times the s
 float32, rounded once to x's dtype, it is bit-identical to
 :func:`~pallas_kernels.nf4.dequantize_nf4`.
 
-The cheaper decode (``MgpuNF4Config(decode="prmt")``; the GPU measured the select decode as
-the bound: ``block_m = 256`` at 45-51% of the bf16 cuBLAS dot, 128 at ~26%). The PTX byte
+The cheaper decode, the default (``MgpuNF4Config(decode="prmt")``). On the H200 the select
+decode was the bound, as counted above: ``block_m = 256`` at 45-51% of the bf16 cuBLAS dot,
+128 at ~26%. With ``prmt`` the same kernel runs at 88-93% of the bf16 dot at ``block_m = 256``
+and M = 4096 (1.01-1.04x XLA's decode-then-dot; 63-70% at 128), BENCHMARKS.md §2. The PTX byte
 permute ``prmt.b32`` is a 4-lane lookup into an 8-byte table held in two 32-bit operands, so
 two of them and a third ``prmt`` that picks per byte by the code's bit 3 look up one byte of
 the 16-entry table for 4 codes at once. Each 16-bit register of the packed tile (2 bytes, 4
@@ -140,16 +142,16 @@ class MgpuNF4Config:
     to 64). Larger amortizes the decode over more flops (module docstring) but holds a
     ``[64, block_m]`` float32 accumulator per thread group (128 registers per thread at 256).
     ``slots``: ring depth of the x/W/scale stream (the default pair is the most decode
-    amortization that fits shared memory; an estimate until measured on the GPU).
+    amortization that fits shared memory; measured best at M = 4096, BENCHMARKS.md §2).
     ``transposed_store``: write ``y`` directly through a transposed shared-memory view
     (default), or write ``yᵀ`` and let XLA transpose it (fallback).
     ``compute_registers``/``memory_registers``: registers per thread for the compute and
     memory warpgroups (2·128·232 + 128·40 = 64K, the register file). Block N (128 W rows, two
     warpgroups of 64) and block K (128) are fixed by the design.
-    ``decode``: ``"select"`` (the select tree in float32, ~22 instructions per weight, exactly
-    :func:`~pallas_kernels.nf4.dequantize_nf4`'s weights) or ``"prmt"`` (byte-permute lookups
-    and packed ``dtype`` math, ~4 instructions per weight, weights within one ulp; module
-    docstring; needs ``plgpu.inline_mgpu``).
+    ``decode``: ``"prmt"`` (byte-permute lookups and packed ``dtype`` math, ~4 instructions per
+    weight, weights within one ulp; module docstring; needs ``plgpu.inline_mgpu``; 2x faster on
+    the H200) or ``"select"`` (the select tree in float32, ~22 instructions per weight, exactly
+    :func:`~pallas_kernels.nf4.dequantize_nf4`'s weights).
     """
 
     block_m: int = 256
@@ -157,7 +159,7 @@ class MgpuNF4Config:
     transposed_store: bool = True
     compute_registers: int = 232
     memory_registers: int = 40
-    decode: str = "select"
+    decode: str = "prmt"
 
     def __post_init__(self) -> None:
         if self.decode not in _DECODES:

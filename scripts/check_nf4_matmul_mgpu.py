@@ -14,15 +14,13 @@ for each kernel config twice: ``mgpu+prep`` takes the NF4Tensor (the repack,
 Each config runs in its own subprocess with a timeout (``--timeout``, default 150 s): a config
 that fails to lower prints its error's first lines, one that hangs (a kernel deadlock) is killed
 (after ``--stall-s``, default 60 s, without output), and the sweep goes on; no subprocess starts
-or runs past ``--budget-s`` (default 540 s, under a 10-minute call). Configs are listed safest
-first; the default four take an estimated 5-6 minutes on an H200 (the two others: ``--configs
-m256s2-r240,m64s4``). The ``-prmt`` configs use the byte-permute decode (``decode="prmt"``,
-two roundings per weight: rel. L2 ~2.8e-3 instead of ~1.7e-3); the natural comparison is
-``--configs m256s2,m256s2-prmt,m128s4-prmt`` (then ``m192s3-prmt,m64s4-prmt``).
+or runs past ``--budget-s`` (default 540 s, under a 10-minute call). The default configs are
+the measured best (``m256s2-prmt``, the kernel's default) and the 128-token tile; the
+``-prmt`` configs use the byte-permute decode (two roundings per weight: rel. L2 ~2.8e-3), the
+others the exact select-tree decode (~1.7e-3, the output rounding; BENCHMARKS.md §2 has both).
 
     python scripts/check_nf4_matmul_mgpu.py [--ms 4096,8192] [--shapes 4096x4096,4096x1024,...]
-        [--configs m128s4,m256s2,m192s3,m128s4-yT] [--timeout 150] [--stall-s 60]
-        [--budget-s 540]
+        [--configs m256s2-prmt,m128s4-prmt] [--timeout 150] [--stall-s 60] [--budget-s 540]
 
 CPU smoke test of the script itself (the kernel in the Mosaic GPU interpreter)::
 
@@ -45,21 +43,23 @@ import traceback
 
 # Named configs, safest first (keyword arguments of MgpuNF4Config).
 CONFIGS = {
-    "m128s4": dict(block_m=128, slots=4),  # 64 accumulator registers per thread
-    "m256s2": dict(block_m=256, slots=2),  # the default: most decode amortization, 128 acc regs
-    "m192s3": dict(block_m=192, slots=3),
-    "m128s4-yT": dict(block_m=128, slots=4, transposed_store=False),  # if the y store fails
-    "m256s2-r240": dict(block_m=256, slots=2, compute_registers=240, memory_registers=24),
-    "m64s4": dict(block_m=64, slots=4),  # least amortization: shows the decode cost
-    # The byte-permute decode (~4 instructions per weight instead of ~22); compare with m256s2:
-    # --configs m256s2,m256s2-prmt,m128s4-prmt
+    # The byte-permute decode (the default, ~4 instructions per weight).
     "m256s2-prmt": dict(block_m=256, slots=2, decode="prmt"),
     "m128s4-prmt": dict(block_m=128, slots=4, decode="prmt"),
     "m192s3-prmt": dict(block_m=192, slots=3, decode="prmt"),
     "m64s4-prmt": dict(block_m=64, slots=4, decode="prmt"),
+    # The select-tree decode (~22 instructions per weight, bit-exact weights).
+    "m128s4": dict(block_m=128, slots=4, decode="select"),  # 64 accumulator registers/thread
+    "m256s2": dict(block_m=256, slots=2, decode="select"),  # 128 accumulator registers/thread
+    "m192s3": dict(block_m=192, slots=3, decode="select"),
+    "m128s4-yT": dict(block_m=128, slots=4, transposed_store=False, decode="select"),
+    "m256s2-r240": dict(
+        block_m=256, slots=2, compute_registers=240, memory_registers=24, decode="select"
+    ),
+    "m64s4": dict(block_m=64, slots=4, decode="select"),  # least amortization: the decode cost
 }
 SHAPES = "4096x4096,4096x1024,4096x14336,14336x4096"  # K x N (q/o, k/v, gate/up, down)
-DEFAULT_CONFIGS = "m128s4,m256s2,m192s3,m128s4-yT"
+DEFAULT_CONFIGS = "m256s2-prmt,m128s4-prmt"
 
 
 def _inputs(m: int, k: int, n: int):

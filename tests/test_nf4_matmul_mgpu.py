@@ -82,13 +82,19 @@ def test_prepare_weight_layout(rng):
 @pytest.mark.parametrize(
     "m, n, k, double_quant, config",
     [
-        (64, 128, 128, True, MgpuNF4Config(block_m=64, slots=2)),
+        (64, 128, 128, True, MgpuNF4Config(block_m=64, slots=2, decode="select")),
         # Ragged M (2 token tiles), N (3 CTA rows) and K (3 steps through 2 slots).
-        (200, 300, 320, False, MgpuNF4Config(block_m=128, slots=2)),
+        (200, 300, 320, False, MgpuNF4Config(block_m=128, slots=2, decode="select")),
         # yᵀ epilogue, 4 steps through 3 slots, token tile 64 for a 130-row x.
-        (130, 256, 512, True, MgpuNF4Config(block_m=64, slots=3, transposed_store=False)),
-        # The byte-permute decode: ragged M and N, 3 steps through 2 slots.
-        (130, 200, 384, True, MgpuNF4Config(block_m=128, slots=2, decode="prmt")),
+        (
+            130,
+            256,
+            512,
+            True,
+            MgpuNF4Config(block_m=64, slots=3, transposed_store=False, decode="select"),
+        ),  # fmt: skip
+        # The byte-permute decode (the default): ragged M and N, 3 steps through 2 slots.
+        (130, 200, 384, True, MgpuNF4Config(block_m=128, slots=2)),
     ],
     ids=["one-tile", "ragged", "transposed-out", "prmt"],
 )
@@ -106,7 +112,8 @@ def test_prepared_weight_f16_and_batch_axes(rng):
     prepared = prepare_weight(w)
     x = jnp.asarray(rng.standard_normal((2, 3, 256)), jnp.float16)
     params = interpret_params.InterpretGPUParams()
-    got = nf4_matmul_mgpu(x, prepared, config=MgpuNF4Config(block_m=64, slots=2), interpret=params)
+    config = MgpuNF4Config(block_m=64, slots=2, decode="select")
+    got = nf4_matmul_mgpu(x, prepared, config=config, interpret=params)
     assert got.shape == (2, 3, 128) and got.dtype == jnp.float16
     _check(got.reshape(6, 128), x.reshape(6, 256), w)
     want = nf4_matmul_mgpu_reference(x, w)
@@ -223,8 +230,11 @@ def test_prmt_asm_matches_interpreter_branch(rng, dtype):
 @pytest.mark.parametrize(
     "config, dtype",
     [
-        (MgpuNF4Config(), jnp.bfloat16),
-        (MgpuNF4Config(block_m=128, slots=4, transposed_store=False), jnp.bfloat16),
+        (MgpuNF4Config(decode="select"), jnp.bfloat16),
+        (
+            MgpuNF4Config(block_m=128, slots=4, transposed_store=False, decode="select"),
+            jnp.bfloat16,
+        ),
         (MgpuNF4Config(decode="prmt"), jnp.bfloat16),
         (MgpuNF4Config(block_m=128, slots=4, decode="prmt"), jnp.float16),
     ],
