@@ -1,4 +1,4 @@
-"""``y = x·Wᵀ`` for an NF4 W as a Mosaic GPU kernel (Hopper: TMA + wgmma), W decoded in registers.
+"""``y = x·Wᵀ`` and ``dx = dy·W`` for an NF4 W as Mosaic GPU kernels (Hopper: TMA + wgmma).
 
 Why this kernel exists (issue #4). The Triton-lowered ``fused`` kernel in
 :mod:`pallas_kernels.nf4_matmul_kernels` only wins at decode-sized M; at training-sized M the
@@ -90,6 +90,48 @@ Everything else is padded: N to a multiple of 128 and K to a multiple of 128 by 
 copy of x only when M is ragged). The token tile is ``min(block_m, M rounded up to 64)``.
 x must be bf16 or f16 (the decode targets x's dtype); blocksize 64; one matrix (no layer axis).
 
+The backward orientation (:func:`nf4_matmul_t_mgpu`, ``dx[M, K] = dy[M, N] · W[N, K]``, the
+input gradient; same :class:`MgpuNF4Weight`, no second copy of W). The shape of the problem:
+as a wgmma ``dxᵀ[K, M] = Wᵀ[K, N] · dyᵀ[N, M]``, the register A operand would be ``Wᵀ`` in the
+WGMMA layout, i.e. each thread holding ``W[n, k], W[n+1, k]`` pairs, two bytes in different
+rows of the packed tile. Mosaic GPU has no transposed 8-bit register layout or load, and the
+one cheap relayout it has (``WGMMA`` to ``WGMMA_TRANSPOSED``, a shuffle and a ``prmt`` per
+register) keeps each warp on the same 16 rows, so it is not a transpose of the tile; a
+transposed register operand would need byte gathers from shared memory (32 ``ld.shared.u8``
+plus ~16 ``prmt`` per thread and 64×64 block). So the kernel decodes W in its natural
+orientation (the forward's ``plgpu.load`` of a ``[64 N, 64]`` packed block in the WGMMA
+layout), stores the ``[64 N, 64 K]`` bf16 block to shared memory (16 ``st.shared.b32`` per
+thread, 8 KiB) and gives it to the wgmma as a transposed shared-memory A operand (the
+hardware's transpose bit). Grid ``(M / block_m, Kp / 128)``: CTA ``(m, kt)`` owns the 128-wide
+K tile ``kt``, i.e. one column of 64 packed bytes per W row, and compute warpgroup ``wg`` owns
+that tile's K half ``wg`` (the high nibbles for 0, the low for 1: a byte's two nibbles are two
+output rows here) with a ``[64, block_m]`` float32 accumulator of ``dxᵀ``. Per step of 128 N
+rows: TMA copies of the two ``[block_m, 64]`` halves of the dy tile (the B operands, exactly
+the forward's x halves), the packed ``[128, 64]`` W tile and the ``[2, 2, 64]`` scales (K half ×
+N block; in this orientation the scale is still one float32 per W row n, as the 64-wide K half
+is one absmax block); each compute warpgroup decodes its nibble of the two 64-row N blocks
+and issues two wgmmas, the second block decoded while the first wgmma runs. dx leaves in
+64-token pieces through the (then free) decode tiles, by the forward's transposed store.
+
+Its costs, per CTA step at ``block_m = 256`` (H200 SM: ~4,100 bf16 tensor flops, 128
+lane-instructions and 128 shared-memory bytes per cycle): 2·128·128·256 = 8.4 Mflop = 2,048
+tensor cycles. ALU: each warpgroup decodes only its nibble of 128×64 bytes, 8,192 weights, 64
+per thread; the ``prmt`` decode pairs two registers of the tile into one 16-bit word for the
+forward's :func:`_prmt_asm` (``(a << s & 0xF0F0) | (b >> (4 - s) & 0x0F0F)``, 3 more
+instructions per 4 weights: ~4.25 per weight, 4.75 with the stores) -> ~300 instructions per
+thread and step, ~600 cycles for the CTA's two warpgroups against 2,048 tensor cycles (the
+forward: ~4.2 per weight, ~540 cycles). Each decoded weight still feeds ``2·block_m`` = 512
+flops. Shared memory: TMA writes 64 KiB of dy + 8 KiB of W, the decode reads 16 KiB of packed
+W and writes 32 KiB of bf16 W, the wgmmas read those 32 KiB (A) and 2 × 64 KiB of dy (B):
+~280 KiB per 2,048 cycles, ~137 B/cycle, against the forward's ~105 and the bf16 dot's
+(128×256 tile, A and B from shared memory: ~125). Without the decode's 48 KiB (~23 B/cycle)
+it would be ~113, like the dot's: the staged A operand costs what the dot's own A costs. By
+this count shared memory, not the ALU, is the bound, at ~93% of the tensor peak (128/137),
+about the dot's own margin; the alternative (byte gathers into a transposed register
+operand) trades the 64 KiB of staging for ~3 more ALU instructions per weight and 32 byte
+loads per thread and 64×64 block. Shared memory allocated: 179 KiB at ``block_m = 256``, 2
+slots (dy 128, W 16, scales 2, decode/dx tiles 32). Global traffic is the forward's.
+
 Interpreter (CPU tests): transposed shared-memory views, register layouts, ``plgpu.load`` with
 a layout, ``run_state``, wgmma and inline PTX do not exist there, so the few helpers that use
 them have an interpreter branch computing the same values with plain reads and dots, or (the
@@ -119,6 +161,8 @@ __all__ = [
     "check_supported",
     "nf4_matmul_mgpu",
     "nf4_matmul_mgpu_reference",
+    "nf4_matmul_t_mgpu",
+    "nf4_matmul_t_mgpu_reference",
     "prepare_weight",
 ]
 
@@ -131,12 +175,15 @@ _HALF = BLOCK_K // 2
 _SMEM_BYTES = 227 * 1024  # H100/H200 per-block shared memory limit
 _DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 KERNEL_NAME = "lorax_mgpu_nf4_matmul"
+KERNEL_NAME_T = "lorax_mgpu_nf4_matmul_t"
 _DECODES = ("select", "prmt")
 
 
 @dataclasses.dataclass(frozen=True)
 class MgpuNF4Config:
-    """Tile sizes and launch parameters of the Mosaic GPU NF4 matmul.
+    """Tile sizes and launch parameters of the Mosaic GPU NF4 matmul (both orientations:
+    :func:`nf4_matmul_mgpu` and :func:`nf4_matmul_t_mgpu`, where ``block_m`` and ``slots`` mean
+    the same and the reduction runs over N instead of K).
 
     ``block_m``: tokens per CTA, the wgmma N (64, 128, 192 or 256; smaller M uses M rounded up
     to 64). Larger amortizes the decode over more flops (module docstring) but holds a
@@ -169,13 +216,18 @@ class MgpuNF4Config:
         if self.slots < 2:
             raise ValueError(f"slots must be >= 2, got {self.slots}")
 
-    def smem_bytes(self, block_m: int | None = None) -> int:
-        """Shared memory the kernel allocates with token tile ``block_m`` (default the config's)."""
+    def smem_bytes(self, block_m: int | None = None, *, transposed: bool = False) -> int:
+        """Shared memory the kernel (``transposed``: the backward's) allocates with token tile
+        ``block_m`` (default the config's)."""
         bm = self.block_m if block_m is None else block_m
-        buffers = [self.slots * bm * _HALF * 2] * 2  # x halves
+        buffers = [self.slots * bm * _HALF * 2] * 2  # x (dy) halves
         buffers += [self.slots * BLOCK_N * _HALF]  # W
-        buffers += [self.slots * BLOCK_N * 4] * 2  # scales
-        buffers += [_COMPUTE_WGS * bm * _ROWS * 2, 1024]  # output tiles, barriers
+        if transposed:
+            buffers += [self.slots * 4 * _ROWS * 4]  # scales
+            buffers += [_COMPUTE_WGS * 2 * _ROWS * _ROWS * 2, 1024]  # decoded W / dx, barriers
+        else:
+            buffers += [self.slots * BLOCK_N * 4] * 2  # scales
+            buffers += [_COMPUTE_WGS * bm * _ROWS * 2, 1024]  # output tiles, barriers
         return sum(_round_up(b, 1024) for b in buffers)  # allocations are 1 KiB aligned
 
 
@@ -250,11 +302,16 @@ def prepare_weight(w: NF4Tensor) -> MgpuNF4Weight:
     return MgpuNF4Weight(packed.reshape(np_, kp // 2).astype(jnp.uint8), scales, (n, k))
 
 
-def check_supported(x: Any, w: NF4Tensor | MgpuNF4Weight, config: MgpuNF4Config) -> None:
-    """Raises ``ValueError`` naming the first requirement ``x · Wᵀ`` misses (module docstring)."""
+def check_supported(x: Any, w: NF4Tensor | MgpuNF4Weight, config: MgpuNF4Config, *,
+                    transposed: bool = False) -> None:  # fmt: skip
+    """Raises ``ValueError`` naming the first requirement ``x · Wᵀ`` (or, ``transposed``, the
+    backward's ``dy · W``) misses (module docstring)."""
     n, k = w.shape if isinstance(w, MgpuNF4Weight) else _check_nf4(w)
-    if x.ndim < 1 or x.shape[-1] != k:
-        raise ValueError(f"x {tuple(x.shape)} must end in K={k} (W is [N, K] = [{n}, {k}])")
+    name, dim = ("dy", ("N", n)) if transposed else ("x", ("K", k))
+    if x.ndim < 1 or x.shape[-1] != dim[1]:
+        raise ValueError(
+            f"{name} {tuple(x.shape)} must end in {dim[0]}={dim[1]} (W is [N, K] = [{n}, {k}])"
+        )
     if jnp.dtype(x.dtype) not in _DTYPES:
         raise ValueError(f"x dtype {x.dtype}: the Mosaic GPU NF4 kernel needs bf16 or f16")
     m = 1
@@ -263,10 +320,11 @@ def check_supported(x: Any, w: NF4Tensor | MgpuNF4Weight, config: MgpuNF4Config)
     if m == 0:
         raise ValueError(f"x {tuple(x.shape)} has no rows")
     bm = _token_tile(m, config)
-    if config.smem_bytes(bm) > _SMEM_BYTES:
+    if config.smem_bytes(bm, transposed=transposed) > _SMEM_BYTES:
         raise ValueError(
-            f"config {config} needs {config.smem_bytes(bm)} bytes of shared memory at block_m "
-            f"{bm} (limit {_SMEM_BYTES}); use fewer slots or a smaller block_m"
+            f"config {config} needs {config.smem_bytes(bm, transposed=transposed)} bytes of "
+            f"shared memory at block_m {bm} (limit {_SMEM_BYTES}); use fewer slots or a "
+            "smaller block_m"
         )
 
 
@@ -407,14 +465,44 @@ def _decode_prmt(packed: Array, scale_first: Array, scale_second: Array, dtype: 
     s_full = [lax.broadcast_in_dim(part, shape, [0]) for pair in split for part in pair]
     if interpret is not None:  # Interpreter: no inline PTX; the same roundings in jnp.
         byte = packed.astype(jnp.int32)
-        f32 = [s.astype(jnp.float32) for s in s_full]
-        out = []
-        for codes, s_hi, s_lo in ((byte >> 4, *f32[:2]), (byte & 0xF, *f32[2:])):
-            value = nf4_lookup(codes).astype(dtype).astype(jnp.float32)
-            low = (value * s_lo).astype(dtype).astype(jnp.float32)
-            out.append(_fma_round(value * s_hi, low, dtype))
-        return out[0], out[1]
+        return (
+            _prmt_emulated(byte >> 4, *s_full[:2], dtype),
+            _prmt_emulated(byte & 0xF, *s_full[2:], dtype),
+        )
     return _prmt_decoder(dtype)(packed, *s_full)
+
+
+def _prmt_emulated(codes: Array, s_hi: Array, s_lo: Array, dtype: Any) -> Array:
+    """What :func:`_prmt_asm` computes for each code, in jnp (interpreter branches): the NF4
+    value rounded to ``dtype``, times the split scale with ``fma.rn``'s single rounding (the
+    products of ``dtype`` operands are exact in float32, ``mul.rn`` rounds once)."""
+    value = nf4_lookup(codes).astype(dtype).astype(jnp.float32)
+    s_hi, s_lo = s_hi.astype(jnp.float32), s_lo.astype(jnp.float32)
+    low = (value * s_lo).astype(dtype).astype(jnp.float32)
+    return _fma_round(value * s_hi, low, dtype)
+
+
+def _decode_nibbles(packed: Array, shift: Array, scale: Array, dtype: Any, decode: str,
+                    interpret: Any) -> Array:  # fmt: skip
+    """One nibble of every byte of a repacked ``[64, 64]`` uint8 tile as a ``[64, 64]`` operand.
+
+    The backward's decode (:func:`nf4_matmul_t_mgpu`): ``shift`` (a traced int32, 4 for the
+    high nibbles, 0 for the low ones) picks the K half, ``scale`` is the ``[64]`` float32 absmax
+    per row. ``decode="select"`` is :func:`_decode_half`'s exact select tree. ``"prmt"`` feeds
+    the forward's :func:`_prmt_asm` a 16-bit word merged from two registers of the tile (2
+    shifts and a ``lop3``): the wanted nibbles of register ``a`` in the high-nibble slots, those
+    of ``b`` in the low ones, so its two outputs are ``a``'s and ``b``'s decoded pairs (17
+    instructions per 4 weights instead of 15; :func:`_prmt_half_decoder`). Same values as
+    :func:`_decode_prmt` (interpreter: :func:`_prmt_emulated`).
+    """
+    if decode == "select":
+        codes = (packed.astype(jnp.int32) >> shift) & 0xF
+        values = nf4_lookup(codes) * lax.broadcast_in_dim(scale, packed.shape, [0])
+        return values.astype(dtype)
+    s_full = [lax.broadcast_in_dim(part, packed.shape, [0]) for part in _split(scale, dtype)]
+    if interpret is not None:  # Interpreter: no inline PTX; the same roundings in jnp.
+        return _prmt_emulated((packed.astype(jnp.int32) >> shift) & 0xF, *s_full, dtype)
+    return _prmt_half_decoder(dtype)(packed, *s_full)
 
 
 @functools.cache
@@ -449,6 +537,52 @@ def _prmt_decoder(dtype: Any) -> Callable[..., tuple[Array, Array]]:
     return decode
 
 
+@functools.cache
+def _prmt_half_decoder(dtype: Any) -> Callable[..., Array]:
+    """The ``plgpu.inline_mgpu`` function of :func:`_decode_nibbles`'s ``"prmt"`` decode.
+
+    The nibble half is the warpgroup's (compute warpgroup 0: high nibbles, 1: low), read from
+    the thread index. Registers are taken in pairs ``(a, b)``; the word given to
+    :func:`_prmt_asm` is ``(a << s & 0xF0F0) | (b >> (4 - s) & 0x0F0F)`` with ``s = 4·wg``, so
+    its ``h`` nibbles are ``a``'s wanted ones and its ``l`` nibbles ``b``'s.
+    """
+    from jax._src.lib.mlir import ir
+    from jax._src.lib.mlir.dialects import arith, llvm
+    from jax.experimental.mosaic.gpu import utils as mgpu_utils
+
+    asm = _prmt_asm(dtype)
+    out_type = plgpu.ShapeDtypeStruct((_ROWS, _HALF), dtype, layout=plgpu.Layout.WGMMA)
+    wgmma = plgpu.Layout.WGMMA
+
+    @plgpu.inline_mgpu(arg_types=(wgmma,) * 3, return_type=out_type)
+    def decode(ctx: Any, packed: Any, s_hi: Any, s_lo: Any) -> Any:
+        del ctx
+        i16, i32 = ir.IntegerType.get_signless(16), ir.IntegerType.get_signless(32)
+        const = lambda v: arith.constant(i32, v)  # noqa: E731
+        shift = arith.muli(mgpu_utils.warpgroup_idx(sync=True), const(4))
+        shift_b = arith.subi(const(4), shift)
+        pair = ir.VectorType(s_hi.registers.flat[0].type)
+        result = llvm.StructType.get_literal([i32, i32])
+        regs = list(np.ndindex(packed.registers.shape))
+        assert len(regs) % 2 == 0, packed.registers.shape
+        out = np.empty_like(s_hi.registers)
+        for a, b in zip(regs[0::2], regs[1::2], strict=True):
+            ra, rb = (
+                arith.extui(i32, mgpu_utils.bitcast(packed.registers[i], i16)) for i in (a, b)
+            )
+            word = arith.ori(
+                arith.andi(arith.shli(ra, shift), const(0xF0F0)),
+                arith.andi(arith.shrui(rb, shift_b), const(0x0F0F)),
+            )
+            s_regs = [mgpu_utils.bitcast(s.registers[i], i32) for i in (a, b) for s in (s_hi, s_lo)]
+            res = llvm.inline_asm(result, [word, *s_regs], asm, "=r,=r,r,r,r,r,r")
+            for i, idx in enumerate((a, b)):
+                out[idx] = mgpu_utils.bitcast(llvm.extractvalue(i32, res, [i]), pair)
+        return type(s_hi)(_registers=out, _layout=s_hi.layout, _is_signed=None)
+
+    return decode
+
+
 def _accumulate(acc: Array, terms: Sequence[tuple[Callable[[], Array], Any]], interpret: Any,
                 ) -> Array:  # fmt: skip
     """``acc + Σ lhs() @ rhsᵀ`` in float32 on the tensor cores; ``rhs`` a ``[n, k]`` smem tile.
@@ -469,6 +603,46 @@ def _accumulate(acc: Array, terms: Sequence[tuple[Callable[[], Array], Any]], in
 
     (acc,) = pl.run_state(issue)((plgpu.ACC.init(acc),))
     return acc
+
+
+def _wait_all(bars: Sequence[Any], slot: Array) -> None:
+    """Waits until every TMA copy into ring slot ``slot`` has landed."""
+    for bar in bars:
+        plgpu.barrier_wait(bar.at[slot])
+
+
+def _write_out(acc: Array, tiles: Sequence[Any], out_ref: Any, m0: Array, c0: Array,
+               transposed: bool, interpret: Any) -> None:  # fmt: skip
+    """Writes a ``[64, bm]`` accumulator (cast) as ``out[m0:m0+bm, c0:c0+64] = accᵀ`` or, without
+    ``transposed``, ``out[c0:c0+64, m0:m0+bm] = acc``, through the shared ``tiles``.
+
+    One tile holding ``bm`` tokens: one TMA store. Two ``[64, 64]`` tiles: ``bm / 64`` pieces of
+    64 tokens, alternating between them (a tile is rewritten once the store that read it two
+    pieces ago is done). ``transposed``: each piece goes to the ``WGMMA_TRANSPOSED`` register
+    layout and through a transposed view of its tile (the interpreter has neither: ``.T``).
+    """
+    bm = acc.shape[1]
+    chunk = bm if len(tiles) == 1 else _ROWS
+    for c in range(bm // chunk):
+        piece = acc if chunk == bm else acc[:, c * chunk : (c + 1) * chunk]
+        tile = tiles[c % len(tiles)]
+        if c >= len(tiles):
+            plgpu.wait_smem_to_gmem(len(tiles) - 1, wait_read_only=True)
+        tokens, cols = pl.ds(m0 + c * chunk if c else m0, chunk), pl.ds(c0, _ROWS)
+        if transposed:
+            if interpret is None:
+                plgpu.transpose_ref(tile, (1, 0))[...] = plgpu.layout_cast(
+                    piece, plgpu.Layout.WGMMA_TRANSPOSED
+                )
+            else:  # Interpreter: no transposed views.
+                tile[...] = piece.T
+            dst = out_ref.at[tokens, cols]
+        else:
+            tile[...] = piece
+            dst = out_ref.at[cols, tokens]
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(tile, dst)
+    plgpu.wait_smem_to_gmem(0)
 
 
 def _feed(load: Callable[[Array, Array], None], free: Any, steps: int, slots: int) -> None:
@@ -517,8 +691,7 @@ def _nf4_matmul_call(x: Array, packed: Array, scales: Array, block_m: int,
 
             def step(i: Array, acc: Array) -> Array:
                 slot = lax.rem(i, slots)
-                for bar in load_bars:
-                    plgpu.barrier_wait(bar.at[slot])
+                _wait_all(load_bars, slot)
                 w_tile = w_ring.at[slot].at[own_rows]
 
                 def scale(scales_ring: Any) -> Array:
@@ -560,21 +733,8 @@ def _nf4_matmul_call(x: Array, packed: Array, scales: Array, block_m: int,
             if interpret is None:
                 zeros = plgpu.layout_cast(zeros, plgpu.Layout.WGMMA)
             acc = lax.fori_loop(0, steps, step, zeros).astype(dtype)
-            tile = out_smem.at[wg]
-            if transposed:  # y[m0:m0+bm, n0 + wg·64 : +64] = accᵀ
-                if interpret is None:
-                    plgpu.transpose_ref(tile, (1, 0))[...] = plgpu.layout_cast(
-                        acc, plgpu.Layout.WGMMA_TRANSPOSED
-                    )
-                else:  # Interpreter: no transposed views.
-                    tile[...] = acc.T
-                dst = out_ref.at[pl.ds(m0, bm), pl.ds(n0 + wg * _ROWS, _ROWS)]
-            else:  # yᵀ[n0 + wg·64 : +64, m0:m0+bm] = acc
-                tile[...] = acc
-                dst = out_ref.at[pl.ds(n0 + wg * _ROWS, _ROWS), pl.ds(m0, bm)]
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(tile, dst)
-            plgpu.wait_smem_to_gmem(0)
+            _write_out(acc, [out_smem.at[wg]], out_ref, m0, n0 + wg * _ROWS, transposed,
+                       interpret)  # fmt: skip
 
         @pl.when(wg == _COMPUTE_WGS)
         def _memory() -> None:
@@ -607,8 +767,122 @@ def _nf4_matmul_call(x: Array, packed: Array, scales: Array, block_m: int,
         plgpu.SMEM((slots, _COMPUTE_WGS, _ROWS), jnp.float32),  # scales, second half
         _smem_tile((_COMPUTE_WGS, *out_tile), dtype),  # the output tiles on their way out
     )
+    out_shape = (mp, np_) if transposed else (np_, mp)
+    return _launch(kernel, (x, packed, scales), scratch, 5, slots, (mp // bm, np_ // BLOCK_N),
+                   "n_tiles", out_shape, dtype, KERNEL_NAME, interpret)  # fmt: skip
+
+
+def _nf4_matmul_t_call(dy: Array, packed: Array, scales: Array, block_m: int,
+                       config: MgpuNF4Config, interpret: Any) -> Array:  # fmt: skip
+    """``dx [Mp, Kp]`` (or ``dxᵀ [Kp, Mp]`` without ``transposed_store``) for padded operands.
+
+    The backward orientation (:func:`nf4_matmul_t_mgpu`): CTA ``(m, kt)`` owns tokens ``m0 ..
+    m0 + bm`` and the 128-wide K tile ``kt`` (64 packed bytes per W row); compute warpgroup
+    ``wg`` owns K rows ``kt·128 + wg·64 .. +64`` (the tile's high nibbles for ``wg = 0``, the
+    low for 1) and a ``[64, bm]`` float32 accumulator of ``dxᵀ``. Per step of 128 N rows the
+    memory warpgroup streams the two 64-column halves of the dy tile, the packed ``[128, 64]``
+    W tile (the forward's W copy with rows and columns swapped in meaning) and the ``[2, 2,
+    64]`` scales of the two K halves × two N blocks; each compute warpgroup decodes its nibble
+    of each 64-row N block into a ``[64 N, 64 K]`` register tile, stores it to its own shared
+    tile and issues ``wgmma(acc, tileᵀ, dy_halfᵀ)`` (a transposed shared-memory A operand);
+    the second block is decoded while the first block's wgmma runs (:func:`_accumulate`).
+    """
+    mp, np_ = dy.shape
+    kp = 2 * packed.shape[1]
+    bm, slots, dtype = block_m, config.slots, dy.dtype
+    steps = np_ // BLOCK_N
+    transposed = config.transposed_store
+
+    def kernel(dy_ref, w_ref, s_ref, out_ref, scoped):
+        (dy_lo, dy_hi, w_ring, s_ring, tiles), (load_bars, free) = scoped
+        m_tile, k_tile = lax.axis_index("m_tiles"), lax.axis_index("k_tiles")
+        wg = lax.axis_index("wg")
+        m0, k0 = m_tile * bm, k_tile * BLOCK_K
+
+        @pl.when(wg < _COMPUTE_WGS)
+        def _compute() -> None:
+            plgpu.set_max_registers(config.compute_registers, action="increase")
+            row_layout = plgpu.Layout.WGMMA.reduce(1)
+            shift = 4 - 4 * wg  # warpgroup 0: high nibbles (K columns 0-63 of the tile)
+
+            def step(i: Array, acc: Array) -> Array:
+                slot = lax.rem(i, slots)
+                _wait_all(load_bars, slot)
+
+                def operand(j: int) -> Callable[[], Any]:
+                    def decode() -> Any:
+                        rows = w_ring.at[slot].at[pl.ds(j * _ROWS, _ROWS)]
+                        packed_regs = _read(rows, plgpu.Layout.WGMMA, interpret)
+                        scale = _read(s_ring.at[slot].at[wg].at[j], row_layout, interpret)
+                        w_nk = _decode_nibbles(
+                            packed_regs, shift, scale, dtype, config.decode, interpret
+                        )
+                        if interpret is not None:  # Interpreter: no transposed views.
+                            return w_nk.T
+                        tile = tiles.at[wg * 2 + j]  # a dynamic index (wgmma operand)
+                        tile[...] = w_nk
+                        plgpu.commit_smem()
+                        return plgpu.transpose_ref(tile, (1, 0))
+
+                    return decode
+
+                acc = _accumulate(
+                    acc, [(operand(0), dy_lo.at[slot]), (operand(1), dy_hi.at[slot])], interpret
+                )
+                plgpu.barrier_arrive(free.at[slot])
+                return acc
+
+            zeros = jnp.zeros((_ROWS, bm), jnp.float32)
+            if interpret is None:
+                zeros = plgpu.layout_cast(zeros, plgpu.Layout.WGMMA)
+            acc = lax.fori_loop(0, steps, step, zeros).astype(dtype)
+            # The decode tiles are free (the last wgmmas were awaited): dx leaves through them
+            # in 64-token pieces.
+            _write_out(acc, [tiles.at[wg * 2], tiles.at[wg * 2 + 1]], out_ref, m0,
+                       k0 + wg * _ROWS, transposed, interpret)  # fmt: skip
+
+        @pl.when(wg == _COMPUTE_WGS)
+        def _memory() -> None:
+            plgpu.set_max_registers(config.memory_registers, action="decrease")
+            dy_bar_lo, dy_bar_hi, w_bar, s_bar = load_bars
+            tokens = pl.ds(m0, bm)
+            w_cols = pl.ds(k_tile * _HALF, _HALF)
+            s_blocks = pl.ds(k_tile * 2, 2)
+
+            def load(i: Array, slot: Array) -> None:
+                n0 = i * BLOCK_N
+                copies = (
+                    (dy_ref.at[tokens, pl.ds(n0, _ROWS)], dy_lo, dy_bar_lo),
+                    (dy_ref.at[tokens, pl.ds(n0 + _ROWS, _ROWS)], dy_hi, dy_bar_hi),
+                    (w_ref.at[pl.ds(n0, BLOCK_N), w_cols], w_ring, w_bar),
+                    (s_ref.at[s_blocks, pl.ds(i * 2, 2)], s_ring, s_bar),
+                )
+                for src, ring, bar in copies:
+                    plgpu.copy_gmem_to_smem(src, ring.at[slot], bar.at[slot])
+
+            _feed(load, free, steps, slots)
+
+    scratch = (
+        _smem_tile((slots, bm, _ROWS), dtype),  # dy, N rows 0-63 of the step
+        _smem_tile((slots, bm, _ROWS), dtype),  # dy, N rows 64-127
+        _smem_tile((slots, BLOCK_N, _HALF), jnp.uint8),  # repacked W
+        plgpu.SMEM((slots, 2, 2, _ROWS), jnp.float32),  # scales [K half, N block, row]
+        _smem_tile((_COMPUTE_WGS * 2, _ROWS, _ROWS), dtype),  # decoded W blocks, then dx
+    )
+    out_shape = (mp, kp) if transposed else (kp, mp)
+    return _launch(kernel, (dy, packed, scales), scratch, 4, slots, (mp // bm, kp // BLOCK_K),
+                   "k_tiles", out_shape, dtype, KERNEL_NAME_T, interpret)  # fmt: skip
+
+
+def _launch(kernel: Callable[..., None], args: tuple[Array, ...], scratch: tuple[Any, ...],
+            n_loads: int, slots: int, grid: tuple[int, int], inner_name: str,
+            out_shape: tuple[int, int], dtype: Any, name: str, interpret: Any,
+            ) -> Array:  # fmt: skip
+    """Runs ``kernel(*in_refs, out_ref, (scratch, (load_barriers, free)))`` on a ``grid`` of
+    CTAs of two compute warpgroups and one memory warpgroup (``n_loads`` TMA barriers per ring
+    slot, and the ``free`` barrier both compute warpgroups arrive on)."""
     barriers = (
-        tuple(plgpu.Barrier(num_barriers=slots) for _ in range(5)),  # x lo/hi, W, scales lo/hi
+        tuple(plgpu.Barrier(num_barriers=slots) for _ in range(n_loads)),
         plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=slots),  # slot free
     )
 
@@ -617,13 +891,12 @@ def _nf4_matmul_call(x: Array, packed: Array, scales: Array, block_m: int,
             lambda *scoped: kernel(*refs, scoped), scratch, barriers, collective_axes="wg"
         )
 
-    out_shape = (mp, np_) if transposed else (np_, mp)
     mesh = plgpu.Mesh(
-        grid=(mp // bm, np_ // BLOCK_N),
-        grid_names=("m_tiles", "n_tiles"),  # the last grid axis varies fastest
+        grid=grid,
+        grid_names=("m_tiles", inner_name),  # the last grid axis varies fastest
         num_threads=_COMPUTE_WGS + 1,
         thread_name="wg",
-        kernel_name=KERNEL_NAME,
+        kernel_name=name,
     )
     return pl.kernel(
         entry,
@@ -631,8 +904,8 @@ def _nf4_matmul_call(x: Array, packed: Array, scales: Array, block_m: int,
         mesh=mesh,
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=interpret if interpret is not None else False,
-        name=KERNEL_NAME,
-    )(x, packed, scales)
+        name=name,
+    )(*args)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "interpret"))
@@ -650,6 +923,23 @@ def _matmul(x: Array, w: MgpuNF4Weight, config: MgpuNF4Config, interpret: Any) -
     if not config.transposed_store:
         y = y.T
     return y[:m, :n].reshape(*lead, n)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "interpret"))
+def _matmul_t(dy: Array, w: MgpuNF4Weight, config: MgpuNF4Config, interpret: Any) -> Array:
+    n, k = w.shape
+    np_, kp2 = w.packed.shape
+    lead = dy.shape[:-1]
+    dy2 = dy.reshape(-1, n)
+    m = dy2.shape[0]
+    bm = _token_tile(m, config)
+    mp = _round_up(m, bm)
+    if (mp, np_) != (m, n):
+        dy2 = jnp.pad(dy2, ((0, mp - m), (0, np_ - n)))
+    dx = _nf4_matmul_t_call(dy2, w.packed, w.scales, bm, config, interpret)
+    if not config.transposed_store:
+        dx = dx.T
+    return dx[:m, :k].reshape(*lead, k)
 
 
 # ------------------------------------------------------------------------------- public API
@@ -670,6 +960,28 @@ def nf4_matmul_mgpu(x: Array, w: NF4Tensor | MgpuNF4Weight, *,
     if not isinstance(w, MgpuNF4Weight):
         w = prepare_weight(w)
     return _matmul(x, w, config, interpret)
+
+
+def nf4_matmul_t_mgpu(dy: Array, w: NF4Tensor | MgpuNF4Weight, *,
+                      config: MgpuNF4Config = MgpuNF4Config(), interpret: Any = None,
+                      ) -> Array:  # fmt: skip
+    """``dy · W`` for ``dy [..., N]`` (bf16/f16) and an NF4 ``W [N, K]``; returns ``[..., K]``.
+
+    The other orientation of :func:`nf4_matmul_mgpu` (the input gradient of ``y = x·Wᵀ``), on
+    the same :class:`MgpuNF4Weight` (module docstring, "The backward orientation"). Float32
+    accumulation, one rounding to ``dy.dtype``; arguments as :func:`nf4_matmul_mgpu`'s
+    (``config.transposed_store=False`` writes ``dxᵀ`` and lets XLA transpose it).
+    """
+    check_supported(dy, w, config, transposed=True)
+    if not isinstance(w, MgpuNF4Weight):
+        w = prepare_weight(w)
+    return _matmul_t(dy, w, config, interpret)
+
+
+def nf4_matmul_t_mgpu_reference(dy: Array, w: NF4Tensor) -> Array:
+    """The plain-jnp reference of :func:`nf4_matmul_t_mgpu`: ``dy · dequantize_nf4(W)``."""
+    dx = jnp.dot(dy, dequantize_nf4(w, dy.dtype), preferred_element_type=jnp.float32)
+    return dx.astype(dy.dtype)
 
 
 def nf4_matmul_mgpu_reference(x: Array, w: NF4Tensor) -> Array:

@@ -11,6 +11,10 @@ timings (median, dispatch hidden, ``_common.pipelined_ms``) in TFLOP/s of 2·M·
 for each kernel config twice: ``mgpu+prep`` takes the NF4Tensor (the repack,
 ``prepare_weight``, runs every call) and ``mgpu`` a weight repacked once (kernel only).
 
+``--direction fwd,bwd`` (default both) also times the backward orientation ``dx = dy·W``
+(``nf4_matmul_t_mgpu``, dy ``[M, N]`` bf16, N the reduction) on the same repacked weight, against
+(a) ``dy @ W`` with a dense bf16 W and (b) XLA's decode-then-``dy @ W``; its rows say ``bwd``.
+
 Each config runs in its own subprocess with a timeout (``--timeout``, default 150 s): a config
 that fails to lower prints its error's first lines, one that hangs (a kernel deadlock) is killed
 (after ``--stall-s``, default 60 s, without output), and the sweep goes on; no subprocess starts
@@ -20,17 +24,19 @@ the measured best (``m256s2-prmt``, the kernel's default) and the 128-token tile
 others the exact select-tree decode (~1.7e-3, the output rounding; BENCHMARKS.md §2 has both).
 
     python scripts/check_nf4_matmul_mgpu.py [--ms 4096,8192] [--shapes 4096x4096,4096x1024,...]
-        [--configs m256s2-prmt,m128s4-prmt] [--timeout 150] [--stall-s 60] [--budget-s 540]
+        [--configs m256s2-prmt,m128s4-prmt] [--direction fwd,bwd] [--timeout 150]
+        [--stall-s 60] [--budget-s 540]
 
 CPU smoke test of the script itself (the kernel in the Mosaic GPU interpreter)::
 
     JAX_PLATFORMS=cpu python scripts/check_nf4_matmul_mgpu.py --interpret --ms 64 \
-        --shapes 128x128 --configs m128s4,m64s4
+        --shapes 128x128 --configs m64s4-prmt --direction bwd --stall-s 200
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import signal
@@ -62,14 +68,15 @@ SHAPES = "4096x4096,4096x1024,4096x14336,14336x4096"  # K x N (q/o, k/v, gate/up
 DEFAULT_CONFIGS = "m256s2-prmt,m128s4-prmt"
 
 
-def _inputs(m: int, k: int, n: int):
+def _inputs(m: int, width: int, k: int, n: int):
+    """Activations ``[m, width]`` (x: width K; dy: width N), W ``[n, k]`` dense and NF4."""
     import jax
     import jax.numpy as jnp
 
     from pallas_kernels.nf4 import quantize_nf4
 
     kx, kw = jax.random.split(jax.random.key(0))
-    x = jax.random.normal(kx, (m, k), jnp.bfloat16)
+    x = jax.random.normal(kx, (m, width), jnp.bfloat16)
     w16 = (0.02 * jax.random.normal(kw, (n, k), jnp.float32)).astype(jnp.bfloat16)
     return x, w16, quantize_nf4(w16, double_quant=True)
 
@@ -79,13 +86,19 @@ def _row(label: str, flops: float, ms: float, base_ms: float | None, extra: str 
     return f"  {label:<22} {ms:8.3f} ms {flops / ms / 1e9:7.1f} TFLOP/s {pct} {extra}"
 
 
-def _shapes(args) -> list[tuple[int, int, int]]:
+def _shapes(args) -> list[tuple[str, int, int, int]]:
+    """``(direction, M, K, N)`` for every direction, M and shape asked for."""
     out = []
-    for m in (int(v) for v in args.ms.split(",") if v):
-        for shape in (s for s in args.shapes.split(",") if s):
-            k, n = (int(v) for v in shape.split("x"))
-            out.append((m, k, n))
+    for direction in (d for d in args.direction.split(",") if d):
+        for m in (int(v) for v in args.ms.split(",") if v):
+            for shape in (s for s in args.shapes.split(",") if s):
+                k, n = (int(v) for v in shape.split("x"))
+                out.append((direction, m, k, n))
     return out
+
+
+def _label(direction: str, m: int, k: int, n: int) -> str:
+    return f"{direction} M={m} K={k} N={n}"
 
 
 def _baseline_worker(args) -> None:
@@ -97,16 +110,21 @@ def _baseline_worker(args) -> None:
     from pallas_kernels.nf4 import dequantize_nf4
 
     print(f"== baselines on {jax.devices()[0].device_kind}, jax {jax.__version__}", flush=True)
-    dot = jax.jit(lambda x, w: jnp.dot(x, w.T, preferred_element_type=jnp.float32).astype(x.dtype))
-    deq = jax.jit(lambda x, w: dot(x, dequantize_nf4(w, x.dtype)))
+    f32 = jnp.float32
+    dots = {  # y = x·Wᵀ; dx = dy·W
+        "fwd": jax.jit(lambda x, w: jnp.dot(x, w.T, preferred_element_type=f32).astype(x.dtype)),
+        "bwd": jax.jit(lambda x, w: jnp.dot(x, w, preferred_element_type=f32).astype(x.dtype)),
+    }
     result = {}
-    for m, k, n in _shapes(args):
-        x, w16, w = _inputs(m, k, n)
+    for direction, m, k, n in _shapes(args):
+        dot = dots[direction]
+        deq = jax.jit(lambda x, w, dot=dot: dot(x, dequantize_nf4(w, x.dtype)))
+        x, w16, w = _inputs(m, n if direction == "bwd" else k, k, n)
         flops = 2 * m * n * k
         t_dot = pipelined_ms(dot, x, w16)
         t_deq = pipelined_ms(deq, x, w)
-        result[f"{m}x{k}x{n}"] = {"dot": t_dot, "deq": t_deq}
-        print(f"M={m} K={k} N={n}", flush=True)
+        result[_label(direction, m, k, n)] = {"dot": t_dot, "deq": t_deq}
+        print(_label(direction, m, k, n), flush=True)
         print(_row("(a) bf16 dot", flops, t_dot, t_dot), flush=True)
         print(_row("(b) xla deq+dot", flops, t_deq, t_dot), flush=True)
         del x, w16, w
@@ -121,7 +139,12 @@ def _config_worker(args) -> None:
     from _common import pipelined_ms
 
     from pallas_kernels.nf4 import dequantize_nf4
-    from pallas_kernels.nf4_matmul_mgpu import MgpuNF4Config, nf4_matmul_mgpu, prepare_weight
+    from pallas_kernels.nf4_matmul_mgpu import (
+        MgpuNF4Config,
+        nf4_matmul_mgpu,
+        nf4_matmul_t_mgpu,
+        prepare_weight,
+    )
 
     base = {}
     if args.base and os.path.exists(args.base):
@@ -134,18 +157,34 @@ def _config_worker(args) -> None:
 
         interpret = InterpretGPUParams()
     print(f"== config {args.worker}: {config}", flush=True)
-    kernel = lambda x, w: nf4_matmul_mgpu(x, w, config=config, interpret=interpret)
-    with_prep, prepared_fn = jax.jit(kernel), jax.jit(kernel)
-    reference = jax.jit(
-        lambda x, w: jnp.dot(x, dequantize_nf4(w, x.dtype).T, preferred_element_type=jnp.float32)
-    )
-    for m, k, n in _shapes(args):
-        key = f"{m}x{k}x{n}"
+    ops = {"fwd": nf4_matmul_mgpu, "bwd": nf4_matmul_t_mgpu}
+    f32 = jnp.float32
+    references = {
+        d: jax.jit(
+            lambda x, w, t=d == "fwd": jnp.dot(
+                x,
+                dequantize_nf4(w, x.dtype).T if t else dequantize_nf4(w, x.dtype),
+                preferred_element_type=f32,
+            )
+        )
+        for d in ("fwd", "bwd")
+    }
+    fns, failed = {}, set()
+    for direction, m, k, n in _shapes(args):
+        if direction in failed:
+            continue
+        if direction not in fns:
+            kernel = functools.partial(ops[direction], config=config, interpret=interpret)
+            fns[direction] = (jax.jit(kernel), jax.jit(kernel))
+        with_prep, prepared_fn = fns[direction]
+        reference = references[direction]
+        key = _label(direction, m, k, n)
         t_dot = base.get(key, {}).get("dot")
         t_deq = base.get(key, {}).get("deq")
         flops = 2 * m * n * k
+        tag = f"{args.worker}{' bwd' if direction == 'bwd' else ''}"
         try:
-            x, _, w = _inputs(m, k, n)
+            x, _, w = _inputs(m, n if direction == "bwd" else k, k, n)
             t0 = time.perf_counter()
             prepared = jax.block_until_ready(prepare_weight(w))
             y = jax.block_until_ready(prepared_fn(x, prepared))
@@ -153,20 +192,20 @@ def _config_worker(args) -> None:
             want = reference(x, w)
             err = float(jnp.linalg.norm(y.astype(jnp.float32) - want) / jnp.linalg.norm(want))
             status = "ok" if err < 1e-2 else "WRONG"
-            print(f"M={m} K={k} N={n}  rel.L2 {err:.2e} {status}  first call {compile_s:.1f} s",
+            print(f"{key}  rel.L2 {err:.2e} {status}  first call {compile_s:.1f} s",
                   flush=True)  # fmt: skip
             t_kernel = pipelined_ms(prepared_fn, x, prepared)
             t_prep = pipelined_ms(with_prep, x, w)
             vs_deq = f"{t_deq / t_kernel:5.2f}x faster than (b)" if t_deq else ""
-            print(_row(f"mgpu {args.worker}", flops, t_kernel, t_dot, vs_deq), flush=True)
-            print(_row(f"mgpu+prep {args.worker}", flops, t_prep, t_dot), flush=True)
+            print(_row(f"mgpu {tag}", flops, t_kernel, t_dot, vs_deq), flush=True)
+            print(_row(f"mgpu+prep {tag}", flops, t_prep, t_dot), flush=True)
         except Exception as e:  # noqa: BLE001 - report and go on
             lines = f"{type(e).__name__}: {e}".splitlines()
-            print(f"M={m} K={k} N={n}  {args.worker}: FAILED " + "\n    ".join(lines[:12]),
+            print(f"{key}  {args.worker}: FAILED " + "\n    ".join(lines[:12]),
                   flush=True)  # fmt: skip
             traceback.print_exc(limit=2)
             if "lower" in str(e).lower() or "NotImplemented" in type(e).__name__:
-                return  # a lowering failure will repeat on every shape
+                failed.add(direction)  # a lowering failure will repeat on every shape
 
 
 def _run_child(argv: list[str], timeout: float, stall: float) -> None:
@@ -211,6 +250,7 @@ def main() -> None:
     parser.add_argument("--ms", default="4096,8192", help="comma list of token counts M")
     parser.add_argument("--shapes", default=SHAPES, help="comma list of KxN")
     parser.add_argument("--configs", default=DEFAULT_CONFIGS, help=f"comma list of {list(CONFIGS)}")
+    parser.add_argument("--direction", default="fwd,bwd", help="fwd (x·Wᵀ), bwd (dy·W) or both")
     parser.add_argument("--timeout", type=float, default=150.0, help="seconds per subprocess")
     parser.add_argument("--stall-s", type=float, default=60.0, help="kill a silent subprocess")
     parser.add_argument("--budget-s", type=float, default=540.0, help="seconds for the whole run")
@@ -229,7 +269,10 @@ def main() -> None:
     unknown = [c for c in names if c not in CONFIGS]
     if unknown:
         parser.error(f"unknown configs {unknown}; known: {list(CONFIGS)}")
-    common = ["--ms", args.ms, "--shapes", args.shapes] + (
+    bad = [d for d in args.direction.split(",") if d and d not in ("fwd", "bwd")]
+    if bad:
+        parser.error(f"unknown directions {bad}; known: fwd, bwd")
+    common = ["--ms", args.ms, "--shapes", args.shapes, "--direction", args.direction] + (
         ["--interpret"] if args.interpret else []
     )
     deadline = time.monotonic() + args.budget_s

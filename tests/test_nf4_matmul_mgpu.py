@@ -5,7 +5,9 @@ What this checks: the repack of the bitsandbytes nibbles and the absmax (plain j
 the TMA ring and its barriers (the interpreter fails on a barrier phase that is never
 observed; K = 320 and 512 give more steps than ring slots), the padding of ragged M, N and K,
 both epilogues (``y`` through a transposed tile, or ``yᵀ``), double-quantized and plain
-absmax, f16, leading batch axes, and the refusals. The register layouts, the transposed
+absmax, f16, leading batch axes, and the refusals; and the same for the backward orientation
+``dx = dy · W`` (``nf4_matmul_t_mgpu``) on the same repacked weight, including its dx epilogue
+in 64-token pieces. The register layouts, the transposed
 shared-memory views and the wgmmas are the GPU's (``scripts/check_nf4_matmul_mgpu.py``), but
 the Pallas-to-Mosaic-GPU lowering of all of them runs on the CPU too: ``test_lowers_for_hopper``
 lowers the compiled (not interpreted) kernel for the ``cuda`` platform, which catches lowering
@@ -33,6 +35,8 @@ from pallas_kernels.nf4_matmul_mgpu import (
     _prmt_asm,
     nf4_matmul_mgpu,
     nf4_matmul_mgpu_reference,
+    nf4_matmul_t_mgpu,
+    nf4_matmul_t_mgpu_reference,
     prepare_weight,
 )
 
@@ -47,9 +51,10 @@ def _weight(rng, n, k, double_quant):
     return quantize_nf4(w, double_quant=double_quant)
 
 
-def _check(got, x, w, rel=3e-3):
+def _check(got, x, w, rel=3e-3, backward=False):
+    w16 = dequantize_nf4(w, x.dtype)
     want = np.asarray(
-        jnp.dot(x, dequantize_nf4(w, x.dtype).T, preferred_element_type=jnp.float32), np.float32
+        jnp.dot(x, w16 if backward else w16.T, preferred_element_type=jnp.float32), np.float32
     )
     got = np.asarray(got.astype(jnp.float32))
     assert got.shape == want.shape
@@ -120,6 +125,46 @@ def test_prepared_weight_f16_and_batch_axes(rng):
     assert want.shape == got.shape and rel_l2(got, want) < 3e-3
 
 
+@pytest.mark.parametrize(
+    "m, n, k, double_quant, config",
+    [
+        (64, 128, 128, True, MgpuNF4Config(block_m=64, slots=2, decode="select")),
+        # Ragged M (2 token tiles), N (3 steps through 2 slots) and K (3 CTA columns).
+        (200, 300, 320, False, MgpuNF4Config(block_m=128, slots=2, decode="select")),
+        # prmt: ragged M, N and K; 2 steps through 3 slots.
+        (130, 200, 384, True, MgpuNF4Config(block_m=128, slots=3)),
+        # 256 tokens: dx leaves in 4 pieces through the 2 decode tiles; ragged N.
+        (256, 130, 128, True, MgpuNF4Config(block_m=256, slots=2)),
+        # dxᵀ epilogue, 3 pieces of 64 tokens.
+        (192, 256, 256, False, MgpuNF4Config(block_m=192, slots=2, transposed_store=False)),
+    ],
+    ids=["one-tile", "ragged", "prmt", "m256-pieces", "transposed-out"],
+)
+def test_t_matches_reference(rng, m, n, k, double_quant, config):
+    """The backward orientation ``dy · W`` on the same repacked weight: each compute warpgroup
+    decodes one nibble of the tile (its K half) with the N rows' scales."""
+    w = _weight(rng, n, k, double_quant)
+    dy = jnp.asarray(rng.standard_normal((m, n)), jnp.bfloat16)
+    got = nf4_matmul_t_mgpu(dy, w, config=config, interpret=interpret_params.InterpretGPUParams())
+    assert got.dtype == jnp.bfloat16 and got.shape == (m, k)
+    _check(got, dy, w, rel=4e-3 if config.decode == "prmt" else 3e-3, backward=True)
+
+
+def test_t_prepared_weight_f16_and_batch_axes(rng):
+    """Backward: one repacked weight serves both orientations; f16, batch axes, M < 64."""
+    w = _weight(rng, 128, 256, double_quant=True)
+    prepared = prepare_weight(w)
+    dy = jnp.asarray(rng.standard_normal((2, 3, 128)), jnp.float16)
+    config = MgpuNF4Config(block_m=64, slots=2)
+    got = nf4_matmul_t_mgpu(
+        dy, prepared, config=config, interpret=interpret_params.InterpretGPUParams()
+    )
+    assert got.shape == (2, 3, 256) and got.dtype == jnp.float16
+    _check(got.reshape(6, 256), dy.reshape(6, 128), w, rel=4e-3, backward=True)
+    want = nf4_matmul_t_mgpu_reference(dy, w)
+    assert want.shape == got.shape and rel_l2(got, want) < 4e-3
+
+
 def test_refusals(rng):
     x = jnp.zeros((8, 128), jnp.bfloat16)
     w = _weight(rng, 64, 128, double_quant=False)
@@ -144,6 +189,16 @@ def test_refusals(rng):
         MgpuNF4Config(decode="lut")
     with pytest.raises(TypeError, match="NF4Tensor"):
         nf4_matmul_mgpu(x, jnp.zeros((64, 128), jnp.bfloat16))
+    # The backward: dy ends in N, the same refusals otherwise.
+    with pytest.raises(ValueError, match="must end in N=64"):
+        nf4_matmul_t_mgpu(x, w)
+    with pytest.raises(ValueError, match="K % 64 == 0"):
+        nf4_matmul_t_mgpu(x[:, :64], _weight(rng, 64, 96, double_quant=False))
+    with pytest.raises(ValueError, match="bf16 or f16"):
+        nf4_matmul_t_mgpu(x[:, :64].astype(jnp.float32), w)
+    with pytest.raises(ValueError, match="shared memory"):
+        nf4_matmul_t_mgpu(jnp.zeros((256, 64), jnp.bfloat16), w,
+                          config=MgpuNF4Config(block_m=256, slots=3))  # fmt: skip
 
 
 def _ptx(asm, inputs, dtype):
@@ -227,6 +282,7 @@ def test_prmt_asm_matches_interpreter_branch(rng, dtype):
     assert 0.1 < np.mean(got != want) < 0.3
 
 
+@pytest.mark.parametrize("backward", [False, True], ids=["fwd", "bwd"])
 @pytest.mark.parametrize(
     "config, dtype",
     [
@@ -240,18 +296,20 @@ def test_prmt_asm_matches_interpreter_branch(rng, dtype):
     ],
     ids=["default", "transposed-out", "prmt", "prmt-f16"],
 )
-def test_lowers_for_hopper(config, dtype):
-    """The GPU kernel (no interpreter) lowers to a Mosaic GPU custom call for ``cuda`` (the
-    inline PTX of ``decode="prmt"`` is only assembled by ptxas on the GPU)."""
+def test_lowers_for_hopper(config, dtype, backward):
+    """The GPU kernels (no interpreter; ``y = x·Wᵀ`` and, ``backward``, ``dx = dy·W``) lower to
+    a Mosaic GPU custom call for ``cuda`` (the inline PTX of ``decode="prmt"`` is only
+    assembled by ptxas on the GPU)."""
     if config.decode == "prmt" and not hasattr(plgpu, "inline_mgpu"):
         pytest.skip("this jax has no plgpu.inline_mgpu (needed by decode='prmt')")
     m, n, k = 512, 384, 640
-    x = jax.ShapeDtypeStruct((m, k), dtype)
+    x = jax.ShapeDtypeStruct((m, n if backward else k), dtype)
     w = MgpuNF4Weight(
         jax.ShapeDtypeStruct((n, k // 2), jnp.uint8),
         jax.ShapeDtypeStruct((k // 64, n // 64, 64), jnp.float32),
         (n, k),
     )
-    fn = jax.jit(lambda x, w: nf4_matmul_mgpu(x, w, config=config))
+    op = nf4_matmul_t_mgpu if backward else nf4_matmul_mgpu
+    fn = jax.jit(lambda x, w: op(x, w, config=config))
     text = fn.trace(x, w).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
