@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from lorax.config import MLP_PROJECTIONS, PROJECTIONS, ModelConfig
-from pallas_kernels.nf4_matmul import nf4_lora_matmul, nf4_lora_matmul_group
+from pallas_kernels.nf4_matmul import NF4MatmulConfig, nf4_lora_matmul, nf4_lora_matmul_group
 
 Array = jax.Array
 
@@ -117,19 +117,20 @@ def lora_linear(
     dropout: float = 0.0,
     dropout_key: Array | None = None,
     impl: str | None = None,
+    config: NF4MatmulConfig | None = None,
 ) -> Array:
     """``y = x·Wᵀ (+ bias) + scale·(dropout(x)·Aᵀ)·Bᵀ`` for a dense or NF4 ``W [out, in]``.
 
     The single entry point for every projection: the fused Pallas kernel (GPU) or its jnp
-    reference (CPU) sits behind ``pallas_kernels.nf4_lora_matmul``. With dropout active the
-    LoRA branch sees a different x than the base matmul, so it is computed beside the
-    kernel instead of inside it.
+    reference (CPU) sits behind ``pallas_kernels.nf4_lora_matmul`` (``impl`` and ``config``
+    are its arguments). With dropout active the LoRA branch sees a different x than the base
+    matmul, so it is computed beside the kernel instead of inside it.
     """
     a = b = None
     if adapter is not None:
         a, b = adapter["lora_a"], adapter["lora_b"]
     if a is not None and dropout > 0.0 and dropout_key is not None:
-        y = nf4_lora_matmul(x, weight, None, None, 0.0, impl=impl)
+        y = nf4_lora_matmul(x, weight, None, None, 0.0, impl=impl, config=config)
         keep = jax.random.bernoulli(dropout_key, 1.0 - dropout, x.shape)
         x_drop = jnp.where(keep, x / (1.0 - dropout), 0).astype(x.dtype)
         low = jnp.einsum(
@@ -143,7 +144,7 @@ def lora_linear(
         )
         y = (y.astype(jnp.float32) + scale * delta).astype(x.dtype)
     else:
-        y = nf4_lora_matmul(x, weight, a, b, scale, impl=impl)
+        y = nf4_lora_matmul(x, weight, a, b, scale, impl=impl, config=config)
     if bias is not None:
         y = y + bias.astype(y.dtype)
     return y
@@ -157,6 +158,7 @@ def lora_linears(
     dropout: float = 0.0,
     dropout_keys: Sequence[Array | None] | None = None,
     impl: str | None = None,
+    config: NF4MatmulConfig | None = None,
 ) -> list[Array]:
     """:func:`lora_linear` for several ``(weight, bias, adapter)`` projections of the same x.
 
@@ -169,7 +171,7 @@ def lora_linears(
         return [
             lora_linear(x, w, bias, adapter, scale if adapter is not None else 0.0,
                         dropout=dropout if adapter is not None else 0.0, dropout_key=key,
-                        impl=impl)
+                        impl=impl, config=config)
             for (w, bias, adapter), key in zip(projections, keys, strict=True)
         ]  # fmt: skip
     return list(
@@ -180,5 +182,6 @@ def lora_linears(
             scale,
             biases=[bias for _, bias, _ in projections],
             impl=impl,
+            config=config,
         )
     )

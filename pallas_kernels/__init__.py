@@ -7,12 +7,14 @@ Each op picks its compiled kernel on GPU and its reference elsewhere; ``impl=`` 
 from pallas_kernels.flash_attention import attention_reference, flash_attention
 from pallas_kernels.nf4 import NF4Tensor, dequantize_nf4, quantize_nf4
 from pallas_kernels.nf4_matmul import (
+    NF4MatmulConfig,
     nf4_lora_matmul,
     nf4_lora_matmul_group,
     nf4_lora_matmul_reference,
 )
 
 __all__ = [
+    "NF4MatmulConfig",
     "NF4Tensor",
     "attention_reference",
     "dequantize_nf4",

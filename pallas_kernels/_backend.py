@@ -43,6 +43,7 @@ __all__ = [
     "Impl",
     "KernelChoice",
     "choose",
+    "mosaic_interpret_params",
     "on_gpu",
     "triton_available",
     "triton_compiler_params",
@@ -93,6 +94,16 @@ def choose(impl: str | None, interpret: bool | None) -> KernelChoice:
     if gpu:
         return KernelChoice(True, False, "default on GPU: compiled kernel")
     return KernelChoice(False, False, f"default on {jax.default_backend()}: reference")
+
+
+def mosaic_interpret_params(interpret: bool) -> Any:
+    """What a Mosaic GPU kernel's ``interpret`` argument takes: the Mosaic GPU interpreter's
+    parameters (CPU tests) when ``interpret``, else None (compile for the GPU)."""
+    if not interpret:
+        return None
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+
+    return InterpretGPUParams()
 
 
 def _triton_module() -> Any | None:

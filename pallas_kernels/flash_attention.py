@@ -312,10 +312,6 @@ def _mosaic_attention(
     if padded_len != seq_len:
         pad = [(0, 0), (0, padded_len - seq_len), (0, 0), (0, 0)]
         q, k, v = (jnp.pad(x, pad) for x in (q, k, v))
-    params = None
-    if interpret:
-        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
-
-        params = InterpretGPUParams()
+    params = _backend.mosaic_interpret_params(interpret)
     scale_ = head_dim**-0.5 if scale is None else float(scale)
     return mgpu.flash_attention_mgpu(q, k, v, scale_, config, params)[:, :seq_len]

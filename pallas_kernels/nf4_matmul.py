@@ -29,6 +29,13 @@ Implementations (``plan_nf4_lora_matmul`` says which one a call gets, and why):
 ``dequant_then_dot`` (Pallas + XLA)
     A memory-bound Pallas kernel writes the 16-bit W (one layer's worth, transient; decoded
     again in the backward), then XLA's dot (cuBLAS) does the matmul.
+``mosaic`` (Mosaic GPU, opt-in)
+    :mod:`pallas_kernels.nf4_matmul_mgpu`: W decoded in registers straight into the Hopper
+    tensor cores, ``x·Wᵀ`` forward and ``dy·W`` backward (the LoRA rank-r products and the
+    bias stay XLA's, added as ``xla`` adds them). The forward measured 88-93% of the bf16
+    cuBLAS dot at M = 4096 (BENCHMARKS.md §2); the backward has not run on a GPU yet, and W is
+    repacked into the kernel's nibble order on every call, so it is selected only on request
+    (``config.variant="mosaic"``) until it wins end to end. Needs K % 64 == 0 and bf16/f16 x.
 ``xla``
     The reference's jnp decode, compiled by XLA, then XLA's dot: XLA fuses the decode with
     its neighbours and schedules it among the other layer work. The default for
@@ -78,6 +85,7 @@ from jax import lax
 
 from pallas_kernels import _backend
 from pallas_kernels import nf4_matmul_kernels as _k
+from pallas_kernels import nf4_matmul_mgpu as _mgpu
 from pallas_kernels.nf4 import NF4Tensor, dequantize_absmax, dequantize_nf4
 from pallas_kernels.nf4_matmul_kernels import NF4MatmulConfig
 
@@ -97,7 +105,7 @@ _NT = (((1,), (1,)), ((), ()))  # a[m, k] · b[n, k]ᵀ
 _NN = (((1,), (0,)), ((), ()))  # a[m, k] · b[k, n]
 _TN = (((0,), (0,)), ((), ()))  # a[k, m]ᵀ · b[k, n]
 
-VARIANTS = ("reference", "dense", "fused", "dequant_then_dot", "xla")
+VARIANTS = ("reference", "dense", "fused", "dequant_then_dot", "xla", "mosaic")
 # The variants that hand an NF4 W to XLA's dot after a jnp decode: these run as one GEMM per
 # group of projections sharing x (see nf4_lora_matmul_group).
 _GROUPED_VARIANTS = ("xla", "reference")
@@ -186,6 +194,10 @@ def plan_nf4_lora_matmul(
                 f"W); W has shape [N, K] = [{n}, {k}]. Use variant='dequant_then_dot' or 'auto'."
             )
         return NF4MatmulPlan("fused", choice.interpret, f"{where}: variant='fused'", config)
+    if config.variant == "mosaic":
+        # Raises the kernel's own error (K % 64, dtype, shared memory) before tracing it.
+        _mgpu.check_supported(x, w, _mgpu.MgpuNF4Config())
+        return NF4MatmulPlan("mosaic", choice.interpret, f"{where}: variant='mosaic'", config)
     if config.variant in ("dequant_then_dot", "xla"):
         return NF4MatmulPlan(
             config.variant, choice.interpret, f"{where}: variant={config.variant!r}", config
@@ -425,16 +437,23 @@ def _xla_linear(
     scale: float,
     bias: Array | None,
 ) -> Array:
-    """``lhs·W + scale·low·low_w (+ bias)`` with XLA dots, in ``lhs.dtype``.
+    """``lhs·W + scale·low·low_w (+ bias)`` with XLA dots, in ``lhs.dtype``."""
+    y = lax.dot_general(lhs, w, dims, preferred_element_type=lhs.dtype)
+    return _add_low_rank(y, low, low_w, dims, scale, bias)
 
-    Each product accumulates in float32 and is written in the compute dtype (so cuBLAS writes
-    16-bit outputs), then the two are summed in float32 and rounded once more: PEFT's order
-    (it adds the base layer's and the adapter's 16-bit outputs), and half the memory traffic
-    of float32 partial products on this elementwise pass, which XLA may also fold into the
-    GEMM as its ``beta·C`` input.
+
+def _add_low_rank(
+    y: Array, low: Array | None, low_w: Array | None, dims: Any, scale: float, bias: Array | None
+) -> Array:
+    """``y + scale·low·low_w (+ bias)`` for a base product ``y`` already in the compute dtype.
+
+    The LoRA product accumulates in float32 and is written in the compute dtype (so cuBLAS
+    writes 16-bit outputs), then the two are summed in float32 and rounded once more: PEFT's
+    order (it adds the base layer's and the adapter's 16-bit outputs), and half the memory
+    traffic of float32 partial products on this elementwise pass, which XLA may also fold
+    into the GEMM as its ``beta·C`` input.
     """
-    cd = lhs.dtype
-    y = lax.dot_general(lhs, w, dims, preferred_element_type=cd)
+    cd = y.dtype
     if low is None and bias is None:
         return y
     y = y.astype(jnp.float32)
@@ -512,6 +531,11 @@ def _lora_matmul_fwd(
             x, packed, absmax, xa, b_cd, bias,
             scale=scale, config=plan.config, interpret=plan.interpret,
         )  # fmt: skip
+    elif plan.variant == "mosaic":
+        base = _mgpu.nf4_matmul_mgpu(
+            x, w, interpret=_backend.mosaic_interpret_params(plan.interpret)
+        )
+        y = _add_low_rank(base, xa, b_cd, _NT, scale, bias)
     else:
         y = _xla_linear(x, _dense_weight(plan, w, cd), xa, b_cd, _NT, scale, bias)
     return y, (x, xa, w, a, b)
@@ -531,6 +555,10 @@ def _lora_matmul_bwd(
             dy, packed, absmax, dyb, a_cd,
             scale=scale, config=plan.config, interpret=plan.interpret,
         )  # fmt: skip
+    elif plan.variant == "mosaic":
+        params = _backend.mosaic_interpret_params(plan.interpret)
+        dx = _add_low_rank(_mgpu.nf4_matmul_t_mgpu(dy, w, interpret=params), dyb, a_cd, _NN,
+                           scale, None)  # fmt: skip
     else:
         dx = _xla_linear(dy, _dense_weight(plan, w, cd), dyb, a_cd, _NN, scale, None)
     da = db = None

@@ -81,12 +81,16 @@ _NT = (((1,), (1,)), ((), ()))  # a[m, k] · b[n, k]ᵀ
 _NN = (((1,), (0,)), ((), ()))  # a[m, k] · b[k, n]
 
 
+# What NF4MatmulConfig.variant may say ("auto" picks among the others by shape).
+VARIANT_CHOICES = ("auto", "fused", "dequant_then_dot", "xla", "mosaic")
+
+
 @dataclasses.dataclass(frozen=True)
 class NF4MatmulConfig:
     """Variant choice, tile sizes and launch parameters (frozen: hashable, a static argument).
 
-    ``variant``: ``"auto"`` (see ``fused_max_m``), ``"fused"``, ``"dequant_then_dot"`` or
-    ``"xla"``.
+    ``variant``: ``"auto"`` (see ``fused_max_m``), ``"fused"``, ``"dequant_then_dot"``,
+    ``"xla"`` or ``"mosaic"`` (:mod:`pallas_kernels.nf4_matmul` describes each).
     ``fused_max_m``: under ``"auto"``, the fused kernel runs when the flattened row count M is
     at most this, ``xla`` (XLA's decode, then cuBLAS) above it. The fused kernel decodes
     every W tile once per ``block_m`` rows, so its decode work grows with M, while the
@@ -143,10 +147,8 @@ class NF4MatmulConfig:
     min_programs: int = 264
 
     def __post_init__(self) -> None:
-        if self.variant not in ("auto", "fused", "dequant_then_dot"):
-            raise ValueError(
-                f"variant must be 'auto', 'fused' or 'dequant_then_dot'; got {self.variant!r}"
-            )
+        if self.variant not in VARIANT_CHOICES:
+            raise ValueError(f"variant must be one of {VARIANT_CHOICES}; got {self.variant!r}")
         for name in ("block_m", "block_n", "bwd_block_m", "bwd_block_n"):
             _check_pow2(name, getattr(self, name), _MIN_DOT)
         for name in ("block_k", "bwd_block_k"):

@@ -115,3 +115,31 @@ def test_facade_builds_adapters(tmp_path):
     assert peft_model.remat == "offload"
     with pytest.raises(ValueError, match="bias"):
         lorax.FastLanguageModel.get_peft_model(model, bias="all")
+
+
+def test_forward_options_choose_the_matmul_variant():
+    """``ForwardOptions(matmul_variant=...)`` reaches every projection's NF4 matmul (here the
+    Mosaic GPU kernels, traced for the interpreter), and a bad name fails at construction."""
+    import dataclasses
+
+    from lorax import demo
+    from lorax.config import PROJECTIONS
+    from pallas_kernels.nf4 import stack
+
+    model = demo.tiny_model(seed=0, dtype=jnp.bfloat16)
+    layers = dict(model.params["layers"])
+    for proj in PROJECTIONS:
+        w = layers[proj]["weight"].astype(jnp.float32)
+        layers[proj] = {"weight": stack([lorax.quantize_nf4(w[i]) for i in range(w.shape[0])])}
+    model = dataclasses.replace(model, params={**model.params, "layers": layers})
+    ids = jnp.zeros((1, 64), jnp.int32)
+
+    def kernel_calls(**options) -> int:
+        opts = lorax.ForwardOptions(matmul_impl="pallas", **options)
+        jaxpr = jax.make_jaxpr(lambda: lorax.forward(model, None, ids, options=opts))()
+        return str(jaxpr).count("lorax_mgpu_nf4_matmul")
+
+    assert kernel_calls(matmul_variant="mosaic") > 0
+    assert kernel_calls() == 0  # "auto" never picks it
+    with pytest.raises(ValueError, match="variant must be one of"):
+        lorax.ForwardOptions(matmul_variant="cublas")

@@ -43,7 +43,11 @@ SMALL = NF4MatmulConfig(
     dequant_rows=16,
 )
 OPTIONS = {"": {}, "table": dict(lookup="table"), "dq-in-kernel": dict(absmax_decode="kernel")}
-TOL = {jnp.float32: (2e-5, 2e-5), jnp.bfloat16: (2e-2, 4e-2)}  # (value, gradient)
+TOL = {
+    jnp.float32: (2e-5, 2e-5),
+    jnp.bfloat16: (2e-2, 4e-2),
+    jnp.float16: (4e-3, 8e-3),
+}  # (y, grads)
 
 
 def _rel(a, b) -> float:
@@ -121,6 +125,9 @@ CASES = [
     ("dequant_then_dot/table", (9,), 50, 100, 0, jnp.float32, "nf4", True),
     ("dense", (5, 7), 72, 48, 6, jnp.bfloat16, "dense", True),
     ("dense", (5, 7), 72, 48, 6, jnp.float32, "dense", False),
+    # The Mosaic GPU kernels (Mosaic GPU interpreter): x·Wᵀ forward, dy·W backward.
+    ("mosaic", (3, 45), 200, 192, 8, jnp.bfloat16, "nf4_dq", True),
+    ("mosaic", (70,), 96, 128, 0, jnp.float16, "nf4", False),
     ("reference", (13,), 40, 96, 8, jnp.float32, "nf4_dq", True),
     ("reference", (13,), 40, 96, 8, jnp.bfloat16, "dense", False),
 ]
@@ -388,6 +395,18 @@ def test_selection(rng):
     assert plan_nf4_lora_matmul(x, dense, interpret=True).variant == "dense"
     forced = NF4MatmulConfig(variant="dequant_then_dot")
     assert plan_nf4_lora_matmul(x, w, interpret=True, config=forced).variant == "dequant_then_dot"
+    for variant in ("xla", "mosaic"):  # "auto" never picks mosaic: asked for by name only
+        forced = NF4MatmulConfig(variant=variant)
+        x16 = x.astype(jnp.bfloat16)
+        assert plan_nf4_lora_matmul(x16, w, interpret=True, config=forced).variant == variant
+    mosaic = NF4MatmulConfig(variant="mosaic")
+    with pytest.raises(ValueError, match="bf16 or f16"):
+        plan_nf4_lora_matmul(x, w, interpret=True, config=mosaic)
+    w_k96 = quantize_nf4(jnp.asarray(rng.standard_normal((32, 96)), jnp.float32), blocksize=64)
+    with pytest.raises(ValueError, match="K % 64"):
+        plan_nf4_lora_matmul(jnp.zeros((8, 96), jnp.bfloat16), w_k96, interpret=True, config=mosaic)
+    with pytest.raises(ValueError, match="variant must be one of"):
+        NF4MatmulConfig(variant="cublas")
     # Other blocksizes: reference by default, an error when a kernel is forced.
     w128 = quantize_nf4(jnp.asarray(rng.standard_normal((32, 128)), jnp.float32), blocksize=128)
     x128 = jnp.zeros((8, 128))
