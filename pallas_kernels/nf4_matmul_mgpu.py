@@ -908,38 +908,26 @@ def _launch(kernel: Callable[..., None], args: tuple[Array, ...], scratch: tuple
     )(*args)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "interpret"))
-def _matmul(x: Array, w: MgpuNF4Weight, config: MgpuNF4Config, interpret: Any) -> Array:
+@functools.partial(jax.jit, static_argnames=("config", "interpret", "transposed"))
+def _matmul(lhs: Array, w: MgpuNF4Weight, config: MgpuNF4Config, interpret: Any,
+            transposed: bool) -> Array:  # fmt: skip
+    """``lhs·Wᵀ`` (``lhs [..., K]``) or, ``transposed``, ``lhs·W`` (``lhs [..., N]``): pads the
+    rows to the token tile and the reduction to W's padded extent, runs the kernel, slices."""
     n, k = w.shape
     np_, kp2 = w.packed.shape
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, k)
-    m = x2.shape[0]
+    red, red_padded, out = (n, np_, k) if transposed else (k, 2 * kp2, n)
+    lead = lhs.shape[:-1]
+    lhs2 = lhs.reshape(-1, red)
+    m = lhs2.shape[0]
     bm = _token_tile(m, config)
     mp = _round_up(m, bm)
-    if (mp, 2 * kp2) != (m, k):
-        x2 = jnp.pad(x2, ((0, mp - m), (0, 2 * kp2 - k)))
-    y = _nf4_matmul_call(x2, w.packed, w.scales, bm, config, interpret)
+    if (mp, red_padded) != (m, red):
+        lhs2 = jnp.pad(lhs2, ((0, mp - m), (0, red_padded - red)))
+    call = _nf4_matmul_t_call if transposed else _nf4_matmul_call
+    y = call(lhs2, w.packed, w.scales, bm, config, interpret)
     if not config.transposed_store:
         y = y.T
-    return y[:m, :n].reshape(*lead, n)
-
-
-@functools.partial(jax.jit, static_argnames=("config", "interpret"))
-def _matmul_t(dy: Array, w: MgpuNF4Weight, config: MgpuNF4Config, interpret: Any) -> Array:
-    n, k = w.shape
-    np_, kp2 = w.packed.shape
-    lead = dy.shape[:-1]
-    dy2 = dy.reshape(-1, n)
-    m = dy2.shape[0]
-    bm = _token_tile(m, config)
-    mp = _round_up(m, bm)
-    if (mp, np_) != (m, n):
-        dy2 = jnp.pad(dy2, ((0, mp - m), (0, np_ - n)))
-    dx = _nf4_matmul_t_call(dy2, w.packed, w.scales, bm, config, interpret)
-    if not config.transposed_store:
-        dx = dx.T
-    return dx[:m, :k].reshape(*lead, k)
+    return y[:m, :out].reshape(*lead, out)
 
 
 # ------------------------------------------------------------------------------- public API
@@ -959,7 +947,7 @@ def nf4_matmul_mgpu(x: Array, w: NF4Tensor | MgpuNF4Weight, *,
     check_supported(x, w, config)
     if not isinstance(w, MgpuNF4Weight):
         w = prepare_weight(w)
-    return _matmul(x, w, config, interpret)
+    return _matmul(x, w, config, interpret, transposed=False)
 
 
 def nf4_matmul_t_mgpu(dy: Array, w: NF4Tensor | MgpuNF4Weight, *,
@@ -975,7 +963,7 @@ def nf4_matmul_t_mgpu(dy: Array, w: NF4Tensor | MgpuNF4Weight, *,
     check_supported(dy, w, config, transposed=True)
     if not isinstance(w, MgpuNF4Weight):
         w = prepare_weight(w)
-    return _matmul_t(dy, w, config, interpret)
+    return _matmul(dy, w, config, interpret, transposed=True)
 
 
 def nf4_matmul_t_mgpu_reference(dy: Array, w: NF4Tensor) -> Array:
