@@ -2,7 +2,7 @@
 # Issue 7 (~2 min, compile only): what is live at the 1x8192 step's peak device memory under
 # the remat schedules that just miss 24 GiB, by buffer and by JAX operation.
 set -u
-export PYTHONPATH=$PWD:${PYTHONPATH:-}
+export PYTHONPATH=$PWD/.gpu:$PWD:${PYTHONPATH:-}  # .gpu: gguf (carry it)
 export PYTHONUNBUFFERED=1
 for remat in selective:12,mlp selective:10,mlp; do
   timeout 200 python3 scripts/peak_memory_report.py --shape 1x8192 --remat $remat \
