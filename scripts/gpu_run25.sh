@@ -11,7 +11,7 @@ report() {  # NAME REMAT [env assignments...]
   env "$@" timeout 150 python3 scripts/peak_memory_report.py --shape 1x8192 --remat $remat \
     --embeddings-on-host --top 30 --min-pct 0.4 --dump-dir /tmp/dump_$name 2>&1 \
     | grep -v "^W0000\|^I0000\|host_offloader" > $OUT/peak_$name.txt
-  echo "== $name $remat $*"; sed -n 2,3p $OUT/peak_$name.txt
+  echo "== $name $remat $*"; grep "XLA memory\|live at\|Error" $OUT/peak_$name.txt
 }
 report s12_default selective:12,mlp
 report s12_slop15 selective:12,mlp XLA_FLAGS=--xla_gpu_memory_limit_slop_factor=15
