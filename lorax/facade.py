@@ -80,7 +80,7 @@ class FastLanguageModel:
             raise ValueError(
                 f"get_peft_model: use_gradient_checkpointing={use_gradient_checkpointing!r}; "
                 f"use True, False, 'unsloth', one of {remat_lib.POLICIES} or a schedule such "
-                f"as 'mlp:12,selective' ({e})"
+                f"as 'selective:12,mlp' ({e})"
             ) from None
         lora = init_lora(
             model,

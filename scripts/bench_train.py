@@ -8,7 +8,7 @@ median step time of >= 8 timed steps after warm-up; MFU counts the FLOPs of
 lorax.train.flops.train_flops_per_token against the bf16 dense peak.
 
     python scripts/bench_train.py --shapes 2x2048,1x8192 --remat none,offload --json out.json
-    python scripts/bench_train.py --cases 2x2048@mlp@auto 1x8192@mlp:12,selective@auto
+    python scripts/bench_train.py --cases 2x2048@mlp@auto 1x8192@selective:12,mlp@auto
 
 A case is SHAPE@REMAT@ATTENTION (REMAT may be a per-layer schedule, see lorax.remat);
 --forward passes further ForwardOptions fields (e.g. mlp_chunk_tokens=4096) to every case.
@@ -166,9 +166,7 @@ def run_case(
     median = statistics.median(times)
     tokens = b * s
     flops = (
-        train_flops_per_token(
-            model.config, s, remat=remat, lora_rank=16, lora_targets=lora_targets
-        )
+        train_flops_per_token(model.config, s, remat=remat, lora_rank=16, lora_targets=lora_targets)
         * tokens
     )
     peak = device_peak_flops()

@@ -79,7 +79,7 @@ class TrainConfig:
     remat: str = _opt(
         "none",
         "rematerialisation: none | full | selective | mlp | offload, or a per-layer schedule "
-        "such as mlp:12,selective",
+        "such as selective:12,mlp",
     )
     offload_layer_inputs: bool = _opt(
         False,
