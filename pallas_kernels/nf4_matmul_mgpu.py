@@ -199,6 +199,11 @@ class MgpuNF4Config:
     weight, weights within one ulp; module docstring; needs ``plgpu.inline_mgpu``; 2x faster on
     the H200) or ``"select"`` (the select tree in float32, ~22 instructions per weight, exactly
     :func:`~pallas_kernels.nf4.dequantize_nf4`'s weights).
+    ``overlap_backward``: in the backward kernel, keep one wgmma in flight across the decode
+    of the next 64-row block, the step boundary included (``wgmma_wait(1)`` instead of waiting
+    for each step's wgmmas before decoding the next step's first block; the ring slot is then
+    released half a step later). Measured on the H200 without it: 67-81% of the bf16 dot,
+    about the ALU decode time plus the tensor time, i.e. not overlapped (BENCHMARKS.md §2).
     """
 
     block_m: int = 256
@@ -207,6 +212,7 @@ class MgpuNF4Config:
     compute_registers: int = 232
     memory_registers: int = 40
     decode: str = "prmt"
+    overlap_backward: bool = False
 
     def __post_init__(self) -> None:
         if self.decode not in _DECODES:
@@ -805,24 +811,63 @@ def _nf4_matmul_t_call(dy: Array, packed: Array, scales: Array, block_m: int,
             row_layout = plgpu.Layout.WGMMA.reduce(1)
             shift = 4 - 4 * wg  # warpgroup 0: high nibbles (K columns 0-63 of the tile)
 
+            def decode_block(slot: Array, j: int) -> Array:
+                """W's 64-row N block ``j`` of the step in ``slot``: this warpgroup's nibble,
+                decoded and scaled, ``[64 N, 64 K]`` in registers."""
+                rows = w_ring.at[slot].at[pl.ds(j * _ROWS, _ROWS)]
+                packed_regs = _read(rows, plgpu.Layout.WGMMA, interpret)
+                scale = _read(s_ring.at[slot].at[wg].at[j], row_layout, interpret)
+                return _decode_nibbles(packed_regs, shift, scale, dtype, config.decode, interpret)
+
+            def stage(j: int, w_nk: Array) -> Any:
+                """Stores block ``j`` to this warpgroup's tile ``j``; returns its ``Wᵀ`` view."""
+                tile = tiles.at[wg * 2 + j]  # a dynamic index (wgmma operand)
+                tile[...] = w_nk
+                plgpu.commit_smem()
+                return plgpu.transpose_ref(tile, (1, 0))
+
+            dy_halves = (dy_lo, dy_hi)
+            out_tiles = [tiles.at[wg * 2], tiles.at[wg * 2 + 1]]
+            out_cols = k0 + wg * _ROWS
+
+            if config.overlap_backward and interpret is None:
+                # One wgmma stays in flight while the next block decodes. After issuing block
+                # j of step i, wgmma_wait(1) leaves only it running: block 1 - j's previous
+                # wgmma (the last reader of the tile decoded next) is done, and after block 0
+                # so is the previous step's block 1, the last reader of its ring slot.
+                def pipelined(acc_ref: Any) -> None:
+                    @pl.loop(0, steps)
+                    def _step(i: Array) -> None:
+                        slot = lax.rem(i, slots)
+                        _wait_all(load_bars, slot)
+                        for j in (0, 1):
+                            operand = stage(j, decode_block(slot, j))
+                            rhs = plgpu.transpose_ref(dy_halves[j].at[slot], (1, 0))
+                            plgpu.wgmma(acc_ref, operand, rhs)
+                            plgpu.wgmma_wait(1)
+                            if j == 0:
+
+                                @pl.when(i > 0)
+                                def _release_previous() -> None:
+                                    plgpu.barrier_arrive(free.at[lax.rem(i + slots - 1, slots)])
+
+                    acc = acc_ref[...].astype(dtype)  # waits for the last wgmma
+                    plgpu.barrier_arrive(free.at[lax.rem(steps - 1, slots)])
+                    _write_out(acc, out_tiles, out_ref, m0, out_cols, transposed, interpret)
+
+                pl.run_scoped(pipelined, plgpu.ACC((_ROWS, bm), jnp.float32))
+                return
+
             def step(i: Array, acc: Array) -> Array:
                 slot = lax.rem(i, slots)
                 _wait_all(load_bars, slot)
 
                 def operand(j: int) -> Callable[[], Any]:
                     def decode() -> Any:
-                        rows = w_ring.at[slot].at[pl.ds(j * _ROWS, _ROWS)]
-                        packed_regs = _read(rows, plgpu.Layout.WGMMA, interpret)
-                        scale = _read(s_ring.at[slot].at[wg].at[j], row_layout, interpret)
-                        w_nk = _decode_nibbles(
-                            packed_regs, shift, scale, dtype, config.decode, interpret
-                        )
+                        w_nk = decode_block(slot, j)
                         if interpret is not None:  # Interpreter: no transposed views.
                             return w_nk.T
-                        tile = tiles.at[wg * 2 + j]  # a dynamic index (wgmma operand)
-                        tile[...] = w_nk
-                        plgpu.commit_smem()
-                        return plgpu.transpose_ref(tile, (1, 0))
+                        return stage(j, w_nk)
 
                     return decode
 
@@ -838,8 +883,7 @@ def _nf4_matmul_t_call(dy: Array, packed: Array, scales: Array, block_m: int,
             acc = lax.fori_loop(0, steps, step, zeros).astype(dtype)
             # The decode tiles are free (the last wgmmas were awaited): dx leaves through them
             # in 64-token pieces.
-            _write_out(acc, [tiles.at[wg * 2], tiles.at[wg * 2 + 1]], out_ref, m0,
-                       k0 + wg * _ROWS, transposed, interpret)  # fmt: skip
+            _write_out(acc, out_tiles, out_ref, m0, out_cols, transposed, interpret)
 
         @pl.when(wg == _COMPUTE_WGS)
         def _memory() -> None:
