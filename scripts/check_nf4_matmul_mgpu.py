@@ -51,9 +51,8 @@ import traceback
 CONFIGS = {
     # The byte-permute decode (the default, ~4 instructions per weight).
     "m256s2-prmt": dict(block_m=256, slots=2, decode="prmt"),
-    # The backward with one wgmma kept in flight across each decode (forward unchanged).
-    "m256s2-prmt-ov": dict(block_m=256, slots=2, decode="prmt", overlap_backward=True),
-    "m128s4-prmt-ov": dict(block_m=128, slots=4, decode="prmt", overlap_backward=True),
+    # The backward waiting for each step's wgmmas before the next decode (before 2026-11-29).
+    "m256s2-prmt-sync": dict(block_m=256, slots=2, decode="prmt", overlap_backward=False),
     "m128s4-prmt": dict(block_m=128, slots=4, decode="prmt"),
     "m192s3-prmt": dict(block_m=192, slots=3, decode="prmt"),
     "m64s4-prmt": dict(block_m=64, slots=4, decode="prmt"),
