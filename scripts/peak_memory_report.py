@@ -15,6 +15,7 @@ the forward's loss, in the first backward segment, or in a recompute.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import glob
 import os
 import re
@@ -24,75 +25,86 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 STEP_MODULE = "jit_step"  # the name jax.jit gives make_train_step's program
-VALUE_LINE = re.compile(r"value: <\d+ (\S+) @\d+> \(size=\d+,offset=\d+\): (\S+)")
+VALUE_LINE = re.compile(r"value: <\d+ (\S+)(?: \(phi\))? @\d+> \(size=\d+,offset=\d+\): (\S+)")
 COMPUTATION_HEADER = re.compile(r"^(?:ENTRY )?%?(\S+) \(.*\{$")
 INSTRUCTION = re.compile(r"^\s+(?:ROOT )?%?(\S+) = ")
 OP_NAME = re.compile(r'op_name="([^"]+)"')
 CALLS = re.compile(r"calls=%?([\w.\-]+)")
-VALUE_LINE = re.compile(r"value: <\d+ (\S+) @\d+> \(size=\d+,offset=\d+\): (\S+)")
-COMPUTATION_HEADER = re.compile(r"^(?:ENTRY )?%?(\S+) \(.*\{$")
-INSTRUCTION = re.compile(r"^\s+(?:ROOT )?%?(\S+) = ")
-OP_NAME = re.compile(r'op_name="([^"]+)"')
-CALLS = re.compile(r"calls=%?([\w.\-]+)")
+HOST_MEMORY_SPACE = ":S(5)"  # how XLA's layouts mark pinned host memory
 
 
-def set_dump_flags(dump_dir: str) -> None:
-    """Must run before jax is imported: XLA reads its flags once."""
-    flags = os.environ.get("XLA_FLAGS", "")
-    os.environ["XLA_FLAGS"] = (
-        f"{flags} --xla_dump_to={dump_dir} --xla_dump_hlo_module_re={STEP_MODULE}"
-    ).strip()
+@dataclasses.dataclass(frozen=True)
+class PeakBuffer:
+    """One buffer live at XLA's peak program point."""
+
+    name: str  # the HLO value, e.g. "fusion.12{}"
+    nbytes: int
+    shape: str  # with its layout, e.g. "bf16[8192,4096]{1,0}"; "" when not found
+    origin: str  # the JAX operation that made it (op_name metadata); "" when not found
+
+    @property
+    def on_host(self) -> bool:
+        return HOST_MEMORY_SPACE in self.shape
 
 
-def live_range_report(dump_dir: str) -> str:
-    """The dump's live-range file for the step module (after optimizations)."""
-    paths = sorted(glob.glob(os.path.join(dump_dir, f"*{STEP_MODULE}*live-range.txt")))
-    if not paths:
-        found = sorted(os.listdir(dump_dir))[:10]
+def dump_options(dump_dir: str, module: str = STEP_MODULE) -> dict[str, str]:
+    """``compile(compiler_options=...)`` that make XLA dump ``module``'s buffer live ranges."""
+    return {"xla_dump_to": dump_dir, "xla_dump_hlo_module_re": module}
+
+
+def _dump_file(dump_dir: str, module: str, suffix: str) -> str | None:
+    paths = sorted(glob.glob(os.path.join(dump_dir, f"*{module}*{suffix}")))
+    return paths[-1] if paths else None
+
+
+def peak_report(dump_dir: str, module: str = STEP_MODULE) -> tuple[list[PeakBuffer], str]:
+    """(the buffers live at the peak, largest first; XLA's breakdown of the peak by JAX
+    operation) from a dump written with :func:`dump_options`."""
+    path = _dump_file(dump_dir, module, "live-range.txt")
+    if path is None:
+        found = sorted(os.listdir(dump_dir))[:10] if os.path.isdir(dump_dir) else []
         raise FileNotFoundError(
-            f"no '*{STEP_MODULE}*live-range.txt' in {dump_dir} (found {found}); this XLA may "
-            "not write live-range dumps"
+            f"no '*{module}*live-range.txt' in {dump_dir} (found {found}); compile with "
+            "compiler_options=dump_options(...), on an XLA that writes live-range dumps"
         )
-    with open(paths[-1]) as f:
-        return f.read()
-
-
-def peak_sections(report: str) -> tuple[list[tuple[str, int]], str]:
-    """(buffers live at the peak, largest first; the stack-trace breakdown text)."""
-    peak = re.search(r"Live ranges at \d+ \(peak\):\n(.*?)(?=\n  \S|\Z)", report, re.S)
+    with open(path) as f:
+        report = f.read()
+    shapes, origins = _shapes_by_value(dump_dir, module), _op_names(dump_dir, module)
     buffers = []
-    if peak:
-        for line in peak.group(1).splitlines():
-            m = re.match(r"\s+(\S+): (\d+) bytes", line)
-            if m:
-                buffers.append((m.group(1), int(m.group(2))))
-    buffers.sort(key=lambda b: -b[1])
+    peak = re.search(r"Live ranges at \d+ \(peak\):\n(.*?)(?=\n  \S|\Z)", report, re.S)
+    for line in peak.group(1).splitlines() if peak else []:
+        m = re.match(r"\s+(\S+): (\d+) bytes", line)
+        if m:
+            name = m.group(1)
+            base = name.split("{")[0]
+            shape = shapes.get(name) or shapes.get(base, "")  # "x{}" is listed as "x"
+            buffers.append(PeakBuffer(name, int(m.group(2)), shape, origins.get(base, "")))
+    buffers.sort(key=lambda b: -b.nbytes)
     trace = re.search(r"(  Stack trace breakdown for peak usage:.*)", report, re.S)
     return buffers, trace.group(1) if trace else ""
 
 
-def shapes_by_value(dump_dir: str) -> dict[str, str]:
+def _shapes_by_value(dump_dir: str, module: str) -> dict[str, str]:
     """HLO value name -> shape, from the buffer-assignment dump."""
-    paths = sorted(glob.glob(os.path.join(dump_dir, f"*{STEP_MODULE}*buffer-assignment.txt")))
+    path = _dump_file(dump_dir, module, "buffer-assignment.txt")
     out: dict[str, str] = {}
-    if paths:
-        with open(paths[-1]) as f:
+    if path:
+        with open(path) as f:
             for m in VALUE_LINE.finditer(f.read()):
                 out.setdefault(m.group(1), m.group(2))
     return out
 
 
-def op_names(dump_dir: str) -> dict[str, str]:
+def _op_names(dump_dir: str, module: str) -> dict[str, str]:
     """HLO instruction name -> the JAX operation it came from (``op_name`` metadata).
 
     A fusion often carries no ``op_name`` of its own; it gets the last one in the computation
     it calls, which names the JAX operation whose result the fusion writes.
     """
-    pattern = os.path.join(dump_dir, f"*{STEP_MODULE}*after_optimizations.txt")
-    paths = [p for p in sorted(glob.glob(pattern)) if "-" not in os.path.basename(p)[-40:]]
-    if not paths:
+    path = _dump_file(dump_dir, module, "after_optimizations.txt")
+    if path is None:
         return {}
-    with open(paths[-1]) as f:
+    with open(path) as f:
         text = f.read()
     direct: dict[str, str] = {}
     calls: dict[str, str] = {}
@@ -135,7 +147,6 @@ def main() -> None:
     a = p.parse_args()
 
     dump_dir = a.dump_dir or tempfile.mkdtemp(prefix="lorax_peak_")
-    set_dump_flags(dump_dir)
 
     import jax
     import numpy as np
@@ -157,7 +168,7 @@ def main() -> None:
     step = make_train_step(model, opt, StepConfig(loss_chunk_size=a.chunk or None, forward=forward))
     ids = np.zeros((1, b, s), np.int32)
     batch = {"input_ids": jax.device_put(ids), "labels": jax.device_put(ids)}
-    compiled = step.lower(state, batch).compile()
+    compiled = step.lower(state, batch).compile(compiler_options=dump_options(dump_dir))
     stats = compiled.memory_analysis()
     gib = 2.0**30
     print(f"{a.shape} remat={a.remat} forward={a.forward or '-'} host-emb={a.embeddings_on_host}")
@@ -169,17 +180,18 @@ def main() -> None:
             f"temporaries {stats.temp_size_in_bytes / gib:.3f}"
         )
 
-    buffers, trace = peak_sections(live_range_report(dump_dir))
-    shapes, origins = shapes_by_value(dump_dir), op_names(dump_dir)
-    total = sum(n for _, n in buffers)
-    print(f"\nlive at XLA's peak program point: {total / gib:.3f} GiB in {len(buffers)} buffers")
+    buffers, trace = peak_report(dump_dir)
+    device = sum(b.nbytes for b in buffers if not b.on_host)
+    host = sum(b.nbytes for b in buffers if b.on_host)
+    print(
+        f"\nlive at XLA's peak program point: {device / gib:.3f} GiB of device memory "
+        f"({host / gib:.3f} GiB more in host memory) in {len(buffers)} buffers"
+    )
     print(f"{'MiB':>10}  {'cumulative GiB':>14}  buffer  shape  (JAX operation)")
     running = 0
-    for name, n in buffers[: a.top]:
-        running += n
-        base = name.split("{")[0]
-        where = f"{shapes.get(base, '')}  {origins.get(base, '')}"
-        print(f"{n / 2**20:10.1f}  {running / gib:14.3f}  {name}  {where}")
+    for b in buffers[: a.top]:
+        running += b.nbytes
+        print(f"{b.nbytes / 2**20:10.1f}  {running / gib:14.3f}  {b.name}  {b.shape}  {b.origin}")
     print()
     for line in trace.splitlines():
         share = re.search(r"\((\d+(?:\.\d+)?)%", line)
