@@ -156,9 +156,9 @@ class ForwardOptions:
     activations of the step, ~3.5x the hidden width each) then stop growing with the sequence,
     which is what bounds the longest trainable context. Each chunk decodes the NF4 weights
     again, so use it for long sequences (tens of thousands of tokens), not short ones. It
-    buys memory, not speed: with ``mlp`` layers it kept their savings but measured 6% slower
-    at 1x8192 on an H200 (Llama-3.1-8B, ``mlp:20,selective``: 0.11 GiB less peak,
-    BENCHMARKS.md §1), so the fastest setting within a budget leaves it off.
+    buys memory, not speed: under ``mlp:20,selective`` at 1x8192 on an H200 (Llama-3.1-8B,
+    BENCHMARKS.md §1) 4096-token chunks gave 0.11 GiB less peak for a 6% slower step, so the
+    fastest setting within a budget leaves it off.
 
     ``layer_weights_sharding`` / ``activation_sharding`` (``jax.sharding.NamedSharding``, set
     by ``lorax.sharding.forward_constraints`` on a multi-device mesh) make a scanned layer
