@@ -8,10 +8,9 @@ A *schedule* gives different layers different policies: ``"selective:12,mlp"`` r
 12 layers under ``selective`` and the rest under ``mlp``. That spends a memory budget exactly:
 each ``mlp`` layer trades ``B·S·(2·intermediate + hidden)`` saved bf16 values for not
 recomputing its two largest matmuls, so a budget that holds only some of those layers still
-gets the speed-up on those. Put the ``mlp`` layers last: the backward pass starts there, so
-no gate/up recompute runs while every saved activation is still live. Measured on an H200
-(Llama-3.1-8B, 1x8192, BENCHMARKS.md §1): ``selective:13,mlp`` peaks 0.23 GiB below
-``mlp:19,selective`` at the same speed.
+gets the speed-up on those. Put the ``mlp`` layers last: measured on an H200 (Llama-3.1-8B,
+1x8192, BENCHMARKS.md §1), ``selective:13,mlp`` peaks 0.23 GiB below ``mlp:19,selective`` at
+the same speed (``scripts/peak_memory_report.py`` shows what is live at the peak).
 """
 
 from __future__ import annotations
