@@ -8,18 +8,9 @@ convention — fails here and not only in a benchmark nobody re-runs.
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import sys
-
 import numpy as np
 import pytest
-
-SCRIPT = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-    "scripts",
-    "loss_curve_equivalence.py",
-)
+from script_modules import load_script
 
 # Float32 tolerances, ~10x what was measured (losses <= 5e-6 apart, grad norms 7e-6 relative,
 # final adapters 4e-6 relative): both sides do the same arithmetic, only summation order
@@ -31,19 +22,10 @@ GRAD_NORM_RTOL = 1e-4
 FINAL_LORA_REL_L2 = 5e-5
 
 
-def _script():
-    """The script as a module (scripts/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("loss_curve_equivalence", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_loss_curves_match_peft_f32():
     pytest.importorskip("torch")
     pytest.importorskip("peft")
-    lce = _script()
+    lce = load_script("loss_curve_equivalence")
     cfg = lce.EquivalenceConfig(
         hidden_size=64,
         num_layers=2,

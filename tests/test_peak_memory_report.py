@@ -4,25 +4,10 @@ The script's 8B run needs a GPU; its parsing is checked here on a small program 
 the CPU whose peak holds buffers of known size, shape and origin.
 """
 
-import importlib.util
-import os
-import sys
-
 import jax
 import jax.numpy as jnp
 import pytest
-
-SCRIPT = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "peak_memory_report.py"
-)
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location("peak_memory_report", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
+from script_modules import load_script
 
 
 def step(x, w):
@@ -35,7 +20,7 @@ def step(x, w):
 
 
 def test_peak_report_lists_the_live_buffers(tmp_path):
-    script = _script()
+    script = load_script("peak_memory_report")
     x = jnp.ones((512, 256), jnp.float32)
     w = jnp.ones((4, 256, 256), jnp.float32)
     grad = jax.jit(jax.grad(step, argnums=1))
@@ -60,4 +45,4 @@ def test_peak_report_lists_the_live_buffers(tmp_path):
 
 def test_peak_report_names_a_missing_dump(tmp_path):
     with pytest.raises(FileNotFoundError, match="live-range"):
-        _script().peak_report(str(tmp_path))
+        load_script("peak_memory_report").peak_report(str(tmp_path))
