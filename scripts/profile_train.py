@@ -40,7 +40,9 @@ TINY = dict(
 )
 
 
-def build_step(shape: str, remat: str, forward: dict, layers: int | None, tiny: bool):
+def build_step(
+    shape: str, remat: str, forward: dict, layers: int | None, tiny: bool, on_host: bool = False
+):
     import jax
     import numpy as np
     from bench_train import build_model
@@ -52,6 +54,8 @@ def build_step(shape: str, remat: str, forward: dict, layers: int | None, tiny: 
 
     b, s = (int(x) for x in shape.split("x"))
     model = build_model(layers, TINY if tiny else None)
+    if on_host:
+        model = lorax.embeddings_to_host(model)
     lora = lorax.init_lora(model, rank=16, alpha=16, targets="all-linear", key=jax.random.key(1))
     opt = make_optimizer("adamw", 1e-4, max_grad_norm=None)
     state = init_train_state(lora, opt, key=jax.random.key(2))
@@ -83,11 +87,22 @@ def hlo_index(hlo_text: str) -> tuple[dict[str, str], dict[str, list[str]]]:
     return instructions, computations
 
 
-def describe(op: str, instructions: dict, computations: dict) -> tuple[str, str]:
+def describe_kernel(kernel: str) -> tuple[str, str]:
+    """(category, kernel) from the GPU kernel's name alone, for ops the HLO text does not name
+    (the runtime renames some custom calls, e.g. inside command buffers)."""
+    name = kernel.lower()
+    if any(k in name for k in ("nvjet", "gemm", "xmma", "cutlass", "cublas")):
+        return "matmul (cuBLAS)", kernel
+    if any(k in name for k in ("sdpa", "fmha", "flash", "cudnn")):
+        return "attention (cuDNN)", kernel
+    return "other", kernel
+
+
+def describe(op: str, instructions: dict, computations: dict, kernel: str = "") -> tuple[str, str]:
     """(category, short description) of one HLO op from its instruction text."""
     text = instructions.get(op, "")
     if not text:
-        return "other", ""
+        return describe_kernel(kernel)
     m = re.match(r"%?[\w.\-]+\s*=\s*(\(.*?\)|\S+)\s+([\w\-]+)\(", text)
     shape, opcode = (m.group(1), m.group(2)) if m else ("", "")
     shape = shape.strip("(").split(", ")[0]
@@ -151,6 +166,9 @@ def main() -> None:
     p.add_argument("--tiny", action="store_true", help="tiny widths (CPU smoke run)")
     p.add_argument("--json", default=None)
     p.add_argument("--hlo", default=None, help="also write the optimized HLO text here")
+    p.add_argument(
+        "--embeddings-on-host", action="store_true", help="lorax.embeddings_to_host, as bench_train"
+    )
     p.add_argument("--compile-only", action="store_true", help="memory analysis, no trace")
     a = p.parse_args()
 
@@ -160,7 +178,9 @@ def main() -> None:
     from bench_train import parse_forward
 
     forward = parse_forward(a.forward)
-    step, compiled, state, batch = build_step(shape, remat, forward, a.layers, a.tiny)
+    step, compiled, state, batch = build_step(
+        shape, remat, forward, a.layers, a.tiny, a.embeddings_on_host
+    )
     hlo_text = compiled.as_text()
     memory = compiled.memory_analysis()
     if a.hlo and hlo_text:
@@ -194,7 +214,7 @@ def main() -> None:
     by_cat: dict[str, float] = collections.defaultdict(float)
     rows = []
     for op, us in sorted(by_op.items(), key=lambda kv: -kv[1]):
-        cat, desc = describe(op, instructions, computations)
+        cat, desc = describe(op, instructions, computations, kernel_of[op])
         by_cat[cat] += us
         rows.append(
             dict(
