@@ -109,6 +109,7 @@ def run_case(
     num_layers: int | None,
     forward: dict | None = None,
     embeddings_on_host: bool = False,
+    compiler_options: str = "default",
 ) -> dict:
     import jax
     import numpy as np
@@ -139,6 +140,7 @@ def run_case(
         opt,
         StepConfig(
             loss_chunk_size=chunk or None,
+            compiler_options=parse_compiler_options(compiler_options),
             forward=ForwardOptions(
                 remat=remat,
                 attention_impl=None if attention == "auto" else attention,
@@ -178,6 +180,7 @@ def run_case(
         "forward": forward or {},
         "loss_chunk": chunk or "auto",
         "embeddings_on_host": embeddings_on_host,
+        "compiler_options": compiler_options,
         "tokens_per_s": tokens / median,
         "median_step_s": median,
         "min_step_s": min(times),
@@ -194,7 +197,16 @@ def run_case(
     }
 
 
-def parse_forward(spec: str | None) -> dict[str, Any]:
+def parse_compiler_options(spec: str) -> tuple[tuple[str, Any], ...] | None:
+    """``default`` (lorax's for the backend), ``none`` (XLA's own) or ``name=value,...``."""
+    if spec == "default":
+        return None
+    if spec == "none":
+        return ()
+    return tuple(parse_forward(spec, what="--compiler-options").items())
+
+
+def parse_forward(spec: str | None, what: str = "--forward") -> dict[str, Any]:
     """`key=value,...` -> kwargs (ints, floats, true/false, none; anything else a string)."""
     out: dict[str, Any] = {}
     for item in (spec or "").split(","):
@@ -202,7 +214,7 @@ def parse_forward(spec: str | None) -> dict[str, Any]:
             continue
         key, sep, raw = item.partition("=")
         if not sep:
-            raise ValueError(f"--forward item {item!r} is not key=value")
+            raise ValueError(f"{what} item {item!r} is not key=value")
         value: Any = raw.strip()
         low = value.lower()
         if low in ("none", "null"):
@@ -239,6 +251,11 @@ def main() -> None:
         action="store_true",
         help="keep the embedding table in pinned host memory (lorax.embeddings_to_host)",
     )
+    p.add_argument(
+        "--compiler-options",
+        default="default",
+        help="XLA options of the step: default (lorax's), none (XLA's own) or name=value,...",
+    )
     p.add_argument("--json", default=None)
     p.add_argument("--case", default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -247,7 +264,7 @@ def main() -> None:
         shape, remat, attention = a.case.split("@")
         result = run_case(
             shape, remat, attention, a.steps, a.warmup, a.chunk, a.layers, forward,
-            embeddings_on_host=a.embeddings_on_host,
+            embeddings_on_host=a.embeddings_on_host, compiler_options=a.compiler_options,
         )  # fmt: skip
         print("RESULT " + json.dumps(result), flush=True)
         return
@@ -288,6 +305,7 @@ def main() -> None:
             cmd += ["--forward", a.forward]
         if a.embeddings_on_host:
             cmd += ["--embeddings-on-host"]
+        cmd += ["--compiler-options", a.compiler_options]
         out = subprocess.run(cmd, capture_output=True, text=True, env=env)
         result = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
         if out.returncode or not result:
@@ -300,6 +318,7 @@ def main() -> None:
         print(
             f"{shape:>7} remat={remat:<9} attn={attn:<6} {a.forward or ''} "
             f"{'host-emb ' if a.embeddings_on_host else ''}"
+            f"{'' if a.compiler_options == 'default' else 'xla=' + a.compiler_options + ' '}"
             f"{r['tokens_per_s']:8.0f} tok/s  "
             f"{r['tflops']:6.1f} TFLOP/s  mfu {r['mfu'] or 0:.3f}  "
             f"peak {r['peak_mem_gib'] or 0:.2f} GiB  first step at "

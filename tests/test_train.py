@@ -265,3 +265,28 @@ def test_nonfinite_stop_mode_raises_with_a_clear_message(tmp_path):
     assert not (tmp_path / "checkpoints").exists() or not any(
         d.isdigit() for d in os.listdir(tmp_path / "checkpoints")
     )
+
+
+def test_compiler_options_reach_the_compiled_step(tiny, rng):
+    from lorax.train.step import default_compiler_options
+
+    # The GPU default turns the latency-hiding scheduler off only for an unsharded step.
+    single = dict(default_compiler_options("gpu"))
+    assert single["xla_gpu_enable_latency_hiding_scheduler"] is False
+    assert "xla_gpu_enable_latency_hiding_scheduler" not in dict(
+        default_compiler_options("gpu", sharded=True)
+    )
+    assert default_compiler_options("cpu") == ()
+    lora = lorax.init_lora(tiny, rank=4, alpha=8)
+    opt = make_optimizer("adamw", 1e-3)
+    batch = {k: v[None] for k, v in _batch(rng, 1, 16, tiny.config.vocab_size).items()}
+    # An option XLA does not know must fail the compile: proof the options are passed on.
+    bogus = make_train_step(tiny, opt, StepConfig(compiler_options=(("xla_no_such_option", 1),)))
+    with pytest.raises(Exception, match="xla_no_such_option"):
+        bogus(init_train_state(lora, opt, key=jax.random.key(0)), batch)
+    # A real one (ignored off the GPU) compiles and trains.
+    cublaslt = StepConfig(compiler_options=(("xla_gpu_enable_cublaslt", True),))
+    _, metrics = make_train_step(tiny, opt, cublaslt)(
+        init_train_state(lora, opt, key=jax.random.key(0)), batch
+    )
+    assert bool(metrics["finite"])
