@@ -197,11 +197,9 @@ def run_case(
     }
 
 
-def parse_compiler_options(spec: str) -> tuple[tuple[str, Any], ...] | None:
-    """``default`` (lorax's for the backend), ``none`` (XLA's own) or ``name=value,...``."""
-    if spec == "default":
-        return None
-    if spec == "none":
+def parse_compiler_options(spec: str) -> tuple[tuple[str, Any], ...]:
+    """``default`` (the step's: XLA's own) or ``name=value,...`` (XLA ``DebugOptions``)."""
+    if spec in ("default", "none"):
         return ()
     return tuple(parse_forward(spec, what="--compiler-options").items())
 
@@ -254,7 +252,7 @@ def main() -> None:
     p.add_argument(
         "--compiler-options",
         default="default",
-        help="XLA options of the step: default (lorax's), none (XLA's own) or name=value,...",
+        help="XLA options of the step: default (XLA's own) or name=value,...",
     )
     p.add_argument("--json", default=None)
     p.add_argument("--case", default=None, help=argparse.SUPPRESS)

@@ -47,34 +47,13 @@ class StepConfig:
     # "skip": a step whose loss or gradients are not finite leaves the state unchanged (the
     # metrics say so); the trainer may then stop instead.
     skip_nonfinite: bool = True
-    # XLA options the step is compiled with, as ``((name, value), ...)`` (``DebugOptions``
-    # fields, e.g. ``("xla_gpu_enable_cublaslt", True)``); None takes
-    # :func:`default_compiler_options` for the backend, ``()`` compiles with XLA's own defaults.
-    compiler_options: tuple[tuple[str, Any], ...] | None = None
-
-
-# XLA options measured on an H200 (Llama-3.1-8B QLoRA, 1x8192, BENCHMARKS.md §1). cuBLASLt
-# ran the step's GEMMs faster than cuBLAS. The latency-hiding scheduler exists to overlap
-# collectives; a step on one device has none, and with it off the step ran faster at a lower
-# peak. A sharded step keeps it (its gradient reductions and weight gathers need it).
-GPU_COMPILER_OPTIONS: tuple[tuple[str, Any], ...] = (("xla_gpu_enable_cublaslt", True),)
-GPU_SINGLE_DEVICE_OPTIONS: tuple[tuple[str, Any], ...] = (
-    ("xla_gpu_enable_latency_hiding_scheduler", False),
-)
-
-
-def default_compiler_options(
-    backend: str | None = None, *, sharded: bool = False
-) -> tuple[tuple[str, Any], ...]:
-    """The XLA options a step compiles with when its config names none (none off the GPU)."""
-    if (backend or jax.default_backend()) not in ("gpu", "cuda", "rocm"):
-        return ()
-    return GPU_COMPILER_OPTIONS + (() if sharded else GPU_SINGLE_DEVICE_OPTIONS)
-
-
-def _compiler_options(config: StepConfig, sharded: bool) -> dict[str, Any]:
-    options = config.compiler_options
-    return dict(default_compiler_options(sharded=sharded) if options is None else options)
+    # XLA options the step is compiled with, ``((name, value), ...)`` (``DebugOptions``
+    # fields). Measured on an H200 (Llama-3.1-8B QLoRA 1x8192, BENCHMARKS.md §1):
+    # ``("xla_gpu_enable_latency_hiding_scheduler", False)`` lowers an unsharded step's peak
+    # by 0.24 GiB at the same speed, but slows host-offloading policies by 2.4% (their copies
+    # are what that scheduler overlaps); ``("xla_gpu_enable_cublaslt", True)`` measured no
+    # faster. So the default is XLA's own.
+    compiler_options: tuple[tuple[str, Any], ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -246,7 +225,7 @@ def make_train_step(
     def step(state: TrainState, batches: Batch, model: Model):
         return train_step(state, batches, model=model, optimizer=optimizer, config=config)
 
-    options = _compiler_options(config, sharded=shardings is not None)
+    options = dict(config.compiler_options)
     if shardings is None:
         jitted = jax.jit(step, donate_argnums=(0,), compiler_options=options)
     else:
@@ -274,7 +253,7 @@ def make_eval_step(
     def evaluate(lora: LoraWeights, batch: Batch, model: Model):
         return loss_sum(lora, model, batch, config)
 
-    options = _compiler_options(config, sharded=shardings is not None)
+    options = dict(config.compiler_options)
     if shardings is None:
         jitted = jax.jit(evaluate, compiler_options=options)
     else:
