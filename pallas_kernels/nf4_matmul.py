@@ -87,7 +87,12 @@ from jax import lax
 from pallas_kernels import _backend
 from pallas_kernels import nf4_matmul_kernels as _k
 from pallas_kernels import nf4_matmul_mgpu as _mgpu
-from pallas_kernels.nf4 import NF4Tensor, dequantize_absmax, dequantize_nf4
+from pallas_kernels.nf4 import (
+    NF4Tensor,
+    dequantize_absmax,
+    dequantize_nf4,
+    dequantize_nf4_rows,
+)
 from pallas_kernels.nf4_matmul_kernels import NF4MatmulConfig
 
 Array = jax.Array
@@ -591,8 +596,20 @@ def _concat(parts: Sequence[Array], axis: int) -> Array:
 
 
 def _group_weight(ws: Sequence[NF4Tensor], dtype: Any) -> Array:
-    """The members' decoded weights stacked along N: one XLA fusion writes all of them."""
-    return _concat([dequantize_nf4(w, dtype) for w in ws], axis=0)
+    """The members' decoded weights stacked along N, decoded as one matrix."""
+    return dequantize_nf4_rows(ws, dtype)
+
+
+def _fold_lora_forward(k: int, n_total: int) -> bool:
+    """Whether the forward folds the LoRA up-projections into the base GEMM.
+
+    Folded, ``y = [x | s·xA] · [W | B]ᵀ`` is one GEMM whose float32 accumulator sums both
+    terms: the rank-r product is never written as its own ``[M, ΣN]`` array and read back
+    (2·M·ΣN·2 bytes), at the price of copying x into the wider operand (2·M·K·2 bytes). So
+    fold when K <= ΣN: q/k/v, o and gate/up of every Llama-shaped model, not down (K is the
+    intermediate width). Measured on an H200 (BENCHMARKS.md §1).
+    """
+    return k <= n_total
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -616,26 +633,37 @@ def _group_matmul_fwd(
     biases: tuple[Array | None, ...],
 ) -> tuple[tuple[Array, ...], tuple[Any, ...]]:
     cd = x.dtype
-    base = _split(
-        lax.dot_general(x, _group_weight(ws, cd), _NT, preferred_element_type=cd),
-        [w.shape[0] for w in ws],
-    )
-    with_lora = [a for a in a_s if a is not None]
+    sizes = [w.shape[0] for w in ws]
+    members = [i for i, a in enumerate(a_s) if a is not None]
     xa_all = None
-    xa: list[Array | None] = [None] * len(ws)
-    if with_lora:
-        xa_all = _dot(x, _concat([a.astype(cd) for a in with_lora], 0), _NT).astype(cd)
-        parts = iter(_split(xa_all, [a.shape[0] for a in with_lora]))
-        xa = [None if a is None else next(parts) for a in a_s]
-    ys = []
-    for y, low, b, bias in zip(base, xa, b_s, biases, strict=True):
-        if low is not None:
-            y = y.astype(jnp.float32) + scale * _dot(low, b.astype(cd), _NT).astype(cd).astype(
-                jnp.float32
-            )
-        if bias is not None:
-            y = y.astype(jnp.float32) + bias.astype(jnp.float32)
-        ys.append(y.astype(cd))
+    if members:
+        xa_all = _dot(x, _concat([a_s[i].astype(cd) for i in members], 0), _NT).astype(cd)
+    if members and _fold_lora_forward(x.shape[1], sum(sizes)):
+        # [W | B]: member i's B sits in the columns of its own rank block (zeros elsewhere).
+        ranks = [0 if a is None else a.shape[0] for a in a_s]
+        blocks, before = [], 0
+        for n, r, b in zip(sizes, ranks, b_s, strict=True):
+            block = jnp.zeros((n, sum(ranks)), cd)
+            if r:
+                block = lax.dynamic_update_slice(block, b.astype(cd), (0, before))
+            blocks.append(block)
+            before += r
+        lhs = _concat([x, (scale * xa_all.astype(jnp.float32)).astype(cd)], 1)
+        rhs = _concat([_group_weight(ws, cd), _concat(blocks, 0)], 1)
+        ys = _split(lax.dot_general(lhs, rhs, _NT, preferred_element_type=cd), sizes)
+    else:
+        base = lax.dot_general(x, _group_weight(ws, cd), _NT, preferred_element_type=cd)
+        lows = iter(_split(xa_all, [a_s[i].shape[0] for i in members]) if members else ())
+        ys = []
+        for y, b in zip(_split(base, sizes), b_s, strict=True):
+            if b is not None:  # PEFT's order: the base and LoRA outputs each in 16 bits
+                low = _dot(next(lows), b.astype(cd), _NT).astype(cd).astype(jnp.float32)
+                y = y.astype(jnp.float32) + scale * low
+            ys.append(y)
+    ys = [
+        (y if bias is None else y.astype(jnp.float32) + bias.astype(jnp.float32)).astype(cd)
+        for y, bias in zip(ys, biases, strict=True)
+    ]
     return tuple(ys), (x, xa_all, ws, a_s, b_s)
 
 

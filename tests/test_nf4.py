@@ -23,6 +23,7 @@ from pallas_kernels.nf4 import (
     NF4Tensor,
     dequantize_absmax,
     dequantize_nf4,
+    dequantize_nf4_rows,
     quantize_nf4,
     stack,
 )
@@ -359,6 +360,28 @@ def test_pytree_jit_scan_and_vmap():
     assert jax.tree.structure(vmapped) == jax.tree.structure(stacked)
     for a, b in zip(jax.tree.leaves(vmapped), jax.tree.leaves(stacked), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize(
+    "rows, k, double_quant",
+    [((96, 32, 32), 128, True), ((40, 24), 64, False), ((7, 5), 13, True)],
+    ids=["qkv-like", "plain-absmax", "partial-blocks"],
+)
+def test_rows_decode_equals_decode_then_concatenate(rows, k, double_quant):
+    """Projections sharing an input decode as one stacked matrix, bit for bit what decoding
+    each and concatenating gives (each member keeps its own nested scales and offset); members
+    with partial absmax blocks take the member-by-member path."""
+    rng = np.random.default_rng(len(rows) + k)
+    ts = [
+        quantize_nf4(jnp.asarray(rng.standard_normal((n, k)) * (i + 1), jnp.bfloat16),
+                     double_quant=double_quant)
+        for i, n in enumerate(rows)
+    ]  # fmt: skip
+    for dtype in (jnp.bfloat16, jnp.float32):
+        got = jax.jit(dequantize_nf4_rows, static_argnums=1)(ts, dtype)
+        want = jnp.concatenate([dequantize_nf4(t, dtype) for t in ts])
+        assert got.shape == (sum(rows), k) and got.dtype == dtype
+        np.testing.assert_array_equal(as_f32(got), as_f32(want))
 
 
 def test_stack_and_quantize_reject_bad_input():

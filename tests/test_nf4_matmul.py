@@ -346,6 +346,15 @@ def test_group_is_one_gemm_per_direction(rng):
     fwd = _dot_output_shapes(jax.make_jaxpr(grouped)(x, adapters).jaxpr)
     assert fwd.count((m, 128)) == 1  # [y_q | y_k | y_v] in one dot
     assert fwd.count((m, 24)) == 1  # x·[A_q; A_k; A_v]ᵀ in one dot
+    assert len(fwd) == 5  # K > ΣN: each member's LoRA up-projection is its own dot
+    # K <= ΣN: the up-projections ride in the base dot ([x | s·xA]·[W | B]ᵀ).
+    x, ws, adapters, _, dys = _group_case(
+        rng, (m,), 96, [(64, 8, False), (32, 8, False), (32, 8, False)], jnp.float32
+    )
+    assert sorted(_dot_output_shapes(jax.make_jaxpr(grouped)(x, adapters).jaxpr)) == [
+        (m, 24),
+        (m, 128),
+    ]
 
 
 def test_group_falls_back_member_by_member(rng):
