@@ -14,7 +14,7 @@ bench() {  # TIMEOUT JSON ARGS...
 }
 ROOT=$PWD
 echo "== old tree" | tee -a $OUT/bench.log
-(cd .ab_old && PYTHONPATH=$ROOT/.gpu:$ROOT/.ab_old bench 60 lorax_8k_old.json --embeddings-on-host \
+(cd .ab_old && export PYTHONPATH=$ROOT/.gpu:$ROOT/.ab_old && bench 60 lorax_8k_old.json --embeddings-on-host \
   --cases "1x8192@selective:12,mlp@auto")
 echo "== this tree" | tee -a $OUT/bench.log
 export PYTHONPATH=$ROOT/.gpu:$ROOT:${PYTHONPATH:-}
