@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Issue 7 (~6 min): the published rows again, lorax and Unsloth at both shapes in one call
+# Issue 7 (~6 min): the speed rows and the 1x8192 low-memory row again, beside Unsloth at both
+# shapes in one call
 # (this tree: grouped projections decoded once, LoRA folded into the base GEMM). Carry .gpu
-# and .site. 6 files back.
+# and .site. 5 files back.
 set -u
 export PYTHONUNBUFFERED=1
 export PYTHONPATH=$PWD/.gpu:$PWD:${PYTHONPATH:-}
@@ -15,8 +16,7 @@ bench 60 lorax_8k.json --embeddings-on-host --cases "1x8192@selective:12,mlp@aut
 bench 45 lorax_2k.json --cases "2x2048@mlp@auto"
 bench 65 lowmem_8k.json --embeddings-on-host --chunk 128 --forward mlp_chunk_tokens=4096 \
   --cases "1x8192@offload@auto"
-bench 50 lowmem_2k.json --embeddings-on-host --chunk 128 --cases "2x2048@offload@auto"
 export PYTHONPATH=$PWD/.site:$PYTHONPATH
-timeout 215 python3 scripts/bench_torch.py --systems unsloth --shapes 2x2048,1x8192 \
-  --deadline-s 205 --json $OUT/torch.json > $OUT/torch.log 2>&1
+timeout 200 python3 scripts/bench_torch.py --systems unsloth --shapes 2x2048,1x8192 \
+  --deadline-s 190 --json $OUT/torch.json > $OUT/torch.log 2>&1
 tail -4 $OUT/torch.log
