@@ -20,6 +20,7 @@ import argparse
 import collections
 import glob
 import json
+import math
 import os
 import re
 import sys
@@ -87,6 +88,39 @@ def hlo_index(hlo_text: str) -> tuple[dict[str, str], dict[str, list[str]]]:
     return instructions, computations
 
 
+_ELEMENT_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "f32": 4}
+
+
+def shape_bytes(shape: str) -> int:
+    """Bytes of an HLO shape string, tuples summed (``(bf16[2,3]{1,0}, f32[4]{0})`` -> 28)."""
+    total = 0
+    for dtype, dims in re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", shape):
+        if dtype in _ELEMENT_BYTES:
+            total += _ELEMENT_BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d)
+    return total
+
+
+def _result_shape(text: str) -> str:
+    m = re.match(r"(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(\(.*?\)|\S+)", text)
+    return m.group(1) if m else ""
+
+
+def fusion_bytes(op: str, instructions: dict[str, str]) -> int | None:
+    """What one run of fusion ``op`` reads and writes: its operands' and result's bytes.
+
+    An upper bound where a fusion reads only part of an operand (a dynamic slice of a stacked
+    scan buffer); None for anything but a fusion.
+    """
+    text = instructions.get(op, "")
+    m = re.match(r"(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(?:\(.*?\)|\S+)\s+fusion\((.*?)\)", text)
+    if not m:
+        return None
+    operands = re.findall(r"%([\w.\-]+)", m.group(1))
+    return shape_bytes(_result_shape(text)) + sum(
+        shape_bytes(_result_shape(instructions.get(name, ""))) for name in operands
+    )
+
+
 def describe_kernel(kernel: str) -> tuple[str, str]:
     """(category, kernel) from the GPU kernel's name alone, for ops the HLO text does not name
     (the runtime renames some custom calls, e.g. inside command buffers)."""
@@ -103,7 +137,7 @@ def describe(op: str, instructions: dict, computations: dict, kernel: str = "") 
     text = instructions.get(op, "")
     if not text:
         return describe_kernel(kernel)
-    m = re.match(r"%?[\w.\-]+\s*=\s*(\(.*?\)|\S+)\s+([\w\-]+)\(", text)
+    m = re.match(r"(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(\(.*?\)|\S+)\s+([\w\-]+)\(", text)
     shape, opcode = (m.group(1), m.group(2)) if m else ("", "")
     shape = shape.strip("(").split(", ")[0]
     called = re.search(r"calls=%?([\w.\-]+)", text)
@@ -224,6 +258,7 @@ def main() -> None:
                 calls_per_step=calls[op] / a.steps,
                 kernel=kernel_of[op][:80],
                 what=desc[:160],
+                bytes_per_run=fusion_bytes(op, instructions),
             )
         )
     busy = sum(by_cat.values())
@@ -237,11 +272,19 @@ def main() -> None:
     print("\n| category | ms/step | share of busy |\n|---|---:|---:|")
     for cat, us in sorted(by_cat.items(), key=lambda kv: -kv[1]):
         print(f"| {cat} | {us / 1e3:.2f} | {us / busy:.1%} |")
-    print("\n| op | category | ms/step | calls/step | what |\n|---|---|---:|---:|---|")
+    print(
+        "\n| op | category | ms/step | calls/step | TB/s (fusions) | what |"
+        "\n|---|---|---:|---:|---:|---|"
+    )
     for r in rows[: a.top]:
+        rate = (
+            f"{r['bytes_per_run'] * r['calls_per_step'] / (r['ms_per_step'] * 1e-3) / 1e12:.2f}"
+            if r["bytes_per_run"] and r["ms_per_step"]
+            else "-"
+        )
         print(
             f"| {r['op']} | {r['category']} | {r['ms_per_step']:.2f} | "
-            f"{r['calls_per_step']:.0f} | {r['what']} |"
+            f"{r['calls_per_step']:.0f} | {rate} | {r['what']} |"
         )
     if a.json:
         with open(a.json, "w") as f:
