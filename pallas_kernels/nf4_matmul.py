@@ -49,8 +49,9 @@ Implementations (``plan_nf4_lora_matmul`` says which one a call gets, and why):
 
 Projections that share x (the model's q/k/v and gate/up) go through
 :func:`nf4_lora_matmul_group`: on the ``xla``/``reference`` variants with NF4 weights, one
-GEMM per direction for the whole group, the LoRA terms folded into dx's reduction (a single
-``nf4_lora_matmul`` on those variants is a group of one, so it gets the folded dx too).
+GEMM per direction for the whole group, the LoRA terms folded into dx's reduction and, where
+K <= ΣN, into the forward's too (a single ``nf4_lora_matmul`` on those variants is a group of
+one, so it gets the folded GEMMs too).
 
 Selection: ``impl`` / ``interpret`` choose kernel vs reference as everywhere in
 ``pallas_kernels`` (see :mod:`pallas_kernels._backend`: by default the kernels on GPU, the
@@ -286,19 +287,23 @@ def nf4_lora_matmul_group(
     or None and ``biases[i]``. Why a group: on the training-sized path (``xla``/``reference``
     variants, NF4 weights) each separate projection reads x again for its base and LoRA
     products, and its backward writes a ``[M, K]`` LoRA term ``(dy·B)·A`` and adds it to dx.
-    The group instead decodes its weights into one ``[ΣN, K]`` operand (XLA writes the decoded
-    W anyway, so the concatenation costs nothing) and runs
+    The group instead decodes its weights as one ``[ΣN, K]`` operand (the members' 4-bit bytes
+    are stacked, not their 16-bit values: :func:`~pallas_kernels.nf4.dequantize_nf4_rows`)
+    and runs, with ``xa = x·[A_1; ..; A_n]ᵀ`` (rank Σr) and ``B_blk`` the block-diagonal
+    ``[ΣN, Σr]`` of the members' B,
 
-        forward   [y_1 .. y_n] = x·[W_1; ..; W_n]ᵀ        x·[A_1; ..; A_n]ᵀ  (rank Σr)
+        forward   [y_1 .. y_n] = [x | s·xa]·[W_1; ..; W_n | B_blk]ᵀ          (K <= ΣN)
+                  [y_1 .. y_n] = x·[W_1; ..; W_n]ᵀ + s·xa_i·B_iᵀ per member  (K > ΣN)
         backward  dx = [dy_1 .. dy_n | s·dy_1·B_1 .. s·dy_n·B_n]·[W_1; ..; W_n; A_1; ..; A_n]
                   [dA_1; ..; dA_n] = s·[dy_1·B_1 .. dy_n·B_n]ᵀ·x
 
-    so x is read once per direction and dx is one GEMM with the LoRA terms folded into its
-    reduction (summed in float32 before a single rounding, where separate projections round
-    each term). The rank-r products stay separate dots, so a remat policy that saves the
-    outputs never recomputes the large GEMM to get them. A group of one still gets the
-    folded backward. Dense weights (a concatenation would copy them every step) and the
-    Pallas variants (small M) run member by member.
+    so x is read once per direction and the LoRA terms ride in the large GEMMs' reductions
+    (summed in float32 before a single rounding, where separate projections round each term;
+    the forward folds only where copying x into the wider operand costs less than writing
+    and re-reading the ``[M, ΣN]`` rank-r product, see :func:`_fold_lora_forward`). ``xa``
+    stays a separate dot, saved for the backward, which never recomputes the large GEMM. A
+    group of one still gets the folded GEMMs. Dense weights (a concatenation would copy them
+    every step) and the Pallas variants (small M) run member by member.
     """
     if not weights:
         raise ValueError("nf4_lora_matmul_group needs at least one weight")
@@ -607,7 +612,8 @@ def _fold_lora_forward(k: int, n_total: int) -> bool:
     terms: the rank-r product is never written as its own ``[M, ΣN]`` array and read back
     (2·M·ΣN·2 bytes), at the price of copying x into the wider operand (2·M·K·2 bytes). So
     fold when K <= ΣN: q/k/v, o and gate/up of every Llama-shaped model, not down (K is the
-    intermediate width). Measured on an H200 (BENCHMARKS.md §1).
+    intermediate width). With the stacked decode it made a Llama-3.1-8B QLoRA step at 1x8192
+    1.2% faster on an H200 (BENCHMARKS.md §1); down was not measured folded.
     """
     return k <= n_total
 
