@@ -8,10 +8,10 @@ Semantics (kernels and reference alike). The compute dtype is ``x.dtype``: W, A 
 (NF4 decoded) to it, every dot accumulates in float32, and the rank-r intermediates ``x·Aᵀ``
 and ``dy·B`` are rounded to the compute dtype, as PEFT does under autocast. The result is
 ``x.dtype``. The base product and the LoRA product are summed in float32 (+ bias) and rounded
-once; the reference and the separate-product XLA path first round each product to the compute
-dtype, so that cuBLAS writes 16-bit outputs (PEFT's order too), while the fused kernel and the
-grouped XLA path's folded GEMM (:func:`nf4_lora_matmul_group`, K <= ΣN) sum them in a float32
-accumulator: the two agree to one rounding of ``x.dtype``.
+once; :func:`nf4_lora_matmul_reference` and the separate-product XLA path first round each
+product to the compute dtype, so that cuBLAS writes 16-bit outputs (PEFT's order too), while
+the fused kernel and the grouped XLA path's folded GEMM (:func:`nf4_lora_matmul_group`,
+K <= ΣN) sum them in a float32 accumulator: the two agree to one rounding of ``x.dtype``.
 
 Gradients flow to x, A and B only: W (and bias) are frozen base parameters and get zero
 cotangents. The backward, a ``jax.custom_vjp``, is ordered so that everything it keeps or
