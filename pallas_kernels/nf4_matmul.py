@@ -601,11 +601,6 @@ def _concat(parts: Sequence[Array], axis: int) -> Array:
     return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=axis)
 
 
-def _group_weight(ws: Sequence[NF4Tensor], dtype: Any) -> Array:
-    """The members' decoded weights stacked along N, decoded as one matrix."""
-    return dequantize_nf4_rows(ws, dtype)
-
-
 def _fold_lora_forward(k: int, n_total: int) -> bool:
     """Whether the forward folds the LoRA up-projections into the base GEMM.
 
@@ -650,16 +645,18 @@ def _group_matmul_fwd(
         ranks = [0 if a is None else a.shape[0] for a in a_s]
         blocks, before = [], 0
         for n, r, b in zip(sizes, ranks, b_s, strict=True):
-            block = jnp.zeros((n, sum(ranks)), cd)
-            if r:
-                block = lax.dynamic_update_slice(block, b.astype(cd), (0, before))
-            blocks.append(block)
+            after = sum(ranks) - before - r
+            blocks.append(
+                jnp.zeros((n, sum(ranks)), cd)
+                if b is None
+                else jnp.pad(b.astype(cd), ((0, 0), (before, after)))
+            )
             before += r
         lhs = _concat([x, (scale * xa_all.astype(jnp.float32)).astype(cd)], 1)
-        rhs = _concat([_group_weight(ws, cd), _concat(blocks, 0)], 1)
+        rhs = _concat([dequantize_nf4_rows(ws, cd), _concat(blocks, 0)], 1)
         ys = _split(lax.dot_general(lhs, rhs, _NT, preferred_element_type=cd), sizes)
     else:
-        base = lax.dot_general(x, _group_weight(ws, cd), _NT, preferred_element_type=cd)
+        base = lax.dot_general(x, dequantize_nf4_rows(ws, cd), _NT, preferred_element_type=cd)
         lows = iter(_split(xa_all, [a_s[i].shape[0] for i in members]) if members else ())
         ys = []
         for y, b in zip(_split(base, sizes), b_s, strict=True):
@@ -683,7 +680,7 @@ def _group_matmul_bwd(
     members = [i for i, a in enumerate(a_s) if a is not None]
     dyb = {i: _dot(dys[i], b_s[i].astype(cd), _NN).astype(cd) for i in members}  # [M, r]
     lhs = _concat([*dys, *((scale * dyb[i]).astype(cd) for i in members)], axis=1)
-    rhs = _concat([_group_weight(ws, cd), *(a_s[i].astype(cd) for i in members)], axis=0)
+    rhs = _concat([dequantize_nf4_rows(ws, cd), *(a_s[i].astype(cd) for i in members)], axis=0)
     dx = lax.dot_general(lhs, rhs, _NN, preferred_element_type=cd)
     da: list[Array | None] = [None] * len(ws)
     db: list[Array | None] = [None] * len(ws)
