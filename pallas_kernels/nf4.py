@@ -434,8 +434,6 @@ def dequantize_nf4_rows(ts: Sequence[NF4Tensor], dtype: Any) -> jax.Array:
     otherwise the members are decoded one by one. Bit-identical either way.
     """
     ts = list(ts)
-    for t in ts:
-        _check_layout(t)
     one_matrix = all(
         not t.batch_shape
         and len(t.shape) == 2
@@ -447,6 +445,8 @@ def dequantize_nf4_rows(ts: Sequence[NF4Tensor], dtype: Any) -> jax.Array:
     if len(ts) == 1 or not one_matrix:
         parts = [dequantize_nf4(t, dtype) for t in ts]
         return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=0)
+    for t in ts:
+        _check_layout(t)
     rows = sum(t.shape[0] for t in ts)
     packed = jnp.concatenate([t.packed for t in ts])
     absmax = jnp.concatenate([dequantize_absmax(t) for t in ts])

@@ -85,6 +85,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.scipy.linalg import block_diag
 
 from pallas_kernels import _backend
 from pallas_kernels import nf4_matmul_kernels as _k
@@ -641,19 +642,16 @@ def _group_matmul_fwd(
     if members:
         xa_all = _dot(x, _concat([a_s[i].astype(cd) for i in members], 0), _NT).astype(cd)
     if members and _fold_lora_forward(x.shape[1], sum(sizes)):
-        # [W | B]: member i's B sits in the columns of its own rank block (zeros elsewhere).
-        ranks = [0 if a is None else a.shape[0] for a in a_s]
-        blocks, before = [], 0
-        for n, r, b in zip(sizes, ranks, b_s, strict=True):
-            after = sum(ranks) - before - r
-            blocks.append(
-                jnp.zeros((n, sum(ranks)), cd)
-                if b is None
-                else jnp.pad(b.astype(cd), ((0, 0), (before, after)))
+        # [W | B_blk]: member i's B in the columns of its own rank block (a member without
+        # LoRA contributes zero-width columns, i.e. zero rows of B_blk).
+        b_blk = block_diag(
+            *(
+                jnp.zeros((n, 0), cd) if b is None else b.astype(cd)
+                for n, b in zip(sizes, b_s, strict=True)
             )
-            before += r
+        )
         lhs = _concat([x, (scale * xa_all.astype(jnp.float32)).astype(cd)], 1)
-        rhs = _concat([dequantize_nf4_rows(ws, cd), _concat(blocks, 0)], 1)
+        rhs = _concat([dequantize_nf4_rows(ws, cd), b_blk], 1)
         ys = _split(lax.dot_general(lhs, rhs, _NT, preferred_element_type=cd), sizes)
     else:
         base = lax.dot_general(x, dequantize_nf4_rows(ws, cd), _NT, preferred_element_type=cd)
