@@ -69,6 +69,10 @@ def build_step(
     return (lambda st, bt: compiled(st, bt, model)), compiled, state, batch
 
 
+# One HLO instruction line: name, result shape (a tuple in parentheses), opcode, operands.
+INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(\(.*?\)|\S+)\s+([\w\-]+)\((.*?)\)")
+
+
 def hlo_index(hlo_text: str) -> tuple[dict[str, str], dict[str, list[str]]]:
     """Instruction name -> its HLO line, and computation name -> the opcodes it contains."""
     instructions: dict[str, str] = {}
@@ -80,11 +84,11 @@ def hlo_index(hlo_text: str) -> tuple[dict[str, str], dict[str, list[str]]]:
             current = head.group(1)
             computations[current] = []
             continue
-        m = re.match(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(?:\(.*?\)|\S+)\s+([\w\-]+)\(", line)
+        m = INSTRUCTION.match(line)
         if m:
             instructions[m.group(1)] = line.strip()
             if current is not None:
-                computations[current].append(m.group(2))
+                computations[current].append(m.group(3))
     return instructions, computations
 
 
@@ -101,8 +105,8 @@ def shape_bytes(shape: str) -> int:
 
 
 def _result_shape(text: str) -> str:
-    m = re.match(r"(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(\(.*?\)|\S+)", text)
-    return m.group(1) if m else ""
+    m = INSTRUCTION.match(text)
+    return m.group(2) if m else ""
 
 
 def fusion_bytes(op: str, instructions: dict[str, str]) -> int | None:
@@ -111,12 +115,11 @@ def fusion_bytes(op: str, instructions: dict[str, str]) -> int | None:
     An upper bound where a fusion reads only part of an operand (a dynamic slice of a stacked
     scan buffer); None for anything but a fusion.
     """
-    text = instructions.get(op, "")
-    m = re.match(r"(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(?:\(.*?\)|\S+)\s+fusion\((.*?)\)", text)
-    if not m:
+    m = INSTRUCTION.match(instructions.get(op, ""))
+    if not m or m.group(3) != "fusion":
         return None
-    operands = re.findall(r"%([\w.\-]+)", m.group(1))
-    return shape_bytes(_result_shape(text)) + sum(
+    operands = re.findall(r"%([\w.\-]+)", m.group(4))
+    return shape_bytes(m.group(2)) + sum(
         shape_bytes(_result_shape(instructions.get(name, ""))) for name in operands
     )
 
@@ -137,8 +140,8 @@ def describe(op: str, instructions: dict, computations: dict, kernel: str = "") 
     text = instructions.get(op, "")
     if not text:
         return describe_kernel(kernel)
-    m = re.match(r"(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(\(.*?\)|\S+)\s+([\w\-]+)\(", text)
-    shape, opcode = (m.group(1), m.group(2)) if m else ("", "")
+    m = INSTRUCTION.match(text)
+    shape, opcode = (m.group(2), m.group(3)) if m else ("", "")
     shape = shape.strip("(").split(", ")[0]
     called = re.search(r"calls=%?([\w.\-]+)", text)
     body = collections.Counter(computations.get(called.group(1), []) if called else [])
