@@ -65,6 +65,11 @@ CONFIGS = {
         block_m=256, slots=2, compute_registers=240, memory_registers=24, decode="select"
     ),
     "m64s4": dict(block_m=64, slots=4, decode="select"),  # least amortization: the decode cost
+    # The quad layout (pallas_kernels.nf4_quad_mgpu): both orientations from registers.
+    "quad-m256s2": dict(kernel="quad", block_m=256, slots=2),
+    "quad-m256s2-sync": dict(kernel="quad", block_m=256, slots=2, overlap=False),
+    "quad-m192s3": dict(kernel="quad", block_m=192, slots=3),
+    "quad-m128s4": dict(kernel="quad", block_m=128, slots=4),
 }
 SHAPES = "4096x4096,4096x1024,4096x14336,14336x4096"  # K x N (q/o, k/v, gate/up, down)
 DEFAULT_CONFIGS = "m256s2-prmt,m128s4-prmt"
@@ -140,26 +145,28 @@ def _config_worker(args) -> None:
     import jax.numpy as jnp
     from _common import pipelined_ms
 
+    from pallas_kernels import nf4_matmul_mgpu, nf4_quad_mgpu
     from pallas_kernels.nf4 import dequantize_nf4
-    from pallas_kernels.nf4_matmul_mgpu import (
-        MgpuNF4Config,
-        nf4_matmul_mgpu,
-        nf4_matmul_t_mgpu,
-        prepare_weight,
-    )
 
     base = {}
     if args.base and os.path.exists(args.base):
         with open(args.base) as f:
             base = json.load(f)
-    config = MgpuNF4Config(**CONFIGS[args.worker])
+    options = dict(CONFIGS[args.worker])
+    if options.pop("kernel", None) == "quad":
+        config = nf4_quad_mgpu.QuadConfig(**options)
+        ops = {"fwd": nf4_quad_mgpu.nf4_quad_matmul, "bwd": nf4_quad_mgpu.nf4_quad_matmul_t}
+        prepare_weight = nf4_quad_mgpu.prepare_quad_weight
+    else:
+        config = nf4_matmul_mgpu.MgpuNF4Config(**options)
+        ops = {"fwd": nf4_matmul_mgpu.nf4_matmul_mgpu, "bwd": nf4_matmul_mgpu.nf4_matmul_t_mgpu}
+        prepare_weight = nf4_matmul_mgpu.prepare_weight
     interpret = None
     if args.interpret:  # CPU smoke test of this script
         from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
 
         interpret = InterpretGPUParams()
     print(f"== config {args.worker}: {config}", flush=True)
-    ops = {"fwd": nf4_matmul_mgpu, "bwd": nf4_matmul_t_mgpu}
     f32 = jnp.float32
     references = {
         d: jax.jit(

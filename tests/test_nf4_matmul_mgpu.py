@@ -17,21 +17,19 @@ run itself are left to the GPU.
 
 from __future__ import annotations
 
-import re
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import rel_l2
 from jax.experimental.pallas import mosaic_gpu as plgpu
+from ptx_emulation import run_ptx
 
 from pallas_kernels.nf4 import NF4_CODE, dequantize_absmax, dequantize_nf4, quantize_nf4, stack
 from pallas_kernels.nf4_matmul_mgpu import (
     MgpuNF4Config,
     MgpuNF4Weight,
     _decode_prmt,
-    _fma_round,
     _prmt_asm,
     nf4_matmul_mgpu,
     nf4_matmul_mgpu_reference,
@@ -201,57 +199,6 @@ def test_refusals(rng):
                           config=MgpuNF4Config(block_m=256, slots=3))  # fmt: skip
 
 
-def _ptx(asm, inputs, dtype):
-    """Runs the straight-line PTX of ``_prmt_asm`` on uint32 numpy arrays (``$0``, ``$1`` out)."""
-    regs = {f"${i + 2}": np.asarray(v, np.uint32) for i, v in enumerate(inputs)}
-
-    def val(tok):
-        return regs[tok] if tok in regs else np.uint32(int(tok, 0))
-
-    def halves(v):  # a packed pair as float32 (exact), low half first
-        bits = np.stack([v & 0xFFFF, v >> 16]).astype(np.uint16)
-        return bits.view(jnp.dtype(dtype)).astype(np.float32)
-
-    def pack(lo, hi):
-        lo, hi = (np.asarray(h.astype(dtype)).view(np.uint16).astype(np.uint32) for h in (lo, hi))
-        return lo | (hi << 16)
-
-    for line in asm.splitlines():
-        m = re.fullmatch(r"\s*([a-z0-9.]+) (\S+), (.*);", line)
-        if not m or m[1].startswith("."):
-            continue
-        op, dst, args = m[1], m[2], [val(a.strip()) for a in m[3].split(",")]
-        if op == "and.b32":
-            out = args[0] & args[1]
-        elif op == "shr.u32":
-            out = args[0] >> args[1]
-        elif op == "lop3.b32":
-            a, b, c, lut = args
-            out = np.zeros_like(a)
-            for i in range(8):
-                if int(lut) >> i & 1:
-                    out |= (a if i & 4 else ~a) & (b if i & 2 else ~b) & (c if i & 1 else ~c)
-        elif op == "prmt.b32":
-            a, b, c = (np.broadcast_to(v, regs["$2"].shape) for v in args)
-            table = np.stack([(w >> (8 * i)) & 0xFF for w in (a, b) for i in range(4)])
-            out = np.zeros_like(a)
-            for k in range(4):
-                sel = (c >> (4 * k)) & 0xF
-                byte = np.take_along_axis(table, (sel & 7)[None].astype(np.int64), 0)[0]
-                byte = np.where(sel & 8, np.where(byte & 0x80, 0xFF, 0), byte)
-                out |= byte.astype(np.uint32) << (8 * k)
-        elif op.startswith("mul.rn."):
-            a, b = halves(args[0]), halves(args[1])
-            out = pack(a[0] * b[0], a[1] * b[1])
-        elif op.startswith("fma.rn."):
-            (a, b, c) = (halves(v) for v in args)
-            out = pack(*(np.asarray(_fma_round(a[i] * b[i], c[i], dtype)) for i in range(2)))
-        else:
-            raise AssertionError(f"unemulated PTX: {line}")
-        regs[dst] = np.asarray(out, np.uint32)
-    return regs["$0"], regs["$1"]
-
-
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_prmt_asm_matches_interpreter_branch(rng, dtype):
     """The PTX of ``decode="prmt"`` (emulated, every 16-bit register value) computes what its
@@ -266,7 +213,7 @@ def test_prmt_asm_matches_interpreter_branch(rng, dtype):
         hi = s.astype(dtype)
         lo = (s - hi.astype(np.float32)).astype(dtype)
         pairs += [np.asarray(v).view(np.uint16).astype(np.uint32) * 0x10001 for v in (hi, lo)]
-    out0, out1 = _ptx(_prmt_asm(dtype), [words, *pairs], dtype)
+    out0, out1 = run_ptx(_prmt_asm(dtype), [words, *pairs], dtype, n_out=2)
     for got, want in ((out0, first), (out1, second)):
         want = np.asarray(want).view(np.uint16).astype(np.uint32)
         np.testing.assert_array_equal(got, want[:, 0] | (want[:, 1] << 16))

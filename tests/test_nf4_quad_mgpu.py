@@ -1,0 +1,245 @@
+"""The quad-layout NF4 matmul (``pallas_kernels.nf4_quad_mgpu``): its layout, its register-level
+addressing (simulated on the CPU), and both orientations in the Mosaic GPU interpreter.
+
+What runs where. The interpreter has no ``ldmatrix``, inline PTX or register layouts, so the
+kernel's interpreter branch decodes each ring slot in jnp; it checks the ring, the tile
+indexing of both orientations, padding, the epilogue and the refusals. What the GPU does in
+registers is checked by ``test_register_level_simulation``: ``ldmatrix`` (plain and ``.trans``)
+simulated over the kernel's own address function, the scale loads over its own offsets, and
+the decode PTX run by the emulator in ``ptx_emulation``, must give every thread's operand
+registers bit for bit. ``test_lowers_for_hopper`` lowers the compiled kernel for ``cuda``;
+ptxas and the run itself are left to ``scripts/check_nf4_matmul_mgpu.py`` on the GPU.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import rel_l2
+from jax.experimental.pallas import mosaic_gpu as plgpu
+from ptx_emulation import run_ptx
+
+from pallas_kernels.nf4 import NF4Tensor, dequantize_absmax, dequantize_nf4, quantize_nf4
+from pallas_kernels.nf4_matmul_mgpu import _prmt_emulated, _split
+from pallas_kernels.nf4_quad_mgpu import (
+    SLOTS,
+    QuadConfig,
+    QuadNF4Weight,
+    _quad_asm,
+    _quad_row_offset,
+    _scale_offset,
+    _slot_targets,
+    _tile_values,
+    dequantize_quad,
+    nf4_quad_matmul,
+    nf4_quad_matmul_t,
+    prepare_quad_weight,
+)
+
+interpret_params = pytest.importorskip(
+    "jax._src.pallas.mosaic_gpu.interpret.params",
+    reason="this jax has no Mosaic GPU interpreter (the kernel then needs a GPU to run)",
+)
+
+
+def _weight(rng, n, k, double_quant=True):
+    w = jnp.asarray(rng.standard_normal((n, k)) * 0.05, jnp.bfloat16)
+    return quantize_nf4(w, double_quant=double_quant)
+
+
+def _codes(w: NF4Tensor) -> np.ndarray:
+    packed = np.asarray(w.packed)
+    return np.stack([packed >> 4, packed & 0xF], axis=-1).reshape(w.shape).astype(np.int64)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_layout(rng, dtype):
+    """Quad (a, b) of block (nb, kb) holds codes W[a + 8·hn, b + 8·hk] in slot hn + 2·hk at the
+    documented (swizzled) position; the scale words hold the split absmax of row pairs; the
+    decoded weights are the Mosaic decode's (within one ulp of dequantize_nf4) and the padding
+    decodes to zero."""
+    n, k = 130, 320
+    w = _weight(rng, n, k)
+    p = prepare_quad_weight(w, dtype)
+    assert p.quads.shape == (128, 192) and p.quads.dtype == jnp.uint16
+    assert p.scales.shape == (6, 16, 16) and p.scales.dtype == jnp.uint32
+    assert p.dtype == jnp.dtype(dtype).name and p.shape == (n, k)
+    quads, codes = np.asarray(p.quads), _codes(w)
+    for nb, kb, a, b in [(0, 0, 0, 0), (3, 5, 7, 2), (8, 19, 1, 6), (2, 9, 5, 3)]:
+        col = 8 * (kb - kb % 8) + 8 * ((kb % 8) ^ a) + b
+        word = int(quads[8 * nb + a, col])
+        for s, (hn, hk) in enumerate(SLOTS):
+            r, c = 16 * nb + a + 8 * hn, 16 * kb + b + 8 * hk
+            want = codes[r, c] if r < n and c < k else 7
+            assert (word >> (4 * s)) & 0xF == want, (nb, kb, a, b, s)
+    absmax = np.asarray(dequantize_absmax(w)).reshape(n, k // 64)
+    hi, lo = (np.asarray(v).view(np.uint16) for v in _split(jnp.asarray(absmax), dtype))
+    words = np.asarray(p.scales)
+    for blk, row in [(0, 0), (4, 37), (2, 129), (1, 66)]:
+        nb, rem = divmod(row, 16)
+        h, rem = divmod(rem, 8)
+        q, e = divmod(rem, 2)
+        for part, want in ((0, hi), (1, lo)):
+            got = (int(words[blk, nb, 4 * q + 2 * h + part]) >> (16 * e)) & 0xFFFF
+            assert got == want[row, blk], (blk, row, part)
+    values = np.asarray(dequantize_quad(p).astype(jnp.float32))
+    s_hi, s_lo = (jnp.repeat(v, 64, axis=1) for v in _split(jnp.asarray(absmax), dtype))
+    want = np.asarray(_prmt_emulated(jnp.asarray(codes), s_hi, s_lo, dtype).astype(jnp.float32))
+    np.testing.assert_array_equal(values, want)
+    exact = np.asarray(dequantize_nf4(w, dtype).astype(jnp.float32))
+    bits = 7 if dtype == jnp.bfloat16 else 10
+    ulp = np.exp2(np.floor(np.log2(np.maximum(np.abs(exact), np.abs(values)) + 1e-30)) - bits)
+    assert np.all(np.abs(values - exact) <= ulp)
+    full = _tile_values(p.quads[64:128, 128:192], p.scales[4:6, 8:16], dtype)  # the padding
+    assert np.all(np.asarray(full)[2:, :] == 0) and np.all(np.asarray(full)[:, 64:] == 0)
+
+
+def _ldmatrix(tile: np.ndarray, offsets: np.ndarray, trans: bool) -> np.ndarray:
+    """``ldmatrix.sync.aligned.m8n8.x4[.trans].b16`` for every warp in ``offsets [warps, 32]``
+    (byte offsets of the rows lanes give) on a uint16 tile: ``[warps, 32 lanes, 4]`` uint32."""
+    flat = tile.reshape(-1).astype(np.uint32)
+    rows = flat[(offsets // 2)[..., None] + np.arange(8)]  # [warps, lane, 8]: row lane % 8 of
+    mats = rows.reshape(rows.shape[0], 4, 8, 8)  # matrix lane // 8: [warps, matrix, row, col]
+    lane = np.arange(32)
+    r, c = lane // 4, 2 * (lane % 4)
+    if trans:
+        lo, hi = mats[:, :, c, r], mats[:, :, c + 1, r]
+    else:
+        lo, hi = mats[:, :, r, c], mats[:, :, r, c + 1]
+    return (lo | (hi << 16)).transpose(0, 2, 1)  # [warps, lane, matrix]
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("backward", [False, True], ids=["fwd", "bwd"])
+def test_register_level_simulation(rng, backward, dtype):
+    """Every thread's operand registers, built as the GPU builds them (module docstring), are
+    the operand of the interpreter branch bit for bit: ``ldmatrix`` over
+    ``_quad_row_offset``, the scale words at ``_scale_offset`` (and the forward's ``prmt``
+    broadcast), ``_quad_asm`` on each register, and ``_slot_targets`` placing its outputs in
+    the WGMMA register layout (warp w, lane 4r + q, register (h, c) holds operand row
+    ``16w + 8h + r``, columns ``8c + 2q``, ``+1``)."""
+    w = _weight(rng, 256, 384)
+    p = prepare_quad_weight(w, dtype)
+    tile = np.asarray(p.quads[64:128, 128:192])  # a 128x128 W tile away from the origin
+    words = np.asarray(p.scales[4:6, 8:16])
+    values = np.asarray(_tile_values(jnp.asarray(tile), jnp.asarray(words), dtype))
+    if backward:
+        values = values.T
+    asm = _quad_asm(dtype)
+    warp, lane = np.arange(4)[:, None], np.arange(32)[None, :]
+    flat_words = words.reshape(-1)
+    for wg in range(2):
+        for half in range(2):
+            regs = _ldmatrix(tile, _quad_row_offset(lane, warp, wg, half, backward), backward)
+            operand = np.zeros((64, 64), np.uint16)
+            for j in range(4):
+                off = _scale_offset(lane, warp, wg, half, j, backward) // 4
+                scales = [np.broadcast_to(flat_words[off + i], (4, 32)) for i in range(4)]
+                if not backward:
+                    sel = ((lane >> 2) & 1) * 0x2222 + 0x1010
+                    scales = [run_ptx("prmt.b32 $0, $1, $1, $2;", [v, sel], dtype, 1)[0]
+                              for v in scales]  # fmt: skip
+                outs = run_ptx(asm, [regs[:, :, j], *scales], dtype, 4)
+                for (h, dc), out in zip(_slot_targets(backward), outs, strict=True):
+                    rows = 16 * warp + 8 * h + lane // 4
+                    cols = 8 * (2 * j + dc) + 2 * (lane % 4)
+                    operand[rows, cols] = out & 0xFFFF
+                    operand[rows, cols + 1] = out >> 16
+            want = values[64 * wg : 64 * wg + 64, 64 * half : 64 * half + 64]
+            np.testing.assert_array_equal(operand, want.view(np.uint16), err_msg=f"{wg=} {half=}")
+
+
+def _reference(lhs, w: NF4Tensor, backward: bool):
+    w16 = dequantize_quad(prepare_quad_weight(w, lhs.dtype))
+    want = jnp.dot(lhs, w16 if backward else w16.T, preferred_element_type=jnp.float32)
+    return np.asarray(want, np.float32)
+
+
+@pytest.mark.parametrize("backward", [False, True], ids=["fwd", "bwd"])
+@pytest.mark.parametrize(
+    "m, n, k, config",
+    [
+        (64, 128, 128, QuadConfig(block_m=64)),  # one tile, one step
+        (200, 130, 320, QuadConfig(block_m=128, slots=2)),  # ragged M, N, K; 3 K steps
+        (96, 384, 192, QuadConfig(block_m=64, slots=3, overlap=False)),  # 3 N steps
+    ],
+    ids=["single", "ragged", "three-steps"],
+)
+def test_matches_reference(rng, m, n, k, config, backward):
+    """``y = x·Wᵀ`` and ``dx = dy·W`` in the interpreter against a float32 dot with the
+    weights the layout decodes to (only the output rounding differs)."""
+    w = _weight(rng, n, k)
+    lhs = jnp.asarray(rng.standard_normal((m, n if backward else k)), jnp.bfloat16)
+    params = interpret_params.InterpretGPUParams()
+    op = nf4_quad_matmul_t if backward else nf4_quad_matmul
+    got = np.asarray(op(lhs, w, config=config, interpret=params).astype(jnp.float32))
+    want = _reference(lhs, w, backward)
+    assert got.shape == want.shape
+    assert rel_l2(got, want) < 3e-3, rel_l2(got, want)
+    assert np.max(np.abs(got - want)) <= 2**-7 * np.max(np.abs(want))
+
+
+def test_prepared_weight_f16_and_batch_axes(rng):
+    """A weight prepared once for f16 serves both orientations with leading batch axes."""
+    w = _weight(rng, 128, 192, double_quant=False)
+    p = prepare_quad_weight(w, jnp.float16)
+    params = interpret_params.InterpretGPUParams()
+    x = jnp.asarray(rng.standard_normal((2, 40, 192)), jnp.float16)
+    dy = jnp.asarray(rng.standard_normal((2, 40, 128)), jnp.float16)
+    for lhs, backward, op in ((x, False, nf4_quad_matmul), (dy, True, nf4_quad_matmul_t)):
+        got = op(lhs, p, interpret=params)
+        assert got.shape == (2, 40, 128 if not backward else 192) and got.dtype == jnp.float16
+        want = _reference(lhs.reshape(80, -1), w, backward).reshape(got.shape)
+        assert rel_l2(np.asarray(got, np.float32), want) < 3e-3
+
+
+def test_refusals(rng):
+    w = _weight(rng, 64, 128)
+    x = jnp.zeros((8, 128), jnp.bfloat16)
+    with pytest.raises(ValueError, match="must end in K=128"):
+        nf4_quad_matmul(x[:, :64], w)
+    with pytest.raises(ValueError, match="must end in N=64"):
+        nf4_quad_matmul_t(x, w)
+    with pytest.raises(ValueError, match="bf16 or f16"):
+        nf4_quad_matmul(x.astype(jnp.float32), w)
+    with pytest.raises(ValueError, match="split for float16"):
+        nf4_quad_matmul(x, prepare_quad_weight(w, jnp.float16))
+    with pytest.raises(ValueError, match="K % 64 == 0"):
+        nf4_quad_matmul(x[:, :96], _weight(rng, 64, 96))
+    with pytest.raises(ValueError, match="shared memory"):
+        nf4_quad_matmul(jnp.zeros((256, 128), jnp.bfloat16), w, config=QuadConfig(slots=3))
+    with pytest.raises(ValueError, match="bf16 or f16 activations"):
+        prepare_quad_weight(w, jnp.float32)
+    with pytest.raises(ValueError, match="block_m must be"):
+        QuadConfig(block_m=96)
+
+
+@pytest.mark.parametrize("backward", [False, True], ids=["fwd", "bwd"])
+@pytest.mark.parametrize(
+    "config, dtype",
+    [
+        (QuadConfig(), jnp.bfloat16),
+        (QuadConfig(overlap=False), jnp.bfloat16),
+        (QuadConfig(block_m=128, slots=4), jnp.float16),
+    ],
+    ids=["default", "no-overlap", "f16-m128"],
+)
+def test_lowers_for_hopper(config, dtype, backward):
+    """The compiled kernels lower to a Mosaic GPU custom call for ``cuda`` (the inline PTX is
+    assembled by ptxas on the GPU only)."""
+    if not hasattr(plgpu, "inline_mgpu"):
+        pytest.skip("this jax has no plgpu.inline_mgpu (the quad decode needs it)")
+    m, n, k = 512, 384, 640
+    lhs = jax.ShapeDtypeStruct((m, n if backward else k), dtype)
+    w = QuadNF4Weight(
+        jax.ShapeDtypeStruct((n // 2, k // 2), jnp.uint16),
+        jax.ShapeDtypeStruct((k // 64, n // 16, 16), jnp.uint32),
+        (n, k),
+        jnp.dtype(dtype).name,
+    )
+    op = nf4_quad_matmul_t if backward else nf4_quad_matmul
+    fn = jax.jit(lambda lhs, w: op(lhs, w, config=config))
+    text = fn.trace(lhs, w).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text
