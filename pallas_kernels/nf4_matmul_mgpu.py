@@ -625,7 +625,7 @@ def _wait_all(bars: Sequence[Any], slot: Array) -> None:
 
 
 def _write_out(acc: Array, tiles: Sequence[Any], out_ref: Any, m0: Array, c0: Array,
-               transposed: bool, interpret: Any) -> None:  # fmt: skip
+               transposed: bool, interpret: Any, pending: bool = False) -> None:  # fmt: skip
     """Writes a ``[64, bm]`` accumulator (cast) as ``out[m0:m0+bm, c0:c0+64] = accᵀ`` or, without
     ``transposed``, ``out[c0:c0+64, m0:m0+bm] = acc``, through the shared ``tiles``.
 
@@ -633,8 +633,13 @@ def _write_out(acc: Array, tiles: Sequence[Any], out_ref: Any, m0: Array, c0: Ar
     64 tokens, alternating between them (a tile is rewritten once the store that read it two
     pieces ago is done). ``transposed``: each piece goes to the ``WGMMA_TRANSPOSED`` register
     layout and through a transposed view of its tile (the interpreter has neither: ``.T``).
+    ``pending`` (one tile only): first wait until the previous store has read the tile, and
+    leave this one in flight (the caller waits before its shared memory goes out of scope).
     """
     bm = acc.shape[1]
+    if pending:
+        assert len(tiles) == 1, "pending stores need a single output tile"
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
     chunk = bm if len(tiles) == 1 else _ROWS
     for c in range(bm // chunk):
         piece = acc if chunk == bm else acc[:, c * chunk : (c + 1) * chunk]
@@ -655,18 +660,21 @@ def _write_out(acc: Array, tiles: Sequence[Any], out_ref: Any, m0: Array, c0: Ar
             dst = out_ref.at[cols, tokens]
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(tile, dst)
-    plgpu.wait_smem_to_gmem(0)
+    if not pending:
+        plgpu.wait_smem_to_gmem(0)
 
 
-def _feed(load: Callable[[Array, Array], None], free: Any, steps: int, slots: int) -> None:
+def _feed(load: Callable[[Array, Array], None], free: Any, steps: int | Array,
+          slots: int) -> None:  # fmt: skip
     """The memory warpgroup's loop: fill the ring, then refill each slot once it is released.
 
     Step ``i + slots`` is loaded into step ``i``'s slot after both compute warpgroups arrived on
     ``free`` for it. Every release is waited on, the last ``slots`` included, so each phase of
-    ``free`` is observed before the shared memory goes out of scope.
+    ``free`` is observed before the shared memory goes out of scope. ``steps`` may be traced.
     """
-    for i in range(min(slots, steps)):
-        load(jnp.int32(i), jnp.int32(i))
+    for i in range(min(slots, steps) if isinstance(steps, int) else slots):
+        fill = functools.partial(load, jnp.int32(i), jnp.int32(i))
+        fill() if isinstance(steps, int) else pl.when(i < steps)(fill)
 
     @pl.loop(0, steps)
     def _refill(step: Array) -> None:
@@ -782,7 +790,7 @@ def _nf4_matmul_call(x: Array, packed: Array, scales: Array, block_m: int,
     )
     out_shape = (mp, np_) if transposed else (np_, mp)
     return _launch(kernel, (x, packed, scales), scratch, 5, slots, (mp // bm, np_ // BLOCK_N),
-                   "n_tiles", out_shape, dtype, KERNEL_NAME, interpret)  # fmt: skip
+                   ("m_tiles", "n_tiles"), out_shape, dtype, KERNEL_NAME, interpret)  # fmt: skip
 
 
 def _nf4_matmul_t_call(dy: Array, packed: Array, scales: Array, block_m: int,
@@ -922,11 +930,11 @@ def _nf4_matmul_t_call(dy: Array, packed: Array, scales: Array, block_m: int,
     )
     out_shape = (mp, kp) if transposed else (kp, mp)
     return _launch(kernel, (dy, packed, scales), scratch, 4, slots, (mp // bm, kp // BLOCK_K),
-                   "k_tiles", out_shape, dtype, KERNEL_NAME_T, interpret)  # fmt: skip
+                   ("m_tiles", "k_tiles"), out_shape, dtype, KERNEL_NAME_T, interpret)  # fmt: skip
 
 
 def _launch(kernel: Callable[..., None], args: tuple[Array, ...], scratch: tuple[Any, ...],
-            n_loads: int, slots: int, grid: tuple[int, int], inner_name: str,
+            n_loads: int, slots: int, grid: tuple[int, ...], grid_names: tuple[str, ...],
             out_shape: tuple[int, int], dtype: Any, name: str, interpret: Any,
             ) -> Array:  # fmt: skip
     """Runs ``kernel(*in_refs, out_ref, (scratch, (load_barriers, free)))`` on a ``grid`` of
@@ -944,7 +952,7 @@ def _launch(kernel: Callable[..., None], args: tuple[Array, ...], scratch: tuple
 
     mesh = plgpu.Mesh(
         grid=grid,
-        grid_names=("m_tiles", inner_name),  # the last grid axis varies fastest
+        grid_names=grid_names,  # the last grid axis varies fastest
         num_threads=_COMPUTE_WGS + 1,
         thread_name="wg",
         kernel_name=name,

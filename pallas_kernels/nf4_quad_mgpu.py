@@ -125,14 +125,17 @@ class QuadConfig:
 
     ``block_m``: tokens per CTA, the wgmma N (64, 128, 192 or 256; smaller M uses M rounded
     up to 64); each decoded weight feeds ``2·block_m`` flops. ``slots``: ring depth of the
-    token/W/scale stream. ``overlap``: keep one wgmma in flight across the next decode (module
-    docstring). ``compute_registers``/``memory_registers``: per-thread register budgets of the
-    two compute warpgroups and the memory warpgroup (2·128·232 + 128·40 = 64K registers).
+    token/W/scale stream. ``persistent``: one CTA per SM looping over output tiles (module
+    docstring), else one CTA per tile; ``max_ctas`` caps the persistent grid (0: the SM
+    count; tests use a few to run many tiles per CTA). ``compute_registers``,
+    ``memory_registers``: per-thread register budgets of the two compute warpgroups and the
+    memory warpgroup (2·128·232 + 128·40 = 64K registers).
     """
 
     block_m: int = 256
     slots: int = 2
-    overlap: bool = True
+    persistent: bool = False
+    max_ctas: int = 0
     compute_registers: int = 232
     memory_registers: int = 40
 
@@ -515,92 +518,100 @@ def _operand(quads: Any, words: Any, half: int, wg: Array, backward: bool, dtype
 # ------------------------------------------------------------------------------------ kernel
 
 
+def _sm_count() -> int:
+    """Streaming multiprocessors of the default device (132 on an H100/H200 SXM, the fallback
+    when lowering without a GPU)."""
+    return int(getattr(jax.devices()[0], "core_count", 0) or 132)
+
+
 def _quad_call(lhs: Array, quads: Array, words: Array, block_m: int, config: QuadConfig,
                backward: bool, interpret: Any) -> Array:  # fmt: skip
     """``y [Mp, Np]`` (``lhs = x [Mp, Kp]``) or, ``backward``, ``dx [Mp, Kp]`` (``lhs = dy [Mp,
-    Np]``) for padded operands (module docstring, "Kernel shape")."""
+    Np]``) for padded operands (module docstring, "Kernel shape").
+
+    Output tile ``t`` is ``(t // out_tiles, t % out_tiles)`` in (token, output column) tiles.
+    One CTA per tile, or (``config.persistent``) one per SM, CTA ``c`` taking tiles ``c, c +
+    G, ...``: its memory warpgroup streams them back to back through the one ring, and each
+    tile's output store is left in flight until the next tile's epilogue reuses the tile.
+    """
     mp, red = lhs.shape
     np_, kp = 2 * quads.shape[0], 2 * quads.shape[1]
     out_cols = kp if backward else np_
     bm, slots, dtype = block_m, config.slots, lhs.dtype
     steps = red // TILE
+    m_tiles, out_tiles = mp // bm, out_cols // TILE
+    tiles = m_tiles * out_tiles
+    ctas = min(tiles, config.max_ctas or _sm_count()) if config.persistent else tiles
 
     def kernel(lhs_ref, q_ref, s_ref, out_ref, scoped):
         (lhs_lo, lhs_hi, q_ring, s_ring, out_smem), (load_bars, free) = scoped
-        m_tile, o_tile = lax.axis_index("m_tiles"), lax.axis_index("out_tiles")
-        wg = lax.axis_index("wg")
-        m0 = m_tile * bm
+        cta, wg = lax.axis_index("ctas"), lax.axis_index("wg")
+        own_tiles = (tiles - cta + ctas - 1) // ctas if config.persistent else 1
         halves = (lhs_lo, lhs_hi)
+
+        def coords(t: Any) -> tuple[Array, Array]:
+            tile = cta + t * ctas
+            return tile // out_tiles, tile % out_tiles
 
         @pl.when(wg < _COMPUTE_WGS)
         def _compute() -> None:
             plgpu.set_max_registers(config.compute_registers, action="increase")
-            out_col = o_tile * TILE + wg * _ROWS
 
-            def operand(slot: Array, half: int) -> Array:
-                return _operand(q_ring.at[slot], s_ring.at[slot], half, wg, backward, dtype,
-                                interpret)  # fmt: skip
-
-            if config.overlap and interpret is None:
-                # After issuing half h of step i, wgmma_wait(1) leaves only it running: the
-                # other half's previous wgmma is done (its operand registers may be reused),
-                # and after half 0 so is step i - 1's half 1, the last reader of its slot.
-                def pipelined(acc_ref: Any) -> None:
-                    @pl.loop(0, steps)
-                    def _step(i: Array) -> None:
-                        slot = lax.rem(i, slots)
-                        _wait_all(load_bars, slot)
-                        for half in (0, 1):
-                            rhs = plgpu.transpose_ref(halves[half].at[slot], (1, 0))
-                            plgpu.wgmma(acc_ref, operand(slot, half), rhs)
-                            plgpu.wgmma_wait(1)
-                            if half == 0:
-
-                                @pl.when(i > 0)
-                                def _release_previous() -> None:
-                                    plgpu.barrier_arrive(free.at[lax.rem(i + slots - 1, slots)])
-
-                    acc = acc_ref[...].astype(dtype)  # waits for the last wgmma
-                    plgpu.barrier_arrive(free.at[lax.rem(steps - 1, slots)])
-                    _write_out(acc, [out_smem.at[wg]], out_ref, m0, out_col, True, interpret)
-
-                pl.run_scoped(pipelined, plgpu.ACC((_ROWS, bm), jnp.float32))
-                return
-
-            def step(i: Array, acc: Array) -> Array:
-                slot = lax.rem(i, slots)
+            def step(g: Array, acc: Array) -> Array:
+                slot = lax.rem(g, slots)
                 _wait_all(load_bars, slot)
                 terms = [
-                    (functools.partial(operand, slot, half), halves[half].at[slot])
+                    (
+                        functools.partial(
+                            _operand,
+                            q_ring.at[slot],
+                            s_ring.at[slot],
+                            half,
+                            wg,
+                            backward,
+                            dtype,
+                            interpret,
+                        ),  # fmt: skip
+                        halves[half].at[slot],
+                    )
                     for half in (0, 1)
                 ]
                 acc = _accumulate(acc, terms, interpret)
                 plgpu.barrier_arrive(free.at[slot])
                 return acc
 
-            zeros = jnp.zeros((_ROWS, bm), jnp.float32)
-            if interpret is None:
-                zeros = plgpu.layout_cast(zeros, plgpu.Layout.WGMMA)
-            acc = lax.fori_loop(0, steps, step, zeros).astype(dtype)
-            _write_out(acc, [out_smem.at[wg]], out_ref, m0, out_col, True, interpret)
+            def tile(t: Array, carry: Any) -> Any:
+                m_tile, o_tile = coords(t)
+                zeros = jnp.zeros((_ROWS, bm), jnp.float32)
+                if interpret is None:
+                    zeros = plgpu.layout_cast(zeros, plgpu.Layout.WGMMA)
+                acc = lax.fori_loop(t * steps, (t + 1) * steps, step, zeros).astype(dtype)
+                _write_out(acc, [out_smem.at[wg]], out_ref, m_tile * bm,
+                           o_tile * TILE + wg * _ROWS, True, interpret,
+                           pending=config.persistent)  # fmt: skip
+                return carry
+
+            lax.fori_loop(0, own_tiles, tile, None)
+            if config.persistent:
+                plgpu.wait_smem_to_gmem(0)
 
         @pl.when(wg == _COMPUTE_WGS)
         def _memory() -> None:
             plgpu.set_max_registers(config.memory_registers, action="decrease")
             bar_lo, bar_hi, q_bar, s_bar = load_bars
-            tokens = pl.ds(m0, bm)
-            own = pl.ds(o_tile * (TILE // 2), TILE // 2)  # this CTA's quad rows or columns
-            own_scales = pl.ds(o_tile * 2, 2) if backward else pl.ds(o_tile * _BLOCKS, _BLOCKS)
 
-            def load(i: Array, slot: Array) -> None:
-                r0 = i * TILE
+            def load(g: Array, slot: Array) -> None:
+                m_tile, o_tile = coords(g // steps)
+                i = lax.rem(g, steps)
+                tokens, r0 = pl.ds(m_tile * bm, bm), i * TILE
+                own = pl.ds(o_tile * (TILE // 2), TILE // 2)  # the tile's quad rows or columns
                 step_quads = pl.ds(i * (TILE // 2), TILE // 2)
-                if backward:  # reduce over N: quad rows of step i, this CTA's K columns
+                if backward:  # reduce over N: quad rows of step i, the tile's K columns
                     q_src = q_ref.at[step_quads, own]
-                    s_src = s_ref.at[own_scales, pl.ds(i * _BLOCKS, _BLOCKS)]
+                    s_src = s_ref.at[pl.ds(o_tile * 2, 2), pl.ds(i * _BLOCKS, _BLOCKS)]
                 else:
                     q_src = q_ref.at[own, step_quads]
-                    s_src = s_ref.at[pl.ds(i * 2, 2), own_scales]
+                    s_src = s_ref.at[pl.ds(i * 2, 2), pl.ds(o_tile * _BLOCKS, _BLOCKS)]
                 copies = (
                     (lhs_ref.at[tokens, pl.ds(r0, _HALF)], lhs_lo, bar_lo),
                     (lhs_ref.at[tokens, pl.ds(r0 + _HALF, _HALF)], lhs_hi, bar_hi),
@@ -610,7 +621,7 @@ def _quad_call(lhs: Array, quads: Array, words: Array, block_m: int, config: Qua
                 for src, ring, bar in copies:
                     plgpu.copy_gmem_to_smem(src, ring.at[slot], bar.at[slot])
 
-            _feed(load, free, steps, slots)
+            _feed(load, free, own_tiles * steps, slots)
 
     scratch = (
         _smem_tile((slots, bm, _HALF), dtype),  # token tile, reduction columns 0-63 of the step
@@ -620,8 +631,8 @@ def _quad_call(lhs: Array, quads: Array, words: Array, block_m: int, config: Qua
         _smem_tile((_COMPUTE_WGS, bm, _ROWS), dtype),  # the output tiles on their way out
     )
     name = KERNEL_NAME_T if backward else KERNEL_NAME
-    return _launch(kernel, (lhs, quads, words), scratch, 4, slots, (mp // bm, out_cols // TILE),
-                   "out_tiles", (mp, out_cols), dtype, name, interpret)  # fmt: skip
+    return _launch(kernel, (lhs, quads, words), scratch, 4, slots, (ctas,), ("ctas",),
+                   (mp, out_cols), dtype, name, interpret)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------- public API

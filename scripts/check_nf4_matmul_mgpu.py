@@ -67,7 +67,7 @@ CONFIGS = {
     "m64s4": dict(block_m=64, slots=4, decode="select"),  # least amortization: the decode cost
     # The quad layout (pallas_kernels.nf4_quad_mgpu): both orientations from registers.
     "quad-m256s2": dict(kernel="quad", block_m=256, slots=2),
-    "quad-m256s2-sync": dict(kernel="quad", block_m=256, slots=2, overlap=False),
+    "quad-m256s2-p": dict(kernel="quad", block_m=256, slots=2, persistent=True),
     "quad-m192s3": dict(kernel="quad", block_m=192, slots=3),
     "quad-m128s4": dict(kernel="quad", block_m=128, slots=4),
 }

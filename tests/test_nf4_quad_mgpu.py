@@ -163,9 +163,11 @@ def _reference(lhs, w: NF4Tensor, backward: bool):
     [
         (64, 128, 128, QuadConfig(block_m=64)),  # one tile, one step
         (200, 130, 320, QuadConfig(block_m=128, slots=2)),  # ragged M, N, K; 3 K steps
-        (96, 384, 192, QuadConfig(block_m=64, slots=3, overlap=False)),  # 3 N steps
+        (96, 384, 192, QuadConfig(block_m=64, slots=3)),  # 3 N steps
+        # 2 CTAs looping over 9 (fwd) or 6 (bwd) tiles of 2-3 steps through one ring.
+        (150, 384, 320, QuadConfig(block_m=64, slots=2, persistent=True, max_ctas=2)),
     ],
-    ids=["single", "ragged", "three-steps"],
+    ids=["single", "ragged", "three-steps", "persistent"],
 )
 def test_matches_reference(rng, m, n, k, config, backward):
     """``y = x·Wᵀ`` and ``dx = dy·W`` in the interpreter against a float32 dot with the
@@ -221,10 +223,10 @@ def test_refusals(rng):
     "config, dtype",
     [
         (QuadConfig(), jnp.bfloat16),
-        (QuadConfig(overlap=False), jnp.bfloat16),
+        (QuadConfig(persistent=True), jnp.bfloat16),
         (QuadConfig(block_m=128, slots=4), jnp.float16),
     ],
-    ids=["default", "no-overlap", "f16-m128"],
+    ids=["default", "persistent", "f16-m128"],
 )
 def test_lowers_for_hopper(config, dtype, backward):
     """The compiled kernels lower to a Mosaic GPU custom call for ``cuda`` (the inline PTX is
