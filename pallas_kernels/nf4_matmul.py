@@ -31,13 +31,15 @@ Implementations (``plan_nf4_lora_matmul`` says which one a call gets, and why):
     A memory-bound Pallas kernel writes the 16-bit W (one layer's worth, transient; decoded
     again in the backward), then XLA's dot (cuBLAS) does the matmul.
 ``mosaic`` (Mosaic GPU, opt-in)
-    :mod:`pallas_kernels.nf4_matmul_mgpu`: W decoded in registers straight into the Hopper
-    tensor cores, ``x·Wᵀ`` forward and ``dy·W`` backward (the LoRA rank-r products and the
-    bias stay XLA's, added as ``xla`` adds them). At M = 4096 on the H200 (BENCHMARKS.md §2)
-    the forward measured 88-94% of the bf16 cuBLAS dot (1.02-1.04x ``xla`` at the large
-    shapes), the backward 72-82% (0.84-0.90x ``xla``), and W is repacked into the kernel's
-    nibble order on every call, so it is selected only on request
-    (``config.variant="mosaic"``) until it wins end to end. Needs K % 64 == 0 and bf16/f16 x.
+    :mod:`pallas_kernels.nf4_matmul_mgpu`: one Hopper kernel per orientation decodes W in
+    registers straight into the tensor cores (``x·Wᵀ`` forward, ``dy·W`` backward, from the
+    same "quad layout" of W); the LoRA rank-r products and the bias stay XLA's, added as
+    ``xla`` adds them. On the H200 (BENCHMARKS.md §2, Llama-8B shapes, M = 4096-16384) each
+    orientation runs at 87-102% of the bf16 cuBLAS dot and 0.95-1.15x ``xla``'s decode-then-dot
+    with W already in the quad layout; given an NF4Tensor it rewrites W into that layout on
+    every call (~1.1 bytes of traffic per weight, 1-25% of the kernel's time), and it does not
+    group projections that share x, so it is selected only on request
+    (``config.variant="mosaic"``). Needs K % 64 == 0 and bf16/f16 x.
 ``xla``
     The reference's jnp decode, compiled by XLA, then XLA's dot: XLA fuses the decode with
     its neighbours and schedules it among the other layer work. The default for

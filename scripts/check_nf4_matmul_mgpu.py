@@ -8,29 +8,28 @@ timings (median, dispatch hidden, ``_common.pipelined_ms``) in TFLOP/s of 2·M·
   (a) ``bf16 dot``:  ``jnp.dot`` with a dense bf16 W of the same shape (cuBLAS, the ceiling),
   (b) ``xla deq+dot``: ``dequantize_nf4`` by XLA, then the same dot (what ``variant="xla"`` runs),
 
-for each kernel config twice: ``mgpu+prep`` takes the NF4Tensor (the repack,
-``prepare_weight``, runs every call) and ``mgpu`` a weight repacked once (kernel only).
+for each kernel config twice: ``mgpu+prep`` takes the NF4Tensor (the rewrite into the quad
+layout, ``prepare_weight``, runs every call) and ``mgpu`` a weight prepared once (kernel only).
 
 ``--direction fwd,bwd`` (default both) also times the backward orientation ``dx = dy·W``
-(``nf4_matmul_t_mgpu``, dy ``[M, N]`` bf16, N the reduction) on the same repacked weight, against
-(a) ``dy @ W`` with a dense bf16 W and (b) XLA's decode-then-``dy @ W``; its rows say ``bwd``.
+(``nf4_matmul_t_mgpu``, dy ``[M, N]`` bf16, N the reduction) on the same prepared weight,
+against (a) ``dy @ W`` with a dense bf16 W and (b) XLA's decode-then-``dy @ W``; its rows say
+``bwd``.
 
 Each config runs in its own subprocess with a timeout (``--timeout``, default 150 s): a config
 that fails to lower prints its error's first lines, one that hangs (a kernel deadlock) is killed
 (after ``--stall-s``, default 60 s, without output), and the sweep goes on; no subprocess starts
-or runs past ``--budget-s`` (default 540 s, under a 10-minute call). The default configs are
-the measured best (``m256s2-prmt``, the kernel's default) and the 128-token tile; the
-``-prmt`` configs use the byte-permute decode (two roundings per weight: rel. L2 ~2.8e-3), the
-others the exact select-tree decode (~1.7e-3, the output rounding; BENCHMARKS.md §2 has both).
+or runs past ``--budget-s`` (default 540 s, under a 10-minute call). The default config is the
+kernel's default (``m256s2``: 256-token tiles, 2 ring slots, one persistent CTA per SM).
 
     python scripts/check_nf4_matmul_mgpu.py [--ms 4096,8192] [--shapes 4096x4096,4096x1024,...]
-        [--configs m256s2-prmt,m128s4-prmt] [--direction fwd,bwd] [--timeout 150]
+        [--configs m256s2,m256s2-tile] [--direction fwd,bwd] [--timeout 150]
         [--stall-s 60] [--budget-s 540]
 
 CPU smoke test of the script itself (the kernel in the Mosaic GPU interpreter)::
 
     JAX_PLATFORMS=cpu python scripts/check_nf4_matmul_mgpu.py --interpret --ms 64 \
-        --shapes 128x128 --configs m64s4-prmt --direction bwd --stall-s 200
+        --shapes 128x128 --configs m64s4 --direction bwd --stall-s 200
 """
 
 from __future__ import annotations
@@ -47,32 +46,16 @@ import threading
 import time
 import traceback
 
-# Named configs, safest first (keyword arguments of MgpuNF4Config).
+# Named configs (keyword arguments of MgpuNF4Config), the default first.
 CONFIGS = {
-    # The byte-permute decode (the default, ~4 instructions per weight).
-    "m256s2-prmt": dict(block_m=256, slots=2, decode="prmt"),
-    # The backward waiting for each step's wgmmas before the next decode (before 2026-11-29).
-    "m256s2-prmt-sync": dict(block_m=256, slots=2, decode="prmt", overlap_backward=False),
-    "m128s4-prmt": dict(block_m=128, slots=4, decode="prmt"),
-    "m192s3-prmt": dict(block_m=192, slots=3, decode="prmt"),
-    "m64s4-prmt": dict(block_m=64, slots=4, decode="prmt"),
-    # The select-tree decode (~22 instructions per weight, bit-exact weights).
-    "m128s4": dict(block_m=128, slots=4, decode="select"),  # 64 accumulator registers/thread
-    "m256s2": dict(block_m=256, slots=2, decode="select"),  # 128 accumulator registers/thread
-    "m192s3": dict(block_m=192, slots=3, decode="select"),
-    "m128s4-yT": dict(block_m=128, slots=4, transposed_store=False, decode="select"),
-    "m256s2-r240": dict(
-        block_m=256, slots=2, compute_registers=240, memory_registers=24, decode="select"
-    ),
-    "m64s4": dict(block_m=64, slots=4, decode="select"),  # least amortization: the decode cost
-    # The quad layout (pallas_kernels.nf4_quad_mgpu): both orientations from registers.
-    "quad-m256s2": dict(kernel="quad", block_m=256, slots=2),
-    "quad-m256s2-p": dict(kernel="quad", block_m=256, slots=2, persistent=True),
-    "quad-m192s3": dict(kernel="quad", block_m=192, slots=3),
-    "quad-m128s4": dict(kernel="quad", block_m=128, slots=4),
+    "m256s2": dict(block_m=256, slots=2),  # persistent: one CTA per SM
+    "m256s2-tile": dict(block_m=256, slots=2, persistent=False),  # one CTA per output tile
+    "m192s3": dict(block_m=192, slots=3),
+    "m128s4": dict(block_m=128, slots=4),  # half the flops per decoded weight
+    "m64s4": dict(block_m=64, slots=4),  # least amortization: the decode cost
 }
 SHAPES = "4096x4096,4096x1024,4096x14336,14336x4096"  # K x N (q/o, k/v, gate/up, down)
-DEFAULT_CONFIGS = "m256s2-prmt,m128s4-prmt"
+DEFAULT_CONFIGS = "m256s2"
 
 
 def _inputs(m: int, width: int, k: int, n: int):
@@ -145,22 +128,20 @@ def _config_worker(args) -> None:
     import jax.numpy as jnp
     from _common import pipelined_ms
 
-    from pallas_kernels import nf4_matmul_mgpu, nf4_quad_mgpu
     from pallas_kernels.nf4 import dequantize_nf4
+    from pallas_kernels.nf4_matmul_mgpu import (
+        MgpuNF4Config,
+        nf4_matmul_mgpu,
+        nf4_matmul_t_mgpu,
+        prepare_weight,
+    )
 
     base = {}
     if args.base and os.path.exists(args.base):
         with open(args.base) as f:
             base = json.load(f)
-    options = dict(CONFIGS[args.worker])
-    if options.pop("kernel", None) == "quad":
-        config = nf4_quad_mgpu.QuadConfig(**options)
-        ops = {"fwd": nf4_quad_mgpu.nf4_quad_matmul, "bwd": nf4_quad_mgpu.nf4_quad_matmul_t}
-        prepare_weight = nf4_quad_mgpu.prepare_quad_weight
-    else:
-        config = nf4_matmul_mgpu.MgpuNF4Config(**options)
-        ops = {"fwd": nf4_matmul_mgpu.nf4_matmul_mgpu, "bwd": nf4_matmul_mgpu.nf4_matmul_t_mgpu}
-        prepare_weight = nf4_matmul_mgpu.prepare_weight
+    config = MgpuNF4Config(**CONFIGS[args.worker])
+    ops = {"fwd": nf4_matmul_mgpu, "bwd": nf4_matmul_t_mgpu}
     interpret = None
     if args.interpret:  # CPU smoke test of this script
         from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams

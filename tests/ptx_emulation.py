@@ -1,6 +1,6 @@
-"""A numpy emulator of the straight-line PTX the NF4 decodes inline (``_prmt_asm``,
-``_quad_asm``): enough of ``and``/``shr``/``lop3``/``prmt`` and packed 16-bit ``mul``/``fma`` to
-check the assembly bit for bit against the kernels' jnp interpreter branches."""
+"""A numpy emulator of the straight-line PTX the NF4 decode inlines (``_quad_asm``): enough of
+``and``/``shr``/``lop3``/``prmt`` and packed 16-bit ``mul``/``fma`` to check the assembly bit for
+bit against the kernel's jnp interpreter branch."""
 
 from __future__ import annotations
 

@@ -1,18 +1,14 @@
-"""The Mosaic GPU NF4 matmul (``pallas_kernels.nf4_matmul_mgpu``), run by the Mosaic GPU
-interpreter on the CPU, against the jnp reference (``dequantize_nf4`` then a float32 dot).
+"""The quad-layout NF4 matmul (``pallas_kernels.nf4_matmul_mgpu``): its layout, its register-level
+addressing (simulated on the CPU), and both orientations in the Mosaic GPU interpreter.
 
-What this checks: the repack of the bitsandbytes nibbles and the absmax (plain jnp, exactly),
-the TMA ring and its barriers (the interpreter fails on a barrier phase that is never
-observed; K = 320 and 512 give more steps than ring slots), the padding of ragged M, N and K,
-both epilogues (``y`` through a transposed tile, or ``yᵀ``), double-quantized and plain
-absmax, f16, leading batch axes, and the refusals; and the same for the backward orientation
-``dx = dy · W`` (``nf4_matmul_t_mgpu``) on the same repacked weight, including its dx epilogue
-in 64-token pieces. The register layouts, the transposed
-shared-memory views and the wgmmas are the GPU's (``scripts/check_nf4_matmul_mgpu.py``), but
-the Pallas-to-Mosaic-GPU lowering of all of them runs on the CPU too: ``test_lowers_for_hopper``
-lowers the compiled (not interpreted) kernel for the ``cuda`` platform, which catches lowering
-errors (unsupported layouts or ops, shared memory overflow) without a GPU; only ptxas and the
-run itself are left to the GPU.
+What runs where. The interpreter has no ``ldmatrix``, inline PTX or register layouts, so the
+kernel's interpreter branch decodes each ring slot in jnp; it checks the ring, the tile
+indexing of both orientations, padding, the epilogue and the refusals. What the GPU does in
+registers is checked by ``test_register_level_simulation``: ``ldmatrix`` (plain and ``.trans``)
+simulated over the kernel's own address function, the scale loads over its own offsets, and
+the decode PTX run by the emulator in ``ptx_emulation``, must give every thread's operand
+registers bit for bit. ``test_lowers_for_hopper`` lowers the compiled kernel for ``cuda``;
+ptxas and the run itself are left to ``scripts/check_nf4_matmul_mgpu.py`` on the GPU.
 """
 
 from __future__ import annotations
@@ -25,16 +21,21 @@ from conftest import rel_l2
 from jax.experimental.pallas import mosaic_gpu as plgpu
 from ptx_emulation import run_ptx
 
-from pallas_kernels.nf4 import NF4_CODE, dequantize_absmax, dequantize_nf4, quantize_nf4, stack
+from pallas_kernels.nf4 import NF4_CODE, NF4Tensor, dequantize_absmax, dequantize_nf4, quantize_nf4
 from pallas_kernels.nf4_matmul_mgpu import (
+    SLOTS,
     MgpuNF4Config,
     MgpuNF4Weight,
-    _decode_prmt,
-    _prmt_asm,
+    _prmt_emulated,
+    _quad_asm,
+    _quad_row_offset,
+    _scale_offset,
+    _slot_targets,
+    _split,
+    _tile_values,
+    dequantize_prepared,
     nf4_matmul_mgpu,
-    nf4_matmul_mgpu_reference,
     nf4_matmul_t_mgpu,
-    nf4_matmul_t_mgpu_reference,
     prepare_weight,
 )
 
@@ -44,220 +45,237 @@ interpret_params = pytest.importorskip(
 )
 
 
-def _weight(rng, n, k, double_quant):
+def _weight(rng, n, k, double_quant=True):
     w = jnp.asarray(rng.standard_normal((n, k)) * 0.05, jnp.bfloat16)
     return quantize_nf4(w, double_quant=double_quant)
 
 
-def _check(got, x, w, rel=3e-3, backward=False):
-    w16 = dequantize_nf4(w, x.dtype)
-    want = np.asarray(
-        jnp.dot(x, w16 if backward else w16.T, preferred_element_type=jnp.float32), np.float32
-    )
-    got = np.asarray(got.astype(jnp.float32))
-    assert got.shape == want.shape
-    # Same decoded weights, float32 accumulation in another order, one rounding to 16 bits:
-    # the error is the output rounding (~2^-9 relative), where a wrong nibble, half or scale
-    # is O(1). decode="prmt" rounds each weight twice (rel. L2 ~2.9e-3 on these shapes).
-    assert rel_l2(got, want) < rel, rel_l2(got, want)
-    assert np.max(np.abs(got - want)) <= 2**-7 * np.max(np.abs(want))
-
-
-def test_prepare_weight_layout(rng):
-    """Byte j of each 128-wide K tile holds elements j (high) and 64 + j (low); scales are the
-    decoded absmax, transposed; the padding decodes to zero."""
-    n, k = 130, 320
-    w = _weight(rng, n, k, double_quant=True)
-    p = prepare_weight(w)
-    np_, kp = 256, 384
-    assert p.packed.shape == (np_, kp // 2) and p.packed.dtype == jnp.uint8
-    assert p.scales.shape == (kp // 64, np_ // 64, 64) and p.scales.dtype == jnp.float32
-    tiles = np.asarray(p.packed).reshape(np_, kp // 128, 64)
-    codes = np.stack([tiles >> 4, tiles & 0xF], axis=2).reshape(np_, kp)
-    scales = np.asarray(p.scales).reshape(kp // 64, np_).T  # [Np, Kp/64]
-    values = NF4_CODE[codes] * np.repeat(scales, 64, axis=1)
-    want = np.zeros((np_, kp), np.float32)
-    want[:n, :k] = np.asarray(dequantize_nf4(w, jnp.float32))
-    np.testing.assert_array_equal(values, want)
-    np.testing.assert_array_equal(scales[:n, : k // 64].ravel(), np.asarray(dequantize_absmax(w)))
-
-
-@pytest.mark.parametrize(
-    "m, n, k, double_quant, config",
-    [
-        (64, 128, 128, True, MgpuNF4Config(block_m=64, slots=2, decode="select")),
-        # Ragged M (2 token tiles), N (3 CTA rows) and K (3 steps through 2 slots).
-        (200, 300, 320, False, MgpuNF4Config(block_m=128, slots=2, decode="select")),
-        # yᵀ epilogue, 4 steps through 3 slots, token tile 64 for a 130-row x.
-        (
-            130,
-            256,
-            512,
-            True,
-            MgpuNF4Config(block_m=64, slots=3, transposed_store=False, decode="select"),
-        ),  # fmt: skip
-        # The byte-permute decode (the default): ragged M and N, 3 steps through 2 slots.
-        (130, 200, 384, True, MgpuNF4Config(block_m=128, slots=2)),
-    ],
-    ids=["one-tile", "ragged", "transposed-out", "prmt"],
-)
-def test_matches_reference(rng, m, n, k, double_quant, config):
-    w = _weight(rng, n, k, double_quant)
-    x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
-    got = nf4_matmul_mgpu(x, w, config=config, interpret=interpret_params.InterpretGPUParams())
-    assert got.dtype == jnp.bfloat16
-    _check(got, x, w, rel=4e-3 if config.decode == "prmt" else 3e-3)
-
-
-def test_prepared_weight_f16_and_batch_axes(rng):
-    """A weight repacked once and reused; f16 activations with leading batch axes; M < 64."""
-    w = _weight(rng, 128, 256, double_quant=True)
-    prepared = prepare_weight(w)
-    x = jnp.asarray(rng.standard_normal((2, 3, 256)), jnp.float16)
-    params = interpret_params.InterpretGPUParams()
-    config = MgpuNF4Config(block_m=64, slots=2, decode="select")
-    got = nf4_matmul_mgpu(x, prepared, config=config, interpret=params)
-    assert got.shape == (2, 3, 128) and got.dtype == jnp.float16
-    _check(got.reshape(6, 128), x.reshape(6, 256), w)
-    want = nf4_matmul_mgpu_reference(x, w)
-    assert want.shape == got.shape and rel_l2(got, want) < 3e-3
-
-
-@pytest.mark.parametrize(
-    "m, n, k, double_quant, config",
-    [
-        (64, 128, 128, True, MgpuNF4Config(block_m=64, slots=2, decode="select")),
-        # Ragged M (2 token tiles), N (3 steps through 2 slots) and K (3 CTA columns).
-        (200, 300, 320, False, MgpuNF4Config(block_m=128, slots=2, decode="select")),
-        # prmt: ragged M, N and K; 2 steps through 3 slots.
-        (130, 200, 384, True, MgpuNF4Config(block_m=128, slots=3)),
-        # 256 tokens: dx leaves in 4 pieces through the 2 decode tiles; ragged N.
-        (256, 130, 128, True, MgpuNF4Config(block_m=256, slots=2)),
-        # dxᵀ epilogue, 3 pieces of 64 tokens.
-        (192, 256, 256, False, MgpuNF4Config(block_m=192, slots=2, transposed_store=False)),
-    ],
-    ids=["one-tile", "ragged", "prmt", "m256-pieces", "transposed-out"],
-)
-def test_t_matches_reference(rng, m, n, k, double_quant, config):
-    """The backward orientation ``dy · W`` on the same repacked weight: each compute warpgroup
-    decodes one nibble of the tile (its K half) with the N rows' scales."""
-    w = _weight(rng, n, k, double_quant)
-    dy = jnp.asarray(rng.standard_normal((m, n)), jnp.bfloat16)
-    got = nf4_matmul_t_mgpu(dy, w, config=config, interpret=interpret_params.InterpretGPUParams())
-    assert got.dtype == jnp.bfloat16 and got.shape == (m, k)
-    _check(got, dy, w, rel=4e-3 if config.decode == "prmt" else 3e-3, backward=True)
-
-
-def test_t_prepared_weight_f16_and_batch_axes(rng):
-    """Backward: one repacked weight serves both orientations; f16, batch axes, M < 64."""
-    w = _weight(rng, 128, 256, double_quant=True)
-    prepared = prepare_weight(w)
-    dy = jnp.asarray(rng.standard_normal((2, 3, 128)), jnp.float16)
-    config = MgpuNF4Config(block_m=64, slots=2)
-    got = nf4_matmul_t_mgpu(
-        dy, prepared, config=config, interpret=interpret_params.InterpretGPUParams()
-    )
-    assert got.shape == (2, 3, 256) and got.dtype == jnp.float16
-    _check(got.reshape(6, 256), dy.reshape(6, 128), w, rel=4e-3, backward=True)
-    want = nf4_matmul_t_mgpu_reference(dy, w)
-    assert want.shape == got.shape and rel_l2(got, want) < 4e-3
-
-
-def test_refusals(rng):
-    x = jnp.zeros((8, 128), jnp.bfloat16)
-    w = _weight(rng, 64, 128, double_quant=False)
-    with pytest.raises(ValueError, match="K % 64 == 0"):
-        nf4_matmul_mgpu(x[:, :96], _weight(rng, 64, 96, double_quant=False))
-    with pytest.raises(ValueError, match="blocksize 64, not 128"):
-        nf4_matmul_mgpu(x, quantize_nf4(jnp.ones((64, 128), jnp.float32), blocksize=128))
-    with pytest.raises(ValueError, match="bf16 or f16"):
-        nf4_matmul_mgpu(x.astype(jnp.float32), w)
-    with pytest.raises(ValueError, match="must end in K=128"):
-        nf4_matmul_mgpu(x[:, :64], w)
-    with pytest.raises(ValueError, match="no layer axis"):
-        nf4_matmul_mgpu(x, stack([w, w]))
-    with pytest.raises(ValueError, match="shared memory"):
-        nf4_matmul_mgpu(jnp.zeros((256, 128), jnp.bfloat16), w,
-                        config=MgpuNF4Config(block_m=256, slots=4))  # fmt: skip
-    with pytest.raises(ValueError, match="block_m must be"):
-        MgpuNF4Config(block_m=96)
-    with pytest.raises(ValueError, match="slots must be"):
-        MgpuNF4Config(slots=1)
-    with pytest.raises(ValueError, match="decode must be"):
-        MgpuNF4Config(decode="lut")
-    with pytest.raises(TypeError, match="NF4Tensor"):
-        nf4_matmul_mgpu(x, jnp.zeros((64, 128), jnp.bfloat16))
-    # The backward: dy ends in N, the same refusals otherwise.
-    with pytest.raises(ValueError, match="must end in N=64"):
-        nf4_matmul_t_mgpu(x, w)
-    with pytest.raises(ValueError, match="K % 64 == 0"):
-        nf4_matmul_t_mgpu(x[:, :64], _weight(rng, 64, 96, double_quant=False))
-    with pytest.raises(ValueError, match="bf16 or f16"):
-        nf4_matmul_t_mgpu(x[:, :64].astype(jnp.float32), w)
-    with pytest.raises(ValueError, match="shared memory"):
-        nf4_matmul_t_mgpu(jnp.zeros((256, 64), jnp.bfloat16), w,
-                          config=MgpuNF4Config(block_m=256, slots=3))  # fmt: skip
+def _codes(w: NF4Tensor) -> np.ndarray:
+    packed = np.asarray(w.packed)
+    return np.stack([packed >> 4, packed & 0xF], axis=-1).reshape(w.shape).astype(np.int64)
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
-def test_prmt_asm_matches_interpreter_branch(rng, dtype):
-    """The PTX of ``decode="prmt"`` (emulated, every 16-bit register value) computes what its
-    interpreter branch computes, bit for bit: the byte tables, selectors, the nibble-to-half
-    mapping and the split-scale multiply."""
-    words = np.arange(1 << 16, dtype=np.uint32)
-    packed = np.stack([words & 0xFF, words >> 8], axis=1).astype(np.uint8)  # [rows, 2]
-    scales = [np.exp2(rng.uniform(-8, 0, words.size)).astype(np.float32) for _ in range(2)]
-    first, second = _decode_prmt(jnp.asarray(packed), *map(jnp.asarray, scales), dtype, True)
-    pairs = []
-    for s in scales:
-        hi = s.astype(dtype)
-        lo = (s - hi.astype(np.float32)).astype(dtype)
-        pairs += [np.asarray(v).view(np.uint16).astype(np.uint32) * 0x10001 for v in (hi, lo)]
-    out0, out1 = run_ptx(_prmt_asm(dtype), [words, *pairs], dtype, n_out=2)
-    for got, want in ((out0, first), (out1, second)):
-        want = np.asarray(want).view(np.uint16).astype(np.uint32)
-        np.testing.assert_array_equal(got, want[:, 0] | (want[:, 1] << 16))
-    # And the branch itself: each weight within one ulp of the reference's single rounding of
-    # the float32 product (dequantize_nf4); ~17% (bf16) / ~21% (f16) of them differ by one.
-    codes = np.stack([packed >> 4, packed & 0xF]).astype(np.int64)
-    exact = np.asarray(NF4_CODE, np.float32)[codes] * np.stack(scales)[:, :, None]
-    want = exact.astype(dtype).astype(np.float32)
-    got = np.stack([np.asarray(first), np.asarray(second)]).astype(np.float32)
+def test_layout(rng, dtype):
+    """Quad (a, b) of block (nb, kb) holds codes W[a + 8·hn, b + 8·hk] in slot hn + 2·hk at the
+    documented (swizzled) position; the scale words hold the split absmax of row pairs; the
+    decoded weights are the Mosaic decode's (within one ulp of dequantize_nf4) and the padding
+    decodes to zero."""
+    n, k = 130, 320
+    w = _weight(rng, n, k)
+    p = prepare_weight(w, dtype)
+    assert p.quads.shape == (128, 192) and p.quads.dtype == jnp.uint16
+    assert p.scales.shape == (6, 16, 16) and p.scales.dtype == jnp.uint32
+    assert p.dtype == jnp.dtype(dtype).name and p.shape == (n, k)
+    quads, codes = np.asarray(p.quads), _codes(w)
+    for nb, kb, a, b in [(0, 0, 0, 0), (3, 5, 7, 2), (8, 19, 1, 6), (2, 9, 5, 3)]:
+        col = 8 * (kb - kb % 8) + 8 * ((kb % 8) ^ a) + b
+        word = int(quads[8 * nb + a, col])
+        for s, (hn, hk) in enumerate(SLOTS):
+            r, c = 16 * nb + a + 8 * hn, 16 * kb + b + 8 * hk
+            want = codes[r, c] if r < n and c < k else 7
+            assert (word >> (4 * s)) & 0xF == want, (nb, kb, a, b, s)
+    absmax = np.asarray(dequantize_absmax(w)).reshape(n, k // 64)
+    hi, lo = (np.asarray(v).view(np.uint16) for v in _split(jnp.asarray(absmax), dtype))
+    words = np.asarray(p.scales)
+    for blk, row in [(0, 0), (4, 37), (2, 129), (1, 66)]:
+        nb, rem = divmod(row, 16)
+        h, rem = divmod(rem, 8)
+        q, e = divmod(rem, 2)
+        for part, want in ((0, hi), (1, lo)):
+            got = (int(words[blk, nb, 4 * q + 2 * h + part]) >> (16 * e)) & 0xFFFF
+            assert got == want[row, blk], (blk, row, part)
+    values = np.asarray(dequantize_prepared(p).astype(jnp.float32))
+    s_hi, s_lo = (jnp.repeat(v, 64, axis=1) for v in _split(jnp.asarray(absmax), dtype))
+    want = np.asarray(_prmt_emulated(jnp.asarray(codes), s_hi, s_lo, dtype).astype(jnp.float32))
+    np.testing.assert_array_equal(values, want)
+    exact = np.asarray(dequantize_nf4(w, dtype).astype(jnp.float32))
     bits = 7 if dtype == jnp.bfloat16 else 10
-    ulp = np.exp2(np.floor(np.log2(np.maximum(np.abs(want), np.abs(got)) + 1e-30)) - bits)
-    assert np.all(np.abs(got - want) <= ulp)
-    assert 0.1 < np.mean(got != want) < 0.3
+    ulp = np.exp2(np.floor(np.log2(np.maximum(np.abs(exact), np.abs(values)) + 1e-30)) - bits)
+    assert np.all(np.abs(values - exact) <= ulp)
+    full = _tile_values(p.quads[64:128, 128:192], p.scales[4:6, 8:16], dtype)  # the padding
+    assert np.all(np.asarray(full)[2:, :] == 0) and np.all(np.asarray(full)[:, 64:] == 0)
+
+
+def _ldmatrix(tile: np.ndarray, offsets: np.ndarray, trans: bool) -> np.ndarray:
+    """``ldmatrix.sync.aligned.m8n8.x4[.trans].b16`` for every warp in ``offsets [warps, 32]``
+    (byte offsets of the rows lanes give) on a uint16 tile: ``[warps, 32 lanes, 4]`` uint32."""
+    flat = tile.reshape(-1).astype(np.uint32)
+    rows = flat[(offsets // 2)[..., None] + np.arange(8)]  # [warps, lane, 8]: row lane % 8 of
+    mats = rows.reshape(rows.shape[0], 4, 8, 8)  # matrix lane // 8: [warps, matrix, row, col]
+    lane = np.arange(32)
+    r, c = lane // 4, 2 * (lane % 4)
+    if trans:
+        lo, hi = mats[:, :, c, r], mats[:, :, c + 1, r]
+    else:
+        lo, hi = mats[:, :, r, c], mats[:, :, r, c + 1]
+    return (lo | (hi << 16)).transpose(0, 2, 1)  # [warps, lane, matrix]
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("backward", [False, True], ids=["fwd", "bwd"])
+def test_register_level_simulation(rng, backward, dtype):
+    """Every thread's operand registers, built as the GPU builds them (module docstring), are
+    the operand of the interpreter branch bit for bit: ``ldmatrix`` over
+    ``_quad_row_offset``, the scale words at ``_scale_offset`` (and the forward's ``prmt``
+    broadcast), ``_quad_asm`` on each register, and ``_slot_targets`` placing its outputs in
+    the WGMMA register layout (warp w, lane 4r + q, register (h, c) holds operand row
+    ``16w + 8h + r``, columns ``8c + 2q``, ``+1``)."""
+    w = _weight(rng, 256, 384)
+    p = prepare_weight(w, dtype)
+    tile = np.asarray(p.quads[64:128, 128:192])  # a 128x128 W tile away from the origin
+    words = np.asarray(p.scales[4:6, 8:16])
+    values = np.asarray(_tile_values(jnp.asarray(tile), jnp.asarray(words), dtype))
+    if backward:
+        values = values.T
+    asm = _quad_asm(dtype)
+    warp, lane = np.arange(4)[:, None], np.arange(32)[None, :]
+    flat_words = words.reshape(-1)
+    for wg in range(2):
+        for half in range(2):
+            regs = _ldmatrix(tile, _quad_row_offset(lane, warp, wg, half, backward), backward)
+            operand = np.zeros((64, 64), np.uint16)
+            for j in range(4):
+                off = _scale_offset(lane, warp, wg, half, j, backward) // 4
+                scales = [np.broadcast_to(flat_words[off + i], (4, 32)) for i in range(4)]
+                if not backward:
+                    sel = ((lane >> 2) & 1) * 0x2222 + 0x1010
+                    scales = [run_ptx("prmt.b32 $0, $1, $1, $2;", [v, sel], dtype, 1)[0]
+                              for v in scales]  # fmt: skip
+                outs = run_ptx(asm, [regs[:, :, j], *scales], dtype, 4)
+                for (h, dc), out in zip(_slot_targets(backward), outs, strict=True):
+                    rows = 16 * warp + 8 * h + lane // 4
+                    cols = 8 * (2 * j + dc) + 2 * (lane % 4)
+                    operand[rows, cols] = out & 0xFFFF
+                    operand[rows, cols + 1] = out >> 16
+            want = values[64 * wg : 64 * wg + 64, 64 * half : 64 * half + 64]
+            np.testing.assert_array_equal(operand, want.view(np.uint16), err_msg=f"{wg=} {half=}")
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_quad_asm_every_code(rng, dtype):
+    """The decode PTX gives, for every code in every slot of both quads and random split
+    scales, the interpreter branch's weight bit for bit, each within one ulp of the single
+    rounding of the float32 product (``dequantize_nf4``'s)."""
+    size = 1 << 14
+    words = rng.integers(0, 1 << 32, size, dtype=np.uint64).astype(np.uint32)
+    words[:256] = np.arange(256, dtype=np.uint32) * 0x01010101  # every byte value everywhere
+    scales = [np.exp2(rng.uniform(-8, 0, size)).astype(np.float32) for _ in range(4)]
+    parts = [np.asarray(p).view(np.uint16).astype(np.uint32) for s in scales
+             for p in _split(jnp.asarray(s), dtype)]  # fmt: skip
+    # slots 0, 2 use scale A (element s: scales[0], element t: scales[1]); 1, 3 use B.
+    hi_a, lo_a = parts[0] | parts[2] << 16, parts[1] | parts[3] << 16
+    hi_b, lo_b = parts[4] | parts[6] << 16, parts[5] | parts[7] << 16
+    outs = run_ptx(_quad_asm(dtype), [words, hi_a, lo_a, hi_b, lo_b], dtype, 4)
+    bits = 7 if dtype == jnp.bfloat16 else 10
+    for slot, out in enumerate(outs):
+        for half in (0, 1):
+            codes = (words >> (16 * half + 4 * slot)) & 0xF
+            scale = scales[2 * (slot % 2) + half]
+            s_hi, s_lo = _split(jnp.asarray(scale), dtype)
+            want = np.asarray(_prmt_emulated(jnp.asarray(codes.astype(np.int32)), s_hi, s_lo,
+                                             dtype))  # fmt: skip
+            got = ((out >> (16 * half)) & 0xFFFF).astype(np.uint16)
+            np.testing.assert_array_equal(got, want.view(np.uint16), err_msg=f"{slot=} {half=}")
+            exact = (NF4_CODE[codes] * scale).astype(dtype).astype(np.float32)
+            value = want.astype(np.float32)
+            ulp = np.exp2(
+                np.floor(np.log2(np.maximum(np.abs(exact), np.abs(value)) + 1e-30)) - bits
+            )
+            assert np.all(np.abs(value - exact) <= ulp)
+
+
+def _reference(lhs, w: NF4Tensor, backward: bool):
+    w16 = dequantize_prepared(prepare_weight(w, lhs.dtype))
+    want = jnp.dot(lhs, w16 if backward else w16.T, preferred_element_type=jnp.float32)
+    return np.asarray(want, np.float32)
+
+
+@pytest.mark.parametrize("backward", [False, True], ids=["fwd", "bwd"])
+@pytest.mark.parametrize(
+    "m, n, k, config",
+    [
+        (64, 128, 128, MgpuNF4Config(block_m=64)),  # one tile, one step
+        (200, 130, 320, MgpuNF4Config(block_m=128, persistent=False)),  # ragged; 3 K steps
+        (96, 384, 192, MgpuNF4Config(block_m=64, slots=3)),  # 3 N steps
+        # 2 CTAs looping over 9 (fwd) or 6 (bwd) tiles of 2-3 steps through one ring.
+        (150, 384, 320, MgpuNF4Config(block_m=64, slots=2, max_ctas=2)),
+    ],
+    ids=["single", "ragged", "three-steps", "persistent"],
+)
+def test_matches_reference(rng, m, n, k, config, backward):
+    """``y = x·Wᵀ`` and ``dx = dy·W`` in the interpreter against a float32 dot with the
+    weights the layout decodes to (only the output rounding differs)."""
+    w = _weight(rng, n, k)
+    lhs = jnp.asarray(rng.standard_normal((m, n if backward else k)), jnp.bfloat16)
+    params = interpret_params.InterpretGPUParams()
+    op = nf4_matmul_t_mgpu if backward else nf4_matmul_mgpu
+    got = np.asarray(op(lhs, w, config=config, interpret=params).astype(jnp.float32))
+    want = _reference(lhs, w, backward)
+    assert got.shape == want.shape
+    assert rel_l2(got, want) < 3e-3, rel_l2(got, want)
+    assert np.max(np.abs(got - want)) <= 2**-7 * np.max(np.abs(want))
+
+
+def test_prepared_weight_f16_and_batch_axes(rng):
+    """A weight prepared once for f16 serves both orientations with leading batch axes."""
+    w = _weight(rng, 128, 192, double_quant=False)
+    p = prepare_weight(w, jnp.float16)
+    params = interpret_params.InterpretGPUParams()
+    x = jnp.asarray(rng.standard_normal((2, 40, 192)), jnp.float16)
+    dy = jnp.asarray(rng.standard_normal((2, 40, 128)), jnp.float16)
+    for lhs, backward, op in ((x, False, nf4_matmul_mgpu), (dy, True, nf4_matmul_t_mgpu)):
+        got = op(lhs, p, interpret=params)
+        assert got.shape == (2, 40, 128 if not backward else 192) and got.dtype == jnp.float16
+        want = _reference(lhs.reshape(80, -1), w, backward).reshape(got.shape)
+        assert rel_l2(np.asarray(got, np.float32), want) < 3e-3
+
+
+def test_refusals(rng):
+    w = _weight(rng, 64, 128)
+    x = jnp.zeros((8, 128), jnp.bfloat16)
+    with pytest.raises(ValueError, match="must end in K=128"):
+        nf4_matmul_mgpu(x[:, :64], w)
+    with pytest.raises(ValueError, match="must end in N=64"):
+        nf4_matmul_t_mgpu(x, w)
+    with pytest.raises(ValueError, match="bf16 or f16"):
+        nf4_matmul_mgpu(x.astype(jnp.float32), w)
+    with pytest.raises(ValueError, match="split for float16"):
+        nf4_matmul_mgpu(x, prepare_weight(w, jnp.float16))
+    with pytest.raises(ValueError, match="K % 64 == 0"):
+        nf4_matmul_mgpu(x[:, :96], _weight(rng, 64, 96))
+    with pytest.raises(ValueError, match="shared memory"):
+        nf4_matmul_mgpu(jnp.zeros((256, 128), jnp.bfloat16), w, config=MgpuNF4Config(slots=3))
+    with pytest.raises(ValueError, match="bf16 or f16 activations"):
+        prepare_weight(w, jnp.float32)
+    with pytest.raises(ValueError, match="block_m must be"):
+        MgpuNF4Config(block_m=96)
 
 
 @pytest.mark.parametrize("backward", [False, True], ids=["fwd", "bwd"])
 @pytest.mark.parametrize(
     "config, dtype",
     [
-        (MgpuNF4Config(decode="select"), jnp.bfloat16),
-        (
-            MgpuNF4Config(block_m=128, slots=4, transposed_store=False, decode="select"),
-            jnp.bfloat16,
-        ),
-        (MgpuNF4Config(decode="prmt"), jnp.bfloat16),
-        (MgpuNF4Config(block_m=128, slots=4, decode="prmt"), jnp.float16),
-        (MgpuNF4Config(decode="prmt", overlap_backward=False), jnp.bfloat16),
+        (MgpuNF4Config(), jnp.bfloat16),
+        (MgpuNF4Config(persistent=False), jnp.bfloat16),
+        (MgpuNF4Config(block_m=128, slots=4), jnp.float16),
     ],
-    ids=["default", "transposed-out", "prmt", "prmt-f16", "prmt-sync"],
+    ids=["default", "per-tile", "f16-m128"],
 )
 def test_lowers_for_hopper(config, dtype, backward):
-    """The GPU kernels (no interpreter; ``y = x·Wᵀ`` and, ``backward``, ``dx = dy·W``) lower to
-    a Mosaic GPU custom call for ``cuda`` (the inline PTX of ``decode="prmt"`` is only
-    assembled by ptxas on the GPU)."""
-    if config.decode == "prmt" and not hasattr(plgpu, "inline_mgpu"):
-        pytest.skip("this jax has no plgpu.inline_mgpu (needed by decode='prmt')")
+    """The compiled kernels lower to a Mosaic GPU custom call for ``cuda`` (the inline PTX is
+    assembled by ptxas on the GPU only)."""
+    if not hasattr(plgpu, "inline_mgpu"):
+        pytest.skip("this jax has no plgpu.inline_mgpu (the quad decode needs it)")
     m, n, k = 512, 384, 640
-    x = jax.ShapeDtypeStruct((m, n if backward else k), dtype)
+    lhs = jax.ShapeDtypeStruct((m, n if backward else k), dtype)
     w = MgpuNF4Weight(
-        jax.ShapeDtypeStruct((n, k // 2), jnp.uint8),
-        jax.ShapeDtypeStruct((k // 64, n // 64, 64), jnp.float32),
+        jax.ShapeDtypeStruct((n // 2, k // 2), jnp.uint16),
+        jax.ShapeDtypeStruct((k // 64, n // 16, 16), jnp.uint32),
         (n, k),
+        jnp.dtype(dtype).name,
     )
     op = nf4_matmul_t_mgpu if backward else nf4_matmul_mgpu
-    fn = jax.jit(lambda x, w: op(x, w, config=config))
-    text = fn.trace(x, w).lower(lowering_platforms=("cuda",)).as_text()
+    fn = jax.jit(lambda lhs, w: op(lhs, w, config=config))
+    text = fn.trace(lhs, w).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
