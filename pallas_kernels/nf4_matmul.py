@@ -35,10 +35,11 @@ Implementations (``plan_nf4_lora_matmul`` says which one a call gets, and why):
     registers straight into the tensor cores (``x·Wᵀ`` forward, ``dy·W`` backward, from the
     same "quad layout" of W); the LoRA rank-r products and the bias stay XLA's, added as
     ``xla`` adds them. On the H200 (BENCHMARKS.md §2, Llama-8B shapes, M = 4096-16384) each
-    orientation runs at 87-102% of the bf16 cuBLAS dot and 0.95-1.15x ``xla``'s decode-then-dot
-    with W already in the quad layout; given an NF4Tensor it rewrites W into that layout on
-    every call (~1.1 bytes of traffic per weight, 1-25% of the kernel's time), and it does not
-    group projections that share x, so it is selected only on request
+    orientation runs at 88-104% of the bf16 cuBLAS dot and 0.97-1.24x ``xla``'s
+    decode-then-dot with W already in the quad layout. Given an NF4Tensor it rewrites W into
+    that layout on every call (~1.1 bytes of traffic per weight, 1-19% of the kernel's time),
+    and it runs projections that share x as separate GEMMs, so end to end it measured 6.7%
+    slower than ``xla`` (Llama-8B step, §2) and is selected only on request
     (``config.variant="mosaic"``). Needs K % 64 == 0 and bf16/f16 x.
 ``xla``
     The reference's jnp decode, compiled by XLA, then XLA's dot: XLA fuses the decode with

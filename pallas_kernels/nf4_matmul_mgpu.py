@@ -67,8 +67,9 @@ reduction is short: ``dy·W`` of a 1024-row W). Output tiles run with the output
 fastest, so CTAs in flight share token tiles in L2.
 
 Measured on the H200 (BENCHMARKS.md §2, the four Llama-8B projection shapes at M = 4096,
-8192, 16384): forward 87-101% and backward 93-102% of the bf16 cuBLAS dot of the same shape;
-0.95-1.15x XLA's decode-then-dot, which gains on it as M grows (its decode pass is amortized).
+8192, 16384, W prepared once): forward 88-100% and backward 94-104% of the bf16 cuBLAS dot of
+the same shape, the pair 94-102%; 0.97-1.24x XLA's decode-then-dot, which closes in as M grows
+(its separate decode pass is amortized: within 2% at M = 16384).
 
 Shapes. K must be a multiple of 64 (whole absmax blocks per row; :func:`check_supported`
 raises otherwise). N and K are padded to multiples of 128 by the repack (code 7, the code of
