@@ -35,7 +35,7 @@ Implementations (``plan_nf4_lora_matmul`` says which one a call gets, and why):
     registers straight into the tensor cores (``x·Wᵀ`` forward, ``dy·W`` backward, from the
     same "quad layout" of W); the LoRA rank-r products and the bias stay XLA's, added as
     ``xla`` adds them. On the H200 (BENCHMARKS.md §2, Llama-8B shapes, M = 4096-16384) each
-    orientation runs at 88-104% of the bf16 cuBLAS dot and 0.97-1.24x ``xla``'s
+    orientation runs at 90-101% of the bf16 cuBLAS dot and 0.96-1.12x ``xla``'s
     decode-then-dot with W already in the quad layout. Given an NF4Tensor it rewrites W into
     that layout on every call (~1.1 bytes of traffic per weight, 1-19% of the kernel's time),
     and it runs projections that share x as separate GEMMs, so end to end it measured 6.7%

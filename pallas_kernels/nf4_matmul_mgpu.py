@@ -46,7 +46,7 @@ dot). The byte permute ``prmt.b32`` is a 4-lane lookup into an 8-byte table held
 lookups for the low and high bytes, 8 ``prmt`` pairing the same slot of the two quads, and
 ``mul`` + ``fma`` per pair. A weight is the NF4 value rounded to ``dtype`` times the split
 scale rounded once: within one ulp of :func:`~pallas_kernels.nf4.dequantize_nf4` (~17% of
-them differ), ``y`` ~2.9-3.3e-3 rel. L2 from the float32 product where bf16 output rounding
+them differ), ``y`` ~2.9e-3 rel. L2 from the float32 product where bf16 output rounding
 alone gives ~1.7e-3.
 
 Kernel shape (:func:`_quad_call`). Per CTA two compute warpgroups, each with a ``[64,
@@ -67,9 +67,9 @@ reduction is short: ``dy·W`` of a 1024-row W). Output tiles run with the output
 fastest, so CTAs in flight share token tiles in L2.
 
 Measured on the H200 (BENCHMARKS.md §2, the four Llama-8B projection shapes at M = 4096,
-8192, 16384, W prepared once): forward 88-100% and backward 94-104% of the bf16 cuBLAS dot of
-the same shape, the pair 94-102%; 0.97-1.24x XLA's decode-then-dot, which closes in as M grows
-(its separate decode pass is amortized: within 2% at M = 16384).
+8192, 16384, W prepared once): forward 90-99% and backward 90-101% of the bf16 cuBLAS dot of
+the same shape; 1.00-1.12x XLA's decode-then-dot up to M = 8192, 0.96-1.03x at M = 16384,
+where XLA's separate decode pass is amortized over the GEMM.
 
 Shapes. K must be a multiple of 64 (whole absmax blocks per row; :func:`check_supported`
 raises otherwise). N and K are padded to multiples of 128 by the repack (code 7, the code of
