@@ -124,8 +124,9 @@ _BLOCKS = TILE // 16  # 16x16 W blocks per tile side
 KERNEL_NAME = "lorax_mgpu_nf4_matmul"
 KERNEL_NAME_T = "lorax_mgpu_nf4_matmul_t"
 
-# Nibble slot s of quad (a, b) holds W[a + 8·ROW_HALF[s], b + 8·COL_HALF[s]] of its 16x16 block.
-SLOTS = ((0, 0), (1, 0), (0, 1), (1, 1))  # (row half, column half) per slot
+# Nibble slot s (bits 4s..4s+3) of quad (a, b) holds W[a + 8·SLOTS[s][0], b + 8·SLOTS[s][1]] of
+# its 16x16 block: (row half, column half) per slot.
+SLOTS = ((0, 0), (1, 0), (0, 1), (1, 1))
 
 
 @dataclasses.dataclass(frozen=True)
