@@ -37,7 +37,7 @@ Implementations (``plan_nf4_lora_matmul`` says which one a call gets, and why):
     ``xla`` adds them. On the H200 (BENCHMARKS.md §2, Llama-8B shapes, M = 4096-16384) each
     orientation runs at 90-101% of the bf16 cuBLAS dot and 0.96-1.12x ``xla``'s
     decode-then-dot with W already in the quad layout. Given an NF4Tensor it rewrites W into
-    that layout on every call (~1.1 bytes of traffic per weight, 1-19% of the kernel's time),
+    that layout on every call (~1.1 bytes of traffic per weight, 1-21% of the kernel's time),
     and it runs projections that share x as separate GEMMs, so end to end it measured 6.7%
     slower than ``xla`` (Llama-8B step, §2) and is selected only on request
     (``config.variant="mosaic"``). Needs K % 64 == 0 and bf16/f16 x.
