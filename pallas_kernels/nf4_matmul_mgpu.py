@@ -233,8 +233,7 @@ def _scale_words(scales: Array, dtype: Any) -> Array:
     """uint32 ``[Kp/64, Np/16, 16]`` words of float32 absmax ``[Np, Kp/64]`` (class docstring)."""
     np_, blocks = scales.shape
     parts = [
-        jax.lax.bitcast_convert_type(p, jnp.uint16).astype(jnp.uint32)
-        for p in _split(scales, dtype)
+        lax.bitcast_convert_type(p, jnp.uint16).astype(jnp.uint32) for p in _split(scales, dtype)
     ]
     pairs = [p.reshape(np_ // 16, 2, 4, 2, blocks) for p in parts]  # nb, h, q, e, blk
     words = [p[:, :, :, 0] | (p[:, :, :, 1] << 16) for p in pairs]  # nb, h, q, blk
@@ -248,7 +247,7 @@ def _scales_from_words(words: Array, dtype: Any) -> tuple[Array, Array]:
     w5 = words.reshape(blocks, nbs, 4, 2, 2)  # blk, nb, q, h, part
     halves = jnp.stack([w5 & 0xFFFF, w5 >> 16], axis=-1).astype(jnp.uint16)  # ..., part, e
     bits = halves.transpose(4, 1, 3, 2, 5, 0).reshape(2, nbs * 16, blocks)  # part, n, blk
-    values = jax.lax.bitcast_convert_type(bits, jnp.dtype(dtype))
+    values = lax.bitcast_convert_type(bits, jnp.dtype(dtype))
     return values[0], values[1]
 
 
@@ -273,29 +272,20 @@ def prepare_weight(w: NF4Tensor, dtype: Any = jnp.bfloat16) -> MgpuNF4Weight:
     return MgpuNF4Weight(quads, _scale_words(scales, dtype), (n, k), dtype.name)
 
 
-def _values(codes: Array, s_hi: Array, s_lo: Array, dtype: Any) -> Array:
-    """Decoded weights ``[rows, cols]`` of codes and per-(row, 64-column block) split scales,
-    with the kernel's roundings (:func:`~pallas_kernels.nf4_matmul_mgpu._prmt_emulated`)."""
-    reps = codes.shape[1] // s_hi.shape[1]
-    s_hi, s_lo = (jnp.repeat(s, reps, axis=1) for s in (s_hi, s_lo))
+def _tile_values(quads: Array, words: Array, dtype: Any) -> Array:
+    """Quads ``[R, C]`` and their scale words ``[C/32, R/8, 16]`` decoded in jnp to ``[2R, 2C]``
+    with the kernel's roundings (:func:`_prmt_emulated`): one ring slot (``[64, 64]`` and
+    ``[2, 8, 16]``, the interpreter branch of :func:`_operand`) or a whole weight."""
+    codes = _codes_from_quads(_swizzle_chunks(quads))
+    s_hi, s_lo = (jnp.repeat(s, _HALF, axis=1) for s in _scales_from_words(words, dtype))
     return _prmt_emulated(codes, s_hi, s_lo, dtype)
 
 
 def dequantize_prepared(w: MgpuNF4Weight) -> Array:
     """``W [N, K]`` in ``w.dtype`` as the kernel decodes it (each weight within one ulp of
     :func:`~pallas_kernels.nf4.dequantize_nf4`: the NF4 value and the product are rounded)."""
-    codes = _codes_from_quads(_swizzle_chunks(w.quads))
-    s_hi, s_lo = _scales_from_words(w.scales, w.dtype)
     n, k = w.shape
-    return _values(codes, s_hi, s_lo, w.dtype)[:n, :k]
-
-
-def _tile_values(quads: Array, words: Array, dtype: Any) -> Array:
-    """One ring slot decoded in jnp: ``[128 N, 128 K]`` from its ``[64, 64]`` quads and ``[2, 8,
-    16]`` scale words (interpreter branch of :func:`_operand`)."""
-    codes = _codes_from_quads(_swizzle_chunks(quads))
-    s_hi, s_lo = _scales_from_words(words, dtype)
-    return _values(codes, s_hi, s_lo, dtype)
+    return _tile_values(w.quads, w.scales, w.dtype)[:n, :k]
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -430,7 +420,10 @@ def _feed(load: Callable[[Array, Array], None], free: Any, steps: int | Array,
     """
     for i in range(min(slots, steps) if isinstance(steps, int) else slots):
         fill = functools.partial(load, jnp.int32(i), jnp.int32(i))
-        fill() if isinstance(steps, int) else pl.when(i < steps)(fill)
+        if isinstance(steps, int):
+            fill()
+        else:
+            pl.when(i < steps)(fill)
 
     @pl.loop(0, steps)
     def _refill(step: Array) -> None:
@@ -519,7 +512,7 @@ def _scale_offset(lane: Any, warp: Any, wg: Any, half: int, j: int, backward: bo
     loads for block ``j`` of operand ``half``: backward, the words ``4q .. 4q+3`` of the row
     pairs ``(2q, 2q+1)`` and ``(2q+8, 2q+9)`` of N block ``4·half + j`` in absmax block ``wg``;
     forward (``j`` unused: one load per operand), those of row pair ``r // 2`` of the warp's N
-    block in absmax block ``half``, from which :func:`_broadcast_scale` takes rows ``r``, ``r+8``.
+    block in absmax block ``half``, of which a ``prmt`` per word keeps row ``r``'s (``r+8``'s) half.
     """
     if backward:
         return ((wg * 8 + (j + 4 * half)) * 16 + ((lane & 3) << 2)) << 2
@@ -592,52 +585,28 @@ def _quad_asm(dtype: Any) -> str:
 
 
 class _I32:
-    """An MLIR i32 value with the integer operators :func:`_quad_row_offset` uses."""
+    """An MLIR i32 value with the integer operators :func:`_quad_row_offset` uses (a Python int
+    on either side becomes a constant)."""
 
     def __init__(self, value: Any):
         self.value = value
 
-    @staticmethod
-    def _raw(other: Any) -> Any:
+    def _apply(self, name: str, other: Any, swap: bool) -> _I32:
         from jax._src.lib.mlir import ir
         from jax._src.lib.mlir.dialects import arith
 
         if isinstance(other, _I32):
-            return other.value
-        return arith.constant(ir.IntegerType.get_signless(32), int(other))
+            other = other.value
+        else:
+            other = arith.constant(ir.IntegerType.get_signless(32), int(other))
+        a, b = (other, self.value) if swap else (self.value, other)
+        return _I32(getattr(arith, name)(a, b))
 
-    def _op(self, name: str, other: Any, swap: bool = False) -> _I32:
-        from jax._src.lib.mlir.dialects import arith
 
-        a, b = self.value, self._raw(other)
-        return _I32(getattr(arith, name)(*((b, a) if swap else (a, b))))
-
-    def __add__(self, o: Any) -> _I32:
-        return self._op("addi", o)
-
-    def __radd__(self, o: Any) -> _I32:
-        return self._op("addi", o, True)
-
-    def __mul__(self, o: Any) -> _I32:
-        return self._op("muli", o)
-
-    def __rmul__(self, o: Any) -> _I32:
-        return self._op("muli", o, True)
-
-    def __and__(self, o: Any) -> _I32:
-        return self._op("andi", o)
-
-    def __xor__(self, o: Any) -> _I32:
-        return self._op("xori", o)
-
-    def __rxor__(self, o: Any) -> _I32:
-        return self._op("xori", o, True)
-
-    def __rshift__(self, o: Any) -> _I32:
-        return self._op("shrui", o)
-
-    def __lshift__(self, o: Any) -> _I32:
-        return self._op("shli", o)
+for _method, _arith_op in (("add", "addi"), ("mul", "muli"), ("and", "andi"), ("xor", "xori"),
+                           ("rshift", "shrui"), ("lshift", "shli")):  # fmt: skip
+    setattr(_I32, f"__{_method}__", functools.partialmethod(_I32._apply, _arith_op, swap=False))
+    setattr(_I32, f"__r{_method}__", functools.partialmethod(_I32._apply, _arith_op, swap=True))
 
 
 @functools.cache
