@@ -60,10 +60,15 @@ def test_forward_and_grads_match_peft(tmp_path, rng, use_rslora):
 
     value, grads = jax.value_and_grad(objective)(lora)
     logits = peft_model(torch.as_tensor(ids)).logits
-    ref_value = (logits * torch.from_numpy(cotangent)).sum()
+    terms = logits * torch.from_numpy(cotangent)
+    ref_value = terms.sum()
     ref_value.backward()
 
-    np.testing.assert_allclose(float(value), float(ref_value), rtol=1e-5)
+    assert rel_l2(lorax.forward(model, lora, jnp.asarray(ids)), logits.detach().numpy()) < 1e-5
+    # The objective is a random-sign sum that can cancel to near zero, so its error is
+    # judged against the magnitude of its terms, not against its own value.
+    magnitude = float(terms.abs().sum())
+    np.testing.assert_allclose(float(value), float(ref_value), rtol=0, atol=1e-6 * magnitude)
     for proj, ab in grads.params["layers"].items():
         for i, layer in enumerate(layers):
             module = layer.get_submodule(module_name(proj))
