@@ -60,6 +60,9 @@ def save_merged(
     with ``model.safetensors.index.json``). An existing non-empty directory is replaced,
     atomically, only with ``allow_overwrite``.
     """
+    from lorax.kernel_weights import require_unprepared  # here: lorax imports convert
+
+    require_unprepared(model, "save_merged")
     if dtype not in OUTPUT_DTYPES:
         raise ValueError(f"dtype must be one of {OUTPUT_DTYPES}, got {dtype!r}")
     check_destination(directory, allow_overwrite)  # refuse before the expensive part

@@ -10,6 +10,7 @@ from lorax import distributed, sharding
 from lorax.adapters import load_adapter, save_adapter
 from lorax.config import ConfigError, ModelConfig, RopeConfig
 from lorax.facade import FastLanguageModel, PeftModel
+from lorax.kernel_weights import prepare_kernel_weights
 from lorax.loading import load
 from lorax.lora import LoraConfig, LoraWeights, init_lora, lora_linear, lora_linears
 from lorax.model import ForwardOptions, Model, embeddings_to_host, forward, hidden_states
@@ -42,6 +43,7 @@ __all__ = [
     "load_adapter",
     "lora_linear",
     "lora_linears",
+    "prepare_kernel_weights",
     "quantize_nf4",
     "save_adapter",
     "save_merged",

@@ -27,6 +27,10 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 PROJECTIONS = ATTENTION_PROJECTIONS + MLP_PROJECTIONS
+# The projections a decoder layer computes from the same input, as the forward calls them:
+# each group is one matmul-layer call (one GEMM per direction).
+PROJECTION_GROUPS = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"),
+                     ("down_proj",))  # fmt: skip
 
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
 

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from lorax.config import MLP_PROJECTIONS, PROJECTIONS, ModelConfig
 from pallas_kernels.nf4_matmul import NF4MatmulConfig, nf4_lora_matmul, nf4_lora_matmul_group
+from pallas_kernels.nf4_matmul_mgpu import MgpuNF4Weight, stacked_member
 
 Array = jax.Array
 
@@ -159,25 +160,31 @@ def lora_linears(
     dropout_keys: Sequence[Array | None] | None = None,
     impl: str | None = None,
     config: NF4MatmulConfig | None = None,
+    stacked_weight: MgpuNF4Weight | None = None,
 ) -> list[Array]:
     """:func:`lora_linear` for several ``(weight, bias, adapter)`` projections of the same x.
 
     The model's q/k/v and gate/up projections come through here, so that the matmul layer can
     run each group as one GEMM per direction (``pallas_kernels.nf4_lora_matmul_group``). With
     LoRA dropout active every adapter sees its own mask, so the members run one by one.
+    ``stacked_weight``: the members' weights already stacked in the Mosaic GPU kernel's
+    layout (``lorax.prepare_kernel_weights``); the projections' weights are then unused.
     """
     keys = list(dropout_keys) if dropout_keys is not None else [None] * len(projections)
+    weights = [w for w, _, _ in projections]
     if dropout > 0.0 and any(k is not None for k in keys):
+        if stacked_weight is not None:
+            weights = [stacked_member(stacked_weight, i) for i in range(len(projections))]
         return [
             lora_linear(x, w, bias, adapter, scale if adapter is not None else 0.0,
                         dropout=dropout if adapter is not None else 0.0, dropout_key=key,
                         impl=impl, config=config)
-            for (w, bias, adapter), key in zip(projections, keys, strict=True)
+            for w, (_, bias, adapter), key in zip(weights, projections, keys, strict=True)
         ]  # fmt: skip
     return list(
         nf4_lora_matmul_group(
             x,
-            [w for w, _, _ in projections],
+            stacked_weight if stacked_weight is not None else weights,
             [None if ad is None else (ad["lora_a"], ad["lora_b"]) for _, _, ad in projections],
             scale,
             biases=[bias for _, bias, _ in projections],

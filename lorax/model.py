@@ -14,12 +14,21 @@ import jax
 import jax.numpy as jnp
 
 from lorax import remat as remat_lib
-from lorax.config import ModelConfig, rope_frequencies
+from lorax.config import PROJECTION_GROUPS, ModelConfig, rope_frequencies
 from lorax.lora import LoraWeights, lora_linears
 from pallas_kernels.flash_attention import flash_attention, resolve_impl
 from pallas_kernels.nf4_matmul import NF4MatmulConfig
 
 Array = jax.Array
+QKV, OUT, GATE_UP, DOWN = PROJECTION_GROUPS
+# params["layers"][PREPARED][group_key(names)]: a group's frozen weights stacked in the Mosaic
+# GPU kernel's layout (lorax.prepare_kernel_weights).
+PREPARED = "prepared"
+
+
+def group_key(names: tuple[str, ...]) -> str:
+    """The key of a projection group's prepared weight: its names joined by ``+``."""
+    return "+".join(names)
 
 
 @jax.tree_util.register_dataclass
@@ -34,6 +43,10 @@ class Model:
                 {q,k,v,o,gate,up,down}_proj: {"weight": [L, out, in] | NF4Tensor, "bias"?: [L, out]}
         norm [D]
         lm_head: {"weight": [V, D]}          (absent when embeddings are tied)
+
+    After :func:`lorax.prepare_kernel_weights`, ``layers[PREPARED]`` maps each projection
+    group (``group_key``) to its NF4 weights stacked in the Mosaic GPU kernel's layout, and
+    those projections keep only their biases.
     """
 
     params: dict[str, Any]
@@ -226,9 +239,12 @@ def _decoder_layer(
         salted = [keys.get(name) for name in names]
         if key_salt is not None:
             salted = [None if k is None else jax.random.fold_in(k, key_salt) for k in salted]
+        stacked = layer.get(PREPARED, {}).get(group_key(names))
         projections = [
-            (layer[name]["weight"], layer[name].get("bias"), adapters.get(name)) for name in names
-        ]
+            (None if stacked is not None else layer[name]["weight"], layer[name].get("bias"),
+             adapters.get(name))
+            for name in names
+        ]  # fmt: skip
         return lora_linears(
             x,
             projections,
@@ -237,10 +253,11 @@ def _decoder_layer(
             dropout_keys=salted,
             impl=options.matmul_impl,
             config=_matmul_config(options),
+            stacked_weight=stacked,
         )
 
     x = rms_norm(h, layer["input_layernorm"], config.rms_norm_eps)
-    q, k, v = linears(("q_proj", "k_proj", "v_proj"), x)
+    q, k, v = linears(QKV, x)
     q = q.reshape(b, s, config.num_heads, config.head_dim)
     k = k.reshape(b, s, config.num_kv_heads, config.head_dim)
     v = v.reshape(b, s, config.num_kv_heads, config.head_dim)
@@ -273,7 +290,7 @@ def _decoder_layer(
         # naming it too would stack the same values twice in the scan's residuals (measured:
         # +1.9 GiB at 1x8192 with the Mosaic kernels). Only plain XLA attention needs the name.
         attn = remat_lib.name(attn, "attention_out")
-    (attn_out,) = linears(("o_proj",), attn.reshape(b, s, config.q_size))
+    (attn_out,) = linears(OUT, attn.reshape(b, s, config.q_size))
     h = h + attn_out
     h = remat_lib.name(h, "attention_residual")
 
@@ -281,9 +298,9 @@ def _decoder_layer(
 
     def mlp(x: Array, chunk_index: Array | None = None) -> Array:
         # Chunks fold their index into the dropout keys so they draw different masks.
-        gate, up = linears(("gate_proj", "up_proj"), x, chunk_index)
+        gate, up = linears(GATE_UP, x, chunk_index)
         gate, up = remat_lib.name(gate, "mlp_gate"), remat_lib.name(up, "mlp_up")
-        (down,) = linears(("down_proj",), jax.nn.silu(gate) * up, chunk_index)
+        (down,) = linears(DOWN, jax.nn.silu(gate) * up, chunk_index)
         return down
 
     return h + _chunked_over_tokens(mlp, x, options.mlp_chunk_tokens)

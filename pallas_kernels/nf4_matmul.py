@@ -100,6 +100,7 @@ from pallas_kernels.nf4 import (
     dequantize_nf4_rows,
 )
 from pallas_kernels.nf4_matmul_kernels import NF4MatmulConfig
+from pallas_kernels.nf4_matmul_mgpu import MgpuNF4Weight
 
 Array = jax.Array
 
@@ -135,6 +136,13 @@ class NF4MatmulPlan:
 
 
 def _weight_shape(w: Any) -> tuple[int, int]:
+    if isinstance(w, MgpuNF4Weight):
+        if w.quads.ndim != 2:
+            raise ValueError(
+                f"nf4_lora_matmul takes one layer's MgpuNF4Weight; got quads {w.quads.shape}. "
+                "Index the stacked layer axis first (lax.scan does)."
+            )
+        return w.shape
     if isinstance(w, NF4Tensor):
         if len(w.shape) != 2:
             raise ValueError(f"NF4 weight must be 2-D [N, K]; got shape {w.shape}")
@@ -153,7 +161,10 @@ def _weight_shape(w: Any) -> tuple[int, int]:
 
 
 def _check_args(x: Any, w: Any, a: Any, b: Any, bias: Any) -> tuple[int, int]:
-    n, k = _weight_shape(w)
+    return _check_factors(x, *_weight_shape(w), a, b, bias)
+
+
+def _check_factors(x: Any, n: int, k: int, a: Any, b: Any, bias: Any) -> tuple[int, int]:
     if x.ndim < 1 or x.shape[-1] != k:
         raise ValueError(f"x {x.shape} must end in K={k} (w is [N, K] = [{n}, {k}])")
     if (a is None) != (b is None):
@@ -186,6 +197,16 @@ def plan_nf4_lora_matmul(
     choice = _backend.choose(impl, interpret)
     if not choice.use_kernel:
         return NF4MatmulPlan("reference", False, choice.reason, config)
+    if isinstance(w, MgpuNF4Weight):
+        if config.variant not in ("auto", "mosaic"):
+            raise ValueError(
+                f"a prepared MgpuNF4Weight runs on variant 'mosaic' (or the reference), not "
+                f"{config.variant!r}"
+            )
+        _mgpu.check_supported(x, w, _mgpu.MgpuNF4Config())
+        return NF4MatmulPlan(
+            "mosaic", choice.interpret, f"{choice.reason}; W prepared in the quad layout", config
+        )
     if not isinstance(w, NF4Tensor):
         return NF4MatmulPlan("dense", False, "dense W: XLA dot (cuBLAS); no decode to fuse", config)
     forced = impl is not None or interpret is not None
@@ -270,6 +291,10 @@ def nf4_lora_matmul(
     if isinstance(w, NF4Tensor) and plan.variant in _GROUPED_VARIANTS:
         # A group of one: the same XLA dots, with the LoRA term folded into dx's GEMM.
         (y,) = _group_matmul(float(scale), x2, (w,), (a,), (b,), (bias,))
+    elif plan.variant == "mosaic":  # A group of one: the LoRA term in the kernel's reduction.
+        if isinstance(w, NF4Tensor):  # rewritten on every call: prepare once to avoid it
+            w = _mgpu.prepare_weight(w, x.dtype)
+        (y,) = _mosaic_group(float(scale), plan.interpret, x2, w, (a,), (b,), (bias,))
     else:
         y = _lora_matmul(plan, float(scale) if a is not None else 0.0, x2, w, a, b, bias)
     return y.reshape(*lead, n)
@@ -310,6 +335,8 @@ def nf4_lora_matmul_group(
     group of one still gets the folded GEMMs. Dense weights (a concatenation would copy them
     every step) and the Pallas variants (small M) run member by member.
     """
+    if isinstance(weights, MgpuNF4Weight):
+        return _prepared_group(x, weights, adapters, scale, biases, interpret, impl, config)
     if not weights:
         raise ValueError("nf4_lora_matmul_group needs at least one weight")
     biases = (None,) * len(weights) if biases is None else tuple(biases)
@@ -325,6 +352,14 @@ def nf4_lora_matmul_group(
     plans = [
         plan_nf4_lora_matmul(x, w, impl=impl, interpret=interpret, config=config) for w in weights
     ]
+    if all(
+        isinstance(w, NF4Tensor) and p.variant == "mosaic"
+        for w, p in zip(weights, plans, strict=True)
+    ):
+        # Rewritten into the quad layout on every call; lorax.prepare_kernel_weights does it
+        # once for a model.
+        stack = _mgpu.stack_prepared([_mgpu.prepare_weight(w, x.dtype) for w in weights])
+        return _prepared_group(x, stack, adapters, scale, biases, interpret, impl, config)
     grouped = all(
         isinstance(w, NF4Tensor) and p.variant in _GROUPED_VARIANTS
         for w, p in zip(weights, plans, strict=True)
@@ -352,6 +387,46 @@ def nf4_lora_matmul_group(
     b_s = tuple(None if ab is None else ab[1] for ab in adapters)
     ys = _group_matmul(float(scale), x2, tuple(weights), a_s, b_s, biases)
     return tuple(y.reshape(*lead, n) for y, (n, _) in zip(ys, shapes, strict=True))
+
+
+def _prepared_group(
+    x: Array,
+    w: MgpuNF4Weight,
+    adapters: Sequence[tuple[Array, Array] | None],
+    scale: float,
+    biases: Sequence[Array | None] | None,
+    interpret: bool | None,
+    impl: str | None,
+    config: NF4MatmulConfig | None,
+) -> tuple[Array, ...]:
+    """:func:`nf4_lora_matmul_group` for weights stacked in the quad layout (``w.members``)."""
+    count = len(w.members)
+    biases = (None,) * count if biases is None else tuple(biases)
+    if not count == len(adapters) == len(biases):
+        raise ValueError(
+            f"the prepared weight stacks {count} members; got {len(adapters)} adapters and "
+            f"{len(biases)} biases"
+        )
+    k = w.shape[1]
+    for (_, n), ab, bias in zip(w.members, adapters, biases, strict=True):
+        _check_factors(x, n, k, *((None, None) if ab is None else ab), bias)
+    plan = plan_nf4_lora_matmul(x, w, impl=impl, interpret=interpret, config=config)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    a_s = tuple(None if ab is None else ab[0] for ab in adapters)
+    b_s = tuple(None if ab is None else ab[1] for ab in adapters)
+    if x2.shape[0] == 0:
+        ys = tuple(jnp.zeros((0, n), x.dtype) for _, n in w.members)
+    elif plan.variant == "mosaic":
+        ys = _mosaic_group(float(scale), plan.interpret, x2, w, a_s, b_s, biases)
+    else:  # The reference, member by member on the weights the kernel decodes.
+        dense = _mgpu.dequantize_prepared(w)
+        ys = tuple(
+            _lora_matmul(plan, float(scale) if a is not None else 0.0, x2,
+                         dense[offset : offset + n], a, b, bias)
+            for (offset, n), a, b, bias in zip(w.members, a_s, b_s, biases, strict=True)
+        )  # fmt: skip
+    return tuple(y.reshape(*lead, y.shape[-1]) for y in ys)
 
 
 def nf4_lora_matmul_reference(
@@ -509,6 +584,8 @@ def _decode_kernel(w: NF4Tensor, dtype: Any, config: NF4MatmulConfig, interpret:
 
 def _dense_weight(plan: NF4MatmulPlan, w: Any, dtype: Any) -> Array:
     """W in the compute dtype for the variants that hand a dense W to XLA's dot."""
+    if isinstance(w, MgpuNF4Weight):
+        return _mgpu.dequantize_prepared(w).astype(dtype)
     if not isinstance(w, NF4Tensor):
         return w.astype(dtype)
     if plan.variant == "dequant_then_dot":
@@ -683,8 +760,24 @@ def _group_matmul_bwd(
     lhs = _concat([*dys, *((scale * dyb[i]).astype(cd) for i in members)], axis=1)
     rhs = _concat([dequantize_nf4_rows(ws, cd), *(a_s[i].astype(cd) for i in members)], axis=0)
     dx = lax.dot_general(lhs, rhs, _NN, preferred_element_type=cd)
-    da: list[Array | None] = [None] * len(ws)
-    db: list[Array | None] = [None] * len(ws)
+    da, db = _factor_grads(scale, x, xa_all, dys, dyb, a_s, b_s)
+    return dx, tuple(None for _ in ws), da, db, tuple(None for _ in ws)
+
+
+def _factor_grads(
+    scale: float,
+    x: Array,
+    xa_all: Array | None,
+    dys: Sequence[Array],
+    dyb: dict[int, Array],
+    a_s: tuple[Array | None, ...],
+    b_s: tuple[Array | None, ...],
+) -> tuple[tuple[Array | None, ...], tuple[Array | None, ...]]:
+    """The members' ``dA = s·(dy·B)ᵀ·x`` (one ``[Σr, K]`` dot for the group) and ``dB =
+    s·dyᵀ·(x·Aᵀ)``, from ``dyb[i] = dy_i·B_i`` and the saved ``xa_all``."""
+    members = [i for i, a in enumerate(a_s) if a is not None]
+    da: list[Array | None] = [None] * len(a_s)
+    db: list[Array | None] = [None] * len(a_s)
     if members:
         da_all = scale * _dot(_concat([dyb[i] for i in members], 1), x, _TN)  # [Σr, K]
         xa = iter(_split(xa_all, [a_s[i].shape[0] for i in members]))
@@ -694,8 +787,91 @@ def _group_matmul_bwd(
             da[i] = da_all[start : start + r].astype(a_s[i].dtype)
             db[i] = (scale * _dot(dys[i], next(xa), _TN)).astype(b_s[i].dtype)  # [N, r]
             start += r
-    zero_w = tuple(None for _ in ws)
-    return dx, zero_w, tuple(da), tuple(db), tuple(None for _ in ws)
+    return tuple(da), tuple(db)
 
 
 _group_matmul.defvjp(_group_matmul_fwd, _group_matmul_bwd)
+
+
+# --------------------------------------------------------------------------------------
+# The grouped custom VJP on the quad-layout Mosaic GPU kernel (prepared weights)
+# --------------------------------------------------------------------------------------
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _mosaic_group(
+    scale: float,
+    interpret: bool,
+    x: Array,
+    w: MgpuNF4Weight,
+    a_s: tuple[Array | None, ...],
+    b_s: tuple[Array | None, ...],
+    biases: tuple[Array | None, ...],
+) -> tuple[Array, ...]:
+    return _mosaic_group_fwd(scale, interpret, x, w, a_s, b_s, biases)[0]
+
+
+def _mosaic_group_fwd(
+    scale: float,
+    interpret: bool,
+    x: Array,
+    w: MgpuNF4Weight,
+    a_s: tuple[Array | None, ...],
+    b_s: tuple[Array | None, ...],
+    biases: tuple[Array | None, ...],
+) -> tuple[tuple[Array, ...], tuple[Any, ...]]:
+    """``[y_1 .. y_n] = x·Wᵀ + (s·xa)·B_stackᵀ``: one kernel call, the LoRA up-projections as
+    the kernel's low-rank term, i.e. in the same float32 accumulator as the base product."""
+    cd = x.dtype
+    members = [i for i, a in enumerate(a_s) if a is not None]
+    xa_all = low_rank = None
+    if members:
+        xa_all = _dot(x, _concat([a_s[i].astype(cd) for i in members], 0), _NT).astype(cd)
+        # B_stack [N, Σr]: member i's B in its own rows and rank columns, zeros elsewhere.
+        b_stack = jnp.zeros((w.shape[0], xa_all.shape[1]), cd)
+        col = 0
+        for i in members:
+            offset, n = w.members[i]
+            b_stack = b_stack.at[offset : offset + n, col : col + b_s[i].shape[1]].set(
+                b_s[i].astype(cd)
+            )
+            col += b_s[i].shape[1]
+        low_rank = ((scale * xa_all.astype(jnp.float32)).astype(cd), b_stack)
+    params = _backend.mosaic_interpret_params(interpret)
+    y = _mgpu.nf4_matmul_mgpu(x, w, low_rank=low_rank, interpret=params)
+    ys = []
+    for (offset, n), bias in zip(w.members, biases, strict=True):
+        y_i = y[:, offset : offset + n]
+        if bias is not None:
+            y_i = (y_i.astype(jnp.float32) + bias.astype(jnp.float32)).astype(cd)
+        ys.append(y_i)
+    return tuple(ys), (x, xa_all, w, a_s, b_s)
+
+
+def _mosaic_group_bwd(
+    scale: float, interpret: bool, res: tuple[Any, ...], dys: tuple[Array, ...]
+) -> tuple[Any, ...]:
+    """``dx = dy_stack·W + (s·[dy_i·B_i])·[A_i]``: one kernel call with the LoRA terms as its
+    low-rank term; ``dA``, ``dB`` as on the XLA path."""
+    x, xa_all, w, a_s, b_s = res
+    cd = x.dtype
+    dys = [dy.astype(cd) for dy in dys]
+    pieces, end = [], 0
+    for (offset, n), dy in zip(w.members, dys, strict=True):
+        if offset > end:  # the rows between members (zeros in W too)
+            pieces.append(jnp.zeros((dy.shape[0], offset - end), cd))
+        pieces.append(dy)
+        end = offset + n
+    members = [i for i, a in enumerate(a_s) if a is not None]
+    dyb = {i: _dot(dys[i], b_s[i].astype(cd), _NN).astype(cd) for i in members}  # [M, r]
+    low_rank = None
+    if members:
+        u = (scale * _concat([dyb[i] for i in members], 1).astype(jnp.float32)).astype(cd)
+        low_rank = (u, _concat([a_s[i].astype(cd) for i in members], 0).T)
+    params = _backend.mosaic_interpret_params(interpret)
+    dx = _mgpu.nf4_matmul_t_mgpu(_concat(pieces, 1), w, low_rank=low_rank, interpret=params)
+    da, db = _factor_grads(scale, x, xa_all, dys, dyb, a_s, b_s)
+    return dx, None, da, db, tuple(None for _ in a_s)
+
+
+_mosaic_group.defvjp(_mosaic_group_fwd, _mosaic_group_bwd)

@@ -111,6 +111,8 @@ __all__ = [
     "nf4_matmul_t_mgpu",
     "nf4_matmul_t_mgpu_reference",
     "prepare_weight",
+    "stack_prepared",
+    "stacked_member",
 ]
 
 _QBLOCK = 64  # the NF4 blocksize this kernel handles
@@ -168,30 +170,38 @@ class MgpuNF4Config:
 @functools.partial(
     jax.tree_util.register_dataclass,
     data_fields=["quads", "scales"],
-    meta_fields=["shape", "dtype"],
+    meta_fields=["shape", "dtype", "members"],
 )
 @dataclasses.dataclass(frozen=True)
 class MgpuNF4Weight:
-    """An NF4 ``W [N, K]`` in the quad layout (module docstring; :func:`prepare_weight`).
+    """An NF4 ``W [N, K]`` in the quad layout (module docstring; :func:`prepare_weight`), or
+    several weights of the same K stacked along N (:func:`stack_prepared`).
 
     Attributes:
       quads: uint16 ``[Np/2, Kp/2]`` (N, K padded to multiples of 128): quad ``(a, b)`` of 16x16
         block ``(nb, kb)`` at row ``8·nb + a``, column ``8·(kb - kb % 8) + 8·((kb % 8) ^ a) + b``.
+        Leading axes (a model's layer axis) are allowed outside the kernel (``lax.scan``
+        slices them off); the kernel takes one matrix.
       scales: uint32 ``[Kp/64, Np/16, 16]``: word ``4q + 2h + part`` of ``[blk, nb]`` packs
         the ``dtype`` split ``part`` of absmax ``blk`` of rows ``16·nb + 8h + 2q`` (low 16
         bits) and ``+1`` (high); zero in the padding.
-      shape: the logical ``(N, K)``.
+      shape: the logical ``(N, K)``; for a stack, N runs to the last member's last row.
       dtype: the name of the dtype the scales are split in (x's dtype).
+      members: ``(row offset, rows)`` of each stacked weight (offsets multiples of 128; the
+        rows between members decode to zeros); ``((0, N),)`` for one weight.
     """
 
     quads: Array
     scales: Array
     shape: tuple[int, int]
     dtype: str
+    members: tuple[tuple[int, int], ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
         object.__setattr__(self, "dtype", jnp.dtype(self.dtype).name)
+        members = self.members or ((0, self.shape[0]),)
+        object.__setattr__(self, "members", tuple((int(o), int(n)) for o, n in members))
 
 
 def _swizzle_chunks(quads: Array) -> Array:
@@ -270,6 +280,47 @@ def prepare_weight(w: NF4Tensor, dtype: Any = jnp.bfloat16) -> MgpuNF4Weight:
     scales = jnp.pad(scales, ((0, np_ - n), (0, (kp - k) // _HALF)))
     quads = _swizzle_chunks(_quads_from_codes(codes))
     return MgpuNF4Weight(quads, _scale_words(scales, dtype), (n, k), dtype.name)
+
+
+def stack_prepared(ws: Sequence[MgpuNF4Weight]) -> MgpuNF4Weight:
+    """Prepared weights of the same K and dtype stacked along N, each from a 128-row boundary,
+    so that one kernel call computes the products of all of them (the model's q/k/v and
+    gate/up): the quad layout is tiled by 128 rows, so stacking is a concatenation. Keep the
+    result, as for :func:`prepare_weight` (the concatenation copies every byte)."""
+    if not ws:
+        raise ValueError("stack_prepared needs at least one weight")
+    k, dtype = ws[0].shape[1], ws[0].dtype
+    for i, w in enumerate(ws):
+        if w.shape[1] != k or w.dtype != dtype:
+            raise ValueError(
+                f"stacked weights need one K and dtype: weight {i} is {w.shape} {w.dtype}, "
+                f"weight 0 is {ws[0].shape} {dtype}"
+            )
+    members, start = [], 0
+    for w in ws:
+        members += [(start + offset, n) for offset, n in w.members]
+        start += 2 * w.quads.shape[-2]
+    n = members[-1][0] + members[-1][1]
+    return MgpuNF4Weight(
+        jnp.concatenate([w.quads for w in ws], axis=-2),
+        jnp.concatenate([w.scales for w in ws], axis=-2),
+        (n, k),
+        dtype,
+        tuple(members),
+    )
+
+
+def stacked_member(w: MgpuNF4Weight, index: int) -> MgpuNF4Weight:
+    """Member ``index`` of a :func:`stack_prepared` weight as a weight of its own (a copy:
+    for calls that cannot take the stack, such as per-member LoRA dropout)."""
+    offset, n = w.members[index]
+    rows = _round_up(n, TILE)
+    return MgpuNF4Weight(
+        w.quads[..., offset // 2 : (offset + rows) // 2, :],
+        w.scales[..., offset // 16 : (offset + rows) // 16, :],
+        (n, w.shape[1]),
+        w.dtype,
+    )
 
 
 def _tile_values(quads: Array, words: Array, dtype: Any) -> Array:
@@ -382,23 +433,25 @@ def _prmt_emulated(codes: Array, s_hi: Array, s_lo: Array, dtype: Any) -> Array:
     return _fma_round(value * s_hi, _rounded(value * s_lo, dtype), dtype)
 
 
-def _accumulate(acc: Array, terms: Sequence[tuple[Callable[[], Array], Any]], interpret: Any,
-                ) -> Array:  # fmt: skip
-    """``acc + Σ lhs() @ rhsᵀ`` in float32 on the tensor cores; ``rhs`` a ``[n, k]`` smem tile.
+def _accumulate(acc: Array, terms: Sequence[tuple[Callable[[], Array] | Any, Any]],
+                interpret: Any) -> Array:  # fmt: skip
+    """``acc + Σ lhs @ rhsᵀ`` in float32 on the tensor cores; ``rhs`` a ``[n, k]`` smem tile.
 
-    The wgmmas are issued in order into one accumulator and awaited once; each ``lhs`` thunk
-    (register operand) is evaluated just before its wgmma is issued, so the decode of a later
-    term runs while the earlier terms' wgmmas are in flight.
+    ``lhs`` is a thunk producing a register operand or a ``[64, k]`` smem tile. The wgmmas are
+    issued in order into one accumulator and awaited once; each thunk is evaluated just before
+    its wgmma is issued, so the decode of a later term runs while the earlier terms' wgmmas
+    are in flight.
     """
     if interpret is not None:  # Interpreter: no run_state / wgmma / transposed views; dots.
         for lhs, rhs in terms:
-            acc = acc + jnp.dot(lhs(), rhs[...].T, preferred_element_type=jnp.float32)
+            lhs = lhs() if callable(lhs) else lhs[...]
+            acc = acc + jnp.dot(lhs, rhs[...].T, preferred_element_type=jnp.float32)
         return acc
 
     def issue(refs: tuple[Any]) -> None:
         (ref,) = refs
         for lhs, rhs in terms:
-            plgpu.wgmma(ref, lhs(), plgpu.transpose_ref(rhs, (1, 0)))
+            plgpu.wgmma(ref, lhs() if callable(lhs) else lhs, plgpu.transpose_ref(rhs, (1, 0)))
 
     (acc,) = pl.run_state(issue)((plgpu.ACC.init(acc),))
     return acc
@@ -704,25 +757,37 @@ def _sm_count() -> int:
 
 
 def _quad_call(lhs: Array, quads: Array, words: Array, block_m: int, config: MgpuNF4Config,
-               backward: bool, interpret: Any) -> Array:  # fmt: skip
+               backward: bool, interpret: Any,
+               low_rank: tuple[Array, Array] | None = None) -> Array:  # fmt: skip
     """``y [Mp, Np]`` (``lhs = x [Mp, Kp]``) or, ``backward``, ``dx [Mp, Kp]`` (``lhs = dy [Mp,
-    Np]``) for padded operands (module docstring, "Kernel shape").
+    Np]``) for padded operands (module docstring, "Kernel shape"), plus ``u·vᵀ`` for
+    ``low_rank = (u [Mp, R], v [out columns, R])`` (R a multiple of 64, ``block_m >= 128``).
 
     Output tile ``t`` is ``(t // out_tiles, t % out_tiles)`` in (token, output column) tiles.
     One CTA per tile, or (``config.persistent``) one per SM, CTA ``c`` taking tiles ``c, c +
     G, ...``: its memory warpgroup streams them back to back through the one ring, and each
     tile's output store is left in flight until the next tile's epilogue reuses the tile.
+
+    The low-rank term extends each tile's reduction by ``R / 64`` dense steps through the same
+    ring: a step's ``u`` tile ``[block_m, 64]`` takes the slot of the token columns 0-63 and
+    its 128 rows of ``v`` the first half of the slot of columns 64-127 (hence ``block_m >=
+    128``); each compute warpgroup multiplies its 64 rows of ``v`` from shared memory. The
+    W and scale barriers of those slots see no copy, and the steps do not wait on them.
     """
     mp, red = lhs.shape
     np_, kp = 2 * quads.shape[0], 2 * quads.shape[1]
     out_cols = kp if backward else np_
     bm, slots, dtype = block_m, config.slots, lhs.dtype
-    steps = red // TILE
+    w_steps = red // TILE
+    lr_steps = 0 if low_rank is None else low_rank[0].shape[1] // _HALF
+    steps = w_steps + lr_steps
     m_tiles, out_tiles = mp // bm, out_cols // TILE
     tiles = m_tiles * out_tiles
     ctas = min(tiles, config.max_ctas or _sm_count()) if config.persistent else tiles
+    args = (lhs, quads, words) if low_rank is None else (lhs, quads, words, *low_rank)
 
-    def kernel(lhs_ref, q_ref, s_ref, out_ref, scoped):
+    def kernel(lhs_ref, q_ref, s_ref, *refs):
+        *lr_refs, out_ref, scoped = refs
         (lhs_lo, lhs_hi, q_ring, s_ring, out_smem), (load_bars, free) = scoped
         cta, wg = lax.axis_index("ctas"), lax.axis_index("wg")
         own_tiles = (tiles - cta + ctas - 1) // ctas if config.persistent else 1
@@ -759,12 +824,23 @@ def _quad_call(lhs: Array, quads: Array, words: Array, block_m: int, config: Mgp
                 plgpu.barrier_arrive(free.at[slot])
                 return acc
 
+            def low_rank_step(g: Array, acc: Array) -> Array:
+                slot = lax.rem(g, slots)
+                _wait_all(load_bars[:2], slot)
+                v_rows = lhs_hi.at[slot, pl.ds(pl.multiple_of(wg * _ROWS, _ROWS), _ROWS)]
+                acc = _accumulate(acc, [(v_rows, lhs_lo.at[slot])], interpret)
+                plgpu.barrier_arrive(free.at[slot])
+                return acc
+
             def tile(t: Array, carry: Any) -> Any:
                 m_tile, o_tile = coords(t)
                 zeros = jnp.zeros((_ROWS, bm), jnp.float32)
                 if interpret is None:
                     zeros = plgpu.layout_cast(zeros, plgpu.Layout.WGMMA)
-                acc = lax.fori_loop(t * steps, (t + 1) * steps, step, zeros).astype(dtype)
+                acc = lax.fori_loop(t * steps, t * steps + w_steps, step, zeros)
+                if lr_steps:
+                    acc = lax.fori_loop(t * steps + w_steps, (t + 1) * steps, low_rank_step, acc)
+                acc = acc.astype(dtype)
                 _write_out(acc, out_smem.at[wg], out_ref, m_tile * bm, o_tile * TILE + wg * _ROWS,
                            interpret, config.persistent)  # fmt: skip
                 return carry
@@ -781,7 +857,25 @@ def _quad_call(lhs: Array, quads: Array, words: Array, block_m: int, config: Mgp
             def load(g: Array, slot: Array) -> None:
                 m_tile, o_tile = coords(g // steps)
                 i = lax.rem(g, steps)
-                tokens, r0 = pl.ds(m_tile * bm, bm), i * TILE
+                tokens = pl.ds(m_tile * bm, bm)
+                if lr_steps:
+                    pl.when(i >= w_steps)(lambda: load_low_rank(i - w_steps, slot, tokens, o_tile))
+                    pl.when(i < w_steps)(lambda: load_w(i, slot, tokens, o_tile))
+                else:
+                    load_w(i, slot, tokens, o_tile)
+
+            def load_low_rank(j: Array, slot: Array, tokens: Any, o_tile: Array) -> None:
+                u_ref, v_ref = lr_refs
+                cols = pl.ds(j * _HALF, _HALF)
+                plgpu.copy_gmem_to_smem(u_ref.at[tokens, cols], lhs_lo.at[slot], bar_lo.at[slot])
+                plgpu.copy_gmem_to_smem(
+                    v_ref.at[pl.ds(o_tile * TILE, TILE), cols],
+                    lhs_hi.at[slot, pl.ds(0, TILE)],
+                    bar_hi.at[slot],
+                )
+
+            def load_w(i: Array, slot: Array, tokens: Any, o_tile: Array) -> None:
+                r0 = i * TILE
                 own = pl.ds(o_tile * (TILE // 2), TILE // 2)  # the tile's quad rows or columns
                 step_quads = pl.ds(i * (TILE // 2), TILE // 2)
                 if backward:  # reduce over N: quad rows of step i, the tile's K columns
@@ -809,22 +903,27 @@ def _quad_call(lhs: Array, quads: Array, words: Array, block_m: int, config: Mgp
         _smem_tile((_COMPUTE_WGS, bm, _ROWS), dtype),  # the output tiles on their way out
     )
     name = KERNEL_NAME_T if backward else KERNEL_NAME
-    return _launch(kernel, (lhs, quads, words), scratch, 4, slots, (ctas,), ("ctas",),
-                   (mp, out_cols), dtype, name, interpret)  # fmt: skip
+    return _launch(kernel, args, scratch, 4, slots, (ctas,), ("ctas",), (mp, out_cols), dtype,
+                   name, interpret)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------- public API
 
 
-def _token_tile(m: int, config: MgpuNF4Config) -> int:
-    return min(config.block_m, _round_up(m, _ROWS))
+def _token_tile(m: int, config: MgpuNF4Config, low_rank: bool = False) -> int:
+    """Tokens per CTA: the config's, or M rounded up to 64 when smaller (to at least 128 with
+    a low-rank term, whose 128 rows of ``v`` share a token-tile slot)."""
+    bm = min(config.block_m, _round_up(m, _ROWS))
+    return max(bm, TILE) if low_rank else bm
 
 
 def check_supported(lhs: Any, w: NF4Tensor | MgpuNF4Weight, config: MgpuNF4Config, *,
-                         backward: bool = False) -> None:  # fmt: skip
+                    backward: bool = False, low_rank: tuple[Any, Any] | None = None,
+                    ) -> None:  # fmt: skip
     """Raises ``ValueError`` naming the first requirement ``x·Wᵀ`` (``backward``: ``dy·W``)
     misses: the reduction width, bf16/f16 activations matching a prepared weight's dtype,
-    K % 64 == 0 (whole absmax blocks per row), and the shared memory of the token tile."""
+    K % 64 == 0 (whole absmax blocks per row), the low-rank operands' shapes and dtypes, and
+    the shared memory of the token tile."""
     n, k = w.shape if isinstance(w, MgpuNF4Weight) else _check_nf4(w)
     name, dim = ("dy", ("N", n)) if backward else ("x", ("K", k))
     if lhs.ndim < 1 or lhs.shape[-1] != dim[1]:
@@ -841,7 +940,23 @@ def check_supported(lhs: Any, w: NF4Tensor | MgpuNF4Weight, config: MgpuNF4Confi
     m = int(np.prod(lhs.shape[:-1]))
     if m == 0:
         raise ValueError(f"{name} {tuple(lhs.shape)} has no rows")
-    bm = _token_tile(m, config)
+    if low_rank is not None:
+        u, v = low_rank
+        out = k if backward else n
+        if u.shape[:-1] != lhs.shape[:-1] or v.ndim != 2 or v.shape != (out, u.shape[-1]):
+            raise ValueError(
+                f"low_rank (u, v) must be u [..., R] with {name}'s leading dims "
+                f"{tuple(lhs.shape[:-1])} and v [{out}, R]; got u {tuple(u.shape)}, "
+                f"v {tuple(v.shape)}"
+            )
+        if u.dtype != lhs.dtype or v.dtype != lhs.dtype:
+            raise ValueError(
+                f"low_rank operands must be {name}'s dtype {jnp.dtype(lhs.dtype).name}; got u "
+                f"{u.dtype}, v {v.dtype}"
+            )
+        if config.block_m < TILE:
+            raise ValueError(f"a low-rank term needs block_m >= {TILE}, got {config.block_m}")
+    bm = _token_tile(m, config, low_rank is not None)
     if config.smem_bytes(bm) > _SMEM_BYTES:
         raise ValueError(
             f"config {config} needs {config.smem_bytes(bm)} bytes of shared memory at block_m "
@@ -850,21 +965,28 @@ def check_supported(lhs: Any, w: NF4Tensor | MgpuNF4Weight, config: MgpuNF4Confi
 
 
 @functools.partial(jax.jit, static_argnames=("config", "interpret", "backward"))
-def _matmul(lhs: Array, w: MgpuNF4Weight, config: MgpuNF4Config, interpret: Any,
-            backward: bool) -> Array:  # fmt: skip
-    """Pads the rows to the token tile and the reduction to W's padded extent, runs the kernel,
-    slices."""
+def _matmul(lhs: Array, w: MgpuNF4Weight, low_rank: tuple[Array, Array] | None,
+            config: MgpuNF4Config, interpret: Any, backward: bool) -> Array:  # fmt: skip
+    """Pads the rows to the token tile, the reduction to W's padded extent and the low-rank
+    width to a multiple of 64, runs the kernel, slices."""
     n, k = w.shape
     np_, kp = 2 * w.quads.shape[0], 2 * w.quads.shape[1]
-    red, red_padded, out = (n, np_, k) if backward else (k, kp, n)
+    red, red_padded, out, out_padded = (n, np_, k, kp) if backward else (k, kp, n, np_)
     lead = lhs.shape[:-1]
     lhs2 = lhs.reshape(-1, red)
     m = lhs2.shape[0]
-    bm = _token_tile(m, config)
+    bm = _token_tile(m, config, low_rank is not None)
     mp = _round_up(m, bm)
-    if (mp, red_padded) != (m, red):
-        lhs2 = jnp.pad(lhs2, ((0, mp - m), (0, red_padded - red)))
-    y = _quad_call(lhs2, w.quads, w.scales, bm, config, backward, interpret)
+    lhs2 = jnp.pad(lhs2, ((0, mp - m), (0, red_padded - red)))
+    if low_rank is not None:
+        u, v = low_rank
+        r = u.shape[-1]
+        rp = _round_up(r, _HALF)
+        low_rank = (
+            jnp.pad(u.reshape(m, r), ((0, mp - m), (0, rp - r))),
+            jnp.pad(v, ((0, out_padded - out), (0, rp - r))),
+        )
+    y = _quad_call(lhs2, w.quads, w.scales, bm, config, backward, interpret, low_rank)
     return y[:m, :out].reshape(*lead, out)
 
 
@@ -873,25 +995,32 @@ def _prepared(lhs: Array, w: NF4Tensor | MgpuNF4Weight) -> MgpuNF4Weight:
 
 
 def nf4_matmul_mgpu(x: Array, w: NF4Tensor | MgpuNF4Weight, *,
+                    low_rank: tuple[Array, Array] | None = None,
                     config: MgpuNF4Config = MgpuNF4Config(), interpret: Any = None,
                     ) -> Array:  # fmt: skip
-    """``x · Wᵀ`` for ``x [..., K]`` (bf16/f16) and an NF4 ``W [N, K]``; returns ``[..., N]``.
+    """``x · Wᵀ (+ u · vᵀ)`` for ``x [..., K]`` (bf16/f16) and an NF4 ``W [N, K]``; returns
+    ``[..., N]``.
 
     Float32 accumulation, one rounding to ``x.dtype``; the weights as :func:`dequantize_prepared`
     gives them. ``w``: a :class:`MgpuNF4Weight` (or an NF4Tensor, rewritten on every call).
-    ``interpret``: a Mosaic GPU interpreter parameter object (CPU tests), or None for the GPU.
+    ``low_rank = (u [..., R], v [N, R])`` in x's dtype: a term summed in the same accumulator
+    (LoRA's ``s·(x·Aᵀ)·Bᵀ`` as ``u = s·x·Aᵀ``, ``v = B``) for ``R / 64`` (rounded up) more
+    reduction steps per output tile. ``interpret``: a Mosaic GPU interpreter parameter object
+    (CPU tests), or None for the GPU.
     """
-    check_supported(x, w, config)
-    return _matmul(x, _prepared(x, w), config, interpret, backward=False)
+    check_supported(x, w, config, low_rank=low_rank)
+    return _matmul(x, _prepared(x, w), low_rank, config, interpret, backward=False)
 
 
 def nf4_matmul_t_mgpu(dy: Array, w: NF4Tensor | MgpuNF4Weight, *,
+                      low_rank: tuple[Array, Array] | None = None,
                       config: MgpuNF4Config = MgpuNF4Config(), interpret: Any = None,
                       ) -> Array:  # fmt: skip
-    """``dy · W`` for ``dy [..., N]`` (bf16/f16) and an NF4 ``W [N, K]``; returns ``[..., K]``:
-    the input gradient of :func:`nf4_matmul_mgpu`, on the same weight."""
-    check_supported(dy, w, config, backward=True)
-    return _matmul(dy, _prepared(dy, w), config, interpret, backward=True)
+    """``dy · W (+ u · vᵀ)`` for ``dy [..., N]`` (bf16/f16) and an NF4 ``W [N, K]``; returns
+    ``[..., K]``: the input gradient of :func:`nf4_matmul_mgpu`, on the same weight.
+    ``low_rank = (u [..., R], v [K, R])``: LoRA's ``s·(dy·B)·A`` as ``u = s·dy·B``, ``v = Aᵀ``."""
+    check_supported(dy, w, config, backward=True, low_rank=low_rank)
+    return _matmul(dy, _prepared(dy, w), low_rank, config, interpret, backward=True)
 
 
 def nf4_matmul_mgpu_reference(x: Array, w: NF4Tensor) -> Array:

@@ -110,6 +110,7 @@ def run_case(
     forward: dict | None = None,
     embeddings_on_host: bool = False,
     compiler_options: str = "default",
+    prepare_kernel_weights: bool = False,
 ) -> dict:
     import jax
     import numpy as np
@@ -125,6 +126,8 @@ def run_case(
     model = build_model(num_layers)
     if embeddings_on_host:
         model = lorax.embeddings_to_host(model)
+    if prepare_kernel_weights:
+        model = lorax.prepare_kernel_weights(model)
     jax.block_until_ready(jax.tree_util.tree_leaves(model.params))
     t_load = time.perf_counter() - START
     lora = lorax.init_lora(model, rank=16, alpha=16, targets="all-linear", key=jax.random.key(1))
@@ -180,6 +183,7 @@ def run_case(
         "forward": forward or {},
         "loss_chunk": chunk or "auto",
         "embeddings_on_host": embeddings_on_host,
+        "prepare_kernel_weights": prepare_kernel_weights,
         "compiler_options": compiler_options,
         "tokens_per_s": tokens / median,
         "median_step_s": median,
@@ -254,6 +258,12 @@ def main() -> None:
         default="default",
         help="XLA options of the step: default (XLA's own) or name=value,...",
     )
+    p.add_argument(
+        "--prepare-kernel-weights",
+        action="store_true",
+        help="stack the NF4 weights in the Mosaic GPU kernel's layout once "
+        "(lorax.prepare_kernel_weights): the projections then run on that kernel",
+    )
     p.add_argument("--json", default=None)
     p.add_argument("--case", default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -263,6 +273,7 @@ def main() -> None:
         result = run_case(
             shape, remat, attention, a.steps, a.warmup, a.chunk, a.layers, forward,
             embeddings_on_host=a.embeddings_on_host, compiler_options=a.compiler_options,
+            prepare_kernel_weights=a.prepare_kernel_weights,
         )  # fmt: skip
         print("RESULT " + json.dumps(result), flush=True)
         return
@@ -303,6 +314,8 @@ def main() -> None:
             cmd += ["--forward", a.forward]
         if a.embeddings_on_host:
             cmd += ["--embeddings-on-host"]
+        if a.prepare_kernel_weights:
+            cmd += ["--prepare-kernel-weights"]
         cmd += ["--compiler-options", a.compiler_options]
         out = subprocess.run(cmd, capture_output=True, text=True, env=env)
         result = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -316,6 +329,7 @@ def main() -> None:
         print(
             f"{shape:>7} remat={remat:<9} attn={attn:<6} {a.forward or ''} "
             f"{'host-emb ' if a.embeddings_on_host else ''}"
+            f"{'prepared ' if a.prepare_kernel_weights else ''}"
             f"{'' if a.compiler_options == 'default' else 'xla=' + a.compiler_options + ' '}"
             f"{r['tokens_per_s']:8.0f} tok/s  "
             f"{r['tflops']:6.1f} TFLOP/s  mfu {r['mfu'] or 0:.3f}  "

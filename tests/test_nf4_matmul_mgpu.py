@@ -37,6 +37,7 @@ from pallas_kernels.nf4_matmul_mgpu import (
     nf4_matmul_mgpu,
     nf4_matmul_t_mgpu,
     prepare_weight,
+    stack_prepared,
 )
 
 interpret_params = pytest.importorskip(
@@ -217,6 +218,56 @@ def test_matches_reference(rng, m, n, k, config, backward):
     assert np.max(np.abs(got - want)) <= 2**-7 * np.max(np.abs(want))
 
 
+@pytest.mark.parametrize("backward", [False, True], ids=["fwd", "bwd"])
+@pytest.mark.parametrize(
+    "m, r, config",
+    [
+        (40, 48, MgpuNF4Config(block_m=128)),  # M < 128: the token tile still holds v's rows
+        (300, 80, MgpuNF4Config(block_m=128, slots=3, max_ctas=2)),  # 2 low-rank steps, 2 CTAs
+    ],
+    ids=["one-step", "two-steps-persistent"],
+)
+def test_low_rank_term(rng, m, r, config, backward):
+    """``x·Wᵀ + u·vᵀ`` (``dy·W + u·vᵀ``) summed in one float32 accumulator: the low-rank steps
+    ride in the same ring after each tile's W steps."""
+    n, k = 200, 192
+    w = _weight(rng, n, k)
+    out = k if backward else n
+    lhs = jnp.asarray(rng.standard_normal((m, n if backward else k)), jnp.bfloat16)
+    u = jnp.asarray(rng.standard_normal((m, r)), jnp.bfloat16)
+    v = jnp.asarray(rng.standard_normal((out, r)), jnp.bfloat16)
+    params = interpret_params.InterpretGPUParams()
+    op = nf4_matmul_t_mgpu if backward else nf4_matmul_mgpu
+    got = np.asarray(op(lhs, w, low_rank=(u, v), config=config, interpret=params), np.float32)
+    want = _reference(lhs, w, backward) + np.asarray(
+        jnp.dot(u, v.T, preferred_element_type=jnp.float32)
+    )
+    assert rel_l2(got, want) < 3e-3, rel_l2(got, want)
+
+
+def test_stacked_weights(rng):
+    """Weights stacked along N (q/k/v) give each member's product from one call, in both
+    orientations, with the padding rows between members contributing nothing."""
+    ws = [_weight(rng, n, 128) for n in (136, 64, 128)]
+    stack = stack_prepared([prepare_weight(w) for w in ws])
+    assert stack.members == ((0, 136), (256, 64), (384, 128))
+    assert stack.shape == (512, 128)
+    params = interpret_params.InterpretGPUParams()
+    x = jnp.asarray(rng.standard_normal((70, 128)), jnp.bfloat16)
+    y = np.asarray(nf4_matmul_mgpu(x, stack, interpret=params), np.float32)
+    dys = [jnp.asarray(rng.standard_normal((70, w.shape[0])), jnp.bfloat16) for w in ws]
+    dy = jnp.zeros((70, stack.shape[0]), jnp.bfloat16)
+    dx_want = 0
+    for (offset, n), w, dy_i in zip(stack.members, ws, dys, strict=True):
+        assert rel_l2(y[:, offset : offset + n], _reference(x, w, False)) < 3e-3
+        dy = dy.at[:, offset : offset + n].set(dy_i)
+        dx_want = dx_want + _reference(dy_i, w, True)
+    dx = np.asarray(nf4_matmul_t_mgpu(dy, stack, interpret=params), np.float32)
+    assert rel_l2(dx, dx_want) < 3e-3
+    with pytest.raises(ValueError, match="one K and dtype"):
+        stack_prepared([prepare_weight(ws[0]), prepare_weight(_weight(rng, 64, 192))])
+
+
 def test_prepared_weight_f16_and_batch_axes(rng):
     """A weight prepared once for f16 serves both orientations with leading batch axes."""
     w = _weight(rng, 128, 192, double_quant=False)
@@ -250,6 +301,13 @@ def test_refusals(rng):
         prepare_weight(w, jnp.float32)
     with pytest.raises(ValueError, match="block_m must be"):
         MgpuNF4Config(block_m=96)
+    u, v = jnp.zeros((8, 16), jnp.bfloat16), jnp.zeros((64, 16), jnp.bfloat16)
+    with pytest.raises(ValueError, match=r"v \[64, R\]"):
+        nf4_matmul_mgpu(x, w, low_rank=(u, v[:32]))
+    with pytest.raises(ValueError, match="must be x's dtype bfloat16"):
+        nf4_matmul_mgpu(x, w, low_rank=(u, v.astype(jnp.float32)))
+    with pytest.raises(ValueError, match="block_m >= 128"):
+        nf4_matmul_mgpu(x, w, low_rank=(u, v), config=MgpuNF4Config(block_m=64))
 
 
 @pytest.mark.parametrize("backward", [False, True], ids=["fwd", "bwd"])
@@ -276,6 +334,9 @@ def test_lowers_for_hopper(config, dtype, backward):
         jnp.dtype(dtype).name,
     )
     op = nf4_matmul_t_mgpu if backward else nf4_matmul_mgpu
-    fn = jax.jit(lambda lhs, w: op(lhs, w, config=config))
-    text = fn.trace(lhs, w).lower(lowering_platforms=("cuda",)).as_text()
-    assert "mosaic_gpu" in text
+    u = jax.ShapeDtypeStruct((m, 48), dtype)
+    v = jax.ShapeDtypeStruct((k if backward else n, 48), dtype)
+    for args in ((lhs, w), (lhs, w, (u, v))):
+        fn = jax.jit(lambda lhs, w, low_rank=None: op(lhs, w, low_rank=low_rank, config=config))
+        text = fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+        assert "mosaic_gpu" in text

@@ -53,6 +53,9 @@ def export_gguf(
     ``general.name`` (default: the tokenizer's source, else the model type). The file is
     written atomically: on any error no file (and no partial file) is left at ``path``.
     """
+    from lorax.kernel_weights import require_unprepared  # here: lorax imports convert
+
+    require_unprepared(model, "export_gguf")
     chosen = scheme(quant)
     config = model.config
     arch = arch_for_export(config.model_type)

@@ -1,0 +1,76 @@
+"""Frozen NF4 weights rewritten once for the Mosaic GPU NF4 kernel.
+
+Why. The kernel (``pallas_kernels.nf4_matmul_mgpu``) reads W in its own "quad layout", which
+serves both the forward ``x·Wᵀ`` and the backward ``dy·W`` from registers. Given the
+bitsandbytes layout it rewrites W on every call (~1.1 bytes of traffic per weight, twice per
+training step), and projections that share an input would run as separate calls. A frozen
+base weight never changes, so :func:`prepare_kernel_weights` does the rewrite once, stacking
+each group of projections that share an input (q/k/v, gate/up) along N: the forward then
+runs one kernel call per group and direction, with the LoRA terms summed in the kernel's own
+float32 accumulator (``pallas_kernels.nf4_lora_matmul_group``).
+
+What it costs. The quad layout keeps each absmax as a pair of 16-bit halves (4 bytes per 64
+weights, where double quantization needs ~1): ~4.5 bits per weight instead of ~4.13, e.g.
+0.37 GB more for an 8B model. The NF4Tensors are dropped from the returned model, so its
+frozen weights are in no format an exporter reads: keep the loaded model (or its checkpoint)
+for :mod:`convert`'s merged and GGUF exports; adapters export as usual.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+
+from lorax.config import PROJECTION_GROUPS
+from lorax.model import PREPARED, Model, group_key
+from pallas_kernels.nf4 import NF4Tensor
+from pallas_kernels.nf4_matmul_mgpu import MgpuNF4Weight, prepare_weight, stack_prepared
+
+__all__ = ["is_prepared", "prepare_kernel_weights", "require_unprepared"]
+
+
+def prepare_kernel_weights(model: Model) -> Model:
+    """``model`` with every NF4 projection group's weights stacked in the Mosaic GPU kernel's
+    layout (scales split for the model's compute dtype, bf16 or f16).
+
+    The forward pass then runs those groups on the kernel wherever the matmul layer picks
+    kernels (on a GPU by default, ``ForwardOptions(matmul_variant=None or "mosaic")``), and on
+    the same decoded weights in the jnp reference elsewhere. Dense projections are left as
+    they are. Raises ``ValueError`` if the model is already prepared, or if a weight is one
+    the kernel cannot take (K % 64 != 0, an NF4 blocksize other than 64).
+    """
+    require_unprepared(model, "prepare_kernel_weights")
+    layers = dict(model.params["layers"])
+    prepared = {}
+    for names in PROJECTION_GROUPS:
+        weights = [layers[name]["weight"] for name in names]
+        if not all(isinstance(w, NF4Tensor) for w in weights):
+            continue
+        prepared[group_key(names)] = _prepare_group(tuple(weights), model.dtype)
+        for name in names:
+            layers[name] = {k: v for k, v in layers[name].items() if k != "weight"}
+    layers[PREPARED] = prepared
+    return dataclasses.replace(model, params={**model.params, "layers": layers})
+
+
+@functools.partial(jax.jit, static_argnames=("dtype",))
+def _prepare_group(weights: tuple[NF4Tensor, ...], dtype: Any) -> MgpuNF4Weight:
+    """The group's weights, stacked over layers as they came, one layer at a time."""
+    return jax.lax.map(lambda ws: stack_prepared([prepare_weight(w, dtype) for w in ws]), weights)
+
+
+def is_prepared(model: Model) -> bool:
+    """Whether :func:`prepare_kernel_weights` has rewritten the model's frozen weights."""
+    return PREPARED in model.params.get("layers", {})
+
+
+def require_unprepared(model: Model, what: str) -> None:
+    """Raises a ``ValueError`` naming ``what`` needs the loaded (bitsandbytes-layout) weights."""
+    if is_prepared(model):
+        raise ValueError(
+            f"{what} needs the model's loaded weights, but they were rewritten for the Mosaic "
+            "GPU kernel by prepare_kernel_weights; pass the model as loaded"
+        )

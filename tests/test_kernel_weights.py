@@ -1,0 +1,67 @@
+"""``lorax.prepare_kernel_weights``: frozen NF4 weights stacked once in the Mosaic GPU kernel's
+layout; the forward pass and its LoRA gradients are those of the loaded model."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import make_hf_model, random_lora, rel_l2
+
+import lorax
+from lorax.model import PREPARED, ForwardOptions, forward
+
+
+@pytest.fixture(scope="module")
+def nf4_model(tmp_path_factory):
+    pytest.importorskip("torch")
+    # intermediate 128: the kernel takes whole absmax blocks per row (K % 64 == 0).
+    _, path = make_hf_model(tmp_path_factory.mktemp("hf"), "llama", intermediate_size=128)
+    return lorax.load(path, quantize="nf4", dtype="bfloat16")
+
+
+def test_prepared_model_matches_loaded(nf4_model, rng):
+    model = nf4_model
+    # k_proj without an adapter: a group member with no LoRA term.
+    targets = ["q_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    lora = random_lora(model, rng, rank=4, alpha=8, targets=targets)
+    prepared = lorax.prepare_kernel_weights(model)
+    layers = prepared.params["layers"]
+    assert sorted(layers[PREPARED]) == [
+        "down_proj", "gate_proj+up_proj", "o_proj", "q_proj+k_proj+v_proj"
+    ]  # fmt: skip
+    assert "weight" not in layers["q_proj"] and "weight" in model.params["layers"]["q_proj"]
+    qkv = layers[PREPARED]["q_proj+k_proj+v_proj"]
+    assert qkv.quads.shape[0] == model.config.num_layers  # stacked over layers, scanned
+
+    ids = jnp.asarray(rng.integers(0, model.config.vocab_size, size=(2, 24)))
+    cot = jnp.asarray(rng.standard_normal((2, 24, model.config.vocab_size)), jnp.float32)
+
+    def loss(lora, model, impl):
+        logits = forward(model, lora, ids, options=ForwardOptions(matmul_impl=impl))
+        return jnp.sum(logits * cot), logits
+
+    (_, want), g_want = jax.value_and_grad(loss, has_aux=True)(lora, model, "reference")
+    # The jnp reference on the prepared weights, then the kernel in the Mosaic GPU interpreter.
+    for impl in ("reference", "pallas"):
+        (_, got), g_got = jax.value_and_grad(loss, has_aux=True)(lora, prepared, impl)
+        # bf16 activations through 2 layers; the prepared weights are within an ulp of the
+        # loaded ones and the kernel sums base and LoRA terms before one rounding.
+        assert rel_l2(got, want) < 2e-2, impl
+        for a, b in zip(jax.tree.leaves(g_got), jax.tree.leaves(g_want), strict=True):
+            assert rel_l2(np.asarray(a, np.float32), np.asarray(b, np.float32)) < 5e-2, impl
+
+
+def test_prepared_model_refusals(nf4_model, tmp_path):
+    prepared = lorax.prepare_kernel_weights(nf4_model)
+    with pytest.raises(ValueError, match="prepare_kernel_weights needs the model's loaded"):
+        lorax.prepare_kernel_weights(prepared)
+    with pytest.raises(ValueError, match="save_merged needs the model's loaded weights"):
+        lorax.save_merged(prepared, None, tmp_path / "merged")
+    with pytest.raises(ValueError, match="export_gguf needs the model's loaded weights"):
+        lorax.export_gguf(prepared, None, tmp_path / "m.gguf")
+    ids = jnp.zeros((1, 8), jnp.int32)
+    with pytest.raises(ValueError, match="runs on variant 'mosaic'"):
+        options = ForwardOptions(matmul_impl="pallas", matmul_variant="xla")
+        forward(prepared, None, ids, options=options)
