@@ -33,14 +33,17 @@ Implementations (``plan_nf4_lora_matmul`` says which one a call gets, and why):
 ``mosaic`` (Mosaic GPU, opt-in)
     :mod:`pallas_kernels.nf4_matmul_mgpu`: one Hopper kernel per orientation decodes W in
     registers straight into the tensor cores (``x·Wᵀ`` forward, ``dy·W`` backward, from the
-    same "quad layout" of W); the LoRA rank-r products and the bias stay XLA's, added as
-    ``xla`` adds them. On the H200 (BENCHMARKS.md §2, Llama-8B shapes, M = 4096-16384) each
-    orientation runs at 90-101% of the bf16 cuBLAS dot and 0.96-1.12x ``xla``'s
-    decode-then-dot with W already in the quad layout. Given an NF4Tensor it rewrites W into
-    that layout on every call (~1.1 bytes of traffic per weight, 1-21% of the kernel's time),
-    and it runs projections that share x as separate GEMMs, so end to end it measured 6.7%
-    slower than ``xla`` (Llama-8B step, §2) and is selected only on request
-    (``config.variant="mosaic"``). Needs K % 64 == 0 and bf16/f16 x.
+    same "quad layout" of W), with the LoRA terms as extra reduction steps summed in the same
+    float32 accumulator (``[x | s·xA]·[W | B]ᵀ`` forward, ``[dy | s·dyB]·[W; A]`` backward;
+    bias added by XLA). On the H200 (BENCHMARKS.md §2, Llama-8B shapes, M = 4096-16384)
+    each orientation runs at 90-101% of the bf16 cuBLAS dot and 0.96-1.12x ``xla``'s
+    decode-then-dot with W already in the quad layout. Given NF4Tensors it rewrites W into
+    that layout on every call (~1.1 bytes of traffic per weight, 1-21% of the kernel's
+    time); that wiring measured 6.7% slower than ``xla`` end to end (Llama-8B step, §2), so
+    NF4Tensors take it only on request (``config.variant="mosaic"``). Weights prepared once
+    (:class:`~pallas_kernels.nf4_matmul_mgpu.MgpuNF4Weight`, stacked per group: see
+    ``lorax.prepare_kernel_weights``) always run on it, under ``"auto"`` too; that path's
+    end-to-end speed is not measured yet. Needs K % 64 == 0 and bf16/f16 x.
 ``xla``
     The reference's jnp decode, compiled by XLA, then XLA's dot: XLA fuses the decode with
     its neighbours and schedules it among the other layer work. The default for
@@ -52,7 +55,8 @@ Implementations (``plan_nf4_lora_matmul`` says which one a call gets, and why):
     Plain jnp: ``dequantize_nf4`` then XLA dots (the CPU path), under the same custom VJP.
 
 Projections that share x (the model's q/k/v and gate/up) go through
-:func:`nf4_lora_matmul_group`: on the ``xla``/``reference`` variants with NF4 weights, one
+:func:`nf4_lora_matmul_group`: on ``mosaic`` one kernel call per direction for the group's
+stacked weights, and on the ``xla``/``reference`` variants with NF4 weights, one
 GEMM per direction for the whole group, the LoRA terms folded into dx's reduction and, where
 K <= ΣN, into the forward's too (a single ``nf4_lora_matmul`` on those variants is a group of
 one, so it gets the folded GEMMs too).
@@ -334,6 +338,12 @@ def nf4_lora_matmul_group(
     stays a separate dot, saved for the backward, which never recomputes the large GEMM. A
     group of one still gets the folded GEMMs. Dense weights (a concatenation would copy them
     every step) and the Pallas variants (small M) run member by member.
+
+    ``weights`` may also be one :class:`~pallas_kernels.nf4_matmul_mgpu.MgpuNF4Weight` that
+    stacks the members (``stack_prepared``; ``lorax.prepare_kernel_weights`` builds them per
+    layer): one Mosaic GPU kernel call per direction computes both equations above, the
+    LoRA terms in the kernel's reduction (the jnp reference, member by member, off the GPU).
+    NF4 weights on ``variant="mosaic"`` are stacked so on every call.
     """
     if isinstance(weights, MgpuNF4Weight):
         return _prepared_group(x, weights, adapters, scale, biases, interpret, impl, config)

@@ -71,6 +71,16 @@ Measured on the H200 (BENCHMARKS.md §2, the four Llama-8B projection shapes at 
 the same shape; 1.00-1.12x XLA's decode-then-dot up to M = 8192, 0.96-1.03x at M = 16384,
 where XLA's separate decode pass is amortized over the GEMM.
 
+LoRA and projection groups. ``low_rank = (u, v)`` adds ``u·vᵀ`` in the same accumulator as
+``R / 64`` more reduction steps per tile, their dense operands streamed through the same ring
+(:func:`_quad_call`): LoRA's up-projection ``s·(x·Aᵀ)·Bᵀ`` forward and ``s·(dy·B)·A``
+backward, summed before the one rounding. Weights of the same K stack along N
+(:func:`stack_prepared`: the layout is tiled by 128 rows, so stacking is a concatenation), so
+the projections that share an input (q/k/v, gate/up) are one call per direction. On the H200
+(ninth session, ``check_nf4_lora_group_mgpu.py``) the grouped results match the float32
+reference to 2.7-2.9e-3 (rel. L2; the XLA path 2.3-2.9e-3); their timing is still to be
+measured (BENCHMARKS.md §2).
+
 Shapes. K must be a multiple of 64 (whole absmax blocks per row; :func:`check_supported`
 raises otherwise). N and K are padded to multiples of 128 by the repack (code 7, the code of
 0.0, and zero scales), M to the token tile ``min(block_m, M rounded up to 64)`` by the wrapper.
@@ -139,7 +149,11 @@ class MgpuNF4Config:
     up to 64); each decoded weight feeds ``2·block_m`` flops. ``slots``: ring depth of the
     token/W/scale stream. ``persistent``: one CTA per SM looping over output tiles (module
     docstring), else one CTA per tile; ``max_ctas`` caps the persistent grid (0: the SM
-    count; tests use a few to run many tiles per CTA). ``compute_registers``,
+    count; tests use a few to run many tiles per CTA). ``group_m``: output tiles run in
+    groups of that many token tiles, token tiles fastest within a group, so the CTAs in flight
+    share W tiles as well as token tiles in L2 (1: output columns fastest, W streamed once
+    per token tile: the measured default; a W larger than L2, such as a stacked gate/up
+    projection of 58 MB, is what grouping is for). ``compute_registers``,
     ``memory_registers``: per-thread register budgets of the two compute warpgroups and the
     memory warpgroup (2·128·232 + 128·40 = 64K registers).
     """
@@ -148,6 +162,7 @@ class MgpuNF4Config:
     slots: int = 2
     persistent: bool = True
     max_ctas: int = 0
+    group_m: int = 1
     compute_registers: int = 232
     memory_registers: int = 40
 
@@ -156,6 +171,8 @@ class MgpuNF4Config:
             raise ValueError(f"block_m must be 64, 128, 192 or 256, got {self.block_m}")
         if self.slots < 2:
             raise ValueError(f"slots must be >= 2, got {self.slots}")
+        if self.group_m < 1:
+            raise ValueError(f"group_m must be >= 1, got {self.group_m}")
 
     def smem_bytes(self, block_m: int | None = None) -> int:
         """Shared memory allocated at token tile ``block_m`` (default the config's)."""
@@ -763,9 +780,10 @@ def _quad_call(lhs: Array, quads: Array, words: Array, block_m: int, config: Mgp
     Np]``) for padded operands (module docstring, "Kernel shape"), plus ``u·vᵀ`` for
     ``low_rank = (u [Mp, R], v [out columns, R])`` (R a multiple of 64, ``block_m >= 128``).
 
-    Output tile ``t`` is ``(t // out_tiles, t % out_tiles)`` in (token, output column) tiles.
-    One CTA per tile, or (``config.persistent``) one per SM, CTA ``c`` taking tiles ``c, c +
-    G, ...``: its memory warpgroup streams them back to back through the one ring, and each
+    Output tile ``t`` is ``(t // out_tiles, t % out_tiles)`` in (token, output column) tiles
+    (with ``config.group_m > 1``, token tiles fastest within groups of that many). One CTA
+    per tile, or (``config.persistent``) one per SM, CTA ``c`` taking tiles ``c, c + G,
+    ...``: its memory warpgroup streams them back to back through the one ring, and each
     tile's output store is left in flight until the next tile's epilogue reuses the tile.
 
     The low-rank term extends each tile's reduction by ``R / 64`` dense steps through the same
@@ -795,7 +813,14 @@ def _quad_call(lhs: Array, quads: Array, words: Array, block_m: int, config: Mgp
 
         def coords(t: Any) -> tuple[Array, Array]:
             tile = cta + t * ctas
-            return tile // out_tiles, tile % out_tiles
+            if config.group_m <= 1:
+                return tile // out_tiles, tile % out_tiles
+            # Groups of group_m token tiles, token tiles fastest within a group.
+            per_group = config.group_m * out_tiles
+            first = tile // per_group * config.group_m
+            size = jnp.minimum(m_tiles - first, config.group_m)
+            within = tile % per_group
+            return first + within % size, within // size
 
         @pl.when(wg < _COMPUTE_WGS)
         def _compute() -> None:

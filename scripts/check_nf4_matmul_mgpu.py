@@ -56,8 +56,12 @@ CONFIGS = {
     "m192s3": dict(block_m=192, slots=3),
     "m128s4": dict(block_m=128, slots=4),  # half the flops per decoded weight
     "m64s4": dict(block_m=64, slots=4),  # least amortization: the decode cost
+    # Output tiles in groups of 4 / 8 token tiles (token tiles fastest): W tiles shared in L2.
+    "m256s2g4": dict(block_m=256, slots=2, group_m=4),
+    "m256s2g8": dict(block_m=256, slots=2, group_m=8),
 }
 SHAPES = "4096x4096,4096x1024,4096x14336,14336x4096"  # K x N (q/o, k/v, gate/up, down)
+# Also useful: 4096x6144 (q/k/v stacked) and 4096x28672 (gate/up stacked: a 58 MB W, > L2).
 DEFAULT_CONFIGS = "m256s2"
 
 

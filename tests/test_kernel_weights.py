@@ -65,3 +65,33 @@ def test_prepared_model_refusals(nf4_model, tmp_path):
     with pytest.raises(ValueError, match="runs on variant 'mosaic'"):
         options = ForwardOptions(matmul_impl="pallas", matmul_variant="xla")
         forward(prepared, None, ids, options=options)
+
+
+def test_prepared_model_trains(nf4_model, rng):
+    """A train step on the prepared model takes the loaded model's loss and gradient step; the
+    memory report counts the prepared weights and no decode workspace for them."""
+    from lorax import sharding
+    from lorax.train import make_optimizer
+    from lorax.train.step import StepConfig, init_train_state, make_train_step
+
+    prepared = lorax.prepare_kernel_weights(nf4_model)
+    lora = random_lora(nf4_model, rng, rank=4, alpha=8, targets=["q_proj", "up_proj"])
+    opt = make_optimizer("adamw", 1e-3)
+    ids = rng.integers(0, nf4_model.config.vocab_size, size=(1, 2, 16)).astype(np.int32)
+    batch = {"input_ids": jnp.asarray(ids), "labels": jnp.asarray(ids)}
+    results = []
+    for model in (nf4_model, prepared):
+        step = make_train_step(
+            model, opt, StepConfig(forward=ForwardOptions(matmul_impl="reference"))
+        )
+        state, metrics = step(init_train_state(lora, opt, key=jax.random.key(0)), batch)
+        results.append((float(metrics["loss"]), state.lora.params))
+    (loss, params), (loss_p, params_p) = results
+    assert abs(loss - loss_p) < 1e-2 * abs(loss)
+    for a, b in zip(jax.tree.leaves(params_p), jax.tree.leaves(params), strict=True):
+        assert rel_l2(np.asarray(a), np.asarray(b)) < 1e-2
+    state = init_train_state(lora, opt, key=jax.random.key(0))
+    loaded = sharding.memory_report(nf4_model, state, tokens_per_device=32)
+    report = sharding.memory_report(prepared, state, tokens_per_device=32)
+    assert loaded.weights_workspace > 0 and report.weights_workspace == 0  # nothing decoded
+    assert report.base > 0

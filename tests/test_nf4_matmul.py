@@ -271,6 +271,23 @@ def _group_vjp(fn, x, adapters, dys):
     return jax.jit(run)(x, adapters)
 
 
+def _assert_group_matches(dtype, got, want) -> None:
+    """Values, dx and every member's dA/dB of a group's ``(ys, (dx, adapter grads))`` against
+    the member-by-member reference's."""
+    (ys, (dx, dad)), (ys_ref, (dx_ref, dad_ref)) = got, want
+    tol_y, tol_g = TOL[dtype]
+    for y, y_ref in zip(ys, ys_ref, strict=True):
+        assert y.shape == y_ref.shape and y.dtype == dtype
+        assert _rel(y, y_ref) < tol_y
+    assert _rel(dx, dx_ref) < tol_g, "dx"
+    for i, (g, g_ref) in enumerate(zip(dad, dad_ref, strict=True)):
+        if g_ref is None:
+            assert g is None, i
+            continue
+        for name, gi, ri in zip(("dA", "dB"), g, g_ref, strict=True):
+            assert gi.dtype == ri.dtype and _rel(gi, ri) < tol_g, f"member {i} {name}"
+
+
 GROUPS = [
     # lead, K, members (N, r, bias), dtype
     ((3, 5), 128, [(64, 8, False), (32, 0, True), (32, 4, False)], jnp.float32),
@@ -295,20 +312,8 @@ def test_group_matches_members(rng, lead, k, members, dtype):
             for w, ab, bias in zip(ws, adapters, biases, strict=True)
         )
 
-    (ys, (dx, dad)), (ys_ref, (dx_ref, dad_ref)) = (
-        _group_vjp(fn, x, adapters, dys) for fn in (grouped, reference)
-    )
-    tol_y, tol_g = TOL[dtype]
-    for y, y_ref in zip(ys, ys_ref, strict=True):
-        assert y.shape == y_ref.shape and y.dtype == dtype
-        assert _rel(y, y_ref) < tol_y
-    assert _rel(dx, dx_ref) < tol_g, "dx"
-    for i, (g, g_ref) in enumerate(zip(dad, dad_ref, strict=True)):
-        if g_ref is None:
-            assert g is None, i
-            continue
-        for name, gi, ri in zip(("dA", "dB"), g, g_ref, strict=True):
-            assert gi.dtype == ri.dtype and _rel(gi, ri) < tol_g, f"member {i} {name}"
+    got, want = (_group_vjp(fn, x, adapters, dys) for fn in (grouped, reference))
+    _assert_group_matches(dtype, got, want)
 
 
 @pytest.mark.parametrize("prepared", [True, False], ids=["prepared-stack", "nf4-each-call"])
@@ -332,25 +337,14 @@ def test_mosaic_group_matches_members(rng, prepared):
             for w, ab, bias in zip(ws, adapters, biases, strict=True)
         )
 
-    (ys, (dx, dad)), (ys_ref, (dx_ref, dad_ref)) = (
-        _group_vjp(fn, x, adapters, dys) for fn in (grouped, reference)
-    )
-    tol_y, tol_g = TOL[jnp.bfloat16]
-    for y, y_ref in zip(ys, ys_ref, strict=True):
-        assert y.shape == y_ref.shape and y.dtype == jnp.bfloat16
-        assert _rel(y, y_ref) < tol_y
-    assert _rel(dx, dx_ref) < tol_g, "dx"
-    for i, (g, g_ref) in enumerate(zip(dad, dad_ref, strict=True)):
-        if g_ref is None:
-            assert g is None, i
-            continue
-        for name, gi, ri in zip(("dA", "dB"), g, g_ref, strict=True):
-            assert gi.dtype == ri.dtype and _rel(gi, ri) < tol_g, f"member {i} {name}"
+    got, want = (_group_vjp(fn, x, adapters, dys) for fn in (grouped, reference))
+    _assert_group_matches(jnp.bfloat16, got, want)
+    ys_ref = want[0]
     if prepared:  # the CPU reference path takes the prepared stack too
         ys_cpu = nf4_lora_matmul_group(x, weights, adapters, 0.75, biases=biases,
                                        impl="reference")  # fmt: skip
         for y, y_ref in zip(ys_cpu, ys_ref, strict=True):
-            assert _rel(y, y_ref) < tol_y
+            assert _rel(y, y_ref) < TOL[jnp.bfloat16][0]
         with pytest.raises(ValueError, match="stacks 3 members; got 2 adapters"):
             nf4_lora_matmul_group(x, weights, adapters[:2], 0.75, impl="reference")
 

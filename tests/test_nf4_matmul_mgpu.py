@@ -201,8 +201,10 @@ def _reference(lhs, w: NF4Tensor, backward: bool):
         (96, 384, 192, MgpuNF4Config(block_m=64, slots=3)),  # 3 N steps
         # 2 CTAs looping over 9 (fwd) or 6 (bwd) tiles of 2-3 steps through one ring.
         (150, 384, 320, MgpuNF4Config(block_m=64, slots=2, max_ctas=2)),
+        # Token tiles fastest in groups of 2 (the last group ragged: 3 token tiles).
+        (150, 384, 320, MgpuNF4Config(block_m=64, slots=2, max_ctas=2, group_m=2)),
     ],
-    ids=["single", "ragged", "three-steps", "persistent"],
+    ids=["single", "ragged", "three-steps", "persistent", "grouped-order"],
 )
 def test_matches_reference(rng, m, n, k, config, backward):
     """``y = x·Wᵀ`` and ``dx = dy·W`` in the interpreter against a float32 dot with the
@@ -301,6 +303,8 @@ def test_refusals(rng):
         prepare_weight(w, jnp.float32)
     with pytest.raises(ValueError, match="block_m must be"):
         MgpuNF4Config(block_m=96)
+    with pytest.raises(ValueError, match="group_m must be >= 1"):
+        MgpuNF4Config(group_m=0)
     u, v = jnp.zeros((8, 16), jnp.bfloat16), jnp.zeros((64, 16), jnp.bfloat16)
     with pytest.raises(ValueError, match=r"v \[64, R\]"):
         nf4_matmul_mgpu(x, w, low_rank=(u, v[:32]))

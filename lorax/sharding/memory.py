@@ -28,6 +28,7 @@ from lorax.model import HOST_MEMORY_KINDS
 from lorax.sharding.mesh import describe
 from lorax.train.step import auto_chunk_size
 from pallas_kernels.nf4 import NF4Tensor
+from pallas_kernels.nf4_matmul_mgpu import MgpuNF4Weight
 
 
 def per_device_bytes(tree: Any) -> int:
@@ -62,12 +63,16 @@ def total_bytes(tree: Any) -> int:
 
 
 def _layer_weight_bytes(params: Any) -> tuple[int, int]:
-    """(bytes of one layer's stored weights, elements of its largest projection)."""
+    """(bytes of one layer's stored weights, elements of its largest projection decoded to
+    16 bits: weights prepared for the Mosaic GPU kernel are never decoded, so count none)."""
     stored = 0
     largest = 0
     for proj in jax.tree_util.tree_leaves(
-        params.get("layers", {}), is_leaf=lambda x: isinstance(x, NF4Tensor)
+        params.get("layers", {}), is_leaf=lambda x: isinstance(x, NF4Tensor | MgpuNF4Weight)
     ):
+        if isinstance(proj, MgpuNF4Weight):
+            stored += total_bytes(proj) // max(proj.quads.shape[0], 1)
+            continue
         layers = proj.packed.shape[0] if isinstance(proj, NF4Tensor) else proj.shape[0]
         stored += total_bytes(proj) // max(layers, 1)
         if isinstance(proj, NF4Tensor):
