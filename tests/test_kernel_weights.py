@@ -95,3 +95,18 @@ def test_prepared_model_trains(nf4_model, rng):
     report = sharding.memory_report(prepared, state, tokens_per_device=32)
     assert loaded.weights_workspace > 0 and report.weights_workspace == 0  # nothing decoded
     assert report.base > 0
+
+
+def test_prepared_model_with_lora_dropout(nf4_model, rng):
+    """LoRA dropout gives each member its own mask, so the members of a prepared group run
+    one by one on their slices of the stack: the same logits as the loaded model's."""
+    prepared = lorax.prepare_kernel_weights(nf4_model)
+    targets = ["q_proj", "k_proj", "gate_proj"]
+    lora = random_lora(nf4_model, rng, rank=4, alpha=8, targets=targets, dropout=0.3)
+    ids = jnp.asarray(rng.integers(0, nf4_model.config.vocab_size, size=(1, 16)))
+    options = ForwardOptions(matmul_impl="reference")
+    key = jax.random.key(3)
+    want = forward(nf4_model, lora, ids, dropout_key=key, options=options)
+    got = forward(prepared, lora, ids, dropout_key=key, options=options)
+    assert rel_l2(got, want) < 2e-2
+    assert rel_l2(got, forward(prepared, lora, ids, options=options)) > 1e-3  # masks applied

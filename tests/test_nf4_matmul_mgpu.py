@@ -38,6 +38,7 @@ from pallas_kernels.nf4_matmul_mgpu import (
     nf4_matmul_t_mgpu,
     prepare_weight,
     stack_prepared,
+    stacked_member,
 )
 
 interpret_params = pytest.importorskip(
@@ -266,6 +267,12 @@ def test_stacked_weights(rng):
         dx_want = dx_want + _reference(dy_i, w, True)
     dx = np.asarray(nf4_matmul_t_mgpu(dy, stack, interpret=params), np.float32)
     assert rel_l2(dx, dx_want) < 3e-3
+    for i, w in enumerate(ws):  # a member sliced back out is the member prepared alone
+        member = stacked_member(stack, i)
+        assert member.shape == w.shape and member.members == ((0, w.shape[0]),)
+        np.testing.assert_array_equal(
+            dequantize_prepared(member), dequantize_prepared(prepare_weight(w))
+        )
     with pytest.raises(ValueError, match="one K and dtype"):
         stack_prepared([prepare_weight(ws[0]), prepare_weight(_weight(rng, 64, 192))])
 
