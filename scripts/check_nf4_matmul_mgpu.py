@@ -202,6 +202,9 @@ def _config_worker(args) -> None:
             vs_deq = f"{t_deq / t_kernel:5.2f}x faster than (b)" if t_deq else ""
             print(_row(f"mgpu {tag}", flops, t_kernel, t_dot, vs_deq), flush=True)
             print(_row(f"mgpu+prep {tag}", flops, t_prep, t_dot), flush=True)
+            if args.low_rank:
+                _time_low_rank(args.low_rank, prepared_fn, x, prepared, direction, flops, t_kernel,
+                               reference[1](x, prepared))  # fmt: skip
         except Exception as e:  # noqa: BLE001 - report and go on
             lines = f"{type(e).__name__}: {e}".splitlines()
             print(f"{key}  {args.worker}: FAILED " + "\n    ".join(lines[:12]),
@@ -209,6 +212,31 @@ def _config_worker(args) -> None:
             traceback.print_exc(limit=2)
             if "lower" in str(e).lower() or "NotImplemented" in type(e).__name__:
                 failed.add(direction)  # a lowering failure will repeat on every shape
+
+
+def _time_low_rank(r: int, kernel, x, prepared, direction: str, flops: float, t_kernel: float,
+                   base_want) -> None:  # fmt: skip
+    """The kernel with a width-``r`` low-rank term ``u·vᵀ`` (random bf16 ``u [M, r]``, ``v
+    [out, r]``): its error against the float32 sum and its time over the plain kernel's."""
+    import jax
+    import jax.numpy as jnp
+    from _common import pipelined_ms
+
+    n, k = prepared.shape
+    ku, kv = jax.random.split(jax.random.key(2))
+    u = jax.random.normal(ku, (x.shape[0], r), jnp.bfloat16)
+    v = 0.05 * jax.random.normal(kv, (k if direction == "bwd" else n, r), jnp.bfloat16)
+    want = base_want + jnp.dot(u, v.T, preferred_element_type=jnp.float32)
+
+    def with_low_rank(x, prepared, low_rank):
+        return kernel(x, prepared, low_rank=low_rank)
+
+    y = with_low_rank(x, prepared, (u, v)).astype(jnp.float32)
+    err = float(jnp.linalg.norm(y - want) / jnp.linalg.norm(want))
+    t = pipelined_ms(with_low_rank, x, prepared, (u, v))
+    label = f"mgpu+lowrank{r}"
+    print(_row(label, flops, t, None, f"{100 * (t / t_kernel - 1):+5.1f}% time, rel.L2 {err:.2e}"
+               f" {'ok' if err < 2.2e-3 else 'WRONG'}"), flush=True)  # fmt: skip
 
 
 def _run_child(argv: list[str], timeout: float, stall: float) -> None:
@@ -258,6 +286,12 @@ def main() -> None:
     parser.add_argument("--stall-s", type=float, default=60.0, help="kill a silent subprocess")
     parser.add_argument("--budget-s", type=float, default=540.0, help="seconds for the whole run")
     parser.add_argument("--no-baselines", action="store_true")
+    parser.add_argument(
+        "--low-rank",
+        type=int,
+        default=0,
+        help="also time the kernel with a low-rank term of this width (LoRA's Σr)",
+    )
     parser.add_argument("--interpret", action="store_true", help="CPU smoke test (interpreter)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--base", help=argparse.SUPPRESS)
@@ -275,9 +309,8 @@ def main() -> None:
     bad = [d for d in args.direction.split(",") if d and d not in ("fwd", "bwd")]
     if bad:
         parser.error(f"unknown directions {bad}; known: fwd, bwd")
-    common = ["--ms", args.ms, "--shapes", args.shapes, "--direction", args.direction] + (
-        ["--interpret"] if args.interpret else []
-    )
+    common = ["--ms", args.ms, "--shapes", args.shapes, "--direction", args.direction]
+    common += ["--low-rank", str(args.low_rank)] + (["--interpret"] if args.interpret else [])
     deadline = time.monotonic() + args.budget_s
     runs = [] if args.no_baselines else [["--worker", "baseline"]]
     runs += [["--worker", name] for name in names]
