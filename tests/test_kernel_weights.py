@@ -43,14 +43,16 @@ def test_prepared_model_matches_loaded(nf4_model, rng):
         return jnp.sum(logits * cot), logits
 
     (_, want), g_want = jax.value_and_grad(loss, has_aux=True)(lora, model, "reference")
-    # The jnp reference on the prepared weights, then the kernel in the Mosaic GPU interpreter.
-    for impl in ("reference", "pallas"):
-        (_, got), g_got = jax.value_and_grad(loss, has_aux=True)(lora, prepared, impl)
-        # bf16 activations through 2 layers; the prepared weights are within an ulp of the
-        # loaded ones and the kernel sums base and LoRA terms before one rounding.
-        assert rel_l2(got, want) < 2e-2, impl
-        for a, b in zip(jax.tree.leaves(g_got), jax.tree.leaves(g_want), strict=True):
-            assert rel_l2(np.asarray(a, np.float32), np.asarray(b, np.float32)) < 5e-2, impl
+    # bf16 activations through 2 layers; the prepared weights are within an ulp of the loaded
+    # ones and the kernel sums base and LoRA terms before one rounding.
+    (_, got), g_got = jax.value_and_grad(loss, has_aux=True)(lora, prepared, "reference")
+    assert rel_l2(got, want) < 2e-2
+    for a, b in zip(jax.tree.leaves(g_got), jax.tree.leaves(g_want), strict=True):
+        assert rel_l2(np.asarray(a, np.float32), np.asarray(b, np.float32)) < 5e-2
+    # The kernel itself (Mosaic GPU interpreter) in the model's scan: the forward here; its
+    # gradients are checked group by group in test_nf4_matmul.py.
+    _, got = loss(lora, prepared, "pallas")
+    assert rel_l2(got, want) < 2e-2
 
 
 def test_prepared_model_refusals(nf4_model, tmp_path):
