@@ -49,10 +49,8 @@ def test_prepared_model_matches_loaded(nf4_model, rng):
     assert rel_l2(got, want) < 2e-2
     for a, b in zip(jax.tree.leaves(g_got), jax.tree.leaves(g_want), strict=True):
         assert rel_l2(np.asarray(a, np.float32), np.asarray(b, np.float32)) < 5e-2
-    # The kernel itself (Mosaic GPU interpreter) in the model's scan: the forward here; its
-    # gradients are checked group by group in test_nf4_matmul.py.
-    _, got = loss(lora, prepared, "pallas")
-    assert rel_l2(got, want) < 2e-2
+    # The kernel path itself (Mosaic GPU interpreter) is checked group by group, values and
+    # gradients, in test_nf4_matmul.py: in a model it is the same call per group.
 
 
 def test_prepared_model_refusals(nf4_model, tmp_path):

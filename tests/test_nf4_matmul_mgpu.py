@@ -221,14 +221,15 @@ def test_matches_reference(rng, m, n, k, config, backward):
     assert np.max(np.abs(got - want)) <= 2**-7 * np.max(np.abs(want))
 
 
-@pytest.mark.parametrize("backward", [False, True], ids=["fwd", "bwd"])
 @pytest.mark.parametrize(
-    "m, r, config",
+    "m, r, config, backward",
     [
-        (40, 48, MgpuNF4Config(block_m=128)),  # M < 128: the token tile still holds v's rows
-        (300, 80, MgpuNF4Config(block_m=128, slots=3, max_ctas=2)),  # 2 low-rank steps, 2 CTAs
+        # M < 128: the token tile still holds v's rows.
+        (40, 48, MgpuNF4Config(block_m=128), False),
+        # 2 low-rank steps, 2 persistent CTAs over several tiles.
+        (300, 80, MgpuNF4Config(block_m=128, slots=3, max_ctas=2), True),
     ],
-    ids=["one-step", "two-steps-persistent"],
+    ids=["one-step-fwd", "two-steps-persistent-bwd"],
 )
 def test_low_rank_term(rng, m, r, config, backward):
     """``x·Wᵀ + u·vᵀ`` (``dy·W + u·vᵀ``) summed in one float32 accumulator: the low-rank steps
