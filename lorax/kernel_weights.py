@@ -13,7 +13,8 @@ What it costs. The quad layout keeps each absmax as a pair of 16-bit halves (4 b
 weights, where double quantization needs ~1): ~4.5 bits per weight instead of ~4.13, e.g.
 0.37 GB more for an 8B model. The NF4Tensors are dropped from the returned model, so its
 frozen weights are in no format an exporter reads: keep the loaded model (or its checkpoint)
-for :mod:`convert`'s merged and GGUF exports; adapters export as usual.
+for :mod:`convert`'s merged and GGUF exports; adapters export as usual. The sharding rules
+do not name the prepared arrays, so on a multi-device mesh they are replicated, not split.
 """
 
 from __future__ import annotations
