@@ -634,11 +634,6 @@ def _lora_matmul_fwd(
             x, packed, absmax, xa, b_cd, bias,
             scale=scale, config=plan.config, interpret=plan.interpret,
         )  # fmt: skip
-    elif plan.variant == "mosaic":
-        base = _mgpu.nf4_matmul_mgpu(
-            x, w, interpret=_backend.mosaic_interpret_params(plan.interpret)
-        )
-        y = _add_low_rank(base, xa, b_cd, _NT, scale, bias)
     else:
         y = _xla_linear(x, _dense_weight(plan, w, cd), xa, b_cd, _NT, scale, bias)
     return y, (x, xa, w, a, b)
@@ -658,10 +653,6 @@ def _lora_matmul_bwd(
             dy, packed, absmax, dyb, a_cd,
             scale=scale, config=plan.config, interpret=plan.interpret,
         )  # fmt: skip
-    elif plan.variant == "mosaic":
-        params = _backend.mosaic_interpret_params(plan.interpret)
-        dx = _add_low_rank(_mgpu.nf4_matmul_t_mgpu(dy, w, interpret=params), dyb, a_cd, _NN,
-                           scale, None)  # fmt: skip
     else:
         dx = _xla_linear(dy, _dense_weight(plan, w, cd), dyb, a_cd, _NN, scale, None)
     da = db = None
