@@ -42,7 +42,13 @@ TINY = dict(
 
 
 def build_step(
-    shape: str, remat: str, forward: dict, layers: int | None, tiny: bool, on_host: bool = False
+    shape: str,
+    remat: str,
+    forward: dict,
+    layers: int | None,
+    tiny: bool,
+    on_host: bool = False,
+    prepare: bool = False,
 ):
     import jax
     import numpy as np
@@ -57,6 +63,8 @@ def build_step(
     model = build_model(layers, TINY if tiny else None)
     if on_host:
         model = lorax.embeddings_to_host(model)
+    if prepare:
+        model = lorax.prepare_kernel_weights(model)
     lora = lorax.init_lora(model, rank=16, alpha=16, targets="all-linear", key=jax.random.key(1))
     opt = make_optimizer("adamw", 1e-4, max_grad_norm=None)
     state = init_train_state(lora, opt, key=jax.random.key(2))
@@ -206,6 +214,11 @@ def main() -> None:
     p.add_argument(
         "--embeddings-on-host", action="store_true", help="lorax.embeddings_to_host, as bench_train"
     )
+    p.add_argument(
+        "--prepare-kernel-weights",
+        action="store_true",
+        help="lorax.prepare_kernel_weights, as bench_train",
+    )
     p.add_argument("--compile-only", action="store_true", help="memory analysis, no trace")
     a = p.parse_args()
 
@@ -216,7 +229,7 @@ def main() -> None:
 
     forward = parse_forward(a.forward)
     step, compiled, state, batch = build_step(
-        shape, remat, forward, a.layers, a.tiny, a.embeddings_on_host
+        shape, remat, forward, a.layers, a.tiny, a.embeddings_on_host, a.prepare_kernel_weights
     )
     hlo_text = compiled.as_text()
     memory = compiled.memory_analysis()
