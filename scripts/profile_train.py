@@ -7,6 +7,8 @@ random NF4 weights, LoRA r=16 on all 7 projections, AdamW), warms the jitted ste
 compiled module's text says what that op is (a cuBLAS GEMM, cuDNN attention, a Pallas kernel,
 an elementwise fusion and which primitives it fuses, a host copy). The tables give milliseconds
 per step, so the categories add up to the step time the benchmark reports (less idle gaps).
+XLA's command buffers are off (``--command-buffers`` keeps them), so that every kernel shows
+under its own op rather than inside a replayed buffer.
 
     python scripts/profile_train.py --case 2x2048:selective --json $OUT/profile.json
     python scripts/profile_train.py --case 1x8192:mlp:8,selective --forward mlp_chunk_tokens=4096
@@ -220,7 +222,20 @@ def main() -> None:
         help="lorax.prepare_kernel_weights, as bench_train",
     )
     p.add_argument("--compile-only", action="store_true", help="memory analysis, no trace")
+    p.add_argument(
+        "--command-buffers",
+        action="store_true",
+        help="keep XLA's GPU command buffers (the trace then shows buffers, not kernels)",
+    )
     a = p.parse_args()
+    if not a.command_buffers and "xla_gpu_enable_command_buffer" not in os.environ.get(
+        "XLA_FLAGS", ""
+    ):
+        # Command buffers replay captured kernels under one op name: the per-op table would
+        # be a single "command_buffer" row. Off (before jax starts), every kernel is its op.
+        os.environ["XLA_FLAGS"] = (
+            os.environ.get("XLA_FLAGS", "") + " --xla_gpu_enable_command_buffer="
+        ).strip()
 
     import jax
 
