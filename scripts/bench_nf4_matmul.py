@@ -166,7 +166,9 @@ def _op_fns(op: Callable[..., Array]) -> tuple[Callable[..., Any], Callable[...,
 
 def _ceiling_fns() -> tuple[Callable[..., Any], Callable[..., Any]]:
     def dot(x, w):
-        return lax.dot_general(x, w, _NT, preferred_element_type=jnp.float32).astype(x.dtype)
+        # bf16 out of cuBLAS's float32 accumulator, as the kernels write: a float32 result
+        # cast afterwards costs an extra output pass (and its vjp runs dx in mixed precision).
+        return lax.dot_general(x, w, _NT, preferred_element_type=x.dtype)
 
     def fwd(x, w, a, b, dy):
         del a, b, dy

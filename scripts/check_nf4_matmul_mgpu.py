@@ -8,7 +8,9 @@ reference's), and against the dot with the kernel's own decoded weights
 scale part shows), then pipelined timings (median, dispatch hidden,
 ``_common.pipelined_ms``) in TFLOP/s of 2·M·N·K and as % of
 
-  (a) ``bf16 dot``:  ``jnp.dot`` with a dense bf16 W of the same shape (cuBLAS, the ceiling),
+  (a) ``bf16 dot``:  ``jnp.dot`` with a dense bf16 W of the same shape (cuBLAS, the ceiling;
+      bf16 out of a float32 accumulator, as the kernel writes: ``--f32-out-dot`` adds the
+      float32-result-then-cast dot these rows used before, which costs an extra output pass),
   (b) ``xla deq+dot``: ``dequantize_nf4`` by XLA, then the same dot (what ``variant="xla"`` runs),
 
 for each kernel config twice: ``mgpu+prep`` takes the NF4Tensor (the rewrite into the quad
@@ -107,14 +109,21 @@ def _baseline_worker(args) -> None:
     from pallas_kernels.nf4 import dequantize_nf4
 
     print(f"== baselines on {jax.devices()[0].device_kind}, jax {jax.__version__}", flush=True)
-    f32 = jnp.float32
-    dots = {  # y = x·Wᵀ; dx = dy·W
-        "fwd": jax.jit(lambda x, w: jnp.dot(x, w.T, preferred_element_type=f32).astype(x.dtype)),
-        "bwd": jax.jit(lambda x, w: jnp.dot(x, w, preferred_element_type=f32).astype(x.dtype)),
-    }
+
+    # y = x·Wᵀ, dx = dy·W: bf16 out of cuBLAS's float32 accumulator, as the kernel and the
+    # model's dots write it. A float32 result cast afterwards is not fused into the GEMM: an
+    # extra pass over the output, which inflated (a) and (b) before 2026-11-29 (10th session).
+    def oriented(direction, out_dtype):
+        def dot(x, w):
+            w = w.T if direction == "fwd" else w
+            return jnp.dot(x, w, preferred_element_type=out_dtype).astype(x.dtype)
+
+        return dot
+
     result = {}
     for direction, m, k, n in _shapes(args):
-        dot = dots[direction]
+        dot = jax.jit(oriented(direction, jnp.bfloat16))
+        dot_f32_out = jax.jit(oriented(direction, jnp.float32))
         deq = jax.jit(lambda x, w, dot=dot: dot(x, dequantize_nf4(w, x.dtype)))
         x, w16, w = _inputs(m, n if direction == "bwd" else k, k, n)
         flops = 2 * m * n * k
@@ -124,6 +133,9 @@ def _baseline_worker(args) -> None:
         print(_label(direction, m, k, n), flush=True)
         print(_row("(a) bf16 dot", flops, t_dot, t_dot), flush=True)
         print(_row("(b) xla deq+dot", flops, t_deq, t_dot), flush=True)
+        if args.f32_out_dot:
+            t = pipelined_ms(dot_f32_out, x, w16)
+            print(_row("    f32 out, then cast", flops, t, t_dot), flush=True)
         del x, w16, w
     with open(args.out, "w") as f:
         json.dump(result, f)
@@ -287,6 +299,11 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=540.0, help="seconds for the whole run")
     parser.add_argument("--no-baselines", action="store_true")
     parser.add_argument(
+        "--f32-out-dot",
+        action="store_true",
+        help="also time (a) with a float32 result cast to bf16 (the pre-fix baseline)",
+    )
+    parser.add_argument(
         "--low-rank",
         type=int,
         default=0,
@@ -311,6 +328,7 @@ def main() -> None:
         parser.error(f"unknown directions {bad}; known: fwd, bwd")
     common = ["--ms", args.ms, "--shapes", args.shapes, "--direction", args.direction]
     common += ["--low-rank", str(args.low_rank)] + (["--interpret"] if args.interpret else [])
+    common += ["--f32-out-dot"] if args.f32_out_dot else []
     deadline = time.monotonic() + args.budget_s
     runs = [] if args.no_baselines else [["--worker", "baseline"]]
     runs += [["--worker", name] for name in names]
