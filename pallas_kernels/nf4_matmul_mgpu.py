@@ -67,9 +67,12 @@ reduction is short: ``dy·W`` of a 1024-row W). Output tiles run with the output
 fastest, so CTAs in flight share token tiles in L2.
 
 Measured on the H200 (BENCHMARKS.md §2, the four Llama-8B projection shapes at M = 4096,
-8192, 16384, W prepared once): forward 90-99% and backward 90-101% of the bf16 cuBLAS dot of
-the same shape; 1.00-1.12x XLA's decode-then-dot up to M = 8192, 0.96-1.03x at M = 16384,
-where XLA's separate decode pass is amortized over the GEMM.
+8192, 16384, W prepared once), against cuBLAS with a bf16 result: 86-95% of the bf16 dot of
+the same shape in both orientations. Against XLA's decode-then-dot it is 1.04-1.19x on the
+4096-row shapes at M = 4096 and 0.88-0.99x everywhere else. All of these run at the board's
+700 W cap, where what counts is energy per flop. The kernel decodes each weight once per
+token tile, where XLA decodes it once per call, so the larger M, the more XLA's single
+memory-bound decode pass wins (``scripts/probe_power_nf4.py``).
 
 LoRA and projection groups. ``low_rank = (u, v)`` adds ``u·vᵀ`` in the same accumulator as
 ``R / 64`` more reduction steps per tile, their dense operands streamed through the same ring
@@ -77,9 +80,9 @@ LoRA and projection groups. ``low_rank = (u, v)`` adds ``u·vᵀ`` in the same a
 backward, summed before the one rounding. Weights of the same K stack along N
 (:func:`stack_prepared`: the layout is tiled by 128 rows, so stacking is a concatenation), so
 the projections that share an input (q/k/v, gate/up) are one call per direction. On the H200
-(ninth session, ``check_nf4_lora_group_mgpu.py``) the grouped results match the float32
-reference to 2.7-2.9e-3 (rel. L2; the XLA path 2.3-2.9e-3); their timing is still to be
-measured (BENCHMARKS.md §2).
+(``check_nf4_lora_group_mgpu.py``) the grouped results match the float32 reference to
+2.7-2.9e-3 (rel. L2; the XLA path 2.3-2.9e-3). With LoRA, fwd+bwd, they run at 0.95-1.13x the
+default XLA path per group (BENCHMARKS.md §2).
 
 Shapes. K must be a multiple of 64 (whole absmax blocks per row; :func:`check_supported`
 raises otherwise). N and K are padded to multiples of 128 by the repack (code 7, the code of
@@ -152,8 +155,8 @@ class MgpuNF4Config:
     count; tests use a few to run many tiles per CTA). ``group_m``: output tiles run in
     groups of that many token tiles, token tiles fastest within a group, so the CTAs in flight
     share W tiles as well as token tiles in L2 (1: output columns fastest, W streamed once
-    per token tile: the measured default; a W larger than L2, such as a stacked gate/up
-    projection of 58 MB, is what grouping is for). ``compute_registers``,
+    per token tile, the default; 4 and 8 measured 1-9% slower on the H200, also for the
+    stacked gate/up W of 58 MB, more than L2: BENCHMARKS.md §2). ``compute_registers``,
     ``memory_registers``: per-thread register budgets of the two compute warpgroups and the
     memory warpgroup (2·128·232 + 128·40 = 64K registers).
     """
