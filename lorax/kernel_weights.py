@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -30,23 +31,39 @@ from lorax.model import PREPARED, Model, group_key
 from pallas_kernels.nf4 import NF4Tensor
 from pallas_kernels.nf4_matmul_mgpu import MgpuNF4Weight, prepare_weight, stack_prepared
 
-__all__ = ["is_prepared", "prepare_kernel_weights", "require_unprepared"]
+__all__ = ["GROUP_KEYS", "is_prepared", "prepare_kernel_weights", "require_unprepared"]
+
+# The keys of the projection groups a model can have prepared (``groups=`` takes these).
+GROUP_KEYS = tuple(group_key(names) for names in PROJECTION_GROUPS)
 
 
-def prepare_kernel_weights(model: Model) -> Model:
-    """``model`` with every NF4 projection group's weights stacked in the Mosaic GPU kernel's
+def prepare_kernel_weights(model: Model, groups: Sequence[str] | None = None) -> Model:
+    """``model`` with its NF4 projection groups' weights stacked in the Mosaic GPU kernel's
     layout (scales split for the model's compute dtype, bf16 or f16).
 
-    The forward pass then runs those groups on the kernel wherever the matmul layer picks
-    kernels (on a GPU by default, ``ForwardOptions(matmul_variant=None or "mosaic")``), and on
-    the same decoded weights in the jnp reference elsewhere. Dense projections are left as
-    they are. Raises ``ValueError`` if the model is already prepared, or if a weight is one
-    the kernel cannot take (K % 64 != 0, an NF4 blocksize other than 64).
+    ``groups``: which groups, by key (:data:`GROUP_KEYS`: ``"q_proj+k_proj+v_proj"``,
+    ``"o_proj"``, ``"gate_proj+up_proj"``, ``"down_proj"``); all of them by default. The
+    others keep their loaded weights and the default matmul path, so a model can take the
+    kernel only where it is the faster path (BENCHMARKS.md §2: the 4096-row attention
+    projections at M = 4096).
+
+    The forward pass then runs the prepared groups on the kernel wherever the matmul layer
+    picks kernels (on a GPU by default, ``ForwardOptions(matmul_variant=None or "mosaic")``),
+    and on the same decoded weights in the jnp reference elsewhere. Dense projections are
+    left as they are. Raises ``ValueError`` if the model is already prepared, for an unknown
+    group, or if a weight is one the kernel cannot take (K % 64 != 0, an NF4 blocksize other
+    than 64).
     """
     require_unprepared(model, "prepare_kernel_weights")
+    wanted = GROUP_KEYS if groups is None else tuple(groups)
+    unknown = [g for g in wanted if g not in GROUP_KEYS]
+    if unknown:
+        raise ValueError(f"unknown projection groups {unknown}; known: {list(GROUP_KEYS)}")
     layers = dict(model.params["layers"])
     prepared = {}
     for names in PROJECTION_GROUPS:
+        if group_key(names) not in wanted:
+            continue
         weights = [layers[name]["weight"] for name in names]
         if not all(isinstance(w, NF4Tensor) for w in weights):
             continue

@@ -110,7 +110,7 @@ def run_case(
     forward: dict | None = None,
     embeddings_on_host: bool = False,
     compiler_options: str = "default",
-    prepare_kernel_weights: bool = False,
+    prepare_kernel_weights: str | None = None,
 ) -> dict:
     import jax
     import numpy as np
@@ -127,7 +127,8 @@ def run_case(
     if embeddings_on_host:
         model = lorax.embeddings_to_host(model)
     if prepare_kernel_weights:
-        model = lorax.prepare_kernel_weights(model)
+        groups = None if prepare_kernel_weights == "all" else prepare_kernel_weights.split(",")
+        model = lorax.prepare_kernel_weights(model, groups)
     jax.block_until_ready(jax.tree_util.tree_leaves(model.params))
     t_load = time.perf_counter() - START
     lora = lorax.init_lora(model, rank=16, alpha=16, targets="all-linear", key=jax.random.key(1))
@@ -260,9 +261,13 @@ def main() -> None:
     )
     p.add_argument(
         "--prepare-kernel-weights",
-        action="store_true",
+        nargs="?",
+        const="all",
+        default=None,
+        metavar="GROUPS",
         help="stack the NF4 weights in the Mosaic GPU kernel's layout once "
-        "(lorax.prepare_kernel_weights): the projections then run on that kernel",
+        "(lorax.prepare_kernel_weights): those projections then run on that kernel; "
+        "optionally only some groups, comma-separated (e.g. q_proj+k_proj+v_proj,o_proj)",
     )
     p.add_argument("--json", default=None)
     p.add_argument("--case", default=None, help=argparse.SUPPRESS)
@@ -315,7 +320,7 @@ def main() -> None:
         if a.embeddings_on_host:
             cmd += ["--embeddings-on-host"]
         if a.prepare_kernel_weights:
-            cmd += ["--prepare-kernel-weights"]
+            cmd += ["--prepare-kernel-weights", a.prepare_kernel_weights]
         cmd += ["--compiler-options", a.compiler_options]
         out = subprocess.run(cmd, capture_output=True, text=True, env=env)
         result = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -329,7 +334,7 @@ def main() -> None:
         print(
             f"{shape:>7} remat={remat:<9} attn={attn:<6} {a.forward or ''} "
             f"{'host-emb ' if a.embeddings_on_host else ''}"
-            f"{'prepared ' if a.prepare_kernel_weights else ''}"
+            f"{'prepared=' + a.prepare_kernel_weights + ' ' if a.prepare_kernel_weights else ''}"
             f"{'' if a.compiler_options == 'default' else 'xla=' + a.compiler_options + ' '}"
             f"{r['tokens_per_s']:8.0f} tok/s  "
             f"{r['tflops']:6.1f} TFLOP/s  mfu {r['mfu'] or 0:.3f}  "

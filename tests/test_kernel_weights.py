@@ -53,6 +53,22 @@ def test_prepared_model_matches_loaded(nf4_model, rng):
     # gradients, in test_nf4_matmul.py: in a model it is the same call per group.
 
 
+def test_prepare_some_groups(nf4_model, rng):
+    """Only the named groups are rewritten; the rest keep their loaded weights, and the forward
+    mixes the two paths with the loaded model's values."""
+    prepared = lorax.prepare_kernel_weights(nf4_model, groups=["q_proj+k_proj+v_proj", "o_proj"])
+    layers = prepared.params["layers"]
+    assert sorted(layers[PREPARED]) == ["o_proj", "q_proj+k_proj+v_proj"]
+    assert "weight" not in layers["o_proj"] and "weight" in layers["gate_proj"]
+    ids = jnp.asarray(rng.integers(0, nf4_model.config.vocab_size, size=(1, 16)))
+    options = ForwardOptions(matmul_impl="reference")
+    want = forward(nf4_model, None, ids, options=options)
+    got = forward(prepared, None, ids, options=options)
+    assert rel_l2(got, want) < 2e-2
+    with pytest.raises(ValueError, match=r"unknown projection groups \['qkv'\]; known:"):
+        lorax.prepare_kernel_weights(nf4_model, groups=["qkv"])
+
+
 def test_prepared_model_refusals(nf4_model, tmp_path):
     prepared = lorax.prepare_kernel_weights(nf4_model)
     with pytest.raises(ValueError, match="prepare_kernel_weights needs the model's loaded"):
