@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import make_hf_model, rel_err, torch_logits
+from conftest import bnb_dequantize, make_hf_model, rel_err, torch_logits
 
 import lorax
 
@@ -111,7 +111,7 @@ def test_nf4_model_matches_transformers_with_bnb_weights(tmp_path, rng):
                 q, state = bnb_f.quantize_4bit(
                     module.weight.data, blocksize=64, quant_type="nf4", compress_statistics=True
                 )
-                module.weight.copy_(bnb_f.dequantize_4bit(q, state))
+                module.weight.copy_(bnb_dequantize(bnb_f, q, state))
     ids = rng.integers(0, model.config.vocab_size, size=(1, 24))
     ours = lorax.forward(model, None, jnp.asarray(ids))
     assert isinstance(model.params["layers"]["q_proj"]["weight"], lorax.NF4Tensor)

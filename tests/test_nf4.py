@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import bnb_dequantize
 
 from convert.bnb import (
     bnb_4bit_prefixes,
@@ -102,7 +103,7 @@ def test_quantize_matches_bnb_exactly(bnb, shape, dtype):
     np.testing.assert_array_equal(ours.view(np.uint32), theirs.view(np.uint32))
     deq = dequantize_nf4(t)
     assert deq.shape == shape and deq.dtype == jnp.dtype(dtype)
-    reference = bnb.dequantize_4bit(packed, state).float().numpy().reshape(shape)
+    reference = bnb_dequantize(bnb, packed, state).float().numpy().reshape(shape)
     np.testing.assert_array_equal(as_f32(deq), reference)
 
 
@@ -145,7 +146,7 @@ def test_double_quant_matches_bnb(bnb, shape, dtype):
 
     # Given bnb's own codes, our decode is bit-exact with bnb's (absmax and weights).
     from_bnb = nf4_from_bnb_tensors(PREFIX, bnb_tensors(packed, state), source="bnb")
-    reference = bnb.dequantize_4bit(packed, state).float().numpy().reshape(shape)
+    reference = bnb_dequantize(bnb, packed, state).float().numpy().reshape(shape)
     np.testing.assert_array_equal(as_f32(dequantize_nf4(from_bnb)), reference)
 
 
@@ -243,7 +244,7 @@ def test_our_tensors_load_in_bnb(bnb):
             device=torch.device("cpu"),
         )
         assert state.dtype == torch.float16 and tuple(state.shape) == (7, 13)
-        theirs = bnb.dequantize_4bit(torch.tensor(weight), state)
+        theirs = bnb_dequantize(bnb, torch.tensor(weight), state)
         np.testing.assert_array_equal(theirs.float().numpy(), as_f32(dequantize_nf4(t)))
         back = nf4_from_bnb_tensors(PREFIX, nf4_to_bnb_tensors(PREFIX, t), source="x")
         assert jax.tree.structure(back) == jax.tree.structure(t)
@@ -262,7 +263,7 @@ def test_nonstandard_nested_map_is_decoded_losslessly(bnb):
     state.absmax[0] = 0  # make sure the changed entry is used
     t = nf4_from_bnb_tensors(PREFIX, bnb_tensors(packed, state), source="x")
     assert not t.double_quant
-    reference = bnb.dequantize_4bit(packed, state)
+    reference = bnb_dequantize(bnb, packed, state)
     np.testing.assert_array_equal(np.asarray(dequantize_nf4(t)), reference.numpy())
     assert reference.dtype == torch.float32
 
