@@ -44,8 +44,8 @@ def prepare_kernel_weights(model: Model, groups: Sequence[str] | None = None) ->
     ``groups``: which groups, by key (:data:`GROUP_KEYS`: ``"q_proj+k_proj+v_proj"``,
     ``"o_proj"``, ``"gate_proj+up_proj"``, ``"down_proj"``); all of them by default. The
     others keep their loaded weights and the default matmul path, so a model can take the
-    kernel only where it is the faster path (BENCHMARKS.md §2: the 4096-row attention
-    projections at M = 4096).
+    kernel only where it is the faster path (BENCHMARKS.md §2: the attention projections at
+    M = 4096).
 
     The forward pass then runs the prepared groups on the kernel wherever the matmul layer
     picks kernels (on a GPU by default, ``ForwardOptions(matmul_variant=None or "mosaic")``),

@@ -35,18 +35,17 @@ Implementations (``plan_nf4_lora_matmul`` says which one a call gets, and why):
     registers straight into the tensor cores (``x·Wᵀ`` forward, ``dy·W`` backward, from the
     same "quad layout" of W), with the LoRA terms as extra reduction steps summed in the same
     float32 accumulator (``[x | s·xA]·[W | B]ᵀ`` forward, ``[dy | s·dyB]·[W; A]`` backward;
-    bias added by XLA). On the H200 (BENCHMARKS.md §2, Llama-8B shapes, M = 4096-16384)
-    each orientation runs at 86-95% of the bf16 cuBLAS dot with W already in the quad
-    layout: 1.04-1.19x ``xla``'s decode-then-dot on the 4096-row shapes at M = 4096,
-    0.88-0.99x elsewhere (at the H200's power cap, the per-tile decode costs more energy
-    than XLA's one decode pass). Given NF4Tensors it rewrites W into that layout on every
-    call (~1.1 bytes of traffic per weight); that wiring measured 6.7% slower than ``xla``
-    end to end (Llama-8B step, §2), so NF4Tensors take it only on request
-    (``config.variant="mosaic"``). Weights prepared once
+    bias added by XLA). On the H200 (BENCHMARKS.md §2, Llama-8B shapes, M = 4096-16384) each
+    orientation runs at 86-95% of the bf16 cuBLAS dot with W already in the quad layout: 1.04-1.19x
+    ``xla``'s decode-then-dot on the attention shapes (K = 4096, N = 4096 or 1024) at M = 4096,
+    0.88-0.99x elsewhere (at the H200's power cap, the per-tile decode costs more energy than XLA's
+    one decode pass). Given NF4Tensors it rewrites W into that layout on every call (~1.1 bytes of
+    traffic per weight); that wiring measured 6.7% slower than ``xla`` end to end (Llama-8B step,
+    §2), so NF4Tensors take it only on request (``config.variant="mosaic"``). Weights prepared once
     (:class:`~pallas_kernels.nf4_matmul_mgpu.MgpuNF4Weight`, stacked per group: see
-    ``lorax.prepare_kernel_weights``) always run on it, under ``"auto"`` too; end to end that
-    path measured 1.1% (2x2048) and 3.4% (1x8192) slower than the default, so preparing is
-    opt-in. Needs K % 64 == 0 and bf16/f16 x.
+    ``lorax.prepare_kernel_weights``) always run on it, under ``"auto"`` too; end to end that path
+    measured 1.1% (2x2048) and 3.4% (1x8192) slower than the default, so preparing is opt-in. Needs
+    K % 64 == 0 and bf16/f16 x.
 ``xla``
     The reference's jnp decode, compiled by XLA, then XLA's dot: XLA fuses the decode with
     its neighbours and schedules it among the other layer work. The default for

@@ -69,10 +69,10 @@ fastest, so CTAs in flight share token tiles in L2.
 Measured on the H200 (BENCHMARKS.md §2, the four Llama-8B projection shapes at M = 4096,
 8192, 16384, W prepared once), against cuBLAS with a bf16 result: 86-95% of the bf16 dot of
 the same shape in both orientations. Against XLA's decode-then-dot it is 1.04-1.19x on the
-4096-row shapes at M = 4096 and 0.88-0.99x everywhere else. All of these run at the board's
-700 W cap, where what counts is energy per flop. The kernel decodes each weight once per
-token tile, where XLA decodes it once per call, so the larger M, the more XLA's single
-memory-bound decode pass wins (``scripts/probe_power_nf4.py``).
+attention shapes (K = 4096, N = 4096 or 1024) at M = 4096 and 0.88-0.99x everywhere else.
+All of these run at the board's 700 W cap, where what counts is energy per flop. The kernel
+decodes each weight once per token tile, where XLA decodes it once per call, so the larger
+M, the more XLA's single memory-bound decode pass wins (``scripts/probe_power_nf4.py``).
 
 LoRA and projection groups. ``low_rank = (u, v)`` adds ``u·vᵀ`` in the same accumulator as
 ``R / 64`` more reduction steps per tile, their dense operands streamed through the same ring
