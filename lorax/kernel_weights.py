@@ -37,15 +37,15 @@ __all__ = ["GROUP_KEYS", "is_prepared", "prepare_kernel_weights", "require_unpre
 GROUP_KEYS = tuple(group_key(names) for names in PROJECTION_GROUPS)
 
 
-def prepare_kernel_weights(model: Model, groups: Sequence[str] | None = None) -> Model:
+def prepare_kernel_weights(model: Model, groups: str | Sequence[str] | None = None) -> Model:
     """``model`` with its NF4 projection groups' weights stacked in the Mosaic GPU kernel's
     layout (scales split for the model's compute dtype, bf16 or f16).
 
-    ``groups``: which groups, by key (:data:`GROUP_KEYS`: ``"q_proj+k_proj+v_proj"``,
-    ``"o_proj"``, ``"gate_proj+up_proj"``, ``"down_proj"``); all of them by default. The
-    others keep their loaded weights and the default matmul path, so a model can take the
-    kernel only where it is the faster path (BENCHMARKS.md §2: the attention projections at
-    M = 4096).
+    ``groups``: which groups, one key or several (:data:`GROUP_KEYS`:
+    ``"q_proj+k_proj+v_proj"``, ``"o_proj"``, ``"gate_proj+up_proj"``, ``"down_proj"``); all
+    of them by default. The others keep their loaded weights and the default matmul path, so
+    a model can take the kernel only where it is the faster path (BENCHMARKS.md §2: the
+    attention projections at M = 4096).
 
     The forward pass then runs the prepared groups on the kernel wherever the matmul layer
     picks kernels (on a GPU by default, ``ForwardOptions(matmul_variant=None or "mosaic")``),
@@ -55,6 +55,8 @@ def prepare_kernel_weights(model: Model, groups: Sequence[str] | None = None) ->
     than 64).
     """
     require_unprepared(model, "prepare_kernel_weights")
+    if isinstance(groups, str):
+        groups = (groups,)
     wanted = GROUP_KEYS if groups is None else tuple(groups)
     unknown = [g for g in wanted if g not in GROUP_KEYS]
     if unknown:

@@ -67,6 +67,8 @@ def test_prepare_some_groups(nf4_model, rng):
     assert rel_l2(got, want) < 2e-2
     with pytest.raises(ValueError, match=r"unknown projection groups \['qkv'\]; known:"):
         lorax.prepare_kernel_weights(nf4_model, groups=["qkv"])
+    one = lorax.prepare_kernel_weights(nf4_model, groups="down_proj")
+    assert sorted(one.params["layers"][PREPARED]) == ["down_proj"]
 
 
 def test_prepared_model_refusals(nf4_model, tmp_path):
