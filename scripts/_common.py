@@ -51,3 +51,17 @@ def fit_line(xs: list[float], ys: list[float]) -> tuple[float, float]:
     var = sum((x - mx) ** 2 for x in xs)
     b = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / var if var else 0.0
     return my - b * mx, b
+
+
+def nf4_matmul_inputs(m: int, width: int, k: int, n: int) -> tuple[Any, Any, Any]:
+    """Seeded bf16 activations ``[m, width]`` (x: width K; dy: width N) and W ``[n, k]``, dense
+    bf16 and double-quantized NF4: what the NF4 matmul scripts time and check."""
+    import jax
+    import jax.numpy as jnp
+
+    from pallas_kernels.nf4 import quantize_nf4
+
+    kx, kw = jax.random.split(jax.random.key(0))
+    x = jax.random.normal(kx, (m, width), jnp.bfloat16)
+    w16 = (0.02 * jax.random.normal(kw, (n, k), jnp.float32)).astype(jnp.bfloat16)
+    return x, w16, quantize_nf4(w16, double_quant=True)

@@ -127,8 +127,7 @@ def run_case(
     if embeddings_on_host:
         model = lorax.embeddings_to_host(model)
     if prepare_kernel_weights:
-        groups = None if prepare_kernel_weights == "all" else prepare_kernel_weights.split(",")
-        model = lorax.prepare_kernel_weights(model, groups)
+        model = prepare_model(model, prepare_kernel_weights)
     jax.block_until_ready(jax.tree_util.tree_leaves(model.params))
     t_load = time.perf_counter() - START
     lora = lorax.init_lora(model, rank=16, alpha=16, targets="all-linear", key=jax.random.key(1))
@@ -209,6 +208,28 @@ def parse_compiler_options(spec: str) -> tuple[tuple[str, Any], ...]:
     return tuple(parse_forward(spec, what="--compiler-options").items())
 
 
+def prepare_model(model: Any, groups: str) -> Any:
+    """``lorax.prepare_kernel_weights`` as ``--prepare-kernel-weights [GROUPS]`` asks: "all",
+    or comma-separated group keys."""
+    import lorax
+
+    return lorax.prepare_kernel_weights(model, None if groups == "all" else groups.split(","))
+
+
+def add_prepare_argument(p: argparse.ArgumentParser) -> None:
+    """``--prepare-kernel-weights [GROUPS]``, the same in every script that builds the bench."""
+    p.add_argument(
+        "--prepare-kernel-weights",
+        nargs="?",
+        const="all",
+        default=None,
+        metavar="GROUPS",
+        help="stack the NF4 weights in the Mosaic GPU kernel's layout once "
+        "(lorax.prepare_kernel_weights): those projections then run on that kernel; "
+        "optionally only some groups, comma-separated (e.g. q_proj+k_proj+v_proj,o_proj)",
+    )
+
+
 def parse_forward(spec: str | None, what: str = "--forward") -> dict[str, Any]:
     """`key=value,...` -> kwargs (ints, floats, true/false, none; anything else a string)."""
     out: dict[str, Any] = {}
@@ -259,16 +280,7 @@ def main() -> None:
         default="default",
         help="XLA options of the step: default (XLA's own) or name=value,...",
     )
-    p.add_argument(
-        "--prepare-kernel-weights",
-        nargs="?",
-        const="all",
-        default=None,
-        metavar="GROUPS",
-        help="stack the NF4 weights in the Mosaic GPU kernel's layout once "
-        "(lorax.prepare_kernel_weights): those projections then run on that kernel; "
-        "optionally only some groups, comma-separated (e.g. q_proj+k_proj+v_proj,o_proj)",
-    )
+    add_prepare_argument(p)
     p.add_argument("--json", default=None)
     p.add_argument("--case", default=None, help=argparse.SUPPRESS)
     a = p.parse_args()

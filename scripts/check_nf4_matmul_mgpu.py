@@ -67,19 +67,6 @@ SHAPES = "4096x4096,4096x1024,4096x14336,14336x4096"  # K x N (q/o, k/v, gate/up
 DEFAULT_CONFIGS = "m256s2"
 
 
-def _inputs(m: int, width: int, k: int, n: int):
-    """Activations ``[m, width]`` (x: width K; dy: width N), W ``[n, k]`` dense and NF4."""
-    import jax
-    import jax.numpy as jnp
-
-    from pallas_kernels.nf4 import quantize_nf4
-
-    kx, kw = jax.random.split(jax.random.key(0))
-    x = jax.random.normal(kx, (m, width), jnp.bfloat16)
-    w16 = (0.02 * jax.random.normal(kw, (n, k), jnp.float32)).astype(jnp.bfloat16)
-    return x, w16, quantize_nf4(w16, double_quant=True)
-
-
 def _row(label: str, flops: float, ms: float, base_ms: float | None, extra: str = "") -> str:
     pct = f"{100 * base_ms / ms:6.1f}%" if base_ms else "    - "
     return f"  {label:<22} {ms:8.3f} ms {flops / ms / 1e9:7.1f} TFLOP/s {pct} {extra}"
@@ -104,7 +91,7 @@ def _baseline_worker(args) -> None:
     """(a) and (b) for every shape; their ms go to ``args.out`` for the % columns."""
     import jax
     import jax.numpy as jnp
-    from _common import pipelined_ms
+    from _common import nf4_matmul_inputs, pipelined_ms
 
     from pallas_kernels.nf4 import dequantize_nf4
 
@@ -125,7 +112,7 @@ def _baseline_worker(args) -> None:
         dot = jax.jit(oriented(direction, jnp.bfloat16))
         dot_f32_out = jax.jit(oriented(direction, jnp.float32))
         deq = jax.jit(lambda x, w, dot=dot: dot(x, dequantize_nf4(w, x.dtype)))
-        x, w16, w = _inputs(m, n if direction == "bwd" else k, k, n)
+        x, w16, w = nf4_matmul_inputs(m, n if direction == "bwd" else k, k, n)
         flops = 2 * m * n * k
         t_dot = pipelined_ms(dot, x, w16)
         t_deq = pipelined_ms(deq, x, w)
@@ -145,7 +132,7 @@ def _config_worker(args) -> None:
     """One config: error and timings on every shape, each shape in try/except."""
     import jax
     import jax.numpy as jnp
-    from _common import pipelined_ms
+    from _common import nf4_matmul_inputs, pipelined_ms
 
     from pallas_kernels.nf4 import dequantize_nf4
     from pallas_kernels.nf4_matmul_mgpu import (
@@ -195,7 +182,7 @@ def _config_worker(args) -> None:
         flops = 2 * m * n * k
         tag = f"{args.worker}{' bwd' if direction == 'bwd' else ''}"
         try:
-            x, _, w = _inputs(m, n if direction == "bwd" else k, k, n)
+            x, _, w = nf4_matmul_inputs(m, n if direction == "bwd" else k, k, n)
             t0 = time.perf_counter()
             prepared = jax.block_until_ready(prepare_weight(w))
             y = jax.block_until_ready(prepared_fn(x, prepared))

@@ -26,6 +26,7 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.join(REPO, "scripts"))
 
 QUERY = "clocks.sm,power.draw,temperature.gpu"
 
@@ -68,15 +69,13 @@ def main() -> None:
 
     import jax
     import jax.numpy as jnp
+    from _common import nf4_matmul_inputs
 
-    from pallas_kernels.nf4 import dequantize_nf4, quantize_nf4
+    from pallas_kernels.nf4 import dequantize_nf4
     from pallas_kernels.nf4_matmul_mgpu import nf4_matmul_mgpu, prepare_weight
 
     k, n = (int(v) for v in a.shape.split("x"))
-    kx, kw = jax.random.split(jax.random.key(0))
-    x = jax.random.normal(kx, (a.m, k), jnp.bfloat16)
-    w16 = (0.02 * jax.random.normal(kw, (n, k), jnp.float32)).astype(jnp.bfloat16)
-    w = quantize_nf4(w16, double_quant=True)
+    x, w16, w = nf4_matmul_inputs(a.m, k, k, n)
     prepared = jax.block_until_ready(prepare_weight(w))
     bf16 = jnp.bfloat16
     phases = {

@@ -50,11 +50,11 @@ def build_step(
     layers: int | None,
     tiny: bool,
     on_host: bool = False,
-    prepare: bool = False,
+    prepare: str | None = None,
 ):
     import jax
     import numpy as np
-    from bench_train import build_model
+    from bench_train import build_model, prepare_model
 
     import lorax
     from lorax.model import ForwardOptions
@@ -66,7 +66,7 @@ def build_step(
     if on_host:
         model = lorax.embeddings_to_host(model)
     if prepare:
-        model = lorax.prepare_kernel_weights(model)
+        model = prepare_model(model, prepare)
     lora = lorax.init_lora(model, rank=16, alpha=16, targets="all-linear", key=jax.random.key(1))
     opt = make_optimizer("adamw", 1e-4, max_grad_norm=None)
     state = init_train_state(lora, opt, key=jax.random.key(2))
@@ -201,6 +201,8 @@ def device_events(trace_dir: str) -> tuple[list[tuple[str, str, float]], str]:
 
 
 def main() -> None:
+    from bench_train import add_prepare_argument, parse_forward  # no jax at import
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument(
         "--case", default="2x2048:selective", help="SHAPE:REMAT (remat may be a schedule)"
@@ -216,11 +218,7 @@ def main() -> None:
     p.add_argument(
         "--embeddings-on-host", action="store_true", help="lorax.embeddings_to_host, as bench_train"
     )
-    p.add_argument(
-        "--prepare-kernel-weights",
-        action="store_true",
-        help="lorax.prepare_kernel_weights, as bench_train",
-    )
+    add_prepare_argument(p)
     p.add_argument("--compile-only", action="store_true", help="memory analysis, no trace")
     p.add_argument(
         "--command-buffers",
@@ -240,8 +238,6 @@ def main() -> None:
     import jax
 
     shape, remat = a.case.split(":", 1)
-    from bench_train import parse_forward
-
     forward = parse_forward(a.forward)
     step, compiled, state, batch = build_step(
         shape, remat, forward, a.layers, a.tiny, a.embeddings_on_host, a.prepare_kernel_weights
