@@ -18,6 +18,9 @@ Variants (LoRA r=16 on, bf16 activations, f32 LoRA weights, double-quantized NF4
   ``fused[table]``   the same with the table-gather decode (``lookup="table"``).
   ``dequant``        Pallas decode kernel + XLA dot (``variant="dequant_then_dot"``).
   ``dequant[table]`` the same with the table-gather decode.
+  ``mosaic``         the Mosaic GPU kernel (``nf4_matmul_mgpu``) on W prepared once in its quad
+                     layout (``prepare_weight``, as ``lorax.prepare_kernel_weights`` keeps it).
+  ``mosaic+prep``    the same on the NF4Tensor (``variant="mosaic"``: the rewrite every call).
 Extras (at the middle M): the Pallas variants on a W whose absmax is stored in float32, so
 the difference to the main rows is the per-call decode of the double-quantized absmax (an
 upper bound on what decoding it inside the kernels could save), and the dequant variant
@@ -40,6 +43,10 @@ LoRA dots are not counted. fwd+bwd is ``jax.vjp`` applied to a fixed random ``dy
 ``value_and_grad`` w.r.t. x, A, B runs, minus the loss reduction). ``%ceil`` is the bf16_dot
 time of the same row over the variant's; ``×ref`` is the reference's time over the variant's.
 ``compile s`` is the first call (compile + run) of that jitted function at that shape.
+``W GB/s`` is the bytes of W as the variant stores it (NF4: packed codes + absmax codes +
+nested scales; prepared: quads + split scales; dense: 2 per weight) over the time: at
+decode-sized M (``--ms 1,16,64,256 --modes fwd``) the work is bound by reading W, and the
+H200's copy rate (~4.3 TB/s) is the ceiling.
 
 Every variant runs inside try/except: a failure prints its first lines and the rest go on.
 """
@@ -67,6 +74,7 @@ from _common import pipelined_ms  # noqa: E402
 from jax import lax  # noqa: E402
 
 from pallas_kernels.nf4 import NF4Tensor  # noqa: E402
+from pallas_kernels.nf4_matmul_mgpu import prepare_weight  # noqa: E402
 from pallas_kernels.nf4_matmul import (  # noqa: E402
     NF4MatmulConfig,
     nf4_dequantize,
@@ -86,7 +94,8 @@ SCALE = 1.0  # alpha / r with alpha = r = 16
 _NT = (((1,), (1,)), ((), ()))
 
 MAIN = ["bf16_dot", "lora16", "reference", "fused", "fused[table]", "dequant", "dequant[table]"]
-PALLAS = ["fused", "fused[table]", "dequant", "dequant[table]"]
+MAIN += ["mosaic", "mosaic+prep"]
+PALLAS = ["fused", "fused[table]", "dequant", "dequant[table]", "mosaic", "mosaic+prep"]
 F32_ABSMAX = ["fused[f32 absmax]", "dequant[f32 absmax]"]
 ABSMAX_IN_KERNEL = ["dequant[dq in kernel]", "dequant[table,dq in kernel]"]
 ALT_FUSED = {
@@ -144,7 +153,14 @@ class Inputs:
         self.weights = weights
 
     def args(self, which: str) -> tuple[Any, ...]:
+        if which == "prepared" and which not in self.weights:  # once per shape, untimed
+            self.weights[which] = jax.block_until_ready(prepare_weight(self.weights["dq"]))
         return (self.x, self.weights[which], self.a, self.b, self.dy)
+
+
+def weight_bytes(w: Any) -> int:
+    """Bytes of W as stored (every array leaf of the weight's pytree)."""
+    return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(w))
 
 
 # --------------------------------------------------------------------------------------
@@ -211,6 +227,8 @@ def build_variants(interpret: bool, base: dict[str, Any]) -> dict[str, tuple[Any
         "fused[table]": (*_op_fns(op_with(**fused, **table)), "dq"),
         "dequant": (*_op_fns(op_with(**dequant)), "dq"),
         "dequant[table]": (*_op_fns(op_with(**dequant, **table)), "dq"),
+        "mosaic": (*_op_fns(op_with()), "prepared"),  # a prepared W always runs on it
+        "mosaic+prep": (*_op_fns(op_with(variant="mosaic")), "dq"),
         "fused[f32 absmax]": (*_op_fns(op_with(**fused)), "f32absmax"),
         "dequant[f32 absmax]": (*_op_fns(op_with(**dequant)), "f32absmax"),
         "dequant[dq in kernel]": (*_op_fns(op_with(**dequant, absmax_decode="kernel")), "dq"),
@@ -316,9 +334,12 @@ class Bench:
             row: dict[str, Any] = dict(check=name, K=k, N=n, M=m)
             try:
                 args = inp.args(which)
-                if which not in refs:
-                    refs[which] = (_call(ref_fwd, args), _call(ref_bwd, args))
-                want_y, (_, want_grads) = refs[which]
+                # A prepared W is the NF4 one in another layout: the same definition applies.
+                ref_which = "dq" if which == "prepared" else which
+                if ref_which not in refs:
+                    ref_args = inp.args(ref_which)
+                    refs[ref_which] = (_call(ref_fwd, ref_args), _call(ref_bwd, ref_args))
+                want_y, (_, want_grads) = refs[ref_which]
                 y, (y2, grads) = _call(fwd, args), _call(fwd_bwd, args)
                 row.update(y=rel_err(y, want_y), y_bwd=rel_err(y2, want_y))
                 for g, v, r in zip("xab", grads, want_grads, strict=True):
@@ -336,7 +357,7 @@ class Bench:
 
     def time_rows(self, names: list[str], inp: Inputs, k: int, n: int) -> None:
         m = int(inp.x.shape[0])
-        for mode in ("fwd", "fwd+bwd"):
+        for mode in self.args.modes.split(","):
             for name in names:
                 if self.over_budget(f"K×N {k}×{n} M {m} {mode} {name}"):
                     continue
@@ -344,11 +365,14 @@ class Bench:
                 row: dict[str, Any] = dict(K=k, N=n, M=m, mode=mode, variant=name)
                 try:
                     fn = fwd if mode == "fwd" else fwd_bwd
-                    r = time_fn(fn, inp.args(which), self.reps, self.max_calls)
+                    args = inp.args(which)
+                    r = time_fn(fn, args, self.reps, self.max_calls)
                     flops = 2 * m * n * k * (1 if mode == "fwd" else 2)
+                    reads = weight_bytes(args[1]) * (1 if mode == "fwd" else 2)
                     row.update(
                         ms=r["seconds"] * 1e3,
                         tflops=flops / r["seconds"] / 1e12,
+                        w_gbps=reads / r["seconds"] / 1e9,
                         compile_s=r["compile_s"],
                     )
                     ceil = self.lookup(k, n, m, mode, "bf16_dot")
@@ -356,7 +380,7 @@ class Bench:
                     row["pct_ceiling"] = 100 * ceil / r["seconds"] if ceil else None
                     row["x_ref"] = ref / r["seconds"] if ref else None
                     line = (
-                        f"{row['ms']:>9.3f} {row['tflops']:>8.1f} "
+                        f"{row['ms']:>9.3f} {row['tflops']:>8.1f} {row['w_gbps']:>8.0f} "
                         f"{_fmt(row['pct_ceiling'], '.0f'):>6} {_fmt(row['x_ref'], '.2f'):>6} "
                         f"{row['compile_s']:>9.1f}"
                     )
@@ -419,7 +443,7 @@ class Bench:
 
 
 HEADER = (
-    f"{'K×N':>12} {'M':>6} {'mode':<8} {'variant':<20} {'ms':>9} {'TFLOP/s':>8} "
+    f"{'K×N':>12} {'M':>6} {'mode':<8} {'variant':<20} {'ms':>9} {'TFLOP/s':>8} {'W GB/s':>8} "
     f"{'%ceil':>6} {'×ref':>6} {'compile s':>9}"
 )
 
@@ -432,6 +456,9 @@ def main() -> int:
     p.add_argument("--json", metavar="PATH", help="write all rows as JSON (after every row)")
     p.add_argument("--ms", help="comma-separated M values (default 4096,8192,16384)")
     p.add_argument("--variants", help="comma-separated subset of the main variants to time")
+    p.add_argument(
+        "--modes", default="fwd,fwd+bwd", help="fwd, fwd+bwd or both (default both)"
+    )
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--max-calls", type=int, default=50)
     p.add_argument("--budget-s", type=float, default=330.0, help="default 330")
