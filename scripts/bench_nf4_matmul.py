@@ -74,13 +74,13 @@ from _common import pipelined_ms  # noqa: E402
 from jax import lax  # noqa: E402
 
 from pallas_kernels.nf4 import NF4Tensor  # noqa: E402
-from pallas_kernels.nf4_matmul_mgpu import prepare_weight  # noqa: E402
 from pallas_kernels.nf4_matmul import (  # noqa: E402
     NF4MatmulConfig,
     nf4_dequantize,
     nf4_lora_matmul,
     nf4_lora_matmul_reference,
 )
+from pallas_kernels.nf4_matmul_mgpu import prepare_weight  # noqa: E402
 
 Array = jax.Array
 LLAMA_SHAPES = [(4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096)]  # (K, N)
@@ -456,9 +456,7 @@ def main() -> int:
     p.add_argument("--json", metavar="PATH", help="write all rows as JSON (after every row)")
     p.add_argument("--ms", help="comma-separated M values (default 4096,8192,16384)")
     p.add_argument("--variants", help="comma-separated subset of the main variants to time")
-    p.add_argument(
-        "--modes", default="fwd,fwd+bwd", help="fwd, fwd+bwd or both (default both)"
-    )
+    p.add_argument("--modes", default="fwd,fwd+bwd", help="fwd, fwd+bwd or both (default both)")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--max-calls", type=int, default=50)
     p.add_argument("--budget-s", type=float, default=330.0, help="default 330")
