@@ -43,6 +43,10 @@ LoRA dots are not counted. fwd+bwd is ``jax.vjp`` applied to a fixed random ``dy
 ``value_and_grad`` w.r.t. x, A, B runs, minus the loss reduction). ``%ceil`` is the bf16_dot
 time of the same row over the variant's; ``×ref`` is the reference's time over the variant's.
 ``compile s`` is the first call (compile + run) of that jitted function at that shape.
+At decode-sized M a call's device time (tens of µs) is below the host's dispatch time per
+call, so back-to-back calls measure dispatch: ``--scan-mb MB`` times instead a ``lax.scan``
+over a stack of distinct weights (as many as make MB of NF4, several times the 50 MB L2)
+and reports per-layer time, as the model's layer scan runs it.
 ``W GB/s`` is the bytes of W as the variant stores it (NF4: packed codes + absmax codes +
 nested scales; prepared: quads + split scales; dense: 2 per weight) over the time: at
 decode-sized M (``--ms 1,16,64,256 --modes fwd``) the work is bound by reading W, and the
@@ -132,30 +136,73 @@ def random_nf4(key: Array, n: int, k: int, double_quant: bool) -> NF4Tensor:
 
 
 class Inputs:
-    """Activations, cotangent, LoRA factors and the three kinds of W for one (M, K, N)."""
+    """Activations, cotangent, LoRA factors and the kinds of W for one (M, K, N).
 
-    def __init__(self, m: int, k: int, n: int, weights: dict[str, Any]) -> None:
+    With ``layers > 0`` every W is a stack of that many distinct weights (leading axis), which
+    the timed functions scan over as the model scans its layers (``over_layers``).
+    """
+
+    def __init__(self, m: int, k: int, n: int, weights: dict[str, Any], layers: int = 0) -> None:
         key = jax.random.fold_in(jax.random.key(0), m)
         kx, kdy, ka, kb = jax.random.split(key, 4)
         self.x = jax.random.normal(kx, (m, k), jnp.float32).astype(jnp.bfloat16)
         self.dy = jax.random.normal(kdy, (m, n), jnp.float32).astype(jnp.bfloat16)
         self.a = jax.random.uniform(ka, (RANK, k), jnp.float32, -1.0, 1.0) / math.sqrt(k)
         self.b = 0.01 * jax.random.normal(kb, (n, RANK), jnp.float32)
-        if weights.get("nk") != (n, k):  # one shape's weights alive at a time
+        self.shape, self.layers = (n, k), layers
+        if weights.get("nk") != (n, k, layers):  # one shape's weights alive at a time
             weights.clear()
-            kw = jax.random.split(jax.random.fold_in(jax.random.key(1), n * 100003 + k), 3)
-            weights.update(
-                nk=(n, k),
-                dq=random_nf4(kw[0], n, k, True),
-                f32absmax=random_nf4(kw[1], n, k, False),
-                bf16=(0.02 * jax.random.normal(kw[2], (n, k), jnp.float32)).astype(jnp.bfloat16),
-            )
+            weights["nk"] = (n, k, layers)
         self.weights = weights
 
+    def _build(self, which: str) -> Any:
+        n, k = self.shape
+        if which == "prepared":  # from the NF4 weights, so both rows time the same values
+            make = prepare_weight
+            source = self.weight("dq")
+        else:
+            make = {
+                "dq": lambda key: random_nf4(key, n, k, True),
+                "f32absmax": lambda key: random_nf4(key, n, k, False),
+                "bf16": lambda key: (0.02 * jax.random.normal(key, (n, k))).astype(jnp.bfloat16),
+            }[which]
+            salt = ("dq", "f32absmax", "bf16").index(which)
+            source = jax.random.split(jax.random.fold_in(jax.random.key(1), n * 100003 + k), 3)
+            source = source[salt]
+            if self.layers:
+                source = jax.random.split(source, self.layers)
+        return jax.block_until_ready((jax.vmap(make) if self.layers else make)(source))
+
+    def weight(self, which: str) -> Any:
+        if which not in self.weights:  # built on first use, untimed
+            self.weights[which] = self._build(which)
+        return self.weights[which]
+
     def args(self, which: str) -> tuple[Any, ...]:
-        if which == "prepared" and which not in self.weights:  # once per shape, untimed
-            self.weights[which] = jax.block_until_ready(prepare_weight(self.weights["dq"]))
-        return (self.x, self.weights[which], self.a, self.b, self.dy)
+        return (self.x, self.weight(which), self.a, self.b, self.dy)
+
+
+def layers_for(n: int, k: int, scan_mb: float) -> int:
+    """How many distinct weights make ``scan_mb`` MB of NF4 (at least 2): 0 when off. A stack
+    several times the 50 MB L2 makes every layer read its W from device memory."""
+    if scan_mb <= 0:
+        return 0
+    return max(2, math.ceil(scan_mb * 1e6 / (n * k * (0.5 + 1 / 64))))
+
+
+def over_layers(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` applied to each weight of a stack in a ``lax.scan`` (one dispatch for all); the
+    outputs are summed into a float32 scalar so none is dead code (a small reduction per layer,
+    the same for every variant)."""
+
+    def run(x, ws, a, b, dy):
+        def body(acc, w):
+            out = fn(x, w, a, b, dy)
+            return acc + sum(jnp.sum(t, dtype=jnp.float32) for t in jax.tree.leaves(out)), None
+
+        return lax.scan(body, jnp.float32(0), ws)[0]
+
+    return jax.jit(run)
 
 
 def weight_bytes(w: Any) -> int:
@@ -286,6 +333,7 @@ class Bench:
         self.checks: list[dict[str, Any]] = []
         self.skipped: list[str] = []
         self.weights: dict[str, Any] = {}
+        self.scanned: dict[Callable[..., Any], Callable[..., Any]] = {}
         self.reps = 1 if args.interpret else (3 if args.quick else args.reps)
         self.max_calls = 1 if args.interpret else args.max_calls
         self.json_header: dict[str, Any] = {}
@@ -317,13 +365,16 @@ class Bench:
 
     def inputs(self, m: int, k: int, n: int) -> Inputs | None:
         try:
-            return Inputs(m, k, n, self.weights)
+            return Inputs(m, k, n, self.weights, layers_for(n, k, self.args.scan_mb))
         except Exception as e:  # noqa: BLE001 - e.g. out of memory
             print(f"inputs K×N {k}×{n} M {m} FAILED: {_short(e)}", flush=True)
             return None
 
     def check(self, names: list[str], inp: Inputs, k: int, n: int) -> None:
         """Forward and gradients of each variant vs the autodiff definition on the same W."""
+        if inp.layers:
+            print("  (checks run without --scan-mb: on one weight, every output compared)")
+            return
         ref_fwd, ref_bwd, _ = self.variants["oracle"]
         refs: dict[str, Any] = {}
         for name in names:
@@ -366,19 +417,24 @@ class Bench:
                 try:
                     fn = fwd if mode == "fwd" else fwd_bwd
                     args = inp.args(which)
+                    per_call = max(inp.layers, 1)
+                    if inp.layers:
+                        fn = self.scanned.setdefault(fn, over_layers(fn))
+                        row["layers"] = inp.layers
                     r = time_fn(fn, args, self.reps, self.max_calls)
+                    seconds = r["seconds"] / per_call  # per layer
                     flops = 2 * m * n * k * (1 if mode == "fwd" else 2)
-                    reads = weight_bytes(args[1]) * (1 if mode == "fwd" else 2)
+                    reads = weight_bytes(args[1]) / per_call * (1 if mode == "fwd" else 2)
                     row.update(
-                        ms=r["seconds"] * 1e3,
-                        tflops=flops / r["seconds"] / 1e12,
-                        w_gbps=reads / r["seconds"] / 1e9,
+                        ms=seconds * 1e3,
+                        tflops=flops / seconds / 1e12,
+                        w_gbps=reads / seconds / 1e9,
                         compile_s=r["compile_s"],
                     )
                     ceil = self.lookup(k, n, m, mode, "bf16_dot")
                     ref = self.lookup(k, n, m, mode, "reference")
-                    row["pct_ceiling"] = 100 * ceil / r["seconds"] if ceil else None
-                    row["x_ref"] = ref / r["seconds"] if ref else None
+                    row["pct_ceiling"] = 100 * ceil / seconds if ceil else None
+                    row["x_ref"] = ref / seconds if ref else None
                     line = (
                         f"{row['ms']:>9.3f} {row['tflops']:>8.1f} {row['w_gbps']:>8.0f} "
                         f"{_fmt(row['pct_ceiling'], '.0f'):>6} {_fmt(row['x_ref'], '.2f'):>6} "
@@ -389,7 +445,8 @@ class Bench:
                     line = f"FAILED: {row['error']}"
                 self.rows.append(row)
                 self.save()
-                print(f"{k:>5}×{n:<6} {m:>6} {mode:<8} {name:<20} {line}", flush=True)
+                layers = f"  ({inp.layers} layers)" if inp.layers else ""
+                print(f"{k:>5}×{n:<6} {m:>6} {mode:<8} {name:<20} {line}{layers}", flush=True)
 
     def lookup(self, k: int, n: int, m: int, mode: str, variant: str) -> float | None:
         for r in self.rows:
@@ -456,6 +513,14 @@ def main() -> int:
     p.add_argument("--json", metavar="PATH", help="write all rows as JSON (after every row)")
     p.add_argument("--ms", help="comma-separated M values (default 4096,8192,16384)")
     p.add_argument("--variants", help="comma-separated subset of the main variants to time")
+    p.add_argument(
+        "--scan-mb",
+        type=float,
+        default=0.0,
+        help="time each call as a scan over distinct weights making this many MB of NF4 "
+        "(per-layer device time: dispatch amortized, W read from device memory, not L2); "
+        "0: one weight per call (default)",
+    )
     p.add_argument("--modes", default="fwd,fwd+bwd", help="fwd, fwd+bwd or both (default both)")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--max-calls", type=int, default=50)
