@@ -31,10 +31,24 @@ from lorax.model import PREPARED, Model, group_key
 from pallas_kernels.nf4 import NF4Tensor
 from pallas_kernels.nf4_matmul_mgpu import MgpuNF4Weight, prepare_weight, stack_prepared
 
-__all__ = ["GROUP_KEYS", "is_prepared", "prepare_kernel_weights", "require_unprepared"]
+__all__ = [
+    "AUTO_MAX_TOKENS",
+    "GROUP_KEYS",
+    "is_prepared",
+    "kernel_groups_for",
+    "prepare_kernel_weights",
+    "require_unprepared",
+]
 
 # The keys of the projection groups a model can have prepared (``groups=`` takes these).
 GROUP_KEYS = tuple(group_key(names) for names in PROJECTION_GROUPS)
+
+# ``kernel_groups_for(..., "auto", tokens)`` prepares every group for steps of at most this
+# many tokens (B·S). Llama-3.1-8B QLoRA step on the H200 (BENCHMARKS.md §2), prepared against
+# the default: +14.9% tok/s at 1x1024, +3.7% at 1x2048; -1.1% at 2x2048, -3.4% at 1x8192.
+# The kernel decodes W once per 256-token tile: at short steps that is cheaper than XLA's
+# separate decode pass, at long ones it is not.
+AUTO_MAX_TOKENS = 2048
 
 
 def prepare_kernel_weights(model: Model, groups: str | Sequence[str] | None = None) -> Model:
@@ -94,3 +108,37 @@ def require_unprepared(model: Model, what: str) -> None:
             f"{what} needs the model's loaded weights, but they were rewritten for the Mosaic "
             "GPU kernel by prepare_kernel_weights; pass the model as loaded"
         )
+
+
+def kernel_groups_for(model: Model, setting: str, tokens_per_step: int) -> tuple[str, ...]:
+    """The groups :func:`prepare_kernel_weights` should take for a ``kernel_weights`` setting
+    (the ``lorax train`` option): ``"none"``; ``"all"``; a comma-separated list of
+    :data:`GROUP_KEYS`; or ``"auto"``: all groups where the kernel measured faster end to
+    end, i.e. steps of at most :data:`AUTO_MAX_TOKENS` tokens on one Hopper GPU (the kernel's
+    wgmma needs sm_90; on a multi-device mesh the prepared arrays would be replicated) for a
+    model with NF4 projections, else none. An empty tuple means leave the model as loaded.
+    """
+    if setting == "none" or is_prepared(model):
+        return ()
+    if setting == "all":
+        return GROUP_KEYS
+    if setting != "auto":
+        groups = tuple(g.strip() for g in setting.split(",") if g.strip())
+        unknown = [g for g in groups if g not in GROUP_KEYS]
+        if unknown or not groups:
+            raise ValueError(
+                f"kernel_weights must be none, all, auto or a comma list of {list(GROUP_KEYS)}; "
+                f"got {setting!r}"
+            )
+        return groups
+    devices = jax.devices()
+    hopper = devices[0].platform == "gpu" and getattr(devices[0], "compute_capability", "") == "9.0"
+    layers = model.params.get("layers", {})
+    has_nf4 = any(
+        isinstance(layers.get(name, {}).get("weight"), NF4Tensor)
+        for names in PROJECTION_GROUPS
+        for name in names
+    )
+    if hopper and len(devices) == 1 and has_nf4 and tokens_per_step <= AUTO_MAX_TOKENS:
+        return GROUP_KEYS
+    return ()

@@ -23,10 +23,12 @@ and its residuals are x and ``x·Aᵀ`` (plus references to the inputs), never a
 
 Implementations (``plan_nf4_lora_matmul`` says which one a call gets, and why):
 
-``fused`` (Pallas)
+``fused`` (Pallas, on request)
     One kernel per orientation decodes W tiles in registers inside the matmul loop
     (``x·Wᵀ`` forward, ``dy·W`` backward) with the LoRA up-projection and bias in the
-    epilogue. Never writes W in 16 bits; its decode work scales with M / block_m.
+    epilogue. Never writes W in 16 bits; its decode work scales with M / block_m. Triton's
+    lowering serialises the decode with the MMA: 26-30% of the bf16 dot at M >= 4096 and
+    slower than ``xla`` at every M measured, decode-sized ones included (BENCHMARKS.md §2).
 ``dequant_then_dot`` (Pallas + XLA)
     A memory-bound Pallas kernel writes the 16-bit W (one layer's worth, transient; decoded
     again in the backward), then XLA's dot (cuBLAS) does the matmul.
@@ -66,11 +68,11 @@ one, so it gets the folded GEMMs too).
 Selection: ``impl`` / ``interpret`` choose kernel vs reference as everywhere in
 ``pallas_kernels`` (see :mod:`pallas_kernels._backend`: by default the kernels on GPU, the
 reference elsewhere). Among kernels, ``config.variant`` picks; ``"auto"`` (default) takes
-``fused`` for M ≤ ``config.fused_max_m`` (256: decode-sized calls, where not writing W wins)
-and ``xla`` above (training-sized M, where cuBLAS on a decoded W wins and XLA's own decode
-measured fastest end to end), and ``dequant_then_dot`` for small M whenever K % 64 != 0 (the
-fused kernel reads W row by row and needs whole absmax blocks per row; the dequant kernel
-works on the flat element order). Asking for
+``xla`` for an NF4Tensor at every M: on the H200 it was the fastest path for NF4Tensors from
+M = 1 to 16384 (BENCHMARKS.md §2; ``dequant_then_dot`` within 10% either way, the Triton
+``fused`` kernel 2-5x slower). ``config.fused_max_m`` > 0 sends M up to it to ``fused``
+(``dequant_then_dot`` when K % 64 != 0: the fused kernel reads W row by row and needs whole
+absmax blocks per row; the dequant kernel works on the flat element order). Asking for
 ``variant="fused"`` with such a K raises. NF4 blocksizes other than 64 are served by the
 reference under the default selection and raise if a kernel is forced. ``config.lookup``
 picks how the kernels turn a 4-bit code into its value (select tree or table gather; see

@@ -92,14 +92,12 @@ class NF4MatmulConfig:
     ``variant``: ``"auto"`` (see ``fused_max_m``), ``"fused"``, ``"dequant_then_dot"``,
     ``"xla"`` or ``"mosaic"`` (:mod:`pallas_kernels.nf4_matmul` describes each).
     ``fused_max_m``: under ``"auto"``, the fused kernel runs when the flattened row count M is
-    at most this, ``xla`` (XLA's decode, then cuBLAS) above it. The fused kernel decodes
-    every W tile once per ``block_m`` rows, so its decode work grows with M, while the
-    decode-first variants decode once (one extra bf16 W write + read) and then run at cuBLAS
-    speed. By instruction counts
-    the decode costs ~29 ALU instructions per weight (select tree) against 2·block_m flops
-    of tensor-core work, so past a few row tiles the fused kernel is ALU-bound; the default
-    (256) is that estimate, to be replaced by the crossover ``scripts/bench_nf4_matmul.py``
-    measures.
+    at most this, ``xla`` (XLA's decode, then cuBLAS) above it. Default 0: never. Measured on
+    the H200 (BENCHMARKS.md §2, decode-sized M, per-layer device time), the fused kernel was
+    the slowest NF4 path at every M from 1 to 1024 on the Llama-8B shapes: 0.18-0.84x of
+    ``xla`` at M = 1-64 and 0.19-0.54x at M = 256, forward; 0.29-0.50x forward+backward at
+    M = 256-1024. Its Triton lowering does not overlap the decode with the tensor cores, and
+    at small M it reads W no faster than XLA's decode pass writes and rereads it.
     ``lookup``: ``"select"`` or ``"table"``, how a 4-bit code becomes its value (module doc).
     ``absmax_decode``: ``"wrapper"`` or ``"kernel"``, where the dequant kernel gets the
     float32 scales of a double-quantized W (module doc; the fused kernels always use the
@@ -128,7 +126,7 @@ class NF4MatmulConfig:
     """
 
     variant: str = "auto"
-    fused_max_m: int = 256
+    fused_max_m: int = 0
     lookup: str = "select"
     absmax_decode: str = "wrapper"
     block_m: int = 128

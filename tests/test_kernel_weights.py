@@ -71,6 +71,34 @@ def test_prepare_some_groups(nf4_model, rng):
     assert sorted(one.params["layers"][PREPARED]) == ["down_proj"]
 
 
+def test_kernel_groups_for_settings(nf4_model, monkeypatch):
+    """The ``lorax train --kernel-weights`` policy: explicit settings, and "auto" only for short
+    steps on one Hopper GPU (a stand-in device here: CI has none)."""
+    from lorax import kernel_weights
+    from lorax.kernel_weights import AUTO_MAX_TOKENS, GROUP_KEYS, kernel_groups_for
+
+    assert kernel_groups_for(nf4_model, "none", 128) == ()
+    assert kernel_groups_for(nf4_model, "all", 10**6) == GROUP_KEYS
+    assert kernel_groups_for(nf4_model, "o_proj, down_proj", 128) == ("o_proj", "down_proj")
+    with pytest.raises(ValueError, match=r"kernel_weights must be none, all, auto or .*'qkv'"):
+        kernel_groups_for(nf4_model, "qkv", 128)
+    assert kernel_groups_for(nf4_model, "auto", 128) == ()  # the CPU
+    prepared = lorax.prepare_kernel_weights(nf4_model, groups="o_proj")
+    assert kernel_groups_for(prepared, "all", 128) == ()  # already done
+
+    class Device:
+        platform, compute_capability = "gpu", "9.0"
+
+    monkeypatch.setattr(kernel_weights.jax, "devices", lambda: [Device()])
+    assert kernel_groups_for(nf4_model, "auto", AUTO_MAX_TOKENS) == GROUP_KEYS
+    assert kernel_groups_for(nf4_model, "auto", AUTO_MAX_TOKENS + 1) == ()
+    monkeypatch.setattr(kernel_weights.jax, "devices", lambda: [Device(), Device()])
+    assert kernel_groups_for(nf4_model, "auto", 128) == ()  # a mesh: would be replicated
+    Device.compute_capability = "8.0"  # no wgmma before Hopper
+    monkeypatch.setattr(kernel_weights.jax, "devices", lambda: [Device()])
+    assert kernel_groups_for(nf4_model, "auto", 128) == ()
+
+
 def test_prepared_model_refusals(nf4_model, tmp_path):
     prepared = lorax.prepare_kernel_weights(nf4_model)
     with pytest.raises(ValueError, match="prepare_kernel_weights needs the model's loaded"):

@@ -144,9 +144,11 @@ def test_matches_reference(rng, variant, lead, n, k, r, dtype, weight, bias):
 
 
 def test_k_not_multiple_of_64_is_routed_or_rejected(rng):
-    """K = 100: absmax blocks straddle rows of W, so "auto" picks dequant and "fused" raises."""
+    """K = 100: absmax blocks straddle rows of W, so "auto" with the fused kernel opted in
+    (``fused_max_m``) picks dequant instead, and "fused" raises."""
     x, w, a, b, _ = _case(rng, (9,), 50, 100, 4, jnp.float32)
-    plan = plan_nf4_lora_matmul(x, w, interpret=True, config=SMALL)
+    opted_in = dataclasses.replace(SMALL, fused_max_m=256)
+    plan = plan_nf4_lora_matmul(x, w, interpret=True, config=opted_in)
     assert plan.variant == "dequant_then_dot" and "K % 64" in plan.reason
     fused = dataclasses.replace(SMALL, variant="fused")
     with pytest.raises(ValueError, match=r"\[N, K\] = \[50, 100\]"):
@@ -438,7 +440,11 @@ def test_selection(rng):
     assert plan_nf4_lora_matmul(x, w, impl="pallas").interpret is True
     assert plan_nf4_lora_matmul(x, w, impl="reference").variant == "reference"
     compiled = plan_nf4_lora_matmul(x, w, interpret=False)
-    assert (compiled.variant, compiled.interpret) == ("fused", False)  # M <= fused_max_m
+    assert (compiled.variant, compiled.interpret) == ("xla", False)  # every M by default
+    small_fused = NF4MatmulConfig(fused_max_m=8)  # opt in: M <= 8 takes the fused kernel
+    assert plan_nf4_lora_matmul(x, w, interpret=False, config=small_fused).variant == "fused"
+    assert plan_nf4_lora_matmul(x, w, interpret=False, config=NF4MatmulConfig(fused_max_m=7)
+                                ).variant == "xla"  # fmt: skip
     big_m = jax.ShapeDtypeStruct((4, 4096, 64), jnp.bfloat16)
     assert plan_nf4_lora_matmul(big_m, w, interpret=True).variant == "xla"
     assert plan_nf4_lora_matmul(x, dense, interpret=True).variant == "dense"
