@@ -9,6 +9,12 @@ each group of projections that share an input (q/k/v, gate/up) along N: the forw
 runs one kernel call per group and direction, with the LoRA terms summed in the kernel's own
 float32 accumulator (``pallas_kernels.nf4_lora_matmul_group``).
 
+When it pays. The kernel decodes W once per 256-token tile where XLA's default path decodes
+it once per call and then runs cuBLAS, so the kernel wins at short steps and loses at long
+ones: on the H200 a Llama-3.1-8B QLoRA step ran +13-15% faster prepared at 1x1024 and +4-5%
+at 2x1024 and 1x2048, but 1-3% slower from 4096 tokens up (BENCHMARKS.md §2).
+:func:`kernel_groups_for` turns that into the ``lorax train --kernel-weights auto`` rule.
+
 What it costs. The quad layout keeps each absmax as a pair of 16-bit halves (4 bytes per 64
 weights, where double quantization needs ~1): ~4.5 bits per weight instead of ~4.13, e.g.
 0.37 GB more for an 8B model. The NF4Tensors are dropped from the returned model, so its

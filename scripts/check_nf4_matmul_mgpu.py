@@ -58,6 +58,7 @@ CONFIGS = {
     "m192s3": dict(block_m=192, slots=3),
     "m128s4": dict(block_m=128, slots=4),  # half the flops per decoded weight
     "m64s4": dict(block_m=64, slots=4),  # least amortization: the decode cost
+    "m64s8": dict(block_m=64, slots=8),  # decode-sized M: 8 tiles of W in flight per CTA
     # Output tiles in groups of 4 / 8 token tiles (token tiles fastest): W tiles shared in L2.
     "m256s2g4": dict(block_m=256, slots=2, group_m=4),
     "m256s2g8": dict(block_m=256, slots=2, group_m=8),

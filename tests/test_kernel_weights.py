@@ -3,6 +3,8 @@ layout; the forward pass and its LoRA gradients are those of the loaded model.""
 
 from __future__ import annotations
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -156,3 +158,28 @@ def test_prepared_model_with_lora_dropout(nf4_model, rng):
     got = forward(prepared, lora, ids, dropout_key=key, options=options)
     assert rel_l2(got, want) < 2e-2
     assert rel_l2(got, forward(prepared, lora, ids, options=options)) > 1e-3  # masks applied
+
+
+def test_cli_kernel_weights_train_like_the_loaded_model(tmp_path, capsys):
+    """``lorax train --kernel-weights all`` prepares the NF4 model and trains it like the model
+    as loaded (on the CPU both run the jnp reference; the GPU run is
+    scripts/check_kernel_weights_cli.py)."""
+    pytest.importorskip("torch")
+    from lorax import cli, demo
+
+    tokenizer = demo.demo_tokenizer()
+    _, path = make_hf_model(tmp_path, "llama", intermediate_size=128, vocab_size=len(tokenizer))
+    tokenizer.save_pretrained(path)
+    losses = {}
+    for setting in ("none", "all"):
+        out = tmp_path / setting
+        args = ["train", "--model", path, "--quantize", "nf4", "--dtype", "bfloat16"]
+        args += ["--kernel-weights", setting, "--output-dir", str(out), "--max-steps", "4"]
+        args += ["--batch-size", "1", "--seq-len", "64", "--max-new-tokens", "0", "--no-progress"]
+        assert cli.main(args) == 0
+        printed = capsys.readouterr().out
+        assert ("kernel weights: q_proj+k_proj+v_proj, o_proj" in printed) == (setting == "all")
+        with open(out / "metrics.jsonl") as f:
+            losses[setting] = [json.loads(line)["loss"] for line in f if '"loss"' in line]
+    assert len(losses["all"]) == len(losses["none"]) == 4
+    np.testing.assert_allclose(losses["all"], losses["none"], rtol=2e-2)
