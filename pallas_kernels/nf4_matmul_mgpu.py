@@ -86,7 +86,8 @@ default XLA path per group (BENCHMARKS.md §2).
 
 Shapes. K must be a multiple of 64 (whole absmax blocks per row; :func:`check_supported`
 raises otherwise). N and K are padded to multiples of 128 by the repack (code 7, the code of
-0.0, and zero scales), M to the token tile ``min(block_m, M rounded up to 64)`` by the wrapper.
+0.0, and zero scales), M to the token tile ``min(block_m, M rounded up to 64)`` by the wrapper
+(smaller where the launch would leave most SMs idle: :func:`_token_tile`).
 x must be bf16 or f16; blocksize 64; one matrix (no layer axis).
 
 Interpreter (CPU tests): ``ldmatrix``, inline PTX, register layouts and transposed views do
@@ -158,7 +159,10 @@ class MgpuNF4Config:
     per token tile, the default; 4 and 8 measured 1-9% slower on the H200, also for the
     stacked gate/up W of 58 MB, more than L2: BENCHMARKS.md §2). ``compute_registers``,
     ``memory_registers``: per-thread register budgets of the two compute warpgroups and the
-    memory warpgroup (2·128·232 + 128·40 = 64K registers).
+    memory warpgroup (2·128·232 + 128·40 = 64K registers). ``fill_sms``: at small M on a
+    narrow output, shrink the token tile (down to 64, or 128 with a low-rank term) while the
+    launch would have fewer tiles than half the SMs (:func:`_token_tile`); off, the tile is
+    ``block_m`` or M rounded up to 64, whichever is smaller.
     """
 
     block_m: int = 256
@@ -168,6 +172,7 @@ class MgpuNF4Config:
     group_m: int = 1
     compute_registers: int = 232
     memory_registers: int = 40
+    fill_sms: bool = True
 
     def __post_init__(self) -> None:
         if self.block_m not in (64, 128, 192, 256):
@@ -938,11 +943,25 @@ def _quad_call(lhs: Array, quads: Array, words: Array, block_m: int, config: Mgp
 # ------------------------------------------------------------------------------- public API
 
 
-def _token_tile(m: int, config: MgpuNF4Config, low_rank: bool = False) -> int:
+def _token_tile(m: int, config: MgpuNF4Config, low_rank: bool = False,
+                out_tiles: int | None = None) -> int:  # fmt: skip
     """Tokens per CTA: the config's, or M rounded up to 64 when smaller (to at least 128 with
-    a low-rank term, whose 128 rows of ``v`` share a token-tile slot)."""
-    bm = min(config.block_m, _round_up(m, _ROWS))
-    return max(bm, TILE) if low_rank else bm
+    a low-rank term, whose 128 rows of ``v`` share a token-tile slot).
+
+    Given the launch's ``out_tiles`` (128-wide output column tiles), the tile also shrinks
+    (256 or 192 -> 128 -> 64) while the launch would have fewer tiles than half the SMs. That
+    only happens at small M on a narrow output (e.g. M = 256 on a 4096-wide W: 32 tiles): each
+    CTA then streams a whole row of W tiles, so the launch is bound by how few SMs stream,
+    and more CTAs beat decoding each weight for more tokens. On the H200, 64-token tiles ran
+    1.55x (14336x4096) and 2.2x (4096x4096) faster than one 256-token tile at M = 256
+    (BENCHMARKS.md §2). At training-sized M no shape qualifies (4096x1024 at M = 4096 has 128).
+    """
+    floor = TILE if low_rank else _ROWS
+    bm = max(min(config.block_m, _round_up(m, _ROWS)), floor)
+    if out_tiles is not None and config.fill_sms:
+        while bm > floor and -(-m // bm) * out_tiles < _sm_count() / 2:
+            bm = max(floor, {256: 128, 192: 128, 128: 64}[bm])
+    return bm
 
 
 def check_supported(lhs: Any, w: NF4Tensor | MgpuNF4Weight, config: MgpuNF4Config, *,
@@ -1003,7 +1022,7 @@ def _matmul(lhs: Array, w: MgpuNF4Weight, low_rank: tuple[Array, Array] | None,
     lead = lhs.shape[:-1]
     lhs2 = lhs.reshape(-1, red)
     m = lhs2.shape[0]
-    bm = _token_tile(m, config, low_rank is not None)
+    bm = _token_tile(m, config, low_rank is not None, out_tiles=out_padded // TILE)
     mp = _round_up(m, bm)
     lhs2 = jnp.pad(lhs2, ((0, mp - m), (0, red_padded - red)))
     if low_rank is not None:

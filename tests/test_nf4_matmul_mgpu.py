@@ -21,6 +21,7 @@ from conftest import rel_l2
 from jax.experimental.pallas import mosaic_gpu as plgpu
 from ptx_emulation import run_ptx
 
+from pallas_kernels import nf4_matmul_mgpu as nf4_mgpu
 from pallas_kernels.nf4 import NF4_CODE, NF4Tensor, dequantize_absmax, dequantize_nf4, quantize_nf4
 from pallas_kernels.nf4_matmul_mgpu import (
     SLOTS,
@@ -198,14 +199,16 @@ def _reference(lhs, w: NF4Tensor, backward: bool):
     "m, n, k, config",
     [
         (64, 128, 128, MgpuNF4Config(block_m=64)),  # one tile, one step
-        (200, 130, 320, MgpuNF4Config(block_m=128, persistent=False)),  # ragged; 3 K steps
+        # Ragged; 3 K steps; the 128-token tile kept (a launch this small would shrink it).
+        (200, 130, 320, MgpuNF4Config(block_m=128, persistent=False, fill_sms=False)),
+        (256, 128, 128, MgpuNF4Config()),  # the default's 256-token tile shrunk to 4 of 64
         (96, 384, 192, MgpuNF4Config(block_m=64, slots=3)),  # 3 N steps
         # 2 CTAs looping over 9 (fwd) or 6 (bwd) tiles of 2-3 steps through one ring.
         (150, 384, 320, MgpuNF4Config(block_m=64, slots=2, max_ctas=2)),
         # Token tiles fastest in groups of 2 (the last group ragged: 3 token tiles).
         (150, 384, 320, MgpuNF4Config(block_m=64, slots=2, max_ctas=2, group_m=2)),
     ],
-    ids=["single", "ragged", "three-steps", "persistent", "grouped-order"],
+    ids=["single", "ragged", "fill-sms", "three-steps", "persistent", "grouped-order"],
 )
 def test_matches_reference(rng, m, n, k, config, backward):
     """``y = x·Wᵀ`` and ``dx = dy·W`` in the interpreter against a float32 dot with the
@@ -292,6 +295,20 @@ def test_prepared_weight_f16_and_batch_axes(rng):
         assert rel_l2(np.asarray(got, np.float32), want) < 3e-3
 
 
+def test_token_tile_fills_the_sms():
+    """Small M on a narrow output: fewer, longer CTAs would leave most SMs idle, so the token
+    tile shrinks (not below 128 with a low-rank term); training-sized M keeps the config's."""
+    cfg, sms = MgpuNF4Config(), nf4_mgpu._sm_count()
+    assert nf4_mgpu._token_tile(256, cfg, out_tiles=32) == 64  # 32 tiles -> 128 of 64 tokens
+    assert nf4_mgpu._token_tile(256, cfg, low_rank=True, out_tiles=32) == 128
+    assert nf4_mgpu._token_tile(192, cfg, out_tiles=32) == 64
+    assert nf4_mgpu._token_tile(1024, cfg, out_tiles=32) == 256  # 128 tiles: enough
+    assert nf4_mgpu._token_tile(4096, cfg, out_tiles=8) == 256  # k/v at M = 4096: 128 tiles
+    assert nf4_mgpu._token_tile(256, cfg, out_tiles=sms) == 256
+    assert nf4_mgpu._token_tile(256, MgpuNF4Config(fill_sms=False), out_tiles=32) == 256
+    assert nf4_mgpu._token_tile(256, cfg) == 256  # no launch size given: the config's
+
+
 def test_refusals(rng):
     w = _weight(rng, 64, 128)
     x = jnp.zeros((8, 128), jnp.bfloat16)
@@ -337,7 +354,7 @@ def test_lowers_for_hopper(config, dtype, backward):
     assembled by ptxas on the GPU only)."""
     if not hasattr(plgpu, "inline_mgpu"):
         pytest.skip("this jax has no plgpu.inline_mgpu (the quad decode needs it)")
-    m, n, k = 512, 384, 640
+    m, n, k = 6144, 384, 640  # enough token tiles that no config shrinks its tile
     lhs = jax.ShapeDtypeStruct((m, n if backward else k), dtype)
     w = MgpuNF4Weight(
         jax.ShapeDtypeStruct((n // 2, k // 2), jnp.uint16),
