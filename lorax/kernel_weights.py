@@ -51,7 +51,8 @@ GROUP_KEYS = tuple(group_key(names) for names in PROJECTION_GROUPS)
 
 # ``kernel_groups_for(..., "auto", tokens)`` prepares every group for steps of at most this
 # many tokens (B·S). Llama-3.1-8B QLoRA step on the H200 (BENCHMARKS.md §2), prepared against
-# the default: +14.9% tok/s at 1x1024, +3.7% at 1x2048; -1.1% at 2x2048, -3.4% at 1x8192.
+# the default: +19.4% tok/s at 1x512, +13-15% at 1x1024, +4-5% at 2x1024 and 1x2048; -0.7% at
+# 1x4096, -1.1% at 2x2048, -3.4% at 1x8192.
 # The kernel decodes W once per 256-token tile: at short steps that is cheaper than XLA's
 # separate decode pass, at long ones it is not.
 AUTO_MAX_TOKENS = 2048
