@@ -45,9 +45,10 @@ Implementations (``plan_nf4_lora_matmul`` says which one a call gets, and why):
     traffic per weight); that wiring measured 6.7% slower than ``xla`` end to end (Llama-8B step,
     §2), so NF4Tensors take it only on request (``config.variant="mosaic"``). Weights prepared once
     (:class:`~pallas_kernels.nf4_matmul_mgpu.MgpuNF4Weight`, stacked per group: see
-    ``lorax.prepare_kernel_weights``) always run on it, under ``"auto"`` too; end to end that path
-    measured 1.1% (2x2048) and 3.4% (1x8192) slower than the default, so preparing is opt-in. Needs
-    K % 64 == 0 and bf16/f16 x.
+    ``lorax.prepare_kernel_weights``) always run on it, under ``"auto"`` too. End to end that path
+    measured 13-19% faster than the default at 512-1024 tokens per step and 4-5% at 2048, but
+    1-3% slower from 4096 up, so preparing is the caller's choice (``lorax train
+    --kernel-weights auto`` makes it by that rule). Needs K % 64 == 0 and bf16/f16 x.
 ``xla``
     The reference's jnp decode, compiled by XLA, then XLA's dot: XLA fuses the decode with
     its neighbours and schedules it among the other layer work. The default for
