@@ -31,6 +31,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from lorax.config import PROJECTION_GROUPS
 from lorax.model import PREPARED, Model, group_key
@@ -123,7 +124,8 @@ def kernel_groups_for(model: Model, setting: str, tokens_per_step: int) -> tuple
     :data:`GROUP_KEYS`; or ``"auto"``: all groups where the kernel measured faster end to
     end, i.e. steps of at most :data:`AUTO_MAX_TOKENS` tokens on one Hopper GPU (the kernel's
     wgmma needs sm_90; on a multi-device mesh the prepared arrays would be replicated) for a
-    model with NF4 projections, else none. An empty tuple means leave the model as loaded.
+    model whose NF4 projections the kernel takes (bf16/f16 compute, blocksize 64,
+    K % 64 == 0), else none. An empty tuple means leave the model as loaded.
     """
     if setting == "none" or is_prepared(model):
         return ()
@@ -140,12 +142,19 @@ def kernel_groups_for(model: Model, setting: str, tokens_per_step: int) -> tuple
         return groups
     devices = jax.devices()
     hopper = devices[0].platform == "gpu" and getattr(devices[0], "compute_capability", "") == "9.0"
-    layers = model.params.get("layers", {})
-    has_nf4 = any(
-        isinstance(layers.get(name, {}).get("weight"), NF4Tensor)
-        for names in PROJECTION_GROUPS
-        for name in names
-    )
-    if hopper and len(devices) == 1 and has_nf4 and tokens_per_step <= AUTO_MAX_TOKENS:
+    if hopper and len(devices) == 1 and tokens_per_step <= AUTO_MAX_TOKENS and _kernel_takes(model):
         return GROUP_KEYS
     return ()
+
+
+def _kernel_takes(model: Model) -> bool:
+    """Whether the model has NF4 projections and the kernel takes every one of them: a 16-bit
+    compute dtype, NF4 blocksize 64, and whole absmax blocks per row (K % 64 == 0), the
+    conditions under which :func:`prepare_kernel_weights` would raise. ``"auto"`` leaves
+    other models as loaded rather than stop a run."""
+    if jnp.dtype(model.dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        return False
+    layers = model.params.get("layers", {})
+    weights = [layers.get(name, {}).get("weight") for names in PROJECTION_GROUPS for name in names]
+    nf4 = [w for w in weights if isinstance(w, NF4Tensor)]
+    return bool(nf4) and all(w.blocksize == 64 and w.shape[-1] % 64 == 0 for w in nf4)

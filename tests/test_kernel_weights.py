@@ -3,6 +3,7 @@ layout; the forward pass and its LoRA gradients are those of the loaded model.""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import jax
@@ -77,6 +78,7 @@ def test_kernel_groups_for_settings(nf4_model, monkeypatch):
     """The ``lorax train --kernel-weights`` policy: explicit settings, and "auto" only for short
     steps on one Hopper GPU (a stand-in device here: CI has none)."""
     from lorax import kernel_weights
+    from lorax.config import PROJECTION_GROUPS
     from lorax.kernel_weights import AUTO_MAX_TOKENS, GROUP_KEYS, kernel_groups_for
 
     assert kernel_groups_for(nf4_model, "none", 128) == ()
@@ -94,6 +96,20 @@ def test_kernel_groups_for_settings(nf4_model, monkeypatch):
     monkeypatch.setattr(kernel_weights.jax, "devices", lambda: [Device()])
     assert kernel_groups_for(nf4_model, "auto", AUTO_MAX_TOKENS) == GROUP_KEYS
     assert kernel_groups_for(nf4_model, "auto", AUTO_MAX_TOKENS + 1) == ()
+    # Weights the kernel cannot take: "auto" leaves the model as loaded instead of failing.
+    as_f32 = {**nf4_model.params, "embed_tokens": nf4_model.params["embed_tokens"].astype("f4")}
+    assert kernel_groups_for(dataclasses.replace(nf4_model, params=as_f32), "auto", 128) == ()
+
+    def with_weights(weight):
+        layers = {**nf4_model.params["layers"]}
+        layers.update({name: {"weight": weight} for names in PROJECTION_GROUPS for name in names})
+        return dataclasses.replace(nf4_model, params={**nf4_model.params, "layers": layers})
+
+    k128 = lorax.quantize_nf4(jnp.zeros((64, 128), jnp.float32))
+    assert kernel_groups_for(with_weights(k128), "auto", 128) == GROUP_KEYS
+    assert kernel_groups_for(with_weights(jnp.zeros((64, 64), jnp.bfloat16)), "auto", 128) == ()
+    k96 = lorax.quantize_nf4(jnp.zeros((64, 96), jnp.float32))  # absmax blocks straddle rows
+    assert kernel_groups_for(with_weights(k96), "auto", 128) == ()
     monkeypatch.setattr(kernel_weights.jax, "devices", lambda: [Device(), Device()])
     assert kernel_groups_for(nf4_model, "auto", 128) == ()  # a mesh: would be replicated
     Device.compute_capability = "8.0"  # no wgmma before Hopper
