@@ -36,6 +36,7 @@ import jax.numpy as jnp
 from lorax.config import PROJECTION_GROUPS
 from lorax.model import PREPARED, Model, group_key
 from pallas_kernels.nf4 import NF4Tensor
+from pallas_kernels.nf4_matmul_kernels import QBLOCK
 from pallas_kernels.nf4_matmul_mgpu import MgpuNF4Weight, prepare_weight, stack_prepared
 
 __all__ = [
@@ -157,4 +158,4 @@ def _kernel_takes(model: Model) -> bool:
     layers = model.params.get("layers", {})
     weights = [layers.get(name, {}).get("weight") for names in PROJECTION_GROUPS for name in names]
     nf4 = [w for w in weights if isinstance(w, NF4Tensor)]
-    return bool(nf4) and all(w.blocksize == 64 and w.shape[-1] % 64 == 0 for w in nf4)
+    return bool(nf4) and all(w.blocksize == QBLOCK and w.shape[-1] % QBLOCK == 0 for w in nf4)

@@ -113,7 +113,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.nf4 import NF4_CODE, NF4Tensor, dequantize_absmax, dequantize_nf4
-from pallas_kernels.nf4_matmul_kernels import nf4_lookup
+from pallas_kernels.nf4_matmul_kernels import QBLOCK, nf4_lookup
 
 __all__ = [
     "MgpuNF4Config",
@@ -129,7 +129,7 @@ __all__ = [
     "stacked_member",
 ]
 
-_QBLOCK = 64  # the NF4 blocksize this kernel handles
+_QBLOCK = QBLOCK  # the NF4 blocksize this kernel handles (as the Pallas kernels)
 _SMEM_BYTES = 227 * 1024  # H100/H200 per-block shared memory limit
 _DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 TILE = 128  # W rows and columns per CTA tile and pipeline step
