@@ -71,14 +71,14 @@ Selection: ``impl`` / ``interpret`` choose kernel vs reference as everywhere in
 reference elsewhere). Among kernels, ``config.variant`` picks; ``"auto"`` (default) takes
 ``xla`` for an NF4Tensor at every M: on the H200 it was the fastest path for NF4Tensors from
 M = 1 to 16384 (BENCHMARKS.md §2; ``dequant_then_dot`` within 10% either way, the Triton
-``fused`` kernel 2-5x slower). ``config.fused_max_m`` > 0 sends M up to it to ``fused``
-(``dequant_then_dot`` when K % 64 != 0: the fused kernel reads W row by row and needs whole
-absmax blocks per row; the dequant kernel works on the flat element order). Asking for
-``variant="fused"`` with such a K raises. NF4 blocksizes other than 64 are served by the
-reference under the default selection and raise if a kernel is forced. ``config.lookup``
-picks how the kernels turn a 4-bit code into its value (select tree or table gather; see
-:mod:`pallas_kernels.nf4_matmul_kernels`). ``scripts/bench_nf4_matmul.py`` measures every
-combination; the defaults are estimates until its numbers are in.
+``fused`` kernel no faster at any M and up to 5x slower). ``config.fused_max_m`` > 0 sends M
+up to it to ``fused`` (``dequant_then_dot`` when K % 64 != 0: the fused kernel reads W row
+by row and needs whole absmax blocks per row; the dequant kernel works on the flat element
+order). Asking for ``variant="fused"`` with such a K raises. NF4 blocksizes other than 64
+are served by the reference under the default selection and raise if a kernel is forced.
+``config.lookup`` picks how the kernels turn a 4-bit code into its value (select tree or
+table gather; see :mod:`pallas_kernels.nf4_matmul_kernels`). ``scripts/bench_nf4_matmul.py``
+measures every combination, the numbers the defaults come from.
 
 Example::
 

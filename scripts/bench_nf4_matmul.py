@@ -77,6 +77,7 @@ import numpy as np  # noqa: E402
 from _common import pipelined_ms  # noqa: E402
 from jax import lax  # noqa: E402
 
+from lorax.sharding.memory import total_bytes  # noqa: E402
 from pallas_kernels.nf4 import NF4Tensor  # noqa: E402
 from pallas_kernels.nf4_matmul import (  # noqa: E402
     NF4MatmulConfig,
@@ -203,11 +204,6 @@ def over_layers(fn: Callable[..., Any]) -> Callable[..., Any]:
         return lax.scan(body, jnp.float32(0), ws)[0]
 
     return jax.jit(run)
-
-
-def weight_bytes(w: Any) -> int:
-    """Bytes of W as stored (every array leaf of the weight's pytree)."""
-    return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(w))
 
 
 # --------------------------------------------------------------------------------------
@@ -424,7 +420,7 @@ class Bench:
                     r = time_fn(fn, args, self.reps, self.max_calls)
                     seconds = r["seconds"] / per_call  # per layer
                     flops = 2 * m * n * k * (1 if mode == "fwd" else 2)
-                    reads = weight_bytes(args[1]) / per_call * (1 if mode == "fwd" else 2)
+                    reads = total_bytes(args[1]) / per_call * (1 if mode == "fwd" else 2)
                     row.update(
                         ms=seconds * 1e3,
                         tflops=flops / seconds / 1e12,
