@@ -5,7 +5,8 @@ and log-sum-exp, and both backward variants' dq, dk, dv, against float32 jnp att
 the S×S reference fits); then pipelined timings (median, dispatch hidden) of the forward, the
 backward alone and forward+backward, against cuDNN. Causal FLOPs: forward 2·B·Hq·S²·D,
 backward 2.5x, forward+backward 3.5x; the per-kernel lines of the backward count the tile
-products the kernels really run (dK/dV 4, dQ 3 per tile pair, against the textbook's 5). Each
+products the kernels really run (dK/dV 4, dQ 3 per tile pair, against the textbook's 5; the
+fused dK/dV/dQ kernel 5, its float32 dQ buffer's zeroing included). Each
 variant runs in try/except, so one failure is reported and the rest go on (a kernel that
 hangs is not caught: run one variant per process under ``timeout``, as scripts/gpu_run17.sh did).
 
@@ -21,6 +22,7 @@ import traceback
 import jax
 import jax.numpy as jnp
 from _common import pipelined_ms
+from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import flash_attention_mgpu as mgpu  # the kernels one by one, for timing
 from pallas_kernels.flash_attention import attention_logsumexp, attention_reference
@@ -35,6 +37,8 @@ VARIANTS = {
     "default": MgpuAttentionConfig(),
     "dq kv64": MgpuAttentionConfig(dq_block_kv=64),
     "r240": MgpuAttentionConfig(compute_registers=240, memory_registers=24),
+    "fused": MgpuAttentionConfig(fused_dq=True),
+    "fused r240": MgpuAttentionConfig(fused_dq=True, compute_registers=240, memory_registers=24),
 }
 
 
@@ -117,6 +121,17 @@ def check_shape(b: int, s: int, variants: list[str], cudnn: bool = True, hq: int
             f32 = jnp.float32
             delta = jnp.einsum("bshd,bshd->bhs", out.astype(f32), do.astype(f32))
             args = (q, k, v, do, lse2, delta)
+            if config.fused_dq:
+
+                def fused(*a, config=config):
+                    acc = jax.new_ref(jnp.zeros(q.shape, f32), memory_space=plgpu.GMEM)
+                    dk, dv = mgpu._dkdv_call(*a, scale, config, None, acc)
+                    return acc[...], dk, dv
+
+                t_fused = pipelined_ms(jax.jit(fused), *args)
+                print(f"  {'':<16} fused dK/dV/dQ kernel {rate(2.5 * fwd_flops, t_fused)}"
+                      "  (real tensor work)", flush=True)  # fmt: skip
+                return
             dkdv = jax.jit(lambda *a: mgpu._dkdv_call(*a, scale, config, None))
             dq = jax.jit(lambda *a: mgpu._dq_call(*a, scale, config, None))
             # Tile products actually run: dK/dV 4 and dQ 3 per tile pair (forward: 2).
