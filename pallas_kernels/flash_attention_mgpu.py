@@ -516,9 +516,7 @@ def _dkdv_call(q, k, v, do, lse2, delta, scale: float, config: MgpuAttentionConf
                 plgpu.commit_smem()
                 dq_cols = (batch, pl.ds(q0, blk), head, pl.ds(wg * cols, cols))
                 if interpret is None:
-                    plgpu.copy_smem_to_gmem(
-                        dq_stage.at[wg], dq_ref.at[dq_cols], reduction_op="add"
-                    )
+                    plgpu.copy_smem_to_gmem(dq_stage.at[wg], dq_ref.at[dq_cols], reduction_op="add")
                 else:  # Interpreter: no TMA reductions; one plane per CTA, summed outside.
                     plgpu.copy_smem_to_gmem(dq_stage.at[wg], dq_ref.at[(tile, *dq_cols)])
                 return dk, dv
