@@ -416,7 +416,7 @@ def _forward_call(q: Array, k: Array, v: Array, scale: float, config: MgpuAttent
 
 
 def _dkdv_call(q, k, v, do, lse2, delta, scale: float, config: MgpuAttentionConfig, interpret,
-               dq_acc: Any = None):  # fmt: skip
+               dq_acc: Any = None, probe: frozenset[str] = frozenset()):  # fmt: skip
     """dK and dV: each CTA owns ``2·64`` keys and streams every query tile that sees them.
 
     Given ``dq_acc`` (a zeroed float32 ``[B, S, Hq, D]`` ref), dQ partials are added into it
@@ -426,6 +426,10 @@ def _dkdv_call(q, k, v, do, lse2, delta, scale: float, config: MgpuAttentionConf
     with its own copy of those K columns in shared memory) and reduce-adds it by TMA: one
     reduction per CTA and query tile, the work split evenly. In the interpreter (no TMA
     reductions) ``dq_acc`` has a leading plane per CTA, summed by the caller.
+
+    ``probe`` (measurement only, wrong dQ): leave out parts of the fused dQ to time them —
+    ``"store"`` a plain TMA store instead of the reduce-add, ``"no_copy"`` no store at all,
+    ``"no_sync"`` no wait for the other warpgroup's dSᵀ rows.
     """
     b, s, hq, d = q.shape
     hkv = k.shape[2]
@@ -503,20 +507,25 @@ def _dkdv_call(q, k, v, do, lse2, delta, scale: float, config: MgpuAttentionConf
                 ds_tile = ds_tiles.at[buf]  # [CTA keys, queries]
                 ds_tile.at[pl.ds(wg * blk, blk)][...] = ds_t
                 plgpu.commit_smem()
-                plgpu.barrier_arrive(ds_ready.at[buf])
                 dq_term = (_zeros((blk, cols), interpret), _T(ds_tile), k_cols.at[wg])
+                sync = "no_sync" not in probe
+                if sync:
+                    plgpu.barrier_arrive(ds_ready.at[buf])
                 dv, dk, dq = _products(
                     [*terms, dq_term],
                     interpret,
-                    before_last=lambda: plgpu.barrier_wait(ds_ready.at[buf]),  # both halves
+                    before_last=(lambda: plgpu.barrier_wait(ds_ready.at[buf])) if sync else None,
                 )
                 plgpu.barrier_arrive(free.at[slot])
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last partial has left
                 dq_stage.at[wg][...] = dq
                 plgpu.commit_smem()
                 dq_cols = (batch, pl.ds(q0, blk), head, pl.ds(wg * cols, cols))
-                if interpret is None:
-                    plgpu.copy_smem_to_gmem(dq_stage.at[wg], dq_ref.at[dq_cols], reduction_op="add")
+                if "no_copy" in probe:
+                    pass
+                elif interpret is None:
+                    add = None if "store" in probe else "add"
+                    plgpu.copy_smem_to_gmem(dq_stage.at[wg], dq_ref.at[dq_cols], reduction_op=add)
                 else:  # Interpreter: no TMA reductions; one plane per CTA, summed outside.
                     plgpu.copy_smem_to_gmem(dq_stage.at[wg], dq_ref.at[(tile, *dq_cols)])
                 return dk, dv

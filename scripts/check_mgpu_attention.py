@@ -42,6 +42,9 @@ VARIANTS = {
 }
 
 
+PROBES: list[frozenset[str]] = []  # --probes: parts of the fused dQ left out, for timing
+
+
 def _reference(q, k, v, scale):
     """Causal GQA attention in float32: output and natural-log logsumexp [B, Hq, S]."""
     q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
@@ -131,6 +134,16 @@ def check_shape(b: int, s: int, variants: list[str], cudnn: bool = True, hq: int
                 t_fused = pipelined_ms(jax.jit(fused), *args)
                 print(f"  {'':<16} fused dK/dV/dQ kernel {rate(2.5 * fwd_flops, t_fused)}"
                       "  (real tensor work)", flush=True)  # fmt: skip
+                for probe in PROBES:  # the fused kernel with parts left out (wrong dQ)
+
+                    def probed(*a, config=config, probe=probe):
+                        acc = jax.new_ref(jnp.zeros(q.shape, f32), memory_space=plgpu.GMEM)
+                        dk, dv = mgpu._dkdv_call(*a, scale, config, None, acc, probe)
+                        return acc[...], dk, dv
+
+                    t_probe = pipelined_ms(jax.jit(probed), *args)
+                    print(f"  {'':<16} probe {'+'.join(sorted(probe)):<16} "
+                          f"{rate(2.5 * fwd_flops, t_probe)}", flush=True)  # fmt: skip
                 return
             dkdv = jax.jit(lambda *a: mgpu._dkdv_call(*a, scale, config, None))
             dq = jax.jit(lambda *a: mgpu._dq_call(*a, scale, config, None))
@@ -147,7 +160,11 @@ def main() -> None:
     parser.add_argument("--shapes", default="2x2048,1x8192,1x32768")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma list")
     parser.add_argument("--no-cudnn", action="store_true", help="skip the cuDNN baseline")
+    parser.add_argument(
+        "--probes", default="", help="fused variants: ';' list of '+' sets of store/no_copy/no_sync"
+    )
     args = parser.parse_args()
+    PROBES.extend(frozenset(p.split("+")) for p in args.probes.split(";") if p)
     for shape in args.shapes.split(","):
         b, s = (int(x) for x in shape.split("x"))
         check_shape(b, s, [v for v in args.variants.split(",") if v], cudnn=not args.no_cudnn)
