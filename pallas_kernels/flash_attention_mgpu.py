@@ -84,17 +84,12 @@ class MgpuAttentionConfig:
     ``dq_block_kv`` wide in the dQ kernel). Registers per thread: ``compute_registers`` /
     ``memory_registers`` for the compute and memory warpgroups (2·128·232 + 128·40 ≤ 64K, the
     register file).
-
-    ``fused_dq``: compute dQ inside the dK/dV kernel (five tile products per tile pair instead
-    of seven; float32 partials reduce-added into global memory by TMA) rather than by a second
-    kernel that recomputes ``s`` and ``dp``. ``dq_block_kv`` then does not apply.
     """
 
     fwd_block_kv: int = 128
     fwd_slots: int = 2
     bwd_slots: int = 2
     dq_block_kv: int = 128
-    fused_dq: bool = False
     compute_registers: int = 232
     memory_registers: int = 40
 
@@ -147,32 +142,23 @@ def _products(
     terms: Sequence[tuple[Array, Any, Any]],
     interpret: Any,
     after_issue: Callable[[], None] | None = None,
-    before_last: Callable[[], None] | None = None,
 ) -> list[Array]:
     """``[acc + lhs @ rhs for acc, lhs, rhs in terms]`` in float32 on the tensor cores.
 
     All products are issued before any is awaited (one wgmma wait for the lot), and
-    ``after_issue`` runs while they are in flight; ``before_last`` runs just before the last
-    product is issued (a wait for an operand that the others do not need). ``lhs`` is
-    registers or shared memory, ``rhs`` shared memory; either may be ``_T(ref)``.
+    ``after_issue`` runs while they are in flight. ``lhs`` is registers or shared memory,
+    ``rhs`` shared memory; either may be ``_T(ref)``.
     """
     if interpret is not None:  # Interpreter: no run_state / wgmma; plain dots.
+        if after_issue is not None:
+            after_issue()
         dot = lambda a, b: jnp.dot(
             _operand(a, interpret), _operand(b, interpret), preferred_element_type=jnp.float32
         )
-        out = [acc + dot(a, b) for acc, a, b in terms[:-1]]
-        if before_last is not None:
-            before_last()
-        acc, a, b = terms[-1]
-        out.append(acc + dot(a, b))
-        if after_issue is not None:
-            after_issue()
-        return out
+        return [acc + dot(a, b) for acc, a, b in terms]
 
     def issue(refs: tuple[Any, ...]) -> None:
-        for i, (ref, (_, a, b)) in enumerate(zip(refs, terms, strict=True)):
-            if i == len(terms) - 1 and before_last is not None:
-                before_last()
+        for ref, (_, a, b) in zip(refs, terms, strict=True):
             plgpu.wgmma(ref, _operand(a, None), _operand(b, None))
         if after_issue is not None:
             after_issue()
@@ -208,14 +194,10 @@ def _causal_mask(
     return rows >= cols if rows_are_q else cols >= rows
 
 
-def _smem_tile(shape: tuple[int, ...], dtype: Any, swizzle: int | None = None) -> Any:
-    """A shared-memory buffer laid out for TMA and wgmma (rows swizzled, up to 128 bytes).
-
-    The two shared-memory operands of one wgmma need the same ``swizzle``.
-    """
-    swizzle = swizzle or min(128, shape[-1] * jnp.dtype(dtype).itemsize)
-    row = swizzle // jnp.dtype(dtype).itemsize
-    transforms = (plgpu.TilingTransform((8, row)), plgpu.SwizzleTransform(swizzle))
+def _smem_tile(shape: tuple[int, ...], dtype: Any) -> Any:
+    """A shared-memory buffer laid out for TMA and wgmma (128-byte swizzled rows)."""
+    row = 128 // jnp.dtype(dtype).itemsize
+    transforms = (plgpu.TilingTransform((8, row)), plgpu.SwizzleTransform(128))
     return plgpu.SMEM(shape, dtype, transforms=transforms)
 
 
@@ -415,35 +397,18 @@ def _forward_call(q: Array, k: Array, v: Array, scale: float, config: MgpuAttent
 # ---------------------------------------------------------------------------------- backward
 
 
-def _dkdv_call(q, k, v, do, lse2, delta, scale: float, config: MgpuAttentionConfig, interpret,
-               dq_acc: Any = None, probe: frozenset[str] = frozenset()):  # fmt: skip
-    """dK and dV: each CTA owns ``2·64`` keys and streams every query tile that sees them.
-
-    Given ``dq_acc`` (a zeroed float32 ``[B, S, Hq, D]`` ref), dQ partials are added into it
-    too (``config.fused_dq``): both warpgroups write their ``dSᵀ`` rows into one shared
-    ``[128 keys, 64 queries]`` tile (double-buffered, a two-arrival barrier per step), then
-    warpgroup ``w`` computes the CTA's partial for head-dim columns ``w`` (``dS · K[:, cols]``,
-    with its own copy of those K columns in shared memory) and reduce-adds it by TMA: one
-    reduction per CTA and query tile, the work split evenly. In the interpreter (no TMA
-    reductions) ``dq_acc`` has a leading plane per CTA, summed by the caller.
-
-    ``probe`` (measurement only, wrong dQ): leave out parts of the fused dQ to time them —
-    ``"store"`` a plain TMA store instead of the reduce-add, ``"no_copy"`` no store at all,
-    ``"no_sync"`` no wait for the other warpgroup's dSᵀ rows.
-    """
+def _dkdv_call(q, k, v, do, lse2, delta, scale: float, config: MgpuAttentionConfig, interpret):
+    """dK and dV: each CTA owns ``2·64`` keys and streams every query tile that sees them."""
     b, s, hq, d = q.shape
     hkv = k.shape[2]
     groups = hq // hkv
     blk, slots = _ROWS, config.bwd_slots
     num_q_tiles = s // blk
     c = scale * _LOG2E
-    fused = dq_acc is not None
-    cols = d // _COMPUTE_WGS  # head-dim columns of the dQ partial per warpgroup
 
-    def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs):
-        dq_ref, (dk_ref, dv_ref, scoped) = (refs[0], refs[1:]) if fused else (None, refs)
-        (k_smem, v_smem, q_ring, do_ring, lse_ring, delta_ring, *dq_scratch), bars = scoped
-        k_bar, v_bar, q_bar, do_bar, lse_bar, delta_bar, free, *dq_bars = bars
+    def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, scoped):
+        (k_smem, v_smem, q_ring, do_ring, lse_ring, delta_ring), bars = scoped
+        k_bar, v_bar, q_bar, do_bar, lse_bar, delta_bar, free = bars
         batch, kv_head, tile = (lax.axis_index(n) for n in ("batch", "kv_heads", "kv_tiles"))
         wg = lax.axis_index("wg")
         cta_base = tile * (_COMPUTE_WGS * blk)
@@ -462,15 +427,6 @@ def _dkdv_call(q, k, v, do, lse2, delta, scale: float, config: MgpuAttentionConf
             rows = (batch, pl.ds(kv_base, blk), kv_head)
             plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[wg], k_bar.at[wg])
             plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[wg], v_bar.at[wg])
-            if fused:  # this warpgroup's K columns, for all of the CTA's keys
-                k_cols, ds_tiles, dq_stage = dq_scratch
-                k_cols_bar, ds_ready = dq_bars
-                cta_keys = (batch, pl.ds(cta_base, _COMPUTE_WGS * blk), kv_head)
-                plgpu.copy_gmem_to_smem(
-                    k_ref.at[(*cta_keys, pl.ds(wg * cols, cols))], k_cols.at[wg],
-                    k_cols_bar.at[wg],
-                )  # fmt: skip
-                plgpu.barrier_wait(k_cols_bar.at[wg])
             plgpu.barrier_wait(k_bar.at[wg])
             plgpu.barrier_wait(v_bar.at[wg])
             key_stat = plgpu.Layout.WGMMA.reduce(0)
@@ -478,7 +434,7 @@ def _dkdv_call(q, k, v, do, lse2, delta, scale: float, config: MgpuAttentionConf
             def body(step: Array, carry: tuple[Array, Array], masked: bool) -> Any:
                 dk, dv = carry
                 slot = lax.rem(step, slots)
-                head, q0 = coords(step)
+                _, q0 = coords(step)
                 for bar in (q_bar, do_bar, lse_bar, delta_bar):
                     plgpu.barrier_wait(bar.at[slot])
                 zeros = _zeros((blk, blk), interpret)
@@ -498,36 +454,10 @@ def _dkdv_call(q, k, v, do, lse2, delta, scale: float, config: MgpuAttentionConf
                 dlt = _load_stats(delta_ring.at[slot], key_stat, interpret)
                 ds_t = (p_t * (dp_t - lax.broadcast_in_dim(dlt, (blk, blk), [1]))).astype(q.dtype)
                 p_t = p_t.astype(q.dtype)
-                terms = [(dv, p_t, do_ring.at[slot]), (dk, ds_t, q_ring.at[slot])]
-                if not fused:
-                    dv, dk = _products(terms, interpret)
-                    plgpu.barrier_arrive(free.at[slot])
-                    return dk, dv
-                buf = lax.rem(step, 2)
-                ds_tile = ds_tiles.at[buf]  # [CTA keys, queries]
-                ds_tile.at[pl.ds(wg * blk, blk)][...] = ds_t
-                plgpu.commit_smem()
-                dq_term = (_zeros((blk, cols), interpret), _T(ds_tile), k_cols.at[wg])
-                sync = "no_sync" not in probe
-                if sync:
-                    plgpu.barrier_arrive(ds_ready.at[buf])
-                dv, dk, dq = _products(
-                    [*terms, dq_term],
-                    interpret,
-                    before_last=(lambda: plgpu.barrier_wait(ds_ready.at[buf])) if sync else None,
+                dv, dk = _products(
+                    [(dv, p_t, do_ring.at[slot]), (dk, ds_t, q_ring.at[slot])], interpret
                 )
                 plgpu.barrier_arrive(free.at[slot])
-                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last partial has left
-                dq_stage.at[wg][...] = dq
-                plgpu.commit_smem()
-                dq_cols = (batch, pl.ds(q0, blk), head, pl.ds(wg * cols, cols))
-                if "no_copy" in probe:
-                    pass
-                elif interpret is None:
-                    add = None if "store" in probe else "add"
-                    plgpu.copy_smem_to_gmem(dq_stage.at[wg], dq_ref.at[dq_cols], reduction_op=add)
-                else:  # Interpreter: no TMA reductions; one plane per CTA, summed outside.
-                    plgpu.copy_smem_to_gmem(dq_stage.at[wg], dq_ref.at[(tile, *dq_cols)])
                 return dk, dv
 
             # Per head: the first COMPUTE_WGS query tiles straddle the CTA's diagonal (or lie
@@ -566,42 +496,31 @@ def _dkdv_call(q, k, v, do, lse2, delta, scale: float, config: MgpuAttentionConf
 
             _feed_ring([(load, free)], steps, slots)
 
-    scratch = [
-        _smem_tile((_COMPUTE_WGS, blk, d), k.dtype),
-        _smem_tile((_COMPUTE_WGS, blk, d), v.dtype),
-        _smem_tile((slots, blk, d), q.dtype),
-        _smem_tile((slots, blk, d), do.dtype),
-        plgpu.SMEM((slots, blk), jnp.float32),
-        plgpu.SMEM((slots, blk), jnp.float32),
-    ]
-    barriers = [
-        plgpu.Barrier(num_barriers=_COMPUTE_WGS),  # K
-        plgpu.Barrier(num_barriers=_COMPUTE_WGS),  # V
-        *(plgpu.Barrier(num_barriers=slots) for _ in range(4)),  # Q, dO, lse, delta
-        plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=slots),  # slot free
-    ]
-    if fused:
-        scratch += [
-            _smem_tile((_COMPUTE_WGS, _COMPUTE_WGS * blk, cols), k.dtype),  # K by column group
-            # dSᵀ, double-buffered; its swizzle matches the K columns' (one wgmma reads both).
-            _smem_tile((2, _COMPUTE_WGS * blk, blk), q.dtype, min(128, cols * k.dtype.itemsize)),
-            _smem_tile((_COMPUTE_WGS, blk, cols), jnp.float32),  # dQ partials on their way out
-        ]
-        barriers += [
-            plgpu.Barrier(num_barriers=_COMPUTE_WGS),  # K columns
-            plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=2),  # dSᵀ tile complete
-        ]
-
     def entry(*refs: Any) -> None:
         pl.run_scoped(
-            lambda *scoped: kernel(*refs, scoped), tuple(scratch), tuple(barriers),
+            lambda *scoped: kernel(*refs, scoped),
+            (
+                _smem_tile((_COMPUTE_WGS, blk, d), k.dtype),
+                _smem_tile((_COMPUTE_WGS, blk, d), v.dtype),
+                _smem_tile((slots, blk, d), q.dtype),
+                _smem_tile((slots, blk, d), do.dtype),
+                plgpu.SMEM((slots, blk), jnp.float32),
+                plgpu.SMEM((slots, blk), jnp.float32),
+            ),
+            (
+                plgpu.Barrier(num_barriers=_COMPUTE_WGS),  # K
+                plgpu.Barrier(num_barriers=_COMPUTE_WGS),  # V
+                *(plgpu.Barrier(num_barriers=slots) for _ in range(4)),  # Q, dO, lse, delta
+                plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=slots),  # slot free
+            ),
             collective_axes="wg",
-        )  # fmt: skip
+        )
 
     out_type = (jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype))
     grid = {"kv_heads": hkv, "kv_tiles": s // (_COMPUTE_WGS * blk), "batch": b}
-    operands = (q, k, v, do, lse2, delta) + ((dq_acc,) if fused else ())
-    return _launch(entry, out_type, grid, "lorax_mgpu_attention_dkdv", interpret)(*operands)
+    return _launch(entry, out_type, grid, "lorax_mgpu_attention_dkdv", interpret)(
+        q, k, v, do, lse2, delta
+    )
 
 
 def _dq_call(q, k, v, do, lse2, delta, scale: float, config: MgpuAttentionConfig, interpret):
@@ -706,24 +625,15 @@ def _dq_call(q, k, v, do, lse2, delta, scale: float, config: MgpuAttentionConfig
     )
 
 
-@functools.partial(jax.jit, static_argnums=(6, 7, 8))  # a mutable dQ buffer needs a jit scope
+@functools.partial(jax.jit, static_argnums=(6, 7, 8))
 def _backward(q, k, v, out, lse2, d_out, scale: float, config: MgpuAttentionConfig, interpret):
     """``(dq, dk, dv)`` from the forward's ``out`` and base-2 ``lse₂``."""
     delta = jnp.einsum(
         "bshd,bshd->bhs", out.astype(jnp.float32), d_out.astype(jnp.float32)
     )  # rowsum(dO ⊙ O): a memory-bound XLA reduction
     args = (q, k, v, d_out.astype(q.dtype), lse2.astype(jnp.float32), delta)
-    if not config.fused_dq:
-        dk, dv = _dkdv_call(*args, scale, config, interpret)
-        return _dq_call(*args, scale, config, interpret), dk, dv
-    # Interpreter: one plane per CTA instead of a TMA reduction.
-    planes = () if interpret is None else (q.shape[1] // (_COMPUTE_WGS * _ROWS),)
-    dq_acc = jax.new_ref(jnp.zeros((*planes, *q.shape), jnp.float32), memory_space=plgpu.GMEM)
-    dk, dv = _dkdv_call(*args, scale, config, interpret, dq_acc)
-    dq = dq_acc[...]
-    if planes:
-        dq = dq.sum(axis=0)
-    return (dq * scale).astype(q.dtype), dk, dv
+    dk, dv = _dkdv_call(*args, scale, config, interpret)
+    return _dq_call(*args, scale, config, interpret), dk, dv
 
 
 # ------------------------------------------------------------------------------- public API

@@ -5,8 +5,7 @@ and log-sum-exp, and both backward variants' dq, dk, dv, against float32 jnp att
 the S×S reference fits); then pipelined timings (median, dispatch hidden) of the forward, the
 backward alone and forward+backward, against cuDNN. Causal FLOPs: forward 2·B·Hq·S²·D,
 backward 2.5x, forward+backward 3.5x; the per-kernel lines of the backward count the tile
-products the kernels really run (dK/dV 4, dQ 3 per tile pair, against the textbook's 5; the
-fused dK/dV/dQ kernel 5, its float32 dQ buffer's zeroing included). Each
+products the kernels really run (dK/dV 4, dQ 3 per tile pair, against the textbook's 5). Each
 variant runs in try/except, so one failure is reported and the rest go on (a kernel that
 hangs is not caught: run one variant per process under ``timeout``, as scripts/gpu_run17.sh did).
 
@@ -22,7 +21,6 @@ import traceback
 import jax
 import jax.numpy as jnp
 from _common import pipelined_ms
-from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import flash_attention_mgpu as mgpu  # the kernels one by one, for timing
 from pallas_kernels.flash_attention import attention_logsumexp, attention_reference
@@ -37,12 +35,7 @@ VARIANTS = {
     "default": MgpuAttentionConfig(),
     "dq kv64": MgpuAttentionConfig(dq_block_kv=64),
     "r240": MgpuAttentionConfig(compute_registers=240, memory_registers=24),
-    "fused": MgpuAttentionConfig(fused_dq=True),
-    "fused r240": MgpuAttentionConfig(fused_dq=True, compute_registers=240, memory_registers=24),
 }
-
-
-PROBES: list[frozenset[str]] = []  # --probes: parts of the fused dQ left out, for timing
 
 
 def _reference(q, k, v, scale):
@@ -124,27 +117,6 @@ def check_shape(b: int, s: int, variants: list[str], cudnn: bool = True, hq: int
             f32 = jnp.float32
             delta = jnp.einsum("bshd,bshd->bhs", out.astype(f32), do.astype(f32))
             args = (q, k, v, do, lse2, delta)
-            if config.fused_dq:
-
-                def fused(*a, config=config):
-                    acc = jax.new_ref(jnp.zeros(q.shape, f32), memory_space=plgpu.GMEM)
-                    dk, dv = mgpu._dkdv_call(*a, scale, config, None, acc)
-                    return acc[...], dk, dv
-
-                t_fused = pipelined_ms(jax.jit(fused), *args)
-                print(f"  {'':<16} fused dK/dV/dQ kernel {rate(2.5 * fwd_flops, t_fused)}"
-                      "  (real tensor work)", flush=True)  # fmt: skip
-                for probe in PROBES:  # the fused kernel with parts left out (wrong dQ)
-
-                    def probed(*a, config=config, probe=probe):
-                        acc = jax.new_ref(jnp.zeros(q.shape, f32), memory_space=plgpu.GMEM)
-                        dk, dv = mgpu._dkdv_call(*a, scale, config, None, acc, probe)
-                        return acc[...], dk, dv
-
-                    t_probe = pipelined_ms(jax.jit(probed), *args)
-                    print(f"  {'':<16} probe {'+'.join(sorted(probe)):<16} "
-                          f"{rate(2.5 * fwd_flops, t_probe)}", flush=True)  # fmt: skip
-                return
             dkdv = jax.jit(lambda *a: mgpu._dkdv_call(*a, scale, config, None))
             dq = jax.jit(lambda *a: mgpu._dq_call(*a, scale, config, None))
             # Tile products actually run: dK/dV 4 and dQ 3 per tile pair (forward: 2).
@@ -160,11 +132,7 @@ def main() -> None:
     parser.add_argument("--shapes", default="2x2048,1x8192,1x32768")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma list")
     parser.add_argument("--no-cudnn", action="store_true", help="skip the cuDNN baseline")
-    parser.add_argument(
-        "--probes", default="", help="fused variants: ';' list of '+' sets of store/no_copy/no_sync"
-    )
     args = parser.parse_args()
-    PROBES.extend(frozenset(p.split("+")) for p in args.probes.split(";") if p)
     for shape in args.shapes.split(","):
         b, s = (int(x) for x in shape.split("x"))
         check_shape(b, s, [v for v in args.variants.split(",") if v], cudnn=not args.no_cudnn)

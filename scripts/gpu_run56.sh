@@ -3,6 +3,7 @@
 # products, dQ partials reduce-added by TMA) against the default two-kernel backward and cuDNN,
 # at all three shapes of issue 5. Fused variants run in their own process under timeout (a
 # deadlocked kernel costs at most 200 s and stops the rest).
+# Ran at commit 849b3be; the fused design was removed afterwards (slower at every shape, BENCHMARKS §3).
 # Output: $OUT/check_mgpu_attention.log.
 set -u
 export PYTHONPATH=$PWD/scripts:$PWD:${PYTHONPATH:-}

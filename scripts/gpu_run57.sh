@@ -3,6 +3,7 @@
 # of the two-kernel backward's speed at 8K). The fused kernel with parts of its dQ work left
 # out (check_mgpu_attention.py --probes; wrong dQ, timing only): a plain TMA store instead of
 # the reduce-add, no store, no wait for the other warpgroup's dS rows, and both.
+# Ran at commit 4b35956 (the probes lived in _dkdv_call there); removed afterwards with the fused design.
 # Output: $OUT/check_mgpu_attention.log.
 set -u
 export PYTHONPATH=$PWD/scripts:$PWD:${PYTHONPATH:-}
