@@ -35,6 +35,7 @@ import jax.numpy as jnp
 
 from lorax.config import PROJECTION_GROUPS
 from lorax.model import PREPARED, Model, group_key
+from pallas_kernels import _backend
 from pallas_kernels.nf4 import NF4Tensor
 from pallas_kernels.nf4_matmul_kernels import QBLOCK
 from pallas_kernels.nf4_matmul_mgpu import MgpuNF4Weight, prepare_weight, stack_prepared
@@ -141,9 +142,8 @@ def kernel_groups_for(model: Model, setting: str, tokens_per_step: int) -> tuple
                 f"got {setting!r}"
             )
         return groups
-    devices = jax.devices()
-    hopper = devices[0].platform == "gpu" and getattr(devices[0], "compute_capability", "") == "9.0"
-    if hopper and len(devices) == 1 and tokens_per_step <= AUTO_MAX_TOKENS and _kernel_takes(model):
+    one_hopper = _backend.on_hopper() and len(jax.devices()) == 1
+    if one_hopper and tokens_per_step <= AUTO_MAX_TOKENS and _kernel_takes(model):
         return GROUP_KEYS
     return ()
 

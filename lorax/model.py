@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from lorax import remat as remat_lib
 from lorax.config import PROJECTION_GROUPS, ModelConfig, rope_frequencies
 from lorax.lora import LoraWeights, lora_linears
-from pallas_kernels.flash_attention import flash_attention, resolve_impl
+from pallas_kernels.flash_attention import flash_attention, mosaic_supports, resolve_impl
 from pallas_kernels.nf4_matmul import NF4MatmulConfig
 
 Array = jax.Array
@@ -153,11 +153,13 @@ class ForwardOptions:
 
     ``attention_impl=None`` takes the fastest implementation that supports the call: on a GPU
     cuDNN's fused attention where its features suffice (no packed segments, no softcap; it is
-    3-4x faster than our Pallas kernel in the backward pass, see BENCHMARKS.md), otherwise
-    the Pallas flash-attention kernel; the jnp reference on CPU. ``"pallas"``, ``"cudnn"``,
-    ``"mosaic"`` (the Mosaic GPU kernels: causal only; forward at cuDNN's speed, forward+backward
-    93% of it at 8K-32K) and ``"reference"`` force one. ``matmul_impl`` likewise for the
-    NF4/LoRA matmul, and ``matmul_variant`` picks among its GPU implementations
+    3-4x faster than the Triton Pallas kernels in the backward pass, see BENCHMARKS.md); for
+    packed rows (segment ids) on a Hopper GPU the Mosaic GPU kernels
+    (``pallas_kernels.flash_attention.mosaic_supports``: no window narrower than the row);
+    otherwise the Triton Pallas kernels; the jnp reference on CPU. ``"pallas"``, ``"cudnn"``,
+    ``"mosaic"`` (causal, with or without segment ids; forward at cuDNN's speed,
+    forward+backward 93% of it at 8K-32K) and ``"reference"`` force one. ``matmul_impl``
+    likewise for the NF4/LoRA matmul, and ``matmul_variant`` picks among its GPU implementations
     (``pallas_kernels.NF4MatmulConfig.variant``, e.g. ``"mosaic"``; None: ``"auto"``).
 
     ``remat`` is a policy name or a per-layer schedule (see :mod:`lorax.remat`).
@@ -202,10 +204,17 @@ def _matmul_config(options: ForwardOptions) -> NF4MatmulConfig | None:
     return NF4MatmulConfig(variant=options.matmul_variant)
 
 
-def _attention_impl(requested: str | None, segment_ids: Array | None) -> str | None:
-    if requested is None and segment_ids is None and jax.default_backend() == "gpu":
+def _attention_impl(
+    requested: str | None, segment_ids: Array | None, q: Array, window: int | None
+) -> str | None:
+    """The attention implementation for one call (see ``ForwardOptions.attention_impl``)."""
+    if requested is not None or jax.default_backend() != "gpu":
+        return requested
+    if segment_ids is None:
         return "cudnn"
-    return requested
+    if mosaic_supports(q, sliding_window=window):
+        return "mosaic"
+    return None  # the Triton kernels
 
 
 def distinct_windows(config: ModelConfig) -> list[int]:
@@ -264,7 +273,8 @@ def _decoder_layer(
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     q, k, v = remat_lib.name(q, "query"), remat_lib.name(k, "key"), remat_lib.name(v, "value")
 
-    attention_impl = _attention_impl(options.attention_impl, segment_ids)
+    def attention_impl(window: int) -> str | None:
+        return _attention_impl(options.attention_impl, segment_ids, q, window or None)
 
     def attend(window: int) -> Array:
         return flash_attention(
@@ -275,7 +285,7 @@ def _decoder_layer(
             sliding_window=window or None,
             segment_ids=segment_ids,
             scale=config.head_dim**-0.5,
-            impl=attention_impl,
+            impl=attention_impl(window),
         )
 
     # Attention kernels take the window as a static size, so layers with different windows
@@ -285,7 +295,7 @@ def _decoder_layer(
         attn = attend(windows[0])
     else:
         attn = jax.lax.switch(window_index, [lambda w=w: attend(w) for w in windows])
-    if resolve_impl(attention_impl, None)[0] == "reference":
+    if resolve_impl(attention_impl(windows[0]), None)[0] == "reference":
         # A kernel's output is already kept by the kernel-residual policy (with its lse);
         # naming it too would stack the same values twice in the scan's residuals (measured:
         # +1.9 GiB at 1x8192 with the Mosaic kernels). Only plain XLA attention needs the name.

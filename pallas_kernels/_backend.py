@@ -68,6 +68,13 @@ def on_gpu() -> bool:
     return jax.default_backend() == "gpu"
 
 
+def on_hopper() -> bool:
+    """True when the first device is an NVIDIA Hopper GPU (sm_90): the Mosaic GPU kernels'
+    wgmma and TMA need one."""
+    device = jax.devices()[0]
+    return device.platform == "gpu" and getattr(device, "compute_capability", "") == "9.0"
+
+
 def choose(impl: str | None, interpret: bool | None) -> KernelChoice:
     """Resolves the ``impl`` / ``interpret`` pair (see the module docstring) into a choice.
 

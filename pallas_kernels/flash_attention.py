@@ -13,10 +13,11 @@
   has natively (causal, sliding window, GQA; no softcap, no segment ids) — a GPU-only
   comparison/fallback, not selected automatically.
 * ``"mosaic"``: the Mosaic GPU kernels of :mod:`pallas_kernels.flash_attention_mgpu` (Hopper
-  TMA + wgmma; causal GQA only, head_dim 64/128, bf16/f16; S padded to a multiple of 128).
-  Its forward is at least cuDNN's speed on the H200, its backward not yet (BENCHMARKS.md §3),
-  so it is selected only on request; ``interpret=True`` runs it in the Mosaic GPU
-  interpreter (CPU tests).
+  TMA + wgmma; causal GQA with optional segment ids, head_dim 64/128, bf16/f16; S padded to a
+  multiple of 128). Its forward is at least cuDNN's speed on the H200, its backward not yet
+  (BENCHMARKS.md §3); :func:`mosaic_supports` says whether a call can take it, and the model
+  takes it for packed rows (which cuDNN cannot mask). ``interpret=True`` runs it in the
+  Mosaic GPU interpreter (CPU tests).
 
 Selection follows the package-wide rules of ``pallas_kernels._backend.choose``: ``impl=None``
 means the compiled Pallas kernels on a GPU backend and the reference elsewhere;
@@ -59,6 +60,7 @@ __all__ = [
     "attention_mask",
     "attention_reference",
     "flash_attention",
+    "mosaic_supports",
     "resolve_impl",
     "save_forward_residuals",
 ]
@@ -89,6 +91,26 @@ def resolve_impl(impl: str | None, interpret: bool | None) -> tuple[Impl, bool]:
         return "mosaic", (not _backend.on_gpu()) if interpret is None else interpret
     choice = _backend.choose(impl, interpret)
     return ("pallas" if choice.use_kernel else "reference"), choice.interpret
+
+
+def mosaic_supports(
+    q: Array,
+    *,
+    causal: bool = True,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+) -> bool:
+    """Whether ``impl="mosaic"`` runs this call compiled here: a Hopper GPU, causal attention
+    (segment ids allowed) without softcap or a window narrower than S, and a head dim and dtype
+    the Mosaic GPU kernels take. What the model's default selection asks."""
+    return (
+        _backend.on_hopper()
+        and causal
+        and softcap is None
+        and (sliding_window is None or sliding_window >= q.shape[1])
+        and q.shape[-1] in mgpu.HEAD_DIMS
+        and q.dtype in mgpu.DTYPES
+    )
 
 
 def flash_attention(
@@ -290,21 +312,21 @@ def _mosaic_attention(
     interpret: bool,
 ) -> Array:
     """The Mosaic GPU kernels; pads S to their multiple (zeros at the end: causal masking
-    keeps real queries off the padded keys, and the padded queries are sliced off)."""
+    keeps real queries off the padded keys, and the padded queries are sliced off; padded
+    segment ids are a segment of their own)."""
     missing = [
         name
         for name, unsupported in (
             ("non-causal attention", not causal),
             ("sliding_window", sliding_window is not None and sliding_window < q.shape[1]),
             ("softcap", softcap is not None),
-            ("segment_ids", segment_ids is not None),
         )
         if unsupported
     ]
     if missing:
         raise NotImplementedError(
-            f"impl='mosaic' supports causal attention only, not {', '.join(missing)}; "
-            "use impl='pallas' (or None) for those"
+            f"impl='mosaic' supports causal attention with segment ids only, not "
+            f"{', '.join(missing)}; use impl='pallas' (or None) for those"
         )
     config = mgpu.MgpuAttentionConfig()
     seq_len, head_dim = q.shape[1], q.shape[3]
@@ -312,6 +334,11 @@ def _mosaic_attention(
     if padded_len != seq_len:
         pad = [(0, 0), (0, padded_len - seq_len), (0, 0), (0, 0)]
         q, k, v = (jnp.pad(x, pad) for x in (q, k, v))
+        if segment_ids is not None:
+            segment_ids = jnp.pad(
+                segment_ids.astype(jnp.int32), pad[:2], constant_values=_PAD_SEGMENT
+            )
     params = _backend.mosaic_interpret_params(interpret)
     scale_ = head_dim**-0.5 if scale is None else float(scale)
-    return mgpu.flash_attention_mgpu(q, k, v, scale_, config, params)[:, :seq_len]
+    out = mgpu.flash_attention_mgpu(q, k, v, scale_, config, params, segment_ids)
+    return out[:, :seq_len]

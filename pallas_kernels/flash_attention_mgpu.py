@@ -72,6 +72,11 @@ __all__ = [
 _LOG2E = math.log2(math.e)
 _COMPUTE_WGS = 2
 _ROWS = 64  # rows per warpgroup tile: the wgmma M
+HEAD_DIMS = (64, 128)  # the head dims and dtypes the kernels take
+DTYPES = (jnp.bfloat16, jnp.float16)
+# Register layouts of per-row and per-column vectors of a wgmma tile (what broadcasts to it).
+_ROW_STAT = plgpu.Layout.WGMMA.reduce(1)
+_COL_STAT = plgpu.Layout.WGMMA.reduce(0)
 FORWARD_KERNEL_NAME = "lorax_mgpu_attention_fwd"
 
 
@@ -106,8 +111,10 @@ class MgpuAttentionConfig:
         return max(_COMPUTE_WGS * _ROWS, self.fwd_block_kv)
 
 
-def check_supported(q: Array, k: Array, v: Array, config: MgpuAttentionConfig) -> None:
-    """Raises ``ValueError`` naming the first requirement the arguments miss."""
+def check_supported(q: Array, k: Array, v: Array, config: MgpuAttentionConfig,
+                    segment_ids: Array | None = None) -> Array | None:  # fmt: skip
+    """Raises ``ValueError`` naming the first requirement the arguments miss; returns the
+    segment ids as the kernels take them (int32, or None)."""
     b, s, hq, d = q.shape
     if k.shape != v.shape or k.ndim != 4 or k.shape[:2] != (b, s) or k.shape[3] != d:
         raise ValueError(f"q {q.shape}, k {k.shape}, v {v.shape}: need [B,S,Hq,D], [B,S,Hkv,D]")
@@ -115,10 +122,17 @@ def check_supported(q: Array, k: Array, v: Array, config: MgpuAttentionConfig) -
         raise ValueError(f"{hq} query heads are not a multiple of {k.shape[2]} KV heads")
     if s % config.seq_multiple:
         raise ValueError(f"S={s} must be a multiple of {config.seq_multiple} (pad it)")
-    if d not in (64, 128):
-        raise ValueError(f"head_dim {d}: the Mosaic GPU kernels handle 64 and 128")
-    if q.dtype not in (jnp.bfloat16, jnp.float16) or k.dtype != q.dtype or v.dtype != q.dtype:
+    if d not in HEAD_DIMS:
+        raise ValueError(f"head_dim {d}: the Mosaic GPU kernels handle {HEAD_DIMS}")
+    if q.dtype not in DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(f"dtypes {q.dtype}/{k.dtype}/{v.dtype}: need one of bf16, f16")
+    if segment_ids is None:
+        return None
+    if segment_ids.shape != (b, s) or not jnp.issubdtype(segment_ids.dtype, jnp.integer):
+        raise ValueError(
+            f"segment_ids {segment_ids.shape} {segment_ids.dtype}: need integers of shape {(b, s)}"
+        )
+    return segment_ids.astype(jnp.int32)
 
 
 # ----------------------------------------------------------------------------------- helpers
@@ -194,6 +208,16 @@ def _causal_mask(
     return rows >= cols if rows_are_q else cols >= rows
 
 
+def _same_segment(rows: Array, cols: Array, shape: tuple[int, int]) -> Array:
+    """True where a tile element's row and column positions lie in the same packed segment."""
+    return lax.broadcast_in_dim(rows, shape, [0]) == lax.broadcast_in_dim(cols, shape, [1])
+
+
+def _segment_tile(n: int) -> Any:
+    """Shared memory for ``n`` segment ids (one tile's rows)."""
+    return plgpu.SMEM(n, jnp.int32)
+
+
 def _smem_tile(shape: tuple[int, ...], dtype: Any) -> Any:
     """A shared-memory buffer laid out for TMA and wgmma (128-byte swizzled rows)."""
     row = 128 // jnp.dtype(dtype).itemsize
@@ -263,18 +287,23 @@ def _launch(body: Callable[..., None], out_type: Any, grid: dict[str, int], name
 # ----------------------------------------------------------------------------------- forward
 
 
-def _forward_call(q: Array, k: Array, v: Array, scale: float, config: MgpuAttentionConfig,
-                  interpret: Any) -> tuple[Array, Array]:  # fmt: skip
-    """``(out, lse₂)`` with ``lse₂ [B, Hq, S]`` the base-2 log-sum-exp of ``scores·c``."""
+def _forward_call(q: Array, k: Array, v: Array, seg: Array | None, scale: float,
+                  config: MgpuAttentionConfig, interpret: Any) -> tuple[Array, Array]:  # fmt: skip
+    """``(out, lse₂)`` with ``lse₂ [B, Hq, S]`` the base-2 log-sum-exp of ``scores·c``.
+
+    ``seg [B, S]`` int32 or None: packed-segment ids (keys of another segment are masked).
+    """
     b, s, hq, d = q.shape
     groups = hq // k.shape[2]
     bq, bkv, slots = _ROWS, config.fwd_block_kv, config.fwd_slots
     num_tiles = s // (_COMPUTE_WGS * bq)
     c = scale * _LOG2E
+    segmented = seg is not None
 
-    def kernel(q_ref, k_ref, v_ref, out_ref, lse_ref, scoped):
-        (q_smem, k_ring, v_ring, lse_smem), bars = scoped
-        q_bar, k_bar, v_bar, k_free, v_free, turn = bars
+    def kernel(q_ref, k_ref, v_ref, *refs):
+        seg_ref, (out_ref, lse_ref, scoped) = (refs[0], refs[1:]) if segmented else (None, refs)
+        (q_smem, k_ring, v_ring, lse_smem, *seg_smem), bars = scoped
+        q_bar, k_bar, v_bar, k_free, v_free, turn, *seg_bars = bars
         batch, head = lax.axis_index("batch"), lax.axis_index("heads")
         tile = num_tiles - 1 - lax.axis_index("q_tiles")  # the longest rows first
         wg = lax.axis_index("wg")
@@ -289,6 +318,13 @@ def _forward_call(q: Array, k: Array, v: Array, scale: float, config: MgpuAttent
             q_base = cta_base + wg * bq
             rows = (batch, pl.ds(q_base, bq), head)
             plgpu.copy_gmem_to_smem(q_ref.at[rows], q_smem.at[wg], q_bar.at[wg])
+            if segmented:
+                q_seg_smem, k_seg_ring = seg_smem
+                q_seg_bar, k_seg_bar = seg_bars
+                own_seg = (batch, pl.ds(q_base, bq))
+                plgpu.copy_gmem_to_smem(seg_ref.at[own_seg], q_seg_smem.at[wg], q_seg_bar.at[wg])
+                plgpu.barrier_wait(q_seg_bar.at[wg])
+                q_seg = _load_stats(q_seg_smem.at[wg], _ROW_STAT, interpret)
             plgpu.barrier_wait(q_bar.at[wg])
             steps = pl.cdiv(q_base + bq, bkv)  # K/V tiles this warpgroup's rows can see
             full = q_base // bkv  # ... of which wholly visible
@@ -302,14 +338,22 @@ def _forward_call(q: Array, k: Array, v: Array, scale: float, config: MgpuAttent
                     interpret,
                     after_issue=take_turn,  # the other warpgroup's PV runs meanwhile
                 )
+                if segmented:
+                    plgpu.barrier_wait(k_seg_bar.at[slot])
+                    k_seg = _load_stats(k_seg_ring.at[slot], _COL_STAT, interpret)
                 plgpu.barrier_arrive(k_free.at[slot])
                 scores = scores * c
                 if masked:
                     visible = _causal_mask((bq, bkv), q_base, j * bkv, True, interpret)
                     scores = jnp.where(visible, scores, -jnp.inf)
+                if segmented:
+                    scores = jnp.where(_same_segment(q_seg, k_seg, scores.shape), scores, -jnp.inf)
                 m_new = jnp.maximum(m, scores.max(axis=1))
-                alpha = jnp.exp2(m - m_new)
-                p = jnp.exp2(scores - lax.broadcast_in_dim(m_new, scores.shape, [0]))
+                # With segments, a row whose keys so far all lie in other segments has
+                # m = -inf: shift it by 0 instead, so that exp2 gives 0 there, not NaN.
+                m_shift = jnp.where(m_new == -jnp.inf, 0.0, m_new) if segmented else m_new
+                alpha = jnp.exp2(m - m_shift)
+                p = jnp.exp2(scores - lax.broadcast_in_dim(m_shift, scores.shape, [0]))
                 denom = denom * alpha + p.sum(axis=1)
                 acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
                 p16 = p.astype(q.dtype)
@@ -327,17 +371,18 @@ def _forward_call(q: Array, k: Array, v: Array, scale: float, config: MgpuAttent
                 # Every warpgroup observes every phase of the load barriers.
                 slot = lax.rem(j, slots)
                 plgpu.barrier_wait(k_bar.at[slot])
+                if segmented:
+                    plgpu.barrier_wait(k_seg_bar.at[slot])
                 plgpu.barrier_arrive(k_free.at[slot])
                 plgpu.barrier_wait(v_bar.at[slot])
                 plgpu.barrier_arrive(v_free.at[slot])
                 take_turn()
                 take_turn()
 
-            row_stat = plgpu.Layout.WGMMA.reduce(1)
             carry = (
                 _zeros((bq, d), interpret),
-                _full((bq,), -jnp.inf, row_stat, interpret),
-                _full((bq,), 0.0, row_stat, interpret),
+                _full((bq,), -jnp.inf, _ROW_STAT, interpret),
+                _full((bq,), 0.0, _ROW_STAT, interpret),
             )
             pl.when(wg == 1)(take_turn)  # warpgroup 0 starts on the tensor cores
             carry = lax.fori_loop(0, full, lambda j, x: step(j, x, False), carry)
@@ -360,44 +405,56 @@ def _forward_call(q: Array, k: Array, v: Array, scale: float, config: MgpuAttent
                 def load(j: Array, slot: Array) -> None:
                     tile_rows = (batch, pl.ds(j * bkv, bkv), kv_head)
                     plgpu.copy_gmem_to_smem(src.at[tile_rows], ring.at[slot], bar.at[slot])
+                    if segmented and src is k_ref:  # the keys' segment ids ride with K
+                        plgpu.copy_gmem_to_smem(
+                            seg_ref.at[batch, pl.ds(j * bkv, bkv)],
+                            seg_smem[1].at[slot],
+                            seg_bars[1].at[slot],
+                        )
 
                 return load
 
             k_stream = (loader(k_ref, k_ring, k_bar), k_free)
             _feed_ring([k_stream, (loader(v_ref, v_ring, v_bar), v_free)], cta_steps, slots)
 
+    scratch = [
+        _smem_tile((_COMPUTE_WGS, bq, d), q.dtype),
+        _smem_tile((slots, bkv, d), k.dtype),
+        _smem_tile((slots, bkv, d), v.dtype),
+        plgpu.SMEM((_COMPUTE_WGS, bq), jnp.float32),
+    ]
+    barriers = [
+        plgpu.Barrier(num_barriers=_COMPUTE_WGS),  # Q
+        plgpu.Barrier(num_barriers=slots),  # K loaded
+        plgpu.Barrier(num_barriers=slots),  # V loaded
+        plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=slots),  # K free
+        plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=slots),  # V free
+        plgpu.Barrier(num_arrivals=_COMPUTE_WGS),  # tensor-core turn
+    ]
+    if segmented:  # the queries' and (with K) the keys' segment ids
+        scratch += [_segment_tile((_COMPUTE_WGS, bq)), _segment_tile((slots, bkv))]
+        barriers += [plgpu.Barrier(num_barriers=_COMPUTE_WGS), plgpu.Barrier(num_barriers=slots)]
+
     def entry(*refs: Any) -> None:
         pl.run_scoped(
-            lambda *scoped: kernel(*refs, scoped),
-            (
-                _smem_tile((_COMPUTE_WGS, bq, d), q.dtype),
-                _smem_tile((slots, bkv, d), k.dtype),
-                _smem_tile((slots, bkv, d), v.dtype),
-                plgpu.SMEM((_COMPUTE_WGS, bq), jnp.float32),
-            ),
-            (
-                plgpu.Barrier(num_barriers=_COMPUTE_WGS),  # Q
-                plgpu.Barrier(num_barriers=slots),  # K loaded
-                plgpu.Barrier(num_barriers=slots),  # V loaded
-                plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=slots),  # K free
-                plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=slots),  # V free
-                plgpu.Barrier(num_arrivals=_COMPUTE_WGS),  # tensor-core turn
-            ),
+            lambda *scoped: kernel(*refs, scoped), tuple(scratch), tuple(barriers),
             collective_axes="wg",
-        )
+        )  # fmt: skip
 
     out_type = (
         jax.ShapeDtypeStruct(q.shape, q.dtype),
         jax.ShapeDtypeStruct((b, hq, s), jnp.float32),
     )
     grid = {"heads": hq, "q_tiles": num_tiles, "batch": b}
-    return _launch(entry, out_type, grid, FORWARD_KERNEL_NAME, interpret)(q, k, v)
+    operands = (q, k, v) + ((seg,) if segmented else ())
+    return _launch(entry, out_type, grid, FORWARD_KERNEL_NAME, interpret)(*operands)
 
 
 # ---------------------------------------------------------------------------------- backward
 
 
-def _dkdv_call(q, k, v, do, lse2, delta, scale: float, config: MgpuAttentionConfig, interpret):
+def _dkdv_call(q, k, v, do, lse2, delta, seg, scale: float, config: MgpuAttentionConfig,
+               interpret):  # fmt: skip
     """dK and dV: each CTA owns ``2·64`` keys and streams every query tile that sees them."""
     b, s, hq, d = q.shape
     hkv = k.shape[2]
@@ -405,10 +462,12 @@ def _dkdv_call(q, k, v, do, lse2, delta, scale: float, config: MgpuAttentionConf
     blk, slots = _ROWS, config.bwd_slots
     num_q_tiles = s // blk
     c = scale * _LOG2E
+    segmented = seg is not None
 
-    def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, scoped):
-        (k_smem, v_smem, q_ring, do_ring, lse_ring, delta_ring), bars = scoped
-        k_bar, v_bar, q_bar, do_bar, lse_bar, delta_bar, free = bars
+    def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs):
+        seg_ref, (dk_ref, dv_ref, scoped) = (refs[0], refs[1:]) if segmented else (None, refs)
+        (k_smem, v_smem, q_ring, do_ring, lse_ring, delta_ring, *seg_smem), bars = scoped
+        k_bar, v_bar, q_bar, do_bar, lse_bar, delta_bar, free, *seg_bars = bars
         batch, kv_head, tile = (lax.axis_index(n) for n in ("batch", "kv_heads", "kv_tiles"))
         wg = lax.axis_index("wg")
         cta_base = tile * (_COMPUTE_WGS * blk)
@@ -427,15 +486,21 @@ def _dkdv_call(q, k, v, do, lse2, delta, scale: float, config: MgpuAttentionConf
             rows = (batch, pl.ds(kv_base, blk), kv_head)
             plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[wg], k_bar.at[wg])
             plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[wg], v_bar.at[wg])
+            if segmented:
+                kv_seg_smem, q_seg_ring = seg_smem
+                kv_seg_bar, q_seg_bar = seg_bars
+                own_seg = (batch, pl.ds(kv_base, blk))
+                plgpu.copy_gmem_to_smem(seg_ref.at[own_seg], kv_seg_smem.at[wg], kv_seg_bar.at[wg])
+                plgpu.barrier_wait(kv_seg_bar.at[wg])
+                kv_seg = _load_stats(kv_seg_smem.at[wg], _ROW_STAT, interpret)
             plgpu.barrier_wait(k_bar.at[wg])
             plgpu.barrier_wait(v_bar.at[wg])
-            key_stat = plgpu.Layout.WGMMA.reduce(0)
 
             def body(step: Array, carry: tuple[Array, Array], masked: bool) -> Any:
                 dk, dv = carry
                 slot = lax.rem(step, slots)
                 _, q0 = coords(step)
-                for bar in (q_bar, do_bar, lse_bar, delta_bar):
+                for bar in (q_bar, do_bar, lse_bar, delta_bar, *seg_bars[1:]):
                     plgpu.barrier_wait(bar.at[slot])
                 zeros = _zeros((blk, blk), interpret)
                 s_t, dp_t = _products(
@@ -445,13 +510,16 @@ def _dkdv_call(q, k, v, do, lse2, delta, scale: float, config: MgpuAttentionConf
                     ],
                     interpret,
                 )
-                lse = _load_stats(lse_ring.at[slot], key_stat, interpret)
+                lse = _load_stats(lse_ring.at[slot], _COL_STAT, interpret)
                 p_t = jnp.exp2(s_t * c - lax.broadcast_in_dim(lse, (blk, blk), [1]))
                 if masked:
                     p_t = jnp.where(
                         _causal_mask((blk, blk), kv_base, q0, False, interpret), p_t, 0.0
                     )
-                dlt = _load_stats(delta_ring.at[slot], key_stat, interpret)
+                if segmented:
+                    q_seg = _load_stats(q_seg_ring.at[slot], _COL_STAT, interpret)
+                    p_t = jnp.where(_same_segment(kv_seg, q_seg, (blk, blk)), p_t, 0.0)
+                dlt = _load_stats(delta_ring.at[slot], _COL_STAT, interpret)
                 ds_t = (p_t * (dp_t - lax.broadcast_in_dim(dlt, (blk, blk), [1]))).astype(q.dtype)
                 p_t = p_t.astype(q.dtype)
                 dv, dk = _products(
@@ -493,47 +561,58 @@ def _dkdv_call(q, k, v, do, lse2, delta, scale: float, config: MgpuAttentionConf
                 plgpu.copy_gmem_to_smem(
                     delta_ref.at[stats], delta_ring.at[slot], delta_bar.at[slot]
                 )
+                if segmented:
+                    plgpu.copy_gmem_to_smem(
+                        seg_ref.at[batch, pl.ds(q0, blk)], seg_smem[1].at[slot],
+                        seg_bars[1].at[slot],
+                    )  # fmt: skip
 
             _feed_ring([(load, free)], steps, slots)
 
+    scratch = [
+        _smem_tile((_COMPUTE_WGS, blk, d), k.dtype),
+        _smem_tile((_COMPUTE_WGS, blk, d), v.dtype),
+        _smem_tile((slots, blk, d), q.dtype),
+        _smem_tile((slots, blk, d), do.dtype),
+        plgpu.SMEM((slots, blk), jnp.float32),
+        plgpu.SMEM((slots, blk), jnp.float32),
+    ]
+    barriers = [
+        plgpu.Barrier(num_barriers=_COMPUTE_WGS),  # K
+        plgpu.Barrier(num_barriers=_COMPUTE_WGS),  # V
+        *(plgpu.Barrier(num_barriers=slots) for _ in range(4)),  # Q, dO, lse, delta
+        plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=slots),  # slot free
+    ]
+    if segmented:  # the keys' and (with each query tile) the queries' segment ids
+        scratch += [_segment_tile((_COMPUTE_WGS, blk)), _segment_tile((slots, blk))]
+        barriers += [plgpu.Barrier(num_barriers=_COMPUTE_WGS), plgpu.Barrier(num_barriers=slots)]
+
     def entry(*refs: Any) -> None:
         pl.run_scoped(
-            lambda *scoped: kernel(*refs, scoped),
-            (
-                _smem_tile((_COMPUTE_WGS, blk, d), k.dtype),
-                _smem_tile((_COMPUTE_WGS, blk, d), v.dtype),
-                _smem_tile((slots, blk, d), q.dtype),
-                _smem_tile((slots, blk, d), do.dtype),
-                plgpu.SMEM((slots, blk), jnp.float32),
-                plgpu.SMEM((slots, blk), jnp.float32),
-            ),
-            (
-                plgpu.Barrier(num_barriers=_COMPUTE_WGS),  # K
-                plgpu.Barrier(num_barriers=_COMPUTE_WGS),  # V
-                *(plgpu.Barrier(num_barriers=slots) for _ in range(4)),  # Q, dO, lse, delta
-                plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=slots),  # slot free
-            ),
+            lambda *scoped: kernel(*refs, scoped), tuple(scratch), tuple(barriers),
             collective_axes="wg",
-        )
+        )  # fmt: skip
 
     out_type = (jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype))
     grid = {"kv_heads": hkv, "kv_tiles": s // (_COMPUTE_WGS * blk), "batch": b}
-    return _launch(entry, out_type, grid, "lorax_mgpu_attention_dkdv", interpret)(
-        q, k, v, do, lse2, delta
-    )
+    operands = (q, k, v, do, lse2, delta) + ((seg,) if segmented else ())
+    return _launch(entry, out_type, grid, "lorax_mgpu_attention_dkdv", interpret)(*operands)
 
 
-def _dq_call(q, k, v, do, lse2, delta, scale: float, config: MgpuAttentionConfig, interpret):
+def _dq_call(q, k, v, do, lse2, delta, seg, scale: float, config: MgpuAttentionConfig,
+             interpret):  # fmt: skip
     """dQ: each CTA owns ``2·64`` queries and streams K/V up to its diagonal."""
     b, s, hq, d = q.shape
     groups = hq // k.shape[2]
     blk, bkv, slots = _ROWS, config.dq_block_kv, config.bwd_slots
     num_tiles = s // (_COMPUTE_WGS * blk)
     c = scale * _LOG2E
+    segmented = seg is not None
 
-    def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, scoped):
-        (q_smem, do_smem, lse_smem, delta_smem, k_ring, v_ring), bars = scoped
-        (q_bar, do_bar, lse_bar, delta_bar), k_bar, v_bar, free = bars
+    def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs):
+        seg_ref, (dq_ref, scoped) = (refs[0], refs[1:]) if segmented else (None, refs)
+        (q_smem, do_smem, lse_smem, delta_smem, k_ring, v_ring, *seg_smem), bars = scoped
+        (q_bar, do_bar, lse_bar, delta_bar), k_bar, v_bar, free, *seg_bars = bars
         batch, head = lax.axis_index("batch"), lax.axis_index("heads")
         tile = num_tiles - 1 - lax.axis_index("q_tiles")  # the longest rows first
         kv_head = head // groups
@@ -549,18 +628,23 @@ def _dq_call(q, k, v, do, lse2, delta, scale: float, config: MgpuAttentionConfig
             stats = (batch, head, pl.ds(q_base, blk))
             own = ((q_ref, rows, q_smem, q_bar), (do_ref, rows, do_smem, do_bar))
             own += ((lse_ref, stats, lse_smem, lse_bar), (delta_ref, stats, delta_smem, delta_bar))
+            if segmented:
+                own += ((seg_ref, (batch, pl.ds(q_base, blk)), seg_smem[0], seg_bars[0]),)
             for src, index, dst, bar in own:
                 plgpu.copy_gmem_to_smem(src.at[index], dst.at[wg], bar.at[wg])
             for _, _, _, bar in own:
                 plgpu.barrier_wait(bar.at[wg])
-            row_stat = plgpu.Layout.WGMMA.reduce(1)
-            lse = _load_stats(lse_smem.at[wg], row_stat, interpret)
-            dlt = _load_stats(delta_smem.at[wg], row_stat, interpret)
+            lse = _load_stats(lse_smem.at[wg], _ROW_STAT, interpret)
+            dlt = _load_stats(delta_smem.at[wg], _ROW_STAT, interpret)
+            if segmented:
+                q_seg = _load_stats(seg_smem[0].at[wg], _ROW_STAT, interpret)
 
             def body(step: Array, dq: Array, masked: bool) -> Array:
                 slot = lax.rem(step, slots)
                 plgpu.barrier_wait(k_bar.at[slot])
                 plgpu.barrier_wait(v_bar.at[slot])
+                if segmented:
+                    plgpu.barrier_wait(seg_bars[1].at[slot])
                 zeros = _zeros((blk, bkv), interpret)
                 s_, dp = _products(
                     [
@@ -574,6 +658,9 @@ def _dq_call(q, k, v, do, lse2, delta, scale: float, config: MgpuAttentionConfig
                     p = jnp.where(
                         _causal_mask((blk, bkv), q_base, step * bkv, True, interpret), p, 0.0
                     )
+                if segmented:
+                    k_seg = _load_stats(seg_smem[1].at[slot], _COL_STAT, interpret)
+                    p = jnp.where(_same_segment(q_seg, k_seg, (blk, bkv)), p, 0.0)
                 ds = (p * (dp - lax.broadcast_in_dim(dlt, (blk, bkv), [0]))).astype(q.dtype)
                 (dq,) = _products([(dq, ds, k_ring.at[slot])], interpret)
                 plgpu.barrier_arrive(free.at[slot])
@@ -595,43 +682,52 @@ def _dq_call(q, k, v, do, lse2, delta, scale: float, config: MgpuAttentionConfig
                 tile_rows = (batch, pl.ds(step * bkv, bkv), kv_head)
                 plgpu.copy_gmem_to_smem(k_ref.at[tile_rows], k_ring.at[slot], k_bar.at[slot])
                 plgpu.copy_gmem_to_smem(v_ref.at[tile_rows], v_ring.at[slot], v_bar.at[slot])
+                if segmented:
+                    plgpu.copy_gmem_to_smem(
+                        seg_ref.at[batch, pl.ds(step * bkv, bkv)], seg_smem[1].at[slot],
+                        seg_bars[1].at[slot],
+                    )  # fmt: skip
 
             _feed_ring([(load, free)], steps, slots)
 
+    scratch = [
+        _smem_tile((_COMPUTE_WGS, blk, d), q.dtype),
+        _smem_tile((_COMPUTE_WGS, blk, d), do.dtype),
+        plgpu.SMEM((_COMPUTE_WGS, blk), jnp.float32),
+        plgpu.SMEM((_COMPUTE_WGS, blk), jnp.float32),
+        _smem_tile((slots, bkv, d), k.dtype),
+        _smem_tile((slots, bkv, d), v.dtype),
+    ]
+    barriers = [
+        tuple(plgpu.Barrier(num_barriers=_COMPUTE_WGS) for _ in range(4)),
+        plgpu.Barrier(num_barriers=slots),
+        plgpu.Barrier(num_barriers=slots),
+        plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=slots),
+    ]
+    if segmented:  # the queries' and (with K/V) the keys' segment ids
+        scratch += [_segment_tile((_COMPUTE_WGS, blk)), _segment_tile((slots, bkv))]
+        barriers += [plgpu.Barrier(num_barriers=_COMPUTE_WGS), plgpu.Barrier(num_barriers=slots)]
+
     def entry(*refs: Any) -> None:
         pl.run_scoped(
-            lambda *scoped: kernel(*refs, scoped),
-            (
-                _smem_tile((_COMPUTE_WGS, blk, d), q.dtype),
-                _smem_tile((_COMPUTE_WGS, blk, d), do.dtype),
-                plgpu.SMEM((_COMPUTE_WGS, blk), jnp.float32),
-                plgpu.SMEM((_COMPUTE_WGS, blk), jnp.float32),
-                _smem_tile((slots, bkv, d), k.dtype),
-                _smem_tile((slots, bkv, d), v.dtype),
-            ),
-            (
-                tuple(plgpu.Barrier(num_barriers=_COMPUTE_WGS) for _ in range(4)),
-                plgpu.Barrier(num_barriers=slots),
-                plgpu.Barrier(num_barriers=slots),
-                plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=slots),
-            ),
+            lambda *scoped: kernel(*refs, scoped), tuple(scratch), tuple(barriers),
             collective_axes="wg",
-        )
+        )  # fmt: skip
 
     out_type = jax.ShapeDtypeStruct(q.shape, q.dtype)
     grid = {"heads": hq, "q_tiles": num_tiles, "batch": b}
-    return _launch(entry, out_type, grid, "lorax_mgpu_attention_dq", interpret)(
-        q, k, v, do, lse2, delta
-    )
+    operands = (q, k, v, do, lse2, delta) + ((seg,) if segmented else ())
+    return _launch(entry, out_type, grid, "lorax_mgpu_attention_dq", interpret)(*operands)
 
 
-@functools.partial(jax.jit, static_argnums=(6, 7, 8))
-def _backward(q, k, v, out, lse2, d_out, scale: float, config: MgpuAttentionConfig, interpret):
+@functools.partial(jax.jit, static_argnums=(7, 8, 9))
+def _backward(q, k, v, out, lse2, d_out, seg, scale: float, config: MgpuAttentionConfig,
+              interpret):  # fmt: skip
     """``(dq, dk, dv)`` from the forward's ``out`` and base-2 ``lse₂``."""
     delta = jnp.einsum(
         "bshd,bshd->bhs", out.astype(jnp.float32), d_out.astype(jnp.float32)
     )  # rowsum(dO ⊙ O): a memory-bound XLA reduction
-    args = (q, k, v, d_out.astype(q.dtype), lse2.astype(jnp.float32), delta)
+    args = (q, k, v, d_out.astype(q.dtype), lse2.astype(jnp.float32), delta, seg)
     dk, dv = _dkdv_call(*args, scale, config, interpret)
     return _dq_call(*args, scale, config, interpret), dk, dv
 
@@ -641,48 +737,56 @@ def _backward(q, k, v, out, lse2, d_out, scale: float, config: MgpuAttentionConf
 
 def flash_forward_mgpu(q: Array, k: Array, v: Array, *, scale: float,
                        config: MgpuAttentionConfig = MgpuAttentionConfig(),
-                       interpret: Any = None) -> tuple[Array, Array]:  # fmt: skip
+                       interpret: Any = None,
+                       segment_ids: Array | None = None) -> tuple[Array, Array]:  # fmt: skip
     """``(out, lse)`` of causal attention; ``lse [B, Hq, S]`` natural-log, float32.
 
-    ``q [B, S, Hq, D]``, ``k, v [B, S, Hkv, D]``. ``interpret``: a Mosaic GPU interpreter
-    parameter object (CPU tests), or None to compile for the GPU.
+    ``q [B, S, Hq, D]``, ``k, v [B, S, Hkv, D]``. ``segment_ids [B, S]`` (int): packed rows,
+    no attention across segments. ``interpret``: a Mosaic GPU interpreter parameter object
+    (CPU tests), or None to compile for the GPU.
     """
-    check_supported(q, k, v, config)
-    out, lse2 = _forward_call(q, k, v, float(scale), config, interpret)
+    seg = check_supported(q, k, v, config, segment_ids)
+    out, lse2 = _forward_call(q, k, v, seg, float(scale), config, interpret)
     return out, lse2 / _LOG2E
 
 
 def flash_backward_mgpu(q: Array, k: Array, v: Array, out: Array, lse: Array, d_out: Array, *,
                         scale: float, config: MgpuAttentionConfig = MgpuAttentionConfig(),
-                        interpret: Any = None) -> tuple[Array, Array, Array]:  # fmt: skip
+                        interpret: Any = None, segment_ids: Array | None = None,
+                        ) -> tuple[Array, Array, Array]:  # fmt: skip
     """``(dq, dk, dv)`` of causal attention from the forward's ``out`` and natural-log ``lse``."""
-    check_supported(q, k, v, config)
+    seg = check_supported(q, k, v, config, segment_ids)
     lse2 = lse.astype(jnp.float32) * _LOG2E
-    return _backward(q, k, v, out, lse2, d_out, float(scale), config, interpret)
+    return _backward(q, k, v, out, lse2, d_out, seg, float(scale), config, interpret)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
 def flash_attention_mgpu(q: Array, k: Array, v: Array, scale: float,
                          config: MgpuAttentionConfig = MgpuAttentionConfig(),
-                         interpret: Any = None) -> Array:  # fmt: skip
+                         interpret: Any = None,
+                         segment_ids: Array | None = None) -> Array:  # fmt: skip
     """Causal GQA attention on the Mosaic GPU kernels, differentiable w.r.t. q, k, v.
 
     Saves only ``out`` and ``lse₂`` for the backward (no S×S array anywhere). Arguments as
     :func:`flash_forward_mgpu`; unsupported shapes raise (see :func:`check_supported`).
     """
-    check_supported(q, k, v, config)
-    return _forward_call(q, k, v, float(scale), config, interpret)[0]
+    seg = check_supported(q, k, v, config, segment_ids)
+    return _attention(q, k, v, seg, float(scale), config, interpret)
 
 
-def _vjp_forward(q, k, v, scale, config, interpret):
-    check_supported(q, k, v, config)
-    out, lse2 = _forward_call(q, k, v, float(scale), config, interpret)
-    return out, (q, k, v, out, lse2)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _attention(q, k, v, seg, scale: float, config: MgpuAttentionConfig, interpret) -> Array:
+    return _forward_call(q, k, v, seg, scale, config, interpret)[0]
+
+
+def _vjp_forward(q, k, v, seg, scale, config, interpret):
+    out, lse2 = _forward_call(q, k, v, seg, scale, config, interpret)
+    return out, (q, k, v, seg, out, lse2)
 
 
 def _vjp_backward(scale, config, interpret, residuals, d_out):
-    q, k, v, out, lse2 = residuals
-    return _backward(q, k, v, out, lse2, d_out, float(scale), config, interpret)
+    q, k, v, seg, out, lse2 = residuals
+    dq, dk, dv = _backward(q, k, v, out, lse2, d_out, seg, scale, config, interpret)
+    return dq, dk, dv, None  # segment ids: integers, no cotangent
 
 
-flash_attention_mgpu.defvjp(_vjp_forward, _vjp_backward)
+_attention.defvjp(_vjp_forward, _vjp_backward)

@@ -65,3 +65,22 @@ def nf4_matmul_inputs(m: int, width: int, k: int, n: int) -> tuple[Any, Any, Any
     x = jax.random.normal(kx, (m, width), jnp.bfloat16)
     w16 = (0.02 * jax.random.normal(kw, (n, k), jnp.float32)).astype(jnp.bfloat16)
     return x, w16, quantize_nf4(w16, double_quant=True)
+
+
+def packed_rows(batch: int, seq_len: int, mean_len: int, seed: int = 0) -> tuple[Any, Any]:
+    """``(segment_ids, positions)``, int32 ``[batch, seq_len]``, of rows packed as
+    ``lorax.data.packing`` packs them: examples ``1..k`` of lengths drawn uniformly from
+    ``[mean_len/2, 3·mean_len/2]`` back to back, the last one cut at the row's end."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    segments = np.zeros((batch, seq_len), np.int32)
+    positions = np.zeros((batch, seq_len), np.int32)
+    for row in range(batch):
+        start, segment = 0, 1
+        while start < seq_len:
+            length = min(int(rng.integers(mean_len // 2, 3 * mean_len // 2 + 1)), seq_len - start)
+            segments[row, start : start + length] = segment
+            positions[row, start : start + length] = np.arange(length)
+            start, segment = start + length, segment + 1
+    return segments, positions

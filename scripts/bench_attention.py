@@ -22,6 +22,12 @@ causal, bf16, layout ``[B, S, H, D]``) at B×S in {2×2048, 1×8192, 1×32768}:
 each as forward alone and as forward+backward (``jax.vjp`` plus the vjp applied to a fixed
 random cotangent, giving out, dq, dk, dv).
 
+``--segments L`` packs every row with examples of mean length L (``_common.packed_rows``)
+and passes their segment ids to ``pallas`` and ``mosaic``; ``cudnn`` and ``xla`` cannot take
+them and run unsegmented, as the speed anchor (they are left out of the correctness column,
+which then compares against ``pallas``). TFLOP/s still counts the causal half: neither
+kernel skips tiles across segments, so that is the work they do.
+
 TFLOP/s counts only the useful causal half, as ``reference/h200-baselines.md`` does:
 forward = 2·B·Hq·S²·D, forward+backward = 3.5× that. Correctness is the relative L2 error of
 out (and dq, dk, dv for fwd+bwd) against cuDNN on the same inputs (against XLA where cuDNN is
@@ -61,7 +67,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from _common import pipelined_ms  # noqa: E402
+from _common import packed_rows, pipelined_ms  # noqa: E402
 
 from pallas_kernels.flash_attention import BlockSizes, flash_attention  # noqa: E402
 
@@ -128,15 +134,19 @@ def _rel_l2(a: Array, b: Array) -> float:
     return float(np.linalg.norm(a64 - b64) / max(np.linalg.norm(b64), 1e-30))
 
 
-def _attention_fn(impl: str, interpret: bool, blocks: BlockSizes | None) -> Callable[..., Array]:
+def _attention_fn(
+    impl: str, interpret: bool, blocks: BlockSizes | None, segment_ids: Array | None = None
+) -> Callable[..., Array]:
     if impl == "mosaic":
         return lambda q, k, v: flash_attention(
-            q, k, v, causal=True, impl="mosaic", interpret=interpret or None
-        )
+            q, k, v, causal=True, segment_ids=segment_ids, impl="mosaic",
+            interpret=interpret or None,
+        )  # fmt: skip
     if impl == "pallas":
         return lambda q, k, v: flash_attention(
-            q, k, v, causal=True, impl="pallas", interpret=interpret or None, block_sizes=blocks
-        )
+            q, k, v, causal=True, segment_ids=segment_ids, impl="pallas",
+            interpret=interpret or None, block_sizes=blocks,
+        )  # fmt: skip
     return lambda q, k, v: jax.nn.dot_product_attention(
         q, k, v, is_causal=True, implementation=impl
     )
@@ -205,16 +215,22 @@ def _over_budget(opts: argparse.Namespace) -> bool:
 def run_main(opts: argparse.Namespace, shapes: list, heads: tuple, rows: list[Row]) -> None:
     q_heads, _, dim = heads
     for batch, seq_len in shapes:
-        print(f"\nB={batch} S={seq_len} Hq={heads[0]} Hkv={heads[1]} D={dim} causal bf16")
+        packed = f", packed rows (mean example {opts.segments})" if opts.segments else ""
+        print(f"\nB={batch} S={seq_len} Hq={heads[0]} Hkv={heads[1]} D={dim} causal bf16{packed}")
         q, k, v, d_out = _inputs(batch, seq_len, heads)
+        segment_ids = None
+        if opts.segments:
+            segment_ids = jnp.asarray(packed_rows(batch, seq_len, opts.segments)[0])
         fwd_flops = _causal_fwd_flops(batch, seq_len, q_heads, dim)
         scores_bytes = 3 * 4 * batch * q_heads * seq_len**2
         here: list[Row] = []
         outputs: dict[tuple[str, str], Any] = {}
         for impl in opts.impls:
-            attn = _attention_fn(impl, opts.interpret, None)
+            segmented = opts.segments and impl in ("pallas", "mosaic")
+            attn = _attention_fn(impl, opts.interpret, None, segment_ids if segmented else None)
             for mode in ("fwd", "fwd+bwd"):
-                row = Row("main", impl, mode, batch, seq_len)
+                config = "segments" if segmented else ("no segments" if opts.segments else "")
+                row = Row("main", impl, mode, batch, seq_len, config=config)
                 here.append(row)
                 if _over_budget(opts):
                     row.error = "skipped: --budget-s reached"
@@ -226,13 +242,14 @@ def run_main(opts: argparse.Namespace, shapes: list, heads: tuple, rows: list[Ro
                 else:
                     args = (q, k, v, d_out)
                     outputs[impl, mode] = _measure(row, _fwd_bwd(attn), args, 3.5 * fwd_flops, opts)
-        # Correctness against cuDNN (XLA where cuDNN did not run), same inputs, same mode.
+        # Correctness against cuDNN (XLA where cuDNN did not run), same inputs, same mode;
+        # with segments against the Triton kernels (the other implementation that takes them).
+        bases = ("pallas",) if opts.segments else ("cudnn", "xla")
         for row in here:
-            base_impl = next(
-                (i for i in ("cudnn", "xla") if outputs.get((i, row.mode)) is not None), None
-            )
+            base_impl = next((i for i in bases if outputs.get((i, row.mode)) is not None), None)
             got = outputs.get((row.impl, row.mode))
-            if got is not None and base_impl not in (None, row.impl):
+            comparable = not opts.segments or row.impl in ("pallas", "mosaic")
+            if got is not None and comparable and base_impl not in (None, row.impl):
                 base = outputs[base_impl, row.mode]
                 row.rel_err = {
                     f"{name}_vs_{base_impl}": _rel_l2(g, b)
@@ -346,6 +363,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sweep-shape", default=None, help="BxS for the sweep (default 1x8192)")
     parser.add_argument("--shapes", default=None, help="comma list of BxS, e.g. 2x2048,1x8192")
     parser.add_argument("--impls", default=",".join(IMPLS), help="comma list of " + str(IMPLS))
+    parser.add_argument(
+        "--segments", type=int, default=0, help="packed rows: mean example length (0: none)"
+    )
     parser.add_argument("--json", default=None, help="write all rows and metadata here")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--reps", type=int, default=5)

@@ -12,6 +12,9 @@ lorax.train.flops.train_flops_per_token against the bf16 dense peak.
 
 A case is SHAPE@REMAT@ATTENTION (REMAT may be a per-layer schedule, see lorax.remat);
 --forward passes further ForwardOptions fields (e.g. mlp_chunk_tokens=4096) to every case.
+--packed L makes every row a packed one (examples of mean length L, their segment ids and
+positions in the batch, as the trainer's default packing gives), so attention must mask
+across examples: cuDNN cannot, and ``auto`` picks what the model picks for such rows.
 """
 
 from __future__ import annotations
@@ -111,9 +114,11 @@ def run_case(
     embeddings_on_host: bool = False,
     compiler_options: str = "default",
     prepare_kernel_weights: str | None = None,
+    packed: int = 0,
 ) -> dict:
     import jax
     import numpy as np
+    from _common import packed_rows
 
     import lorax
     from lorax.model import ForwardOptions
@@ -153,9 +158,13 @@ def run_case(
     )
     rng = np.random.default_rng(0)
     batches = []
-    for _ in range(4):
+    for i in range(4):
         ids = rng.integers(0, model.config.vocab_size, size=(1, b, s)).astype(np.int32)
-        batches.append({"input_ids": jax.device_put(ids), "labels": jax.device_put(ids)})
+        batch = {"input_ids": ids, "labels": ids}
+        if packed:
+            segment_ids, positions = packed_rows(b, s, packed, seed=i)
+            batch.update(segment_ids=segment_ids[None], positions=positions[None])
+        batches.append({key: jax.device_put(x) for key, x in batch.items()})
     times, losses = [], []
     first_step_done = None
     for i in range(warmup + steps):
@@ -184,6 +193,7 @@ def run_case(
         "loss_chunk": chunk or "auto",
         "embeddings_on_host": embeddings_on_host,
         "prepare_kernel_weights": prepare_kernel_weights,
+        "packed": packed,
         "compiler_options": compiler_options,
         "tokens_per_s": tokens / median,
         "median_step_s": median,
@@ -281,6 +291,7 @@ def main() -> None:
         help="XLA options of the step: default (XLA's own) or name=value,...",
     )
     add_prepare_argument(p)
+    p.add_argument("--packed", type=int, default=0, help="packed rows: mean example length")
     p.add_argument("--json", default=None)
     p.add_argument("--case", default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -290,7 +301,7 @@ def main() -> None:
         result = run_case(
             shape, remat, attention, a.steps, a.warmup, a.chunk, a.layers, forward,
             embeddings_on_host=a.embeddings_on_host, compiler_options=a.compiler_options,
-            prepare_kernel_weights=a.prepare_kernel_weights,
+            prepare_kernel_weights=a.prepare_kernel_weights, packed=a.packed,
         )  # fmt: skip
         print("RESULT " + json.dumps(result), flush=True)
         return
@@ -333,6 +344,8 @@ def main() -> None:
             cmd += ["--embeddings-on-host"]
         if a.prepare_kernel_weights:
             cmd += ["--prepare-kernel-weights", a.prepare_kernel_weights]
+        if a.packed:
+            cmd += ["--packed", str(a.packed)]
         cmd += ["--compiler-options", a.compiler_options]
         out = subprocess.run(cmd, capture_output=True, text=True, env=env)
         result = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]

@@ -29,12 +29,20 @@ interpret_params = pytest.importorskip(
 )
 
 
-def _attention(q, k, v, scale):
+def _attention(q, k, v, scale, segment_ids=None):
     """Causal attention and its log-sum-exp (what the forward saves), from the references."""
-    return (
-        attention_reference(q, k, v, causal=True, scale=scale),
-        attention_logsumexp(q, k, causal=True, scale=scale),
-    )
+    options = dict(causal=True, scale=scale, segment_ids=segment_ids)
+    return attention_reference(q, k, v, **options), attention_logsumexp(q, k, **options)
+
+
+def _packed_segments(s=256):
+    """A packed row as lorax.data.packing makes it: examples 1..k, then padding (0).
+
+    The boundaries fall inside tiles, and the third example starts after the first 128 keys,
+    so some of its query rows see no key of their segment in a whole K/V tile (the forward's
+    online softmax must not produce NaN there).
+    """
+    return jnp.asarray(np.repeat([1, 2, 3, 0], [70, 100, 60, s - 230])[None], jnp.int32)
 
 
 def _inputs(rng, b=1, s=256, hq=4, hkv=2, d=64):
@@ -87,6 +95,29 @@ def test_backward_matches_reference_gradients(rng, config, d):
         assert _rel_err(g, w) < 1.5e-2, (name, _rel_err(g, w))
 
 
+def test_packed_segments_match_reference(rng):
+    """Forward (out, lse) and backward (dq, dk, dv) with segment ids, against the references."""
+    q, k, v, do = _inputs(rng)
+    segment_ids = _packed_segments()
+    scale = 0.125
+    params = interpret_params.InterpretGPUParams()
+    f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+    (want_out, want_lse), vjp = jax.vjp(lambda *x: _attention(*x, scale, segment_ids), *f32)
+    want = vjp((do.astype(jnp.float32), jnp.zeros_like(want_lse)))
+    # The segments matter: attention across them gives other values.
+    assert _rel_err(_attention(*f32, scale)[0], want_out) > 0.1
+    out, lse = flash_forward_mgpu(q, k, v, scale=scale, interpret=params, segment_ids=segment_ids)
+    assert not jnp.isnan(out.astype(jnp.float32)).any()
+    assert _rel_err(out, want_out) < 1e-2
+    np.testing.assert_allclose(lse, want_lse, rtol=0, atol=2e-3)
+    got = flash_backward_mgpu(
+        q, k, v, want_out.astype(jnp.bfloat16), want_lse, do, scale=scale, interpret=params,
+        segment_ids=segment_ids,
+    )  # fmt: skip
+    for name, g, w in zip(("dq", "dk", "dv"), got, want, strict=True):
+        assert _rel_err(g, w) < 1.5e-2, (name, _rel_err(g, w))
+
+
 def test_custom_vjp_end_to_end(rng):
     """jax.grad through the forward kernel's residuals into the backward kernels."""
     q, k, v, do = _inputs(rng, b=2, s=128, hq=2, hkv=1, d=128)
@@ -122,16 +153,25 @@ def test_argument_errors():
         flash_forward_mgpu(q, kv[:, :, :1].repeat(3, 2), kv[:, :, :1].repeat(3, 2), scale=1.0)
     with pytest.raises(ValueError, match="fwd_block_kv"):
         MgpuAttentionConfig(fwd_block_kv=96)
+    with pytest.raises(ValueError, match=r"segment_ids \(1, 128\) int32: need integers of shape"):
+        flash_forward_mgpu(q, kv, kv, scale=1.0, segment_ids=jnp.zeros((1, 128), jnp.int32))
+    with pytest.raises(ValueError, match="need integers"):
+        flash_forward_mgpu(q, kv, kv, scale=1.0, segment_ids=jnp.zeros((1, 256), jnp.float32))
 
 
 def test_flash_attention_entry_point_pads_and_differentiates(rng):
-    """``flash_attention(impl="mosaic")``: S = 100 is padded to 128 and sliced back."""
+    """``flash_attention(impl="mosaic")``: S = 100 is padded to 128 and sliced back, with
+    packed segment ids (the padding gets a segment of its own)."""
     from pallas_kernels.flash_attention import attention_reference, flash_attention
 
     q, k, v, do = _inputs(rng, s=100, hq=2, hkv=1)
+    segment_ids = jnp.asarray(np.repeat([1, 2, 0], [30, 60, 10])[None], jnp.int32)
 
     def loss(impl, *x):
-        out = flash_attention(*x, causal=True, impl=impl, interpret=impl == "mosaic" or None)
+        out = flash_attention(
+            *x, causal=True, segment_ids=segment_ids, impl=impl,
+            interpret=impl == "mosaic" or None,
+        )  # fmt: skip
         return jnp.sum(out.astype(jnp.float32) * do.astype(jnp.float32)), out
 
     (_, got_out), got = jax.value_and_grad(
@@ -143,8 +183,9 @@ def test_flash_attention_entry_point_pads_and_differentiates(rng):
     )(*f32)
     assert got_out.shape == q.shape
     np.testing.assert_allclose(
-        attention_reference(*f32, causal=True), want_out, rtol=1e-6, atol=1e-6
-    )
+        attention_reference(*f32, causal=True, segment_ids=segment_ids), want_out, rtol=1e-6,
+        atol=1e-6,
+    )  # fmt: skip
     assert _rel_err(got_out, want_out) < 1e-2
     for name, g, w in zip(("dq", "dk", "dv"), got, want, strict=True):
         assert _rel_err(g, w) < 1.5e-2, (name, _rel_err(g, w))
@@ -157,7 +198,6 @@ def test_flash_attention_entry_point_refuses_what_it_lacks():
     for options, what in (
         (dict(softcap=5.0), "softcap"),
         (dict(sliding_window=16), "sliding_window"),
-        (dict(segment_ids=jnp.zeros((1, 128), jnp.int32)), "segment_ids"),
         (dict(causal=False), "non-causal"),
     ):
         with pytest.raises(NotImplementedError, match=what):
@@ -184,8 +224,9 @@ def test_remat_policy_keeps_the_mosaic_forward_outputs():
     assert forward_runs(jax.checkpoint_policies.nothing_saveable) == 2
 
 
+@pytest.mark.parametrize("segmented", [False, True], ids=["causal", "segments"])
 @pytest.mark.parametrize("d", [64, 128])
-def test_kernels_lower_for_hopper(d):
+def test_kernels_lower_for_hopper(d, segmented):
     """The compiled kernels (no interpreter) lower to Mosaic GPU custom calls for ``cuda``.
 
     The Pallas-to-Mosaic-GPU lowering runs without a GPU, so this catches what the interpreter
@@ -194,15 +235,41 @@ def test_kernels_lower_for_hopper(d):
     """
     q = jax.ShapeDtypeStruct((1, 256, 4, d), jnp.bfloat16)
     kv = jax.ShapeDtypeStruct((1, 256, 2, d), jnp.bfloat16)
+    seg = jax.ShapeDtypeStruct((1, 256), jnp.int32) if segmented else None
 
-    def fwd_bwd(q, k, v):
-        out, vjp = jax.vjp(lambda *x: flash_attention_mgpu(*x, d**-0.5), q, k, v)
+    def fwd_bwd(q, k, v, seg):
+        attend = lambda *x: flash_attention_mgpu(*x, d**-0.5, segment_ids=seg)
+        out, vjp = jax.vjp(attend, q, k, v)
         return vjp(out)
 
-    text = jax.jit(fwd_bwd).trace(q, kv, kv).lower(lowering_platforms=("cuda",)).as_text()
+    text = jax.jit(fwd_bwd).trace(q, kv, kv, seg).lower(lowering_platforms=("cuda",)).as_text()
     for kernel in (
         "lorax_mgpu_attention_fwd",
         "lorax_mgpu_attention_dkdv",
         "lorax_mgpu_attention_dq",
     ):
         assert kernel in text, kernel
+
+
+def test_model_takes_mosaic_for_packed_rows_on_hopper(monkeypatch):
+    """The model's default attention on a (stand-in) GPU: cuDNN without segment ids, the
+    Mosaic kernels for packed rows on Hopper, the Triton kernels where Mosaic cannot go."""
+    from lorax.model import _attention_impl
+
+    class Device:
+        platform, compute_capability = "gpu", "9.0"
+
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(jax, "devices", lambda: [Device()])
+    q = jax.ShapeDtypeStruct((1, 256, 4, 128), jnp.bfloat16)
+    seg = jnp.ones((1, 256), jnp.int32)
+    assert _attention_impl(None, None, q, None) == "cudnn"
+    assert _attention_impl(None, seg, q, None) == "mosaic"
+    assert _attention_impl(None, seg, q, 256) == "mosaic"  # the window covers the row
+    assert _attention_impl(None, seg, q, 64) is None  # a narrower window: Triton
+    assert _attention_impl("pallas", seg, q, None) == "pallas"  # a request stands
+    assert _attention_impl(None, seg, jax.ShapeDtypeStruct((1, 256, 4, 96), q.dtype), None) is None
+    Device.compute_capability = "8.0"  # no wgmma before Hopper
+    assert _attention_impl(None, seg, q, None) is None
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+    assert _attention_impl(None, seg, q, None) is None  # the reference
