@@ -5,9 +5,14 @@ reach only a third of cuDNN's forward+backward speed on the H200, and jax's own 
 attention has no causal backward. The design follows jax's (FlashAttention-3 style: 64-row
 tiles per warpgroup, two compute warpgroups and one memory warpgroup per CTA) and adds what
 lorax needs: causal tile skipping in all kernels, GQA with K/V never repeated (the GQA sum of
-dK/dV inside the kernel), bf16, and the score scale. On the H200 (BENCHMARKS.md §3) the
-forward is faster than cuDNN's up to 8K and within 1% at 32K; forward+backward is at parity at
-2x2048 and 93% of cuDNN at 8K-32K.
+dK/dV inside the kernel), bf16, the score scale, and packed segment ids (which cuDNN cannot
+mask). On the H200 (BENCHMARKS.md §3) the forward is faster than cuDNN's up to 8K and within
+1% at 32K; forward+backward is at parity at 2x2048 and 93% of cuDNN at 8K-32K; with segment
+ids, 2.6-2.7x the Triton kernels.
+
+Segment ids (optional, ``[B, S]`` int32): each warpgroup loads its own rows' ids once; the
+streamed tiles' ids ride with K (forward, dQ) or with each query tile (dK/dV) through the
+rings, and every tile is masked where the ids differ.
 
 Every CTA has two compute warpgroups and one memory warpgroup that streams tiles through a
 ring of shared-memory slots with TMA (``_feed_ring``; a slot is refilled once both compute
@@ -41,7 +46,7 @@ causal triangle, and only the (at most two) tiles per stream that straddle the d
 for the mask. Grids run the heaviest CTAs first.
 
 Requirements (checked by :func:`check_supported`): S a multiple of 128 (callers pad), head_dim
-64 or 128, bf16 or f16, causal, no window, softcap or segments (the Triton kernels keep those).
+64 or 128, bf16 or f16, causal, no window or softcap (the Triton kernels keep those).
 In the Mosaic GPU interpreter (CPU tests) transposed shared-memory views and ``run_state`` do
 not exist, so the helpers below have an interpreter branch that computes
 the same values with plain reads (marked where used).

@@ -7,8 +7,9 @@
 #    host): the model's default for packed rows (now the Mosaic kernels on Hopper) against the
 #    Triton kernels it used before.
 # Output: $OUT/bench_attention_segments.{log,json}, $OUT/bench_train_packed.{log,json}.
+# (Its bench_train part failed: no .gpu carried, so the gguf import failed; gpu_run59.sh reran it.)
 set -u
-export PYTHONPATH=$PWD/scripts:$PWD:${PYTHONPATH:-}
+export PYTHONPATH=$PWD/.gpu:$PWD/scripts:$PWD:${PYTHONPATH:-}
 export PYTHONUNBUFFERED=1
 quiet() { grep -v "^W0000\|^I0000\|UserWarning\|warnings.warn"; }
 nvidia-smi --query-gpu=name,power.limit,clocks.max.sm --format=csv
