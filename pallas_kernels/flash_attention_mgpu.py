@@ -12,7 +12,11 @@ ids, 2.6-2.7x the Triton kernels.
 
 Segment ids (optional, ``[B, S]`` int32): each warpgroup loads its own rows' ids once; the
 streamed tiles' ids ride with K (forward, dQ) or with each query tile (dK/dV) through the
-rings, and every tile is masked where the ids differ.
+rings, and every tile is masked where the ids differ. Each CTA also reads its row of
+:func:`segment_spans` and streams only the tiles its rows' segments reach: the forward and dQ
+start at the first key any of its queries may see, dK/dV stop at the last query any of its
+keys may be seen by. Packed rows of short examples so cost what their examples do, not the
+whole causal triangle.
 
 Every CTA has two compute warpgroups and one memory warpgroup that streams tiles through a
 ring of shared-memory slots with TMA (``_feed_ring``; a slot is refilled once both compute
@@ -72,6 +76,7 @@ __all__ = [
     "flash_attention_mgpu",
     "flash_backward_mgpu",
     "flash_forward_mgpu",
+    "segment_spans",
 ]
 
 _LOG2E = math.log2(math.e)
@@ -117,9 +122,9 @@ class MgpuAttentionConfig:
 
 
 def check_supported(q: Array, k: Array, v: Array, config: MgpuAttentionConfig,
-                    segment_ids: Array | None = None) -> Array | None:  # fmt: skip
+                    segment_ids: Array | None = None) -> tuple[Array, Array] | None:  # fmt: skip
     """Raises ``ValueError`` naming the first requirement the arguments miss; returns the
-    segment ids as the kernels take them (int32, or None)."""
+    segments as the kernels take them (int32 ids and :func:`segment_spans`), or None."""
     b, s, hq, d = q.shape
     if k.shape != v.shape or k.ndim != 4 or k.shape[:2] != (b, s) or k.shape[3] != d:
         raise ValueError(f"q {q.shape}, k {k.shape}, v {v.shape}: need [B,S,Hq,D], [B,S,Hkv,D]")
@@ -137,7 +142,7 @@ def check_supported(q: Array, k: Array, v: Array, config: MgpuAttentionConfig,
         raise ValueError(
             f"segment_ids {segment_ids.shape} {segment_ids.dtype}: need integers of shape {(b, s)}"
         )
-    return segment_ids.astype(jnp.int32)
+    return segment_ids.astype(jnp.int32), segment_spans(segment_ids, _COMPUTE_WGS * _ROWS)
 
 
 # ----------------------------------------------------------------------------------- helpers
@@ -223,6 +228,45 @@ def _segment_tile(n: int) -> Any:
     return plgpu.SMEM(n, jnp.int32)
 
 
+def segment_spans(segment_ids: Array, block: int) -> Array:
+    """``[B, S/block, 2]`` int32: per block of ``block`` rows, the first key any of its rows may
+    see (the least first position of its rows' segments) and the last query any of them may be
+    seen by (the greatest last position). Each CTA reads its row straight from global memory.
+
+    What lets the kernels skip the tiles that lie wholly across segments: a CTA streams only
+    the tiles between its rows' span and the causal diagonal. Found by a stable sort of each
+    row's ids (``O(S log S)``), so ids need not come as contiguous runs.
+    """
+
+    def first_last(ids: Array) -> tuple[Array, Array]:
+        n = ids.shape[0]
+        index = jnp.arange(n, dtype=jnp.int32)
+        order = jnp.argsort(ids, stable=True).astype(jnp.int32)
+        ranked = ids[order]
+        change = ranked[1:] != ranked[:-1]
+        starts = jnp.concatenate([jnp.ones(1, bool), change])
+        ends = jnp.concatenate([change, jnp.ones(1, bool)])
+        first = order[lax.cummax(jnp.where(starts, index, 0))]  # positions ascend in a run
+        last = order[lax.cummin(jnp.where(ends, index, n - 1), reverse=True)]
+        unsort = lambda x: jnp.zeros(n, jnp.int32).at[order].set(x)
+        return unsort(first), unsort(last)
+
+    first, last = jax.vmap(first_last)(segment_ids.astype(jnp.int32))
+    b, n = segment_ids.shape
+    lo = first.reshape(b, n // block, block).min(axis=-1)
+    hi = last.reshape(b, n // block, block).max(axis=-1)
+    return jnp.stack([lo, hi], axis=-1)
+
+
+def _span(spans_ref: Any, batch: Array, tile: Array, which: int, interpret: Any) -> Array:
+    """Entry ``which`` (0: first key, 1: last query) of this CTA's row of the span table."""
+    if interpret is None:
+        return spans_ref[batch, tile, which]  # one scalar load from global memory
+    # Interpreter: a scalar read of global memory at traced indices can stall it; read the
+    # table and index the value.
+    return spans_ref[...][batch, tile, which]
+
+
 def _smem_tile(shape: tuple[int, ...], dtype: Any) -> Any:
     """A shared-memory buffer laid out for TMA and wgmma (128-byte swizzled rows)."""
     row = 128 // jnp.dtype(dtype).itemsize
@@ -306,7 +350,7 @@ def _forward_call(q: Array, k: Array, v: Array, seg: Array | None, scale: float,
     segmented = seg is not None
 
     def kernel(q_ref, k_ref, v_ref, *refs):
-        seg_ref, (out_ref, lse_ref, scoped) = (refs[0], refs[1:]) if segmented else (None, refs)
+        seg_refs, (out_ref, lse_ref, scoped) = (refs[:2], refs[2:]) if segmented else ((), refs)
         (q_smem, k_ring, v_ring, lse_smem, *seg_smem), bars = scoped
         q_bar, k_bar, v_bar, k_free, v_free, turn, *seg_bars = bars
         batch, head = lax.axis_index("batch"), lax.axis_index("heads")
@@ -314,6 +358,10 @@ def _forward_call(q: Array, k: Array, v: Array, seg: Array | None, scale: float,
         wg = lax.axis_index("wg")
         cta_base = tile * (_COMPUTE_WGS * bq)
         cta_steps = pl.cdiv(cta_base + _COMPUTE_WGS * bq, bkv)
+        first = 0  # the first K/V tile any of the CTA's rows can see
+        if segmented:
+            seg_ref, spans_ref = seg_refs
+            first = _span(spans_ref, batch, tile, 0, interpret) // bkv
 
         take_turn = functools.partial(_take_turn, turn)
 
@@ -336,7 +384,7 @@ def _forward_call(q: Array, k: Array, v: Array, seg: Array | None, scale: float,
 
             def step(j: Array, carry: tuple[Array, Array, Array], masked: bool) -> Any:
                 acc, m, denom = carry
-                slot = lax.rem(j, slots)
+                slot = lax.rem(j - first, slots)
                 plgpu.barrier_wait(k_bar.at[slot])
                 (scores,) = _products(
                     [(_zeros((bq, bkv), interpret), q_smem.at[wg], _T(k_ring.at[slot]))],
@@ -374,7 +422,7 @@ def _forward_call(q: Array, k: Array, v: Array, seg: Array | None, scale: float,
                 # Tiles wholly above this warpgroup's diagonal but not the CTA's: release the
                 # slots and keep the turn-taking in step with the other warpgroup.
                 # Every warpgroup observes every phase of the load barriers.
-                slot = lax.rem(j, slots)
+                slot = lax.rem(j - first, slots)
                 plgpu.barrier_wait(k_bar.at[slot])
                 if segmented:
                     plgpu.barrier_wait(k_seg_bar.at[slot])
@@ -390,7 +438,7 @@ def _forward_call(q: Array, k: Array, v: Array, seg: Array | None, scale: float,
                 _full((bq,), 0.0, _ROW_STAT, interpret),
             )
             pl.when(wg == 1)(take_turn)  # warpgroup 0 starts on the tensor cores
-            carry = lax.fori_loop(0, full, lambda j, x: step(j, x, False), carry)
+            carry = lax.fori_loop(first, full, lambda j, x: step(j, x, False), carry)
             acc, m, denom = lax.fori_loop(full, steps, lambda j, x: step(j, x, True), carry)
             lax.fori_loop(steps, cta_steps, skip, None)
             pl.when(wg == 0)(take_turn)
@@ -407,7 +455,8 @@ def _forward_call(q: Array, k: Array, v: Array, seg: Array | None, scale: float,
             kv_head = head // groups
 
             def loader(src: Any, ring: Any, bar: Any) -> Callable[[Array, Array], None]:
-                def load(j: Array, slot: Array) -> None:
+                def load(step: Array, slot: Array) -> None:
+                    j = first + step
                     tile_rows = (batch, pl.ds(j * bkv, bkv), kv_head)
                     plgpu.copy_gmem_to_smem(src.at[tile_rows], ring.at[slot], bar.at[slot])
                     if segmented and src is k_ref:  # the keys' segment ids ride with K
@@ -420,7 +469,8 @@ def _forward_call(q: Array, k: Array, v: Array, seg: Array | None, scale: float,
                 return load
 
             k_stream = (loader(k_ref, k_ring, k_bar), k_free)
-            _feed_ring([k_stream, (loader(v_ref, v_ring, v_bar), v_free)], cta_steps, slots)
+            v_stream = (loader(v_ref, v_ring, v_bar), v_free)
+            _feed_ring([k_stream, v_stream], cta_steps - first, slots)
 
     scratch = [
         _smem_tile((_COMPUTE_WGS, bq, d), q.dtype),
@@ -451,7 +501,7 @@ def _forward_call(q: Array, k: Array, v: Array, seg: Array | None, scale: float,
         jax.ShapeDtypeStruct((b, hq, s), jnp.float32),
     )
     grid = {"heads": hq, "q_tiles": num_tiles, "batch": b}
-    operands = (q, k, v) + ((seg,) if segmented else ())
+    operands = (q, k, v) + (tuple(seg) if segmented else ())
     return _launch(entry, out_type, grid, FORWARD_KERNEL_NAME, interpret)(*operands)
 
 
@@ -470,14 +520,18 @@ def _dkdv_call(q, k, v, do, lse2, delta, seg, scale: float, config: MgpuAttentio
     segmented = seg is not None
 
     def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs):
-        seg_ref, (dk_ref, dv_ref, scoped) = (refs[0], refs[1:]) if segmented else (None, refs)
+        seg_refs, (dk_ref, dv_ref, scoped) = (refs[:2], refs[2:]) if segmented else ((), refs)
         (k_smem, v_smem, q_ring, do_ring, lse_ring, delta_ring, *seg_smem), bars = scoped
         k_bar, v_bar, q_bar, do_bar, lse_bar, delta_bar, free, *seg_bars = bars
         batch, kv_head, tile = (lax.axis_index(n) for n in ("batch", "kv_heads", "kv_tiles"))
         wg = lax.axis_index("wg")
         cta_base = tile * (_COMPUTE_WGS * blk)
         first = cta_base // blk  # the first query tile that sees any of the CTA's keys
-        per_head = num_q_tiles - first
+        end = num_q_tiles  # ... and one past the last
+        if segmented:
+            seg_ref, spans_ref = seg_refs
+            end = _span(spans_ref, batch, tile, 1, interpret) // blk + 1
+        per_head = end - first
         steps = groups * per_head
 
         def coords(step: Array) -> tuple[Array, Array]:
@@ -600,7 +654,7 @@ def _dkdv_call(q, k, v, do, lse2, delta, seg, scale: float, config: MgpuAttentio
 
     out_type = (jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype))
     grid = {"kv_heads": hkv, "kv_tiles": s // (_COMPUTE_WGS * blk), "batch": b}
-    operands = (q, k, v, do, lse2, delta) + ((seg,) if segmented else ())
+    operands = (q, k, v, do, lse2, delta) + (tuple(seg) if segmented else ())
     return _launch(entry, out_type, grid, "lorax_mgpu_attention_dkdv", interpret)(*operands)
 
 
@@ -615,7 +669,7 @@ def _dq_call(q, k, v, do, lse2, delta, seg, scale: float, config: MgpuAttentionC
     segmented = seg is not None
 
     def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs):
-        seg_ref, (dq_ref, scoped) = (refs[0], refs[1:]) if segmented else (None, refs)
+        seg_refs, (dq_ref, scoped) = (refs[:2], refs[2:]) if segmented else ((), refs)
         (q_smem, do_smem, lse_smem, delta_smem, k_ring, v_ring, *seg_smem), bars = scoped
         (q_bar, do_bar, lse_bar, delta_bar), k_bar, v_bar, free, *seg_bars = bars
         batch, head = lax.axis_index("batch"), lax.axis_index("heads")
@@ -624,6 +678,10 @@ def _dq_call(q, k, v, do, lse2, delta, seg, scale: float, config: MgpuAttentionC
         wg = lax.axis_index("wg")
         cta_base = tile * (_COMPUTE_WGS * blk)
         steps = (cta_base + _COMPUTE_WGS * blk) // bkv  # K/V tiles up to the CTA's diagonal
+        first = 0  # ... from the first that any of the CTA's rows can see
+        if segmented:
+            seg_ref, spans_ref = seg_refs
+            first = _span(spans_ref, batch, tile, 0, interpret) // bkv
 
         @pl.when(wg < _COMPUTE_WGS)
         def _compute() -> None:
@@ -645,7 +703,7 @@ def _dq_call(q, k, v, do, lse2, delta, seg, scale: float, config: MgpuAttentionC
                 q_seg = _load_stats(seg_smem[0].at[wg], _ROW_STAT, interpret)
 
             def body(step: Array, dq: Array, masked: bool) -> Array:
-                slot = lax.rem(step, slots)
+                slot = lax.rem(step - first, slots)
                 plgpu.barrier_wait(k_bar.at[slot])
                 plgpu.barrier_wait(v_bar.at[slot])
                 if segmented:
@@ -672,7 +730,8 @@ def _dq_call(q, k, v, do, lse2, delta, seg, scale: float, config: MgpuAttentionC
                 return dq
 
             edge = steps - _COMPUTE_WGS * blk // bkv  # the last tiles straddle the diagonal
-            dq = lax.fori_loop(0, edge, lambda i, a: body(i, a, False), _zeros((blk, d), interpret))
+            dq = _zeros((blk, d), interpret)
+            dq = lax.fori_loop(first, edge, lambda i, a: body(i, a, False), dq)
             dq = lax.fori_loop(edge, steps, lambda i, a: body(i, a, True), dq)
             q_smem.at[wg][...] = (dq * scale).astype(q.dtype)
             plgpu.commit_smem()
@@ -684,16 +743,17 @@ def _dq_call(q, k, v, do, lse2, delta, seg, scale: float, config: MgpuAttentionC
             plgpu.set_max_registers(config.memory_registers, action="decrease")
 
             def load(step: Array, slot: Array) -> None:
-                tile_rows = (batch, pl.ds(step * bkv, bkv), kv_head)
+                kv0 = (first + step) * bkv
+                tile_rows = (batch, pl.ds(kv0, bkv), kv_head)
                 plgpu.copy_gmem_to_smem(k_ref.at[tile_rows], k_ring.at[slot], k_bar.at[slot])
                 plgpu.copy_gmem_to_smem(v_ref.at[tile_rows], v_ring.at[slot], v_bar.at[slot])
                 if segmented:
                     plgpu.copy_gmem_to_smem(
-                        seg_ref.at[batch, pl.ds(step * bkv, bkv)], seg_smem[1].at[slot],
+                        seg_ref.at[batch, pl.ds(kv0, bkv)], seg_smem[1].at[slot],
                         seg_bars[1].at[slot],
                     )  # fmt: skip
 
-            _feed_ring([(load, free)], steps, slots)
+            _feed_ring([(load, free)], steps - first, slots)
 
     scratch = [
         _smem_tile((_COMPUTE_WGS, blk, d), q.dtype),
@@ -721,7 +781,7 @@ def _dq_call(q, k, v, do, lse2, delta, seg, scale: float, config: MgpuAttentionC
 
     out_type = jax.ShapeDtypeStruct(q.shape, q.dtype)
     grid = {"heads": hq, "q_tiles": num_tiles, "batch": b}
-    operands = (q, k, v, do, lse2, delta) + ((seg,) if segmented else ())
+    operands = (q, k, v, do, lse2, delta) + (tuple(seg) if segmented else ())
     return _launch(entry, out_type, grid, "lorax_mgpu_attention_dq", interpret)(*operands)
 
 

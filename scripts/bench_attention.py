@@ -25,8 +25,9 @@ random cotangent, giving out, dq, dk, dv).
 ``--segments L`` packs every row with examples of mean length L (``_common.packed_rows``)
 and passes their segment ids to ``pallas`` and ``mosaic``; ``cudnn`` and ``xla`` cannot take
 them and run unsegmented, as the speed anchor (they are left out of the correctness column,
-which then compares against ``pallas``). TFLOP/s still counts the causal half: neither
-kernel skips tiles across segments, so that is the work they do.
+which then compares against ``pallas``). TFLOP/s still counts the whole causal half (the
+Triton kernels do that work; the Mosaic kernels skip the tiles that lie across segments, so
+for them it is a causal-equivalent rate).
 
 TFLOP/s counts only the useful causal half, as ``reference/h200-baselines.md`` does:
 forward = 2·B·Hq·S²·D, forward+backward = 3.5× that. Correctness is the relative L2 error of

@@ -21,6 +21,7 @@ from pallas_kernels.flash_attention_mgpu import (
     flash_attention_mgpu,
     flash_backward_mgpu,
     flash_forward_mgpu,
+    segment_spans,
 )
 
 interpret_params = pytest.importorskip(
@@ -35,14 +36,15 @@ def _attention(q, k, v, scale, segment_ids=None):
     return attention_reference(q, k, v, **options), attention_logsumexp(q, k, **options)
 
 
-def _packed_segments(s=256):
+def _packed_segments(s=512):
     """A packed row as lorax.data.packing makes it: examples 1..k, then padding (0).
 
-    The boundaries fall inside tiles, and the third example starts after the first 128 keys,
-    so some of its query rows see no key of their segment in a whole K/V tile (the forward's
-    online softmax must not produce NaN there).
+    The boundaries fall inside tiles; the second example's rows in the second query block see
+    none of their keys in the first K/V tile (the forward's online softmax must not produce NaN
+    there); the last query block's span starts in the third K/V tile and the first key block's
+    ends in the third query tile, so every kernel skips tiles that lie across segments.
     """
-    return jnp.asarray(np.repeat([1, 2, 3, 0], [70, 100, 60, s - 230])[None], jnp.int32)
+    return jnp.asarray(np.repeat([1, 2, 3, 0], [150, 200, 100, s - 450])[None], jnp.int32)
 
 
 def _inputs(rng, b=1, s=256, hq=4, hkv=2, d=64):
@@ -97,8 +99,11 @@ def test_backward_matches_reference_gradients(rng, config, d):
 
 def test_packed_segments_match_reference(rng):
     """Forward (out, lse) and backward (dq, dk, dv) with segment ids, against the references."""
-    q, k, v, do = _inputs(rng)
+    q, k, v, do = _inputs(rng, s=512, hq=2, hkv=1)
     segment_ids = _packed_segments()
+    np.testing.assert_array_equal(
+        segment_spans(segment_ids, 128)[0], [[0, 149], [0, 349], [150, 449], [350, 511]]
+    )  # the tiles the kernels stream: K/V from 350 // 128 = 2 for rows 384-511, and so on
     scale = 0.125
     params = interpret_params.InterpretGPUParams()
     f32 = [x.astype(jnp.float32) for x in (q, k, v)]
@@ -116,6 +121,13 @@ def test_packed_segments_match_reference(rng):
     )  # fmt: skip
     for name, g, w in zip(("dq", "dk", "dv"), got, want, strict=True):
         assert _rel_err(g, w) < 1.5e-2, (name, _rel_err(g, w))
+
+
+def test_segment_spans_need_no_contiguous_runs():
+    """Per block of rows: the first key and the last query any row of it may pair with, also
+    when a segment id comes back after another one (not a contiguous run)."""
+    ids = jnp.asarray([[1, 2, 1, 3, 3, 2, 4, 4]], jnp.int32)
+    np.testing.assert_array_equal(segment_spans(ids, 2), [[[0, 5], [0, 4], [1, 5], [6, 7]]])
 
 
 def test_custom_vjp_end_to_end(rng):
