@@ -258,6 +258,14 @@ def segment_spans(segment_ids: Array, block: int) -> Array:
     return jnp.stack([lo, hi], axis=-1)
 
 
+def _own_segment_ids(seg_ref: Any, smem: Any, bars: Any, batch: Array, row0: Array, wg: Array,
+                     interpret: Any) -> Array:  # fmt: skip
+    """This warpgroup's 64 rows' segment ids, as the per-row vector of a wgmma tile."""
+    plgpu.copy_gmem_to_smem(seg_ref.at[batch, pl.ds(row0, _ROWS)], smem.at[wg], bars.at[wg])
+    plgpu.barrier_wait(bars.at[wg])
+    return _load_stats(smem.at[wg], _ROW_STAT, interpret)
+
+
 def _span(spans_ref: Any, batch: Array, tile: Array, which: int, interpret: Any) -> Array:
     """Entry ``which`` (0: first key, 1: last query) of this CTA's row of the span table."""
     if interpret is None:
@@ -372,12 +380,10 @@ def _forward_call(q: Array, k: Array, v: Array, seg: Array | None, scale: float,
             rows = (batch, pl.ds(q_base, bq), head)
             plgpu.copy_gmem_to_smem(q_ref.at[rows], q_smem.at[wg], q_bar.at[wg])
             if segmented:
-                q_seg_smem, k_seg_ring = seg_smem
-                q_seg_bar, k_seg_bar = seg_bars
-                own_seg = (batch, pl.ds(q_base, bq))
-                plgpu.copy_gmem_to_smem(seg_ref.at[own_seg], q_seg_smem.at[wg], q_seg_bar.at[wg])
-                plgpu.barrier_wait(q_seg_bar.at[wg])
-                q_seg = _load_stats(q_seg_smem.at[wg], _ROW_STAT, interpret)
+                (_, k_seg_ring), (_, k_seg_bar) = seg_smem, seg_bars
+                q_seg = _own_segment_ids(
+                    seg_ref, seg_smem[0], seg_bars[0], batch, q_base, wg, interpret
+                )
             plgpu.barrier_wait(q_bar.at[wg])
             steps = pl.cdiv(q_base + bq, bkv)  # K/V tiles this warpgroup's rows can see
             full = q_base // bkv  # ... of which wholly visible
@@ -546,12 +552,10 @@ def _dkdv_call(q, k, v, do, lse2, delta, seg, scale: float, config: MgpuAttentio
             plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[wg], k_bar.at[wg])
             plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[wg], v_bar.at[wg])
             if segmented:
-                kv_seg_smem, q_seg_ring = seg_smem
-                kv_seg_bar, q_seg_bar = seg_bars
-                own_seg = (batch, pl.ds(kv_base, blk))
-                plgpu.copy_gmem_to_smem(seg_ref.at[own_seg], kv_seg_smem.at[wg], kv_seg_bar.at[wg])
-                plgpu.barrier_wait(kv_seg_bar.at[wg])
-                kv_seg = _load_stats(kv_seg_smem.at[wg], _ROW_STAT, interpret)
+                q_seg_ring = seg_smem[1]
+                kv_seg = _own_segment_ids(
+                    seg_ref, seg_smem[0], seg_bars[0], batch, kv_base, wg, interpret
+                )
             plgpu.barrier_wait(k_bar.at[wg])
             plgpu.barrier_wait(v_bar.at[wg])
 
