@@ -154,7 +154,7 @@ class ForwardOptions:
     ``attention_impl=None`` takes the fastest implementation that supports the call: on a GPU
     cuDNN's fused attention where its features suffice (no packed segments, no softcap; it is
     3-4x faster than the Triton Pallas kernels in the backward pass, see BENCHMARKS.md); for
-    packed rows (segment ids) on a Hopper GPU the Mosaic GPU kernels
+    packed rows (segment ids) on one Hopper GPU the Mosaic GPU kernels
     (``pallas_kernels.flash_attention.mosaic_supports``: no window narrower than the row);
     otherwise the Triton Pallas kernels; the jnp reference on CPU. ``"pallas"``, ``"cudnn"``,
     ``"mosaic"`` (causal, with or without segment ids; forward at cuDNN's speed,
@@ -212,7 +212,8 @@ def _attention_impl(
         return requested
     if segment_ids is None:
         return "cudnn"
-    if mosaic_supports(q, sliding_window=window):
+    # One device: the Mosaic kernels have not been run under a multi-device mesh's partitioning.
+    if jax.device_count() == 1 and mosaic_supports(q, sliding_window=window):
         return "mosaic"
     return None  # the Triton kernels
 
