@@ -122,9 +122,8 @@ class MgpuAttentionConfig:
 
 
 def check_supported(q: Array, k: Array, v: Array, config: MgpuAttentionConfig,
-                    segment_ids: Array | None = None) -> tuple[Array, Array] | None:  # fmt: skip
-    """Raises ``ValueError`` naming the first requirement the arguments miss; returns the
-    segments as the kernels take them (int32 ids and :func:`segment_spans`), or None."""
+                    segment_ids: Array | None = None) -> None:  # fmt: skip
+    """Raises ``ValueError`` naming the first requirement the arguments miss."""
     b, s, hq, d = q.shape
     if k.shape != v.shape or k.ndim != 4 or k.shape[:2] != (b, s) or k.shape[3] != d:
         raise ValueError(f"q {q.shape}, k {k.shape}, v {v.shape}: need [B,S,Hq,D], [B,S,Hkv,D]")
@@ -136,12 +135,19 @@ def check_supported(q: Array, k: Array, v: Array, config: MgpuAttentionConfig,
         raise ValueError(f"head_dim {d}: the Mosaic GPU kernels handle {HEAD_DIMS}")
     if q.dtype not in DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(f"dtypes {q.dtype}/{k.dtype}/{v.dtype}: need one of bf16, f16")
-    if segment_ids is None:
-        return None
-    if segment_ids.shape != (b, s) or not jnp.issubdtype(segment_ids.dtype, jnp.integer):
+    if segment_ids is not None and (
+        segment_ids.shape != (b, s) or not jnp.issubdtype(segment_ids.dtype, jnp.integer)
+    ):
         raise ValueError(
             f"segment_ids {segment_ids.shape} {segment_ids.dtype}: need integers of shape {(b, s)}"
         )
+
+
+def _segments(segment_ids: Array | None) -> tuple[Array, Array] | None:
+    """The segments as the kernels take them: int32 ids and their :func:`segment_spans` per
+    CTA block of rows (or None)."""
+    if segment_ids is None:
+        return None
     return segment_ids.astype(jnp.int32), segment_spans(segment_ids, _COMPUTE_WGS * _ROWS)
 
 
@@ -223,9 +229,9 @@ def _same_segment(rows: Array, cols: Array, shape: tuple[int, int]) -> Array:
     return lax.broadcast_in_dim(rows, shape, [0]) == lax.broadcast_in_dim(cols, shape, [1])
 
 
-def _segment_tile(n: int) -> Any:
-    """Shared memory for ``n`` segment ids (one tile's rows)."""
-    return plgpu.SMEM(n, jnp.int32)
+def _segment_tile(shape: tuple[int, ...]) -> Any:
+    """Shared memory for segment ids (one tile's rows per leading index)."""
+    return plgpu.SMEM(shape, jnp.int32)
 
 
 def segment_spans(segment_ids: Array, block: int) -> Array:
@@ -344,11 +350,12 @@ def _launch(body: Callable[..., None], out_type: Any, grid: dict[str, int], name
 # ----------------------------------------------------------------------------------- forward
 
 
-def _forward_call(q: Array, k: Array, v: Array, seg: Array | None, scale: float,
+def _forward_call(q: Array, k: Array, v: Array, seg: tuple[Array, Array] | None, scale: float,
                   config: MgpuAttentionConfig, interpret: Any) -> tuple[Array, Array]:  # fmt: skip
     """``(out, lse₂)`` with ``lse₂ [B, Hq, S]`` the base-2 log-sum-exp of ``scores·c``.
 
-    ``seg [B, S]`` int32 or None: packed-segment ids (keys of another segment are masked).
+    ``seg``: :func:`_segments` (keys of another segment are masked, tiles outside the spans
+    skipped) or None.
     """
     b, s, hq, d = q.shape
     groups = hq // k.shape[2]
@@ -380,7 +387,7 @@ def _forward_call(q: Array, k: Array, v: Array, seg: Array | None, scale: float,
             rows = (batch, pl.ds(q_base, bq), head)
             plgpu.copy_gmem_to_smem(q_ref.at[rows], q_smem.at[wg], q_bar.at[wg])
             if segmented:
-                (_, k_seg_ring), (_, k_seg_bar) = seg_smem, seg_bars
+                k_seg_ring, k_seg_bar = seg_smem[1], seg_bars[1]
                 q_seg = _own_segment_ids(
                     seg_ref, seg_smem[0], seg_bars[0], batch, q_base, wg, interpret
                 )
@@ -814,7 +821,8 @@ def flash_forward_mgpu(q: Array, k: Array, v: Array, *, scale: float,
     no attention across segments. ``interpret``: a Mosaic GPU interpreter parameter object
     (CPU tests), or None to compile for the GPU.
     """
-    seg = check_supported(q, k, v, config, segment_ids)
+    check_supported(q, k, v, config, segment_ids)
+    seg = _segments(segment_ids)
     out, lse2 = _forward_call(q, k, v, seg, float(scale), config, interpret)
     return out, lse2 / _LOG2E
 
@@ -824,7 +832,8 @@ def flash_backward_mgpu(q: Array, k: Array, v: Array, out: Array, lse: Array, d_
                         interpret: Any = None, segment_ids: Array | None = None,
                         ) -> tuple[Array, Array, Array]:  # fmt: skip
     """``(dq, dk, dv)`` of causal attention from the forward's ``out`` and natural-log ``lse``."""
-    seg = check_supported(q, k, v, config, segment_ids)
+    check_supported(q, k, v, config, segment_ids)
+    seg = _segments(segment_ids)
     lse2 = lse.astype(jnp.float32) * _LOG2E
     return _backward(q, k, v, out, lse2, d_out, seg, float(scale), config, interpret)
 
@@ -838,7 +847,8 @@ def flash_attention_mgpu(q: Array, k: Array, v: Array, scale: float,
     Saves only ``out`` and ``lse₂`` for the backward (no S×S array anywhere). Arguments as
     :func:`flash_forward_mgpu`; unsupported shapes raise (see :func:`check_supported`).
     """
-    seg = check_supported(q, k, v, config, segment_ids)
+    check_supported(q, k, v, config, segment_ids)
+    seg = _segments(segment_ids)
     return _attention(q, k, v, seg, float(scale), config, interpret)
 
 
