@@ -13,11 +13,11 @@
   has natively (causal, sliding window, GQA; no softcap, no segment ids) — a GPU-only
   comparison/fallback, not selected automatically.
 * ``"mosaic"``: the Mosaic GPU kernels of :mod:`pallas_kernels.flash_attention_mgpu` (Hopper
-  TMA + wgmma; causal GQA with optional segment ids, head_dim 64/128, bf16/f16; S padded to a
-  multiple of 128). Its forward is at least cuDNN's speed on the H200, its backward not yet
-  (BENCHMARKS.md §3); :func:`mosaic_supports` says whether a call can take it, and the model
-  takes it for packed rows (which cuDNN cannot mask). ``interpret=True`` runs it in the
-  Mosaic GPU interpreter (CPU tests).
+  TMA + wgmma; causal GQA with optional sliding window, softcap and segment ids, head_dim
+  64/128, bf16/f16; S padded to a multiple of 128). Its forward is at least cuDNN's speed on
+  the H200, its backward not yet (BENCHMARKS.md §3); :func:`mosaic_supports` says whether a
+  call can take it, and the model takes it for packed rows (which cuDNN cannot mask).
+  ``interpret=True`` runs it in the Mosaic GPU interpreter (CPU tests).
 
 Selection follows the package-wide rules of ``pallas_kernels._backend.choose``: ``impl=None``
 means the compiled Pallas kernels on a GPU backend and the reference elsewhere;
@@ -101,15 +101,11 @@ def mosaic_supports(
     softcap: float | None = None,
 ) -> bool:
     """Whether ``impl="mosaic"`` runs this call compiled here: a Hopper GPU, causal attention
-    (segment ids allowed) without softcap or a window narrower than S, and a head dim and dtype
-    the Mosaic GPU kernels take. What the model's default selection asks."""
+    (sliding window, softcap and segment ids allowed), and a head dim and dtype the Mosaic GPU
+    kernels take. What the model's default selection asks."""
+    del sliding_window, softcap  # the kernels take both
     return (
-        _backend.on_hopper()
-        and causal
-        and softcap is None
-        and (sliding_window is None or sliding_window >= q.shape[1])
-        and q.shape[-1] in mgpu.HEAD_DIMS
-        and q.dtype in mgpu.DTYPES
+        _backend.on_hopper() and causal and q.shape[-1] in mgpu.HEAD_DIMS and q.dtype in mgpu.DTYPES
     )
 
 
@@ -314,19 +310,10 @@ def _mosaic_attention(
     """The Mosaic GPU kernels; pads S to their multiple (zeros at the end: causal masking
     keeps real queries off the padded keys, and the padded queries are sliced off; padded
     segment ids are a segment of their own)."""
-    missing = [
-        name
-        for name, unsupported in (
-            ("non-causal attention", not causal),
-            ("sliding_window", sliding_window is not None and sliding_window < q.shape[1]),
-            ("softcap", softcap is not None),
-        )
-        if unsupported
-    ]
-    if missing:
+    if not causal:
         raise NotImplementedError(
-            f"impl='mosaic' supports causal attention with segment ids only, not "
-            f"{', '.join(missing)}; use impl='pallas' (or None) for those"
+            "impl='mosaic' computes causal attention only; use impl='pallas' (or None) for "
+            "non-causal attention"
         )
     config = mgpu.MgpuAttentionConfig()
     seq_len, head_dim = q.shape[1], q.shape[3]
@@ -340,5 +327,7 @@ def _mosaic_attention(
             )
     params = _backend.mosaic_interpret_params(interpret)
     scale_ = head_dim**-0.5 if scale is None else float(scale)
-    out = mgpu.flash_attention_mgpu(q, k, v, scale_, config, params, segment_ids)
+    out = mgpu.flash_attention_mgpu(
+        q, k, v, scale_, config, params, segment_ids, sliding_window=sliding_window, softcap=softcap
+    )
     return out[:, :seq_len]

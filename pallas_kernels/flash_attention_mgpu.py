@@ -122,7 +122,8 @@ class MgpuAttentionConfig:
 
 
 def check_supported(q: Array, k: Array, v: Array, config: MgpuAttentionConfig,
-                    segment_ids: Array | None = None) -> None:  # fmt: skip
+                    segment_ids: Array | None = None, *, sliding_window: int | None = None,
+                    softcap: float | None = None) -> None:  # fmt: skip
     """Raises ``ValueError`` naming the first requirement the arguments miss."""
     b, s, hq, d = q.shape
     if k.shape != v.shape or k.ndim != 4 or k.shape[:2] != (b, s) or k.shape[3] != d:
@@ -141,6 +142,10 @@ def check_supported(q: Array, k: Array, v: Array, config: MgpuAttentionConfig,
         raise ValueError(
             f"segment_ids {segment_ids.shape} {segment_ids.dtype}: need integers of shape {(b, s)}"
         )
+    if sliding_window is not None and (int(sliding_window) != sliding_window or sliding_window < 1):
+        raise ValueError(f"sliding_window must be a positive integer or None, got {sliding_window}")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap must be positive or None, got {softcap}")
 
 
 def _segments(segment_ids: Array | None) -> tuple[Array, Array] | None:
@@ -212,16 +217,61 @@ def _load_stats(ref: Any, layout: Any, interpret: Any) -> Array:
     return plgpu.load(ref, (), layout=layout) if interpret is None else ref[...]
 
 
-def _causal_mask(
-    shape: tuple[int, int], row0: Array, col0: Array, rows_are_q: bool, interpret: Any
-) -> Array:
-    """True where the (query, key) pair of a tile element is visible (key <= query)."""
-    if interpret is None:
-        iota = lambda dim: plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=plgpu.Layout.WGMMA)
-    else:
-        iota = lambda dim: lax.broadcasted_iota(jnp.int32, shape, dim)
-    rows, cols = iota(0) + row0, iota(1) + col0
-    return rows >= cols if rows_are_q else cols >= rows
+@dataclasses.dataclass(frozen=True)
+class _Scores:
+    """How a raw ``q·kᵀ`` tile becomes base-2 logits, and which of its pairs are visible.
+
+    ``window``: a query at ``i`` sees the keys ``j`` with ``i − window < j ≤ i`` (HF's
+    meaning; None: all ``j ≤ i``). ``softcap``: logits are ``cap·tanh(scale·s/cap)`` before the
+    mask (Gemma 2). Static: one kernel per distinct value.
+    """
+
+    scale: float
+    window: int | None = None
+    softcap: float | None = None
+
+    def logits2(self, raw: Array) -> tuple[Array, Array | None]:
+        """Base-2 logits of a raw score tile, and the softcap's tanh (None without one)."""
+        if self.softcap is None:
+            return raw * (self.scale * _LOG2E), None
+        t = _tanh(raw * (self.scale / self.softcap))
+        return t * (self.softcap * _LOG2E), t
+
+    def through_softcap(self, p: Array, t: Array | None) -> Array:
+        """``p`` times the softcap's derivative ``1 − tanh²`` (the chain rule into ``scale·s``)."""
+        return p if t is None else p * (1.0 - t * t)
+
+    def visible(self, shape: tuple[int, int], row0: Array, col0: Array, rows_are_q: bool,
+                interpret: Any) -> Array:  # fmt: skip
+        """True where the (query, key) pair of a tile element is visible (causal and window)."""
+        if interpret is None:
+            iota = lambda dim: plgpu.broadcasted_iota(
+                jnp.int32, shape, dim, layout=plgpu.Layout.WGMMA
+            )
+        else:
+            iota = lambda dim: lax.broadcasted_iota(jnp.int32, shape, dim)
+        rows, cols = iota(0) + row0, iota(1) + col0
+        query, key = (rows, cols) if rows_are_q else (cols, rows)
+        seen = query >= key
+        if self.window is not None:
+            seen = seen & (query - key < self.window)
+        return seen
+
+    def first_key(self, query: Array) -> Array | int:
+        """The first key that ``query`` (and so any later query) may see."""
+        return 0 if self.window is None else jnp.maximum(query - (self.window - 1), 0)
+
+    def last_query(self, key: Array, seq_len: int) -> Array | int:
+        """The last query that may see ``key`` (and so any earlier key)."""
+        if self.window is None:
+            return seq_len - 1
+        return jnp.minimum(key + self.window - 1, seq_len - 1)
+
+
+def _tanh(x: Array) -> Array:
+    """``tanh`` from ``exp2``: the kernels compile with approximate math, and ``tanh.approx``
+    (about 2⁻¹¹ relative error) would move softcapped logits by up to ``cap·2⁻¹¹``."""
+    return 1.0 - 2.0 / (jnp.exp2(x * (2.0 * _LOG2E)) + 1.0)
 
 
 def _same_segment(rows: Array, cols: Array, shape: tuple[int, int]) -> Array:
@@ -350,9 +400,9 @@ def _launch(body: Callable[..., None], out_type: Any, grid: dict[str, int], name
 # ----------------------------------------------------------------------------------- forward
 
 
-def _forward_call(q: Array, k: Array, v: Array, seg: tuple[Array, Array] | None, scale: float,
+def _forward_call(q: Array, k: Array, v: Array, seg: tuple[Array, Array] | None, spec: _Scores,
                   config: MgpuAttentionConfig, interpret: Any) -> tuple[Array, Array]:  # fmt: skip
-    """``(out, lse₂)`` with ``lse₂ [B, Hq, S]`` the base-2 log-sum-exp of ``scores·c``.
+    """``(out, lse₂)`` with ``lse₂ [B, Hq, S]`` the base-2 log-sum-exp of the logits.
 
     ``seg``: :func:`_segments` (keys of another segment are masked, tiles outside the spans
     skipped) or None.
@@ -361,8 +411,10 @@ def _forward_call(q: Array, k: Array, v: Array, seg: tuple[Array, Array] | None,
     groups = hq // k.shape[2]
     bq, bkv, slots = _ROWS, config.fwd_block_kv, config.fwd_slots
     num_tiles = s // (_COMPUTE_WGS * bq)
-    c = scale * _LOG2E
     segmented = seg is not None
+    # Rows whose visible keys so far all lie in skipped or masked tiles (another segment, or
+    # before the window of the later warpgroup's rows) have m = -inf.
+    may_see_nothing = segmented or spec.window is not None
 
     def kernel(q_ref, k_ref, v_ref, *refs):
         seg_refs, (out_ref, lse_ref, scoped) = (refs[:2], refs[2:]) if segmented else ((), refs)
@@ -373,10 +425,10 @@ def _forward_call(q: Array, k: Array, v: Array, seg: tuple[Array, Array] | None,
         wg = lax.axis_index("wg")
         cta_base = tile * (_COMPUTE_WGS * bq)
         cta_steps = pl.cdiv(cta_base + _COMPUTE_WGS * bq, bkv)
-        first = 0  # the first K/V tile any of the CTA's rows can see
+        first = spec.first_key(cta_base) // bkv  # the first K/V tile any of the CTA's rows see
         if segmented:
             seg_ref, spans_ref = seg_refs
-            first = _span(spans_ref, batch, tile, 0, interpret) // bkv
+            first = jnp.maximum(first, _span(spans_ref, batch, tile, 0, interpret) // bkv)
 
         take_turn = functools.partial(_take_turn, turn)
 
@@ -393,7 +445,11 @@ def _forward_call(q: Array, k: Array, v: Array, seg: tuple[Array, Array] | None,
                 )
             plgpu.barrier_wait(q_bar.at[wg])
             steps = pl.cdiv(q_base + bq, bkv)  # K/V tiles this warpgroup's rows can see
-            full = q_base // bkv  # ... of which wholly visible
+            full = q_base // bkv  # ... of which below the diagonal
+            clear = first  # ... and from here on inside every row's window
+            if spec.window is not None:
+                last_row_first_key = jnp.maximum(q_base + bq - spec.window, 0)
+                clear = jnp.clip(pl.cdiv(last_row_first_key, bkv), first, full)
 
             def step(j: Array, carry: tuple[Array, Array, Array], masked: bool) -> Any:
                 acc, m, denom = carry
@@ -408,16 +464,16 @@ def _forward_call(q: Array, k: Array, v: Array, seg: tuple[Array, Array] | None,
                     plgpu.barrier_wait(k_seg_bar.at[slot])
                     k_seg = _load_stats(k_seg_ring.at[slot], _COL_STAT, interpret)
                 plgpu.barrier_arrive(k_free.at[slot])
-                scores = scores * c
+                scores, _ = spec.logits2(scores)
                 if masked:
-                    visible = _causal_mask((bq, bkv), q_base, j * bkv, True, interpret)
+                    visible = spec.visible((bq, bkv), q_base, j * bkv, True, interpret)
                     scores = jnp.where(visible, scores, -jnp.inf)
                 if segmented:
                     scores = jnp.where(_same_segment(q_seg, k_seg, scores.shape), scores, -jnp.inf)
                 m_new = jnp.maximum(m, scores.max(axis=1))
-                # With segments, a row whose keys so far all lie in other segments has
-                # m = -inf: shift it by 0 instead, so that exp2 gives 0 there, not NaN.
-                m_shift = jnp.where(m_new == -jnp.inf, 0.0, m_new) if segmented else m_new
+                # A row that has seen no key yet has m = -inf: shift it by 0 instead, so that
+                # exp2 gives 0 there, not NaN.
+                m_shift = jnp.where(m_new == -jnp.inf, 0.0, m_new) if may_see_nothing else m_new
                 alpha = jnp.exp2(m - m_shift)
                 p = jnp.exp2(scores - lax.broadcast_in_dim(m_shift, scores.shape, [0]))
                 denom = denom * alpha + p.sum(axis=1)
@@ -451,7 +507,8 @@ def _forward_call(q: Array, k: Array, v: Array, seg: tuple[Array, Array] | None,
                 _full((bq,), 0.0, _ROW_STAT, interpret),
             )
             pl.when(wg == 1)(take_turn)  # warpgroup 0 starts on the tensor cores
-            carry = lax.fori_loop(first, full, lambda j, x: step(j, x, False), carry)
+            carry = lax.fori_loop(first, clear, lambda j, x: step(j, x, True), carry)
+            carry = lax.fori_loop(clear, full, lambda j, x: step(j, x, False), carry)
             acc, m, denom = lax.fori_loop(full, steps, lambda j, x: step(j, x, True), carry)
             lax.fori_loop(steps, cta_steps, skip, None)
             pl.when(wg == 0)(take_turn)
@@ -521,15 +578,13 @@ def _forward_call(q: Array, k: Array, v: Array, seg: tuple[Array, Array] | None,
 # ---------------------------------------------------------------------------------- backward
 
 
-def _dkdv_call(q, k, v, do, lse2, delta, seg, scale: float, config: MgpuAttentionConfig,
+def _dkdv_call(q, k, v, do, lse2, delta, seg, spec: _Scores, config: MgpuAttentionConfig,
                interpret):  # fmt: skip
     """dK and dV: each CTA owns ``2·64`` keys and streams every query tile that sees them."""
     b, s, hq, d = q.shape
     hkv = k.shape[2]
     groups = hq // hkv
     blk, slots = _ROWS, config.bwd_slots
-    num_q_tiles = s // blk
-    c = scale * _LOG2E
     segmented = seg is not None
 
     def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs):
@@ -540,10 +595,15 @@ def _dkdv_call(q, k, v, do, lse2, delta, seg, scale: float, config: MgpuAttentio
         wg = lax.axis_index("wg")
         cta_base = tile * (_COMPUTE_WGS * blk)
         first = cta_base // blk  # the first query tile that sees any of the CTA's keys
-        end = num_q_tiles  # ... and one past the last
+        last_key = cta_base + _COMPUTE_WGS * blk - 1
+        end = spec.last_query(last_key, s) // blk + 1  # ... and one past the last
         if segmented:
             seg_ref, spans_ref = seg_refs
-            end = _span(spans_ref, batch, tile, 1, interpret) // blk + 1
+            end = jnp.minimum(end, _span(spans_ref, batch, tile, 1, interpret) // blk + 1)
+        # From this query tile on, some of its rows are past the window of the CTA's first key.
+        window_edge = end
+        if spec.window is not None:
+            window_edge = jnp.clip((cta_base + spec.window) // blk, first + _COMPUTE_WGS, end)
         per_head = end - first
         steps = groups * per_head
 
@@ -581,16 +641,17 @@ def _dkdv_call(q, k, v, do, lse2, delta, seg, scale: float, config: MgpuAttentio
                     interpret,
                 )
                 lse = _load_stats(lse_ring.at[slot], _COL_STAT, interpret)
-                p_t = jnp.exp2(s_t * c - lax.broadcast_in_dim(lse, (blk, blk), [1]))
+                logits_t, tanh_t = spec.logits2(s_t)
+                p_t = jnp.exp2(logits_t - lax.broadcast_in_dim(lse, (blk, blk), [1]))
                 if masked:
-                    p_t = jnp.where(
-                        _causal_mask((blk, blk), kv_base, q0, False, interpret), p_t, 0.0
-                    )
+                    visible = spec.visible((blk, blk), kv_base, q0, False, interpret)
+                    p_t = jnp.where(visible, p_t, 0.0)
                 if segmented:
                     q_seg = _load_stats(q_seg_ring.at[slot], _COL_STAT, interpret)
                     p_t = jnp.where(_same_segment(kv_seg, q_seg, (blk, blk)), p_t, 0.0)
                 dlt = _load_stats(delta_ring.at[slot], _COL_STAT, interpret)
-                ds_t = (p_t * (dp_t - lax.broadcast_in_dim(dlt, (blk, blk), [1]))).astype(q.dtype)
+                dp_t = dp_t - lax.broadcast_in_dim(dlt, (blk, blk), [1])
+                ds_t = (spec.through_softcap(p_t, tanh_t) * dp_t).astype(q.dtype)
                 p_t = p_t.astype(q.dtype)
                 dv, dk = _products(
                     [(dv, p_t, do_ring.at[slot]), (dk, ds_t, q_ring.at[slot])], interpret
@@ -599,18 +660,20 @@ def _dkdv_call(q, k, v, do, lse2, delta, seg, scale: float, config: MgpuAttentio
                 return dk, dv
 
             # Per head: the first COMPUTE_WGS query tiles straddle the CTA's diagonal (or lie
-            # wholly above it for the later warpgroup); the rest are fully visible.
+            # wholly above it for the later warpgroup), those from window_edge on straddle the
+            # window's edge; the rest are fully visible.
             carry = (_zeros((blk, d), interpret), _zeros((blk, d), interpret))
+            masked_body = lambda i, c_: body(i, c_, True)
             for g in range(groups):
                 start = g * per_head
                 edge = start + jnp.minimum(per_head, _COMPUTE_WGS)
-                carry = lax.fori_loop(start, edge, lambda i, c_: body(i, c_, True), carry)
-                carry = lax.fori_loop(
-                    edge, start + per_head, lambda i, c_: body(i, c_, False), carry
-                )
+                clear_end = start + (window_edge - first)
+                carry = lax.fori_loop(start, edge, masked_body, carry)
+                carry = lax.fori_loop(edge, clear_end, lambda i, c_: body(i, c_, False), carry)
+                carry = lax.fori_loop(clear_end, start + per_head, masked_body, carry)
             dk, dv = carry
             # Out through this warpgroup's K and V tiles (every product reading them is done).
-            k_smem.at[wg][...] = (dk * scale).astype(k.dtype)
+            k_smem.at[wg][...] = (dk * spec.scale).astype(k.dtype)
             v_smem.at[wg][...] = dv.astype(v.dtype)
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(k_smem.at[wg], dk_ref.at[rows])
@@ -669,14 +732,13 @@ def _dkdv_call(q, k, v, do, lse2, delta, seg, scale: float, config: MgpuAttentio
     return _launch(entry, out_type, grid, "lorax_mgpu_attention_dkdv", interpret)(*operands)
 
 
-def _dq_call(q, k, v, do, lse2, delta, seg, scale: float, config: MgpuAttentionConfig,
+def _dq_call(q, k, v, do, lse2, delta, seg, spec: _Scores, config: MgpuAttentionConfig,
              interpret):  # fmt: skip
     """dQ: each CTA owns ``2·64`` queries and streams K/V up to its diagonal."""
     b, s, hq, d = q.shape
     groups = hq // k.shape[2]
     blk, bkv, slots = _ROWS, config.dq_block_kv, config.bwd_slots
     num_tiles = s // (_COMPUTE_WGS * blk)
-    c = scale * _LOG2E
     segmented = seg is not None
 
     def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs):
@@ -689,10 +751,10 @@ def _dq_call(q, k, v, do, lse2, delta, seg, scale: float, config: MgpuAttentionC
         wg = lax.axis_index("wg")
         cta_base = tile * (_COMPUTE_WGS * blk)
         steps = (cta_base + _COMPUTE_WGS * blk) // bkv  # K/V tiles up to the CTA's diagonal
-        first = 0  # ... from the first that any of the CTA's rows can see
+        first = spec.first_key(cta_base) // bkv  # ... from the first any of its rows can see
         if segmented:
             seg_ref, spans_ref = seg_refs
-            first = _span(spans_ref, batch, tile, 0, interpret) // bkv
+            first = jnp.maximum(first, _span(spans_ref, batch, tile, 0, interpret) // bkv)
 
         @pl.when(wg < _COMPUTE_WGS)
         def _compute() -> None:
@@ -727,24 +789,31 @@ def _dq_call(q, k, v, do, lse2, delta, seg, scale: float, config: MgpuAttentionC
                     ],
                     interpret,
                 )
-                p = jnp.exp2(s_ * c - lax.broadcast_in_dim(lse, (blk, bkv), [0]))
+                logits, tanh = spec.logits2(s_)
+                p = jnp.exp2(logits - lax.broadcast_in_dim(lse, (blk, bkv), [0]))
                 if masked:
-                    p = jnp.where(
-                        _causal_mask((blk, bkv), q_base, step * bkv, True, interpret), p, 0.0
-                    )
+                    visible = spec.visible((blk, bkv), q_base, step * bkv, True, interpret)
+                    p = jnp.where(visible, p, 0.0)
                 if segmented:
                     k_seg = _load_stats(seg_smem[1].at[slot], _COL_STAT, interpret)
                     p = jnp.where(_same_segment(q_seg, k_seg, (blk, bkv)), p, 0.0)
-                ds = (p * (dp - lax.broadcast_in_dim(dlt, (blk, bkv), [0]))).astype(q.dtype)
+                dp = dp - lax.broadcast_in_dim(dlt, (blk, bkv), [0])
+                ds = (spec.through_softcap(p, tanh) * dp).astype(q.dtype)
                 (dq,) = _products([(dq, ds, k_ring.at[slot])], interpret)
                 plgpu.barrier_arrive(free.at[slot])
                 return dq
 
             edge = steps - _COMPUTE_WGS * blk // bkv  # the last tiles straddle the diagonal
+            clear = first  # the tiles before this one straddle the window's edge
+            if spec.window is not None:
+                last_row_first_key = jnp.maximum(q_base + blk - spec.window, 0)
+                clear = jnp.clip(pl.cdiv(last_row_first_key, bkv), first, edge)
+            masked_body = lambda i, a: body(i, a, True)
             dq = _zeros((blk, d), interpret)
-            dq = lax.fori_loop(first, edge, lambda i, a: body(i, a, False), dq)
-            dq = lax.fori_loop(edge, steps, lambda i, a: body(i, a, True), dq)
-            q_smem.at[wg][...] = (dq * scale).astype(q.dtype)
+            dq = lax.fori_loop(first, clear, masked_body, dq)
+            dq = lax.fori_loop(clear, edge, lambda i, a: body(i, a, False), dq)
+            dq = lax.fori_loop(edge, steps, masked_body, dq)
+            q_smem.at[wg][...] = (dq * spec.scale).astype(q.dtype)
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(q_smem.at[wg], dq_ref.at[rows])
             plgpu.wait_smem_to_gmem(0)
@@ -797,74 +866,87 @@ def _dq_call(q, k, v, do, lse2, delta, seg, scale: float, config: MgpuAttentionC
 
 
 @functools.partial(jax.jit, static_argnums=(7, 8, 9))
-def _backward(q, k, v, out, lse2, d_out, seg, scale: float, config: MgpuAttentionConfig,
+def _backward(q, k, v, out, lse2, d_out, seg, spec: _Scores, config: MgpuAttentionConfig,
               interpret):  # fmt: skip
     """``(dq, dk, dv)`` from the forward's ``out`` and base-2 ``lse₂``."""
     delta = jnp.einsum(
         "bshd,bshd->bhs", out.astype(jnp.float32), d_out.astype(jnp.float32)
     )  # rowsum(dO ⊙ O): a memory-bound XLA reduction
     args = (q, k, v, d_out.astype(q.dtype), lse2.astype(jnp.float32), delta, seg)
-    dk, dv = _dkdv_call(*args, scale, config, interpret)
-    return _dq_call(*args, scale, config, interpret), dk, dv
+    dk, dv = _dkdv_call(*args, spec, config, interpret)
+    return _dq_call(*args, spec, config, interpret), dk, dv
 
 
 # ------------------------------------------------------------------------------- public API
 
 
+def _prepare(q: Array, k: Array, v: Array, config: MgpuAttentionConfig,
+             segment_ids: Array | None, scale: float, sliding_window: int | None,
+             softcap: float | None) -> tuple[tuple[Array, Array] | None, _Scores]:  # fmt: skip
+    """Checks the arguments; the kernels' segments and static score spec (a window as wide as
+    S masks nothing and is dropped, so it costs nothing)."""
+    check_supported(q, k, v, config, segment_ids, sliding_window=sliding_window, softcap=softcap)
+    if sliding_window is not None and sliding_window >= q.shape[1]:
+        sliding_window = None
+    spec = _Scores(float(scale), sliding_window, None if softcap is None else float(softcap))
+    return _segments(segment_ids), spec
+
+
 def flash_forward_mgpu(q: Array, k: Array, v: Array, *, scale: float,
                        config: MgpuAttentionConfig = MgpuAttentionConfig(),
-                       interpret: Any = None,
-                       segment_ids: Array | None = None) -> tuple[Array, Array]:  # fmt: skip
+                       interpret: Any = None, segment_ids: Array | None = None,
+                       sliding_window: int | None = None,
+                       softcap: float | None = None) -> tuple[Array, Array]:  # fmt: skip
     """``(out, lse)`` of causal attention; ``lse [B, Hq, S]`` natural-log, float32.
 
     ``q [B, S, Hq, D]``, ``k, v [B, S, Hkv, D]``. ``segment_ids [B, S]`` (int): packed rows,
-    no attention across segments. ``interpret``: a Mosaic GPU interpreter parameter object
-    (CPU tests), or None to compile for the GPU.
+    no attention across segments. ``sliding_window``/``softcap``: see :class:`_Scores`.
+    ``interpret``: a Mosaic GPU interpreter parameter object (CPU tests), or None to compile
+    for the GPU.
     """
-    check_supported(q, k, v, config, segment_ids)
-    seg = _segments(segment_ids)
-    out, lse2 = _forward_call(q, k, v, seg, float(scale), config, interpret)
+    seg, spec = _prepare(q, k, v, config, segment_ids, scale, sliding_window, softcap)
+    out, lse2 = _forward_call(q, k, v, seg, spec, config, interpret)
     return out, lse2 / _LOG2E
 
 
 def flash_backward_mgpu(q: Array, k: Array, v: Array, out: Array, lse: Array, d_out: Array, *,
                         scale: float, config: MgpuAttentionConfig = MgpuAttentionConfig(),
                         interpret: Any = None, segment_ids: Array | None = None,
+                        sliding_window: int | None = None, softcap: float | None = None,
                         ) -> tuple[Array, Array, Array]:  # fmt: skip
     """``(dq, dk, dv)`` of causal attention from the forward's ``out`` and natural-log ``lse``."""
-    check_supported(q, k, v, config, segment_ids)
-    seg = _segments(segment_ids)
+    seg, spec = _prepare(q, k, v, config, segment_ids, scale, sliding_window, softcap)
     lse2 = lse.astype(jnp.float32) * _LOG2E
-    return _backward(q, k, v, out, lse2, d_out, seg, float(scale), config, interpret)
+    return _backward(q, k, v, out, lse2, d_out, seg, spec, config, interpret)
 
 
 def flash_attention_mgpu(q: Array, k: Array, v: Array, scale: float,
                          config: MgpuAttentionConfig = MgpuAttentionConfig(),
-                         interpret: Any = None,
-                         segment_ids: Array | None = None) -> Array:  # fmt: skip
+                         interpret: Any = None, segment_ids: Array | None = None, *,
+                         sliding_window: int | None = None,
+                         softcap: float | None = None) -> Array:  # fmt: skip
     """Causal GQA attention on the Mosaic GPU kernels, differentiable w.r.t. q, k, v.
 
     Saves only ``out`` and ``lse₂`` for the backward (no S×S array anywhere). Arguments as
     :func:`flash_forward_mgpu`; unsupported shapes raise (see :func:`check_supported`).
     """
-    check_supported(q, k, v, config, segment_ids)
-    seg = _segments(segment_ids)
-    return _attention(q, k, v, seg, float(scale), config, interpret)
+    seg, spec = _prepare(q, k, v, config, segment_ids, scale, sliding_window, softcap)
+    return _attention(q, k, v, seg, spec, config, interpret)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _attention(q, k, v, seg, scale: float, config: MgpuAttentionConfig, interpret) -> Array:
-    return _forward_call(q, k, v, seg, scale, config, interpret)[0]
+def _attention(q, k, v, seg, spec: _Scores, config: MgpuAttentionConfig, interpret) -> Array:
+    return _forward_call(q, k, v, seg, spec, config, interpret)[0]
 
 
-def _vjp_forward(q, k, v, seg, scale, config, interpret):
-    out, lse2 = _forward_call(q, k, v, seg, scale, config, interpret)
+def _vjp_forward(q, k, v, seg, spec, config, interpret):
+    out, lse2 = _forward_call(q, k, v, seg, spec, config, interpret)
     return out, (q, k, v, seg, out, lse2)
 
 
-def _vjp_backward(scale, config, interpret, residuals, d_out):
+def _vjp_backward(spec, config, interpret, residuals, d_out):
     q, k, v, seg, out, lse2 = residuals
-    dq, dk, dv = _backward(q, k, v, out, lse2, d_out, seg, scale, config, interpret)
+    dq, dk, dv = _backward(q, k, v, out, lse2, d_out, seg, spec, config, interpret)
     return dq, dk, dv, None  # segment ids: integers, no cotangent
 
 

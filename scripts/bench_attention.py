@@ -29,8 +29,13 @@ which then compares against ``pallas``). TFLOP/s still counts the whole causal h
 Triton kernels do that work; the Mosaic kernels skip the tiles that lie across segments, so
 for them it is a causal-equivalent rate).
 
+``--window W`` gives every query a sliding window of W keys (HF's meaning; cuDNN and XLA take
+it as ``local_window_size=(W-1, 0)``). ``--softcap C`` caps the scores (Gemma 2): cuDNN and
+XLA cannot, and run without it as the speed anchor, as with segments.
+
 TFLOP/s counts only the useful causal half, as ``reference/h200-baselines.md`` does:
-forward = 2·B·Hq·S²·D, forward+backward = 3.5× that. Correctness is the relative L2 error of
+forward = 2·B·Hq·S²·D, forward+backward = 3.5× that; with a window, the visible
+(query, key) pairs: forward = 4·B·Hq·D·(W·S − W(W−1)/2). Correctness is the relative L2 error of
 out (and dq, dk, dv for fwd+bwd) against cuDNN on the same inputs (against XLA where cuDNN is
 unavailable); bf16 rounding alone puts it near 3e-3.
 
@@ -126,8 +131,13 @@ class Row:
     error: str | None = None
 
 
-def _causal_fwd_flops(batch: int, seq_len: int, q_heads: int, head_dim: int) -> float:
-    return 2.0 * batch * q_heads * seq_len**2 * head_dim
+def _causal_fwd_flops(
+    batch: int, seq_len: int, q_heads: int, head_dim: int, window: int | None = None
+) -> float:
+    if window is None or window >= seq_len:
+        return 2.0 * batch * q_heads * seq_len**2 * head_dim
+    pairs = window * seq_len - window * (window - 1) / 2  # query i sees min(i + 1, W) keys
+    return 4.0 * batch * q_heads * head_dim * pairs
 
 
 def _rel_l2(a: Array, b: Array) -> float:
@@ -136,20 +146,23 @@ def _rel_l2(a: Array, b: Array) -> float:
 
 
 def _attention_fn(
-    impl: str, interpret: bool, blocks: BlockSizes | None, segment_ids: Array | None = None
+    impl: str,
+    interpret: bool,
+    blocks: BlockSizes | None,
+    segment_ids: Array | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> Callable[..., Array]:
-    if impl == "mosaic":
+    if impl in ("mosaic", "pallas"):
+        options = dict(causal=True, segment_ids=segment_ids, sliding_window=window, softcap=softcap)
+        if impl == "pallas":
+            options["block_sizes"] = blocks
         return lambda q, k, v: flash_attention(
-            q, k, v, causal=True, segment_ids=segment_ids, impl="mosaic",
-            interpret=interpret or None,
-        )  # fmt: skip
-    if impl == "pallas":
-        return lambda q, k, v: flash_attention(
-            q, k, v, causal=True, segment_ids=segment_ids, impl="pallas",
-            interpret=interpret or None, block_sizes=blocks,
-        )  # fmt: skip
+            q, k, v, impl=impl, interpret=interpret or None, **options
+        )
+    local = None if window is None else (window - 1, 0)  # softcap: not available here
     return lambda q, k, v: jax.nn.dot_product_attention(
-        q, k, v, is_causal=True, implementation=impl
+        q, k, v, is_causal=True, local_window_size=local, implementation=impl
     )
 
 
@@ -217,20 +230,28 @@ def run_main(opts: argparse.Namespace, shapes: list, heads: tuple, rows: list[Ro
     q_heads, _, dim = heads
     for batch, seq_len in shapes:
         packed = f", packed rows (mean example {opts.segments})" if opts.segments else ""
+        packed += f", window {opts.window}" if opts.window else ""
+        packed += f", softcap {opts.softcap}" if opts.softcap else ""
         print(f"\nB={batch} S={seq_len} Hq={heads[0]} Hkv={heads[1]} D={dim} causal bf16{packed}")
         q, k, v, d_out = _inputs(batch, seq_len, heads)
         segment_ids = None
         if opts.segments:
             segment_ids = jnp.asarray(packed_rows(batch, seq_len, opts.segments)[0])
-        fwd_flops = _causal_fwd_flops(batch, seq_len, q_heads, dim)
+        window = opts.window or None
+        fwd_flops = _causal_fwd_flops(batch, seq_len, q_heads, dim, window)
+        # What only the Pallas and Mosaic kernels take: the others run without it.
+        ours_only = bool(opts.segments or opts.softcap)
         scores_bytes = 3 * 4 * batch * q_heads * seq_len**2
         here: list[Row] = []
         outputs: dict[tuple[str, str], Any] = {}
         for impl in opts.impls:
-            segmented = opts.segments and impl in ("pallas", "mosaic")
-            attn = _attention_fn(impl, opts.interpret, None, segment_ids if segmented else None)
+            ours = impl in ("pallas", "mosaic")
+            attn = _attention_fn(
+                impl, opts.interpret, None, segment_ids if ours else None, window,
+                (opts.softcap or None) if ours else None,
+            )  # fmt: skip
             for mode in ("fwd", "fwd+bwd"):
-                config = "segments" if segmented else ("no segments" if opts.segments else "")
+                config = ("full options" if ours else "without them") if ours_only else ""
                 row = Row("main", impl, mode, batch, seq_len, config=config)
                 here.append(row)
                 if _over_budget(opts):
@@ -244,12 +265,13 @@ def run_main(opts: argparse.Namespace, shapes: list, heads: tuple, rows: list[Ro
                     args = (q, k, v, d_out)
                     outputs[impl, mode] = _measure(row, _fwd_bwd(attn), args, 3.5 * fwd_flops, opts)
         # Correctness against cuDNN (XLA where cuDNN did not run), same inputs, same mode;
-        # with segments against the Triton kernels (the other implementation that takes them).
-        bases = ("pallas",) if opts.segments else ("cudnn", "xla")
+        # with segments or softcap against the Triton kernels (the other implementation that
+        # takes them).
+        bases = ("pallas",) if ours_only else ("cudnn", "xla")
         for row in here:
             base_impl = next((i for i in bases if outputs.get((i, row.mode)) is not None), None)
             got = outputs.get((row.impl, row.mode))
-            comparable = not opts.segments or row.impl in ("pallas", "mosaic")
+            comparable = not ours_only or row.impl in ("pallas", "mosaic")
             if got is not None and comparable and base_impl not in (None, row.impl):
                 base = outputs[base_impl, row.mode]
                 row.rel_err = {
@@ -367,6 +389,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--segments", type=int, default=0, help="packed rows: mean example length (0: none)"
     )
+    parser.add_argument("--window", type=int, default=0, help="sliding window (0: none)")
+    parser.add_argument("--softcap", type=float, default=0.0, help="score softcap (0: none)")
     parser.add_argument("--json", default=None, help="write all rows and metadata here")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--reps", type=int, default=5)

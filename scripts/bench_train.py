@@ -15,6 +15,8 @@ A case is SHAPE@REMAT@ATTENTION (REMAT may be a per-layer schedule, see lorax.re
 --packed L makes every row a packed one (examples of mean length L, their segment ids and
 positions in the batch, as the trainer's default packing gives), so attention must mask
 across examples: cuDNN cannot, and ``auto`` picks what the model picks for such rows.
+--sliding-window W gives every layer a sliding window of W keys (as Mistral's layers have);
+TFLOP/s and MFU still count full causal attention then, so compare tokens/s.
 """
 
 from __future__ import annotations
@@ -54,7 +56,11 @@ def llama31_8b_config(**overrides: Any):
     return ModelConfig(rope=RopeConfig(theta=500000.0), **{**LLAMA31_8B, **overrides})
 
 
-def build_model(num_layers: int | None = None, config_overrides: dict | None = None):
+def build_model(
+    num_layers: int | None = None, config_overrides: dict | None = None, sliding_window: int = 0
+):
+    """The random-weight NF4 model; ``sliding_window``: every layer attends within that window
+    (as Mistral's layers do), 0 for full causal attention."""
     import jax
     import jax.numpy as jnp
 
@@ -64,6 +70,10 @@ def build_model(num_layers: int | None = None, config_overrides: dict | None = N
     fields = dict(config_overrides or {})
     if num_layers:
         fields["num_layers"] = num_layers
+    if sliding_window:
+        fields["layer_windows"] = (sliding_window,) * fields.get(
+            "num_layers", LLAMA31_8B["num_layers"]
+        )
     config = llama31_8b_config(**fields)
     key = jax.random.key(0)
 
@@ -115,6 +125,7 @@ def run_case(
     compiler_options: str = "default",
     prepare_kernel_weights: str | None = None,
     packed: int = 0,
+    sliding_window: int = 0,
 ) -> dict:
     import jax
     import numpy as np
@@ -128,7 +139,7 @@ def run_case(
 
     b, s = (int(x) for x in shape.split("x"))
     t_import = time.perf_counter() - START
-    model = build_model(num_layers)
+    model = build_model(num_layers, sliding_window=sliding_window)
     if embeddings_on_host:
         model = lorax.embeddings_to_host(model)
     if prepare_kernel_weights:
@@ -194,6 +205,7 @@ def run_case(
         "embeddings_on_host": embeddings_on_host,
         "prepare_kernel_weights": prepare_kernel_weights,
         "packed": packed,
+        "sliding_window": sliding_window,
         "compiler_options": compiler_options,
         "tokens_per_s": tokens / median,
         "median_step_s": median,
@@ -292,6 +304,9 @@ def main() -> None:
     )
     add_prepare_argument(p)
     p.add_argument("--packed", type=int, default=0, help="packed rows: mean example length")
+    p.add_argument(
+        "--sliding-window", type=int, default=0, help="every layer attends within this window"
+    )
     p.add_argument("--json", default=None)
     p.add_argument("--case", default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -302,6 +317,7 @@ def main() -> None:
             shape, remat, attention, a.steps, a.warmup, a.chunk, a.layers, forward,
             embeddings_on_host=a.embeddings_on_host, compiler_options=a.compiler_options,
             prepare_kernel_weights=a.prepare_kernel_weights, packed=a.packed,
+            sliding_window=a.sliding_window,
         )  # fmt: skip
         print("RESULT " + json.dumps(result), flush=True)
         return
@@ -346,6 +362,8 @@ def main() -> None:
             cmd += ["--prepare-kernel-weights", a.prepare_kernel_weights]
         if a.packed:
             cmd += ["--packed", str(a.packed)]
+        if a.sliding_window:
+            cmd += ["--sliding-window", str(a.sliding_window)]
         cmd += ["--compiler-options", a.compiler_options]
         out = subprocess.run(cmd, capture_output=True, text=True, env=env)
         result = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
