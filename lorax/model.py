@@ -155,10 +155,10 @@ class ForwardOptions:
     cuDNN's fused attention where its features suffice (no packed segments, no softcap; it is
     3-4x faster than the Triton Pallas kernels in the backward pass, see BENCHMARKS.md); for
     packed rows (segment ids) on one Hopper GPU the Mosaic GPU kernels
-    (``pallas_kernels.flash_attention.mosaic_supports``: no window narrower than the row);
+    (``pallas_kernels.flash_attention.mosaic_supports``: head dim 64 or 128; windows too);
     otherwise the Triton Pallas kernels; the jnp reference on CPU. ``"pallas"``, ``"cudnn"``,
-    ``"mosaic"`` (causal, with or without segment ids; forward at cuDNN's speed,
-    forward+backward 93% of it at 8K-32K) and ``"reference"`` force one. ``matmul_impl``
+    ``"mosaic"`` (causal, with or without window, softcap and segment ids; forward at cuDNN's
+    speed, forward+backward 93% of it at 8K-32K) and ``"reference"`` force one. ``matmul_impl``
     likewise for the NF4/LoRA matmul, and ``matmul_variant`` picks among its GPU implementations
     (``pallas_kernels.NF4MatmulConfig.variant``, e.g. ``"mosaic"``; None: ``"auto"``).
 

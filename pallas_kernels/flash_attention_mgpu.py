@@ -5,10 +5,11 @@ reach only a third of cuDNN's forward+backward speed on the H200, and jax's own 
 attention has no causal backward. The design follows jax's (FlashAttention-3 style: 64-row
 tiles per warpgroup, two compute warpgroups and one memory warpgroup per CTA) and adds what
 lorax needs: causal tile skipping in all kernels, GQA with K/V never repeated (the GQA sum of
-dK/dV inside the kernel), bf16, the score scale, and packed segment ids (which cuDNN cannot
-mask). On the H200 (BENCHMARKS.md §3) the forward is faster than cuDNN's up to 8K and within
-1% at 32K; forward+backward is at parity at 2x2048 and 93% of cuDNN at 8K-32K; with segment
-ids, 2.6-2.7x the Triton kernels.
+dK/dV inside the kernel), bf16, the score scale, sliding windows, the softcap (which cuDNN
+lacks) and packed segment ids (which cuDNN cannot mask). On the H200 (BENCHMARKS.md §3) the
+forward is faster than cuDNN's up to 8K and within 1% at 32K; forward+backward is at parity at
+2x2048 and 93% of cuDNN at 8K-32K (94-99% with windows); with packed rows of ~1K-token
+examples 3.9-43x the Triton kernels, with a softcap 3.6-3.8x.
 
 Segment ids (optional, ``[B, S]`` int32): each warpgroup loads its own rows' ids once; the
 streamed tiles' ids ride with K (forward, dQ) or with each query tile (dK/dV) through the
@@ -17,6 +18,12 @@ rings, and every tile is masked where the ids differ. Each CTA also reads its ro
 start at the first key any of its queries may see, dK/dV stop at the last query any of its
 keys may be seen by. Packed rows of short examples so cost what their examples do, not the
 whole causal triangle.
+
+A sliding window bounds the same tile ranges from the other side (:class:`_Scores`): the
+forward and dQ start at the first key the CTA's first row may see, dK/dV stop at the last query
+that may see its last key, and only the tiles across the window's edge pay for its mask, so
+windowed attention costs what its visible pairs do. The softcap (Gemma 2) applies
+``cap·tanh(scale·s/cap)`` to every score tile, and its derivative ``1 − tanh²`` to dS.
 
 Every CTA has two compute warpgroups and one memory warpgroup that streams tiles through a
 ring of shared-memory slots with TMA (``_feed_ring``; a slot is refilled once both compute
@@ -50,7 +57,7 @@ causal triangle, and only the (at most two) tiles per stream that straddle the d
 for the mask. Grids run the heaviest CTAs first.
 
 Requirements (checked by :func:`check_supported`): S a multiple of 128 (callers pad), head_dim
-64 or 128, bf16 or f16, causal, no window or softcap (the Triton kernels keep those).
+64 or 128, bf16 or f16, causal.
 In the Mosaic GPU interpreter (CPU tests) transposed shared-memory views and ``run_state`` do
 not exist, so the helpers below have an interpreter branch that computes
 the same values with plain reads (marked where used).
@@ -236,7 +243,7 @@ class _Scores:
             return raw * (self.scale * _LOG2E), None
         # With approximate math (the kernels' compiler parameters) this is tanh.approx.f32,
         # about 2⁻¹¹ relative error, as FlashAttention's softcap uses: an exact tanh from exp2
-        # and a division was measured 1.3-1.5x slower (MUFU-bound; BENCHMARKS.md §3).
+        # and a division was measured 1.16-1.19x slower forward+backward (BENCHMARKS.md §3).
         t = jnp.tanh(raw * (self.scale / self.softcap))
         return t * (self.softcap * _LOG2E), t
 

@@ -4,7 +4,8 @@ What this checks: the TMA rings and their barriers (the interpreter fails on a b
 that is never observed), the tensor-core turn-taking of the forward, the causal tile ranges
 (S = 256 gives each kernel CTAs that stream only masked tiles and CTAs that stream both
 kinds), the GQA reduction inside the dK/dV kernel (4 query heads on 2 KV heads), both dQ tile widths
-and both head dims, and the math, against float32 autodiff of attention. The wgmma
+and both head dims, packed segments, sliding windows and the softcap (their tile ranges and
+masks), and the math, against float32 autodiff of attention. The wgmma
 operand forms are the GPU's (``scripts/check_mgpu_attention.py``).
 """
 
