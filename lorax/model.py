@@ -212,10 +212,26 @@ def _attention_impl(
         return requested
     if segment_ids is None:
         return "cudnn"
-    # One device: the Mosaic kernels have not been run under a multi-device mesh's partitioning.
-    if jax.device_count() == 1 and mosaic_supports(q, sliding_window=window):
+    if mosaic_supports(q, sliding_window=window):
         return "mosaic"
     return None  # the Triton kernels
+
+
+def _per_batch_shard(attend: Any, sharding: Any) -> Any:
+    """``attend(q, k, v, segment_ids)`` run by each device on its own batch rows.
+
+    Why: a Pallas kernel is a custom call XLA's partitioner cannot see into, so with the batch
+    split over the mesh it would gather every device's rows and run the whole batch's attention
+    on each device. ``jax.shard_map`` over ``sharding`` (the activations' batch split) gives
+    each device its rows instead; attention never mixes rows, so nothing is exchanged.
+    cuDNN's attention has partitioning rules of its own and needs none of this.
+    """
+    spec = sharding.spec
+    return jax.shard_map(attend, mesh=sharding.mesh, in_specs=spec, out_specs=spec, check_vma=False)
+
+
+# The attention implementations that are Pallas kernels (opaque to XLA's partitioner).
+_KERNEL_IMPLS = ("pallas", "mosaic")
 
 
 def distinct_windows(config: ModelConfig) -> list[int]:
@@ -278,16 +294,23 @@ def _decoder_layer(
         return _attention_impl(options.attention_impl, segment_ids, q, window or None)
 
     def attend(window: int) -> Array:
-        return flash_attention(
-            q,
-            k,
-            v,
-            causal=True,
-            sliding_window=window or None,
-            segment_ids=segment_ids,
-            scale=config.head_dim**-0.5,
-            impl=attention_impl(window),
-        )
+        impl = attention_impl(window)
+
+        def call(q: Array, k: Array, v: Array, segment_ids: Array | None) -> Array:
+            return flash_attention(
+                q,
+                k,
+                v,
+                causal=True,
+                sliding_window=window or None,
+                segment_ids=segment_ids,
+                scale=config.head_dim**-0.5,
+                impl=impl,
+            )
+
+        if options.activation_sharding is not None and resolve_impl(impl, None)[0] in _KERNEL_IMPLS:
+            call = _per_batch_shard(call, options.activation_sharding)
+        return call(q, k, v, segment_ids)
 
     # Attention kernels take the window as a static size, so layers with different windows
     # (full vs sliding) select among the few distinct sizes with a switch on scanned data.

@@ -18,6 +18,9 @@ prints a table and exits with status 1 if any check fails:
 3. **step**: one QLoRA train step (LoRA r=16 on all projections, AdamW) with the step
    shardings; the loss must be finite, and on a GPU the measured peak memory must be within
    ``--peak-tolerance`` of ``memory_report``'s total (an estimate: see lorax/sharding/memory.py).
+   ``--steps N`` then times N more steps (tokens/s); ``--packed L`` packs the rows (examples of
+   mean length L, with segment ids and positions); ``--attention auto,pallas`` runs the step
+   once per attention implementation (the peak is checked for the first only).
 """
 
 from __future__ import annotations
@@ -216,9 +219,15 @@ def check_accounting(config, mesh, rules, tiny: bool):
     return model, check
 
 
-def check_step(model, mesh, rules, batch: int, seq: int, remat: str, tolerance: float):
+def check_step(model, mesh, rules, batch: int, seq: int, remat: str, tolerance: float | None,
+               attention: str = "auto", packed: int = 0, steps: int = 0):  # fmt: skip
+    """One train step (loss finite; peak memory against the estimate unless ``tolerance`` is
+    None), then ``steps`` timed steps. ``packed``: rows packed with examples of that mean
+    length (segment ids and positions, as the trainer packs); ``attention``: the
+    ``ForwardOptions.attention_impl`` (``auto``: the model's choice)."""
     import jax
     import numpy as np
+    from _common import packed_rows
 
     import lorax
     from lorax import sharding
@@ -232,12 +241,15 @@ def check_step(model, mesh, rules, batch: int, seq: int, remat: str, tolerance: 
     state = init_train_state(lora, optimizer, key=jax.random.key(2))
     state = sharding.place_tree(state, sharding.trainable_shardings(state, mesh, rules))
     shardings = sharding.step_shardings(model, state, mesh, rules)
-    step = make_train_step(
-        model, optimizer, StepConfig(forward=ForwardOptions(remat=remat)), shardings=shardings
-    )
+    forward = ForwardOptions(remat=remat, attention_impl=None if attention == "auto" else attention)
+    step = make_train_step(model, optimizer, StepConfig(forward=forward), shardings=shardings)
     ids = np.random.default_rng(0).integers(0, model.config.vocab_size, (1, batch, seq))
     ids = ids.astype(np.int32)
-    placed = sharding.place_batch({"input_ids": ids, "labels": ids}, shardings.batch)
+    host_batch = {"input_ids": ids, "labels": ids}
+    if packed:
+        segment_ids, positions = packed_rows(batch, seq, packed)
+        host_batch.update(segment_ids=segment_ids[None], positions=positions[None])
+    placed = sharding.place_batch(host_batch, shardings.batch)
     report = sharding.memory_report(
         model,
         state,
@@ -249,10 +261,26 @@ def check_step(model, mesh, rules, batch: int, seq: int, remat: str, tolerance: 
     t0 = time.perf_counter()
     state, metrics = step(state, placed)
     loss = float(metrics["loss"])
-    print(f"step: first step (compile + run) in {time.perf_counter() - t0:.1f}s, loss {loss:.4f}")
-    checks = [Check("step: loss is finite", "finite", f"{loss:.4f}", math.isfinite(loss))]
+    label = f"step ({attention} attention{', packed' if packed else ''})"
+    first_s = time.perf_counter() - t0
+    print(f"{label}: first step (compile + run) in {first_s:.1f}s, loss {loss:.4f}")
+    checks = [Check(f"{label}: loss is finite", "finite", f"{loss:.4f}", math.isfinite(loss))]
+    if steps:
+        times = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            state, metrics = step(state, placed)
+            float(metrics["loss"])  # blocks until the step is done
+            times.append(time.perf_counter() - t0)
+        median = sorted(times)[len(times) // 2]
+        print(
+            f"{label}: {batch * seq / median:,.0f} tok/s (median of {steps} steps, "
+            f"{median * 1e3:.0f} ms), loss {float(metrics['loss']):.5f}"
+        )
     peak = peak_memory_bytes(jax.local_devices()[0])
-    if peak is None:
+    if tolerance is None:
+        pass
+    elif peak is None:
         checks.append(Check("step: peak vs estimate", gib(report.total), "n/a (no stats)", True))
     else:
         ratio = peak / report.total
@@ -277,6 +305,11 @@ def main() -> int:
     p.add_argument("--remat", default="selective")
     p.add_argument("--peak-tolerance", type=float, default=0.4)
     p.add_argument("--mesh", default=None, help="e.g. data=1,fsdp=-1 (default: make_mesh())")
+    p.add_argument("--packed", type=int, default=0, help="packed rows: mean example length")
+    p.add_argument(
+        "--attention", default="auto", help="comma list of attention_impl (auto: the model's)"
+    )
+    p.add_argument("--steps", type=int, default=0, help="timed steps after the first")
     a = p.parse_args()
     if a.tiny:
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -303,7 +336,12 @@ def main() -> int:
         checks += check_load(config, mesh, rules, a.load_layers, a.load_vocab, workdir)
     model, accounting = check_accounting(config, mesh, rules, a.tiny)
     checks.append(accounting)
-    checks += check_step(model, mesh, rules, batch, seq, a.remat, a.peak_tolerance)
+    for i, attention in enumerate(a.attention.split(",")):
+        # The peak is the process's: only the first step's is its own.
+        tolerance = a.peak_tolerance if i == 0 else None
+        checks += check_step(
+            model, mesh, rules, batch, seq, a.remat, tolerance, attention, a.packed, a.steps
+        )
 
     width = max(len(c.name) for c in checks)
     print(f"\n{'check':<{width}}  {'expected':>22}  {'measured':>30}  ok")
