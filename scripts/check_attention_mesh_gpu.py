@@ -10,8 +10,9 @@ wraps its kernel attention in ``jax.shard_map`` over the activations' batch spli
 (``lorax.model._per_batch_shard``). For each implementation and both ways this prints the
 collectives in the compiled forward+backward (all-gathers and the bytes they move), the time
 per call, and the relative L2 error of out, dq, dk, dv against the same kernel run on one
-device over the whole batch. Exits with status 1 if a per-device run has a collective or an
-error above 1e-2.
+device over the whole batch. Exits with status 1 if a per-device run fails, has a collective
+or an error above 1e-2. (Measured on 2 H200s: left to the partitioner the Triton kernels gather
+both rows to both GPUs and take twice the time, and the Mosaic kernels fail to lower.)
 
 Inputs: the Llama-3.1-8B attention shape (32 query / 8 KV heads, head_dim 128, bf16, causal),
 ``--rows`` rows per device packed with examples of mean length ``--packed`` (segment ids: the
@@ -109,7 +110,8 @@ def main() -> int:
                 got = compiled(*split)
             except Exception as err:  # report and go on to the next way
                 print(f"{impl:<7} {how:<12} FAILED: {type(err).__name__}: {str(err)[:200]}")
-                failed.append(f"{impl} {how}")
+                if how == "per device":  # the partitioner's way is what this compares against
+                    failed.append(f"{impl} {how}")
                 continue
             text = ", ".join(f"{n} {kind} {b / 2**20:.0f} MiB" for kind, (n, b) in found.items())
             errors = [rel_l2(g, w) for g, w in zip(got, want, strict=True)]

@@ -180,6 +180,7 @@ def main(work: str) -> None:
 
     run8 = train(model, mesh8, os.path.join(work, "mesh8"))
     report["losses8"] = losses(run8)
+    report["step_forward_fields"] = sorted(run8.shardings.forward)
     memory = run8.memory
     report["memory8"] = {
         "base": memory.base,

@@ -130,6 +130,26 @@ def test_safetensors_read_flat_reads_just_a_range(tmp_path):
         f.read_flat("x", 50, 61)
 
 
+def test_steps_on_a_mesh_fill_in_its_forward_constraints():
+    """A step made with shardings but a default ``StepConfig`` still gets the activations'
+    batch split (what lets the model run its attention kernels per device); fields a config
+    sets are kept."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from lorax.model import ForwardOptions
+    from lorax.train.step import StepConfig, StepShardings, _on_mesh
+
+    mesh = sharding.make_mesh("data=1,fsdp=1")
+    rows = NamedSharding(mesh, PartitionSpec(sharding.BATCH_AXES))
+    mine = NamedSharding(mesh, PartitionSpec())
+    shardings = StepShardings(None, None, None, None, None, forward={"activation_sharding": rows})
+    assert _on_mesh(StepConfig(), shardings).forward.activation_sharding is rows
+    assert _on_mesh(StepConfig(), None) == StepConfig()
+    kept = StepConfig(forward=ForwardOptions(remat="full", activation_sharding=mine))
+    assert _on_mesh(kept, shardings) == kept
+    assert sharding.forward_constraints(mesh) == {}  # one device: none needed
+
+
 def test_activation_estimate_orders_remat_policies():
     config = llama31_8b_config()
 
@@ -227,6 +247,10 @@ def test_fsdp_gathers_the_stored_nf4_bytes_not_decoded_weights(report):
         decoded |= {tuple(out_in), (config.num_layers, *out_in)}
     floats = [tuple(dims) for dtype, dims in gathers if dtype in ("f32", "bf16", "f16")]
     assert not decoded & set(floats), floats
+
+
+def test_step_shardings_carry_the_forward_constraints(report):
+    assert report["step_forward_fields"] == ["activation_sharding", "layer_weights_sharding"]
 
 
 def test_kernel_attention_runs_on_each_devices_rows(report):

@@ -87,6 +87,7 @@ def step_shardings(
         batch=batch_sharding(mesh),
         eval_batch=batch_sharding(mesh, micro_batched=False),
         replicated=replicated(mesh),
+        forward=forward_constraints(mesh),
     )
 
 

@@ -63,7 +63,9 @@ class StepShardings:
     ``state`` matches a ``TrainState`` (the output state is laid out like the input, so a
     donated state keeps its layout step after step), ``model`` matches the ``Model``,
     ``batch`` is the ``[accum, B, S]`` batch arrays' and ``eval_batch`` the ``[B, S]`` ones',
-    and ``replicated`` is for the metrics.
+    and ``replicated`` is for the metrics. ``forward``: the ``ForwardOptions`` fields a step
+    on this mesh needs (``lorax.sharding.forward_constraints``); the steps fill in those a
+    config leaves unset.
     """
 
     state: Any
@@ -71,6 +73,22 @@ class StepShardings:
     batch: Any
     eval_batch: Any
     replicated: Any
+    forward: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def _on_mesh(config: StepConfig, shardings: StepShardings | None) -> StepConfig:
+    """``config`` with the mesh's forward constraints filled in where it leaves them unset.
+
+    Why: without the activations' batch split the model cannot run its attention kernels per
+    device, and XLA's partitioner then gathers every device's rows around them (or fails to
+    lower the Mosaic GPU kernels at all).
+    """
+    if shardings is None:
+        return config
+    unset = {k: v for k, v in shardings.forward.items() if getattr(config.forward, k) is None}
+    if not unset:
+        return config
+    return dataclasses.replace(config, forward=dataclasses.replace(config.forward, **unset))
 
 
 @jax.tree_util.register_dataclass
@@ -222,6 +240,8 @@ def make_train_step(
     ``place_*`` helpers) and the new state comes back in the same layout.
     """
 
+    config = _on_mesh(config, shardings)
+
     def step(state: TrainState, batches: Batch, model: Model):
         return train_step(state, batches, model=model, optimizer=optimizer, config=config)
 
@@ -249,6 +269,7 @@ def make_eval_step(
     model: Model, config: StepConfig = StepConfig(), *, shardings: StepShardings | None = None
 ) -> Callable[..., Any]:
     """Jitted ``(lora, batch) -> (loss_sum, count)`` for one ``[B, S]`` batch."""
+    config = _on_mesh(config, shardings)
 
     def evaluate(lora: LoraWeights, batch: Batch, model: Model):
         return loss_sum(lora, model, batch, config)
