@@ -154,11 +154,13 @@ class ForwardOptions:
     ``attention_impl=None`` takes the fastest implementation that supports the call: on a GPU
     cuDNN's fused attention where its features suffice (no packed segments, no softcap; it is
     3-4x faster than the Triton Pallas kernels in the backward pass, see BENCHMARKS.md); for
-    packed rows (segment ids) on one Hopper GPU the Mosaic GPU kernels
+    packed rows (segment ids) on Hopper GPUs the Mosaic GPU kernels
     (``pallas_kernels.flash_attention.mosaic_supports``: head dim 64 or 128; windows too);
-    otherwise the Triton Pallas kernels; the jnp reference on CPU. ``"pallas"``, ``"cudnn"``,
-    ``"mosaic"`` (causal, with or without window, softcap and segment ids; forward at cuDNN's
-    speed, forward+backward 93% of it at 8K-32K) and ``"reference"`` force one. ``matmul_impl``
+    otherwise the Triton Pallas kernels; the jnp reference on CPU. With
+    ``activation_sharding`` set, each device runs the Pallas kernels on its own batch rows.
+    ``"pallas"``, ``"cudnn"``, ``"mosaic"`` (causal, with or without window, softcap and
+    segment ids; forward at cuDNN's speed, forward+backward 93% of it at 8K-32K) and
+    ``"reference"`` force one. ``matmul_impl``
     likewise for the NF4/LoRA matmul, and ``matmul_variant`` picks among its GPU implementations
     (``pallas_kernels.NF4MatmulConfig.variant``, e.g. ``"mosaic"``; None: ``"auto"``).
 
