@@ -18,6 +18,10 @@ causal, bf16, layout ``[B, S, H, D]``) at B×S in {2×2048, 1×8192, 1×32768}:
 ``cudnn``   ``jax.nn.dot_product_attention(implementation="cudnn")`` (GQA native);
 ``xla``     ``jax.nn.dot_product_attention(implementation="xla")``, which materialises the
             scores (skipped when they would not fit, e.g. S=32768);
+``tokamax`` ``tokamax.dot_product_attention(implementation="mosaic")``: Google's Mosaic GPU
+            flash attention (forward and VJP kernels; not in the default ``--impls``: its
+            wheel and dependencies are not lorax's, see ``scripts/gpu_run67.sh``). It takes
+            windows and the softcap, not segment ids;
 
 each as forward alone and as forward+backward (``jax.vjp`` plus the vjp applied to a fixed
 random cotangent, giving out, dq, dk, dv).
@@ -60,6 +64,7 @@ import json
 import math
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -128,6 +133,7 @@ class Row:
     compile_s: float | None = None
     temp_mib: float | None = None
     rel_err: dict[str, float] = dataclasses.field(default_factory=dict)
+    custom_calls: dict[str, int] = dataclasses.field(default_factory=dict)
     error: str | None = None
 
 
@@ -153,6 +159,13 @@ def _attention_fn(
     window: int | None = None,
     softcap: float | None = None,
 ) -> Callable[..., Array]:
+    if impl == "tokamax":
+        import tokamax  # only where its wheel is installed
+
+        return lambda q, k, v: tokamax.dot_product_attention(
+            q, k, v, is_causal=True, local_window_size=None if window is None else (window - 1, 0),
+            logits_soft_cap=softcap, implementation="mosaic",
+        )  # fmt: skip
     if impl in ("mosaic", "pallas"):
         options = dict(causal=True, segment_ids=segment_ids, sliding_window=window, softcap=softcap)
         if impl == "pallas":
@@ -188,6 +201,9 @@ def _measure(
         row.compile_s = time.perf_counter() - start
         with contextlib.suppress(Exception):  # not every backend reports it
             row.temp_mib = compiled.memory_analysis().temp_size_in_bytes / 2**20
+        with contextlib.suppress(Exception):  # which kernels ran: the custom calls' targets
+            targets = re.findall(r'custom_call_target="([^"]+)"', compiled.as_text())
+            row.custom_calls = {t: targets.count(t) for t in sorted(set(targets))}
         seconds = pipelined_ms(compiled, *args, warmup=opts.warmup, reps=opts.reps) / 1e3
         row.ms = seconds * 1e3
         row.tflops = flops / seconds / 1e12
@@ -205,9 +221,11 @@ def _print_row(row: Row) -> None:
         return
     errs = " ".join(f"{k}={v:.1e}" for k, v in row.rel_err.items())
     temp = f"{row.temp_mib:9.1f}" if row.temp_mib is not None else "        -"
+    calls = " ".join(f"{name[:24]}x{n}" for name, n in row.custom_calls.items())
     print(
         f"  {row.impl:<7} {row.mode:<8} {row.config:<28} {row.ms:9.3f} ms {row.tflops:7.1f} "
-        f"TFLOP/s  compile {row.compile_s:5.1f}s  temp MiB {temp}  {errs}",
+        f"TFLOP/s  compile {row.compile_s:5.1f}s  temp MiB {temp}  {errs}"
+        + (f"  [{calls}]" if calls else ""),
         flush=True,
     )
 
@@ -246,12 +264,14 @@ def run_main(opts: argparse.Namespace, shapes: list, heads: tuple, rows: list[Ro
         outputs: dict[tuple[str, str], Any] = {}
         for impl in opts.impls:
             ours = impl in ("pallas", "mosaic")
+            capped = ours or impl == "tokamax"  # the implementations that take a softcap
             attn = _attention_fn(
                 impl, opts.interpret, None, segment_ids if ours else None, window,
-                (opts.softcap or None) if ours else None,
+                (opts.softcap or None) if capped else None,
             )  # fmt: skip
+            full = ours or (capped and not opts.segments)
             for mode in ("fwd", "fwd+bwd"):
-                config = ("full options" if ours else "without them") if ours_only else ""
+                config = ("full options" if full else "without them") if ours_only else ""
                 row = Row("main", impl, mode, batch, seq_len, config=config)
                 here.append(row)
                 if _over_budget(opts):
@@ -271,7 +291,7 @@ def run_main(opts: argparse.Namespace, shapes: list, heads: tuple, rows: list[Ro
         for row in here:
             base_impl = next((i for i in bases if outputs.get((i, row.mode)) is not None), None)
             got = outputs.get((row.impl, row.mode))
-            comparable = not ours_only or row.impl in ("pallas", "mosaic")
+            comparable = not ours_only or row.config == "full options"
             if got is not None and comparable and base_impl not in (None, row.impl):
                 base = outputs[base_impl, row.mode]
                 row.rel_err = {
