@@ -130,7 +130,7 @@ class MgpuAttentionConfig:
 
 def check_supported(q: Array, k: Array, v: Array, config: MgpuAttentionConfig,
                     segment_ids: Array | None = None, *, sliding_window: int | None = None,
-                    softcap: float | None = None) -> None:  # fmt: skip
+                    softcap: float | None = None, scale: float = 1.0) -> None:  # fmt: skip
     """Raises ``ValueError`` naming the first requirement the arguments miss."""
     b, s, hq, d = q.shape
     if k.shape != v.shape or k.ndim != 4 or k.shape[:2] != (b, s) or k.shape[3] != d:
@@ -153,6 +153,8 @@ def check_supported(q: Array, k: Array, v: Array, config: MgpuAttentionConfig,
         raise ValueError(f"sliding_window must be a positive integer or None, got {sliding_window}")
     if softcap is not None and not softcap > 0:
         raise ValueError(f"softcap must be positive or None, got {softcap}")
+    if not scale > 0:  # the base-2 logits are scaled after the row maxima are taken
+        raise ValueError(f"scale must be positive, got {scale}")
 
 
 def _segments(segment_ids: Array | None) -> tuple[Array, Array] | None:
@@ -237,15 +239,26 @@ class _Scores:
     window: int | None = None
     softcap: float | None = None
 
-    def logits2(self, raw: Array) -> tuple[Array, Array | None]:
-        """Base-2 logits of a raw score tile, and the softcap's tanh (None without one)."""
+    @property
+    def to_log2(self) -> float:
+        """The factor from :meth:`exponent`'s values to base-2 logits (positive)."""
+        return (self.scale if self.softcap is None else self.softcap) * _LOG2E
+
+    def exponent(self, raw: Array) -> tuple[Array, Array | None]:
+        """``(x, t)``: the base-2 logits of a raw score tile are ``x·to_log2``; ``t`` is the
+        softcap's tanh (None without one).
+
+        Why unscaled: the factor then folds into the one fused multiply-add that feeds
+        ``exp2`` (``x·to_log2 − m``), and the forward takes its row maxima on ``x`` and
+        scales only those, instead of scaling every score of the tile.
+        """
         if self.softcap is None:
-            return raw * (self.scale * _LOG2E), None
+            return raw, None
         # With approximate math (the kernels' compiler parameters) this is tanh.approx.f32,
         # about 2⁻¹¹ relative error, as FlashAttention's softcap uses: an exact tanh from exp2
         # and a division was measured 1.16-1.19x slower forward+backward (BENCHMARKS.md §3).
         t = jnp.tanh(raw * (self.scale / self.softcap))
-        return t * (self.softcap * _LOG2E), t
+        return t, t
 
     def through_softcap(self, p: Array, t: Array | None) -> Array:
         """``p`` times the softcap's derivative ``1 − tanh²`` (the chain rule into ``scale·s``)."""
@@ -468,18 +481,19 @@ def _forward_call(q: Array, k: Array, v: Array, seg: tuple[Array, Array] | None,
                     plgpu.barrier_wait(k_seg_bar.at[slot])
                     k_seg = _load_stats(k_seg_ring.at[slot], _COL_STAT, interpret)
                 plgpu.barrier_arrive(k_free.at[slot])
-                scores, _ = spec.logits2(scores)
+                scores, _ = spec.exponent(scores)
                 if masked:
                     visible = spec.visible((bq, bkv), q_base, j * bkv, True, interpret)
                     scores = jnp.where(visible, scores, -jnp.inf)
                 if segmented:
                     scores = jnp.where(_same_segment(q_seg, k_seg, scores.shape), scores, -jnp.inf)
-                m_new = jnp.maximum(m, scores.max(axis=1))
+                m_new = jnp.maximum(m, scores.max(axis=1) * spec.to_log2)
                 # A row that has seen no key yet has m = -inf: shift it by 0 instead, so that
                 # exp2 gives 0 there, not NaN.
                 m_shift = jnp.where(m_new == -jnp.inf, 0.0, m_new) if may_see_nothing else m_new
                 alpha = jnp.exp2(m - m_shift)
-                p = jnp.exp2(scores - lax.broadcast_in_dim(m_shift, scores.shape, [0]))
+                m_bcast = lax.broadcast_in_dim(m_shift, scores.shape, [0])
+                p = jnp.exp2(scores * spec.to_log2 - m_bcast)
                 denom = denom * alpha + p.sum(axis=1)
                 acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
                 p16 = p.astype(q.dtype)
@@ -645,8 +659,8 @@ def _dkdv_call(q, k, v, do, lse2, delta, seg, spec: _Scores, config: MgpuAttenti
                     interpret,
                 )
                 lse = _load_stats(lse_ring.at[slot], _COL_STAT, interpret)
-                logits_t, tanh_t = spec.logits2(s_t)
-                p_t = jnp.exp2(logits_t - lax.broadcast_in_dim(lse, (blk, blk), [1]))
+                x_t, tanh_t = spec.exponent(s_t)
+                p_t = jnp.exp2(x_t * spec.to_log2 - lax.broadcast_in_dim(lse, (blk, blk), [1]))
                 if masked:
                     visible = spec.visible((blk, blk), kv_base, q0, False, interpret)
                     p_t = jnp.where(visible, p_t, 0.0)
@@ -793,8 +807,8 @@ def _dq_call(q, k, v, do, lse2, delta, seg, spec: _Scores, config: MgpuAttention
                     ],
                     interpret,
                 )
-                logits, tanh = spec.logits2(s_)
-                p = jnp.exp2(logits - lax.broadcast_in_dim(lse, (blk, bkv), [0]))
+                x, tanh = spec.exponent(s_)
+                p = jnp.exp2(x * spec.to_log2 - lax.broadcast_in_dim(lse, (blk, bkv), [0]))
                 if masked:
                     visible = spec.visible((blk, bkv), q_base, step * bkv, True, interpret)
                     p = jnp.where(visible, p, 0.0)
@@ -889,7 +903,9 @@ def _prepare(q: Array, k: Array, v: Array, config: MgpuAttentionConfig,
              softcap: float | None) -> tuple[tuple[Array, Array] | None, _Scores]:  # fmt: skip
     """Checks the arguments; the kernels' segments and static score spec (a window as wide as
     S masks nothing and is dropped, so it costs nothing)."""
-    check_supported(q, k, v, config, segment_ids, sliding_window=sliding_window, softcap=softcap)
+    check_supported(
+        q, k, v, config, segment_ids, sliding_window=sliding_window, softcap=softcap, scale=scale
+    )
     if sliding_window is not None and sliding_window >= q.shape[1]:
         sliding_window = None
     spec = _Scores(float(scale), sliding_window, None if softcap is None else float(softcap))
