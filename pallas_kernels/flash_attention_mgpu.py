@@ -28,8 +28,9 @@ windowed attention costs what its visible pairs do. The softcap (Gemma 2) applie
 Every CTA has two compute warpgroups and one memory warpgroup that streams tiles through a
 ring of shared-memory slots with TMA (``_feed_ring``; a slot is refilled once both compute
 warpgroups have arrived on its ``free`` barrier). Independent tile products are issued
-together before one wait (``_products``). Softmax runs in base 2 on scaled scores:
-``c = scale·log2 e`` and ``lse₂ = lse·log2 e``.
+together before one wait (``_products``). Softmax runs in base 2: the logits are
+``s·c`` with ``c = scale·log2 e`` (folded into the multiply-add that feeds ``exp2``; the
+forward's row maxima are taken on ``s``) and ``lse₂ = lse·log2 e``.
 
 * Forward, grid ``(q_heads, q_tiles / 2, batch)``: warpgroup ``w`` owns 64 query rows and
   streams the K/V tiles up to its diagonal with the online softmax; the two warpgroups take
