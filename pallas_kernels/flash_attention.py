@@ -145,7 +145,11 @@ def flash_attention(
       ``[B, S, Hq, D]`` in ``q.dtype``; float32 accumulation throughout.
 
     Any sequence length works: the Pallas path pads to the block size internally. Call it
-    under ``jax.jit`` (the model does); eager calls re-trace every time.
+    under ``jax.jit`` (the model does); eager calls re-trace every time. With the batch split
+    over several devices, call the Pallas and Mosaic kernels per device (``jax.shard_map``
+    over the batch, as ``lorax.model`` does): XLA's partitioner cannot split a kernel, so it
+    gathers the whole batch onto every device around the Triton kernels and fails to lower
+    the Mosaic ones (measured on 2 H200s, BENCHMARKS.md §3). cuDNN partitions by itself.
     """
     validate_attention_args(
         q,
