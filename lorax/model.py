@@ -222,11 +222,12 @@ def _attention_impl(
 def _per_batch_shard(attend: Any, sharding: Any) -> Any:
     """``attend(q, k, v, segment_ids)`` run by each device on its own batch rows.
 
-    Why: a Pallas kernel is a custom call XLA's partitioner cannot see into, so with the batch
-    split over the mesh it would gather every device's rows and run the whole batch's attention
-    on each device. ``jax.shard_map`` over ``sharding`` (the activations' batch split) gives
-    each device its rows instead; attention never mixes rows, so nothing is exchanged.
-    cuDNN's attention has partitioning rules of its own and needs none of this.
+    Why: a Pallas kernel is a custom call XLA's partitioner cannot see into. With the batch
+    split over the mesh it gathers every device's rows around the Triton kernels, so each
+    device runs the whole batch's attention (twice the time on 2 H200s), and it fails to
+    lower the Mosaic GPU kernels (BENCHMARKS.md §3). ``jax.shard_map`` over ``sharding`` (the
+    activations' batch split) gives each device its rows instead; attention never mixes rows,
+    so nothing is exchanged. cuDNN's attention has partitioning rules of its own.
     """
     spec = sharding.spec
     return jax.shard_map(attend, mesh=sharding.mesh, in_specs=spec, out_specs=spec, check_vma=False)
