@@ -13,11 +13,11 @@
   has natively (causal, sliding window, GQA; no softcap, no segment ids) — a GPU-only
   comparison/fallback, not selected automatically.
 * ``"mosaic"``: the Mosaic GPU kernels of :mod:`pallas_kernels.flash_attention_mgpu` (Hopper
-  TMA + wgmma; causal GQA with optional sliding window, softcap and segment ids, head_dim
-  64/128, bf16/f16; S padded to a multiple of 128). Its forward is at least cuDNN's speed on
-  the H200, its backward not yet (BENCHMARKS.md §3); :func:`mosaic_supports` says whether a
-  call can take it, and the model takes it for packed rows (which cuDNN cannot mask).
-  ``interpret=True`` runs it in the Mosaic GPU interpreter (CPU tests).
+  TMA + wgmma; causal GQA with optional sliding window, softcap and segment ids, head_dim up to
+  128 (padded to 64 or 128), bf16/f16; S padded to a multiple of 128). Its forward is at least
+  cuDNN's speed on the H200, its backward not yet (BENCHMARKS.md §3); :func:`mosaic_supports`
+  says whether a call can take it, and the model takes it for packed rows (which cuDNN cannot
+  mask). ``interpret=True`` runs it in the Mosaic GPU interpreter (CPU tests).
 
 Selection follows the package-wide rules of ``pallas_kernels._backend.choose``: ``impl=None``
 means the compiled Pallas kernels on a GPU backend and the reference elsewhere;
@@ -101,11 +101,15 @@ def mosaic_supports(
     softcap: float | None = None,
 ) -> bool:
     """Whether ``impl="mosaic"`` runs this call compiled here: a Hopper GPU, causal attention
-    (sliding window, softcap and segment ids allowed), and a head dim and dtype the Mosaic GPU
-    kernels take. What the model's default selection asks."""
+    (sliding window, softcap and segment ids allowed), a head dim up to 128 (smaller ones than
+    the kernels' 64 and 128 are zero-padded to the next) and a dtype the kernels take. What the
+    model's default selection asks."""
     del sliding_window, softcap  # the kernels take both
     return (
-        _backend.on_hopper() and causal and q.shape[-1] in mgpu.HEAD_DIMS and q.dtype in mgpu.DTYPES
+        _backend.on_hopper()
+        and causal
+        and q.shape[-1] <= max(mgpu.HEAD_DIMS)
+        and q.dtype in mgpu.DTYPES
     )
 
 
@@ -313,7 +317,9 @@ def _mosaic_attention(
 ) -> Array:
     """The Mosaic GPU kernels; pads S to their multiple (zeros at the end: causal masking
     keeps real queries off the padded keys, and the padded queries are sliced off; padded
-    segment ids are a segment of their own)."""
+    segment ids are a segment of their own) and the head dim up to the next one they take
+    (zero columns: the scores do not change, and the output's extra columns are sliced off).
+    """
     if not causal:
         raise NotImplementedError(
             "impl='mosaic' computes causal attention only; use impl='pallas' (or None) for "
@@ -329,9 +335,12 @@ def _mosaic_attention(
             segment_ids = jnp.pad(
                 segment_ids.astype(jnp.int32), pad[:2], constant_values=_PAD_SEGMENT
             )
+    kernel_dim = next((d for d in mgpu.HEAD_DIMS if d >= head_dim), head_dim)
+    if kernel_dim != head_dim:  # e.g. Phi-3's 96 runs as 128 (a third more tensor work)
+        q, k, v = (jnp.pad(x, [(0, 0)] * 3 + [(0, kernel_dim - head_dim)]) for x in (q, k, v))
     params = _backend.mosaic_interpret_params(interpret)
     scale_ = head_dim**-0.5 if scale is None else float(scale)
     out = mgpu.flash_attention_mgpu(
         q, k, v, scale_, config, params, segment_ids, sliding_window=sliding_window, softcap=softcap
     )
-    return out[:, :seq_len]
+    return out[:, :seq_len, :, :head_dim]

@@ -410,6 +410,7 @@ def main(argv: list[str] | None = None) -> int:
         "--segments", type=int, default=0, help="packed rows: mean example length (0: none)"
     )
     parser.add_argument("--window", type=int, default=0, help="sliding window (0: none)")
+    parser.add_argument("--head-dim", type=int, default=0, help="head dim (0: 128, or 64 --tiny)")
     parser.add_argument("--softcap", type=float, default=0.0, help="score softcap (0: none)")
     parser.add_argument("--json", default=None, help="write all rows and metadata here")
     parser.add_argument("--warmup", type=int, default=2)
@@ -424,6 +425,8 @@ def main(argv: list[str] | None = None) -> int:
         return [tuple(int(x) for x in s.lower().split("x")) for s in text.split(",") if s]
 
     heads = TINY_HEADS if opts.tiny else FULL_HEADS
+    if opts.head_dim:
+        heads = (*heads[:2], opts.head_dim)
     shapes = (
         parse_shapes(opts.shapes) if opts.shapes else (TINY_SHAPES if opts.tiny else FULL_SHAPES)
     )

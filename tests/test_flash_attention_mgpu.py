@@ -245,6 +245,28 @@ def test_flash_attention_entry_point_pads_and_differentiates(rng):
         assert _rel_err(g, w) < 1.5e-2, (name, _rel_err(g, w))
 
 
+def test_flash_attention_entry_point_pads_the_head_dim(rng):
+    """A head dim the kernels lack (Phi-3's 96) runs zero-padded to 128: same values and
+    gradients as the reference, in the caller's shapes."""
+    from pallas_kernels.flash_attention import flash_attention
+
+    q, k, v, do = _inputs(rng, s=128, hq=2, hkv=1, d=96)
+
+    def loss(impl, *x):
+        out = flash_attention(*x, causal=True, impl=impl, interpret=impl == "mosaic" or None)
+        return jnp.sum(out.astype(jnp.float32) * do.astype(jnp.float32)), out
+
+    grad = lambda impl, *x: jax.value_and_grad(
+        lambda *y: loss(impl, *y), argnums=(0, 1, 2), has_aux=True
+    )(*x)
+    (_, got_out), got = grad("mosaic", q, k, v)
+    (_, want_out), want = grad("reference", *(x.astype(jnp.float32) for x in (q, k, v)))
+    assert got_out.shape == q.shape and [g.shape for g in got] == [q.shape, k.shape, v.shape]
+    assert _rel_err(got_out, want_out) < 1e-2
+    for name, g, w in zip(("dq", "dk", "dv"), got, want, strict=True):
+        assert _rel_err(g, w) < 1.5e-2, (name, _rel_err(g, w))
+
+
 def test_flash_attention_entry_point_refuses_what_it_lacks():
     from pallas_kernels.flash_attention import flash_attention
 
@@ -321,7 +343,10 @@ def test_model_takes_mosaic_for_packed_rows_on_hopper(monkeypatch):
     assert _attention_impl(None, seg, q, 256) == "mosaic"  # the window covers the row
     assert _attention_impl(None, seg, q, 64) == "mosaic"  # a narrower window
     assert _attention_impl("pallas", seg, q, None) == "pallas"  # a request stands
-    assert _attention_impl(None, seg, jax.ShapeDtypeStruct((1, 256, 4, 96), q.dtype), None) is None
+    assert _attention_impl(None, seg, jax.ShapeDtypeStruct((1, 256, 4, 96), q.dtype), None) == (
+        "mosaic"
+    )  # padded to 128
+    assert _attention_impl(None, seg, jax.ShapeDtypeStruct((1, 256, 4, 256), q.dtype), None) is None
     Device.compute_capability = "8.0"  # no wgmma before Hopper
     assert _attention_impl(None, seg, q, None) is None
     monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
