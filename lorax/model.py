@@ -155,7 +155,7 @@ class ForwardOptions:
     cuDNN's fused attention where its features suffice (no packed segments, no softcap; it is
     3-4x faster than the Triton Pallas kernels in the backward pass, see BENCHMARKS.md); for
     packed rows (segment ids) on Hopper GPUs the Mosaic GPU kernels
-    (``pallas_kernels.flash_attention.mosaic_supports``: head dim 64 or 128; windows too);
+    (``pallas_kernels.flash_attention.mosaic_supports``: head dim up to 128; windows too);
     otherwise the Triton Pallas kernels; the jnp reference on CPU. With
     ``activation_sharding`` set, each device runs the Pallas kernels on its own batch rows.
     ``"pallas"``, ``"cudnn"``, ``"mosaic"`` (causal, with or without window, softcap and
