@@ -4,13 +4,7 @@
 # of 4096 and 1024 (cuDNN takes them natively; Triton as before), softcap 50 (Triton; cuDNN
 # without it as the anchor), and packed rows with a window. Output: $OUT/*.log, *.json
 set -u
-export PYTHONPATH=$PWD/.gpu:$PWD/scripts:$PWD PYTHONUNBUFFERED=1
-q() { grep -v "^W0000\|^I0000\|UserWarning\|warnings.warn"; }
-bench() {  # name, then bench_attention arguments
-  local name=$1; shift
-  timeout 150 python3 scripts/bench_attention.py --budget-s 120 --json $OUT/$name.json "$@" \
-    2>&1 | q | tee $OUT/$name.log
-}
+source scripts/gpu_env.sh
 bench causal --shapes 2x2048,1x8192,1x32768 --impls mosaic,cudnn
 bench window4096 --shapes 1x8192,1x32768 --window 4096 --impls mosaic,cudnn,pallas
 bench window1024 --shapes 1x8192,1x32768 --window 1024 --impls mosaic,cudnn,pallas

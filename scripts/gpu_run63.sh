@@ -4,8 +4,7 @@
 # examples are longer than the window): the default attention (now the Mosaic kernels) against
 # the Triton kernels (the default before). Output: $OUT/*.log, *.json
 set -u
-export PYTHONPATH=$PWD/.gpu:$PWD/scripts:$PWD PYTHONUNBUFFERED=1
-q() { grep -v "^W0000\|^I0000\|UserWarning\|warnings.warn"; }
+source scripts/gpu_env.sh
 timeout 560 python3 scripts/bench_train.py \
   --cases "1x8192@selective:12,mlp@auto" "1x8192@selective:12,mlp@pallas" \
   --embeddings-on-host --packed 2048 --sliding-window 4096 --steps 6 --warmup 2 \

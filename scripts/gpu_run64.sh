@@ -4,13 +4,7 @@
 # did not come back), then Llama-3.1-8B QLoRA with a 4096 sliding window and packed rows
 # (scripts/gpu_run63.sh). At most 8 files come back. Output: $OUT/*.log, *.json
 set -u
-export PYTHONPATH=$PWD/.gpu:$PWD/scripts:$PWD PYTHONUNBUFFERED=1
-q() { grep -v "^W0000\|^I0000\|UserWarning\|warnings.warn"; }
-bench() {  # name, then bench_attention arguments
-  local name=$1; shift
-  timeout 150 python3 scripts/bench_attention.py --budget-s 120 --json $OUT/$name.json "$@" \
-    2>&1 | q | tee $OUT/$name.log
-}
+source scripts/gpu_env.sh
 bench softcap50_approx --shapes 2x2048,1x8192,1x32768 --softcap 50 --impls mosaic,pallas,cudnn
 bench window4096 --shapes 1x8192,1x32768 --window 4096 --impls mosaic,cudnn
 bash scripts/gpu_run63.sh

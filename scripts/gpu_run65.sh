@@ -7,8 +7,7 @@
 # attention (now Mosaic, per device) against the Triton kernels, 6 timed steps each.
 # Output: $OUT/*.log
 set -u
-export PYTHONPATH=$PWD/.gpu:$PWD/scripts:$PWD PYTHONUNBUFFERED=1
-q() { grep -v "^W0000\|^I0000\|UserWarning\|warnings.warn"; }
+source scripts/gpu_env.sh
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee $OUT/gpus.log
 timeout 200 python3 scripts/check_attention_mesh_gpu.py --impls mosaic,pallas --seq 8192 \
   --packed 1024 2>&1 | q | tee $OUT/check_attention_mesh.log

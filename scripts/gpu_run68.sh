@@ -4,12 +4,6 @@
 # kernel does), against gpu_run62/64/67: causal at the shapes with cuDNN, softcap 50.
 # Output: $OUT/*.log, *.json
 set -u
-export PYTHONPATH=$PWD/.gpu:$PWD/scripts:$PWD PYTHONUNBUFFERED=1
-q() { grep -v "^W0000\|^I0000\|UserWarning\|warnings.warn"; }
-bench() {  # name, then bench_attention arguments
-  local name=$1; shift
-  timeout 150 python3 scripts/bench_attention.py --budget-s 120 --json $OUT/$name.json "$@" \
-    2>&1 | q | tee $OUT/$name.log
-}
+source scripts/gpu_env.sh
 bench fma_causal --shapes 2x2048,1x8192,1x32768 --impls mosaic,cudnn
 bench fma_softcap50 --shapes 2x2048,1x8192,1x32768 --softcap 50 --impls mosaic

@@ -4,8 +4,7 @@
 # partitioning is jax's own), and packed rows on a data=2 x fsdp=1 mesh (data parallel: the
 # base replicated, the Mosaic kernels per device). 6 timed steps each. Output: $OUT/*.log
 set -u
-export PYTHONPATH=$PWD/.gpu:$PWD/scripts:$PWD PYTHONUNBUFFERED=1
-q() { grep -v "^W0000\|^I0000\|UserWarning\|warnings.warn"; }
+source scripts/gpu_env.sh
 timeout 270 python3 scripts/check_sharding_gpu.py --batch 2 --seq 8192 --remat selective \
   --attention auto --steps 6 2>&1 | q | tail -40 | tee $OUT/check_sharding_unpacked.log
 timeout 270 python3 scripts/check_sharding_gpu.py --mesh data=2,fsdp=1 --batch 2 --seq 8192 \

@@ -3,12 +3,6 @@
 # padded to 128, against the Triton kernels (what it took before) and cuDNN (native 96):
 # packed rows (the model's case for the kernels) and unpacked causal. Output: $OUT/*.log, *.json
 set -u
-export PYTHONPATH=$PWD/.gpu:$PWD/scripts:$PWD PYTHONUNBUFFERED=1
-q() { grep -v "^W0000\|^I0000\|UserWarning\|warnings.warn"; }
-bench() {  # name, then bench_attention arguments
-  local name=$1; shift
-  timeout 150 python3 scripts/bench_attention.py --budget-s 120 --json $OUT/$name.json "$@" \
-    2>&1 | q | tee $OUT/$name.log
-}
+source scripts/gpu_env.sh
 bench d96_packed --head-dim 96 --shapes 2x2048,1x8192 --segments 1024 --impls mosaic,pallas
 bench d96_causal --head-dim 96 --shapes 2x2048,1x8192 --impls mosaic,pallas,cudnn
