@@ -181,10 +181,9 @@ class Trainer:
         self.step_config = StepConfig(
             loss_chunk_size=config.loss_chunk_size,
             z_loss=config.z_loss,
+            # The mesh's forward constraints come with the step shardings (StepShardings.forward).
             forward=ForwardOptions(
-                remat=config.remat,
-                offload_layer_inputs=config.offload_layer_inputs,
-                **sharding.forward_constraints(self.mesh),
+                remat=config.remat, offload_layer_inputs=config.offload_layer_inputs
             ),
         )
         state = init_train_state(lora, self.optimizer, key=jax.random.key(config.seed))
