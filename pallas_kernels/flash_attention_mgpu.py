@@ -90,6 +90,7 @@ __all__ = [
 _LOG2E = math.log2(math.e)
 _COMPUTE_WGS = 2
 _ROWS = 64  # rows per warpgroup tile: the wgmma M
+_REGISTER_FILE = 65536  # 32-bit registers per SM (one CTA per SM: shared memory allows no more)
 HEAD_DIMS = (64, 128)  # the head dims and dtypes the kernels take
 DTYPES = (jnp.bfloat16, jnp.float16)
 # Register layouts of per-row and per-column vectors of a wgmma tile (what broadcasts to it).
@@ -104,17 +105,18 @@ class MgpuAttentionConfig:
 
     ``fwd_block_kv``/``fwd_slots``: the forward's K/V tile and ring depth. ``bwd_slots``: the
     backward's ring depth (Q/dO tiles are 64x64 in the dK/dV kernel; K/V tiles are
-    ``dq_block_kv`` wide in the dQ kernel). Registers per thread: ``compute_registers`` /
-    ``memory_registers`` for the compute and memory warpgroups (2·128·232 + 128·40 ≤ 64K, the
-    register file).
+    ``dq_block_kv`` wide in the dQ kernel). ``fwd_registers``/``bwd_registers``: registers per
+    thread ``(compute, memory)`` of the forward's and the backward kernels' warpgroups, with
+    ``2·128·compute + 128·memory`` at most the 64K register file (ptxas compiles the launch
+    for 168 and ``setmaxnreg`` moves them at run time).
     """
 
     fwd_block_kv: int = 128
     fwd_slots: int = 2
     bwd_slots: int = 2
     dq_block_kv: int = 128
-    compute_registers: int = 232
-    memory_registers: int = 40
+    fwd_registers: tuple[int, int] = (232, 40)
+    bwd_registers: tuple[int, int] = (232, 40)
 
     def __post_init__(self) -> None:
         for name in ("fwd_block_kv", "dq_block_kv"):
@@ -122,6 +124,14 @@ class MgpuAttentionConfig:
                 raise ValueError(f"{name} must be 64 or 128, got {getattr(self, name)}")
         if min(self.fwd_slots, self.bwd_slots) < 2:
             raise ValueError(f"ring depths must be >= 2, got {self.fwd_slots}/{self.bwd_slots}")
+        for name in ("fwd_registers", "bwd_registers"):
+            compute, memory = getattr(self, name)
+            fits = 2 * 128 * compute + 128 * memory <= _REGISTER_FILE
+            if not (fits and 24 <= memory <= compute <= 256 and compute % 8 == memory % 8 == 0):
+                raise ValueError(
+                    f"{name}={getattr(self, name)}: need multiples of 8 in [24, 256] with "
+                    f"2·128·compute + 128·memory <= {_REGISTER_FILE}"
+                )
 
     @property
     def seq_multiple(self) -> int:
@@ -452,7 +462,7 @@ def _forward_call(q: Array, k: Array, v: Array, seg: tuple[Array, Array] | None,
 
         @pl.when(wg < _COMPUTE_WGS)
         def _compute() -> None:
-            plgpu.set_max_registers(config.compute_registers, action="increase")
+            plgpu.set_max_registers(config.fwd_registers[0], action="increase")
             q_base = cta_base + wg * bq
             rows = (batch, pl.ds(q_base, bq), head)
             plgpu.copy_gmem_to_smem(q_ref.at[rows], q_smem.at[wg], q_bar.at[wg])
@@ -540,7 +550,7 @@ def _forward_call(q: Array, k: Array, v: Array, seg: tuple[Array, Array] | None,
 
         @pl.when(wg == _COMPUTE_WGS)
         def _memory() -> None:
-            plgpu.set_max_registers(config.memory_registers, action="decrease")
+            plgpu.set_max_registers(config.fwd_registers[1], action="decrease")
             kv_head = head // groups
 
             def loader(src: Any, ring: Any, bar: Any) -> Callable[[Array, Array], None]:
@@ -632,7 +642,7 @@ def _dkdv_call(q, k, v, do, lse2, delta, seg, spec: _Scores, config: MgpuAttenti
 
         @pl.when(wg < _COMPUTE_WGS)
         def _compute() -> None:
-            plgpu.set_max_registers(config.compute_registers, action="increase")
+            plgpu.set_max_registers(config.bwd_registers[0], action="increase")
             kv_base = cta_base + wg * blk
             rows = (batch, pl.ds(kv_base, blk), kv_head)
             plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[wg], k_bar.at[wg])
@@ -701,7 +711,7 @@ def _dkdv_call(q, k, v, do, lse2, delta, seg, spec: _Scores, config: MgpuAttenti
 
         @pl.when(wg == _COMPUTE_WGS)
         def _memory() -> None:
-            plgpu.set_max_registers(config.memory_registers, action="decrease")
+            plgpu.set_max_registers(config.bwd_registers[1], action="decrease")
 
             def load(step: Array, slot: Array) -> None:
                 head, q0 = coords(step)
@@ -777,7 +787,7 @@ def _dq_call(q, k, v, do, lse2, delta, seg, spec: _Scores, config: MgpuAttention
 
         @pl.when(wg < _COMPUTE_WGS)
         def _compute() -> None:
-            plgpu.set_max_registers(config.compute_registers, action="increase")
+            plgpu.set_max_registers(config.bwd_registers[0], action="increase")
             q_base = cta_base + wg * blk
             rows = (batch, pl.ds(q_base, blk), head)
             stats = (batch, head, pl.ds(q_base, blk))
@@ -839,7 +849,7 @@ def _dq_call(q, k, v, do, lse2, delta, seg, spec: _Scores, config: MgpuAttention
 
         @pl.when(wg == _COMPUTE_WGS)
         def _memory() -> None:
-            plgpu.set_max_registers(config.memory_registers, action="decrease")
+            plgpu.set_max_registers(config.bwd_registers[1], action="decrease")
 
             def load(step: Array, slot: Array) -> None:
                 kv0 = (first + step) * bkv

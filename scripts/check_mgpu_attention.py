@@ -1,15 +1,19 @@
 """Correctness and speed of the Mosaic GPU causal attention kernels on a GPU (issue 5).
 
-For each shape (32 query / 8 KV heads, d = 128, bf16, causal): the Mosaic forward's output
-and log-sum-exp, and both backward variants' dq, dk, dv, against float32 jnp attention (where
-the S×S reference fits); then pipelined timings (median, dispatch hidden) of the forward, the
-backward alone and forward+backward, against cuDNN. Causal FLOPs: forward 2·B·Hq·S²·D,
+For each shape (32 query / 8 KV heads, d = 128, bf16, causal; optionally windowed, softcapped
+or packed) and each kernel config: the Mosaic forward's output and log-sum-exp and the
+backward's dq, dk, dv against float32 jnp attention (where the S×S reference fits); then
+pipelined timings (median, dispatch hidden) of the forward, the backward alone and
+forward+backward, against cuDNN (where it has the options). Causal FLOPs: forward 2·B·Hq·S²·D,
 backward 2.5x, forward+backward 3.5x; the per-kernel lines of the backward count the tile
 products the kernels really run (dK/dV 4, dQ 3 per tile pair, against the textbook's 5). Each
 variant runs in try/except, so one failure is reported and the rest go on (a kernel that
 hangs is not caught: run one variant per process under ``timeout``, as scripts/gpu_run17.sh did).
 
-    python scripts/check_mgpu_attention.py [--shapes 2x2048,1x8192,1x32768]
+    python scripts/check_mgpu_attention.py [--shapes 2x2048,1x8192,1x32768] [--variants ...]
+        [--window W] [--softcap C] [--segments MEAN_LEN]
+
+With ``MOSAIC_GPU_DUMP_PTXAS=1`` ptxas reports each kernel's registers and spills.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import traceback
 
 import jax
 import jax.numpy as jnp
-from _common import pipelined_ms
+from _common import packed_rows, pipelined_ms
 
 from pallas_kernels import flash_attention_mgpu as mgpu  # the kernels one by one, for timing
 from pallas_kernels.flash_attention import attention_logsumexp, attention_reference
@@ -34,15 +38,17 @@ from pallas_kernels.flash_attention_mgpu import (
 VARIANTS = {
     "default": MgpuAttentionConfig(),
     "dq kv64": MgpuAttentionConfig(dq_block_kv=64),
-    "r240": MgpuAttentionConfig(compute_registers=240, memory_registers=24),
+    # Registers (compute, memory warpgroups): the most the compute warpgroups can take.
+    "bwd r240": MgpuAttentionConfig(bwd_registers=(240, 24)),
+    "r240": MgpuAttentionConfig(fwd_registers=(240, 24), bwd_registers=(240, 24)),
 }
 
 
-def _reference(q, k, v, scale):
+def _reference(q, k, v, options):
     """Causal GQA attention in float32: output and natural-log logsumexp [B, Hq, S]."""
     q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
-    out = attention_reference(q, k, v, causal=True, scale=scale)
-    return out, attention_logsumexp(q, k, causal=True, scale=scale)
+    out = attention_reference(q, k, v, causal=True, **options)
+    return out, attention_logsumexp(q, k, causal=True, **options)
 
 
 def _rel(a, b) -> float:
@@ -67,20 +73,26 @@ def _try(label: str, fn) -> None:
 
 
 def check_shape(b: int, s: int, variants: list[str], cudnn: bool = True, hq: int = 32, hkv: int = 8,
-                d: int = 128) -> None:  # fmt: skip
+                d: int = 128, window: int | None = None, softcap: float | None = None,
+                segments: int = 0) -> None:  # fmt: skip
     scale = d**-0.5
     keys = jax.random.split(jax.random.key(0), 4)
     q, k, v, do = (
         jax.random.normal(key, (b, s, h, d), jnp.bfloat16)
         for key, h in zip(keys, (hq, hkv, hkv, hq), strict=True)
     )
+    segment_ids = jnp.asarray(packed_rows(b, s, segments)[0]) if segments else None
+    options = dict(scale=scale, sliding_window=window, softcap=softcap, segment_ids=segment_ids)
+    kernel_options = dict(options, scale=scale)
+    # FLOPs counted over the causal half (the windowed and packed rows do less of it).
     fwd_flops = 2 * b * hq * s * s * d
     rate = lambda flops, ms: f"{flops / ms / 1e9:6.0f} TFLOP/s ({ms:.3f} ms)"
-    print(f"== {b}x{s}", flush=True)
-    if cudnn:
+    print(f"== {b}x{s} window={window} softcap={softcap} segments={segments or None}", flush=True)
+    if cudnn and softcap is None and not segments:
         attend = lambda q, k, v: jax.nn.dot_product_attention(
-            q, k, v, is_causal=True, scale=scale, implementation="cudnn"
-        )
+            q, k, v, is_causal=True, scale=scale, implementation="cudnn",
+            local_window_size=None if window is None else (window - 1, 0),
+        )  # fmt: skip
         t_fwd = pipelined_ms(jax.jit(attend), q, k, v)
         t_fb = pipelined_ms(_fwd_bwd(attend), q, k, v, do)
         print(f"  cuDNN    fwd {rate(fwd_flops, t_fwd)}  bwd {rate(2.5 * fwd_flops, t_fb - t_fwd)}"
@@ -88,15 +100,16 @@ def check_shape(b: int, s: int, variants: list[str], cudnn: bool = True, hq: int
 
     want = None
     if b * hq * s * s * 4 <= 2**34:  # the f32 score matrix fits a few times over
-        (out_ref, lse_ref), vjp = jax.vjp(lambda *x: _reference(*x, scale), q, k, v)
+        (out_ref, lse_ref), vjp = jax.vjp(lambda *x: _reference(*x, options), q, k, v)
         want = (out_ref, lse_ref, *vjp((do.astype(jnp.float32), jnp.zeros_like(lse_ref))))
 
     for name in variants:
         config = VARIANTS[name]
 
         def run(config=config, name=name) -> None:
-            fwd = jax.jit(lambda q, k, v: flash_forward_mgpu(q, k, v, scale=scale, config=config))
-            bwd = jax.jit(lambda *a: flash_backward_mgpu(*a, scale=scale, config=config))
+            fwd = jax.jit(lambda q, k, v: flash_forward_mgpu(q, k, v, config=config,
+                                                             **kernel_options))  # fmt: skip
+            bwd = jax.jit(lambda *a: flash_backward_mgpu(*a, config=config, **kernel_options))
             out, lse = fwd(q, k, v)
             grads = bwd(q, k, v, out, lse, do)
             errs = ""
@@ -107,18 +120,20 @@ def check_shape(b: int, s: int, variants: list[str], cudnn: bool = True, hq: int
                 errs += "/".join(f"{e:.1e}" for e in grad_errs)
             t_f = pipelined_ms(fwd, q, k, v)
             t_b = pipelined_ms(bwd, q, k, v, out, lse, do)
-            t_fb = pipelined_ms(
-                _fwd_bwd(lambda q, k, v: flash_attention_mgpu(q, k, v, scale, config)), q, k, v, do
+            attend = lambda q, k, v: flash_attention_mgpu(
+                q, k, v, scale, config, None, segment_ids, sliding_window=window, softcap=softcap
             )
+            t_fb = pipelined_ms(_fwd_bwd(attend), q, k, v, do)
             print(f"  {name:<16} fwd {rate(fwd_flops, t_f)}  bwd {rate(2.5 * fwd_flops, t_b)}"
                   f"  fwd+bwd {rate(3.5 * fwd_flops, t_fb)}{errs}", flush=True)  # fmt: skip
             # Where the backward's time goes, kernel by kernel.
+            seg, spec = mgpu._prepare(q, k, v, config, segment_ids, scale, window, softcap)
             lse2 = lse * math.log2(math.e)
             f32 = jnp.float32
             delta = jnp.einsum("bshd,bshd->bhs", out.astype(f32), do.astype(f32))
             args = (q, k, v, do, lse2, delta)
-            dkdv = jax.jit(lambda *a: mgpu._dkdv_call(*a, scale, config, None))
-            dq = jax.jit(lambda *a: mgpu._dq_call(*a, scale, config, None))
+            dkdv = jax.jit(lambda *a: mgpu._dkdv_call(*a, seg, spec, config, None))
+            dq = jax.jit(lambda *a: mgpu._dq_call(*a, seg, spec, config, None))
             # Tile products actually run: dK/dV 4 and dQ 3 per tile pair (forward: 2).
             print(f"  {'':<16} dK/dV kernel {rate(2 * fwd_flops, pipelined_ms(dkdv, *args))}"
                   f"  dQ kernel {rate(1.5 * fwd_flops, pipelined_ms(dq, *args))}"
@@ -132,10 +147,15 @@ def main() -> None:
     parser.add_argument("--shapes", default="2x2048,1x8192,1x32768")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma list")
     parser.add_argument("--no-cudnn", action="store_true", help="skip the cuDNN baseline")
+    parser.add_argument("--window", type=int, help="sliding window (HF's meaning)")
+    parser.add_argument("--softcap", type=float, help="score softcap (Gemma 2: 50)")
+    parser.add_argument("--segments", type=int, default=0,
+                        help="packed rows of examples of about this many tokens")  # fmt: skip
     args = parser.parse_args()
     for shape in args.shapes.split(","):
         b, s = (int(x) for x in shape.split("x"))
-        check_shape(b, s, [v for v in args.variants.split(",") if v], cudnn=not args.no_cudnn)
+        check_shape(b, s, [v for v in args.variants.split(",") if v], cudnn=not args.no_cudnn,
+                    window=args.window, softcap=args.softcap, segments=args.segments)  # fmt: skip
 
 
 if __name__ == "__main__":

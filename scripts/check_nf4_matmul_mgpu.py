@@ -62,6 +62,8 @@ CONFIGS = {
     # Output tiles in groups of 4 / 8 token tiles (token tiles fastest): W tiles shared in L2.
     "m256s2g4": dict(block_m=256, slots=2, group_m=4),
     "m256s2g8": dict(block_m=256, slots=2, group_m=8),
+    # The most registers the compute warpgroups can take (2·128·240 + 128·24 <= 64K).
+    "m256s2r240": dict(block_m=256, slots=2, compute_registers=240, memory_registers=24),
 }
 SHAPES = "4096x4096,4096x1024,4096x14336,14336x4096"  # K x N (q/o, k/v, gate/up, down)
 # Also useful: 4096x6144 (q/k/v stacked) and 4096x28672 (gate/up stacked: a 58 MB W, > L2).
