@@ -108,7 +108,10 @@ class MgpuAttentionConfig:
     ``dq_block_kv`` wide in the dQ kernel). ``fwd_registers``/``bwd_registers``: registers per
     thread ``(compute, memory)`` of the forward's and the backward kernels' warpgroups, with
     ``2·128·compute + 128·memory`` at most the 64K register file (ptxas compiles the launch
-    for 168 and ``setmaxnreg`` moves them at run time).
+    for 168 and ``setmaxnreg`` moves them at run time). The backward takes the most its
+    compute warpgroups can have: at 232 ptxas spilled 132 bytes per thread in the dK/dV kernel,
+    at 240 40 bytes, and the backward ran ~1% faster (BENCHMARKS.md §3, registers); the forward
+    spills nothing at 232.
     """
 
     fwd_block_kv: int = 128
@@ -116,7 +119,7 @@ class MgpuAttentionConfig:
     bwd_slots: int = 2
     dq_block_kv: int = 128
     fwd_registers: tuple[int, int] = (232, 40)
-    bwd_registers: tuple[int, int] = (232, 40)
+    bwd_registers: tuple[int, int] = (240, 24)
 
     def __post_init__(self) -> None:
         for name in ("fwd_block_kv", "dq_block_kv"):

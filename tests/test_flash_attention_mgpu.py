@@ -205,6 +205,10 @@ def test_argument_errors():
         flash_forward_mgpu(q, kv[:, :, :1].repeat(3, 2), kv[:, :, :1].repeat(3, 2), scale=1.0)
     with pytest.raises(ValueError, match="fwd_block_kv"):
         MgpuAttentionConfig(fwd_block_kv=96)
+    with pytest.raises(ValueError, match=r"bwd_registers=\(248, 24\): need multiples of 8"):
+        MgpuAttentionConfig(bwd_registers=(248, 24))  # 2·128·248 + 128·24 > 64K registers
+    with pytest.raises(ValueError, match="fwd_registers"):
+        MgpuAttentionConfig(fwd_registers=(232, 20))  # setmaxnreg's floor is 24
     with pytest.raises(ValueError, match=r"segment_ids \(1, 128\) int32: need integers of shape"):
         flash_forward_mgpu(q, kv, kv, scale=1.0, segment_ids=jnp.zeros((1, 128), jnp.int32))
     with pytest.raises(ValueError, match="need integers"):
