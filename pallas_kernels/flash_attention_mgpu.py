@@ -7,8 +7,8 @@ tiles per warpgroup, two compute warpgroups and one memory warpgroup per CTA) an
 lorax needs: causal tile skipping in all kernels, GQA with K/V never repeated (the GQA sum of
 dK/dV inside the kernel), bf16, the score scale, sliding windows, the softcap (which cuDNN
 lacks) and packed segment ids (which cuDNN cannot mask). On the H200 (BENCHMARKS.md §3) the
-forward is faster than cuDNN's up to 8K and within 1% at 32K; forward+backward is at parity at
-2x2048 and 93% of cuDNN at 8K-32K (94-99% with windows); with packed rows of ~1K-token
+forward is at least cuDNN's speed up to 32K; forward+backward is 98-100% of cuDNN's at
+2x2048 and 92-93% at 8K-32K (94-99% with windows); with packed rows of ~1K-token
 examples 3.9-43x the Triton kernels, with a softcap 3.6-3.8x.
 
 Segment ids (optional, ``[B, S]`` int32): each warpgroup loads its own rows' ids once; the
@@ -46,9 +46,10 @@ forward's row maxima are taken on ``s``) and ``lse₂ = lse·log2 e``.
 
 * dQ, grid ``(q_heads, q_tiles / 2, batch)``: warpgroups own query tiles and stream K/V up to
   the diagonal, recomputing ``s`` and ``dp``: seven tile products per tile pair where the
-  textbook has five, but no atomics. Three designs that fused dQ into the dK/dV kernel (dQ
-  partials reduce-added into float32 global memory by TMA) were slower on the H200 or, the
-  last, deadlocked there (BENCHMARKS.md §3).
+  textbook has five, but no atomics. Four designs that fused dQ into the dK/dV kernel (dQ
+  partials reduce-added into float32 global memory by TMA) were slower on the H200 or, one,
+  deadlocked there; the FlashAttention-3 split lost because its live set does not fit the
+  registers: ptxas spills ~0.5 KB per thread and serialises its wgmmas (BENCHMARKS.md §3).
 
 The backward kernels do not take turns on the tensor cores: measured, the forward's
 turn-taking made both of them 3-12% slower (BENCHMARKS.md §3).
