@@ -44,6 +44,8 @@ forward's row maxima are taken on ``s``) and ``lse₂ = lse·log2 e``.
       sT = K·Qᵀ  dpT = V·dOᵀ        pT = exp2(sT·c − lse₂)   dsT = pT ⊙ (dpT − Δ)
       dV += pT·dO  dK += dsT·Q
 
+  (−lse₂/c and −Δ are the products' initial accumulators, to keep the registers in budget).
+
 * dQ, grid ``(q_heads, q_tiles / 2, batch)``: warpgroups own query tiles and stream K/V up to
   the diagonal, recomputing ``s`` and ``dp``: seven tile products per tile pair where the
   textbook has five, but no atomics. Four designs that fused dQ into the dK/dV kernel (dQ
@@ -665,25 +667,34 @@ def _dkdv_call(q, k, v, do, lse2, delta, seg, spec: _Scores, config: MgpuAttenti
                 _, q0 = coords(step)
                 for bar in (q_bar, do_bar, lse_bar, delta_bar, *seg_bars[1:]):
                     plgpu.barrier_wait(bar.at[slot])
-                zeros = _zeros((blk, blk), interpret)
+                # The per-query lse₂ and Δ start the accumulators (as -lse₂/to_log2 and -Δ), so
+                # they are not live beside sT and dpT: 32 registers fewer at the peak, which
+                # ptxas otherwise spills (BENCHMARKS.md §3, registers). With a softcap the
+                # logits come out of tanh, so lse₂ is subtracted after it.
+                lse = _load_stats(lse_ring.at[slot], _COL_STAT, interpret)
+                cols = lambda x: lax.broadcast_in_dim(x, (blk, blk), [1])
+                s_init = _zeros((blk, blk), interpret)
+                if spec.softcap is None:
+                    s_init = cols(lse * (-1.0 / spec.to_log2))
+                dlt = _load_stats(delta_ring.at[slot], _COL_STAT, interpret)
                 s_t, dp_t = _products(
                     [
-                        (zeros, k_smem.at[wg], _T(q_ring.at[slot])),
-                        (zeros, v_smem.at[wg], _T(do_ring.at[slot])),
+                        (s_init, k_smem.at[wg], _T(q_ring.at[slot])),
+                        (cols(-dlt), v_smem.at[wg], _T(do_ring.at[slot])),
                     ],
                     interpret,
-                )
-                lse = _load_stats(lse_ring.at[slot], _COL_STAT, interpret)
+                )  # sT (minus lse₂/to_log2 without a softcap), dpT − Δ
                 x_t, tanh_t = spec.exponent(s_t)
-                p_t = jnp.exp2(x_t * spec.to_log2 - lax.broadcast_in_dim(lse, (blk, blk), [1]))
+                if spec.softcap is None:
+                    p_t = jnp.exp2(x_t * spec.to_log2)
+                else:
+                    p_t = jnp.exp2(x_t * spec.to_log2 - cols(lse))
                 if masked:
                     visible = spec.visible((blk, blk), kv_base, q0, False, interpret)
                     p_t = jnp.where(visible, p_t, 0.0)
                 if segmented:
                     q_seg = _load_stats(q_seg_ring.at[slot], _COL_STAT, interpret)
                     p_t = jnp.where(_same_segment(kv_seg, q_seg, (blk, blk)), p_t, 0.0)
-                dlt = _load_stats(delta_ring.at[slot], _COL_STAT, interpret)
-                dp_t = dp_t - lax.broadcast_in_dim(dlt, (blk, blk), [1])
                 ds_t = (spec.through_softcap(p_t, tanh_t) * dp_t).astype(q.dtype)
                 p_t = p_t.astype(q.dtype)
                 dv, dk = _products(
