@@ -58,7 +58,7 @@ turn-taking made both of them 3-12% slower (BENCHMARKS.md §3).
 
 Causality costs nothing beyond the diagonal: each CTA streams only the tiles that intersect its
 causal triangle, and only the (at most two) tiles per stream that straddle the diagonal pay
-for the mask. Grids run the heaviest CTAs first.
+for the mask. Each head's grid runs its heaviest CTAs first (``_grid``).
 
 Requirements (checked by :func:`check_supported`): S a multiple of 128 (callers pad), head_dim
 64 or 128, bf16 or f16, causal.
@@ -114,7 +114,7 @@ class MgpuAttentionConfig:
     for 168 and ``setmaxnreg`` moves them at run time). The backward takes the most its
     compute warpgroups can have: at 232 ptxas spilled 132 bytes per thread in the dK/dV kernel,
     at 240 40 bytes, and the backward ran ~1% faster (BENCHMARKS.md §3, registers); the forward
-    spills nothing at 232.
+    spills nothing at 232. ``tiles_first``: the grids' launch order (:func:`_grid`).
     """
 
     fwd_block_kv: int = 128
@@ -123,6 +123,7 @@ class MgpuAttentionConfig:
     dq_block_kv: int = 128
     fwd_registers: tuple[int, int] = (232, 40)
     bwd_registers: tuple[int, int] = (240, 24)
+    tiles_first: bool = False
 
     def __post_init__(self) -> None:
         for name in ("fwd_block_kv", "dq_block_kv"):
@@ -411,6 +412,22 @@ def _take_turn(turn: Any) -> None:
     plgpu.barrier_wait(turn)
 
 
+def _grid(config: MgpuAttentionConfig, tiles: tuple[str, int], heads: tuple[str, int],
+          batch: int) -> dict[str, int]:  # fmt: skip
+    """A kernel's grid, in launch order: CTAs start in its row-major order (Mosaic GPU makes
+    the last axis ``blockIdx.x``, which CUDA dispatches fastest).
+
+    Every kernel numbers its tiles heaviest first. Heads first (the default so far) runs the
+    CTAs of one head heavy-to-light, then the next head's, so the last heads' heavy CTAs start
+    when most SMs are done; a launch-order simulation puts that at 81% of an ideal schedule for
+    the dK/dV kernel at 1x8192 and 63% at 2x2048, the fall its measured rate shows against
+    32K's (BENCHMARKS.md §3). ``config.tiles_first`` starts the heaviest CTAs of all heads
+    first (99% and 97% in the simulation); not yet measured on a GPU.
+    """
+    order = [tiles, heads] if config.tiles_first else [heads, tiles]
+    return dict([*order, ("batch", batch)])
+
+
 def _launch(body: Callable[..., None], out_type: Any, grid: dict[str, int], name: str,
             interpret: Any) -> Callable[..., Any]:  # fmt: skip
     """A CTA of two compute warpgroups and one memory warpgroup per grid point."""
@@ -605,7 +622,7 @@ def _forward_call(q: Array, k: Array, v: Array, seg: tuple[Array, Array] | None,
         jax.ShapeDtypeStruct(q.shape, q.dtype),
         jax.ShapeDtypeStruct((b, hq, s), jnp.float32),
     )
-    grid = {"heads": hq, "q_tiles": num_tiles, "batch": b}
+    grid = _grid(config, ("q_tiles", num_tiles), ("heads", hq), b)
     operands = (q, k, v) + (tuple(seg) if segmented else ())
     return _launch(entry, out_type, grid, FORWARD_KERNEL_NAME, interpret)(*operands)
 
@@ -771,7 +788,7 @@ def _dkdv_call(q, k, v, do, lse2, delta, seg, spec: _Scores, config: MgpuAttenti
         )  # fmt: skip
 
     out_type = (jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype))
-    grid = {"kv_heads": hkv, "kv_tiles": s // (_COMPUTE_WGS * blk), "batch": b}
+    grid = _grid(config, ("kv_tiles", s // (_COMPUTE_WGS * blk)), ("kv_heads", hkv), b)
     operands = (q, k, v, do, lse2, delta) + (tuple(seg) if segmented else ())
     return _launch(entry, out_type, grid, "lorax_mgpu_attention_dkdv", interpret)(*operands)
 
@@ -904,7 +921,7 @@ def _dq_call(q, k, v, do, lse2, delta, seg, spec: _Scores, config: MgpuAttention
         )  # fmt: skip
 
     out_type = jax.ShapeDtypeStruct(q.shape, q.dtype)
-    grid = {"heads": hq, "q_tiles": num_tiles, "batch": b}
+    grid = _grid(config, ("q_tiles", num_tiles), ("heads", hq), b)
     operands = (q, k, v, do, lse2, delta) + (tuple(seg) if segmented else ())
     return _launch(entry, out_type, grid, "lorax_mgpu_attention_dq", interpret)(*operands)
 

@@ -42,6 +42,8 @@ VARIANTS = {
     # and 240/24 in the forward too.
     "bwd r232": MgpuAttentionConfig(bwd_registers=(232, 40)),
     "r240": MgpuAttentionConfig(fwd_registers=(240, 24)),
+    # Launch order: every head's heaviest CTAs first (pallas_kernels/flash_attention_mgpu._grid).
+    "tiles first": MgpuAttentionConfig(tiles_first=True),
 }
 
 

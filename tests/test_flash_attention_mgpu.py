@@ -58,12 +58,12 @@ def _rel_err(got, want):
     return float(jnp.max(jnp.abs(got.astype(jnp.float32) - want)) / jnp.max(jnp.abs(want)))
 
 
-@pytest.mark.parametrize("block_kv", [64, 128])
-def test_forward_matches_reference(rng, block_kv):
+@pytest.mark.parametrize(("block_kv", "tiles_first"), [(64, False), (128, True)])
+def test_forward_matches_reference(rng, block_kv, tiles_first):
     q, k, v, _ = _inputs(rng)
     scale = 0.3  # not D**-0.5: the scale must reach the kernel
     want_out, want_lse = _attention(*(x.astype(jnp.float32) for x in (q, k, v)), scale)
-    config = MgpuAttentionConfig(fwd_block_kv=block_kv)
+    config = MgpuAttentionConfig(fwd_block_kv=block_kv, tiles_first=tiles_first)
     out, lse = flash_forward_mgpu(
         q, k, v, scale=scale, config=config, interpret=interpret_params.InterpretGPUParams()
     )
@@ -77,9 +77,9 @@ def test_forward_matches_reference(rng, block_kv):
     [
         (MgpuAttentionConfig(dq_block_kv=64), 64),
         (MgpuAttentionConfig(), 64),
-        (MgpuAttentionConfig(), 128),
+        (MgpuAttentionConfig(tiles_first=True), 128),  # the other launch order
     ],
-    ids=["dq-kernel-kv64", "dq-kernel-kv128", "head-dim-128"],
+    ids=["dq-kernel-kv64", "dq-kernel-kv128", "head-dim-128-tiles-first"],
 )
 def test_backward_matches_reference_gradients(rng, config, d):
     q, k, v, do = _inputs(rng, d=d)
