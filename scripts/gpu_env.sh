@@ -10,3 +10,12 @@ bench() {
   timeout ${BENCH_TIMEOUT:-150} python3 scripts/bench_attention.py --budget-s ${BENCH_BUDGET:-120} \
     --json $OUT/$name.json "$@" 2>&1 | q | tee $OUT/$name.log
 }
+# logged NAME CMD...: CMD's output (XLA's noise dropped) into $OUT/NAME.log, and its table,
+# failure and ptxas spill lines (MOSAIC_GPU_DUMP_PTXAS=1) into $OUT/summary.txt under "== NAME".
+logged() {
+  local name=$1; shift
+  "$@" 2>&1 | q > $OUT/$name.log
+  echo "== $name" >> $OUT/summary.txt
+  grep -E "^==|TFLOP|spill stores|FAILED|killed|%" $OUT/$name.log | grep -v "stack frame" | uniq \
+    >> $OUT/summary.txt
+}

@@ -8,16 +8,7 @@
 set -u
 source scripts/gpu_env.sh
 export MOSAIC_GPU_DUMP_PTXAS=1
-summary=$OUT/summary.txt
-: > $summary
-run() {  # name, then the command; the full log and its timing/spill lines in the summary
-  local name=$1; shift
-  "$@" 2>&1 | q > $OUT/$name.log
-  echo "== $name" >> $summary
-  grep -E "^==|TFLOP|spill stores|FAILED|killed|%" $OUT/$name.log | grep -v "bytes stack frame" \
-    >> $summary
-}
-run attention timeout 330 python3 scripts/check_mgpu_attention.py \
+logged attention timeout 330 python3 scripts/check_mgpu_attention.py \
   --shapes 2x2048,1x8192,1x32768 --variants default,"bwd r240",r240
-run nf4 timeout 200 python3 scripts/check_nf4_matmul_mgpu.py --ms 8192 --shapes 4096x14336 \
+logged nf4 timeout 200 python3 scripts/check_nf4_matmul_mgpu.py --ms 8192 --shapes 4096x14336 \
   --configs m256s2,m256s2r240 --budget-s 180

@@ -11,11 +11,7 @@ source scripts/gpu_env.sh
 export MOSAIC_GPU_DUMP_PTXAS=1
 cd .ab_probe
 export PYTHONPATH=$PWD/scripts:$PWD
-summary=$OUT/summary.txt
-: > $summary
 for probe in none nomask skipmasked; do
-  LORAX_PROBE=$probe timeout 170 python3 scripts/check_mgpu_attention.py \
-    --shapes 2x2048,1x8192,1x32768 --variants "bwd r240" --no-cudnn 2>&1 | q > $OUT/probe_$probe.log
-  echo "== probe $probe" >> $summary
-  grep -E "^==|TFLOP|spill stores|FAILED" $OUT/probe_$probe.log | grep -v "stack frame" | uniq >> $summary
+  LORAX_PROBE=$probe logged probe_$probe timeout 170 python3 scripts/check_mgpu_attention.py \
+    --shapes 2x2048,1x8192,1x32768 --variants "bwd r240" --no-cudnn
 done

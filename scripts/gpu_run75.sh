@@ -7,17 +7,9 @@
 set -u
 source scripts/gpu_env.sh
 export MOSAIC_GPU_DUMP_PTXAS=1
-summary=$OUT/summary.txt
-: > $summary
-run() {  # name, then the command
-  local name=$1; shift
-  "$@" 2>&1 | q > $OUT/$name.log
-  echo "== $name" >> $summary
-  grep -E "^==|TFLOP|spill stores|FAILED" $OUT/$name.log | grep -v "stack frame" | uniq >> $summary
-}
-run new timeout 200 python3 scripts/check_mgpu_attention.py --shapes 1x8192,1x32768 \
+logged new timeout 200 python3 scripts/check_mgpu_attention.py --shapes 1x8192,1x32768 \
   --variants default,"bwd r232" --no-cudnn
 cd .ab_old
 export PYTHONPATH=$PWD/scripts:$PWD
-run old timeout 110 python3 scripts/check_mgpu_attention.py --shapes 1x8192,1x32768 \
+logged old timeout 110 python3 scripts/check_mgpu_attention.py --shapes 1x8192,1x32768 \
   --variants default --no-cudnn
