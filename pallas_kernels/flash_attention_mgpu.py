@@ -93,7 +93,7 @@ __all__ = [
 _LOG2E = math.log2(math.e)
 _COMPUTE_WGS = 2
 _ROWS = 64  # rows per warpgroup tile: the wgmma M
-_REGISTER_FILE = 65536  # 32-bit registers per SM (one CTA per SM: shared memory allows no more)
+_REGISTER_FILE = 65536  # 32-bit registers per SM: the most one CTA's threads can hold
 HEAD_DIMS = (64, 128)  # the head dims and dtypes the kernels take
 DTYPES = (jnp.bfloat16, jnp.float16)
 # Register layouts of per-row and per-column vectors of a wgmma tile (what broadcasts to it).
@@ -690,9 +690,10 @@ def _dkdv_call(q, k, v, do, lse2, delta, seg, spec: _Scores, config: MgpuAttenti
                 # logits come out of tanh, so lse₂ is subtracted after it.
                 lse = _load_stats(lse_ring.at[slot], _COL_STAT, interpret)
                 cols = lambda x: lax.broadcast_in_dim(x, (blk, blk), [1])
-                s_init = _zeros((blk, blk), interpret)
                 if spec.softcap is None:
                     s_init = cols(lse * (-1.0 / spec.to_log2))
+                else:
+                    s_init = _zeros((blk, blk), interpret)
                 dlt = _load_stats(delta_ring.at[slot], _COL_STAT, interpret)
                 s_t, dp_t = _products(
                     [

@@ -86,7 +86,6 @@ def check_shape(b: int, s: int, variants: list[str], cudnn: bool = True, hq: int
     )
     segment_ids = jnp.asarray(packed_rows(b, s, segments)[0]) if segments else None
     options = dict(scale=scale, sliding_window=window, softcap=softcap, segment_ids=segment_ids)
-    kernel_options = dict(options, scale=scale)
     # FLOPs counted over the causal half (the windowed and packed rows do less of it).
     fwd_flops = 2 * b * hq * s * s * d
     rate = lambda flops, ms: f"{flops / ms / 1e9:6.0f} TFLOP/s ({ms:.3f} ms)"
@@ -110,9 +109,8 @@ def check_shape(b: int, s: int, variants: list[str], cudnn: bool = True, hq: int
         config = VARIANTS[name]
 
         def run(config=config, name=name) -> None:
-            fwd = jax.jit(lambda q, k, v: flash_forward_mgpu(q, k, v, config=config,
-                                                             **kernel_options))  # fmt: skip
-            bwd = jax.jit(lambda *a: flash_backward_mgpu(*a, config=config, **kernel_options))
+            fwd = jax.jit(lambda q, k, v: flash_forward_mgpu(q, k, v, config=config, **options))
+            bwd = jax.jit(lambda *a: flash_backward_mgpu(*a, config=config, **options))
             out, lse = fwd(q, k, v)
             grads = bwd(q, k, v, out, lse, do)
             errs = ""

@@ -5,6 +5,8 @@
 # 1x32768: 232/40 (default), 240/24 in the backward kernels only, 240/24 everywhere, beside
 # cuDNN, with per-kernel times and ptxas's resource report; then the NF4 matmul (issue 4) at
 # 232/40 and 240/24 on the gate/up shape. Output: $OUT/*.log, $OUT/summary.txt.
+# Run at commit ca3c902: its variant names ("bwd r240" became the default, and the
+# check script's variant for the old budget is now "bwd r232").
 set -u
 source scripts/gpu_env.sh
 export MOSAIC_GPU_DUMP_PTXAS=1
