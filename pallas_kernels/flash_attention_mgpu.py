@@ -419,10 +419,10 @@ def _grid(config: MgpuAttentionConfig, tiles: tuple[str, int], heads: tuple[str,
 
     Every kernel numbers its tiles heaviest first. Heads first (the default so far) runs the
     CTAs of one head heavy-to-light, then the next head's, so the last heads' heavy CTAs start
-    when most SMs are done; a launch-order simulation puts that at 81% of an ideal schedule for
-    the dK/dV kernel at 1x8192 and 63% at 2x2048, the fall its measured rate shows against
-    32K's (BENCHMARKS.md §3). ``config.tiles_first`` starts the heaviest CTAs of all heads
-    first (99% and 97% in the simulation); not yet measured on a GPU.
+    when most SMs are done: ``scripts/simulate_launch_order.py`` puts that at 81% of an ideal
+    schedule for the dK/dV kernel at 1x8192 and 63% at 2x2048, the fall its measured rate shows
+    against 32K's (BENCHMARKS.md §3). ``config.tiles_first`` starts the heaviest CTAs of all
+    heads first (99% and 97% in the simulation); not yet measured on a GPU.
     """
     order = [tiles, heads] if config.tiles_first else [heads, tiles]
     return dict([*order, ("batch", batch)])
