@@ -32,11 +32,11 @@ together before one wait (``_products``). Softmax runs in base 2: the logits are
 ``s·c`` with ``c = scale·log2 e`` (folded into the multiply-add that feeds ``exp2``; the
 forward's row maxima are taken on ``s``) and ``lse₂ = lse·log2 e``.
 
-* Forward, grid ``(q_heads, q_tiles / 2, batch)``: warpgroup ``w`` owns 64 query rows and
+* Forward, grid ``q_heads x q_tiles / 2 x batch``: warpgroup ``w`` owns 64 query rows and
   streams the K/V tiles up to its diagonal with the online softmax; the two warpgroups take
   turns on the tensor cores (one's softmax overlaps the other's matmuls). Saves ``out`` and
   ``lse₂`` only.
-* dK/dV, grid ``(kv_heads, kv_tiles / 2, batch)``: warpgroup ``w`` owns 64 K/V rows and
+* dK/dV, grid ``kv_heads x kv_tiles / 2 x batch``: warpgroup ``w`` owns 64 K/V rows and
   float32 dK/dV accumulators in registers, and streams every query tile that can see them, for
   each of the ``G`` query heads of its KV head in turn (the GQA sum happens in the
   accumulators). Per tile::
@@ -46,7 +46,7 @@ forward's row maxima are taken on ``s``) and ``lse₂ = lse·log2 e``.
 
   (−lse₂/c and −Δ are the products' initial accumulators, to keep the registers in budget).
 
-* dQ, grid ``(q_heads, q_tiles / 2, batch)``: warpgroups own query tiles and stream K/V up to
+* dQ, grid ``q_heads x q_tiles / 2 x batch``: warpgroups own query tiles and stream K/V up to
   the diagonal, recomputing ``s`` and ``dp``: seven tile products per tile pair where the
   textbook has five, but no atomics. Four designs that fused dQ into the dK/dV kernel (dQ
   partials reduce-added into float32 global memory by TMA) were slower on the H200 or, one,
@@ -58,7 +58,8 @@ turn-taking made both of them 3-12% slower (BENCHMARKS.md §3).
 
 Causality costs nothing beyond the diagonal: each CTA streams only the tiles that intersect its
 causal triangle, and only the (at most two) tiles per stream that straddle the diagonal pay
-for the mask. Each head's grid runs its heaviest CTAs first (``_grid``).
+for the mask. Every grid launches its heaviest CTAs first, across heads where a head has too
+few CTAs to fill the GPU (``_grid``).
 
 Requirements (checked by :func:`check_supported`): S a multiple of 128 (callers pad), head_dim
 64 or 128, bf16 or f16, causal.
@@ -100,6 +101,9 @@ DTYPES = (jnp.bfloat16, jnp.float16)
 _ROW_STAT = plgpu.Layout.WGMMA.reduce(1)
 _COL_STAT = plgpu.Layout.WGMMA.reduce(0)
 FORWARD_KERNEL_NAME = "lorax_mgpu_attention_fwd"
+LAUNCH_ORDERS = ("auto", "heads", "tiles")
+_SMS = 132  # SMs of the H100 SXM / H200, the GPUs the kernels are tuned on (sizes ``_grid``'s rule)
+_HEADS_FIRST_MIN_CTAS = 3 * _SMS // 2  # "auto" launches heads first from this many CTAs per head
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,7 +118,8 @@ class MgpuAttentionConfig:
     for 168 and ``setmaxnreg`` moves them at run time). The backward takes the most its
     compute warpgroups can have: at 232 ptxas spilled 132 bytes per thread in the dK/dV kernel,
     at 240 40 bytes, and the backward ran ~1% faster (BENCHMARKS.md §3, registers); the forward
-    spills nothing at 232. ``tiles_first``: the grids' launch order (:func:`_grid`).
+    spills nothing at 232. ``launch_order``: ``"heads"``, ``"tiles"`` or ``"auto"``, which
+    picks per kernel launch (:func:`_grid`).
     """
 
     fwd_block_kv: int = 128
@@ -123,12 +128,15 @@ class MgpuAttentionConfig:
     dq_block_kv: int = 128
     fwd_registers: tuple[int, int] = (232, 40)
     bwd_registers: tuple[int, int] = (240, 24)
-    tiles_first: bool = False
+    launch_order: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("fwd_block_kv", "dq_block_kv"):
             if getattr(self, name) not in (64, 128):
                 raise ValueError(f"{name} must be 64 or 128, got {getattr(self, name)}")
+        if self.launch_order not in LAUNCH_ORDERS:
+            order = self.launch_order
+            raise ValueError(f"launch_order must be one of {LAUNCH_ORDERS}, got {order!r}")
         if min(self.fwd_slots, self.bwd_slots) < 2:
             raise ValueError(f"ring depths must be >= 2, got {self.fwd_slots}/{self.bwd_slots}")
         for name in ("fwd_registers", "bwd_registers"):
@@ -417,15 +425,21 @@ def _grid(config: MgpuAttentionConfig, tiles: tuple[str, int], heads: tuple[str,
     """A kernel's grid, in launch order: CTAs start in its row-major order (Mosaic GPU makes
     the last axis ``blockIdx.x``, which CUDA dispatches fastest).
 
-    Every kernel numbers its tiles heaviest first. Heads first (the default so far) runs the
-    CTAs of one head heavy-to-light, then the next head's, so the last heads' heavy CTAs start
-    when most SMs are done: ``scripts/simulate_launch_order.py`` puts that at 81% of an ideal
-    schedule for the dK/dV kernel at 1x8192 and 63% at 2x2048, the fall its measured rate shows
-    against 32K's (BENCHMARKS.md §3). ``config.tiles_first`` starts the heaviest CTAs of all
-    heads first (99% and 97% in the simulation); not yet measured on a GPU.
+    Every kernel numbers its tiles heaviest first. Heads first runs the CTAs of one head
+    heavy-to-light, then the next head's, so with few CTAs per head the last heads' heavy CTAs
+    start when most SMs are done (``scripts/simulate_launch_order.py``: 63% of an ideal
+    schedule for the dK/dV kernel at 2x2048, 81% at 1x8192). Tiles first starts the heaviest
+    CTAs of all heads first (97% and 99%) and measured 6-15% faster fwd+bwd there; but at
+    1x32768, where both orders fill the GPU, heads first was 1.7% faster in every kernel (its
+    concurrent CTAs share one head's K/V). ``"auto"`` therefore launches heads first from
+    ``_HEADS_FIRST_MIN_CTAS`` CTAs per head (tiles x batch) and tiles first below (BENCHMARKS.md
+    §3, launch order).
     """
-    order = [tiles, heads] if config.tiles_first else [heads, tiles]
-    return dict([*order, ("batch", batch)])
+    order = config.launch_order
+    if order == "auto":
+        order = "heads" if tiles[1] * batch >= _HEADS_FIRST_MIN_CTAS else "tiles"
+    axes = [tiles, heads] if order == "tiles" else [heads, tiles]
+    return dict([*axes, ("batch", batch)])
 
 
 def _launch(body: Callable[..., None], out_type: Any, grid: dict[str, int], name: str,

@@ -42,8 +42,9 @@ VARIANTS = {
     # and 240/24 in the forward too.
     "bwd r232": MgpuAttentionConfig(bwd_registers=(232, 40)),
     "r240": MgpuAttentionConfig(fwd_registers=(240, 24)),
-    # Launch order: every head's heaviest CTAs first (pallas_kernels/flash_attention_mgpu._grid).
-    "tiles first": MgpuAttentionConfig(tiles_first=True),
+    # Launch order, forced either way (the default picks per shape: flash_attention_mgpu._grid).
+    "heads first": MgpuAttentionConfig(launch_order="heads"),
+    "tiles first": MgpuAttentionConfig(launch_order="tiles"),
 }
 
 

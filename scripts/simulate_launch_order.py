@@ -8,9 +8,9 @@ with each CTA's work in tile steps and prints the schedule's efficiency (the wor
 makespan) for the two launch orders:
 
 ``heads first``  the grids ``(heads, tiles, batch)``: one head's CTAs heaviest first, then the
-                 next head's (``MgpuAttentionConfig(tiles_first=False)``, the default);
+                 next head's (``MgpuAttentionConfig(launch_order="heads")``);
 ``tiles first``  ``(tiles, heads, batch)``: every head's heaviest CTAs first
-                 (``tiles_first=True``).
+                 (``launch_order="tiles"``). The default, ``"auto"``, picks per shape.
 
 Work per CTA (causal, no window or segments; 128 rows per CTA, 64-row warpgroup tiles):
 dK/dV, 128 keys streaming every later 64-row query tile of each of the G query heads of its

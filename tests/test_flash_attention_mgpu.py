@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pallas_kernels import flash_attention_mgpu as mgpu
 from pallas_kernels.flash_attention import attention_logsumexp, attention_reference
 from pallas_kernels.flash_attention_mgpu import (
     MgpuAttentionConfig,
@@ -58,12 +59,12 @@ def _rel_err(got, want):
     return float(jnp.max(jnp.abs(got.astype(jnp.float32) - want)) / jnp.max(jnp.abs(want)))
 
 
-@pytest.mark.parametrize(("block_kv", "tiles_first"), [(64, False), (128, True)])
-def test_forward_matches_reference(rng, block_kv, tiles_first):
+@pytest.mark.parametrize(("block_kv", "launch_order"), [(64, "heads"), (128, "tiles")])
+def test_forward_matches_reference(rng, block_kv, launch_order):
     q, k, v, _ = _inputs(rng)
     scale = 0.3  # not D**-0.5: the scale must reach the kernel
     want_out, want_lse = _attention(*(x.astype(jnp.float32) for x in (q, k, v)), scale)
-    config = MgpuAttentionConfig(fwd_block_kv=block_kv, tiles_first=tiles_first)
+    config = MgpuAttentionConfig(fwd_block_kv=block_kv, launch_order=launch_order)
     out, lse = flash_forward_mgpu(
         q, k, v, scale=scale, config=config, interpret=interpret_params.InterpretGPUParams()
     )
@@ -72,14 +73,26 @@ def test_forward_matches_reference(rng, block_kv, tiles_first):
     np.testing.assert_allclose(lse, want_lse, rtol=0, atol=2e-3)
 
 
+def test_auto_launch_order_goes_heads_first_once_a_head_fills_the_gpu():
+    """Grid axes in launch order: tiles first for short sequences (each head's CTAs alone leave
+    SMs idle), heads first from ``_HEADS_FIRST_MIN_CTAS`` CTAs per head (tiles x batch)."""
+    auto, forced = MgpuAttentionConfig(), MgpuAttentionConfig(launch_order="tiles")
+    tiles, heads = ("q_tiles", mgpu._HEADS_FIRST_MIN_CTAS), ("heads", 32)
+    assert list(mgpu._grid(auto, tiles, heads, 1)) == ["heads", "q_tiles", "batch"]
+    assert list(mgpu._grid(forced, tiles, heads, 1)) == ["q_tiles", "heads", "batch"]
+    short = ("q_tiles", mgpu._HEADS_FIRST_MIN_CTAS // 2 - 1)
+    assert list(mgpu._grid(auto, short, heads, 2)) == ["q_tiles", "heads", "batch"]
+    assert mgpu._grid(auto, short, heads, 2) == {"q_tiles": short[1], "heads": 32, "batch": 2}
+
+
 @pytest.mark.parametrize(
     ("config", "d"),
     [
         (MgpuAttentionConfig(dq_block_kv=64), 64),
         (MgpuAttentionConfig(), 64),
-        (MgpuAttentionConfig(tiles_first=True), 128),  # the other launch order
+        (MgpuAttentionConfig(launch_order="heads"), 128),  # the other launch order
     ],
-    ids=["dq-kernel-kv64", "dq-kernel-kv128", "head-dim-128-tiles-first"],
+    ids=["dq-kernel-kv64", "dq-kernel-kv128", "head-dim-128-heads-first"],
 )
 def test_backward_matches_reference_gradients(rng, config, d):
     q, k, v, do = _inputs(rng, d=d)
@@ -209,6 +222,8 @@ def test_argument_errors():
         MgpuAttentionConfig(bwd_registers=(248, 24))  # 2·128·248 + 128·24 > 64K registers
     with pytest.raises(ValueError, match="fwd_registers"):
         MgpuAttentionConfig(fwd_registers=(232, 20))  # setmaxnreg's floor is 24
+    with pytest.raises(ValueError, match="launch_order must be one of"):
+        MgpuAttentionConfig(launch_order="batch")
     with pytest.raises(ValueError, match=r"segment_ids \(1, 128\) int32: need integers of shape"):
         flash_forward_mgpu(q, kv, kv, scale=1.0, segment_ids=jnp.zeros((1, 128), jnp.int32))
     with pytest.raises(ValueError, match="need integers"):
