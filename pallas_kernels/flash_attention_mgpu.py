@@ -103,7 +103,7 @@ _COL_STAT = plgpu.Layout.WGMMA.reduce(0)
 FORWARD_KERNEL_NAME = "lorax_mgpu_attention_fwd"
 LAUNCH_ORDERS = ("auto", "heads", "tiles")
 _SMS = 132  # SMs of the H100 SXM / H200, the GPUs the kernels are tuned on (sizes ``_grid``'s rule)
-_HEADS_FIRST_MIN_CTAS = 3 * _SMS // 2  # "auto" launches heads first from this many CTAs per head
+_HEADS_FIRST_MIN_CTAS = 3 * _SMS // 4  # "auto" launches heads first from this many CTAs per head
 
 
 @dataclasses.dataclass(frozen=True)

@@ -102,7 +102,7 @@ def check_shape(b: int, s: int, variants: list[str], cudnn: bool = True, hq: int
               f"  fwd+bwd {rate(3.5 * fwd_flops, t_fb)}", flush=True)  # fmt: skip
 
     want = None
-    if b * hq * s * s * 4 <= 2**34:  # the f32 score matrix fits a few times over
+    if b * hq * s * s * 4 <= 2**33:  # the f32 score matrix fits a few times over (16 GiB did not)
         (out_ref, lse_ref), vjp = jax.vjp(lambda *x: _reference(*x, options), q, k, v)
         want = (out_ref, lse_ref, *vjp((do.astype(jnp.float32), jnp.zeros_like(lse_ref))))
 
