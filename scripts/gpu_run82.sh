@@ -6,5 +6,5 @@
 set -u
 source scripts/gpu_env.sh
 timeout 280 python3 scripts/probe_attention_recompute.py --attention mosaic \
-  --flags "" "--xla_disable_hlo_passes=rematerialization" 2>&1 | q | tee $OUT/recompute.log
+  --flags="|--xla_disable_hlo_passes=rematerialization" 2>&1 | q | tee $OUT/recompute.log
 timeout 150 python3 scripts/probe_attention_recompute.py --attention cudnn 2>&1 | q | tee -a $OUT/recompute.log

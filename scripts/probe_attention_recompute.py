@@ -6,8 +6,8 @@ the Mosaic forward running twice per layer (BENCHMARKS.md §3). This compiles th
 2-layer Llama-3.1-8B-shaped model for each ``XLA_FLAGS`` setting given and counts, in the
 optimized HLO, the custom calls that return the forward's float32 ``[B, Hq, S]`` statistics.
 
-    python scripts/probe_attention_recompute.py --attention mosaic --flags "" \
-        "--xla_disable_hlo_passes=rematerialization"
+    python scripts/probe_attention_recompute.py --attention mosaic \
+        --flags="|--xla_disable_hlo_passes=rematerialization"
 """
 
 from __future__ import annotations
@@ -50,13 +50,13 @@ def main() -> None:
     p.add_argument("--attention", default="mosaic")
     p.add_argument("--remat", default="mlp")
     p.add_argument("--seq", type=int, default=8192)
-    p.add_argument("--flags", nargs="*", default=[""], help="XLA_FLAGS settings, one per run")
+    p.add_argument("--flags", default="", help="XLA_FLAGS settings separated by |, one per run")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
         print(count(a.attention, a.remat, a.seq), flush=True)
         return
-    for flags in a.flags:
+    for flags in a.flags.split("|"):
         env = {**os.environ, "XLA_FLAGS": flags}
         args = [sys.executable, __file__, "--child", "--attention", a.attention,
                 "--remat", a.remat, "--seq", str(a.seq)]  # fmt: skip
