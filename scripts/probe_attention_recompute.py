@@ -39,10 +39,16 @@ def count(attention: str, remat: str, seq: int) -> str:
     hlo = step.lower(state, {"input_ids": ids, "labels": ids}).compile().as_text()
     cfg = model.config
     stats = f"f32[1,{cfg.num_heads},{seq}]"
-    # The forward returns the statistics; the backward kernels only take them.
-    calls = [ln for ln in hlo.splitlines() if stats in ln.split("custom-call(")[0] != ln]
-    targets = sorted({t for ln in calls for t in re.findall(r'custom_call_target="([^"]+)"', ln)})
-    return f"{len(calls)} forward custom calls {targets}"
+    # The forward returns the statistics; the backward kernels only take them. Each found
+    # call is named with the HLO computation it sits in (a while body: a scan over layers).
+    calls, computation = [], "?"
+    for ln in hlo.splitlines():
+        if ln and not ln[0].isspace() and ln.rstrip().endswith("{"):
+            computation = ln.split()[1] if ln.startswith("ENTRY") else ln.split()[0]
+        elif stats in ln.split("custom-call(")[0] != ln:
+            target = re.search(r'custom_call_target="([^"]+)"', ln)
+            calls.append(f"{computation}: {target.group(1) if target else '?'}")
+    return f"{len(calls)} forward custom calls: " + "; ".join(calls)
 
 
 def main() -> None:
