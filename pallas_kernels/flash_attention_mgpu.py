@@ -429,11 +429,10 @@ def _grid(config: MgpuAttentionConfig, tiles: tuple[str, int], heads: tuple[str,
     heavy-to-light, then the next head's, so with few CTAs per head the last heads' heavy CTAs
     start when most SMs are done (``scripts/simulate_launch_order.py``: 63% of an ideal
     schedule for the dK/dV kernel at 2x2048, 81% at 1x8192). Tiles first starts the heaviest
-    CTAs of all heads first (97% and 99%) and measured 6-15% faster fwd+bwd there; but at
-    1x32768, where both orders fill the GPU, heads first was 1.7% faster in every kernel (its
-    concurrent CTAs share one head's K/V). ``"auto"`` therefore launches heads first from
-    ``_HEADS_FIRST_MIN_CTAS`` CTAs per head (tiles x batch) and tiles first below (BENCHMARKS.md
-    §3, launch order).
+    CTAs of all heads first and measured 6-15% faster forward+backward at 32-64 CTAs per head
+    (tiles x batch). From 128 CTAs per head, where both orders fill the GPU, heads first was
+    1-5% faster in every kernel: its concurrent CTAs share one head's K/V. ``"auto"`` goes
+    heads first from ``_HEADS_FIRST_MIN_CTAS`` (BENCHMARKS.md §3, "Launch order, measured").
     """
     order = config.launch_order
     if order == "auto":

@@ -224,8 +224,13 @@ def run_case(
 
 
 def parse_compiler_options(spec: str) -> tuple[tuple[str, Any], ...]:
-    """``default`` (the step's: XLA's own) or ``name=value,...`` (XLA ``DebugOptions``)."""
-    if spec in ("default", "none"):
+    """``default`` (the step's, ``lorax.train.step.DEFAULT_COMPILER_OPTIONS``), ``none`` (XLA's
+    own) or ``name=value,...`` (XLA ``DebugOptions``)."""
+    if spec == "default":
+        from lorax.train.step import DEFAULT_COMPILER_OPTIONS
+
+        return DEFAULT_COMPILER_OPTIONS
+    if spec == "none":
         return ()
     return tuple(parse_forward(spec, what="--compiler-options").items())
 
@@ -300,7 +305,7 @@ def main() -> None:
     p.add_argument(
         "--compiler-options",
         default="default",
-        help="XLA options of the step: default (XLA's own) or name=value,...",
+        help="XLA options of the step: default (the step's), none (XLA's own) or name=value,...",
     )
     add_prepare_argument(p)
     p.add_argument("--packed", type=int, default=0, help="packed rows: mean example length")

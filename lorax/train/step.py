@@ -35,6 +35,16 @@ Array = jax.Array
 Batch = Mapping[str, Array]
 
 
+# XLA's dynamic-slice fusion (GPU) clones a kernel custom call whose result is both used and
+# written into a scan's stacked residuals: the Mosaic attention forward then ran twice per layer
+# (XLA 0.11.2; the StableHLO holds it once; ``scripts/probe_attention_recompute.py``). Off, the
+# Llama-3.1-8B QLoRA step on Mosaic attention at 1x8192 ran 11,906 -> 12,489 tok/s on an H200
+# (BENCHMARKS.md §3, "XLA ran the forward twice"). The option is a no-op on other backends.
+DEFAULT_COMPILER_OPTIONS: tuple[tuple[str, Any], ...] = (
+    ("xla_gpu_enable_dynamic_slice_fusion", False),
+)
+
+
 @dataclasses.dataclass(frozen=True)
 class StepConfig:
     """Static knobs of the step (hashable: part of what ``jit`` specialises on)."""
@@ -48,12 +58,13 @@ class StepConfig:
     # metrics say so); the trainer may then stop instead.
     skip_nonfinite: bool = True
     # XLA options the step is compiled with, ``((name, value), ...)`` (``DebugOptions``
-    # fields). Measured on an H200 (Llama-3.1-8B QLoRA 1x8192, BENCHMARKS.md §1):
+    # fields; ``()`` is XLA's own). See ``DEFAULT_COMPILER_OPTIONS`` for the default's reason.
+    # Also measured on an H200 (Llama-3.1-8B QLoRA 1x8192, BENCHMARKS.md §1):
     # ``("xla_gpu_enable_latency_hiding_scheduler", False)`` lowers an unsharded step's peak
     # by 0.24 GiB at the same speed, but slows host-offloading policies by 2.4% (their copies
     # are what that scheduler overlaps); ``("xla_gpu_enable_cublaslt", True)`` measured no
-    # faster. So the default is XLA's own.
-    compiler_options: tuple[tuple[str, Any], ...] = ()
+    # faster.
+    compiler_options: tuple[tuple[str, Any], ...] = DEFAULT_COMPILER_OPTIONS
 
 
 @dataclasses.dataclass(frozen=True)
