@@ -7,8 +7,8 @@ tiles per warpgroup, two compute warpgroups and one memory warpgroup per CTA) an
 lorax needs: causal tile skipping in all kernels, GQA with K/V never repeated (the GQA sum of
 dK/dV inside the kernel), bf16, the score scale, sliding windows, the softcap (which cuDNN
 lacks) and packed segment ids (which cuDNN cannot mask). On the H200 (BENCHMARKS.md §3) the
-forward is at least cuDNN's speed up to 32K; forward+backward is 98-100% of cuDNN's at
-2x2048 and 92-93% at 8K-32K (94-99% with windows); with packed rows of ~1K-token
+forward is 1.03-1.12x cuDNN's up to 32K; forward+backward is 1.23x / 1.03x / 0.96x cuDNN's
+at 2x2048 / 1x8192 / 1x32768 (1.00x with a 4096 window at 8K); with packed rows of ~1K-token
 examples 3.9-43x the Triton kernels, with a softcap 3.6-3.8x.
 
 Segment ids (optional, ``[B, S]`` int32): each warpgroup loads its own rows' ids once; the

@@ -45,7 +45,7 @@ def count(attention: str, remat: str, seq: int) -> str:
     for ln in hlo.splitlines():
         if ln and not ln[0].isspace() and ln.rstrip().endswith("{"):
             computation = ln.split()[1] if ln.startswith("ENTRY") else ln.split()[0]
-        elif stats in ln.split("custom-call(")[0] != ln:
+        elif "custom-call(" in ln and stats in ln.split("custom-call(")[0]:  # in the results
             target = re.search(r'custom_call_target="([^"]+)"', ln)
             calls.append(f"{computation}: {target.group(1) if target else '?'}")
     return f"{len(calls)} forward custom calls: " + "; ".join(calls)

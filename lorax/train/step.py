@@ -39,7 +39,8 @@ Batch = Mapping[str, Array]
 # written into a scan's stacked residuals: the Mosaic attention forward then ran twice per layer
 # (XLA 0.11.2; the StableHLO holds it once; ``scripts/probe_attention_recompute.py``). Off, the
 # Llama-3.1-8B QLoRA step on Mosaic attention at 1x8192 ran 11,906 -> 12,489 tok/s on an H200
-# (BENCHMARKS.md §3, "XLA ran the forward twice"). The option is a no-op on other backends.
+# (BENCHMARKS.md §3, "XLA ran the attention forward twice in the training step"). The option
+# is a no-op on other backends.
 DEFAULT_COMPILER_OPTIONS: tuple[tuple[str, Any], ...] = (
     ("xla_gpu_enable_dynamic_slice_fusion", False),
 )
