@@ -106,8 +106,10 @@ def rel_l2(a, b) -> float:
 
 @pytest.fixture
 def rng():
-    """A fresh generator per test; the seed is printed so a failure can be replayed."""
-    seed = int(np.random.SeedSequence().entropy % 2**32)
+    """A fresh generator per test; the seed is printed so a failure can be replayed by running
+    the test again with ``LORAX_TEST_SEED=<seed>``."""
+    replay = os.environ.get("LORAX_TEST_SEED")
+    seed = int(replay) if replay else int(np.random.SeedSequence().entropy % 2**32)
     print(f"rng seed: {seed}")
     return np.random.default_rng(seed)
 
