@@ -701,10 +701,10 @@ def _dkdv_call(q, k, v, do, lse2, delta, seg, spec: _Scores, config: MgpuAttenti
                 # they are not live beside sT and dpT: 32 registers fewer at the peak, which
                 # ptxas otherwise spills (BENCHMARKS.md §3, registers). With a softcap the
                 # logits come out of tanh, so lse₂ is subtracted after it.
-                lse = _load_stats(lse_ring.at[slot], _COL_STAT, interpret)
                 cols = lambda x: lax.broadcast_in_dim(x, (blk, blk), [1])
+                lse = lambda: _load_stats(lse_ring.at[slot], _COL_STAT, interpret)
                 if spec.softcap is None:
-                    s_init = cols(lse * (-1.0 / spec.to_log2))
+                    s_init = cols(lse() * (-1.0 / spec.to_log2))
                 else:
                     s_init = _zeros((blk, blk), interpret)
                 dlt = _load_stats(delta_ring.at[slot], _COL_STAT, interpret)
@@ -719,7 +719,8 @@ def _dkdv_call(q, k, v, do, lse2, delta, seg, spec: _Scores, config: MgpuAttenti
                 if spec.softcap is None:
                     p_t = jnp.exp2(x_t * spec.to_log2)
                 else:
-                    p_t = jnp.exp2(x_t * spec.to_log2 - cols(lse))
+                    # lse₂ read only now, not held in registers across the products.
+                    p_t = jnp.exp2(x_t * spec.to_log2 - cols(lse()))
                 if masked:
                     visible = spec.visible((blk, blk), kv_base, q0, False, interpret)
                     p_t = jnp.where(visible, p_t, 0.0)
