@@ -35,7 +35,8 @@ forward's row maxima are taken on ``s``) and ``lse₂ = lse·log2 e``.
 * Forward, grid ``q_heads x q_tiles / 2 x batch``: warpgroup ``w`` owns 64 query rows and
   streams the K/V tiles up to its diagonal with the online softmax; the two warpgroups take
   turns on the tensor cores (one's softmax overlaps the other's matmuls). Saves ``out`` and
-  ``lse₂`` only.
+  ``lse₂`` only. With ``fwd_overlap`` each step also issues the next tile's scores before this
+  tile's softmax and PV, whose issue then orders the wait after the softmax.
 * dK/dV, grid ``kv_heads x kv_tiles / 2 x batch``: warpgroup ``w`` owns 64 K/V rows and
   float32 dK/dV accumulators in registers, and streams every query tile that can see them, for
   each of the ``G`` query heads of its KV head in turn (the GQA sum happens in the
@@ -119,7 +120,10 @@ class MgpuAttentionConfig:
     compute warpgroups can have: at 232 ptxas spilled 132 bytes per thread in the dK/dV kernel,
     at 240 40 bytes, and the backward ran ~1% faster (BENCHMARKS.md §3, registers); the forward
     spills nothing at 232. ``launch_order``: ``"heads"``, ``"tiles"`` or ``"auto"``, which
-    picks per kernel launch (:func:`_grid`).
+    picks per kernel launch (:func:`_grid`). ``fwd_overlap``: the forward issues each tile's
+    scores product before the previous tile's softmax and PV, so the softmax runs under a
+    product of its own warpgroup as well as the other's (off by default until timed on the
+    GPU: BENCHMARKS.md §3, "Registers without the GPU").
     """
 
     fwd_block_kv: int = 128
@@ -129,6 +133,7 @@ class MgpuAttentionConfig:
     fwd_registers: tuple[int, int] = (232, 40)
     bwd_registers: tuple[int, int] = (240, 24)
     launch_order: str = "auto"
+    fwd_overlap: bool = False
 
     def __post_init__(self) -> None:
         for name in ("fwd_block_kv", "dq_block_kv"):
@@ -234,6 +239,46 @@ def _products(
             after_issue()
 
     return list(pl.run_state(issue)(tuple(plgpu.ACC.init(acc) for acc, _, _ in terms)))
+
+
+def _products_consuming_first(
+    first: tuple[Array, Any, Any],
+    rest: Sequence[tuple[Array, Any, Any]],
+    consume: Callable[..., tuple[Array, ...]],
+    state: tuple[Array, ...],
+    interpret: Any,
+    after_issue: Callable[[], None] | None = None,
+) -> tuple[list[Array], tuple[Array, ...]]:
+    """Issues ``first`` and then ``rest`` like :func:`_products`, and runs
+    ``state = consume(first_product, *state)`` as soon as ``first`` has completed, while
+    ``rest`` are still in flight (wgmmas complete in issue order). Returns ``rest``'s products
+    and the new ``state`` (arrays of the same types as the old: they travel through the
+    products' ``run_state`` as its other references).
+    """
+    if interpret is not None:  # Interpreter: plain dots, in the same order.
+        dot = lambda a, b: jnp.dot(
+            _operand(a, interpret), _operand(b, interpret), preferred_element_type=jnp.float32
+        )
+        head = first[0] + dot(*first[1:])
+        if after_issue is not None:
+            after_issue()
+        state = tuple(consume(head, *state))
+        return [acc + dot(a, b) for acc, a, b in rest], state
+
+    def issue(refs: tuple[Any, ...]) -> None:
+        first_ref, rest_refs, state_refs = refs[0], refs[1 : 1 + len(rest)], refs[1 + len(rest) :]
+        for ref, (_, a, b) in zip((first_ref, *rest_refs), (first, *rest), strict=True):
+            plgpu.wgmma(ref, _operand(a, None), _operand(b, None))
+        if after_issue is not None:
+            after_issue()
+        head = plgpu.wgmma_accumulator_load(first_ref, wait_n=len(rest))
+        new = consume(head, *(ref[...] for ref in state_refs))
+        for ref, value in zip(state_refs, new, strict=True):
+            ref[...] = value
+
+    accs = (plgpu.ACC.init(first[0]), *(plgpu.ACC.init(acc) for acc, _, _ in rest))
+    outs = pl.run_state(issue)((*accs, *state))
+    return list(outs[1 : 1 + len(rest)]), tuple(outs[1 + len(rest) :])
 
 
 def _full(shape: tuple[int, ...], value: float, layout: Any, interpret: Any) -> Array:
@@ -515,19 +560,20 @@ def _forward_call(q: Array, k: Array, v: Array, seg: tuple[Array, Array] | None,
                 last_row_first_key = jnp.maximum(q_base + bq - spec.window, 0)
                 clear = jnp.clip(pl.cdiv(last_row_first_key, bkv), first, full)
 
-            def step(j: Array, carry: tuple[Array, Array, Array], masked: bool) -> Any:
-                acc, m, denom = carry
-                slot = lax.rem(j - first, slots)
-                plgpu.barrier_wait(k_bar.at[slot])
-                (scores,) = _products(
-                    [(_zeros((bq, bkv), interpret), q_smem.at[wg], _T(k_ring.at[slot]))],
-                    interpret,
-                    after_issue=take_turn,  # the other warpgroup's PV runs meanwhile
-                )
+            def release_k(slot: Array) -> Array | None:
+                """Frees K slot ``slot`` once its scores are in registers; returns the keys'
+                segment ids that ride in it (None without segments)."""
+                k_seg = None
                 if segmented:
                     plgpu.barrier_wait(k_seg_bar.at[slot])
                     k_seg = _load_stats(k_seg_ring.at[slot], _COL_STAT, interpret)
                 plgpu.barrier_arrive(k_free.at[slot])
+                return k_seg
+
+            def softmax(j: Array, scores: Array, k_seg: Array | None, m: Array, denom: Array,
+                        masked: bool) -> tuple[Array, Array, Array, Array]:  # fmt: skip
+                """``(p, m, denom, alpha)``: K tile ``j``'s probabilities against the new
+                running maxima, and the factor that moves the old sums onto them."""
                 scores, _ = spec.exponent(scores)
                 if masked:
                     visible = spec.visible((bq, bkv), q_base, j * bkv, True, interpret)
@@ -541,7 +587,22 @@ def _forward_call(q: Array, k: Array, v: Array, seg: tuple[Array, Array] | None,
                 alpha = jnp.exp2(m - m_shift)
                 m_bcast = lax.broadcast_in_dim(m_shift, scores.shape, [0])
                 p = jnp.exp2(scores * spec.to_log2 - m_bcast)
-                denom = denom * alpha + p.sum(axis=1)
+                return p, m_new, denom * alpha + p.sum(axis=1), alpha
+
+            def scores_of(slot: Array, after_issue: Callable[[], None] | None) -> Array:
+                plgpu.barrier_wait(k_bar.at[slot])
+                (scores,) = _products(
+                    [(_zeros((bq, bkv), interpret), q_smem.at[wg], _T(k_ring.at[slot]))],
+                    interpret,
+                    after_issue=after_issue,
+                )
+                return scores
+
+            def step(j: Array, carry: tuple[Array, Array, Array], masked: bool) -> Any:
+                acc, m, denom = carry
+                slot = lax.rem(j - first, slots)
+                scores = scores_of(slot, take_turn)  # the other warpgroup's PV runs meanwhile
+                p, m_new, denom, alpha = softmax(j, scores, release_k(slot), m, denom, masked)
                 acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
                 p16 = p.astype(q.dtype)
                 acc, denom, m_new, p16 = lax.optimization_barrier((acc, denom, m_new, p16))
@@ -556,6 +617,10 @@ def _forward_call(q: Array, k: Array, v: Array, seg: tuple[Array, Array] | None,
                 # Tiles wholly above this warpgroup's diagonal but not the CTA's: release the
                 # slots and keep the turn-taking in step with the other warpgroup.
                 # Every warpgroup observes every phase of the load barriers.
+                if config.fwd_overlap:
+                    # The turn first: the other warpgroup frees a V tile only after the turn
+                    # that follows its PV's issue, so waiting for the tile before it deadlocks.
+                    take_turn()
                 slot = lax.rem(j - first, slots)
                 plgpu.barrier_wait(k_bar.at[slot])
                 if segmented:
@@ -563,8 +628,48 @@ def _forward_call(q: Array, k: Array, v: Array, seg: tuple[Array, Array] | None,
                 plgpu.barrier_arrive(k_free.at[slot])
                 plgpu.barrier_wait(v_bar.at[slot])
                 plgpu.barrier_arrive(v_free.at[slot])
-                take_turn()
-                take_turn()
+                if not config.fwd_overlap:
+                    take_turn()
+                    take_turn()
+
+            def overlapped_step(t: Array, carry: tuple[Array, ...], masked: bool) -> Any:
+                """Tile ``t + 1``'s scores are issued first, and tile ``t``'s softmax and PV
+                run while they are in flight (the scores one tile ahead of the softmax). The
+                PV's issue waits on the softmax, and the wait for both products follows it,
+                so ptxas cannot hoist that wait above the softmax (it did hoist a wait that
+                only followed it)."""
+                acc, m, denom, scores, k_seg = carry
+                slot, next_slot = lax.rem(t - first, slots), lax.rem(t + 1 - first, slots)
+                plgpu.barrier_wait(k_bar.at[next_slot])
+
+                def issue(refs):
+                    s_ref, acc_ref, m_ref, denom_ref = refs
+                    plgpu.wgmma(s_ref, q_smem.at[wg], _operand(_T(k_ring.at[next_slot]), None))
+                    take_turn()
+                    p, m_new, denom_new, alpha = softmax(
+                        t, scores, k_seg, m_ref[...], denom_ref[...], masked
+                    )
+                    scaled = acc_ref[...] * lax.broadcast_in_dim(alpha, acc.shape, [0])
+                    plgpu.barrier_wait(v_bar.at[slot])
+                    (acc_ref[...],) = _products(
+                        [(scaled, p.astype(q.dtype), v_ring.at[slot])], interpret
+                    )
+                    m_ref[...], denom_ref[...] = m_new, denom_new
+
+                if interpret is not None:  # Interpreter: plain dots in the same order.
+                    dot = lambda a_, b_: jnp.dot(a_, b_, preferred_element_type=jnp.float32)
+                    next_scores = dot(q_smem.at[wg][...], k_ring.at[next_slot][...].T)
+                    take_turn()
+                    p, m, denom, alpha = softmax(t, scores, k_seg, m, denom, masked)
+                    acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+                    plgpu.barrier_wait(v_bar.at[slot])
+                    (acc,) = _products([(acc, p.astype(q.dtype), v_ring.at[slot])], interpret)
+                else:
+                    next_scores, acc, m, denom = pl.run_state(issue)(
+                        (plgpu.ACC.init(_zeros((bq, bkv), interpret)), acc, m, denom)
+                    )
+                plgpu.barrier_arrive(v_free.at[slot])
+                return acc, m, denom, next_scores, release_k(next_slot)
 
             carry = (
                 _zeros((bq, d), interpret),
@@ -572,9 +677,29 @@ def _forward_call(q: Array, k: Array, v: Array, seg: tuple[Array, Array] | None,
                 _full((bq,), 0.0, _ROW_STAT, interpret),
             )
             pl.when(wg == 1)(take_turn)  # warpgroup 0 starts on the tensor cores
-            carry = lax.fori_loop(first, clear, lambda j, x: step(j, x, True), carry)
-            carry = lax.fori_loop(clear, full, lambda j, x: step(j, x, False), carry)
-            acc, m, denom = lax.fori_loop(full, steps, lambda j, x: step(j, x, True), carry)
+            if not config.fwd_overlap:
+                carry = lax.fori_loop(first, clear, lambda j, x: step(j, x, True), carry)
+                carry = lax.fori_loop(clear, full, lambda j, x: step(j, x, False), carry)
+                acc, m, denom = lax.fori_loop(full, steps, lambda j, x: step(j, x, True), carry)
+            else:
+                # Tile t's softmax and PV run in the step that issues tile t + 1's scores;
+                # the first tile's scores come first, the last tile's softmax and PV last.
+                acc, m, denom = carry
+                slot = lax.rem(first - first, slots)  # 0, as a value (a literal fails to lower)
+                carry = (acc, m, denom, scores_of(slot, take_turn), release_k(slot))
+                last = steps - 1
+                clear_ = jnp.minimum(clear, last)
+                full_ = jnp.maximum(jnp.minimum(full, last), clear_)
+                overlapped = lambda masked: lambda t, x: overlapped_step(t, x, masked)
+                carry = lax.fori_loop(first, clear_, overlapped(True), carry)
+                carry = lax.fori_loop(clear_, full_, overlapped(False), carry)
+                acc, m, denom, scores, k_seg = lax.fori_loop(full_, last, overlapped(True), carry)
+                slot = lax.rem(last - first, slots)
+                p, m, denom, alpha = softmax(last, scores, k_seg, m, denom, True)
+                acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+                plgpu.barrier_wait(v_bar.at[slot])
+                (acc,) = _products([(acc, p.astype(q.dtype), v_ring.at[slot])], interpret)
+                plgpu.barrier_arrive(v_free.at[slot])
             lax.fori_loop(steps, cta_steps, skip, None)
             pl.when(wg == 0)(take_turn)
             q_smem.at[wg][...] = (acc / lax.broadcast_in_dim(denom, acc.shape, [0])).astype(q.dtype)

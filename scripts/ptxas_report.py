@@ -27,8 +27,9 @@ Usage (from the repository root, in that environment):
         [--keep DIR] [--sass]
 
 Prints one row per kernel: registers, stack frame, spill stores and loads (bytes per thread,
-as ptxas counts them: static code, not traffic) and how many times ptxas had to fence the
-in-flight wgmmas ("warpgroup.arrive is injected", C7519). ``--keep DIR`` keeps each kernel's
+as ptxas counts them: static code, not traffic), how many times ptxas had to fence the
+in-flight wgmmas ("warpgroup.arrive is injected", C7519) and whether it serialized them
+("wgmma.mma_async instructions are serialized", C7513). ``--keep DIR`` keeps each kernel's
 PTX and full ptxas log.
 
 Spill bytes say nothing of where the spills sit. ``--sass`` (needs ``nvdisasm``: the
@@ -59,7 +60,10 @@ _FAKE_DRIVER_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "
 _STACK = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 _FUNCTION = re.compile(r"Function properties for (\S+)")
 _REGISTERS = re.compile(r"Used (\d+) registers")
-_FENCE = re.compile(r"\(C7519\).* in function '(\S+)'")
+# ptxas's wgmma warnings: C7519 "warpgroup.arrive is injected" (it fenced in-flight wgmmas to
+# reuse their registers), C7513 "wgmma.mma_async instructions are serialized" (a wgmma's input
+# registers were written inside its pipeline stage). Either runs the products one at a time.
+_WGMMA_WARNING = re.compile(r"\((C7519|C7513)\).* in (?:the )?function '(\S+)'")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,21 +76,23 @@ class KernelReport:
     spill_stores: int
     spill_loads: int
     wgmma_fences: int
+    wgmma_serialized: int
 
 
 def parse_report(lines: list[str]) -> list[KernelReport]:
-    """The kernels in a ptxas ``-v`` log, in its order (a kernel's fences are the C7519
-    messages that name it)."""
-    reports, fences, name, stack = [], collections.Counter(), None, (0, 0, 0)
+    """The kernels in a ptxas ``-v`` log, in its order (a kernel's wgmma warnings are those
+    that name it)."""
+    reports, warnings, name, stack = [], collections.Counter(), None, (0, 0, 0)
     for line in lines:
-        if m := _FENCE.search(line):
-            fences[m.group(1)] += 1
+        if m := _WGMMA_WARNING.search(line):
+            warnings[m.groups()[::-1]] += 1
         elif m := _FUNCTION.search(line):
             name = m.group(1)
         elif m := _STACK.search(line):
             stack = tuple(int(x) for x in m.groups())
         elif (m := _REGISTERS.search(line)) and name is not None:
-            reports.append(KernelReport(name, int(m.group(1)), *stack, fences[name]))
+            counts = warnings[name, "C7519"], warnings[name, "C7513"]
+            reports.append(KernelReport(name, int(m.group(1)), *stack, *counts))
             name, stack = None, (0, 0, 0)
     return reports
 
@@ -287,7 +293,7 @@ def main(argv: list[str] | None = None) -> None:
     os.makedirs(work, exist_ok=True)
     driver = _fake_driver(work)
     print(f"{'kernel':<28} {'registers':>9} {'stack B':>8} {'spill st B':>10} "
-          f"{'spill ld B':>10} {'wgmma fences':>12}")  # fmt: skip
+          f"{'spill ld B':>10} {'wgmma fences':>12} {'serialized':>10}")  # fmt: skip
     for part, names in (("fwd", ("fwd",)), ("bwd", ("dkdv", "dq"))):
         if not set(names) & set(wanted):
             continue  # its kernels are not lowered at all
@@ -301,7 +307,7 @@ def main(argv: list[str] | None = None) -> None:
                 shown = kernel.name.removesuffix("_mosaic_gpu_kernel")
                 print(f"{shown:<28} {kernel.registers:>9} {kernel.stack:>8} "
                       f"{kernel.spill_stores:>10} {kernel.spill_loads:>10} "
-                      f"{kernel.wgmma_fences:>12}")  # fmt: skip
+                      f"{kernel.wgmma_fences:>12} {kernel.wgmma_serialized:>10}")  # fmt: skip
             if args.sass:
                 for loop in wgmma_loops(disassemble(ptx, work, f"{part}{i}")):
                     print(f"  loop at SASS line {loop.first_line}: {loop.instructions} "

@@ -31,15 +31,25 @@ def test_reads_registers_spills_per_kernel():
     assert dq.name.endswith("_dq_mosaic_gpu_kernel") and dq.spill_loads == 0
     at_232 = [k for k in kernels if k.name == dkdv.name][-1]
     assert (at_232.stack, at_232.spill_stores, at_232.spill_loads) == (144, 252, 452)
-    assert all(k.wgmma_fences == 0 for k in kernels)
+    assert all(k.wgmma_fences == k.wgmma_serialized == 0 for k in kernels)
 
 
-def test_counts_the_wgmma_fences_of_the_kernel_they_name():
+def test_counts_the_wgmma_warnings_of_the_kernel_they_name():
     ptxas_report = load_script("ptxas_report")
     kernels = ptxas_report.parse_report(_log("call1_fused.log"))
     fused = [k for k in kernels if k.name == "lorax_mgpu_attention_dkdv_mosaic_gpu_kernel"]
     assert [(k.spill_stores, k.spill_loads, k.wgmma_fences) for k in fused][0] == (524, 1836, 8)
     assert all(k.wgmma_fences == 0 for k in kernels if "dkdv" not in k.name)
+    serialized = [
+        "ptxas info    : (C7513) Potential Performance Loss: wgmma.mma_async instructions are "
+        "serialized due to non wgmma instructions defining input registers of a wgmma between "
+        "start and end of the pipeline stage in the function 'k_mosaic_gpu_kernel'",
+        "ptxas info    : Function properties for k_mosaic_gpu_kernel",
+        "    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads",
+        "ptxas info    : Used 168 registers, used 16 barriers, 1 bytes smem",
+    ]  # the line as ptxas 13.0 printed it for an experimental forward (this file's commit)
+    (k,) = ptxas_report.parse_report(serialized)
+    assert (k.name, k.wgmma_fences, k.wgmma_serialized) == ("k_mosaic_gpu_kernel", 0, 1)
 
 
 # The shape of nvdisasm's output for one pipelined loop: a barrier wait whose retry sits out of
