@@ -34,8 +34,9 @@ PTX and full ptxas log.
 
 Spill bytes say nothing of where the spills sit. ``--sass`` (needs ``nvdisasm``: the
 ``nvidia-cuda-nvdisasm`` wheel, or a CUDA toolkit, on PATH) disassembles each kernel and prints
-its innermost loops that hold wgmmas: instructions, wgmmas, local loads and stores. A spill
-outside those loops costs a few cycles per CTA; one inside costs it at every step.
+its innermost loops that hold wgmmas: instructions, wgmmas, local loads and stores, and the
+``exp2`` issued while one of the loop's own wgmmas is in flight. A spill outside those loops
+costs a few cycles per CTA; one inside costs it at every step.
 """
 
 from __future__ import annotations
@@ -99,13 +100,29 @@ def parse_report(lines: list[str]) -> list[KernelReport]:
 
 @dataclasses.dataclass(frozen=True)
 class LoopReport:
-    """An innermost loop of a kernel's SASS that issues wgmmas."""
+    """An innermost loop of a kernel's SASS that issues wgmmas. ``exp2_under_wgmma``: the
+    ``MUFU.EX2`` that issue while one of the loop's own wgmmas is in flight (after an
+    ``HGMMA``, before the next wait): the softmax work a warpgroup hides under its own
+    products (the other warpgroup's are not visible here)."""
 
     first_line: int
     instructions: int
     wgmmas: int
     local_loads: int
     local_stores: int
+    exp2_under_wgmma: int
+
+
+def _exp2_under_wgmma(body: list[str]) -> int:
+    in_flight, count = False, 0
+    for line in body:
+        if "HGMMA" in line:
+            in_flight = True
+        elif "WARPGROUP.DEPBAR" in line:
+            in_flight = False
+        elif in_flight and "MUFU.EX2" in line:
+            count += 1
+    return count
 
 
 _LABEL = re.compile(r"^\.(L_x_\d+):")
@@ -138,6 +155,7 @@ def wgmma_loops(sass: str) -> list[LoopReport]:
             count(lines[a : b + 1], r"\bHGMMA\b"),
             count(lines[a : b + 1], r"\bLDL\b"),
             count(lines[a : b + 1], r"\bSTL\b"),
+            _exp2_under_wgmma(lines[a : b + 1]),
         )  # fmt: skip
         for a, b in sorted(set(innermost))
     ]
@@ -312,7 +330,8 @@ def main(argv: list[str] | None = None) -> None:
                 for loop in wgmma_loops(disassemble(ptx, work, f"{part}{i}")):
                     print(f"  loop at SASS line {loop.first_line}: {loop.instructions} "
                           f"instructions, {loop.wgmmas} wgmmas, {loop.local_loads} local loads, "
-                          f"{loop.local_stores} local stores")  # fmt: skip
+                          f"{loop.local_stores} local stores, {loop.exp2_under_wgmma} exp2 "
+                          "under its own wgmmas")  # fmt: skip
             if args.keep:
                 with open(os.path.join(work, f"{part}{i}.ptx"), "w") as f:
                     f.write(ptx)

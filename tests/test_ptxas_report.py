@@ -63,7 +63,10 @@ _SASS = """\
         /*0030*/                   LDL R2, [R1+0x10] ;
         /*0040*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], RZ, !UPT ;
         /*0050*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR8], R24, gsb0 ;
+        /*0058*/                   MUFU.EX2 R3, R3 ;
+        /*005c*/                   WARPGROUP.DEPBAR.LE gsb0, 0x0 ;
         /*0060*/                   STL [R1+0x14], R2 ;
+        /*0068*/                   MUFU.EX2 R4, R4 ;
         /*0070*/               @P0 BRA `(.L_x_1) ;
         /*0080*/                   EXIT ;
 .L_x_9:
@@ -76,5 +79,6 @@ _SASS = """\
 def test_finds_the_wgmma_loop_and_its_spills_not_the_wait_retries():
     ptxas_report = load_script("ptxas_report")
     (loop,) = ptxas_report.wgmma_loops(_SASS)
-    assert (loop.first_line, loop.instructions, loop.wgmmas) == (1, 7, 2)
+    assert (loop.first_line, loop.instructions, loop.wgmmas) == (1, 10, 2)
     assert (loop.local_loads, loop.local_stores) == (1, 1)
+    assert loop.exp2_under_wgmma == 1  # the one before the wait, not the one after
