@@ -241,46 +241,6 @@ def _products(
     return list(pl.run_state(issue)(tuple(plgpu.ACC.init(acc) for acc, _, _ in terms)))
 
 
-def _products_consuming_first(
-    first: tuple[Array, Any, Any],
-    rest: Sequence[tuple[Array, Any, Any]],
-    consume: Callable[..., tuple[Array, ...]],
-    state: tuple[Array, ...],
-    interpret: Any,
-    after_issue: Callable[[], None] | None = None,
-) -> tuple[list[Array], tuple[Array, ...]]:
-    """Issues ``first`` and then ``rest`` like :func:`_products`, and runs
-    ``state = consume(first_product, *state)`` as soon as ``first`` has completed, while
-    ``rest`` are still in flight (wgmmas complete in issue order). Returns ``rest``'s products
-    and the new ``state`` (arrays of the same types as the old: they travel through the
-    products' ``run_state`` as its other references).
-    """
-    if interpret is not None:  # Interpreter: plain dots, in the same order.
-        dot = lambda a, b: jnp.dot(
-            _operand(a, interpret), _operand(b, interpret), preferred_element_type=jnp.float32
-        )
-        head = first[0] + dot(*first[1:])
-        if after_issue is not None:
-            after_issue()
-        state = tuple(consume(head, *state))
-        return [acc + dot(a, b) for acc, a, b in rest], state
-
-    def issue(refs: tuple[Any, ...]) -> None:
-        first_ref, rest_refs, state_refs = refs[0], refs[1 : 1 + len(rest)], refs[1 + len(rest) :]
-        for ref, (_, a, b) in zip((first_ref, *rest_refs), (first, *rest), strict=True):
-            plgpu.wgmma(ref, _operand(a, None), _operand(b, None))
-        if after_issue is not None:
-            after_issue()
-        head = plgpu.wgmma_accumulator_load(first_ref, wait_n=len(rest))
-        new = consume(head, *(ref[...] for ref in state_refs))
-        for ref, value in zip(state_refs, new, strict=True):
-            ref[...] = value
-
-    accs = (plgpu.ACC.init(first[0]), *(plgpu.ACC.init(acc) for acc, _, _ in rest))
-    outs = pl.run_state(issue)((*accs, *state))
-    return list(outs[1 : 1 + len(rest)]), tuple(outs[1 + len(rest) :])
-
-
 def _full(shape: tuple[int, ...], value: float, layout: Any, interpret: Any) -> Array:
     """A float32 constant pinned to a register layout (the interpreter has no layouts)."""
     x = jnp.full(shape, value, jnp.float32)
