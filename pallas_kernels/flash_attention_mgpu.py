@@ -592,6 +592,17 @@ def _forward_call(q: Array, k: Array, v: Array, seg: tuple[Array, Array] | None,
                     take_turn()
                     take_turn()
 
+            def softmax_and_pv(t: Array, scores: Array, k_seg: Array | None, acc: Array,
+                               m: Array, denom: Array, masked: bool) -> Any:  # fmt: skip
+                """Tile ``t``'s softmax, the rescaled ``acc`` plus its PV, and the new
+                running statistics (``fwd_overlap``'s second half of a step)."""
+                p, m, denom, alpha = softmax(t, scores, k_seg, m, denom, masked)
+                acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+                slot = lax.rem(t - first, slots)
+                plgpu.barrier_wait(v_bar.at[slot])
+                (acc,) = _products([(acc, p.astype(q.dtype), v_ring.at[slot])], interpret)
+                return acc, m, denom
+
             def overlapped_step(t: Array, carry: tuple[Array, ...], masked: bool) -> Any:
                 """Tile ``t + 1``'s scores are issued first, and tile ``t``'s softmax and PV
                 run while they are in flight (the scores one tile ahead of the softmax). The
@@ -599,36 +610,30 @@ def _forward_call(q: Array, k: Array, v: Array, seg: tuple[Array, Array] | None,
                 so ptxas cannot hoist that wait above the softmax (it did hoist a wait that
                 only followed it)."""
                 acc, m, denom, scores, k_seg = carry
-                slot, next_slot = lax.rem(t - first, slots), lax.rem(t + 1 - first, slots)
+                next_slot = lax.rem(t + 1 - first, slots)
                 plgpu.barrier_wait(k_bar.at[next_slot])
+                next_term = (_zeros((bq, bkv), interpret), q_smem.at[wg], _T(k_ring.at[next_slot]))
 
-                def issue(refs):
-                    s_ref, acc_ref, m_ref, denom_ref = refs
-                    plgpu.wgmma(s_ref, q_smem.at[wg], _operand(_T(k_ring.at[next_slot]), None))
+                def rest(acc: Array, m: Array, denom: Array) -> tuple[Array, ...]:
                     take_turn()
-                    p, m_new, denom_new, alpha = softmax(
-                        t, scores, k_seg, m_ref[...], denom_ref[...], masked
-                    )
-                    scaled = acc_ref[...] * lax.broadcast_in_dim(alpha, acc.shape, [0])
-                    plgpu.barrier_wait(v_bar.at[slot])
-                    (acc_ref[...],) = _products(
-                        [(scaled, p.astype(q.dtype), v_ring.at[slot])], interpret
-                    )
-                    m_ref[...], denom_ref[...] = m_new, denom_new
+                    return softmax_and_pv(t, scores, k_seg, acc, m, denom, masked)
 
                 if interpret is not None:  # Interpreter: plain dots in the same order.
-                    dot = lambda a_, b_: jnp.dot(a_, b_, preferred_element_type=jnp.float32)
-                    next_scores = dot(q_smem.at[wg][...], k_ring.at[next_slot][...].T)
-                    take_turn()
-                    p, m, denom, alpha = softmax(t, scores, k_seg, m, denom, masked)
-                    acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-                    plgpu.barrier_wait(v_bar.at[slot])
-                    (acc,) = _products([(acc, p.astype(q.dtype), v_ring.at[slot])], interpret)
+                    (next_scores,) = _products([next_term], interpret)
+                    acc, m, denom = rest(acc, m, denom)
                 else:
+
+                    def issue(refs):
+                        s_ref, acc_ref, m_ref, denom_ref = refs
+                        plgpu.wgmma(s_ref, next_term[1], _operand(next_term[2], None))
+                        acc_ref[...], m_ref[...], denom_ref[...] = rest(
+                            acc_ref[...], m_ref[...], denom_ref[...]
+                        )
+
                     next_scores, acc, m, denom = pl.run_state(issue)(
-                        (plgpu.ACC.init(_zeros((bq, bkv), interpret)), acc, m, denom)
+                        (plgpu.ACC.init(next_term[0]), acc, m, denom)
                     )
-                plgpu.barrier_arrive(v_free.at[slot])
+                plgpu.barrier_arrive(v_free.at[lax.rem(t - first, slots)])
                 return acc, m, denom, next_scores, release_k(next_slot)
 
             carry = (
@@ -654,12 +659,8 @@ def _forward_call(q: Array, k: Array, v: Array, seg: tuple[Array, Array] | None,
                 carry = lax.fori_loop(first, clear_, overlapped(True), carry)
                 carry = lax.fori_loop(clear_, full_, overlapped(False), carry)
                 acc, m, denom, scores, k_seg = lax.fori_loop(full_, last, overlapped(True), carry)
-                slot = lax.rem(last - first, slots)
-                p, m, denom, alpha = softmax(last, scores, k_seg, m, denom, True)
-                acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-                plgpu.barrier_wait(v_bar.at[slot])
-                (acc,) = _products([(acc, p.astype(q.dtype), v_ring.at[slot])], interpret)
-                plgpu.barrier_arrive(v_free.at[slot])
+                acc, m, denom = softmax_and_pv(last, scores, k_seg, acc, m, denom, True)
+                plgpu.barrier_arrive(v_free.at[lax.rem(last - first, slots)])
             lax.fori_loop(steps, cta_steps, skip, None)
             pl.when(wg == 0)(take_turn)
             q_smem.at[wg][...] = (acc / lax.broadcast_in_dim(denom, acc.shape, [0])).astype(q.dtype)
