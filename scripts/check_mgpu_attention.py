@@ -11,7 +11,7 @@ variant runs in try/except, so one failure is reported and the rest go on (a ker
 hangs is not caught: run one variant per process under ``timeout``, as scripts/gpu_run17.sh did).
 
     python scripts/check_mgpu_attention.py [--shapes 2x2048,1x8192,1x32768] [--variants ...]
-        [--window W] [--softcap C] [--segments MEAN_LEN]
+        [--window W] [--softcap C] [--segments MEAN_LEN] [--forward-only]
 
 With ``MOSAIC_GPU_DUMP_PTXAS=1`` ptxas reports each kernel's registers and spills.
 """
@@ -82,7 +82,7 @@ def _try(label: str, fn) -> None:
 
 def check_shape(b: int, s: int, variants: list[str], cudnn: bool = True, hq: int = 32, hkv: int = 8,
                 d: int = 128, window: int | None = None, softcap: float | None = None,
-                segments: int = 0) -> None:  # fmt: skip
+                segments: int = 0, forward_only: bool = False) -> None:  # fmt: skip
     scale = d**-0.5
     keys = jax.random.split(jax.random.key(0), 4)
     q, k, v, do = (
@@ -101,10 +101,16 @@ def check_shape(b: int, s: int, variants: list[str], cudnn: bool = True, hq: int
             local_window_size=None if window is None else (window - 1, 0),
         )  # fmt: skip
         t_fwd = pipelined_ms(jax.jit(attend), q, k, v)
-        t_fb = pipelined_ms(_fwd_bwd(attend), q, k, v, do)
-        print(f"  cuDNN    fwd {rate(fwd_flops, t_fwd)}  bwd {rate(2.5 * fwd_flops, t_fb - t_fwd)}"
-              f"  fwd+bwd {rate(3.5 * fwd_flops, t_fb)}", flush=True)  # fmt: skip
+        line = f"  cuDNN    fwd {rate(fwd_flops, t_fwd)}"
+        if not forward_only:
+            t_fb = pipelined_ms(_fwd_bwd(attend), q, k, v, do)
+            line += f"  bwd {rate(2.5 * fwd_flops, t_fb - t_fwd)}"
+            line += f"  fwd+bwd {rate(3.5 * fwd_flops, t_fb)}"
+        print(line, flush=True)
 
+    if forward_only:
+        _forward_only(q, k, v, variants, options, lambda ms: rate(fwd_flops, ms))
+        return
     want = None
     if b * hq * s * s * 4 <= 2**33:  # the f32 score matrix fits a few times over (16 GiB did not)
         (out_ref, lse_ref), vjp = jax.vjp(lambda *x: _reference(*x, options), q, k, v)
@@ -148,6 +154,29 @@ def check_shape(b: int, s: int, variants: list[str], cudnn: bool = True, hq: int
         _try(name, run)
 
 
+def _forward_only(q, k, v, variants: list[str], options: dict, rate) -> None:
+    """The forward alone, variant by variant: its time, and its output and log-sum-exp against
+    the first variant's (a schedule change must not change the numbers beyond rounding)."""
+    first = None
+    for name in variants:
+        config = VARIANTS[name]
+
+        def run(config=config, name=name) -> None:
+            nonlocal first
+            fwd = jax.jit(lambda q, k, v: flash_forward_mgpu(q, k, v, config=config, **options))
+            out, lse = fwd(q, k, v)
+            diff = ""
+            if first is None:
+                first = (name, out, lse)
+            else:
+                out_diff = float(jnp.max(jnp.abs(out.astype(jnp.float32) - first[1])))
+                lse_diff = float(jnp.max(jnp.abs(lse - first[2])))
+                diff = f"  max|diff| vs {first[0]}: out {out_diff:.1e} lse {lse_diff:.1e}"
+            print(f"  {name:<16} fwd {rate(pipelined_ms(fwd, q, k, v))}{diff}", flush=True)
+
+        _try(name, run)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default="2x2048,1x8192,1x32768")
@@ -157,11 +186,14 @@ def main() -> None:
     parser.add_argument("--softcap", type=float, help="score softcap (Gemma 2: 50)")
     parser.add_argument("--segments", type=int, default=0,
                         help="packed rows of examples of about this many tokens")  # fmt: skip
+    parser.add_argument("--forward-only", action="store_true",
+                        help="the forward alone, outputs against the first variant's")  # fmt: skip
     args = parser.parse_args()
     for shape in args.shapes.split(","):
         b, s = (int(x) for x in shape.split("x"))
         check_shape(b, s, [v for v in args.variants.split(",") if v], cudnn=not args.no_cudnn,
-                    window=args.window, softcap=args.softcap, segments=args.segments)  # fmt: skip
+                    window=args.window, softcap=args.softcap, segments=args.segments,
+                    forward_only=args.forward_only)  # fmt: skip
 
 
 if __name__ == "__main__":

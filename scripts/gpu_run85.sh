@@ -8,11 +8,11 @@
 set -u
 source scripts/gpu_env.sh
 export MOSAIC_GPU_DUMP_PTXAS=1
-logged new timeout 100 python3 scripts/check_mgpu_attention.py --shapes 1x8192,1x32768 \
+logged new timeout 150 python3 scripts/check_mgpu_attention.py --shapes 1x8192,1x32768 \
   --variants default --no-cudnn --softcap 50
 logged plain timeout 80 python3 scripts/check_mgpu_attention.py --shapes 1x8192,1x32768 \
   --variants default --no-cudnn
 cd .ab_old
 export PYTHONPATH=$PWD/scripts:$PWD
-logged old timeout 100 python3 scripts/check_mgpu_attention.py --shapes 1x8192,1x32768 \
+logged old timeout 150 python3 scripts/check_mgpu_attention.py --shapes 1x8192,1x32768 \
   --variants default --no-cudnn --softcap 50
