@@ -35,8 +35,7 @@ forward's row maxima are taken on ``s``) and ``lse₂ = lse·log2 e``.
 * Forward, grid ``q_heads x q_tiles / 2 x batch``: warpgroup ``w`` owns 64 query rows and
   streams the K/V tiles up to its diagonal with the online softmax; the two warpgroups take
   turns on the tensor cores (one's softmax overlaps the other's matmuls). Saves ``out`` and
-  ``lse₂`` only. With ``fwd_overlap`` each step also issues the next tile's scores before this
-  tile's softmax and PV, whose issue then orders the wait after the softmax.
+  ``lse₂`` only.
 * dK/dV, grid ``kv_heads x kv_tiles / 2 x batch``: warpgroup ``w`` owns 64 K/V rows and
   float32 dK/dV accumulators in registers, and streams every query tile that can see them, for
   each of the ``G`` query heads of its KV head in turn (the GQA sum happens in the
@@ -120,10 +119,7 @@ class MgpuAttentionConfig:
     compute warpgroups can have: at 232 ptxas spilled 132 bytes per thread in the dK/dV kernel,
     at 240 40 bytes, and the backward ran ~1% faster (BENCHMARKS.md §3, registers); the forward
     spills nothing at 232. ``launch_order``: ``"heads"``, ``"tiles"`` or ``"auto"``, which
-    picks per kernel launch (:func:`_grid`). ``fwd_overlap``: the forward issues each tile's
-    scores product before the previous tile's softmax and PV, so the softmax runs under a
-    product of its own warpgroup as well as the other's (off by default until timed on the
-    GPU: BENCHMARKS.md §3, "Registers without the GPU").
+    picks per kernel launch (:func:`_grid`).
     """
 
     fwd_block_kv: int = 128
@@ -133,7 +129,6 @@ class MgpuAttentionConfig:
     fwd_registers: tuple[int, int] = (232, 40)
     bwd_registers: tuple[int, int] = (240, 24)
     launch_order: str = "auto"
-    fwd_overlap: bool = False
 
     def __post_init__(self) -> None:
         for name in ("fwd_block_kv", "dq_block_kv"):
@@ -520,20 +515,19 @@ def _forward_call(q: Array, k: Array, v: Array, seg: tuple[Array, Array] | None,
                 last_row_first_key = jnp.maximum(q_base + bq - spec.window, 0)
                 clear = jnp.clip(pl.cdiv(last_row_first_key, bkv), first, full)
 
-            def release_k(slot: Array) -> Array | None:
-                """Frees K slot ``slot`` once its scores are in registers; returns the keys'
-                segment ids that ride in it (None without segments)."""
-                k_seg = None
+            def step(j: Array, carry: tuple[Array, Array, Array], masked: bool) -> Any:
+                acc, m, denom = carry
+                slot = lax.rem(j - first, slots)
+                plgpu.barrier_wait(k_bar.at[slot])
+                (scores,) = _products(
+                    [(_zeros((bq, bkv), interpret), q_smem.at[wg], _T(k_ring.at[slot]))],
+                    interpret,
+                    after_issue=take_turn,  # the other warpgroup's PV runs meanwhile
+                )
                 if segmented:
                     plgpu.barrier_wait(k_seg_bar.at[slot])
                     k_seg = _load_stats(k_seg_ring.at[slot], _COL_STAT, interpret)
                 plgpu.barrier_arrive(k_free.at[slot])
-                return k_seg
-
-            def softmax(j: Array, scores: Array, k_seg: Array | None, m: Array, denom: Array,
-                        masked: bool) -> tuple[Array, Array, Array, Array]:  # fmt: skip
-                """``(p, m, denom, alpha)``: K tile ``j``'s probabilities against the new
-                running maxima, and the factor that moves the old sums onto them."""
                 scores, _ = spec.exponent(scores)
                 if masked:
                     visible = spec.visible((bq, bkv), q_base, j * bkv, True, interpret)
@@ -547,22 +541,7 @@ def _forward_call(q: Array, k: Array, v: Array, seg: tuple[Array, Array] | None,
                 alpha = jnp.exp2(m - m_shift)
                 m_bcast = lax.broadcast_in_dim(m_shift, scores.shape, [0])
                 p = jnp.exp2(scores * spec.to_log2 - m_bcast)
-                return p, m_new, denom * alpha + p.sum(axis=1), alpha
-
-            def scores_of(slot: Array, after_issue: Callable[[], None] | None) -> Array:
-                plgpu.barrier_wait(k_bar.at[slot])
-                (scores,) = _products(
-                    [(_zeros((bq, bkv), interpret), q_smem.at[wg], _T(k_ring.at[slot]))],
-                    interpret,
-                    after_issue=after_issue,
-                )
-                return scores
-
-            def step(j: Array, carry: tuple[Array, Array, Array], masked: bool) -> Any:
-                acc, m, denom = carry
-                slot = lax.rem(j - first, slots)
-                scores = scores_of(slot, take_turn)  # the other warpgroup's PV runs meanwhile
-                p, m_new, denom, alpha = softmax(j, scores, release_k(slot), m, denom, masked)
+                denom = denom * alpha + p.sum(axis=1)
                 acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
                 p16 = p.astype(q.dtype)
                 acc, denom, m_new, p16 = lax.optimization_barrier((acc, denom, m_new, p16))
@@ -577,10 +556,6 @@ def _forward_call(q: Array, k: Array, v: Array, seg: tuple[Array, Array] | None,
                 # Tiles wholly above this warpgroup's diagonal but not the CTA's: release the
                 # slots and keep the turn-taking in step with the other warpgroup.
                 # Every warpgroup observes every phase of the load barriers.
-                if config.fwd_overlap:
-                    # The turn first: the other warpgroup frees a V tile only after the turn
-                    # that follows its PV's issue, so waiting for the tile before it deadlocks.
-                    take_turn()
                 slot = lax.rem(j - first, slots)
                 plgpu.barrier_wait(k_bar.at[slot])
                 if segmented:
@@ -588,53 +563,8 @@ def _forward_call(q: Array, k: Array, v: Array, seg: tuple[Array, Array] | None,
                 plgpu.barrier_arrive(k_free.at[slot])
                 plgpu.barrier_wait(v_bar.at[slot])
                 plgpu.barrier_arrive(v_free.at[slot])
-                if not config.fwd_overlap:
-                    take_turn()
-                    take_turn()
-
-            def softmax_and_pv(t: Array, scores: Array, k_seg: Array | None, acc: Array,
-                               m: Array, denom: Array, masked: bool) -> Any:  # fmt: skip
-                """Tile ``t``'s softmax, the rescaled ``acc`` plus its PV, and the new
-                running statistics (``fwd_overlap``'s second half of a step)."""
-                p, m, denom, alpha = softmax(t, scores, k_seg, m, denom, masked)
-                acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-                slot = lax.rem(t - first, slots)
-                plgpu.barrier_wait(v_bar.at[slot])
-                (acc,) = _products([(acc, p.astype(q.dtype), v_ring.at[slot])], interpret)
-                return acc, m, denom
-
-            def overlapped_step(t: Array, carry: tuple[Array, ...], masked: bool) -> Any:
-                """Tile ``t + 1``'s scores are issued first, and tile ``t``'s softmax and PV
-                run while they are in flight (the scores one tile ahead of the softmax). The
-                PV's issue waits on the softmax, and the wait for both products follows it,
-                so ptxas cannot hoist that wait above the softmax (it did hoist a wait that
-                only followed it)."""
-                acc, m, denom, scores, k_seg = carry
-                next_slot = lax.rem(t + 1 - first, slots)
-                plgpu.barrier_wait(k_bar.at[next_slot])
-                next_term = (_zeros((bq, bkv), interpret), q_smem.at[wg], _T(k_ring.at[next_slot]))
-
-                def rest(acc: Array, m: Array, denom: Array) -> tuple[Array, ...]:
-                    take_turn()
-                    return softmax_and_pv(t, scores, k_seg, acc, m, denom, masked)
-
-                if interpret is not None:  # Interpreter: plain dots in the same order.
-                    (next_scores,) = _products([next_term], interpret)
-                    acc, m, denom = rest(acc, m, denom)
-                else:
-
-                    def issue(refs):
-                        s_ref, acc_ref, m_ref, denom_ref = refs
-                        plgpu.wgmma(s_ref, next_term[1], _operand(next_term[2], None))
-                        acc_ref[...], m_ref[...], denom_ref[...] = rest(
-                            acc_ref[...], m_ref[...], denom_ref[...]
-                        )
-
-                    next_scores, acc, m, denom = pl.run_state(issue)(
-                        (plgpu.ACC.init(next_term[0]), acc, m, denom)
-                    )
-                plgpu.barrier_arrive(v_free.at[lax.rem(t - first, slots)])
-                return acc, m, denom, next_scores, release_k(next_slot)
+                take_turn()
+                take_turn()
 
             carry = (
                 _zeros((bq, d), interpret),
@@ -642,25 +572,9 @@ def _forward_call(q: Array, k: Array, v: Array, seg: tuple[Array, Array] | None,
                 _full((bq,), 0.0, _ROW_STAT, interpret),
             )
             pl.when(wg == 1)(take_turn)  # warpgroup 0 starts on the tensor cores
-            if not config.fwd_overlap:
-                carry = lax.fori_loop(first, clear, lambda j, x: step(j, x, True), carry)
-                carry = lax.fori_loop(clear, full, lambda j, x: step(j, x, False), carry)
-                acc, m, denom = lax.fori_loop(full, steps, lambda j, x: step(j, x, True), carry)
-            else:
-                # Tile t's softmax and PV run in the step that issues tile t + 1's scores;
-                # the first tile's scores come first, the last tile's softmax and PV last.
-                acc, m, denom = carry
-                slot = lax.rem(first - first, slots)  # 0, as a value (a literal fails to lower)
-                carry = (acc, m, denom, scores_of(slot, take_turn), release_k(slot))
-                last = steps - 1
-                clear_ = jnp.minimum(clear, last)
-                full_ = jnp.maximum(jnp.minimum(full, last), clear_)
-                overlapped = lambda masked: lambda t, x: overlapped_step(t, x, masked)
-                carry = lax.fori_loop(first, clear_, overlapped(True), carry)
-                carry = lax.fori_loop(clear_, full_, overlapped(False), carry)
-                acc, m, denom, scores, k_seg = lax.fori_loop(full_, last, overlapped(True), carry)
-                acc, m, denom = softmax_and_pv(last, scores, k_seg, acc, m, denom, True)
-                plgpu.barrier_arrive(v_free.at[lax.rem(last - first, slots)])
+            carry = lax.fori_loop(first, clear, lambda j, x: step(j, x, True), carry)
+            carry = lax.fori_loop(clear, full, lambda j, x: step(j, x, False), carry)
+            acc, m, denom = lax.fori_loop(full, steps, lambda j, x: step(j, x, True), carry)
             lax.fori_loop(steps, cta_steps, skip, None)
             pl.when(wg == 0)(take_turn)
             q_smem.at[wg][...] = (acc / lax.broadcast_in_dim(denom, acc.shape, [0])).astype(q.dtype)
@@ -787,10 +701,10 @@ def _dkdv_call(q, k, v, do, lse2, delta, seg, spec: _Scores, config: MgpuAttenti
                 # they are not live beside sT and dpT: 32 registers fewer at the peak, which
                 # ptxas otherwise spills (BENCHMARKS.md §3, registers). With a softcap the
                 # logits come out of tanh, so lse₂ is subtracted after it.
+                lse = _load_stats(lse_ring.at[slot], _COL_STAT, interpret)
                 cols = lambda x: lax.broadcast_in_dim(x, (blk, blk), [1])
-                lse = lambda: _load_stats(lse_ring.at[slot], _COL_STAT, interpret)
                 if spec.softcap is None:
-                    s_init = cols(lse() * (-1.0 / spec.to_log2))
+                    s_init = cols(lse * (-1.0 / spec.to_log2))
                 else:
                     s_init = _zeros((blk, blk), interpret)
                 dlt = _load_stats(delta_ring.at[slot], _COL_STAT, interpret)
@@ -805,8 +719,7 @@ def _dkdv_call(q, k, v, do, lse2, delta, seg, spec: _Scores, config: MgpuAttenti
                 if spec.softcap is None:
                     p_t = jnp.exp2(x_t * spec.to_log2)
                 else:
-                    # lse₂ read only now, not held in registers across the products.
-                    p_t = jnp.exp2(x_t * spec.to_log2 - cols(lse()))
+                    p_t = jnp.exp2(x_t * spec.to_log2 - cols(lse))
                 if masked:
                     visible = spec.visible((blk, blk), kv_base, q0, False, interpret)
                     p_t = jnp.where(visible, p_t, 0.0)

@@ -45,10 +45,6 @@ VARIANTS = {
     # Launch order, forced either way (the default picks per shape: flash_attention_mgpu._grid).
     "heads first": MgpuAttentionConfig(launch_order="heads"),
     "tiles first": MgpuAttentionConfig(launch_order="tiles"),
-    # The forward with each tile's softmax under the next tile's scores product (fwd_overlap),
-    # at the forward's registers and at 240/24 (no spills there, offline ptxas).
-    "fwd overlap": MgpuAttentionConfig(fwd_overlap=True),
-    "fwd overlap r240": MgpuAttentionConfig(fwd_overlap=True, fwd_registers=(240, 24)),
 }
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU call (~8 min, carry .gpu; not yet run): the train step's new default compiler option
+# GPU call (~8 min, carry .gpu; run 2026-11-30, seventh session): the train step's new default compiler option
 # (xla_gpu_enable_dynamic_slice_fusion=False, lorax.train.step.DEFAULT_COMPILER_OPTIONS).
 # gpu_run82/83 found XLA's dynamic-slice fusion cloning the Mosaic attention forward (run twice
 # per layer); with the option off by XLA_FLAGS the Mosaic 1x8192 step ran 11,906 -> 12,489

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU call (~4 min, carry .gpu .ab_old; not yet run): the softcapped dK/dV kernel with lse₂
+# GPU call (~4 min, carry .gpu .ab_old; run 2026-11-30, seventh session): the softcapped dK/dV kernel with lse₂
 # read after its products (ptxas, offline: spills 232/420 -> 84/188 B, and three of its four
 # hot loops free of local memory; BENCHMARKS §3, "Registers without the GPU") against the tree
 # before (.ab_old = `git archive e0cc06c`), softcap 50 at 1x8192 and 1x32768, with ptxas's

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# GPU call (~7 min, carry .gpu; not yet run): the forward with fwd_overlap (each tile's
+# Runs at commit dbf13cb: fwd_overlap was removed after these timings (BENCHMARKS §3).
+# GPU call (~7 min, carry .gpu; run 2026-11-30, seventh session): the forward with fwd_overlap (each tile's
 # softmax under the next tile's scores product, FlashAttention-3's intra-warpgroup overlap;
 # offline SASS: 66 exp2 between the scores product's issue and its wait in the hot loop, no
 # local memory at 240/24) against the default, per kernel, at 2x2048, 1x8192 and 1x32768, then

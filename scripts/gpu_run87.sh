@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# Runs at commit d230ed0: fwd_overlap was removed after these timings (BENCHMARKS §3).
 # GPU call (~8 min, carry .gpu .ab_old): gpu_run86 timed fwd_overlap only at 2x2048 (its
 # 1x8192 runs hit their timeouts while computing the f32 reference): 363 against 468 TFLOP/s.
 # Here the forward alone (--forward-only: no reference, outputs against the default's), default
