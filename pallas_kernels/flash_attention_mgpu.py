@@ -119,9 +119,7 @@ class MgpuAttentionConfig:
     compute warpgroups can have: at 232 ptxas spilled 132 bytes per thread in the dK/dV kernel,
     at 240 40 bytes, and the backward ran ~1% faster (BENCHMARKS.md §3, registers); the forward
     spills nothing at 232. ``launch_order``: ``"heads"``, ``"tiles"`` or ``"auto"``, which
-    picks per kernel launch (:func:`_grid`). ``fwd_paired_products``: the forward issues each
-    tile's PV together with the next tile's scores, one turn on the tensor cores and one wgmma
-    wait per tile instead of two of each (the PV's wait no longer stalls the next scores).
+    picks per kernel launch (:func:`_grid`).
     """
 
     fwd_block_kv: int = 128
@@ -131,7 +129,6 @@ class MgpuAttentionConfig:
     fwd_registers: tuple[int, int] = (232, 40)
     bwd_registers: tuple[int, int] = (240, 24)
     launch_order: str = "auto"
-    fwd_paired_products: bool = False
 
     def __post_init__(self) -> None:
         for name in ("fwd_block_kv", "dq_block_kv"):
@@ -518,20 +515,19 @@ def _forward_call(q: Array, k: Array, v: Array, seg: tuple[Array, Array] | None,
                 last_row_first_key = jnp.maximum(q_base + bq - spec.window, 0)
                 clear = jnp.clip(pl.cdiv(last_row_first_key, bkv), first, full)
 
-            def release_k(slot: Array) -> Array | None:
-                """Frees K slot ``slot`` once its scores are in registers; returns the keys'
-                segment ids that ride in it (None without segments)."""
-                k_seg = None
+            def step(j: Array, carry: tuple[Array, Array, Array], masked: bool) -> Any:
+                acc, m, denom = carry
+                slot = lax.rem(j - first, slots)
+                plgpu.barrier_wait(k_bar.at[slot])
+                (scores,) = _products(
+                    [(_zeros((bq, bkv), interpret), q_smem.at[wg], _T(k_ring.at[slot]))],
+                    interpret,
+                    after_issue=take_turn,  # the other warpgroup's PV runs meanwhile
+                )
                 if segmented:
                     plgpu.barrier_wait(k_seg_bar.at[slot])
                     k_seg = _load_stats(k_seg_ring.at[slot], _COL_STAT, interpret)
                 plgpu.barrier_arrive(k_free.at[slot])
-                return k_seg
-
-            def softmax(j: Array, scores: Array, k_seg: Array | None, m: Array, denom: Array,
-                        masked: bool) -> tuple[Array, Array, Array, Array]:  # fmt: skip
-                """``(p, m, denom, alpha)``: K tile ``j``'s probabilities against the new
-                running maxima, and the factor that moves the old sums onto them."""
                 scores, _ = spec.exponent(scores)
                 if masked:
                     visible = spec.visible((bq, bkv), q_base, j * bkv, True, interpret)
@@ -545,24 +541,8 @@ def _forward_call(q: Array, k: Array, v: Array, seg: tuple[Array, Array] | None,
                 alpha = jnp.exp2(m - m_shift)
                 m_bcast = lax.broadcast_in_dim(m_shift, scores.shape, [0])
                 p = jnp.exp2(scores * spec.to_log2 - m_bcast)
-                return p, m_new, denom * alpha + p.sum(axis=1), alpha
-
-            rescale = lambda acc, alpha: acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-            scores_term = lambda slot: (
-                _zeros((bq, bkv), interpret), q_smem.at[wg], _T(k_ring.at[slot])
-            )  # fmt: skip
-
-            def step(j: Array, carry: tuple[Array, Array, Array], masked: bool) -> Any:
-                acc, m, denom = carry
-                slot = lax.rem(j - first, slots)
-                plgpu.barrier_wait(k_bar.at[slot])
-                (scores,) = _products(
-                    [scores_term(slot)],
-                    interpret,
-                    after_issue=take_turn,  # the other warpgroup's PV runs meanwhile
-                )
-                p, m_new, denom, alpha = softmax(j, scores, release_k(slot), m, denom, masked)
-                acc = rescale(acc, alpha)
+                denom = denom * alpha + p.sum(axis=1)
+                acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
                 p16 = p.astype(q.dtype)
                 acc, denom, m_new, p16 = lax.optimization_barrier((acc, denom, m_new, p16))
                 plgpu.barrier_arrive(turn)  # softmax done
@@ -571,22 +551,6 @@ def _forward_call(q: Array, k: Array, v: Array, seg: tuple[Array, Array] | None,
                 (acc,) = _products([(acc, p16, v_ring.at[slot])], interpret)
                 plgpu.barrier_arrive(v_free.at[slot])
                 return acc, m_new, denom
-
-            def paired_step(t: Array, carry: tuple[Array, ...], masked: bool) -> Any:
-                """Tile ``t``'s PV and tile ``t + 1``'s scores, issued together in one turn on
-                the tensor cores, then tile ``t + 1``'s softmax (``fwd_paired_products``)."""
-                acc, m, denom, p16 = carry
-                slot, next_slot = lax.rem(t - first, slots), lax.rem(t + 1 - first, slots)
-                plgpu.barrier_wait(v_bar.at[slot])
-                plgpu.barrier_wait(k_bar.at[next_slot])
-                acc, scores = _products(
-                    [(acc, p16, v_ring.at[slot]), scores_term(next_slot)],
-                    interpret,
-                    after_issue=take_turn,  # the other warpgroup's softmax runs meanwhile
-                )
-                plgpu.barrier_arrive(v_free.at[slot])
-                p, m, denom, alpha = softmax(t + 1, scores, release_k(next_slot), m, denom, masked)
-                return rescale(acc, alpha), m, denom, p.astype(q.dtype)
 
             def skip(j: Array, _: None) -> None:
                 # Tiles wholly above this warpgroup's diagonal but not the CTA's: release the
@@ -599,38 +563,18 @@ def _forward_call(q: Array, k: Array, v: Array, seg: tuple[Array, Array] | None,
                 plgpu.barrier_arrive(k_free.at[slot])
                 plgpu.barrier_wait(v_bar.at[slot])
                 plgpu.barrier_arrive(v_free.at[slot])
-                for _ in range(1 if config.fwd_paired_products else 2):  # as a step takes
-                    take_turn()
+                take_turn()
+                take_turn()
 
-            acc = _zeros((bq, d), interpret)
-            m = _full((bq,), -jnp.inf, _ROW_STAT, interpret)
-            denom = _full((bq,), 0.0, _ROW_STAT, interpret)
+            carry = (
+                _zeros((bq, d), interpret),
+                _full((bq,), -jnp.inf, _ROW_STAT, interpret),
+                _full((bq,), 0.0, _ROW_STAT, interpret),
+            )
             pl.when(wg == 1)(take_turn)  # warpgroup 0 starts on the tensor cores
-            if not config.fwd_paired_products:
-                carry = (acc, m, denom)
-                carry = lax.fori_loop(first, clear, lambda j, x: step(j, x, True), carry)
-                carry = lax.fori_loop(clear, full, lambda j, x: step(j, x, False), carry)
-                acc, m, denom = lax.fori_loop(full, steps, lambda j, x: step(j, x, True), carry)
-            else:
-                # One turn per tile: the first tile's scores alone, then step t issues tile
-                # t's PV with tile t + 1's scores and runs tile t + 1's softmax (the loops
-                # split on t + 1's mask), and the last tile's PV alone.
-                slot = lax.rem(first - first, slots)  # 0, as a value (a literal fails to lower)
-                plgpu.barrier_wait(k_bar.at[slot])
-                (scores,) = _products([scores_term(slot)], interpret, after_issue=take_turn)
-                p, m, denom, _ = softmax(first, scores, release_k(slot), m, denom, True)
-                carry = (acc, m, denom, p.astype(q.dtype))
-                last = steps - 1
-                unmasked_from = jnp.maximum(clear - 1, first)
-                masked_from = jnp.maximum(full - 1, unmasked_from)
-                paired = lambda masked: lambda t, x: paired_step(t, x, masked)
-                carry = lax.fori_loop(first, unmasked_from, paired(True), carry)
-                carry = lax.fori_loop(unmasked_from, masked_from, paired(False), carry)
-                acc, m, denom, p16 = lax.fori_loop(masked_from, last, paired(True), carry)
-                slot = lax.rem(last - first, slots)
-                plgpu.barrier_wait(v_bar.at[slot])
-                (acc,) = _products([(acc, p16, v_ring.at[slot])], interpret, after_issue=take_turn)
-                plgpu.barrier_arrive(v_free.at[slot])
+            carry = lax.fori_loop(first, clear, lambda j, x: step(j, x, True), carry)
+            carry = lax.fori_loop(clear, full, lambda j, x: step(j, x, False), carry)
+            acc, m, denom = lax.fori_loop(full, steps, lambda j, x: step(j, x, True), carry)
             lax.fori_loop(steps, cta_steps, skip, None)
             pl.when(wg == 0)(take_turn)
             q_smem.at[wg][...] = (acc / lax.broadcast_in_dim(denom, acc.shape, [0])).astype(q.dtype)

@@ -45,10 +45,6 @@ VARIANTS = {
     # Launch order, forced either way (the default picks per shape: flash_attention_mgpu._grid).
     "heads first": MgpuAttentionConfig(launch_order="heads"),
     "tiles first": MgpuAttentionConfig(launch_order="tiles"),
-    # The forward issuing each tile's PV with the next tile's scores (one turn, one wait per
-    # tile), at the forward's registers and at 240/24.
-    "paired": MgpuAttentionConfig(fwd_paired_products=True),
-    "paired r240": MgpuAttentionConfig(fwd_paired_products=True, fwd_registers=(240, 24)),
 }
 
 

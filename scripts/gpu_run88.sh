@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# GPU call (~6 min, carry .gpu): the forward with fwd_paired_products (each tile's PV issued
+# Runs at commit a3830de: fwd_paired_products was removed after these timings (BENCHMARKS §3).
+# GPU call (~3 min, carry .gpu; run 2026-11-30, seventh session): the forward with fwd_paired_products (each tile's PV issued
 # with the next tile's scores: one tensor-core turn and one wgmma wait per tile instead of two;
 # offline SASS: hot loop 472 instructions against 466, 16 wgmmas, one DEPBAR, no spills) against
 # the default. First the forward alone at 2x2048, 1x8192 and 1x32768 (also at 240/24), then

@@ -73,32 +73,6 @@ def test_forward_matches_reference(rng, block_kv, launch_order):
     np.testing.assert_allclose(lse, want_lse, rtol=0, atol=2e-3)
 
 
-@pytest.mark.parametrize(
-    ("block_kv", "options"),
-    [(64, {}), (128, dict(sliding_window=100, softcap=2.0, segmented=True))],
-    ids=["causal-kv64", "window-softcap-segments"],
-)
-def test_paired_products_forward_matches_reference(rng, block_kv, options):
-    """``fwd_paired_products``: each step issues tile t's PV with tile t + 1's scores, so the
-    first tile (scores alone), the last (PV alone) and the earlier warpgroup's skipped tiles
-    (one turn each) are special: S = 512 with 64-wide tiles gives warpgroups with one tile and
-    with several; the packed segments and the window make CTAs whose first tile is not tile 0,
-    rows that see nothing in it, and unmasked runs that start after the first tile."""
-    q, k, v, _ = _inputs(rng, s=512, hq=2, hkv=1)
-    segment_ids = _packed_segments() if options.pop("segmented", False) else None
-    scale = 0.3
-    f32 = [x.astype(jnp.float32) for x in (q, k, v)]
-    want_out, want_lse = _attention(*f32, scale, segment_ids, **options)
-    config = MgpuAttentionConfig(fwd_block_kv=block_kv, fwd_paired_products=True)
-    out, lse = flash_forward_mgpu(
-        q, k, v, scale=scale, config=config, interpret=interpret_params.InterpretGPUParams(),
-        segment_ids=segment_ids, **options,
-    )  # fmt: skip
-    assert not jnp.isnan(out.astype(jnp.float32)).any()
-    assert _rel_err(out, want_out) < 1e-2
-    np.testing.assert_allclose(lse, want_lse, rtol=0, atol=2e-3)
-
-
 def test_auto_launch_order_goes_heads_first_once_a_head_fills_the_gpu():
     """Grid axes in launch order: tiles first for short sequences (each head's CTAs alone leave
     SMs idle), heads first from ``_HEADS_FIRST_MIN_CTAS`` CTAs per head (tiles x batch)."""
@@ -346,8 +320,7 @@ def test_remat_policy_keeps_the_mosaic_forward_outputs():
     ids=["causal", "segments", "segments-window-softcap"],
 )
 @pytest.mark.parametrize("d", [64, 128])
-@pytest.mark.parametrize("paired", [False, True], ids=["", "paired"])
-def test_kernels_lower_for_hopper(d, segmented, options, paired):
+def test_kernels_lower_for_hopper(d, segmented, options):
     """The compiled kernels (no interpreter) lower to Mosaic GPU custom calls for ``cuda``.
 
     The Pallas-to-Mosaic-GPU lowering runs without a GPU, so this catches what the interpreter
@@ -358,12 +331,8 @@ def test_kernels_lower_for_hopper(d, segmented, options, paired):
     kv = jax.ShapeDtypeStruct((1, 256, 2, d), jnp.bfloat16)
     seg = jax.ShapeDtypeStruct((1, 256), jnp.int32) if segmented else None
 
-    config = MgpuAttentionConfig(fwd_paired_products=paired)
-
     def fwd_bwd(q, k, v, seg):
-        attend = lambda *x: flash_attention_mgpu(
-            *x, d**-0.5, config=config, segment_ids=seg, **options
-        )
+        attend = lambda *x: flash_attention_mgpu(*x, d**-0.5, segment_ids=seg, **options)
         out, vjp = jax.vjp(attend, q, k, v)
         return vjp(out)
 
