@@ -146,6 +146,11 @@ def check_shape(b: int, s: int, variants: list[str], cudnn: bool = True, hq: int
             print(f"  {'':<16} dK/dV kernel {rate(2 * fwd_flops, pipelined_ms(dkdv, *args))}"
                   f"  dQ kernel {rate(1.5 * fwd_flops, pipelined_ms(dq, *args))}"
                   "  (real tensor work)", flush=True)  # fmt: skip
+            # The rest of the backward: the Δ reduction, and the two kernels back to back.
+            delta_of = jax.jit(lambda o, g: jnp.einsum("bshd,bshd->bhs", o.astype(f32), g))
+            both = jax.jit(lambda *a: (dkdv(*a), dq(*a)))
+            print(f"  {'':<16} Δ reduction {pipelined_ms(delta_of, out, do):.3f} ms"
+                  f"  both kernels {pipelined_ms(both, *args):.3f} ms", flush=True)  # fmt: skip
 
         _try(name, run)
 
