@@ -138,7 +138,8 @@ def check_shape(b: int, s: int, variants: list[str], cudnn: bool = True, hq: int
             seg, spec = mgpu._prepare(q, k, v, config, segment_ids, scale, window, softcap)
             lse2 = lse * math.log2(math.e)
             f32 = jnp.float32
-            delta = jnp.einsum("bshd,bshd->bhs", out.astype(f32), do.astype(f32))
+            delta_of = jax.jit(lambda o, g: jnp.einsum("bshd,bshd->bhs", o.astype(f32), g))
+            delta = delta_of(out, do)  # rowsum(dO ⊙ O), as the backward computes it
             args = (q, k, v, do, lse2, delta)
             dkdv = jax.jit(lambda *a: mgpu._dkdv_call(*a, seg, spec, config, None))
             dq = jax.jit(lambda *a: mgpu._dq_call(*a, seg, spec, config, None))
@@ -147,7 +148,6 @@ def check_shape(b: int, s: int, variants: list[str], cudnn: bool = True, hq: int
                   f"  dQ kernel {rate(1.5 * fwd_flops, pipelined_ms(dq, *args))}"
                   "  (real tensor work)", flush=True)  # fmt: skip
             # The rest of the backward: the Δ reduction, and the two kernels back to back.
-            delta_of = jax.jit(lambda o, g: jnp.einsum("bshd,bshd->bhs", o.astype(f32), g))
             both = jax.jit(lambda *a: (dkdv(*a), dq(*a)))
             print(f"  {'':<16} Δ reduction {pipelined_ms(delta_of, out, do):.3f} ms"
                   f"  both kernels {pipelined_ms(both, *args):.3f} ms", flush=True)  # fmt: skip
