@@ -102,6 +102,9 @@ _ROW_STAT = plgpu.Layout.WGMMA.reduce(1)
 _COL_STAT = plgpu.Layout.WGMMA.reduce(0)
 FORWARD_KERNEL_NAME = "lorax_mgpu_attention_fwd"
 LAUNCH_ORDERS = ("auto", "heads", "tiles")
+# How the backward gets dQ: its own kernel (seven tile products per tile pair, no atomics), or
+# inside the dK/dV kernel (five), reduce-added by TMA or by red.global.add (_fused_call).
+BWD_DQ = ("kernel", "fused-tma", "fused-atomic")
 _SMS = 132  # SMs of the H100 SXM / H200, the GPUs the kernels are tuned on (sizes ``_grid``'s rule)
 _HEADS_FIRST_MIN_CTAS = 3 * _SMS // 4  # "auto" launches heads first from this many CTAs per head
 
@@ -129,6 +132,8 @@ class MgpuAttentionConfig:
     fwd_registers: tuple[int, int] = (232, 40)
     bwd_registers: tuple[int, int] = (240, 24)
     launch_order: str = "auto"
+    bwd_dq: str = "kernel"
+    fused_registers: tuple[int, int, int] = (232, 256, 24)
 
     def __post_init__(self) -> None:
         for name in ("fwd_block_kv", "dq_block_kv"):
@@ -137,6 +142,8 @@ class MgpuAttentionConfig:
         if self.launch_order not in LAUNCH_ORDERS:
             order = self.launch_order
             raise ValueError(f"launch_order must be one of {LAUNCH_ORDERS}, got {order!r}")
+        if self.bwd_dq not in BWD_DQ:
+            raise ValueError(f"bwd_dq must be one of {BWD_DQ}, got {self.bwd_dq!r}")
         if min(self.fwd_slots, self.bwd_slots) < 2:
             raise ValueError(f"ring depths must be >= 2, got {self.fwd_slots}/{self.bwd_slots}")
         for name in ("fwd_registers", "bwd_registers"):
@@ -147,6 +154,13 @@ class MgpuAttentionConfig:
                     f"{name}={getattr(self, name)}: need multiples of 8 in [24, 256] with "
                     f"2·128·compute + 128·memory <= {_REGISTER_FILE}"
                 )
+        regs = self.fused_registers
+        if not (128 * sum(regs) <= _REGISTER_FILE and all(24 <= r <= 256 and r % 8 == 0
+                                                            for r in regs)):  # fmt: skip
+            raise ValueError(
+                f"fused_registers={regs}: need multiples of 8 in [24, 256] summing to at most "
+                f"{_REGISTER_FILE // 128}"
+            )
 
     @property
     def seq_multiple(self) -> int:
@@ -940,6 +954,235 @@ def _dq_call(q, k, v, do, lse2, delta, seg, spec: _Scores, config: MgpuAttention
     return _launch(entry, out_type, grid, "lorax_mgpu_attention_dq", interpret)(*operands)
 
 
+def _fused_call(q, k, v, do, lse2, delta, seg, spec: _Scores, config: MgpuAttentionConfig,
+                interpret, dq_acc):  # fmt: skip
+    """dK, dV and dQ in one kernel: five tile products per tile pair instead of seven.
+
+    Why the roles are split: the designs that gave each warpgroup 64 keys and all five products
+    (FlashAttention-3's) keep both float32 accumulators, both score tiles and the dQ partial
+    live at once, which spills under Mosaic GPU (BENCHMARKS.md §3, registers). Here each CTA
+    owns 128 keys and each warpgroup one accumulator over all of them:
+
+    * warpgroup 0 (P): ``sT = K·Qᵀ``, ``pT = exp2(sT·c − lse₂)``, hands ``pT`` to warpgroup 1
+      through a double-buffered shared tile, ``dV += pT·dO``;
+    * warpgroup 1 (dS): ``dpT = V·dOᵀ − Δ``, ``dsT = pT ⊙ dpT``, ``dK += dsT·Q``, then the
+      query tile's dQ partial ``dS·K`` (``dsT`` through shared memory, read transposed),
+      added into the float32 ``dq_acc`` in global memory: by a TMA reduce-add from a
+      shared-memory stage (``config.bwd_dq == "fused-tma"``) or by ``red.global.add`` from
+      registers (``"fused-atomic"``).
+
+    The partial sums arrive in no fixed order, so dQ is not bitwise reproducible run to run.
+    In the interpreter (no TMA reductions) ``dq_acc`` has a leading plane per CTA row of keys,
+    summed by the caller.
+    """
+    b, s, hq, d = q.shape
+    hkv = k.shape[2]
+    groups = hq // hkv
+    blk, slots = _ROWS, config.bwd_slots
+    keys = _COMPUTE_WGS * _ROWS  # keys per CTA
+    segmented = seg is not None
+    atomic = config.bwd_dq == "fused-atomic" or interpret is not None  # (no stage)
+
+    def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs):
+        seg_refs, refs = (refs[:2], refs[2:]) if segmented else ((), refs)
+        dq_ref, dk_ref, dv_ref, scoped = refs
+        (k_smem, v_smem, q_ring, do_ring, lse_ring, delta_ring, p_tiles, ds_tile, *rest), bars = (
+            scoped
+        )
+        dq_stage, seg_smem = (None, rest) if atomic else (rest[0], rest[1:])
+        kv_bars, q_bar, do_bar, lse_bar, delta_bar, free, p_ready, p_free, done, *seg_bars = bars
+        batch, kv_head, tile = (lax.axis_index(n) for n in ("batch", "kv_heads", "kv_tiles"))
+        wg = lax.axis_index("wg")
+        cta_base = tile * keys
+        first = cta_base // blk  # the first query tile that sees any of the CTA's keys
+        end = spec.last_query(cta_base + keys - 1, s) // blk + 1  # ... and one past the last
+        if segmented:
+            seg_ref, spans_ref = seg_refs
+            end = jnp.minimum(end, _span(spans_ref, batch, tile, 1, interpret) // blk + 1)
+        window_edge = end
+        if spec.window is not None:
+            window_edge = jnp.clip((cta_base + spec.window) // blk, first + _COMPUTE_WGS, end)
+        per_head = end - first
+        steps = groups * per_head
+        rows = (batch, pl.ds(cta_base, keys), kv_head)
+        cols = lambda x: lax.broadcast_in_dim(x, (keys, blk), [1])
+
+        def coords(step: Array) -> tuple[Array, Array]:
+            head = kv_head * groups + step // per_head
+            return head, (first + step % per_head) * blk
+
+        def run_steps(body: Callable[[Array, Array, bool], Array], acc: Array) -> Array:
+            # Per head: the first two query tiles straddle the CTA's diagonal, those from
+            # window_edge on straddle the window's edge; the rest are fully visible.
+            for g in range(groups):
+                start = g * per_head
+                edge = start + jnp.minimum(per_head, _COMPUTE_WGS)
+                clear_end = start + (window_edge - first)
+                masked = lambda i, a: body(i, a, True)
+                acc = lax.fori_loop(start, edge, masked, acc)
+                acc = lax.fori_loop(edge, clear_end, lambda i, a: body(i, a, False), acc)
+                acc = lax.fori_loop(clear_end, start + per_head, masked, acc)
+            return acc
+
+        def own_keys(src: Any, dst: Any, bar: Any) -> None:
+            plgpu.copy_gmem_to_smem(src.at[rows], dst, bar)
+
+        def finish(acc: Array, scale: float, dst_smem: Any, dst_ref: Any) -> None:
+            # Both warpgroups' products that read K and V are done before either is overwritten.
+            plgpu.barrier_arrive(done)
+            plgpu.barrier_wait(done)
+            dst_smem[...] = (acc * scale).astype(k.dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(dst_smem, dst_ref.at[rows])
+            plgpu.wait_smem_to_gmem(0)
+
+        @pl.when(wg == 0)
+        def _probabilities() -> None:
+            plgpu.set_max_registers(config.fused_registers[0], action="increase")
+            own_keys(k_ref, k_smem, kv_bars.at[0])
+            if segmented:  # the CTA's keys' ids, as the per-row vector of its score tiles
+                plgpu.copy_gmem_to_smem(seg_ref.at[batch, pl.ds(cta_base, keys)], seg_smem[0],
+                                        seg_bars[0])  # fmt: skip
+                plgpu.barrier_wait(seg_bars[0])
+                kv_seg = _load_stats(seg_smem[0], _ROW_STAT, interpret)
+            plgpu.barrier_wait(kv_bars.at[0])
+
+            def body(step: Array, dv: Array, masked: bool) -> Array:
+                slot, buf = lax.rem(step, slots), lax.rem(step, 2)
+                _, q0 = coords(step)
+                for bar in (q_bar, lse_bar, *seg_bars[1:]):
+                    plgpu.barrier_wait(bar.at[slot])
+                lse = _load_stats(lse_ring.at[slot], _COL_STAT, interpret)
+                if spec.softcap is None:  # -lse₂/to_log2 starts the accumulator (registers)
+                    s_init = cols(lse * (-1.0 / spec.to_log2))
+                else:
+                    s_init = _zeros((keys, blk), interpret)
+                (s_t,) = _products([(s_init, k_smem, _T(q_ring.at[slot]))], interpret)
+                x_t, tanh_t = spec.exponent(s_t)
+                if spec.softcap is None:
+                    p_t = jnp.exp2(x_t * spec.to_log2)
+                else:
+                    p_t = jnp.exp2(x_t * spec.to_log2 - cols(lse))
+                if masked:
+                    p_t = jnp.where(spec.visible((keys, blk), cta_base, q0, False, interpret),
+                                    p_t, 0.0)  # fmt: skip
+                if segmented:
+                    q_seg = _load_stats(seg_smem[1].at[slot], _COL_STAT, interpret)
+                    p_t = jnp.where(_same_segment(kv_seg, q_seg, (keys, blk)), p_t, 0.0)
+                pl.when(step >= 2)(lambda: plgpu.barrier_wait(p_free.at[buf]))
+                # What dS needs of P (through the softcap's derivative), for warpgroup 1.
+                p_tiles.at[buf][...] = spec.through_softcap(p_t, tanh_t).astype(q.dtype)
+                plgpu.barrier_arrive(p_ready.at[buf])
+                plgpu.barrier_wait(do_bar.at[slot])
+                (dv,) = _products([(dv, p_t.astype(q.dtype), do_ring.at[slot])], interpret)
+                plgpu.barrier_arrive(free.at[slot])
+                return dv
+
+            dv = run_steps(body, _zeros((keys, d), interpret))
+            for last in range(2):  # observe warpgroup 1's releases of the last two P tiles
+                pl.when(steps > last)(lambda last=last: plgpu.barrier_wait(
+                    p_free.at[lax.rem(steps - 1 - last, 2)]))  # fmt: skip
+            finish(dv, 1.0, v_smem, dv_ref)
+
+        @pl.when(wg == 1)
+        def _score_gradients() -> None:
+            plgpu.set_max_registers(config.fused_registers[1], action="increase")
+            own_keys(v_ref, v_smem, kv_bars.at[1])
+            plgpu.barrier_wait(kv_bars.at[1])
+            plgpu.barrier_wait(kv_bars.at[0])  # K: the dQ product's right operand
+
+            def body(step: Array, dk: Array, masked: bool) -> Array:
+                del masked  # P is zero wherever the pair is hidden, so dS is too
+                slot, buf = lax.rem(step, slots), lax.rem(step, 2)
+                head, q0 = coords(step)
+                plgpu.barrier_wait(do_bar.at[slot])
+                plgpu.barrier_wait(delta_bar.at[slot])
+                dlt = _load_stats(delta_ring.at[slot], _COL_STAT, interpret)
+                (dp_t,) = _products([(cols(-dlt), v_smem, _T(do_ring.at[slot]))], interpret)
+                plgpu.barrier_wait(p_ready.at[buf])
+                p_t = p_tiles.at[buf][...]
+                plgpu.barrier_arrive(p_free.at[buf])
+                ds_t = (p_t.astype(jnp.float32) * dp_t).astype(q.dtype)
+                ds_tile[...] = ds_t
+                plgpu.commit_smem()  # the dQ product reads it
+                plgpu.barrier_wait(q_bar.at[slot])
+                (dk,) = _products([(dk, ds_t, q_ring.at[slot])], interpret)
+                plgpu.barrier_arrive(free.at[slot])
+                (dq,) = _products([(_zeros((blk, d), interpret), _T(ds_tile), k_smem)], interpret)
+                dq_rows = (batch, pl.ds(q0, blk), head)
+                if interpret is not None:  # Interpreter: a plane per CTA row, summed outside
+                    dq_ref.at[(tile, *dq_rows)][...] = dq
+                    return dk
+                if atomic:
+                    plgpu.atomic_add(dq_ref.at[dq_rows], dq)
+                    return dk
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last partial has left
+                dq_stage[...] = dq
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(dq_stage, dq_ref.at[dq_rows], reduction_op="add")
+                return dk
+
+            dk = run_steps(body, _zeros((keys, d), interpret))
+            finish(dk, spec.scale, k_smem, dk_ref)
+
+        @pl.when(wg == _COMPUTE_WGS)
+        def _memory() -> None:
+            plgpu.set_max_registers(config.fused_registers[2], action="decrease")
+
+            def load(step: Array, slot: Array) -> None:
+                head, q0 = coords(step)
+                tile_rows = (batch, pl.ds(q0, blk), head)
+                plgpu.copy_gmem_to_smem(q_ref.at[tile_rows], q_ring.at[slot], q_bar.at[slot])
+                plgpu.copy_gmem_to_smem(do_ref.at[tile_rows], do_ring.at[slot], do_bar.at[slot])
+                stats = (batch, head, pl.ds(q0, blk))
+                plgpu.copy_gmem_to_smem(lse_ref.at[stats], lse_ring.at[slot], lse_bar.at[slot])
+                plgpu.copy_gmem_to_smem(
+                    delta_ref.at[stats], delta_ring.at[slot], delta_bar.at[slot]
+                )
+                if segmented:
+                    plgpu.copy_gmem_to_smem(
+                        seg_ref.at[batch, pl.ds(q0, blk)], seg_smem[1].at[slot],
+                        seg_bars[1].at[slot],
+                    )  # fmt: skip
+
+            _feed_ring([(load, free)], steps, slots)
+
+    scratch = [
+        _smem_tile((keys, d), k.dtype),
+        _smem_tile((keys, d), v.dtype),
+        _smem_tile((slots, blk, d), q.dtype),
+        _smem_tile((slots, blk, d), do.dtype),
+        plgpu.SMEM((slots, blk), jnp.float32),
+        plgpu.SMEM((slots, blk), jnp.float32),
+        _smem_tile((2, keys, blk), q.dtype),  # P, double-buffered: warpgroup 0 -> 1
+        _smem_tile((keys, blk), q.dtype),  # dSᵀ: the dQ product's left operand, transposed
+    ]
+    if not atomic:
+        scratch.append(_smem_tile((blk, d), jnp.float32))  # dQ partials on their way out
+    barriers = [
+        plgpu.Barrier(num_barriers=2),  # K, V
+        *(plgpu.Barrier(num_barriers=slots) for _ in range(4)),  # Q, dO, lse, delta
+        plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=slots),  # slot free
+        plgpu.Barrier(num_barriers=2),  # P tile ready
+        plgpu.Barrier(num_barriers=2),  # P tile free
+        plgpu.Barrier(num_arrivals=_COMPUTE_WGS),  # both done with K and V
+    ]
+    if segmented:  # the keys' and (with each query tile) the queries' segment ids
+        scratch += [plgpu.SMEM((keys,), jnp.int32), _segment_tile((slots, blk))]
+        barriers += [plgpu.Barrier(), plgpu.Barrier(num_barriers=slots)]
+
+    def entry(*refs: Any) -> None:
+        pl.run_scoped(
+            lambda *scoped: kernel(*refs, scoped), tuple(scratch), tuple(barriers),
+            collective_axes="wg",
+        )  # fmt: skip
+
+    out_type = (jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype))
+    operands = (q, k, v, do, lse2, delta) + (tuple(seg) if segmented else ()) + (dq_acc,)
+    grid = _grid(config, ("kv_tiles", s // keys), ("kv_heads", hkv), b)
+    return _launch(entry, out_type, grid, "lorax_mgpu_attention_fused_bwd", interpret)(*operands)
+
+
 @functools.partial(jax.jit, static_argnums=(7, 8, 9))
 def _backward(q, k, v, out, lse2, d_out, seg, spec: _Scores, config: MgpuAttentionConfig,
               interpret):  # fmt: skip
@@ -948,8 +1191,15 @@ def _backward(q, k, v, out, lse2, d_out, seg, spec: _Scores, config: MgpuAttenti
         "bshd,bshd->bhs", out.astype(jnp.float32), d_out.astype(jnp.float32)
     )  # rowsum(dO ⊙ O): a memory-bound XLA reduction
     args = (q, k, v, d_out.astype(q.dtype), lse2.astype(jnp.float32), delta, seg)
-    dk, dv = _dkdv_call(*args, spec, config, interpret)
-    return _dq_call(*args, spec, config, interpret), dk, dv
+    if config.bwd_dq == "kernel":
+        dk, dv = _dkdv_call(*args, spec, config, interpret)
+        return _dq_call(*args, spec, config, interpret), dk, dv
+    # Interpreter: no reductions into global memory; a plane per CTA row of keys, summed here.
+    planes = () if interpret is None else (q.shape[1] // (_COMPUTE_WGS * _ROWS),)
+    dq_acc = jax.new_ref(jnp.zeros((*planes, *q.shape), jnp.float32), memory_space=plgpu.GMEM)
+    dk, dv = _fused_call(*args, spec, config, interpret, dq_acc)
+    dq = dq_acc[...].sum(axis=0) if planes else dq_acc[...]
+    return (dq * spec.scale).astype(q.dtype), dk, dv
 
 
 # ------------------------------------------------------------------------------- public API

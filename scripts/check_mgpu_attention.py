@@ -45,6 +45,11 @@ VARIANTS = {
     # Launch order, forced either way (the default picks per shape: flash_attention_mgpu._grid).
     "heads first": MgpuAttentionConfig(launch_order="heads"),
     "tiles first": MgpuAttentionConfig(launch_order="tiles"),
+    # dQ inside the dK/dV kernel (five tile products instead of seven), reduce-added by TMA or
+    # by red.global.add; registers of its (P, dS, memory) warpgroups.
+    "fused tma": MgpuAttentionConfig(bwd_dq="fused-tma"),
+    "fused atomic": MgpuAttentionConfig(bwd_dq="fused-atomic"),
+    "fused tma r240": MgpuAttentionConfig(bwd_dq="fused-tma", fused_registers=(240, 248, 24)),
 }
 
 
@@ -141,6 +146,17 @@ def check_shape(b: int, s: int, variants: list[str], cudnn: bool = True, hq: int
             delta_of = jax.jit(lambda o, g: jnp.einsum("bshd,bshd->bhs", o.astype(f32), g))
             delta = delta_of(out, do)  # rowsum(dO ⊙ O), as the backward computes it
             args = (q, k, v, do, lse2, delta)
+            if config.bwd_dq != "kernel":  # one kernel, five tile products per tile pair
+
+                def fused_kernel(*a):
+                    dq_acc = jax.new_ref(jnp.zeros(q.shape, f32), memory_space=mgpu.plgpu.GMEM)
+                    return *mgpu._fused_call(*a, seg, spec, config, None, dq_acc), dq_acc[...]
+
+                t_fused = pipelined_ms(jax.jit(fused_kernel), *args)
+                delta_ms = pipelined_ms(delta_of, out, do)
+                print(f"  {'':<16} fused kernel with its dQ buffer {rate(2.5 * fwd_flops, t_fused)}"
+                      f"  Δ reduction {delta_ms:.3f} ms", flush=True)  # fmt: skip
+                return
             dkdv = jax.jit(lambda *a: mgpu._dkdv_call(*a, seg, spec, config, None))
             dq = jax.jit(lambda *a: mgpu._dq_call(*a, seg, spec, config, None))
             # Tile products actually run: dK/dV 4 and dQ 3 per tile pair (forward: 2).

@@ -56,7 +56,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # not "no CUDA driver found" for each kernel
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-KERNELS = ("fwd", "dkdv", "dq")
+KERNELS = ("fwd", "dkdv", "dq", "fused_bwd")
 _FAKE_DRIVER_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fake_libcuda.c")
 _STACK = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 _FUNCTION = re.compile(r"Function properties for (\S+)")
@@ -312,7 +312,7 @@ def main(argv: list[str] | None = None) -> None:
     driver = _fake_driver(work)
     print(f"{'kernel':<28} {'registers':>9} {'stack B':>8} {'spill st B':>10} "
           f"{'spill ld B':>10} {'wgmma fences':>12} {'serialized':>10}")  # fmt: skip
-    for part, names in (("fwd", ("fwd",)), ("bwd", ("dkdv", "dq"))):
+    for part, names in (("fwd", ("fwd",)), ("bwd", ("dkdv", "dq", "fused_bwd"))):
         if not set(names) & set(wanted):
             continue  # its kernels are not lowered at all
         fn, abstract = calls[part]
