@@ -95,6 +95,11 @@ _LOG2E = math.log2(math.e)
 _COMPUTE_WGS = 2
 _ROWS = 64  # rows per warpgroup tile: the wgmma M
 _REGISTER_FILE = 65536  # 32-bit registers per SM: the most one CTA's threads can hold
+# What each of a CTA's 3·128 threads gets at launch (ptxas compiles for it; a multiple of 8).
+# setmaxnreg only moves registers between the CTA's warpgroups, so their counts may sum to at
+# most 3 x this: an increase beyond what the others gave back blocks forever (a deadlock on
+# the H200 at 232 + 256 + 24 = 512, BENCHMARKS.md §3).
+_LAUNCH_REGISTERS = _REGISTER_FILE // (128 * (_COMPUTE_WGS + 1)) // 8 * 8
 HEAD_DIMS = (64, 128)  # the head dims and dtypes the kernels take
 DTYPES = (jnp.bfloat16, jnp.float16)
 # Register layouts of per-row and per-column vectors of a wgmma tile (what broadcasts to it).
@@ -117,12 +122,14 @@ class MgpuAttentionConfig:
     backward's ring depth (Q/dO tiles are 64x64 in the dK/dV kernel; K/V tiles are
     ``dq_block_kv`` wide in the dQ kernel). ``fwd_registers``/``bwd_registers``: registers per
     thread ``(compute, memory)`` of the forward's and the backward kernels' warpgroups, with
-    ``2·128·compute + 128·memory`` at most the 64K register file (ptxas compiles the launch
-    for 168 and ``setmaxnreg`` moves them at run time). The backward takes the most its
-    compute warpgroups can have: at 232 ptxas spilled 132 bytes per thread in the dK/dV kernel,
-    at 240 40 bytes, and the backward ran ~1% faster (BENCHMARKS.md §3, registers); the forward
-    spills nothing at 232. ``launch_order``: ``"heads"``, ``"tiles"`` or ``"auto"``, which
-    picks per kernel launch (:func:`_grid`).
+    ``2·compute + memory`` at most 3 x 168 (ptxas compiles the launch for 168 and ``setmaxnreg``
+    only moves them between the warpgroups at run time). The backward takes the most its compute
+    warpgroups can have: at 232 ptxas spilled 132 bytes per thread in the dK/dV kernel, at 240
+    40 bytes, and the backward ran ~1% faster (BENCHMARKS.md §3, registers); the forward spills
+    nothing at 232. ``launch_order``: ``"heads"``, ``"tiles"`` or ``"auto"``, which picks per
+    kernel launch (:func:`_grid`). ``bwd_dq``: one of :data:`BWD_DQ` (the separate dQ kernel by
+    default; the fused ones are :func:`_fused_call`, with ``fused_registers`` for its P, dS and
+    memory warpgroups).
     """
 
     fwd_block_kv: int = 128
@@ -133,7 +140,7 @@ class MgpuAttentionConfig:
     bwd_registers: tuple[int, int] = (240, 24)
     launch_order: str = "auto"
     bwd_dq: str = "kernel"
-    fused_registers: tuple[int, int, int] = (232, 256, 24)
+    fused_registers: tuple[int, int, int] = (232, 248, 24)
 
     def __post_init__(self) -> None:
         for name in ("fwd_block_kv", "dq_block_kv"):
@@ -148,24 +155,25 @@ class MgpuAttentionConfig:
             raise ValueError(f"ring depths must be >= 2, got {self.fwd_slots}/{self.bwd_slots}")
         for name in ("fwd_registers", "bwd_registers"):
             compute, memory = getattr(self, name)
-            fits = 2 * 128 * compute + 128 * memory <= _REGISTER_FILE
-            if not (fits and 24 <= memory <= compute <= 256 and compute % 8 == memory % 8 == 0):
-                raise ValueError(
-                    f"{name}={getattr(self, name)}: need multiples of 8 in [24, 256] with "
-                    f"2·128·compute + 128·memory <= {_REGISTER_FILE}"
-                )
-        regs = self.fused_registers
-        if not (128 * sum(regs) <= _REGISTER_FILE and all(24 <= r <= 256 and r % 8 == 0
-                                                            for r in regs)):  # fmt: skip
-            raise ValueError(
-                f"fused_registers={regs}: need multiples of 8 in [24, 256] summing to at most "
-                f"{_REGISTER_FILE // 128}"
-            )
+            if memory > compute:
+                raise ValueError(f"{name}={getattr(self, name)}: the memory warpgroup needs fewer")
+            _check_registers(name, (compute, compute, memory))
+        _check_registers("fused_registers", self.fused_registers)
 
     @property
     def seq_multiple(self) -> int:
         """S must be a multiple of this (one CTA's query rows and the forward's K/V tile)."""
         return max(_COMPUTE_WGS * _ROWS, self.fwd_block_kv)
+
+
+def _check_registers(name: str, per_warpgroup: tuple[int, ...]) -> None:
+    """setmaxnreg's rules: multiples of 8 in [24, 256], in sum at most the CTA's launch budget."""
+    budget = len(per_warpgroup) * _LAUNCH_REGISTERS
+    if sum(per_warpgroup) > budget or not all(24 <= r <= 256 and r % 8 == 0 for r in per_warpgroup):
+        raise ValueError(
+            f"{name}: registers per warpgroup {per_warpgroup} must be multiples of 8 in "
+            f"[24, 256] summing to at most {budget}"
+        )
 
 
 def check_supported(q: Array, k: Array, v: Array, config: MgpuAttentionConfig,

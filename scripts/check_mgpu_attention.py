@@ -49,7 +49,7 @@ VARIANTS = {
     # by red.global.add; registers of its (P, dS, memory) warpgroups.
     "fused tma": MgpuAttentionConfig(bwd_dq="fused-tma"),
     "fused atomic": MgpuAttentionConfig(bwd_dq="fused-atomic"),
-    "fused tma r240": MgpuAttentionConfig(bwd_dq="fused-tma", fused_registers=(240, 248, 24)),
+    "fused tma r240": MgpuAttentionConfig(bwd_dq="fused-tma", fused_registers=(240, 240, 24)),
 }
 
 

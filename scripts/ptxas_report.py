@@ -63,8 +63,9 @@ _FUNCTION = re.compile(r"Function properties for (\S+)")
 _REGISTERS = re.compile(r"Used (\d+) registers")
 # ptxas's wgmma warnings: C7519 "warpgroup.arrive is injected" (it fenced in-flight wgmmas to
 # reuse their registers), C7513 "wgmma.mma_async instructions are serialized" (a wgmma's input
-# registers were written inside its pipeline stage). Either runs the products one at a time.
-_WGMMA_WARNING = re.compile(r"\((C7519|C7513)\).* in (?:the )?function '(\S+)'")
+# registers were written inside its pipeline stage) or C7512 (serialized "due to insufficient
+# register resources"). Each runs the products one at a time.
+_WGMMA_WARNING = re.compile(r"\((C7519|C7513|C7512)\).* in (?:the )?function '(\S+)'")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,7 +93,7 @@ def parse_report(lines: list[str]) -> list[KernelReport]:
         elif m := _STACK.search(line):
             stack = tuple(int(x) for x in m.groups())
         elif (m := _REGISTERS.search(line)) and name is not None:
-            counts = warnings[name, "C7519"], warnings[name, "C7513"]
+            counts = warnings[name, "C7519"], warnings[name, "C7513"] + warnings[name, "C7512"]
             reports.append(KernelReport(name, int(m.group(1)), *stack, *counts))
             name, stack = None, (0, 0, 0)
     return reports

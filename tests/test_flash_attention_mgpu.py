@@ -246,8 +246,10 @@ def test_argument_errors():
         flash_forward_mgpu(q, kv[:, :, :1].repeat(3, 2), kv[:, :, :1].repeat(3, 2), scale=1.0)
     with pytest.raises(ValueError, match="fwd_block_kv"):
         MgpuAttentionConfig(fwd_block_kv=96)
-    with pytest.raises(ValueError, match=r"bwd_registers=\(248, 24\): need multiples of 8"):
-        MgpuAttentionConfig(bwd_registers=(248, 24))  # 2·128·248 + 128·24 > 64K registers
+    with pytest.raises(ValueError, match=r"bwd_registers: .*\(248, 248, 24\).* at most 504"):
+        MgpuAttentionConfig(bwd_registers=(248, 24))  # beyond 3 x the 168 of the launch
+    with pytest.raises(ValueError, match=r"fused_registers: .* at most 504"):
+        MgpuAttentionConfig(fused_registers=(232, 256, 24))  # deadlocked on the H200
     with pytest.raises(ValueError, match="fwd_registers"):
         MgpuAttentionConfig(fwd_registers=(232, 20))  # setmaxnreg's floor is 24
     with pytest.raises(ValueError, match="launch_order must be one of"):
