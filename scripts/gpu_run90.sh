@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# GPU call (~8 min, carry .gpu; 2026-11-30, eighth session): the backward with dQ fused into the
 # Ran at 51afce4 (2026-11-30, eighth session): every fused variant hung until its timeout
 # (registers beyond the launch budget, see gpu_run91.sh); the default's lines are in
 # scripts/results/h200-2026-11-30-s8/run90/.
+# GPU call (~8 min, carry .gpu; 2026-11-30, eighth session): the backward with dQ fused into the
 # dK/dV kernel by splitting the warpgroups' roles (MgpuAttentionConfig.bwd_dq, _fused_call):
 # warpgroup 0 computes P and dV over the CTA's 128 keys, warpgroup 1 dS, dK and the dQ
 # partials, reduce-added into float32 by TMA ("fused tma") or by red.global.add ("fused
