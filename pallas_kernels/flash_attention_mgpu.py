@@ -50,8 +50,12 @@ forward's row maxima are taken on ``s``) and ``lse₂ = lse·log2 e``.
   the diagonal, recomputing ``s`` and ``dp``: seven tile products per tile pair where the
   textbook has five, but no atomics. Four designs that fused dQ into the dK/dV kernel (dQ
   partials reduce-added into float32 global memory by TMA) were slower on the H200 or, one,
-  deadlocked there; the FlashAttention-3 split lost because its live set does not fit the
-  registers: ptxas spills ~0.5 KB per thread and serialises its wgmmas (BENCHMARKS.md §3).
+  deadlocked there (its registers exceeded the launch budget); the FlashAttention-3 split lost
+  because its live set does not fit the registers: ptxas spills ~0.5 KB per thread and
+  serialises its wgmmas (BENCHMARKS.md §3).
+* Fused, ``bwd_dq="fused"`` (opt-in): the warpgroups split the roles instead of the keys
+  (:func:`_fused_call`), five tile products without spills in the hot loops. On the H200 it
+  runs level with the two kernels at 1x32768 and 4-14% behind them at 1x8192 and 2x2048.
 
 The backward kernels do not take turns on the tensor cores: measured, the forward's
 turn-taking made both of them 3-12% slower (BENCHMARKS.md §3).
@@ -108,8 +112,8 @@ _COL_STAT = plgpu.Layout.WGMMA.reduce(0)
 FORWARD_KERNEL_NAME = "lorax_mgpu_attention_fwd"
 LAUNCH_ORDERS = ("auto", "heads", "tiles")
 # How the backward gets dQ: its own kernel (seven tile products per tile pair, no atomics), or
-# inside the dK/dV kernel (five), reduce-added by TMA or by red.global.add (_fused_call).
-BWD_DQ = ("kernel", "fused-tma", "fused-atomic")
+# inside the dK/dV kernel (five; its partials reduce-added by TMA: _fused_call).
+BWD_DQ = ("kernel", "fused")
 _SMS = 132  # SMs of the H100 SXM / H200, the GPUs the kernels are tuned on (sizes ``_grid``'s rule)
 _HEADS_FIRST_MIN_CTAS = 3 * _SMS // 4  # "auto" launches heads first from this many CTAs per head
 
@@ -975,9 +979,9 @@ def _fused_call(q, k, v, do, lse2, delta, seg, spec: _Scores, config: MgpuAttent
       through a double-buffered shared tile, ``dV += pT·dO``;
     * warpgroup 1 (dS): ``dpT = V·dOᵀ − Δ``, ``dsT = pT ⊙ dpT``, ``dK += dsT·Q``, then the
       query tile's dQ partial ``dS·K`` (``dsT`` through shared memory, read transposed),
-      added into the float32 ``dq_acc`` in global memory: by a TMA reduce-add from a
-      shared-memory stage (``config.bwd_dq == "fused-tma"``) or by ``red.global.add`` from
-      registers (``"fused-atomic"``).
+      added into the float32 ``dq_acc`` in global memory by a TMA reduce-add from a
+      shared-memory stage. (``red.global.add`` straight from the registers, no stage, ran the
+      kernel 1.5x slower on the H200: BENCHMARKS.md §3.)
 
     The partial sums arrive in no fixed order, so dQ is not bitwise reproducible run to run.
     In the interpreter (no TMA reductions) ``dq_acc`` has a leading plane per CTA row of keys,
@@ -989,7 +993,7 @@ def _fused_call(q, k, v, do, lse2, delta, seg, spec: _Scores, config: MgpuAttent
     blk, slots = _ROWS, config.bwd_slots
     keys = _COMPUTE_WGS * _ROWS  # keys per CTA
     segmented = seg is not None
-    atomic = config.bwd_dq == "fused-atomic" or interpret is not None  # (no stage)
+    staged = interpret is None  # Interpreter: a plain store (no TMA reductions), no stage
 
     def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs):
         seg_refs, refs = (refs[:2], refs[2:]) if segmented else ((), refs)
@@ -997,7 +1001,7 @@ def _fused_call(q, k, v, do, lse2, delta, seg, spec: _Scores, config: MgpuAttent
         (k_smem, v_smem, q_ring, do_ring, lse_ring, delta_ring, p_tiles, ds_tile, *rest), bars = (
             scoped
         )
-        dq_stage, seg_smem = (None, rest) if atomic else (rest[0], rest[1:])
+        dq_stage, seg_smem = (rest[0], rest[1:]) if staged else (None, rest)
         kv_bars, q_bar, do_bar, lse_bar, delta_bar, free, p_ready, p_free, done, *seg_bars = bars
         batch, kv_head, tile = (lax.axis_index(n) for n in ("batch", "kv_heads", "kv_tiles"))
         wg = lax.axis_index("wg")
@@ -1118,11 +1122,8 @@ def _fused_call(q, k, v, do, lse2, delta, seg, spec: _Scores, config: MgpuAttent
                 plgpu.barrier_arrive(free.at[slot])
                 (dq,) = _products([(_zeros((blk, d), interpret), _T(ds_tile), k_smem)], interpret)
                 dq_rows = (batch, pl.ds(q0, blk), head)
-                if interpret is not None:  # Interpreter: a plane per CTA row, summed outside
+                if not staged:  # Interpreter: a plane per CTA row, summed outside
                     dq_ref.at[(tile, *dq_rows)][...] = dq
-                    return dk
-                if atomic:
-                    plgpu.atomic_add(dq_ref.at[dq_rows], dq)
                     return dk
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last partial has left
                 dq_stage[...] = dq
@@ -1165,7 +1166,7 @@ def _fused_call(q, k, v, do, lse2, delta, seg, spec: _Scores, config: MgpuAttent
         _smem_tile((2, keys, blk), q.dtype),  # P, double-buffered: warpgroup 0 -> 1
         _smem_tile((keys, blk), q.dtype),  # dSᵀ: the dQ product's left operand, transposed
     ]
-    if not atomic:
+    if staged:
         scratch.append(_smem_tile((blk, d), jnp.float32))  # dQ partials on their way out
     barriers = [
         plgpu.Barrier(num_barriers=2),  # K, V

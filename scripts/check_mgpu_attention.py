@@ -45,11 +45,10 @@ VARIANTS = {
     # Launch order, forced either way (the default picks per shape: flash_attention_mgpu._grid).
     "heads first": MgpuAttentionConfig(launch_order="heads"),
     "tiles first": MgpuAttentionConfig(launch_order="tiles"),
-    # dQ inside the dK/dV kernel (five tile products instead of seven), reduce-added by TMA or
-    # by red.global.add; registers of its (P, dS, memory) warpgroups.
-    "fused tma": MgpuAttentionConfig(bwd_dq="fused-tma"),
-    "fused atomic": MgpuAttentionConfig(bwd_dq="fused-atomic"),
-    "fused tma r240": MgpuAttentionConfig(bwd_dq="fused-tma", fused_registers=(240, 240, 24)),
+    # dQ inside the dK/dV kernel (five tile products instead of seven); registers of its
+    # (P, dS, memory) warpgroups.
+    "fused": MgpuAttentionConfig(bwd_dq="fused"),
+    "fused r240": MgpuAttentionConfig(bwd_dq="fused", fused_registers=(240, 240, 24)),
 }
 
 

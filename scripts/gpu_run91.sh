@@ -1,4 +1,7 @@
 #!/usr/bin/env bash
+# Ran at b847562, where "fused tma" and "fused atomic" were bwd_dq="fused-tma" / "fused-atomic"
+# (the second, red.global.add from registers, was 1.5x slower and was removed; the first is now
+# bwd_dq="fused"). Raw output: scripts/results/h200-2026-11-30-s8/run91/.
 # GPU call (~8 min, carry .gpu; 2026-11-30, eighth session): gpu_run90 again after its deadlock.
 # gpu_run90 (commit 51afce4) hung in every fused variant: their registers (232 + 256 + 24 and
 # 240 + 248 + 24 = 512 per thread) exceeded the 3 x 168 the CTA launches with, and setmaxnreg

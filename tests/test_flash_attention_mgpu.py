@@ -182,7 +182,7 @@ def test_window_and_softcap_match_reference(rng, window, softcap, segmented):
     ids=["head-dim-64", "head-dim-128", "window-softcap-segments"],
 )
 def test_fused_backward_matches_reference(rng, d, s, options):
-    """dQ inside the dK/dV kernel (``bwd_dq="fused-*"``): warpgroup 0 hands P to warpgroup 1
+    """dQ inside the dK/dV kernel (``bwd_dq="fused"``): warpgroup 0 hands P to warpgroup 1
     through a double-buffered tile, and each CTA's dQ partials are added into a float32
     buffer. S = 256 gives CTAs of one and of two masked query tiles per head; the last case
     adds packed rows, a window narrower than a CTA's keys and a saturating softcap (the P tile
@@ -196,7 +196,7 @@ def test_fused_backward_matches_reference(rng, d, s, options):
     want = vjp((do.astype(jnp.float32), jnp.zeros_like(lse)))
     got = flash_backward_mgpu(
         q, k, v, out.astype(jnp.bfloat16), lse, do, scale=scale, segment_ids=segment_ids,
-        config=MgpuAttentionConfig(bwd_dq="fused-tma"),
+        config=MgpuAttentionConfig(bwd_dq="fused"),
         interpret=interpret_params.InterpretGPUParams(), **options,
     )  # fmt: skip
     for name, g, w in zip(("dq", "dk", "dv"), got, want, strict=True):
@@ -349,7 +349,7 @@ def test_remat_policy_keeps_the_mosaic_forward_outputs():
     [(False, {}), (True, {}), (True, dict(sliding_window=100, softcap=30.0))],
     ids=["causal", "segments", "segments-window-softcap"],
 )
-@pytest.mark.parametrize("bwd_dq", ["kernel", "fused-tma", "fused-atomic"])
+@pytest.mark.parametrize("bwd_dq", ["kernel", "fused"])
 @pytest.mark.parametrize("d", [64, 128])
 def test_kernels_lower_for_hopper(d, segmented, options, bwd_dq):
     """The compiled kernels (no interpreter) lower to Mosaic GPU custom calls for ``cuda``.
