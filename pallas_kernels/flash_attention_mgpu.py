@@ -434,6 +434,23 @@ def _feed_ring(streams: Sequence[tuple[Callable[[Array, Array], None], Any]], st
                 load(step + slots, slot)
 
 
+def _load_query_tile(tiles: Sequence[tuple[Any, Any, Any]], stats: Sequence[tuple[Any, Any, Any]],
+                     coords: Callable[[Array], tuple[Array, Array]], batch: Array, rows: int,
+                     step: Array, slot: Array) -> None:  # fmt: skip
+    """The backward's memory warpgroup: one step's query tile into ring ``slot``.
+
+    ``tiles``: ``(src, ring, barriers)`` of ``[B, S, H, D]`` arrays (Q, dO); ``stats``: those
+    of per-query vectors, ``[B, H, S]`` (lse₂, Δ) or ``[B, S]`` (segment ids, same for every
+    head). ``coords(step)`` gives the step's query head and first row.
+    """
+    head, q0 = coords(step)
+    for src, ring, bar in tiles:
+        plgpu.copy_gmem_to_smem(src.at[batch, pl.ds(q0, rows), head], ring.at[slot], bar.at[slot])
+    for src, ring, bar in stats:
+        index = (batch, pl.ds(q0, rows)) if len(src.shape) == 2 else (batch, head, pl.ds(q0, rows))
+        plgpu.copy_gmem_to_smem(src.at[index], ring.at[slot], bar.at[slot])
+
+
 def _take_turn(turn: Any) -> None:
     """Rendezvous of the two compute warpgroups on the tensor-core ``turn`` barrier.
 
@@ -785,22 +802,11 @@ def _dkdv_call(q, k, v, do, lse2, delta, seg, spec: _Scores, config: MgpuAttenti
         def _memory() -> None:
             plgpu.set_max_registers(config.bwd_registers[1], action="decrease")
 
-            def load(step: Array, slot: Array) -> None:
-                head, q0 = coords(step)
-                tile_rows = (batch, pl.ds(q0, blk), head)
-                plgpu.copy_gmem_to_smem(q_ref.at[tile_rows], q_ring.at[slot], q_bar.at[slot])
-                plgpu.copy_gmem_to_smem(do_ref.at[tile_rows], do_ring.at[slot], do_bar.at[slot])
-                stats = (batch, head, pl.ds(q0, blk))
-                plgpu.copy_gmem_to_smem(lse_ref.at[stats], lse_ring.at[slot], lse_bar.at[slot])
-                plgpu.copy_gmem_to_smem(
-                    delta_ref.at[stats], delta_ring.at[slot], delta_bar.at[slot]
-                )
-                if segmented:
-                    plgpu.copy_gmem_to_smem(
-                        seg_ref.at[batch, pl.ds(q0, blk)], seg_smem[1].at[slot],
-                        seg_bars[1].at[slot],
-                    )  # fmt: skip
-
+            streams = [(q_ref, q_ring, q_bar), (do_ref, do_ring, do_bar)]
+            stats = [(lse_ref, lse_ring, lse_bar), (delta_ref, delta_ring, delta_bar)]
+            if segmented:
+                stats.append((seg_ref, seg_smem[1], seg_bars[1]))
+            load = functools.partial(_load_query_tile, streams, stats, coords, batch, blk)
             _feed_ring([(load, free)], steps, slots)
 
     scratch = [
@@ -1138,22 +1144,11 @@ def _fused_call(q, k, v, do, lse2, delta, seg, spec: _Scores, config: MgpuAttent
         def _memory() -> None:
             plgpu.set_max_registers(config.fused_registers[2], action="decrease")
 
-            def load(step: Array, slot: Array) -> None:
-                head, q0 = coords(step)
-                tile_rows = (batch, pl.ds(q0, blk), head)
-                plgpu.copy_gmem_to_smem(q_ref.at[tile_rows], q_ring.at[slot], q_bar.at[slot])
-                plgpu.copy_gmem_to_smem(do_ref.at[tile_rows], do_ring.at[slot], do_bar.at[slot])
-                stats = (batch, head, pl.ds(q0, blk))
-                plgpu.copy_gmem_to_smem(lse_ref.at[stats], lse_ring.at[slot], lse_bar.at[slot])
-                plgpu.copy_gmem_to_smem(
-                    delta_ref.at[stats], delta_ring.at[slot], delta_bar.at[slot]
-                )
-                if segmented:
-                    plgpu.copy_gmem_to_smem(
-                        seg_ref.at[batch, pl.ds(q0, blk)], seg_smem[1].at[slot],
-                        seg_bars[1].at[slot],
-                    )  # fmt: skip
-
+            streams = [(q_ref, q_ring, q_bar), (do_ref, do_ring, do_bar)]
+            stats = [(lse_ref, lse_ring, lse_bar), (delta_ref, delta_ring, delta_bar)]
+            if segmented:
+                stats.append((seg_ref, seg_smem[1], seg_bars[1]))
+            load = functools.partial(_load_query_tile, streams, stats, coords, batch, blk)
             _feed_ring([(load, free)], steps, slots)
 
     scratch = [
