@@ -145,7 +145,6 @@ class MgpuAttentionConfig:
     launch_order: str = "auto"
     bwd_dq: str = "kernel"
     fused_registers: tuple[int, int, int] = (232, 248, 24)
-    fused_dq_warpgroup: int = 1
 
     def __post_init__(self) -> None:
         for name in ("fwd_block_kv", "dq_block_kv"):
@@ -164,8 +163,6 @@ class MgpuAttentionConfig:
                 raise ValueError(f"{name}={getattr(self, name)}: the memory warpgroup needs fewer")
             _check_registers(name, (compute, compute, memory))
         _check_registers("fused_registers", self.fused_registers)
-        if self.fused_dq_warpgroup not in (0, 1):
-            raise ValueError(f"fused_dq_warpgroup must be 0 or 1, got {self.fused_dq_warpgroup}")
 
     @property
     def seq_multiple(self) -> int:
@@ -1003,17 +1000,15 @@ def _fused_call(q, k, v, do, lse2, delta, seg, spec: _Scores, config: MgpuAttent
     keys = _COMPUTE_WGS * _ROWS  # keys per CTA
     segmented = seg is not None
     staged = interpret is None  # Interpreter: a plain store (no TMA reductions), no stage
-    dq_in_p = config.fused_dq_warpgroup == 0  # the dQ product on warpgroup 0, one step behind
 
     def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs):
         seg_refs, refs = (refs[:2], refs[2:]) if segmented else ((), refs)
         dq_ref, dk_ref, dv_ref, scoped = refs
-        (k_smem, v_smem, q_ring, do_ring, lse_ring, delta_ring, p_tiles, ds_tiles, *rest), bars = (
+        (k_smem, v_smem, q_ring, do_ring, lse_ring, delta_ring, p_tiles, ds_tile, *rest), bars = (
             scoped
         )
         dq_stage, seg_smem = (rest[0], rest[1:]) if staged else (None, rest)
-        kv_bars, q_bar, do_bar, lse_bar, delta_bar, free, p_ready, p_free, done, *rest_bars = bars
-        ds_ready, ds_free, *seg_bars = rest_bars if dq_in_p else (None, None, *rest_bars)
+        kv_bars, q_bar, do_bar, lse_bar, delta_bar, free, p_ready, p_free, done, *seg_bars = bars
         batch, kv_head, tile = (lax.axis_index(n) for n in ("batch", "kv_heads", "kv_tiles"))
         wg = lax.axis_index("wg")
         cta_base = tile * keys
@@ -1046,28 +1041,6 @@ def _fused_call(q, k, v, do, lse2, delta, seg, spec: _Scores, config: MgpuAttent
                 acc = lax.fori_loop(edge, clear_end, lambda i, a: body(i, a, False), acc)
                 acc = lax.fori_loop(clear_end, start + per_head, masked, acc)
             return acc
-
-        def send_dq(step: Array, ds_t_ref: Any) -> None:
-            """This step's dQ partial ``dS·K`` (``dsT`` in shared memory) into ``dq_ref``."""
-            head, q0 = coords(step)
-            (dq,) = _products([(_zeros((blk, d), interpret), _T(ds_t_ref), k_smem)], interpret)
-            if dq_in_p:
-                plgpu.barrier_arrive(ds_free.at[lax.rem(step, 2)])
-            dq_rows = (batch, pl.ds(q0, blk), head)
-            if not staged:  # Interpreter: a plane per CTA row, summed outside
-                dq_ref.at[(tile, *dq_rows)][...] = dq
-                return
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last partial has left
-            dq_stage[...] = dq
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(dq_stage, dq_ref.at[dq_rows], reduction_op="add")
-
-        def observe_last_two(barrier: Any) -> None:
-            """Waits for the other warpgroup's releases of the last two double-buffered tiles
-            (every phase of every barrier is observed)."""
-            for last in range(2):
-                pl.when(steps > last)(lambda last=last: plgpu.barrier_wait(
-                    barrier.at[lax.rem(steps - 1 - last, 2)]))  # fmt: skip
 
         def own_keys(src: Any, dst: Any, bar: Any) -> None:
             plgpu.copy_gmem_to_smem(src.at[rows], dst, bar)
@@ -1121,22 +1094,12 @@ def _fused_call(q, k, v, do, lse2, delta, seg, spec: _Scores, config: MgpuAttent
                 plgpu.barrier_wait(do_bar.at[slot])
                 (dv,) = _products([(dv, p_t.astype(q.dtype), do_ring.at[slot])], interpret)
                 plgpu.barrier_arrive(free.at[slot])
-                if dq_in_p:  # the previous step's dQ, one step behind warpgroup 1's dS
-
-                    @pl.when(step >= 1)
-                    def _previous_dq() -> None:
-                        prev = lax.rem(step - 1, 2)
-                        plgpu.barrier_wait(ds_ready.at[prev])
-                        send_dq(step - 1, ds_tiles.at[prev])
-
                 return dv
 
             dv = run_steps(body, _zeros((keys, d), interpret))
-            if dq_in_p:
-                last = lax.rem(steps - 1, 2)
-                plgpu.barrier_wait(ds_ready.at[last])
-                send_dq(steps - 1, ds_tiles.at[last])
-            observe_last_two(p_free)
+            for last in range(2):  # observe warpgroup 1's releases of the last two P tiles
+                pl.when(steps > last)(lambda last=last: plgpu.barrier_wait(
+                    p_free.at[lax.rem(steps - 1 - last, 2)]))  # fmt: skip
             finish(dv, 1.0, v_smem, dv_ref)
 
         @pl.when(wg == 1)
@@ -1158,23 +1121,23 @@ def _fused_call(q, k, v, do, lse2, delta, seg, spec: _Scores, config: MgpuAttent
                 p_t = p_tiles.at[buf][...]
                 plgpu.barrier_arrive(p_free.at[buf])
                 ds_t = (p_t.astype(jnp.float32) * dp_t).astype(q.dtype)
-                ds_t_ref = ds_tiles.at[buf] if dq_in_p else ds_tiles
-                if dq_in_p:
-                    pl.when(step >= 2)(lambda: plgpu.barrier_wait(ds_free.at[buf]))
-                ds_t_ref[...] = ds_t
+                ds_tile[...] = ds_t
                 plgpu.commit_smem()  # the dQ product reads it
-                if dq_in_p:
-                    plgpu.barrier_arrive(ds_ready.at[buf])
                 plgpu.barrier_wait(q_bar.at[slot])
                 (dk,) = _products([(dk, ds_t, q_ring.at[slot])], interpret)
                 plgpu.barrier_arrive(free.at[slot])
-                if not dq_in_p:
-                    send_dq(step, ds_t_ref)
+                (dq,) = _products([(_zeros((blk, d), interpret), _T(ds_tile), k_smem)], interpret)
+                dq_rows = (batch, pl.ds(q0, blk), head)
+                if not staged:  # Interpreter: a plane per CTA row, summed outside
+                    dq_ref.at[(tile, *dq_rows)][...] = dq
+                    return dk
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last partial has left
+                dq_stage[...] = dq
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(dq_stage, dq_ref.at[dq_rows], reduction_op="add")
                 return dk
 
             dk = run_steps(body, _zeros((keys, d), interpret))
-            if dq_in_p:
-                observe_last_two(ds_free)
             finish(dk, spec.scale, k_smem, dk_ref)
 
         @pl.when(wg == _COMPUTE_WGS)
@@ -1196,8 +1159,7 @@ def _fused_call(q, k, v, do, lse2, delta, seg, spec: _Scores, config: MgpuAttent
         plgpu.SMEM((slots, blk), jnp.float32),
         plgpu.SMEM((slots, blk), jnp.float32),
         _smem_tile((2, keys, blk), q.dtype),  # P, double-buffered: warpgroup 0 -> 1
-        # dSᵀ: the dQ product's left operand, transposed (double-buffered when warpgroup 0 reads it)
-        _smem_tile((2, keys, blk) if dq_in_p else (keys, blk), q.dtype),
+        _smem_tile((keys, blk), q.dtype),  # dSᵀ: the dQ product's left operand, transposed
     ]
     if staged:
         scratch.append(_smem_tile((blk, d), jnp.float32))  # dQ partials on their way out
@@ -1209,8 +1171,6 @@ def _fused_call(q, k, v, do, lse2, delta, seg, spec: _Scores, config: MgpuAttent
         plgpu.Barrier(num_barriers=2),  # P tile free
         plgpu.Barrier(num_arrivals=_COMPUTE_WGS),  # both done with K and V
     ]
-    if dq_in_p:
-        barriers += [plgpu.Barrier(num_barriers=2) for _ in ("dSᵀ ready", "dSᵀ free")]
     if segmented:  # the keys' and (with each query tile) the queries' segment ids
         scratch += [plgpu.SMEM((keys,), jnp.int32), _segment_tile((slots, blk))]
         barriers += [plgpu.Barrier(), plgpu.Barrier(num_barriers=slots)]

@@ -49,8 +49,6 @@ VARIANTS = {
     # (P, dS, memory) warpgroups.
     "fused": MgpuAttentionConfig(bwd_dq="fused"),
     "fused r240": MgpuAttentionConfig(bwd_dq="fused", fused_registers=(240, 240, 24)),
-    # ... with the dQ product on warpgroup 0 (P, dV), one step behind warpgroup 1's dS.
-    "fused dq0": MgpuAttentionConfig(bwd_dq="fused", fused_dq_warpgroup=0),
 }
 
 

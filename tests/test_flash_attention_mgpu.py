@@ -177,29 +177,16 @@ def test_window_and_softcap_match_reference(rng, window, softcap, segmented):
 
 
 @pytest.mark.parametrize(
-    ("d", "s", "options", "dq_warpgroup"),
-    [
-        (64, 256, {}, 1),
-        (128, 256, {}, 1),
-        (64, 512, dict(sliding_window=100, softcap=2.0), 1),
-        (128, 256, {}, 0),
-        (64, 512, dict(sliding_window=100, softcap=2.0), 0),
-    ],
-    ids=[
-        "head-dim-64",
-        "head-dim-128",
-        "window-softcap-segments",
-        "dq-on-wg0",
-        "dq-on-wg0-window-softcap-segments",
-    ],
+    ("d", "s", "options"),
+    [(64, 256, {}), (128, 256, {}), (64, 512, dict(sliding_window=100, softcap=2.0))],
+    ids=["head-dim-64", "head-dim-128", "window-softcap-segments"],
 )
-def test_fused_backward_matches_reference(rng, d, s, options, dq_warpgroup):
+def test_fused_backward_matches_reference(rng, d, s, options):
     """dQ inside the dK/dV kernel (``bwd_dq="fused"``): warpgroup 0 hands P to warpgroup 1
     through a double-buffered tile, and each CTA's dQ partials are added into a float32
     buffer. S = 256 gives CTAs of one and of two masked query tiles per head; the last case
     adds packed rows, a window narrower than a CTA's keys and a saturating softcap (the P tile
-    then carries the softcap's derivative). ``fused_dq_warpgroup=0`` moves the dQ product to
-    warpgroup 0, one step behind, over a double-buffered dSᵀ tile."""
+    then carries the softcap's derivative)."""
     q, k, v, do = _inputs(rng, s=s, d=d)
     segment_ids = _packed_segments() if options else None
     scale = d**-0.5
@@ -209,7 +196,7 @@ def test_fused_backward_matches_reference(rng, d, s, options, dq_warpgroup):
     want = vjp((do.astype(jnp.float32), jnp.zeros_like(lse)))
     got = flash_backward_mgpu(
         q, k, v, out.astype(jnp.bfloat16), lse, do, scale=scale, segment_ids=segment_ids,
-        config=MgpuAttentionConfig(bwd_dq="fused", fused_dq_warpgroup=dq_warpgroup),
+        config=MgpuAttentionConfig(bwd_dq="fused"),
         interpret=interpret_params.InterpretGPUParams(), **options,
     )  # fmt: skip
     for name, g, w in zip(("dq", "dk", "dv"), got, want, strict=True):
