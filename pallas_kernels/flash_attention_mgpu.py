@@ -55,8 +55,8 @@ forward's row maxima are taken on ``s``) and ``lse₂ = lse·log2 e``.
   serialises its wgmmas (BENCHMARKS.md §3).
 * Fused, ``bwd_dq="fused"`` (opt-in): the warpgroups split the roles instead of the keys
   (:func:`_fused_call`): five tile products, at most 5 spilled loads per step in its hot
-  loops, no wgmma fences. On the H200 it
-  runs level with the two kernels at 1x32768 and 2.5-14% behind them at 1x8192 and 2x2048.
+  loops, no wgmma fences. On the H200 it runs level with the two kernels at 1x32768 and
+  2.5-14% behind them at 1x8192 and 2x2048.
 
 The backward kernels do not take turns on the tensor cores: measured, the forward's
 turn-taking made both of them 3-12% slower (BENCHMARKS.md §3).
