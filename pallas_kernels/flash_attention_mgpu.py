@@ -435,21 +435,70 @@ def _feed_ring(streams: Sequence[tuple[Callable[[Array, Array], None], Any]], st
                 load(step + slots, slot)
 
 
-def _load_query_tile(tiles: Sequence[tuple[Any, Any, Any]], stats: Sequence[tuple[Any, Any, Any]],
-                     coords: Callable[[Array], tuple[Array, Array]], batch: Array, rows: int,
-                     step: Array, slot: Array) -> None:  # fmt: skip
-    """The backward's memory warpgroup: one step's query tile into ring ``slot``.
+@dataclasses.dataclass(frozen=True)
+class _QueryStream:
+    """The query tiles a backward CTA of ``2·64`` keys streams, in step order: for each of its
+    KV head's ``groups`` query heads in turn, the 64-row tiles from the CTA's diagonal to the
+    last query any of its keys may be seen by (both backward kernels that own keys use it)."""
 
-    ``tiles``: ``(src, ring, barriers)`` of ``[B, S, H, D]`` arrays (Q, dO); ``stats``: those
-    of per-query vectors, ``[B, H, S]`` (lse₂, Δ) or ``[B, S]`` (segment ids, same for every
-    head). ``coords(step)`` gives the step's query head and first row.
-    """
-    head, q0 = coords(step)
-    for src, ring, bar in tiles:
-        plgpu.copy_gmem_to_smem(src.at[batch, pl.ds(q0, rows), head], ring.at[slot], bar.at[slot])
-    for src, ring, bar in stats:
-        index = (batch, pl.ds(q0, rows)) if len(src.shape) == 2 else (batch, head, pl.ds(q0, rows))
-        plgpu.copy_gmem_to_smem(src.at[index], ring.at[slot], bar.at[slot])
+    kv_head: Array
+    groups: int
+    first: Array  # the first query tile that sees any of the CTA's keys
+    per_head: Array  # tiles per query head
+    clear_end: Array  # per head, the tiles before this offset from ``first`` need no window mask
+
+    @classmethod
+    def of_cta(cls, spec: _Scores, seq_len: int, groups: int, kv_head: Array, cta_base: Array,
+               last_query: Array | None) -> _QueryStream:  # fmt: skip
+        """``last_query``: the last query the CTA's rows' segments reach (None: no segments)."""
+        first = cta_base // _ROWS
+        end = spec.last_query(cta_base + _COMPUTE_WGS * _ROWS - 1, seq_len) // _ROWS + 1
+        if last_query is not None:
+            end = jnp.minimum(end, last_query // _ROWS + 1)
+        # From this query tile on, some of its rows are past the window of the CTA's first key.
+        window_edge = end
+        if spec.window is not None:
+            window_edge = jnp.clip((cta_base + spec.window) // _ROWS, first + _COMPUTE_WGS, end)
+        return cls(kv_head, groups, first, end - first, window_edge - first)
+
+    @property
+    def steps(self) -> Array:
+        return self.groups * self.per_head
+
+    def coords(self, step: Array) -> tuple[Array, Array]:
+        """Step ``step``'s query head and first row."""
+        head = self.kv_head * self.groups + step // self.per_head
+        return head, (self.first + step % self.per_head) * _ROWS
+
+    def loop(self, body: Callable[[Array, Any, bool], Any], carry: Any) -> Any:
+        """``body(step, carry, masked)`` over every step. Per head, the first two query tiles
+        straddle the CTA's diagonal (or lie wholly above a later warpgroup's keys), those from
+        the window's edge on straddle it: those run ``masked``; the rest are fully visible."""
+        masked = lambda i, c: body(i, c, True)
+        for g in range(self.groups):
+            start = g * self.per_head
+            edge = start + jnp.minimum(self.per_head, _COMPUTE_WGS)
+            clear_end = start + self.clear_end
+            carry = lax.fori_loop(start, edge, masked, carry)
+            carry = lax.fori_loop(edge, clear_end, lambda i, c: body(i, c, False), carry)
+            carry = lax.fori_loop(clear_end, start + self.per_head, masked, carry)
+        return carry
+
+    def feed(self, srcs: Sequence[Any], rings: Sequence[Any], bars: Sequence[Any], free: Any,
+             batch: Array, slots: int) -> None:  # fmt: skip
+        """The memory warpgroup's loop: each step's Q and dO tiles (``srcs[:2]``, ``[B, S, H,
+        D]``) and per-query vectors (``srcs[2:]``: lse₂ and Δ ``[B, H, S]``, segment ids
+        ``[B, S]``) into ring slots."""
+
+        def load(step: Array, slot: Array) -> None:
+            head, q0 = self.coords(step)
+            rows = pl.ds(q0, _ROWS)
+            for i, (src, ring, bar) in enumerate(zip(srcs, rings, bars, strict=True)):
+                index = (batch, rows, head) if i < 2 else (batch, head, rows)
+                index = (batch, rows) if len(src.shape) == 2 else index
+                plgpu.copy_gmem_to_smem(src.at[index], ring.at[slot], bar.at[slot])
+
+        _feed_ring([(load, free)], self.steps, slots)
 
 
 def _take_turn(turn: Any) -> None:
@@ -703,22 +752,11 @@ def _dkdv_call(q, k, v, do, lse2, delta, seg, spec: _Scores, config: MgpuAttenti
         batch, kv_head, tile = (lax.axis_index(n) for n in ("batch", "kv_heads", "kv_tiles"))
         wg = lax.axis_index("wg")
         cta_base = tile * (_COMPUTE_WGS * blk)
-        first = cta_base // blk  # the first query tile that sees any of the CTA's keys
-        last_key = cta_base + _COMPUTE_WGS * blk - 1
-        end = spec.last_query(last_key, s) // blk + 1  # ... and one past the last
+        last_query = None
         if segmented:
             seg_ref, spans_ref = seg_refs
-            end = jnp.minimum(end, _span(spans_ref, batch, tile, 1, interpret) // blk + 1)
-        # From this query tile on, some of its rows are past the window of the CTA's first key.
-        window_edge = end
-        if spec.window is not None:
-            window_edge = jnp.clip((cta_base + spec.window) // blk, first + _COMPUTE_WGS, end)
-        per_head = end - first
-        steps = groups * per_head
-
-        def coords(step: Array) -> tuple[Array, Array]:
-            head = kv_head * groups + step // per_head
-            return head, (first + step % per_head) * blk
+            last_query = _span(spans_ref, batch, tile, 1, interpret)
+        stream = _QueryStream.of_cta(spec, s, groups, kv_head, cta_base, last_query)
 
         @pl.when(wg < _COMPUTE_WGS)
         def _compute() -> None:
@@ -738,7 +776,7 @@ def _dkdv_call(q, k, v, do, lse2, delta, seg, spec: _Scores, config: MgpuAttenti
             def body(step: Array, carry: tuple[Array, Array], masked: bool) -> Any:
                 dk, dv = carry
                 slot = lax.rem(step, slots)
-                _, q0 = coords(step)
+                _, q0 = stream.coords(step)
                 for bar in (q_bar, do_bar, lse_bar, delta_bar, *seg_bars[1:]):
                     plgpu.barrier_wait(bar.at[slot])
                 # The per-query lse₂ and Δ start the accumulators (as -lse₂/to_log2 and -Δ), so
@@ -778,19 +816,7 @@ def _dkdv_call(q, k, v, do, lse2, delta, seg, spec: _Scores, config: MgpuAttenti
                 plgpu.barrier_arrive(free.at[slot])
                 return dk, dv
 
-            # Per head: the first COMPUTE_WGS query tiles straddle the CTA's diagonal (or lie
-            # wholly above it for the later warpgroup), those from window_edge on straddle the
-            # window's edge; the rest are fully visible.
-            carry = (_zeros((blk, d), interpret), _zeros((blk, d), interpret))
-            masked_body = lambda i, c_: body(i, c_, True)
-            for g in range(groups):
-                start = g * per_head
-                edge = start + jnp.minimum(per_head, _COMPUTE_WGS)
-                clear_end = start + (window_edge - first)
-                carry = lax.fori_loop(start, edge, masked_body, carry)
-                carry = lax.fori_loop(edge, clear_end, lambda i, c_: body(i, c_, False), carry)
-                carry = lax.fori_loop(clear_end, start + per_head, masked_body, carry)
-            dk, dv = carry
+            dk, dv = stream.loop(body, (_zeros((blk, d), interpret), _zeros((blk, d), interpret)))
             # Out through this warpgroup's K and V tiles (every product reading them is done).
             k_smem.at[wg][...] = (dk * spec.scale).astype(k.dtype)
             v_smem.at[wg][...] = dv.astype(v.dtype)
@@ -803,12 +829,12 @@ def _dkdv_call(q, k, v, do, lse2, delta, seg, spec: _Scores, config: MgpuAttenti
         def _memory() -> None:
             plgpu.set_max_registers(config.bwd_registers[1], action="decrease")
 
-            streams = [(q_ref, q_ring, q_bar), (do_ref, do_ring, do_bar)]
-            stats = [(lse_ref, lse_ring, lse_bar), (delta_ref, delta_ring, delta_bar)]
-            if segmented:
-                stats.append((seg_ref, seg_smem[1], seg_bars[1]))
-            load = functools.partial(_load_query_tile, streams, stats, coords, batch, blk)
-            _feed_ring([(load, free)], steps, slots)
+            stream.feed(
+                (q_ref, do_ref, lse_ref, delta_ref, *seg_refs[:1]),
+                (q_ring, do_ring, lse_ring, delta_ring, *seg_smem[1:]),
+                (q_bar, do_bar, lse_bar, delta_bar, *seg_bars[1:]),
+                free, batch, slots,
+            )  # fmt: skip
 
     scratch = [
         _smem_tile((_COMPUTE_WGS, blk, d), k.dtype),
@@ -1013,35 +1039,14 @@ def _fused_call(q, k, v, do, lse2, delta, seg, spec: _Scores, config: MgpuAttent
         batch, kv_head, tile = (lax.axis_index(n) for n in ("batch", "kv_heads", "kv_tiles"))
         wg = lax.axis_index("wg")
         cta_base = tile * keys
-        first = cta_base // blk  # the first query tile that sees any of the CTA's keys
-        end = spec.last_query(cta_base + keys - 1, s) // blk + 1  # ... and one past the last
+        last_query = None
         if segmented:
             seg_ref, spans_ref = seg_refs
-            end = jnp.minimum(end, _span(spans_ref, batch, tile, 1, interpret) // blk + 1)
-        window_edge = end
-        if spec.window is not None:
-            window_edge = jnp.clip((cta_base + spec.window) // blk, first + _COMPUTE_WGS, end)
-        per_head = end - first
-        steps = groups * per_head
+            last_query = _span(spans_ref, batch, tile, 1, interpret)
+        stream = _QueryStream.of_cta(spec, s, groups, kv_head, cta_base, last_query)
+        steps = stream.steps
         rows = (batch, pl.ds(cta_base, keys), kv_head)
         cols = lambda x: lax.broadcast_in_dim(x, (keys, blk), [1])
-
-        def coords(step: Array) -> tuple[Array, Array]:
-            head = kv_head * groups + step // per_head
-            return head, (first + step % per_head) * blk
-
-        def run_steps(body: Callable[[Array, Array, bool], Array], acc: Array) -> Array:
-            # Per head: the first two query tiles straddle the CTA's diagonal, those from
-            # window_edge on straddle the window's edge; the rest are fully visible.
-            for g in range(groups):
-                start = g * per_head
-                edge = start + jnp.minimum(per_head, _COMPUTE_WGS)
-                clear_end = start + (window_edge - first)
-                masked = lambda i, a: body(i, a, True)
-                acc = lax.fori_loop(start, edge, masked, acc)
-                acc = lax.fori_loop(edge, clear_end, lambda i, a: body(i, a, False), acc)
-                acc = lax.fori_loop(clear_end, start + per_head, masked, acc)
-            return acc
 
         def own_keys(src: Any, dst: Any, bar: Any) -> None:
             plgpu.copy_gmem_to_smem(src.at[rows], dst, bar)
@@ -1068,7 +1073,7 @@ def _fused_call(q, k, v, do, lse2, delta, seg, spec: _Scores, config: MgpuAttent
 
             def body(step: Array, dv: Array, masked: bool) -> Array:
                 slot, buf = lax.rem(step, slots), lax.rem(step, 2)
-                _, q0 = coords(step)
+                _, q0 = stream.coords(step)
                 for bar in (q_bar, lse_bar, *seg_bars[1:]):
                     plgpu.barrier_wait(bar.at[slot])
                 lse = _load_stats(lse_ring.at[slot], _COL_STAT, interpret)
@@ -1097,7 +1102,7 @@ def _fused_call(q, k, v, do, lse2, delta, seg, spec: _Scores, config: MgpuAttent
                 plgpu.barrier_arrive(free.at[slot])
                 return dv
 
-            dv = run_steps(body, _zeros((keys, d), interpret))
+            dv = stream.loop(body, _zeros((keys, d), interpret))
             for last in range(2):  # observe warpgroup 1's releases of the last two P tiles
                 pl.when(steps > last)(lambda last=last: plgpu.barrier_wait(
                     p_free.at[lax.rem(steps - 1 - last, 2)]))  # fmt: skip
@@ -1111,9 +1116,11 @@ def _fused_call(q, k, v, do, lse2, delta, seg, spec: _Scores, config: MgpuAttent
             plgpu.barrier_wait(kv_bars.at[0])  # K: the dQ product's right operand
 
             def body(step: Array, dk: Array, masked: bool) -> Array:
-                del masked  # P is zero wherever the pair is hidden, so dS is too
+                # No masks here (P is zero where a pair is hidden), but the same per-head loops
+                # as warpgroup 0's: as one loop over all steps ptxas spilled 23 values a step.
+                del masked
                 slot, buf = lax.rem(step, slots), lax.rem(step, 2)
-                head, q0 = coords(step)
+                head, q0 = stream.coords(step)
                 plgpu.barrier_wait(do_bar.at[slot])
                 plgpu.barrier_wait(delta_bar.at[slot])
                 dlt = _load_stats(delta_ring.at[slot], _COL_STAT, interpret)
@@ -1138,19 +1145,19 @@ def _fused_call(q, k, v, do, lse2, delta, seg, spec: _Scores, config: MgpuAttent
                 plgpu.copy_smem_to_gmem(dq_stage, dq_ref.at[dq_rows], reduction_op="add")
                 return dk
 
-            dk = run_steps(body, _zeros((keys, d), interpret))
+            dk = stream.loop(body, _zeros((keys, d), interpret))
             finish(dk, spec.scale, k_smem, dk_ref)
 
         @pl.when(wg == _COMPUTE_WGS)
         def _memory() -> None:
             plgpu.set_max_registers(config.fused_registers[2], action="decrease")
 
-            streams = [(q_ref, q_ring, q_bar), (do_ref, do_ring, do_bar)]
-            stats = [(lse_ref, lse_ring, lse_bar), (delta_ref, delta_ring, delta_bar)]
-            if segmented:
-                stats.append((seg_ref, seg_smem[1], seg_bars[1]))
-            load = functools.partial(_load_query_tile, streams, stats, coords, batch, blk)
-            _feed_ring([(load, free)], steps, slots)
+            stream.feed(
+                (q_ref, do_ref, lse_ref, delta_ref, *seg_refs[:1]),
+                (q_ring, do_ring, lse_ring, delta_ring, *seg_smem[1:]),
+                (q_bar, do_bar, lse_bar, delta_bar, *seg_bars[1:]),
+                free, batch, slots,
+            )  # fmt: skip
 
     scratch = [
         _smem_tile((keys, d), k.dtype),
