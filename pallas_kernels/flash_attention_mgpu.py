@@ -136,6 +136,8 @@ class MgpuAttentionConfig:
     kernel launch (:func:`_grid`). ``bwd_dq``: one of :data:`BWD_DQ` (the separate dQ kernel by
     default; the fused ones are :func:`_fused_call`, with ``fused_registers`` for its P, dS and
     memory warpgroups, ``fused3_registers`` for its P, dS and memory + dQ warpgroups).
+    ``fused_dq_split`` (``"fused"`` only): the dQ product in two column blocks of the head dim,
+    the first issued with dK's product (a 32-register accumulator, not 64; head dim 128).
     """
 
     fwd_block_kv: int = 128
@@ -148,6 +150,7 @@ class MgpuAttentionConfig:
     bwd_dq: str = "kernel"
     fused_registers: tuple[int, int, int] = (232, 248, 24)
     fused3_registers: tuple[int, int, int] = (200, 208, 96)
+    fused_dq_split: bool = False
 
     def __post_init__(self) -> None:
         for name in ("fwd_block_kv", "dq_block_kv"):
@@ -1051,6 +1054,9 @@ def _fused_call(q, k, v, do, lse2, delta, seg, spec: _Scores, config: MgpuAttent
     parts = 2 if three_roles else 1
     part = keys // parts
     rows_of = lambda i: pl.ds(i * part, part)
+    # Column blocks narrower than a swizzled row of K (64 bf16) cannot be wgmma operands.
+    dq_blocks = 2 if config.fused_dq_split and not three_roles and d >= 128 else 1
+    dq_width = d // dq_blocks
 
     def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs):
         seg_refs, refs = (refs[:2], refs[2:]) if segmented else ((), refs)
@@ -1075,20 +1081,31 @@ def _fused_call(q, k, v, do, lse2, delta, seg, spec: _Scores, config: MgpuAttent
         def own_keys(src: Any, dst: Any, bar: Any) -> None:
             plgpu.copy_gmem_to_smem(src.at[rows], dst, bar)
 
-        def send_dq(dq: Array, q_rows: tuple[Any, ...]) -> None:
-            """Adds a query tile's float32 dQ partial into ``dq_acc``."""
-            if not staged:  # Interpreter: a plane per CTA row, summed outside
-                dq_ref.at[(tile, *q_rows)][...] = dq
-                return
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last partial has left
-            dq_stage[...] = dq
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(dq_stage, dq_ref.at[q_rows], reduction_op="add")
+        def dq_cols(q_rows: tuple[Any, ...], c: int) -> tuple[Any, ...]:
+            return (*q_rows, pl.ds(c * dq_width, dq_width))
 
-        def dq_partial(ds_t: Any, after_issue: Callable[[], None] | None = None) -> Array:
-            """``dS·K`` for the step's query tile, from ``dsT`` in shared memory."""
-            zeros = _zeros((blk, d), interpret)
-            return _products([(zeros, _T(ds_t), k_smem)], interpret, after_issue)[0]
+        def stage_dq(dq: Array, q_rows: tuple[Any, ...], c: int) -> None:
+            """Column block ``c`` of a query tile's float32 dQ partial, into the stage."""
+            if not staged:  # Interpreter: a plane per CTA row, summed outside
+                dq_ref.at[(tile, *dq_cols(q_rows, c))][...] = dq
+                return
+            if c == 0:
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last partial has left
+            dq_stage.at[c][...] = dq
+
+        def flush_dq(q_rows: tuple[Any, ...]) -> None:
+            """Adds the staged partial into ``dq_acc``."""
+            if staged:
+                plgpu.commit_smem()
+                for c in range(dq_blocks):
+                    dst = dq_ref.at[dq_cols(q_rows, c)]
+                    plgpu.copy_smem_to_gmem(dq_stage.at[c], dst, reduction_op="add")
+
+        def dq_term(ds_t: Any, c: int) -> tuple[Array, Any, Any]:
+            """``dS·K`` (column block ``c``) for the step's query tile, from ``dsT`` in shared
+            memory."""
+            k_cols = k_smem if dq_blocks == 1 else k_smem.at[:, pl.ds(c * dq_width, dq_width)]
+            return _zeros((blk, dq_width), interpret), _T(ds_t), k_cols
 
         def finish(accs: Sequence[Array], scale: float, dst_smem: Any, dst_ref: Any) -> None:
             # All products that read K and V are done before either is overwritten.
@@ -1200,12 +1217,22 @@ def _fused_call(q, k, v, do, lse2, delta, seg, spec: _Scores, config: MgpuAttent
                         plgpu.barrier_wait(q_bar.at[slot])
                     terms = [(dk[i], ds_t, q_ring.at[slot])]
                     terms += [dps(i + 1)] if i + 1 < parts else []
-                    dk_i, *dp_next = _products(terms, interpret)
+                    # Split dQ: its first column block runs with dK.
+                    terms += [dq_term(ds_tile, 0)] if dq_blocks > 1 else []
+                    dk_i, *rest = _products(terms, interpret)
                     dk_new.append(dk_i)
-                    dp_t = dp_next[0] if dp_next else None
+                    dp_t = rest[0] if i + 1 < parts else None
                 plgpu.barrier_arrive(free.at[slot])
-                if not three_roles:
-                    send_dq(dq_partial(ds_tile), (batch, pl.ds(q0, blk), head))
+                if three_roles:
+                    return tuple(dk_new)
+                q_rows = (batch, pl.ds(q0, blk), head)
+                if dq_blocks == 1:
+                    stage_dq(_products([dq_term(ds_tile, 0)], interpret)[0], q_rows, 0)
+                else:  # the first block goes to the stage while the second is computed
+                    first = lambda: stage_dq(rest[-1], q_rows, 0)
+                    (dq,) = _products([dq_term(ds_tile, 1)], interpret, after_issue=first)
+                    stage_dq(dq, q_rows, 1)
+                flush_dq(q_rows)
                 return tuple(dk_new)
 
             dk = stream.loop(body, (_zeros((part, d), interpret),) * parts)
@@ -1220,9 +1247,11 @@ def _fused_call(q, k, v, do, lse2, delta, seg, spec: _Scores, config: MgpuAttent
                 buf = lax.rem(step, 2)
                 head, q0 = stream.coords(step)
                 plgpu.barrier_wait(ds_ready.at[buf])
-                dq = dq_partial(p_tiles.at[buf], after_issue=refill)
+                (dq,) = _products([dq_term(p_tiles.at[buf], 0)], interpret, after_issue=refill)
                 plgpu.barrier_arrive(p_free.at[buf])
-                send_dq(dq, (batch, pl.ds(q0, blk), head))
+                q_rows = (batch, pl.ds(q0, blk), head)
+                stage_dq(dq, q_rows, 0)
+                flush_dq(q_rows)
 
             stream.feed(
                 (q_ref, do_ref, lse_ref, delta_ref, *seg_refs[:1]),
@@ -1246,8 +1275,8 @@ def _fused_call(q, k, v, do, lse2, delta, seg, spec: _Scores, config: MgpuAttent
     ]
     if not three_roles:
         scratch.append(_smem_tile((keys, blk), q.dtype))  # dSᵀ: the dQ product's left operand
-    if staged:
-        scratch.append(_smem_tile((blk, d), jnp.float32))  # dQ partials on their way out
+    if staged:  # dQ partials on their way out, by column block
+        scratch.append(_smem_tile((dq_blocks, blk, dq_width), jnp.float32))
     barriers = [
         plgpu.Barrier(num_barriers=2),  # K, V
         *(plgpu.Barrier(num_barriers=slots) for _ in range(4)),  # Q, dO, lse, delta
