@@ -56,7 +56,9 @@ forward's row maxima are taken on ``s``) and ``lse₂ = lse·log2 e``.
 * Fused, ``bwd_dq="fused"`` (opt-in): the warpgroups split the roles instead of the keys
   (:func:`_fused_call`): five tile products, at most 5 spilled loads per step in its hot
   loops, no wgmma fences. On the H200 it runs level with the two kernels at 1x32768 and
-  2.5-14% behind them at 1x8192 and 2x2048.
+  2.5-14% behind them at 1x8192 and 2x2048. Nsight Compute puts it at the same tensor-pipe
+  cycles as cuDNN's backward, busy 58% of the time against cuDNN's 65%. Moving its dQ
+  product to the memory warpgroup, or splitting it by columns, was slower (BENCHMARKS.md §3).
 
 The backward kernels do not take turns on the tensor cores: measured, the forward's
 turn-taking made both of them 3-12% slower (BENCHMARKS.md §3).
@@ -113,9 +115,8 @@ _COL_STAT = plgpu.Layout.WGMMA.reduce(0)
 FORWARD_KERNEL_NAME = "lorax_mgpu_attention_fwd"
 LAUNCH_ORDERS = ("auto", "heads", "tiles")
 # How the backward gets dQ: its own kernel (seven tile products per tile pair, no atomics), or
-# inside the dK/dV kernel (five; its partials reduce-added by TMA: _fused_call), computed by
-# the warpgroup that makes dS ("fused") or by the memory warpgroup ("fused3": three roles).
-BWD_DQ = ("kernel", "fused", "fused3")
+# inside the dK/dV kernel (five; its partials reduce-added by TMA: _fused_call).
+BWD_DQ = ("kernel", "fused")
 _SMS = 132  # SMs of the H100 SXM / H200, the GPUs the kernels are tuned on (sizes ``_grid``'s rule)
 _HEADS_FIRST_MIN_CTAS = 3 * _SMS // 4  # "auto" launches heads first from this many CTAs per head
 
@@ -135,9 +136,7 @@ class MgpuAttentionConfig:
     nothing at 232. ``launch_order``: ``"heads"``, ``"tiles"`` or ``"auto"``, which picks per
     kernel launch (:func:`_grid`). ``bwd_dq``: one of :data:`BWD_DQ` (the separate dQ kernel by
     default; the fused ones are :func:`_fused_call`, with ``fused_registers`` for its P, dS and
-    memory warpgroups, ``fused3_registers`` for its P, dS and memory + dQ warpgroups).
-    ``fused_dq_split`` (``"fused"`` only): the dQ product in two column blocks of the head dim,
-    the first issued with dK's product (a 32-register accumulator, not 64; head dim 128).
+    memory warpgroups).
     """
 
     fwd_block_kv: int = 128
@@ -149,8 +148,6 @@ class MgpuAttentionConfig:
     launch_order: str = "auto"
     bwd_dq: str = "kernel"
     fused_registers: tuple[int, int, int] = (232, 248, 24)
-    fused3_registers: tuple[int, int, int] = (200, 208, 96)
-    fused_dq_split: bool = False
 
     def __post_init__(self) -> None:
         for name in ("fwd_block_kv", "dq_block_kv"):
@@ -169,7 +166,6 @@ class MgpuAttentionConfig:
                 raise ValueError(f"{name}={getattr(self, name)}: the memory warpgroup needs fewer")
             _check_registers(name, (compute, compute, memory))
         _check_registers("fused_registers", self.fused_registers)
-        _check_registers("fused3_registers", self.fused3_registers)
 
     @property
     def seq_multiple(self) -> int:
@@ -415,15 +411,13 @@ def _smem_tile(shape: tuple[int, ...], dtype: Any) -> Any:
 
 
 def _feed_ring(streams: Sequence[tuple[Callable[[Array, Array], None], Any]], steps: Array,
-               slots: int, around: Callable[[Array, Callable[[], None]], None] | None = None,
-               ) -> None:  # fmt: skip
+               slots: int) -> None:  # fmt: skip
     """The memory warpgroup's loop: for each step, each ``(load, free)`` stream loads a slot.
 
     The first ``slots`` steps load at once; the load for step ``i + slots`` waits until both
     compute warpgroups have arrived on that stream's ``free`` barrier for step ``i``'s slot.
     The last steps' releases are observed too, so every phase of every barrier is seen before
-    the shared memory goes out of scope. ``around(step, refill)``: the warpgroup's own work of
-    a step, which calls ``refill`` (the wait and the load) exactly once, where it fits.
+    the shared memory goes out of scope.
     """
     for i in range(slots):
 
@@ -435,16 +429,12 @@ def _feed_ring(streams: Sequence[tuple[Callable[[Array, Array], None], Any]], st
     @pl.loop(0, steps)
     def _stream(step: Array) -> None:
         slot = lax.rem(step, slots)
+        for load, free in streams:
+            plgpu.barrier_wait(free.at[slot])
 
-        def refill() -> None:
-            for load, free in streams:
-                plgpu.barrier_wait(free.at[slot])
-
-                @pl.when(step + slots < steps)
-                def _load(load: Callable[[Array, Array], None] = load) -> None:
-                    load(step + slots, slot)
-
-        refill() if around is None else around(step, refill)
+            @pl.when(step + slots < steps)
+            def _load(load: Callable[[Array, Array], None] = load) -> None:
+                load(step + slots, slot)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -497,12 +487,10 @@ class _QueryStream:
         return carry
 
     def feed(self, srcs: Sequence[Any], rings: Sequence[Any], bars: Sequence[Any], free: Any,
-             batch: Array, slots: int,
-             around: Callable[[Array, Callable[[], None]], None] | None = None,
-             ) -> None:  # fmt: skip
+             batch: Array, slots: int) -> None:  # fmt: skip
         """The memory warpgroup's loop: each step's Q and dO tiles (``srcs[:2]``, ``[B, S, H,
         D]``) and per-query vectors (``srcs[2:]``: lse₂ and Δ ``[B, H, S]``, segment ids
-        ``[B, S]``) into ring slots; ``around`` as :func:`_feed_ring`'s."""
+        ``[B, S]``) into ring slots."""
 
         def load(step: Array, slot: Array) -> None:
             head, q0 = self.coords(step)
@@ -512,7 +500,7 @@ class _QueryStream:
                 index = (batch, rows) if len(src.shape) == 2 else index
                 plgpu.copy_gmem_to_smem(src.at[index], ring.at[slot], bar.at[slot])
 
-        _feed_ring([(load, free)], self.steps, slots, around)
+        _feed_ring([(load, free)], self.steps, slots)
 
 
 def _take_turn(turn: Any) -> None:
@@ -1030,12 +1018,6 @@ def _fused_call(q, k, v, do, lse2, delta, seg, spec: _Scores, config: MgpuAttent
       shared-memory stage. (``red.global.add`` straight from the registers, no stage, ran the
       kernel 1.5x slower on the H200: BENCHMARKS.md §3.)
 
-    With ``bwd_dq="fused3"`` the dQ product and its reduce-add move to the memory warpgroup
-    (three roles): warpgroup 1 writes ``dsT`` over the ``pT`` it read (the same threads, the
-    same elements) and signals ``ds_ready``; the memory warpgroup computes ``dS·K`` from that
-    tile, frees it for warpgroup 0's next ``pT``, and refills the query ring while the product
-    runs. Warpgroup 1 so keeps two products and the elementwise work, not three and the stage.
-
     The partial sums arrive in no fixed order, so dQ is not bitwise reproducible run to run.
     In the interpreter (no TMA reductions) ``dq_acc`` has a leading plane per CTA row of keys,
     summed by the caller.
@@ -1047,25 +1029,15 @@ def _fused_call(q, k, v, do, lse2, delta, seg, spec: _Scores, config: MgpuAttent
     keys = _COMPUTE_WGS * _ROWS  # keys per CTA
     segmented = seg is not None
     staged = interpret is None  # Interpreter: a plain store (no TMA reductions), no stage
-    three_roles = config.bwd_dq == "fused3"
-    registers = config.fused3_registers if three_roles else config.fused_registers
-    # Three roles: the P and dS warpgroups work on their keys in two row blocks (their score
-    # tiles half as tall), so that the registers left over hold the memory warpgroup's dQ.
-    parts = 2 if three_roles else 1
-    part = keys // parts
-    rows_of = lambda i: pl.ds(i * part, part)
-    # Column blocks narrower than a swizzled row of K (64 bf16) cannot be wgmma operands.
-    dq_blocks = 2 if config.fused_dq_split and not three_roles and d >= 128 else 1
-    dq_width = d // dq_blocks
 
     def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs):
         seg_refs, refs = (refs[:2], refs[2:]) if segmented else ((), refs)
         dq_ref, dk_ref, dv_ref, scoped = refs
-        (k_smem, v_smem, q_ring, do_ring, lse_ring, delta_ring, p_tiles, *rest), bars = scoped
-        ds_tile, rest = (None, rest) if three_roles else (rest[0], rest[1:])
+        (k_smem, v_smem, q_ring, do_ring, lse_ring, delta_ring, p_tiles, ds_tile, *rest), bars = (
+            scoped
+        )
         dq_stage, seg_smem = (rest[0], rest[1:]) if staged else (None, rest)
-        kv_bars, q_bar, do_bar, lse_bar, delta_bar, free, p_ready, p_free, done, *rest = bars
-        ds_ready, seg_bars = (rest[0], rest[1:]) if three_roles else (None, rest)
+        kv_bars, q_bar, do_bar, lse_bar, delta_bar, free, p_ready, p_free, done, *seg_bars = bars
         batch, kv_head, tile = (lax.axis_index(n) for n in ("batch", "kv_heads", "kv_tiles"))
         wg = lax.axis_index("wg")
         cta_base = tile * keys
@@ -1076,120 +1048,76 @@ def _fused_call(q, k, v, do, lse2, delta, seg, spec: _Scores, config: MgpuAttent
         stream = _QueryStream.of_cta(spec, s, groups, kv_head, cta_base, last_query)
         steps = stream.steps
         rows = (batch, pl.ds(cta_base, keys), kv_head)
-        cols = lambda x: lax.broadcast_in_dim(x, (part, blk), [1])
+        cols = lambda x: lax.broadcast_in_dim(x, (keys, blk), [1])
 
         def own_keys(src: Any, dst: Any, bar: Any) -> None:
             plgpu.copy_gmem_to_smem(src.at[rows], dst, bar)
 
-        def dq_cols(q_rows: tuple[Any, ...], c: int) -> tuple[Any, ...]:
-            return (*q_rows, pl.ds(c * dq_width, dq_width))
-
-        def stage_dq(dq: Array, q_rows: tuple[Any, ...], c: int) -> None:
-            """Column block ``c`` of a query tile's float32 dQ partial, into the stage."""
-            if not staged:  # Interpreter: a plane per CTA row, summed outside
-                dq_ref.at[(tile, *dq_cols(q_rows, c))][...] = dq
-                return
-            if c == 0:
-                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last partial has left
-            dq_stage.at[c][...] = dq
-
-        def flush_dq(q_rows: tuple[Any, ...]) -> None:
-            """Adds the staged partial into ``dq_acc``."""
-            if staged:
-                plgpu.commit_smem()
-                for c in range(dq_blocks):
-                    dst = dq_ref.at[dq_cols(q_rows, c)]
-                    plgpu.copy_smem_to_gmem(dq_stage.at[c], dst, reduction_op="add")
-
-        def dq_term(ds_t: Any, c: int) -> tuple[Array, Any, Any]:
-            """``dS·K`` (column block ``c``) for the step's query tile, from ``dsT`` in shared
-            memory."""
-            k_cols = k_smem if dq_blocks == 1 else k_smem.at[:, pl.ds(c * dq_width, dq_width)]
-            return _zeros((blk, dq_width), interpret), _T(ds_t), k_cols
-
-        def finish(accs: Sequence[Array], scale: float, dst_smem: Any, dst_ref: Any) -> None:
-            # All products that read K and V are done before either is overwritten.
+        def finish(acc: Array, scale: float, dst_smem: Any, dst_ref: Any) -> None:
+            # Both warpgroups' products that read K and V are done before either is overwritten.
             plgpu.barrier_arrive(done)
             plgpu.barrier_wait(done)
-            for i, acc in enumerate(accs):
-                dst_smem.at[rows_of(i)][...] = (acc * scale).astype(k.dtype)
+            dst_smem[...] = (acc * scale).astype(k.dtype)
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(dst_smem, dst_ref.at[rows])
             plgpu.wait_smem_to_gmem(0)
 
         @pl.when(wg == 0)
         def _probabilities() -> None:
-            plgpu.set_max_registers(registers[0], action="increase")
+            plgpu.set_max_registers(config.fused_registers[0], action="increase")
             own_keys(k_ref, k_smem, kv_bars.at[0])
-            if segmented:  # the CTA's keys' ids, as the per-row vectors of its score tiles
+            if segmented:  # the CTA's keys' ids, as the per-row vector of its score tiles
                 plgpu.copy_gmem_to_smem(seg_ref.at[batch, pl.ds(cta_base, keys)], seg_smem[0],
                                         seg_bars[0])  # fmt: skip
                 plgpu.barrier_wait(seg_bars[0])
-                kv_seg = [_load_stats(seg_smem[0].at[rows_of(i)], _ROW_STAT, interpret)
-                          for i in range(parts)]  # fmt: skip
+                kv_seg = _load_stats(seg_smem[0], _ROW_STAT, interpret)
             plgpu.barrier_wait(kv_bars.at[0])
 
-            def body(step: Array, dv: tuple[Array, ...], masked: bool) -> tuple[Array, ...]:
+            def body(step: Array, dv: Array, masked: bool) -> Array:
                 slot, buf = lax.rem(step, slots), lax.rem(step, 2)
                 _, q0 = stream.coords(step)
                 for bar in (q_bar, lse_bar, *seg_bars[1:]):
                     plgpu.barrier_wait(bar.at[slot])
-                lse = lambda: _load_stats(lse_ring.at[slot], _COL_STAT, interpret)
-
-                def scores(i: int) -> tuple[Array, Any, Any]:
-                    # -lse₂/to_log2 starts the accumulator (registers), read afresh for each
-                    # row block: kept in registers across the other's products, it spilled.
-                    if spec.softcap is None:
-                        s_init = cols(lse() * (-1.0 / spec.to_log2))
-                    else:
-                        s_init = _zeros((part, blk), interpret)
-                    return s_init, k_smem.at[rows_of(i)], _T(q_ring.at[slot])
-
-                (s_t,) = _products([scores(0)], interpret)
-                dv_new = []
-                for i in range(parts):  # sTᵢ₊₁ runs with dVᵢ
-                    x_t, tanh_t = spec.exponent(s_t)
-                    if spec.softcap is None:
-                        p_t = jnp.exp2(x_t * spec.to_log2)
-                    else:
-                        p_t = jnp.exp2(x_t * spec.to_log2 - cols(lse()))
-                    if masked:
-                        seen = spec.visible((part, blk), cta_base + i * part, q0, False, interpret)
-                        p_t = jnp.where(seen, p_t, 0.0)
-                    if segmented:
-                        q_seg = _load_stats(seg_smem[1].at[slot], _COL_STAT, interpret)
-                        p_t = jnp.where(_same_segment(kv_seg[i], q_seg, (part, blk)), p_t, 0.0)
-                    if i == 0:
-                        pl.when(step >= 2)(lambda: plgpu.barrier_wait(p_free.at[buf]))
-                    # What dS needs of P (through the softcap's derivative), for warpgroup 1.
-                    p_out = spec.through_softcap(p_t, tanh_t).astype(q.dtype)
-                    p_tiles.at[buf, rows_of(i)][...] = p_out
-                    if i == parts - 1:
-                        plgpu.barrier_arrive(p_ready.at[buf])
-                    if i == 0:
-                        plgpu.barrier_wait(do_bar.at[slot])
-                    terms = [(dv[i], p_t.astype(q.dtype), do_ring.at[slot])]
-                    terms += [scores(i + 1)] if i + 1 < parts else []
-                    dv_i, *s_next = _products(terms, interpret)
-                    dv_new.append(dv_i)
-                    s_t = s_next[0] if s_next else None
+                lse = _load_stats(lse_ring.at[slot], _COL_STAT, interpret)
+                if spec.softcap is None:  # -lse₂/to_log2 starts the accumulator (registers)
+                    s_init = cols(lse * (-1.0 / spec.to_log2))
+                else:
+                    s_init = _zeros((keys, blk), interpret)
+                (s_t,) = _products([(s_init, k_smem, _T(q_ring.at[slot]))], interpret)
+                x_t, tanh_t = spec.exponent(s_t)
+                if spec.softcap is None:
+                    p_t = jnp.exp2(x_t * spec.to_log2)
+                else:
+                    p_t = jnp.exp2(x_t * spec.to_log2 - cols(lse))
+                if masked:
+                    p_t = jnp.where(spec.visible((keys, blk), cta_base, q0, False, interpret),
+                                    p_t, 0.0)  # fmt: skip
+                if segmented:
+                    q_seg = _load_stats(seg_smem[1].at[slot], _COL_STAT, interpret)
+                    p_t = jnp.where(_same_segment(kv_seg, q_seg, (keys, blk)), p_t, 0.0)
+                pl.when(step >= 2)(lambda: plgpu.barrier_wait(p_free.at[buf]))
+                # What dS needs of P (through the softcap's derivative), for warpgroup 1.
+                p_tiles.at[buf][...] = spec.through_softcap(p_t, tanh_t).astype(q.dtype)
+                plgpu.barrier_arrive(p_ready.at[buf])
+                plgpu.barrier_wait(do_bar.at[slot])
+                (dv,) = _products([(dv, p_t.astype(q.dtype), do_ring.at[slot])], interpret)
                 plgpu.barrier_arrive(free.at[slot])
-                return tuple(dv_new)
+                return dv
 
-            dv = stream.loop(body, (_zeros((part, d), interpret),) * parts)
-            for last in range(2):  # observe the releases of the last two P tiles
+            dv = stream.loop(body, _zeros((keys, d), interpret))
+            for last in range(2):  # observe warpgroup 1's releases of the last two P tiles
                 pl.when(steps > last)(lambda last=last: plgpu.barrier_wait(
                     p_free.at[lax.rem(steps - 1 - last, 2)]))  # fmt: skip
             finish(dv, 1.0, v_smem, dv_ref)
 
         @pl.when(wg == 1)
         def _score_gradients() -> None:
-            plgpu.set_max_registers(registers[1], action="increase")
+            plgpu.set_max_registers(config.fused_registers[1], action="increase")
             own_keys(v_ref, v_smem, kv_bars.at[1])
             plgpu.barrier_wait(kv_bars.at[1])
             plgpu.barrier_wait(kv_bars.at[0])  # K: the dQ product's right operand
 
-            def body(step: Array, dk: tuple[Array, ...], masked: bool) -> tuple[Array, ...]:
+            def body(step: Array, dk: Array, masked: bool) -> Array:
                 # No masks here (P is zero where a pair is hidden), but the same per-head loops
                 # as warpgroup 0's: as one loop over all steps ptxas spilled 23 values a step.
                 del masked
@@ -1197,72 +1125,41 @@ def _fused_call(q, k, v, do, lse2, delta, seg, spec: _Scores, config: MgpuAttent
                 head, q0 = stream.coords(step)
                 plgpu.barrier_wait(do_bar.at[slot])
                 plgpu.barrier_wait(delta_bar.at[slot])
-                dlt = lambda: _load_stats(delta_ring.at[slot], _COL_STAT, interpret)
-                dps = lambda i: (cols(-dlt()), v_smem.at[rows_of(i)], _T(do_ring.at[slot]))
-                (dp_t,) = _products([dps(0)], interpret)
+                dlt = _load_stats(delta_ring.at[slot], _COL_STAT, interpret)
+                (dp_t,) = _products([(cols(-dlt), v_smem, _T(do_ring.at[slot]))], interpret)
                 plgpu.barrier_wait(p_ready.at[buf])
-                dk_new = []
-                for i in range(parts):  # dpTᵢ₊₁ runs with dKᵢ
-                    p_t = p_tiles.at[buf, rows_of(i)][...]
-                    if not three_roles:
-                        plgpu.barrier_arrive(p_free.at[buf])
-                    ds_t = (p_t.astype(jnp.float32) * dp_t).astype(q.dtype)
-                    # dsT for the dQ product: over pT (three roles: the memory warpgroup's).
-                    (p_tiles.at[buf, rows_of(i)] if three_roles else ds_tile)[...] = ds_t
-                    if i == parts - 1:
-                        plgpu.commit_smem()
-                        if three_roles:
-                            plgpu.barrier_arrive(ds_ready.at[buf])
-                    if i == 0:
-                        plgpu.barrier_wait(q_bar.at[slot])
-                    terms = [(dk[i], ds_t, q_ring.at[slot])]
-                    terms += [dps(i + 1)] if i + 1 < parts else []
-                    # Split dQ: its first column block runs with dK.
-                    terms += [dq_term(ds_tile, 0)] if dq_blocks > 1 else []
-                    dk_i, *rest = _products(terms, interpret)
-                    dk_new.append(dk_i)
-                    dp_t = rest[0] if i + 1 < parts else None
+                p_t = p_tiles.at[buf][...]
+                plgpu.barrier_arrive(p_free.at[buf])
+                ds_t = (p_t.astype(jnp.float32) * dp_t).astype(q.dtype)
+                ds_tile[...] = ds_t
+                plgpu.commit_smem()  # the dQ product reads it
+                plgpu.barrier_wait(q_bar.at[slot])
+                (dk,) = _products([(dk, ds_t, q_ring.at[slot])], interpret)
                 plgpu.barrier_arrive(free.at[slot])
-                if three_roles:
-                    return tuple(dk_new)
-                q_rows = (batch, pl.ds(q0, blk), head)
-                if dq_blocks == 1:
-                    stage_dq(_products([dq_term(ds_tile, 0)], interpret)[0], q_rows, 0)
-                else:  # the first block goes to the stage while the second is computed
-                    first = lambda: stage_dq(rest[-1], q_rows, 0)
-                    (dq,) = _products([dq_term(ds_tile, 1)], interpret, after_issue=first)
-                    stage_dq(dq, q_rows, 1)
-                flush_dq(q_rows)
-                return tuple(dk_new)
+                (dq,) = _products([(_zeros((blk, d), interpret), _T(ds_tile), k_smem)], interpret)
+                dq_rows = (batch, pl.ds(q0, blk), head)
+                if not staged:  # Interpreter: a plane per CTA row, summed outside
+                    dq_ref.at[(tile, *dq_rows)][...] = dq
+                    return dk
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last partial has left
+                dq_stage[...] = dq
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(dq_stage, dq_ref.at[dq_rows], reduction_op="add")
+                return dk
 
-            dk = stream.loop(body, (_zeros((part, d), interpret),) * parts)
+            dk = stream.loop(body, _zeros((keys, d), interpret))
             finish(dk, spec.scale, k_smem, dk_ref)
 
         @pl.when(wg == _COMPUTE_WGS)
         def _memory() -> None:
-            plgpu.set_max_registers(registers[2], action="decrease")
-
-            def dq_step(step: Array, refill: Callable[[], None]) -> None:
-                # The dQ product of step ``step``, the ring's refill while it runs.
-                buf = lax.rem(step, 2)
-                head, q0 = stream.coords(step)
-                plgpu.barrier_wait(ds_ready.at[buf])
-                (dq,) = _products([dq_term(p_tiles.at[buf], 0)], interpret, after_issue=refill)
-                plgpu.barrier_arrive(p_free.at[buf])
-                q_rows = (batch, pl.ds(q0, blk), head)
-                stage_dq(dq, q_rows, 0)
-                flush_dq(q_rows)
+            plgpu.set_max_registers(config.fused_registers[2], action="decrease")
 
             stream.feed(
                 (q_ref, do_ref, lse_ref, delta_ref, *seg_refs[:1]),
                 (q_ring, do_ring, lse_ring, delta_ring, *seg_smem[1:]),
                 (q_bar, do_bar, lse_bar, delta_bar, *seg_bars[1:]),
-                free, batch, slots, dq_step if three_roles else None,
+                free, batch, slots,
             )  # fmt: skip
-            if three_roles:  # its last dQ product has read K
-                plgpu.barrier_arrive(done)
-                if staged:
-                    plgpu.wait_smem_to_gmem(0)
 
     scratch = [
         _smem_tile((keys, d), k.dtype),
@@ -1271,22 +1168,19 @@ def _fused_call(q, k, v, do, lse2, delta, seg, spec: _Scores, config: MgpuAttent
         _smem_tile((slots, blk, d), do.dtype),
         plgpu.SMEM((slots, blk), jnp.float32),
         plgpu.SMEM((slots, blk), jnp.float32),
-        _smem_tile((2, keys, blk), q.dtype),  # P, double-buffered: warpgroup 0 -> 1 (-> 2)
+        _smem_tile((2, keys, blk), q.dtype),  # P, double-buffered: warpgroup 0 -> 1
+        _smem_tile((keys, blk), q.dtype),  # dSᵀ: the dQ product's left operand, transposed
     ]
-    if not three_roles:
-        scratch.append(_smem_tile((keys, blk), q.dtype))  # dSᵀ: the dQ product's left operand
-    if staged:  # dQ partials on their way out, by column block
-        scratch.append(_smem_tile((dq_blocks, blk, dq_width), jnp.float32))
+    if staged:
+        scratch.append(_smem_tile((blk, d), jnp.float32))  # dQ partials on their way out
     barriers = [
         plgpu.Barrier(num_barriers=2),  # K, V
         *(plgpu.Barrier(num_barriers=slots) for _ in range(4)),  # Q, dO, lse, delta
         plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=slots),  # slot free
         plgpu.Barrier(num_barriers=2),  # P tile ready
         plgpu.Barrier(num_barriers=2),  # P tile free
-        plgpu.Barrier(num_arrivals=_COMPUTE_WGS + three_roles),  # all done with K and V
+        plgpu.Barrier(num_arrivals=_COMPUTE_WGS),  # both done with K and V
     ]
-    if three_roles:
-        barriers.append(plgpu.Barrier(num_barriers=2))  # dSᵀ written over P: warpgroup 1 -> 2
     if segmented:  # the keys' and (with each query tile) the queries' segment ids
         scratch += [plgpu.SMEM((keys,), jnp.int32), _segment_tile((slots, blk))]
         barriers += [plgpu.Barrier(), plgpu.Barrier(num_barriers=slots)]

@@ -49,13 +49,6 @@ VARIANTS = {
     # (P, dS, memory) warpgroups.
     "fused": MgpuAttentionConfig(bwd_dq="fused"),
     "fused r240": MgpuAttentionConfig(bwd_dq="fused", fused_registers=(240, 240, 24)),
-    "fused split": MgpuAttentionConfig(bwd_dq="fused", fused_dq_split=True),
-    "fused split r240": MgpuAttentionConfig(
-        bwd_dq="fused", fused_dq_split=True, fused_registers=(240, 240, 24)
-    ),
-    # ... with the dQ product on the memory warpgroup; registers of its (P, dS, memory + dQ).
-    "fused3": MgpuAttentionConfig(bwd_dq="fused3"),
-    "fused3 r208": MgpuAttentionConfig(bwd_dq="fused3", fused3_registers=(208, 200, 96)),
 }
 
 

@@ -1,4 +1,6 @@
 #!/usr/bin/env bash
+# Ran at a73c623 (2026-11-30, ninth session); bwd_dq="fused3" was 4-6% slower than "fused" at
+# every shape and was removed. Raw output: scripts/results/h200-2026-11-30-s9/run94/.
 # GPU call (~8 min, carry .gpu; 2026-11-30, ninth session): the three-role fused backward
 # (bwd_dq="fused3": the memory warpgroup computes and reduce-adds the dQ partials; P and dS
 # warpgroups in two row blocks of 64 keys), first alone at 2x2048 (correctness against float32;

@@ -1,4 +1,7 @@
 #!/usr/bin/env bash
+# Ran at c68709c (2026-11-30, ninth session); ncu stopped at the dQ kernel ("Failed to profile"),
+# before cuDNN's (gpu_run96.sh has them); "fused3" was removed after it.
+# Raw output: scripts/results/h200-2026-11-30-s9/run95/.
 # GPU call (~4 min, carry .gpu; 2026-11-30, ninth session): Nsight Compute on one launch of each
 # backward kernel at 1x32768 — the fused (two roles), three-role, dK/dV + dQ kernels, and
 # cuDNN's — for what bounds them (tensor pipe, shared memory, stalls), not only how long they

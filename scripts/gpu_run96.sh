@@ -1,4 +1,6 @@
 #!/usr/bin/env bash
+# Ran at 4d78ee3 (2026-11-30, ninth session); fused_dq_split was 18% slower at 1x32768 and was
+# removed (the 2x2048 line ran past its timeout). Raw output: scripts/results/h200-2026-11-30-s9/run96/.
 # GPU call (~6 min, carry .gpu; 2026-11-30, ninth session): (1) Nsight Compute on cuDNN's
 # forward and backward at 1x32768 (run95 stopped before them), for its tensor-pipe and
 # shared-memory utilization beside the Mosaic kernels'; (2) the fused backward with its dQ product

@@ -181,19 +181,12 @@ def test_window_and_softcap_match_reference(rng, window, softcap, segmented):
     [(64, 256, {}), (128, 256, {}), (64, 512, dict(sliding_window=100, softcap=2.0))],
     ids=["head-dim-64", "head-dim-128", "window-softcap-segments"],
 )
-@pytest.mark.parametrize(
-    "fused",
-    [dict(bwd_dq="fused"), dict(bwd_dq="fused", fused_dq_split=True), dict(bwd_dq="fused3")],
-    ids=["fused", "fused-dq-split", "fused3"],
-)
-def test_fused_backward_matches_reference(rng, d, s, options, fused):
-    """dQ inside the dK/dV kernel: warpgroup 0 hands P to warpgroup 1 through a
-    double-buffered tile, and each CTA's dQ partials are added into a float32 buffer (by
-    warpgroup 1, whole or in two column blocks, or with ``"fused3"`` by the memory warpgroup
-    from the dS written over P).
-    S = 256 gives CTAs of one and of two masked query tiles per head; the last case adds
-    packed rows, a window narrower than a CTA's keys and a saturating softcap (the P tile then
-    carries the softcap's derivative)."""
+def test_fused_backward_matches_reference(rng, d, s, options):
+    """dQ inside the dK/dV kernel (``bwd_dq="fused"``): warpgroup 0 hands P to warpgroup 1
+    through a double-buffered tile, and each CTA's dQ partials are added into a float32
+    buffer. S = 256 gives CTAs of one and of two masked query tiles per head; the last case
+    adds packed rows, a window narrower than a CTA's keys and a saturating softcap (the P tile
+    then carries the softcap's derivative)."""
     q, k, v, do = _inputs(rng, s=s, d=d)
     segment_ids = _packed_segments() if options else None
     scale = d**-0.5
@@ -203,7 +196,7 @@ def test_fused_backward_matches_reference(rng, d, s, options, fused):
     want = vjp((do.astype(jnp.float32), jnp.zeros_like(lse)))
     got = flash_backward_mgpu(
         q, k, v, out.astype(jnp.bfloat16), lse, do, scale=scale, segment_ids=segment_ids,
-        config=MgpuAttentionConfig(**fused),
+        config=MgpuAttentionConfig(bwd_dq="fused"),
         interpret=interpret_params.InterpretGPUParams(), **options,
     )  # fmt: skip
     for name, g, w in zip(("dq", "dk", "dv"), got, want, strict=True):
@@ -257,8 +250,6 @@ def test_argument_errors():
         MgpuAttentionConfig(bwd_registers=(248, 24))  # beyond 3 x the 168 of the launch
     with pytest.raises(ValueError, match=r"fused_registers: .* at most 504"):
         MgpuAttentionConfig(fused_registers=(232, 256, 24))  # deadlocked on the H200
-    with pytest.raises(ValueError, match=r"fused3_registers: .* at most 504"):
-        MgpuAttentionConfig(fused3_registers=(224, 208, 80))
     with pytest.raises(ValueError, match="fwd_registers"):
         MgpuAttentionConfig(fwd_registers=(232, 20))  # setmaxnreg's floor is 24
     with pytest.raises(ValueError, match="launch_order must be one of"):
@@ -358,7 +349,7 @@ def test_remat_policy_keeps_the_mosaic_forward_outputs():
     [(False, {}), (True, {}), (True, dict(sliding_window=100, softcap=30.0))],
     ids=["causal", "segments", "segments-window-softcap"],
 )
-@pytest.mark.parametrize("bwd_dq", ["kernel", "fused", "fused-split", "fused3"])
+@pytest.mark.parametrize("bwd_dq", ["kernel", "fused"])
 @pytest.mark.parametrize("d", [64, 128])
 def test_kernels_lower_for_hopper(d, segmented, options, bwd_dq):
     """The compiled kernels (no interpreter) lower to Mosaic GPU custom calls for ``cuda``.
@@ -371,8 +362,7 @@ def test_kernels_lower_for_hopper(d, segmented, options, bwd_dq):
     kv = jax.ShapeDtypeStruct((1, 256, 2, d), jnp.bfloat16)
     seg = jax.ShapeDtypeStruct((1, 256), jnp.int32) if segmented else None
 
-    split = bwd_dq == "fused-split"
-    config = MgpuAttentionConfig(bwd_dq="fused" if split else bwd_dq, fused_dq_split=split)
+    config = MgpuAttentionConfig(bwd_dq=bwd_dq)
 
     def fwd_bwd(q, k, v, seg):
         attend = lambda *x: flash_attention_mgpu(*x, d**-0.5, config, segment_ids=seg, **options)
