@@ -20,7 +20,7 @@ causal, bf16, layout ``[B, S, H, D]``) at B×S in {2×2048, 1×8192, 1×32768}:
             scores (skipped when they would not fit, e.g. S=32768);
 ``tokamax`` ``tokamax.dot_product_attention(implementation="mosaic")``: Google's Mosaic GPU
             flash attention (forward and VJP kernels; not in the default ``--impls``: its
-            wheel and dependencies are not lorax's, see ``scripts/gpu_run67.sh``). It takes
+            wheel and dependencies are not lorax's, see ``scripts/gpu_runs/gpu_run67.sh``). It takes
             windows and the softcap, not segment ids;
 
 each as forward alone and as forward+backward (``jax.vjp`` plus the vjp applied to a fixed

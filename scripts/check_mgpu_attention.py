@@ -8,7 +8,8 @@ forward+backward, against cuDNN (where it has the options). Causal FLOPs: forwar
 backward 2.5x, forward+backward 3.5x; the per-kernel lines of the backward count the tile
 products the kernels really run (dK/dV 4, dQ 3 per tile pair, against the textbook's 5). Each
 variant runs in try/except, so one failure is reported and the rest go on (a kernel that
-hangs is not caught: run one variant per process under ``timeout``, as scripts/gpu_run17.sh did).
+hangs is not caught: run one variant per process under ``timeout``, as
+scripts/gpu_runs/gpu_run17.sh did).
 
     python scripts/check_mgpu_attention.py [--shapes 2x2048,1x8192,1x32768] [--variants ...]
         [--window W] [--softcap C] [--segments MEAN_LEN] [--forward-only]

@@ -1,4 +1,4 @@
-# Sourced by the scripts/gpu_run*.sh device calls: the import path (the carried gguf wheel in
+# Sourced by the scripts/gpu_runs/gpu_run*.sh device calls: the import path (the carried gguf wheel in
 # .gpu, scripts/ and the repository), q (drops XLA's log noise from a pipe) and bench (one
 # bench_attention.py run: a name for its log and JSON under $OUT, then its arguments).
 # PYTHONPATH_EXTRA is appended to the path; BENCH_TIMEOUT and BENCH_BUDGET (seconds) override

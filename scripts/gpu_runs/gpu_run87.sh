@@ -18,4 +18,4 @@ fwd shapes --shapes 2x2048,1x8192,1x32768
 fwd window --shapes 1x8192 --window 4096
 fwd softcap --shapes 1x8192 --softcap 50 --no-cudnn
 fwd packed --shapes 1x8192 --segments 1024 --no-cudnn
-bash scripts/gpu_run85.sh
+bash scripts/gpu_runs/gpu_run85.sh

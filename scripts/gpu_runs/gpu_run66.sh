@@ -4,4 +4,4 @@
 # check_sharding_gpu's step had none, so it left the kernels to the partitioner in run 65).
 # Output: $OUT/*.log
 set -u
-bash scripts/gpu_run65.sh
+bash scripts/gpu_runs/gpu_run65.sh

@@ -5,4 +5,4 @@
 # examples), a 4096 window (with cuDNN) and softcap 50 at 1x8192.
 # Output: $OUT/{causal,segments,window4096,softcap50}.{log,json}.
 # The same commands as gpu_run74.sh (the table before the launch-order change).
-exec bash scripts/gpu_run74.sh
+exec bash scripts/gpu_runs/gpu_run74.sh
