@@ -6,11 +6,17 @@ kept it idle. This prints those rows from the CSV of ``ncu -i REPORT --page raw 
 any number of such files (e.g. ours and cuDNN's, profiled in separate processes):
 
     python scripts/ncu_summary.py run95/ncu_raw.csv run96/ncu_cudnn_raw.csv [--match fused|sdpa]
+
+``--source FILE`` reads ``ncu -i REPORT --page source --csv --print-source sass`` instead (one
+kernel, with ``--section SourceCounters``): its warp-stall samples by warpgroup (the SASS
+between two ``setmaxnreg``, USETMAXREG, is one warpgroup's), by stall reason and by opcode,
+and the warp-instructions each warpgroup executed by opcode.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import csv
 import re
 
@@ -53,11 +59,57 @@ def _number(text: str) -> float | None:
         return None
 
 
+def _opcode(sass: str) -> str:
+    words = sass.split()
+    if words and words[0].startswith("@"):  # predicated
+        words = words[1:]
+    return words[0].split(".")[0] if words else "?"
+
+
+def _top(counts: collections.Counter, total: float, n: int) -> str:
+    return ", ".join(f"{k} {100 * v / total:.0f}%" for k, v in counts.most_common(n) if total)
+
+
+def source_summary(path: str) -> None:
+    """Stall samples and executed instructions of one kernel, warpgroup by warpgroup."""
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    header = next(r for r in rows if "Source" in r)
+    lines = rows[rows.index(header) + 1 :]
+    col = {name: i for i, name in enumerate(header)}
+    samples, executed = col["Warp Stall Sampling (All Samples)"], col["Instructions Executed"]
+    stalls = [(h[len("stall_") :], i) for h, i in col.items()
+              if h.startswith("stall_") and "Not Issued" not in h]  # fmt: skip
+    starts = [0] + [i for i, r in enumerate(lines) if "USETMAXREG" in r[col["Source"]]]
+    total = sum(_number(r[samples]) or 0.0 for r in lines)
+    for n, (a, b) in enumerate(zip(starts, starts[1:] + [len(lines)], strict=True)):
+        part = lines[a:b]
+        share = sum(_number(r[samples]) or 0.0 for r in part)
+        reasons, ops, mix = collections.Counter(), collections.Counter(), collections.Counter()
+        for r in part:
+            sass = r[col["Source"]].strip()
+            ops[_opcode(sass)] += _number(r[samples]) or 0.0
+            mix[_opcode(sass)] += _number(r[executed]) or 0.0
+            for name, i in stalls:
+                reasons[name] += _number(r[i]) or 0.0
+        label = "prologue" if n == 0 else f"warpgroup code {n - 1}"
+        print(f"== {label} (SASS rows {a}-{b}): {100 * share / total:.1f}% of the samples")
+        print(f"   stalled on: {_top(reasons, share, 6)}")
+        print(f"   samples at: {_top(ops, share, 8)}")
+        print(f"   executed ({sum(mix.values()):.3g} warp-instructions): "
+              f"{_top(mix, sum(mix.values()), 10)}")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("csv", nargs="+", help="ncu --page raw --csv output files")
+    parser.add_argument("csv", nargs="*", help="ncu --page raw --csv output files")
     parser.add_argument("--match", help="regex on the kernel name (default: every launch)")
+    parser.add_argument("--source", help="an ncu --page source --csv file (see above)")
     args = parser.parse_args()
+    if args.source:
+        source_summary(args.source)
+        if not args.csv:
+            return
     kernels = [k for path in args.csv for k in _kernels(path, args.match)]
     if not kernels:
         raise SystemExit(f"no kernel in {args.csv} matches {args.match!r}")
