@@ -467,22 +467,27 @@ class _QueryStream:
     def steps(self) -> Array:
         return self.groups * self.per_head
 
-    def coords(self, step: Array) -> tuple[Array, Array]:
-        """Step ``step``'s query head and first row."""
-        head = self.kv_head * self.groups + step // self.per_head
-        return head, (self.first + step % self.per_head) * _ROWS
+    def coords(self, step: Array, group: int | None = None) -> tuple[Array, Array]:
+        """Step ``step``'s query head and first row; ``group``: the step's query head within
+        the KV head's, where the caller knows it statically (no integer division then)."""
+        if group is None:
+            group, tile = step // self.per_head, step % self.per_head
+        else:
+            tile = step - group * self.per_head
+        return self.kv_head * self.groups + group, (self.first + tile) * _ROWS
 
-    def loop(self, body: Callable[[Array, Any, bool], Any], carry: Any) -> Any:
-        """``body(step, carry, masked)`` over every step. Per head, the first two query tiles
-        straddle the CTA's diagonal (or lie wholly above a later warpgroup's keys), those from
-        the window's edge on straddle it: those run ``masked``; the rest are fully visible."""
-        masked = lambda i, c: body(i, c, True)
+    def loop(self, body: Callable[[Array, Any, bool, int], Any], carry: Any) -> Any:
+        """``body(step, carry, masked, group)`` over every step (``group``: the step's query
+        head within the KV head's, static). Per head, the first two query tiles straddle the
+        CTA's diagonal (or lie wholly above a later warpgroup's keys), those from the window's
+        edge on straddle it: those run ``masked``; the rest are fully visible."""
         for g in range(self.groups):
+            masked = lambda i, c, g=g: body(i, c, True, g)
             start = g * self.per_head
             edge = start + jnp.minimum(self.per_head, _COMPUTE_WGS)
             clear_end = start + self.clear_end
             carry = lax.fori_loop(start, edge, masked, carry)
-            carry = lax.fori_loop(edge, clear_end, lambda i, c: body(i, c, False), carry)
+            carry = lax.fori_loop(edge, clear_end, lambda i, c, g=g: body(i, c, False, g), carry)
             carry = lax.fori_loop(clear_end, start + self.per_head, masked, carry)
         return carry
 
@@ -775,10 +780,10 @@ def _dkdv_call(q, k, v, do, lse2, delta, seg, spec: _Scores, config: MgpuAttenti
             plgpu.barrier_wait(k_bar.at[wg])
             plgpu.barrier_wait(v_bar.at[wg])
 
-            def body(step: Array, carry: tuple[Array, Array], masked: bool) -> Any:
+            def body(step: Array, carry: tuple[Array, Array], masked: bool, group: int) -> Any:
                 dk, dv = carry
                 slot = lax.rem(step, slots)
-                _, q0 = stream.coords(step)
+                _, q0 = stream.coords(step, group)
                 for bar in (q_bar, do_bar, lse_bar, delta_bar, *seg_bars[1:]):
                     plgpu.barrier_wait(bar.at[slot])
                 # The per-query lse₂ and Δ start the accumulators (as -lse₂/to_log2 and -Δ), so
@@ -1073,9 +1078,9 @@ def _fused_call(q, k, v, do, lse2, delta, seg, spec: _Scores, config: MgpuAttent
                 kv_seg = _load_stats(seg_smem[0], _ROW_STAT, interpret)
             plgpu.barrier_wait(kv_bars.at[0])
 
-            def body(step: Array, dv: Array, masked: bool) -> Array:
+            def body(step: Array, dv: Array, masked: bool, group: int) -> Array:
                 slot, buf = lax.rem(step, slots), lax.rem(step, 2)
-                _, q0 = stream.coords(step)
+                _, q0 = stream.coords(step, group)
                 for bar in (q_bar, lse_bar, *seg_bars[1:]):
                     plgpu.barrier_wait(bar.at[slot])
                 lse = _load_stats(lse_ring.at[slot], _COL_STAT, interpret)
@@ -1117,12 +1122,12 @@ def _fused_call(q, k, v, do, lse2, delta, seg, spec: _Scores, config: MgpuAttent
             plgpu.barrier_wait(kv_bars.at[1])
             plgpu.barrier_wait(kv_bars.at[0])  # K: the dQ product's right operand
 
-            def body(step: Array, dk: Array, masked: bool) -> Array:
+            def body(step: Array, dk: Array, masked: bool, group: int) -> Array:
                 # No masks here (P is zero where a pair is hidden), but the same per-head loops
                 # as warpgroup 0's: as one loop over all steps ptxas spilled 23 values a step.
                 del masked
                 slot, buf = lax.rem(step, slots), lax.rem(step, 2)
-                head, q0 = stream.coords(step)
+                head, q0 = stream.coords(step, group)
                 plgpu.barrier_wait(do_bar.at[slot])
                 plgpu.barrier_wait(delta_bar.at[slot])
                 dlt = _load_stats(delta_ring.at[slot], _COL_STAT, interpret)
