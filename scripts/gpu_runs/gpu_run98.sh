@@ -9,6 +9,6 @@ set -u
 source scripts/gpu_env.sh
 logged new_32k timeout 100 python3 scripts/check_mgpu_attention.py --shapes 1x32768 --no-cudnn \
   --variants "default,fused"
-PYTHONPATH=$PWD/.gpu/old_tree:$PYTHONPATH logged old_32k timeout 100 python3 \
+logged old_32k env PYTHONPATH=$PWD/.gpu/old_tree:$PYTHONPATH timeout 100 python3 \
   scripts/check_mgpu_attention.py --shapes 1x32768 --no-cudnn --variants "default,fused"
 cat $OUT/summary.txt
