@@ -132,11 +132,11 @@ class MgpuAttentionConfig:
     ``2·compute + memory`` at most 3 x 168 (ptxas compiles the launch for 168 and ``setmaxnreg``
     only moves them between the warpgroups at run time). The backward takes the most its compute
     warpgroups can have: at 232 ptxas spilled 132 bytes per thread in the dK/dV kernel, at 240
-    40 bytes, and the backward ran ~1% faster (BENCHMARKS.md §3, registers); the forward spills
-    nothing at 232. ``launch_order``: ``"heads"``, ``"tiles"`` or ``"auto"``, which picks per
-    kernel launch (:func:`_grid`). ``bwd_dq``: one of :data:`BWD_DQ` (the separate dQ kernel by
-    default; the fused ones are :func:`_fused_call`, with ``fused_registers`` for its P, dS and
-    memory warpgroups).
+    40 bytes, and the backward ran ~1% faster (BENCHMARKS.md §3, registers; at 240 it now
+    spills 20 bytes); the forward spills nothing at 232. ``launch_order``: ``"heads"``,
+    ``"tiles"`` or ``"auto"``, which picks per kernel launch (:func:`_grid`). ``bwd_dq``: one
+    of :data:`BWD_DQ` (the separate dQ kernel by default; the fused ones are
+    :func:`_fused_call`, with ``fused_registers`` for its P, dS and memory warpgroups).
     """
 
     fwd_block_kv: int = 128
