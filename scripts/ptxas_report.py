@@ -10,8 +10,9 @@ How: each kernel is lowered for CUDA on the CPU, and its serialized Mosaic GPU m
 (MLIR passes, LLVM's NVPTX backend, ptxas). The only thing that pipeline asks the driver for is
 the compute capability, which ``scripts/fake_libcuda.c`` answers (9.0: compiled for sm_90a,
 as on the H200). The compile then fails where it would load the module; by then ptxas has run.
-The reports match the H200's byte for byte (dK/dV at 1x8192, 240/24: 176 B spill stores and
-352 B loads, as ``scripts/results/h200-2026-11-30-s4/call5_new.log``).
+The reports match the H200's byte for byte (the dK/dV kernel of that time at 1x8192, 240/24:
+176 B spill stores and 352 B loads, as ``scripts/results/h200-2026-11-30-s4/call5_new.log``;
+the fused kernels' 352 / 1128 and 824 / 2124 B, as ``h200-2026-11-30-s9/run94/f3_32k.log``).
 
 Setup (once; a separate environment, as this one has jax's CUDA plugin; ~1 GB):
 
