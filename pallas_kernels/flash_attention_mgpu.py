@@ -491,6 +491,24 @@ class _QueryStream:
             carry = lax.fori_loop(clear_end, start + self.per_head, masked, carry)
         return carry
 
+    @staticmethod
+    def ring(q: Array, do: Array, slots: int) -> tuple[list[Any], list[Any]]:
+        """The ring's shared memory, per slot a Q and a dO tile and the tile's lse₂ and Δ, and
+        its barriers: one per stream, loaded, and ``free`` (both compute warpgroups are done
+        with the slot), in the order :meth:`feed` takes them."""
+        d = q.shape[-1]
+        scratch = [
+            _smem_tile((slots, _ROWS, d), q.dtype),
+            _smem_tile((slots, _ROWS, d), do.dtype),
+            plgpu.SMEM((slots, _ROWS), jnp.float32),
+            plgpu.SMEM((slots, _ROWS), jnp.float32),
+        ]
+        barriers = [
+            *(plgpu.Barrier(num_barriers=slots) for _ in range(4)),  # Q, dO, lse, delta
+            plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=slots),  # slot free
+        ]
+        return scratch, barriers
+
     def feed(self, srcs: Sequence[Any], rings: Sequence[Any], bars: Sequence[Any], free: Any,
              batch: Array, slots: int) -> None:  # fmt: skip
         """The memory warpgroup's loop: each step's Q and dO tiles (``srcs[:2]``, ``[B, S, H,
@@ -843,19 +861,16 @@ def _dkdv_call(q, k, v, do, lse2, delta, seg, spec: _Scores, config: MgpuAttenti
                 free, batch, slots,
             )  # fmt: skip
 
+    ring_scratch, ring_barriers = _QueryStream.ring(q, do, slots)
     scratch = [
         _smem_tile((_COMPUTE_WGS, blk, d), k.dtype),
         _smem_tile((_COMPUTE_WGS, blk, d), v.dtype),
-        _smem_tile((slots, blk, d), q.dtype),
-        _smem_tile((slots, blk, d), do.dtype),
-        plgpu.SMEM((slots, blk), jnp.float32),
-        plgpu.SMEM((slots, blk), jnp.float32),
+        *ring_scratch,
     ]
     barriers = [
         plgpu.Barrier(num_barriers=_COMPUTE_WGS),  # K
         plgpu.Barrier(num_barriers=_COMPUTE_WGS),  # V
-        *(plgpu.Barrier(num_barriers=slots) for _ in range(4)),  # Q, dO, lse, delta
-        plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=slots),  # slot free
+        *ring_barriers,
     ]
     if segmented:  # the keys' and (with each query tile) the queries' segment ids
         scratch += [_segment_tile((_COMPUTE_WGS, blk)), _segment_tile((slots, blk))]
@@ -1166,13 +1181,11 @@ def _fused_call(q, k, v, do, lse2, delta, seg, spec: _Scores, config: MgpuAttent
                 free, batch, slots,
             )  # fmt: skip
 
+    ring_scratch, ring_barriers = _QueryStream.ring(q, do, slots)
     scratch = [
         _smem_tile((keys, d), k.dtype),
         _smem_tile((keys, d), v.dtype),
-        _smem_tile((slots, blk, d), q.dtype),
-        _smem_tile((slots, blk, d), do.dtype),
-        plgpu.SMEM((slots, blk), jnp.float32),
-        plgpu.SMEM((slots, blk), jnp.float32),
+        *ring_scratch,
         _smem_tile((2, keys, blk), q.dtype),  # P, double-buffered: warpgroup 0 -> 1
         _smem_tile((keys, blk), q.dtype),  # dSᵀ: the dQ product's left operand, transposed
     ]
@@ -1180,8 +1193,7 @@ def _fused_call(q, k, v, do, lse2, delta, seg, spec: _Scores, config: MgpuAttent
         scratch.append(_smem_tile((blk, d), jnp.float32))  # dQ partials on their way out
     barriers = [
         plgpu.Barrier(num_barriers=2),  # K, V
-        *(plgpu.Barrier(num_barriers=slots) for _ in range(4)),  # Q, dO, lse, delta
-        plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=slots),  # slot free
+        *ring_barriers,
         plgpu.Barrier(num_barriers=2),  # P tile ready
         plgpu.Barrier(num_barriers=2),  # P tile free
         plgpu.Barrier(num_arrivals=_COMPUTE_WGS),  # both done with K and V
