@@ -67,6 +67,21 @@ def nf4_matmul_inputs(m: int, width: int, k: int, n: int) -> tuple[Any, Any, Any
     return x, w16, quantize_nf4(w16, double_quant=True)
 
 
+def attention_inputs(batch: int, seq_len: int, heads: tuple[int, int, int],
+                     seed: int = 0) -> tuple[Any, Any, Any, Any]:  # fmt: skip
+    """Seeded bf16 ``q, k, v, d_out`` for attention of ``heads = (query heads, KV heads,
+    head dim)``: what the attention scripts time and check (the same values in each)."""
+    import jax
+    import jax.numpy as jnp
+
+    q_heads, kv_heads, dim = heads
+    keys = jax.random.split(jax.random.key(seed), 4)
+    shapes = [(batch, seq_len, h, dim) for h in (q_heads, kv_heads, kv_heads, q_heads)]
+    return tuple(
+        jax.random.normal(key, shape, jnp.bfloat16) for key, shape in zip(keys, shapes, strict=True)
+    )
+
+
 def packed_rows(batch: int, seq_len: int, mean_len: int, seed: int = 0) -> tuple[Any, Any]:
     """``(segment_ids, positions)``, int32 ``[batch, seq_len]``, of rows packed as
     ``lorax.data.packing`` packs them: examples ``1..k`` of lengths drawn uniformly from

@@ -78,7 +78,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from _common import packed_rows, pipelined_ms  # noqa: E402
+from _common import attention_inputs, packed_rows, pipelined_ms  # noqa: E402
 
 from pallas_kernels.flash_attention import BlockSizes, flash_attention  # noqa: E402
 
@@ -230,16 +230,6 @@ def _print_row(row: Row) -> None:
     )
 
 
-def _inputs(batch: int, seq_len: int, heads: tuple[int, int, int], seed: int = 0) -> tuple:
-    q_heads, kv_heads, dim = heads
-    keys = jax.random.split(jax.random.key(seed), 4)
-    q = jax.random.normal(keys[0], (batch, seq_len, q_heads, dim), jnp.bfloat16)
-    k = jax.random.normal(keys[1], (batch, seq_len, kv_heads, dim), jnp.bfloat16)
-    v = jax.random.normal(keys[2], (batch, seq_len, kv_heads, dim), jnp.bfloat16)
-    d_out = jax.random.normal(keys[3], (batch, seq_len, q_heads, dim), jnp.bfloat16)
-    return q, k, v, d_out
-
-
 def _over_budget(opts: argparse.Namespace) -> bool:
     return time.perf_counter() - opts.t0 > opts.budget_s
 
@@ -251,7 +241,7 @@ def run_main(opts: argparse.Namespace, shapes: list, heads: tuple, rows: list[Ro
         packed += f", window {opts.window}" if opts.window else ""
         packed += f", softcap {opts.softcap}" if opts.softcap else ""
         print(f"\nB={batch} S={seq_len} Hq={heads[0]} Hkv={heads[1]} D={dim} causal bf16{packed}")
-        q, k, v, d_out = _inputs(batch, seq_len, heads)
+        q, k, v, d_out = attention_inputs(batch, seq_len, heads)
         segment_ids = None
         if opts.segments:
             segment_ids = jnp.asarray(packed_rows(batch, seq_len, opts.segments)[0])
@@ -328,7 +318,7 @@ def run_sweep(opts: argparse.Namespace, shape: tuple, heads: tuple, rows: list[R
     batch, seq_len = shape
     q_heads, _, dim = heads
     print(f"\nSweep: B={batch} S={seq_len} Hq={heads[0]} Hkv={heads[1]} D={dim} causal bf16")
-    q, k, v, d_out = _inputs(batch, seq_len, heads, seed=1)
+    q, k, v, d_out = attention_inputs(batch, seq_len, heads, seed=1)
     fwd_flops = _causal_fwd_flops(batch, seq_len, q_heads, dim)
     grid_fwd, grid_bwd = (TINY_SWEEP_FWD, TINY_SWEEP_BWD) if opts.tiny else (SWEEP_FWD, SWEEP_BWD)
     best: dict[str, tuple[float, tuple]] = {}

@@ -25,7 +25,7 @@ import traceback
 
 import jax
 import jax.numpy as jnp
-from _common import packed_rows, pipelined_ms
+from _common import attention_inputs, packed_rows, pipelined_ms
 
 from pallas_kernels import flash_attention_mgpu as mgpu  # the kernels one by one, for timing
 from pallas_kernels.flash_attention import attention_logsumexp, attention_reference
@@ -85,11 +85,7 @@ def check_shape(b: int, s: int, variants: list[str], cudnn: bool = True, hq: int
                 d: int = 128, window: int | None = None, softcap: float | None = None,
                 segments: int = 0, forward_only: bool = False) -> None:  # fmt: skip
     scale = d**-0.5
-    keys = jax.random.split(jax.random.key(0), 4)
-    q, k, v, do = (
-        jax.random.normal(key, (b, s, h, d), jnp.bfloat16)
-        for key, h in zip(keys, (hq, hkv, hkv, hq), strict=True)
-    )
+    q, k, v, do = attention_inputs(b, s, (hq, hkv, d))
     segment_ids = jnp.asarray(packed_rows(b, s, segments)[0]) if segments else None
     options = dict(scale=scale, sliding_window=window, softcap=softcap, segment_ids=segment_ids)
     # FLOPs counted over the causal half (the windowed and packed rows do less of it).
@@ -145,6 +141,7 @@ def check_shape(b: int, s: int, variants: list[str], cudnn: bool = True, hq: int
             f32 = jnp.float32
             delta_of = jax.jit(lambda o, g: jnp.einsum("bshd,bshd->bhs", o.astype(f32), g))
             delta = delta_of(out, do)  # rowsum(dO ⊙ O), as the backward computes it
+            delta_ms = pipelined_ms(delta_of, out, do)
             args = (q, k, v, do, lse2, delta)
             if config.bwd_dq != "kernel":  # one kernel, five tile products per tile pair
 
@@ -153,7 +150,6 @@ def check_shape(b: int, s: int, variants: list[str], cudnn: bool = True, hq: int
                     return *mgpu._fused_call(*a, seg, spec, config, None, dq_acc), dq_acc[...]
 
                 t_fused = pipelined_ms(jax.jit(fused_kernel), *args)
-                delta_ms = pipelined_ms(delta_of, out, do)
                 print(f"  {'':<16} fused kernel with its dQ buffer {rate(2.5 * fwd_flops, t_fused)}"
                       f"  Δ reduction {delta_ms:.3f} ms", flush=True)  # fmt: skip
                 return
@@ -165,7 +161,7 @@ def check_shape(b: int, s: int, variants: list[str], cudnn: bool = True, hq: int
                   "  (real tensor work)", flush=True)  # fmt: skip
             # The rest of the backward: the Δ reduction, and the two kernels back to back.
             both = jax.jit(lambda *a: (dkdv(*a), dq(*a)))
-            print(f"  {'':<16} Δ reduction {pipelined_ms(delta_of, out, do):.3f} ms"
+            print(f"  {'':<16} Δ reduction {delta_ms:.3f} ms"
                   f"  both kernels {pipelined_ms(both, *args):.3f} ms", flush=True)  # fmt: skip
 
         _try(name, run)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 
 import jax
-import jax.numpy as jnp
+from _common import attention_inputs
 
 from pallas_kernels.flash_attention_mgpu import BWD_DQ, MgpuAttentionConfig, flash_attention_mgpu
 
@@ -42,11 +42,7 @@ def main() -> None:
     args = parser.parse_args()
     b, s = (int(x) for x in args.shape.split("x"))
     hq, hkv, d = 32, 8, 128
-    keys = jax.random.split(jax.random.key(0), 4)
-    q, k, v, do = (
-        jax.random.normal(key, (b, s, h, d), jnp.bfloat16)
-        for key, h in zip(keys, (hq, hkv, hkv, hq), strict=True)
-    )
+    q, k, v, do = attention_inputs(b, s, (hq, hkv, d))
     for impl in args.impls.split(","):
         attend = _attend(impl, d**-0.5)
 
