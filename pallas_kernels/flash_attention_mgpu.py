@@ -116,7 +116,7 @@ FORWARD_KERNEL_NAME = "lorax_mgpu_attention_fwd"
 LAUNCH_ORDERS = ("auto", "heads", "tiles")
 # How the backward gets dQ: its own kernel (seven tile products per tile pair, no atomics), or
 # inside the dK/dV kernel (five; its partials reduce-added by TMA: _fused_call).
-BWD_DQ = ("kernel", "fused", "fused_shared")
+BWD_DQ = ("kernel", "fused")
 _SMS = 132  # SMs of the H100 SXM / H200, the GPUs the kernels are tuned on (sizes ``_grid``'s rule)
 _HEADS_FIRST_MIN_CTAS = 3 * _SMS // 4  # "auto" launches heads first from this many CTAs per head
 
@@ -196,8 +196,6 @@ def check_supported(q: Array, k: Array, v: Array, config: MgpuAttentionConfig,
         raise ValueError(f"S={s} must be a multiple of {config.seq_multiple} (pad it)")
     if d not in HEAD_DIMS:
         raise ValueError(f"head_dim {d}: the Mosaic GPU kernels handle {HEAD_DIMS}")
-    if config.bwd_dq == "fused_shared" and d != 128:  # K's halves: whole 128-byte rows
-        raise ValueError(f"bwd_dq='fused_shared' needs head_dim 128, got {d}")
     if q.dtype not in DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(f"dtypes {q.dtype}/{k.dtype}/{v.dtype}: need one of bf16, f16")
     if segment_ids is not None and (
@@ -1051,8 +1049,6 @@ def _fused_call(q, k, v, do, lse2, delta, seg, spec: _Scores, config: MgpuAttent
     keys = _COMPUTE_WGS * _ROWS  # keys per CTA
     segmented = seg is not None
     staged = interpret is None  # Interpreter: a plain store (no TMA reductions), no stage
-    shared = config.bwd_dq == "fused_shared"
-    dq_cols = d // 2 if shared else d  # dQ columns each warpgroup that computes dQ owns
 
     def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs):
         seg_refs, refs = (refs[:2], refs[2:]) if segmented else ((), refs)
@@ -1060,10 +1056,8 @@ def _fused_call(q, k, v, do, lse2, delta, seg, spec: _Scores, config: MgpuAttent
         (k_smem, v_smem, q_ring, do_ring, lse_ring, delta_ring, p_tiles, ds_tile, *rest), bars = (
             scoped
         )
-        stages = (2 if shared else 1) if staged else 0
-        dq_stages, seg_smem = rest[:stages], rest[stages:]
-        kv_bars, q_bar, do_bar, lse_bar, delta_bar, free, p_ready, p_free, done, *rest_bars = bars
-        ds_ready, seg_bars = (rest_bars[0], rest_bars[1:]) if shared else (None, rest_bars)
+        dq_stage, seg_smem = (rest[0], rest[1:]) if staged else (None, rest)
+        kv_bars, q_bar, do_bar, lse_bar, delta_bar, free, p_ready, p_free, done, *seg_bars = bars
         batch, kv_head, tile = (lax.axis_index(n) for n in ("batch", "kv_heads", "kv_tiles"))
         wg = lax.axis_index("wg")
         cta_base = tile * keys
@@ -1087,24 +1081,6 @@ def _fused_call(q, k, v, do, lse2, delta, seg, spec: _Scores, config: MgpuAttent
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(dst_smem, dst_ref.at[rows])
             plgpu.wait_smem_to_gmem(0)
-
-        def dq_product(part: int) -> tuple[Array, Any, Any]:
-            """The term of columns ``part·dq_cols`` on of the step's dQ partial ``dS·K``."""
-            k_cols = k_smem if not shared else k_smem.at[:, pl.ds(part * dq_cols, dq_cols)]
-            return _zeros((blk, dq_cols), interpret), _T(ds_tile), k_cols
-
-        def send_dq(dq: Array, part: int, step: Array, group: int) -> None:
-            """Adds a dQ partial (:func:`dq_product`'s columns) into ``dq_ref``."""
-            head, q0 = stream.coords(step, group)
-            dq_rows = (batch, pl.ds(q0, blk), head, pl.ds(part * dq_cols, dq_cols))
-            if not staged:  # Interpreter: a plane per CTA row, summed outside
-                dq_ref.at[(tile, *dq_rows)][...] = dq
-                return
-            stage = dq_stages[part]
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last partial has left
-            stage[...] = dq
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(stage, dq_ref.at[dq_rows], reduction_op="add")
 
         @pl.when(wg == 0)
         def _probabilities() -> None:
@@ -1146,9 +1122,6 @@ def _fused_call(q, k, v, do, lse2, delta, seg, spec: _Scores, config: MgpuAttent
                 plgpu.barrier_wait(do_bar.at[slot])
                 (dv,) = _products([(dv, p_t.astype(q.dtype), do_ring.at[slot])], interpret)
                 plgpu.barrier_arrive(free.at[slot])
-                if shared:  # The first half of dQ's columns, once warpgroup 1 has dS.
-                    plgpu.barrier_wait(ds_ready)
-                    send_dq(*_products([dq_product(0)], interpret), 0, step, group)
                 return dv
 
             dv = stream.loop(body, _zeros((keys, d), interpret))
@@ -1169,6 +1142,7 @@ def _fused_call(q, k, v, do, lse2, delta, seg, spec: _Scores, config: MgpuAttent
                 # as warpgroup 0's: as one loop over all steps ptxas spilled 23 values a step.
                 del masked
                 slot, buf = lax.rem(step, slots), lax.rem(step, 2)
+                head, q0 = stream.coords(step, group)
                 plgpu.barrier_wait(do_bar.at[slot])
                 plgpu.barrier_wait(delta_bar.at[slot])
                 dlt = _load_stats(delta_ring.at[slot], _COL_STAT, interpret)
@@ -1177,22 +1151,20 @@ def _fused_call(q, k, v, do, lse2, delta, seg, spec: _Scores, config: MgpuAttent
                 p_t = p_tiles.at[buf][...]
                 plgpu.barrier_arrive(p_free.at[buf])
                 ds_t = (p_t.astype(jnp.float32) * dp_t).astype(q.dtype)
-                # The dQ products read it. Shared: warpgroup 1 writes the next dS only after
-                # the next P tile is ready, which warpgroup 0 posts after its product on this
-                # one is done, so one buffer suffices.
                 ds_tile[...] = ds_t
-                plgpu.commit_smem()
-                if shared:
-                    plgpu.barrier_arrive(ds_ready)
+                plgpu.commit_smem()  # the dQ product reads it
                 plgpu.barrier_wait(q_bar.at[slot])
-                if shared:  # dK's and dQ's products together: 64 accumulator registers fewer
-                    dk, dq = _products([(dk, ds_t, q_ring.at[slot]), dq_product(1)], interpret)
-                    plgpu.barrier_arrive(free.at[slot])
-                else:
-                    (dk,) = _products([(dk, ds_t, q_ring.at[slot])], interpret)
-                    plgpu.barrier_arrive(free.at[slot])
-                    (dq,) = _products([dq_product(0)], interpret)
-                send_dq(dq, int(shared), step, group)
+                (dk,) = _products([(dk, ds_t, q_ring.at[slot])], interpret)
+                plgpu.barrier_arrive(free.at[slot])
+                (dq,) = _products([(_zeros((blk, d), interpret), _T(ds_tile), k_smem)], interpret)
+                dq_rows = (batch, pl.ds(q0, blk), head)
+                if not staged:  # Interpreter: a plane per CTA row, summed outside
+                    dq_ref.at[(tile, *dq_rows)][...] = dq
+                    return dk
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last partial has left
+                dq_stage[...] = dq
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(dq_stage, dq_ref.at[dq_rows], reduction_op="add")
                 return dk
 
             dk = stream.loop(body, _zeros((keys, d), interpret))
@@ -1217,8 +1189,8 @@ def _fused_call(q, k, v, do, lse2, delta, seg, spec: _Scores, config: MgpuAttent
         _smem_tile((2, keys, blk), q.dtype),  # P, double-buffered: warpgroup 0 -> 1
         _smem_tile((keys, blk), q.dtype),  # dSᵀ: the dQ product's left operand, transposed
     ]
-    if staged:  # dQ partials on their way out, one stage per warpgroup that computes them
-        scratch += [_smem_tile((blk, dq_cols), jnp.float32) for _ in range(2 if shared else 1)]
+    if staged:
+        scratch.append(_smem_tile((blk, d), jnp.float32))  # dQ partials on their way out
     barriers = [
         plgpu.Barrier(num_barriers=2),  # K, V
         *ring_barriers,
@@ -1226,8 +1198,6 @@ def _fused_call(q, k, v, do, lse2, delta, seg, spec: _Scores, config: MgpuAttent
         plgpu.Barrier(num_barriers=2),  # P tile free
         plgpu.Barrier(num_arrivals=_COMPUTE_WGS),  # both done with K and V
     ]
-    if shared:
-        barriers.append(plgpu.Barrier())  # dS tile ready (for warpgroup 0's dQ columns)
     if segmented:  # the keys' and (with each query tile) the queries' segment ids
         scratch += [plgpu.SMEM((keys,), jnp.int32), _segment_tile((slots, blk))]
         barriers += [plgpu.Barrier(), plgpu.Barrier(num_barriers=slots)]

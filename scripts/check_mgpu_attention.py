@@ -50,9 +50,6 @@ VARIANTS = {
     # (P, dS, memory) warpgroups.
     "fused": MgpuAttentionConfig(bwd_dq="fused"),
     "fused r240": MgpuAttentionConfig(bwd_dq="fused", fused_registers=(240, 240, 24)),
-    # Both warpgroups compute half of dQ's columns.
-    "fused shared": MgpuAttentionConfig(bwd_dq="fused_shared"),
-    "fused shared r240": MgpuAttentionConfig(bwd_dq="fused_shared", fused_registers=(240, 240, 24)),
 }
 
 

@@ -1,4 +1,7 @@
 #!/usr/bin/env bash
+# Ran at 9dbc96b (2026-11-30, tenth session); bwd_dq="fused_shared" was 4-58% slower than "fused"
+# at every shape and was removed (BENCHMARKS.md §3). Raw output:
+# scripts/results/h200-2026-11-30-s10/run99/.
 # GPU call (~9 min, carry .gpu; 2026-11-30, tenth session): the fused backward with dQ's
 # product shared by columns (bwd_dq="fused_shared": warpgroup 0 computes and sends dQ's first 64
 # columns once warpgroup 1 has posted dS, warpgroup 1 the other 64 issued with dK's product), so
