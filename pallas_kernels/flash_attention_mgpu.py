@@ -148,7 +148,6 @@ class MgpuAttentionConfig:
     launch_order: str = "auto"
     bwd_dq: str = "kernel"
     fused_registers: tuple[int, int, int] = (232, 248, 24)
-    fused_q_slots: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("fwd_block_kv", "dq_block_kv"):
@@ -167,8 +166,6 @@ class MgpuAttentionConfig:
                 raise ValueError(f"{name}={getattr(self, name)}: the memory warpgroup needs fewer")
             _check_registers(name, (compute, compute, memory))
         _check_registers("fused_registers", self.fused_registers)
-        if self.fused_q_slots is not None and self.fused_q_slots < 2:
-            raise ValueError(f"fused_q_slots must be None or >= 2, got {self.fused_q_slots}")
 
     @property
     def seq_multiple(self) -> int:
@@ -413,33 +410,30 @@ def _smem_tile(shape: tuple[int, ...], dtype: Any) -> Any:
     return plgpu.SMEM(shape, dtype, transforms=transforms)
 
 
-def _feed_ring(streams: Sequence[tuple[Callable[[Array, Array], None], Any, int]],
-               steps: Array) -> None:  # fmt: skip
-    """The memory warpgroup's loop: for each step, each ``(load, free, slots)`` stream loads a
-    slot of its ring of ``slots``.
+def _feed_ring(streams: Sequence[tuple[Callable[[Array, Array], None], Any]], steps: Array,
+               slots: int) -> None:  # fmt: skip
+    """The memory warpgroup's loop: for each step, each ``(load, free)`` stream loads a slot.
 
     The first ``slots`` steps load at once; the load for step ``i + slots`` waits until both
     compute warpgroups have arrived on that stream's ``free`` barrier for step ``i``'s slot.
     The last steps' releases are observed too, so every phase of every barrier is seen before
     the shared memory goes out of scope.
     """
-    for i in range(max(slots for _, _, slots in streams)):
+    for i in range(slots):
 
         @pl.when(i < steps)
         def _prologue(i: int = i) -> None:
-            for load, _, slots in streams:
-                if i < slots:
-                    load(jnp.int32(i), jnp.int32(i))
+            for load, _ in streams:
+                load(jnp.int32(i), jnp.int32(i))
 
     @pl.loop(0, steps)
     def _stream(step: Array) -> None:
-        for load, free, slots in streams:
-            slot = lax.rem(step, slots)
+        slot = lax.rem(step, slots)
+        for load, free in streams:
             plgpu.barrier_wait(free.at[slot])
 
             @pl.when(step + slots < steps)
-            def _load(load: Callable[[Array, Array], None] = load, slots: int = slots,
-                      slot: Array = slot) -> None:  # fmt: skip
+            def _load(load: Callable[[Array, Array], None] = load) -> None:
                 load(step + slots, slot)
 
 
@@ -498,57 +492,38 @@ class _QueryStream:
         return carry
 
     @staticmethod
-    def ring(q: Array, do: Array, slots: int, q_slots: int | None = None
-             ) -> tuple[list[Any], list[Any]]:  # fmt: skip
+    def ring(q: Array, do: Array, slots: int) -> tuple[list[Any], list[Any]]:
         """The ring's shared memory, per slot a Q and a dO tile and the tile's lse₂ and Δ, and
         its barriers: one per stream, loaded, and ``free`` (both compute warpgroups are done
-        with the slot), in the order :meth:`feed` takes them.
-
-        ``q_slots``: Q and lse₂ in a ring of their own depth, freed by a second ``free``
-        barrier (last), so that a kernel may release Q and dO tiles at different times.
-        """
-        d, qs = q.shape[-1], slots if q_slots is None else q_slots
+        with the slot), in the order :meth:`feed` takes them."""
+        d = q.shape[-1]
         scratch = [
-            _smem_tile((qs, _ROWS, d), q.dtype),
+            _smem_tile((slots, _ROWS, d), q.dtype),
             _smem_tile((slots, _ROWS, d), do.dtype),
-            plgpu.SMEM((qs, _ROWS), jnp.float32),
+            plgpu.SMEM((slots, _ROWS), jnp.float32),
             plgpu.SMEM((slots, _ROWS), jnp.float32),
         ]
         barriers = [
-            *(plgpu.Barrier(num_barriers=n) for n in (qs, slots, qs, slots)),  # Q, dO, lse, Δ
+            *(plgpu.Barrier(num_barriers=slots) for _ in range(4)),  # Q, dO, lse, delta
             plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=slots),  # slot free
         ]
-        if q_slots is not None:
-            barriers.append(plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=q_slots))
         return scratch, barriers
 
     def feed(self, srcs: Sequence[Any], rings: Sequence[Any], bars: Sequence[Any], free: Any,
-             batch: Array, slots: int, q_free: Any = None, q_slots: int = 0) -> None:  # fmt: skip
+             batch: Array, slots: int) -> None:  # fmt: skip
         """The memory warpgroup's loop: each step's Q and dO tiles (``srcs[:2]``, ``[B, S, H,
         D]``) and per-query vectors (``srcs[2:]``: lse₂ and Δ ``[B, H, S]``, segment ids
-        ``[B, S]``) into ring slots. With ``q_free`` (:meth:`ring`'s ``q_slots``), Q, lse₂ and
-        the segment ids go through ``q_slots`` slots that ``q_free`` releases."""
+        ``[B, S]``) into ring slots."""
 
-        def loader(which: Sequence[int]) -> Callable[[Array, Array], None]:
-            def load(step: Array, slot: Array) -> None:
-                head, q0 = self.coords(step)
-                rows = pl.ds(q0, _ROWS)
-                for i in which:
-                    src = srcs[i]
-                    index = {4: (batch, rows, head), 3: (batch, head, rows)}.get(
-                        len(src.shape), (batch, rows)
-                    )
-                    plgpu.copy_gmem_to_smem(src.at[index], rings[i].at[slot], bars[i].at[slot])
+        def load(step: Array, slot: Array) -> None:
+            head, q0 = self.coords(step)
+            rows = pl.ds(q0, _ROWS)
+            for i, (src, ring, bar) in enumerate(zip(srcs, rings, bars, strict=True)):
+                index = (batch, rows, head) if i < 2 else (batch, head, rows)
+                index = (batch, rows) if len(src.shape) == 2 else index
+                plgpu.copy_gmem_to_smem(src.at[index], ring.at[slot], bar.at[slot])
 
-            return load
-
-        every = range(len(srcs))
-        if q_free is None:
-            _feed_ring([(loader(every), free, slots)], self.steps)
-            return
-        grads = (1, 3)  # dO and Δ: first, as their slots free sooner
-        query = [i for i in every if i not in grads]
-        _feed_ring([(loader(grads), free, slots), (loader(query), q_free, q_slots)], self.steps)
+        _feed_ring([(load, free)], self.steps, slots)
 
 
 def _take_turn(turn: Any) -> None:
@@ -748,7 +723,7 @@ def _forward_call(q: Array, k: Array, v: Array, seg: tuple[Array, Array] | None,
 
             k_stream = (loader(k_ref, k_ring, k_bar), k_free)
             v_stream = (loader(v_ref, v_ring, v_bar), v_free)
-            _feed_ring([(*k_stream, slots), (*v_stream, slots)], cta_steps - first)
+            _feed_ring([k_stream, v_stream], cta_steps - first, slots)
 
     scratch = [
         _smem_tile((_COMPUTE_WGS, bq, d), q.dtype),
@@ -1014,7 +989,7 @@ def _dq_call(q, k, v, do, lse2, delta, seg, spec: _Scores, config: MgpuAttention
                         seg_bars[1].at[slot],
                     )  # fmt: skip
 
-            _feed_ring([(load, free, slots)], steps - first)
+            _feed_ring([(load, free)], steps - first, slots)
 
     scratch = [
         _smem_tile((_COMPUTE_WGS, blk, d), q.dtype),
@@ -1071,8 +1046,6 @@ def _fused_call(q, k, v, do, lse2, delta, seg, spec: _Scores, config: MgpuAttent
     hkv = k.shape[2]
     groups = hq // hkv
     blk, slots = _ROWS, config.bwd_slots
-    split = config.fused_q_slots is not None  # Q's ring apart from dO's, freed on its own
-    q_slots = config.fused_q_slots if split else slots
     keys = _COMPUTE_WGS * _ROWS  # keys per CTA
     segmented = seg is not None
     staged = interpret is None  # Interpreter: a plain store (no TMA reductions), no stage
@@ -1084,9 +1057,7 @@ def _fused_call(q, k, v, do, lse2, delta, seg, spec: _Scores, config: MgpuAttent
             scoped
         )
         dq_stage, seg_smem = (rest[0], rest[1:]) if staged else (None, rest)
-        kv_bars, q_bar, do_bar, lse_bar, delta_bar, free, *bars = bars
-        q_free, bars = (bars[0], bars[1:]) if split else (free, bars)
-        p_ready, p_free, done, *seg_bars = bars
+        kv_bars, q_bar, do_bar, lse_bar, delta_bar, free, p_ready, p_free, done, *seg_bars = bars
         batch, kv_head, tile = (lax.axis_index(n) for n in ("batch", "kv_heads", "kv_tiles"))
         wg = lax.axis_index("wg")
         cta_base = tile * keys
@@ -1123,16 +1094,16 @@ def _fused_call(q, k, v, do, lse2, delta, seg, spec: _Scores, config: MgpuAttent
             plgpu.barrier_wait(kv_bars.at[0])
 
             def body(step: Array, dv: Array, masked: bool, group: int) -> Array:
-                slot, q_slot, buf = lax.rem(step, slots), lax.rem(step, q_slots), lax.rem(step, 2)
+                slot, buf = lax.rem(step, slots), lax.rem(step, 2)
                 _, q0 = stream.coords(step, group)
                 for bar in (q_bar, lse_bar, *seg_bars[1:]):
-                    plgpu.barrier_wait(bar.at[q_slot])
-                lse = _load_stats(lse_ring.at[q_slot], _COL_STAT, interpret)
+                    plgpu.barrier_wait(bar.at[slot])
+                lse = _load_stats(lse_ring.at[slot], _COL_STAT, interpret)
                 if spec.softcap is None:  # -lse₂/to_log2 starts the accumulator (registers)
                     s_init = cols(lse * (-1.0 / spec.to_log2))
                 else:
                     s_init = _zeros((keys, blk), interpret)
-                (s_t,) = _products([(s_init, k_smem, _T(q_ring.at[q_slot]))], interpret)
+                (s_t,) = _products([(s_init, k_smem, _T(q_ring.at[slot]))], interpret)
                 x_t, tanh_t = spec.exponent(s_t)
                 if spec.softcap is None:
                     p_t = jnp.exp2(x_t * spec.to_log2)
@@ -1142,10 +1113,8 @@ def _fused_call(q, k, v, do, lse2, delta, seg, spec: _Scores, config: MgpuAttent
                     p_t = jnp.where(spec.visible((keys, blk), cta_base, q0, False, interpret),
                                     p_t, 0.0)  # fmt: skip
                 if segmented:
-                    q_seg = _load_stats(seg_smem[1].at[q_slot], _COL_STAT, interpret)
+                    q_seg = _load_stats(seg_smem[1].at[slot], _COL_STAT, interpret)
                     p_t = jnp.where(_same_segment(kv_seg, q_seg, (keys, blk)), p_t, 0.0)
-                if split:  # done with the Q tile and what rides with it
-                    plgpu.barrier_arrive(q_free.at[q_slot])
                 pl.when(step >= 2)(lambda: plgpu.barrier_wait(p_free.at[buf]))
                 # What dS needs of P (through the softcap's derivative), for warpgroup 1.
                 p_tiles.at[buf][...] = spec.through_softcap(p_t, tanh_t).astype(q.dtype)
@@ -1178,18 +1147,15 @@ def _fused_call(q, k, v, do, lse2, delta, seg, spec: _Scores, config: MgpuAttent
                 plgpu.barrier_wait(delta_bar.at[slot])
                 dlt = _load_stats(delta_ring.at[slot], _COL_STAT, interpret)
                 (dp_t,) = _products([(cols(-dlt), v_smem, _T(do_ring.at[slot]))], interpret)
-                if split:  # done with the dO tile and Δ
-                    plgpu.barrier_arrive(free.at[slot])
                 plgpu.barrier_wait(p_ready.at[buf])
                 p_t = p_tiles.at[buf][...]
                 plgpu.barrier_arrive(p_free.at[buf])
                 ds_t = (p_t.astype(jnp.float32) * dp_t).astype(q.dtype)
                 ds_tile[...] = ds_t
                 plgpu.commit_smem()  # the dQ product reads it
-                q_slot = lax.rem(step, q_slots)
-                plgpu.barrier_wait(q_bar.at[q_slot])
-                (dk,) = _products([(dk, ds_t, q_ring.at[q_slot])], interpret)
-                plgpu.barrier_arrive(q_free.at[q_slot])
+                plgpu.barrier_wait(q_bar.at[slot])
+                (dk,) = _products([(dk, ds_t, q_ring.at[slot])], interpret)
+                plgpu.barrier_arrive(free.at[slot])
                 (dq,) = _products([(_zeros((blk, d), interpret), _T(ds_tile), k_smem)], interpret)
                 dq_rows = (batch, pl.ds(q0, blk), head)
                 if not staged:  # Interpreter: a plane per CTA row, summed outside
@@ -1212,10 +1178,10 @@ def _fused_call(q, k, v, do, lse2, delta, seg, spec: _Scores, config: MgpuAttent
                 (q_ref, do_ref, lse_ref, delta_ref, *seg_refs[:1]),
                 (q_ring, do_ring, lse_ring, delta_ring, *seg_smem[1:]),
                 (q_bar, do_bar, lse_bar, delta_bar, *seg_bars[1:]),
-                free, batch, slots, q_free if split else None, q_slots,
+                free, batch, slots,
             )  # fmt: skip
 
-    ring_scratch, ring_barriers = _QueryStream.ring(q, do, slots, config.fused_q_slots)
+    ring_scratch, ring_barriers = _QueryStream.ring(q, do, slots)
     scratch = [
         _smem_tile((keys, d), k.dtype),
         _smem_tile((keys, d), v.dtype),
@@ -1233,8 +1199,8 @@ def _fused_call(q, k, v, do, lse2, delta, seg, spec: _Scores, config: MgpuAttent
         plgpu.Barrier(num_arrivals=_COMPUTE_WGS),  # both done with K and V
     ]
     if segmented:  # the keys' and (with each query tile) the queries' segment ids
-        scratch += [plgpu.SMEM((keys,), jnp.int32), _segment_tile((q_slots, blk))]
-        barriers += [plgpu.Barrier(), plgpu.Barrier(num_barriers=q_slots)]
+        scratch += [plgpu.SMEM((keys,), jnp.int32), _segment_tile((slots, blk))]
+        barriers += [plgpu.Barrier(), plgpu.Barrier(num_barriers=slots)]
 
     def entry(*refs: Any) -> None:
         pl.run_scoped(

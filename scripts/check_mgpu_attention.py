@@ -50,9 +50,6 @@ VARIANTS = {
     # (P, dS, memory) warpgroups.
     "fused": MgpuAttentionConfig(bwd_dq="fused"),
     "fused r240": MgpuAttentionConfig(bwd_dq="fused", fused_registers=(240, 240, 24)),
-    # Q (with lse₂) in a ring of its own, released apart from dO's: 2 or 3 slots.
-    "fused q2": MgpuAttentionConfig(bwd_dq="fused", fused_q_slots=2),
-    "fused q3": MgpuAttentionConfig(bwd_dq="fused", fused_q_slots=3),
 }
 
 

@@ -177,26 +177,16 @@ def test_window_and_softcap_match_reference(rng, window, softcap, segmented):
 
 
 @pytest.mark.parametrize(
-    ("d", "s", "options", "q_slots"),
-    [
-        (64, 256, {}, None),
-        (128, 256, {}, None),
-        (64, 512, dict(sliding_window=100, softcap=2.0), None),
-        (128, 256, {}, 3),
-        (128, 512, dict(sliding_window=100, softcap=2.0), 3),
-    ],
-    ids=[
-        "head-dim-64", "head-dim-128", "window-softcap-segments", "q-ring-3",
-        "q-ring-3-window-softcap-segments",
-    ],
-)  # fmt: skip
-def test_fused_backward_matches_reference(rng, d, s, options, q_slots):
+    ("d", "s", "options"),
+    [(64, 256, {}), (128, 256, {}), (64, 512, dict(sliding_window=100, softcap=2.0))],
+    ids=["head-dim-64", "head-dim-128", "window-softcap-segments"],
+)
+def test_fused_backward_matches_reference(rng, d, s, options):
     """dQ inside the dK/dV kernel (``bwd_dq="fused"``): warpgroup 0 hands P to warpgroup 1
     through a double-buffered tile, and each CTA's dQ partials are added into a float32
-    buffer. S = 256 gives CTAs of one and of two masked query tiles per head; the window cases
-    add packed rows, a window narrower than a CTA's keys and a saturating softcap (the P tile
-    then carries the softcap's derivative). ``q_slots``: Q in a ring of its own depth (3: the
-    query and gradient rings wrap at different steps)."""
+    buffer. S = 256 gives CTAs of one and of two masked query tiles per head; the last case
+    adds packed rows, a window narrower than a CTA's keys and a saturating softcap (the P tile
+    then carries the softcap's derivative)."""
     q, k, v, do = _inputs(rng, s=s, d=d)
     segment_ids = _packed_segments() if options else None
     scale = d**-0.5
@@ -206,7 +196,7 @@ def test_fused_backward_matches_reference(rng, d, s, options, q_slots):
     want = vjp((do.astype(jnp.float32), jnp.zeros_like(lse)))
     got = flash_backward_mgpu(
         q, k, v, out.astype(jnp.bfloat16), lse, do, scale=scale, segment_ids=segment_ids,
-        config=MgpuAttentionConfig(bwd_dq="fused", fused_q_slots=q_slots),
+        config=MgpuAttentionConfig(bwd_dq="fused"),
         interpret=interpret_params.InterpretGPUParams(), **options,
     )  # fmt: skip
     for name, g, w in zip(("dq", "dk", "dv"), got, want, strict=True):

@@ -1,4 +1,8 @@
 #!/usr/bin/env bash
+# Ran at 1f68c4a (2026-11-30, tenth session); fused_q_slots=3 was 4% slower than "fused" at
+# 1x32768 and fused_q_slots=2 0.9% slower; both were removed (BENCHMARKS.md §3). The 8K and 2K
+# steps stopped at their timeouts after the first variant. Raw output:
+# scripts/results/h200-2026-11-30-s10/run100/.
 # GPU call (~7 min, carry .gpu; 2026-11-30, tenth session): the fused backward with Q (and lse₂)
 # in a ring of its own, released apart from dO (fused_q_slots: "fused q2" releases dO after
 # warpgroup 1's dpT instead of after its dK; "fused q3" adds a third Q slot). Nsight Compute
