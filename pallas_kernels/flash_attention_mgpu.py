@@ -58,7 +58,8 @@ forward's row maxima are taken on ``s``) and ``lse₂ = lse·log2 e``.
   loops, no wgmma fences. On the H200 it runs level with the two kernels at 1x32768 and
   2.5-14% behind them at 1x8192 and 2x2048. Nsight Compute puts it at the same tensor-pipe
   cycles as cuDNN's backward, busy 58% of the time against cuDNN's 65%. Moving its dQ
-  product to the memory warpgroup, or splitting it by columns, was slower (BENCHMARKS.md §3).
+  product to warpgroup 0 or to the memory warpgroup, splitting it by columns (within warpgroup
+  1 or between both), or giving Q a deeper ring of its own, was slower (BENCHMARKS.md §3).
 
 The backward kernels do not take turns on the tensor cores: measured, the forward's
 turn-taking made both of them 3-12% slower (BENCHMARKS.md §3).
