@@ -1152,10 +1152,13 @@ def _fused_call(q, k, v, do, lse2, delta, seg, spec: _Scores, config: MgpuAttent
                 p_t = p_tiles.at[buf][...]
                 plgpu.barrier_arrive(p_free.at[buf])
                 ds_t = (p_t.astype(jnp.float32) * dp_t).astype(q.dtype)
-                ds_tile[...] = ds_t
-                plgpu.commit_smem()  # the dQ product reads it
                 plgpu.barrier_wait(q_bar.at[slot])
-                (dk,) = _products([(dk, ds_t, q_ring.at[slot])], interpret)
+
+                def stage_ds() -> None:  # for the dQ product, while dK's product runs
+                    ds_tile[...] = ds_t
+                    plgpu.commit_smem()
+
+                (dk,) = _products([(dk, ds_t, q_ring.at[slot])], interpret, after_issue=stage_ds)
                 plgpu.barrier_arrive(free.at[slot])
                 (dq,) = _products([(_zeros((blk, d), interpret), _T(ds_tile), k_smem)], interpret)
                 dq_rows = (batch, pl.ds(q0, blk), head)
