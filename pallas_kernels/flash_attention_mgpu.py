@@ -54,10 +54,11 @@ forward's row maxima are taken on ``s``) and ``lse₂ = lse·log2 e``.
   because its live set does not fit the registers: ptxas spills ~0.5 KB per thread and
   serialises its wgmmas (BENCHMARKS.md §3).
 * Fused, ``bwd_dq="fused"`` (opt-in): the warpgroups split the roles instead of the keys
-  (:func:`_fused_call`): five tile products, at most 5 spilled loads per step in its hot
-  loops, no wgmma fences. On the H200 it runs level with the two kernels at 1x32768 and
-  2.5-14% behind them at 1x8192 and 2x2048. Nsight Compute puts it at the same tensor-pipe
-  cycles as cuDNN's backward, busy 58% of the time against cuDNN's 65%. Moving its dQ
+  (:func:`_fused_call`): five tile products, at most 2 spilled loads per step in its hot
+  loops, no wgmma fences. On the H200 its backward is 3-4% faster than the two kernels' at
+  1x32768, level at 1x8192 and ~10% behind at 2x2048. Nsight Compute put it at the same
+  tensor-pipe cycles as cuDNN's backward, busy 58% of the time against cuDNN's 65% (before
+  dS's store moved under dK's product, which gained 3%). Moving its dQ
   product to warpgroup 0 or to the memory warpgroup, splitting it by columns (within warpgroup
   1 or between both), or giving Q a deeper ring of its own, was slower (BENCHMARKS.md §3).
 
@@ -1034,7 +1035,8 @@ def _fused_call(q, k, v, do, lse2, delta, seg, spec: _Scores, config: MgpuAttent
     * warpgroup 0 (P): ``sT = K·Qᵀ``, ``pT = exp2(sT·c − lse₂)``, hands ``pT`` to warpgroup 1
       through a double-buffered shared tile, ``dV += pT·dO``;
     * warpgroup 1 (dS): ``dpT = V·dOᵀ − Δ``, ``dsT = pT ⊙ dpT``, ``dK += dsT·Q``, then the
-      query tile's dQ partial ``dS·K`` (``dsT`` through shared memory, read transposed),
+      query tile's dQ partial ``dS·K`` (``dsT`` through shared memory, read transposed, and
+      stored while dK's product runs: 3% faster than before it at 1x32768),
       added into the float32 ``dq_acc`` in global memory by a TMA reduce-add from a
       shared-memory stage. (``red.global.add`` straight from the registers, no stage, ran the
       kernel 1.5x slower on the H200: BENCHMARKS.md §3.)
