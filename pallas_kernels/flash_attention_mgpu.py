@@ -317,6 +317,21 @@ class _Scores:
         t = jnp.tanh(raw * (self.scale / self.softcap))
         return t, t
 
+    def keys_by_queries_init(self, lse: Array, shape: tuple[int, int], interpret: Any) -> Array:
+        """The first accumulator of an ``sT`` tile (keys on rows, queries on columns) with the
+        queries' lse₂: ``-lse₂/to_log2`` without a softcap, so that lse₂ is not live beside
+        the tile (32 registers fewer at the backward's peak, which ptxas otherwise spills:
+        BENCHMARKS.md §3, registers); zeros with one, whose logits come out of tanh."""
+        if self.softcap is None:
+            return lax.broadcast_in_dim(lse * (-1.0 / self.to_log2), shape, [1])
+        return _zeros(shape, interpret)
+
+    def keys_by_queries_probabilities(self, x: Array, lse: Array) -> Array:
+        """``pT`` from :meth:`exponent`'s ``x`` of a tile begun by :meth:`keys_by_queries_init`."""
+        if self.softcap is None:
+            return jnp.exp2(x * self.to_log2)
+        return jnp.exp2(x * self.to_log2 - lax.broadcast_in_dim(lse, x.shape, [1]))
+
     def through_softcap(self, p: Array, t: Array | None) -> Array:
         """``p`` times the softcap's derivative ``1 − tanh²`` (the chain rule into ``scale·s``)."""
         return p if t is None else p * (1.0 - t * t)
@@ -806,16 +821,11 @@ def _dkdv_call(q, k, v, do, lse2, delta, seg, spec: _Scores, config: MgpuAttenti
                 _, q0 = stream.coords(step, group)
                 for bar in (q_bar, do_bar, lse_bar, delta_bar, *seg_bars[1:]):
                     plgpu.barrier_wait(bar.at[slot])
-                # The per-query lse₂ and Δ start the accumulators (as -lse₂/to_log2 and -Δ), so
-                # they are not live beside sT and dpT: 32 registers fewer at the peak, which
-                # ptxas otherwise spills (BENCHMARKS.md §3, registers). With a softcap the
-                # logits come out of tanh, so lse₂ is subtracted after it.
+                # The per-query lse₂ and Δ start the accumulators (as -Δ for the same reason
+                # as lse₂: :meth:`_Scores.keys_by_queries_init`).
                 lse = _load_stats(lse_ring.at[slot], _COL_STAT, interpret)
                 cols = lambda x: lax.broadcast_in_dim(x, (blk, blk), [1])
-                if spec.softcap is None:
-                    s_init = cols(lse * (-1.0 / spec.to_log2))
-                else:
-                    s_init = _zeros((blk, blk), interpret)
+                s_init = spec.keys_by_queries_init(lse, (blk, blk), interpret)
                 dlt = _load_stats(delta_ring.at[slot], _COL_STAT, interpret)
                 s_t, dp_t = _products(
                     [
@@ -825,10 +835,7 @@ def _dkdv_call(q, k, v, do, lse2, delta, seg, spec: _Scores, config: MgpuAttenti
                     interpret,
                 )  # sT (minus lse₂/to_log2 without a softcap), dpT − Δ
                 x_t, tanh_t = spec.exponent(s_t)
-                if spec.softcap is None:
-                    p_t = jnp.exp2(x_t * spec.to_log2)
-                else:
-                    p_t = jnp.exp2(x_t * spec.to_log2 - cols(lse))
+                p_t = spec.keys_by_queries_probabilities(x_t, lse)
                 if masked:
                     visible = spec.visible((blk, blk), kv_base, q0, False, interpret)
                     p_t = jnp.where(visible, p_t, 0.0)
@@ -1102,16 +1109,10 @@ def _fused_call(q, k, v, do, lse2, delta, seg, spec: _Scores, config: MgpuAttent
                 for bar in (q_bar, lse_bar, *seg_bars[1:]):
                     plgpu.barrier_wait(bar.at[slot])
                 lse = _load_stats(lse_ring.at[slot], _COL_STAT, interpret)
-                if spec.softcap is None:  # -lse₂/to_log2 starts the accumulator (registers)
-                    s_init = cols(lse * (-1.0 / spec.to_log2))
-                else:
-                    s_init = _zeros((keys, blk), interpret)
+                s_init = spec.keys_by_queries_init(lse, (keys, blk), interpret)
                 (s_t,) = _products([(s_init, k_smem, _T(q_ring.at[slot]))], interpret)
                 x_t, tanh_t = spec.exponent(s_t)
-                if spec.softcap is None:
-                    p_t = jnp.exp2(x_t * spec.to_log2)
-                else:
-                    p_t = jnp.exp2(x_t * spec.to_log2 - cols(lse))
+                p_t = spec.keys_by_queries_probabilities(x_t, lse)
                 if masked:
                     p_t = jnp.where(spec.visible((keys, blk), cta_base, q0, False, interpret),
                                     p_t, 0.0)  # fmt: skip
