@@ -267,6 +267,20 @@ def _products(
     return list(pl.run_state(issue)(tuple(plgpu.ACC.init(acc) for acc, _, _ in terms)))
 
 
+def _scale_by_probabilities(p: Array, dp: Array) -> Array:
+    """``p ⊙ dp`` in ``p``'s 16-bit dtype, the dS tile of the fused backward.
+
+    With bfloat16 ``p`` the product is taken in bfloat16 pairs (``dp`` rounded first): half
+    the instructions of widening ``p`` to float32 and narrowing the product, on the critical
+    warpgroup's path between two of its products (BENCHMARKS.md §3, "dS in bfloat16"). It
+    rounds twice instead of once: rel. L2 of dQ and dK against float32 3.0e-3 instead of
+    2.4e-3 in a numpy model at S = 2048. float16 stays in float32: ``dp`` may exceed its range.
+    """
+    if p.dtype == jnp.bfloat16:
+        return p * dp.astype(p.dtype)
+    return (p.astype(jnp.float32) * dp).astype(p.dtype)
+
+
 def _full(shape: tuple[int, ...], value: float, layout: Any, interpret: Any) -> Array:
     """A float32 constant pinned to a register layout (the interpreter has no layouts)."""
     x = jnp.full(shape, value, jnp.float32)
@@ -1154,7 +1168,7 @@ def _fused_call(q, k, v, do, lse2, delta, seg, spec: _Scores, config: MgpuAttent
                 plgpu.barrier_wait(p_ready.at[buf])
                 p_t = p_tiles.at[buf][...]
                 plgpu.barrier_arrive(p_free.at[buf])
-                ds_t = (p_t.astype(jnp.float32) * dp_t).astype(q.dtype)
+                ds_t = _scale_by_probabilities(p_t, dp_t)
                 plgpu.barrier_wait(q_bar.at[slot])
 
                 def stage_ds() -> None:  # for the dQ product, while dK's product runs
