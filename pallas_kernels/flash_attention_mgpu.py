@@ -7,9 +7,10 @@ tiles per warpgroup, two compute warpgroups and one memory warpgroup per CTA) an
 lorax needs: causal tile skipping in all kernels, GQA with K/V never repeated (the GQA sum of
 dK/dV inside the kernel), bf16, the score scale, sliding windows, the softcap (which cuDNN
 lacks) and packed segment ids (which cuDNN cannot mask). On the H200 (BENCHMARKS.md §3) the
-forward is 1.03-1.12x cuDNN's up to 32K; forward+backward is 1.23x / 1.03x / 0.96x cuDNN's
-at 2x2048 / 1x8192 / 1x32768 (1.00x with a 4096 window at 8K); with packed rows of ~1K-token
-examples 3.9-43x the Triton kernels, with a softcap 3.6-3.8x.
+forward is 1.03-1.12x cuDNN's up to 32K; forward+backward is 1.20x / 1.06x / 1.02x cuDNN's
+at 2x2048 / 1x8192 / 1x32768 (the two-kernel backward at 2K, the fused one from 8K; 1.00x with
+a 4096 window at 8K); with packed rows of ~1K-token examples 3.9-43x the Triton kernels, with a
+softcap 3.6-3.8x.
 
 Segment ids (optional, ``[B, S]`` int32): each warpgroup loads its own rows' ids once; the
 streamed tiles' ids ride with K (forward, dQ) or with each query tile (dK/dV) through the
@@ -53,14 +54,16 @@ forward's row maxima are taken on ``s``) and ``lse₂ = lse·log2 e``.
   deadlocked there (its registers exceeded the launch budget); the FlashAttention-3 split lost
   because its live set does not fit the registers: ptxas spills ~0.5 KB per thread and
   serialises its wgmmas (BENCHMARKS.md §3).
-* Fused, ``bwd_dq="fused"`` (opt-in): the warpgroups split the roles instead of the keys
-  (:func:`_fused_call`): five tile products, at most 2 spilled loads per step in its hot
-  loops, no wgmma fences. On the H200 its backward is 3-4% faster than the two kernels' at
-  1x32768, level at 1x8192 and ~10% behind at 2x2048. Nsight Compute put it at the same
-  tensor-pipe cycles as cuDNN's backward, busy 58% of the time against cuDNN's 65% (before
-  dS's store moved under dK's product, which gained 3%). Moving its dQ
-  product to warpgroup 0 or to the memory warpgroup, splitting it by columns (within warpgroup
-  1 or between both), or giving Q a deeper ring of its own, was slower (BENCHMARKS.md §3).
+* Fused, ``bwd_dq="fused"`` (the default from a reach of 8192 keys, :func:`_bwd_dq`): the
+  warpgroups split the roles instead of the keys (:func:`_fused_call`): five tile products, no
+  spilled loads in its hot loops, no wgmma fences. dQ's partials are reduce-added in no fixed
+  order, so dQ is not bitwise reproducible run to run (``bwd_dq="kernel"`` is). On the H200
+  its backward is 9% faster than the two kernels' at 1x32768 and 5% at 1x8192, 5% behind at
+  2x2048. Nsight Compute put it at the same tensor-pipe cycles as cuDNN's backward, busy 58%
+  of the time against cuDNN's 65% (before two changes on warpgroup 1's path gained 3% and 4%:
+  dS stored under dK's product, dS as a bfloat16 product). Moving its dQ product to warpgroup
+  0 or to the memory warpgroup, splitting it by columns (within warpgroup 1 or between both),
+  or giving Q a deeper ring of its own, was slower (BENCHMARKS.md §3).
 
 The backward kernels do not take turns on the tensor cores: measured, the forward's
 turn-taking made both of them 3-12% slower (BENCHMARKS.md §3).
@@ -118,7 +121,11 @@ FORWARD_KERNEL_NAME = "lorax_mgpu_attention_fwd"
 LAUNCH_ORDERS = ("auto", "heads", "tiles")
 # How the backward gets dQ: its own kernel (seven tile products per tile pair, no atomics), or
 # inside the dK/dV kernel (five; its partials reduce-added by TMA: _fused_call).
-BWD_DQ = ("kernel", "fused")
+BWD_DQ = ("auto", "kernel", "fused")
+# "auto" fuses dQ from this reach (S, or the window where narrower): on the H200 the fused
+# backward was 5% faster than the two kernels at 1x8192 and 9% at 1x32768, 5% slower at
+# 2x2048 (BENCHMARKS.md §3, "dS in bfloat16").
+_FUSED_MIN_REACH = 8192
 _SMS = 132  # SMs of the H100 SXM / H200, the GPUs the kernels are tuned on (sizes ``_grid``'s rule)
 _HEADS_FIRST_MIN_CTAS = 3 * _SMS // 4  # "auto" launches heads first from this many CTAs per head
 
@@ -137,8 +144,10 @@ class MgpuAttentionConfig:
     40 bytes, and the backward ran ~1% faster (BENCHMARKS.md §3, registers; at 240 it now
     spills 20 bytes); the forward spills nothing at 232. ``launch_order``: ``"heads"``,
     ``"tiles"`` or ``"auto"``, which picks per kernel launch (:func:`_grid`). ``bwd_dq``: one
-    of :data:`BWD_DQ` (the separate dQ kernel by default; the fused ones are
-    :func:`_fused_call`, with ``fused_registers`` for its P, dS and memory warpgroups).
+    of :data:`BWD_DQ`: the separate dQ kernel (``"kernel"``, bitwise reproducible), dQ fused
+    into the dK/dV kernel (``"fused"``, :func:`_fused_call`, with ``fused_registers`` for its
+    P, dS and memory warpgroups), or ``"auto"``, which fuses from a reach of 8192 keys
+    (:func:`_bwd_dq`).
     """
 
     fwd_block_kv: int = 128
@@ -148,7 +157,7 @@ class MgpuAttentionConfig:
     fwd_registers: tuple[int, int] = (232, 40)
     bwd_registers: tuple[int, int] = (240, 24)
     launch_order: str = "auto"
-    bwd_dq: str = "kernel"
+    bwd_dq: str = "auto"
     fused_registers: tuple[int, int, int] = (232, 248, 24)
 
     def __post_init__(self) -> None:
@@ -1235,6 +1244,19 @@ def _fused_call(q, k, v, do, lse2, delta, seg, spec: _Scores, config: MgpuAttent
     return _launch(entry, out_type, grid, "lorax_mgpu_attention_fused_bwd", interpret)(*operands)
 
 
+def _bwd_dq(config: MgpuAttentionConfig, seq_len: int, window: int | None) -> str:
+    """The backward's dQ design, ``"kernel"`` or ``"fused"``, once ``"auto"`` is resolved.
+
+    What decides is how many query tiles a CTA of keys streams per head, its reach: the fused
+    kernel's five products win once a CTA has many steps to spread its setup over, the two
+    kernels' (bitwise reproducible dQ) below that.
+    """
+    if config.bwd_dq != "auto":
+        return config.bwd_dq
+    reach = seq_len if window is None else min(seq_len, window)
+    return "fused" if reach >= _FUSED_MIN_REACH else "kernel"
+
+
 @functools.partial(jax.jit, static_argnums=(7, 8, 9))
 def _backward(q, k, v, out, lse2, d_out, seg, spec: _Scores, config: MgpuAttentionConfig,
               interpret):  # fmt: skip
@@ -1243,7 +1265,7 @@ def _backward(q, k, v, out, lse2, d_out, seg, spec: _Scores, config: MgpuAttenti
         "bshd,bshd->bhs", out.astype(jnp.float32), d_out.astype(jnp.float32)
     )  # rowsum(dO ⊙ O): a memory-bound XLA reduction
     args = (q, k, v, d_out.astype(q.dtype), lse2.astype(jnp.float32), delta, seg)
-    if config.bwd_dq == "kernel":
+    if _bwd_dq(config, q.shape[1], spec.window) == "kernel":
         dk, dv = _dkdv_call(*args, spec, config, interpret)
         return _dq_call(*args, spec, config, interpret), dk, dv
     # Interpreter: no reductions into global memory; a plane per CTA row of keys, summed here.

@@ -38,16 +38,18 @@ from pallas_kernels.flash_attention_mgpu import (
 
 VARIANTS = {
     "default": MgpuAttentionConfig(),
-    "dq kv64": MgpuAttentionConfig(dq_block_kv=64),
+    "dq kv64": MgpuAttentionConfig(dq_block_kv=64, bwd_dq="kernel"),
     # Registers (compute, memory warpgroups): the backward's before 240/24 became its default,
     # and 240/24 in the forward too.
-    "bwd r232": MgpuAttentionConfig(bwd_registers=(232, 40)),
+    "bwd r232": MgpuAttentionConfig(bwd_registers=(232, 40), bwd_dq="kernel"),
     "r240": MgpuAttentionConfig(fwd_registers=(240, 24)),
     # Launch order, forced either way (the default picks per shape: flash_attention_mgpu._grid).
     "heads first": MgpuAttentionConfig(launch_order="heads"),
     "tiles first": MgpuAttentionConfig(launch_order="tiles"),
-    # dQ inside the dK/dV kernel (five tile products instead of seven); registers of its
-    # (P, dS, memory) warpgroups.
+    # dQ's design forced either way (the default picks by reach: flash_attention_mgpu._bwd_dq):
+    # the dQ kernel (seven tile products), or dQ inside the dK/dV kernel (five); registers of
+    # the fused kernel's (P, dS, memory) warpgroups.
+    "kernel": MgpuAttentionConfig(bwd_dq="kernel"),
     "fused": MgpuAttentionConfig(bwd_dq="fused"),
     "fused r240": MgpuAttentionConfig(bwd_dq="fused", fused_registers=(240, 240, 24)),
 }
@@ -143,7 +145,7 @@ def check_shape(b: int, s: int, variants: list[str], cudnn: bool = True, hq: int
             delta = delta_of(out, do)  # rowsum(dO ⊙ O), as the backward computes it
             delta_ms = pipelined_ms(delta_of, out, do)
             args = (q, k, v, do, lse2, delta)
-            if config.bwd_dq != "kernel":  # one kernel, five tile products per tile pair
+            if mgpu._bwd_dq(config, s, spec.window) == "fused":  # five tile products a pair
 
                 def fused_kernel(*a):
                     dq_acc = jax.new_ref(jnp.zeros(q.shape, f32), memory_space=mgpu.plgpu.GMEM)

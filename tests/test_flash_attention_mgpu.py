@@ -378,6 +378,34 @@ def test_kernels_lower_for_hopper(d, segmented, options, bwd_dq):
     assert fused or "lorax_mgpu_attention_dkdv" in text
 
 
+def test_default_fuses_dq_from_a_long_reach():
+    """``bwd_dq="auto"`` (the default): the two-kernel backward while a CTA of keys streams few
+    query tiles per head (short sequences, or a narrow window), the fused one from a reach of
+    ``_FUSED_MIN_REACH``; a forced design is kept. The compiled graph shows the choice."""
+    reach = mgpu._FUSED_MIN_REACH
+    auto = MgpuAttentionConfig()
+    assert mgpu._bwd_dq(auto, reach // 2, None) == "kernel"
+    assert mgpu._bwd_dq(auto, reach, None) == "fused"
+    assert mgpu._bwd_dq(auto, 4 * reach, reach // 2) == "kernel"
+    assert mgpu._bwd_dq(auto, 4 * reach, reach) == "fused"
+    assert mgpu._bwd_dq(MgpuAttentionConfig(bwd_dq="kernel"), 4 * reach, None) == "kernel"
+    assert mgpu._bwd_dq(MgpuAttentionConfig(bwd_dq="fused"), 256, None) == "fused"
+
+    def kernel_calls(s):
+        q = jax.ShapeDtypeStruct((1, s, 4, 128), jnp.bfloat16)
+        kv = jax.ShapeDtypeStruct((1, s, 2, 128), jnp.bfloat16)
+
+        def fwd_bwd(q, k, v):
+            out, vjp = jax.vjp(lambda *x: flash_attention_mgpu(*x, 0.1, auto), q, k, v)
+            return vjp(out)
+
+        text = jax.jit(fwd_bwd).trace(q, kv, kv).lower(lowering_platforms=("cuda",)).as_text()
+        return text.count("stablehlo.custom_call @mosaic_gpu")
+
+    assert kernel_calls(reach // 2) == 3  # forward, dK/dV, dQ
+    assert kernel_calls(reach) == 2  # forward, fused backward
+
+
 def test_model_takes_mosaic_for_packed_rows_on_hopper(monkeypatch):
     """The model's default attention on a (stand-in) GPU: cuDNN without segment ids, the
     Mosaic kernels for packed rows on Hopper, the Triton kernels where Mosaic cannot go."""
