@@ -380,16 +380,19 @@ def test_kernels_lower_for_hopper(d, segmented, options, bwd_dq):
 
 def test_default_fuses_dq_from_a_long_reach():
     """``bwd_dq="auto"`` (the default): the two-kernel backward while a CTA of keys streams few
-    query tiles per head (short sequences, or a narrow window), the fused one from a reach of
-    ``_FUSED_MIN_REACH``; a forced design is kept. The compiled graph shows the choice."""
+    query tiles per head (short sequences, a narrow window, packed rows), the fused one from a
+    reach of ``_FUSED_MIN_REACH``; a forced design is kept. The compiled graph shows the
+    choice."""
     reach = mgpu._FUSED_MIN_REACH
     auto = MgpuAttentionConfig()
-    assert mgpu._bwd_dq(auto, reach // 2, None) == "kernel"
-    assert mgpu._bwd_dq(auto, reach, None) == "fused"
-    assert mgpu._bwd_dq(auto, 4 * reach, reach // 2) == "kernel"
-    assert mgpu._bwd_dq(auto, 4 * reach, reach) == "fused"
-    assert mgpu._bwd_dq(MgpuAttentionConfig(bwd_dq="kernel"), 4 * reach, None) == "kernel"
-    assert mgpu._bwd_dq(MgpuAttentionConfig(bwd_dq="fused"), 256, None) == "fused"
+    assert mgpu._bwd_dq(auto, reach // 2, None, False) == "kernel"
+    assert mgpu._bwd_dq(auto, reach, None, False) == "fused"
+    assert mgpu._bwd_dq(auto, reach, None, True) == "kernel"
+    assert mgpu._bwd_dq(auto, 4 * reach, reach // 2, False) == "kernel"
+    assert mgpu._bwd_dq(auto, 4 * reach, reach, False) == "fused"
+    forced = MgpuAttentionConfig(bwd_dq="kernel"), MgpuAttentionConfig(bwd_dq="fused")
+    assert mgpu._bwd_dq(forced[0], 4 * reach, None, False) == "kernel"
+    assert mgpu._bwd_dq(forced[1], 256, None, True) == "fused"
 
     def kernel_calls(s):
         q = jax.ShapeDtypeStruct((1, s, 4, 128), jnp.bfloat16)
