@@ -17,6 +17,7 @@ from lorax import remat as remat_lib
 from lorax.config import PROJECTION_GROUPS, ModelConfig, rope_frequencies
 from lorax.lora import LoraWeights, lora_linears
 from pallas_kernels.flash_attention import flash_attention, mosaic_supports, resolve_impl
+from pallas_kernels.flash_attention_mgpu import MgpuAttentionConfig
 from pallas_kernels.nf4_matmul import NF4MatmulConfig
 
 Array = jax.Array
@@ -159,8 +160,11 @@ class ForwardOptions:
     otherwise the Triton Pallas kernels; the jnp reference on CPU. With
     ``activation_sharding`` set, each device runs the Pallas kernels on its own batch rows.
     ``"pallas"``, ``"cudnn"``, ``"mosaic"`` (causal, with or without window, softcap and
-    segment ids; forward+backward 1.23x / 1.03x / 0.96x cuDNN's at 2K / 8K / 32K) and
-    ``"reference"`` force one. ``matmul_impl``
+    segment ids; forward+backward 1.20x / 1.04x / 1.01x cuDNN's at 2K / 8K / 32K) and
+    ``"reference"`` force one. ``attention_bwd_dq`` picks the Mosaic backward's dQ design
+    (``pallas_kernels.flash_attention_mgpu.MgpuAttentionConfig.bwd_dq``; None: ``"auto"``,
+    which from 8192 keys of reach without packed rows fuses dQ into the dK/dV kernel, not
+    bitwise reproducible run to run; ``"kernel"`` is, at every length). ``matmul_impl``
     likewise for the NF4/LoRA matmul, and ``matmul_variant`` picks among its GPU implementations
     (``pallas_kernels.NF4MatmulConfig.variant``, e.g. ``"mosaic"``; None: ``"auto"``).
 
@@ -188,6 +192,7 @@ class ForwardOptions:
     matmul_impl: str | None = None
     matmul_variant: str | None = None
     attention_impl: str | None = None
+    attention_bwd_dq: str | None = None
     mlp_chunk_tokens: int | None = None
     layer_weights_sharding: Any = None
     activation_sharding: Any = None
@@ -196,8 +201,15 @@ class ForwardOptions:
         remat_lib.validate(self.remat, self.offload_layer_inputs)
         if self.matmul_variant is not None:
             NF4MatmulConfig(variant=self.matmul_variant)  # raises naming the choices
+        _mosaic_config(self)  # likewise for attention_bwd_dq
         if self.mlp_chunk_tokens is not None and self.mlp_chunk_tokens <= 0:
             raise ValueError(f"mlp_chunk_tokens must be positive, got {self.mlp_chunk_tokens}")
+
+
+def _mosaic_config(options: ForwardOptions) -> MgpuAttentionConfig | None:
+    if options.attention_bwd_dq is None:
+        return None
+    return MgpuAttentionConfig(bwd_dq=options.attention_bwd_dq)
 
 
 def _matmul_config(options: ForwardOptions) -> NF4MatmulConfig | None:
@@ -309,6 +321,7 @@ def _decoder_layer(
                 segment_ids=segment_ids,
                 scale=config.head_dim**-0.5,
                 impl=impl,
+                mosaic_config=_mosaic_config(options),
             )
 
         if options.activation_sharding is not None and resolve_impl(impl, None)[0] in _KERNEL_IMPLS:

@@ -5,6 +5,7 @@ Each op picks its compiled kernel on GPU and its reference elsewhere; ``impl=`` 
 """
 
 from pallas_kernels.flash_attention import attention_reference, flash_attention
+from pallas_kernels.flash_attention_mgpu import MgpuAttentionConfig
 from pallas_kernels.nf4 import NF4Tensor, dequantize_nf4, quantize_nf4
 from pallas_kernels.nf4_matmul import (
     NF4MatmulConfig,
@@ -14,6 +15,7 @@ from pallas_kernels.nf4_matmul import (
 )
 
 __all__ = [
+    "MgpuAttentionConfig",
     "NF4MatmulConfig",
     "NF4Tensor",
     "attention_reference",

@@ -126,6 +126,7 @@ def flash_attention(
     interpret: bool | None = None,
     impl: str | None = None,
     block_sizes: BlockSizes | None = None,
+    mosaic_config: mgpu.MgpuAttentionConfig | None = None,
 ) -> Array:
     """Multi-/grouped-query attention, differentiable w.r.t. ``q``, ``k``, ``v``.
 
@@ -144,6 +145,9 @@ def flash_attention(
       impl: ``"pallas"``, ``"reference"``, ``"cudnn"`` or ``"mosaic"``; ``None`` picks (see
         module doc).
       block_sizes: Pallas tile sizes / launch parameters (default by head_dim).
+      mosaic_config: the Mosaic GPU kernels' tiles and designs (default:
+        ``MgpuAttentionConfig()``); e.g. ``bwd_dq="kernel"`` for a bitwise reproducible dQ
+        at every length.
 
     Returns:
       ``[B, S, Hq, D]`` in ``q.dtype``; float32 accumulation throughout.
@@ -179,7 +183,7 @@ def flash_attention(
     if impl_ == "cudnn":
         return _cudnn_attention(q, k, v, **options)
     if impl_ == "mosaic":
-        return _mosaic_attention(q, k, v, **options, interpret=interpret_)
+        return _mosaic_attention(q, k, v, **options, interpret=interpret_, config=mosaic_config)
     return _pallas_attention(q, k, v, **options, interpret=interpret_, block_sizes=block_sizes)
 
 
@@ -314,6 +318,7 @@ def _mosaic_attention(
     segment_ids: Array | None,
     scale: float | None,
     interpret: bool,
+    config: mgpu.MgpuAttentionConfig | None,
 ) -> Array:
     """The Mosaic GPU kernels; pads S to their multiple (zeros at the end: causal masking
     keeps real queries off the padded keys, and the padded queries are sliced off; padded
@@ -325,7 +330,7 @@ def _mosaic_attention(
             "impl='mosaic' computes causal attention only; use impl='pallas' (or None) for "
             "non-causal attention"
         )
-    config = mgpu.MgpuAttentionConfig()
+    config = config or mgpu.MgpuAttentionConfig()
     seq_len, head_dim = q.shape[1], q.shape[3]
     padded_len = -(-seq_len // config.seq_multiple) * config.seq_multiple
     if padded_len != seq_len:

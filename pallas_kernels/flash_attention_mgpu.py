@@ -7,10 +7,10 @@ tiles per warpgroup, two compute warpgroups and one memory warpgroup per CTA) an
 lorax needs: causal tile skipping in all kernels, GQA with K/V never repeated (the GQA sum of
 dK/dV inside the kernel), bf16, the score scale, sliding windows, the softcap (which cuDNN
 lacks) and packed segment ids (which cuDNN cannot mask). On the H200 (BENCHMARKS.md §3) the
-forward is 1.03-1.12x cuDNN's up to 32K; forward+backward is 1.20x / 1.06x / 1.02x cuDNN's
-at 2x2048 / 1x8192 / 1x32768 (the two-kernel backward at 2K, the fused one from 8K; 1.00x with
-a 4096 window at 8K); with packed rows of ~1K-token examples 3.9-43x the Triton kernels, with a
-softcap 3.6-3.8x.
+forward is 1.03-1.12x cuDNN's up to 32K; forward+backward is 1.20x / 1.04x / 1.01-1.02x
+cuDNN's at 2x2048 / 1x8192 / 1x32768 (the two-kernel backward at 2K, the fused one from 8K;
+1.00x with a 4096 window at 8K); with packed rows of ~1K-token examples 3.9-43x the Triton
+kernels, with a softcap 3.6-3.8x.
 
 Segment ids (optional, ``[B, S]`` int32): each warpgroup loads its own rows' ids once; the
 streamed tiles' ids ride with K (forward, dQ) or with each query tile (dK/dV) through the
@@ -1066,7 +1066,8 @@ def _fused_call(q, k, v, do, lse2, delta, seg, spec: _Scores, config: MgpuAttent
 
     * warpgroup 0 (P): ``sT = K·Qᵀ``, ``pT = exp2(sT·c − lse₂)``, hands ``pT`` to warpgroup 1
       through a double-buffered shared tile, ``dV += pT·dO``;
-    * warpgroup 1 (dS): ``dpT = V·dOᵀ − Δ``, ``dsT = pT ⊙ dpT``, ``dK += dsT·Q``, then the
+    * warpgroup 1 (dS): ``dpT = V·dOᵀ − Δ``, ``dsT = pT ⊙ dpT`` (in bf16 pairs:
+      :func:`_scale_by_probabilities`), ``dK += dsT·Q``, then the
       query tile's dQ partial ``dS·K`` (``dsT`` through shared memory, read transposed, and
       stored while dK's product runs: 3% faster than before it at 1x32768),
       added into the float32 ``dq_acc`` in global memory by a TMA reduce-add from a

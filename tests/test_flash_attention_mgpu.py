@@ -11,6 +11,8 @@ operand forms are the GPU's (``scripts/check_mgpu_attention.py``).
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -383,6 +385,8 @@ def test_default_fuses_dq_from_a_long_reach():
     query tiles per head (short sequences, a narrow window, packed rows), the fused one from a
     reach of ``_FUSED_MIN_REACH``; a forced design is kept. The compiled graph shows the
     choice."""
+    from pallas_kernels.flash_attention import flash_attention
+
     reach = mgpu._FUSED_MIN_REACH
     auto = MgpuAttentionConfig()
     assert mgpu._bwd_dq(auto, reach // 2, None, False) == "kernel"
@@ -394,12 +398,15 @@ def test_default_fuses_dq_from_a_long_reach():
     assert mgpu._bwd_dq(forced[0], 4 * reach, None, False) == "kernel"
     assert mgpu._bwd_dq(forced[1], 256, None, True) == "fused"
 
-    def kernel_calls(s):
+    def kernel_calls(s, config=None):  # through the public entry point, compiled
         q = jax.ShapeDtypeStruct((1, s, 4, 128), jnp.bfloat16)
         kv = jax.ShapeDtypeStruct((1, s, 2, 128), jnp.bfloat16)
+        attend = functools.partial(
+            flash_attention, impl="mosaic", interpret=False, mosaic_config=config
+        )
 
         def fwd_bwd(q, k, v):
-            out, vjp = jax.vjp(lambda *x: flash_attention_mgpu(*x, 0.1, auto), q, k, v)
+            out, vjp = jax.vjp(attend, q, k, v)
             return vjp(out)
 
         text = jax.jit(fwd_bwd).trace(q, kv, kv).lower(lowering_platforms=("cuda",)).as_text()
@@ -407,6 +414,7 @@ def test_default_fuses_dq_from_a_long_reach():
 
     assert kernel_calls(reach // 2) == 3  # forward, dK/dV, dQ
     assert kernel_calls(reach) == 2  # forward, fused backward
+    assert kernel_calls(reach, forced[0]) == 3
 
 
 def test_model_takes_mosaic_for_packed_rows_on_hopper(monkeypatch):

@@ -148,3 +148,24 @@ def test_forward_options_choose_the_matmul_variant():
     assert kernel_calls() == 0  # "auto" never picks it
     with pytest.raises(ValueError, match="variant must be one of"):
         lorax.ForwardOptions(matmul_variant="cublas")
+
+
+def test_forward_options_choose_the_attention_backward():
+    """``ForwardOptions(attention_bwd_dq=...)`` reaches the Mosaic attention's backward (traced
+    for the interpreter: the fused kernel only where forced at this length), and a bad name
+    fails at construction."""
+    from lorax import demo
+
+    model = demo.tiny_model(seed=0, dtype=jnp.bfloat16)
+    lora = lorax.init_lora(model, rank=4, alpha=4, key=jax.random.key(0))
+    ids = jnp.zeros((1, 128), jnp.int32)
+
+    def fused_kernels(**options) -> int:
+        opts = lorax.ForwardOptions(attention_impl="mosaic", **options)
+        loss = lambda lora: lorax.forward(model, lora, ids, options=opts).astype(jnp.float32).sum()
+        return str(jax.make_jaxpr(jax.grad(loss))(lora)).count("lorax_mgpu_attention_fused_bwd")
+
+    assert fused_kernels(attention_bwd_dq="fused") > 0
+    assert fused_kernels() == 0  # "auto" keeps the two kernels at 128 tokens
+    with pytest.raises(ValueError, match="bwd_dq must be one of"):
+        lorax.ForwardOptions(attention_bwd_dq="atomic")
