@@ -389,14 +389,16 @@ def test_default_fuses_dq_from_a_long_reach():
 
     reach = mgpu._FUSED_MIN_REACH
     auto = MgpuAttentionConfig()
-    assert mgpu._bwd_dq(auto, reach // 2, None, False) == "kernel"
-    assert mgpu._bwd_dq(auto, reach, None, False) == "fused"
-    assert mgpu._bwd_dq(auto, reach, None, True) == "kernel"
-    assert mgpu._bwd_dq(auto, 4 * reach, reach // 2, False) == "kernel"
-    assert mgpu._bwd_dq(auto, 4 * reach, reach, False) == "fused"
+    shape = lambda s, d=128: (1, s, 32, d)
+    assert mgpu._bwd_dq(auto, shape(reach // 2), None, False) == "kernel"
+    assert mgpu._bwd_dq(auto, shape(reach), None, False) == "fused"
+    assert mgpu._bwd_dq(auto, shape(reach), None, True) == "kernel"  # packed rows
+    assert mgpu._bwd_dq(auto, shape(reach, d=64), None, False) == "kernel"  # never timed
+    assert mgpu._bwd_dq(auto, shape(4 * reach), reach // 2, False) == "kernel"
+    assert mgpu._bwd_dq(auto, shape(4 * reach), reach, False) == "fused"
     forced = MgpuAttentionConfig(bwd_dq="kernel"), MgpuAttentionConfig(bwd_dq="fused")
-    assert mgpu._bwd_dq(forced[0], 4 * reach, None, False) == "kernel"
-    assert mgpu._bwd_dq(forced[1], 256, None, True) == "fused"
+    assert mgpu._bwd_dq(forced[0], shape(4 * reach), None, False) == "kernel"
+    assert mgpu._bwd_dq(forced[1], shape(256, d=64), None, True) == "fused"
 
     def kernel_calls(s, config=None):  # through the public entry point, compiled
         q = jax.ShapeDtypeStruct((1, s, 4, 128), jnp.bfloat16)
