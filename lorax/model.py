@@ -163,7 +163,7 @@ class ForwardOptions:
     segment ids; forward+backward 1.20x / 1.04x / 1.01x cuDNN's at 2K / 8K / 32K) and
     ``"reference"`` force one. ``attention_bwd_dq`` picks the Mosaic backward's dQ design
     (``pallas_kernels.flash_attention_mgpu.MgpuAttentionConfig.bwd_dq``; None: ``"auto"``,
-    which at head dim 128 from 8192 keys of reach without packed rows fuses dQ into the dK/dV
+    which for plain causal attention at head dim 128 from S = 8192 fuses dQ into the dK/dV
     kernel, not bitwise reproducible run to run; ``"kernel"`` is, at every length).
     ``matmul_impl``
     likewise for the NF4/LoRA matmul, and ``matmul_variant`` picks among its GPU implementations

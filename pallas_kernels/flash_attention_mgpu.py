@@ -54,8 +54,8 @@ forward's row maxima are taken on ``s``) and ``lse₂ = lse·log2 e``.
   deadlocked there (its registers exceeded the launch budget); the FlashAttention-3 split lost
   because its live set does not fit the registers: ptxas spills ~0.5 KB per thread and
   serialises its wgmmas (BENCHMARKS.md §3).
-* Fused, ``bwd_dq="fused"`` (the default for head dim 128 from a reach of 8192 keys without
-  segment ids, :func:`_bwd_dq`): the warpgroups split the roles instead of the keys
+* Fused, ``bwd_dq="fused"`` (the default for plain causal attention at head dim 128 from
+  S = 8192, :func:`_bwd_dq`): the warpgroups split the roles instead of the keys
   (:func:`_fused_call`): five tile products, no spilled loads in its hot loops, no wgmma
   fences. dQ's partials are reduce-added in no fixed
   order, so dQ is not bitwise reproducible run to run (``bwd_dq="kernel"`` is). On the H200
@@ -123,11 +123,11 @@ LAUNCH_ORDERS = ("auto", "heads", "tiles")
 # How the backward gets dQ: its own kernel (seven tile products per tile pair, no atomics), or
 # inside the dK/dV kernel (five; its partials reduce-added by TMA: _fused_call).
 BWD_DQ = ("auto", "kernel", "fused")
-# "auto" fuses dQ from this reach (S, or the window where narrower) for head dim 128 (the one
-# timed) unless rows are packed: on the H200 the fused backward was 5% faster than the two
-# kernels at 1x8192 and 9% at 1x32768, 5% slower at 2x2048, and 33% slower on packed
-# ~1K-token examples at 1x8192 (BENCHMARKS.md §3, "dS in bfloat16").
-_FUSED_MIN_REACH = 8192
+# "auto" fuses dQ from this sequence length for plain causal attention at head dim 128 (what was
+# timed: _bwd_dq): on the H200 the fused backward was 5% faster than the two kernels at 1x8192
+# and 9% at 1x32768, 5% slower at 2x2048, and 33% slower on packed ~1K-token examples at
+# 1x8192 (BENCHMARKS.md §3, "dS in bfloat16").
+_FUSED_MIN_SEQ_LEN = 8192
 _SMS = 132  # SMs of the H100 SXM / H200, the GPUs the kernels are tuned on (sizes ``_grid``'s rule)
 _HEADS_FIRST_MIN_CTAS = 3 * _SMS // 4  # "auto" launches heads first from this many CTAs per head
 
@@ -148,8 +148,8 @@ class MgpuAttentionConfig:
     ``"tiles"`` or ``"auto"``, which picks per kernel launch (:func:`_grid`). ``bwd_dq``: one
     of :data:`BWD_DQ`: the separate dQ kernel (``"kernel"``, bitwise reproducible), dQ fused
     into the dK/dV kernel (``"fused"``, :func:`_fused_call`, with ``fused_registers`` for its
-    P, dS and memory warpgroups), or ``"auto"``, which fuses for head dim 128 from a reach of
-    8192 keys without segment ids (:func:`_bwd_dq`).
+    P, dS and memory warpgroups), or ``"auto"``, which fuses for plain causal attention at
+    head dim 128 from S = 8192 (:func:`_bwd_dq`).
     """
 
     fwd_block_kv: int = 128
@@ -1247,22 +1247,23 @@ def _fused_call(q, k, v, do, lse2, delta, seg, spec: _Scores, config: MgpuAttent
     return _launch(entry, out_type, grid, "lorax_mgpu_attention_fused_bwd", interpret)(*operands)
 
 
-def _bwd_dq(config: MgpuAttentionConfig, q_shape: tuple[int, ...], window: int | None,
+def _bwd_dq(config: MgpuAttentionConfig, q_shape: tuple[int, ...], spec: _Scores,
             segmented: bool) -> str:  # fmt: skip
     """The backward's dQ design, ``"kernel"`` or ``"fused"``, once ``"auto"`` is resolved.
 
     What decides is how many query tiles a CTA of keys streams per head, its reach: the fused
     kernel's five products win once a CTA has many steps to spread its setup over, the two
-    kernels' (bitwise reproducible dQ) below that. With packed rows the reach is the examples'
-    length, which the trace cannot see; the packer's rows are mostly short examples. Head dim
-    64 keeps the two kernels: the fused kernel was never timed there.
+    kernels' (bitwise reproducible dQ) below that. "auto" fuses only where that was timed:
+    plain causal attention (a window narrows the reach; packed rows do too, by the examples'
+    length, which the trace cannot see) at head dim 128. With the softcap, a window and
+    segments together ptxas spills ~12 KB per thread in the fused kernel.
     """
     if config.bwd_dq != "auto":
         return config.bwd_dq
     _, seq_len, _, head_dim = q_shape
-    reach = seq_len if window is None else min(seq_len, window)
-    long_reach = reach >= _FUSED_MIN_REACH and not segmented
-    return "fused" if long_reach and head_dim == 128 else "kernel"
+    plain = spec.window is None and spec.softcap is None and not segmented
+    timed = plain and head_dim == 128
+    return "fused" if timed and seq_len >= _FUSED_MIN_SEQ_LEN else "kernel"
 
 
 @functools.partial(jax.jit, static_argnums=(7, 8, 9))
@@ -1273,7 +1274,7 @@ def _backward(q, k, v, out, lse2, d_out, seg, spec: _Scores, config: MgpuAttenti
         "bshd,bshd->bhs", out.astype(jnp.float32), d_out.astype(jnp.float32)
     )  # rowsum(dO ⊙ O): a memory-bound XLA reduction
     args = (q, k, v, d_out.astype(q.dtype), lse2.astype(jnp.float32), delta, seg)
-    if _bwd_dq(config, q.shape, spec.window, seg is not None) == "kernel":
+    if _bwd_dq(config, q.shape, spec, seg is not None) == "kernel":
         dk, dv = _dkdv_call(*args, spec, config, interpret)
         return _dq_call(*args, spec, config, interpret), dk, dv
     # Interpreter: no reductions into global memory; a plane per CTA row of keys, summed here.

@@ -145,7 +145,7 @@ def check_shape(b: int, s: int, variants: list[str], cudnn: bool = True, hq: int
             delta = delta_of(out, do)  # rowsum(dO ⊙ O), as the backward computes it
             delta_ms = pipelined_ms(delta_of, out, do)
             args = (q, k, v, do, lse2, delta)
-            if mgpu._bwd_dq(config, q.shape, spec.window, seg is not None) == "fused":  # 5 products
+            if mgpu._bwd_dq(config, q.shape, spec, seg is not None) == "fused":  # 5 products
 
                 def fused_kernel(*a):
                     dq_acc = jax.new_ref(jnp.zeros(q.shape, f32), memory_space=mgpu.plgpu.GMEM)

@@ -380,25 +380,26 @@ def test_kernels_lower_for_hopper(d, segmented, options, bwd_dq):
     assert fused or "lorax_mgpu_attention_dkdv" in text
 
 
-def test_default_fuses_dq_from_a_long_reach():
-    """``bwd_dq="auto"`` (the default): the two-kernel backward while a CTA of keys streams few
-    query tiles per head (short sequences, a narrow window, packed rows), the fused one from a
-    reach of ``_FUSED_MIN_REACH``; a forced design is kept. The compiled graph shows the
-    choice."""
+def test_default_fuses_dq_for_long_plain_attention():
+    """``bwd_dq="auto"`` (the default): the fused backward where it was timed faster (plain
+    causal attention, head dim 128, from ``_FUSED_MIN_SEQ_LEN`` tokens), the two kernels
+    elsewhere (short rows, a window, the softcap, packed rows, head dim 64); a forced design
+    is kept. The compiled graph shows the choice."""
     from pallas_kernels.flash_attention import flash_attention
 
-    reach = mgpu._FUSED_MIN_REACH
+    long = mgpu._FUSED_MIN_SEQ_LEN
     auto = MgpuAttentionConfig()
     shape = lambda s, d=128: (1, s, 32, d)
-    assert mgpu._bwd_dq(auto, shape(reach // 2), None, False) == "kernel"
-    assert mgpu._bwd_dq(auto, shape(reach), None, False) == "fused"
-    assert mgpu._bwd_dq(auto, shape(reach), None, True) == "kernel"  # packed rows
-    assert mgpu._bwd_dq(auto, shape(reach, d=64), None, False) == "kernel"  # never timed
-    assert mgpu._bwd_dq(auto, shape(4 * reach), reach // 2, False) == "kernel"
-    assert mgpu._bwd_dq(auto, shape(4 * reach), reach, False) == "fused"
+    plain = mgpu._Scores(0.1)
+    assert mgpu._bwd_dq(auto, shape(long // 2), plain, False) == "kernel"
+    assert mgpu._bwd_dq(auto, shape(long), plain, False) == "fused"
+    assert mgpu._bwd_dq(auto, shape(long), plain, True) == "kernel"  # packed rows
+    assert mgpu._bwd_dq(auto, shape(long, d=64), plain, False) == "kernel"
+    for options in (dict(window=long), dict(softcap=30.0)):
+        assert mgpu._bwd_dq(auto, shape(4 * long), mgpu._Scores(0.1, **options), False) == "kernel"
     forced = MgpuAttentionConfig(bwd_dq="kernel"), MgpuAttentionConfig(bwd_dq="fused")
-    assert mgpu._bwd_dq(forced[0], shape(4 * reach), None, False) == "kernel"
-    assert mgpu._bwd_dq(forced[1], shape(256, d=64), None, True) == "fused"
+    assert mgpu._bwd_dq(forced[0], shape(4 * long), plain, False) == "kernel"
+    assert mgpu._bwd_dq(forced[1], shape(256, d=64), plain, True) == "fused"
 
     def kernel_calls(s, config=None):  # through the public entry point, compiled
         q = jax.ShapeDtypeStruct((1, s, 4, 128), jnp.bfloat16)
@@ -414,9 +415,9 @@ def test_default_fuses_dq_from_a_long_reach():
         text = jax.jit(fwd_bwd).trace(q, kv, kv).lower(lowering_platforms=("cuda",)).as_text()
         return text.count("stablehlo.custom_call @mosaic_gpu")
 
-    assert kernel_calls(reach // 2) == 3  # forward, dK/dV, dQ
-    assert kernel_calls(reach) == 2  # forward, fused backward
-    assert kernel_calls(reach, forced[0]) == 3
+    assert kernel_calls(long // 2) == 3  # forward, dK/dV, dQ
+    assert kernel_calls(long) == 2  # forward, fused backward
+    assert kernel_calls(long, forced[0]) == 3
 
 
 def test_model_takes_mosaic_for_packed_rows_on_hopper(monkeypatch):
