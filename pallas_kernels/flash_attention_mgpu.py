@@ -445,10 +445,10 @@ def _span(spans_ref: Any, batch: Array, tile: Array, which: int, interpret: Any)
     return spans_ref[...][batch, tile, which]
 
 
-def _smem_tile(shape: tuple[int, ...], dtype: Any, swizzle: int = 128) -> Any:
-    """A shared-memory buffer laid out for TMA and wgmma (``swizzle``-byte swizzled rows)."""
-    row = swizzle // jnp.dtype(dtype).itemsize
-    transforms = (plgpu.TilingTransform((8, row)), plgpu.SwizzleTransform(swizzle))
+def _smem_tile(shape: tuple[int, ...], dtype: Any) -> Any:
+    """A shared-memory buffer laid out for TMA and wgmma (128-byte swizzled rows)."""
+    row = 128 // jnp.dtype(dtype).itemsize
+    transforms = (plgpu.TilingTransform((8, row)), plgpu.SwizzleTransform(128))
     return plgpu.SMEM(shape, dtype, transforms=transforms)
 
 
@@ -1223,10 +1223,7 @@ def _fused_call(q, k, v, do, lse2, delta, seg, spec: _Scores, config: MgpuAttent
         _smem_tile((keys, blk), q.dtype),  # dSᵀ: the dQ product's left operand, transposed
     ]
     if staged:
-        # dQ partials on their way out. 32-byte rows: a quad of threads holds one row of 8
-        # float32 of a wgmma tile, so each warp's store is one contiguous 256-byte tile, free of
-        # bank conflicts without the register swaps 128-byte rows need (64 fewer a step).
-        scratch.append(_smem_tile((blk, d), jnp.float32, swizzle=32))
+        scratch.append(_smem_tile((blk, d), jnp.float32))  # dQ partials on their way out
     barriers = [
         plgpu.Barrier(num_barriers=2),  # K, V
         *ring_barriers,
