@@ -57,13 +57,13 @@ forward's row maxima are taken on ``s``) and ``lse₂ = lse·log2 e``.
 * Fused, ``bwd_dq="fused"`` (the default for plain causal attention at head dim 128 from
   S = 8192, :func:`_bwd_dq`): the warpgroups split the roles instead of the keys
   (:func:`_fused_call`): five tile products, no spilled loads in its hot loops, no wgmma
-  fences. dQ's partials are reduce-added in no fixed
-  order, so dQ is not bitwise reproducible run to run (``bwd_dq="kernel"`` is). On the H200
-  its backward is 9% faster than the two kernels' at 1x32768 and 5% at 1x8192, 5% behind at
-  2x2048. Nsight Compute put it at the same tensor-pipe cycles as cuDNN's backward, busy 58%
-  of the time against cuDNN's 65% (before two changes on warpgroup 1's path gained 3% and 4%:
-  dS stored under dK's product, dS as a bfloat16 product). Moving its dQ product to warpgroup
-  0 or to the memory warpgroup, splitting it by columns (within warpgroup 1 or between both),
+  fences. dQ's partials are reduce-added in no fixed order, so dQ is not bitwise
+  reproducible run to run (``bwd_dq="kernel"`` is). On the H200 its backward is 9% faster
+  than the two kernels' at 1x32768 and 5% at 1x8192, 5% behind at 2x2048. Nsight Compute
+  put it at the same tensor-pipe cycles as cuDNN's backward, busy 58% of the time against
+  cuDNN's 65% (before two changes on warpgroup 1's path gained 3% and 4%: dS stored under
+  dK's product, dS as a bfloat16 product). Moving its dQ product to warpgroup 0 or to the
+  memory warpgroup, splitting it by columns (within warpgroup 1 or between both),
   or giving Q a deeper ring of its own, was slower (BENCHMARKS.md §3).
 
 The backward kernels do not take turns on the tensor cores: measured, the forward's
@@ -284,8 +284,8 @@ def _scale_by_probabilities(p: Array, dp: Array) -> Array:
     With bfloat16 ``p`` the product is taken in bfloat16 pairs (``dp`` rounded first): half
     the instructions of widening ``p`` to float32 and narrowing the product, on the critical
     warpgroup's path between two of its products (BENCHMARKS.md §3, "dS in bfloat16"). It
-    rounds twice instead of once: rel. L2 of dQ and dK against float32 3.0e-3 instead of
-    2.4e-3 in a numpy model at S = 2048. float16 stays in float32: ``dp`` may exceed its range.
+    rounds twice instead of once: on the H200 the rel. L2 of dQ and dK against float32 rose
+    from 3.3e-3 to 3.7e-3 at 1x8192. float16 stays in float32: ``dp`` may exceed its range.
     """
     if p.dtype == jnp.bfloat16:
         return p * dp.astype(p.dtype)
@@ -1067,12 +1067,11 @@ def _fused_call(q, k, v, do, lse2, delta, seg, spec: _Scores, config: MgpuAttent
     * warpgroup 0 (P): ``sT = K·Qᵀ``, ``pT = exp2(sT·c − lse₂)``, hands ``pT`` to warpgroup 1
       through a double-buffered shared tile, ``dV += pT·dO``;
     * warpgroup 1 (dS): ``dpT = V·dOᵀ − Δ``, ``dsT = pT ⊙ dpT`` (in bf16 pairs:
-      :func:`_scale_by_probabilities`), ``dK += dsT·Q``, then the
-      query tile's dQ partial ``dS·K`` (``dsT`` through shared memory, read transposed, and
-      stored while dK's product runs: 3% faster than before it at 1x32768),
-      added into the float32 ``dq_acc`` in global memory by a TMA reduce-add from a
-      shared-memory stage. (``red.global.add`` straight from the registers, no stage, ran the
-      kernel 1.5x slower on the H200: BENCHMARKS.md §3.)
+      :func:`_scale_by_probabilities`), ``dK += dsT·Q``, then the query tile's dQ partial
+      ``dS·K`` (``dsT`` through shared memory, read transposed, and stored while dK's product
+      runs: 3% faster than before it at 1x32768), added into the float32 ``dq_acc`` in global
+      memory by a TMA reduce-add from a shared-memory stage. (``red.global.add`` straight
+      from the registers, no stage, ran the kernel 1.5x slower on the H200: BENCHMARKS.md §3.)
 
     The partial sums arrive in no fixed order, so dQ is not bitwise reproducible run to run.
     In the interpreter (no TMA reductions) ``dq_acc`` has a leading plane per CTA row of keys,
