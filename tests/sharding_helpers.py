@@ -27,6 +27,13 @@ TINY_HF = dict(
 )
 
 
+def cpu_devices_env(devices: int) -> dict[str, str]:
+    """The environment of a subprocess with ``devices`` fake CPU devices, keeping conftest's
+    test compile flags."""
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
+    return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": flags.strip()}
+
+
 def write_checkpoint(directory: str, seed: int = 0, dtype: str = "float32", **overrides) -> str:
     """A random Llama checkpoint (config.json + model.safetensors) in ``directory``."""
     from convert.names import tensor_specs

@@ -14,7 +14,13 @@ import time
 import jax
 import numpy as np
 import pytest
-from sharding_helpers import DISTRIBUTED_RUN, loader, train_config, write_checkpoint
+from sharding_helpers import (
+    DISTRIBUTED_RUN,
+    cpu_devices_env,
+    loader,
+    train_config,
+    write_checkpoint,
+)
 
 import lorax
 from lorax.distributed import DistributedConfig
@@ -25,7 +31,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 # Same tolerance as tests/test_sharding.py: only the order of the reductions differs.
 LOSS_RTOL = 1e-5
-FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 
 def _free_port() -> int:
@@ -36,13 +41,7 @@ def _free_port() -> int:
 
 def _start(args: list[str], devices: int, log: str) -> tuple[subprocess.Popen, str]:
     """A worker process with its output in a file (a pipe could fill up and block it)."""
-    env = {
-        **os.environ,
-        "JAX_PLATFORMS": "cpu",
-        # Fewer LLVM passes: compiles take half the time; every run here uses the same flags.
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}",
-        "PYTHONPATH": REPO,
-    }
+    env = {**cpu_devices_env(devices), "PYTHONPATH": REPO}
     with open(log, "w") as f:
         proc = subprocess.Popen(
             [sys.executable, "-u", os.path.join(HERE, "distributed_worker.py"), *args],

@@ -40,11 +40,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*Pallas Triton backend is depre
 SMALL_BLOCKS = BlockSizes(
     block_q=32, block_k=16, block_q_dkv=16, block_k_dkv=32, block_q_dq=32, block_k_dq=16
 )
-_FAST_COMPILE = {"xla_backend_optimization_level": 0}
-
-
-def _compile(fn: Callable[..., Any], *args: Any) -> Callable[..., Any]:
-    return jax.jit(fn).lower(*args).compile(compiler_options=_FAST_COMPILE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,7 +141,7 @@ def _outputs_and_grads(case: Case, impl: str, interpret: bool | None, args) -> t
         out, vjp = jax.vjp(attn, q, k, v)
         return (out, *vjp(d_out))
 
-    return _compile(run, q, k, v, d_out, segments)(q, k, v, d_out, segments)
+    return jax.jit(run)(q, k, v, d_out, segments)
 
 
 # ---- the reference is the definition: check it against the textbook first ----------------
@@ -183,7 +178,7 @@ def test_reference_matches_naive(case: Case) -> None:
             segment_ids=segments,
         )
 
-    out = _compile(reference, q, k, v, segments)(q, k, v, segments)
+    out = jax.jit(reference)(q, k, v, segments)
     seg = None if segments is None else np.asarray(segments)
     expected = _naive(
         np.asarray(q),
@@ -283,7 +278,7 @@ def test_rows_that_see_no_key_give_zero_and_no_nan() -> None:
     segments = (jnp.asarray(q_seg), jnp.asarray(kv_seg))
     empty = q_seg[0] == 7
 
-    out, lse = _compile(lambda *a: flash_forward(*a, segments, spec), q, k, v)(q, k, v)
+    out, lse = jax.jit(lambda *a: flash_forward(*a, segments, spec))(q, k, v)
     out, lse = np.asarray(out), np.asarray(lse)
     assert np.isfinite(out).all()
     np.testing.assert_array_equal(out[0, empty], 0.0)
@@ -304,12 +299,12 @@ def test_rows_that_see_no_key_give_zero_and_no_nan() -> None:
     def grads(d_out):
         return flash_backward(q, k, v, segments, jnp.asarray(out), jnp.asarray(lse), d_out, spec)
 
-    dq, dk, dv = (np.asarray(g) for g in _compile(grads, d_out)(d_out))
+    dq, dk, dv = (np.asarray(g) for g in jax.jit(grads)(d_out))
     assert all(np.isfinite(g).all() for g in (dq, dk, dv))
     np.testing.assert_array_equal(dq[0, empty], 0.0)
     # The empty rows contribute nothing: zeroing their cotangent leaves dK/dV unchanged.
     d_out_masked = d_out.at[:, jnp.asarray(empty)].set(0.0)
-    _, dk2, dv2 = (np.asarray(g) for g in _compile(grads, d_out_masked)(d_out_masked))
+    _, dk2, dv2 = (np.asarray(g) for g in jax.jit(grads)(d_out_masked))
     np.testing.assert_allclose(dk, dk2, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(dv, dv2, rtol=1e-6, atol=1e-6)
 

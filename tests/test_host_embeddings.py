@@ -43,7 +43,9 @@ def test_table_moves_to_host_and_leaves_device_accounting(tiny):
 
 
 def test_forward_and_gradients_are_unchanged(tiny, rng):
-    """Bit-identical logits and training steps: only where the rows are read from changes."""
+    """Only where the rows are read from changes: bit-identical logits, and training steps
+    equal to float32 rounding (XLA may fuse the two step programs differently; a wrong row
+    or a lost gradient would be off by far more)."""
     moved = lorax.embeddings_to_host(tiny)
     lora = lorax.init_lora(tiny, rank=4, alpha=8, key=jax.random.key(1))
     lora = lorax.LoraWeights(jax.tree.map(lambda x: x + 0.02, lora.params), lora.config)
@@ -60,9 +62,9 @@ def test_forward_and_gradients_are_unchanged(tiny, rng):
         for _ in range(2):
             state, metrics = step(state, batch)
         results.append((float(metrics["loss"]), jax.tree.leaves(state.lora)))
-    assert results[0][0] == results[1][0]
+    np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-6)
     for a, b in zip(results[0][1], results[1][1], strict=True):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-8)
 
 
 def test_host_gather_clamps_out_of_range_ids(rng):

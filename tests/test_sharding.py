@@ -17,7 +17,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from sharding_helpers import TINY_HF, llama31_8b_config
+from sharding_helpers import TINY_HF, cpu_devices_env, llama31_8b_config
 
 from lorax import sharding
 from lorax.config import ModelConfig
@@ -26,8 +26,6 @@ from pallas_kernels.nf4 import quantize_nf4
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 LOSS_RTOL = 1e-5
-# Fewer LLVM passes: the worker's compiles take half the time; all its runs use the same flags.
-FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 
 @pytest.fixture(scope="module")
@@ -35,9 +33,7 @@ def report(tmp_path_factory):
     """Runs tests/sharding_worker.py once with 8 CPU devices; its JSON report."""
     work = tmp_path_factory.mktemp("sharding")
     env = {
-        **os.environ,
-        "JAX_PLATFORMS": "cpu",
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count=8 {FAST_COMPILE}",
+        **cpu_devices_env(8),
         # The 1-device resume compiles the same step as the 1-device run: reuse it.
         "JAX_COMPILATION_CACHE_DIR": str(work / "compile_cache"),
         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
