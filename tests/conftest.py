@@ -12,8 +12,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Test-only XLA:CPU compile settings. Most of the suite's time is XLA compiling, not running:
 # the Mosaic GPU interpreter alone compiles one program per simulated warpgroup and grid
 # point (~2 s each with XLA's defaults). Without the newer fusion emitters and with LLVM at -O0
-# those compiles take ~0.6 s, and the whole suite ran in 968 s instead of 2114 s on a 2-core
-# machine. The programs compute the same operations; only codegen differs. Set
+# those compiles take ~0.6 s, and the whole suite takes about half the time on 2 cores.
+# The programs compute the same operations; only codegen differs. Set
 # LORAX_TEST_FAST_COMPILE=0 to test with XLA's defaults; a flag already in XLA_FLAGS wins.
 FAST_COMPILE_FLAGS = ("--xla_cpu_use_fusion_emitters=false", "--xla_backend_optimization_level=0")
 
