@@ -19,7 +19,11 @@ ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
+    "gemma3_text": "Gemma3ForCausalLM",
 }
+_GEMMA = ("gemma2", "gemma3_text")
 DTYPE_NAMES = ("bfloat16", "float16", "float32")
 
 _ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -52,7 +56,7 @@ def hf_config_dict(config: Any, dtype: str) -> dict[str, Any]:
         "num_attention_heads": config.num_heads,
         "num_key_value_heads": config.num_kv_heads,
         "head_dim": config.head_dim,
-        "hidden_act": "silu",
+        "hidden_act": config.activation,
         "rms_norm_eps": config.rms_norm_eps,
         "max_position_embeddings": config.max_position_embeddings,
         "attention_dropout": 0.0,
@@ -67,7 +71,43 @@ def hf_config_dict(config: Any, dtype: str) -> dict[str, Any]:
     hf.update(_bias_fields(config))
     hf.update(_window_fields(config))
     hf.update(_rope_fields(config))
+    hf.update(_gemma_fields(config))
     return hf
+
+
+def _gemma_fields(config: Any) -> dict[str, Any]:
+    """What Gemma configures beyond Llama's fields; an error where another family would
+    silently drop it (the rest of Gemma's computation follows from its ``model_type``)."""
+    gemma = config.model_type in _GEMMA
+    departures = {
+        "norm_style": config.norm_style != ("gemma" if gemma else "llama"),
+        "sandwich_norms": config.sandwich_norms != gemma,
+        "qk_norm": config.qk_norm != (config.model_type in ("qwen3", "gemma3_text")),
+        "embedding_multiplier": config.embedding_multiplier
+        != (config.hidden_size**0.5 if gemma else 1.0),
+    }
+    if not gemma:
+        departures["attention scale / softcaps"] = (
+            config.query_pre_attn_scalar is not None
+            or config.attn_logit_softcap is not None
+            or config.final_logit_softcap is not None
+        )
+    wrong = [name for name, differs in departures.items() if differs]
+    if wrong:
+        raise HFConfigError(f"{config.model_type}'s config.json cannot express {wrong}")
+    if not gemma:
+        return {}
+    scalar = config.query_pre_attn_scalar
+    if scalar is None or not float(scalar).is_integer():
+        raise HFConfigError(
+            f"{config.model_type}'s query_pre_attn_scalar is an int; config has {scalar}"
+        )
+    return {
+        "hidden_activation": config.activation,
+        "query_pre_attn_scalar": int(scalar),  # transformers >= 5 rejects 256.0
+        "attn_logit_softcapping": config.attn_logit_softcap,
+        "final_logit_softcapping": config.final_logit_softcap,
+    }
 
 
 def generation_config_dict(config: Any) -> dict[str, Any]:
@@ -94,13 +134,21 @@ def _bias_fields(config: Any) -> dict[str, Any]:
         if bias:
             raise HFConfigError(f"mistral has no projection biases; config has {sorted(bias)}")
         return {}
-    # llama: one switch for all attention projections, one for all MLP projections.
-    if attention not in (set(), set(_ATTENTION)) or mlp not in (set(), set(_MLP)):
+    # One switch for all attention projections (llama: and one for all MLP projections).
+    if config.model_type == "llama":
+        expressible = attention in (set(), set(_ATTENTION)) and mlp in (set(), set(_MLP))
+        switches = "attention_bias/mlp_bias cover all attention/MLP projections"
+    else:
+        expressible = attention in (set(), set(_ATTENTION)) and not mlp
+        switches = "attention_bias covers all attention projections (no MLP biases)"
+    if not expressible:
         raise HFConfigError(
-            "llama's attention_bias/mlp_bias cover all attention/MLP projections; config has "
-            f"biases on {sorted(bias)}"
+            f"{config.model_type}'s {switches}; config has biases on {sorted(bias)}"
         )
-    return {"attention_bias": bool(attention), "mlp_bias": bool(mlp)}
+    fields = {"attention_bias": bool(attention)}
+    if config.model_type == "llama":
+        fields["mlp_bias"] = bool(mlp)
+    return fields
 
 
 def _window_fields(config: Any) -> dict[str, Any]:
@@ -117,23 +165,47 @@ def _window_fields(config: Any) -> dict[str, Any]:
         if window is not None and 0 in windows:
             raise HFConfigError("mistral applies its sliding window to every layer or none")
         return {"sliding_window": window}
-    # qwen2: layers from ``max_window_layers`` on slide; ``layer_types`` spells it per layer.
+    layer_types = ["sliding_attention" if w else "full_attention" for w in windows]
+    if config.model_type in _GEMMA:  # any pattern, spelled per layer
+        return {"sliding_window": window, "layer_types": layer_types}
+    # qwen2/qwen3: layers from ``max_window_layers`` on slide; ``layer_types`` spells it per
+    # layer.
     first = windows.index(window) if window is not None else len(windows)
     if any(w != (window or 0) for w in windows[first:]):
         raise HFConfigError(
-            "qwen2 slides the window on every layer from max_window_layers on; config has "
-            f"layer windows {list(windows)}"
+            f"{config.model_type} slides the window on every layer from max_window_layers on; "
+            f"config has layer windows {list(windows)}"
         )
     return {
         "use_sliding_window": window is not None,
         "sliding_window": window,
         "max_window_layers": first,
-        "layer_types": ["sliding_attention" if w else "full_attention" for w in windows],
+        "layer_types": layer_types,
     }
 
 
 def _rope_fields(config: Any) -> dict[str, Any]:
-    rope = config.rope
+    fields = _one_rope_fields(config.rope)
+    sliding = config.sliding_rope
+    if config.model_type != "gemma3_text":
+        if sliding is not None:
+            raise HFConfigError(
+                f"{config.model_type} has one RoPE for all layers; config has a sliding one"
+            )
+        return fields
+    # Gemma 3: per layer type (transformers >= 5), and the legacy spelling: the full layers'
+    # rope_theta/rope_scaling, the sliding layers' plain RoPE base.
+    sliding = sliding or config.rope
+    fields["rope_parameters"] = {
+        "full_attention": fields["rope_parameters"],
+        "sliding_attention": _one_rope_fields(sliding)["rope_parameters"],
+    }
+    if sliding.type == "default":
+        fields["rope_local_base_freq"] = sliding.theta
+    return fields
+
+
+def _one_rope_fields(rope: Any) -> dict[str, Any]:
     scaling: dict[str, Any] = {"rope_type": rope.type}
     if rope.type != "default":
         scaling["factor"] = rope.factor

@@ -12,6 +12,7 @@ from typing import Any
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
+QK_NORMS = ("q_norm", "k_norm")  # per-head RMSNorms of queries and keys (Qwen 3, Gemma 3)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,11 +44,16 @@ def layer_prefix(i: int | str = "{i}") -> str:
 
 
 def tensor_specs(config: Any) -> Iterator[TensorSpec]:
-    """Every tensor of a Llama-family checkpoint, in HF's order."""
+    """Every tensor of a checkpoint of ``config``'s architecture (HF's order within a layer may
+    differ; loaders look tensors up by name)."""
     d, v = config.hidden_size, config.vocab_size
     yield TensorSpec(("embed_tokens",), "model.embed_tokens.weight", (v, d), False)
-    for norm in ("input_layernorm", "post_attention_layernorm"):
+    for norm in config.layer_norm_names():
         yield TensorSpec(("layers", norm), f"{layer_prefix()}.{norm}.weight", (d,), True)
+    if config.qk_norm:
+        for norm in QK_NORMS:
+            name = f"{layer_prefix()}.self_attn.{norm}.weight"
+            yield TensorSpec(("layers", norm), name, (config.head_dim,), True)
     for proj in ATTENTION + MLP:
         out_dim, in_dim = config.projection_shape(proj)
         base = f"{layer_prefix()}.{module_name(proj)}"

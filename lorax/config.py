@@ -19,9 +19,14 @@ import numpy as np
 
 from convert.rope import llama3_rope_factors
 
-# model_type -> the HF architecture family it is computed as. Yi and DeepSeek's dense models
-# ship as ``model_type: "llama"``; they need no entry of their own.
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+# The HF ``model_type``s lorax computes. Yi and DeepSeek's dense models ship as
+# ``model_type: "llama"``; they need no entry of their own. ``gemma3_text`` is Gemma 3's
+# language model (Gemma 3 1B, and what ``Gemma3ForCausalLM`` loads).
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text")
+GEMMA_MODEL_TYPES = ("gemma2", "gemma3_text")
+# The MLP activations (HF's ``ACT2FN`` names): SwiGLU's and Gemma's GeGLU (tanh approximation).
+ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
+NORM_STYLES = ("llama", "gemma")
 
 # The projections of one decoder layer, in HF's names (PEFT's target names too).
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -61,7 +66,15 @@ class RopeConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """The architecture of a decoder-only model of the Llama family."""
+    """The architecture of a decoder-only model: Llama's, and what other families change.
+
+    The fields after ``layer_windows`` are the departures from Llama. Gemma 2/3: ``norm_style``
+    ``"gemma"`` (RMSNorm scales by ``1 + weight`` in float32), ``sandwich_norms`` (each
+    sub-layer's output is normed too, before the residual add), ``embedding_multiplier``
+    (``sqrt(hidden_size)``), ``query_pre_attn_scalar``, the two softcaps and GeGLU. Qwen 3 and
+    Gemma 3: ``qk_norm`` (an RMSNorm over each head's query and key before RoPE). Gemma 3:
+    ``sliding_rope``, the RoPE of its sliding-window layers.
+    """
 
     model_type: str
     vocab_size: int
@@ -81,6 +94,18 @@ class ModelConfig:
     # full causal attention. Data scanned over with the layers, not a Python branch.
     layer_windows: tuple[int, ...] = ()
     tie_word_embeddings: bool = False
+    activation: str = "silu"
+    norm_style: str = "llama"
+    sandwich_norms: bool = False
+    qk_norm: bool = False
+    embedding_multiplier: float = 1.0
+    # Attention scores are scaled by query_pre_attn_scalar ** -0.5 (None: head_dim ** -0.5).
+    query_pre_attn_scalar: float | None = None
+    # Scores (logits) become c * tanh(s / c) when set.
+    attn_logit_softcap: float | None = None
+    final_logit_softcap: float | None = None
+    # The RoPE of the sliding-window layers, where it differs from ``rope`` (Gemma 3).
+    sliding_rope: RopeConfig | None = None
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
     pad_token_id: int | None = None
@@ -98,6 +123,31 @@ class ModelConfig:
                 f"layer_windows has {len(self.layer_windows)} entries for "
                 f"num_hidden_layers={self.num_layers}"
             )
+        if self.activation not in ACTIVATIONS:
+            raise ConfigError(f"activation={self.activation!r}; supported: {ACTIVATIONS}")
+        if self.norm_style not in NORM_STYLES:
+            raise ConfigError(f"norm_style={self.norm_style!r}; supported: {NORM_STYLES}")
+
+    @property
+    def attention_scale(self) -> float:
+        """The factor attention scores are multiplied by before the softmax."""
+        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
+
+    def layer_norm_names(self) -> tuple[str, ...]:
+        """The ``[hidden]`` RMSNorm weights of one decoder layer, in HF's names.
+
+        Llama's ``post_attention_layernorm`` is the MLP's input norm; with sandwich norms
+        (Gemma) it norms the attention output, and ``pre_feedforward_layernorm`` is the
+        MLP's input norm.
+        """
+        names = ("input_layernorm", "post_attention_layernorm")
+        if self.sandwich_norms:
+            names += ("pre_feedforward_layernorm", "post_feedforward_layernorm")
+        return names
+
+    def layer_rope(self, window: int) -> RopeConfig:
+        """The RoPE of a layer with attention ``window`` (0: full attention)."""
+        return self.sliding_rope if window and self.sliding_rope is not None else self.rope
 
     @property
     def q_size(self) -> int:
@@ -125,7 +175,8 @@ class ModelConfig:
         """Parameters in the dense model (embeddings, projections, biases, norms, head)."""
         linear = sum(int(np.prod(self.projection_shape(p))) for p in PROJECTIONS)
         biases = sum(self.projection_shape(p)[0] for p in self.bias_projections)
-        per_layer = linear + biases + 2 * self.hidden_size
+        norms = len(self.layer_norm_names()) * self.hidden_size
+        per_layer = linear + biases + norms + (2 * self.head_dim if self.qk_norm else 0)
         head = 0 if self.tie_word_embeddings else self.vocab_size * self.hidden_size
         return (
             self.vocab_size * self.hidden_size
@@ -138,45 +189,85 @@ class ModelConfig:
 
     @classmethod
     def from_hf_dict(cls, hf: Mapping[str, Any], *, source: str = "config.json") -> ModelConfig:
-        """Builds the config from a parsed HF ``config.json``; rejects what we cannot compute."""
+        """Builds the config from a parsed HF ``config.json``; rejects what we cannot compute.
+
+        Fields a family's config class has defaults for (transformers fills them in when it
+        reads the file) get the same defaults here, so hub configs that omit them load.
+        """
         model_type = hf.get("model_type")
+        if model_type == "gemma3":
+            raise ConfigError(
+                f"{source}: model_type='gemma3' is Gemma 3's image-text model; lorax computes "
+                "its language model from a 'gemma3_text' checkpoint (Gemma3ForCausalLM)"
+            )
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ConfigError(
                 f"{source}: unsupported model_type={model_type!r}; "
                 f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
             )
+        gemma = model_type in GEMMA_MODEL_TYPES
 
         def need(key: str) -> Any:
             if key not in hf or hf[key] is None:
                 raise ConfigError(f"{source}: required field {key!r} is missing")
             return hf[key]
 
-        act = hf.get("hidden_act", "silu")
-        if act != "silu":
-            raise ConfigError(f"{source}: unsupported hidden_act={act!r}; supported: 'silu'")
+        # Gemma's modules read ``hidden_activation``; the others ``hidden_act``.
+        act_key, act = (
+            ("hidden_activation", hf.get("hidden_activation") or "gelu_pytorch_tanh")
+            if gemma
+            else ("hidden_act", hf.get("hidden_act", "silu"))
+        )
+        expected_act = "gelu_pytorch_tanh" if gemma else "silu"
+        if act != expected_act:
+            raise ConfigError(
+                f"{source}: unsupported {act_key}={act!r} for {model_type}; "
+                f"supported: {expected_act!r}"
+            )
         if hf.get("pretraining_tp", 1) not in (1, None):
             raise ConfigError(f"{source}: unsupported pretraining_tp={hf['pretraining_tp']!r}")
         partial = hf.get("partial_rotary_factor", 1.0)
         if partial not in (1, 1.0, None):
             raise ConfigError(f"{source}: unsupported partial_rotary_factor={partial!r}")
+        if hf.get("use_bidirectional_attention"):
+            raise ConfigError(
+                f"{source}: use_bidirectional_attention=True (an embedding model) is not a "
+                "causal language model"
+            )
 
         hidden = int(need("hidden_size"))
         num_heads = int(need("num_attention_heads"))
         num_kv = int(hf.get("num_key_value_heads") or num_heads)
         num_layers = int(need("num_hidden_layers"))
-        head_dim = int(hf.get("head_dim") or hidden // num_heads)
+        head_dim = int(hf.get("head_dim") or (256 if gemma else hidden // num_heads))
 
         bias: tuple[str, ...] = ()
         if model_type == "qwen2":
             bias = ("q_proj", "k_proj", "v_proj")
-        elif model_type == "llama" and hf.get("attention_bias"):
+        elif model_type != "mistral" and hf.get("attention_bias"):
             bias = ATTENTION_PROJECTIONS  # HF's Mistral has no attention_bias: it is ignored
         if model_type == "llama" and hf.get("mlp_bias"):
             bias = bias + MLP_PROJECTIONS
 
+        rope, sliding_rope = _ropes_from_hf(hf, model_type, source)
         eos = hf.get("eos_token_id")
         if isinstance(eos, list):
             eos = tuple(eos)
+        gemma_fields: dict[str, Any] = {}
+        if gemma:
+            softcap_defaults = (50.0, 30.0) if model_type == "gemma2" else (None, None)
+            gemma_fields = dict(
+                norm_style="gemma",
+                sandwich_norms=True,
+                embedding_multiplier=hidden**0.5,
+                query_pre_attn_scalar=float(hf.get("query_pre_attn_scalar", 256)),
+                attn_logit_softcap=_optional_float(
+                    hf.get("attn_logit_softcapping", softcap_defaults[0])
+                ),
+                final_logit_softcap=_optional_float(
+                    hf.get("final_logit_softcapping", softcap_defaults[1])
+                ),
+            )
         return cls(
             model_type=model_type,
             vocab_size=int(need("vocab_size")),
@@ -187,14 +278,18 @@ class ModelConfig:
             num_kv_heads=num_kv,
             head_dim=head_dim,
             rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            rope=_rope_from_hf(hf, source),
+            rope=rope,
             max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
             bias_projections=bias,
             layer_windows=_layer_windows_from_hf(hf, model_type, num_layers, source),
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", gemma)),
+            activation=act,
+            qk_norm=model_type in ("qwen3", "gemma3_text"),
+            sliding_rope=sliding_rope,
             bos_token_id=hf.get("bos_token_id"),
             eos_token_id=eos,
             pad_token_id=hf.get("pad_token_id"),
+            **gemma_fields,
         )
 
     @classmethod
@@ -205,6 +300,33 @@ class ModelConfig:
             except json.JSONDecodeError as e:
                 raise ConfigError(f"{path}: not valid JSON ({e})") from e
         return cls.from_hf_dict(hf, source=str(path))
+
+
+def _optional_float(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+def _ropes_from_hf(
+    hf: Mapping[str, Any], model_type: str, source: str
+) -> tuple[RopeConfig, RopeConfig | None]:
+    """The RoPE of full-attention layers, and of sliding ones where it differs (Gemma 3).
+
+    transformers >= 5 writes Gemma 3's as ``rope_parameters`` per layer type; older files as
+    ``rope_theta`` + ``rope_scaling`` for the full layers and ``rope_local_base_freq`` (plain
+    RoPE) for the sliding ones.
+    """
+    if model_type != "gemma3_text":
+        return _rope_from_hf(hf, source), None
+    params = hf.get("rope_parameters") or {}
+    if "full_attention" in params or "sliding_attention" in params:
+        ropes = []
+        for layer_type in ("full_attention", "sliding_attention"):
+            if not params.get(layer_type):
+                raise ConfigError(f"{source}: rope_parameters has no {layer_type!r} entry")
+            ropes.append(_rope_from_hf({**hf, "rope_parameters": params[layer_type]}, source))
+        return ropes[0], ropes[1]
+    full = _rope_from_hf({**hf, "rope_theta": hf.get("rope_theta", 1_000_000.0)}, source)
+    return full, RopeConfig(theta=float(hf.get("rope_local_base_freq", 10_000.0)))
 
 
 def _rope_from_hf(hf: Mapping[str, Any], source: str) -> RopeConfig:
@@ -245,15 +367,29 @@ def _layer_windows_from_hf(
     window = hf.get("sliding_window")
     if model_type == "mistral":
         return (int(window or 0),) * num_layers
-    if model_type == "qwen2":
-        if not hf.get("use_sliding_window"):
-            return (0,) * num_layers
+    if model_type in ("qwen2", "qwen3", *GEMMA_MODEL_TYPES):
         layer_types = hf.get("layer_types")
-        if layer_types is None:
+        if model_type in GEMMA_MODEL_TYPES:
+            window = hf.get("sliding_window", 4096)
+            if layer_types is None:
+                # Gemma 2 alternates (sliding first); Gemma 3 has one full layer in `pattern`.
+                pattern = 2 if model_type == "gemma2" else int(hf.get("sliding_window_pattern", 6))
+                layer_types = [
+                    "sliding_attention" if (i + 1) % pattern else "full_attention"
+                    for i in range(num_layers)
+                ]
+        elif not hf.get("use_sliding_window"):
+            return (0,) * num_layers
+        elif layer_types is None:
             first = int(hf.get("max_window_layers", num_layers))
             layer_types = [
                 "sliding_attention" if i >= first else "full_attention" for i in range(num_layers)
             ]
+        if len(layer_types) != num_layers:
+            raise ConfigError(
+                f"{source}: layer_types has {len(layer_types)} entries for "
+                f"num_hidden_layers={num_layers}"
+            )
         windows = []
         for t in layer_types:
             if t not in ("sliding_attention", "full_attention"):

@@ -41,6 +41,8 @@ class Model:
 
         embed_tokens [V, D]
         layers: input_layernorm [L, D], post_attention_layernorm [L, D],
+                (Gemma) pre_feedforward_layernorm, post_feedforward_layernorm [L, D],
+                (Qwen 3, Gemma 3) q_norm, k_norm [L, head_dim],
                 {q,k,v,o,gate,up,down}_proj: {"weight": [L, out, in] | NF4Tensor, "bias"?: [L, out]}
         norm [D]
         lm_head: {"weight": [V, D]}          (absent when embeddings are tied)
@@ -66,17 +68,35 @@ class Model:
         return self.params["lm_head"]["weight"]
 
 
-def rms_norm(x: Array, weight: Array, eps: float) -> Array:
-    """RMSNorm computed in float32 and cast back before the scale, as HF's Llama does."""
+def rms_norm(x: Array, weight: Array, eps: float, style: str = "llama") -> Array:
+    """RMSNorm over the last axis, rounded where HF's implementation of ``style`` rounds.
+
+    ``"llama"``: normed in float32, cast to x's dtype, then scaled by ``weight``. ``"gemma"``:
+    scaled by ``1 + weight`` in float32, then cast (Gemma stores the scale minus one).
+    """
     x32 = x.astype(jnp.float32)
     normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    if style == "gemma":
+        return (normed * (1.0 + weight.astype(jnp.float32))).astype(x.dtype)
     return weight * normed.astype(x.dtype)
 
 
-def rope_cos_sin(config: ModelConfig, positions: Array, dtype: Any) -> tuple[Array, Array]:
-    """cos/sin tables ``[B, S, head_dim]`` for the given positions (HF's half-split layout)."""
+def _activation(name: str, x: Array) -> Array:
+    if name == "gelu_pytorch_tanh":
+        return jax.nn.gelu(x, approximate=True)
+    return jax.nn.silu(x)
+
+
+def rope_cos_sin(
+    config: ModelConfig, positions: Array, dtype: Any, window: int = 0
+) -> tuple[Array, Array]:
+    """cos/sin tables ``[B, S, head_dim]`` for the given positions (HF's half-split layout),
+    for the layers whose attention window is ``window`` (their RoPE may differ: Gemma 3)."""
     inv_freq, attention_factor = rope_frequencies(
-        config.rope, config.head_dim, positions.shape[-1], config.max_position_embeddings
+        config.layer_rope(window),
+        config.head_dim,
+        positions.shape[-1],
+        config.max_position_embeddings,
     )
     angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
     angles = jnp.concatenate([angles, angles], axis=-1)
@@ -220,14 +240,18 @@ def _matmul_config(options: ForwardOptions) -> NF4MatmulConfig | None:
 
 
 def _attention_impl(
-    requested: str | None, segment_ids: Array | None, q: Array, window: int | None
+    requested: str | None,
+    segment_ids: Array | None,
+    q: Array,
+    window: int | None,
+    softcap: float | None = None,
 ) -> str | None:
     """The attention implementation for one call (see ``ForwardOptions.attention_impl``)."""
     if requested is not None or jax.default_backend() != "gpu":
         return requested
-    if segment_ids is None:
+    if segment_ids is None and softcap is None:
         return "cudnn"
-    if mosaic_supports(q, sliding_window=window):
+    if mosaic_supports(q, sliding_window=window, softcap=softcap):
         return "mosaic"
     return None  # the Triton kernels
 
@@ -298,16 +322,23 @@ def _decoder_layer(
             stacked_weight=stacked,
         )
 
-    x = rms_norm(h, layer["input_layernorm"], config.rms_norm_eps)
+    def norm(x: Array, name: str) -> Array:
+        return rms_norm(x, layer[name], config.rms_norm_eps, config.norm_style)
+
+    x = norm(h, "input_layernorm")
     q, k, v = linears(QKV, x)
     q = q.reshape(b, s, config.num_heads, config.head_dim)
     k = k.reshape(b, s, config.num_kv_heads, config.head_dim)
     v = v.reshape(b, s, config.num_kv_heads, config.head_dim)
+    if config.qk_norm:
+        q, k = norm(q, "q_norm"), norm(k, "k_norm")
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     q, k, v = remat_lib.name(q, "query"), remat_lib.name(k, "key"), remat_lib.name(v, "value")
 
     def attention_impl(window: int) -> str | None:
-        return _attention_impl(options.attention_impl, segment_ids, q, window or None)
+        return _attention_impl(
+            options.attention_impl, segment_ids, q, window or None, config.attn_logit_softcap
+        )
 
     def attend(window: int) -> Array:
         impl = attention_impl(window)
@@ -319,8 +350,9 @@ def _decoder_layer(
                 v,
                 causal=True,
                 sliding_window=window or None,
+                softcap=config.attn_logit_softcap,
                 segment_ids=segment_ids,
-                scale=config.head_dim**-0.5,
+                scale=config.attention_scale,
                 impl=impl,
                 mosaic_config=_mosaic_config(options),
             )
@@ -342,16 +374,21 @@ def _decoder_layer(
         # +1.9 GiB at 1x8192 with the Mosaic kernels). Only plain XLA attention needs the name.
         attn = remat_lib.name(attn, "attention_out")
     (attn_out,) = linears(OUT, attn.reshape(b, s, config.q_size))
+    if config.sandwich_norms:
+        attn_out = norm(attn_out, "post_attention_layernorm")
     h = h + attn_out
     h = remat_lib.name(h, "attention_residual")
 
-    x = rms_norm(h, layer["post_attention_layernorm"], config.rms_norm_eps)
+    mlp_norm = "pre_feedforward_layernorm" if config.sandwich_norms else "post_attention_layernorm"
+    x = norm(h, mlp_norm)
 
     def mlp(x: Array, chunk_index: Array | None = None) -> Array:
         # Chunks fold their index into the dropout keys so they draw different masks.
         gate, up = linears(GATE_UP, x, chunk_index)
         gate, up = remat_lib.name(gate, "mlp_gate"), remat_lib.name(up, "mlp_up")
-        (down,) = linears(DOWN, jax.nn.silu(gate) * up, chunk_index)
+        (down,) = linears(DOWN, _activation(config.activation, gate) * up, chunk_index)
+        if config.sandwich_norms:
+            down = norm(down, "post_feedforward_layernorm")
         return down
 
     return h + _chunked_over_tokens(mlp, x, options.mlp_chunk_tokens)
@@ -397,11 +434,21 @@ def hidden_states(
         positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
     dtype = model.dtype
     h = embed(params["embed_tokens"], input_ids)
-    cos, sin = rope_cos_sin(config, positions, dtype)
+    if config.embedding_multiplier != 1.0:
+        # Rounded to the compute dtype first, as HF's Gemma does (sqrt(3072) -> 55.5 in bf16).
+        h = h * jnp.asarray(config.embedding_multiplier, h.dtype)
 
     adapters = lora.params["layers"] if lora is not None else {}
     lora_cfg = lora.config if lora is not None else None
     windows = distinct_windows(config)
+    # One cos/sin table, or one per distinct window when the layers' RoPEs differ (Gemma 3),
+    # picked per layer by the scanned window index.
+    rope_per_window = len({config.layer_rope(w) for w in windows}) > 1
+    if rope_per_window:
+        tables = [rope_cos_sin(config, positions, dtype, w) for w in windows]
+        cos, sin = (jnp.stack(t) for t in zip(*tables, strict=True))
+    else:
+        cos, sin = rope_cos_sin(config, positions, dtype, windows[0])
     window_index = jnp.asarray([windows.index(w) for w in config.layer_windows], jnp.int32)
     layer_keys = (
         jax.random.split(dropout_key, config.num_layers) if dropout_key is not None else None
@@ -419,6 +466,9 @@ def hidden_states(
             )
         if options.activation_sharding is not None:
             carry = jax.lax.with_sharding_constraint(carry, options.activation_sharding)
+        layer_cos, layer_sin = (cos, sin)
+        if rope_per_window:
+            layer_cos, layer_sin = cos[window_index], sin[window_index]
         out = _decoder_layer(
             config,
             lora_cfg,
@@ -427,8 +477,8 @@ def hidden_states(
             layer,
             layer_adapters,
             window_index,
-            cos,
-            sin,
+            layer_cos,
+            layer_sin,
             segment_ids,
             key,
         )
@@ -460,7 +510,7 @@ def hidden_states(
             body_k = remat_lib.apply(indexed_body, kind, options.offload_layer_inputs)
             h, _ = jax.lax.scan(body_k, h, xs)
             start = stop
-    return rms_norm(h, params["norm"], config.rms_norm_eps)
+    return rms_norm(h, params["norm"], config.rms_norm_eps, config.norm_style)
 
 
 def forward(
@@ -477,6 +527,7 @@ def forward(
 
     ``positions`` default to ``0..S-1``; for packed rows pass per-segment positions and
     ``segment_ids`` (no attention across segments). ``dropout_key`` enables LoRA dropout.
+    A model with a final-logit softcap (Gemma 2) returns the capped logits.
     """
     h = hidden_states(
         model,
@@ -487,4 +538,10 @@ def forward(
         dropout_key=dropout_key,
         options=options,
     )
-    return jnp.einsum("bsd,vd->bsv", h, model.lm_head(), preferred_element_type=jnp.float32)
+    logits = jnp.einsum("bsd,vd->bsv", h, model.lm_head(), preferred_element_type=jnp.float32)
+    return softcap_logits(logits, model.config.final_logit_softcap)
+
+
+def softcap_logits(logits: Array, softcap: float | None) -> Array:
+    """``c * tanh(logits / c)`` (Gemma 2's final-logit softcap); unchanged for None."""
+    return logits if softcap is None else softcap * jnp.tanh(logits / softcap)

@@ -86,15 +86,19 @@ def bnb_dequantize(functional, packed, state):
 
 
 def perturb_(model, seed: int = 0) -> None:
-    """Gives every parameter random values so no test passes on trivial 1s and 0s."""
+    """Gives every parameter random values so no test passes on trivial 1s and 0s.
+
+    Norm scales land near 1: Gemma's norms scale by ``1 + weight``, so theirs near 0.
+    """
     import torch
 
     g = torch.Generator().manual_seed(seed)
+    norm_center = 0.0 if model.config.model_type.startswith("gemma") else 1.0
     with torch.no_grad():
         for name, p in model.named_parameters():
             noise = torch.randn(p.shape, generator=g, dtype=torch.float32)
             if name.endswith("norm.weight"):
-                p.copy_(1.0 + 0.2 * noise)
+                p.copy_(norm_center + 0.2 * noise)
             else:
                 p.copy_(0.08 * noise)
 
@@ -109,6 +113,9 @@ def make_hf_model(tmp_path, model_type: str = "llama", seed: int = 0, **override
         "llama": transformers.LlamaConfig,
         "mistral": transformers.MistralConfig,
         "qwen2": transformers.Qwen2Config,
+        "qwen3": transformers.Qwen3Config,
+        "gemma2": transformers.Gemma2Config,
+        "gemma3_text": transformers.Gemma3TextConfig,
     }[model_type]
     kwargs = {**TINY, **overrides}
     config = config_cls(**kwargs)

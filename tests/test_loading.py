@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -58,11 +59,82 @@ def test_legacy_rope_scaling_field_is_read():
     assert cfg.rope == lorax.RopeConfig(theta=5e5, type="linear", factor=4.0)
 
 
+# Hub ``config.json``s as transformers 4 wrote them (gemma-2-2b, gemma-3-4b's text model and
+# Qwen3-0.6B, shrunk): no ``layer_types``, Gemma 3's RoPE as ``rope_theta`` + ``rope_scaling``
+# + ``rope_local_base_freq``, and the fields their config classes default left out.
+HUB_STYLE_CONFIGS = {
+    "gemma2": dict(
+        attn_logit_softcapping=50.0,
+        final_logit_softcapping=30.0,
+        hidden_act="gelu_pytorch_tanh",
+        hidden_activation="gelu_pytorch_tanh",
+        query_pre_attn_scalar=256,
+        sliding_window=4096,
+        rope_theta=10000.0,
+    ),
+    "gemma3_text": dict(
+        attn_logit_softcapping=None,
+        final_logit_softcapping=None,
+        query_pre_attn_scalar=256,
+        rope_local_base_freq=10000,
+        rope_scaling={"factor": 8.0, "rope_type": "linear"},
+        rope_theta=1000000,
+        sliding_window=512,
+        sliding_window_pattern=6,
+    ),
+    "qwen3": dict(
+        attention_bias=False,
+        max_window_layers=28,
+        rope_scaling=None,
+        rope_theta=1000000,
+        sliding_window=None,
+        tie_word_embeddings=True,
+        use_sliding_window=False,
+    ),
+}
+
+
+@pytest.mark.parametrize("model_type", list(HUB_STYLE_CONFIGS))
+def test_hub_style_configs_read_as_transformers_reads_them(model_type):
+    """Our defaults for what a hub config leaves out are transformers' (layer pattern, RoPE per
+    layer type, softcaps, tied embeddings): reading the file directly gives the config we read
+    from transformers' own parse of it (special-token defaults aside: they change no logits)."""
+    import transformers
+
+    hf = dict(
+        model_type=model_type,
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=7,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=16,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-6,
+        **HUB_STYLE_CONFIGS[model_type],
+    )
+    ours = lorax.ModelConfig.from_hf_dict(hf)
+    theirs = lorax.ModelConfig.from_hf_dict(transformers.AutoConfig.for_model(**hf).to_dict())
+    tokens = dict(bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    assert ours == dataclasses.replace(theirs, **tokens)
+    expected_windows = {
+        "gemma2": (4096, 0, 4096, 0, 4096, 0, 4096),
+        "gemma3_text": (512,) * 5 + (0, 512),
+        "qwen3": (0,) * 7,
+    }[model_type]
+    assert ours.layer_windows == expected_windows
+    if model_type == "gemma3_text":
+        assert ours.rope == lorax.RopeConfig(theta=1e6, type="linear", factor=8.0)
+        assert ours.sliding_rope == lorax.RopeConfig(theta=1e4)
+
+
 @pytest.mark.parametrize(
     "changes, message",
     [
         (dict(model_type="gpt2"), "model_type='gpt2'"),
         (dict(hidden_act="gelu"), "hidden_act='gelu'"),
+        (dict(model_type="gemma3"), "image-text model"),
         (dict(rope_parameters={"rope_type": "longrope", "rope_theta": 1e4}), "'longrope'"),
         (dict(num_key_value_heads=3), "num_key_value_heads=3"),
     ],

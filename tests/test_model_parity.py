@@ -52,6 +52,47 @@ CASES = {
     ),
     "mistral-window": ("mistral", dict(sliding_window=8)),
     "qwen2-bias": ("qwen2", dict(num_key_value_heads=4)),
+    "qwen3-qk-norm": ("qwen3", dict(head_dim=24)),
+    "qwen3-bias-window": (
+        "qwen3",
+        dict(attention_bias=True, use_sliding_window=True, sliding_window=8, max_window_layers=1),
+    ),
+    # Gemma 2: softcaps, sandwich norms, GeGLU, scaled embeddings, alternating windows, and a
+    # query scale other than head_dim's. Caps small enough to bend these tiny models' scores
+    # and logits (at Gemma 2's 50 and 30 they would be nearly linear here).
+    "gemma2": (
+        "gemma2",
+        dict(
+            head_dim=16,
+            sliding_window=8,
+            query_pre_attn_scalar=24,
+            attn_logit_softcapping=2.0,
+            final_logit_softcapping=3.0,
+        ),
+    ),
+    "gemma2-untied-no-softcap": (
+        "gemma2",
+        dict(
+            head_dim=16,
+            sliding_window=8,
+            tie_word_embeddings=False,
+            attn_logit_softcapping=None,
+            final_logit_softcapping=None,
+        ),
+    ),
+    # Gemma 3: q/k norms, and the full layers' RoPE (scaled) apart from the sliding layers'.
+    "gemma3-two-ropes": (
+        "gemma3_text",
+        dict(
+            head_dim=16,
+            sliding_window=8,
+            layer_types=["sliding_attention", "full_attention"],
+            rope_parameters={
+                "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            },
+        ),
+    ),
 }
 
 
@@ -65,8 +106,10 @@ def test_logits_match_transformers_f32(tmp_path, rng, case):
     assert rel_err(ours, torch_logits(torch_model, ids)) < 1e-4
 
 
-def test_logits_match_transformers_bf16(tmp_path, rng):
-    torch_model, path = make_hf_model(tmp_path, "llama", rope_parameters=LLAMA3_ROPE)
+@pytest.mark.parametrize("case", ["llama-llama3-rope", "gemma2", "gemma3-two-ropes"])
+def test_logits_match_transformers_bf16(tmp_path, rng, case):
+    model_type, overrides = CASES[case]
+    torch_model, path = make_hf_model(tmp_path, model_type, **overrides)
     model = lorax.load(path, dtype="bfloat16")
     ids = rng.integers(0, model.config.vocab_size, size=(2, 32))
     ours = jax.jit(lorax.forward)(model, None, jnp.asarray(ids))

@@ -32,9 +32,13 @@ def train_flops_per_token(
     )
     head = config.vocab_size * config.hidden_size
     passes = 6 if remat in ("full", "offload") else 4
-    # Causal attention: QK^T and PV are 2 matmuls of 2*S*D FLOPs per head, half masked:
-    # forward 2*S*Hq*D per token; backward 2.5x the forward (recomputed scores, dq, dk, dv).
-    attn_fwd = 2.0 * seq_len * config.num_heads * config.head_dim * config.num_layers
+    # Causal attention: QK^T and PV are 2 matmuls of 2*D FLOPs per head per attended key;
+    # forward 4*Hq*D per token per key; backward 2.5x the forward (recomputed scores, dq, dk,
+    # dv).
+    attn_fwd = sum(
+        4.0 * config.num_heads * config.head_dim * mean_attended_keys(seq_len, window)
+        for window in config.layer_windows
+    )
     attn = attn_fwd * (1 + 2.5 + (1 if remat in ("full", "offload") else 0))
     lora = 0.0
     if lora_rank:
@@ -42,6 +46,14 @@ def train_flops_per_token(
         # forward 2 matmuls, backward 4 (grad of both inputs and both factors)
         lora = 6.0 * 2 * lora_rank * per_layer * config.num_layers / 2
     return passes * linear + 4.0 * head + attn + lora
+
+
+def mean_attended_keys(seq_len: int, window: int = 0) -> float:
+    """Keys a query attends to, averaged over a causal row: S/2, or about ``w - w²/2S`` with
+    a sliding window ``w < S`` (the first ``w`` queries see fewer)."""
+    if not window or window >= seq_len:
+        return seq_len / 2
+    return window - window * window / (2 * seq_len)
 
 
 def device_peak_flops(device: Any = None) -> float | None:

@@ -36,6 +36,8 @@ import jax
 import jax.numpy as jnp
 from jax import Array
 
+from lorax.model import softcap_logits
+
 IGNORE_INDEX = -100
 """Label value that contributes no loss (Hugging Face / PyTorch convention)."""
 
@@ -193,9 +195,7 @@ def _logits(hidden: Array, lm_head: Array, softcap: float | None) -> Array:
         (((1,), (1,)), ((), ())),
         preferred_element_type=jnp.float32,
     )
-    if softcap is not None:
-        logits = softcap * jnp.tanh(logits / softcap)
-    return logits
+    return softcap_logits(logits, softcap)
 
 
 def _token_losses(logits: Array, labels: Array, z_loss: float) -> tuple[Array, Array]:

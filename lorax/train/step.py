@@ -53,7 +53,6 @@ class StepConfig:
     # Tokens per LM-head chunk; None sizes chunks to ~128M logits (512 MiB in f32) each.
     loss_chunk_size: int | None = None
     z_loss: float = 0.0
-    logit_softcap: float | None = None
     forward: ForwardOptions = ForwardOptions()
     # "skip": a step whose loss or gradients are not finite leaves the state unchanged (the
     # metrics say so); the trainer may then stop instead.
@@ -165,7 +164,7 @@ def loss_sum(
         model.lm_head(),
         labels.reshape(-1),
         chunk_size=config.loss_chunk_size or auto_chunk_size(model.config.vocab_size),
-        softcap=config.logit_softcap,
+        softcap=model.config.final_logit_softcap,
         z_loss=config.z_loss,
         # The LM head belongs to the frozen base model (only ``lora`` is differentiated):
         # this lets the loss skip recomputing the logits in the backward pass.
