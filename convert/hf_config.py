@@ -167,7 +167,17 @@ def _window_fields(config: Any) -> dict[str, Any]:
         return {"sliding_window": window}
     layer_types = ["sliding_attention" if w else "full_attention" for w in windows]
     if config.model_type in _GEMMA:  # any pattern, spelled per layer
-        return {"sliding_window": window, "layer_types": layer_types}
+        fields = {"sliding_window": window, "layer_types": layer_types}
+        # Readers older than ``layer_types`` (transformers < 4.53, vLLM) take Gemma 3's layout
+        # from a period: layer i slides iff (i + 1) % period != 0.
+        period = next(
+            (p for p in range(1, len(windows) + 2)
+             if [bool((i + 1) % p) for i in range(len(windows))] == [bool(w) for w in windows]),
+            None,
+        )  # fmt: skip
+        if config.model_type == "gemma3_text" and period is not None:
+            fields["sliding_window_pattern"] = period
+        return fields
     # qwen2/qwen3: layers from ``max_window_layers`` on slide; ``layer_types`` spells it per
     # layer.
     first = windows.index(window) if window is not None else len(windows)

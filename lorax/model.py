@@ -175,9 +175,9 @@ class ForwardOptions:
     ``attention_impl=None`` takes the fastest implementation that supports the call: on a GPU
     cuDNN's fused attention where its features suffice (no packed segments, no softcap; it is
     3-4x faster than the Triton Pallas kernels in the backward pass, see BENCHMARKS.md); for
-    packed rows (segment ids) on Hopper GPUs the Mosaic GPU kernels
+    packed rows (segment ids) or a softcap (Gemma 2) on Hopper GPUs the Mosaic GPU kernels
     (``pallas_kernels.flash_attention.mosaic_supports``: head dim up to 128; windows too);
-    otherwise the Triton Pallas kernels; the jnp reference on CPU. With
+    otherwise the Triton Pallas kernels (Gemma's head dim 256); the jnp reference on CPU. With
     ``activation_sharding`` set, each device runs the Pallas kernels on its own batch rows.
     ``"pallas"``, ``"cudnn"``, ``"mosaic"`` (causal, with or without window, softcap and
     segment ids; forward+backward 1.20x / 1.04x / 1.01x cuDNN's at 2K / 8K / 32K) and

@@ -13,12 +13,13 @@ import ml_dtypes
 import numpy as np
 import pytest
 from conftest import make_hf_model, random_lora, rel_err, torch_logits
+from test_model_parity import CASES
 
 import lorax
 from convert import export_common
 from convert.export_common import INDEX_FILE, ShardWriter, parse_size
 from convert.hf import ShardedCheckpoint
-from convert.hf_config import HFConfigError, hf_config_dict
+from convert.hf_config import ARCHITECTURES, HFConfigError, hf_config_dict
 from convert.safetensors_io import SafetensorsFile
 
 torch = pytest.importorskip("torch")
@@ -128,6 +129,68 @@ def test_bfloat16_merge_rounds_once_from_float32(tmp_path, rng):
     assert rel_err(torch_logits(hf, ids), _logits(model, lora, ids)) < 3e-2
 
 
+# What transformers must read from an exported config.json as it read the source's: the
+# fields that change Qwen 3's and Gemma's computation beyond Llama's.
+FAMILY_FIELDS = (
+    "layer_types",
+    "sliding_window",
+    "use_sliding_window",
+    "max_window_layers",
+    "rope_parameters",
+    "attention_bias",
+    "head_dim",
+    "hidden_activation",
+    "query_pre_attn_scalar",
+    "attn_logit_softcapping",
+    "final_logit_softcapping",
+    "tie_word_embeddings",
+)
+
+
+@pytest.mark.parametrize(
+    "case, dtype",
+    [
+        ("qwen3-bias-window", "float32"),
+        ("qwen3-qk-norm", "bfloat16"),
+        ("gemma2", "float32"),
+        ("gemma2-untied-no-softcap", "bfloat16"),
+        ("gemma3-two-ropes", "float32"),
+        ("gemma3-two-ropes", "bfloat16"),
+    ],
+)
+def test_merged_families_load_in_transformers(tmp_path, rng, case, dtype):
+    """Qwen 3, Gemma 2 and Gemma 3 merged: transformers builds the right class from our
+    config.json, reads the family's fields as it read the source's, and computes lorax's
+    logits; ``lorax.load`` gives back the same ``ModelConfig``."""
+    model_type, overrides = CASES[case]
+    torch_model, path = make_hf_model(tmp_path, model_type, **overrides)
+    model = lorax.load(path, dtype="float32")
+    lora = random_lora(model, rng, 4, 8, ATTENTION + MLP)
+    out = str(tmp_path / "merged")
+    lorax.save_merged(model, lora, out, dtype=dtype)
+
+    reloaded = lorax.load(out, dtype="float32")
+    assert reloaded.config == model.config
+    source, exported = (transformers.AutoConfig.from_pretrained(p) for p in (path, out))
+    for field in FAMILY_FIELDS:
+        if field == "max_window_layers" and not getattr(source, "use_sliding_window", False):
+            continue  # read only with a sliding window
+        assert getattr(exported, field, None) == getattr(source, field, None), field
+    # Upcast to float32: transformers and lorax then compute with the same stored weights.
+    hf = _hf_model(out, dtype=torch.float32)
+    assert type(hf).__name__ == ARCHITECTURES[model_type]
+    ids = rng.integers(0, model.config.vocab_size, size=(2, 12))
+    merged = _logits(reloaded, None, ids)
+    assert rel_err(torch_logits(hf, ids), merged) < 1e-4
+    adapted = _logits(model, lora, ids)
+    assert rel_err(torch_logits(torch_model, ids), adapted) > 1e-2  # the merge mattered
+    if dtype == "float32":
+        assert rel_err(merged, adapted) < 1e-4
+    else:  # only the rounding of the stored weights differs (up to 2e-2 seen over 12 seeds)
+        assert ShardedCheckpoint(out)["model.norm.weight"].dtype == ml_dtypes.bfloat16
+        assert rel_err(merged, adapted) < 5e-2
+
+
 def test_tokenizer_and_generation_config_are_written(tmp_path):
     tokenizers = pytest.importorskip("tokenizers")
     _, path = make_hf_model(
@@ -152,13 +215,16 @@ def test_tokenizer_and_generation_config_are_written(tmp_path):
 # ----------------------------------------------------------------------------------- nf4
 
 
-def test_nf4_merged_loads_in_transformers_with_bitsandbytes(tmp_path, rng):
+@pytest.mark.parametrize("case", ["llama", "qwen3-qk-norm", "gemma2", "gemma3-two-ropes"])
+def test_nf4_merged_loads_in_transformers_with_bitsandbytes(tmp_path, rng, case):
     pytest.importorskip("bitsandbytes")
-    # Whole 64-weight blocks per row (intermediate 128, not 96): bitsandbytes 0.49-0.50.2's
-    # native CPU kernels, which transformers' Linear4bit runs here, misread rows that blocks
-    # straddle (conftest.bnb_dequantize). Ragged rows are checked against bitsandbytes'
-    # flat-order decode in test_nf4.py and test_model_parity.py.
-    _, path = make_hf_model(tmp_path, "llama", intermediate_size=128)
+    # Whole 64-weight blocks per row (intermediate 128, not 96; head_dim 16, so 64-wide
+    # attention): bitsandbytes 0.49-0.50.2's native CPU kernels, which transformers' Linear4bit
+    # runs here, misread rows that blocks straddle (conftest.bnb_dequantize). Ragged rows are
+    # checked against bitsandbytes' flat-order decode in test_nf4.py and test_model_parity.py.
+    model_type, overrides = CASES.get(case, (case, {}))
+    overrides = {**overrides, "intermediate_size": 128, "head_dim": 16}
+    _, path = make_hf_model(tmp_path, model_type, **overrides)
     model = lorax.load(path, quantize="nf4", dtype="float32")
     lora = random_lora(model, rng, 4, 8, ATTENTION)
     out = str(tmp_path / "merged-nf4")
@@ -168,6 +234,7 @@ def test_nf4_merged_loads_in_transformers_with_bitsandbytes(tmp_path, rng):
         quant = json.load(f)["quantization_config"]
     assert quant["load_in_4bit"] and quant["bnb_4bit_quant_type"] == "nf4"
     reloaded = lorax.load(out, dtype="float32")  # lorax reads bnb's serialized 4-bit form
+    assert reloaded.config == model.config
     layers = reloaded.params["layers"]
     # Projections without an adapter keep their NF4 bytes ...
     for proj in MLP:
@@ -324,6 +391,26 @@ def _cfg(**kw) -> lorax.ModelConfig:
     return lorax.ModelConfig(**{**base, **kw})
 
 
+def _gemma(model_type="gemma2", **kw) -> lorax.ModelConfig:
+    """A Gemma config as ``ModelConfig.from_hf_dict`` builds one (Gemma 2's defaults)."""
+    gemma = dict(
+        model_type=model_type,
+        activation="gelu_pytorch_tanh",
+        norm_style="gemma",
+        sandwich_norms=True,
+        qk_norm=model_type == "gemma3_text",
+        embedding_multiplier=16**0.5,
+        query_pre_attn_scalar=256.0,
+        tie_word_embeddings=True,
+        layer_windows=(7, 0, 7, 0),
+    )
+    if model_type == "gemma2":
+        gemma.update(attn_logit_softcap=50.0, final_logit_softcap=30.0)
+    else:
+        gemma.update(rope=lorax.RopeConfig(theta=1e6), sliding_rope=lorax.RopeConfig())
+    return _cfg(**{**gemma, **kw})
+
+
 @pytest.mark.parametrize(
     "config",
     [
@@ -378,6 +465,85 @@ def test_hf_config_round_trips(config):
     assert parsed.rope_parameters["rope_type"] == config.rope.type
 
 
+def _rope_type_and_theta(params) -> tuple[str, float]:
+    return params["rope_type"], params["rope_theta"]
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        _cfg(
+            model_type="qwen3",
+            qk_norm=True,
+            bias_projections=("q_proj", "k_proj", "v_proj", "o_proj"),
+            layer_windows=(0, 5, 5, 5),
+            rope=lorax.RopeConfig(theta=1e6, type="linear", factor=4.0),
+        ),
+        _cfg(model_type="qwen3", qk_norm=True),
+        _gemma(query_pre_attn_scalar=144.0, attn_logit_softcap=20.0, eos_token_id=(1, 107)),
+        _gemma(  # any window pattern, no softcaps, untied
+            layer_windows=(0, 9, 9, 0),
+            attn_logit_softcap=None,
+            final_logit_softcap=None,
+            tie_word_embeddings=False,
+        ),
+        _gemma(layer_windows=(0, 0, 0, 0)),
+        _gemma(
+            "gemma3_text",
+            layer_windows=(7, 7, 7, 0),
+            rope=lorax.RopeConfig(theta=1e6, type="linear", factor=8.0),
+        ),
+        _gemma(  # a scaled RoPE on the sliding layers too: rope_parameters only
+            "gemma3_text",
+            rope=lorax.RopeConfig(
+                theta=5e5, type="yarn", factor=4.0, original_max_position_embeddings=32
+            ),
+            sliding_rope=lorax.RopeConfig(theta=1e4, type="linear", factor=2.0),
+            attn_logit_softcap=10.0,
+            final_logit_softcap=15.0,
+            max_position_embeddings=128,
+        ),
+    ],
+)
+def test_family_hf_config_round_trips_and_reads_in_transformers(config):
+    hf = json.loads(json.dumps(hf_config_dict(config, "bfloat16")))
+    assert lorax.ModelConfig.from_hf_dict(hf) == config
+    parsed = transformers.AutoConfig.for_model(**hf)
+    assert parsed.model_type == config.model_type
+    windows = config.layer_windows
+    assert parsed.layer_types == ["sliding_attention" if w else "full_attention" for w in windows]
+    if any(windows):
+        assert parsed.sliding_window == max(windows)
+    assert parsed.tie_word_embeddings == config.tie_word_embeddings
+    assert parsed.head_dim == config.head_dim
+    if config.model_type == "qwen3":
+        assert parsed.use_sliding_window == any(windows)
+        assert parsed.attention_bias == bool(config.bias_projections)
+        assert _rope_type_and_theta(parsed.rope_parameters) == (config.rope.type, config.rope.theta)
+        return
+    assert parsed.hidden_activation == "gelu_pytorch_tanh"
+    assert parsed.query_pre_attn_scalar == config.query_pre_attn_scalar
+    assert parsed.attn_logit_softcapping == config.attn_logit_softcap
+    assert parsed.final_logit_softcapping == config.final_logit_softcap
+    if config.model_type == "gemma2":
+        assert _rope_type_and_theta(parsed.rope_parameters) == (config.rope.type, config.rope.theta)
+        return
+    # Gemma 3: one RoPE per layer type, and the legacy spelling beside it (older readers).
+    ropes = parsed.rope_parameters
+    for layer_type, rope in (
+        ("full_attention", config.rope),
+        ("sliding_attention", config.sliding_rope),
+    ):
+        assert _rope_type_and_theta(ropes[layer_type]) == (rope.type, rope.theta), layer_type
+        assert ropes[layer_type].get("factor", 1.0) == rope.factor, layer_type
+    assert hf["rope_theta"] == config.rope.theta
+    if config.sliding_rope.type == "default":
+        assert hf["rope_local_base_freq"] == config.sliding_rope.theta
+        # Readers older than layer_types take the layout from sliding_window_pattern.
+        legacy = {k: v for k, v in hf.items() if k not in ("rope_parameters", "layer_types")}
+        assert lorax.ModelConfig.from_hf_dict(legacy) == config
+
+
 @pytest.mark.parametrize(
     "config, message",
     [
@@ -393,6 +559,16 @@ def test_hf_config_round_trips(config):
         ),
         (_cfg(model_type="qwen2"), "qwen2 has biases"),
         (_cfg(bias_projections=("q_proj",)), "attention_bias"),
+        (
+            _cfg(model_type="qwen3", qk_norm=True, bias_projections=("gate_proj",)),
+            "no MLP biases",
+        ),
+        (_cfg(model_type="qwen3"), r"cannot express \['qk_norm'\]"),
+        (_cfg(final_logit_softcap=30.0), "softcaps"),
+        (_gemma(query_pre_attn_scalar=24.5), "query_pre_attn_scalar"),
+        (_gemma(sandwich_norms=False), "sandwich_norms"),
+        (_gemma(layer_windows=(7, 0, 9, 0)), "one sliding window size"),
+        (_gemma(sliding_rope=lorax.RopeConfig(theta=1e4)), "one RoPE"),
     ],
 )
 def test_hf_config_refuses_what_the_format_cannot_say(config, message):

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import make_hf_model, random_lora, rel_err, torch_logits
+from test_model_parity import CASES
 
 import lorax
 from convert import peft as peft_io
@@ -35,18 +36,27 @@ def _assert_same_lora(a: lorax.LoraWeights, b: lorax.LoraWeights) -> None:
     jax.tree.map(np.testing.assert_array_equal, a.params, b.params)
 
 
+def _make(tmp_path, case: str):
+    """A tiny HF model for ``case``: a model type, or a case of test_model_parity."""
+    model_type, overrides = CASES.get(case, (case, {}))
+    return make_hf_model(tmp_path, model_type, **overrides)
+
+
 @pytest.mark.parametrize(
-    "model_type, kw",
+    "case, kw",
     [
         ("llama", dict(rank=4, alpha=8, targets=ALL)),
         (
             "qwen2",
             dict(rank=3, alpha=5, targets=("q_proj", "v_proj", "down_proj"), use_rslora=True),
         ),
+        ("qwen3-bias-window", dict(rank=4, alpha=8, targets=ALL)),
+        ("gemma2", dict(rank=4, alpha=8, targets=ALL)),
+        ("gemma3-two-ropes", dict(rank=2, alpha=3, targets=("k_proj", "o_proj", "up_proj"))),
     ],
 )
-def test_peft_runs_our_adapter_like_lorax(tmp_path, rng, model_type, kw):
-    _, path = make_hf_model(tmp_path, model_type)
+def test_peft_runs_our_adapter_like_lorax(tmp_path, rng, case, kw):
+    _, path = _make(tmp_path, case)
     model = lorax.load(path, dtype="float32")
     lora = random_lora(model, rng, **kw)
     out = tmp_path / "adapter"
@@ -92,8 +102,9 @@ def _peft_saved_adapter(tmp_path, torch_model, rng, **lora_kw) -> str:
     return out, peft_model.eval()
 
 
-def test_reads_adapter_written_by_peft(tmp_path, rng):
-    torch_model, path = make_hf_model(tmp_path, "mistral")
+@pytest.mark.parametrize("case", ["mistral", "qwen3-qk-norm", "gemma2", "gemma3-two-ropes"])
+def test_reads_adapter_written_by_peft(tmp_path, rng, case):
+    torch_model, path = _make(tmp_path, case)
     out, peft_model = _peft_saved_adapter(
         tmp_path, torch_model, rng, r=4, lora_alpha=16, use_rslora=True, lora_dropout=0.05,
         target_modules=["k_proj", "o_proj", "up_proj"],

@@ -421,8 +421,9 @@ def test_default_fuses_dq_for_long_plain_attention():
 
 
 def test_model_takes_mosaic_for_packed_rows_on_hopper(monkeypatch):
-    """The model's default attention on a (stand-in) GPU: cuDNN without segment ids, the
-    Mosaic kernels for packed rows on Hopper, the Triton kernels where Mosaic cannot go."""
+    """The model's default attention on a (stand-in) GPU: cuDNN without segment ids or softcap,
+    the Mosaic kernels for packed rows or a softcap on Hopper, the Triton kernels where Mosaic
+    cannot go."""
     from lorax.model import _attention_impl
 
     class Device:
@@ -441,6 +442,11 @@ def test_model_takes_mosaic_for_packed_rows_on_hopper(monkeypatch):
         "mosaic"
     )  # padded to 128
     assert _attention_impl(None, seg, jax.ShapeDtypeStruct((1, 256, 4, 256), q.dtype), None) is None
+    # A softcap (Gemma 2) is beyond cuDNN: the Mosaic kernels, or Triton's at head dim 256.
+    assert _attention_impl(None, None, q, 64, softcap=50.0) == "mosaic"
+    gemma = jax.ShapeDtypeStruct((1, 256, 4, 256), q.dtype)
+    assert _attention_impl(None, None, gemma, 64, softcap=50.0) is None
+    assert _attention_impl(None, None, gemma, 64) == "cudnn"  # Gemma 3: no softcap
     Device.compute_capability = "8.0"  # no wgmma before Hopper
     assert _attention_impl(None, seg, q, None) is None
     monkeypatch.setattr(jax, "default_backend", lambda: "cpu")

@@ -12,6 +12,10 @@ What we claim and how it is checked:
   bytes for (nearly) every block (see ``test_quantized_bytes_match_llama_cpp``).
 * Tokenizers: llama.cpp tokenizes like the HF tokenizer we exported; the tokenizer lorax
   builds from a GGUF tokenizes like llama.cpp.
+* Qwen 3, Gemma 2 and Gemma 3 run in llama.cpp's own ``qwen3``/``gemma2``/``gemma3``
+  architectures as lorax computes them (norms, softcaps, windows, both Gemma 3 RoPEs), get
+  llama-quantize's tensor types, and read back as the same model; configs those
+  architectures cannot compute are refused with the reason.
 * GGUF → lorax → GGUF preserves tensors and metadata; bad files are ``GGUFError``s that name
   the file (and tensor), and a failed export leaves no file behind.
 """
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import json
 import os
 import struct
@@ -352,6 +357,161 @@ def test_rope_scalings_qwen2_and_mistral_run_in_llama_cpp(llama_cpp, tmp_path_fa
     assert "rope_freqs.weight" in GGUFFile(out / "llama3.gguf")
 
 
+# ------------------------------------------------------------ Qwen 3, Gemma 2, Gemma 3
+
+# One small model per family, each departing from Llama where llama.cpp has to follow:
+# Qwen 3's per-head query/key norms; Gemma 2's four sandwich norms, GeGLU, embedding scale and
+# softcaps set low enough to bite (removing either moves the logits by 3% / 18%), with its
+# sliding window (16 < the 129-token prompt) on alternate layers; Gemma 3's query/key norms,
+# a window on layer 0 only (a period of 2, not llama.cpp's default 6, so the file records
+# it), full layers with linearly scaled RoPE at base 1e6 and sliding ones at base 5000 (the
+# sliding base dropped moves logits by 12%), and a final softcap. ``query_pre_attn_scalar`` is
+# head_dim, the scale llama.cpp's Gemma archs use at these sizes.
+FAMILIES = {
+    "qwen3": ("qwen3", "qwen3", dict(head_dim=16)),
+    "gemma2": (
+        "gemma2",
+        "gemma2",
+        dict(
+            head_dim=16,
+            query_pre_attn_scalar=16,
+            sliding_window=16,
+            attn_logit_softcapping=2.0,
+            final_logit_softcapping=5.0,
+        ),
+    ),
+    "gemma3": (
+        "gemma3_text",
+        "gemma3",
+        dict(
+            head_dim=16,
+            query_pre_attn_scalar=16,
+            sliding_window=16,
+            sliding_window_pattern=2,
+            final_logit_softcapping=5.0,
+            rope_parameters={
+                "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e6},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 5000.0},
+            },
+        ),
+    ),
+}
+# llama.cpp on our f32 file (float32 KV cache) vs lorax, max |Δlogit| / max |logit|. Qwen 3
+# is as exact as Llama (measured 6e-7). Gemma's GeGLU is the loose one: ggml's CPU GELU
+# (ggml-cpu/vec.h, GGML_GELU_FP16) rounds its float32 input to float16 and reads a float16
+# table, ~2^-11 relative per activation; measured 2e-4 (gemma2) and 4.4e-4 (gemma3).
+FAMILY_TOLERANCE = {"qwen3": 1e-4, "gemma2": 1.5e-3, "gemma3": 1.5e-3}
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory, out):
+    """``get(name)`` -> (model, lora, path of its f32 GGUF with the LoRA merged)."""
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            model_type, _, overrides = FAMILIES[name]
+            model = _model(tmp_path_factory, model_type, **overrides)
+            lora = _lora(model)
+            path = out / f"family-{name}.gguf"
+            lorax.export_gguf(model, lora, path, quant="f32")
+            cache[name] = model, lora, path
+        return cache[name]
+
+    return get
+
+
+def _layer(params, *path, i=0):
+    value = params
+    for key in path:
+        value = value[key]
+    return np.asarray(value[i])
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_llama_cpp_computes_qwen3_gemma2_gemma3(llama_cpp, family, name):
+    """llama.cpp's own architecture runs our file as lorax computes the model with its LoRA,
+    and the file holds what llama.cpp's converter writes: Gemma norms stored plus one
+    (Gemma 3's query/key norms too), Gemma's sandwich norms under their llama.cpp names."""
+    model, lora, path = family(name)
+    f = GGUFFile(path)
+    arch = FAMILIES[name][1]
+    assert f.architecture == arch
+    q_norm = _layer(model.params, "layers", "q_norm") if model.config.qk_norm else None
+    if name == "qwen3":
+        np.testing.assert_array_equal(f.tensor("blk.0.attn_q_norm.weight"), q_norm)
+    else:
+        attn_out_norm = _layer(model.params, "layers", "post_attention_layernorm")
+        np.testing.assert_allclose(
+            f.tensor("blk.0.post_attention_norm.weight"), attn_out_norm + 1, rtol=1e-6
+        )
+        mlp_in_norm = _layer(model.params, "layers", "pre_feedforward_layernorm")
+        np.testing.assert_allclose(f.tensor("blk.0.ffn_norm.weight"), mlp_in_norm + 1, rtol=1e-6)
+        assert "blk.1.post_ffw_norm.weight" in f and "output.weight" not in f
+    if name == "gemma2":
+        assert f.get("gemma2.attn_logit_softcapping") == 2.0
+        assert f.get("gemma2.final_logit_softcapping") == 5.0
+        assert f.get("gemma2.attention.sliding_window") == 16
+        assert "gemma2.attention.sliding_window_pattern" not in f.metadata  # the default, 2
+    if name == "gemma3":
+        np.testing.assert_allclose(f.tensor("blk.0.attn_q_norm.weight"), q_norm + 1, rtol=1e-6)
+        assert f.get("gemma3.rope.freq_base") == 1e6
+        assert f.get("gemma3.rope.freq_base_swa") == 5000.0
+        assert f.get("gemma3.rope.scaling.type") == "linear"
+        assert f.get("gemma3.rope.scaling.factor") == 4.0
+        assert f.get("gemma3.attention.sliding_window_pattern") == 2
+        assert f.get("gemma3.final_logit_softcapping") == 5.0
+        assert "gemma3.attn_logit_softcapping" not in f.metadata
+    ids = _ids(model)
+    cpp = _cpp_logits(llama_cpp, path, ids, type_k=0, type_v=0)
+    error = _rel(cpp, _lorax_logits(model, lora, ids))
+    print(f"{name}: llama.cpp vs lorax {error:.1e} over {len(ids)} tokens")
+    assert error < FAMILY_TOLERANCE[name]
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_qwen3_gemma2_gemma3_round_trip(family, out, name):
+    """lorax -> GGUF -> lorax: the same config and, within float32 rounding (Gemma's norms
+    pass through 1 + w), the same logits; written again, the same file."""
+    model, lora, path = family(name)
+    back = lorax.load(str(path), dtype="float32")
+    assert back.config == model.config
+    ids = _ids(model)
+    error = _rel(_lorax_logits(back, None, ids), _lorax_logits(model, lora, ids))
+    print(f"{name}: round trip {error:.1e}")
+    assert error < 1e-5
+    again = out / f"family-{name}-again.gguf"
+    lorax.export_gguf(back, None, again, quant="f32")
+    a, b = GGUFFile(path), GGUFFile(again)
+    assert a.metadata.keys() == b.metadata.keys()
+    assert list(a.tensors) == list(b.tensors)
+    for tensor in a.tensors:
+        np.testing.assert_allclose(a.tensor(tensor), b.tensor(tensor), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_qwen3_gemma2_gemma3_quantize_like_llama_cpp(llama_cpp, family, out, name):
+    """llama-quantize gives each tensor of these architectures the type our export does (Gemma
+    2's tied embedding gets the output's type), with identical bytes for the legacy types."""
+    model, lora, f32_path = family(name)
+    for quant in ("q4_k_m", "q8_0"):
+        cpp_path = out / f"family-{name}-cpp-{quant}.gguf"
+        ours_path = out / f"family-{name}-{quant}.gguf"
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype, params.nthread = FILE_TYPES[quant], 2
+        rc = llama_cpp.llama_model_quantize(
+            str(f32_path).encode(), str(cpp_path).encode(), ctypes.byref(params)
+        )
+        assert rc == 0
+        lorax.export_gguf(model, lora, ours_path, quant=quant)
+        cpp, ours = GGUFFile(cpp_path), GGUFFile(ours_path)
+        assert sorted(cpp.tensors) == sorted(ours.tensors)
+        for tensor, info in cpp.tensors.items():
+            assert ours.tensors[tensor].type == info.type, (quant, tensor)
+            if info.type not in (T.Q4_K, T.Q5_K, T.Q6_K):
+                np.testing.assert_array_equal(cpp.raw(tensor), ours.raw(tensor), err_msg=tensor)
+
+
 # ------------------------------------------------------------- quantizers vs llama.cpp
 
 FILE_TYPES = {
@@ -573,6 +733,32 @@ def test_unsupported_architecture_is_named(tmp_path):
     )
     with pytest.raises(GGUFError, match=r"falcon.*unsupported architecture 'falcon'"):
         lorax.load(str(path))
+
+
+@pytest.mark.parametrize(
+    "name, change, match",
+    [
+        ("gemma2", dict(tie_word_embeddings=False), "always ties the output head"),
+        ("gemma2", dict(final_logit_softcap=None), "always applies the attention and final"),
+        ("gemma2", dict(query_pre_attn_scalar=256.0), "query_pre_attn_scalar"),
+        ("gemma2", dict(layer_windows=(0, 0)), "at least one sliding-window layer"),
+        ("gemma2", dict(layer_windows=(16, 8)), "several sliding windows"),
+        ("gemma3", dict(attn_logit_softcap=50.0), "no attention logit softcap"),
+        ("gemma3", dict(sliding_rope=lorax.RopeConfig(5000.0, "linear", 2.0)), "no RoPE scal"),
+        ("qwen3", dict(bias_projections=("q_proj", "k_proj", "v_proj", "o_proj")), "no projec"),
+        ("qwen3", dict(rope=lorax.RopeConfig(type="llama3", factor=8.0)), "no rope_freqs"),
+        ("qwen3", dict(qk_norm=False), "cannot compute"),
+    ],
+)
+def test_what_llama_cpp_cannot_compute_is_refused(family, tmp_path, name, change, match):
+    """Configs lorax computes but llama.cpp's architecture would compute differently (or not
+    load: an untied Gemma 2 head, Qwen 3 biases, a Gemma 2 without sliding layers aborts
+    llama.cpp) are errors that say why, and leave no file."""
+    model, _, _ = family(name)
+    changed = lorax.Model(model.params, dataclasses.replace(model.config, **change), None)
+    with pytest.raises(GGUFError, match=match):
+        lorax.export_gguf(changed, None, tmp_path / "x.gguf", quant="f16")
+    assert os.listdir(tmp_path) == []
 
 
 def test_failed_export_leaves_no_file(tiny, tmp_path):

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import make_hf_model, rel_l2
+from test_model_parity import CASES
 
 import lorax
 from convert.names import module_name
@@ -37,10 +38,22 @@ def _peft_model(torch_model, lora: lorax.LoraWeights):
     return peft_model, layers
 
 
-@pytest.mark.parametrize("use_rslora", [False, True])
-def test_forward_and_grads_match_peft(tmp_path, rng, use_rslora):
+@pytest.mark.parametrize(
+    "case, use_rslora",
+    [
+        ("qwen2", False),
+        ("qwen2", True),
+        # q/k norms, biases and a window; Gemma 2's softcaps, sandwich norms, GeGLU, scaled
+        # embeddings and query scale; Gemma 3's q/k norms and two RoPEs (test_model_parity).
+        ("qwen3-bias-window", False),
+        ("gemma2", True),
+        ("gemma3-two-ropes", False),
+    ],
+)
+def test_forward_and_grads_match_peft(tmp_path, rng, case, use_rslora):
     torch = pytest.importorskip("torch")
-    torch_model, path = make_hf_model(tmp_path, "qwen2")
+    model_type, overrides = CASES.get(case, (case, {}))
+    torch_model, path = make_hf_model(tmp_path, model_type, **overrides)
     model = lorax.load(path, dtype="float32")
     lora = lorax.init_lora(
         model, rank=4, alpha=8, key=jax.random.key(int(rng.integers(1e6))), use_rslora=use_rslora

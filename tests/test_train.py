@@ -14,7 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import rel_l2
+from conftest import make_hf_model, random_lora, rel_l2
+from test_model_parity import CASES
 
 import lorax
 from lorax import demo
@@ -57,6 +58,42 @@ def test_accumulation_equals_one_big_batch(tiny, rng):
         jax.tree_util.tree_leaves(s1.lora), jax.tree_util.tree_leaves(s2.lora), strict=True
     ):
         assert rel_l2(a, b) < 1e-6
+
+
+def test_step_is_cross_entropy_of_the_softcapped_forward_logits(tmp_path, rng):
+    """Gemma 2: the step's chunked loss caps the logits with the model's final-logit softcap,
+    as ``lorax.forward`` does; its loss and gradients equal a plain cross-entropy of those."""
+    model_type, overrides = CASES["gemma2"]  # final_logit_softcapping=3.0 bends these logits
+    _, path = make_hf_model(tmp_path, model_type, **overrides)
+    model = lorax.load(path, dtype="float32")
+    assert model.config.final_logit_softcap == 3.0
+    lora = random_lora(model, rng, 4, 8, ("q_proj", "v_proj", "down_proj"))
+    batch = _batch(rng, 2, 16, model.config.vocab_size)
+    targets = np.concatenate([batch["labels"][:, 1:], np.full((2, 1), -100)], axis=1)
+    mask = targets != -100
+
+    def reference(lora):
+        logits = lorax.forward(model, lora, jnp.asarray(batch["input_ids"]))
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        nll = -jnp.take_along_axis(logp, jnp.asarray(np.where(mask, targets, 0))[..., None], -1)
+        return jnp.sum(nll[..., 0] * mask) / mask.sum()
+
+    loss, grads = jax.value_and_grad(reference)(lora)
+    # The update is -lr·g; a large lr keeps it clear of the rounding of the adapters' values.
+    lr = 1e3
+    opt = optax.sgd(lr)
+    step = make_train_step(model, opt, StepConfig(loss_chunk_size=16))  # two chunks
+    state, metrics = step(
+        init_train_state(lora, opt, key=jax.random.key(0)), {k: v[None] for k, v in batch.items()}
+    )
+    np.testing.assert_allclose(metrics["loss"], loss, rtol=1e-5)
+    for new, old, g in zip(
+        jax.tree_util.tree_leaves(state.lora.params),
+        jax.tree_util.tree_leaves(lora.params),
+        jax.tree_util.tree_leaves(grads.params),
+        strict=True,
+    ):
+        assert rel_l2((old - new) / lr, g) < 1e-5
 
 
 def test_nonfinite_step_is_skipped(tiny, rng):

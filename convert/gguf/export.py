@@ -2,7 +2,8 @@
 
 Each tensor is produced when the writer reaches it: its base weight is sliced from the
 stacked pytree (NF4 dequantized), the adapter merged in float32 (``W + scale·B·A``, the
-same merge as ``save_merged``), the query/key rows reordered for llama.cpp's rope, and the
+same merge as ``save_merged``), the query/key rows reordered for llama.cpp's rope (``llama``),
+one added to Gemma's norm weights (llama.cpp's Gemma scales by the stored weight), and the
 result encoded in the type llama.cpp's quantizer would pick for it. Only the tensor being
 written exists outside the model, so an export needs little memory beyond the model itself.
 """
@@ -25,6 +26,7 @@ from convert.gguf.layout import (
     Arch,
     arch_for_export,
     gguf_name,
+    norm_offset,
     rope_heads,
     to_gguf_rope_rows,
 )
@@ -97,7 +99,7 @@ def _plans(
     placed = [(spec, None) for spec in specs if not spec.per_layer]
     placed += [(spec, i) for i in range(config.num_layers) for spec in specs if spec.per_layer]
     for spec, layer in placed:
-        name = gguf_name(spec.path, layer)
+        name = gguf_name(arch, spec.path, layer)
         ttype = tensor_type(s, name, spec.shape, shape)
         produce = functools.partial(
             _encode_param,
@@ -107,6 +109,7 @@ def _plans(
             adapters,
             lora_scale,
             rope_heads(arch, config, spec.path),
+            norm_offset(arch, spec.path),
             ttype,
             name,
         )
@@ -131,6 +134,7 @@ def _encode_param(
     adapters: Mapping[str, Any],
     lora_scale: float,
     heads: int | None,
+    offset: float,
     ttype: TensorType,
     name: str,
 ) -> np.ndarray:
@@ -148,4 +152,6 @@ def _encode_param(
         raise GGUFError(f"tensor {name!r} has non-finite values; refusing to export it")
     if heads is not None:
         weight = to_gguf_rope_rows(weight, heads)
+    if offset:
+        weight = weight + offset
     return encode(weight.reshape(-1, weight.shape[-1]), ttype)

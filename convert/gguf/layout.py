@@ -1,13 +1,21 @@
-"""Where lorax's parameters live in a GGUF: architectures, tensor names, rope row order.
+"""Where lorax's parameters live in a GGUF: architectures, tensor names, stored transforms.
 
 Tensor names come from ``gguf``'s table (llama.cpp's ``blk.N.attn_q`` ...), keyed by the
-pytree paths ``convert.names`` defines, so both sides of the map have one source.
+pytree paths ``convert.names`` defines, so both sides of the map have one source. Gemma's
+sandwich norms take llama.cpp's Gemma names: HF's ``post_attention_layernorm`` (the norm of
+the attention output) is ``post_attention_norm``, ``pre_feedforward_layernorm`` (the MLP's
+input norm) is ``ffn_norm``, and ``post_feedforward_layernorm`` is ``post_ffw_norm``.
+
+Gemma's RMSNorms scale by ``1 + weight``; llama.cpp's Gemma architectures multiply by the
+stored weight, so llama.cpp's converter stores every Gemma norm weight plus one (the
+per-head query/key norms of Gemma 3 included), and we subtract it again on the way in.
 
 llama.cpp's ``llama`` architecture applies "normal" rope, rotating adjacent pairs
 ``(x[2i], x[2i+1])`` of each head, while HF's Llama rotates the halves ``(x[i], x[i+d/2])``.
 The two are the same computation once the rows of the query and key projections (and their
 biases) are reordered within each head, which llama.cpp's converter does on the way in and
-we undo on the way out. ``qwen2`` uses NEOX rope, which is HF's halves: no reordering.
+we undo on the way out. ``qwen2``, ``qwen3``, ``gemma2`` and ``gemma3`` use NEOX rope, which
+is HF's halves: no reordering.
 """
 
 from __future__ import annotations
@@ -27,11 +35,36 @@ class Arch:
     name: str  # general.architecture
     model_type: str  # the HF model_type a file of this architecture loads as
     interleaved_rope: bool  # Q/K rows reordered for llama.cpp's adjacent-pair rope
+    # Gemma: sandwich norms under llama.cpp's Gemma names, norm weights stored plus one.
+    gemma: bool = False
+    # llama.cpp's default sliding-window layout: layer i slides iff i % period < period - 1.
+    # None: llama.cpp computes no sliding window for this architecture.
+    swa_period: int | None = None
+    # The layer count llama.cpp takes for the 27B size, whose attention scores it scales by
+    # (hidden_size / num_heads) ** -0.5 instead of head_dim ** -0.5.
+    wide_scale_layers: int | None = None
 
 
-ARCHES = {a.name: a for a in (Arch("llama", "llama", True), Arch("qwen2", "qwen2", False))}
-# Mistral is computed as llama by llama.cpp (its converter writes arch "llama").
-EXPORT_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
+ARCHES = {
+    a.name: a
+    for a in (
+        Arch("llama", "llama", True),
+        Arch("qwen2", "qwen2", False),
+        Arch("qwen3", "qwen3", False),
+        Arch("gemma2", "gemma2", False, gemma=True, swa_period=2, wide_scale_layers=46),
+        Arch("gemma3", "gemma3_text", False, gemma=True, swa_period=6, wide_scale_layers=62),
+    )
+}
+# Mistral is computed as llama by llama.cpp (its converter writes arch "llama"); Gemma 3's
+# language model is llama.cpp's "gemma3".
+EXPORT_ARCH = {
+    "llama": "llama",
+    "mistral": "llama",
+    "qwen2": "qwen2",
+    "qwen3": "qwen3",
+    "gemma2": "gemma2",
+    "gemma3_text": "gemma3",
+}
 
 
 def arch_for_export(model_type: str) -> Arch:
@@ -63,19 +96,39 @@ _SINGLE = {
     ("lm_head", "weight"): MODEL_TENSOR.OUTPUT,
     ("layers", "input_layernorm"): MODEL_TENSOR.ATTN_NORM,
     ("layers", "post_attention_layernorm"): MODEL_TENSOR.FFN_NORM,
+    ("layers", "q_norm"): MODEL_TENSOR.ATTN_Q_NORM,
+    ("layers", "k_norm"): MODEL_TENSOR.ATTN_K_NORM,
+}
+# Gemma's four per-layer norms (see the module docstring).
+_GEMMA = {
+    **_SINGLE,
+    ("layers", "post_attention_layernorm"): MODEL_TENSOR.ATTN_POST_NORM,
+    ("layers", "pre_feedforward_layernorm"): MODEL_TENSOR.FFN_NORM,
+    ("layers", "post_feedforward_layernorm"): MODEL_TENSOR.FFN_POST_NORM,
 }
 ROPE_FREQS = TENSOR_NAMES[MODEL_TENSOR.ROPE_FREQS] + ".weight"
 
 
-def gguf_name(path: tuple[str, ...], layer: int | None = None) -> str:
+def gguf_name(arch: Arch, path: tuple[str, ...], layer: int | None = None) -> str:
     """The GGUF name of the parameter at pytree ``path`` (``layer`` for per-layer ones)."""
-    if path in _SINGLE:
-        base, suffix = _SINGLE[path], "weight"
+    single = _GEMMA if arch.gemma else _SINGLE
+    if path in single:
+        base, suffix = single[path], "weight"
     elif len(path) == 3 and path[0] == "layers" and path[1] in _PROJECTIONS:
         base, suffix = _PROJECTIONS[path[1]], path[2]
     else:
         raise KeyError(f"no GGUF name for parameter {'/'.join(path)}")
     return f"{TENSOR_NAMES[base].format(bid=layer)}.{suffix}"
+
+
+def is_norm(path: tuple[str, ...]) -> bool:
+    """Whether the parameter at ``path`` is an RMSNorm weight."""
+    return path[-1] == "norm" or path[-1].endswith(("layernorm", "_norm"))
+
+
+def norm_offset(arch: Arch, path: tuple[str, ...]) -> float:
+    """What the file stores minus lorax's value: 1 for Gemma's norm weights, else 0."""
+    return 1.0 if arch.gemma and is_norm(path) else 0.0
 
 
 def rope_heads(arch: Arch, config: Any, path: tuple[str, ...]) -> int | None:

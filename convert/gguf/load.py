@@ -1,9 +1,11 @@
-"""Reading a llama-family GGUF into lorax's config dict, stacked parameters and tokenizer.
+"""Reading a GGUF (llama, qwen2, qwen3, gemma2, gemma3) into lorax's config dict, stacked
+parameters and tokenizer.
 
 Tensors are dequantized to float32 one at a time (any type ``gguf`` decodes: float, the
 legacy block types, the K-quants, ...), their query/key rows put back into HF's rope order,
-cast (and NF4-quantized when asked) and stacked per layer. Every mismatch between the file
-and the config it declares names the file and the tensor.
+Gemma's norm weights put back to HF's ``weight`` (the file stores ``1 + weight``), cast (and
+NF4-quantized when asked) and stacked per layer. Every mismatch between the file and the
+config it declares names the file and the tensor.
 """
 
 from __future__ import annotations
@@ -15,9 +17,17 @@ from glob import glob
 from typing import Any
 
 import jax.numpy as jnp
+import numpy as np
 
 from convert.gguf.format import GGUFError
-from convert.gguf.layout import ROPE_FREQS, arch_named, from_gguf_rope_rows, gguf_name, rope_heads
+from convert.gguf.layout import (
+    ROPE_FREQS,
+    arch_named,
+    from_gguf_rope_rows,
+    gguf_name,
+    norm_offset,
+    rope_heads,
+)
 from convert.gguf.metadata import config_from_gguf
 from convert.gguf.reader import GGUFFile
 from convert.gguf.tokenizer import tokenizer_from_gguf
@@ -55,7 +65,7 @@ def _read_params(
     expected = {ROPE_FREQS}
     for spec in specs:
         layers = range(config.num_layers) if spec.per_layer else [None]
-        expected.update(gguf_name(spec.path, i) for i in layers)
+        expected.update(gguf_name(arch, spec.path, i) for i in layers)
     unexpected = sorted(set(f.tensors) - expected)
     if unexpected:
         shown = ", ".join(unexpected[:5]) + (" ..." if len(unexpected) > 5 else "")
@@ -65,7 +75,7 @@ def _read_params(
         )
 
     def read(spec: TensorSpec, layer: int | None) -> Any:
-        name = gguf_name(spec.path, layer)
+        name = gguf_name(arch, spec.path, layer)
         if name not in f:
             raise GGUFError(f"{f.path}: missing tensor {name!r}")
         shape = f.tensors[name].shape
@@ -78,6 +88,9 @@ def _read_params(
         heads = rope_heads(arch, config, spec.path)
         if heads is not None:
             value = from_gguf_rope_rows(value, heads)
+        offset = norm_offset(arch, spec.path)
+        if offset:
+            value = value - np.float32(offset)
         array = jnp.asarray(value, dtype=dtype)
         if quantize == "nf4" and spec.quantizable:
             return quantize_nf4(array, blocksize=64, double_quant=double_quant)

@@ -1,8 +1,22 @@
 """Model hyper-parameters ↔ GGUF metadata, as llama.cpp writes and reads them.
 
-Export writes the keys llama.cpp's converter writes for a Llama-family model, typed as
+Export writes the keys llama.cpp's converter writes for the model's architecture, typed as
 llama.cpp reads them. Import inverts that into a Hugging Face style ``config.json`` dict
 (lorax turns it into a ``ModelConfig``; this package never imports lorax).
+
+What a family computes beyond Llama is mostly fixed by the architecture in llama.cpp rather
+than recorded: Qwen 3's and Gemma 3's query/key norms are tensors; Gemma's embedding scale
+(sqrt(hidden_size)), GeGLU and sandwich norms are implied by the name. Gemma's attention
+scale is implied too: llama.cpp scales scores by ``head_dim ** -0.5``, or by
+``(hidden_size / num_heads) ** -0.5`` for the layer count of the 27B models (46 for Gemma 2,
+62 for Gemma 3), which is what those models' ``query_pre_attn_scalar`` says; a model whose
+scalar says otherwise cannot be written. Keys carry Gemma 2's two softcaps (always applied:
+50 and 30 where the keys are absent), Gemma 3's final-logit softcap (applied only when its
+key is present) and the sliding window. llama.cpp lays sliding layers out by a period (layer
+i slides iff ``i % p < p - 1``: 2 for Gemma 2, 6 for Gemma 3), which we record in
+``attention.sliding_window_pattern`` only where a model departs from the default. Gemma 3's
+sliding layers have their own RoPE base, ``rope.freq_base_swa``, and no scaling; its full
+layers take ``rope.freq_base`` and the (linear) scaling keys.
 
 RoPE scaling is where the formats differ most. Linear and YaRN scaling are metadata keys.
 Llama 3's scaling is not: llama.cpp's converter stores it as ``rope_freqs.weight``, one
@@ -48,12 +62,126 @@ def model_metadata(config: Any, arch: Arch, file_type: int, name: str) -> dict[s
         f"{a}.rope.dimension_count": u32(config.head_dim),
         f"{a}.rope.freq_base": f32(config.rope.theta),
     }
-    kv.update(_rope_scaling(config, a))
-    kv.update(_sliding_window(config, a))
+    _check_family(config, arch)
+    kv.update(_rope_scaling(config, arch))
+    kv.update(_sliding_window(config, arch))
+    kv.update(_softcaps(config, arch))
     return kv
 
 
-def _rope_scaling(config: Any, a: str) -> dict[str, KV]:
+# What each architecture computes beyond Llama's decoder layer, as lorax's config spells it.
+_QK_NORM = ("qwen3", "gemma3")
+_NO_BIASES = ("qwen3", "gemma2", "gemma3")  # llama.cpp loads no projection biases for these
+
+
+def _check_family(config: Any, arch: Arch) -> None:
+    """Refuses a config whose computation ``arch`` does not express in llama.cpp."""
+    a = arch.name
+    gemma = arch.gemma
+    expected = {
+        "activation": "gelu_pytorch_tanh" if gemma else "silu",
+        "norm_style": "gemma" if gemma else "llama",
+        "sandwich_norms": gemma,
+        "qk_norm": a in _QK_NORM,
+    }
+    wrong = {k: getattr(config, k) for k, v in expected.items() if getattr(config, k) != v}
+    multiplier = math.sqrt(config.hidden_size) if gemma else 1.0
+    if not math.isclose(config.embedding_multiplier, multiplier, rel_tol=1e-6):
+        wrong["embedding_multiplier"] = config.embedding_multiplier
+    if not math.isclose(config.attention_scale, _attention_scale(arch, config), rel_tol=1e-6):
+        wrong["query_pre_attn_scalar"] = config.query_pre_attn_scalar
+    if wrong:
+        raise GGUFError(
+            f"llama.cpp's {a} architecture cannot compute this {config.model_type} model: "
+            f"{wrong} differ from what it implies ({_scale_rule(arch)})"
+        )
+    if a in _NO_BIASES and config.bias_projections:
+        raise GGUFError(
+            f"llama.cpp's {a} architecture has no projection biases; this model has biases on "
+            f"{list(config.bias_projections)}"
+        )
+    if a == "gemma2" and not config.tie_word_embeddings:
+        raise GGUFError(
+            "llama.cpp's gemma2 architecture always ties the output head to the token "
+            "embedding; this model has a separate lm_head"
+        )
+
+
+def _attention_scale(arch: Arch, config: Any) -> float:
+    """The factor llama.cpp's ``arch`` multiplies attention scores by."""
+    if arch.wide_scale_layers is not None and config.num_layers == arch.wide_scale_layers:
+        return (config.hidden_size // config.num_heads) ** -0.5
+    return config.head_dim**-0.5
+
+
+def _scale_rule(arch: Arch) -> str:
+    rule = "attention scores scaled by head_dim ** -0.5"
+    if arch.wide_scale_layers is not None:
+        rule += (
+            f", or (hidden_size // num_heads) ** -0.5 with {arch.wide_scale_layers} layers, "
+            "i.e. query_pre_attn_scalar set to that"
+        )
+    if arch.gemma:
+        rule += ", embeddings scaled by sqrt(hidden_size), Gemma RMSNorms, GeGLU"
+    return rule
+
+
+def _softcaps(config: Any, arch: Arch) -> dict[str, KV]:
+    a = arch.name
+    attn, final = config.attn_logit_softcap, config.final_logit_softcap
+    if a == "gemma2":
+        # llama.cpp's gemma2 always caps both (at 50 and 30 when the keys are absent).
+        if attn is None or final is None:
+            raise GGUFError(
+                "llama.cpp's gemma2 architecture always applies the attention and final "
+                f"logit softcaps; this model has attn_logit_softcap={attn}, "
+                f"final_logit_softcap={final}"
+            )
+        return {
+            f"{a}.attn_logit_softcapping": f32(attn),
+            f"{a}.final_logit_softcapping": f32(final),
+        }
+    # gemma3 caps the final logits when the key is present; no other cap exists there.
+    if attn is not None or (final is not None and a != "gemma3"):
+        raise GGUFError(
+            f"llama.cpp's {a} architecture applies no {'attention' if attn else 'final'} "
+            f"logit softcap; this model has attn_logit_softcap={attn}, "
+            f"final_logit_softcap={final}"
+        )
+    return {} if final is None else {f"{a}.final_logit_softcapping": f32(final)}
+
+
+def _rope_scaling(config: Any, arch: Arch) -> dict[str, KV]:
+    a = arch.name
+    if a == "gemma3":
+        return _gemma3_ropes(config, arch)
+    if config.sliding_rope is not None:
+        raise GGUFError(f"llama.cpp's {a} architecture has one RoPE for all layers")
+    return _one_rope_scaling(config, arch)
+
+
+def _gemma3_ropes(config: Any, arch: Arch) -> dict[str, KV]:
+    """Full layers: ``rope.freq_base`` and the scaling keys; sliding layers: their own base
+    (llama.cpp's gemma3 applies no scaling to them)."""
+    a = arch.name
+    full, sliding = config.rope, config.sliding_rope or config.rope
+    if full.type not in ("default", "linear"):
+        raise GGUFError(
+            f"llama.cpp's gemma3 architecture scales its full-attention layers' RoPE "
+            f"linearly or not at all; this model's is {full.type!r}"
+        )
+    if sliding.type != "default":
+        raise GGUFError(
+            "llama.cpp's gemma3 architecture applies no RoPE scaling to its sliding-window "
+            f"layers; this model's is {sliding.type!r}"
+        )
+    kv = _one_rope_scaling(config, arch)
+    kv[f"{a}.rope.freq_base_swa"] = f32(sliding.theta)
+    return kv
+
+
+def _one_rope_scaling(config: Any, arch: Arch) -> dict[str, KV]:
+    a = arch.name
     rope = config.rope
     if rope.type == "linear":
         return {
@@ -79,18 +207,25 @@ def _rope_scaling(config: Any, a: str) -> dict[str, KV]:
         warnings.warn(
             "llama.cpp has no dynamic-NTK RoPE scaling: the GGUF computes the same model up to "
             f"{config.max_position_embeddings} tokens and does not extend beyond it",
-            stacklevel=3,
+            stacklevel=4,
+        )
+    if rope.type == "llama3" and a != "llama":
+        raise GGUFError(
+            f"llama.cpp's {a} architecture has no rope_freqs tensor for Llama 3 RoPE scaling"
         )
     return {}  # "default"; "llama3" travels as the rope_freqs tensor
 
 
-def _sliding_window(config: Any, a: str) -> dict[str, KV]:
+def _sliding_window(config: Any, arch: Arch) -> dict[str, KV]:
+    a = arch.name
     windows = [int(w) for w in config.layer_windows]
     sizes = sorted(set(windows) - {0})
-    if not sizes:
-        return {}
     if len(sizes) > 1:
         raise GGUFError(f"layers use several sliding windows {sizes}; GGUF records one")
+    if arch.swa_period is not None:
+        return _periodic_window(windows, sizes, arch)
+    if not sizes:
+        return {}
     if sizes[0] < config.max_position_embeddings:
         warnings.warn(
             f"llama.cpp's {a} architecture has no sliding-window attention: it attends over "
@@ -102,6 +237,35 @@ def _sliding_window(config: Any, a: str) -> dict[str, KV]:
         f"{a}.attention.sliding_window": u32(sizes[0]),
         f"{a}.attention.sliding_window_pattern": array(ValueType.BOOL, [w != 0 for w in windows]),
     }
+
+
+def swa_layout(period: int, layers: int) -> list[bool]:
+    """Which layers slide under llama.cpp's ``set_swa_pattern(period)``."""
+    return [i % period < period - 1 for i in range(layers)]
+
+
+def _periodic_window(windows: list[int], sizes: list[int], arch: Arch) -> dict[str, KV]:
+    """The window and, where it is not the architecture's default, the period."""
+    a = arch.name
+    sliding = [w != 0 for w in windows]
+    # A period longer than the model slides every layer; 1 slides none.
+    candidates = [arch.swa_period, *range(1, len(windows) + 2)]
+    period = next((p for p in candidates if swa_layout(p, len(windows)) == sliding), None)
+    if period is None:
+        raise GGUFError(
+            f"llama.cpp's {a} architecture slides the window on layers i with "
+            f"i % p < p - 1 for one period p; this model's sliding layers are "
+            f"{[i for i, s in enumerate(sliding) if s]}"
+        )
+    if a == "gemma2" and not sizes:
+        # Its cache for sliding and full layers asserts (aborts) without a sliding layer.
+        raise GGUFError("llama.cpp's gemma2 architecture needs at least one sliding-window layer")
+    kv: dict[str, KV] = {}
+    if sizes:
+        kv[f"{a}.attention.sliding_window"] = u32(sizes[0])
+    if period != arch.swa_period:
+        kv[f"{a}.attention.sliding_window_pattern"] = u32(period)
+    return kv
 
 
 # ------------------------------------------------------------------------------- RoPE
@@ -225,7 +389,7 @@ def config_from_gguf(f: GGUFFile) -> dict[str, Any]:
         "num_attention_heads": heads,
         "num_key_value_heads": int(key("attention.head_count_kv", heads)),
         "head_dim": head_dim,
-        "hidden_act": "silu",
+        "hidden_act": "gelu_pytorch_tanh" if arch.gemma else "silu",
         "rms_norm_eps": _f32(key("attention.layer_norm_rms_epsilon", 1e-5)),
         "max_position_embeddings": int(key("context_length", 2048)),
         "tie_word_embeddings": "output.weight" not in f,
@@ -236,9 +400,76 @@ def config_from_gguf(f: GGUFFile) -> dict[str, Any]:
     if arch.name == "llama":
         hf["attention_bias"] = "blk.0.attn_q.bias" in f
         hf["mlp_bias"] = "blk.0.ffn_gate.bias" in f
+    elif arch.name != "qwen2":  # qwen2's biases are implied; the others have none
+        hf["attention_bias"] = "blk.0.attn_q.bias" in f
     hf.update(_rope_from_gguf(f, a, head_dim, _f32(key("rope.freq_base", 10000.0))))
-    hf.update(_window_from_gguf(f, a, layers))
+    if arch.swa_period is not None:
+        hf.update(_periodic_window_from_gguf(f, arch, layers))
+    else:
+        hf.update(_window_from_gguf(f, a, layers))
+    if arch.gemma:
+        hf.update(_gemma_from_gguf(f, arch, hf))
+    elif _own_swa_base(f, a, hf["rope_theta"]):
+        raise GGUFError(f"{f.path}: {a} with a separate sliding-window RoPE base is not supported")
     return hf
+
+
+def _own_swa_base(f: GGUFFile, a: str, theta: float) -> bool:
+    """Whether the file gives sliding-window layers a RoPE base of their own."""
+    base = f.get(f"{a}.rope.freq_base_swa")
+    return base is not None and _f32(base) != theta
+
+
+def _gemma_from_gguf(f: GGUFFile, arch: Arch, hf: dict[str, Any]) -> dict[str, Any]:
+    """Gemma's fields, as llama.cpp computes the file (see the module docstring)."""
+    a = arch.name
+    layers, hidden, heads = hf["num_hidden_layers"], hf["hidden_size"], hf["num_attention_heads"]
+    wide = layers == arch.wide_scale_layers
+    out: dict[str, Any] = {
+        "hidden_activation": "gelu_pytorch_tanh",
+        "query_pre_attn_scalar": hidden // heads if wide else hf["head_dim"],
+    }
+    if a == "gemma2":
+        # llama.cpp's defaults where the keys are absent.
+        out["attn_logit_softcapping"] = _f32(f.get(f"{a}.attn_logit_softcapping", 50.0))
+        out["final_logit_softcapping"] = _f32(f.get(f"{a}.final_logit_softcapping", 30.0))
+        if _own_swa_base(f, a, hf["rope_theta"]):
+            raise GGUFError(f"{f.path}: gemma2 with a separate sliding-window RoPE base")
+        return out
+    # gemma3: the full layers' RoPE as read; the sliding layers' plain, with their own base.
+    full = {"rope_theta": hf.pop("rope_theta"), "rope_type": "default"}
+    full.update(hf.pop("rope_scaling", {}))
+    if full["rope_type"] not in ("default", "linear"):
+        raise GGUFError(f"{f.path}: gemma3 with {full['rope_type']} RoPE scaling")
+    sliding = {"rope_type": "default", "rope_theta": _f32(f.get(f"{a}.rope.freq_base_swa", 1e4))}
+    out["rope_parameters"] = {"full_attention": full, "sliding_attention": sliding}
+    out["attn_logit_softcapping"] = None
+    final = f.get(f"{a}.final_logit_softcapping")
+    out["final_logit_softcapping"] = None if final is None else _f32(final)
+    return out
+
+
+def _periodic_window_from_gguf(f: GGUFFile, arch: Arch, layers: int) -> dict[str, Any]:
+    """Gemma's sliding layers: a window and llama.cpp's period (or a per-layer pattern)."""
+    a = arch.name
+    # llama.cpp: gemma2 defaults to a 4096 window; gemma3 slides nothing without the key.
+    window = int(f.get(f"{a}.attention.sliding_window", 4096 if a == "gemma2" else 0))
+    pattern = f.get(f"{a}.attention.sliding_window_pattern", arch.swa_period)
+    if isinstance(pattern, (int, np.integer)):
+        sliding = swa_layout(int(pattern), layers)
+    else:
+        sliding = [bool(x) for x in pattern]
+        if len(sliding) != layers:
+            raise GGUFError(
+                f"{f.path}: {a}.attention.sliding_window_pattern has {len(sliding)} "
+                f"entries for {layers} layers"
+            )
+    if not window:
+        sliding = [False] * layers
+    return {
+        "sliding_window": window or None,
+        "layer_types": ["sliding_attention" if s else "full_attention" for s in sliding],
+    }
 
 
 def _rope_from_gguf(f: GGUFFile, a: str, head_dim: int, theta: float) -> dict[str, Any]:
