@@ -22,6 +22,7 @@ ARCHITECTURES = {
     "qwen3": "Qwen3ForCausalLM",
     "gemma2": "Gemma2ForCausalLM",
     "gemma3_text": "Gemma3ForCausalLM",
+    "phi3": "Phi3ForCausalLM",
 }
 _GEMMA = ("gemma2", "gemma3_text")
 DTYPE_NAMES = ("bfloat16", "float16", "float32")
@@ -83,6 +84,7 @@ def _gemma_fields(config: Any) -> dict[str, Any]:
         "norm_style": config.norm_style != ("gemma" if gemma else "llama"),
         "sandwich_norms": config.sandwich_norms != gemma,
         "qk_norm": config.qk_norm != (config.model_type in ("qwen3", "gemma3_text")),
+        "fused_projections": config.fused_projections != (config.model_type == "phi3"),
         "embedding_multiplier": config.embedding_multiplier
         != (config.hidden_size**0.5 if gemma else 1.0),
     }
@@ -130,9 +132,11 @@ def _bias_fields(config: Any) -> dict[str, Any]:
                 f"qwen2 has biases on exactly {list(_QWEN2_BIAS)}; config has {sorted(bias)}"
             )
         return {}
-    if config.model_type == "mistral":
+    if config.model_type in ("mistral", "phi3"):
         if bias:
-            raise HFConfigError(f"mistral has no projection biases; config has {sorted(bias)}")
+            raise HFConfigError(
+                f"{config.model_type} has no projection biases; config has {sorted(bias)}"
+            )
         return {}
     # One switch for all attention projections (llama: and one for all MLP projections).
     if config.model_type == "llama":
@@ -161,9 +165,11 @@ def _window_fields(config: Any) -> dict[str, Any]:
         if window is not None:
             raise HFConfigError(f"llama has no sliding-window attention; config has {window}")
         return {}
-    if config.model_type == "mistral":
+    if config.model_type in ("mistral", "phi3"):
         if window is not None and 0 in windows:
-            raise HFConfigError("mistral applies its sliding window to every layer or none")
+            raise HFConfigError(
+                f"{config.model_type} applies its sliding window to every layer or none"
+            )
         return {"sliding_window": window}
     layer_types = ["sliding_attention" if w else "full_attention" for w in windows]
     if config.model_type in _GEMMA:  # any pattern, spelled per layer
@@ -195,7 +201,7 @@ def _window_fields(config: Any) -> dict[str, Any]:
 
 
 def _rope_fields(config: Any) -> dict[str, Any]:
-    fields = _one_rope_fields(config.rope)
+    fields = _one_rope_fields(config.rope, config.max_position_embeddings)
     sliding = config.sliding_rope
     if config.model_type != "gemma3_text":
         if sliding is not None:
@@ -208,22 +214,32 @@ def _rope_fields(config: Any) -> dict[str, Any]:
     sliding = sliding or config.rope
     fields["rope_parameters"] = {
         "full_attention": fields["rope_parameters"],
-        "sliding_attention": _one_rope_fields(sliding)["rope_parameters"],
+        "sliding_attention": _one_rope_fields(sliding, config.max_position_embeddings)[
+            "rope_parameters"
+        ],
     }
     if sliding.type == "default":
         fields["rope_local_base_freq"] = sliding.theta
     return fields
 
 
-def _one_rope_fields(rope: Any) -> dict[str, Any]:
+def _one_rope_fields(rope: Any, max_position_embeddings: int) -> dict[str, Any]:
     scaling: dict[str, Any] = {"rope_type": rope.type}
-    if rope.type != "default":
+    original = rope.original_max_position_embeddings
+    # longrope's factor is implied by the two lengths (Phi-3's own files leave it out).
+    implied = rope.type == "longrope" and rope.factor == max_position_embeddings / original
+    if rope.type != "default" and not implied:
         scaling["factor"] = rope.factor
         if rope.original_max_position_embeddings is not None:
             scaling["original_max_position_embeddings"] = rope.original_max_position_embeddings
     if rope.type == "llama3":
         scaling["low_freq_factor"] = rope.low_freq_factor
         scaling["high_freq_factor"] = rope.high_freq_factor
+    elif rope.type == "longrope":
+        scaling["short_factor"] = list(rope.short_factor)
+        scaling["long_factor"] = list(rope.long_factor)
+        if rope.attention_factor is not None:
+            scaling["attention_factor"] = rope.attention_factor
     elif rope.type == "yarn":
         scaling["beta_fast"] = rope.beta_fast
         scaling["beta_slow"] = rope.beta_slow
@@ -232,8 +248,14 @@ def _one_rope_fields(rope: Any) -> dict[str, Any]:
                 scaling[key] = getattr(rope, key)
         if not rope.truncate:
             scaling["truncate"] = False
-    return {
+    fields = {
         "rope_theta": rope.theta,
         "rope_parameters": {"rope_theta": rope.theta, **scaling},
         "rope_scaling": scaling if rope.type != "default" else None,
     }
+    if rope.partial_rotary_factor != 1.0:
+        fields["partial_rotary_factor"] = rope.partial_rotary_factor
+        fields["rope_parameters"]["partial_rotary_factor"] = rope.partial_rotary_factor
+    if rope.type == "longrope":  # Phi-3 reads the pre-training length at the top level
+        fields["original_max_position_embeddings"] = rope.original_max_position_embeddings
+    return fields

@@ -12,6 +12,13 @@ from typing import Any
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
+# Phi-3 stores q/k/v as one projection and gate/up as another (PEFT targets these names too):
+# each fused projection's output rows are its parts' rows, concatenated in this order.
+FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+FUSED_ATTENTION = ("qkv_proj", "o_proj")
+FUSED_MLP = ("gate_up_proj", "down_proj")
+# Every projection name of every family, in an order each family's own order is a part of.
+ALL_PROJECTIONS = ("qkv_proj", *ATTENTION, "gate_up_proj", *MLP)
 QK_NORMS = ("q_norm", "k_norm")  # per-head RMSNorms of queries and keys (Qwen 3, Gemma 3)
 
 
@@ -36,7 +43,7 @@ class TensorSpec:
 
 def module_name(projection: str) -> str:
     """HF's module path of a projection inside a decoder layer (``self_attn.q_proj``)."""
-    return f"{'self_attn' if projection in ATTENTION else 'mlp'}.{projection}"
+    return f"{'self_attn' if projection in ATTENTION + FUSED_ATTENTION else 'mlp'}.{projection}"
 
 
 def layer_prefix(i: int | str = "{i}") -> str:
@@ -54,7 +61,7 @@ def tensor_specs(config: Any) -> Iterator[TensorSpec]:
         for norm in QK_NORMS:
             name = f"{layer_prefix()}.self_attn.{norm}.weight"
             yield TensorSpec(("layers", norm), name, (config.head_dim,), True)
-    for proj in ATTENTION + MLP:
+    for proj in config.projections():
         out_dim, in_dim = config.projection_shape(proj)
         base = f"{layer_prefix()}.{module_name(proj)}"
         yield TensorSpec(

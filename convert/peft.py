@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from convert.export_common import staged_directory, write_json
-from convert.names import peft_lora_name
+from convert.names import ALL_PROJECTIONS, peft_lora_name
 from convert.safetensors_io import SafetensorsError, SafetensorsFile, save_file
 
 if TYPE_CHECKING:
@@ -33,7 +33,9 @@ if TYPE_CHECKING:
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Every family's projection names (Llama's; Phi-3's fused qkv_proj and gate_up_proj): which
+# of them a model has is checked against its config when the adapter is applied.
+PROJECTIONS = ALL_PROJECTIONS
 
 # A LoRA key as PEFT saves it, or as some tools leave it: without the ``base_model.model.``
 # prefix, or with the adapter name (``.default``) still inside, as in a raw state_dict.

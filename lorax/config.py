@@ -17,27 +17,31 @@ from typing import Any
 
 import numpy as np
 
+from convert.names import ATTENTION, FUSED, FUSED_ATTENTION, FUSED_MLP, MLP
 from convert.rope import llama3_rope_factors
 
 # The HF ``model_type``s lorax computes. Yi and DeepSeek's dense models ship as
 # ``model_type: "llama"``; they need no entry of their own. ``gemma3_text`` is Gemma 3's
 # language model (Gemma 3 1B, and what ``Gemma3ForCausalLM`` loads).
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3")
 GEMMA_MODEL_TYPES = ("gemma2", "gemma3_text")
 # The MLP activations (HF's ``ACT2FN`` names): SwiGLU's and Gemma's GeGLU (tanh approximation).
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
 NORM_STYLES = ("llama", "gemma")
 
 # The projections of one decoder layer, in HF's names (PEFT's target names too).
-ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+ATTENTION_PROJECTIONS = ATTENTION
+MLP_PROJECTIONS = MLP
 PROJECTIONS = ATTENTION_PROJECTIONS + MLP_PROJECTIONS
 # The projections a decoder layer computes from the same input, as the forward calls them:
 # each group is one matmul-layer call (one GEMM per direction).
 PROJECTION_GROUPS = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"),
                      ("down_proj",))  # fmt: skip
+# The same with q/k/v and gate/up stored fused (Phi-3): one projection per group.
+FUSED_PROJECTIONS = FUSED_ATTENTION + FUSED_MLP
+FUSED_PROJECTION_GROUPS = tuple((name,) for name in FUSED_PROJECTIONS)
 
-ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
 
 
 class ConfigError(ValueError):
@@ -62,6 +66,16 @@ class RopeConfig:
     mscale: float | None = None
     mscale_all_dim: float | None = None
     truncate: bool = True
+    # longrope (Phi-3): per-frequency divisors for rows up to original_max_position_embeddings
+    # (short) and beyond (long).
+    short_factor: tuple[float, ...] | None = None
+    long_factor: tuple[float, ...] | None = None
+    # The share of each head's dims that rotate; the rest pass through (Phi-4-mini: 0.75).
+    partial_rotary_factor: float = 1.0
+
+    def rotary_dim(self, head_dim: int) -> int:
+        """How many of a head's leading dims rotate."""
+        return int(head_dim * self.partial_rotary_factor)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,7 +87,7 @@ class ModelConfig:
     sub-layer's output is normed too, before the residual add), ``embedding_multiplier``
     (``sqrt(hidden_size)``), ``query_pre_attn_scalar``, the two softcaps and GeGLU. Qwen 3 and
     Gemma 3: ``qk_norm`` (an RMSNorm over each head's query and key before RoPE). Gemma 3:
-    ``sliding_rope``, the RoPE of its sliding-window layers.
+    ``sliding_rope``, the RoPE of its sliding-window layers. Phi-3: ``fused_projections``.
     """
 
     model_type: str
@@ -106,6 +120,8 @@ class ModelConfig:
     final_logit_softcap: float | None = None
     # The RoPE of the sliding-window layers, where it differs from ``rope`` (Gemma 3).
     sliding_rope: RopeConfig | None = None
+    # q/k/v stored as one ``qkv_proj`` and gate/up as one ``gate_up_proj`` (Phi-3).
+    fused_projections: bool = False
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
     pad_token_id: int | None = None
@@ -157,6 +173,21 @@ class ModelConfig:
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
 
+    def projections(self) -> tuple[str, ...]:
+        """The projections of one decoder layer, in HF's names and order."""
+        return FUSED_PROJECTIONS if self.fused_projections else PROJECTIONS
+
+    def projection_groups(self) -> tuple[tuple[str, ...], ...]:
+        """The forward's matmul-layer calls, by the projections each computes from one input:
+        q/k/v (or qkv), o, gate/up (or gate_up), down."""
+        return FUSED_PROJECTION_GROUPS if self.fused_projections else PROJECTION_GROUPS
+
+    def attention_projections(self) -> tuple[str, ...]:
+        return FUSED_ATTENTION if self.fused_projections else ATTENTION_PROJECTIONS
+
+    def mlp_projections(self) -> tuple[str, ...]:
+        return FUSED_MLP if self.fused_projections else MLP_PROJECTIONS
+
     def projection_shape(self, name: str) -> tuple[int, int]:
         """The HF ``[out, in]`` shape of one layer's projection ``name``."""
         d, f = self.hidden_size, self.intermediate_size
@@ -169,11 +200,13 @@ class ModelConfig:
             "up_proj": (f, d),
             "down_proj": (d, f),
         }
+        if name in FUSED:
+            return (sum(shapes[part][0] for part in FUSED[name]), d)
         return shapes[name]
 
     def num_parameters(self) -> int:
         """Parameters in the dense model (embeddings, projections, biases, norms, head)."""
-        linear = sum(int(np.prod(self.projection_shape(p))) for p in PROJECTIONS)
+        linear = sum(int(np.prod(self.projection_shape(p))) for p in self.projections())
         biases = sum(self.projection_shape(p)[0] for p in self.bias_projections)
         norms = len(self.layer_norm_names()) * self.hidden_size
         per_layer = linear + biases + norms + (2 * self.head_dim if self.qk_norm else 0)
@@ -226,9 +259,6 @@ class ModelConfig:
             )
         if hf.get("pretraining_tp", 1) not in (1, None):
             raise ConfigError(f"{source}: unsupported pretraining_tp={hf['pretraining_tp']!r}")
-        partial = hf.get("partial_rotary_factor", 1.0)
-        if partial not in (1, 1.0, None):
-            raise ConfigError(f"{source}: unsupported partial_rotary_factor={partial!r}")
         if hf.get("use_bidirectional_attention"):
             raise ConfigError(
                 f"{source}: use_bidirectional_attention=True (an embedding model) is not a "
@@ -244,8 +274,8 @@ class ModelConfig:
         bias: tuple[str, ...] = ()
         if model_type == "qwen2":
             bias = ("q_proj", "k_proj", "v_proj")
-        elif model_type != "mistral" and hf.get("attention_bias"):
-            bias = ATTENTION_PROJECTIONS  # HF's Mistral has no attention_bias: it is ignored
+        elif model_type not in ("mistral", "phi3") and hf.get("attention_bias"):
+            bias = ATTENTION_PROJECTIONS  # Mistral and Phi-3 have no attention_bias: ignored
         if model_type == "llama" and hf.get("mlp_bias"):
             bias = bias + MLP_PROJECTIONS
 
@@ -285,6 +315,7 @@ class ModelConfig:
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", gemma)),
             activation=act,
             qk_norm=model_type in ("qwen3", "gemma3_text"),
+            fused_projections=model_type == "phi3",
             sliding_rope=sliding_rope,
             bos_token_id=hf.get("bos_token_id"),
             eos_token_id=eos,
@@ -336,17 +367,32 @@ def _rope_from_hf(hf: Mapping[str, Any], source: str) -> RopeConfig:
     theta = params.pop("rope_theta", hf.get("rope_theta", 10000.0))
     rope_type = params.pop("rope_type", None) or params.pop("type", None) or "default"
     params.pop("type", None)
+    if hf.get("model_type") == "phi3" and rope_type in ("su", "yarn"):
+        rope_type = "longrope"  # Phi-3's older names for it (transformers maps them too)
+    partial = params.pop("partial_rotary_factor", None) or hf.get("partial_rotary_factor") or 1.0
+    if not 0.0 < float(partial) <= 1.0:
+        raise ConfigError(f"{source}: partial_rotary_factor={partial!r} is not in (0, 1]")
     if rope_type not in ROPE_TYPES:
         raise ConfigError(
             f"{source}: unsupported rope_scaling type {rope_type!r}; supported: "
             f"{', '.join(ROPE_TYPES)}"
         )
     known = {f.name for f in dataclasses.fields(RopeConfig)} - {"theta", "type"}
-    unknown = sorted(set(params) - known - {"partial_rotary_factor"})
+    unknown = sorted(set(params) - known)
     if unknown:
         raise ConfigError(f"{source}: unsupported rope_scaling field(s) {unknown} for {rope_type}")
+    if rope_type == "longrope":
+        # Phi-3 keeps the pre-training length at the top level of config.json.
+        params.setdefault(
+            "original_max_position_embeddings", hf.get("original_max_position_embeddings")
+        )
+        for key in ("short_factor", "long_factor", "original_max_position_embeddings"):
+            if params.get(key) is None:
+                raise ConfigError(f"{source}: longrope RoPE scaling needs {key!r}")
+        for key in ("short_factor", "long_factor"):
+            params[key] = tuple(float(x) for x in params[key])
     if rope_type != "default" and params.get("factor") is None:
-        if rope_type == "yarn" and params.get("original_max_position_embeddings"):
+        if rope_type in ("yarn", "longrope") and params.get("original_max_position_embeddings"):
             params["factor"] = (
                 hf["max_position_embeddings"] / params["original_max_position_embeddings"]
             )
@@ -356,16 +402,17 @@ def _rope_from_hf(hf: Mapping[str, Any], source: str) -> RopeConfig:
         params.setdefault(
             "original_max_position_embeddings", hf.get("max_position_embeddings", 2048)
         )
-    params.pop("partial_rotary_factor", None)
     clean = {k: v for k, v in params.items() if v is not None}
-    return RopeConfig(theta=float(theta), type=rope_type, **clean)
+    return RopeConfig(
+        theta=float(theta), type=rope_type, partial_rotary_factor=float(partial), **clean
+    )
 
 
 def _layer_windows_from_hf(
     hf: Mapping[str, Any], model_type: str, num_layers: int, source: str
 ) -> tuple[int, ...]:
     window = hf.get("sliding_window")
-    if model_type == "mistral":
+    if model_type in ("mistral", "phi3"):  # one window on every layer
         return (int(window or 0),) * num_layers
     if model_type in ("qwen2", "qwen3", *GEMMA_MODEL_TYPES):
         layer_types = hf.get("layer_types")
@@ -405,12 +452,15 @@ def _layer_windows_from_hf(
 
 
 def rope_frequencies(rope: RopeConfig, head_dim: int, seq_len: int, max_pos: int):
-    """Inverse frequencies ``[head_dim // 2]`` (float64 numpy) and the cos/sin scale.
+    """Inverse frequencies ``[rotary_dim // 2]`` (float32 numpy) and the cos/sin scale.
 
     Computed on the host once per trace: they depend only on static config. ``seq_len`` is
-    only read by ``dynamic`` scaling, which (like HF) rescales once sequences outgrow
-    ``max_position_embeddings``; we take the static row length for HF's ``max(position)+1``.
+    read by ``dynamic`` scaling, which (like HF) rescales once sequences outgrow
+    ``max_position_embeddings`` (we take the static row length for HF's ``max(position)+1``),
+    and by ``longrope``, whose long factors apply beyond ``original_max_position_embeddings``
+    (the model passes both lengths and picks by the positions, as HF does).
     """
+    head_dim = rope.rotary_dim(head_dim)
     exponents = np.arange(0, head_dim, 2, dtype=np.float64) / head_dim
     inv_freq = 1.0 / rope.theta**exponents
     attention_factor = 1.0
@@ -433,6 +483,25 @@ def rope_frequencies(rope: RopeConfig, head_dim: int, seq_len: int, max_pos: int
         ).astype(np.float64)
     elif rope.type == "yarn":
         inv_freq, attention_factor = _yarn(rope, head_dim, exponents)
+    elif rope.type == "longrope":
+        long = seq_len > rope.original_max_position_embeddings
+        factors = np.asarray(rope.long_factor if long else rope.short_factor, np.float64)
+        if factors.shape != inv_freq.shape:
+            raise ConfigError(
+                f"longrope {'long' if long else 'short'}_factor has {factors.size} entries for "
+                f"a rotary dim of {head_dim} ({inv_freq.size} frequencies)"
+            )
+        # float32 like HF's: its factors and base powers are float32 tensors.
+        base_powers = rope.theta ** exponents.astype(np.float32)
+        inv_freq = 1.0 / (factors.astype(np.float32) * base_powers)
+        attention_factor = rope.attention_factor
+        if attention_factor is None:
+            original = rope.original_max_position_embeddings
+            attention_factor = (
+                1.0
+                if rope.factor <= 1.0
+                else math.sqrt(1 + math.log(rope.factor) / math.log(original))
+            )
     return inv_freq.astype(np.float32), attention_factor
 
 

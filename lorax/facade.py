@@ -12,6 +12,7 @@ from typing import Any
 
 import jax
 
+from convert.names import FUSED
 from lorax import remat as remat_lib
 from lorax.loading import load
 from lorax.lora import LoraWeights, init_lora
@@ -86,12 +87,35 @@ class FastLanguageModel:
             model,
             rank=r,
             alpha=lora_alpha,
-            targets=target_modules,
+            targets=_fused_targets(model, target_modules),
             key=jax.random.key(random_state),
             dropout=lora_dropout,
             use_rslora=use_rslora,
         )
         return PeftModel(model, lora, remat)
+
+
+def _fused_targets(model: Model, targets: str | Iterable[str]) -> str | tuple[str, ...]:
+    """Unsloth's Llama names on a model that fuses them (Phi-3): q/k/v -> qkv_proj and
+    gate/up -> gate_up_proj. Unsloth loads Phi-3 with the projections split, so its scripts
+    list them; here each fused projection is one module (PEFT's too), so all of its parts
+    must be asked for together."""
+    if isinstance(targets, str) or not model.config.fused_projections:
+        return targets
+    names = tuple(targets)
+    mapped = []
+    for name in model.config.projections():
+        parts = FUSED.get(name, (name,))
+        asked = [p for p in parts if p in names]
+        if asked and len(asked) < len(parts) and name not in names:
+            raise ValueError(
+                f"get_peft_model: {model.config.model_type} computes {list(parts)} as one "
+                f"projection, {name}; target all of them or none, not {asked}"
+            )
+        if asked or name in names:
+            mapped.append(name)
+    leftover = sorted(set(names) - set(mapped) - {p for n in mapped for p in FUSED.get(n, ())})
+    return tuple(mapped) + tuple(leftover)  # init_lora names what is left unknown
 
 
 def _reject(kwargs: dict[str, Any], where: str, allowed: set[str]) -> None:

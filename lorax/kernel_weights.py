@@ -43,14 +43,22 @@ from pallas_kernels.nf4_matmul_mgpu import MgpuNF4Weight, prepare_weight, stack_
 __all__ = [
     "AUTO_MAX_TOKENS",
     "GROUP_KEYS",
+    "group_keys",
     "is_prepared",
     "kernel_groups_for",
     "prepare_kernel_weights",
     "require_unprepared",
 ]
 
-# The keys of the projection groups a model can have prepared (``groups=`` takes these).
+# The keys of the projection groups a Llama-family model can have prepared (``groups=``
+# takes these; :func:`group_keys` gives any model's).
 GROUP_KEYS = tuple(group_key(names) for names in PROJECTION_GROUPS)
+
+
+def group_keys(model: Model) -> tuple[str, ...]:
+    """The keys of ``model``'s projection groups (Phi-3's fused projections: one each)."""
+    return tuple(group_key(names) for names in model.config.projection_groups())
+
 
 # ``kernel_groups_for(..., "auto", tokens)`` prepares every group for steps of at most this
 # many tokens (B·S). Llama-3.1-8B QLoRA step on the H200 (BENCHMARKS.md §2), prepared against
@@ -81,13 +89,14 @@ def prepare_kernel_weights(model: Model, groups: str | Sequence[str] | None = No
     require_unprepared(model, "prepare_kernel_weights")
     if isinstance(groups, str):
         groups = (groups,)
-    wanted = GROUP_KEYS if groups is None else tuple(groups)
-    unknown = [g for g in wanted if g not in GROUP_KEYS]
+    known = group_keys(model)
+    wanted = known if groups is None else tuple(groups)
+    unknown = [g for g in wanted if g not in known]
     if unknown:
-        raise ValueError(f"unknown projection groups {unknown}; known: {list(GROUP_KEYS)}")
+        raise ValueError(f"unknown projection groups {unknown}; known: {list(known)}")
     layers = dict(model.params["layers"])
     prepared = {}
-    for names in PROJECTION_GROUPS:
+    for names in model.config.projection_groups():
         if group_key(names) not in wanted:
             continue
         weights = [layers[name]["weight"] for name in names]
@@ -131,20 +140,21 @@ def kernel_groups_for(model: Model, setting: str, tokens_per_step: int) -> tuple
     """
     if setting == "none" or is_prepared(model):
         return ()
+    known = group_keys(model)
     if setting == "all":
-        return GROUP_KEYS
+        return known
     if setting != "auto":
         groups = tuple(g.strip() for g in setting.split(",") if g.strip())
-        unknown = [g for g in groups if g not in GROUP_KEYS]
+        unknown = [g for g in groups if g not in known]
         if unknown or not groups:
             raise ValueError(
-                f"kernel_weights must be none, all, auto or a comma list of {list(GROUP_KEYS)}; "
+                f"kernel_weights must be none, all, auto or a comma list of {list(known)}; "
                 f"got {setting!r}"
             )
         return groups
     one_hopper = _backend.on_hopper() and len(jax.devices()) == 1
     if one_hopper and tokens_per_step <= AUTO_MAX_TOKENS and _kernel_takes(model):
-        return GROUP_KEYS
+        return known
     return ()
 
 
@@ -156,6 +166,6 @@ def _kernel_takes(model: Model) -> bool:
     if jnp.dtype(model.dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
         return False
     layers = model.params.get("layers", {})
-    weights = [layers.get(name, {}).get("weight") for names in PROJECTION_GROUPS for name in names]
+    weights = [layers.get(name, {}).get("weight") for name in model.config.projections()]
     nf4 = [w for w in weights if isinstance(w, NF4Tensor)]
     return bool(nf4) and all(w.blocksize == QBLOCK and w.shape[-1] % QBLOCK == 0 for w in nf4)

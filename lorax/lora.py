@@ -17,17 +17,25 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from lorax.config import MLP_PROJECTIONS, PROJECTIONS, ModelConfig
+from lorax.config import ATTENTION_PROJECTIONS, MLP_PROJECTIONS, PROJECTIONS, ModelConfig
 from pallas_kernels.nf4_matmul import NF4MatmulConfig, nf4_lora_matmul, nf4_lora_matmul_group
 from pallas_kernels.nf4_matmul_mgpu import MgpuNF4Weight, stacked_member
 
 Array = jax.Array
 
-TARGET_PRESETS = {
-    "all-linear": PROJECTIONS,
-    "attention": ("q_proj", "k_proj", "v_proj", "o_proj"),
-    "mlp": MLP_PROJECTIONS,
-}
+TARGET_PRESETS = ("all-linear", "attention", "mlp")
+
+
+def target_presets(config: ModelConfig | None = None) -> dict[str, tuple[str, ...]]:
+    """The preset target lists for ``config``'s projections (Llama's names without one)."""
+    if config is None:
+        return {"all-linear": PROJECTIONS, "attention": ATTENTION_PROJECTIONS,
+                "mlp": MLP_PROJECTIONS}  # fmt: skip
+    return {
+        "all-linear": config.projections(),
+        "attention": config.attention_projections(),
+        "mlp": config.mlp_projections(),
+    }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,20 +66,28 @@ class LoraWeights:
         return sum(int(x.size) for x in jax.tree_util.tree_leaves(self.params))
 
 
-def resolve_targets(targets: str | Iterable[str]) -> tuple[str, ...]:
-    """Expands a preset name or validates a list of projection names."""
+def resolve_targets(
+    targets: str | Iterable[str], config: ModelConfig | None = None
+) -> tuple[str, ...]:
+    """Expands a preset name or validates a list of ``config``'s projection names (Llama's
+    without a config)."""
+    presets = target_presets(config)
     if isinstance(targets, str):
-        if targets in TARGET_PRESETS:
-            return TARGET_PRESETS[targets]
+        if targets in presets:
+            return presets[targets]
         targets = [targets]
     names = tuple(targets)
-    unknown = [t for t in names if t not in PROJECTIONS]
+    known = presets["all-linear"]
+    unknown = [t for t in names if t not in known]
     if unknown or not names:
+        fused = ""
+        if config is not None and config.fused_projections:
+            fused = f" ({config.model_type} stores q/k/v as qkv_proj and gate/up as gate_up_proj)"
         raise ValueError(
-            f"unknown LoRA target(s) {unknown or names}; use one of {list(TARGET_PRESETS)} "
-            f"or names from {list(PROJECTIONS)}"
+            f"unknown LoRA target(s) {unknown or names}{fused}; use one of {list(presets)} "
+            f"or names from {list(known)}"
         )
-    return tuple(p for p in PROJECTIONS if p in names)  # canonical order, no duplicates
+    return tuple(p for p in known if p in names)  # canonical order, no duplicates
 
 
 def init_lora(
@@ -94,7 +110,9 @@ def init_lora(
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout}")
     config: ModelConfig = model.config
-    cfg = LoraConfig(rank, float(alpha), resolve_targets(targets), float(dropout), use_rslora)
+    cfg = LoraConfig(
+        rank, float(alpha), resolve_targets(targets, config), float(dropout), use_rslora
+    )
     key = jax.random.key(0) if key is None else key
     layers = {}
     for name, k in zip(cfg.targets, jax.random.split(key, len(cfg.targets)), strict=True):

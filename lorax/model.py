@@ -8,20 +8,20 @@ applies per layer. Per-layer differences (attention windows) are scanned-over da
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from lorax import remat as remat_lib
-from lorax.config import PROJECTION_GROUPS, ModelConfig, rope_frequencies
+from lorax.config import ModelConfig, rope_frequencies
 from lorax.lora import LoraWeights, lora_linears
 from pallas_kernels.flash_attention import flash_attention, mosaic_supports, resolve_impl
 from pallas_kernels.flash_attention_mgpu import MgpuAttentionConfig
 from pallas_kernels.nf4_matmul import NF4MatmulConfig
 
 Array = jax.Array
-QKV, OUT, GATE_UP, DOWN = PROJECTION_GROUPS
 # params["layers"][PREPARED][group_key(names)]: a group's frozen weights stacked in the Mosaic
 # GPU kernel's layout (lorax.prepare_kernel_weights).
 PREPARED = "prepared"
@@ -90,15 +90,21 @@ def _activation(name: str, x: Array) -> Array:
 def rope_cos_sin(
     config: ModelConfig, positions: Array, dtype: Any, window: int = 0
 ) -> tuple[Array, Array]:
-    """cos/sin tables ``[B, S, head_dim]`` for the given positions (HF's half-split layout),
+    """cos/sin tables ``[B, S, rotary_dim]`` for the given positions (HF's half-split layout),
     for the layers whose attention window is ``window`` (their RoPE may differ: Gemma 3)."""
-    inv_freq, attention_factor = rope_frequencies(
-        config.layer_rope(window),
-        config.head_dim,
-        positions.shape[-1],
-        config.max_position_embeddings,
-    )
-    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
+    rope = config.layer_rope(window)
+
+    def frequencies(seq_len: int) -> tuple[Any, float]:
+        return rope_frequencies(rope, config.head_dim, seq_len, config.max_position_embeddings)
+
+    inv_freq, attention_factor = frequencies(positions.shape[-1])
+    inv_freq = jnp.asarray(inv_freq)
+    if rope.type == "longrope":
+        # Long factors once any position passes the pre-training length (HF: max(position)+1).
+        original = rope.original_max_position_embeddings
+        beyond = jnp.max(positions) + 1 > original
+        inv_freq = jnp.where(beyond, frequencies(original + 1)[0], frequencies(original)[0])
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq
     angles = jnp.concatenate([angles, angles], axis=-1)
     cos = (jnp.cos(angles) * attention_factor).astype(dtype)
     sin = (jnp.sin(angles) * attention_factor).astype(dtype)
@@ -106,7 +112,11 @@ def rope_cos_sin(
 
 
 def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
-    """Rotates ``x [B, S, H, D]`` by the position angles (rotate-half convention)."""
+    """Rotates ``x [B, S, H, D]`` by the position angles (rotate-half convention); with
+    partial rotary (``cos`` narrower than D) only the leading dims rotate."""
+    rotary = cos.shape[-1]
+    if rotary < x.shape[-1]:
+        return jnp.concatenate([apply_rope(x[..., :rotary], cos, sin), x[..., rotary:]], axis=-1)
     half = x.shape[-1] // 2
     rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
     return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
@@ -293,12 +303,13 @@ def _decoder_layer(
     dropout_key: Array | None,
 ) -> Array:
     b, s, _ = h.shape
-    projections = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    projections = config.projections()
     keys = (
-        dict(zip(projections, jax.random.split(dropout_key, 7), strict=True))
+        dict(zip(projections, jax.random.split(dropout_key, len(projections)), strict=True))
         if dropout_key is not None
         else {}
     )
+    qkv_group, out_group, gate_up_group, down_group = config.projection_groups()
 
     def linears(names: tuple[str, ...], x: Array, key_salt: Array | None = None) -> list[Array]:
         # Projections of the same x go through the matmul layer together (one GEMM each way).
@@ -325,8 +336,14 @@ def _decoder_layer(
     def norm(x: Array, name: str) -> Array:
         return rms_norm(x, layer[name], config.rms_norm_eps, config.norm_style)
 
+    def split(outputs: list[Array], *sizes: int) -> list[Array]:
+        # A fused projection (Phi-3's qkv_proj, gate_up_proj): its parts are row blocks.
+        if len(outputs) > 1:
+            return outputs
+        return jnp.split(outputs[0], list(itertools.accumulate(sizes[:-1])), axis=-1)
+
     x = norm(h, "input_layernorm")
-    q, k, v = linears(QKV, x)
+    q, k, v = split(linears(qkv_group, x), config.q_size, config.kv_size, config.kv_size)
     q = q.reshape(b, s, config.num_heads, config.head_dim)
     k = k.reshape(b, s, config.num_kv_heads, config.head_dim)
     v = v.reshape(b, s, config.num_kv_heads, config.head_dim)
@@ -373,7 +390,7 @@ def _decoder_layer(
         # naming it too would stack the same values twice in the scan's residuals (measured:
         # +1.9 GiB at 1x8192 with the Mosaic kernels). Only plain XLA attention needs the name.
         attn = remat_lib.name(attn, "attention_out")
-    (attn_out,) = linears(OUT, attn.reshape(b, s, config.q_size))
+    (attn_out,) = linears(out_group, attn.reshape(b, s, config.q_size))
     if config.sandwich_norms:
         attn_out = norm(attn_out, "post_attention_layernorm")
     h = h + attn_out
@@ -384,9 +401,10 @@ def _decoder_layer(
 
     def mlp(x: Array, chunk_index: Array | None = None) -> Array:
         # Chunks fold their index into the dropout keys so they draw different masks.
-        gate, up = linears(GATE_UP, x, chunk_index)
+        f = config.intermediate_size
+        gate, up = split(linears(gate_up_group, x, chunk_index), f, f)
         gate, up = remat_lib.name(gate, "mlp_gate"), remat_lib.name(up, "mlp_up")
-        (down,) = linears(DOWN, _activation(config.activation, gate) * up, chunk_index)
+        (down,) = linears(down_group, _activation(config.activation, gate) * up, chunk_index)
         if config.sandwich_norms:
             down = norm(down, "post_feedforward_layernorm")
         return down

@@ -1,4 +1,5 @@
-"""Qwen 3, Gemma 2 and Gemma 3 on the GPU at their real layer widths: parity and step time.
+"""Qwen 3, Gemma 2, Gemma 3 and Phi-3 on the GPU at their real layer widths: parity and
+step time.
 
 The CPU tests check each family's logits against transformers on tiny configs, with the jnp
 references. This runs what a GPU user gets instead: real head dims (Gemma's 256), real
@@ -84,6 +85,48 @@ FAMILIES = {
             "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
         },
         query_pre_attn_scalar=256,
+    ),
+    # Phi-3.5-mini's layer (fused qkv_proj / gate_up_proj, head dim 96, longrope). Its
+    # pre-training length is cut to 2048 here so that 1x4096 rows take the long factors.
+    "phi3": dict(
+        model_type="phi3",
+        hidden_size=3072,
+        intermediate_size=8192,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=32064,
+        sliding_window=2048,
+        pad_token_id=0,
+        original_max_position_embeddings=2048,
+        rope_parameters=dict(
+            rope_type="longrope",
+            rope_theta=10000.0,
+            short_factor=[1.0 + 0.01 * i for i in range(48)],
+            long_factor=[1.0 + 1.5 * i for i in range(48)],
+            original_max_position_embeddings=2048,
+        ),
+    ),
+    # Phi-4-mini's layer: three quarters of each 128-dim head rotate; tied embeddings.
+    "phi4mini": dict(
+        model_type="phi3",
+        hidden_size=3072,
+        intermediate_size=8192,
+        num_attention_heads=24,
+        num_key_value_heads=8,
+        vocab_size=200064,
+        sliding_window=2048,
+        pad_token_id=0,
+        tie_word_embeddings=True,
+        original_max_position_embeddings=2048,
+        partial_rotary_factor=0.75,
+        rope_parameters=dict(
+            rope_type="longrope",
+            rope_theta=10000.0,
+            short_factor=[1.0 + 0.01 * i for i in range(48)],
+            long_factor=[1.0 + 1.5 * i for i in range(48)],
+            original_max_position_embeddings=2048,
+            partial_rotary_factor=0.75,
+        ),
     ),
 }
 
@@ -266,6 +309,12 @@ def run_one(name: str, seq_len: int, tiny: bool) -> dict:
     if tiny:
         DEVICE = "cpu"
         hf.update(TINY, sliding_window=min(hf["sliding_window"], seq_len // 4))
+        rope = hf.get("rope_parameters", {})
+        if rope.get("rope_type") == "longrope":  # one factor per rotating frequency
+            freqs = int(TINY["head_dim"] * rope.get("partial_rotary_factor", 1.0)) // 2
+            cut = {k: rope[k][:freqs] for k in ("short_factor", "long_factor")}
+            hf["rope_parameters"] = {**rope, **cut, "original_max_position_embeddings": 16}
+            hf["original_max_position_embeddings"] = 16
     scratch = "/dev/shm" if os.path.isdir("/dev/shm") else None
     directory = tempfile.mkdtemp(dir=scratch)
     try:

@@ -116,6 +116,7 @@ def make_hf_model(tmp_path, model_type: str = "llama", seed: int = 0, **override
         "qwen3": transformers.Qwen3Config,
         "gemma2": transformers.Gemma2Config,
         "gemma3_text": transformers.Gemma3TextConfig,
+        "phi3": transformers.Phi3Config,
     }[model_type]
     kwargs = {**TINY, **overrides}
     config = config_cls(**kwargs)

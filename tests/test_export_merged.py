@@ -132,6 +132,7 @@ def test_bfloat16_merge_rounds_once_from_float32(tmp_path, rng):
 # What transformers must read from an exported config.json as it read the source's: the
 # fields that change Qwen 3's and Gemma's computation beyond Llama's.
 FAMILY_FIELDS = (
+    "original_max_position_embeddings",
     "layer_types",
     "sliding_window",
     "use_sliding_window",
@@ -156,26 +157,35 @@ FAMILY_FIELDS = (
         ("gemma2-untied-no-softcap", "bfloat16"),
         ("gemma3-two-ropes", "float32"),
         ("gemma3-two-ropes", "bfloat16"),
+        ("phi3-window", "bfloat16"),
+        ("phi3-longrope-partial", "float32"),
     ],
 )
 def test_merged_families_load_in_transformers(tmp_path, rng, case, dtype):
-    """Qwen 3, Gemma 2 and Gemma 3 merged: transformers builds the right class from our
+    """Qwen 3, Gemma 2, Gemma 3 and Phi-3 merged: transformers builds the right class from our
     config.json, reads the family's fields as it read the source's, and computes lorax's
     logits; ``lorax.load`` gives back the same ``ModelConfig``."""
     model_type, overrides = CASES[case]
     torch_model, path = make_hf_model(tmp_path, model_type, **overrides)
     model = lorax.load(path, dtype="float32")
-    lora = random_lora(model, rng, 4, 8, ATTENTION + MLP)
+    lora = random_lora(model, rng, 4, 8, model.config.projections())
     out = str(tmp_path / "merged")
     lorax.save_merged(model, lora, out, dtype=dtype)
 
     reloaded = lorax.load(out, dtype="float32")
     assert reloaded.config == model.config
     source, exported = (transformers.AutoConfig.from_pretrained(p) for p in (path, out))
+
+    def read(config, field):
+        value = getattr(config, field, None)
+        if field == "head_dim" and value is None:  # Phi-3's default, as its modules take it
+            return config.hidden_size // config.num_attention_heads
+        return value
+
     for field in FAMILY_FIELDS:
         if field == "max_window_layers" and not getattr(source, "use_sliding_window", False):
             continue  # read only with a sliding window
-        assert getattr(exported, field, None) == getattr(source, field, None), field
+        assert read(exported, field) == read(source, field), field
     # Upcast to float32: transformers and lorax then compute with the same stored weights.
     hf = _hf_model(out, dtype=torch.float32)
     assert type(hf).__name__ == ARCHITECTURES[model_type]

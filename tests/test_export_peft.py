@@ -36,6 +36,9 @@ def _assert_same_lora(a: lorax.LoraWeights, b: lorax.LoraWeights) -> None:
     jax.tree.map(np.testing.assert_array_equal, a.params, b.params)
 
 
+PHI3 = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")  # its fused projections
+
+
 def _make(tmp_path, case: str):
     """A tiny HF model for ``case``: a model type, or a case of test_model_parity."""
     model_type, overrides = CASES.get(case, (case, {}))
@@ -53,6 +56,8 @@ def _make(tmp_path, case: str):
         ("qwen3-bias-window", dict(rank=4, alpha=8, targets=ALL)),
         ("gemma2", dict(rank=4, alpha=8, targets=ALL)),
         ("gemma3-two-ropes", dict(rank=2, alpha=3, targets=("k_proj", "o_proj", "up_proj"))),
+        ("phi3-longrope-partial", dict(rank=4, alpha=8, targets=PHI3)),
+        ("phi3-window", dict(rank=2, alpha=3, targets=("qkv_proj", "down_proj"))),
     ],
 )
 def test_peft_runs_our_adapter_like_lorax(tmp_path, rng, case, kw):
@@ -102,18 +107,19 @@ def _peft_saved_adapter(tmp_path, torch_model, rng, **lora_kw) -> str:
     return out, peft_model.eval()
 
 
-@pytest.mark.parametrize("case", ["mistral", "qwen3-qk-norm", "gemma2", "gemma3-two-ropes"])
+@pytest.mark.parametrize(
+    "case", ["mistral", "qwen3-qk-norm", "gemma2", "gemma3-two-ropes", "phi3-window"]
+)
 def test_reads_adapter_written_by_peft(tmp_path, rng, case):
     torch_model, path = _make(tmp_path, case)
+    targets = ("qkv_proj", "o_proj") if case.startswith("phi3") else ("k_proj", "o_proj", "up_proj")
     out, peft_model = _peft_saved_adapter(
         tmp_path, torch_model, rng, r=4, lora_alpha=16, use_rslora=True, lora_dropout=0.05,
-        target_modules=["k_proj", "o_proj", "up_proj"],
+        target_modules=list(targets),
     )  # fmt: skip
     model = lorax.load(path, dtype="float32")
     lora = lorax.load_adapter(model, out)
-    assert lora.config == lorax.LoraConfig(
-        4, 16.0, ("k_proj", "o_proj", "up_proj"), dropout=0.05, use_rslora=True
-    )
+    assert lora.config == lorax.LoraConfig(4, 16.0, targets, dropout=0.05, use_rslora=True)
     ids = rng.integers(0, model.config.vocab_size, size=(2, 10))
     assert rel_err(_lorax_logits(model, lora, ids), torch_logits(peft_model, ids)) < 1e-4
 

@@ -59,9 +59,10 @@ def test_legacy_rope_scaling_field_is_read():
     assert cfg.rope == lorax.RopeConfig(theta=5e5, type="linear", factor=4.0)
 
 
-# Hub ``config.json``s as transformers 4 wrote them (gemma-2-2b, gemma-3-4b's text model and
-# Qwen3-0.6B, shrunk): no ``layer_types``, Gemma 3's RoPE as ``rope_theta`` + ``rope_scaling``
-# + ``rope_local_base_freq``, and the fields their config classes default left out.
+# Hub ``config.json``s as transformers 4 wrote them (gemma-2-2b, gemma-3-4b's text model,
+# Phi-3.5-mini, Phi-4-mini and Qwen3-0.6B, shrunk): no ``layer_types``, Gemma 3's RoPE as
+# ``rope_theta`` + ``rope_scaling`` + ``rope_local_base_freq``, and the fields their config
+# classes default left out.
 HUB_STYLE_CONFIGS = {
     "gemma2": dict(
         attn_logit_softcapping=50.0,
@@ -82,6 +83,31 @@ HUB_STYLE_CONFIGS = {
         sliding_window=512,
         sliding_window_pattern=6,
     ),
+    # Phi-3.5-mini: longrope under its older spelling, the pre-training length at the top.
+    "phi3": dict(
+        attention_bias=False,
+        max_position_embeddings=131072,
+        original_max_position_embeddings=4096,
+        rope_scaling={
+            "type": "longrope",
+            "short_factor": [1.0, 1.05, 1.2, 1.7],
+            "long_factor": [1.0, 2.5, 8.0, 32.0],
+        },
+        rope_theta=10000.0,
+        sliding_window=262144,
+    ),
+    # Phi-4-mini: the same with three quarters of each head rotating.
+    "phi4-mini": dict(
+        max_position_embeddings=131072,
+        original_max_position_embeddings=4096,
+        partial_rotary_factor=0.75,
+        rope_scaling={
+            "type": "longrope",
+            "short_factor": [1.0, 1.1, 1.5],
+            "long_factor": [1.0, 4.0, 16.0],
+        },
+        tie_word_embeddings=True,
+    ),
     "qwen3": dict(
         attention_bias=False,
         max_window_layers=28,
@@ -94,13 +120,14 @@ HUB_STYLE_CONFIGS = {
 }
 
 
-@pytest.mark.parametrize("model_type", list(HUB_STYLE_CONFIGS))
-def test_hub_style_configs_read_as_transformers_reads_them(model_type):
+@pytest.mark.parametrize("name", list(HUB_STYLE_CONFIGS))
+def test_hub_style_configs_read_as_transformers_reads_them(name):
     """Our defaults for what a hub config leaves out are transformers' (layer pattern, RoPE per
     layer type, softcaps, tied embeddings): reading the file directly gives the config we read
     from transformers' own parse of it (special-token defaults aside: they change no logits)."""
     import transformers
 
+    model_type = "phi3" if name.startswith("phi") else name
     hf = dict(
         model_type=model_type,
         vocab_size=64,
@@ -109,10 +136,10 @@ def test_hub_style_configs_read_as_transformers_reads_them(model_type):
         num_hidden_layers=7,
         num_attention_heads=4,
         num_key_value_heads=1,
-        head_dim=16,
-        max_position_embeddings=512,
-        rms_norm_eps=1e-6,
-        **HUB_STYLE_CONFIGS[model_type],
+        # Phi-3 has no head_dim field (transformers checks longrope's factors against
+        # hidden_size / heads).
+        **({} if model_type == "phi3" else {"head_dim": 16}),
+        **{"max_position_embeddings": 512, "rms_norm_eps": 1e-6, **HUB_STYLE_CONFIGS[name]},
     )
     ours = lorax.ModelConfig.from_hf_dict(hf)
     theirs = lorax.ModelConfig.from_hf_dict(transformers.AutoConfig.for_model(**hf).to_dict())
@@ -122,8 +149,13 @@ def test_hub_style_configs_read_as_transformers_reads_them(model_type):
         "gemma2": (4096, 0, 4096, 0, 4096, 0, 4096),
         "gemma3_text": (512,) * 5 + (0, 512),
         "qwen3": (0,) * 7,
-    }[model_type]
+        "phi3": (262144,) * 7,
+        "phi4-mini": (0,) * 7,
+    }[name]
     assert ours.layer_windows == expected_windows
+    if model_type == "phi3":
+        assert ours.rope.type == "longrope" and ours.rope.factor == 32.0
+        assert ours.rope.rotary_dim(ours.head_dim) == (6 if name == "phi4-mini" else 8)
     if model_type == "gemma3_text":
         assert ours.rope == lorax.RopeConfig(theta=1e6, type="linear", factor=8.0)
         assert ours.sliding_rope == lorax.RopeConfig(theta=1e4)
@@ -135,7 +167,8 @@ def test_hub_style_configs_read_as_transformers_reads_them(model_type):
         (dict(model_type="gpt2"), "model_type='gpt2'"),
         (dict(hidden_act="gelu"), "hidden_act='gelu'"),
         (dict(model_type="gemma3"), "image-text model"),
-        (dict(rope_parameters={"rope_type": "longrope", "rope_theta": 1e4}), "'longrope'"),
+        (dict(rope_parameters={"rope_type": "mrope", "rope_theta": 1e4}), "'mrope'"),
+        (dict(rope_parameters={"rope_type": "longrope", "rope_theta": 1e4}), "short_factor"),
         (dict(num_key_value_heads=3), "num_key_value_heads=3"),
     ],
 )

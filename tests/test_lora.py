@@ -48,6 +48,9 @@ def _peft_model(torch_model, lora: lorax.LoraWeights):
         ("qwen3-bias-window", False),
         ("gemma2", True),
         ("gemma3-two-ropes", False),
+        # Phi-3: LoRA on the fused qkv_proj and gate_up_proj, as PEFT adapts them.
+        ("phi3-window", True),
+        ("phi3-longrope-partial", False),
     ],
 )
 def test_forward_and_grads_match_peft(tmp_path, rng, case, use_rslora):
@@ -133,6 +136,31 @@ def test_facade_builds_adapters(tmp_path):
     assert peft_model.remat == "offload"
     with pytest.raises(ValueError, match="bias"):
         lorax.FastLanguageModel.get_peft_model(model, bias="all")
+
+
+def test_phi3_targets_its_fused_projections(tmp_path):
+    """Phi-3's adapters sit on qkv_proj and gate_up_proj (PEFT's modules). Llama's names are
+    an error for init_lora, while the Unsloth facade maps whole groups of them (Unsloth splits
+    Phi-3's projections, so its scripts list q/k/v and gate/up) and refuses part of a group."""
+    _, path = make_hf_model(tmp_path, "phi3", pad_token_id=0)
+    model = lorax.load(path, dtype="float32")
+    lora = lorax.init_lora(model, rank=2, alpha=4)
+    assert lora.config.targets == ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+    assert lora.params["layers"]["qkv_proj"]["lora_b"].shape == (2, 64 + 2 * 32, 2)
+    with pytest.raises(ValueError, match="qkv_proj"):
+        lorax.init_lora(model, rank=2, alpha=4, targets=["q_proj"])
+    facade = lorax.FastLanguageModel.get_peft_model
+    llama_names = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    assert facade(model, r=2, target_modules=llama_names).lora.config.targets == (
+        lora.config.targets
+    )
+    assert facade(model, r=2, target_modules=["gate_proj", "up_proj"]).lora.config.targets == (
+        "gate_up_proj",
+    )
+    with pytest.raises(ValueError, match="one projection, qkv_proj"):
+        facade(model, r=2, target_modules=["q_proj", "v_proj"])
+    with pytest.raises(ValueError, match="unknown LoRA target"):
+        facade(model, r=2, target_modules=["qkv_proj", "w1"])
 
 
 def test_forward_options_choose_the_matmul_variant():

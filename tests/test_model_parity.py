@@ -80,6 +80,27 @@ CASES = {
             final_logit_softcapping=None,
         ),
     ),
+    # Phi-3: fused qkv_proj and gate_up_proj, a window on every layer.
+    "phi3-window": ("phi3", dict(sliding_window=8, pad_token_id=0)),
+    # Phi-3.5 / Phi-4-mini: longrope (past its pre-training length of 16 here) and partial
+    # rotary.
+    "phi3-longrope-partial": (
+        "phi3",
+        dict(
+            pad_token_id=0,
+            max_position_embeddings=64,
+            original_max_position_embeddings=16,
+            partial_rotary_factor=0.5,
+            rope_parameters={
+                "rope_type": "longrope",
+                "rope_theta": 10000.0,
+                "short_factor": [1.0, 1.1, 1.3, 1.7],
+                "long_factor": [1.0, 2.0, 4.0, 9.0],
+                "original_max_position_embeddings": 16,
+                "partial_rotary_factor": 0.5,
+            },
+        ),
+    ),
     # Gemma 3: q/k norms, and the full layers' RoPE (scaled) apart from the sliding layers'.
     "gemma3-two-ropes": (
         "gemma3_text",
@@ -160,3 +181,17 @@ def test_nf4_model_matches_transformers_with_bnb_weights(tmp_path, rng):
     assert isinstance(model.params["layers"]["q_proj"]["weight"], lorax.NF4Tensor)
     # bnb's CPU double-quant rounding is one step off in ~0.2% of blocks (see nf4.py).
     assert rel_err(ours, torch_logits(torch_model, ids)) < 2e-3
+
+
+def test_longrope_switches_factors_where_transformers_does(tmp_path, rng):
+    """Short factors while every position is within the pre-training length, long ones once
+    any passes it (HF decides by max(position) + 1, so a packed row of short examples keeps
+    the short factors)."""
+    model_type, overrides = CASES["phi3-longrope-partial"]
+    torch_model, path = make_hf_model(tmp_path, model_type, **overrides)
+    model = lorax.load(path, dtype="float32")
+    forward = jax.jit(lorax.forward)
+    for length in (12, 16, 17):
+        ids = rng.integers(0, model.config.vocab_size, size=(1, length))
+        ours = forward(model, None, jnp.asarray(ids))
+        assert rel_err(ours, torch_logits(torch_model, ids)) < 1e-4, length

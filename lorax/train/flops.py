@@ -12,8 +12,6 @@ from typing import Any
 
 import jax
 
-from lorax.config import PROJECTIONS
-
 # Dense bf16 matrix peak by device kind (vendor datasheets, dense, no sparsity).
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "L4": 121e12}
 
@@ -28,7 +26,7 @@ def train_flops_per_token(
 ) -> float:
     """Model FLOPs per trained token (fwd + input-grad bwd, + recompute with remat)."""
     linear = config.num_layers * sum(
-        config.projection_shape(p)[0] * config.projection_shape(p)[1] for p in PROJECTIONS
+        config.projection_shape(p)[0] * config.projection_shape(p)[1] for p in config.projections()
     )
     head = config.vocab_size * config.hidden_size
     passes = 6 if remat in ("full", "offload") else 4
