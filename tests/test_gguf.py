@@ -12,10 +12,11 @@ What we claim and how it is checked:
   bytes for (nearly) every block (see ``test_quantized_bytes_match_llama_cpp``).
 * Tokenizers: llama.cpp tokenizes like the HF tokenizer we exported; the tokenizer lorax
   builds from a GGUF tokenizes like llama.cpp.
-* Qwen 3, Gemma 2 and Gemma 3 run in llama.cpp's own ``qwen3``/``gemma2``/``gemma3``
-  architectures as lorax computes them (norms, softcaps, windows, both Gemma 3 RoPEs), get
-  llama-quantize's tensor types, and read back as the same model; configs those
-  architectures cannot compute are refused with the reason.
+* Qwen 3, Gemma 2, Gemma 3 and Phi-3 run in llama.cpp's own ``qwen3``/``gemma2``/``gemma3``/
+  ``phi3`` architectures as lorax computes them (norms, softcaps, windows, both Gemma 3
+  RoPEs, Phi-3's fused projections, LongRoPE on both sides of its pre-training length and
+  partial rotary), get llama-quantize's tensor types, and read back as the same model;
+  configs those architectures cannot compute are refused with the reason.
 * GGUF → lorax → GGUF preserves tensors and metadata; bad files are ``GGUFError``s that name
   the file (and tensor), and a failed export leaves no file behind.
 """
@@ -41,6 +42,7 @@ from convert.gguf.format import TensorType, string, u32
 from convert.gguf.kquants import quantize_k
 from convert.gguf.quants import SCHEMES
 from convert.gguf.writer import TensorPlan, write_gguf
+from convert.merged import merge_lora_weight
 
 T = TensorType
 K_SCHEMES = ("q4_k_m", "q5_k_m", "q6_k")
@@ -205,8 +207,8 @@ def _lorax_logits(model, lora, ids) -> np.ndarray:
     return np.asarray(lorax.forward(model, lora, jnp.asarray([ids])))[0]
 
 
-def _cpp_logits(llama_cpp, path, ids, **kw) -> np.ndarray:
-    llm = llama_cpp.Llama(str(path), logits_all=True, n_ctx=256, n_threads=2, verbose=False, **kw)
+def _cpp_logits(llama_cpp, path, ids, n_ctx=256, **kw) -> np.ndarray:
+    llm = llama_cpp.Llama(str(path), logits_all=True, n_ctx=n_ctx, n_threads=2, verbose=False, **kw)
     llm.eval(ids)
     return np.array(llm.scores[: len(ids)])
 
@@ -357,7 +359,7 @@ def test_rope_scalings_qwen2_and_mistral_run_in_llama_cpp(llama_cpp, tmp_path_fa
     assert "rope_freqs.weight" in GGUFFile(out / "llama3.gguf")
 
 
-# ------------------------------------------------------------ Qwen 3, Gemma 2, Gemma 3
+# ---------------------------------------------------- Qwen 3, Gemma 2, Gemma 3, Phi-3
 
 # One small model per family, each departing from Llama where llama.cpp has to follow:
 # Qwen 3's per-head query/key norms; Gemma 2's four sandwich norms, GeGLU, embedding scale and
@@ -366,7 +368,27 @@ def test_rope_scalings_qwen2_and_mistral_run_in_llama_cpp(llama_cpp, tmp_path_fa
 # a window on layer 0 only (a period of 2, not llama.cpp's default 6, so the file records
 # it), full layers with linearly scaled RoPE at base 1e6 and sliding ones at base 5000 (the
 # sliding base dropped moves logits by 12%), and a final softcap. ``query_pre_attn_scalar`` is
-# head_dim, the scale llama.cpp's Gemma archs use at these sizes.
+# head_dim, the scale llama.cpp's Gemma archs use at these sizes. Phi-3: fused qkv_proj and
+# gate_up_proj, 256 wide so that the K-quants apply, with a window on every layer (200: longer
+# than the prompt, since llama.cpp ignores it); and Phi-3.5-style LongRoPE past a pre-training
+# length of 256 with half of each head rotating (Phi-4-mini's partial rotary).
+PHI3_LONGROPE = {
+    "rope_type": "longrope",
+    "rope_theta": 10000.0,
+    "short_factor": [1.0, 1.1, 1.3, 1.7],
+    "long_factor": [1.0, 2.0, 4.0, 9.0],
+    "original_max_position_embeddings": 256,
+    "partial_rotary_factor": 0.5,
+}
+# The same as lorax's config (for the refusals below).
+PHI3_ROPE = lorax.RopeConfig(
+    type="longrope",
+    factor=4.0,
+    original_max_position_embeddings=256,
+    short_factor=(1.0, 1.1, 1.3, 1.7),
+    long_factor=(1.0, 2.0, 4.0, 9.0),
+    partial_rotary_factor=0.5,
+)
 FAMILIES = {
     "qwen3": ("qwen3", "qwen3", dict(head_dim=16)),
     "gemma2": (
@@ -395,12 +417,33 @@ FAMILIES = {
             },
         ),
     ),
+    "phi3": ("phi3", "phi3", dict(hidden_size=256, intermediate_size=512, sliding_window=200)),
+    "phi3-longrope": (
+        "phi3",
+        "phi3",
+        dict(
+            max_position_embeddings=1024,
+            original_max_position_embeddings=256,
+            partial_rotary_factor=0.5,
+            rope_parameters=PHI3_LONGROPE,
+        ),
+    ),
 }
 # llama.cpp on our f32 file (float32 KV cache) vs lorax, max |Δlogit| / max |logit|. Qwen 3
-# is as exact as Llama (measured 6e-7). Gemma's GeGLU is the loose one: ggml's CPU GELU
-# (ggml-cpu/vec.h, GGML_GELU_FP16) rounds its float32 input to float16 and reads a float16
-# table, ~2^-11 relative per activation; measured 2e-4 (gemma2) and 4.4e-4 (gemma3).
-FAMILY_TOLERANCE = {"qwen3": 1e-4, "gemma2": 1.5e-3, "gemma3": 1.5e-3}
+# and Phi-3 are as exact as Llama (measured 6e-7; 5e-6 for the 256-wide Phi-3). Gemma's
+# GeGLU is the loose one: ggml's CPU GELU (ggml-cpu/vec.h, GGML_GELU_FP16) rounds its float32
+# input to float16 and reads a float16 table, ~2^-11 relative per activation; measured 2e-4
+# (gemma2) and 4.4e-4 (gemma3).
+FAMILY_TOLERANCE = {"gemma2": 1.5e-3, "gemma3": 1.5e-3}
+
+
+def _export_family(name, model, lora, path, quant):
+    """``export_gguf``; Phi-3's window draws the warning that llama.cpp ignores it. Named
+    "tiny": the default, the model's directory "phi3-0", would make llama.cpp look for
+    Phi-3's special tokens (see ``test_a_phi3_name_needs_phi3_tokens``)."""
+    expected = pytest.warns(UserWarning, match="no sliding-window")
+    with expected if name == "phi3" else contextlib.nullcontext():
+        lorax.export_gguf(model, lora, path, quant=quant, name="tiny")
 
 
 @pytest.fixture(scope="module")
@@ -414,7 +457,7 @@ def family(tmp_path_factory, out):
             model = _model(tmp_path_factory, model_type, **overrides)
             lora = _lora(model)
             path = out / f"family-{name}.gguf"
-            lorax.export_gguf(model, lora, path, quant="f32")
+            _export_family(name, model, lora, path, "f32")
             cache[name] = model, lora, path
         return cache[name]
 
@@ -429,10 +472,13 @@ def _layer(params, *path, i=0):
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))
-def test_llama_cpp_computes_qwen3_gemma2_gemma3(llama_cpp, family, name):
+def test_llama_cpp_computes_each_family(llama_cpp, family, name):
     """llama.cpp's own architecture runs our file as lorax computes the model with its LoRA,
     and the file holds what llama.cpp's converter writes: Gemma norms stored plus one
-    (Gemma 3's query/key norms too), Gemma's sandwich norms under their llama.cpp names."""
+    (Gemma 3's query/key norms too), Gemma's sandwich norms under their llama.cpp names;
+    Phi-3's fused projections as attn_qkv and ffn_up, its window and LongRoPE as keys and
+    factor tensors, its rotated dims as rope.dimension_count. Within the pre-training length
+    llama.cpp (n_ctx 256) and lorax both take LongRoPE's short factors."""
     model, lora, path = family(name)
     f = GGUFFile(path)
     arch = FAMILIES[name][1]
@@ -440,6 +486,21 @@ def test_llama_cpp_computes_qwen3_gemma2_gemma3(llama_cpp, family, name):
     q_norm = _layer(model.params, "layers", "q_norm") if model.config.qk_norm else None
     if name == "qwen3":
         np.testing.assert_array_equal(f.tensor("blk.0.attn_q_norm.weight"), q_norm)
+    elif arch == "phi3":
+        c = model.config
+        assert f.tensors["blk.1.attn_qkv.weight"].shape == (c.q_size + 2 * c.kv_size, c.hidden_size)
+        assert f.tensors["blk.1.ffn_up.weight"].shape == (2 * c.intermediate_size, c.hidden_size)
+        assert not any(t in f for t in ("blk.0.attn_q.weight", "blk.0.ffn_gate.weight"))
+        # HF's fused layout (gate rows, then up) with the fused projection's LoRA merged.
+        adapter = lora.params["layers"]["gate_up_proj"]
+        merged = merge_lora_weight(
+            _layer(model.params, "layers", "gate_up_proj", "weight"),
+            adapter["lora_a"][0],
+            adapter["lora_b"][0],
+            lora.config.scale,
+            jnp.float32,
+        )
+        np.testing.assert_allclose(f.tensor("blk.0.ffn_up.weight"), merged, rtol=1e-6)
     else:
         attn_out_norm = _layer(model.params, "layers", "post_attention_layernorm")
         np.testing.assert_allclose(
@@ -462,15 +523,53 @@ def test_llama_cpp_computes_qwen3_gemma2_gemma3(llama_cpp, family, name):
         assert f.get("gemma3.attention.sliding_window_pattern") == 2
         assert f.get("gemma3.final_logit_softcapping") == 5.0
         assert "gemma3.attn_logit_softcapping" not in f.metadata
+    if name == "phi3":
+        assert f.get("phi3.attention.sliding_window") == 200
+        assert f.get("phi3.rope.dimension_count") == 64
+        assert "rope_factors_long.weight" not in f
+    if name == "phi3-longrope":
+        assert f.get("phi3.attention.sliding_window") == 0  # the converter's "none"
+        assert f.get("phi3.rope.dimension_count") == 8  # half of each 16-dim head
+        assert f.get("phi3.rope.scaling.original_context_length") == 256
+        # transformers' LongRoPE scale for a factor of 1024 / 256.
+        assert np.isclose(
+            f.get("phi3.rope.scaling.attn_factor"), np.sqrt(1 + np.log(4) / np.log(256))
+        )
+        assert "phi3.rope.scaling.type" not in f.metadata
+        np.testing.assert_allclose(f.tensor("rope_factors_short.weight"), [1.0, 1.1, 1.3, 1.7])
+        np.testing.assert_allclose(f.tensor("rope_factors_long.weight"), [1.0, 2.0, 4.0, 9.0])
     ids = _ids(model)
     cpp = _cpp_logits(llama_cpp, path, ids, type_k=0, type_v=0)
     error = _rel(cpp, _lorax_logits(model, lora, ids))
     print(f"{name}: llama.cpp vs lorax {error:.1e} over {len(ids)} tokens")
-    assert error < FAMILY_TOLERANCE[name]
+    assert error < FAMILY_TOLERANCE.get(name, 1e-4)
+
+
+def test_llama_cpp_computes_phi3_longrope_past_its_pre_training_length(llama_cpp, family):
+    """Past the pre-training length (300 tokens, n_ctx 512 > 256) llama.cpp and lorax both
+    take the long factors, and agree; the factors matter there (the first 129 positions move
+    by far more than the tolerance between the short and long runs). llama.cpp picks the
+    factors by context size, not by position as HF does: a 129-token prompt in a 512 context
+    gets the long ones there, the short ones in lorax (documented in convert.gguf.metadata)."""
+    model, lora, path = family("phi3-longrope")
+    ids = model.tokenizer.encode(TEXT * 3)[:300]
+    assert len(ids) == 300
+    ours = _lorax_logits(model, lora, ids)
+    cpp = _cpp_logits(llama_cpp, path, ids, n_ctx=512, type_k=0, type_v=0)
+    error = _rel(cpp, ours)
+    short = _lorax_logits(model, lora, ids[:129])
+    switch = _rel(ours[:129], short)
+    by_context = _rel(_cpp_logits(llama_cpp, path, ids[:129], n_ctx=512), short)
+    print(
+        f"phi3 longrope, 300 tokens: llama.cpp vs lorax {error:.1e}; long vs short {switch:.1e}"
+        f"; 129 tokens in a 512 context {by_context:.1e}"
+    )
+    assert error < 1e-4
+    assert switch > 1e-2 and by_context > 1e-2
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))
-def test_qwen3_gemma2_gemma3_round_trip(family, out, name):
+def test_each_family_round_trips(family, out, name):
     """lorax -> GGUF -> lorax: the same config and, within float32 rounding (Gemma's norms
     pass through 1 + w), the same logits; written again, the same file."""
     model, lora, path = family(name)
@@ -481,7 +580,7 @@ def test_qwen3_gemma2_gemma3_round_trip(family, out, name):
     print(f"{name}: round trip {error:.1e}")
     assert error < 1e-5
     again = out / f"family-{name}-again.gguf"
-    lorax.export_gguf(back, None, again, quant="f32")
+    _export_family(name, back, None, again, "f32")
     a, b = GGUFFile(path), GGUFFile(again)
     assert a.metadata.keys() == b.metadata.keys()
     assert list(a.tensors) == list(b.tensors)
@@ -490,9 +589,10 @@ def test_qwen3_gemma2_gemma3_round_trip(family, out, name):
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))
-def test_qwen3_gemma2_gemma3_quantize_like_llama_cpp(llama_cpp, family, out, name):
+def test_each_family_quantizes_like_llama_cpp(llama_cpp, family, out, name):
     """llama-quantize gives each tensor of these architectures the type our export does (Gemma
-    2's tied embedding gets the output's type), with identical bytes for the legacy types."""
+    2's tied embedding gets the output's type; Phi-3's attn_qkv is bumped as an attn_v in the
+    medium mixes), with identical bytes for the legacy types."""
     model, lora, f32_path = family(name)
     for quant in ("q4_k_m", "q8_0"):
         cpp_path = out / f"family-{name}-cpp-{quant}.gguf"
@@ -503,13 +603,16 @@ def test_qwen3_gemma2_gemma3_quantize_like_llama_cpp(llama_cpp, family, out, nam
             str(f32_path).encode(), str(cpp_path).encode(), ctypes.byref(params)
         )
         assert rc == 0
-        lorax.export_gguf(model, lora, ours_path, quant=quant)
+        _export_family(name, model, lora, ours_path, quant)
         cpp, ours = GGUFFile(cpp_path), GGUFFile(ours_path)
         assert sorted(cpp.tensors) == sorted(ours.tensors)
         for tensor, info in cpp.tensors.items():
             assert ours.tensors[tensor].type == info.type, (quant, tensor)
             if info.type not in (T.Q4_K, T.Q5_K, T.Q6_K):
                 np.testing.assert_array_equal(cpp.raw(tensor), ours.raw(tensor), err_msg=tensor)
+        if name == "phi3" and quant == "q4_k_m":  # llama-quantize's attn_v rule, 2 layers
+            assert ours.tensors["blk.0.attn_qkv.weight"].type == T.Q4_K
+            assert ours.tensors["blk.1.attn_qkv.weight"].type == T.Q6_K
 
 
 # ------------------------------------------------------------- quantizers vs llama.cpp
@@ -748,17 +851,77 @@ def test_unsupported_architecture_is_named(tmp_path):
         ("qwen3", dict(bias_projections=("q_proj", "k_proj", "v_proj", "o_proj")), "no projec"),
         ("qwen3", dict(rope=lorax.RopeConfig(type="llama3", factor=8.0)), "no rope_freqs"),
         ("qwen3", dict(qk_norm=False), "cannot compute"),
+        ("qwen3", dict(fused_projections=True), "cannot compute"),
+        ("qwen3", dict(rope=lorax.RopeConfig(partial_rotary_factor=0.5)), "rotates whole heads"),
+        (
+            "qwen3",
+            dict(rope=dataclasses.replace(PHI3_ROPE, partial_rotary_factor=1.0)),
+            "no LongRoPE factor tensors",
+        ),
+        ("phi3", dict(fused_projections=False), "cannot compute"),
+        ("phi3", dict(bias_projections=("qkv_proj",)), "no projection biases"),
+        ("phi3", dict(head_dim=32), r"num_heads \* head_dim == hidden_size"),
+        ("phi3", dict(layer_windows=(200, 0)), "one window for every layer"),
+        ("phi3", dict(rope=lorax.RopeConfig(type="llama3", factor=8.0)), "no rope_freqs"),
+        ("phi3", dict(rope=lorax.RopeConfig(partial_rotary_factor=0.3)), "rotates pairs"),
+        (
+            "phi3-longrope",
+            dict(rope=dataclasses.replace(PHI3_ROPE, short_factor=(1.0, 1.0, 1.0))),
+            "one short and one long factor per rotated frequency",
+        ),
     ],
 )
 def test_what_llama_cpp_cannot_compute_is_refused(family, tmp_path, name, change, match):
     """Configs lorax computes but llama.cpp's architecture would compute differently (or not
     load: an untied Gemma 2 head, Qwen 3 biases, a Gemma 2 without sliding layers aborts
-    llama.cpp) are errors that say why, and leave no file."""
+    llama.cpp; partial rotary outside phi3, which llama.cpp's llama refuses and its qwen2/qwen3
+    graphs assert against; a phi3 query size other than hidden_size) are errors that say why,
+    and leave no file."""
     model, _, _ = family(name)
     changed = lorax.Model(model.params, dataclasses.replace(model.config, **change), None)
     with pytest.raises(GGUFError, match=match):
         lorax.export_gguf(changed, None, tmp_path / "x.gguf", quant="f16")
     assert os.listdir(tmp_path) == []
+
+
+def test_a_phi3_name_needs_phi3_tokens(family, tmp_path):
+    """llama.cpp's vocabulary loader looks up "<s>", "</s>", "<unk>" and "<|endoftext|>" in
+    any model whose name contains "phi3" or "phi-3", and fails to load the file without them
+    (llama-cpp-python 0.3.36: "unordered_map::at"); export refuses such a name up front."""
+    model, _, _ = family("phi3-longrope")
+    assert "phi3" in os.path.basename(model.tokenizer.name_or_path)  # the default name
+    for name in (None, "My-Phi-3-tune"):
+        with pytest.raises(GGUFError, match=r"would not load.*lacks \['</s>', '<unk>', '<s>'"):
+            lorax.export_gguf(model, None, tmp_path / "x.gguf", quant="f32", name=name)
+    assert os.listdir(tmp_path) == []
+
+
+def _rewrite(src, dst, keys=None, drop=()):
+    """A copy of the GGUF at ``src`` with metadata ``keys`` set and tensors ``drop`` left out."""
+    f = GGUFFile(src)
+    plans = [
+        TensorPlan(name, info.shape, info.type, lambda name=name: f.raw(name))
+        for name, info in f.tensors.items()
+        if name not in drop
+    ]
+    write_gguf(dst, {**f.metadata, **(keys or {})}, plans)
+    return dst
+
+
+def test_rotary_and_longrope_files_lorax_cannot_read_are_refused(family, tmp_path):
+    """Import reads partial rotary only where llama.cpp computes it (phi3), and LongRoPE only
+    as a whole: both factor tensors, one factor per rotated frequency."""
+    _, _, phi3 = family("phi3-longrope")
+    _, _, qwen3 = family("qwen3")
+    cases = [
+        (phi3, {}, ("rope_factors_long.weight",), "without its short/long counterpart"),
+        (phi3, {"phi3.rope.dimension_count": u32(12)}, (), "4 and 4 entries for 6 rotated"),
+        (qwen3, {"qwen3.rope.dimension_count": u32(8)}, (), r"partial rotary only for \['phi3'\]"),
+    ]
+    for i, (src, keys, drop, match) in enumerate(cases):
+        path = _rewrite(src, tmp_path / f"bad-{i}.gguf", keys, drop)
+        with pytest.raises(GGUFError, match=match):
+            lorax.load(str(path), dtype="float32")
 
 
 def test_failed_export_leaves_no_file(tiny, tmp_path):

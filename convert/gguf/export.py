@@ -2,9 +2,10 @@
 
 Each tensor is produced when the writer reaches it: its base weight is sliced from the
 stacked pytree (NF4 dequantized), the adapter merged in float32 (``W + scale·B·A``, the
-same merge as ``save_merged``), the query/key rows reordered for llama.cpp's rope (``llama``),
-one added to Gemma's norm weights (llama.cpp's Gemma scales by the stored weight), and the
-result encoded in the type llama.cpp's quantizer would pick for it. Only the tensor being
+same merge as ``save_merged``; a Phi-3 fused projection is one weight with one adapter), the
+query/key rows reordered for llama.cpp's rope (``llama``), one added to Gemma's norm weights
+(llama.cpp's Gemma scales by the stored weight), and the result encoded in the type
+llama.cpp's quantizer would pick for it. Only the tensor being
 written exists outside the model, so an export needs little memory beyond the model itself.
 """
 
@@ -22,6 +23,8 @@ import numpy as np
 
 from convert.gguf.format import KV, GGUFError, TensorType, string
 from convert.gguf.layout import (
+    ROPE_FACTORS_LONG,
+    ROPE_FACTORS_SHORT,
     ROPE_FREQS,
     Arch,
     arch_for_export,
@@ -30,7 +33,7 @@ from convert.gguf.layout import (
     rope_heads,
     to_gguf_rope_rows,
 )
-from convert.gguf.metadata import model_metadata
+from convert.gguf.metadata import longrope_factors, model_metadata
 from convert.gguf.quants import ModelShape, Scheme, encode, scheme, tensor_type
 from convert.gguf.tokenizer import tokenizer_metadata
 from convert.gguf.writer import TensorPlan, write_gguf
@@ -62,8 +65,10 @@ def export_gguf(
     config = model.config
     arch = arch_for_export(config.model_type)
     adapters, lora_scale = lora_adapters(config, lora)
-    metadata = model_metadata(config, arch, chosen.file_type, name or _default_name(model))
+    name = name or _default_name(model)
+    metadata = model_metadata(config, arch, chosen.file_type, name)
     metadata.update(_tokenizer_keys(model.tokenizer, config.vocab_size))
+    _check_loadable_name(name, metadata)
     plans = list(_plans(model, adapters, lora_scale, arch, chosen))
     write_gguf(path, metadata, plans)
 
@@ -71,6 +76,26 @@ def export_gguf(
 def _default_name(model: Any) -> str:
     source = getattr(model.tokenizer, "name_or_path", None)
     return os.path.basename(os.path.normpath(source)) if source else model.config.model_type
+
+
+# llama.cpp's vocabulary loader marks Phi-3's special tokens by model name: for a
+# ``general.name`` containing one of these it looks up each of these tokens, and fails to load
+# a file whose vocabulary lacks one.
+_PHI3_NAMES = ("phi-3", "phi3")
+_PHI3_TOKENS = ("</s>", "<unk>", "<s>", "<|endoftext|>")
+
+
+def _check_loadable_name(name: str, metadata: Mapping[str, KV]) -> None:
+    tokens = metadata.get("tokenizer.ggml.tokens")
+    if tokens is None or not any(n in name.lower() for n in _PHI3_NAMES):
+        return
+    missing = [t for t in _PHI3_TOKENS if t not in set(tokens.value)]
+    if missing:
+        raise GGUFError(
+            f"llama.cpp would not load this file: for a model named {name!r} (containing "
+            f"'phi-3' or 'phi3') it looks up the tokens {list(_PHI3_TOKENS)}, and this "
+            f"vocabulary lacks {missing}; pass another name="
+        )
 
 
 def _tokenizer_keys(tokenizer: Any, vocab_size: int) -> dict[str, KV]:
@@ -125,6 +150,10 @@ def _plans(
             rope.original_max_position_embeddings,
         )
         yield TensorPlan(ROPE_FREQS, factors.shape, TensorType.F32, lambda: factors)
+    if config.rope.type == "longrope":  # Phi-3: llama.cpp's phi3 reads both lists
+        short, long = longrope_factors(config)
+        yield TensorPlan(ROPE_FACTORS_SHORT, short.shape, TensorType.F32, lambda: short)
+        yield TensorPlan(ROPE_FACTORS_LONG, long.shape, TensorType.F32, lambda: long)
 
 
 def _encode_param(

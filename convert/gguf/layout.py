@@ -14,8 +14,13 @@ llama.cpp's ``llama`` architecture applies "normal" rope, rotating adjacent pair
 ``(x[2i], x[2i+1])`` of each head, while HF's Llama rotates the halves ``(x[i], x[i+d/2])``.
 The two are the same computation once the rows of the query and key projections (and their
 biases) are reordered within each head, which llama.cpp's converter does on the way in and
-we undo on the way out. ``qwen2``, ``qwen3``, ``gemma2`` and ``gemma3`` use NEOX rope, which
-is HF's halves: no reordering.
+we undo on the way out. ``qwen2``, ``qwen3``, ``gemma2``, ``gemma3`` and ``phi3`` use NEOX
+rope, which is HF's halves: no reordering.
+
+Phi-3's fused projections keep their HF layout: ``qkv_proj`` (query rows, then key, then value)
+is ``attn_qkv``, and ``gate_up_proj`` (gate rows, then up) is ``ffn_up``, which llama.cpp's
+``phi3`` splits in halves for SwiGLU, activating the first. Its LongRoPE factors are two
+one-dimensional tensors, ``rope_factors_short`` and ``rope_factors_long``.
 """
 
 from __future__ import annotations
@@ -53,6 +58,7 @@ ARCHES = {
         Arch("qwen3", "qwen3", False),
         Arch("gemma2", "gemma2", False, gemma=True, swa_period=2, wide_scale_layers=46),
         Arch("gemma3", "gemma3_text", False, gemma=True, swa_period=6, wide_scale_layers=62),
+        Arch("phi3", "phi3", False),
     )
 }
 # Mistral is computed as llama by llama.cpp (its converter writes arch "llama"); Gemma 3's
@@ -64,6 +70,7 @@ EXPORT_ARCH = {
     "qwen3": "qwen3",
     "gemma2": "gemma2",
     "gemma3_text": "gemma3",
+    "phi3": "phi3",
 }
 
 
@@ -89,6 +96,9 @@ _PROJECTIONS = {
     "gate_proj": MODEL_TENSOR.FFN_GATE,
     "up_proj": MODEL_TENSOR.FFN_UP,
     "down_proj": MODEL_TENSOR.FFN_DOWN,
+    # Phi-3's fused projections (see the module docstring).
+    "qkv_proj": MODEL_TENSOR.ATTN_QKV,
+    "gate_up_proj": MODEL_TENSOR.FFN_UP,
 }
 _SINGLE = {
     ("embed_tokens",): MODEL_TENSOR.TOKEN_EMBD,
@@ -107,6 +117,8 @@ _GEMMA = {
     ("layers", "post_feedforward_layernorm"): MODEL_TENSOR.FFN_POST_NORM,
 }
 ROPE_FREQS = TENSOR_NAMES[MODEL_TENSOR.ROPE_FREQS] + ".weight"
+ROPE_FACTORS_SHORT = TENSOR_NAMES[MODEL_TENSOR.ROPE_FACTORS_SHORT] + ".weight"
+ROPE_FACTORS_LONG = TENSOR_NAMES[MODEL_TENSOR.ROPE_FACTORS_LONG] + ".weight"
 
 
 def gguf_name(arch: Arch, path: tuple[str, ...], layer: int | None = None) -> str:

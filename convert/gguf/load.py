@@ -1,5 +1,5 @@
-"""Reading a GGUF (llama, qwen2, qwen3, gemma2, gemma3) into lorax's config dict, stacked
-parameters and tokenizer.
+"""Reading a GGUF (llama, qwen2, qwen3, gemma2, gemma3, phi3) into lorax's config dict,
+stacked parameters and tokenizer.
 
 Tensors are dequantized to float32 one at a time (any type ``gguf`` decodes: float, the
 legacy block types, the K-quants, ...), their query/key rows put back into HF's rope order,
@@ -21,6 +21,8 @@ import numpy as np
 
 from convert.gguf.format import GGUFError
 from convert.gguf.layout import (
+    ROPE_FACTORS_LONG,
+    ROPE_FACTORS_SHORT,
     ROPE_FREQS,
     arch_named,
     from_gguf_rope_rows,
@@ -63,6 +65,8 @@ def _read_params(
     arch = arch_named(f.architecture, f.path)
     specs = list(tensor_specs(config))
     expected = {ROPE_FREQS}
+    if config.rope.type == "longrope":
+        expected.update((ROPE_FACTORS_SHORT, ROPE_FACTORS_LONG))
     for spec in specs:
         layers = range(config.num_layers) if spec.per_layer else [None]
         expected.update(gguf_name(arch, spec.path, i) for i in layers)

@@ -23,6 +23,18 @@ Llama 3's scaling is not: llama.cpp's converter stores it as ``rope_freqs.weight
 divisor per frequency, which import turns back into Llama 3's four parameters. Dynamic NTK
 scaling has no llama.cpp counterpart; it only acts beyond the training context, so within
 that context the file computes the same model, and export says so in a warning.
+
+Phi-3 (llama.cpp's ``phi3``): LongRoPE's two factor lists are the tensors
+``rope_factors_short``/``rope_factors_long``, its pre-training length is
+``rope.scaling.original_context_length`` and its cos/sin scale ``rope.scaling.attn_factor``
+(no ``rope.scaling.type``: llama.cpp's default linear scaling by 1 leaves the angles alone).
+Where HF picks the long factors once a position passes the pre-training length, llama.cpp
+picks them for the whole context once the context size (``n_ctx``) passes it: the file
+computes the model for contexts up to that length, and beyond it for sequences that pass it.
+Partial rotary is ``rope.dimension_count`` (the rotated leading dims of each head); llama.cpp
+rotates them with NEOX's halves, as HF does. Phi-3's one sliding window is recorded in
+``attention.sliding_window`` (0: none), which llama.cpp reads and then ignores: it attends
+over the whole context, and export says so in a warning.
 """
 
 from __future__ import annotations
@@ -35,7 +47,13 @@ import numpy as np
 from gguf import GGML_QUANT_VERSION
 
 from convert.gguf.format import KV, GGUFError, ValueType, array, f32, string, u32
-from convert.gguf.layout import ROPE_FREQS, Arch, arch_named
+from convert.gguf.layout import (
+    ROPE_FACTORS_LONG,
+    ROPE_FACTORS_SHORT,
+    ROPE_FREQS,
+    Arch,
+    arch_named,
+)
 from convert.gguf.reader import GGUFFile
 from convert.rope import default_inv_freq, llama3_rope_factors
 
@@ -59,7 +77,7 @@ def model_metadata(config: Any, arch: Arch, file_type: int, name: str) -> dict[s
         f"{a}.attention.key_length": u32(config.head_dim),
         f"{a}.attention.value_length": u32(config.head_dim),
         f"{a}.attention.layer_norm_rms_epsilon": f32(config.rms_norm_eps),
-        f"{a}.rope.dimension_count": u32(config.head_dim),
+        f"{a}.rope.dimension_count": u32(_rotary_dim(config, arch)),
         f"{a}.rope.freq_base": f32(config.rope.theta),
     }
     _check_family(config, arch)
@@ -71,7 +89,11 @@ def model_metadata(config: Any, arch: Arch, file_type: int, name: str) -> dict[s
 
 # What each architecture computes beyond Llama's decoder layer, as lorax's config spells it.
 _QK_NORM = ("qwen3", "gemma3")
-_NO_BIASES = ("qwen3", "gemma2", "gemma3")  # llama.cpp loads no projection biases for these
+_FUSED = ("phi3",)  # q/k/v and gate/up stored as one projection each
+# llama.cpp loads no projection biases for these.
+_NO_BIASES = ("qwen3", "gemma2", "gemma3", "phi3")
+# Graphs that rotate part of each head (the others assert rope.dimension_count == head size).
+_PARTIAL_ROTARY = ("phi3",)
 
 
 def _check_family(config: Any, arch: Arch) -> None:
@@ -83,6 +105,7 @@ def _check_family(config: Any, arch: Arch) -> None:
         "norm_style": "gemma" if gemma else "llama",
         "sandwich_norms": gemma,
         "qk_norm": a in _QK_NORM,
+        "fused_projections": a in _FUSED,
     }
     wrong = {k: getattr(config, k) for k, v in expected.items() if getattr(config, k) != v}
     multiplier = math.sqrt(config.hidden_size) if gemma else 1.0
@@ -100,11 +123,41 @@ def _check_family(config: Any, arch: Arch) -> None:
             f"llama.cpp's {a} architecture has no projection biases; this model has biases on "
             f"{list(config.bias_projections)}"
         )
+    if a == "phi3" and config.q_size != config.hidden_size:
+        # Its query block of attn_qkv and its attn_output are hidden_size wide.
+        raise GGUFError(
+            f"llama.cpp's phi3 architecture needs num_heads * head_dim == hidden_size; this "
+            f"model's query size is {config.num_heads} * {config.head_dim} = {config.q_size}, "
+            f"its hidden size {config.hidden_size}"
+        )
     if a == "gemma2" and not config.tie_word_embeddings:
         raise GGUFError(
             "llama.cpp's gemma2 architecture always ties the output head to the token "
             "embedding; this model has a separate lm_head"
         )
+
+
+def _rotary_dim(config: Any, arch: Arch) -> int:
+    """``rope.dimension_count``: the leading dims of each head that rotate."""
+    a = arch.name
+    ropes = [r for r in (config.rope, config.sliding_rope) if r is not None]
+    dims = {r.rotary_dim(config.head_dim) for r in ropes}
+    if dims == {config.head_dim}:
+        return config.head_dim
+    if a not in _PARTIAL_ROTARY:
+        raise GGUFError(
+            f"llama.cpp's {a} architecture rotates whole heads (it requires "
+            f"rope.dimension_count == head_dim); this model rotates {sorted(dims)} of "
+            f"{config.head_dim} dims (partial_rotary_factor "
+            f"{[r.partial_rotary_factor for r in ropes]})"
+        )
+    (rotary,) = dims  # phi3 has one RoPE
+    if rotary <= 0 or rotary % 2:
+        raise GGUFError(
+            f"llama.cpp rotates pairs of dims; this model rotates {rotary} of {config.head_dim} "
+            f"(partial_rotary_factor {config.rope.partial_rotary_factor})"
+        )
+    return rotary
 
 
 def _attention_scale(arch: Arch, config: Any) -> float:
@@ -183,6 +236,18 @@ def _gemma3_ropes(config: Any, arch: Arch) -> dict[str, KV]:
 def _one_rope_scaling(config: Any, arch: Arch) -> dict[str, KV]:
     a = arch.name
     rope = config.rope
+    if rope.type == "longrope":
+        if a != "phi3":
+            raise GGUFError(
+                f"llama.cpp's {a} architecture has no LongRoPE factor tensors; only its phi3 "
+                "architecture computes longrope scaling"
+            )
+        longrope_factors(config)  # checked here, written as tensors by export
+        # No scaling type: llama.cpp's default (linear, factor 1) leaves the angles alone.
+        return {
+            f"{a}.rope.scaling.original_context_length": u32(rope.original_max_position_embeddings),
+            f"{a}.rope.scaling.attn_factor": f32(longrope_attention_factor(rope)),
+        }
     if rope.type == "linear":
         return {
             f"{a}.rope.scaling.type": string("linear"),
@@ -224,14 +289,22 @@ def _sliding_window(config: Any, arch: Arch) -> dict[str, KV]:
         raise GGUFError(f"layers use several sliding windows {sizes}; GGUF records one")
     if arch.swa_period is not None:
         return _periodic_window(windows, sizes, arch)
+    if a == "phi3" and sizes and 0 in windows:
+        raise GGUFError(
+            "llama.cpp's phi3 architecture records one window for every layer; this model "
+            f"slides on layers {[i for i, w in enumerate(windows) if w]} only"
+        )
     if not sizes:
-        return {}
+        # llama.cpp's converter writes phi3's window always, 0 for none.
+        return {f"{a}.attention.sliding_window": u32(0)} if a == "phi3" else {}
     if sizes[0] < config.max_position_embeddings:
         warnings.warn(
             f"llama.cpp's {a} architecture has no sliding-window attention: it attends over "
             f"the whole context, so outputs differ from this model beyond {sizes[0]} tokens",
             stacklevel=3,
         )
+    if a == "phi3":  # read and then ignored by llama.cpp; every layer slides
+        return {f"{a}.attention.sliding_window": u32(sizes[0])}
     # Recorded so the model reads back as it was; llama.cpp ignores it for this architecture.
     return {
         f"{a}.attention.sliding_window": u32(sizes[0]),
@@ -269,6 +342,32 @@ def _periodic_window(windows: list[int], sizes: list[int], arch: Arch) -> dict[s
 
 
 # ------------------------------------------------------------------------------- RoPE
+
+
+def longrope_attention_factor(rope: Any) -> float:
+    """The cos/sin scale of LongRoPE (as transformers computes it): the configured one, else
+    ``sqrt(1 + ln(factor) / ln(original context))`` for a factor above 1."""
+    if rope.attention_factor is not None:
+        return float(rope.attention_factor)
+    return _longrope_default_scale(rope.factor, rope.original_max_position_embeddings)
+
+
+def _longrope_default_scale(factor: float, original: int) -> float:
+    return 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(original))
+
+
+def longrope_factors(config: Any) -> tuple[np.ndarray, np.ndarray]:
+    """LongRoPE's (short, long) divisors as the float32 tensors llama.cpp reads, one per
+    rotated frequency."""
+    rope = config.rope
+    half = rope.rotary_dim(config.head_dim) // 2
+    short, long = (np.asarray(f, np.float32) for f in (rope.short_factor, rope.long_factor))
+    if short.shape != (half,) or long.shape != (half,):
+        raise GGUFError(
+            f"longrope needs one short and one long factor per rotated frequency ({half}); "
+            f"this model has {short.size} and {long.size}"
+        )
+    return short, long
 
 
 def _mscale(factor: float, m: float = 1.0) -> float:
@@ -369,13 +468,17 @@ def config_from_gguf(f: GGUFFile) -> dict[str, Any]:
     heads = int(key("attention.head_count", required=True))
     layers = int(key("block_count", required=True))
     head_dim = int(key("attention.key_length", hidden // heads))
-    for other in ("attention.value_length", "rope.dimension_count"):
-        if int(key(other, head_dim)) != head_dim:
-            raise GGUFError(
-                f"{f.path}: {a}.{other}={key(other)} differs from the head size "
-                f"{head_dim}; lorax supports neither partial rotary nor distinct "
-                "value heads"
-            )
+    if int(key("attention.value_length", head_dim)) != head_dim:
+        raise GGUFError(
+            f"{f.path}: {a}.attention.value_length={key('attention.value_length')} differs "
+            f"from the head size {head_dim}; lorax supports no distinct value heads"
+        )
+    rotary = int(key("rope.dimension_count", head_dim))
+    if rotary != head_dim and (a not in _PARTIAL_ROTARY or not 0 < rotary < head_dim):
+        raise GGUFError(
+            f"{f.path}: {a}.rope.dimension_count={rotary} differs from the head size "
+            f"{head_dim}; lorax reads partial rotary only for {list(_PARTIAL_ROTARY)}"
+        )
     tokens = f.get("tokenizer.ggml.tokens")
     vocab = key("vocab_size") or (len(tokens) if tokens is not None else None)
     if vocab is None and "token_embd.weight" in f:
@@ -400,10 +503,16 @@ def config_from_gguf(f: GGUFFile) -> dict[str, Any]:
     if arch.name == "llama":
         hf["attention_bias"] = "blk.0.attn_q.bias" in f
         hf["mlp_bias"] = "blk.0.ffn_gate.bias" in f
-    elif arch.name != "qwen2":  # qwen2's biases are implied; the others have none
+    elif arch.name not in ("qwen2", "phi3"):  # qwen2's biases are implied; phi3 has none
         hf["attention_bias"] = "blk.0.attn_q.bias" in f
     hf.update(_rope_from_gguf(f, a, head_dim, _f32(key("rope.freq_base", 10000.0))))
-    if arch.swa_period is not None:
+    if rotary != head_dim:
+        hf["partial_rotary_factor"] = _partial_rotary_factor(rotary, head_dim)
+    if a == "phi3":
+        hf.update(_longrope_from_gguf(f, a, hf["max_position_embeddings"], rotary))
+        window = int(f.get(f"{a}.attention.sliding_window", 0))
+        hf["sliding_window"] = window or None  # every layer, as HF's Phi-3 reads it
+    elif arch.swa_period is not None:
         hf.update(_periodic_window_from_gguf(f, arch, layers))
     else:
         hf.update(_window_from_gguf(f, a, layers))
@@ -412,6 +521,46 @@ def config_from_gguf(f: GGUFFile) -> dict[str, Any]:
     elif _own_swa_base(f, a, hf["rope_theta"]):
         raise GGUFError(f"{f.path}: {a} with a separate sliding-window RoPE base is not supported")
     return hf
+
+
+def _partial_rotary_factor(rotary: int, head_dim: int) -> float:
+    """The factor f for which lorax (and HF) rotate ``int(head_dim * f) == rotary`` dims."""
+    factor = rotary / head_dim
+    while int(head_dim * factor) < rotary:  # a product rounded down below the integer
+        factor = float(np.nextafter(factor, 1.0))
+    return factor
+
+
+def _longrope_from_gguf(f: GGUFFile, a: str, context: int, rotary: int) -> dict[str, Any]:
+    """Phi-3's LongRoPE: both factor tensors, the pre-training length and the cos/sin scale
+    (kept only where it is not the one implied by the two lengths)."""
+    present = [name for name in (ROPE_FACTORS_SHORT, ROPE_FACTORS_LONG) if name in f]
+    if not present:
+        return {}
+    if len(present) == 1:
+        raise GGUFError(f"{f.path}: {present[0]} without its short/long counterpart")
+    if f.get(f"{a}.rope.scaling.type", "none") not in ("none", "linear") or f.get(
+        f"{a}.rope.scaling.factor", 1.0
+    ) not in (0, 1):
+        raise GGUFError(f"{f.path}: LongRoPE factors combined with other RoPE scaling")
+    short, long = (f.tensor(name).reshape(-1) for name in (ROPE_FACTORS_SHORT, ROPE_FACTORS_LONG))
+    if short.shape != (rotary // 2,) or long.shape != (rotary // 2,):
+        raise GGUFError(
+            f"{f.path}: LongRoPE factors of {short.size} and {long.size} entries for "
+            f"{rotary // 2} rotated frequencies"
+        )
+    original = int(f.require(f"{a}.rope.scaling.original_context_length"))
+    params: dict[str, Any] = {
+        "rope_type": "longrope",
+        "short_factor": [_f32(x) for x in short],
+        "long_factor": [_f32(x) for x in long],
+        "original_max_position_embeddings": original,
+    }
+    scale = float(f.get(f"{a}.rope.scaling.attn_factor", 1.0))
+    implied = _longrope_default_scale(context / original, original)
+    if not math.isclose(scale, implied, rel_tol=1e-6):
+        params["attention_factor"] = _f32(scale)
+    return {"rope_scaling": params, "original_max_position_embeddings": original}
 
 
 def _own_swa_base(f: GGUFFile, a: str, theta: float) -> bool:

@@ -5,9 +5,10 @@ it and its default tensor type. ``tensor_type`` then picks each tensor's type th
 llama.cpp's ``llama-quantize`` does for the llama family (its per-tensor rules in
 ``llama-quant.cpp``): 1-D tensors stay float32; the output matrix (or the tied embedding)
 gets Q6_K in the quantized schemes; Q4_K_M/Q5_K_M give Q6_K to the ``attn_v`` and
-``ffn_down`` of a fixed subset of layers; and a tensor whose rows cannot hold whole blocks
-of its type falls back to the type llama.cpp falls back to. A file we write therefore has
-the same tensor types as one ``llama-quantize`` makes from the same float model.
+``ffn_down`` of a fixed subset of layers (a fused ``attn_qkv`` counts as ``attn_v``); and a
+tensor whose rows cannot hold whole blocks of its type falls back to the type llama.cpp
+falls back to. A file we write therefore has the same tensor types as one
+``llama-quantize`` makes from the same float model.
 
 ``encode`` turns float rows into a type's bytes: float types by casting, the legacy block
 types (Q4_0 ... Q8_0) with the ``gguf`` package's numpy quantizers (llama.cpp's own Python
@@ -101,7 +102,8 @@ def tensor_type(s: Scheme, name: str, shape: tuple[int, ...], model: ModelShape)
             chosen = T.Q8_0
         elif s.default != T.Q8_0:
             chosen = T.Q6_K
-    elif name.endswith("attn_v.weight"):
+    elif name.endswith(("attn_v.weight", "attn_qkv.weight")):
+        # llama-quantize counts Phi-3's fused q/k/v as an attn_v (its category_is_attn_v).
         if s.medium_mix and _more_bits(layer, model.num_layers):
             chosen = T.Q6_K
         # 70B-class models share each attn_v across 8 query heads: llama.cpp spends a bit
@@ -127,10 +129,13 @@ def _more_bits(layer: int, num_layers: int) -> bool:
 
 
 def _is_70b(model: ModelShape) -> bool:
-    """llama.cpp's size class LLM_TYPE_70B: 80 layers (for llama, with grouped KV heads)."""
+    """llama.cpp's size class LLM_TYPE_70B: 80 layers of llama (with grouped KV heads) or
+    qwen2; its other architectures here name no 80-layer size."""
     if model.num_layers != 80:
         return False
-    return model.arch != "llama" or model.num_heads != model.num_kv_heads
+    return model.arch == "qwen2" or (
+        model.arch == "llama" and model.num_heads != model.num_kv_heads
+    )
 
 
 def _layer_of(name: str) -> int:
