@@ -39,6 +39,15 @@ import numpy as np
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 LAYERS = 2
+# Made-up LongRoPE factors (48 frequencies: a 96-dim rotary part), with the pre-training
+# length cut to 2048 so that 1x4096 rows take the long ones.
+PHI_LONGROPE = dict(
+    rope_type="longrope",
+    rope_theta=10000.0,
+    short_factor=[1.0 + 0.01 * i for i in range(48)],
+    long_factor=[1.0 + 1.5 * i for i in range(48)],
+    original_max_position_embeddings=2048,
+)
 TINY = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
             head_dim=16, vocab_size=512)  # fmt: skip
 FAMILIES = {
@@ -98,13 +107,7 @@ FAMILIES = {
         sliding_window=2048,
         pad_token_id=0,
         original_max_position_embeddings=2048,
-        rope_parameters=dict(
-            rope_type="longrope",
-            rope_theta=10000.0,
-            short_factor=[1.0 + 0.01 * i for i in range(48)],
-            long_factor=[1.0 + 1.5 * i for i in range(48)],
-            original_max_position_embeddings=2048,
-        ),
+        rope_parameters=PHI_LONGROPE,
     ),
     # Phi-4-mini's layer: three quarters of each 128-dim head rotate; tied embeddings.
     "phi4mini": dict(
@@ -119,14 +122,7 @@ FAMILIES = {
         tie_word_embeddings=True,
         original_max_position_embeddings=2048,
         partial_rotary_factor=0.75,
-        rope_parameters=dict(
-            rope_type="longrope",
-            rope_theta=10000.0,
-            short_factor=[1.0 + 0.01 * i for i in range(48)],
-            long_factor=[1.0 + 1.5 * i for i in range(48)],
-            original_max_position_embeddings=2048,
-            partial_rotary_factor=0.75,
-        ),
+        rope_parameters={**PHI_LONGROPE, "partial_rotary_factor": 0.75},
     ),
 }
 
