@@ -280,6 +280,12 @@ class ModelConfig:
             bias = bias + MLP_PROJECTIONS
 
         rope, sliding_rope = _ropes_from_hf(hf, model_type, source)
+        if model_type != "phi3" and rope.partial_rotary_factor != 1.0:
+            # transformers' other families rotate whole heads whatever this field says.
+            raise ConfigError(
+                f"{source}: unsupported partial_rotary_factor={rope.partial_rotary_factor!r} "
+                f"for {model_type} (only phi3 rotates part of each head)"
+            )
         eos = hf.get("eos_token_id")
         if isinstance(eos, list):
             eos = tuple(eos)

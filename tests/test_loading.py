@@ -167,6 +167,7 @@ def test_hub_style_configs_read_as_transformers_reads_them(name):
         (dict(model_type="gpt2"), "model_type='gpt2'"),
         (dict(hidden_act="gelu"), "hidden_act='gelu'"),
         (dict(model_type="gemma3"), "image-text model"),
+        (dict(partial_rotary_factor=0.5), "partial_rotary_factor=0.5"),
         (dict(rope_parameters={"rope_type": "mrope", "rope_theta": 1e4}), "'mrope'"),
         (dict(rope_parameters={"rope_type": "longrope", "rope_theta": 1e4}), "short_factor"),
         (dict(num_key_value_heads=3), "num_key_value_heads=3"),
