@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from convert.families import departures
+
 ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
@@ -72,29 +74,21 @@ def hf_config_dict(config: Any, dtype: str) -> dict[str, Any]:
     hf.update(_bias_fields(config))
     hf.update(_window_fields(config))
     hf.update(_rope_fields(config))
-    hf.update(_gemma_fields(config))
+    hf.update(_family_fields(config))
     return hf
 
 
-def _gemma_fields(config: Any) -> dict[str, Any]:
-    """What Gemma configures beyond Llama's fields; an error where another family would
-    silently drop it (the rest of Gemma's computation follows from its ``model_type``)."""
+def _family_fields(config: Any) -> dict[str, Any]:
+    """What Gemma configures beyond Llama's fields, and an error for a config that departs from
+    what its ``model_type`` fixes (``convert.families``), which the file cannot say."""
     gemma = config.model_type in _GEMMA
-    departures = {
-        "norm_style": config.norm_style != ("gemma" if gemma else "llama"),
-        "sandwich_norms": config.sandwich_norms != gemma,
-        "qk_norm": config.qk_norm != (config.model_type in ("qwen3", "gemma3_text")),
-        "fused_projections": config.fused_projections != (config.model_type == "phi3"),
-        "embedding_multiplier": config.embedding_multiplier
-        != (config.hidden_size**0.5 if gemma else 1.0),
-    }
-    if not gemma:
-        departures["attention scale / softcaps"] = (
-            config.query_pre_attn_scalar is not None
-            or config.attn_logit_softcap is not None
-            or config.final_logit_softcap is not None
-        )
-    wrong = [name for name, differs in departures.items() if differs]
+    wrong = list(departures(config))
+    if not gemma and (
+        config.query_pre_attn_scalar is not None
+        or config.attn_logit_softcap is not None
+        or config.final_logit_softcap is not None
+    ):
+        wrong.append("attention scale / softcaps")
     if wrong:
         raise HFConfigError(f"{config.model_type}'s config.json cannot express {wrong}")
     if not gemma:

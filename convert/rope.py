@@ -1,7 +1,8 @@
 """Rotary-embedding frequency math shared by the model and the file formats.
 
 Llama 3's rope scaling is one fact: the model applies it to its frequencies and GGUF stores
-it as a per-frequency divisor tensor (``rope_freqs.weight``); both come from here.
+it as a per-frequency divisor tensor (``rope_freqs.weight``); both come from here, as does
+LongRoPE's cos/sin scale, which the model applies and GGUF stores as a key.
 """
 
 from __future__ import annotations
@@ -40,3 +41,13 @@ def llama3_rope_factors(
         np.where(wavelen > old / low_freq_factor, factor, medium),
     )
     return factors.astype(np.float32)
+
+
+def longrope_default_attention_factor(
+    factor: float, original_max_position_embeddings: int
+) -> float:
+    """LongRoPE's default cos/sin scale (transformers' and llama.cpp's converter's):
+    ``sqrt(1 + ln(factor) / ln(original length))`` for a factor above 1, else 1."""
+    if factor <= 1.0:
+        return 1.0
+    return math.sqrt(1 + math.log(factor) / math.log(original_max_position_embeddings))

@@ -17,13 +17,12 @@ from typing import Any
 
 import numpy as np
 
+from convert.families import FAMILIES
 from convert.names import ATTENTION, FUSED, FUSED_ATTENTION, FUSED_MLP, MLP
-from convert.rope import llama3_rope_factors
+from convert.rope import llama3_rope_factors, longrope_default_attention_factor
 
-# The HF ``model_type``s lorax computes. Yi and DeepSeek's dense models ship as
-# ``model_type: "llama"``; they need no entry of their own. ``gemma3_text`` is Gemma 3's
-# language model (Gemma 3 1B, and what ``Gemma3ForCausalLM`` loads).
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3")
+# The HF ``model_type``s lorax computes (what each fixes: ``convert.families``).
+SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 GEMMA_MODEL_TYPES = ("gemma2", "gemma3_text")
 # The MLP activations (HF's ``ACT2FN`` names): SwiGLU's and Gemma's GeGLU (tanh approximation).
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
@@ -239,6 +238,7 @@ class ModelConfig:
                 f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
             )
         gemma = model_type in GEMMA_MODEL_TYPES
+        family = FAMILIES[model_type]
 
         def need(key: str) -> Any:
             if key not in hf or hf[key] is None:
@@ -246,16 +246,12 @@ class ModelConfig:
             return hf[key]
 
         # Gemma's modules read ``hidden_activation``; the others ``hidden_act``.
-        act_key, act = (
-            ("hidden_activation", hf.get("hidden_activation") or "gelu_pytorch_tanh")
-            if gemma
-            else ("hidden_act", hf.get("hidden_act", "silu"))
-        )
-        expected_act = "gelu_pytorch_tanh" if gemma else "silu"
-        if act != expected_act:
+        act_key = "hidden_activation" if gemma else "hidden_act"
+        act = hf.get(act_key) or family.activation
+        if act != family.activation:
             raise ConfigError(
                 f"{source}: unsupported {act_key}={act!r} for {model_type}; "
-                f"supported: {expected_act!r}"
+                f"supported: {family.activation!r}"
             )
         if hf.get("pretraining_tp", 1) not in (1, None):
             raise ConfigError(f"{source}: unsupported pretraining_tp={hf['pretraining_tp']!r}")
@@ -293,9 +289,6 @@ class ModelConfig:
         if gemma:
             softcap_defaults = (50.0, 30.0) if model_type == "gemma2" else (None, None)
             gemma_fields = dict(
-                norm_style="gemma",
-                sandwich_norms=True,
-                embedding_multiplier=hidden**0.5,
                 query_pre_attn_scalar=float(hf.get("query_pre_attn_scalar", 256)),
                 attn_logit_softcap=_optional_float(
                     hf.get("attn_logit_softcapping", softcap_defaults[0])
@@ -319,9 +312,12 @@ class ModelConfig:
             bias_projections=bias,
             layer_windows=_layer_windows_from_hf(hf, model_type, num_layers, source),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", gemma)),
-            activation=act,
-            qk_norm=model_type in ("qwen3", "gemma3_text"),
-            fused_projections=model_type == "phi3",
+            activation=family.activation,
+            norm_style=family.norm_style,
+            sandwich_norms=family.sandwich_norms,
+            qk_norm=family.qk_norm,
+            fused_projections=family.fused_projections,
+            embedding_multiplier=family.embedding_multiplier(hidden),
             sliding_rope=sliding_rope,
             bos_token_id=hf.get("bos_token_id"),
             eos_token_id=eos,
@@ -502,11 +498,8 @@ def rope_frequencies(rope: RopeConfig, head_dim: int, seq_len: int, max_pos: int
         inv_freq = 1.0 / (factors.astype(np.float32) * base_powers)
         attention_factor = rope.attention_factor
         if attention_factor is None:
-            original = rope.original_max_position_embeddings
-            attention_factor = (
-                1.0
-                if rope.factor <= 1.0
-                else math.sqrt(1 + math.log(rope.factor) / math.log(original))
+            attention_factor = longrope_default_attention_factor(
+                rope.factor, rope.original_max_position_embeddings
             )
     return inv_freq.astype(np.float32), attention_factor
 

@@ -23,8 +23,6 @@ from pallas_kernels.nf4_matmul_mgpu import MgpuNF4Weight, stacked_member
 
 Array = jax.Array
 
-TARGET_PRESETS = ("all-linear", "attention", "mlp")
-
 
 def target_presets(config: ModelConfig | None = None) -> dict[str, tuple[str, ...]]:
     """The preset target lists for ``config``'s projections (Llama's names without one)."""

@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 from gguf import GGML_QUANT_VERSION
 
+from convert.families import departures
 from convert.gguf.format import KV, GGUFError, ValueType, array, f32, string, u32
 from convert.gguf.layout import (
     ROPE_FACTORS_LONG,
@@ -55,7 +56,11 @@ from convert.gguf.layout import (
     arch_named,
 )
 from convert.gguf.reader import GGUFFile
-from convert.rope import default_inv_freq, llama3_rope_factors
+from convert.rope import (
+    default_inv_freq,
+    llama3_rope_factors,
+    longrope_default_attention_factor,
+)
 
 
 def model_metadata(config: Any, arch: Arch, file_type: int, name: str) -> dict[str, KV]:
@@ -87,9 +92,6 @@ def model_metadata(config: Any, arch: Arch, file_type: int, name: str) -> dict[s
     return kv
 
 
-# What each architecture computes beyond Llama's decoder layer, as lorax's config spells it.
-_QK_NORM = ("qwen3", "gemma3")
-_FUSED = ("phi3",)  # q/k/v and gate/up stored as one projection each
 # llama.cpp loads no projection biases for these.
 _NO_BIASES = ("qwen3", "gemma2", "gemma3", "phi3")
 # Graphs that rotate part of each head (the others assert rope.dimension_count == head size).
@@ -99,18 +101,7 @@ _PARTIAL_ROTARY = ("phi3",)
 def _check_family(config: Any, arch: Arch) -> None:
     """Refuses a config whose computation ``arch`` does not express in llama.cpp."""
     a = arch.name
-    gemma = arch.gemma
-    expected = {
-        "activation": "gelu_pytorch_tanh" if gemma else "silu",
-        "norm_style": "gemma" if gemma else "llama",
-        "sandwich_norms": gemma,
-        "qk_norm": a in _QK_NORM,
-        "fused_projections": a in _FUSED,
-    }
-    wrong = {k: getattr(config, k) for k, v in expected.items() if getattr(config, k) != v}
-    multiplier = math.sqrt(config.hidden_size) if gemma else 1.0
-    if not math.isclose(config.embedding_multiplier, multiplier, rel_tol=1e-6):
-        wrong["embedding_multiplier"] = config.embedding_multiplier
+    wrong = departures(config, arch.model_type)
     if not math.isclose(config.attention_scale, _attention_scale(arch, config), rel_tol=1e-6):
         wrong["query_pre_attn_scalar"] = config.query_pre_attn_scalar
     if wrong:
@@ -349,11 +340,7 @@ def longrope_attention_factor(rope: Any) -> float:
     ``sqrt(1 + ln(factor) / ln(original context))`` for a factor above 1."""
     if rope.attention_factor is not None:
         return float(rope.attention_factor)
-    return _longrope_default_scale(rope.factor, rope.original_max_position_embeddings)
-
-
-def _longrope_default_scale(factor: float, original: int) -> float:
-    return 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(original))
+    return longrope_default_attention_factor(rope.factor, rope.original_max_position_embeddings)
 
 
 def longrope_factors(config: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -557,7 +544,7 @@ def _longrope_from_gguf(f: GGUFFile, a: str, context: int, rotary: int) -> dict[
         "original_max_position_embeddings": original,
     }
     scale = float(f.get(f"{a}.rope.scaling.attn_factor", 1.0))
-    implied = _longrope_default_scale(context / original, original)
+    implied = longrope_default_attention_factor(context / original, original)
     if not math.isclose(scale, implied, rel_tol=1e-6):
         params["attention_factor"] = _f32(scale)
     return {"rope_scaling": params, "original_max_position_embeddings": original}

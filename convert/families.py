@@ -1,0 +1,59 @@
+"""What each Hugging Face ``model_type`` computes beyond Llama's decoder layer, by type alone.
+
+One table for the facts a ``config.json`` does not spell out because the architecture fixes
+them: the config reader builds a ``ModelConfig`` from it, and the writers (``config.json``,
+GGUF) refuse a config that departs from what its ``model_type`` (or llama.cpp architecture)
+implies, instead of writing a file that computes something else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """A ``model_type``'s fixed traits, in ``ModelConfig``'s field names."""
+
+    activation: str = "silu"  # the MLP's (HF's ACT2FN name): SwiGLU, or Gemma's GeGLU
+    norm_style: str = "llama"  # "gemma": RMSNorm scales by 1 + weight, in float32
+    sandwich_norms: bool = False  # each sub-layer's output normed before the residual add
+    qk_norm: bool = False  # an RMSNorm over each head's query and key before RoPE
+    fused_projections: bool = False  # q/k/v and gate/up stored as one projection each
+    scaled_embeddings: bool = False  # embeddings times sqrt(hidden_size)
+
+    def embedding_multiplier(self, hidden_size: int) -> float:
+        return math.sqrt(hidden_size) if self.scaled_embeddings else 1.0
+
+
+_GEMMA = Family("gelu_pytorch_tanh", "gemma", sandwich_norms=True, scaled_embeddings=True)
+
+# Yi and DeepSeek's dense models ship as ``llama``; ``gemma3_text`` is Gemma 3's language model.
+FAMILIES = {
+    "llama": Family(),
+    "mistral": Family(),
+    "qwen2": Family(),
+    "qwen3": Family(qk_norm=True),
+    "gemma2": _GEMMA,
+    "gemma3_text": dataclasses.replace(_GEMMA, qk_norm=True),
+    "phi3": Family(fused_projections=True),
+}
+
+
+def departures(config: Any, model_type: str | None = None) -> dict[str, Any]:
+    """``config``'s fixed traits that differ from ``model_type``'s (default: its own), by
+    field name, with ``config``'s values."""
+    family = FAMILIES[model_type or config.model_type]
+    wrong = {
+        field.name: getattr(config, field.name)
+        for field in dataclasses.fields(Family)
+        if field.name != "scaled_embeddings"
+        and getattr(config, field.name) != getattr(family, field.name)
+    }
+    if not math.isclose(
+        config.embedding_multiplier, family.embedding_multiplier(config.hidden_size), rel_tol=1e-6
+    ):
+        wrong["embedding_multiplier"] = config.embedding_multiplier
+    return wrong
