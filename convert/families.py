@@ -23,6 +23,7 @@ class Family:
     qk_norm: bool = False  # an RMSNorm over each head's query and key before RoPE
     fused_projections: bool = False  # q/k/v and gate/up stored as one projection each
     scaled_embeddings: bool = False  # embeddings times sqrt(hidden_size)
+    moe: bool = False  # the MLP is a routed mixture of experts (num_local_experts of them)
 
     def embedding_multiplier(self, hidden_size: int) -> float:
         return math.sqrt(hidden_size) if self.scaled_embeddings else 1.0
@@ -39,6 +40,7 @@ FAMILIES = {
     "gemma2": _GEMMA,
     "gemma3_text": dataclasses.replace(_GEMMA, qk_norm=True),
     "phi3": Family(fused_projections=True),
+    "mixtral": Family(moe=True),
 }
 
 

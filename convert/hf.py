@@ -208,20 +208,41 @@ def load_params(
         )
 
     params: dict[str, Any] = {}
+    shared: dict[tuple[str, ...], dict[tuple[int, ...], Any]] = {}
     for spec in specs:
         names = spec.hf_names(config.num_layers)
         value = (
             stack_layers([read(spec, n) for n in names]) if spec.per_layer else read(spec, names[0])
         )
-        set_path(params, spec.path, value)
+        if spec.index:
+            shared.setdefault(spec.path, {})[spec.index] = value
+        else:
+            set_path(params, spec.path, value)
+    for spec in specs:
+        if spec.index and spec.path in shared:
+            set_path(params, spec.path, stack_members(shared.pop(spec.path), spec.stack))
     return params
 
 
-def stack_layers(values: list[Any]) -> Any:
-    """Per-layer values (arrays or NF4Tensors) stacked on a new leading layer axis."""
+def stack_layers(values: list[Any], axis: int = 0) -> Any:
+    """Per-layer values (arrays or NF4Tensors) stacked on a new leading layer axis (or on a
+    new ``axis``)."""
     if isinstance(values[0], NF4Tensor):
-        return stack(values)
-    return jnp.stack(values)
+        return stack(values, axis=axis)
+    return jnp.stack(values, axis=axis)
+
+
+def stack_members(members: Mapping[tuple[int, ...], Any], shape: tuple[int, ...]) -> Any:
+    """The ``[L, ...]`` values of the tensors that share one parameter (``TensorSpec.index``
+    -> value) as that parameter, ``[L, *shape, ...]``: an MoE layer's experts, and each
+    expert's parts (Mixtral's gate and up)."""
+
+    def build(prefix: tuple[int, ...]) -> Any:
+        if len(prefix) == len(shape):
+            return members[prefix]
+        return stack_layers([build((*prefix, i)) for i in range(shape[len(prefix)])], axis=1)
+
+    return build(())
 
 
 def set_path(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> None:

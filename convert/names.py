@@ -20,6 +20,15 @@ FUSED_MLP = ("gate_up_proj", "down_proj")
 # Every projection name of every family, in an order each family's own order is a part of.
 ALL_PROJECTIONS = ("qkv_proj", *ATTENTION, "gate_up_proj", *MLP)
 QK_NORMS = ("q_norm", "k_norm")  # per-head RMSNorms of queries and keys (Qwen 3, Gemma 3)
+# A mixture-of-experts MLP (Mixtral): a router and per-expert projections, each stacked on an
+# expert axis after the layer axis. Each lorax name is a LoRA target too; PEFT adapts it as
+# the 3-D parameter ``mlp.experts.<HF name>`` (``target_parameters``).
+ROUTER = "router"  # HF: block_sparse_moe.gate, [experts, hidden], never quantized
+EXPERT_PROJECTIONS = ("experts_gate_up_proj", "experts_down_proj")
+EXPERT_HF_PARAMETERS = {"experts_gate_up_proj": "gate_up_proj", "experts_down_proj": "down_proj"}
+# The checkpoint's per-expert matrices of each (Mixtral's names; transformers >= 5 still saves
+# these): gate_up's rows are w1's (gate) then w3's (up), each quantized on its own.
+EXPERT_CHECKPOINT_PARTS = {"experts_gate_up_proj": ("w1", "w3"), "experts_down_proj": ("w2",)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +43,10 @@ class TensorSpec:
     shape: tuple[int, ...]
     per_layer: bool
     quantizable: bool = False
+    # Where this tensor sits in the value at ``path`` when several tensors share it (an MoE
+    # layer's experts): ``value[layer][index]``, of a value shaped ``(L, *stack, *shape)``.
+    index: tuple[int, ...] = ()
+    stack: tuple[int, ...] = ()
 
     def hf_names(self, num_layers: int) -> list[str]:
         if not self.per_layer:
@@ -42,7 +55,10 @@ class TensorSpec:
 
 
 def module_name(projection: str) -> str:
-    """HF's module path of a projection inside a decoder layer (``self_attn.q_proj``)."""
+    """HF's module path of a projection inside a decoder layer (``self_attn.q_proj``); for an
+    expert projection, transformers' in-memory 3-D parameter (``mlp.experts.gate_up_proj``)."""
+    if projection in EXPERT_HF_PARAMETERS:
+        return f"mlp.experts.{EXPERT_HF_PARAMETERS[projection]}"
     return f"{'self_attn' if projection in ATTENTION + FUSED_ATTENTION else 'mlp'}.{projection}"
 
 
@@ -62,6 +78,9 @@ def tensor_specs(config: Any) -> Iterator[TensorSpec]:
             name = f"{layer_prefix()}.self_attn.{norm}.weight"
             yield TensorSpec(("layers", norm), name, (config.head_dim,), True)
     for proj in config.projections():
+        if proj in EXPERT_PROJECTIONS:
+            yield from _expert_specs(config, proj)
+            continue
         out_dim, in_dim = config.projection_shape(proj)
         base = f"{layer_prefix()}.{module_name(proj)}"
         yield TensorSpec(
@@ -72,6 +91,30 @@ def tensor_specs(config: Any) -> Iterator[TensorSpec]:
     yield TensorSpec(("norm",), "model.norm.weight", (d,), False)
     if not config.tie_word_embeddings:
         yield TensorSpec(("lm_head", "weight"), "lm_head.weight", (v, d), False)
+
+
+def _expert_specs(config: Any, projection: str) -> Iterator[TensorSpec]:
+    """One spec per checkpoint matrix of an expert projection, in (expert, part) order; the
+    layer's router comes first, with the gate/up projection."""
+    base = f"{layer_prefix()}.block_sparse_moe"
+    experts, parts = config.num_experts, EXPERT_CHECKPOINT_PARTS[projection]
+    if projection == EXPERT_PROJECTIONS[0]:
+        shape = (experts, config.hidden_size)
+        yield TensorSpec(("layers", ROUTER, "weight"), f"{base}.gate.weight", shape, True)
+    out_dim, in_dim = config.projection_shape(projection)
+    shape = (out_dim // len(parts), in_dim)
+    stack = (experts, len(parts)) if len(parts) > 1 else (experts,)
+    for e in range(experts):
+        for p, part in enumerate(parts):
+            yield TensorSpec(
+                ("layers", projection, "weight"),
+                f"{base}.experts.{e}.{part}.weight",
+                shape,
+                True,
+                True,
+                index=(e, p) if len(parts) > 1 else (e,),
+                stack=stack,
+            )
 
 
 # Tensors some checkpoints carry that hold no parameters (recomputed buffers).

@@ -37,6 +37,24 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # of them a model has is checked against its config when the adapter is applied.
 PROJECTIONS = ALL_PROJECTIONS
 
+def expert_factors_to_peft(lora_a: Any, lora_b: Any) -> tuple[np.ndarray, np.ndarray]:
+    """One layer's expert factors ``a [E, r, in]``, ``b [E, out, r]`` as PEFT's
+    ``ParamWrapper`` stores them: ``lora_A [E·r, in]`` (expert-major) and ``lora_B
+    [out, r·E]`` (rank-major: column ``j·E + e`` is expert e's column j)."""
+    a, b = np.asarray(lora_a), np.asarray(lora_b)
+    experts, out_dim, rank = b.shape
+    return a.reshape(experts * rank, -1), b.transpose(1, 2, 0).reshape(out_dim, rank * experts)
+
+
+def expert_factors_from_peft(
+    lora_a: Any, lora_b: Any, experts: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The inverse of :func:`expert_factors_to_peft`."""
+    a, b = np.asarray(lora_a), np.asarray(lora_b)
+    rank = a.shape[0] // experts
+    return a.reshape(experts, rank, -1), b.reshape(b.shape[0], rank, experts).transpose(2, 0, 1)
+
+
 # A LoRA key as PEFT saves it, or as some tools leave it: without the ``base_model.model.``
 # prefix, or with the adapter name (``.default``) still inside, as in a raw state_dict.
 _KEY = re.compile(

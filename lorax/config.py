@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from convert.families import FAMILIES
-from convert.names import ATTENTION, FUSED, FUSED_ATTENTION, FUSED_MLP, MLP
+from convert.names import ATTENTION, EXPERT_PROJECTIONS, FUSED, FUSED_ATTENTION, FUSED_MLP, MLP
 from convert.rope import llama3_rope_factors, longrope_default_attention_factor
 
 # The HF ``model_type``s lorax computes (what each fixes: ``convert.families``).
@@ -39,6 +39,9 @@ PROJECTION_GROUPS = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", 
 # The same with q/k/v and gate/up stored fused (Phi-3): one projection per group.
 FUSED_PROJECTIONS = FUSED_ATTENTION + FUSED_MLP
 FUSED_PROJECTION_GROUPS = tuple((name,) for name in FUSED_PROJECTIONS)
+# A mixture-of-experts layer (Mixtral): Llama's attention, then per-expert gate/up and down.
+MOE_PROJECTIONS = ATTENTION_PROJECTIONS + EXPERT_PROJECTIONS
+MOE_PROJECTION_GROUPS = PROJECTION_GROUPS[:2] + tuple((name,) for name in EXPERT_PROJECTIONS)
 
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
 
@@ -121,6 +124,13 @@ class ModelConfig:
     sliding_rope: RopeConfig | None = None
     # q/k/v stored as one ``qkv_proj`` and gate/up as one ``gate_up_proj`` (Phi-3).
     fused_projections: bool = False
+    # A routed mixture of experts replaces the MLP when num_experts > 0 (Mixtral): each token
+    # goes through experts_per_token of them, weighted by the router's renormalized softmax.
+    num_experts: int = 0
+    experts_per_token: int = 0
+    # The router's load-balancing loss is added to the training loss with this weight
+    # (transformers does when config.json sets output_router_logits); None: not added.
+    router_aux_loss_coef: float | None = None
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
     pad_token_id: int | None = None
@@ -142,6 +152,18 @@ class ModelConfig:
             raise ConfigError(f"activation={self.activation!r}; supported: {ACTIVATIONS}")
         if self.norm_style not in NORM_STYLES:
             raise ConfigError(f"norm_style={self.norm_style!r}; supported: {NORM_STYLES}")
+        if self.num_experts and not 0 < self.experts_per_token <= self.num_experts:
+            raise ConfigError(
+                f"num_experts_per_tok={self.experts_per_token} must be in "
+                f"[1, num_local_experts={self.num_experts}]"
+            )
+        if self.num_experts and self.fused_projections:
+            raise ConfigError("a mixture-of-experts model with fused projections is not supported")
+
+    @property
+    def moe(self) -> bool:
+        """Whether the MLP is a routed mixture of experts."""
+        return self.num_experts > 0
 
     @property
     def attention_scale(self) -> float:
@@ -173,22 +195,30 @@ class ModelConfig:
         return self.num_kv_heads * self.head_dim
 
     def projections(self) -> tuple[str, ...]:
-        """The projections of one decoder layer, in HF's names and order."""
+        """The projections of one decoder layer, in HF's names and order (an MoE layer's
+        expert projections: ``convert.names.EXPERT_PROJECTIONS``)."""
+        if self.moe:
+            return MOE_PROJECTIONS
         return FUSED_PROJECTIONS if self.fused_projections else PROJECTIONS
 
     def projection_groups(self) -> tuple[tuple[str, ...], ...]:
         """The forward's matmul-layer calls, by the projections each computes from one input:
-        q/k/v (or qkv), o, gate/up (or gate_up), down."""
+        q/k/v (or qkv), o, gate/up (or gate_up, or the experts'), down."""
+        if self.moe:
+            return MOE_PROJECTION_GROUPS
         return FUSED_PROJECTION_GROUPS if self.fused_projections else PROJECTION_GROUPS
 
     def attention_projections(self) -> tuple[str, ...]:
         return FUSED_ATTENTION if self.fused_projections else ATTENTION_PROJECTIONS
 
     def mlp_projections(self) -> tuple[str, ...]:
+        if self.moe:
+            return EXPERT_PROJECTIONS
         return FUSED_MLP if self.fused_projections else MLP_PROJECTIONS
 
     def projection_shape(self, name: str) -> tuple[int, int]:
-        """The HF ``[out, in]`` shape of one layer's projection ``name``."""
+        """The HF ``[out, in]`` shape of one layer's projection ``name`` (of one expert's, for
+        an expert projection)."""
         d, f = self.hidden_size, self.intermediate_size
         shapes = {
             "q_proj": (self.q_size, d),
@@ -198,14 +228,25 @@ class ModelConfig:
             "gate_proj": (f, d),
             "up_proj": (f, d),
             "down_proj": (d, f),
+            "experts_gate_up_proj": (2 * f, d),
+            "experts_down_proj": (d, f),
         }
         if name in FUSED:
             return (sum(shapes[part][0] for part in FUSED[name]), d)
         return shapes[name]
 
+    def projection_copies(self, name: str) -> int:
+        """How many matrices of ``name``'s shape a layer holds (its experts, or one)."""
+        return self.num_experts if name in EXPERT_PROJECTIONS else 1
+
     def num_parameters(self) -> int:
-        """Parameters in the dense model (embeddings, projections, biases, norms, head)."""
-        linear = sum(int(np.prod(self.projection_shape(p))) for p in self.projections())
+        """Parameters in the model (embeddings, projections with every expert, routers,
+        biases, norms, head)."""
+        linear = sum(
+            self.projection_copies(p) * int(np.prod(self.projection_shape(p)))
+            for p in self.projections()
+        )
+        linear += self.num_experts * self.hidden_size  # the router
         biases = sum(self.projection_shape(p)[0] for p in self.bias_projections)
         norms = len(self.layer_norm_names()) * self.hidden_size
         per_layer = linear + biases + norms + (2 * self.head_dim if self.qk_norm else 0)
@@ -270,7 +311,7 @@ class ModelConfig:
         bias: tuple[str, ...] = ()
         if model_type == "qwen2":
             bias = ("q_proj", "k_proj", "v_proj")
-        elif model_type not in ("mistral", "phi3") and hf.get("attention_bias"):
+        elif model_type not in ("mistral", "mixtral", "phi3") and hf.get("attention_bias"):
             bias = ATTENTION_PROJECTIONS  # Mistral and Phi-3 have no attention_bias: ignored
         if model_type == "llama" and hf.get("mlp_bias"):
             bias = bias + MLP_PROJECTIONS
@@ -285,6 +326,7 @@ class ModelConfig:
         eos = hf.get("eos_token_id")
         if isinstance(eos, list):
             eos = tuple(eos)
+        moe_fields = _moe_fields(hf, source) if family.moe else {}
         gemma_fields: dict[str, Any] = {}
         if gemma:
             softcap_defaults = (50.0, 30.0) if model_type == "gemma2" else (None, None)
@@ -323,6 +365,7 @@ class ModelConfig:
             eos_token_id=eos,
             pad_token_id=hf.get("pad_token_id"),
             **gemma_fields,
+            **moe_fields,
         )
 
     @classmethod
@@ -337,6 +380,24 @@ class ModelConfig:
 
 def _optional_float(value: Any) -> float | None:
     return None if value is None else float(value)
+
+
+def _moe_fields(hf: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """Mixtral's expert count, top-k and load-balancing loss (transformers' defaults)."""
+    if hf.get("router_jitter_noise"):
+        # transformers scales the MoE input by uniform noise in training mode only; lorax
+        # would train a different function.
+        raise ConfigError(
+            f"{source}: router_jitter_noise={hf['router_jitter_noise']!r} is not supported "
+            "(only 0.0, Mixtral's value)"
+        )
+    return dict(
+        num_experts=int(hf.get("num_local_experts", 8)),
+        experts_per_token=int(hf.get("num_experts_per_tok", 2)),
+        router_aux_loss_coef=(
+            float(hf.get("router_aux_loss_coef", 0.001)) if hf.get("output_router_logits") else None
+        ),
+    )
 
 
 def _ropes_from_hf(
@@ -414,7 +475,7 @@ def _layer_windows_from_hf(
     hf: Mapping[str, Any], model_type: str, num_layers: int, source: str
 ) -> tuple[int, ...]:
     window = hf.get("sliding_window")
-    if model_type in ("mistral", "phi3"):  # one window on every layer
+    if model_type in ("mistral", "mixtral", "phi3"):  # one window on every layer
         return (int(window or 0),) * num_layers
     if model_type in ("qwen2", "qwen3", *GEMMA_MODEL_TYPES):
         layer_types = hf.get("layer_types")

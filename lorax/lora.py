@@ -1,7 +1,8 @@
 """LoRA: the trainable pytree and the one linear op every projection goes through.
 
 The LoRA parameters are a pytree separate from the frozen base, with the base's nesting
-(``{"layers": {"q_proj": {"lora_a": [L, r, in], "lora_b": [L, out, r]}}}``) and PEFT's
+(``{"layers": {"q_proj": {"lora_a": [L, r, in], "lora_b": [L, out, r]}}}``; an MoE expert
+projection has ``[L, E, r, in]`` and ``[L, E, out, r]``, one pair per expert) and PEFT's
 shapes, init and scaling, so adapters round-trip with ``peft``. The static half (rank,
 alpha, targets, ...) travels as pytree metadata, so ``jax.grad`` w.r.t. a ``LoraWeights``
 gives a ``LoraWeights`` of gradients and ``jit`` specialises on the config, not the values.
@@ -17,6 +18,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from convert.names import EXPERT_PROJECTIONS
 from lorax.config import ATTENTION_PROJECTIONS, MLP_PROJECTIONS, PROJECTIONS, ModelConfig
 from pallas_kernels.nf4_matmul import NF4MatmulConfig, nf4_lora_matmul, nf4_lora_matmul_group
 from pallas_kernels.nf4_matmul_mgpu import MgpuNF4Weight, stacked_member
@@ -111,15 +113,22 @@ def init_lora(
     cfg = LoraConfig(
         rank, float(alpha), resolve_targets(targets, config), float(dropout), use_rslora
     )
+    experts = [t for t in cfg.targets if t in EXPERT_PROJECTIONS]
+    if experts and dropout:
+        raise ValueError(
+            f"LoRA dropout on the expert projections {experts} is not supported (PEFT cannot "
+            "express it either: it adapts them as weights); target the others, or use 0.0"
+        )
     key = jax.random.key(0) if key is None else key
     layers = {}
     for name, k in zip(cfg.targets, jax.random.split(key, len(cfg.targets)), strict=True):
         out_dim, in_dim = config.projection_shape(name)
         bound = 1.0 / math.sqrt(in_dim)
-        a_shape = (config.num_layers, rank, in_dim)
+        # An expert projection has one pair of factors per expert, after the layer axis.
+        lead = (config.num_layers, *((config.num_experts,) if name in experts else ()))
         layers[name] = {
-            "lora_a": jax.random.uniform(k, a_shape, dtype, -bound, bound),
-            "lora_b": jnp.zeros((config.num_layers, out_dim, rank), dtype),
+            "lora_a": jax.random.uniform(k, (*lead, rank, in_dim), dtype, -bound, bound),
+            "lora_b": jnp.zeros((*lead, out_dim, rank), dtype),
         }
     return LoraWeights({"layers": layers}, cfg)
 

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from lorax import remat as remat_lib
 from lorax.config import ModelConfig, rope_frequencies
 from lorax.lora import LoraWeights, lora_linears
+from lorax.moe import moe_mlp
 from pallas_kernels.flash_attention import flash_attention, mosaic_supports, resolve_impl
 from pallas_kernels.flash_attention_mgpu import MgpuAttentionConfig
 from pallas_kernels.nf4_matmul import NF4MatmulConfig
@@ -44,6 +45,9 @@ class Model:
                 (Gemma) pre_feedforward_layernorm, post_feedforward_layernorm [L, D],
                 (Qwen 3, Gemma 3) q_norm, k_norm [L, head_dim],
                 {q,k,v,o,gate,up,down}_proj: {"weight": [L, out, in] | NF4Tensor, "bias"?: [L, out]}
+                (Mixtral, in place of gate/up/down) router: {"weight": [L, E, D]},
+                experts_gate_up_proj: {"weight": [L, E, 2, F, D] | NF4Tensor (batch [L, E, 2])},
+                experts_down_proj: {"weight": [L, E, D, F] | NF4Tensor (batch [L, E])}
         norm [D]
         lm_head: {"weight": [V, D]}          (absent when embeddings are tied)
 
@@ -399,6 +403,18 @@ def _decoder_layer(
     mlp_norm = "pre_feedforward_layernorm" if config.sandwich_norms else "post_attention_layernorm"
     x = norm(h, mlp_norm)
 
+    def moe(x: Array, chunk_index: Array | None = None) -> Array:
+        out, _ = moe_mlp(
+            x,
+            layer,
+            adapters,
+            num_experts=config.num_experts,
+            experts_per_token=config.experts_per_token,
+            activation=lambda z: _activation(config.activation, z),
+            lora_scale=lora_cfg.scale if lora_cfg is not None else 0.0,
+        )
+        return out
+
     def mlp(x: Array, chunk_index: Array | None = None) -> Array:
         # Chunks fold their index into the dropout keys so they draw different masks.
         f = config.intermediate_size
@@ -409,7 +425,7 @@ def _decoder_layer(
             down = norm(down, "post_feedforward_layernorm")
         return down
 
-    return h + _chunked_over_tokens(mlp, x, options.mlp_chunk_tokens)
+    return h + _chunked_over_tokens(moe if config.moe else mlp, x, options.mlp_chunk_tokens)
 
 
 def _chunked_over_tokens(fn: Any, x: Array, chunk: int | None) -> Array:

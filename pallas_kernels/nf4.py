@@ -259,8 +259,9 @@ def _check_layout(t: NF4Tensor) -> None:
             )
 
 
-def stack(tensors: Sequence[NF4Tensor]) -> NF4Tensor:
-    """Stacks same-format NF4 tensors along a new leading batch axis (e.g. the layer axis)."""
+def stack(tensors: Sequence[NF4Tensor], axis: int = 0) -> NF4Tensor:
+    """Stacks same-format NF4 tensors along a new batch axis: the leading one (e.g. the layer
+    axis) by default, or ``axis`` (counted among the batch axes)."""
     if not tensors:
         raise ValueError("stack needs at least one NF4Tensor")
     first = tensors[0]
@@ -275,7 +276,9 @@ def stack(tensors: Sequence[NF4Tensor]) -> NF4Tensor:
                 f"double_quant) or batch shape: item 0 is {key} batch {first.batch_shape}, "
                 f"item {i} is {other} batch {t.batch_shape}"
             )
-    return jax.tree.map(lambda *xs: jnp.stack(xs), *tensors)
+    if not 0 <= axis <= len(first.batch_shape):
+        raise ValueError(f"stack: axis {axis} is outside batch shape {first.batch_shape}")
+    return jax.tree.map(lambda *xs: jnp.stack(xs, axis=axis), *tensors)
 
 
 def quantize_nf4(w: jax.Array, blocksize: int = 64, double_quant: bool = True) -> NF4Tensor:

@@ -117,6 +117,7 @@ def make_hf_model(tmp_path, model_type: str = "llama", seed: int = 0, **override
         "gemma2": transformers.Gemma2Config,
         "gemma3_text": transformers.Gemma3TextConfig,
         "phi3": transformers.Phi3Config,
+        "mixtral": transformers.MixtralConfig,
     }[model_type]
     kwargs = {**TINY, **overrides}
     config = config_cls(**kwargs)
@@ -171,8 +172,10 @@ def random_lora(model, rng, rank, alpha, targets, **kw) -> lorax.LoraWeights:
     layers = {}
     for proj in config.targets:
         out_dim, in_dim = model.config.projection_shape(proj)
-        shape_a = (model.config.num_layers, rank, in_dim)
-        shape_b = (model.config.num_layers, out_dim, rank)
+        copies = model.config.projection_copies(proj)
+        lead = (model.config.num_layers, *((copies,) if proj.startswith("experts_") else ()))
+        shape_a = (*lead, rank, in_dim)
+        shape_b = (*lead, out_dim, rank)
         layers[proj] = {
             "lora_a": jnp.asarray(rng.uniform(-1, 1, shape_a) / np.sqrt(in_dim), jnp.float32),
             "lora_b": jnp.asarray(0.2 * rng.normal(size=shape_b), jnp.float32),

@@ -10,7 +10,8 @@ from conftest import make_hf_model, rel_l2
 from test_model_parity import CASES
 
 import lorax
-from convert.names import module_name
+from convert.names import EXPERT_HF_PARAMETERS, module_name
+from convert.peft import expert_factors_from_peft, expert_factors_to_peft
 
 
 def _peft_model(torch_model, lora: lorax.LoraWeights):
@@ -210,3 +211,79 @@ def test_forward_options_choose_the_attention_backward():
     assert fused_kernels() == 0  # "auto" keeps the two kernels at 128 tokens
     with pytest.raises(ValueError, match="bwd_dq must be one of"):
         lorax.ForwardOptions(attention_bwd_dq="atomic")
+
+
+def _peft_expert_wrappers(layer) -> dict[str, object]:
+    """PEFT's (nested) ParamWrappers of one layer's experts, by lorax projection name."""
+    from peft.tuners.lora.layer import ParamWrapper
+
+    by_param = {m.parameter_name: m for m in layer.mlp.modules() if isinstance(m, ParamWrapper)}
+    return {name: by_param[hf] for name, hf in EXPERT_HF_PARAMETERS.items() if hf in by_param}
+
+
+@pytest.mark.parametrize("targets", ["all-linear", ["v_proj", "experts_down_proj"]])
+def test_mixtral_experts_forward_and_grads_match_peft(tmp_path, rng, targets):
+    """LoRA on Mixtral's experts, as PEFT adapts them (``target_parameters``: one factor pair
+    per expert, folded into the 3-D expert weights)."""
+    import peft
+
+    torch = pytest.importorskip("torch")
+    model_type, overrides = CASES["mixtral"]
+    torch_model, path = make_hf_model(tmp_path, model_type, **overrides)
+    model = lorax.load(path, dtype="float32")
+    lora = lorax.init_lora(model, rank=4, alpha=8, targets=targets, key=jax.random.key(1))
+    params = jax.tree_util.tree_map(
+        lambda x: jnp.asarray(rng.normal(size=x.shape) * 0.1, jnp.float32), lora.params
+    )
+    lora = lorax.LoraWeights(params, lora.config)
+    cfg = lora.config
+    experts = [t for t in cfg.targets if t in EXPERT_HF_PARAMETERS]
+    linears = [t for t in cfg.targets if t not in EXPERT_HF_PARAMETERS]
+    peft_model = peft.get_peft_model(
+        torch_model,
+        peft.LoraConfig(
+            r=cfg.rank,
+            lora_alpha=cfg.alpha,
+            target_modules=linears,
+            target_parameters=[module_name(t) for t in experts],
+        ),
+    )
+    layers = peft_model.base_model.model.model.layers
+    with torch.no_grad():
+        for i, layer in enumerate(layers):
+            wrappers = _peft_expert_wrappers(layer)
+            for proj, ab in lora.params["layers"].items():
+                if proj in experts:
+                    module = wrappers[proj]
+                    a, b = expert_factors_to_peft(ab["lora_a"][i], ab["lora_b"][i])
+                else:
+                    module = layer.get_submodule(module_name(proj))
+                    a, b = np.asarray(ab["lora_a"][i]), np.asarray(ab["lora_b"][i])
+                module.lora_A["default"].weight.copy_(torch.from_numpy(np.array(a)))
+                module.lora_B["default"].weight.copy_(torch.from_numpy(np.array(b)))
+
+    ids = rng.integers(0, model.config.vocab_size, size=(2, 20))
+    cotangent = rng.normal(size=(2, 20, model.config.vocab_size)).astype(np.float32)
+    ours = lorax.forward(model, lora, jnp.asarray(ids))
+    grads = jax.grad(lambda lora: jnp.sum(lorax.forward(model, lora, jnp.asarray(ids)) * cotangent))(
+        lora
+    )
+    logits = peft_model(torch.as_tensor(ids)).logits
+    (logits * torch.from_numpy(cotangent)).sum().backward()
+    assert rel_l2(ours, logits.detach().numpy()) < 1e-5
+    assert rel_l2(ours, lorax.forward(model, None, jnp.asarray(ids))) > 1e-2  # LoRA acts
+    for i, layer in enumerate(layers):
+        wrappers = _peft_expert_wrappers(layer)
+        for proj, ab in grads.params["layers"].items():
+            if proj in experts:
+                module = wrappers[proj]
+                ref_a, ref_b = expert_factors_from_peft(
+                    module.lora_A["default"].weight.grad, module.lora_B["default"].weight.grad,
+                    model.config.num_experts,
+                )  # fmt: skip
+            else:
+                module = layer.get_submodule(module_name(proj))
+                ref_a = module.lora_A["default"].weight.grad.numpy()
+                ref_b = module.lora_B["default"].weight.grad.numpy()
+            assert rel_l2(ab["lora_a"][i], ref_a) < 1e-5, (proj, i)
+            assert rel_l2(ab["lora_b"][i], ref_b) < 1e-5, (proj, i)

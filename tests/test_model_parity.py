@@ -101,6 +101,9 @@ CASES = {
             },
         ),
     ),
+    # Mixtral: 4 experts, 2 per token, a window on every layer.
+    "mixtral": ("mixtral", dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=8)),
+    "mixtral-top3-of-5": ("mixtral", dict(num_local_experts=5, num_experts_per_tok=3)),
     # Gemma 3: q/k norms, and the full layers' RoPE (scaled) apart from the sliding layers'.
     "gemma3-two-ropes": (
         "gemma3_text",
@@ -127,7 +130,7 @@ def test_logits_match_transformers_f32(tmp_path, rng, case):
     assert rel_err(ours, torch_logits(torch_model, ids)) < 1e-4
 
 
-@pytest.mark.parametrize("case", ["llama-llama3-rope", "gemma2", "gemma3-two-ropes"])
+@pytest.mark.parametrize("case", ["llama-llama3-rope", "gemma2", "gemma3-two-ropes", "mixtral"])
 def test_logits_match_transformers_bf16(tmp_path, rng, case):
     model_type, overrides = CASES[case]
     torch_model, path = make_hf_model(tmp_path, model_type, **overrides)

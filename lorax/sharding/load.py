@@ -56,6 +56,11 @@ def load_params_sharded(
 ) -> dict[str, Any]:
     """``convert.hf.load_params`` into the layout ``base_shardings(params, mesh, rules)``."""
     check_quantize(quantize)
+    if getattr(config, "moe", False):
+        raise NotImplementedError(
+            f"{directory}: loading a mixture-of-experts model ({config.model_type}) straight "
+            "into a sharded layout is not supported; load it without a mesh"
+        )
     ckpt, specs, pre_quantized = open_checkpoint(directory, config, hf_config)
     num_layers = config.num_layers
     for spec in specs:
@@ -119,17 +124,21 @@ def abstract_base_params(
     check_quantize(quantize)
     abstract: dict[str, Any] = {}
     for spec in tensor_specs(config):
-        shape = (config.num_layers, *spec.shape) if spec.per_layer else spec.shape
-        leaf = jax.ShapeDtypeStruct(shape, dtype)
+        if any(spec.index):
+            continue  # one more member of a parameter already placed (an MoE expert)
+        batch = (config.num_layers, *spec.stack) if spec.per_layer else ()
+        leaf = jax.ShapeDtypeStruct((*batch, *spec.shape), dtype)
         if quantize == "nf4" and spec.quantizable:
-            leaf = _abstract_nf4(leaf, double_quant)
+            leaf = _abstract_nf4(leaf, len(batch), double_quant)
         set_path(abstract, spec.path, leaf)
     return abstract
 
 
-def _abstract_nf4(leaf: jax.ShapeDtypeStruct, double_quant: bool) -> Any:
+def _abstract_nf4(leaf: jax.ShapeDtypeStruct, batch_axes: int, double_quant: bool) -> Any:
     quantize = functools.partial(quantize_nf4, blocksize=64, double_quant=double_quant)
-    return jax.eval_shape(jax.vmap(quantize), leaf)
+    for _ in range(batch_axes):
+        quantize = jax.vmap(quantize)
+    return jax.eval_shape(quantize, leaf)
 
 
 def _get_path(tree: Mapping[str, Any], path: tuple[str, ...]) -> Any:

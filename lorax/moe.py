@@ -1,0 +1,81 @@
+"""A routed mixture-of-experts MLP (Mixtral): route each token, group rows by expert, multiply.
+
+Each token's hidden state goes to ``experts_per_token`` of ``num_experts`` SwiGLU experts,
+chosen by a linear router; their outputs are summed, weighted by the router's softmax over
+the chosen experts (renormalized to sum to one). As in transformers, the router's logits
+come out of a matmul in the compute dtype and the softmax runs in float32.
+
+The computation is exact and does only the routed work: the ``tokens x k`` (token, expert)
+pairs are sorted by expert so that each expert's rows are one contiguous group, and every
+projection is one grouped matmul over them (:func:`pallas_kernels.expert_matmul.
+expert_lora_matmul`, which also carries the LoRA terms and keeps no decoded expert weights
+for the backward). Nothing is dropped: there is no capacity limit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from convert.names import ROUTER
+from lorax import remat as remat_lib
+from pallas_kernels.expert_matmul import expert_lora_matmul
+
+Array = jax.Array
+
+
+def route(x: Array, router: Array, experts_per_token: int) -> tuple[Array, Array, Array]:
+    """``(weights [T, k] f32, experts [T, k] int32, logits [T, E])`` for tokens ``x [T, D]``.
+
+    ``weights`` sum to one per token; ``logits`` are what a load-balancing loss reads.
+    """
+    logits = jnp.einsum(
+        "td,ed->te", x, router.astype(x.dtype), preferred_element_type=jnp.float32
+    ).astype(x.dtype)
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    weights, experts = jax.lax.top_k(probs, experts_per_token)
+    return weights / jnp.sum(weights, axis=-1, keepdims=True), experts, logits
+
+
+def moe_mlp(
+    x: Array,
+    layer: dict[str, Any],
+    adapters: dict[str, Any],
+    *,
+    num_experts: int,
+    experts_per_token: int,
+    activation: Callable[[Array], Array],
+    lora_scale: float,
+) -> tuple[Array, Array]:
+    """``(out [..., D], router_logits [T, E])`` of one layer's MoE MLP for ``x [..., D]``.
+
+    ``layer`` holds the frozen ``router`` and ``experts_gate_up_proj`` / ``experts_down_proj``
+    weights (``convert.names``); ``adapters`` their LoRA factors, where targeted.
+    """
+    shape = x.shape
+    tokens = x.reshape(-1, shape[-1])
+    k = experts_per_token
+    weights, experts, logits = route(tokens, layer[ROUTER]["weight"], k)
+    # Sort the (token, choice) pairs by expert; a stable sort keeps each expert's rows in
+    # token order, as transformers visits them.
+    flat = experts.reshape(-1)
+    order = jnp.argsort(flat, stable=True)
+    group_sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
+    rows = tokens[order // k]
+
+    def project(name: str, rows: Array) -> Array:
+        adapter = adapters.get(name)
+        a, b = (adapter["lora_a"], adapter["lora_b"]) if adapter is not None else (None, None)
+        return expert_lora_matmul(rows, layer[name]["weight"], group_sizes, a, b, lora_scale)
+
+    gate, up = jnp.split(project("experts_gate_up_proj", rows), 2, axis=-1)
+    gate, up = remat_lib.name(gate, "mlp_gate"), remat_lib.name(up, "mlp_up")
+    down = project("experts_down_proj", activation(gate) * up)
+    per_choice = down[jnp.argsort(order)].reshape(tokens.shape[0], k, shape[-1])
+    # Each expert's output is weighted in float32 and rounded, then the k are summed, the
+    # order transformers rounds in.
+    weighted = (per_choice.astype(jnp.float32) * weights[..., None]).astype(x.dtype)
+    return jnp.sum(weighted, axis=1).reshape(shape), logits
