@@ -37,6 +37,7 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # of them a model has is checked against its config when the adapter is applied.
 PROJECTIONS = ALL_PROJECTIONS
 
+
 def expert_factors_to_peft(lora_a: Any, lora_b: Any) -> tuple[np.ndarray, np.ndarray]:
     """One layer's expert factors ``a [E, r, in]``, ``b [E, out, r]`` as PEFT's
     ``ParamWrapper`` stores them: ``lora_A [E·r, in]`` (expert-major) and ``lora_B

@@ -83,7 +83,8 @@ def _check(x: Array, w: Any, group_sizes: Array, a: Any, b: Any) -> None:
     if x.ndim != 2 or x.shape[1] != k:
         raise ValueError(f"x must be [M, K={k}] for experts of shape {(e, n, k)}, got {x.shape}")
     if group_sizes.shape != (e,) or not jnp.issubdtype(group_sizes.dtype, jnp.integer):
-        raise ValueError(f"group_sizes must be int[{e}], got {group_sizes.dtype}{group_sizes.shape}")
+        got = f"{group_sizes.dtype}{list(group_sizes.shape)}"
+        raise ValueError(f"group_sizes must be int[{e}], got {got}")
     if (a is None) != (b is None):
         raise ValueError("pass both LoRA factors a and b, or neither")
     if a is not None:

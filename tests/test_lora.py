@@ -265,9 +265,11 @@ def test_mixtral_experts_forward_and_grads_match_peft(tmp_path, rng, targets):
     ids = rng.integers(0, model.config.vocab_size, size=(2, 20))
     cotangent = rng.normal(size=(2, 20, model.config.vocab_size)).astype(np.float32)
     ours = lorax.forward(model, lora, jnp.asarray(ids))
-    grads = jax.grad(lambda lora: jnp.sum(lorax.forward(model, lora, jnp.asarray(ids)) * cotangent))(
-        lora
-    )
+
+    def objective(lora):
+        return jnp.sum(lorax.forward(model, lora, jnp.asarray(ids)) * cotangent)
+
+    grads = jax.grad(objective)(lora)
     logits = peft_model(torch.as_tensor(ids)).logits
     (logits * torch.from_numpy(cotangent)).sum().backward()
     assert rel_l2(ours, logits.detach().numpy()) < 1e-5
