@@ -1,5 +1,5 @@
-"""Qwen 3, Gemma 2, Gemma 3 and Phi-3 on the GPU at their real layer widths: parity and
-step time.
+"""Qwen 3, Gemma 2, Gemma 3, Phi-3 and Mixtral on the GPU at their real layer widths: parity
+and step time.
 
 The CPU tests check each family's logits against transformers on tiny configs, with the jnp
 references. This runs what a GPU user gets instead: real head dims (Gemma's 256), real
@@ -123,6 +123,19 @@ FAMILIES = {
         original_max_position_embeddings=2048,
         partial_rotary_factor=0.75,
         rope_parameters={**PHI_LONGROPE, "partial_rotary_factor": 0.75},
+    ),
+    # Mixtral-8x7B's layer: 8 SwiGLU experts, 2 per token; no window.
+    "mixtral": dict(
+        model_type="mixtral",
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=32000,
+        rope_theta=1e6,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        sliding_window=None,
     ),
 }
 
@@ -304,7 +317,8 @@ def run_one(name: str, seq_len: int, tiny: bool) -> dict:
     hf = dict(FAMILIES[name])
     if tiny:
         DEVICE = "cpu"
-        hf.update(TINY, sliding_window=min(hf["sliding_window"], seq_len // 4))
+        window = hf.get("sliding_window")
+        hf.update(TINY, sliding_window=window and min(window, seq_len // 4))
         rope = hf.get("rope_parameters", {})
         if rope.get("rope_type") == "longrope":  # one factor per rotating frequency
             freqs = int(TINY["head_dim"] * rope.get("partial_rotary_factor", 1.0)) // 2

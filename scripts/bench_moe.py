@@ -1,0 +1,236 @@
+"""Grouped (per-expert) matmuls on the GPU: which implementation an MoE layer should use.
+
+An MoE projection multiplies rows sorted by expert, each group by its own expert's weight.
+XLA's ``ragged_dot`` is the portable op, but how the GPU runs it depends on the lowering: XLA's
+default rewrites it into a dense dot over zero-padded groups (E times the FLOPs); jax can lower
+it through a Pallas Triton kernel (``jax_ragged_dot_use_gpu_pallas_triton_lowering``); newer
+XLAs can hand it to cuDNN (``--xla_gpu_experimental_use_ragged_dot_fusion``); and jax ships a
+Mosaic GPU grouped-matmul kernel (``jax.experimental.pallas.ops.gpu.ragged_dot_mgpu``). This
+times each on Mixtral-8x7B's projections (E = 8 experts, top-2), both orientations the
+training step needs (``x·W_eᵀ`` forward, ``dy·W_e`` for dx), against the bf16 cuBLAS dot of the
+same FLOPs (one dense matrix: the ceiling), and checks each against the default's result.
+
+Then ``--layer``: one whole MoE MLP (router, sort, gate/up, SwiGLU, down, combine), NF4
+experts and r=16 LoRA on both expert projections, forward+backward, as lorax runs it.
+
+Usage: ``python scripts/bench_moe.py [--tokens 4096,8192] [--impls xla,triton,mosaic,cudnn]
+[--layer]``. ``cudnn`` runs in a child process (an XLA flag must be set before jax starts; a
+jax whose XLA lacks the flag reports that instead of a row).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+D, F, E, K_TOP = 4096, 14336, 8, 2  # Mixtral-8x7B
+# (name, K, N): the two expert projections, HF [out, in] = [N, K].
+PROJECTIONS = (("gate_up", D, 2 * F), ("down", F, D))
+CUDNN_FLAG = "--xla_gpu_experimental_use_ragged_dot_fusion=true"
+ROW = "ROW "
+
+
+def group_sizes(tokens: int, seed: int = 0):
+    """Expert group sizes of a random top-2 routing of ``tokens`` tokens (about balanced)."""
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(size=(tokens, E))
+    top = np.argsort(-logits, axis=1)[:, :K_TOP].reshape(-1)
+    return np.bincount(top, minlength=E).astype(np.int32)
+
+
+def mosaic_ragged(lhs, w, sizes, *, transpose_rhs: bool):
+    from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu
+
+    n = w.shape[1] if transpose_rhs else w.shape[2]
+    block_n = 256 if n % 256 == 0 else 128
+    return ragged_dot_mgpu.ragged_dot(
+        lhs, w, group_sizes=sizes, block_m=128, block_n=block_n, block_k=64,
+        max_concurrent_steps=4, grid_block_n=1, transpose_rhs=transpose_rhs,
+    )  # fmt: skip
+
+
+def run_impl(impl: str, tokens_list: list[int]) -> list[dict]:
+    import jax
+    import jax.numpy as jnp
+    from _common import pipelined_ms
+
+    from pallas_kernels.expert_matmul import _NN, _NT
+
+    if impl == "triton":
+        jax.config.update("jax_ragged_dot_use_gpu_pallas_triton_lowering", True)
+    rows = []
+    for tokens in tokens_list:
+        m = tokens * K_TOP
+        sizes = jnp.asarray(group_sizes(tokens))
+        for name, k, n in PROJECTIONS:
+            keys = jax.random.split(jax.random.key(0), 3)
+            x = jax.random.normal(keys[0], (m, k), jnp.bfloat16)
+            w = (0.02 * jax.random.normal(keys[1], (E, n, k))).astype(jnp.bfloat16)
+            dy = jax.random.normal(keys[2], (m, n), jnp.bfloat16)
+            for direction in ("fwd", "dx"):
+                lhs = x if direction == "fwd" else dy
+                if impl == "mosaic":
+                    fn = functools.partial(mosaic_ragged, transpose_rhs=direction == "fwd")
+                    call = jax.jit(lambda lhs, w, s, fn=fn: fn(lhs, w, s))
+                else:
+                    dims = _NT if direction == "fwd" else _NN
+                    call = jax.jit(
+                        lambda lhs, w, s, dims=dims: jax.lax.ragged_dot_general(
+                            lhs, w, s, dims, preferred_element_type=jnp.bfloat16
+                        )
+                    )
+                reference = jax.jit(
+                    lambda lhs, w, s, direction=direction: jax.lax.ragged_dot_general(
+                        lhs, w, s, _NT if direction == "fwd" else _NN,
+                        preferred_element_type=jnp.float32,
+                    )
+                )  # fmt: skip
+                row = dict(impl=impl, tokens=tokens, proj=name, dir=direction)
+                try:
+                    out = call(lhs, w, sizes)
+                    ref = reference(lhs, w, sizes)
+                    err = float(
+                        jnp.linalg.norm(out.astype(jnp.float32) - ref) / jnp.linalg.norm(ref)
+                    )
+                    ms = pipelined_ms(call, lhs, w, sizes)
+                    flops = 2.0 * m * n * k
+                    row |= dict(ms=ms, tflops=flops / ms / 1e9, rel_l2=err)
+                except Exception as e:  # a lowering this jax lacks: report, go on
+                    row |= dict(error=f"{type(e).__name__}: {str(e).splitlines()[0][:160]}")
+                print(row, flush=True)
+                rows.append(row)
+    return rows
+
+
+def ceiling(tokens_list: list[int]) -> list[dict]:
+    """bf16 cuBLAS dots of the same FLOPs: [M, K] x one dense [N, K] matrix."""
+    import jax
+    import jax.numpy as jnp
+    from _common import pipelined_ms
+
+    rows = []
+    for tokens in tokens_list:
+        m = tokens * K_TOP
+        for name, k, n in PROJECTIONS:
+            x = jax.random.normal(jax.random.key(0), (m, k), jnp.bfloat16)
+            w = jax.random.normal(jax.random.key(1), (n, k), jnp.bfloat16)
+            dy = jax.random.normal(jax.random.key(2), (m, n), jnp.bfloat16)
+            for direction, lhs, spec in (("fwd", x, "mk,nk->mn"), ("dx", dy, "mn,nk->mk")):
+                call = jax.jit(lambda a, b, spec=spec: jnp.einsum(spec, a, b))
+                ms = pipelined_ms(call, lhs, w)
+                row = dict(impl="dense dot", tokens=tokens, proj=name, dir=direction, ms=ms,
+                           tflops=2.0 * m * n * k / ms / 1e9)  # fmt: skip
+                print(row, flush=True)
+                rows.append(row)
+    return rows
+
+
+def layer(tokens_list: list[int]) -> list[dict]:
+    """One MoE MLP as lorax runs it: NF4 experts, LoRA r=16 on both, forward+backward."""
+    import jax
+    import jax.numpy as jnp
+    from _common import pipelined_ms
+
+    from lorax.moe import moe_mlp
+    from pallas_kernels.nf4 import quantize_nf4
+
+    keys = jax.random.split(jax.random.key(0), 8)
+    quantize = jax.vmap(jax.vmap(quantize_nf4))
+    layer_params = {
+        "router": {"weight": 0.02 * jax.random.normal(keys[0], (E, D), jnp.bfloat16)},
+        "experts_gate_up_proj": {
+            "weight": quantize(0.02 * jax.random.normal(keys[1], (E, 2, F, D), jnp.bfloat16))
+        },
+        "experts_down_proj": {
+            "weight": jax.vmap(quantize_nf4)(0.02 * jax.random.normal(keys[2], (E, D, F)))
+        },
+    }
+    r = 16
+    adapters = {
+        "experts_gate_up_proj": {
+            "lora_a": 0.01 * jax.random.normal(keys[3], (E, r, D)),
+            "lora_b": 0.01 * jax.random.normal(keys[4], (E, 2 * F, r)),
+        },
+        "experts_down_proj": {
+            "lora_a": 0.01 * jax.random.normal(keys[5], (E, r, F)),
+            "lora_b": 0.01 * jax.random.normal(keys[6], (E, D, r)),
+        },
+    }
+    rows = []
+    for tokens in tokens_list:
+        x = jax.random.normal(keys[7], (1, tokens, D), jnp.bfloat16)
+
+        def loss(adapters, x, layer_params=layer_params):
+            out, _ = moe_mlp(
+                x, layer_params, adapters, num_experts=E, experts_per_token=K_TOP,
+                activation=jax.nn.silu, lora_scale=1.0,
+            )  # fmt: skip
+            return jnp.sum(out.astype(jnp.float32) ** 2)
+
+        step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+        ms = pipelined_ms(step, adapters, x)
+        # Base GEMMs: 3 per projection pair forward (gate/up, down) and dx backward: 2x fwd.
+        flops = 2.0 * 2 * tokens * K_TOP * 3 * F * D
+        row = dict(impl="moe layer fwd+bwd", tokens=tokens, ms=ms, tflops=flops / ms / 1e9)
+        print(row, flush=True)
+        rows.append(row)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tokens", default="4096,8192")
+    parser.add_argument("--impls", default="xla,triton,mosaic,cudnn")
+    parser.add_argument("--layer", action="store_true")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    tokens = [int(t) for t in args.tokens.split(",")]
+    if args.child:
+        print(ROW + json.dumps(run_impl(args.child, tokens)), flush=True)
+        return
+    rows = ceiling(tokens)
+    for impl in args.impls.split(","):
+        if impl == "cudnn":
+            env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {CUDNN_FLAG}")
+            argv = [sys.executable, __file__, "--child", "xla", "--tokens", args.tokens]
+            child = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=400)
+            found = [ln for ln in child.stdout.splitlines() if ln.startswith(ROW)]
+            if child.returncode or not found:
+                print(f"cudnn: FAILED (exit {child.returncode}): {child.stderr[-1500:]}")
+                continue
+            for row in json.loads(found[-1][len(ROW) :]):
+                rows.append(dict(row, impl="cudnn"))
+        else:
+            rows += run_impl(impl, tokens)
+    if args.layer:
+        rows += layer(tokens)
+    dense = {(r["tokens"], r.get("proj"), r.get("dir")): r["tflops"] for r in rows
+             if r["impl"] == "dense dot"}  # fmt: skip
+    print("\n| impl | tokens | proj | dir | ms | TFLOP/s | % of dense | rel L2 |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['impl']} | {r['tokens']} | {r.get('proj')} | {r.get('dir')} | "
+                  f"{r['error']} | | | |")  # fmt: skip
+            continue
+        share = dense.get((r["tokens"], r.get("proj"), r.get("dir")))
+        pct = f"{100 * r['tflops'] / share:.0f}%" if share and r["impl"] != "dense dot" else ""
+        print(f"| {r['impl']} | {r['tokens']} | {r.get('proj', '')} | {r.get('dir', '')} | "
+              f"{r['ms']:.3f} | {r['tflops']:.0f} | {pct} | {r.get('rel_l2', ''):.3g} |"
+              if "rel_l2" in r else
+              f"| {r['impl']} | {r['tokens']} | {r.get('proj', '')} | {r.get('dir', '')} | "
+              f"{r['ms']:.3f} | {r['tflops']:.0f} | {pct} | |")  # fmt: skip
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
