@@ -49,6 +49,7 @@ def moe_mlp(
     experts_per_token: int,
     activation: Callable[[Array], Array],
     lora_scale: float,
+    impl: str | None = None,
 ) -> tuple[Array, Array]:
     """``(out [..., D], router_logits [T, E])`` of one layer's MoE MLP for ``x [..., D]``.
 
@@ -69,7 +70,8 @@ def moe_mlp(
     def project(name: str, rows: Array) -> Array:
         adapter = adapters.get(name)
         a, b = (adapter["lora_a"], adapter["lora_b"]) if adapter is not None else (None, None)
-        return expert_lora_matmul(rows, layer[name]["weight"], group_sizes, a, b, lora_scale)
+        weight = layer[name]["weight"]
+        return expert_lora_matmul(rows, weight, group_sizes, a, b, lora_scale, impl=impl)
 
     gate, up = jnp.split(project("experts_gate_up_proj", rows), 2, axis=-1)
     gate, up = remat_lib.name(gate, "mlp_gate"), remat_lib.name(up, "mlp_up")

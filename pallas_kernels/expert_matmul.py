@@ -16,6 +16,15 @@ grouped matmul (``lax.ragged_dot_general``) under the same contract as
 
   where each product runs over group e's rows only.
 
+Implementations (``impl``): ``"xla"``, ``lax.ragged_dot_general``, which XLA's GPU backend
+(jax 0.11.2) rewrites into a dense dot over zero-padded groups, E times the FLOPs: 90-97
+TFLOP/s of useful work at Mixtral's shapes on an H200, where the bf16 dot of the same FLOPs
+runs at 684-709 (BENCHMARKS.md §8); on a CPU it is the only one. ``"mosaic"``: jax's own
+Mosaic GPU grouped-matmul kernel (``jax.experimental.pallas.ops.gpu.ragged_dot_mgpu``) for the
+two large products (``x·W_eᵀ`` and ``dy·W_e``), reading W in its stored ``[E, N, K]``
+orientation both ways; the rank-r products stay on XLA. ``None`` picks ``"mosaic"`` on a
+Hopper GPU where it applies (16-bit x, N and K multiples of 128), else ``"xla"``.
+
 Layouts (lorax's base pytree, per layer): W is ``[E, N, K]`` dense, or ``[E, P, N/P, K]``
 when the checkpoint stores the projection as P matrices per expert (Mixtral's gate and up,
 ``w1`` and ``w3``), or an :class:`~pallas_kernels.nf4.NF4Tensor` of batch ``(E,)`` or
@@ -25,6 +34,7 @@ matrix). A is ``[E, r, K]`` and B ``[E, N, r]``.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -32,9 +42,22 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from pallas_kernels import _backend
 from pallas_kernels.nf4 import NF4Tensor, dequantize_nf4
 
 Array = jax.Array
+IMPLS = ("xla", "mosaic")
+
+
+@dataclasses.dataclass(frozen=True)
+class MosaicRaggedConfig:
+    """Tiles of jax's Mosaic GPU grouped matmul (its ``ragged_dot`` arguments)."""
+
+    block_m: int = 128
+    block_n: int = 128
+    block_k: int = 64
+    max_concurrent_steps: int = 4
+    grid_block_n: int = 1
 
 # Contract the rows' last axis with each expert matrix's last axis (x·W_eᵀ), or with its
 # first (dy·W_e); the rows are ragged, the experts are the group axis.
@@ -47,12 +70,6 @@ _NN = lax.RaggedDotDimensionNumbers(
     dot_dimension_numbers=(([1], [1]), ([], [])),
     lhs_ragged_dimensions=[0],
     rhs_group_dimensions=[0],
-)
-# Contract over the ragged rows themselves: one [a, b] product per group (the factor grads).
-_TN = lax.RaggedDotDimensionNumbers(
-    dot_dimension_numbers=(([0], [0]), ([], [])),
-    lhs_ragged_dimensions=[0],
-    rhs_group_dimensions=[],
 )
 
 
@@ -96,6 +113,27 @@ def _check(x: Array, w: Any, group_sizes: Array, a: Any, b: Any) -> None:
             )
 
 
+def mosaic_applies(dtype: Any, n: int, k: int) -> str | None:
+    """Why the Mosaic GPU kernel cannot take ``[M, K] x [E, N, K]`` both ways, or None."""
+    if not _backend.on_hopper():
+        return "not on a Hopper GPU"
+    if jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
+        return f"x is {jnp.dtype(dtype)} (the kernel takes bfloat16 or float16)"
+    if n % 128 or k % 128:
+        return f"N={n} and K={k} must be multiples of 128"
+    return None
+
+
+def resolve_impl(impl: str | None, dtype: Any, n: int, k: int) -> str:
+    """The implementation a call gets (see the module docstring)."""
+    if impl not in (None, *IMPLS):
+        raise ValueError(f"impl must be one of {IMPLS} or None, got {impl!r}")
+    why = mosaic_applies(dtype, n, k)
+    if impl == "mosaic" and why is not None:
+        raise ValueError(f"impl='mosaic' cannot run here: {why}")
+    return impl or ("xla" if why is not None else "mosaic")
+
+
 def expert_lora_matmul(
     x: Array,
     w: Any,
@@ -103,14 +141,20 @@ def expert_lora_matmul(
     a: Array | None = None,
     b: Array | None = None,
     scale: float = 1.0,
+    *,
+    impl: str | None = None,
+    config: MosaicRaggedConfig | None = None,
 ) -> Array:
     """``y [M, N]``: row block e of ``x [M, K]`` (``group_sizes[e]`` rows, in expert order)
     times expert e's ``W_eᵀ``, plus ``scale·(x·A_eᵀ)·B_eᵀ`` when a and b are given.
 
-    Rows past ``sum(group_sizes)`` belong to no expert and come out as zeros.
+    The groups must cover the rows (``sum(group_sizes) == M``); with ``impl="xla"`` rows past
+    the sum come out as zeros.
     """
     _check(x, w, group_sizes, a, b)
-    return _expert_matmul(float(scale) if a is not None else 0.0, x, w, group_sizes, a, b)
+    _, n, k = expert_weight_shape(w)
+    plan = (resolve_impl(impl, x.dtype, n, k), config or MosaicRaggedConfig())
+    return _expert_matmul(plan, float(scale) if a is not None else 0.0, x, w, group_sizes, a, b)
 
 
 def expert_lora_matmul_reference(
@@ -141,39 +185,114 @@ def _ragged(lhs: Array, rhs: Array, group_sizes: Array, dims: Any, dtype: Any) -
     ).astype(dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _weight_product(plan: Any, lhs: Array, w: Array, group_sizes: Array, dims: Any) -> Array:
+    """``lhs·W_eᵀ`` (``dims=_NT``) or ``lhs·W_e`` (``_NN``) per group, in ``lhs.dtype``."""
+    impl, config = plan
+    if impl == "xla":
+        return _ragged(lhs, w, group_sizes, dims, lhs.dtype)
+    from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu
+
+    return ragged_dot_mgpu.ragged_dot(
+        lhs,
+        w,
+        group_sizes=group_sizes,
+        transpose_rhs=dims is _NT,
+        **dataclasses.asdict(config),
+    )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _expert_matmul(
-    scale: float, x: Array, w: Any, group_sizes: Array, a: Array | None, b: Array | None
+    plan: Any,
+    scale: float,
+    x: Array,
+    w: Any,
+    group_sizes: Array,
+    a: Array | None,
+    b: Array | None,
 ) -> Array:
-    return _expert_matmul_fwd(scale, x, w, group_sizes, a, b)[0]
+    return _expert_matmul_fwd(plan, scale, x, w, group_sizes, a, b)[0]
 
 
 def _expert_matmul_fwd(
-    scale: float, x: Array, w: Any, group_sizes: Array, a: Array | None, b: Array | None
+    plan: Any,
+    scale: float,
+    x: Array,
+    w: Any,
+    group_sizes: Array,
+    a: Array | None,
+    b: Array | None,
 ) -> tuple[Array, tuple[Any, ...]]:
     cd = x.dtype
-    y = _ragged(x, expert_weights(w, cd), group_sizes, _NT, cd)
+    y = _weight_product(plan, x, expert_weights(w, cd), group_sizes, _NT)
     xa = None
     if a is not None:
-        xa = _ragged(x, a.astype(cd), group_sizes, _NT, cd)  # [M, r]
-        low = _ragged(xa, b.astype(cd), group_sizes, _NT, cd)
-        y = (y.astype(jnp.float32) + scale * low.astype(jnp.float32)).astype(cd)
+        slots = _expert_slots(group_sizes, x.shape[0], cd)
+        e, r, _ = a.shape
+        xa = _own(_dot(x, a.astype(cd).reshape(e * r, -1), _NT2), slots, cd)  # [M, r]
+        low = _dot(_spread(xa, slots), _factor_columns(b, cd), _NT2)
+        y = (y.astype(jnp.float32) + scale * low.astype(cd).astype(jnp.float32)).astype(cd)
     return y, (x, xa, w, group_sizes, a, b)
 
 
-def _expert_matmul_bwd(scale: float, res: tuple[Any, ...], dy: Array) -> tuple[Any, ...]:
+def _expert_matmul_bwd(
+    plan: Any, scale: float, res: tuple[Any, ...], dy: Array
+) -> tuple[Any, ...]:
     x, xa, w, group_sizes, a, b = res
     cd = x.dtype
     dy = dy.astype(cd)
-    dx = _ragged(dy, expert_weights(w, cd), group_sizes, _NN, cd)
+    dx = _weight_product(plan, dy, expert_weights(w, cd), group_sizes, _NN)
     da = db = None
     if a is not None:
-        dyb = _ragged(dy, b.astype(cd), group_sizes, _NN, cd)  # [M, r]
-        low = _ragged(dyb, a.astype(cd), group_sizes, _NN, cd)
-        dx = (dx.astype(jnp.float32) + scale * low.astype(jnp.float32)).astype(cd)
-        da = (scale * _ragged(dyb, x, group_sizes, _TN, jnp.float32)).astype(a.dtype)
-        db = (scale * _ragged(dy, xa, group_sizes, _TN, jnp.float32)).astype(b.dtype)
+        slots = _expert_slots(group_sizes, x.shape[0], cd)
+        e, r, k = a.shape
+        dyb = _spread(_own(_dot(dy, _factor_columns(b, cd), _NN2), slots, cd), slots)
+        low = _dot(dyb, a.astype(cd).reshape(e * r, k), _NN2)
+        dx = (dx.astype(jnp.float32) + scale * low.astype(cd).astype(jnp.float32)).astype(cd)
+        da = (scale * _dot(dyb, x, _TN2)).reshape(e, r, k).astype(a.dtype)
+        db_columns = scale * _dot(dy, _spread(xa, slots), _TN2)  # [N, E·r]
+        db = db_columns.reshape(-1, e, r).transpose(1, 0, 2).astype(b.dtype)
     return dx, None, None, da, db
+
+
+# The rank-r LoRA products run as ordinary dots over all experts' factors side by side
+# (``[M, K] x [K, E·r]``): E times a rank-r product is still tiny next to the base GEMMs, a
+# cuBLAS dot on every platform, where XLA's GPU ragged dot would pad every group to M rows.
+# Each row then keeps its own expert's r columns (``_own``), or has its r values spread into
+# its expert's slot of E·r zeros (``_spread``), so that the other experts' factors see zeros.
+_NT2 = (((1,), (1,)), ((), ()))
+_NN2 = (((1,), (0,)), ((), ()))
+_TN2 = (((0,), (0,)), ((), ()))
+
+
+def _dot(lhs: Array, rhs: Array, dims: Any) -> Array:
+    return lax.dot_general(lhs, rhs, dims, preferred_element_type=jnp.float32)
+
+
+def _expert_slots(group_sizes: Array, rows: int, dtype: Any) -> Array:
+    """``[M, E]`` one-hot of each row's expert (all zeros past ``sum(group_sizes)``)."""
+    ends = jnp.cumsum(group_sizes)
+    expert = jnp.searchsorted(ends, jnp.arange(rows, dtype=ends.dtype), side="right")
+    return jax.nn.one_hot(expert, group_sizes.shape[0], dtype=dtype)
+
+
+def _own(columns: Array, slots: Array, dtype: Any) -> Array:
+    """``[M, E·r]`` -> ``[M, r]``: each row's own expert's columns."""
+    m, e = slots.shape
+    per_expert = columns.reshape(m, e, -1)
+    return jnp.einsum("mer,me->mr", per_expert, slots.astype(per_expert.dtype)).astype(dtype)
+
+
+def _spread(v: Array, slots: Array) -> Array:
+    """``[M, r]`` -> ``[M, E·r]``: each row's values in its expert's slot, zeros elsewhere."""
+    m, e = slots.shape
+    return (slots[:, :, None] * v[:, None, :]).reshape(m, -1)
+
+
+def _factor_columns(b: Array, dtype: Any) -> Array:
+    """B ``[E, N, r]`` as ``[N, E·r]``: expert e's columns at ``e·r:(e+1)·r``."""
+    e, n, r = b.shape
+    return b.astype(dtype).transpose(1, 0, 2).reshape(n, e * r)
 
 
 _expert_matmul.defvjp(_expert_matmul_fwd, _expert_matmul_bwd)

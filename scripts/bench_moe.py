@@ -14,14 +14,17 @@ Then ``--layer``: one whole MoE MLP (router, sort, gate/up, SwiGLU, down, combin
 experts and r=16 LoRA on both expert projections, forward+backward, as lorax runs it.
 
 Usage: ``python scripts/bench_moe.py [--tokens 4096,8192] [--impls xla,triton,mosaic,cudnn]
-[--layer]``. ``cudnn`` runs in a child process (an XLA flag must be set before jax starts; a
-jax whose XLA lacks the flag reports that instead of a row).
+[--layer]``. Each implementation runs in a child process of its own (``cudnn`` is XLA's
+lowering with that flag set before jax starts; a jax whose XLA lacks the flag reports that
+instead of rows; ``triton`` sets jax's config flag). ``mosaic`` sweeps a few tile configs.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
+import itertools
 import json
 import os
 import subprocess
@@ -44,15 +47,23 @@ def group_sizes(tokens: int, seed: int = 0):
     return np.bincount(top, minlength=E).astype(np.int32)
 
 
-def mosaic_ragged(lhs, w, sizes, *, transpose_rhs: bool):
+MOSAIC_CONFIGS = (
+    dict(),  # MosaicRaggedConfig's defaults: 128x128x64 tiles, 4 steps in flight
+    dict(max_concurrent_steps=5, grid_block_n=4),
+    dict(block_m=64, block_n=256),
+    dict(block_n=256, max_concurrent_steps=3),
+)
+
+
+def mosaic_ragged(lhs, w, sizes, *, transpose_rhs: bool, config: dict):
     from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu
 
-    n = w.shape[1] if transpose_rhs else w.shape[2]
-    block_n = 256 if n % 256 == 0 else 128
+    from pallas_kernels.expert_matmul import MosaicRaggedConfig
+
+    tiles = dataclasses.asdict(MosaicRaggedConfig(**config))
     return ragged_dot_mgpu.ragged_dot(
-        lhs, w, group_sizes=sizes, block_m=128, block_n=block_n, block_k=64,
-        max_concurrent_steps=4, grid_block_n=1, transpose_rhs=transpose_rhs,
-    )  # fmt: skip
+        lhs, w, group_sizes=sizes, transpose_rhs=transpose_rhs, **tiles
+    )
 
 
 def run_impl(impl: str, tokens_list: list[int]) -> list[dict]:
@@ -73,10 +84,14 @@ def run_impl(impl: str, tokens_list: list[int]) -> list[dict]:
             x = jax.random.normal(keys[0], (m, k), jnp.bfloat16)
             w = (0.02 * jax.random.normal(keys[1], (E, n, k))).astype(jnp.bfloat16)
             dy = jax.random.normal(keys[2], (m, n), jnp.bfloat16)
-            for direction in ("fwd", "dx"):
+            for direction, config in itertools.product(
+                ("fwd", "dx"), MOSAIC_CONFIGS if impl == "mosaic" else (None,)
+            ):
                 lhs = x if direction == "fwd" else dy
                 if impl == "mosaic":
-                    fn = functools.partial(mosaic_ragged, transpose_rhs=direction == "fwd")
+                    fn = functools.partial(
+                        mosaic_ragged, transpose_rhs=direction == "fwd", config=config
+                    )
                     call = jax.jit(lambda lhs, w, s, fn=fn: fn(lhs, w, s))
                 else:
                     dims = _NT if direction == "fwd" else _NN
@@ -91,7 +106,8 @@ def run_impl(impl: str, tokens_list: list[int]) -> list[dict]:
                         preferred_element_type=jnp.float32,
                     )
                 )  # fmt: skip
-                row = dict(impl=impl, tokens=tokens, proj=name, dir=direction)
+                tag = impl if config is None else f"mosaic {json.dumps(config)}"
+                row = dict(impl=tag, tokens=tokens, proj=name, dir=direction)
                 try:
                     out = call(lhs, w, sizes)
                     ref = reference(lhs, w, sizes)
@@ -131,7 +147,7 @@ def ceiling(tokens_list: list[int]) -> list[dict]:
     return rows
 
 
-def layer(tokens_list: list[int]) -> list[dict]:
+def layer(tokens_list: list[int], impl: str) -> list[dict]:
     """One MoE MLP as lorax runs it: NF4 experts, LoRA r=16 on both, forward+backward."""
     import jax
     import jax.numpy as jnp
@@ -169,7 +185,7 @@ def layer(tokens_list: list[int]) -> list[dict]:
         def loss(adapters, x, layer_params=layer_params):
             out, _ = moe_mlp(
                 x, layer_params, adapters, num_experts=E, experts_per_token=K_TOP,
-                activation=jax.nn.silu, lora_scale=1.0,
+                activation=jax.nn.silu, lora_scale=1.0, impl=impl,
             )  # fmt: skip
             return jnp.sum(out.astype(jnp.float32) ** 2)
 
@@ -177,7 +193,8 @@ def layer(tokens_list: list[int]) -> list[dict]:
         ms = pipelined_ms(step, adapters, x)
         # Base GEMMs: 3 per projection pair forward (gate/up, down) and dx backward: 2x fwd.
         flops = 2.0 * 2 * tokens * K_TOP * 3 * F * D
-        row = dict(impl="moe layer fwd+bwd", tokens=tokens, ms=ms, tflops=flops / ms / 1e9)
+        row = dict(impl=f"moe layer fwd+bwd ({impl})", tokens=tokens, ms=ms,
+                   tflops=flops / ms / 1e9)  # fmt: skip
         print(row, flush=True)
         rows.append(row)
     return rows
@@ -193,24 +210,28 @@ def main() -> None:
     args = parser.parse_args()
     tokens = [int(t) for t in args.tokens.split(",")]
     if args.child:
-        print(ROW + json.dumps(run_impl(args.child, tokens)), flush=True)
+        impl = "xla" if args.child == "cudnn" else args.child
+        rows = run_impl(impl, tokens) + (layer(tokens, impl) if args.layer else [])
+        print(ROW + json.dumps(rows), flush=True)
         return
     rows = ceiling(tokens)
+    # One process per implementation: a lowering flag or a failed compile stays in its own.
     for impl in args.impls.split(","):
+        env = dict(os.environ)
         if impl == "cudnn":
-            env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {CUDNN_FLAG}")
-            argv = [sys.executable, __file__, "--child", "xla", "--tokens", args.tokens]
-            child = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=400)
-            found = [ln for ln in child.stdout.splitlines() if ln.startswith(ROW)]
-            if child.returncode or not found:
-                print(f"cudnn: FAILED (exit {child.returncode}): {child.stderr[-1500:]}")
-                continue
-            for row in json.loads(found[-1][len(ROW) :]):
-                rows.append(dict(row, impl="cudnn"))
-        else:
-            rows += run_impl(impl, tokens)
-    if args.layer:
-        rows += layer(tokens)
+            env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {CUDNN_FLAG}"
+        argv = [sys.executable, __file__, "--child", impl, "--tokens", args.tokens]
+        child = subprocess.run(
+            argv + ["--layer"] * args.layer, env=env, capture_output=True, text=True, timeout=400
+        )
+        found = [ln for ln in child.stdout.splitlines() if ln.startswith(ROW)]
+        if child.returncode or not found:
+            print(f"{impl}: FAILED (exit {child.returncode}): {child.stderr[-1500:]}", flush=True)
+            continue
+        for row in json.loads(found[-1][len(ROW) :]):
+            row = dict(row, impl=row["impl"].replace("xla", impl, 1))
+            print(row, flush=True)
+            rows.append(row)
     dense = {(r["tokens"], r.get("proj"), r.get("dir")): r["tflops"] for r in rows
              if r["impl"] == "dense dot"}  # fmt: skip
     print("\n| impl | tokens | proj | dir | ms | TFLOP/s | % of dense | rel L2 |")
