@@ -59,6 +59,7 @@ class MosaicRaggedConfig:
     max_concurrent_steps: int = 4
     grid_block_n: int = 1
 
+
 # Contract the rows' last axis with each expert matrix's last axis (x·W_eᵀ), or with its
 # first (dy·W_e); the rows are ragged, the experts are the group axis.
 _NT = lax.RaggedDotDimensionNumbers(
@@ -235,9 +236,7 @@ def _expert_matmul_fwd(
     return y, (x, xa, w, group_sizes, a, b)
 
 
-def _expert_matmul_bwd(
-    plan: Any, scale: float, res: tuple[Any, ...], dy: Array
-) -> tuple[Any, ...]:
+def _expert_matmul_bwd(plan: Any, scale: float, res: tuple[Any, ...], dy: Array) -> tuple[Any, ...]:
     x, xa, w, group_sizes, a, b = res
     cd = x.dtype
     dy = dy.astype(cd)
