@@ -111,9 +111,12 @@ def _family_fields(config: Any) -> dict[str, Any]:
 
 
 def _moe_fields(config: Any) -> dict[str, Any]:
-    """Mixtral's expert count and top-k, and its load-balancing loss: transformers adds it to
-    the training loss only with ``output_router_logits``, which is how lorax's config says
-    None (off) or a weight (left out when off: transformers' default then)."""
+    """Mixtral's expert count and top-k, and whether its load-balancing loss is trained.
+
+    transformers adds that loss only with ``output_router_logits``, so lorax's
+    ``router_aux_loss_coef`` of None (off) writes it false and leaves the weight to
+    transformers' default; a weight writes both.
+    """
     coef = config.router_aux_loss_coef
     fields = {
         "num_local_experts": config.num_experts,
