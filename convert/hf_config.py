@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from convert.families import departures
+from convert.families import FAMILIES, departures
 
 ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
@@ -25,6 +25,7 @@ ARCHITECTURES = {
     "gemma2": "Gemma2ForCausalLM",
     "gemma3_text": "Gemma3ForCausalLM",
     "phi3": "Phi3ForCausalLM",
+    "mixtral": "MixtralForCausalLM",
 }
 _GEMMA = ("gemma2", "gemma3_text")
 DTYPE_NAMES = ("bfloat16", "float16", "float32")
@@ -79,8 +80,9 @@ def hf_config_dict(config: Any, dtype: str) -> dict[str, Any]:
 
 
 def _family_fields(config: Any) -> dict[str, Any]:
-    """What Gemma configures beyond Llama's fields, and an error for a config that departs from
-    what its ``model_type`` fixes (``convert.families``), which the file cannot say."""
+    """What Gemma and a mixture of experts configure beyond Llama's fields, and an error for
+    a config that departs from what its ``model_type`` fixes (``convert.families``), which
+    the file cannot say."""
     gemma = config.model_type in _GEMMA
     wrong = list(departures(config))
     if not gemma and (
@@ -91,6 +93,8 @@ def _family_fields(config: Any) -> dict[str, Any]:
         wrong.append("attention scale / softcaps")
     if wrong:
         raise HFConfigError(f"{config.model_type}'s config.json cannot express {wrong}")
+    if FAMILIES[config.model_type].moe:
+        return _moe_fields(config)
     if not gemma:
         return {}
     scalar = config.query_pre_attn_scalar
@@ -104,6 +108,25 @@ def _family_fields(config: Any) -> dict[str, Any]:
         "attn_logit_softcapping": config.attn_logit_softcap,
         "final_logit_softcapping": config.final_logit_softcap,
     }
+
+
+def _moe_fields(config: Any) -> dict[str, Any]:
+    """Mixtral's expert count and top-k, and whether its load-balancing loss is trained.
+
+    transformers adds that loss only with ``output_router_logits``, so lorax's
+    ``router_aux_loss_coef`` of None (off) writes it false and leaves the weight to
+    transformers' default; a weight writes both.
+    """
+    coef = config.router_aux_loss_coef
+    fields = {
+        "num_local_experts": config.num_experts,
+        "num_experts_per_tok": config.experts_per_token,
+        "output_router_logits": coef is not None,
+        "router_jitter_noise": 0.0,
+    }
+    if coef is not None:
+        fields["router_aux_loss_coef"] = coef
+    return fields
 
 
 def generation_config_dict(config: Any) -> dict[str, Any]:
@@ -126,7 +149,7 @@ def _bias_fields(config: Any) -> dict[str, Any]:
                 f"qwen2 has biases on exactly {list(_QWEN2_BIAS)}; config has {sorted(bias)}"
             )
         return {}
-    if config.model_type in ("mistral", "phi3"):
+    if config.model_type in ("mistral", "mixtral", "phi3"):
         if bias:
             raise HFConfigError(
                 f"{config.model_type} has no projection biases; config has {sorted(bias)}"
@@ -159,7 +182,7 @@ def _window_fields(config: Any) -> dict[str, Any]:
         if window is not None:
             raise HFConfigError(f"llama has no sliding-window attention; config has {window}")
         return {}
-    if config.model_type in ("mistral", "phi3"):
+    if config.model_type in ("mistral", "mixtral", "phi3"):
         if window is not None and 0 in windows:
             raise HFConfigError(
                 f"{config.model_type} applies its sliding window to every layer or none"

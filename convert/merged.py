@@ -7,6 +7,13 @@ projections to bitsandbytes' serialized 4-bit form (``transformers`` loads it wi
 ``load_in_4bit`` semantics and no quantization step); projections without an adapter keep
 their NF4 bytes untouched.
 
+A mixture of experts (Mixtral) is written as its checkpoint stores it: the router, and each
+expert's matrices on their own (``w1``/``w3`` are the gate and up rows of lorax's fused
+``experts_gate_up_proj``, ``w2`` its ``experts_down_proj``), each merged with its expert's
+LoRA (``W_e + scale·B_e·A_e``, B's rows split the same way). ``"nf4"`` is refused for it:
+transformers' bitsandbytes integration quantizes only ``nn.Linear`` modules, and an MoE's
+experts are 3-D parameters it keeps in 16 bits.
+
 Tensors are produced one at a time, layer by layer in HF's order, and written into shards of
 at most ``max_shard_size``, so host memory peaks near one shard beyond the loaded model. The
 directory is written beside the destination and renamed into place only when complete.
@@ -33,7 +40,7 @@ from convert.export_common import (
     write_json,
 )
 from convert.hf_config import generation_config_dict, hf_config_dict
-from convert.names import TensorSpec, tensor_specs
+from convert.names import EXPERT_PROJECTIONS, TensorSpec, tensor_specs
 from pallas_kernels.nf4 import NF4Tensor, dequantize_nf4, quantize_nf4
 
 OUTPUT_DTYPES = ("bfloat16", "float16", "float32", "nf4")
@@ -65,6 +72,13 @@ def save_merged(
     require_unprepared(model, "save_merged")
     if dtype not in OUTPUT_DTYPES:
         raise ValueError(f"dtype must be one of {OUTPUT_DTYPES}, got {dtype!r}")
+    if dtype == "nf4" and model.config.moe:
+        raise ValueError(
+            f"save_merged(dtype='nf4') is not supported for {model.config.model_type}: "
+            "transformers' bitsandbytes integration quantizes only nn.Linear modules, and a "
+            "mixture of experts' experts (nearly all of its weights) are 3-D parameters it "
+            "would keep in 16 bits; export 'bfloat16', 'float16' or 'float32' instead"
+        )
     check_destination(directory, allow_overwrite)  # refuse before the expensive part
     plan = _Plan.make(model, lora, dtype)
     config = model.config
@@ -107,15 +121,15 @@ class _Plan:
         """One HF tensor (or the group of tensors of a bnb 4-bit weight), ready to write."""
         name = spec.hf_name.format(i=layer) if spec.per_layer else spec.hf_name
         value = _param(self.params, spec.path)
-        if spec.per_layer:
-            value = jax.tree.map(lambda x: x[layer], value)
+        if spec.per_layer:  # this layer's matrix (an expert's, of an MoE's stacked experts)
+            value = jax.tree.map(lambda x: x[(layer, *spec.index)], value)
         projection = _is_projection_weight(spec)
         adapter = self.adapters.get(spec.path[1]) if projection else None
         if self.quantize and projection and adapter is None and isinstance(value, NF4Tensor):
             return _bnb_tensors(name, value)  # untouched: keep its exact bytes
         a = b = None
         if adapter is not None:
-            a, b = adapter["lora_a"][layer], adapter["lora_b"][layer]
+            a, b = matrix_factors(adapter, layer, spec)
         merged = merge_lora_weight(value, a, b, self.scale, self.store)
         if not bool(jnp.isfinite(merged).all()):
             raise ValueError(
@@ -128,22 +142,50 @@ class _Plan:
 
 
 def lora_adapters(config: Any, lora: Any) -> tuple[dict[str, Any], float]:
-    """The LoRA entries by projection (checked against the base's shapes) and their scale."""
+    """The LoRA entries by projection (checked against the base's projections and shapes)
+    and their scale."""
     if lora is None:
         return {}, 0.0
     layers = lora.params["layers"]
     for proj, ab in layers.items():
+        if proj not in config.projections():
+            raise ValueError(
+                f"LoRA has an entry for {proj!r}, which {config.model_type} does not have (its "
+                f"projections: {list(config.projections())})"
+            )
         out_dim, in_dim = config.projection_shape(proj)
+        # An expert projection has one factor pair per expert, after the layer axis.
+        lead = (config.num_layers, *((config.num_experts,) if proj in EXPERT_PROJECTIONS else ()))
         a_shape, b_shape = tuple(ab["lora_a"].shape), tuple(ab["lora_b"].shape)
-        rank = a_shape[1] if len(a_shape) == 3 else -1
-        expected_a = (config.num_layers, rank, in_dim)
-        expected_b = (config.num_layers, out_dim, rank)
+        rank = a_shape[len(lead)] if len(a_shape) == len(lead) + 2 else -1
+        expected_a, expected_b = (*lead, rank, in_dim), (*lead, out_dim, rank)
         if a_shape != expected_a or b_shape != expected_b:
+            dims = ", ".join(map(str, lead))
             raise ValueError(
                 f"LoRA {proj} has lora_a {list(a_shape)} and lora_b {list(b_shape)}; the model "
-                f"needs [{config.num_layers}, r, {in_dim}] and [{config.num_layers}, {out_dim}, r]"
+                f"needs [{dims}, r, {in_dim}] and [{dims}, {out_dim}, r]"
             )
     return dict(layers), float(lora.config.scale)
+
+
+def matrix_factors(
+    adapter: Mapping[str, jax.Array], layer: int, spec: TensorSpec
+) -> tuple[jax.Array, jax.Array]:
+    """The LoRA factors ``(A, B)`` of the one checkpoint matrix ``spec`` names in ``layer``.
+
+    An expert's matrix (``spec.index = (expert, *part)``) takes its expert's pair. Parts of
+    one projection (Mixtral's w1 and w3, the gate and up rows of ``experts_gate_up_proj``)
+    share A, and each takes its block of B's rows: ``(W + s·B·A)[rows] = W[rows] +
+    s·B[rows]·A``.
+    """
+    a, b = adapter["lora_a"][layer], adapter["lora_b"][layer]
+    if not spec.index:
+        return a, b
+    a, b = a[spec.index[0]], b[spec.index[0]]
+    if len(spec.index) > 1:
+        rows = spec.shape[0]
+        b = b[spec.index[1] * rows : (spec.index[1] + 1) * rows]
+    return a, b
 
 
 def _double_quant(params: Any) -> bool:

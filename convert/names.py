@@ -121,6 +121,23 @@ def _expert_specs(config: Any, projection: str) -> Iterator[TensorSpec]:
 IGNORABLE_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
-def peft_lora_name(i: int, projection: str, which: str) -> str:
-    """PEFT's key for a LoRA matrix in ``adapter_model.safetensors`` (``which``: A or B)."""
-    return f"base_model.model.{layer_prefix(i)}.{module_name(projection)}.lora_{which}.weight"
+def peft_lora_name(
+    i: int, projection: str, which: str, expert_targets: tuple[str, ...] = ()
+) -> str:
+    """PEFT's key for a LoRA matrix in ``adapter_model.safetensors`` (``which``: A or B).
+
+    An expert projection's key names the module, not the parameter: PEFT wraps
+    ``mlp.experts`` once per targeted parameter (``expert_targets``, the adapter's expert
+    projections), in the order the module registers them (``EXPERT_PROJECTIONS``' order),
+    each wrapper around the previous one. So the last targeted sits at ``mlp.experts`` and
+    each earlier one a ``base_layer.`` deeper, whatever order the config lists them in.
+    """
+    if projection in EXPERT_PROJECTIONS:
+        ordered = [p for p in EXPERT_PROJECTIONS if p in expert_targets]
+        if projection not in ordered:
+            raise ValueError(f"{projection!r} is not among the expert targets {expert_targets}")
+        depth = len(ordered) - 1 - ordered.index(projection)
+        module = "mlp.experts" + ".base_layer" * depth
+    else:
+        module = module_name(projection)
+    return f"base_model.model.{layer_prefix(i)}.{module}.lora_{which}.weight"

@@ -5,6 +5,12 @@ An adapter directory holds ``adapter_config.json`` (PEFT's ``LoraConfig``) and
 under PEFT's names (``convert.names.peft_lora_name``). lorax's LoRA already has PEFT's
 shapes and scaling, so the conversion is only un-stacking (or stacking) the layer axis.
 
+A mixture-of-experts model's expert projections are 3-D parameters to PEFT, adapted through
+``target_parameters`` (``mlp.experts.gate_up_proj`` / ``mlp.experts.down_proj``): one
+``lora_A``/``lora_B`` pair per layer holds every expert's factors
+(:func:`expert_factors_to_peft`), under a key that names the wrapper module rather than the
+parameter (``peft_lora_name``'s nesting rule).
+
 Reading is strict: PEFT features that change the computation in ways lorax's LoRA cannot
 express (per-module ranks, DoRA, trained biases, extra full modules, ...) are errors naming
 the field, and an adapter made for a different base model is an error naming the file, the
@@ -20,12 +26,11 @@ import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from convert.export_common import staged_directory, write_json
-from convert.names import ALL_PROJECTIONS, peft_lora_name
+from convert.names import ALL_PROJECTIONS, EXPERT_PROJECTIONS, module_name, peft_lora_name
 from convert.safetensors_io import SafetensorsError, SafetensorsFile, save_file
 
 if TYPE_CHECKING:
@@ -62,6 +67,15 @@ _KEY = re.compile(
     r"(?:base_model\.model\.)?model\.layers\.(?P<layer>\d+)\.(?:self_attn|mlp)\."
     r"(?P<proj>\w+)\.lora_(?P<which>[AB])(?:\.(?P<adapter>[\w-]+))?\.weight"
 )
+# The same for an expert parameter's LoRA: the key names PEFT's wrapper of ``mlp.experts``,
+# ``base_layer``-nested once per later-wrapped target (``peft_lora_name``).
+_EXPERT_KEY = re.compile(
+    r"(?:base_model\.model\.)?model\.layers\.(?P<layer>\d+)\.mlp\.experts"
+    r"(?P<nesting>(?:\.base_layer)*)\.lora_(?P<which>[AB])(?:\.(?P<adapter>[\w-]+))?\.weight"
+)
+# target_parameters entries lorax reads: the expert parameters, by PEFT's (suffix-matched)
+# names, e.g. "mlp.experts.gate_up_proj" or "gate_up_proj".
+_EXPERT_PARAMETERS = {module_name(p): p for p in EXPERT_PROJECTIONS}
 
 # adapter_config.json fields that change the computation beyond lorax's LoRA: each must be
 # absent or falsy/empty. (Fields that only describe how training initialised A and B, like
@@ -74,7 +88,6 @@ _UNSUPPORTED_FIELDS = {
     "modules_to_save": "fully trained extra modules",
     "use_dora": "DoRA",
     "lora_bias": "LoRA biases",
-    "target_parameters": "LoRA on parameters",
     "trainable_token_indices": "trainable token embeddings",
     "use_qalora": "QA-LoRA",
     "alora_invocation_tokens": "activated LoRA",
@@ -123,26 +136,40 @@ def save_adapter(
 
 
 def adapter_tensors(config: Any, lora_params: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """PEFT's per-layer tensors of a stacked LoRA pytree, checked against the base's shapes."""
+    """PEFT's per-layer tensors of a stacked LoRA pytree, checked against the base's shapes.
+
+    An expert projection's ``[L, E, ...]`` factors become one PEFT pair per layer
+    (:func:`expert_factors_to_peft`).
+    """
+    layers = lora_params["layers"]
+    expert_targets = tuple(p for p in EXPERT_PROJECTIONS if p in layers)
     tensors: dict[str, np.ndarray] = {}
-    for proj, ab in lora_params["layers"].items():
-        if proj not in PROJECTIONS:
-            raise AdapterError(f"LoRA has an entry for {proj!r}, which is not a projection")
+    for proj, ab in layers.items():
+        if proj not in config.projections():
+            raise AdapterError(
+                f"LoRA has an entry for {proj!r}, which is not a projection of "
+                f"{config.model_type} (it has {list(config.projections())})"
+            )
         a, b = np.asarray(ab["lora_a"]), np.asarray(ab["lora_b"])
         out_dim, in_dim = config.projection_shape(proj)
-        rank = a.shape[1] if a.ndim == 3 else -1
+        expert = proj in EXPERT_PROJECTIONS
+        lead = (config.num_layers, config.num_experts) if expert else (config.num_layers,)
+        rank = a.shape[len(lead)] if a.ndim == len(lead) + 2 else -1
+        axes = "[layers, experts, ...]" if expert else "[layers, ...]"
         for which, array, expected in (
-            ("lora_a", a, (config.num_layers, rank, in_dim)),
-            ("lora_b", b, (config.num_layers, out_dim, rank)),
+            ("lora_a", a, (*lead, rank, in_dim)),
+            ("lora_b", b, (*lead, out_dim, rank)),
         ):
             if array.shape != expected:
                 raise AdapterError(
                     f"LoRA {proj}.{which} has shape {list(array.shape)}; the model needs "
-                    f"[layers, ...] = {list(expected)}"
+                    f"{axes} = {list(expected)}"
                 )
         for i in range(config.num_layers):
-            tensors[peft_lora_name(i, proj, "A")] = np.ascontiguousarray(a[i])
-            tensors[peft_lora_name(i, proj, "B")] = np.ascontiguousarray(b[i])
+            pair = expert_factors_to_peft(a[i], b[i]) if expert else (a[i], b[i])
+            for which, matrix in zip("AB", pair, strict=True):
+                name = peft_lora_name(i, proj, which, expert_targets)
+                tensors[name] = np.ascontiguousarray(matrix)
     if not tensors:
         raise AdapterError("LoRA has no adapted projections; nothing to save")
     return tensors
@@ -152,9 +179,17 @@ def adapter_config_dict(lora_config: Any, base_model_name_or_path: str | None) -
     """PEFT's ``adapter_config.json`` for a lorax ``LoraConfig``.
 
     Only fields every PEFT release since DoRA (0.9) knows, so older PEFT reads it too; PEFT
-    fills the rest with defaults that mean "plain LoRA".
+    fills the rest with defaults that mean "plain LoRA". LoRA on a mixture of experts'
+    expert projections adds ``target_parameters`` (PEFT >= 0.17), where PEFT names them.
     """
     alpha = lora_config.alpha
+    experts = [t for t in lora_config.targets if t in EXPERT_PROJECTIONS]
+    if experts and lora_config.dropout:
+        raise AdapterError(
+            f"lora_dropout={lora_config.dropout} with LoRA on the expert projections {experts}: "
+            "PEFT applies no dropout to target_parameters (it refuses to load such an adapter)"
+        )
+    extra = {"target_parameters": [module_name(t) for t in experts]} if experts else {}
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -163,7 +198,7 @@ def adapter_config_dict(lora_config: Any, base_model_name_or_path: str | None) -
         "r": int(lora_config.rank),
         "lora_alpha": int(alpha) if float(alpha).is_integer() else float(alpha),
         "lora_dropout": float(lora_config.dropout),
-        "target_modules": list(lora_config.targets),
+        "target_modules": [t for t in lora_config.targets if t not in EXPERT_PROJECTIONS],
         "use_rslora": bool(lora_config.use_rslora),
         "bias": "none",
         "fan_in_fan_out": False,
@@ -175,6 +210,7 @@ def adapter_config_dict(lora_config: Any, base_model_name_or_path: str | None) -
         "rank_pattern": {},
         "alpha_pattern": {},
         "use_dora": False,
+        **extra,
     }
 
 
@@ -202,25 +238,53 @@ def read_adapter(
     """
     directory = os.fspath(directory)
     settings = _read_adapter_config(directory)
+    listed, expert_targets = settings.pop("listed_targets"), settings.pop("expert_targets")
+    if expert_targets and not config.moe:
+        raise AdapterError(
+            f"{os.path.join(directory, ADAPTER_CONFIG)}: target_parameters names the experts "
+            f"{list(expert_targets)}, but {config.model_type} is not a mixture-of-experts model; "
+            "the adapter is for a different base model"
+        )
     weights = _open_weights(directory)
-    found = _index_tensors(weights)
-    targets = _check_targets(weights, found, settings.pop("listed_targets"))
-    _check_coverage(weights, found, targets, config.num_layers)
+    found = _index_tensors(weights, expert_targets)
+    targets = _check_targets(weights, found, listed, expert_targets, config)
+    _check_coverage(weights, found, targets, config.num_layers, expert_targets)
 
-    rank = settings["rank"]
+    rank, experts = settings["rank"], config.num_experts
     names = {}
     for proj in targets:
-        out_dim, in_dim = config.projection_shape(proj)
-        for which, shape in (("A", (rank, in_dim)), ("B", (out_dim, rank))):
+        for which, shape, dims in _peft_shapes(config, proj, rank):
             names[proj, which] = [found[(i, proj, which)] for i in range(config.num_layers)]
             for name in names[proj, which]:
-                _check_shape(weights, name, shape, proj, which, rank)
+                _check_shape(weights, name, shape, proj, which, dims)
 
-    def stacked(proj: str, which: str) -> jax.Array:
-        return jnp.asarray(np.stack([weights[n] for n in names[proj, which]]), dtype=dtype)
+    def layer_pair(proj: str, i: int) -> tuple[np.ndarray, np.ndarray]:
+        a, b = weights[names[proj, "A"][i]], weights[names[proj, "B"][i]]
+        return expert_factors_from_peft(a, b, experts) if proj in EXPERT_PROJECTIONS else (a, b)
 
-    layers = {p: {"lora_a": stacked(p, "A"), "lora_b": stacked(p, "B")} for p in targets}
+    layers = {}
+    for proj in targets:
+        pairs = [layer_pair(proj, i) for i in range(config.num_layers)]
+        layers[proj] = {
+            key: jnp.asarray(np.stack([pair[k] for pair in pairs]), dtype=dtype)
+            for k, key in enumerate(("lora_a", "lora_b"))
+        }
     return {"layers": layers}, {**settings, "targets": targets}
+
+
+def _peft_shapes(config: Any, proj: str, rank: int) -> list[tuple[str, tuple[int, int], str]]:
+    """(A|B, PEFT's shape of one layer's matrix, its dims in words) for ``proj``."""
+    out_dim, in_dim = config.projection_shape(proj)
+    if proj not in EXPERT_PROJECTIONS:
+        return [
+            ("A", (rank, in_dim), f"[r={rank}, in]"),
+            ("B", (out_dim, rank), f"[out, r={rank}]"),
+        ]
+    e = config.num_experts
+    return [
+        ("A", (e * rank, in_dim), f"[experts·r = {e}·{rank}, in]"),
+        ("B", (out_dim, rank * e), f"[out, r·experts = {rank}·{e}]"),
+    ]
 
 
 def _read_adapter_config(directory: str) -> dict[str, Any]:
@@ -242,8 +306,9 @@ def _read_adapter_config(directory: str) -> dict[str, Any]:
 def lora_settings_from_peft(raw: Mapping[str, Any], *, source: str) -> dict[str, Any]:
     """``LoraConfig`` fields from a parsed ``adapter_config.json``; rejects what we can't run.
 
-    Returns ``rank``, ``alpha``, ``dropout``, ``use_rslora`` and ``listed_targets`` (the
-    projection names ``target_modules`` lists, or None when it is a pattern).
+    Returns ``rank``, ``alpha``, ``dropout``, ``use_rslora``, ``listed_targets`` (the
+    projection names ``target_modules`` lists, or None when it is a pattern) and
+    ``expert_targets`` (the expert projections ``target_parameters`` lists, in lorax's order).
     """
     if raw.get("peft_type") != "LORA":
         raise AdapterError(f"{source}: peft_type={raw.get('peft_type')!r}; only 'LORA' is read")
@@ -273,13 +338,45 @@ def lora_settings_from_peft(raw: Mapping[str, Any], *, source: str) -> dict[str,
     dropout = raw.get("lora_dropout") or 0.0
     if not 0.0 <= float(dropout) < 1.0:
         raise AdapterError(f"{source}: lora_dropout={dropout!r} is not in [0, 1)")
+    experts = _listed_parameters(raw.get("target_parameters"), source)
+    if experts and dropout:
+        raise AdapterError(
+            f"{source}: lora_dropout={dropout!r} with target_parameters: PEFT applies no dropout "
+            "to LoRA on parameters (it refuses such a config), and neither does lorax"
+        )
     return {
         "rank": rank,
         "alpha": float(alpha),
         "dropout": float(dropout),
         "use_rslora": bool(raw.get("use_rslora", False)),
         "listed_targets": _listed_targets(raw.get("target_modules"), source),
+        "expert_targets": experts,
     }
+
+
+def _listed_parameters(target_parameters: Any, source: str) -> tuple[str, ...]:
+    """The expert projections ``target_parameters`` names; any other parameter is an error.
+
+    PEFT matches an entry against ``<module>.<parameter>`` names by dotted suffix, so
+    ``"gate_up_proj"`` and ``"mlp.experts.gate_up_proj"`` mean the same here.
+    """
+    if not target_parameters:
+        return ()
+    if isinstance(target_parameters, str):
+        target_parameters = [target_parameters]
+    found, unknown = set(), []
+    for entry in map(str, target_parameters):
+        match = [p for hf, p in _EXPERT_PARAMETERS.items() if f".{hf}".endswith(f".{entry}")]
+        if match:
+            found.update(match)
+        else:
+            unknown.append(entry)
+    if unknown:
+        raise AdapterError(
+            f"{source}: target_parameters includes {unknown} (LoRA on parameters); lorax adapts "
+            f"only a mixture of experts' {list(_EXPERT_PARAMETERS)}"
+        )
+    return tuple(p for p in EXPERT_PROJECTIONS if p in found)
 
 
 def _listed_targets(target_modules: Any, source: str) -> tuple[str, ...] | None:
@@ -313,21 +410,29 @@ def _open_weights(directory: str) -> SafetensorsFile:
         raise AdapterError(str(e)) from e
 
 
-def _index_tensors(weights: SafetensorsFile) -> dict[tuple[int, str, str], str]:
-    """(layer, projection, "A"|"B") -> tensor name, for every tensor of the file."""
+def _index_tensors(
+    weights: SafetensorsFile, expert_targets: tuple[str, ...]
+) -> dict[tuple[int, str, str], str]:
+    """(layer, projection, "A"|"B") -> tensor name, for every tensor of the file.
+
+    An expert LoRA's key says which parameter it adapts only by its ``base_layer`` nesting,
+    read against the ``expert_targets`` the config lists (``peft_lora_name``).
+    """
     found: dict[tuple[int, str, str], str] = {}
     adapter_names = set()
     for name in weights:
-        m = _KEY.fullmatch(name)
+        m = _EXPERT_KEY.fullmatch(name) or _KEY.fullmatch(name)
         if m is None:
             raise AdapterError(
                 f"{weights.path}: tensor {name!r} is not a LoRA matrix of a decoder projection; "
                 "lorax's adapters hold only those"
             )
-        layer, proj, which = int(m["layer"]), m["proj"], m["which"]
+        layer, which = int(m["layer"]), m["which"]
+        proj = m["proj"] if m.re is _KEY else _expert_projection(weights, name, m, expert_targets)
         # The canonical spelling must come back out of the one name map, else the module
         # path is wrong for this projection (e.g. "mlp.q_proj").
-        canonical = peft_lora_name(layer, proj, which) if proj in PROJECTIONS else None
+        known = proj in PROJECTIONS or proj in EXPERT_PROJECTIONS
+        canonical = peft_lora_name(layer, proj, which, expert_targets) if known else None
         stripped = name.replace(f".{m['adapter']}.weight", ".weight") if m["adapter"] else name
         if canonical is None or not canonical.endswith(stripped):
             raise AdapterError(f"{weights.path}: tensor {name!r} names an unknown module")
@@ -341,23 +446,56 @@ def _index_tensors(weights: SafetensorsFile) -> dict[tuple[int, str, str], str]:
     return found
 
 
+def _expert_projection(
+    weights: SafetensorsFile, name: str, match: re.Match[str], expert_targets: tuple[str, ...]
+) -> str:
+    """The expert projection a ``mlp.experts(.base_layer)*`` LoRA key adapts."""
+    if not expert_targets:
+        raise AdapterError(
+            f"{weights.path}: tensor {name!r} is a LoRA of the experts' parameters, but "
+            f"{ADAPTER_CONFIG} lists no target_parameters to say which"
+        )
+    depth = match["nesting"].count(".base_layer")
+    if depth >= len(expert_targets):
+        raise AdapterError(
+            f"{weights.path}: tensor {name!r} is nested {depth} wrapper(s) deep, but "
+            f"target_parameters lists only {[module_name(p) for p in expert_targets]}"
+        )
+    return expert_targets[len(expert_targets) - 1 - depth]
+
+
 def _check_targets(
     weights: SafetensorsFile,
     found: Mapping[tuple[int, str, str], str],
     listed: tuple[str, ...] | None,
+    expert_targets: tuple[str, ...],
+    config: Any,
 ) -> tuple[str, ...]:
+    """The adapted projections, in lorax's order: what the config lists, the file holds and
+    the base model has must agree."""
     present = {proj for _, proj, _ in found}
     if not present:
         raise AdapterError(f"{weights.path}: holds no LoRA tensors")
-    if listed is not None:
-        absent = sorted(set(listed) - present)
-        extra = sorted(present - set(listed))
-        if absent or extra:
-            raise AdapterError(
-                f"{weights.path}: target_modules lists {sorted(set(listed))} but the file has "
-                f"LoRA tensors for {sorted(present)}"
-            )
-    return tuple(p for p in PROJECTIONS if p in present)
+    modules = present - set(EXPERT_PROJECTIONS)
+    if listed is not None and set(listed) != modules:
+        raise AdapterError(
+            f"{weights.path}: target_modules lists {sorted(set(listed))} but the file has "
+            f"LoRA tensors for {sorted(modules)}"
+        )
+    if set(expert_targets) != present & set(EXPERT_PROJECTIONS):
+        have = [module_name(p) for p in EXPERT_PROJECTIONS if p in present]
+        raise AdapterError(
+            f"{weights.path}: target_parameters lists {[module_name(p) for p in expert_targets]} "
+            f"but the file has LoRA tensors for {have}"
+        )
+    foreign = sorted(present - set(config.projections()))
+    if foreign:
+        raise AdapterError(
+            f"{weights.path}: has LoRA tensors for {foreign}, which {config.model_type} does not "
+            f"have (its projections: {list(config.projections())}); the adapter is for a "
+            "different base model"
+        )
+    return tuple(p for p in config.projections() if p in present)
 
 
 def _check_coverage(
@@ -365,6 +503,7 @@ def _check_coverage(
     found: Mapping[tuple[int, str, str], str],
     targets: tuple[str, ...],
     num_layers: int,
+    expert_targets: tuple[str, ...],
 ) -> None:
     deepest = max(layer for layer, _, _ in found)
     if deepest >= num_layers:
@@ -373,7 +512,7 @@ def _check_coverage(
             f"{num_layers} layers; the adapter is for a different base model"
         )
     missing = [
-        peft_lora_name(i, proj, which)
+        peft_lora_name(i, proj, which, expert_targets)
         for proj in targets
         for i in range(num_layers)
         for which in "AB"
@@ -392,12 +531,11 @@ def _check_shape(
     expected: tuple[int, int],
     proj: str,
     which: str,
-    rank: int,
+    dims: str,
 ) -> None:
     shape = tuple(weights.shape(name))
     if shape == expected:
         return
-    dims = f"[r={rank}, in]" if which == "A" else f"[out, r={rank}]"
     raise AdapterError(
         f"{weights.path}: tensor {name!r} has shape {list(shape)}, but the base model's "
         f"{proj} needs lora_{which} {dims} = {list(expected)}; the adapter is for a different "

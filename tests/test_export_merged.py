@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
-from conftest import make_hf_model, random_lora, rel_err, torch_logits
+from conftest import make_hf_model, random_lora, rel_err, rel_l2, torch_logits
 from test_model_parity import CASES
 
 import lorax
@@ -145,6 +145,10 @@ FAMILY_FIELDS = (
     "attn_logit_softcapping",
     "final_logit_softcapping",
     "tie_word_embeddings",
+    "num_local_experts",
+    "num_experts_per_tok",
+    "output_router_logits",
+    "router_aux_loss_coef",
 )
 
 
@@ -159,12 +163,14 @@ FAMILY_FIELDS = (
         ("gemma3-two-ropes", "bfloat16"),
         ("phi3-window", "bfloat16"),
         ("phi3-longrope-partial", "float32"),
+        ("mixtral", "float32"),
+        ("mixtral", "bfloat16"),
     ],
 )
 def test_merged_families_load_in_transformers(tmp_path, rng, case, dtype):
-    """Qwen 3, Gemma 2, Gemma 3 and Phi-3 merged: transformers builds the right class from our
-    config.json, reads the family's fields as it read the source's, and computes lorax's
-    logits; ``lorax.load`` gives back the same ``ModelConfig``."""
+    """Qwen 3, Gemma 2, Gemma 3, Phi-3 and Mixtral merged: transformers builds the right class
+    from our config.json, reads the family's fields as it read the source's, and computes
+    lorax's logits; ``lorax.load`` gives back the same ``ModelConfig``."""
     model_type, overrides = CASES[case]
     torch_model, path = make_hf_model(tmp_path, model_type, **overrides)
     model = lorax.load(path, dtype="float32")
@@ -198,7 +204,13 @@ def test_merged_families_load_in_transformers(tmp_path, rng, case, dtype):
         assert rel_err(merged, adapted) < 1e-4
     else:  # only the rounding of the stored weights differs (up to 2e-2 seen over 12 seeds)
         assert ShardedCheckpoint(out)["model.norm.weight"].dtype == ml_dtypes.bfloat16
-        assert rel_err(merged, adapted) < 5e-2
+        if not model.config.moe:
+            assert rel_err(merged, adapted) < 5e-2
+        else:
+            # Rounding can flip a token's top-k experts, a jump on that token (up to 0.3 seen
+            # over 8 seeds), not drift: the typical token is bounded (5e-3..7e-3 seen).
+            per_token = np.abs(merged - adapted).max(-1) / np.abs(adapted).max()
+            assert np.median(per_token) < 2e-2
 
 
 def test_tokenizer_and_generation_config_are_written(tmp_path):
@@ -295,6 +307,65 @@ def test_merging_into_nf4_base_dequantizes_like_bitsandbytes(tmp_path, rng):
     )
     base_q = lorax.dequantize_nf4(_layer(model.params["layers"]["q_proj"]["weight"], 1))
     np.testing.assert_array_equal(stored["model.layers.1.self_attn.q_proj.weight"], base_q)
+
+
+# ------------------------------------------------------------------------------- Mixtral
+
+
+def _exact_expert_merge(model, lora, proj, i, e) -> np.ndarray:
+    """Expert e's ``W + scale·B·A`` in layer i, float64 (gate/up: both parts' rows)."""
+    w = model.params["layers"][proj]["weight"]
+    w = lorax.dequantize_nf4(_layer(_layer(w, i), e)) if isinstance(w, lorax.NF4Tensor) else w[i, e]
+    w = np.asarray(w, np.float64).reshape(-1, w.shape[-1])  # [2, F, D] -> [2F, D]
+    ab = lora.params["layers"][proj]
+    a, b = (np.asarray(ab[k][i, e], np.float64) for k in ("lora_a", "lora_b"))
+    return w + lora.config.scale * (b @ a)
+
+
+@pytest.mark.parametrize("quantize", [None, "nf4"])
+def test_mixtral_merged_writes_each_expert_merged(tmp_path, rng, quantize):
+    """Every expert's w1/w3 (gate/up rows of experts_gate_up_proj) and w2 is its own merge;
+    transformers computes lorax's adapted logits from them. From an NF4 base too, where each
+    expert matrix is dequantized as bitsandbytes does before the float32 sum."""
+    model_type, overrides = CASES["mixtral"]
+    torch_model, path = make_hf_model(tmp_path, model_type, **overrides)
+    model = lorax.load(path, dtype="float32", quantize=quantize)
+    targets = ("k_proj", "experts_gate_up_proj", "experts_down_proj")
+    lora = random_lora(model, rng, 4, 8, targets)
+    out = str(tmp_path / "merged")
+    lorax.save_merged(model, lora, out, dtype="float32")
+
+    stored = ShardedCheckpoint(out)
+    experts = "model.layers.{i}.block_sparse_moe.experts.{e}.{w}.weight"
+    f = model.config.intermediate_size
+    for i, e in ((0, 0), (1, 3)):
+        gate_up = _exact_expert_merge(model, lora, "experts_gate_up_proj", i, e)
+        down = _exact_expert_merge(model, lora, "experts_down_proj", i, e)
+        for w, want in (("w1", gate_up[:f]), ("w3", gate_up[f:]), ("w2", down)):
+            got = stored[experts.format(i=i, e=e, w=w)]
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=w)
+    np.testing.assert_array_equal(
+        stored["model.layers.1.block_sparse_moe.gate.weight"],
+        model.params["layers"]["router"]["weight"][1],
+    )
+
+    hf = _hf_model(out)
+    assert type(hf).__name__ == "MixtralForCausalLM"
+    ids = rng.integers(0, model.config.vocab_size, size=(2, 12))
+    expected = _logits(model, lora, ids)
+    error = rel_l2(torch_logits(hf, ids), expected)
+    print(f"merged Mixtral (base {quantize or 'float32'}) vs lorax + LoRA, rel_l2: {error:.2e}")
+    assert error < 1e-5
+    assert rel_l2(_logits(model, None, ids), expected) > 1e-2  # the merge mattered
+
+
+def test_mixtral_nf4_merged_is_refused(tmp_path):
+    model_type, overrides = CASES["mixtral"]
+    _, path = make_hf_model(tmp_path, model_type, **overrides)
+    model = lorax.load(path, dtype="float32", quantize="nf4")
+    with pytest.raises(ValueError, match=r"dtype='nf4'.*mixtral.*only nn.Linear"):
+        lorax.save_merged(model, None, tmp_path / "x", dtype="nf4")
+    assert not os.path.exists(tmp_path / "x")
 
 
 # ------------------------------------------------------------------------ atomic output
@@ -464,6 +535,8 @@ def _gemma(model_type="gemma2", **kw) -> lorax.ModelConfig:
             layer_windows=(0, 0, 5, 5),
         ),
         _cfg(model_type="qwen2", bias_projections=("q_proj", "k_proj", "v_proj")),
+        _cfg(model_type="mixtral", num_experts=8, experts_per_token=2, layer_windows=(9,) * 4),
+        _cfg(model_type="mixtral", num_experts=5, experts_per_token=3, router_aux_loss_coef=0.02),
     ],
 )
 def test_hf_config_round_trips(config):
@@ -473,6 +546,14 @@ def test_hf_config_round_trips(config):
     parsed = transformers.AutoConfig.for_model(**hf)
     assert parsed.num_key_value_heads == config.num_kv_heads and parsed.head_dim == config.head_dim
     assert parsed.rope_parameters["rope_type"] == config.rope.type
+    if config.moe:
+        assert (parsed.num_local_experts, parsed.num_experts_per_tok) == (
+            config.num_experts,
+            config.experts_per_token,
+        )
+        assert parsed.output_router_logits == (config.router_aux_loss_coef is not None)
+        if config.router_aux_loss_coef is not None:
+            assert parsed.router_aux_loss_coef == config.router_aux_loss_coef
 
 
 def _rope_type_and_theta(params) -> tuple[str, float]:
@@ -579,6 +660,23 @@ def test_family_hf_config_round_trips_and_reads_in_transformers(config):
         (_gemma(sandwich_norms=False), "sandwich_norms"),
         (_gemma(layer_windows=(7, 0, 9, 0)), "one sliding window size"),
         (_gemma(sliding_rope=lorax.RopeConfig(theta=1e4)), "one RoPE"),
+        (_cfg(num_experts=4, experts_per_token=2), r"llama's config.json cannot express \['moe'\]"),
+        (_cfg(model_type="mixtral"), r"cannot express \['moe'\]"),
+        (
+            _cfg(
+                model_type="mixtral", num_experts=4, experts_per_token=2, layer_windows=(0, 4) * 2
+            ),
+            "every layer or none",
+        ),
+        (
+            _cfg(
+                model_type="mixtral",
+                num_experts=4,
+                experts_per_token=2,
+                bias_projections=("q_proj",),
+            ),
+            "no projection biases",
+        ),
     ],
 )
 def test_hf_config_refuses_what_the_format_cannot_say(config, message):

@@ -6,12 +6,13 @@ import dataclasses
 import json
 import os
 import types
+import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import make_hf_model, random_lora, rel_err, torch_logits
+from conftest import make_hf_model, random_lora, rel_err, rel_l2, torch_logits
 from test_model_parity import CASES
 
 import lorax
@@ -232,6 +233,8 @@ def test_adapter_with_fewer_layers_is_named(tmp_path, base):
         (dict(r=0), "r=0"),
         (dict(r=8), r"shape \[4, 64\].*\[8, 64\]"),
         (dict(init_lora_weights="pissa_niter_4"), "rewrites the base weights"),
+        (dict(target_parameters=["lm_head.weight"]), r"target_parameters includes \['lm_head"),
+        (dict(target_parameters=["mlp.experts.down_proj"]), "not a mixture-of-experts model"),
     ],
 )
 def test_unsupported_adapter_config_is_named(base, adapter, changes, message):
@@ -320,4 +323,169 @@ def test_lora_for_another_model_is_refused_on_save(tmp_path, base, lora):
     small = _other_base(base, hidden_size=32)
     with pytest.raises(AdapterError, match=r"q_proj\.lora_a has shape \[2, 4, 64\]"):
         lorax.save_adapter(small, lora, tmp_path / "x")
+    assert not os.path.exists(tmp_path / "x")
+
+
+# ------------------------------------------------------------------------------- Mixtral
+# PEFT adapts the experts' 3-D parameters through target_parameters: one lora_A [E·r, in] /
+# lora_B [out, r·E] pair per layer and parameter, keyed by the (nested) wrapper module.
+
+GATE_UP, DOWN = "mlp.experts.gate_up_proj", "mlp.experts.down_proj"
+
+
+def _peft_lora_config(lora: lorax.LoraWeights):
+    """PEFT's LoraConfig for ``lora``'s targets: modules by name, experts by parameter."""
+    experts = {"experts_gate_up_proj": GATE_UP, "experts_down_proj": DOWN}
+    return peft.LoraConfig(
+        task_type="CAUSAL_LM",
+        r=lora.config.rank,
+        lora_alpha=lora.config.alpha,
+        target_modules=[t for t in lora.config.targets if t not in experts],
+        target_parameters=[experts[t] for t in lora.config.targets if t in experts],
+    )
+
+
+@pytest.mark.parametrize(
+    "targets",
+    [
+        "all-linear",
+        ("v_proj", "o_proj", "experts_down_proj"),
+        ("experts_gate_up_proj",),
+    ],
+)
+def test_peft_runs_our_mixtral_adapter_like_lorax(tmp_path, rng, targets):
+    torch_model, path = _make(tmp_path, "mixtral")
+    model = lorax.load(path, dtype="float32")
+    targets = model.config.projections() if targets == "all-linear" else targets
+    lora = random_lora(model, rng, rank=4, alpha=8, targets=targets)
+    out = tmp_path / "adapter"
+    lorax.save_adapter(model, lora, out)
+
+    # The very keys PEFT writes for the same LoraConfig (which expert LoRA is base_layer-
+    # nested depends on which parameters are targeted).
+    theirs = peft.get_peft_model(torch_model, _peft_lora_config(lora))
+    theirs.save_pretrained(str(tmp_path / "theirs"))
+    assert sorted(SafetensorsFile(str(out / ADAPTER_WEIGHTS))) == sorted(
+        SafetensorsFile(str(tmp_path / "theirs" / ADAPTER_WEIGHTS))
+    )
+
+    base = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*missing adapter keys.*")
+        peft_model = peft.PeftModel.from_pretrained(base, str(out)).eval()
+    again = peft_model.load_adapter(str(out), adapter_name="again")
+    assert (again.missing_keys, again.unexpected_keys) == ([], [])
+    peft_model.set_adapter("default")
+    ids = rng.integers(0, model.config.vocab_size, size=(2, 12))
+    expected = _lorax_logits(model, lora, ids)
+    error = rel_l2(torch_logits(peft_model, ids), expected)
+    print(f"PEFT vs lorax logits, rel_l2: {error:.2e}")
+    assert error < 1e-5
+    with peft_model.disable_adapter():  # the adapter must matter, or the above proves nothing
+        assert rel_l2(torch_logits(peft_model, ids), expected) > 1e-2
+
+    _assert_same_lora(lorax.load_adapter(model, out), lora)
+
+
+def test_reads_mixtral_adapter_written_by_peft(tmp_path, rng):
+    torch_model, path = _make(tmp_path, "mixtral")
+    out, peft_model = _peft_saved_adapter(
+        tmp_path, torch_model, rng, r=4, lora_alpha=16, use_rslora=True,
+        target_modules=["q_proj", "o_proj"], target_parameters=[DOWN, GATE_UP],
+    )  # fmt: skip
+    model = lorax.load(path, dtype="float32")
+    lora = lorax.load_adapter(model, out)
+    targets = ("q_proj", "o_proj", "experts_gate_up_proj", "experts_down_proj")
+    assert lora.config == lorax.LoraConfig(4, 16.0, targets, use_rslora=True)
+    ids = rng.integers(0, model.config.vocab_size, size=(2, 10))
+    expected = torch_logits(peft_model, ids)
+    error = rel_l2(_lorax_logits(model, lora, ids), expected)
+    print(f"lorax vs PEFT logits, rel_l2: {error:.2e}")
+    assert error < 1e-5
+    assert rel_l2(_lorax_logits(model, None, ids), expected) > 1e-2
+
+
+@pytest.fixture(scope="module")
+def mixtral(tmp_path_factory) -> lorax.Model:
+    """One tiny Mixtral (4 experts) shared by the tests below, which only read it."""
+    _, path = _make(tmp_path_factory.mktemp("mixtral"), "mixtral")
+    return lorax.load(path, dtype="float32")
+
+
+@pytest.fixture
+def mixtral_adapter(tmp_path, mixtral) -> str:
+    lora = random_lora(
+        mixtral, np.random.default_rng(3), rank=4, alpha=8,
+        targets=("q_proj", "experts_gate_up_proj", "experts_down_proj"),
+    )  # fmt: skip
+    out = str(tmp_path / "adapter")
+    lorax.save_adapter(mixtral, lora, out)
+    return out, lora
+
+
+def test_reads_mixtral_keys_with_adapter_name_or_without_prefix(mixtral, mixtral_adapter):
+    adapter, lora = mixtral_adapter
+
+    def rename(tensors):
+        for k in list(tensors):
+            new = k.replace(".weight", ".default.weight").replace("base_model.model.", "")
+            tensors[new] = tensors.pop(k)
+
+    _rewrite(adapter, rename, target_parameters=["gate_up_proj", "down_proj"])
+    _assert_same_lora(lorax.load_adapter(mixtral, adapter), lora)
+
+
+def test_mixtral_adapter_for_other_expert_count_is_named(tmp_path, mixtral):
+    other = _other_base(mixtral, num_experts=5)
+    out = str(tmp_path / "five")
+    lorax.save_adapter(
+        other, random_lora(other, np.random.default_rng(4), 4, 8, ("experts_down_proj",)), out
+    )
+    name = "base_model.model.model.layers.0.mlp.experts.lora_A.weight"
+    with pytest.raises(
+        AdapterError, match=rf"{ADAPTER_WEIGHTS}.*{name}.*\[20, 96\].*experts·r = 4·4.*\[16, 96\]"
+    ):
+        lorax.load_adapter(mixtral, out)
+
+
+_NESTED_A = "base_model.model.model.layers.0.mlp.experts.base_layer.lora_A.weight"
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (dict(target_parameters=[GATE_UP]), r"nested 1 wrapper\(s\) deep.*gate_up_proj"),
+        (dict(target_parameters=None), "lists no target_parameters"),
+        (dict(target_parameters=[GATE_UP, DOWN, "mlp.gate.weight"]), r"\['mlp.gate.weight'\]"),
+        (dict(lora_dropout=0.1), "lora_dropout=0.1 with target_parameters"),
+        (dict(target_modules=["q_proj", "gate_proj"]), "target_modules lists"),
+    ],
+)
+def test_unsupported_mixtral_adapter_config_is_named(mixtral, mixtral_adapter, changes, message):
+    adapter, _ = mixtral_adapter
+    _rewrite(adapter, **changes)
+    with pytest.raises(AdapterError, match=message):
+        lorax.load_adapter(mixtral, adapter)
+
+
+def test_mixtral_adapter_missing_an_expert_parameter_is_named(mixtral, mixtral_adapter):
+    adapter, _ = mixtral_adapter
+    _rewrite(adapter, lambda t: [t.pop(k) for k in list(t) if ".base_layer." in k])
+    with pytest.raises(AdapterError, match=r"target_parameters lists .*gate_up_proj.* file has"):
+        lorax.load_adapter(mixtral, adapter)
+
+
+def test_llama_names_on_mixtral_are_refused(tmp_path, mixtral):
+    other = _other_base(mixtral, num_experts=0, experts_per_token=0)
+    out = str(tmp_path / "dense")
+    lorax.save_adapter(other, random_lora(other, np.random.default_rng(5), 4, 8, ("up_proj",)), out)
+    with pytest.raises(AdapterError, match=r"\['up_proj'\], which mixtral does not have"):
+        lorax.load_adapter(mixtral, out)
+
+
+def test_save_refuses_dropout_on_mixtral_experts(tmp_path, mixtral):
+    lora = random_lora(mixtral, np.random.default_rng(6), 4, 8, ("experts_down_proj",))
+    lora = lorax.LoraWeights(lora.params, dataclasses.replace(lora.config, dropout=0.1))
+    with pytest.raises(AdapterError, match="PEFT applies no dropout to target_parameters"):
+        lorax.save_adapter(mixtral, lora, tmp_path / "x")
     assert not os.path.exists(tmp_path / "x")
