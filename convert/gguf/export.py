@@ -5,12 +5,16 @@ stacked pytree (NF4 dequantized), the adapter merged in float32 (``W + scale·B�
 same merge as ``save_merged``; a Phi-3 fused projection is one weight with one adapter), the
 query/key rows reordered for llama.cpp's rope (``llama``), one added to Gemma's norm weights
 (llama.cpp's Gemma scales by the stored weight), and the result encoded in the type
-llama.cpp's quantizer would pick for it. Only the tensor being
-written exists outside the model, so an export needs little memory beyond the model itself.
+llama.cpp's quantizer would pick for it. An expert projection (Mixtral) is written per part,
+each tensor all of a layer's experts: every expert's adapter is merged into its own matrix,
+and a gate/up part takes its rows of the merged ``[2·F, D]`` (gate the first F, up the rest).
+Only the tensor being written exists outside the model, so an export needs little memory
+beyond the model itself.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import warnings
@@ -27,7 +31,9 @@ from convert.gguf.layout import (
     ROPE_FACTORS_SHORT,
     ROPE_FREQS,
     Arch,
+    FileTensor,
     arch_for_export,
+    file_tensors,
     gguf_name,
     norm_offset,
     rope_heads,
@@ -38,7 +44,7 @@ from convert.gguf.quants import ModelShape, Scheme, encode, scheme, tensor_type
 from convert.gguf.tokenizer import tokenizer_metadata
 from convert.gguf.writer import TensorPlan, write_gguf
 from convert.merged import lora_adapters, merge_lora_weight
-from convert.names import TensorSpec, tensor_specs
+from convert.names import EXPERT_PROJECTIONS
 from convert.rope import llama3_rope_factors
 
 
@@ -64,7 +70,7 @@ def export_gguf(
     chosen = scheme(quant)
     config = model.config
     arch = arch_for_export(config.model_type)
-    adapters, lora_scale = lora_adapters(config, lora)
+    adapters, lora_scale = _lora_adapters(config, lora)
     name = name or _default_name(model)
     metadata = model_metadata(config, arch, chosen.file_type, name)
     metadata.update(_tokenizer_keys(model.tokenizer, config.vocab_size))
@@ -98,6 +104,30 @@ def _check_loadable_name(name: str, metadata: Mapping[str, KV]) -> None:
         )
 
 
+def _lora_adapters(config: Any, lora: Any) -> tuple[dict[str, Any], float]:
+    """``merged.lora_adapters`` (which checks one pair per layer, ``[L, r, in]`` and
+    ``[L, out, r]``), with the expert projections' pairs, one per layer and expert
+    (``[L, E, r, in]`` and ``[L, E, out, r]``), checked here."""
+    if lora is None:
+        return lora_adapters(config, None)
+    layers = lora.params["layers"]
+    experts = {k: v for k, v in layers.items() if k in EXPERT_PROJECTIONS}
+    others = {k: v for k, v in layers.items() if k not in EXPERT_PROJECTIONS}
+    for proj, ab in experts.items():
+        out_dim, in_dim = config.projection_shape(proj)
+        a_shape, b_shape = tuple(ab["lora_a"].shape), tuple(ab["lora_b"].shape)
+        lead = (config.num_layers, config.num_experts)
+        rank = a_shape[2] if len(a_shape) == 4 else -1
+        if a_shape != (*lead, rank, in_dim) or b_shape != (*lead, out_dim, rank):
+            raise ValueError(
+                f"LoRA {proj} has lora_a {list(a_shape)} and lora_b {list(b_shape)}; the model "
+                f"needs [{config.num_layers}, {config.num_experts}, r, {in_dim}] and "
+                f"[{config.num_layers}, {config.num_experts}, {out_dim}, r]"
+            )
+    adapters, scale = lora_adapters(config, dataclasses.replace(lora, params={"layers": others}))
+    return {**adapters, **experts}, scale
+
+
 def _tokenizer_keys(tokenizer: Any, vocab_size: int) -> dict[str, KV]:
     if tokenizer is None:
         warnings.warn(
@@ -119,17 +149,19 @@ def _plans(
         config.num_heads,
         config.num_kv_heads,
         config.tie_word_embeddings,
+        config.num_experts,
     )
-    specs = list(tensor_specs(config))
-    placed = [(spec, None) for spec in specs if not spec.per_layer]
-    placed += [(spec, i) for i in range(config.num_layers) for spec in specs if spec.per_layer]
-    for spec, layer in placed:
-        name = gguf_name(arch, spec.path, layer)
-        ttype = tensor_type(s, name, spec.shape, shape)
+    tensors = file_tensors(config)
+    placed = [(t, None) for t in tensors if not t.spec.per_layer]
+    placed += [(t, i) for i in range(config.num_layers) for t in tensors if t.spec.per_layer]
+    for tensor, layer in placed:
+        spec = tensor.spec
+        name = gguf_name(arch, spec.path, layer, tensor.part)
+        ttype = tensor_type(s, name, tensor.shape, shape)
         produce = functools.partial(
             _encode_param,
             model.params,
-            spec,
+            tensor,
             layer,
             adapters,
             lora_scale,
@@ -138,7 +170,7 @@ def _plans(
             ttype,
             name,
         )
-        yield TensorPlan(name, spec.shape, ttype, produce)
+        yield TensorPlan(name, tensor.shape, ttype, produce)
     if config.rope.type == "llama3":
         rope = config.rope
         factors = llama3_rope_factors(
@@ -158,7 +190,7 @@ def _plans(
 
 def _encode_param(
     params: Mapping[str, Any],
-    spec: TensorSpec,
+    tensor: FileTensor,
     layer: int | None,
     adapters: Mapping[str, Any],
     lora_scale: float,
@@ -167,6 +199,7 @@ def _encode_param(
     ttype: TensorType,
     name: str,
 ) -> np.ndarray:
+    spec = tensor.spec
     value: Any = params
     for key in spec.path:
         value = value[key]
@@ -176,6 +209,8 @@ def _encode_param(
         adapter = adapters.get(spec.path[1]) if spec.path[-1] == "weight" else None
         if adapter is not None:
             a, b = adapter["lora_a"][layer], adapter["lora_b"][layer]
+    if tensor.part is not None:
+        value, b = _expert_part(value, b, tensor.part, spec.shape[0])
     weight = merge_lora_weight(value, a, b, lora_scale, jnp.float32)
     if not bool(jnp.isfinite(weight).all()):
         raise GGUFError(f"tensor {name!r} has non-finite values; refusing to export it")
@@ -184,3 +219,13 @@ def _encode_param(
     if offset:
         weight = weight + offset
     return encode(weight.reshape(-1, weight.shape[-1]), ttype)
+
+
+def _expert_part(value: Any, lora_b: Any, part: int, rows: int) -> tuple[Any, Any]:
+    """One part of a layer's expert projection, ``value [E, parts, rows, in]`` (dense or
+    NF4), and of its adapters' B ``[E, parts·rows, r]``: the part's matrix of every expert,
+    and the B rows that adapt it (an expert's output rows are its parts', in order)."""
+    value = jax.tree.map(lambda x: x[:, part], value)
+    if lora_b is not None:
+        lora_b = lora_b[:, part * rows : (part + 1) * rows]
+    return value, lora_b

@@ -21,6 +21,15 @@ Phi-3's fused projections keep their HF layout: ``qkv_proj`` (query rows, then k
 is ``attn_qkv``, and ``gate_up_proj`` (gate rows, then up) is ``ffn_up``, which llama.cpp's
 ``phi3`` splits in halves for SwiGLU, activating the first. Its LongRoPE factors are two
 one-dimensional tensors, ``rope_factors_short`` and ``rope_factors_long``.
+
+Mixtral is llama.cpp's ``llama`` architecture with routed experts (llama.cpp's converter
+writes it so): per block, the router as ``ffn_gate_inp`` ``[experts, hidden]`` (float32, as
+the converter stores it and llama-quantize leaves it) and each expert projection's parts as
+3-D tensors, numpy shape ``[experts, out, in]`` with each expert's HF ``[out, in]`` matrix as
+is: ``ffn_gate_exps`` (HF's ``w1``, the first half of lorax's ``experts_gate_up_proj``),
+``ffn_up_exps`` (``w3``, its second half) and ``ffn_down_exps`` (``w2``). llama.cpp routes as
+Mixtral does: a softmax over the router's logits, the top ``expert_used_count`` weights
+renormalized to sum to one.
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ from typing import Any
 from gguf import MODEL_TENSOR, TENSOR_NAMES
 
 from convert.gguf.format import GGUFError
+from convert.names import EXPERT_CHECKPOINT_PARTS, ROUTER, TensorSpec, tensor_specs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,12 +58,20 @@ class Arch:
     # The layer count llama.cpp takes for the 27B size, whose attention scores it scales by
     # (hidden_size / num_heads) ** -0.5 instead of head_dim ** -0.5.
     wide_scale_layers: int | None = None
+    # The HF model_type a file of this architecture with routed experts (``expert_count``)
+    # loads as; None: lorax writes and reads no experts for this architecture.
+    moe_model_type: str | None = None
+
+    def family_type(self, moe: bool) -> str:
+        """The HF model_type a model of this architecture computes as: with routed experts
+        its ``moe_model_type``, where it has one."""
+        return self.moe_model_type if moe and self.moe_model_type else self.model_type
 
 
 ARCHES = {
     a.name: a
     for a in (
-        Arch("llama", "llama", True),
+        Arch("llama", "llama", True, moe_model_type="mixtral"),
         Arch("qwen2", "qwen2", False),
         Arch("qwen3", "qwen3", False),
         Arch("gemma2", "gemma2", False, gemma=True, swa_period=2, wide_scale_layers=46),
@@ -61,11 +79,12 @@ ARCHES = {
         Arch("phi3", "phi3", False),
     )
 }
-# Mistral is computed as llama by llama.cpp (its converter writes arch "llama"); Gemma 3's
-# language model is llama.cpp's "gemma3".
+# Mistral and Mixtral are computed as llama by llama.cpp (its converter writes arch "llama");
+# Gemma 3's language model is llama.cpp's "gemma3".
 EXPORT_ARCH = {
     "llama": "llama",
     "mistral": "llama",
+    "mixtral": "llama",
     "qwen2": "qwen2",
     "qwen3": "qwen3",
     "gemma2": "gemma2",
@@ -99,6 +118,14 @@ _PROJECTIONS = {
     # Phi-3's fused projections (see the module docstring).
     "qkv_proj": MODEL_TENSOR.ATTN_QKV,
     "gate_up_proj": MODEL_TENSOR.FFN_UP,
+    ROUTER: MODEL_TENSOR.FFN_GATE_INP,
+}
+# An expert projection's parts, by their checkpoint names (``EXPERT_CHECKPOINT_PARTS``), each
+# one 3-D tensor over the experts (see the module docstring).
+_EXPERT_PARTS = {
+    "w1": MODEL_TENSOR.FFN_GATE_EXP,
+    "w3": MODEL_TENSOR.FFN_UP_EXP,
+    "w2": MODEL_TENSOR.FFN_DOWN_EXP,
 }
 _SINGLE = {
     ("embed_tokens",): MODEL_TENSOR.TOKEN_EMBD,
@@ -121,10 +148,44 @@ ROPE_FACTORS_SHORT = TENSOR_NAMES[MODEL_TENSOR.ROPE_FACTORS_SHORT] + ".weight"
 ROPE_FACTORS_LONG = TENSOR_NAMES[MODEL_TENSOR.ROPE_FACTORS_LONG] + ".weight"
 
 
-def gguf_name(arch: Arch, path: tuple[str, ...], layer: int | None = None) -> str:
-    """The GGUF name of the parameter at pytree ``path`` (``layer`` for per-layer ones)."""
+@dataclasses.dataclass(frozen=True)
+class FileTensor:
+    """One tensor of the file (once per layer for per-layer ones) and what it holds of the
+    parameter at ``spec.path``: all of it, or for an expert projection one part of every
+    expert, ``value[layer][:, part]`` (``part`` None: the value has no part axis)."""
+
+    spec: TensorSpec  # for an expert part, the spec of its expert 0
+    shape: tuple[int, ...]  # numpy order: [experts, out, in] for an expert part
+    part: int | None = None
+
+    @property
+    def experts(self) -> bool:
+        return bool(self.spec.index)
+
+
+def file_tensors(config: Any) -> list[FileTensor]:
+    """The tensors a GGUF of ``config`` holds besides RoPE factor tensors, in
+    ``tensor_specs`` order: one per spec, except that the specs of one expert projection's
+    part (one per expert) are one tensor."""
+    tensors = []
+    for spec in tensor_specs(config):
+        if not spec.index:
+            tensors.append(FileTensor(spec, spec.shape))
+        elif spec.index[0] == 0:  # expert 0 stands for its part's tensor
+            part = spec.index[1] if len(spec.index) > 1 else None
+            tensors.append(FileTensor(spec, (spec.stack[0], *spec.shape), part))
+    return tensors
+
+
+def gguf_name(
+    arch: Arch, path: tuple[str, ...], layer: int | None = None, part: int | None = None
+) -> str:
+    """The GGUF name of the parameter at pytree ``path`` (``layer`` for per-layer ones;
+    ``part`` for one part of an expert projection, as ``FileTensor.part``)."""
     single = _GEMMA if arch.gemma else _SINGLE
-    if path in single:
+    if len(path) == 3 and path[1] in EXPERT_CHECKPOINT_PARTS:
+        base, suffix = _EXPERT_PARTS[EXPERT_CHECKPOINT_PARTS[path[1]][part or 0]], path[2]
+    elif path in single:
         base, suffix = single[path], "weight"
     elif len(path) == 3 and path[0] == "layers" and path[1] in _PROJECTIONS:
         base, suffix = _PROJECTIONS[path[1]], path[2]

@@ -1,16 +1,19 @@
-"""Reading a GGUF (llama, qwen2, qwen3, gemma2, gemma3, phi3) into lorax's config dict,
-stacked parameters and tokenizer.
+"""Reading a GGUF (llama, Mistral and Mixtral included; qwen2, qwen3, gemma2, gemma3, phi3)
+into lorax's config dict, stacked parameters and tokenizer.
 
 Tensors are dequantized to float32 one at a time (any type ``gguf`` decodes: float, the
 legacy block types, the K-quants, ...), their query/key rows put back into HF's rope order,
 Gemma's norm weights put back to HF's ``weight`` (the file stores ``1 + weight``), cast (and
-NF4-quantized when asked) and stacked per layer. Every mismatch between the file and the
+NF4-quantized when asked) and stacked per layer; an expert tensor is split into its experts'
+matrices, each cast (and quantized) on its own as from an HF checkpoint, and stacked
+``[L, E(, part)]``. Every mismatch between the file and the
 config it declares names the file and the tensor.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 from collections.abc import Callable
 from glob import glob
@@ -24,7 +27,9 @@ from convert.gguf.layout import (
     ROPE_FACTORS_LONG,
     ROPE_FACTORS_SHORT,
     ROPE_FREQS,
+    FileTensor,
     arch_named,
+    file_tensors,
     from_gguf_rope_rows,
     gguf_name,
     norm_offset,
@@ -33,8 +38,9 @@ from convert.gguf.layout import (
 from convert.gguf.metadata import config_from_gguf
 from convert.gguf.reader import GGUFFile
 from convert.gguf.tokenizer import tokenizer_from_gguf
-from convert.names import TensorSpec, tensor_specs
-from pallas_kernels.nf4 import NF4Tensor, quantize_nf4, stack
+from convert.hf import set_path, stack_layers, stack_members
+from convert.names import TensorSpec
+from pallas_kernels.nf4 import quantize_nf4
 
 
 def load_gguf(
@@ -63,13 +69,13 @@ def _read_params(
     f: GGUFFile, config: Any, quantize: str | None, dtype: Any, double_quant: bool
 ) -> dict[str, Any]:
     arch = arch_named(f.architecture, f.path)
-    specs = list(tensor_specs(config))
+    tensors = file_tensors(config)
     expected = {ROPE_FREQS}
     if config.rope.type == "longrope":
         expected.update((ROPE_FACTORS_SHORT, ROPE_FACTORS_LONG))
-    for spec in specs:
-        layers = range(config.num_layers) if spec.per_layer else [None]
-        expected.update(gguf_name(arch, spec.path, i) for i in layers)
+    for t in tensors:
+        layers = range(config.num_layers) if t.spec.per_layer else [None]
+        expected.update(gguf_name(arch, t.spec.path, i, t.part) for i in layers)
     unexpected = sorted(set(f.tensors) - expected)
     if unexpected:
         shown = ", ".join(unexpected[:5]) + (" ..." if len(unexpected) > 5 else "")
@@ -78,39 +84,53 @@ def _read_params(
             f"{config.num_layers} layers: {shown}"
         )
 
-    def read(spec: TensorSpec, layer: int | None) -> Any:
-        name = gguf_name(arch, spec.path, layer)
+    def read(t: FileTensor, layer: int | None) -> np.ndarray:
+        """The file's tensor as lorax's float32 values (HF's rope order, Gemma's weight)."""
+        name = gguf_name(arch, t.spec.path, layer, t.part)
         if name not in f:
             raise GGUFError(f"{f.path}: missing tensor {name!r}")
         shape = f.tensors[name].shape
-        if tuple(shape) != tuple(spec.shape):
+        if tuple(shape) != tuple(t.shape):
             raise GGUFError(
                 f"{f.path}: tensor {name!r} has shape {list(shape)}, the config "
-                f"expects {list(spec.shape)}"
+                f"expects {list(t.shape)}"
             )
         value = f.tensor(name)
-        heads = rope_heads(arch, config, spec.path)
+        heads = rope_heads(arch, config, t.spec.path)
         if heads is not None:
             value = from_gguf_rope_rows(value, heads)
-        offset = norm_offset(arch, spec.path)
+        offset = norm_offset(arch, t.spec.path)
         if offset:
             value = value - np.float32(offset)
+        return value
+
+    def store(spec: TensorSpec, value: np.ndarray) -> Any:
         array = jnp.asarray(value, dtype=dtype)
         if quantize == "nf4" and spec.quantizable:
             return quantize_nf4(array, blocksize=64, double_quant=double_quant)
         return array
 
     params: dict[str, Any] = {}
-    for spec in specs:
-        if spec.per_layer:
-            values = [read(spec, i) for i in range(config.num_layers)]
-            value = stack(values) if isinstance(values[0], NF4Tensor) else jnp.stack(values)
+    experts: dict[tuple[str, ...], dict[tuple[int, ...], Any]] = {}
+    for t in tensors:
+        spec = t.spec
+        if not spec.per_layer:
+            set_path(params, spec.path, store(spec, read(t, None)))
+        elif not t.experts:
+            values = [store(spec, read(t, i)) for i in range(config.num_layers)]
+            set_path(params, spec.path, stack_layers(values))
         else:
-            value = read(spec, None)
-        node = params
-        for key in spec.path[:-1]:
-            node = node.setdefault(key, {})
-        node[spec.path[-1]] = value
+            # Each expert's matrix on its own (NF4 too), as from an HF checkpoint.
+            by_expert: list[list[Any]] = [[] for _ in range(t.shape[0])]
+            for i in range(config.num_layers):
+                value = read(t, i)
+                for e, matrices in enumerate(by_expert):
+                    matrices.append(store(spec, value[e]))
+            members = experts.setdefault(spec.path, {})
+            for e, matrices in enumerate(by_expert):
+                members[(e,) if t.part is None else (e, t.part)] = stack_layers(matrices)
+            if len(members) == math.prod(spec.stack):
+                set_path(params, spec.path, stack_members(experts.pop(spec.path), spec.stack))
     return params
 
 

@@ -35,6 +35,11 @@ Partial rotary is ``rope.dimension_count`` (the rotated leading dims of each hea
 rotates them with NEOX's halves, as HF does. Phi-3's one sliding window is recorded in
 ``attention.sliding_window`` (0: none), which llama.cpp reads and then ignores: it attends
 over the whole context, and export says so in a warning.
+
+Mixtral is llama.cpp's ``llama`` with ``expert_count`` and ``expert_used_count``, which fix
+its routing (softmax, top-k weights renormalized, as Mixtral); import reads a ``llama`` file
+with experts as a Mixtral. Its window is Mistral's case: recorded, ignored by llama.cpp, a
+warning. The router's load-balancing loss weight is for training only and is not recorded.
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ from gguf import GGML_QUANT_VERSION
 from convert.families import departures
 from convert.gguf.format import KV, GGUFError, ValueType, array, f32, string, u32
 from convert.gguf.layout import (
+    ARCHES,
     ROPE_FACTORS_LONG,
     ROPE_FACTORS_SHORT,
     ROPE_FREQS,
@@ -89,7 +95,19 @@ def model_metadata(config: Any, arch: Arch, file_type: int, name: str) -> dict[s
     kv.update(_rope_scaling(config, arch))
     kv.update(_sliding_window(config, arch))
     kv.update(_softcaps(config, arch))
+    kv.update(_experts(config, arch))
     return kv
+
+
+def _experts(config: Any, arch: Arch) -> dict[str, KV]:
+    """A mixture of experts' size and top-k (llama.cpp routes as Mixtral by architecture:
+    softmax, top-k weights renormalized)."""
+    if not config.moe:
+        return {}
+    return {
+        f"{arch.name}.expert_count": u32(config.num_experts),
+        f"{arch.name}.expert_used_count": u32(config.experts_per_token),
+    }
 
 
 # llama.cpp loads no projection biases for these.
@@ -101,7 +119,7 @@ _PARTIAL_ROTARY = ("phi3",)
 def _check_family(config: Any, arch: Arch) -> None:
     """Refuses a config whose computation ``arch`` does not express in llama.cpp."""
     a = arch.name
-    wrong = departures(config, arch.model_type)
+    wrong = departures(config, arch.family_type(config.moe))
     if not math.isclose(config.attention_scale, _attention_scale(arch, config), rel_tol=1e-6):
         wrong["query_pre_attn_scalar"] = config.query_pre_attn_scalar
     if wrong:
@@ -470,8 +488,14 @@ def config_from_gguf(f: GGUFFile) -> dict[str, Any]:
     vocab = key("vocab_size") or (len(tokens) if tokens is not None else None)
     if vocab is None and "token_embd.weight" in f:
         vocab = f.tensors["token_embd.weight"].shape[0]
+    experts = int(key("expert_count", 0))
+    if experts and arch.moe_model_type is None:
+        raise GGUFError(
+            f"{f.path}: {a}.expert_count={experts}: lorax reads routed experts only for "
+            f"{[x.name for x in ARCHES.values() if x.moe_model_type]}"
+        )
     hf: dict[str, Any] = {
-        "model_type": arch.model_type,
+        "model_type": arch.family_type(experts > 0),
         "vocab_size": vocab,
         "hidden_size": hidden,
         "intermediate_size": key("feed_forward_length", required=True),
@@ -487,6 +511,9 @@ def config_from_gguf(f: GGUFFile) -> dict[str, Any]:
         "eos_token_id": f.get("tokenizer.ggml.eos_token_id"),
         "pad_token_id": f.get("tokenizer.ggml.padding_token_id"),
     }
+    if experts:
+        hf["num_local_experts"] = experts
+        hf["num_experts_per_tok"] = int(key("expert_used_count", required=True))
     if arch.name == "llama":
         hf["attention_bias"] = "blk.0.attn_q.bias" in f
         hf["mlp_bias"] = "blk.0.ffn_gate.bias" in f
@@ -502,7 +529,7 @@ def config_from_gguf(f: GGUFFile) -> dict[str, Any]:
     elif arch.swa_period is not None:
         hf.update(_periodic_window_from_gguf(f, arch, layers))
     else:
-        hf.update(_window_from_gguf(f, a, layers))
+        hf.update(_window_from_gguf(f, a, layers, hf["model_type"]))
     if arch.gemma:
         hf.update(_gemma_from_gguf(f, arch, hf))
     elif _own_swa_base(f, a, hf["rope_theta"]):
@@ -648,7 +675,7 @@ def _rope_from_gguf(f: GGUFFile, a: str, head_dim: int, theta: float) -> dict[st
     return out
 
 
-def _window_from_gguf(f: GGUFFile, a: str, layers: int) -> dict[str, Any]:
+def _window_from_gguf(f: GGUFFile, a: str, layers: int, model_type: str) -> dict[str, Any]:
     window = f.get(f"{a}.attention.sliding_window")
     if not window:
         return {}
@@ -659,6 +686,8 @@ def _window_from_gguf(f: GGUFFile, a: str, layers: int) -> dict[str, Any]:
             f"{f.path}: {a}.attention.sliding_window_pattern has {len(sliding)} "
             f"entries for {layers} layers"
         )
+    if model_type == "mixtral":  # one window on every layer, as Mistral's
+        return {"sliding_window": int(window)}
     if a == "llama":  # a llama-architecture file with a window is a Mistral
         return {"model_type": "mistral", "sliding_window": int(window)}
     return {

@@ -3,12 +3,16 @@
 One table, ``SCHEMES``, names every export choice with the file type llama.cpp records for
 it and its default tensor type. ``tensor_type`` then picks each tensor's type the way
 llama.cpp's ``llama-quantize`` does for the llama family (its per-tensor rules in
-``llama-quant.cpp``): 1-D tensors stay float32; the output matrix (or the tied embedding)
-gets Q6_K in the quantized schemes; Q4_K_M/Q5_K_M give Q6_K to the ``attn_v`` and
-``ffn_down`` of a fixed subset of layers (a fused ``attn_qkv`` counts as ``attn_v``); and a
-tensor whose rows cannot hold whole blocks of its type falls back to the type llama.cpp
-falls back to. A file we write therefore has the same tensor types as one
-``llama-quantize`` makes from the same float model.
+``llama-quant.cpp``): 1-D tensors and MoE routers (``ffn_gate_inp``) stay float32; the
+output matrix (or the tied embedding) gets Q6_K in the quantized schemes; Q4_K_M/Q5_K_M give
+Q6_K to the ``attn_v`` and ``ffn_down`` of a fixed subset of layers (a fused ``attn_qkv``
+counts as ``attn_v``; a layer's ``ffn_down_exps`` counts as its ``ffn_down``); a model of
+exactly 8 experts (Mixtral 8x7B, 8x22B) gets Q8_0 for ``attn_v`` and ``attn_k`` and, in
+Q4_K_M, Q5_K for ``attn_output``; and a tensor whose rows cannot hold whole blocks of its
+type falls back to the type llama.cpp falls back to. A file we write therefore has the same
+tensor types as one ``llama-quantize`` makes from the same float model. Expert tensors are
+quantized row by row like the others (each expert's matrix is whole rows), and llama.cpp's
+expert matmul (``mul_mat_id``) takes every type here, so no scheme is refused for them.
 
 ``encode`` turns float rows into a type's bytes: float types by casting, the legacy block
 types (Q4_0 ... Q8_0) with the ``gguf`` package's numpy quantizers (llama.cpp's own Python
@@ -86,11 +90,14 @@ class ModelShape:
     num_heads: int
     num_kv_heads: int
     tied_embeddings: bool  # no output.weight: the token embedding is also the output
+    num_experts: int = 0  # llama.cpp's n_expert (0: no mixture of experts)
 
 
 def tensor_type(s: Scheme, name: str, shape: tuple[int, ...], model: ModelShape) -> T:
     """The type llama.cpp's quantizer gives tensor ``name`` of row-major ``shape``."""
     if len(shape) < 2 or not name.endswith(".weight") or "_norm." in name:
+        return T.F32
+    if ".ffn_gate_inp." in name:  # the converter's float32, which llama-quantize keeps
         return T.F32
     if not s.quantized:
         return s.default
@@ -110,7 +117,18 @@ def tensor_type(s: Scheme, name: str, shape: tuple[int, ...], model: ModelShape)
         # more on it.
         if _is_70b(model) and chosen == T.Q4_K:
             chosen = T.Q5_K
-    elif name.endswith("ffn_down.weight") and s.medium_mix and _more_bits(layer, model.num_layers):
+        if model.num_experts == 8:  # "for the 8-expert model, bumping this to Q8_0"
+            chosen = T.Q8_0
+    elif name.endswith("attn_k.weight") and model.num_experts == 8:
+        chosen = T.Q8_0
+    elif name.endswith("attn_output.weight") and model.num_experts == 8:
+        if s.file_type == F.MOSTLY_Q4_K_M:
+            chosen = T.Q5_K
+    elif (
+        name.endswith(("ffn_down.weight", "ffn_down_exps.weight"))
+        and s.medium_mix
+        and _more_bits(layer, model.num_layers)
+    ):
         chosen = T.Q6_K
     if row % block_size(chosen):
         chosen = K_FALLBACK.get(chosen, chosen)
