@@ -29,6 +29,8 @@ EXPERT_HF_PARAMETERS = {"experts_gate_up_proj": "gate_up_proj", "experts_down_pr
 # The checkpoint's per-expert matrices of each (Mixtral's names; transformers >= 5 still saves
 # these): gate_up's rows are w1's (gate) then w3's (up), each quantized on its own.
 EXPERT_CHECKPOINT_PARTS = {"experts_gate_up_proj": ("w1", "w3"), "experts_down_proj": ("w2",)}
+# The Llama MLP projections each expert projection computes (for scripts written with those).
+EXPERT_MLP = {"experts_gate_up_proj": ("gate_proj", "up_proj"), "experts_down_proj": ("down_proj",)}
 
 
 @dataclasses.dataclass(frozen=True)

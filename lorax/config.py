@@ -239,6 +239,10 @@ class ModelConfig:
         """How many matrices of ``name``'s shape a layer holds (its experts, or one)."""
         return self.num_experts if name in EXPERT_PROJECTIONS else 1
 
+    def active_projection_copies(self, name: str) -> int:
+        """How many matrices of ``name``'s shape each token multiplies (its routed experts)."""
+        return self.experts_per_token if name in EXPERT_PROJECTIONS else 1
+
     def num_parameters(self) -> int:
         """Parameters in the model (embeddings, projections with every expert, routers,
         biases, norms, head)."""

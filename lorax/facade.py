@@ -12,7 +12,7 @@ from typing import Any
 
 import jax
 
-from convert.names import FUSED
+from convert.names import EXPERT_MLP, FUSED
 from lorax import remat as remat_lib
 from lorax.loading import load
 from lorax.lora import LoraWeights, init_lora
@@ -87,7 +87,7 @@ class FastLanguageModel:
             model,
             rank=r,
             alpha=lora_alpha,
-            targets=_fused_targets(model, target_modules),
+            targets=_llama_targets(model, target_modules),
             key=jax.random.key(random_state),
             dropout=lora_dropout,
             use_rslora=use_rslora,
@@ -95,17 +95,20 @@ class FastLanguageModel:
         return PeftModel(model, lora, remat)
 
 
-def _fused_targets(model: Model, targets: str | Iterable[str]) -> str | tuple[str, ...]:
-    """Unsloth's Llama names on a model that fuses them (Phi-3): q/k/v -> qkv_proj and
-    gate/up -> gate_up_proj. Unsloth loads Phi-3 with the projections split, so its scripts
-    list them; here each fused projection is one module (PEFT's too), so all of its parts
-    must be asked for together."""
-    if isinstance(targets, str) or not model.config.fused_projections:
+def _llama_targets(model: Model, targets: str | Iterable[str]) -> str | tuple[str, ...]:
+    """Unsloth's Llama names on a model that computes them otherwise: fused (Phi-3: q/k/v ->
+    qkv_proj, gate/up -> gate_up_proj) or as experts (Mixtral: gate/up ->
+    experts_gate_up_proj, down -> experts_down_proj). Unsloth loads Phi-3 with the
+    projections split, so its scripts list them; here each fused or expert projection is one
+    module (PEFT's too), so all of its parts must be asked for together."""
+    config = model.config
+    if isinstance(targets, str) or not (config.fused_projections or config.moe):
         return targets
+    known_parts = EXPERT_MLP if config.moe else FUSED
     names = tuple(targets)
     mapped = []
-    for name in model.config.projections():
-        parts = FUSED.get(name, (name,))
+    for name in config.projections():
+        parts = known_parts.get(name, (name,))
         asked = [p for p in parts if p in names]
         if asked and len(asked) < len(parts) and name not in names:
             raise ValueError(
@@ -114,7 +117,9 @@ def _fused_targets(model: Model, targets: str | Iterable[str]) -> str | tuple[st
             )
         if asked or name in names:
             mapped.append(name)
-    leftover = sorted(set(names) - set(mapped) - {p for n in mapped for p in FUSED.get(n, ())})
+    leftover = sorted(
+        set(names) - set(mapped) - {p for n in mapped for p in known_parts.get(n, ())}
+    )
     return tuple(mapped) + tuple(leftover)  # init_lora names what is left unknown
 
 

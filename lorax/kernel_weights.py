@@ -33,6 +33,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from convert.names import EXPERT_PROJECTIONS
 from lorax.config import PROJECTION_GROUPS
 from lorax.model import PREPARED, Model, group_key
 from pallas_kernels import _backend
@@ -56,8 +57,14 @@ GROUP_KEYS = tuple(group_key(names) for names in PROJECTION_GROUPS)
 
 
 def group_keys(model: Model) -> tuple[str, ...]:
-    """The keys of ``model``'s projection groups (Phi-3's fused projections: one each)."""
-    return tuple(group_key(names) for names in model.config.projection_groups())
+    """The keys of ``model``'s projection groups (Phi-3's fused projections: one each). An
+    MoE layer's expert projections are not among them: they run on the grouped matmul
+    (``pallas_kernels.expert_matmul``), not this kernel."""
+    return tuple(
+        group_key(names)
+        for names in model.config.projection_groups()
+        if not set(names) & set(EXPERT_PROJECTIONS)
+    )
 
 
 # ``kernel_groups_for(..., "auto", tokens)`` prepares every group for steps of at most this
@@ -97,7 +104,7 @@ def prepare_kernel_weights(model: Model, groups: str | Sequence[str] | None = No
     layers = dict(model.params["layers"])
     prepared = {}
     for names in model.config.projection_groups():
-        if group_key(names) not in wanted:
+        if group_key(names) not in wanted or group_key(names) not in known:
             continue
         weights = [layers[name]["weight"] for name in names]
         if not all(isinstance(w, NF4Tensor) for w in weights):
@@ -166,6 +173,7 @@ def _kernel_takes(model: Model) -> bool:
     if jnp.dtype(model.dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
         return False
     layers = model.params.get("layers", {})
-    weights = [layers.get(name, {}).get("weight") for name in model.config.projections()]
+    names = [n for n in model.config.projections() if n not in EXPERT_PROJECTIONS]
+    weights = [layers.get(name, {}).get("weight") for name in names]
     nf4 = [w for w in weights if isinstance(w, NF4Tensor)]
     return bool(nf4) and all(w.blocksize == QBLOCK and w.shape[-1] % QBLOCK == 0 for w in nf4)

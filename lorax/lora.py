@@ -83,6 +83,11 @@ def resolve_targets(
         fused = ""
         if config is not None and config.fused_projections:
             fused = f" ({config.model_type} stores q/k/v as qkv_proj and gate/up as gate_up_proj)"
+        elif config is not None and config.moe:
+            fused = (
+                f" ({config.model_type}'s MLP is {config.num_experts} experts: gate/up is "
+                "experts_gate_up_proj, down is experts_down_proj)"
+            )
         raise ValueError(
             f"unknown LoRA target(s) {unknown or names}{fused}; use one of {list(presets)} "
             f"or names from {list(known)}"

@@ -14,10 +14,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from convert.names import ROUTER
 from lorax import remat as remat_lib
 from lorax.config import ModelConfig, rope_frequencies
 from lorax.lora import LoraWeights, lora_linears
-from lorax.moe import moe_mlp
+from lorax.moe import moe_mlp, router_statistics
 from pallas_kernels.flash_attention import flash_attention, mosaic_supports, resolve_impl
 from pallas_kernels.flash_attention_mgpu import MgpuAttentionConfig
 from pallas_kernels.nf4_matmul import NF4MatmulConfig
@@ -305,7 +306,10 @@ def _decoder_layer(
     sin: Array,
     segment_ids: Array | None,
     dropout_key: Array | None,
-) -> Array:
+    router_stats: bool = False,
+) -> tuple[Array, dict[str, Array] | None]:
+    """The layer's output, and (``router_stats``, MoE layers) its router's statistics for the
+    load-balancing loss (``lorax.moe.router_statistics``; padding, segment id 0, left out)."""
     b, s, _ = h.shape
     projections = config.projections()
     keys = (
@@ -427,7 +431,12 @@ def _decoder_layer(
             down = norm(down, "post_feedforward_layernorm")
         return down
 
-    return h + _chunked_over_tokens(moe if config.moe else mlp, x, options.mlp_chunk_tokens)
+    stats = None
+    if router_stats and config.moe:
+        mask = None if segment_ids is None else segment_ids > 0
+        stats = router_statistics(x, layer[ROUTER]["weight"], config.experts_per_token, mask)
+    out = h + _chunked_over_tokens(moe if config.moe else mlp, x, options.mlp_chunk_tokens)
+    return out, stats
 
 
 def _chunked_over_tokens(fn: Any, x: Array, chunk: int | None) -> Array:
@@ -459,8 +468,15 @@ def hidden_states(
     segment_ids: Array | None = None,
     dropout_key: Array | None = None,
     options: ForwardOptions = ForwardOptions(),
-) -> Array:
-    """The final normed hidden states ``[B, S, D]`` (what the LM head and the loss consume)."""
+    router_stats: bool = False,
+) -> Array | tuple[Array, dict[str, Array]]:
+    """The final normed hidden states ``[B, S, D]`` (what the LM head and the loss consume).
+
+    With ``router_stats`` (a mixture-of-experts model), also the routers' statistics summed
+    over layers and tokens, for ``lorax.moe.load_balancing_loss``.
+    """
+    if router_stats and not model.config.moe:
+        raise ValueError(f"router_stats: {model.config.model_type} has no routed experts")
     config = model.config
     params = model.params
     if input_ids.ndim != 2:
@@ -490,7 +506,7 @@ def hidden_states(
         jax.random.split(dropout_key, config.num_layers) if dropout_key is not None else None
     )
 
-    def body(carry: Array, xs: tuple) -> tuple[Array, None]:
+    def body(carry: Array, xs: tuple) -> tuple[Array, dict[str, Array] | None]:
         layer, layer_adapters, window_index, key = xs
         if options.layer_weights_sharding is not None:
             # The adapters too: their A factors are stacked beside the gathered weights in
@@ -505,7 +521,7 @@ def hidden_states(
         layer_cos, layer_sin = (cos, sin)
         if rope_per_window:
             layer_cos, layer_sin = cos[window_index], sin[window_index]
-        out = _decoder_layer(
+        return _decoder_layer(
             config,
             lora_cfg,
             options,
@@ -517,21 +533,23 @@ def hidden_states(
             layer_sin,
             segment_ids,
             key,
+            router_stats,
         )
-        return out, None
 
     segments = remat_lib.schedule(options.remat, config.num_layers)
     if len(segments) == 1:
         body = remat_lib.apply(body, options.remat, options.offload_layer_inputs)
-        h, _ = jax.lax.scan(body, h, (params["layers"], adapters, window_index, layer_keys))
+        h, stats = jax.lax.scan(body, h, (params["layers"], adapters, window_index, layer_keys))
+        per_segment = [stats]
     else:
         # One scan per policy segment. The frozen layers are indexed inside the body rather
         # than sliced outside it, so no segment copies its part of the (large) base weights.
         start = 0
+        per_segment = []
         for kind, count in segments:
             stop = start + count
 
-            def indexed_body(carry: Array, xs: tuple, _body: Any = body) -> tuple[Array, None]:
+            def indexed_body(carry: Array, xs: tuple, _body: Any = body) -> tuple[Array, Any]:
                 i, layer_adapters, window_index, key = xs
                 layer = jax.tree.map(
                     lambda p, i=i: jax.lax.dynamic_index_in_dim(p, i, keepdims=False),
@@ -544,9 +562,14 @@ def hidden_states(
 
             xs = (jnp.arange(start, stop), part(adapters), part(window_index), part(layer_keys))
             body_k = remat_lib.apply(indexed_body, kind, options.offload_layer_inputs)
-            h, _ = jax.lax.scan(body_k, h, xs)
+            h, stats = jax.lax.scan(body_k, h, xs)
+            per_segment.append(stats)
             start = stop
-    return rms_norm(h, params["norm"], config.rms_norm_eps, config.norm_style)
+    h = rms_norm(h, params["norm"], config.rms_norm_eps, config.norm_style)
+    if not router_stats:
+        return h
+    totals = jax.tree.map(lambda *per_layer: sum(x.sum(0) for x in per_layer), *per_segment)
+    return h, totals
 
 
 def forward(

@@ -40,6 +40,36 @@ def route(x: Array, router: Array, experts_per_token: int) -> tuple[Array, Array
     return weights / jnp.sum(weights, axis=-1, keepdims=True), experts, logits
 
 
+def router_statistics(
+    x: Array, router: Array, experts_per_token: int, mask: Array | None = None
+) -> dict[str, Array]:
+    """What a load-balancing loss needs from one layer, summed over its tokens ``x [..., D]``
+    (``mask``: which count, e.g. not padding): each expert's top-k assignments (a count: no
+    gradient), its router probability, and the number of tokens."""
+    tokens = x.reshape(-1, x.shape[-1])
+    _, experts, logits = route(tokens, router, experts_per_token)
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    weight = (jnp.ones(tokens.shape[0], jnp.float32) if mask is None else mask.reshape(-1)).astype(
+        jnp.float32
+    )
+    chosen = jax.nn.one_hot(experts, router.shape[0], dtype=jnp.float32).sum(axis=1)
+    return {
+        "assignments": jax.lax.stop_gradient(weight @ chosen),
+        "probability": weight @ probs,
+        "tokens": jnp.sum(weight),
+    }
+
+
+def load_balancing_loss(stats: dict[str, Array]) -> Array:
+    """Switch Transformer's auxiliary loss over statistics summed across layers (and tokens),
+    as transformers computes Mixtral's: ``E · Σ_e f_e · P_e``, with ``f_e`` expert e's share of
+    the top-k assignments per token and ``P_e`` its mean router probability. 1·k at perfect
+    balance; it grows as the router favours a few experts."""
+    tokens = jnp.maximum(stats["tokens"], 1.0)
+    experts = stats["probability"].shape[-1]
+    return experts * jnp.sum((stats["assignments"] / tokens) * (stats["probability"] / tokens))
+
+
 def moe_mlp(
     x: Array,
     layer: dict[str, Any],

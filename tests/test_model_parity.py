@@ -130,7 +130,7 @@ def test_logits_match_transformers_f32(tmp_path, rng, case):
     assert rel_err(ours, torch_logits(torch_model, ids)) < 1e-4
 
 
-@pytest.mark.parametrize("case", ["llama-llama3-rope", "gemma2", "gemma3-two-ropes", "mixtral"])
+@pytest.mark.parametrize("case", ["llama-llama3-rope", "gemma2", "gemma3-two-ropes"])
 def test_logits_match_transformers_bf16(tmp_path, rng, case):
     model_type, overrides = CASES[case]
     torch_model, path = make_hf_model(tmp_path, model_type, **overrides)

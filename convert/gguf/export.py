@@ -14,7 +14,6 @@ beyond the model itself.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import os
 import warnings
@@ -44,7 +43,6 @@ from convert.gguf.quants import ModelShape, Scheme, encode, scheme, tensor_type
 from convert.gguf.tokenizer import tokenizer_metadata
 from convert.gguf.writer import TensorPlan, write_gguf
 from convert.merged import lora_adapters, merge_lora_weight
-from convert.names import EXPERT_PROJECTIONS
 from convert.rope import llama3_rope_factors
 
 
@@ -70,7 +68,7 @@ def export_gguf(
     chosen = scheme(quant)
     config = model.config
     arch = arch_for_export(config.model_type)
-    adapters, lora_scale = _lora_adapters(config, lora)
+    adapters, lora_scale = lora_adapters(config, lora)
     name = name or _default_name(model)
     metadata = model_metadata(config, arch, chosen.file_type, name)
     metadata.update(_tokenizer_keys(model.tokenizer, config.vocab_size))
@@ -102,30 +100,6 @@ def _check_loadable_name(name: str, metadata: Mapping[str, KV]) -> None:
             f"'phi-3' or 'phi3') it looks up the tokens {list(_PHI3_TOKENS)}, and this "
             f"vocabulary lacks {missing}; pass another name="
         )
-
-
-def _lora_adapters(config: Any, lora: Any) -> tuple[dict[str, Any], float]:
-    """``merged.lora_adapters`` (which checks one pair per layer, ``[L, r, in]`` and
-    ``[L, out, r]``), with the expert projections' pairs, one per layer and expert
-    (``[L, E, r, in]`` and ``[L, E, out, r]``), checked here."""
-    if lora is None:
-        return lora_adapters(config, None)
-    layers = lora.params["layers"]
-    experts = {k: v for k, v in layers.items() if k in EXPERT_PROJECTIONS}
-    others = {k: v for k, v in layers.items() if k not in EXPERT_PROJECTIONS}
-    for proj, ab in experts.items():
-        out_dim, in_dim = config.projection_shape(proj)
-        a_shape, b_shape = tuple(ab["lora_a"].shape), tuple(ab["lora_b"].shape)
-        lead = (config.num_layers, config.num_experts)
-        rank = a_shape[2] if len(a_shape) == 4 else -1
-        if a_shape != (*lead, rank, in_dim) or b_shape != (*lead, out_dim, rank):
-            raise ValueError(
-                f"LoRA {proj} has lora_a {list(a_shape)} and lora_b {list(b_shape)}; the model "
-                f"needs [{config.num_layers}, {config.num_experts}, r, {in_dim}] and "
-                f"[{config.num_layers}, {config.num_experts}, {out_dim}, r]"
-            )
-    adapters, scale = lora_adapters(config, dataclasses.replace(lora, params={"layers": others}))
-    return {**adapters, **experts}, scale
 
 
 def _tokenizer_keys(tokenizer: Any, vocab_size: int) -> dict[str, KV]:

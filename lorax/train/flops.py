@@ -24,9 +24,15 @@ def train_flops_per_token(
     lora_rank: int = 0,
     lora_targets: tuple[str, ...] = (),
 ) -> float:
-    """Model FLOPs per trained token (fwd + input-grad bwd, + recompute with remat)."""
-    linear = config.num_layers * sum(
-        config.projection_shape(p)[0] * config.projection_shape(p)[1] for p in config.projections()
+    """Model FLOPs per trained token (fwd + input-grad bwd, + recompute with remat). An MoE
+    layer counts the experts a token is routed to (and its router), not all of them."""
+    active = config.active_projection_copies
+    linear = config.num_layers * (
+        sum(
+            active(p) * config.projection_shape(p)[0] * config.projection_shape(p)[1]
+            for p in config.projections()
+        )
+        + config.num_experts * config.hidden_size  # the router
     )
     head = config.vocab_size * config.hidden_size
     passes = 6 if remat in ("full", "offload") else 4
@@ -40,7 +46,7 @@ def train_flops_per_token(
     attn = attn_fwd * (1 + 2.5 + (1 if remat in ("full", "offload") else 0))
     lora = 0.0
     if lora_rank:
-        per_layer = sum(sum(config.projection_shape(p)) for p in lora_targets)
+        per_layer = sum(active(p) * sum(config.projection_shape(p)) for p in lora_targets)
         # forward 2 matmuls, backward 4 (grad of both inputs and both factors)
         lora = 6.0 * 2 * lora_rank * per_layer * config.num_layers / 2
     return passes * linear + 4.0 * head + attn + lora

@@ -29,6 +29,7 @@ import optax
 
 from lorax.lora import LoraWeights
 from lorax.model import ForwardOptions, Model, hidden_states
+from lorax.moe import load_balancing_loss
 from lorax.train.loss import chunked_cross_entropy, shift_labels
 
 Array = jax.Array
@@ -146,9 +147,13 @@ def loss_sum(
     """(sum of per-token losses, number of target tokens) for one micro-batch.
 
     ``batch`` holds ``input_ids`` and ``labels`` ``[B, S]`` (labels unshifted, -100 =
-    ignore) and optionally ``segment_ids``/``positions`` for packed rows.
+    ignore) and optionally ``segment_ids``/``positions`` for packed rows. A mixture of
+    experts whose config sets ``router_aux_loss_coef`` (``output_router_logits`` in its
+    ``config.json``) adds ``coef x`` the routers' load-balancing loss to the mean, as
+    transformers does: to the sum, times the number of targets.
     """
     segment_ids = batch.get("segment_ids")
+    aux_coef = model.config.router_aux_loss_coef
     h = hidden_states(
         model,
         lora,
@@ -157,9 +162,12 @@ def loss_sum(
         segment_ids=segment_ids,
         dropout_key=dropout_key,
         options=config.forward,
+        router_stats=aux_coef is not None,
     )
+    if aux_coef is not None:
+        h, router_stats = h
     labels = shift_labels(batch["labels"], segment_ids)
-    return chunked_cross_entropy(
+    total, count = chunked_cross_entropy(
         h.reshape(-1, h.shape[-1]),
         model.lm_head(),
         labels.reshape(-1),
@@ -170,6 +178,10 @@ def loss_sum(
         # this lets the loss skip recomputing the logits in the backward pass.
         lm_head_grad=False,
     )
+    if aux_coef is not None:
+        # transformers adds coef · aux to the mean loss; as a sum, weighted by the targets.
+        total = total + aux_coef * load_balancing_loss(router_stats) * count
+    return total, count
 
 
 def accumulated_grads(
