@@ -148,6 +148,26 @@ def main(work: str) -> None:
         jax.tree_util.keystr(p): str(x.sharding.spec)
         for p, x in jax.tree_util.tree_flatten_with_path(split.params)[0]
     }
+    # A mixture of experts: its expert matrices are read whole, then placed; the same bytes.
+    moe = write_checkpoint(
+        os.path.join(work, "moe"),
+        model_type="mixtral",
+        architectures=["MixtralForCausalLM"],
+        num_local_experts=4,
+        num_experts_per_tok=2,
+    )
+    from lorax.model import forward
+
+    ids = jax.numpy.asarray(np.arange(64).reshape(2, 32) % 256)
+    for quantize in ("nf4", None):
+        whole = lorax.load(moe, quantize=quantize, dtype="float32")
+        split = lorax.load(
+            moe, quantize=quantize, dtype="float32", mesh=mesh8, sharding_rules=RULES
+        )
+        report[f"moe_load_equal_{quantize}"] = leaves_equal(split.params, whole.params)
+        report[f"moe_logits_max_diff_{quantize}"] = float(
+            np.max(np.abs(host(forward(split, None, ids)) - host(forward(whole, None, ids))))
+        )
     report["base_device_bytes"] = sharding.per_device_bytes(model.params)
     report["base_device_bytes_measured"] = sum(
         s.data.nbytes

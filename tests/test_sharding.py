@@ -204,6 +204,14 @@ def test_sharded_load_equals_whole_load_bit_for_bit(report, case):
         assert specs["['layers']['down_proj']['weight']"] == "P(None, 'fsdp')"
 
 
+@pytest.mark.parametrize("quantize", ["nf4", "None"])
+def test_sharded_mixtral_load_equals_whole_load(report, quantize):
+    """A mixture of experts loads onto a mesh (the CLI always passes one): the same bytes as
+    loading whole, and the same logits."""
+    assert report[f"moe_load_equal_{quantize}"]
+    assert report[f"moe_logits_max_diff_{quantize}"] < 1e-5
+
+
 def test_each_device_holds_a_quarter_of_the_base(report):
     per_device, total = report["base_device_bytes"], report["base_total_bytes"]
     assert per_device == report["base_device_bytes_measured"]  # accounting == buffers

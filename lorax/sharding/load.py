@@ -35,6 +35,7 @@ from convert.hf import (
     read_tensor,
     set_path,
     stack_layers,
+    stack_members,
 )
 from convert.names import TensorSpec, tensor_specs
 from lorax.sharding.nf4 import quantize_nf4_sharded
@@ -54,13 +55,14 @@ def load_params_sharded(
     hf_config: Mapping[str, Any] | None = None,
     rules: ShardingRules = DEFAULT_RULES,
 ) -> dict[str, Any]:
-    """``convert.hf.load_params`` into the layout ``base_shardings(params, mesh, rules)``."""
+    """``convert.hf.load_params`` into the layout ``base_shardings(params, mesh, rules)``.
+
+    Dense and NF4 tensors are built piece by piece on the devices that hold them. An MoE
+    layer's expert matrices are read (and quantized) one at a time on the default device,
+    stacked, then placed: the experts of one projection pass through one device whole
+    (~16 GB of NF4 for Mixtral-8x7B's gate/up).
+    """
     check_quantize(quantize)
-    if getattr(config, "moe", False):
-        raise NotImplementedError(
-            f"{directory}: loading a mixture-of-experts model ({config.model_type}) straight "
-            "into a sharded layout is not supported; load it without a mesh"
-        )
     ckpt, specs, pre_quantized = open_checkpoint(directory, config, hf_config)
     num_layers = config.num_layers
     for spec in specs:
@@ -77,9 +79,28 @@ def load_params_sharded(
     shardings = base_shardings(abstract, mesh, rules)
 
     params: dict[str, Any] = {}
+    experts: dict[tuple[str, ...], dict[tuple[int, ...], Any]] = {}
     for spec in specs:
         names = spec.hf_names(num_layers)
         sharding = _get_path(shardings, spec.path)
+        if spec.index:
+            # An MoE expert matrix: read (and quantized) one matrix at a time as the
+            # single-device loader does, then the layer's experts placed together below.
+            experts.setdefault(spec.path, {})[spec.index] = stack_layers(
+                [
+                    read_tensor(
+                        ckpt,
+                        spec,
+                        n,
+                        quantize=quantize,
+                        dtype=dtype,
+                        double_quant=double_quant,
+                        pre_quantized=pre_quantized,
+                    )
+                    for n in names
+                ]
+            )
+            continue
         if pre_quantized and spec.quantizable:
             value = stack_layers(
                 [
@@ -108,6 +129,10 @@ def load_params_sharded(
         else:
             value = _load_dense(ckpt, spec, names, sharding, dtype)
         set_path(params, spec.path, value)
+    for spec in specs:
+        if spec.index and spec.path in experts:
+            value = stack_members(experts.pop(spec.path), spec.stack)
+            set_path(params, spec.path, place_tree(value, _get_path(shardings, spec.path)))
     return params
 
 
