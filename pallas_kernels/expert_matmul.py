@@ -17,13 +17,15 @@ grouped matmul (``lax.ragged_dot_general``) under the same contract as
   where each product runs over group e's rows only.
 
 Implementations (``impl``): ``"xla"``, ``lax.ragged_dot_general``, which XLA's GPU backend
-(jax 0.11.2) rewrites into a dense dot over zero-padded groups, E times the FLOPs: 90-97
+(jax 0.11.2) rewrites into a dense dot over zero-padded groups, E times the FLOPs: 91-101
 TFLOP/s of useful work at Mixtral's shapes on an H200, where the bf16 dot of the same FLOPs
-runs at 684-709 (BENCHMARKS.md §8); on a CPU it is the only one. ``"mosaic"``: jax's own
+runs at 684-711 (BENCHMARKS.md §8); on a CPU it is the only one. ``"mosaic"``: jax's own
 Mosaic GPU grouped-matmul kernel (``jax.experimental.pallas.ops.gpu.ragged_dot_mgpu``) for the
 two large products (``x·W_eᵀ`` and ``dy·W_e``), reading W in its stored ``[E, N, K]``
-orientation both ways; the rank-r products stay on XLA. ``None`` picks ``"mosaic"`` on a
-Hopper GPU where it applies (16-bit x, N and K multiples of 128), else ``"xla"``.
+orientation both ways (552-612 TFLOP/s, 78-88% of that dot, with :class:`MosaicRaggedConfig`'s
+tiles). ``None`` picks ``"mosaic"`` on a Hopper GPU where it applies (16-bit x, N and K
+multiples of 128), else ``"xla"``. Either way the rank-r LoRA products are ordinary dots over
+all experts' factors side by side (see ``_spread``), never a padded grouped product.
 
 Layouts (lorax's base pytree, per layer): W is ``[E, N, K]`` dense, or ``[E, P, N/P, K]``
 when the checkpoint stores the projection as P matrices per expert (Mixtral's gate and up,
