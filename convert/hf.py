@@ -10,6 +10,7 @@ This module knows parameter layouts, not models: it takes the config object from
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Mapping
@@ -19,7 +20,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from convert.names import IGNORABLE_SUFFIXES, TensorSpec, tensor_specs
+from convert.names import (
+    IGNORABLE_SUFFIXES,
+    LAYOUTS,
+    CheckpointLayout,
+    TensorSpec,
+    tensor_specs,
+)
 from convert.safetensors_io import SafetensorsError, SafetensorsFile
 from pallas_kernels.nf4 import NF4Tensor, quantize_nf4, stack
 
@@ -124,16 +131,39 @@ def open_checkpoint(
 ) -> tuple[ShardedCheckpoint, list[TensorSpec], bool]:
     """Opens ``directory`` and checks its tensor names against ``config``.
 
-    Returns the lazy checkpoint, the tensor specs in HF order, and whether the projections
+    Returns the lazy checkpoint, the tensor specs in HF order under the checkpoint's names
+    (``config.checkpoint_layout``'s spelling that the file uses), and whether the projections
     are stored pre-quantized by bitsandbytes (4-bit). Loaders (this module's and the sharded
     one in ``lorax.sharding``) share this so they accept and reject exactly the same files.
     """
     hf_config = read_config(directory) if hf_config is None else hf_config
     ckpt = ShardedCheckpoint(directory)
     pre_quantized = is_bnb_4bit(hf_config)
-    specs = list(tensor_specs(config))
-    _check_names(ckpt, specs, config, pre_quantized)
+    layout = LAYOUTS[config.checkpoint_layout]
+    spelling = _spelling(ckpt, layout, config)
+    specs = [
+        dataclasses.replace(spec, hf_name=layout.rename(spec.hf_name, spelling))
+        for spec in tensor_specs(config)
+    ]
+    _check_names(ckpt, specs, config, pre_quantized, layout, spelling)
     return ckpt, specs, pre_quantized
+
+
+def _spelling(ckpt: ShardedCheckpoint, layout: CheckpointLayout, config: Any) -> tuple[str, str]:
+    """The one of ``layout``'s spellings that the checkpoint uses, told by where its embedding
+    matrix is (every layout's checkpoint has one)."""
+    if len(layout.spellings) == 1:
+        return layout.spellings[0]
+    embedding = "model.embed_tokens.weight"
+    found = [s for s in layout.spellings if layout.rename(embedding, s) in ckpt]
+    if len(found) != 1:
+        names = [layout.rename(embedding, s) for s in layout.spellings]
+        what = "none of" if not found else "more than one of"
+        raise CheckpointError(
+            f"{ckpt.directory}: a {config.model_type} language model in an image-text "
+            f"checkpoint has its embeddings at one of {names}; this checkpoint has {what} them"
+        )
+    return found[0]
 
 
 def check_shape(ckpt: ShardedCheckpoint, spec: TensorSpec, name: str) -> None:
@@ -262,7 +292,12 @@ _BNB_SUFFIXES = (
 
 
 def _check_names(
-    ckpt: ShardedCheckpoint, specs: list[TensorSpec], config: Any, pre_quantized: bool
+    ckpt: ShardedCheckpoint,
+    specs: list[TensorSpec],
+    config: Any,
+    pre_quantized: bool,
+    layout: CheckpointLayout,
+    spelling: tuple[str, str],
 ) -> None:
     expected: dict[str, TensorSpec] = {}
     for spec in specs:
@@ -275,10 +310,12 @@ def _check_names(
         )
         raise CheckpointError(f"{ckpt.directory}: checkpoint is missing tensor(s): {shown}")
 
+    head = layout.rename("lm_head.weight", spelling)
+
     def accounted(name: str) -> bool:
-        if name in expected or name.endswith(IGNORABLE_SUFFIXES):
+        if name in expected or name.endswith(IGNORABLE_SUFFIXES) or layout.foreign_part(name):
             return True
-        if config.tie_word_embeddings and name == "lm_head.weight":
+        if config.tie_word_embeddings and name == head:
             return True  # some tied checkpoints store the shared matrix twice
         if pre_quantized:
             for suffix in _BNB_SUFFIXES:

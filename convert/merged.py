@@ -7,6 +7,11 @@ projections to bitsandbytes' serialized 4-bit form (``transformers`` loads it wi
 ``load_in_4bit`` semantics and no quantization step); projections without an adapter keep
 their NF4 bytes untouched.
 
+A model read from an image-text checkpoint (Gemma 3's 4B-27B) is written as its language
+model alone, a causal LM (``Gemma3ForCausalLM``), with a warning: lorax never loads the
+vision tower, so it has none to write. Its PEFT adapter (``save_adapter``) on the original
+checkpoint is the way to keep the images.
+
 A mixture of experts (Mixtral) is written as its checkpoint stores it: the router, and each
 expert's matrices on their own (``w1``/``w3`` are the gate and up rows of lorax's fused
 ``experts_gate_up_proj``, ``w2`` its ``experts_down_proj``), each merged with its expert's
@@ -24,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import warnings
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -39,8 +45,8 @@ from convert.export_common import (
     staged_directory,
     write_json,
 )
-from convert.hf_config import generation_config_dict, hf_config_dict
-from convert.names import EXPERT_PROJECTIONS, TensorSpec, tensor_specs
+from convert.hf_config import ARCHITECTURES, generation_config_dict, hf_config_dict
+from convert.names import CAUSAL_LM, EXPERT_PROJECTIONS, TensorSpec, tensor_specs
 from pallas_kernels.nf4 import NF4Tensor, dequantize_nf4, quantize_nf4
 
 OUTPUT_DTYPES = ("bfloat16", "float16", "float32", "nf4")
@@ -82,6 +88,15 @@ def save_merged(
     check_destination(directory, allow_overwrite)  # refuse before the expensive part
     plan = _Plan.make(model, lora, dtype)
     config = model.config
+    if config.checkpoint_layout != CAUSAL_LM:
+        warnings.warn(
+            f"save_merged: {os.fspath(directory)} gets the language model alone, as "
+            f"{ARCHITECTURES[config.model_type]} (model_type {config.model_type!r}): lorax "
+            "read it from an image-text checkpoint and left the vision tower out, "
+            "so the export cannot take images; to keep them, apply the PEFT adapter "
+            "(save_adapter) to the original checkpoint",
+            stacklevel=2,
+        )
     hf_config = hf_config_dict(config, plan.store.name)
     if plan.quantize:
         hf_config["quantization_config"] = bnb_quantization_config(

@@ -64,8 +64,64 @@ def module_name(projection: str) -> str:
     return f"{'self_attn' if projection in ATTENTION + FUSED_ATTENTION else 'mlp'}.{projection}"
 
 
-def layer_prefix(i: int | str = "{i}") -> str:
-    return f"model.layers.{i}"
+def layer_prefix(i: int | str = "{i}", decoder: str = "model.") -> str:
+    """A decoder layer's HF path; ``decoder`` is where the decoder sits (a layout's)."""
+    return f"{decoder}layers.{i}"
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointLayout:
+    """Where a checkpoint keeps the language model's tensors, and what else it holds.
+
+    ``tensor_specs`` names tensors as a causal LM's checkpoint does (``model.…`` and
+    ``lm_head.…``), the names lorax writes; a layout says how another kind of checkpoint
+    spells them. ``spellings`` lists (decoder prefix, head prefix) pairs, each replacing
+    ``model.`` and ``lm_head.``; a checkpoint uses one of them throughout. ``modules`` is
+    where transformers' in-memory model keeps the decoder's modules (PEFT's keys and
+    ``target_modules`` are module names); ``foreign`` are the prefixes of the parts lorax
+    does not compute, whose tensors loading skips.
+    """
+
+    spellings: tuple[tuple[str, str], ...]
+    modules: str
+    foreign: tuple[str, ...] = ()
+
+    def rename(self, name: str, spelling: tuple[str, str]) -> str:
+        """A causal-LM tensor name (``tensor_specs``') in ``spelling``."""
+        for canonical, prefix in zip(("model.", "lm_head."), spelling, strict=True):
+            if name.startswith(canonical):
+                return prefix + name[len(canonical) :]
+        raise ValueError(f"{name!r} is not under 'model.' or 'lm_head.'")
+
+    def foreign_part(self, name: str) -> str | None:
+        """The prefix of the part lorax does not compute that ``name`` is under, if any."""
+        return next((prefix for prefix in self.foreign if name.startswith(prefix)), None)
+
+
+CAUSAL_LM = "causal_lm"
+IMAGE_TEXT = "image_text"
+LAYOUTS = {
+    CAUSAL_LM: CheckpointLayout(spellings=(("model.", "lm_head."),), modules="model."),
+    # Gemma 3's image-text model (Gemma3ForConditionalGeneration): the language model under
+    # ``language_model``, beside a SigLIP vision tower and the projector of its outputs into
+    # the embedding space. Files spell it ``language_model.model.`` (what save_pretrained
+    # writes, transformers 4 and 5 alike, and the hub's checkpoints); transformers >= 4.52
+    # names the modules ``model.language_model.`` and reads either (its llava conversion
+    # mapping), as does PEFT for adapters. The head is tied in every released size.
+    IMAGE_TEXT: CheckpointLayout(
+        spellings=(
+            ("language_model.model.", "language_model.lm_head."),
+            ("model.language_model.", "lm_head."),
+        ),
+        modules="model.language_model.",
+        foreign=(
+            "vision_tower.",
+            "multi_modal_projector.",
+            "model.vision_tower.",
+            "model.multi_modal_projector.",
+        ),
+    ),
+}
 
 
 def tensor_specs(config: Any) -> Iterator[TensorSpec]:
@@ -124,7 +180,11 @@ IGNORABLE_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 def peft_lora_name(
-    i: int, projection: str, which: str, expert_targets: tuple[str, ...] = ()
+    i: int,
+    projection: str,
+    which: str,
+    expert_targets: tuple[str, ...] = (),
+    decoder: str = "model.",
 ) -> str:
     """PEFT's key for a LoRA matrix in ``adapter_model.safetensors`` (``which``: A or B).
 
@@ -133,6 +193,7 @@ def peft_lora_name(
     projections), in the order the module registers them (``EXPERT_PROJECTIONS``' order),
     each wrapper around the previous one. So the last targeted sits at ``mlp.experts`` and
     each earlier one a ``base_layer.`` deeper, whatever order the config lists them in.
+    ``decoder`` is where the decoder's modules sit (``CheckpointLayout.modules``).
     """
     if projection in EXPERT_PROJECTIONS:
         ordered = [p for p in EXPERT_PROJECTIONS if p in expert_targets]
@@ -142,4 +203,4 @@ def peft_lora_name(
         module = "mlp.experts" + ".base_layer" * depth
     else:
         module = module_name(projection)
-    return f"base_model.model.{layer_prefix(i)}.{module}.lora_{which}.weight"
+    return f"base_model.model.{layer_prefix(i, decoder)}.{module}.lora_{which}.weight"

@@ -11,6 +11,13 @@ A mixture-of-experts model's expert projections are 3-D parameters to PEFT, adap
 (:func:`expert_factors_to_peft`), under a key that names the wrapper module rather than the
 parameter (``peft_lora_name``'s nesting rule).
 
+On an image-text model's language model (Gemma 3's 4B-27B) PEFT's keys name the decoder
+where transformers keeps it (``model.language_model.``; adapters trained before transformers
+4.52 say ``language_model.model.``, which PEFT reads too), and ``target_modules`` is a regex
+that names only the language model's projections, not the vision tower's namesakes
+(:func:`target_modules`). An adapter that adapts the vision tower is refused by name: lorax
+has none to apply it to.
+
 Reading is strict: PEFT features that change the computation in ways lorax's LoRA cannot
 express (per-module ranks, DoRA, trained biases, extra full modules, ...) are errors naming
 the field, and an adapter made for a different base model is an error naming the file, the
@@ -30,7 +37,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from convert.export_common import staged_directory, write_json
-from convert.names import ALL_PROJECTIONS, EXPERT_PROJECTIONS, module_name, peft_lora_name
+from convert.names import (
+    ALL_PROJECTIONS,
+    CAUSAL_LM,
+    EXPERT_PROJECTIONS,
+    LAYOUTS,
+    CheckpointLayout,
+    module_name,
+    peft_lora_name,
+)
 from convert.safetensors_io import SafetensorsError, SafetensorsFile, save_file
 
 if TYPE_CHECKING:
@@ -63,14 +78,17 @@ def expert_factors_from_peft(
 
 # A LoRA key as PEFT saves it, or as some tools leave it: without the ``base_model.model.``
 # prefix, or with the adapter name (``.default``) still inside, as in a raw state_dict.
+# ``decoder`` is where the decoder layers sit (``model.``; an image-text model's language
+# model: one of its layout's spellings), checked against the base model's layout.
+_PEFT_PREFIX = "base_model.model."
 _KEY = re.compile(
-    r"(?:base_model\.model\.)?model\.layers\.(?P<layer>\d+)\.(?:self_attn|mlp)\."
-    r"(?P<proj>\w+)\.lora_(?P<which>[AB])(?:\.(?P<adapter>[\w-]+))?\.weight"
+    r"(?:base_model\.model\.)?(?P<decoder>(?:\w+\.)*?)layers\.(?P<layer>\d+)\."
+    r"(?:self_attn|mlp)\.(?P<proj>\w+)\.lora_(?P<which>[AB])(?:\.(?P<adapter>[\w-]+))?\.weight"
 )
 # The same for an expert parameter's LoRA: the key names PEFT's wrapper of ``mlp.experts``,
 # ``base_layer``-nested once per later-wrapped target (``peft_lora_name``).
 _EXPERT_KEY = re.compile(
-    r"(?:base_model\.model\.)?model\.layers\.(?P<layer>\d+)\.mlp\.experts"
+    r"(?:base_model\.model\.)?(?P<decoder>(?:\w+\.)*?)layers\.(?P<layer>\d+)\.mlp\.experts"
     r"(?P<nesting>(?:\.base_layer)*)\.lora_(?P<which>[AB])(?:\.(?P<adapter>[\w-]+))?\.weight"
 )
 # target_parameters entries lorax reads: the expert parameters, by PEFT's (suffix-matched)
@@ -129,7 +147,9 @@ def save_adapter(
     tensors = adapter_tensors(config, lora.params)
     if base_model_name_or_path is None:
         base_model_name_or_path = getattr(model.tokenizer, "name_or_path", None) or None
-    peft_config = adapter_config_dict(lora.config, base_model_name_or_path)
+    peft_config = adapter_config_dict(
+        lora.config, base_model_name_or_path, config.checkpoint_layout
+    )
     with staged_directory(directory, allow_overwrite=allow_overwrite) as staging:
         save_file(os.path.join(staging, ADAPTER_WEIGHTS), tensors, {"format": "pt"})
         write_json(os.path.join(staging, ADAPTER_CONFIG), peft_config)
@@ -143,6 +163,7 @@ def adapter_tensors(config: Any, lora_params: Mapping[str, Any]) -> dict[str, np
     """
     layers = lora_params["layers"]
     expert_targets = tuple(p for p in EXPERT_PROJECTIONS if p in layers)
+    decoder = LAYOUTS[config.checkpoint_layout].modules
     tensors: dict[str, np.ndarray] = {}
     for proj, ab in layers.items():
         if proj not in config.projections():
@@ -168,19 +189,23 @@ def adapter_tensors(config: Any, lora_params: Mapping[str, Any]) -> dict[str, np
         for i in range(config.num_layers):
             pair = expert_factors_to_peft(a[i], b[i]) if expert else (a[i], b[i])
             for which, matrix in zip("AB", pair, strict=True):
-                name = peft_lora_name(i, proj, which, expert_targets)
+                name = peft_lora_name(i, proj, which, expert_targets, decoder)
                 tensors[name] = np.ascontiguousarray(matrix)
     if not tensors:
         raise AdapterError("LoRA has no adapted projections; nothing to save")
     return tensors
 
 
-def adapter_config_dict(lora_config: Any, base_model_name_or_path: str | None) -> dict[str, Any]:
-    """PEFT's ``adapter_config.json`` for a lorax ``LoraConfig``.
+def adapter_config_dict(
+    lora_config: Any, base_model_name_or_path: str | None, layout: str = CAUSAL_LM
+) -> dict[str, Any]:
+    """PEFT's ``adapter_config.json`` for a lorax ``LoraConfig`` on a base of ``layout``.
 
     Only fields every PEFT release since DoRA (0.9) knows, so older PEFT reads it too; PEFT
     fills the rest with defaults that mean "plain LoRA". LoRA on a mixture of experts'
     expert projections adds ``target_parameters`` (PEFT >= 0.17), where PEFT names them.
+    ``target_modules`` lists projection names, except on an image-text model
+    (:func:`target_modules`).
     """
     alpha = lora_config.alpha
     experts = [t for t in lora_config.targets if t in EXPERT_PROJECTIONS]
@@ -198,7 +223,9 @@ def adapter_config_dict(lora_config: Any, base_model_name_or_path: str | None) -
         "r": int(lora_config.rank),
         "lora_alpha": int(alpha) if float(alpha).is_integer() else float(alpha),
         "lora_dropout": float(lora_config.dropout),
-        "target_modules": [t for t in lora_config.targets if t not in EXPERT_PROJECTIONS],
+        "target_modules": target_modules(
+            [t for t in lora_config.targets if t not in EXPERT_PROJECTIONS], LAYOUTS[layout]
+        ),
         "use_rslora": bool(lora_config.use_rslora),
         "bias": "none",
         "fan_in_fan_out": False,
@@ -212,6 +239,21 @@ def adapter_config_dict(lora_config: Any, base_model_name_or_path: str | None) -
         "use_dora": False,
         **extra,
     }
+
+
+def target_modules(projections: list[str], layout: CheckpointLayout) -> list[str] | str:
+    """PEFT's ``target_modules`` for LoRA on ``projections`` of every decoder layer.
+
+    PEFT matches a list entry against every module whose name ends with it, and an image-text
+    model's vision tower has projections of the same names (SigLIP's ``self_attn.q_proj``):
+    PEFT would adapt those too, and the adapter would not be lorax's. So there it is a
+    string, which PEFT matches as a regex against whole module names, naming only the
+    language model's layers.
+    """
+    if not layout.foreign:
+        return projections
+    modules = "|".join(re.escape(module_name(p)) for p in projections)
+    return rf"{re.escape(layout.modules)}layers\.\d+\.(?:{modules})"
 
 
 # -------------------------------------------------------------------------------- loading
@@ -246,9 +288,9 @@ def read_adapter(
             "the adapter is for a different base model"
         )
     weights = _open_weights(directory)
-    found = _index_tensors(weights, expert_targets)
+    found = _index_tensors(weights, expert_targets, LAYOUTS[config.checkpoint_layout])
     targets = _check_targets(weights, found, listed, expert_targets, config)
-    _check_coverage(weights, found, targets, config.num_layers, expert_targets)
+    _check_coverage(weights, found, targets, config, expert_targets)
 
     rank, experts = settings["rank"], config.num_experts
     names = {}
@@ -411,16 +453,27 @@ def _open_weights(directory: str) -> SafetensorsFile:
 
 
 def _index_tensors(
-    weights: SafetensorsFile, expert_targets: tuple[str, ...]
+    weights: SafetensorsFile, expert_targets: tuple[str, ...], layout: CheckpointLayout
 ) -> dict[tuple[int, str, str], str]:
     """(layer, projection, "A"|"B") -> tensor name, for every tensor of the file.
 
     An expert LoRA's key says which parameter it adapts only by its ``base_layer`` nesting,
-    read against the ``expert_targets`` the config lists (``peft_lora_name``).
+    read against the ``expert_targets`` the config lists (``peft_lora_name``). Keys name
+    the decoder where the base model's ``layout`` puts it, in any of its spellings (PEFT
+    reads each); a LoRA of a part lorax does not compute (a vision tower) is refused.
     """
+    decoders = [decoder for decoder, _ in layout.spellings]
     found: dict[tuple[int, str, str], str] = {}
     adapter_names = set()
     for name in weights:
+        foreign = layout.foreign_part(name.removeprefix(_PEFT_PREFIX))
+        if foreign is not None:
+            raise AdapterError(
+                f"{weights.path}: tensor {name!r} adapts a module under {foreign!r}, which "
+                "lorax does not compute; it reads adapters of the language model only (PEFT's "
+                f"target_modules as a regex over {layout.modules!r}…, not bare names such as "
+                "'q_proj', which also match the vision tower's)"
+            )
         m = _EXPERT_KEY.fullmatch(name) or _KEY.fullmatch(name)
         if m is None:
             raise AdapterError(
@@ -430,12 +483,20 @@ def _index_tensors(
         layer, which = int(m["layer"]), m["which"]
         proj = m["proj"] if m.re is _KEY else _expert_projection(weights, name, m, expert_targets)
         # The canonical spelling must come back out of the one name map, else the module
-        # path is wrong for this projection (e.g. "mlp.q_proj").
-        known = proj in PROJECTIONS or proj in EXPERT_PROJECTIONS
-        canonical = peft_lora_name(layer, proj, which, expert_targets) if known else None
+        # path is wrong for this projection (e.g. "mlp.q_proj") or for this base model.
+        known = (proj in PROJECTIONS or proj in EXPERT_PROJECTIONS) and m["decoder"] in decoders
+        canonical = (
+            peft_lora_name(layer, proj, which, expert_targets, m["decoder"]) if known else None
+        )
         stripped = name.replace(f".{m['adapter']}.weight", ".weight") if m["adapter"] else name
         if canonical is None or not canonical.endswith(stripped):
-            raise AdapterError(f"{weights.path}: tensor {name!r} names an unknown module")
+            where = f"; the base model's decoder layers are under {decoders}"
+            raise AdapterError(f"{weights.path}: tensor {name!r} names an unknown module{where}")
+        if (layer, proj, which) in found:
+            raise AdapterError(
+                f"{weights.path}: tensors {found[layer, proj, which]!r} and {name!r} are the "
+                "same LoRA matrix under two names"
+            )
         adapter_names.add(m["adapter"])
         found[(layer, proj, which)] = name
     if len(adapter_names) > 1:
@@ -502,9 +563,11 @@ def _check_coverage(
     weights: SafetensorsFile,
     found: Mapping[tuple[int, str, str], str],
     targets: tuple[str, ...],
-    num_layers: int,
+    config: Any,
     expert_targets: tuple[str, ...],
 ) -> None:
+    num_layers = config.num_layers
+    decoder = LAYOUTS[config.checkpoint_layout].modules
     deepest = max(layer for layer, _, _ in found)
     if deepest >= num_layers:
         raise AdapterError(
@@ -512,7 +575,7 @@ def _check_coverage(
             f"{num_layers} layers; the adapter is for a different base model"
         )
     missing = [
-        peft_lora_name(i, proj, which, expert_targets)
+        peft_lora_name(i, proj, which, expert_targets, decoder)
         for proj in targets
         for i in range(num_layers)
         for which in "AB"

@@ -18,12 +18,49 @@ from typing import Any
 import numpy as np
 
 from convert.families import FAMILIES
-from convert.names import ATTENTION, EXPERT_PROJECTIONS, FUSED, FUSED_ATTENTION, FUSED_MLP, MLP
+from convert.names import (
+    ATTENTION,
+    CAUSAL_LM,
+    EXPERT_PROJECTIONS,
+    FUSED,
+    FUSED_ATTENTION,
+    FUSED_MLP,
+    IMAGE_TEXT,
+    LAYOUTS,
+    MLP,
+)
 from convert.rope import llama3_rope_factors, longrope_default_attention_factor
 
 # The HF ``model_type``s lorax computes (what each fixes: ``convert.families``).
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 GEMMA_MODEL_TYPES = ("gemma2", "gemma3_text")
+# Image-text ``model_type``s whose language model lorax computes: the ``model_type`` of the
+# language model (their ``text_config``'s), which the loaded ``ModelConfig`` takes.
+IMAGE_TEXT_MODEL_TYPES = {"gemma3": "gemma3_text"}
+# What the config classes of some families fill in for fields a config.json omits (transformers'
+# ``Gemma3TextConfig``): hub image-text configs omit most of their ``text_config``'s fields
+# (gemma-3-4b-it's names only the sizes, the window and the RoPE scaling).
+HF_DEFAULTS: dict[str, dict[str, Any]] = {
+    "gemma3_text": dict(
+        vocab_size=262_208,
+        hidden_size=2304,
+        intermediate_size=9216,
+        num_hidden_layers=26,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=256,
+        max_position_embeddings=131_072,
+        rms_norm_eps=1e-6,
+        bos_token_id=2,
+        eos_token_id=1,
+        pad_token_id=0,
+    ),
+}
+# Fields an image-text model's config.json keeps at its top level, which transformers reads
+# from there rather than from text_config: tying the head (``Gemma3Config``'s default: tied)
+# and the special tokens (gemma-3-4b-it's top-level eos_token_id is [1, 106]).
+IMAGE_TEXT_TOP_LEVEL = {"tie_word_embeddings": True}
+IMAGE_TEXT_TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 # The MLP activations (HF's ``ACT2FN`` names): SwiGLU's and Gemma's GeGLU (tanh approximation).
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
 NORM_STYLES = ("llama", "gemma")
@@ -134,6 +171,11 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
     pad_token_id: int | None = None
+    # How the checkpoint this was read from lays its tensors out (``convert.names.LAYOUTS``):
+    # a causal LM's, or an image-text model's whose language model this is (Gemma 3's 4B-27B).
+    # The computation is the same; the PEFT format names modules by it and a merged export
+    # says what it leaves out.
+    checkpoint_layout: str = CAUSAL_LM
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
@@ -159,6 +201,10 @@ class ModelConfig:
             )
         if self.num_experts and self.fused_projections:
             raise ConfigError("a mixture-of-experts model with fused projections is not supported")
+        if self.checkpoint_layout not in LAYOUTS:
+            raise ConfigError(
+                f"checkpoint_layout={self.checkpoint_layout!r}; supported: {tuple(LAYOUTS)}"
+            )
 
     @property
     def moe(self) -> bool:
@@ -270,18 +316,21 @@ class ModelConfig:
 
         Fields a family's config class has defaults for (transformers fills them in when it
         reads the file) get the same defaults here, so hub configs that omit them load.
+        An image-text model (``IMAGE_TEXT_MODEL_TYPES``: Gemma 3's 4B-27B) gives the config
+        of its language model, read from its ``text_config`` (``checkpoint_layout`` says so).
         """
+        layout = CAUSAL_LM
+        if hf.get("model_type") in IMAGE_TEXT_MODEL_TYPES:
+            hf, layout = language_model_dict(hf, source), IMAGE_TEXT
+            source = f"{source} (text_config)"
         model_type = hf.get("model_type")
-        if model_type == "gemma3":
-            raise ConfigError(
-                f"{source}: model_type='gemma3' is Gemma 3's image-text model; lorax computes "
-                "its language model from a 'gemma3_text' checkpoint (Gemma3ForCausalLM)"
-            )
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ConfigError(
-                f"{source}: unsupported model_type={model_type!r}; "
-                f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+                f"{source}: unsupported model_type={model_type!r}; supported: "
+                f"{', '.join(SUPPORTED_MODEL_TYPES)}, and the language model of "
+                f"{', '.join(IMAGE_TEXT_MODEL_TYPES)}"
             )
+        hf = {**HF_DEFAULTS.get(model_type, {}), **hf}
         gemma = model_type in GEMMA_MODEL_TYPES
         family = FAMILIES[model_type]
 
@@ -368,6 +417,7 @@ class ModelConfig:
             bos_token_id=hf.get("bos_token_id"),
             eos_token_id=eos,
             pad_token_id=hf.get("pad_token_id"),
+            checkpoint_layout=layout,
             **gemma_fields,
             **moe_fields,
         )
@@ -380,6 +430,32 @@ class ModelConfig:
             except json.JSONDecodeError as e:
                 raise ConfigError(f"{path}: not valid JSON ({e})") from e
         return cls.from_hf_dict(hf, source=str(path))
+
+
+def language_model_dict(hf: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """The config.json dict of an image-text model's language model: its ``text_config``,
+    with the fields transformers reads from the top level (``IMAGE_TEXT_TOP_LEVEL``, and the
+    token ids where the top level sets them)."""
+    wrapper = hf["model_type"]
+    text = hf.get("text_config")
+    if not isinstance(text, Mapping):
+        raise ConfigError(
+            f"{source}: model_type={wrapper!r} (an image-text model) needs a 'text_config' "
+            f"object for its language model, got {text!r}"
+        )
+    expected = IMAGE_TEXT_MODEL_TYPES[wrapper]
+    if text.get("model_type", expected) != expected:
+        raise ConfigError(
+            f"{source}: text_config.model_type={text['model_type']!r}; a {wrapper!r} model's "
+            f"language model is {expected!r}"
+        )
+    merged = {**text, "model_type": expected}
+    for key, default in IMAGE_TEXT_TOP_LEVEL.items():
+        merged[key] = hf.get(key, default)
+    for key in IMAGE_TEXT_TOKEN_IDS:
+        if hf.get(key) is not None:
+            merged[key] = hf[key]
+    return merged
 
 
 def _optional_float(value: Any) -> float | None:

@@ -103,12 +103,36 @@ def perturb_(model, seed: int = 0) -> None:
                 p.copy_(0.08 * noise)
 
 
+# A tiny SigLIP for Gemma 3's image-text model: 2x2 patches of 14 pixels, pooled to 4 tokens.
+TINY_VISION = dict(
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    image_size=28,
+    patch_size=14,
+)
+
+
 def make_hf_model(tmp_path, model_type: str = "llama", seed: int = 0, **overrides):
-    """Builds a tiny transformers model, perturbs it, saves it; returns (torch_model, dir)."""
+    """Builds a tiny transformers model, perturbs it, saves it; returns (torch_model, dir).
+
+    ``"gemma3"`` is Gemma 3's image-text model (Gemma3ForConditionalGeneration): the
+    overrides (but ``tie_word_embeddings``, a top-level field there) shape its text_config,
+    beside a tiny vision tower.
+    """
     import torch
     import transformers
 
     torch.manual_seed(seed)
+    if model_type == "gemma3":
+        tied = overrides.pop("tie_word_embeddings", True)
+        text = transformers.Gemma3TextConfig(**{**TINY, **overrides})
+        config = transformers.Gemma3Config(
+            text_config=text, vision_config=TINY_VISION, mm_tokens_per_image=4
+        )
+        config.tie_word_embeddings = tied
+        return _save_hf_model(tmp_path, config, model_type, seed)
     config_cls = {
         "llama": transformers.LlamaConfig,
         "mistral": transformers.MistralConfig,
@@ -119,9 +143,15 @@ def make_hf_model(tmp_path, model_type: str = "llama", seed: int = 0, **override
         "phi3": transformers.Phi3Config,
         "mixtral": transformers.MixtralConfig,
     }[model_type]
-    kwargs = {**TINY, **overrides}
-    config = config_cls(**kwargs)
+    config = config_cls(**{**TINY, **overrides})
+    return _save_hf_model(tmp_path, config, model_type, seed)
+
+
+def _save_hf_model(tmp_path, config, model_type: str, seed: int):
+    import transformers
+
     config._attn_implementation = "eager"
+    # Gemma3Config's causal LM is Gemma3ForConditionalGeneration (transformers' auto map).
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
     model = model.float().eval()
     perturb_(model, seed)

@@ -213,6 +213,36 @@ def test_merged_families_load_in_transformers(tmp_path, rng, case, dtype):
             assert np.median(per_token) < 2e-2
 
 
+def test_gemma3_image_text_merges_to_its_language_model_with_a_warning(tmp_path, rng):
+    """lorax holds no vision tower, so a model read from Gemma 3's image-text checkpoint
+    merges to the causal LM of its language model (Gemma3ForCausalLM), saying so: transformers
+    computes lorax's adapted logits from it, and lorax reads it back as gemma3_text."""
+    model_type, overrides = CASES["gemma3-image-text"]
+    _, path = make_hf_model(tmp_path, model_type, **overrides)
+    model = lorax.load(path, dtype="float32")
+    lora = random_lora(model, rng, 4, 8, model.config.projections())
+    out = str(tmp_path / "merged")
+    with pytest.warns(UserWarning, match=r"language model alone, as Gemma3ForCausalLM.*images"):
+        lorax.save_merged(model, lora, out, dtype="float32")
+
+    assert not any(
+        name.startswith(("vision_tower", "multi_modal_projector", "language_model"))
+        for name in SafetensorsFile(os.path.join(out, "model.safetensors"))
+    )
+    exported = transformers.AutoConfig.from_pretrained(out)
+    assert (exported.model_type, exported.architectures) == ("gemma3_text", ["Gemma3ForCausalLM"])
+    reloaded = lorax.load(out, dtype="float32")
+    assert reloaded.config == dataclasses.replace(model.config, checkpoint_layout="causal_lm")
+    hf = _hf_model(out, dtype=torch.float32)
+    assert type(hf).__name__ == "Gemma3ForCausalLM"
+    ids = rng.integers(0, model.config.vocab_size, size=(2, 12))
+    adapted = _logits(model, lora, ids)
+    error = rel_err(torch_logits(hf, ids), adapted)
+    print(f"merged Gemma3ForCausalLM vs lorax's adapted image-text model: {error:.1e}")
+    assert error < 1e-4
+    assert rel_err(_logits(model, None, ids), adapted) > 1e-2  # the merge mattered
+
+
 def test_tokenizer_and_generation_config_are_written(tmp_path):
     tokenizers = pytest.importorskip("tokenizers")
     _, path = make_hf_model(

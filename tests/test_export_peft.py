@@ -17,6 +17,7 @@ from test_model_parity import CASES
 
 import lorax
 from convert import peft as peft_io
+from convert.names import module_name
 from convert.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterError
 from convert.safetensors_io import SafetensorsFile, save_file
 
@@ -489,3 +490,135 @@ def test_save_refuses_dropout_on_mixtral_experts(tmp_path, mixtral):
     with pytest.raises(AdapterError, match="PEFT applies no dropout to target_parameters"):
         lorax.save_adapter(mixtral, lora, tmp_path / "x")
     assert not os.path.exists(tmp_path / "x")
+
+
+# ----------------------------------------------------------------- Gemma 3 image-text
+# PEFT names the language model's modules model.language_model.layers.{i}...; a bare
+# "q_proj" in target_modules also matches the SigLIP vision tower's attention.
+
+GEMMA3_MM = "gemma3-image-text"
+
+
+def _language_model_modules(model: lorax.Model, targets) -> set[str]:
+    """The modules of Gemma3ForConditionalGeneration a language-model LoRA on ``targets``
+    wraps, as PeftModel names them."""
+    return {
+        f"base_model.model.model.language_model.layers.{i}.{module_name(p)}"
+        for i in range(model.config.num_layers)
+        for p in targets
+    }
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [dict(rank=4, alpha=8, targets=ALL), dict(rank=2, alpha=3, targets=("q_proj", "down_proj"))],
+)
+def test_peft_runs_our_gemma3_image_text_adapter_like_lorax(tmp_path, rng, kw):
+    _, path = _make(tmp_path, GEMMA3_MM)
+    model = lorax.load(path, dtype="float32")
+    lora = random_lora(model, rng, **kw)
+    out = tmp_path / "adapter"
+    lorax.save_adapter(model, lora, out)
+
+    base = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager")
+    assert type(base).__name__ == "Gemma3ForConditionalGeneration"
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*missing adapter keys.*")
+        peft_model = peft.PeftModel.from_pretrained(base, str(out)).eval()
+    again = peft_model.load_adapter(str(out), adapter_name="again")
+    assert (again.missing_keys, again.unexpected_keys) == ([], [])
+    peft_model.set_adapter("default")
+    wrapped = {n for n, m in peft_model.named_modules() if hasattr(m, "lora_A")}
+    assert wrapped == _language_model_modules(model, lora.config.targets)  # no vision tower
+    ids = rng.integers(0, model.config.vocab_size, size=(2, 12))
+    expected = _lorax_logits(model, lora, ids)
+    error = rel_l2(torch_logits(peft_model, ids), expected)
+    print(f"PEFT vs lorax logits, rel_l2: {error:.2e}")
+    assert error < 1e-5
+    with peft_model.disable_adapter():  # the adapter must matter, or the above proves nothing
+        assert rel_l2(torch_logits(peft_model, ids), expected) > 1e-2
+
+    _assert_same_lora(lorax.load_adapter(model, out), lora)
+
+
+def _respell_legacy(tensors):
+    """PEFT keys as adapters trained on transformers < 4.52 name them."""
+    for k in list(tensors):
+        new = k.replace(
+            "base_model.model.model.language_model.", "base_model.model.language_model.model."
+        )
+        tensors[new] = tensors.pop(k)
+
+
+@pytest.mark.parametrize("spelling", ["modules", "legacy"])
+def test_reads_gemma3_image_text_adapter_written_by_peft(tmp_path, rng, spelling):
+    """PEFT's own adapter, restricted to the language model by a regex, as Unsloth and PEFT
+    users write it; keys of either spelling PEFT reads."""
+    torch_model, path = _make(tmp_path, GEMMA3_MM)
+    out, peft_model = _peft_saved_adapter(
+        tmp_path, torch_model, rng, r=4, lora_alpha=16, use_rslora=True,
+        target_modules=r".*language_model.*\.(k_proj|o_proj|up_proj)",
+    )  # fmt: skip
+    if spelling == "legacy":
+        _rewrite(out, _respell_legacy)
+        base = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager")
+        again = peft.PeftModel.from_pretrained(base, out).eval()  # PEFT reads it too
+        ids = rng.integers(0, torch_model.config.text_config.vocab_size, size=(1, 8))
+        assert np.array_equal(torch_logits(again, ids), torch_logits(peft_model, ids))
+    model = lorax.load(path, dtype="float32")
+    lora = lorax.load_adapter(model, out)
+    assert lora.config == lorax.LoraConfig(
+        4, 16.0, ("k_proj", "o_proj", "up_proj"), use_rslora=True
+    )
+    ids = rng.integers(0, model.config.vocab_size, size=(2, 10))
+    expected = torch_logits(peft_model, ids)
+    error = rel_l2(_lorax_logits(model, lora, ids), expected)
+    print(f"lorax vs PEFT logits, rel_l2: {error:.2e}")
+    assert error < 1e-5
+    assert rel_l2(_lorax_logits(model, None, ids), expected) > 1e-2
+
+
+def test_gemma3_adapter_of_the_vision_tower_is_refused_by_name(tmp_path, rng):
+    """A bare target_modules list adapts SigLIP's q_proj too: lorax has no vision tower to
+    apply that to, so it refuses the adapter rather than drop part of it."""
+    torch_model, path = _make(tmp_path, GEMMA3_MM)
+    out, _ = _peft_saved_adapter(tmp_path, torch_model, rng, r=2, target_modules=["q_proj"])
+    model = lorax.load(path, dtype="float32")
+    with pytest.raises(
+        AdapterError,
+        match=r"tensor 'base_model\.model\.model\.vision_tower\.encoder\.layers\.0\.self_attn\."
+        r"q_proj\.lora_A\.weight' adapts a module under 'model\.vision_tower\.'",
+    ):
+        lorax.load_adapter(model, out)
+
+
+def test_adapter_of_the_other_layout_is_refused(tmp_path, rng):
+    """Keys name where the base keeps its decoder: a Gemma3ForCausalLM adapter does not fit
+    the image-text model (PEFT would find none of its modules), nor the other way round."""
+    _, text_path = _make(tmp_path / "text", "gemma3-two-ropes")
+    _, mm_path = _make(tmp_path / "mm", GEMMA3_MM)
+    text, mm = lorax.load(text_path, dtype="float32"), lorax.load(mm_path, dtype="float32")
+    for source, target, decoders in (
+        (text, mm, r"\['language_model\.model\.', 'model\.language_model\.'\]"),
+        (mm, text, r"\['model\.'\]"),
+    ):
+        out = str(tmp_path / f"from-{source.config.checkpoint_layout}")
+        lorax.save_adapter(source, random_lora(source, rng, 2, 2, ("v_proj",)), out)
+        with pytest.raises(AdapterError, match=rf"unknown module; .* under {decoders}"):
+            lorax.load_adapter(target, out)
+
+
+def test_same_lora_matrix_under_two_spellings_is_refused(tmp_path, rng):
+    _, path = _make(tmp_path, GEMMA3_MM)
+    model = lorax.load(path, dtype="float32")
+    out = str(tmp_path / "adapter")
+    lorax.save_adapter(model, random_lora(model, rng, 2, 2, ("v_proj",)), out)
+
+    def duplicate(tensors):
+        name = "base_model.model.model.language_model.layers.0.self_attn.v_proj.lora_A.weight"
+        legacy = name.replace("model.model.language_model.", "model.language_model.model.")
+        tensors[legacy] = tensors[name]
+
+    _rewrite(out, duplicate)
+    with pytest.raises(AdapterError, match="same LoRA matrix under two names"):
+        lorax.load_adapter(model, out)

@@ -548,6 +548,31 @@ def test_llama_cpp_computes_each_family(llama_cpp, family, name):
     assert error < FAMILY_TOLERANCE.get(name, 1e-4)
 
 
+def test_gemma3_image_text_model_exports_as_its_language_model(llama_cpp, tmp_path_factory, out):
+    """llama.cpp's gemma3 takes the language model (a vision tower goes in a separate mmproj
+    file, which lorax does not write): a model read from Gemma 3's image-text checkpoint
+    writes the very file its language model does when read as gemma3_text, and llama.cpp
+    computes lorax's logits from it."""
+    _, _, overrides = FAMILIES["gemma3"]
+    model = _model(tmp_path_factory, "gemma3", **overrides)
+    assert model.config.checkpoint_layout == "image_text"
+    as_text = dataclasses.replace(
+        model, config=dataclasses.replace(model.config, checkpoint_layout="causal_lm")
+    )
+    lora = _lora(model)
+    path, text_path = out / "gemma3-image-text.gguf", out / "gemma3-image-text-as-text.gguf"
+    lorax.export_gguf(model, lora, path, quant="f32", name="tiny")
+    lorax.export_gguf(as_text, lora, text_path, quant="f32", name="tiny")
+    assert path.read_bytes() == text_path.read_bytes()
+    assert lorax.load(str(path), dtype="float32").config == as_text.config
+    ids = _ids(model)
+    error = _rel(
+        _cpp_logits(llama_cpp, path, ids, type_k=0, type_v=0), _lorax_logits(model, lora, ids)
+    )
+    print(f"gemma3 image-text: llama.cpp vs lorax {error:.1e} over {len(ids)} tokens")
+    assert error < FAMILY_TOLERANCE["gemma3"]
+
+
 def test_llama_cpp_computes_phi3_longrope_past_its_pre_training_length(llama_cpp, family):
     """Past the pre-training length (300 tokens, n_ctx 512 > 256) llama.cpp and lorax both
     take the long factors, and agree; the factors matter there (the first 129 positions move

@@ -7,14 +7,17 @@ import json
 import os
 import shutil
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import make_hf_model
+from conftest import make_hf_model, rel_err, torch_logits
+from test_model_parity import GEMMA3_TEXT
 
 import lorax
 from convert.hf import CheckpointError
 from convert.safetensors_io import SafetensorsFile, save_file
+from lorax.config import HF_DEFAULTS
 
 
 def _edit_config(path, **changes):
@@ -143,8 +146,11 @@ def test_hub_style_configs_read_as_transformers_reads_them(name):
     )
     ours = lorax.ModelConfig.from_hf_dict(hf)
     theirs = lorax.ModelConfig.from_hf_dict(transformers.AutoConfig.for_model(**hf).to_dict())
-    tokens = dict(bos_token_id=None, eos_token_id=None, pad_token_id=None)
-    assert ours == dataclasses.replace(theirs, **tokens)
+    if model_type in HF_DEFAULTS:  # we fill Gemma 3's special tokens too
+        assert ours == theirs
+    else:
+        tokens = dict(bos_token_id=None, eos_token_id=None, pad_token_id=None)
+        assert ours == dataclasses.replace(theirs, **tokens)
     expected_windows = {
         "gemma2": (4096, 0, 4096, 0, 4096, 0, 4096),
         "gemma3_text": (512,) * 5 + (0, 512),
@@ -161,12 +167,186 @@ def test_hub_style_configs_read_as_transformers_reads_them(name):
         assert ours.sliding_rope == lorax.RopeConfig(theta=1e4)
 
 
+# gemma-3-4b-it's config.json (transformers 4.50), shrunk: the image-text model's fields at
+# the top level, and a text_config naming little beyond the sizes, the window and the RoPE
+# scaling, every other field left to Gemma3TextConfig's defaults (8 heads, 4 KV heads,
+# head_dim 256, the 262208-token vocabulary, ...).
+GEMMA3_4B_IT_STYLE = dict(
+    architectures=["Gemma3ForConditionalGeneration"],
+    boi_token_index=255999,
+    eoi_token_index=256000,
+    eos_token_id=[1, 106],
+    image_token_index=262144,
+    initializer_range=0.02,
+    mm_tokens_per_image=256,
+    model_type="gemma3",
+    text_config=dict(
+        hidden_size=64,
+        intermediate_size=96,
+        model_type="gemma3_text",
+        num_hidden_layers=7,
+        rope_scaling={"factor": 8.0, "rope_type": "linear"},
+        sliding_window=1024,
+    ),
+    torch_dtype="bfloat16",
+    vision_config=dict(
+        hidden_size=32,
+        image_size=28,
+        intermediate_size=48,
+        model_type="siglip_vision_model",
+        num_attention_heads=2,
+        num_hidden_layers=1,
+        patch_size=14,
+        vision_use_head=False,
+    ),
+)
+
+
+def test_gemma3_image_text_config_reads_its_language_model_as_transformers_does():
+    """The config of gemma-3-4b-it's language model, read directly, is the one we read from
+    transformers' own parse: Gemma3TextConfig's defaults for what text_config leaves out,
+    and the head tying and special tokens from the top level."""
+    import transformers
+
+    ours = lorax.ModelConfig.from_hf_dict(GEMMA3_4B_IT_STYLE)
+    parsed = transformers.AutoConfig.for_model(**GEMMA3_4B_IT_STYLE)
+    assert ours == lorax.ModelConfig.from_hf_dict(parsed.to_dict())
+    text = parsed.text_config
+    assert (ours.model_type, ours.checkpoint_layout) == ("gemma3_text", "image_text")
+    assert (
+        (ours.vocab_size, ours.num_heads, ours.num_kv_heads, ours.head_dim)
+        == (
+            text.vocab_size,
+            text.num_attention_heads,
+            text.num_key_value_heads,
+            text.head_dim,
+        )
+        == (262208, 8, 4, 256)
+    )
+    assert ours.max_position_embeddings == text.max_position_embeddings == 131072
+    assert (
+        ours.layer_windows
+        == tuple(1024 if t == "sliding_attention" else 0 for t in text.layer_types)
+        == (1024,) * 5 + (0, 1024)
+    )
+    assert ours.rope == lorax.RopeConfig(theta=1e6, type="linear", factor=8.0)
+    assert ours.sliding_rope == lorax.RopeConfig(theta=1e4)
+    assert ours.tie_word_embeddings is parsed.tie_word_embeddings is True
+    assert (ours.bos_token_id, ours.eos_token_id, ours.pad_token_id) == (2, (1, 106), 0)
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (
+            dict(text_config=None),
+            r"model_type='gemma3' \(an image-text model\) needs a 'text_config'",
+        ),
+        (
+            dict(text_config={**GEMMA3_4B_IT_STYLE["text_config"], "model_type": "gemma2"}),
+            r"text_config.model_type='gemma2'; a 'gemma3' model's language model is 'gemma3_text'",
+        ),
+        (
+            dict(text_config={**GEMMA3_4B_IT_STYLE["text_config"], "hidden_activation": "gelu"}),
+            r"config.json \(text_config\): unsupported hidden_activation='gelu'",
+        ),
+    ],
+)
+def test_bad_gemma3_image_text_config_is_named(changes, message):
+    with pytest.raises(lorax.ConfigError, match=message):
+        lorax.ModelConfig.from_hf_dict({**GEMMA3_4B_IT_STYLE, **changes})
+
+
+def _respell_gemma3(tensors):
+    """An image-text checkpoint under the module names of transformers >= 4.52, as some tools
+    save it (model.language_model., model.vision_tower., lm_head.)."""
+    for name in list(tensors):
+        if name.startswith("language_model.model."):
+            new = "model.language_model." + name.removeprefix("language_model.model.")
+        elif name.startswith("language_model.lm_head."):
+            new = name.removeprefix("language_model.")
+        else:
+            new = "model." + name
+        tensors[new] = tensors.pop(name)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_gemma3_image_text_checkpoint_loads_under_either_spelling(tmp_path, rng, tied):
+    """Both spellings transformers reads give the same model, its language model's weights
+    (the vision tower's skipped), logits equal to transformers'."""
+    import transformers
+
+    torch_model, path = make_hf_model(tmp_path, "gemma3", tie_word_embeddings=tied, **GEMMA3_TEXT)
+    names = set(SafetensorsFile(os.path.join(path, "model.safetensors")))
+    assert ("language_model.lm_head.weight" in names) is not tied
+    assert any(n.startswith("vision_tower.") for n in names)
+    assert any(n.startswith("multi_modal_projector.") for n in names)
+    written = lorax.load(path, dtype="float32")
+    assert set(written.params) == {"embed_tokens", "layers", "norm"} | (
+        set() if tied else {"lm_head"}
+    )
+    respelled = str(tmp_path / "respelled")
+    shutil.copytree(path, respelled)
+    _rewrite_weights(respelled, _respell_gemma3)
+    model = lorax.load(respelled, dtype="float32")
+    assert model.config == written.config
+    jax.tree.map(np.testing.assert_array_equal, model.params, written.params)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(
+        respelled, attn_implementation="eager"
+    ).eval()
+    ids = rng.integers(0, model.config.vocab_size, size=(1, 12))
+    theirs = torch_logits(reloaded, ids)
+    assert np.array_equal(theirs, torch_logits(torch_model, ids))  # transformers reads it alike
+    assert rel_err(lorax.forward(model, None, jnp.asarray(ids)), theirs) < 1e-4
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (
+            lambda t: t.pop("language_model.model.layers.1.mlp.up_proj.weight"),
+            r"missing.*language_model\.model\.layers\.1\.mlp\.up_proj\.weight",
+        ),
+        (
+            lambda t: t.update({"language_model.model.layers.2.mlp.up_proj.weight": np.ones(3)}),
+            r"unexpected.*language_model\.model\.layers\.2\.mlp\.up_proj",
+        ),
+        (
+            lambda t: t.update({"model.language_model.embed_tokens.weight": np.ones(3)}),
+            r"embeddings at one of \['language_model\.model\.embed_tokens\.weight', "
+            r"'model\.language_model\.embed_tokens\.weight'\]; this checkpoint has more than one",
+        ),
+        (
+            lambda t: t.pop("language_model.model.embed_tokens.weight"),
+            r"this checkpoint has none of them",
+        ),
+        (
+            lambda t: t.update({"audio_tower.proj.weight": np.ones(3)}),
+            r"unexpected.*audio_tower\.proj\.weight",
+        ),
+    ],
+)
+def test_bad_gemma3_image_text_checkpoint_is_named(tmp_path, edit, message):
+    _, path = make_hf_model(tmp_path, "gemma3", **GEMMA3_TEXT)
+    _rewrite_weights(path, edit)
+    with pytest.raises(CheckpointError, match=message):
+        lorax.load(path)
+
+
+def test_vision_tensors_are_unexpected_in_a_causal_lm_checkpoint(tmp_path):
+    """Only an image-text checkpoint's layout skips a vision tower."""
+    _, path = make_hf_model(tmp_path, "gemma3_text", head_dim=16)
+    _rewrite_weights(path, lambda t: t.update({"vision_tower.post_layernorm.weight": np.ones(3)}))
+    with pytest.raises(CheckpointError, match=r"unexpected.*vision_tower\.post_layernorm"):
+        lorax.load(path)
+
+
 @pytest.mark.parametrize(
     "changes, message",
     [
         (dict(model_type="gpt2"), "model_type='gpt2'"),
         (dict(hidden_act="gelu"), "hidden_act='gelu'"),
-        (dict(model_type="gemma3"), "image-text model"),
+        (dict(model_type="gemma3"), "needs a 'text_config' object for its language model"),
         (dict(partial_rotary_factor=0.5), "partial_rotary_factor=0.5"),
         (dict(rope_parameters={"rope_type": "mrope", "rope_theta": 1e4}), "'mrope'"),
         (dict(rope_parameters={"rope_type": "longrope", "rope_theta": 1e4}), "short_factor"),

@@ -19,6 +19,16 @@ LLAMA3_ROPE = {
     "rope_theta": 500000.0,
 }
 
+GEMMA3_TEXT = dict(
+    head_dim=16,
+    sliding_window=8,
+    layer_types=["sliding_attention", "full_attention"],
+    rope_parameters={
+        "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+    },
+)
+
 CASES = {
     "llama-llama3-rope": ("llama", dict(rope_parameters=LLAMA3_ROPE)),
     "llama-headdim-mqa-bias-tied": (
@@ -105,18 +115,12 @@ CASES = {
     "mixtral": ("mixtral", dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=8)),
     "mixtral-top3-of-5": ("mixtral", dict(num_local_experts=5, num_experts_per_tok=3)),
     # Gemma 3: q/k norms, and the full layers' RoPE (scaled) apart from the sliding layers'.
-    "gemma3-two-ropes": (
-        "gemma3_text",
-        dict(
-            head_dim=16,
-            sliding_window=8,
-            layer_types=["sliding_attention", "full_attention"],
-            rope_parameters={
-                "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
-                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
-            },
-        ),
-    ),
+    "gemma3-two-ropes": ("gemma3_text", GEMMA3_TEXT),
+    # Gemma 3's image-text model (4B-27B): the same language model beside a vision tower,
+    # run on text (Gemma3ForConditionalGeneration's logits).
+    "gemma3-image-text": ("gemma3", GEMMA3_TEXT),
+    # ... with an untied head, which the image-text model keeps as language_model.lm_head.
+    "gemma3-image-text-untied": ("gemma3", dict(GEMMA3_TEXT, tie_word_embeddings=False)),
 }
 
 
@@ -141,6 +145,23 @@ def test_logits_match_transformers_bf16(tmp_path, rng, case):
     # bf16 has an 8-bit mantissa: per-op rounding (~4e-3) compounds over 2 layers.
     assert rel_err(ours, ref) < 3e-2
     assert np.mean(np.argmax(ours, -1) == np.argmax(ref, -1)) > 0.9
+
+
+def test_gemma3_image_text_model_on_text_as_its_users_call_it(tmp_path, rng):
+    """Text-only users of Gemma3ForConditionalGeneration pass the processor's outputs:
+    token_type_ids (all 0: no image tokens, so no bidirectional blocks) and a mask of ones.
+    Its masks are then the text model's: causal, and the window on sliding layers."""
+    import torch
+
+    model_type, overrides = CASES["gemma3-image-text"]
+    torch_model, path = make_hf_model(tmp_path, model_type, **overrides)
+    model = lorax.load(path, dtype="float32")
+    assert model.config.checkpoint_layout == "image_text"
+    ids = rng.integers(0, model.config.vocab_size, size=(2, 40))  # 5 windows long
+    ours = jax.jit(lorax.forward)(model, None, jnp.asarray(ids))
+    zeros, ones = torch.zeros(ids.shape, dtype=torch.long), torch.ones(ids.shape, dtype=torch.long)
+    theirs = torch_logits(torch_model, ids, token_type_ids=zeros, attention_mask=ones)
+    assert rel_err(ours, theirs) < 1e-4
 
 
 def test_packed_segments_equal_separate_sequences(tmp_path, rng):
