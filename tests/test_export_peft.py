@@ -346,6 +346,26 @@ def _peft_lora_config(lora: lorax.LoraWeights):
     )
 
 
+def _assert_peft_runs_it_like_lorax(base, out, model, lora, rng):
+    """PEFT loads the adapter in ``out`` onto ``base`` with no missing or unexpected keys, and
+    computes lorax's logits with it; lorax reads it back unchanged. Returns the PEFT model."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*missing adapter keys.*")
+        peft_model = peft.PeftModel.from_pretrained(base, str(out)).eval()
+    again = peft_model.load_adapter(str(out), adapter_name="again")
+    assert (again.missing_keys, again.unexpected_keys) == ([], [])
+    peft_model.set_adapter("default")
+    ids = rng.integers(0, model.config.vocab_size, size=(2, 12))
+    expected = _lorax_logits(model, lora, ids)
+    error = rel_l2(torch_logits(peft_model, ids), expected)
+    print(f"PEFT vs lorax logits, rel_l2: {error:.2e}")
+    assert error < 1e-5
+    with peft_model.disable_adapter():  # the adapter must matter, or the above proves nothing
+        assert rel_l2(torch_logits(peft_model, ids), expected) > 1e-2
+    _assert_same_lora(lorax.load_adapter(model, out), lora)
+    return peft_model
+
+
 @pytest.mark.parametrize(
     "targets",
     [
@@ -371,21 +391,7 @@ def test_peft_runs_our_mixtral_adapter_like_lorax(tmp_path, rng, targets):
     )
 
     base = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager")
-    with warnings.catch_warnings():
-        warnings.filterwarnings("error", message=".*missing adapter keys.*")
-        peft_model = peft.PeftModel.from_pretrained(base, str(out)).eval()
-    again = peft_model.load_adapter(str(out), adapter_name="again")
-    assert (again.missing_keys, again.unexpected_keys) == ([], [])
-    peft_model.set_adapter("default")
-    ids = rng.integers(0, model.config.vocab_size, size=(2, 12))
-    expected = _lorax_logits(model, lora, ids)
-    error = rel_l2(torch_logits(peft_model, ids), expected)
-    print(f"PEFT vs lorax logits, rel_l2: {error:.2e}")
-    assert error < 1e-5
-    with peft_model.disable_adapter():  # the adapter must matter, or the above proves nothing
-        assert rel_l2(torch_logits(peft_model, ids), expected) > 1e-2
-
-    _assert_same_lora(lorax.load_adapter(model, out), lora)
+    _assert_peft_runs_it_like_lorax(base, out, model, lora, rng)
 
 
 def test_reads_mixtral_adapter_written_by_peft(tmp_path, rng):
@@ -522,23 +528,9 @@ def test_peft_runs_our_gemma3_image_text_adapter_like_lorax(tmp_path, rng, kw):
 
     base = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager")
     assert type(base).__name__ == "Gemma3ForConditionalGeneration"
-    with warnings.catch_warnings():
-        warnings.filterwarnings("error", message=".*missing adapter keys.*")
-        peft_model = peft.PeftModel.from_pretrained(base, str(out)).eval()
-    again = peft_model.load_adapter(str(out), adapter_name="again")
-    assert (again.missing_keys, again.unexpected_keys) == ([], [])
-    peft_model.set_adapter("default")
+    peft_model = _assert_peft_runs_it_like_lorax(base, out, model, lora, rng)
     wrapped = {n for n, m in peft_model.named_modules() if hasattr(m, "lora_A")}
     assert wrapped == _language_model_modules(model, lora.config.targets)  # no vision tower
-    ids = rng.integers(0, model.config.vocab_size, size=(2, 12))
-    expected = _lorax_logits(model, lora, ids)
-    error = rel_l2(torch_logits(peft_model, ids), expected)
-    print(f"PEFT vs lorax logits, rel_l2: {error:.2e}")
-    assert error < 1e-5
-    with peft_model.disable_adapter():  # the adapter must matter, or the above proves nothing
-        assert rel_l2(torch_logits(peft_model, ids), expected) > 1e-2
-
-    _assert_same_lora(lorax.load_adapter(model, out), lora)
 
 
 def _respell_legacy(tensors):
