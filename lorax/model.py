@@ -408,7 +408,7 @@ def _decoder_layer(
     x = norm(h, mlp_norm)
 
     def moe(x: Array, chunk_index: Array | None = None) -> Array:
-        out, _ = moe_mlp(
+        return moe_mlp(
             x,
             layer,
             adapters,
@@ -419,7 +419,6 @@ def _decoder_layer(
             # The jnp reference is XLA's grouped matmul; otherwise the fastest that applies.
             impl="xla" if options.matmul_impl == "reference" else None,
         )
-        return out
 
     def mlp(x: Array, chunk_index: Array | None = None) -> Array:
         # Chunks fold their index into the dropout keys so they draw different masks.

@@ -80,8 +80,8 @@ def moe_mlp(
     activation: Callable[[Array], Array],
     lora_scale: float,
     impl: str | None = None,
-) -> tuple[Array, Array]:
-    """``(out [..., D], router_logits [T, E])`` of one layer's MoE MLP for ``x [..., D]``.
+) -> Array:
+    """One layer's MoE MLP for ``x [..., D]``.
 
     ``layer`` holds the frozen ``router`` and ``experts_gate_up_proj`` / ``experts_down_proj``
     weights (``convert.names``); ``adapters`` their LoRA factors, where targeted.
@@ -89,7 +89,7 @@ def moe_mlp(
     shape = x.shape
     tokens = x.reshape(-1, shape[-1])
     k = experts_per_token
-    weights, experts, logits = route(tokens, layer[ROUTER]["weight"], k)
+    weights, experts, _ = route(tokens, layer[ROUTER]["weight"], k)
     # Sort the (token, choice) pairs by expert; a stable sort keeps each expert's rows in
     # token order, as transformers visits them.
     flat = experts.reshape(-1)
@@ -110,4 +110,4 @@ def moe_mlp(
     # Each expert's output is weighted in float32 and rounded, then the k are summed, the
     # order transformers rounds in.
     weighted = (per_choice.astype(jnp.float32) * weights[..., None]).astype(x.dtype)
-    return jnp.sum(weighted, axis=1).reshape(shape), logits
+    return jnp.sum(weighted, axis=1).reshape(shape)

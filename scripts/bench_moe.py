@@ -184,7 +184,7 @@ def layer(tokens_list: list[int], impl: str) -> list[dict]:
         x = jax.random.normal(keys[7], (1, tokens, D), jnp.bfloat16)
 
         def loss(adapters, x, layer_params=layer_params):
-            out, _ = moe_mlp(
+            out = moe_mlp(
                 x, layer_params, adapters, num_experts=E, experts_per_token=K_TOP,
                 activation=jax.nn.silu, lora_scale=1.0, impl=impl,
             )  # fmt: skip

@@ -12,6 +12,7 @@ from test_model_parity import CASES
 
 import lorax
 from lorax.config import ConfigError, ModelConfig
+from lorax.model import ForwardOptions
 from lorax.train.step import StepConfig, loss_sum
 from pallas_kernels.expert_matmul import expert_lora_matmul, expert_lora_matmul_reference
 from pallas_kernels.nf4 import quantize_nf4
@@ -179,6 +180,9 @@ def test_router_aux_loss_changes_the_loss_by_its_coefficient(tmp_path, rng):
     without, _ = loss_sum(None, plain, batch, StepConfig())
     aux = float(with_aux - without) / (0.25 * float(count))
     assert 1.9 < aux < 3.0
+    # A remat schedule scans the layers in segments: their statistics add up the same.
+    segmented = StepConfig(forward=ForwardOptions(remat="full:1,none"))
+    assert float(loss_sum(None, model, batch, segmented)[0]) == pytest.approx(float(with_aux))
 
 
 def test_mixtral_bookkeeping(tmp_path):
