@@ -289,3 +289,50 @@ def test_mixtral_bf16_matches_transformers_where_routes_agree(tmp_path, rng):
     assert np.median(per_position) < 1e-2
     assert np.mean(per_position < 3e-2) > 0.75  # 10 seeds: 0.86-1.0, medians 0.006-0.007
     assert np.mean(ours.argmax(-1) == ref.argmax(-1)) > 0.9
+
+
+def test_loads_a_bitsandbytes_4bit_mixtral_checkpoint(tmp_path, rng):
+    """Pre-quantized Mixtral checkpoints on the hub (e.g. Unsloth's mixtral-8x7b-bnb-4bit) were
+    written by transformers 4, whose experts were Linear modules: every w1/w2/w3 (and the
+    attention projections) stored as bitsandbytes 4-bit. lorax reads their bytes as they are,
+    per expert, and computes what it computes after quantizing the float weights itself."""
+    bnb_f = pytest.importorskip("bitsandbytes.functional", reason="bitsandbytes writes the file")
+    import json
+    import os
+
+    import torch
+
+    from convert.bnb import bnb_quantization_config
+    from convert.safetensors_io import SafetensorsFile, save_file
+
+    _, path = make_hf_model(tmp_path, "mixtral", **CASES["mixtral"][1])
+    source = SafetensorsFile(os.path.join(path, "model.safetensors"))
+    tensors = {}
+    for name in source:
+        value = np.asarray(source[name])
+        if name.endswith(("_proj.weight", ".w1.weight", ".w2.weight", ".w3.weight")):
+            packed, state = bnb_f.quantize_4bit(
+                torch.from_numpy(value), blocksize=64, quant_type="nf4", compress_statistics=True
+            )
+            tensors[name] = packed.numpy()
+            for key, v in state.as_dict(packed=True).items():
+                tensors[f"{name}.{key}"] = v.numpy()
+        else:
+            tensors[name] = value
+    quantized = tmp_path / "bnb"
+    quantized.mkdir()
+    save_file(str(quantized / "model.safetensors"), tensors)
+    with open(os.path.join(path, "config.json")) as f:
+        config = json.load(f)
+    config["quantization_config"] = bnb_quantization_config(compute_dtype="float32")
+    (quantized / "config.json").write_text(json.dumps(config))
+
+    model = lorax.load(str(quantized), dtype="float32")
+    ours = lorax.load(path, quantize="nf4", dtype="float32")
+    for name in ("experts_gate_up_proj", "experts_down_proj", "q_proj"):
+        stored, made = model.params["layers"][name]["weight"], ours.params["layers"][name]["weight"]
+        assert isinstance(stored, lorax.NF4Tensor) and stored.batch_shape == made.batch_shape
+        np.testing.assert_array_equal(stored.packed, made.packed)
+    ids = jnp.asarray(rng.integers(0, model.config.vocab_size, size=(1, 16)))
+    # bnb's CPU double-quant rounding is one step off in ~0.2% of blocks (see nf4.py).
+    assert rel_err(lorax.forward(model, None, ids), lorax.forward(ours, None, ids)) < 2e-3
