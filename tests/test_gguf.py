@@ -616,6 +616,16 @@ def test_each_family_round_trips(family, out, name):
         np.testing.assert_allclose(a.tensor(tensor), b.tensor(tensor), rtol=1e-6, atol=1e-7)
 
 
+def _llama_quantize(llama_cpp, source, destination, quant: str) -> None:
+    """llama-quantize (llama.cpp's own) of the GGUF ``source`` to ``quant``, 2 threads."""
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype, params.nthread = FILE_TYPES[quant], 2
+    rc = llama_cpp.llama_model_quantize(
+        str(source).encode(), str(destination).encode(), ctypes.byref(params)
+    )
+    assert rc == 0
+
+
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_each_family_quantizes_like_llama_cpp(llama_cpp, family, out, name):
     """llama-quantize gives each tensor of these architectures the type our export does (Gemma
@@ -625,12 +635,7 @@ def test_each_family_quantizes_like_llama_cpp(llama_cpp, family, out, name):
     for quant in ("q4_k_m", "q8_0"):
         cpp_path = out / f"family-{name}-cpp-{quant}.gguf"
         ours_path = out / f"family-{name}-{quant}.gguf"
-        params = llama_cpp.llama_model_quantize_default_params()
-        params.ftype, params.nthread = FILE_TYPES[quant], 2
-        rc = llama_cpp.llama_model_quantize(
-            str(f32_path).encode(), str(cpp_path).encode(), ctypes.byref(params)
-        )
-        assert rc == 0
+        _llama_quantize(llama_cpp, f32_path, cpp_path, quant)
         _export_family(name, model, lora, ours_path, quant)
         cpp, ours = GGUFFile(cpp_path), GGUFFile(ours_path)
         assert sorted(cpp.tensors) == sorted(ours.tensors)
@@ -773,12 +778,7 @@ def test_mixtral_quantizes_like_llama_cpp(llama_cpp, mixtral, out):
     for quant in ("q4_k_m", "q5_k_m", "q4_0"):
         cpp_path = out / f"mixtral-cpp-{quant}.gguf"
         ours_path = out / f"mixtral-ours-{quant}.gguf"
-        params = llama_cpp.llama_model_quantize_default_params()
-        params.ftype, params.nthread = FILE_TYPES[quant], 2
-        rc = llama_cpp.llama_model_quantize(
-            str(f32_path).encode(), str(cpp_path).encode(), ctypes.byref(params)
-        )
-        assert rc == 0
+        _llama_quantize(llama_cpp, f32_path, cpp_path, quant)
         _export_mixtral(model, lora, ours_path, quant)
         cpp, ours = GGUFFile(cpp_path), GGUFFile(ours_path)
         assert sorted(cpp.tensors) == sorted(ours.tensors)
@@ -928,13 +928,7 @@ def test_quantized_bytes_match_llama_cpp(llama_cpp, kq, out, quant):
     cpp_path = out / f"kq-cpp-{quant}.gguf"
     if not f32_path.exists():
         lorax.export_gguf(model, None, f32_path, quant="f32")
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = FILE_TYPES[quant]
-    params.nthread = 2
-    rc = llama_cpp.llama_model_quantize(
-        str(f32_path).encode(), str(cpp_path).encode(), ctypes.byref(params)
-    )
-    assert rc == 0
+    _llama_quantize(llama_cpp, f32_path, cpp_path, quant)
     lorax.export_gguf(model, None, ours_path, quant=quant)
     cpp, ours = GGUFFile(cpp_path), GGUFFile(ours_path)
     assert cpp.get("general.file_type") == ours.get("general.file_type")
