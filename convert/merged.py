@@ -46,7 +46,7 @@ from convert.export_common import (
     write_json,
 )
 from convert.hf_config import ARCHITECTURES, generation_config_dict, hf_config_dict
-from convert.names import CAUSAL_LM, EXPERT_PROJECTIONS, TensorSpec, tensor_specs
+from convert.names import CAUSAL_LM, TensorSpec, tensor_specs
 from pallas_kernels.nf4 import NF4Tensor, dequantize_nf4, quantize_nf4
 
 OUTPUT_DTYPES = ("bfloat16", "float16", "float32", "nf4")
@@ -169,8 +169,7 @@ def lora_adapters(config: Any, lora: Any) -> tuple[dict[str, Any], float]:
                 f"projections: {list(config.projections())})"
             )
         out_dim, in_dim = config.projection_shape(proj)
-        # An expert projection has one factor pair per expert, after the layer axis.
-        lead = (config.num_layers, *((config.num_experts,) if proj in EXPERT_PROJECTIONS else ()))
+        lead = config.adapter_batch_shape(proj)
         a_shape, b_shape = tuple(ab["lora_a"].shape), tuple(ab["lora_b"].shape)
         rank = a_shape[len(lead)] if len(a_shape) == len(lead) + 2 else -1
         expected_a, expected_b = (*lead, rank, in_dim), (*lead, out_dim, rank)

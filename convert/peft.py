@@ -174,7 +174,7 @@ def adapter_tensors(config: Any, lora_params: Mapping[str, Any]) -> dict[str, np
         a, b = np.asarray(ab["lora_a"]), np.asarray(ab["lora_b"])
         out_dim, in_dim = config.projection_shape(proj)
         expert = proj in EXPERT_PROJECTIONS
-        lead = (config.num_layers, config.num_experts) if expert else (config.num_layers,)
+        lead = config.adapter_batch_shape(proj)
         rank = a.shape[len(lead)] if a.ndim == len(lead) + 2 else -1
         axes = "[layers, experts, ...]" if expert else "[layers, ...]"
         for which, array, expected in (

@@ -285,6 +285,11 @@ class ModelConfig:
         """How many matrices of ``name``'s shape a layer holds (its experts, or one)."""
         return self.num_experts if name in EXPERT_PROJECTIONS else 1
 
+    def adapter_batch_shape(self, name: str) -> tuple[int, ...]:
+        """The leading axes of ``name``'s LoRA factors: the layers, then the experts for an
+        expert projection (one A/B pair per expert)."""
+        return (self.num_layers, *((self.num_experts,) if name in EXPERT_PROJECTIONS else ()))
+
     def active_projection_copies(self, name: str) -> int:
         """How many matrices of ``name``'s shape each token multiplies (its routed experts)."""
         return self.experts_per_token if name in EXPERT_PROJECTIONS else 1

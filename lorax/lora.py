@@ -129,8 +129,7 @@ def init_lora(
     for name, k in zip(cfg.targets, jax.random.split(key, len(cfg.targets)), strict=True):
         out_dim, in_dim = config.projection_shape(name)
         bound = 1.0 / math.sqrt(in_dim)
-        # An expert projection has one pair of factors per expert, after the layer axis.
-        lead = (config.num_layers, *((config.num_experts,) if name in experts else ()))
+        lead = config.adapter_batch_shape(name)
         layers[name] = {
             "lora_a": jax.random.uniform(k, (*lead, rank, in_dim), dtype, -bound, bound),
             "lora_b": jnp.zeros((*lead, out_dim, rank), dtype),

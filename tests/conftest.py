@@ -202,8 +202,7 @@ def random_lora(model, rng, rank, alpha, targets, **kw) -> lorax.LoraWeights:
     layers = {}
     for proj in config.targets:
         out_dim, in_dim = model.config.projection_shape(proj)
-        copies = model.config.projection_copies(proj)
-        lead = (model.config.num_layers, *((copies,) if proj.startswith("experts_") else ()))
+        lead = model.config.adapter_batch_shape(proj)
         shape_a = (*lead, rank, in_dim)
         shape_b = (*lead, out_dim, rank)
         layers[proj] = {
