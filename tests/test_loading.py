@@ -298,6 +298,15 @@ def test_gemma3_image_text_checkpoint_loads_under_either_spelling(tmp_path, rng,
     theirs = torch_logits(reloaded, ids)
     assert np.array_equal(theirs, torch_logits(torch_model, ids))  # transformers reads it alike
     assert rel_err(lorax.forward(model, None, jnp.asarray(ids)), theirs) < 1e-4
+    # The sharded loader (the CLI always passes a mesh) reads the same bytes, NF4 too.
+    from lorax import sharding
+
+    mesh = sharding.make_mesh("data=1,fsdp=1", devices=jax.devices()[:1])
+    for directory, quantize in ((path, None), (respelled, "nf4")):
+        whole = lorax.load(directory, dtype="float32", quantize=quantize)
+        placed = lorax.load(directory, dtype="float32", quantize=quantize, mesh=mesh)
+        assert placed.config == whole.config
+        jax.tree.map(np.testing.assert_array_equal, placed.params, whole.params)
 
 
 @pytest.mark.parametrize(
