@@ -85,3 +85,48 @@ def test_export_refuses_bad_input_clearly(trained, tmp_path):
     done = _lorax("export", "--adapter", str(trained), "--gguf", "q3_k", str(tmp_path / "y.gguf"))
     assert done.returncode != 0 and "q3_k" in done.stderr
     assert not (tmp_path / "y.gguf").exists()
+
+
+def test_cli_trains_and_exports_a_mixtral(tmp_path):
+    """The whole command-line path on a mixture of experts: ``lorax train`` on a Mixtral
+    directory (loaded onto the CLI's mesh), LoRA on its experts, then a merged export that
+    computes the adapted model and a GGUF that reads back as a Mixtral."""
+    import json
+
+    import transformers
+
+    tokenizer = demo.demo_tokenizer()
+    config = transformers.MixtralConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+        num_experts_per_tok=2, max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )  # fmt: skip
+    base = tmp_path / "mixtral"
+    transformers.MixtralForCausalLM(config).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    out = tmp_path / "run"
+    done = _lorax(
+        "train", "--model", str(base), "--output-dir", str(out), "--max-steps", "2",
+        "--batch-size", "2", "--seq-len", "64", "--learning-rate", "1e-2", "--no-progress",
+        "--max-new-tokens", "0",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    adapter = out / "adapter"
+    settings = json.loads((adapter / "adapter_config.json").read_text())
+    assert settings["target_parameters"] == ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+
+    model = lorax.load(str(base), dtype="float32")
+    lora = lorax.load_adapter(model, adapter)
+    assert np.any(np.asarray(lora.params["layers"]["experts_down_proj"]["lora_b"]))  # trained
+    ids = jnp.arange(3, 40)[None]
+    merged = tmp_path / "merged"
+    done = _lorax("export", "--adapter", str(adapter), "--merged", "float32", str(merged))
+    assert done.returncode == 0, done.stderr[-2000:]
+    expected = lorax.forward(model, lora, ids)
+    assert rel_err(lorax.forward(lorax.load(merged, dtype="float32"), None, ids), expected) < 1e-5
+
+    gguf = tmp_path / "model.gguf"
+    done = _lorax("export", "--adapter", str(adapter), "--gguf", "q8_0", str(gguf))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert lorax.load(str(gguf), dtype="float32").config.num_experts == 4
