@@ -237,21 +237,28 @@ def load_params(
             pre_quantized=pre_quantized,
         )
 
+    def read_layers(spec: TensorSpec) -> Any:
+        return stack_layers([read(spec, n) for n in spec.hf_names(config.num_layers)])
+
     params: dict[str, Any] = {}
-    shared: dict[tuple[str, ...], dict[tuple[int, ...], Any]] = {}
     for spec in specs:
-        names = spec.hf_names(config.num_layers)
-        value = (
-            stack_layers([read(spec, n) for n in names]) if spec.per_layer else read(spec, names[0])
-        )
-        if spec.index:
-            shared.setdefault(spec.path, {})[spec.index] = value
-        else:
+        if not spec.index:
+            value = read_layers(spec) if spec.per_layer else read(spec, spec.hf_name)
             set_path(params, spec.path, value)
-    for spec in specs:
-        if spec.index and spec.path in shared:
-            set_path(params, spec.path, stack_members(shared.pop(spec.path), spec.stack))
+    for path, value in read_shared_parameters(specs, read_layers).items():
+        set_path(params, path, value)
     return params
+
+
+def read_shared_parameters(specs: list[TensorSpec], read_layers: Any) -> dict[tuple[str, ...], Any]:
+    """The parameters several checkpoint tensors share (``TensorSpec.index``: an MoE layer's
+    experts), by path: each member read with ``read_layers(spec)`` (``[L, ...]``), then
+    stacked (:func:`stack_members`)."""
+    members: dict[tuple[str, ...], tuple[tuple[int, ...], dict[tuple[int, ...], Any]]] = {}
+    for spec in specs:
+        if spec.index:
+            members.setdefault(spec.path, (spec.stack, {}))[1][spec.index] = read_layers(spec)
+    return {path: stack_members(parts, stack) for path, (stack, parts) in members.items()}
 
 
 def stack_layers(values: list[Any], axis: int = 0) -> Any:

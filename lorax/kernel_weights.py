@@ -104,7 +104,7 @@ def prepare_kernel_weights(model: Model, groups: str | Sequence[str] | None = No
     layers = dict(model.params["layers"])
     prepared = {}
     for names in model.config.projection_groups():
-        if group_key(names) not in wanted or group_key(names) not in known:
+        if group_key(names) not in wanted:
             continue
         weights = [layers[name]["weight"] for name in names]
         if not all(isinstance(w, NF4Tensor) for w in weights):

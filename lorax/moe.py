@@ -28,16 +28,17 @@ Array = jax.Array
 
 
 def route(x: Array, router: Array, experts_per_token: int) -> tuple[Array, Array, Array]:
-    """``(weights [T, k] f32, experts [T, k] int32, logits [T, E])`` for tokens ``x [T, D]``.
+    """``(weights [T, k] f32, experts [T, k] int32, probs [T, E] f32)`` for tokens ``x [T, D]``.
 
-    ``weights`` sum to one per token; ``logits`` are what a load-balancing loss reads.
+    ``weights`` sum to one per token; ``probs``, the router's whole softmax, is what a
+    load-balancing loss reads.
     """
     logits = jnp.einsum(
         "td,ed->te", x, router.astype(x.dtype), preferred_element_type=jnp.float32
     ).astype(x.dtype)
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
     weights, experts = jax.lax.top_k(probs, experts_per_token)
-    return weights / jnp.sum(weights, axis=-1, keepdims=True), experts, logits
+    return weights / jnp.sum(weights, axis=-1, keepdims=True), experts, probs
 
 
 def router_statistics(
@@ -47,8 +48,7 @@ def router_statistics(
     (``mask``: which count, e.g. not padding): each expert's top-k assignments (a count: no
     gradient), its router probability, and the number of tokens."""
     tokens = x.reshape(-1, x.shape[-1])
-    _, experts, logits = route(tokens, router, experts_per_token)
-    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    _, experts, probs = route(tokens, router, experts_per_token)
     weight = (jnp.ones(tokens.shape[0], jnp.float32) if mask is None else mask.reshape(-1)).astype(
         jnp.float32
     )

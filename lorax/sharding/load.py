@@ -32,10 +32,10 @@ from convert.hf import (
     check_quantize,
     check_shape,
     open_checkpoint,
+    read_shared_parameters,
     read_tensor,
     set_path,
     stack_layers,
-    stack_members,
 )
 from convert.names import TensorSpec, tensor_specs
 from lorax.sharding.nf4 import quantize_nf4_sharded
@@ -78,44 +78,31 @@ def load_params_sharded(
     )
     shardings = base_shardings(abstract, mesh, rules)
 
+    def read_layers(spec: TensorSpec) -> Any:
+        """One tensor's layers read whole (and quantized) as the single-device loader does."""
+        return stack_layers(
+            [
+                read_tensor(
+                    ckpt,
+                    spec,
+                    n,
+                    quantize=quantize,
+                    dtype=dtype,
+                    double_quant=double_quant,
+                    pre_quantized=pre_quantized,
+                )
+                for n in spec.hf_names(num_layers)
+            ]
+        )
+
     params: dict[str, Any] = {}
-    experts: dict[tuple[str, ...], dict[tuple[int, ...], Any]] = {}
     for spec in specs:
+        if spec.index:
+            continue  # an MoE expert matrix: below
         names = spec.hf_names(num_layers)
         sharding = _get_path(shardings, spec.path)
-        if spec.index:
-            # An MoE expert matrix: read (and quantized) one matrix at a time as the
-            # single-device loader does, then the layer's experts placed together below.
-            experts.setdefault(spec.path, {})[spec.index] = stack_layers(
-                [
-                    read_tensor(
-                        ckpt,
-                        spec,
-                        n,
-                        quantize=quantize,
-                        dtype=dtype,
-                        double_quant=double_quant,
-                        pre_quantized=pre_quantized,
-                    )
-                    for n in names
-                ]
-            )
-            continue
         if pre_quantized and spec.quantizable:
-            value = stack_layers(
-                [
-                    read_tensor(
-                        ckpt,
-                        spec,
-                        n,
-                        quantize=quantize,
-                        dtype=dtype,
-                        double_quant=double_quant,
-                        pre_quantized=True,
-                    )
-                    for n in names
-                ]
-            )
+            value = read_layers(spec)
             value = place_tree(value, nf4_shardings(value, mesh, rules.base_min_bytes))
         elif nf4(spec):
             value = quantize_nf4_sharded(
@@ -129,10 +116,10 @@ def load_params_sharded(
         else:
             value = _load_dense(ckpt, spec, names, sharding, dtype)
         set_path(params, spec.path, value)
-    for spec in specs:
-        if spec.index and spec.path in experts:
-            value = stack_members(experts.pop(spec.path), spec.stack)
-            set_path(params, spec.path, place_tree(value, _get_path(shardings, spec.path)))
+    # Expert matrices are read and quantized one at a time on the default device, then each
+    # projection's experts are placed together.
+    for path, value in read_shared_parameters(specs, read_layers).items():
+        set_path(params, path, place_tree(value, _get_path(shardings, path)))
     return params
 
 
