@@ -616,6 +616,26 @@ def test_each_family_round_trips(family, out, name):
         np.testing.assert_allclose(a.tensor(tensor), b.tensor(tensor), rtol=1e-6, atol=1e-7)
 
 
+def _same_as_llama_quantize(cpp, ours, context: str) -> tuple[int, int, list[str]]:
+    """Asserts ``ours`` holds llama-quantize's tensors (``cpp``) with its types, and the same
+    bytes for every non-K type. Returns (K-quant blocks, how many of them are byte-identical,
+    the K-quant tensors): their block search can tie-break differently."""
+    assert sorted(cpp.tensors) == sorted(ours.tensors)
+    k_blocks = k_same = 0
+    k_tensors = []
+    for name, info in cpp.tensors.items():
+        assert ours.tensors[name].type == info.type, (context, name)
+        a, b = cpp.raw(name), ours.raw(name)
+        if info.type not in (T.Q4_K, T.Q5_K, T.Q6_K):
+            np.testing.assert_array_equal(a, b, err_msg=name)
+            continue
+        block = {T.Q4_K: 144, T.Q5_K: 176, T.Q6_K: 210}[info.type]
+        same = np.all(a.reshape(-1, block) == b.reshape(-1, block), axis=1)
+        k_blocks, k_same = k_blocks + same.size, k_same + int(same.sum())
+        k_tensors.append(name)
+    return k_blocks, k_same, k_tensors
+
+
 def _llama_quantize(llama_cpp, source, destination, quant: str) -> None:
     """llama-quantize (llama.cpp's own) of the GGUF ``source`` to ``quant``, 2 threads."""
     params = llama_cpp.llama_model_quantize_default_params()
@@ -638,11 +658,7 @@ def test_each_family_quantizes_like_llama_cpp(llama_cpp, family, out, name):
         _llama_quantize(llama_cpp, f32_path, cpp_path, quant)
         _export_family(name, model, lora, ours_path, quant)
         cpp, ours = GGUFFile(cpp_path), GGUFFile(ours_path)
-        assert sorted(cpp.tensors) == sorted(ours.tensors)
-        for tensor, info in cpp.tensors.items():
-            assert ours.tensors[tensor].type == info.type, (quant, tensor)
-            if info.type not in (T.Q4_K, T.Q5_K, T.Q6_K):
-                np.testing.assert_array_equal(cpp.raw(tensor), ours.raw(tensor), err_msg=tensor)
+        _same_as_llama_quantize(cpp, ours, quant)
         if name == "phi3" and quant == "q4_k_m":  # llama-quantize's attn_v rule, 2 layers
             assert ours.tensors["blk.0.attn_qkv.weight"].type == T.Q4_K
             assert ours.tensors["blk.1.attn_qkv.weight"].type == T.Q6_K
@@ -781,17 +797,7 @@ def test_mixtral_quantizes_like_llama_cpp(llama_cpp, mixtral, out):
         _llama_quantize(llama_cpp, f32_path, cpp_path, quant)
         _export_mixtral(model, lora, ours_path, quant)
         cpp, ours = GGUFFile(cpp_path), GGUFFile(ours_path)
-        assert sorted(cpp.tensors) == sorted(ours.tensors)
-        k_blocks = k_same = 0
-        for tensor, info in cpp.tensors.items():
-            assert ours.tensors[tensor].type == info.type, (quant, tensor)
-            a, b = cpp.raw(tensor), ours.raw(tensor)
-            if info.type not in (T.Q4_K, T.Q5_K, T.Q6_K):
-                np.testing.assert_array_equal(a, b, err_msg=tensor)
-                continue
-            block = {T.Q4_K: 144, T.Q5_K: 176, T.Q6_K: 210}[info.type]
-            same = np.all(a.reshape(-1, block) == b.reshape(-1, block), axis=1)
-            k_blocks, k_same = k_blocks + same.size, k_same + same.sum()
+        k_blocks, k_same, _ = _same_as_llama_quantize(cpp, ours, quant)
         assert k_same >= 0.99 * k_blocks
         if quant == "q4_k_m":
             types = {t: ours.tensors[f"blk.1.{t}.weight"].type for t in ("attn_k", "attn_v")}
@@ -932,17 +938,9 @@ def test_quantized_bytes_match_llama_cpp(llama_cpp, kq, out, quant):
     lorax.export_gguf(model, None, ours_path, quant=quant)
     cpp, ours = GGUFFile(cpp_path), GGUFFile(ours_path)
     assert cpp.get("general.file_type") == ours.get("general.file_type")
-    assert sorted(cpp.tensors) == sorted(ours.tensors)
-    k_blocks = k_same = 0
-    for name, info in cpp.tensors.items():
-        assert ours.tensors[name].type == info.type, name
-        a, b = cpp.raw(name), ours.raw(name)
-        if info.type not in (T.Q4_K, T.Q5_K, T.Q6_K):
-            np.testing.assert_array_equal(a, b, err_msg=name)
-            continue
-        block = {T.Q4_K: 144, T.Q5_K: 176, T.Q6_K: 210}[info.type]
-        same = np.all(a.reshape(-1, block) == b.reshape(-1, block), axis=1)
-        k_blocks, k_same = k_blocks + same.size, k_same + same.sum()
+    k_blocks, k_same, k_tensors = _same_as_llama_quantize(cpp, ours, quant)
+    for name in k_tensors:
+        info = cpp.tensors[name]
         theirs = cpp.tensor(name)
         step = np.abs(theirs).max() / {T.Q4_K: 15, T.Q5_K: 31, T.Q6_K: 63}[info.type]
         np.testing.assert_allclose(ours.tensor(name), theirs, atol=2 * step, err_msg=name)
