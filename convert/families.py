@@ -24,6 +24,9 @@ class Family:
     fused_projections: bool = False  # q/k/v and gate/up stored as one projection each
     scaled_embeddings: bool = False  # embeddings times sqrt(hidden_size)
     moe: bool = False  # the MLP is a routed mixture of experts (num_local_experts of them)
+    # The router's chosen weights are rounded to the compute dtype before they scale the
+    # experts' outputs (Qwen's MoE); Mixtral scales in float32.
+    round_expert_weights: bool = False
 
     def embedding_multiplier(self, hidden_size: int) -> float:
         return math.sqrt(hidden_size) if self.scaled_embeddings else 1.0
@@ -41,6 +44,7 @@ FAMILIES = {
     "gemma3_text": dataclasses.replace(_GEMMA, qk_norm=True),
     "phi3": Family(fused_projections=True),
     "mixtral": Family(moe=True),
+    "qwen3_moe": Family(qk_norm=True, moe=True, round_expert_weights=True),
 }
 
 

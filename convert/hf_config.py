@@ -26,6 +26,7 @@ ARCHITECTURES = {
     "gemma3_text": "Gemma3ForCausalLM",
     "phi3": "Phi3ForCausalLM",
     "mixtral": "MixtralForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
 }
 _GEMMA = ("gemma2", "gemma3_text")
 DTYPE_NAMES = ("bfloat16", "float16", "float32")
@@ -111,22 +112,37 @@ def _family_fields(config: Any) -> dict[str, Any]:
 
 
 def _moe_fields(config: Any) -> dict[str, Any]:
-    """Mixtral's expert count and top-k, and whether its load-balancing loss is trained.
+    """The experts' count, top-k, width and weighting, and whether the load-balancing loss
+    is trained.
 
     transformers adds that loss only with ``output_router_logits``, so lorax's
     ``router_aux_loss_coef`` of None (off) writes it false and leaves the weight to
     transformers' default; a weight writes both.
     """
     coef = config.router_aux_loss_coef
-    fields = {
-        "num_local_experts": config.num_experts,
+    fields: dict[str, Any] = {
         "num_experts_per_tok": config.experts_per_token,
         "output_router_logits": coef is not None,
-        "router_jitter_noise": 0.0,
     }
     if coef is not None:
         fields["router_aux_loss_coef"] = coef
-    return fields
+    if config.model_type == "mixtral":
+        if config.expert_width != config.intermediate_size or not config.normalize_expert_weights:
+            raise HFConfigError(
+                "mixtral's experts are intermediate_size wide and renormalize their weights; "
+                f"config has expert width {config.expert_width} (intermediate_size "
+                f"{config.intermediate_size}), normalize={config.normalize_expert_weights}"
+            )
+        return {**fields, "num_local_experts": config.num_experts, "router_jitter_noise": 0.0}
+    # Qwen 3 MoE, in the hub's spelling (num_experts), every layer routed.
+    return {
+        **fields,
+        "num_experts": config.num_experts,
+        "moe_intermediate_size": config.expert_width,
+        "norm_topk_prob": config.normalize_expert_weights,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [],
+    }
 
 
 def generation_config_dict(config: Any) -> dict[str, Any]:
@@ -182,11 +198,13 @@ def _window_fields(config: Any) -> dict[str, Any]:
         if window is not None:
             raise HFConfigError(f"llama has no sliding-window attention; config has {window}")
         return {}
-    if config.model_type in ("mistral", "mixtral", "phi3"):
+    if config.model_type in ("mistral", "mixtral", "phi3", "qwen3_moe"):
         if window is not None and 0 in windows:
             raise HFConfigError(
                 f"{config.model_type} applies its sliding window to every layer or none"
             )
+        if config.model_type == "qwen3_moe":
+            return {"use_sliding_window": window is not None, "sliding_window": window}
         return {"sliding_window": window}
     layer_types = ["sliding_attention" if w else "full_attention" for w in windows]
     if config.model_type in _GEMMA:  # any pattern, spelled per layer

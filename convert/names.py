@@ -20,15 +20,37 @@ FUSED_MLP = ("gate_up_proj", "down_proj")
 # Every projection name of every family, in an order each family's own order is a part of.
 ALL_PROJECTIONS = ("qkv_proj", *ATTENTION, "gate_up_proj", *MLP)
 QK_NORMS = ("q_norm", "k_norm")  # per-head RMSNorms of queries and keys (Qwen 3, Gemma 3)
-# A mixture-of-experts MLP (Mixtral): a router and per-expert projections, each stacked on an
-# expert axis after the layer axis. Each lorax name is a LoRA target too; PEFT adapts it as
-# the 3-D parameter ``mlp.experts.<HF name>`` (``target_parameters``).
-ROUTER = "router"  # HF: block_sparse_moe.gate, [experts, hidden], never quantized
+# A mixture-of-experts MLP (Mixtral, Qwen 3 MoE): a router and per-expert projections, each
+# stacked on an expert axis after the layer axis. Each lorax name is a LoRA target too; PEFT
+# adapts it as the 3-D parameter ``mlp.experts.<HF name>`` (``target_parameters``).
+ROUTER = "router"  # HF: <module>.gate, [experts, hidden], never quantized
 EXPERT_PROJECTIONS = ("experts_gate_up_proj", "experts_down_proj")
 EXPERT_HF_PARAMETERS = {"experts_gate_up_proj": "gate_up_proj", "experts_down_proj": "down_proj"}
-# The checkpoint's per-expert matrices of each (Mixtral's names; transformers >= 5 still saves
-# these): gate_up's rows are w1's (gate) then w3's (up), each quantized on its own.
-EXPERT_CHECKPOINT_PARTS = {"experts_gate_up_proj": ("w1", "w3"), "experts_down_proj": ("w2",)}
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertCheckpoint:
+    """How a family's checkpoints name an MoE layer's router and per-expert matrices
+    (transformers >= 5 still saves these, though it computes with 3-D parameters).
+
+    ``module`` holds the router (``gate``) and ``experts.<e>.<part>``; ``parts`` are each
+    expert projection's matrices in row order (gate/up's rows: gate's, then up's), each
+    quantized on its own.
+    """
+
+    module: str
+    parts: dict[str, tuple[str, ...]]
+
+
+EXPERT_CHECKPOINTS = {
+    "mixtral": ExpertCheckpoint(
+        "block_sparse_moe", {"experts_gate_up_proj": ("w1", "w3"), "experts_down_proj": ("w2",)}
+    ),
+    "qwen3_moe": ExpertCheckpoint(
+        "mlp",
+        {"experts_gate_up_proj": ("gate_proj", "up_proj"), "experts_down_proj": ("down_proj",)},
+    ),
+}
 # The Llama MLP projections each expert projection computes (for scripts written with those).
 EXPERT_MLP = {"experts_gate_up_proj": ("gate_proj", "up_proj"), "experts_down_proj": ("down_proj",)}
 
@@ -154,8 +176,9 @@ def tensor_specs(config: Any) -> Iterator[TensorSpec]:
 def _expert_specs(config: Any, projection: str) -> Iterator[TensorSpec]:
     """One spec per checkpoint matrix of an expert projection, in (expert, part) order; the
     layer's router comes first, with the gate/up projection."""
-    base = f"{layer_prefix()}.block_sparse_moe"
-    experts, parts = config.num_experts, EXPERT_CHECKPOINT_PARTS[projection]
+    checkpoint = EXPERT_CHECKPOINTS[config.model_type]
+    base = f"{layer_prefix()}.{checkpoint.module}"
+    experts, parts = config.num_experts, checkpoint.parts[projection]
     if projection == EXPERT_PROJECTIONS[0]:
         shape = (experts, config.hidden_size)
         yield TensorSpec(("layers", ROUTER, "weight"), f"{base}.gate.weight", shape, True)

@@ -161,10 +161,16 @@ class ModelConfig:
     sliding_rope: RopeConfig | None = None
     # q/k/v stored as one ``qkv_proj`` and gate/up as one ``gate_up_proj`` (Phi-3).
     fused_projections: bool = False
-    # A routed mixture of experts replaces the MLP when num_experts > 0 (Mixtral): each token
-    # goes through experts_per_token of them, weighted by the router's renormalized softmax.
+    # A routed mixture of experts replaces the MLP when num_experts > 0 (Mixtral, Qwen 3 MoE):
+    # each token goes through experts_per_token of them, weighted by the router's softmax
+    # over the chosen ones, renormalized to sum to one when normalize_expert_weights (Qwen's
+    # norm_topk_prob; Mixtral always). Each expert is a SwiGLU MLP of width
+    # expert_intermediate_size (None: intermediate_size, Mixtral's).
     num_experts: int = 0
     experts_per_token: int = 0
+    expert_intermediate_size: int | None = None
+    normalize_expert_weights: bool = True
+    round_expert_weights: bool = False
     # The router's load-balancing loss is added to the training loss with this weight
     # (transformers does when config.json sets output_router_logits); None: not added.
     router_aux_loss_coef: float | None = None
@@ -210,6 +216,11 @@ class ModelConfig:
     def moe(self) -> bool:
         """Whether the MLP is a routed mixture of experts."""
         return self.num_experts > 0
+
+    @property
+    def expert_width(self) -> int:
+        """Each expert's hidden width (its gate/up output, its down input)."""
+        return self.expert_intermediate_size or self.intermediate_size
 
     @property
     def attention_scale(self) -> float:
@@ -274,8 +285,8 @@ class ModelConfig:
             "gate_proj": (f, d),
             "up_proj": (f, d),
             "down_proj": (d, f),
-            "experts_gate_up_proj": (2 * f, d),
-            "experts_down_proj": (d, f),
+            "experts_gate_up_proj": (2 * self.expert_width, d),
+            "experts_down_proj": (d, self.expert_width),
         }
         if name in FUSED:
             return (sum(shapes[part][0] for part in FUSED[name]), d)
@@ -384,7 +395,7 @@ class ModelConfig:
         eos = hf.get("eos_token_id")
         if isinstance(eos, list):
             eos = tuple(eos)
-        moe_fields = _moe_fields(hf, source) if family.moe else {}
+        moe_fields = _moe_fields(hf, model_type, source) if family.moe else {}
         gemma_fields: dict[str, Any] = {}
         if gemma:
             softcap_defaults = (50.0, 30.0) if model_type == "gemma2" else (None, None)
@@ -416,6 +427,7 @@ class ModelConfig:
             norm_style=family.norm_style,
             sandwich_norms=family.sandwich_norms,
             qk_norm=family.qk_norm,
+            round_expert_weights=family.round_expert_weights,
             fused_projections=family.fused_projections,
             embedding_multiplier=family.embedding_multiplier(hidden),
             sliding_rope=sliding_rope,
@@ -467,8 +479,9 @@ def _optional_float(value: Any) -> float | None:
     return None if value is None else float(value)
 
 
-def _moe_fields(hf: Mapping[str, Any], source: str) -> dict[str, Any]:
-    """Mixtral's expert count, top-k and load-balancing loss (transformers' defaults)."""
+def _moe_fields(hf: Mapping[str, Any], model_type: str, source: str) -> dict[str, Any]:
+    """The experts' count, top-k, width and weighting, and the load-balancing loss
+    (transformers' defaults for ``model_type``)."""
     if hf.get("router_jitter_noise"):
         # transformers scales the MoE input by uniform noise in training mode only; lorax
         # would train a different function.
@@ -476,12 +489,37 @@ def _moe_fields(hf: Mapping[str, Any], source: str) -> dict[str, Any]:
             f"{source}: router_jitter_noise={hf['router_jitter_noise']!r} is not supported "
             "(only 0.0, Mixtral's value)"
         )
+    aux_loss = (
+        float(hf.get("router_aux_loss_coef", 0.001)) if hf.get("output_router_logits") else None
+    )
+    if model_type == "mixtral":
+        return dict(
+            num_experts=int(hf.get("num_local_experts", 8)),
+            experts_per_token=int(hf.get("num_experts_per_tok", 2)),
+            router_aux_loss_coef=aux_loss,
+        )
+    # Qwen 3 MoE: the hub's files say num_experts, transformers >= 5 writes num_local_experts.
+    counts = {hf[k] for k in ("num_experts", "num_local_experts") if hf.get(k) is not None}
+    if len(counts) > 1:
+        raise ConfigError(
+            f"{source}: num_experts={hf['num_experts']!r} and "
+            f"num_local_experts={hf['num_local_experts']!r} disagree"
+        )
+    dense_layers = list(hf.get("mlp_only_layers") or [])
+    step = int(hf.get("decoder_sparse_step") or 1)
+    if dense_layers or step != 1:
+        # Every released Qwen 3 MoE routes every layer; lorax scans one layer structure.
+        raise ConfigError(
+            f"{source}: layers with a dense MLP (mlp_only_layers={dense_layers}, "
+            f"decoder_sparse_step={step}) are not supported; every layer must route "
+            "(mlp_only_layers=[], decoder_sparse_step=1)"
+        )
     return dict(
-        num_experts=int(hf.get("num_local_experts", 8)),
-        experts_per_token=int(hf.get("num_experts_per_tok", 2)),
-        router_aux_loss_coef=(
-            float(hf.get("router_aux_loss_coef", 0.001)) if hf.get("output_router_logits") else None
-        ),
+        num_experts=int(counts.pop() if counts else 128),
+        experts_per_token=int(hf.get("num_experts_per_tok", 8)),
+        expert_intermediate_size=int(hf.get("moe_intermediate_size", 768)),
+        normalize_expert_weights=bool(hf.get("norm_topk_prob", False)),
+        router_aux_loss_coef=aux_loss,
     )
 
 
@@ -562,6 +600,8 @@ def _layer_windows_from_hf(
     window = hf.get("sliding_window")
     if model_type in ("mistral", "mixtral", "phi3"):  # one window on every layer
         return (int(window or 0),) * num_layers
+    if model_type == "qwen3_moe":  # every layer, only with use_sliding_window
+        return (int(window or 0) if hf.get("use_sliding_window") else 0,) * num_layers
     if model_type in ("qwen2", "qwen3", *GEMMA_MODEL_TYPES):
         layer_types = hf.get("layer_types")
         if model_type in GEMMA_MODEL_TYPES:

@@ -416,6 +416,8 @@ def _decoder_layer(
             experts_per_token=config.experts_per_token,
             activation=lambda z: _activation(config.activation, z),
             lora_scale=lora_cfg.scale if lora_cfg is not None else 0.0,
+            normalize_weights=config.normalize_expert_weights,
+            round_weights=config.round_expert_weights,
             # The jnp reference is XLA's grouped matmul; otherwise the fastest that applies.
             impl="xla" if options.matmul_impl == "reference" else None,
         )

@@ -1,9 +1,11 @@
-"""A routed mixture-of-experts MLP (Mixtral): route each token, group rows by expert, multiply.
+"""A routed mixture-of-experts MLP (Mixtral, Qwen 3 MoE): route each token, group rows by
+expert, multiply.
 
 Each token's hidden state goes to ``experts_per_token`` of ``num_experts`` SwiGLU experts,
 chosen by a linear router; their outputs are summed, weighted by the router's softmax over
-the chosen experts (renormalized to sum to one). As in transformers, the router's logits
-come out of a matmul in the compute dtype and the softmax runs in float32.
+the chosen experts (renormalized to sum to one: Mixtral, and Qwen with ``norm_topk_prob``).
+As in transformers, the router's logits come out of a matmul in the compute dtype and the
+softmax runs in float32.
 
 The computation is exact and does only the routed work: the ``tokens x k`` (token, expert)
 pairs are sorted by expert so that each expert's rows are one contiguous group, and every
@@ -27,18 +29,23 @@ from pallas_kernels.expert_matmul import expert_lora_matmul
 Array = jax.Array
 
 
-def route(x: Array, router: Array, experts_per_token: int) -> tuple[Array, Array, Array]:
+def route(
+    x: Array, router: Array, experts_per_token: int, normalize: bool = True
+) -> tuple[Array, Array, Array]:
     """``(weights [T, k] f32, experts [T, k] int32, probs [T, E] f32)`` for tokens ``x [T, D]``.
 
-    ``weights`` sum to one per token; ``probs``, the router's whole softmax, is what a
-    load-balancing loss reads.
+    ``weights`` are the chosen experts' probabilities, renormalized to sum to one per token
+    when ``normalize``; ``probs``, the router's whole softmax, is what a load-balancing loss
+    reads.
     """
     logits = jnp.einsum(
         "td,ed->te", x, router.astype(x.dtype), preferred_element_type=jnp.float32
     ).astype(x.dtype)
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
     weights, experts = jax.lax.top_k(probs, experts_per_token)
-    return weights / jnp.sum(weights, axis=-1, keepdims=True), experts, probs
+    if normalize:
+        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    return weights, experts, probs
 
 
 def router_statistics(
@@ -79,17 +86,24 @@ def moe_mlp(
     experts_per_token: int,
     activation: Callable[[Array], Array],
     lora_scale: float,
+    normalize_weights: bool = True,
+    round_weights: bool = False,
     impl: str | None = None,
 ) -> Array:
     """One layer's MoE MLP for ``x [..., D]``.
 
     ``layer`` holds the frozen ``router`` and ``experts_gate_up_proj`` / ``experts_down_proj``
     weights (``convert.names``); ``adapters`` their LoRA factors, where targeted.
+    ``normalize_weights``: the chosen experts' weights sum to one (``route``);
+    ``round_weights``: they are rounded to ``x``'s dtype before they scale the outputs
+    (Qwen's MoE), as transformers does.
     """
     shape = x.shape
     tokens = x.reshape(-1, shape[-1])
     k = experts_per_token
-    weights, experts, _ = route(tokens, layer[ROUTER]["weight"], k)
+    weights, experts, _ = route(tokens, layer[ROUTER]["weight"], k, normalize_weights)
+    if round_weights:
+        weights = weights.astype(x.dtype).astype(jnp.float32)
     # Sort the (token, choice) pairs by expert; a stable sort keeps each expert's rows in
     # token order, as transformers visits them.
     flat = experts.reshape(-1)

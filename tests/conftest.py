@@ -142,6 +142,7 @@ def make_hf_model(tmp_path, model_type: str = "llama", seed: int = 0, **override
         "gemma3_text": transformers.Gemma3TextConfig,
         "phi3": transformers.Phi3Config,
         "mixtral": transformers.MixtralConfig,
+        "qwen3_moe": transformers.Qwen3MoeConfig,
     }[model_type]
     config = config_cls(**{**TINY, **overrides})
     return _save_hf_model(tmp_path, config, model_type, seed)

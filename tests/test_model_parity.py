@@ -29,6 +29,12 @@ GEMMA3_TEXT = dict(
     },
 )
 
+# Qwen 3 MoE: 4 experts narrower than intermediate_size (which no layer then uses), 2 per
+# token, their weights renormalized as Qwen3-30B-A3B's are.
+QWEN3_MOE = dict(
+    num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, norm_topk_prob=True
+)
+
 CASES = {
     "llama-llama3-rope": ("llama", dict(rope_parameters=LLAMA3_ROPE)),
     "llama-headdim-mqa-bias-tied": (
@@ -114,6 +120,20 @@ CASES = {
     # Mixtral: 4 experts, 2 per token, a window on every layer.
     "mixtral": ("mixtral", dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=8)),
     "mixtral-top3-of-5": ("mixtral", dict(num_local_experts=5, num_experts_per_tok=3)),
+    # Qwen 3 MoE (Qwen3-30B-A3B's form): q/k norms, experts narrower than intermediate_size,
+    # chosen weights renormalized (norm_topk_prob) or not, and a window on every layer.
+    "qwen3-moe": ("qwen3_moe", QWEN3_MOE),
+    "qwen3-moe-unnormalized-window": (
+        "qwen3_moe",
+        dict(
+            QWEN3_MOE,
+            norm_topk_prob=False,
+            num_experts=5,
+            num_experts_per_tok=3,
+            use_sliding_window=True,
+            sliding_window=8,
+        ),
+    ),
     # Gemma 3: q/k norms, and the full layers' RoPE (scaled) apart from the sliding layers'.
     "gemma3-two-ropes": ("gemma3_text", GEMMA3_TEXT),
     # Gemma 3's image-text model (4B-27B): the same language model beside a vision tower,

@@ -1,5 +1,5 @@
-"""Mixture of experts (Mixtral): the grouped expert matmul against its definition, the router's
-load-balancing loss against transformers', and the MoE model's bookkeeping."""
+"""Mixture of experts (Mixtral, Qwen 3 MoE): the grouped expert matmul against its definition,
+the router's load-balancing loss against transformers', and the MoE models' bookkeeping."""
 
 from __future__ import annotations
 
@@ -16,6 +16,9 @@ from lorax.model import ForwardOptions
 from lorax.train.step import StepConfig, loss_sum
 from pallas_kernels.expert_matmul import expert_lora_matmul, expert_lora_matmul_reference
 from pallas_kernels.nf4 import quantize_nf4
+
+# Each MoE family's tiny config (test_model_parity's cases), by model_type.
+MOE = {"mixtral": CASES["mixtral"][1], "qwen3_moe": CASES["qwen3-moe"][1]}
 
 
 def _expert_case(rng, dtype, nf4: bool, parts: int):
@@ -77,20 +80,21 @@ def test_expert_matmul_refuses_what_it_cannot_run(rng):
         expert_lora_matmul(x, w, sizes, a[:, :, :8], b)
 
 
-def _aux_case(tmp_path, coef: float):
-    overrides = dict(CASES["mixtral"][1], output_router_logits=True, router_aux_loss_coef=coef)
-    torch_model, path = make_hf_model(tmp_path, "mixtral", **overrides)
+def _aux_case(tmp_path, coef: float, model_type: str = "mixtral"):
+    overrides = dict(MOE[model_type], output_router_logits=True, router_aux_loss_coef=coef)
+    torch_model, path = make_hf_model(tmp_path, model_type, **overrides)
     return torch_model, lorax.load(path, dtype="float32")
 
 
-def test_router_aux_loss_matches_transformers(tmp_path, rng):
+@pytest.mark.parametrize("model_type", list(MOE))
+def test_router_aux_loss_matches_transformers(tmp_path, rng, model_type):
     """With output_router_logits, transformers trains on CE + coef · load-balancing loss; so
     does lorax, with the same value and LoRA gradients, padding (segment 0) left out of the
     routers' statistics as transformers leaves out masked tokens."""
     import peft
     import torch
 
-    torch_model, model = _aux_case(tmp_path, coef=0.5)
+    torch_model, model = _aux_case(tmp_path, coef=0.5, model_type=model_type)
     assert model.config.router_aux_loss_coef == 0.5
     lora = lorax.init_lora(model, rank=4, alpha=8, targets="all-linear", key=jax.random.key(3))
     lora = lorax.LoraWeights(
@@ -185,23 +189,17 @@ def test_router_aux_loss_changes_the_loss_by_its_coefficient(tmp_path, rng):
     assert float(loss_sum(None, model, batch, segmented)[0]) == pytest.approx(float(with_aux))
 
 
-def test_mixtral_bookkeeping(tmp_path):
-    torch_model, path = make_hf_model(tmp_path, "mixtral", **CASES["mixtral"][1])
+@pytest.mark.parametrize("model_type", list(MOE))
+def test_moe_bookkeeping(tmp_path, model_type):
+    torch_model, path = make_hf_model(tmp_path, model_type, **MOE[model_type])
     model = lorax.load(path, dtype="float32")
     assert model.config.num_parameters() == sum(p.numel() for p in torch_model.parameters())
     layers, c = model.params["layers"], model.config
-    dims = (c.num_layers, c.num_experts)
-    assert layers["experts_gate_up_proj"]["weight"].shape == (
-        *dims,
-        2,
-        c.intermediate_size,
-        c.hidden_size,
-    )
-    assert layers["experts_down_proj"]["weight"].shape == (
-        *dims,
-        c.hidden_size,
-        c.intermediate_size,
-    )
+    dims, width = (c.num_layers, c.num_experts), torch_model.model.layers[0].mlp.experts.down_proj
+    assert c.expert_width == width.shape[-1]
+    assert layers["experts_gate_up_proj"]["weight"].shape == (*dims, 2, c.expert_width,
+                                                              c.hidden_size)  # fmt: skip
+    assert layers["experts_down_proj"]["weight"].shape == (*dims, c.hidden_size, c.expert_width)
     assert layers["router"]["weight"].shape == (*dims, c.hidden_size)
     with pytest.raises(ValueError, match="dropout on the expert projections"):
         lorax.init_lora(model, rank=4, alpha=8, dropout=0.1)
@@ -223,14 +221,52 @@ def test_mixtral_config_refuses_what_lorax_cannot_compute(field, value, match):
         ModelConfig.from_hf_dict(hf)
 
 
-def test_nf4_mixtral_matches_transformers_with_bnb_experts(tmp_path, rng):
+_QWEN3_MOE_HF = dict(model_type="qwen3_moe", vocab_size=64, hidden_size=32, intermediate_size=48,
+                     num_hidden_layers=2, num_attention_heads=4, num_experts=4,
+                     num_experts_per_tok=2, moe_intermediate_size=16)  # fmt: skip
+
+
+def test_qwen3_moe_config_reads_both_spellings_and_transformers_defaults():
+    """The hub's files say num_experts, transformers >= 5 writes num_local_experts; a config
+    without the MoE fields gets transformers' defaults (128 experts, top-8, width 768, no
+    renormalization)."""
+    hub = ModelConfig.from_hf_dict(_QWEN3_MOE_HF)
+    spelled = dict(_QWEN3_MOE_HF, num_local_experts=4)
+    del spelled["num_experts"]
+    assert ModelConfig.from_hf_dict(spelled) == hub
+    assert (hub.num_experts, hub.experts_per_token, hub.expert_width) == (4, 2, 16)
+    bare = {k: v for k, v in _QWEN3_MOE_HF.items() if "expert" not in k and "moe_" not in k}
+    c = ModelConfig.from_hf_dict(bare)
+    assert (c.num_experts, c.experts_per_token, c.expert_width) == (128, 8, 768)
+    assert not c.normalize_expert_weights and c.round_expert_weights and c.qk_norm
+
+
+@pytest.mark.parametrize(
+    "changes, match",
+    [
+        (dict(mlp_only_layers=[1]), r"mlp_only_layers=\[1\]"),
+        (dict(decoder_sparse_step=2), "decoder_sparse_step=2"),
+        (dict(num_local_experts=8), "num_experts=4 and num_local_experts=8 disagree"),
+        (dict(num_experts_per_tok=5), "num_experts_per_tok=5"),
+    ],
+)
+def test_qwen3_moe_config_refuses_what_lorax_cannot_compute(changes, match):
+    """Layers with a dense MLP (no released Qwen 3 MoE has them) and contradictions are
+    refused by name, never computed as something else."""
+    with pytest.raises(ConfigError, match=match):
+        ModelConfig.from_hf_dict({**_QWEN3_MOE_HF, **changes})
+
+
+@pytest.mark.parametrize("model_type", list(MOE))
+def test_nf4_moe_matches_transformers_with_bnb_experts(tmp_path, rng, model_type):
     """Every expert matrix quantized on its own, as bitsandbytes quantizes a checkpoint's
-    w1/w3/w2 Linear layers: lorax's NF4 forward equals transformers on those dequantized."""
+    per-expert Linear layers (Mixtral's w1/w3/w2, Qwen's gate/up/down): lorax's NF4 forward
+    equals transformers on those dequantized."""
     bnb_f = pytest.importorskip("bitsandbytes.functional", reason="bitsandbytes checks NF4")
     import torch
     from conftest import bnb_dequantize
 
-    torch_model, path = make_hf_model(tmp_path, "mixtral", **CASES["mixtral"][1])
+    torch_model, path = make_hf_model(tmp_path, model_type, **MOE[model_type])
     model = lorax.load(path, quantize="nf4", dtype="float32")
 
     def roundtrip(w):
@@ -242,7 +278,7 @@ def test_nf4_mixtral_matches_transformers_with_bnb_experts(tmp_path, rng):
             if name.endswith("_proj.weight") or name.endswith("experts.down_proj"):
                 matrices = p.data.reshape(-1, *p.shape[-2:]) if p.ndim == 3 else p.data[None]
                 p.copy_(torch.stack([roundtrip(m) for m in matrices]).reshape(p.shape))
-            elif name.endswith("experts.gate_up_proj"):  # w1 and w3: separate matrices on disk
+            elif name.endswith("experts.gate_up_proj"):  # gate and up: separate matrices on disk
                 halves = p.data.reshape(p.shape[0] * 2, p.shape[1] // 2, p.shape[2])
                 p.copy_(torch.stack([roundtrip(m) for m in halves]).reshape(p.shape))
     ids = rng.integers(0, model.config.vocab_size, size=(1, 24))
@@ -274,13 +310,14 @@ def test_mixtral_targets_and_kernel_groups(tmp_path):
     assert kernel_groups_for(model, "all", 1024) == group_keys(model)
 
 
-def test_mixtral_bf16_matches_transformers_where_routes_agree(tmp_path, rng):
+@pytest.mark.parametrize("model_type", list(MOE))
+def test_moe_bf16_matches_transformers_where_routes_agree(tmp_path, rng, model_type):
     """bf16 against transformers' float32 model. Routing is discontinuous: where a token's
     k-th and (k+1)-th router logits are within bf16's rounding, the two models can send it to
     different experts and its logits jump (seen: up to 0.3 relative at one position in 1 of 8
     seeds). So most positions, not all, must agree to bf16's precision, with the same top-1
     token."""
-    torch_model, path = make_hf_model(tmp_path, "mixtral", **CASES["mixtral"][1])
+    torch_model, path = make_hf_model(tmp_path, model_type, **MOE[model_type])
     model = lorax.load(path, dtype="bfloat16")
     ids = rng.integers(0, model.config.vocab_size, size=(2, 32))
     ours = np.asarray(jax.jit(lorax.forward)(model, None, jnp.asarray(ids)), np.float64)
@@ -291,11 +328,13 @@ def test_mixtral_bf16_matches_transformers_where_routes_agree(tmp_path, rng):
     assert np.mean(ours.argmax(-1) == ref.argmax(-1)) > 0.9
 
 
-def test_loads_a_bitsandbytes_4bit_mixtral_checkpoint(tmp_path, rng):
-    """Pre-quantized Mixtral checkpoints on the hub (e.g. Unsloth's mixtral-8x7b-bnb-4bit) were
-    written by transformers 4, whose experts were Linear modules: every w1/w2/w3 (and the
-    attention projections) stored as bitsandbytes 4-bit. lorax reads their bytes as they are,
-    per expert, and computes what it computes after quantizing the float weights itself."""
+@pytest.mark.parametrize("model_type", list(MOE))
+def test_loads_a_bitsandbytes_4bit_moe_checkpoint(tmp_path, rng, model_type):
+    """Pre-quantized MoE checkpoints on the hub (e.g. Unsloth's mixtral-8x7b-bnb-4bit and
+    Qwen3-30B-A3B-bnb-4bit) were written by transformers 4, whose experts were Linear modules:
+    every expert matrix (and the attention projections) stored as bitsandbytes 4-bit. lorax
+    reads their bytes as they are, per expert, and computes what it computes after quantizing
+    the float weights itself."""
     bnb_f = pytest.importorskip("bitsandbytes.functional", reason="bitsandbytes writes the file")
     import json
     import os
@@ -305,7 +344,7 @@ def test_loads_a_bitsandbytes_4bit_mixtral_checkpoint(tmp_path, rng):
     from convert.bnb import bnb_quantization_config
     from convert.safetensors_io import SafetensorsFile, save_file
 
-    _, path = make_hf_model(tmp_path, "mixtral", **CASES["mixtral"][1])
+    _, path = make_hf_model(tmp_path, model_type, **MOE[model_type])
     source = SafetensorsFile(os.path.join(path, "model.safetensors"))
     tensors = {}
     for name in source:

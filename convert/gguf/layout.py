@@ -40,7 +40,7 @@ from typing import Any
 from gguf import MODEL_TENSOR, TENSOR_NAMES
 
 from convert.gguf.format import GGUFError
-from convert.names import EXPERT_CHECKPOINT_PARTS, ROUTER, TensorSpec, tensor_specs
+from convert.names import EXPERT_PROJECTIONS, ROUTER, TensorSpec, tensor_specs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,12 +120,11 @@ _PROJECTIONS = {
     "gate_up_proj": MODEL_TENSOR.FFN_UP,
     ROUTER: MODEL_TENSOR.FFN_GATE_INP,
 }
-# An expert projection's parts, by their checkpoint names (``EXPERT_CHECKPOINT_PARTS``), each
-# one 3-D tensor over the experts (see the module docstring).
+# An expert projection's parts, in row order (``EXPERT_CHECKPOINTS``' parts), each one 3-D
+# tensor over the experts (see the module docstring).
 _EXPERT_PARTS = {
-    "w1": MODEL_TENSOR.FFN_GATE_EXP,
-    "w3": MODEL_TENSOR.FFN_UP_EXP,
-    "w2": MODEL_TENSOR.FFN_DOWN_EXP,
+    "experts_gate_up_proj": (MODEL_TENSOR.FFN_GATE_EXP, MODEL_TENSOR.FFN_UP_EXP),
+    "experts_down_proj": (MODEL_TENSOR.FFN_DOWN_EXP,),
 }
 _SINGLE = {
     ("embed_tokens",): MODEL_TENSOR.TOKEN_EMBD,
@@ -183,8 +182,8 @@ def gguf_name(
     """The GGUF name of the parameter at pytree ``path`` (``layer`` for per-layer ones;
     ``part`` for one part of an expert projection, as ``FileTensor.part``)."""
     single = _GEMMA if arch.gemma else _SINGLE
-    if len(path) == 3 and path[1] in EXPERT_CHECKPOINT_PARTS:
-        base, suffix = _EXPERT_PARTS[EXPERT_CHECKPOINT_PARTS[path[1]][part or 0]], path[2]
+    if len(path) == 3 and path[1] in EXPERT_PROJECTIONS:
+        base, suffix = _EXPERT_PARTS[path[1]][part or 0], path[2]
     elif path in single:
         base, suffix = single[path], "weight"
     elif len(path) == 3 and path[0] == "layers" and path[1] in _PROJECTIONS:
