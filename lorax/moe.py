@@ -89,6 +89,7 @@ def moe_mlp(
     normalize_weights: bool = True,
     round_weights: bool = False,
     impl: str | None = None,
+    lora_products: str | None = None,
 ) -> Array:
     """One layer's MoE MLP for ``x [..., D]``.
 
@@ -96,7 +97,8 @@ def moe_mlp(
     weights (``convert.names``); ``adapters`` their LoRA factors, where targeted.
     ``normalize_weights``: the chosen experts' weights sum to one (``route``);
     ``round_weights``: they are rounded to ``x``'s dtype before they scale the outputs
-    (Qwen's MoE), as transformers does.
+    (Qwen's MoE), as transformers does. ``impl`` and ``lora_products``: how the grouped
+    matmuls run (``expert_lora_matmul``; None: the fastest that applies).
     """
     shape = x.shape
     tokens = x.reshape(-1, shape[-1])
@@ -115,7 +117,9 @@ def moe_mlp(
         adapter = adapters.get(name)
         a, b = (adapter["lora_a"], adapter["lora_b"]) if adapter is not None else (None, None)
         weight = layer[name]["weight"]
-        return expert_lora_matmul(rows, weight, group_sizes, a, b, lora_scale, impl=impl)
+        return expert_lora_matmul(
+            rows, weight, group_sizes, a, b, lora_scale, impl=impl, lora_products=lora_products
+        )
 
     gate, up = jnp.split(project("experts_gate_up_proj", rows), 2, axis=-1)
     gate, up = remat_lib.name(gate, "mlp_gate"), remat_lib.name(up, "mlp_up")

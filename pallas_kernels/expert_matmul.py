@@ -24,8 +24,17 @@ Mosaic GPU grouped-matmul kernel (``jax.experimental.pallas.ops.gpu.ragged_dot_m
 two large products (``x·W_eᵀ`` and ``dy·W_e``), reading W in its stored ``[E, N, K]``
 orientation both ways (552-612 TFLOP/s, 78-88% of that dot, with :class:`MosaicRaggedConfig`'s
 tiles). ``None`` picks ``"mosaic"`` on a Hopper GPU where it applies (16-bit x, N and K
-multiples of 128), else ``"xla"``. Either way the rank-r LoRA products are ordinary dots over
-all experts' factors side by side (see ``_spread``), never a padded grouped product.
+multiples of 128), else ``"xla"``.
+
+The rank-r LoRA products never run as a grouped matmul (XLA's GPU one would pad every group
+to all rows). ``lora_products`` picks how they run instead: ``"dense"``, ordinary dots over
+all experts' factors side by side (``[M, K] x [K, E·r]``, see ``_spread``): E times a rank-r
+product per row, which is nothing beside the base GEMMs for Mixtral's 8 experts but more than
+they cost for Qwen 3 MoE's 128; or ``"chunked"``, each expert's rows gathered into whole
+chunks of ``CHUNK_ROWS`` (zero-padded), so that every chunk multiplies its own expert's
+factors in one batched dot and the gradients of A and B are sums over chunks (see
+``_chunk_rows``): rank-r work per row, plus the gathers. ``None`` picks by the expert count
+(``DENSE_LORA_MAX_EXPERTS``).
 
 Layouts (lorax's base pytree, per layer): W is ``[E, N, K]`` dense, or ``[E, P, N/P, K]``
 when the checkpoint stores the projection as P matrices per expert (Mixtral's gate and up,
@@ -49,6 +58,11 @@ from pallas_kernels.nf4 import NF4Tensor, dequantize_nf4
 
 Array = jax.Array
 IMPLS = ("xla", "mosaic")
+LORA_PRODUCTS = ("dense", "chunked")
+# Up to this many experts the LoRA products run "dense" (E·r columns per row), above it
+# "chunked" (the module docstring).
+DENSE_LORA_MAX_EXPERTS = 16
+CHUNK_ROWS = 64  # rows per chunk of one expert in the "chunked" layout
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,6 +157,15 @@ def resolve_impl(impl: str | None, dtype: Any, n: int, k: int) -> str:
     return impl or ("xla" if why is not None else "mosaic")
 
 
+def resolve_lora_products(lora_products: str | None, num_experts: int) -> str:
+    """How a call's rank-r LoRA products run (see the module docstring)."""
+    if lora_products not in (None, *LORA_PRODUCTS):
+        raise ValueError(
+            f"lora_products must be one of {LORA_PRODUCTS} or None, got {lora_products!r}"
+        )
+    return lora_products or ("dense" if num_experts <= DENSE_LORA_MAX_EXPERTS else "chunked")
+
+
 def expert_lora_matmul(
     x: Array,
     w: Any,
@@ -153,6 +176,7 @@ def expert_lora_matmul(
     *,
     impl: str | None = None,
     config: MosaicRaggedConfig | None = None,
+    lora_products: str | None = None,
 ) -> Array:
     """``y [M, N]``: row block e of ``x [M, K]`` (``group_sizes[e]`` rows, in expert order)
     times expert e's ``W_eᵀ``, plus ``scale·(x·A_eᵀ)·B_eᵀ`` when a and b are given.
@@ -161,9 +185,23 @@ def expert_lora_matmul(
     the sum come out as zeros.
     """
     _check(x, w, group_sizes, a, b)
-    _, n, k = expert_weight_shape(w)
-    plan = (resolve_impl(impl, x.dtype, n, k), config or MosaicRaggedConfig())
+    e, n, k = expert_weight_shape(w)
+    plan = _Plan(
+        resolve_impl(impl, x.dtype, n, k),
+        config or MosaicRaggedConfig(),
+        resolve_lora_products(lora_products, e),
+    )
     return _expert_matmul(plan, float(scale) if a is not None else 0.0, x, w, group_sizes, a, b)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """What a call runs (static): the weight products' implementation and tiles, and how the
+    LoRA products run."""
+
+    impl: str
+    config: MosaicRaggedConfig
+    lora_products: str
 
 
 def expert_lora_matmul_reference(
@@ -196,7 +234,7 @@ def _ragged(lhs: Array, rhs: Array, group_sizes: Array, dims: Any, dtype: Any) -
 
 def _weight_product(plan: Any, lhs: Array, w: Array, group_sizes: Array, dims: Any) -> Array:
     """``lhs·W_eᵀ`` (``dims=_NT``) or ``lhs·W_e`` (``_NN``) per group, in ``lhs.dtype``."""
-    impl, config = plan
+    impl, config = plan.impl, plan.config
     if impl == "xla":
         return _ragged(lhs, w, group_sizes, dims, lhs.dtype)
     from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu
@@ -239,11 +277,9 @@ def _expert_matmul_fwd(
     y = _weight_product(plan, x, expert_weights(w, cd), group_sizes, _NT)
     xa = None
     if a is not None:
-        slots = _expert_slots(group_sizes, x.shape[0], cd)
-        e, r, _ = a.shape
-        xa = _own(_dot(x, a.astype(cd).reshape(e * r, -1), _NT2), slots, cd)  # [M, r]
-        low = _dot(_spread(xa, slots), _factor_columns(b, cd), _NT2)
-        y = (y.astype(jnp.float32) + scale * low.astype(cd).astype(jnp.float32)).astype(cd)
+        lora = _DENSE if plan.lora_products == "dense" else _CHUNKED
+        low, xa = lora.forward(x, a, b, group_sizes, cd)
+        y = (y.astype(jnp.float32) + scale * low.astype(jnp.float32)).astype(cd)
     return y, (x, xa, w, group_sizes, a, b)
 
 
@@ -254,22 +290,18 @@ def _expert_matmul_bwd(plan: Any, scale: float, res: tuple[Any, ...], dy: Array)
     dx = _weight_product(plan, dy, expert_weights(w, cd), group_sizes, _NN)
     da = db = None
     if a is not None:
-        slots = _expert_slots(group_sizes, x.shape[0], cd)
-        e, r, k = a.shape
-        dyb = _spread(_own(_dot(dy, _factor_columns(b, cd), _NN2), slots, cd), slots)
-        low = _dot(dyb, a.astype(cd).reshape(e * r, k), _NN2)
-        dx = (dx.astype(jnp.float32) + scale * low.astype(cd).astype(jnp.float32)).astype(cd)
-        da = (scale * _dot(dyb, x, _TN2)).reshape(e, r, k).astype(a.dtype)
-        db_columns = scale * _dot(dy, _spread(xa, slots), _TN2)  # [N, E·r]
-        db = db_columns.reshape(-1, e, r).transpose(1, 0, 2).astype(b.dtype)
+        lora = _DENSE if plan.lora_products == "dense" else _CHUNKED
+        low, da, db = lora.backward(x, xa, dy, a, b, group_sizes, cd)
+        dx = (dx.astype(jnp.float32) + scale * low.astype(jnp.float32)).astype(cd)
+        da, db = (scale * da).astype(a.dtype), (scale * db).astype(b.dtype)
     return dx, None, None, da, db
 
 
-# The rank-r LoRA products run as ordinary dots over all experts' factors side by side
-# (``[M, K] x [K, E·r]``): E times a rank-r product is still tiny next to the base GEMMs, a
-# cuBLAS dot on every platform, where XLA's GPU ragged dot would pad every group to M rows.
-# Each row then keeps its own expert's r columns (``_own``), or has its r values spread into
-# its expert's slot of E·r zeros (``_spread``), so that the other experts' factors see zeros.
+# The rank-r LoRA products. Each way computes, in the compute dtype ``cd`` with float32
+# accumulation and the same rounding points:
+#   forward:  low = (x·A_eᵀ)·B_eᵀ [M, N], and xa = x·A_eᵀ [M, r] (the backward's residual);
+#   backward: low = (dy·B_e)·A_e [M, K], dA_e = (dy·B_e)ᵀ·x and dB_e = dyᵀ·xa in float32
+#             (unscaled; the caller scales).
 _NT2 = (((1,), (1,)), ((), ()))
 _NN2 = (((1,), (0,)), ((), ()))
 _TN2 = (((0,), (0,)), ((), ()))
@@ -277,6 +309,30 @@ _TN2 = (((0,), (0,)), ((), ()))
 
 def _dot(lhs: Array, rhs: Array, dims: Any) -> Array:
     return lax.dot_general(lhs, rhs, dims, preferred_element_type=jnp.float32)
+
+
+class _DenseLora:
+    """All experts' factors side by side (``[M, K] x [K, E·r]``): one cuBLAS dot each, E
+    times a rank-r product's FLOPs. Each row then keeps its own expert's r columns
+    (``_own``), or has its r values spread into its expert's slot of E·r zeros (``_spread``),
+    so that the other experts' factors see zeros."""
+
+    @staticmethod
+    def forward(x, a, b, group_sizes, cd):
+        slots = _expert_slots(group_sizes, x.shape[0], cd)
+        e, r, _ = a.shape
+        xa = _own(_dot(x, a.astype(cd).reshape(e * r, -1), _NT2), slots, cd)  # [M, r]
+        return _dot(_spread(xa, slots), _factor_columns(b, cd), _NT2).astype(cd), xa
+
+    @staticmethod
+    def backward(x, xa, dy, a, b, group_sizes, cd):
+        slots = _expert_slots(group_sizes, x.shape[0], cd)
+        e, r, k = a.shape
+        dyb = _spread(_own(_dot(dy, _factor_columns(b, cd), _NN2), slots, cd), slots)
+        low = _dot(dyb, a.astype(cd).reshape(e * r, k), _NN2).astype(cd)
+        da = _dot(dyb, x, _TN2).reshape(e, r, k)
+        db = _dot(dy, _spread(xa, slots), _TN2).reshape(-1, e, r).transpose(1, 0, 2)  # [E, N, r]
+        return low, da, db
 
 
 def _expert_slots(group_sizes: Array, rows: int, dtype: Any) -> Array:
@@ -303,6 +359,86 @@ def _factor_columns(b: Array, dtype: Any) -> Array:
     """B ``[E, N, r]`` as ``[N, E·r]``: expert e's columns at ``e·r:(e+1)·r``."""
     e, n, r = b.shape
     return b.astype(dtype).transpose(1, 0, 2).reshape(n, e * r)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Chunks:
+    """Each expert's rows laid out as whole chunks of C rows (see ``_chunk_rows``)."""
+
+    index: Array  # [P, C]: the row each chunk slot holds (M: padding, reads as zeros)
+    expert: Array  # [P]: the expert all rows of a chunk belong to
+    position: Array  # [M]: each row's slot in the flattened chunks (P·C: none, reads zeros)
+
+
+def _chunk_rows(group_sizes: Array, rows: int, chunk: int = CHUNK_ROWS) -> _Chunks:
+    """The chunked layout of ``rows`` rows in expert groups: group e padded up to a multiple
+    of ``chunk`` rows, so every chunk is one expert's. ``P = ceil(M / C) + E`` chunks bound
+    the padded groups for any group sizes (each adds at most one partial chunk)."""
+    e = group_sizes.shape[0]
+    p = -(-rows // chunk) + e
+    sizes = group_sizes.astype(jnp.int32)
+    padded = -(-sizes // chunk) * chunk
+    starts, padded_starts = jnp.cumsum(sizes) - sizes, jnp.cumsum(padded) - padded
+
+    def locate(i: Array, ends: Array, group_starts: Array) -> tuple[Array, Array, Array]:
+        group = jnp.searchsorted(ends, i, side="right")  # e past the last group
+        inside = jnp.minimum(group, e - 1)
+        return group < e, inside, i - group_starts[inside]
+
+    slot = jnp.arange(p * chunk, dtype=jnp.int32)
+    in_group, slot_expert, offset = locate(slot, jnp.cumsum(padded), padded_starts)
+    holds_row = in_group & (offset < sizes[slot_expert])
+    index = jnp.where(holds_row, starts[slot_expert] + offset, rows)
+    row = jnp.arange(rows, dtype=jnp.int32)
+    in_group, row_expert, offset = locate(row, jnp.cumsum(sizes), starts)
+    position = jnp.where(in_group, padded_starts[row_expert] + offset, p * chunk)
+    return _Chunks(index.reshape(p, chunk), slot_expert.reshape(p, chunk)[:, 0], position)
+
+
+def _take(v: Array, index: Array) -> Array:
+    """Rows of ``v`` at ``index`` (any shape); out-of-range indices read zeros."""
+    return jnp.take(v, index, axis=0, mode="fill", fill_value=0)
+
+
+class _ChunkedLora:
+    """Every chunk multiplies its own expert's factors (gathered per chunk) in one batched
+    dot: rank-r work per row, whatever E. The chunk results go back to the rows by gather;
+    the factors' gradients are sums of per-chunk products over each expert's chunks."""
+
+    @staticmethod
+    def forward(x, a, b, group_sizes, cd):
+        c = _chunk_rows(group_sizes, x.shape[0])
+        rank, n = a.shape[1], b.shape[1]
+        xa = jnp.einsum(
+            "pck,prk->pcr", _take(x, c.index), a.astype(cd)[c.expert],
+            preferred_element_type=jnp.float32,
+        ).astype(cd)  # fmt: skip
+        low = jnp.einsum(
+            "pcr,pnr->pcn", xa, b.astype(cd)[c.expert], preferred_element_type=jnp.float32
+        ).astype(cd)
+        return _take(low.reshape(-1, n), c.position), _take(xa.reshape(-1, rank), c.position)
+
+    @staticmethod
+    def backward(x, xa, dy, a, b, group_sizes, cd):
+        c = _chunk_rows(group_sizes, x.shape[0])
+        e, _, k = a.shape
+        x_c, dy_c, xa_c = _take(x, c.index), _take(dy, c.index), _take(xa, c.index)
+        dyb = jnp.einsum(
+            "pcn,pnr->pcr", dy_c, b.astype(cd)[c.expert], preferred_element_type=jnp.float32
+        ).astype(cd)
+        low = jnp.einsum(
+            "pcr,prk->pck", dyb, a.astype(cd)[c.expert], preferred_element_type=jnp.float32
+        ).astype(cd)
+        da = jnp.einsum("pcr,pck->prk", dyb, x_c, preferred_element_type=jnp.float32)
+        db = jnp.einsum("pcn,pcr->pnr", dy_c, xa_c, preferred_element_type=jnp.float32)
+        return (
+            _take(low.reshape(-1, k), c.position),
+            jax.ops.segment_sum(da, c.expert, e),
+            jax.ops.segment_sum(db, c.expert, e),
+        )
+
+
+_DENSE, _CHUNKED = _DenseLora(), _ChunkedLora()
 
 
 _expert_matmul.defvjp(_expert_matmul_fwd, _expert_matmul_bwd)

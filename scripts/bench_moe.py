@@ -6,17 +6,22 @@ default rewrites it into a dense dot over zero-padded groups (E times the FLOPs)
 it through a Pallas Triton kernel (``jax_ragged_dot_use_gpu_pallas_triton_lowering``); newer
 XLAs can hand it to cuDNN (``--xla_gpu_experimental_use_ragged_dot_fusion``); and jax ships a
 Mosaic GPU grouped-matmul kernel (``jax.experimental.pallas.ops.gpu.ragged_dot_mgpu``). This
-times each on Mixtral-8x7B's projections (E = 8 experts, top-2), both orientations the
-training step needs (``x·W_eᵀ`` forward, ``dy·W_e`` for dx), against the bf16 cuBLAS dot of the
-same FLOPs (one dense matrix: the ceiling), and checks each against the default's result.
+times each on the expert projections of Mixtral-8x7B (``--model mixtral``: E = 8 experts of
+width 14336, top-2) or Qwen3-30B-A3B (``qwen3``: 128 experts of width 768, top-8), both
+orientations the training step needs (``x·W_eᵀ`` forward, ``dy·W_e`` for dx), against the bf16
+cuBLAS dot of the same FLOPs (one dense matrix: the ceiling), and checks each against the
+default's result.
 
-Then ``--layer``: one whole MoE MLP (router, sort, gate/up, SwiGLU, down, combine), NF4
-experts and r=16 LoRA on both expert projections, forward+backward, as lorax runs it.
+Then ``--layer``: one whole MoE MLP (router, sort, gate/up, SwiGLU, down, combine), NF4 experts
+and r=16 LoRA on both expert projections, forward+backward, as lorax runs it, once per way of
+running the LoRA products (``--lora-products dense,chunked``; see
+``pallas_kernels.expert_matmul``), and once without LoRA.
 
-Usage: ``python scripts/bench_moe.py [--tokens 4096,8192] [--impls xla,triton,mosaic,cudnn]
-[--layer]``. Each implementation runs in a child process of its own (``cudnn`` is XLA's
-lowering with that flag set before jax starts; a jax whose XLA lacks the flag reports that
-instead of rows; ``triton`` sets jax's config flag). ``mosaic`` sweeps a few tile configs.
+Usage: ``python scripts/bench_moe.py [--model mixtral] [--tokens 4096,8192] [--impls
+xla,triton,mosaic,cudnn] [--layer] [--lora-products dense,chunked]``. Each implementation runs
+in a child process of its own (``cudnn`` is XLA's lowering with that flag set before jax
+starts; a jax whose XLA lacks the flag reports that instead of rows; ``triton`` sets jax's
+config flag). ``mosaic`` sweeps a few tile configs.
 """
 
 from __future__ import annotations
@@ -32,19 +37,35 @@ import sys
 
 import numpy as np
 
-D, F, E, K_TOP = 4096, 14336, 8, 2  # Mixtral-8x7B
-# (name, K, N): the two expert projections, HF [out, in] = [N, K].
-PROJECTIONS = (("gate_up", D, 2 * F), ("down", F, D))
+
+@dataclasses.dataclass(frozen=True)
+class MoEShape:
+    """A model's MoE MLP: hidden size, expert width, experts, experts per token."""
+
+    d: int
+    f: int
+    experts: int
+    top_k: int
+
+    def projections(self) -> tuple[tuple[str, int, int], ...]:
+        """(name, K, N) of the two expert projections, HF [out, in] = [N, K]."""
+        return (("gate_up", self.d, 2 * self.f), ("down", self.f, self.d))
+
+
+MODELS = {
+    "mixtral": MoEShape(4096, 14336, 8, 2),  # Mixtral-8x7B
+    "qwen3": MoEShape(2048, 768, 128, 8),  # Qwen3-30B-A3B
+}
 CUDNN_FLAG = "--xla_gpu_experimental_use_ragged_dot_fusion=true"
 ROW = "ROW "
 
 
-def group_sizes(tokens: int, seed: int = 0):
-    """Expert group sizes of a random top-2 routing of ``tokens`` tokens (about balanced)."""
+def group_sizes(shape: MoEShape, tokens: int, seed: int = 0):
+    """Expert group sizes of a random top-k routing of ``tokens`` tokens (about balanced)."""
     rng = np.random.default_rng(seed)
-    logits = rng.normal(size=(tokens, E))
-    top = np.argsort(-logits, axis=1)[:, :K_TOP].reshape(-1)
-    return np.bincount(top, minlength=E).astype(np.int32)
+    logits = rng.normal(size=(tokens, shape.experts))
+    top = np.argsort(-logits, axis=1)[:, : shape.top_k].reshape(-1)
+    return np.bincount(top, minlength=shape.experts).astype(np.int32)
 
 
 MOSAIC_CONFIGS = (
@@ -67,7 +88,7 @@ def mosaic_ragged(lhs, w, sizes, *, transpose_rhs: bool, config: dict):
     )
 
 
-def run_impl(impl: str, tokens_list: list[int]) -> list[dict]:
+def run_impl(shape: MoEShape, impl: str, tokens_list: list[int]) -> list[dict]:
     import jax
     import jax.numpy as jnp
     from _common import pipelined_ms
@@ -78,12 +99,12 @@ def run_impl(impl: str, tokens_list: list[int]) -> list[dict]:
         jax.config.update("jax_ragged_dot_use_gpu_pallas_triton_lowering", True)
     rows = []
     for tokens in tokens_list:
-        m = tokens * K_TOP
-        sizes = jnp.asarray(group_sizes(tokens))
-        for name, k, n in PROJECTIONS:
+        m = tokens * shape.top_k
+        sizes = jnp.asarray(group_sizes(shape, tokens))
+        for name, k, n in shape.projections():
             keys = jax.random.split(jax.random.key(0), 3)
             x = jax.random.normal(keys[0], (m, k), jnp.bfloat16)
-            w = (0.02 * jax.random.normal(keys[1], (E, n, k))).astype(jnp.bfloat16)
+            w = (0.02 * jax.random.normal(keys[1], (shape.experts, n, k))).astype(jnp.bfloat16)
             dy = jax.random.normal(keys[2], (m, n), jnp.bfloat16)
             for direction, config in itertools.product(
                 ("fwd", "dx"), MOSAIC_CONFIGS if impl == "mosaic" else (None,)
@@ -125,7 +146,7 @@ def run_impl(impl: str, tokens_list: list[int]) -> list[dict]:
     return rows
 
 
-def ceiling(tokens_list: list[int]) -> list[dict]:
+def ceiling(shape: MoEShape, tokens_list: list[int]) -> list[dict]:
     """bf16 cuBLAS dots of the same FLOPs: [M, K] x one dense [N, K] matrix."""
     import jax
     import jax.numpy as jnp
@@ -133,8 +154,8 @@ def ceiling(tokens_list: list[int]) -> list[dict]:
 
     rows = []
     for tokens in tokens_list:
-        m = tokens * K_TOP
-        for name, k, n in PROJECTIONS:
+        m = tokens * shape.top_k
+        for name, k, n in shape.projections():
             x = jax.random.normal(jax.random.key(0), (m, k), jnp.bfloat16)
             w = jax.random.normal(jax.random.key(1), (n, k), jnp.bfloat16)
             dy = jax.random.normal(jax.random.key(2), (m, n), jnp.bfloat16)
@@ -148,8 +169,11 @@ def ceiling(tokens_list: list[int]) -> list[dict]:
     return rows
 
 
-def layer(tokens_list: list[int], impl: str) -> list[dict]:
-    """One MoE MLP as lorax runs it: NF4 experts, LoRA r=16 on both, forward+backward."""
+def layer(
+    shape: MoEShape, tokens_list: list[int], impl: str, lora_products: list[str]
+) -> list[dict]:
+    """One MoE MLP as lorax runs it: NF4 experts, LoRA r=16 on both (each way of running its
+    products, then none), forward+backward."""
     import jax
     import jax.numpy as jnp
     from _common import pipelined_ms
@@ -157,44 +181,48 @@ def layer(tokens_list: list[int], impl: str) -> list[dict]:
     from lorax.moe import moe_mlp
     from pallas_kernels.nf4 import quantize_nf4
 
+    d, f, e, k_top = shape.d, shape.f, shape.experts, shape.top_k
+
     keys = jax.random.split(jax.random.key(0), 8)
     quantize = jax.vmap(jax.vmap(quantize_nf4))
     layer_params = {
-        "router": {"weight": 0.02 * jax.random.normal(keys[0], (E, D), jnp.bfloat16)},
+        "router": {"weight": 0.02 * jax.random.normal(keys[0], (e, d), jnp.bfloat16)},
         "experts_gate_up_proj": {
-            "weight": quantize(0.02 * jax.random.normal(keys[1], (E, 2, F, D), jnp.bfloat16))
+            "weight": quantize(0.02 * jax.random.normal(keys[1], (e, 2, f, d), jnp.bfloat16))
         },
         "experts_down_proj": {
-            "weight": jax.vmap(quantize_nf4)(0.02 * jax.random.normal(keys[2], (E, D, F)))
+            "weight": jax.vmap(quantize_nf4)(0.02 * jax.random.normal(keys[2], (e, d, f)))
         },
     }
     r = 16
     adapters = {
         "experts_gate_up_proj": {
-            "lora_a": 0.01 * jax.random.normal(keys[3], (E, r, D)),
-            "lora_b": 0.01 * jax.random.normal(keys[4], (E, 2 * F, r)),
+            "lora_a": 0.01 * jax.random.normal(keys[3], (e, r, d)),
+            "lora_b": 0.01 * jax.random.normal(keys[4], (e, 2 * f, r)),
         },
         "experts_down_proj": {
-            "lora_a": 0.01 * jax.random.normal(keys[5], (E, r, F)),
-            "lora_b": 0.01 * jax.random.normal(keys[6], (E, D, r)),
+            "lora_a": 0.01 * jax.random.normal(keys[5], (e, r, f)),
+            "lora_b": 0.01 * jax.random.normal(keys[6], (e, d, r)),
         },
     }
     rows = []
-    for tokens in tokens_list:
-        x = jax.random.normal(keys[7], (1, tokens, D), jnp.bfloat16)
+    for tokens, products in itertools.product(tokens_list, [*lora_products, "no LoRA"]):
+        x = jax.random.normal(keys[7], (1, tokens, d), jnp.bfloat16)
+        used = {} if products == "no LoRA" else adapters
 
-        def loss(adapters, x, layer_params=layer_params):
+        def loss(adapters, x, layer_params=layer_params, products=products):
             out = moe_mlp(
-                x, layer_params, adapters, num_experts=E, experts_per_token=K_TOP,
+                x, layer_params, adapters, num_experts=e, experts_per_token=k_top,
                 activation=jax.nn.silu, lora_scale=1.0, impl=impl,
+                lora_products=None if products == "no LoRA" else products,
             )  # fmt: skip
             return jnp.sum(out.astype(jnp.float32) ** 2)
 
         step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
-        ms = pipelined_ms(step, adapters, x)
+        ms = pipelined_ms(step, used, x)
         # Base GEMMs: 3 per projection pair forward (gate/up, down) and dx backward: 2x fwd.
-        flops = 2.0 * 2 * tokens * K_TOP * 3 * F * D
-        row = dict(impl=f"moe layer fwd+bwd ({impl})", tokens=tokens, ms=ms,
+        flops = 2.0 * 2 * tokens * k_top * 3 * f * d
+        row = dict(impl=f"moe layer fwd+bwd ({impl}, LoRA {products})", tokens=tokens, ms=ms,
                    tflops=flops / ms / 1e9)  # fmt: skip
         print(row, flush=True)
         rows.append(row)
@@ -203,25 +231,32 @@ def layer(tokens_list: list[int], impl: str) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="mixtral", choices=sorted(MODELS))
     parser.add_argument("--tokens", default="4096,8192")
+    parser.add_argument("--lora-products", default="dense,chunked")
     parser.add_argument("--impls", default="xla,triton,mosaic,cudnn")
     parser.add_argument("--layer", action="store_true")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     tokens = [int(t) for t in args.tokens.split(",")]
+    shape = MODELS[args.model]
     if args.child:
         impl = "xla" if args.child == "cudnn" else args.child
-        rows = run_impl(impl, tokens) + (layer(tokens, impl) if args.layer else [])
+        rows = run_impl(shape, impl, tokens)
+        if args.layer:
+            rows += layer(shape, tokens, impl, args.lora_products.split(","))
         print(ROW + json.dumps(rows), flush=True)
         return
-    rows = ceiling(tokens)
+    print(f"model {args.model}: {shape}", flush=True)
+    rows = ceiling(shape, tokens)
     # One process per implementation: a lowering flag or a failed compile stays in its own.
     for impl in args.impls.split(","):
         env = dict(os.environ)
         if impl == "cudnn":
             env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {CUDNN_FLAG}"
-        argv = [sys.executable, __file__, "--child", impl, "--tokens", args.tokens]
+        argv = [sys.executable, __file__, "--child", impl, "--tokens", args.tokens,
+                "--model", args.model, "--lora-products", args.lora_products]  # fmt: skip
         child = subprocess.run(
             argv + ["--layer"] * args.layer, env=env, capture_output=True, text=True, timeout=400
         )

@@ -1,4 +1,5 @@
-"""End-to-end QLoRA training throughput on one GPU: Llama-3.1-8B architecture, random weights.
+"""End-to-end QLoRA training throughput on one GPU: Llama-3.1-8B architecture (or an MoE one,
+``--model``), random weights.
 
 Workload (the same as scripts/bench_torch.py and ../shared/reference/h200-baselines.md):
 NF4 base (double-quantized), LoRA r=16 alpha=16 on all 7 projections (f32 adapters), AdamW
@@ -17,12 +18,17 @@ positions in the batch, as the trainer's default packing gives), so attention mu
 across examples: cuDNN cannot, and ``auto`` picks what the model picks for such rows.
 --sliding-window W gives every layer a sliding window of W keys (as Mistral's layers have);
 TFLOP/s and MFU still count full causal attention then, so compare tokens/s.
+--model picks the architecture: ``llama31-8b`` (default), or the routed mixtures of experts
+``qwen3-30b-a3b`` (128 experts of width 768, 8 per token) and ``mixtral-8x7b`` (8 of 14336, 2
+per token), whose FLOPs count the routed experts only.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
+import functools
 import json
 import os
 import statistics
@@ -49,6 +55,24 @@ LLAMA31_8B = dict(
 )
 
 
+# The MoE architectures (their config.json's computation-relevant fields, lorax's names).
+MOE_MODELS = {
+    "qwen3-30b-a3b": dict(
+        model_type="qwen3_moe", vocab_size=151936, hidden_size=2048, intermediate_size=6144,
+        num_layers=48, num_heads=32, num_kv_heads=4, head_dim=128, rms_norm_eps=1e-6,
+        max_position_embeddings=40960, qk_norm=True, round_expert_weights=True,
+        num_experts=128, experts_per_token=8, expert_intermediate_size=768,
+        normalize_expert_weights=True,
+    ),
+    "mixtral-8x7b": dict(
+        model_type="mixtral", vocab_size=32000, hidden_size=4096, intermediate_size=14336,
+        num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-5,
+        max_position_embeddings=32768, num_experts=8, experts_per_token=2,
+    ),
+}  # fmt: skip
+MODELS = ("llama31-8b", *MOE_MODELS)
+
+
 def llama31_8b_config(**overrides: Any):
     """The benchmarked architecture as a ``lorax.config.ModelConfig`` (fields overridable)."""
     from lorax.config import ModelConfig, RopeConfig
@@ -56,46 +80,71 @@ def llama31_8b_config(**overrides: Any):
     return ModelConfig(rope=RopeConfig(theta=500000.0), **{**LLAMA31_8B, **overrides})
 
 
+def model_config(name: str, **overrides: Any):
+    """``--model``'s architecture as a ``ModelConfig`` (fields overridable)."""
+    from lorax.config import ModelConfig, RopeConfig
+
+    if name == "llama31-8b":
+        return llama31_8b_config(**overrides)
+    return ModelConfig(rope=RopeConfig(theta=1e6), **{**MOE_MODELS[name], **overrides})
+
+
 def build_model(
-    num_layers: int | None = None, config_overrides: dict | None = None, sliding_window: int = 0
+    num_layers: int | None = None,
+    config_overrides: dict | None = None,
+    sliding_window: int = 0,
+    name: str = "llama31-8b",
 ):
-    """The random-weight NF4 model; ``sliding_window``: every layer attends within that window
-    (as Mistral's layers do), 0 for full causal attention."""
+    """The random-weight NF4 model of architecture ``name`` (``MODELS``); ``sliding_window``:
+    every layer attends within that window (as Mistral's layers do), 0 for full causal
+    attention. Every projection (each expert's matrices too) is NF4, the routers bf16."""
     import jax
     import jax.numpy as jnp
 
+    from convert.names import EXPERT_PROJECTIONS, QK_NORMS, ROUTER
     from lorax.model import Model
     from pallas_kernels.nf4 import quantize_nf4, stack
 
     fields = dict(config_overrides or {})
     if num_layers:
         fields["num_layers"] = num_layers
+    config = model_config(name, **fields)
     if sliding_window:
-        fields["layer_windows"] = (sliding_window,) * fields.get(
-            "num_layers", LLAMA31_8B["num_layers"]
-        )
-    config = llama31_8b_config(**fields)
+        config = dataclasses.replace(config, layer_windows=(sliding_window,) * config.num_layers)
     key = jax.random.key(0)
 
-    @jax.jit
-    def random_nf4(k, shape_holder):
-        w = (0.02 * jax.random.normal(k, shape_holder.shape, jnp.float32)).astype(jnp.bfloat16)
-        return quantize_nf4(w, blocksize=64, double_quant=True)
+    @functools.partial(jax.jit, static_argnums=(1,))
+    def random_nf4(k, shape):
+        """NF4 matrices of ``shape`` (leading axes: a batch of them, e.g. experts, parts)."""
+        w = (0.02 * jax.random.normal(k, shape, jnp.float32)).astype(jnp.bfloat16)
+        quantize = functools.partial(quantize_nf4, blocksize=64, double_quant=True)
+        for _ in shape[:-2]:
+            quantize = jax.vmap(quantize)
+        return quantize(w)
 
-    layers = {
-        "input_layernorm": jnp.ones((config.num_layers, config.hidden_size), jnp.bfloat16),
-        "post_attention_layernorm": jnp.ones((config.num_layers, config.hidden_size), jnp.bfloat16),
-    }
-    for p in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
-        shape = jax.ShapeDtypeStruct(config.projection_shape(p), jnp.bfloat16)
+    layer_count, d = config.num_layers, config.hidden_size
+    layers = {norm: jnp.ones((layer_count, d), jnp.bfloat16) for norm in config.layer_norm_names()}
+    if config.qk_norm:
+        for norm in QK_NORMS:
+            layers[norm] = jnp.ones((layer_count, config.head_dim), jnp.bfloat16)
+    for p in config.projections():
+        out_dim, in_dim = config.projection_shape(p)
+        # The checkpoint's matrices: an expert's gate/up is two (gate, up), each quantized.
+        parts = (config.num_experts, 2) if p == "experts_gate_up_proj" else (
+            (config.num_experts,) if p in EXPERT_PROJECTIONS else ())  # fmt: skip
+        shape = (*parts, out_dim // (parts[1] if len(parts) > 1 else 1), in_dim)
         per_layer = []
-        for _ in range(config.num_layers):
+        for _ in range(layer_count):
             key, k = jax.random.split(key)
             per_layer.append(random_nf4(k, shape))
         layers[p] = {"weight": stack(per_layer)}
         del per_layer
+    if config.moe:
+        key, k = jax.random.split(key)
+        router = 0.02 * jax.random.normal(k, (layer_count, config.num_experts, d), jnp.float32)
+        layers[ROUTER] = {"weight": router.astype(jnp.bfloat16)}
     k1, k2 = jax.random.split(key)
-    v, d = config.vocab_size, config.hidden_size
+    v = config.vocab_size
 
     # Under jit the f32 normals stay inside one fusion: no f32 [V, D] temporary inflates the
     # process's peak-memory reading before training starts.
@@ -126,6 +175,7 @@ def run_case(
     prepare_kernel_weights: str | None = None,
     packed: int = 0,
     sliding_window: int = 0,
+    model_name: str = "llama31-8b",
 ) -> dict:
     import jax
     import numpy as np
@@ -139,7 +189,7 @@ def run_case(
 
     b, s = (int(x) for x in shape.split("x"))
     t_import = time.perf_counter() - START
-    model = build_model(num_layers, sliding_window=sliding_window)
+    model = build_model(num_layers, sliding_window=sliding_window, name=model_name)
     if embeddings_on_host:
         model = lorax.embeddings_to_host(model)
     if prepare_kernel_weights:
@@ -197,6 +247,7 @@ def run_case(
     peak = device_peak_flops()
     mem = peak_memory_bytes()
     return {
+        "model": model_name,
         "shape": shape,
         "remat": remat,
         "attention": attention,
@@ -312,6 +363,7 @@ def main() -> None:
     p.add_argument(
         "--sliding-window", type=int, default=0, help="every layer attends within this window"
     )
+    p.add_argument("--model", default="llama31-8b", choices=MODELS)
     p.add_argument("--json", default=None)
     p.add_argument("--case", default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -322,7 +374,7 @@ def main() -> None:
             shape, remat, attention, a.steps, a.warmup, a.chunk, a.layers, forward,
             embeddings_on_host=a.embeddings_on_host, compiler_options=a.compiler_options,
             prepare_kernel_weights=a.prepare_kernel_weights, packed=a.packed,
-            sliding_window=a.sliding_window,
+            sliding_window=a.sliding_window, model_name=a.model,
         )  # fmt: skip
         print("RESULT " + json.dumps(result), flush=True)
         return
@@ -369,7 +421,7 @@ def main() -> None:
             cmd += ["--packed", str(a.packed)]
         if a.sliding_window:
             cmd += ["--sliding-window", str(a.sliding_window)]
-        cmd += ["--compiler-options", a.compiler_options]
+        cmd += ["--compiler-options", a.compiler_options, "--model", a.model]
         out = subprocess.run(cmd, capture_output=True, text=True, env=env)
         result = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
         if out.returncode or not result:
@@ -380,7 +432,7 @@ def main() -> None:
         r = json.loads(result[0][len("RESULT ") :])
         rows.append(r)
         print(
-            f"{shape:>7} remat={remat:<9} attn={attn:<6} {a.forward or ''} "
+            f"{a.model} {shape:>7} remat={remat:<9} attn={attn:<6} {a.forward or ''} "
             f"{'host-emb ' if a.embeddings_on_host else ''}"
             f"{'prepared=' + a.prepare_kernel_weights + ' ' if a.prepare_kernel_weights else ''}"
             f"{'' if a.compiler_options == 'default' else 'xla=' + a.compiler_options + ' '}"

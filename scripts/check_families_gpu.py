@@ -1,5 +1,5 @@
-"""Qwen 3, Gemma 2, Gemma 3, Phi-3 and Mixtral on the GPU at their real layer widths: parity
-and step time.
+"""Qwen 3, Gemma 2, Gemma 3, Phi-3, Mixtral and Qwen 3 MoE on the GPU at their real layer
+widths: parity and step time.
 
 The CPU tests check each family's logits against transformers on tiny configs, with the jnp
 references. This runs what a GPU user gets instead: real head dims (Gemma's 256), real
@@ -138,6 +138,21 @@ FAMILIES = {
         sliding_window=None,
     ),
 }
+# Qwen3-30B-A3B's layer: 128 experts of width 768, 8 per token, renormalized; q/k norms.
+FAMILIES["qwen3-moe"] = dict(
+    model_type="qwen3_moe",
+    hidden_size=2048,
+    intermediate_size=6144,
+    num_attention_heads=32,
+    num_key_value_heads=4,
+    head_dim=128,
+    vocab_size=151936,
+    rope_theta=1e6,
+    num_experts=128,
+    num_experts_per_tok=8,
+    moe_intermediate_size=768,
+    norm_topk_prob=True,
+)
 # The same with every expert used (k = E): the router's weights are then its whole softmax, a
 # continuous function, where top-2 switches experts when two logits cross. Separates what bf16
 # rounding does to a route from what it does to the arithmetic.

@@ -3,6 +3,8 @@ the router's load-balancing loss against transformers', and the MoE models' book
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,7 +25,8 @@ MOE = {"mixtral": CASES["mixtral"][1], "qwen3_moe": CASES["qwen3-moe"][1]}
 
 def _expert_case(rng, dtype, nf4: bool, parts: int):
     experts, n, k, r = 4, 48, 64, 4
-    sizes = rng.multinomial(21, [0.5, 0.0, 0.3, 0.2]).astype(np.int32)  # an empty group
+    # An empty group; groups longer than one chunk of the "chunked" LoRA layout (64 rows).
+    sizes = rng.multinomial(150, [0.5, 0.0, 0.3, 0.2]).astype(np.int32)
     m = int(sizes.sum()) + 3  # three rows past the groups: no expert's
     w = rng.normal(size=(experts, parts, n // parts, k)).astype(np.float32) * 0.1
     if nf4:
@@ -43,21 +46,29 @@ def _expert_case(rng, dtype, nf4: bool, parts: int):
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("nf4", [False, True])
-@pytest.mark.parametrize("parts, lora", [(1, True), (2, True), (1, False)])
+@pytest.mark.parametrize(
+    "parts, lora", [(1, "dense"), (2, "dense"), (1, "chunked"), (2, "chunked"), (1, None)]
+)
 def test_expert_matmul_matches_its_definition(rng, dtype, nf4, parts, lora):
     """Forward and every gradient against the row-by-row definition, on fresh random groups
     (one empty, rows past the groups), NF4 or dense experts, one matrix per expert or two
-    parts (Mixtral's gate and up), with and without LoRA."""
+    parts (Mixtral's gate and up), without LoRA or with it, its products run either way."""
     x, w, sizes, a, b, ids, valid = _expert_case(rng, dtype, nf4, parts)
     if not lora:
         a = b = None
     scale = 0.75
 
     def ours(x, a, b):
-        return expert_lora_matmul(x, w, sizes, a, b, scale)
+        return expert_lora_matmul(x, w, sizes, a, b, scale, lora_products=lora)
+
+    # In float32 on the same values: a bf16 reference would sum dA/dB over a group's rows in
+    # bf16 (its per-row gathers' transposes), less exactly than the op under test.
+    f32 = functools.partial(jax.tree.map, lambda v: v.astype(jnp.float32))
+    w32 = w if nf4 else f32(w)
 
     def reference(x, a, b):
-        return jnp.where(valid, expert_lora_matmul_reference(x, w, ids, a, b, scale), 0)
+        y = expert_lora_matmul_reference(f32(x), w32, ids, f32(a), f32(b), scale)
+        return jnp.where(valid, y, 0)
 
     y, vjp = jax.vjp(ours, x, a, b)
     y_ref, vjp_ref = jax.vjp(reference, x, a, b)
@@ -65,7 +76,7 @@ def test_expert_matmul_matches_its_definition(rng, dtype, nf4, parts, lora):
     assert rel_l2(y, y_ref) < tol
     assert np.all(np.asarray(y)[~np.asarray(valid[:, 0])] == 0)
     dy = jnp.asarray(rng.normal(size=y.shape), dtype)
-    for got, want in zip(vjp(dy), vjp_ref(dy), strict=True):
+    for got, want in zip(vjp(dy), vjp_ref(dy.astype(y_ref.dtype)), strict=True):
         if want is not None:
             assert rel_l2(got, want) < tol
 
@@ -78,6 +89,27 @@ def test_expert_matmul_refuses_what_it_cannot_run(rng):
         expert_lora_matmul(x, w, sizes[:2], a, b)
     with pytest.raises(ValueError, match="LoRA factors"):
         expert_lora_matmul(x, w, sizes, a[:, :, :8], b)
+    with pytest.raises(ValueError, match="lora_products must be one of"):
+        expert_lora_matmul(x, w, sizes, a, b, lora_products="grouped")
+
+
+def test_chunked_layout_gives_each_expert_whole_chunks(rng):
+    """Every row sits in exactly one chunk slot, of a chunk of its own expert, and finds
+    itself there; rows past the groups sit nowhere; the chunk count bounds any sizes."""
+    from pallas_kernels.expert_matmul import _chunk_rows
+
+    for _ in range(5):
+        sizes = rng.multinomial(int(rng.integers(1, 300)), rng.dirichlet(np.ones(6)))
+        rows = int(sizes.sum()) + int(rng.integers(0, 3))
+        c = _chunk_rows(jnp.asarray(sizes, jnp.int32), rows, chunk=8)
+        index, expert, position = map(np.asarray, (c.index, c.expert, c.position))
+        own = np.repeat(np.arange(6), sizes)
+        held = index[index < rows]
+        assert sorted(held) == list(range(sizes.sum()))
+        chunk_of = np.nonzero(index < rows)[0]
+        assert np.all(expert[chunk_of] == own[held])
+        assert np.all(index.reshape(-1)[position[: sizes.sum()]] == np.arange(sizes.sum()))
+        assert np.all(position[sizes.sum() :] == index.size)
 
 
 def _aux_case(tmp_path, coef: float, model_type: str = "mixtral"):
