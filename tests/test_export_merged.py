@@ -20,6 +20,7 @@ from convert import export_common
 from convert.export_common import INDEX_FILE, ShardWriter, parse_size
 from convert.hf import ShardedCheckpoint
 from convert.hf_config import ARCHITECTURES, HFConfigError, hf_config_dict
+from convert.names import EXPERT_CHECKPOINTS
 from convert.safetensors_io import SafetensorsFile
 
 torch = pytest.importorskip("torch")
@@ -130,7 +131,7 @@ def test_bfloat16_merge_rounds_once_from_float32(tmp_path, rng):
 
 
 # What transformers must read from an exported config.json as it read the source's: the
-# fields that change Qwen 3's and Gemma's computation beyond Llama's.
+# fields that change Qwen 3's, Gemma's and the mixtures of experts' computation beyond Llama's.
 FAMILY_FIELDS = (
     "original_max_position_embeddings",
     "layer_types",
@@ -146,7 +147,12 @@ FAMILY_FIELDS = (
     "final_logit_softcapping",
     "tie_word_embeddings",
     "num_local_experts",
+    "num_experts",
     "num_experts_per_tok",
+    "moe_intermediate_size",
+    "norm_topk_prob",
+    "decoder_sparse_step",
+    "mlp_only_layers",
     "output_router_logits",
     "router_aux_loss_coef",
 )
@@ -165,12 +171,14 @@ FAMILY_FIELDS = (
         ("phi3-longrope-partial", "float32"),
         ("mixtral", "float32"),
         ("mixtral", "bfloat16"),
+        ("qwen3-moe", "float32"),
+        ("qwen3-moe-unnormalized-window", "bfloat16"),
     ],
 )
 def test_merged_families_load_in_transformers(tmp_path, rng, case, dtype):
-    """Qwen 3, Gemma 2, Gemma 3, Phi-3 and Mixtral merged: transformers builds the right class
-    from our config.json, reads the family's fields as it read the source's, and computes
-    lorax's logits; ``lorax.load`` gives back the same ``ModelConfig``."""
+    """Qwen 3, Gemma 2, Gemma 3, Phi-3, Mixtral and Qwen 3 MoE merged: transformers builds the
+    right class from our config.json, reads the family's fields as it read the source's, and
+    computes lorax's logits; ``lorax.load`` gives back the same ``ModelConfig``."""
     model_type, overrides = CASES[case]
     torch_model, path = make_hf_model(tmp_path, model_type, **overrides)
     model = lorax.load(path, dtype="float32")
@@ -339,7 +347,7 @@ def test_merging_into_nf4_base_dequantizes_like_bitsandbytes(tmp_path, rng):
     np.testing.assert_array_equal(stored["model.layers.1.self_attn.q_proj.weight"], base_q)
 
 
-# ------------------------------------------------------------------------------- Mixtral
+# ----------------------------------------------- Mixture of experts: Mixtral, Qwen 3 MoE
 
 
 def _exact_expert_merge(model, lora, proj, i, e) -> np.ndarray:
@@ -352,12 +360,18 @@ def _exact_expert_merge(model, lora, proj, i, e) -> np.ndarray:
     return w + lora.config.scale * (b @ a)
 
 
-@pytest.mark.parametrize("quantize", [None, "nf4"])
-def test_mixtral_merged_writes_each_expert_merged(tmp_path, rng, quantize):
-    """Every expert's w1/w3 (gate/up rows of experts_gate_up_proj) and w2 is its own merge;
+# The NF4 base's per-expert dequantization is the same code for every family: Mixtral alone
+# takes it (each NF4 case compiles its own forward, seconds on CPU).
+@pytest.mark.parametrize(
+    "case, quantize", [("mixtral", None), ("mixtral", "nf4"), ("qwen3-moe", None)]
+)
+def test_moe_merged_writes_each_expert_merged(tmp_path, rng, case, quantize):
+    """The merged checkpoint has the very tensor names transformers' save_pretrained wrote
+    for the source (per expert: Mixtral's w1/w3/w2, Qwen 3 MoE's gate/up/down_proj, the rows
+    of experts_gate_up_proj and experts_down_proj), each expert matrix its own merge;
     transformers computes lorax's adapted logits from them. From an NF4 base too, where each
     expert matrix is dequantized as bitsandbytes does before the float32 sum."""
-    model_type, overrides = CASES["mixtral"]
+    model_type, overrides = CASES[case]
     torch_model, path = make_hf_model(tmp_path, model_type, **overrides)
     model = lorax.load(path, dtype="float32", quantize=quantize)
     targets = ("k_proj", "experts_gate_up_proj", "experts_down_proj")
@@ -366,34 +380,38 @@ def test_mixtral_merged_writes_each_expert_merged(tmp_path, rng, quantize):
     lorax.save_merged(model, lora, out, dtype="float32")
 
     stored = ShardedCheckpoint(out)
-    experts = "model.layers.{i}.block_sparse_moe.experts.{e}.{w}.weight"
-    f = model.config.intermediate_size
+    assert sorted(stored) == sorted(ShardedCheckpoint(path))
+    checkpoint = EXPERT_CHECKPOINTS[model_type]
+    gate_name, up_name = checkpoint.parts["experts_gate_up_proj"]
+    (down_name,) = checkpoint.parts["experts_down_proj"]
+    f = model.config.expert_width
     for i, e in ((0, 0), (1, 3)):
         gate_up = _exact_expert_merge(model, lora, "experts_gate_up_proj", i, e)
         down = _exact_expert_merge(model, lora, "experts_down_proj", i, e)
-        for w, want in (("w1", gate_up[:f]), ("w3", gate_up[f:]), ("w2", down)):
-            got = stored[experts.format(i=i, e=e, w=w)]
+        for w, want in ((gate_name, gate_up[:f]), (up_name, gate_up[f:]), (down_name, down)):
+            got = stored[f"model.layers.{i}.{checkpoint.module}.experts.{e}.{w}.weight"]
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=w)
     np.testing.assert_array_equal(
-        stored["model.layers.1.block_sparse_moe.gate.weight"],
+        stored[f"model.layers.1.{checkpoint.module}.gate.weight"],
         model.params["layers"]["router"]["weight"][1],
     )
 
     hf = _hf_model(out)
-    assert type(hf).__name__ == "MixtralForCausalLM"
+    assert type(hf).__name__ == ARCHITECTURES[model_type]
     ids = rng.integers(0, model.config.vocab_size, size=(2, 12))
     expected = _logits(model, lora, ids)
     error = rel_l2(torch_logits(hf, ids), expected)
-    print(f"merged Mixtral (base {quantize or 'float32'}) vs lorax + LoRA, rel_l2: {error:.2e}")
+    print(f"merged {case} (base {quantize or 'float32'}) vs lorax + LoRA, rel_l2: {error:.2e}")
     assert error < 1e-5
     assert rel_l2(_logits(model, None, ids), expected) > 1e-2  # the merge mattered
 
 
-def test_mixtral_nf4_merged_is_refused(tmp_path):
-    model_type, overrides = CASES["mixtral"]
+@pytest.mark.parametrize("case", ["mixtral", "qwen3-moe"])
+def test_moe_nf4_merged_is_refused(tmp_path, case):
+    model_type, overrides = CASES[case]
     _, path = make_hf_model(tmp_path, model_type, **overrides)
     model = lorax.load(path, dtype="float32", quantize="nf4")
-    with pytest.raises(ValueError, match=r"dtype='nf4'.*mixtral.*only nn.Linear"):
+    with pytest.raises(ValueError, match=rf"dtype='nf4'.*{model_type}.*only nn.Linear"):
         lorax.save_merged(model, None, tmp_path / "x", dtype="nf4")
     assert not os.path.exists(tmp_path / "x")
 
@@ -522,6 +540,20 @@ def _gemma(model_type="gemma2", **kw) -> lorax.ModelConfig:
     return _cfg(**{**gemma, **kw})
 
 
+def _qwen3_moe(**kw) -> lorax.ModelConfig:
+    """A Qwen 3 MoE config as ``ModelConfig.from_hf_dict`` builds one: q/k norms, experts
+    narrower than intermediate_size, their weights rounded to the compute dtype."""
+    moe = dict(
+        model_type="qwen3_moe",
+        qk_norm=True,
+        round_expert_weights=True,
+        num_experts=8,
+        experts_per_token=2,
+        expert_intermediate_size=12,
+    )
+    return _cfg(**{**moe, **kw})
+
+
 @pytest.mark.parametrize(
     "config",
     [
@@ -567,6 +599,15 @@ def _gemma(model_type="gemma2", **kw) -> lorax.ModelConfig:
         _cfg(model_type="qwen2", bias_projections=("q_proj", "k_proj", "v_proj")),
         _cfg(model_type="mixtral", num_experts=8, experts_per_token=2, layer_windows=(9,) * 4),
         _cfg(model_type="mixtral", num_experts=5, experts_per_token=3, router_aux_loss_coef=0.02),
+        _qwen3_moe(),
+        _qwen3_moe(normalize_expert_weights=False, layer_windows=(9,) * 4),
+        _qwen3_moe(
+            num_experts=5,
+            experts_per_token=3,
+            expert_intermediate_size=24,  # as wide as intermediate_size
+            router_aux_loss_coef=0.02,
+            tie_word_embeddings=True,
+        ),
     ],
 )
 def test_hf_config_round_trips(config):
@@ -584,6 +625,13 @@ def test_hf_config_round_trips(config):
         assert parsed.output_router_logits == (config.router_aux_loss_coef is not None)
         if config.router_aux_loss_coef is not None:
             assert parsed.router_aux_loss_coef == config.router_aux_loss_coef
+    if config.model_type == "qwen3_moe":
+        assert (parsed.moe_intermediate_size, parsed.norm_topk_prob) == (
+            config.expert_width,
+            config.normalize_expert_weights,
+        )
+        window = max(config.layer_windows) or None
+        assert (parsed.use_sliding_window, parsed.sliding_window) == (bool(window), window)
 
 
 def _rope_type_and_theta(params) -> tuple[str, float]:
@@ -707,6 +755,24 @@ def test_family_hf_config_round_trips_and_reads_in_transformers(config):
             ),
             "no projection biases",
         ),
+        # Qwen 3 MoE's experts (their own width, weights not renormalized) as a Mixtral.
+        (
+            _qwen3_moe(model_type="mixtral", qk_norm=False, round_expert_weights=False),
+            r"mixtral's experts are intermediate_size wide.*expert width 12 \(intermediate_size 24",
+        ),
+        (
+            _qwen3_moe(
+                model_type="mixtral",
+                qk_norm=False,
+                round_expert_weights=False,
+                expert_intermediate_size=None,
+                normalize_expert_weights=False,
+            ),
+            "normalize=False",
+        ),
+        (_qwen3_moe(qk_norm=False), r"qwen3_moe's config.json cannot express \['qk_norm'\]"),
+        (_qwen3_moe(round_expert_weights=False), r"cannot express \['round_expert_weights'\]"),
+        (_qwen3_moe(layer_windows=(0, 4, 4, 4)), "every layer or none"),
     ],
 )
 def test_hf_config_refuses_what_the_format_cannot_say(config, message):

@@ -327,11 +327,15 @@ def test_lora_for_another_model_is_refused_on_save(tmp_path, base, lora):
     assert not os.path.exists(tmp_path / "x")
 
 
-# ------------------------------------------------------------------------------- Mixtral
+# ----------------------------------------------- Mixture of experts: Mixtral, Qwen 3 MoE
 # PEFT adapts the experts' 3-D parameters through target_parameters: one lora_A [E·r, in] /
 # lora_B [out, r·E] pair per layer and parameter, keyed by the (nested) wrapper module.
 
 GATE_UP, DOWN = "mlp.experts.gate_up_proj", "mlp.experts.down_proj"
+# Each MoE family's tiny model (test_model_parity's cases): transformers keeps both families'
+# experts as the same 3-D parameters, so PEFT's keys are the same; the widths differ (Qwen's
+# experts are narrower than intermediate_size).
+MOE_CASES = ("mixtral", "qwen3-moe")
 
 
 def _peft_lora_config(lora: lorax.LoraWeights):
@@ -374,8 +378,9 @@ def _assert_peft_runs_it_like_lorax(base, out, model, lora, rng):
         ("experts_gate_up_proj",),
     ],
 )
-def test_peft_runs_our_mixtral_adapter_like_lorax(tmp_path, rng, targets):
-    torch_model, path = _make(tmp_path, "mixtral")
+@pytest.mark.parametrize("case", MOE_CASES)
+def test_peft_runs_our_moe_adapter_like_lorax(tmp_path, rng, case, targets):
+    torch_model, path = _make(tmp_path, case)
     model = lorax.load(path, dtype="float32")
     targets = model.config.projections() if targets == "all-linear" else targets
     lora = random_lora(model, rng, rank=4, alpha=8, targets=targets)
@@ -394,8 +399,9 @@ def test_peft_runs_our_mixtral_adapter_like_lorax(tmp_path, rng, targets):
     _assert_peft_runs_it_like_lorax(base, out, model, lora, rng)
 
 
-def test_reads_mixtral_adapter_written_by_peft(tmp_path, rng):
-    torch_model, path = _make(tmp_path, "mixtral")
+@pytest.mark.parametrize("case", MOE_CASES)
+def test_reads_moe_adapter_written_by_peft(tmp_path, rng, case):
+    torch_model, path = _make(tmp_path, case)
     out, peft_model = _peft_saved_adapter(
         tmp_path, torch_model, rng, r=4, lora_alpha=16, use_rslora=True,
         target_modules=["q_proj", "o_proj"], target_parameters=[DOWN, GATE_UP],
@@ -412,26 +418,27 @@ def test_reads_mixtral_adapter_written_by_peft(tmp_path, rng):
     assert rel_l2(_lorax_logits(model, None, ids), expected) > 1e-2
 
 
-@pytest.fixture(scope="module")
-def mixtral(tmp_path_factory) -> lorax.Model:
-    """One tiny Mixtral (4 experts) shared by the tests below, which only read it."""
-    _, path = _make(tmp_path_factory.mktemp("mixtral"), "mixtral")
+@pytest.fixture(scope="module", params=MOE_CASES)
+def moe(request, tmp_path_factory) -> lorax.Model:
+    """One tiny MoE model (4 experts) per family, shared by the tests below, which only read
+    it."""
+    _, path = _make(tmp_path_factory.mktemp(request.param), request.param)
     return lorax.load(path, dtype="float32")
 
 
 @pytest.fixture
-def mixtral_adapter(tmp_path, mixtral) -> str:
+def moe_adapter(tmp_path, moe) -> str:
     lora = random_lora(
-        mixtral, np.random.default_rng(3), rank=4, alpha=8,
+        moe, np.random.default_rng(3), rank=4, alpha=8,
         targets=("q_proj", "experts_gate_up_proj", "experts_down_proj"),
     )  # fmt: skip
     out = str(tmp_path / "adapter")
-    lorax.save_adapter(mixtral, lora, out)
+    lorax.save_adapter(moe, lora, out)
     return out, lora
 
 
-def test_reads_mixtral_keys_with_adapter_name_or_without_prefix(mixtral, mixtral_adapter):
-    adapter, lora = mixtral_adapter
+def test_reads_moe_keys_with_adapter_name_or_without_prefix(moe, moe_adapter):
+    adapter, lora = moe_adapter
 
     def rename(tensors):
         for k in list(tensors):
@@ -439,20 +446,22 @@ def test_reads_mixtral_keys_with_adapter_name_or_without_prefix(mixtral, mixtral
             tensors[new] = tensors.pop(k)
 
     _rewrite(adapter, rename, target_parameters=["gate_up_proj", "down_proj"])
-    _assert_same_lora(lorax.load_adapter(mixtral, adapter), lora)
+    _assert_same_lora(lorax.load_adapter(moe, adapter), lora)
 
 
-def test_mixtral_adapter_for_other_expert_count_is_named(tmp_path, mixtral):
-    other = _other_base(mixtral, num_experts=5)
+def test_moe_adapter_for_other_expert_count_is_named(tmp_path, moe):
+    other = _other_base(moe, num_experts=5)
     out = str(tmp_path / "five")
     lorax.save_adapter(
         other, random_lora(other, np.random.default_rng(4), 4, 8, ("experts_down_proj",)), out
     )
     name = "base_model.model.model.layers.0.mlp.experts.lora_A.weight"
+    width = moe.config.expert_width  # down_proj's input
     with pytest.raises(
-        AdapterError, match=rf"{ADAPTER_WEIGHTS}.*{name}.*\[20, 96\].*experts·r = 4·4.*\[16, 96\]"
+        AdapterError,
+        match=rf"{ADAPTER_WEIGHTS}.*{name}.*\[20, {width}\].*experts·r = 4·4.*\[16, {width}\]",
     ):
-        lorax.load_adapter(mixtral, out)
+        lorax.load_adapter(moe, out)
 
 
 _NESTED_A = "base_model.model.model.layers.0.mlp.experts.base_layer.lora_A.weight"
@@ -468,33 +477,34 @@ _NESTED_A = "base_model.model.model.layers.0.mlp.experts.base_layer.lora_A.weigh
         (dict(target_modules=["q_proj", "gate_proj"]), "target_modules lists"),
     ],
 )
-def test_unsupported_mixtral_adapter_config_is_named(mixtral, mixtral_adapter, changes, message):
-    adapter, _ = mixtral_adapter
+def test_unsupported_moe_adapter_config_is_named(moe, moe_adapter, changes, message):
+    adapter, _ = moe_adapter
     _rewrite(adapter, **changes)
     with pytest.raises(AdapterError, match=message):
-        lorax.load_adapter(mixtral, adapter)
+        lorax.load_adapter(moe, adapter)
 
 
-def test_mixtral_adapter_missing_an_expert_parameter_is_named(mixtral, mixtral_adapter):
-    adapter, _ = mixtral_adapter
+def test_moe_adapter_missing_an_expert_parameter_is_named(moe, moe_adapter):
+    adapter, _ = moe_adapter
     _rewrite(adapter, lambda t: [t.pop(k) for k in list(t) if ".base_layer." in k])
     with pytest.raises(AdapterError, match=r"target_parameters lists .*gate_up_proj.* file has"):
-        lorax.load_adapter(mixtral, adapter)
+        lorax.load_adapter(moe, adapter)
 
 
-def test_llama_names_on_mixtral_are_refused(tmp_path, mixtral):
-    other = _other_base(mixtral, num_experts=0, experts_per_token=0)
+def test_llama_names_on_moe_are_refused(tmp_path, moe):
+    other = _other_base(moe, num_experts=0, experts_per_token=0)
     out = str(tmp_path / "dense")
     lorax.save_adapter(other, random_lora(other, np.random.default_rng(5), 4, 8, ("up_proj",)), out)
-    with pytest.raises(AdapterError, match=r"\['up_proj'\], which mixtral does not have"):
-        lorax.load_adapter(mixtral, out)
+    message = rf"\['up_proj'\], which {moe.config.model_type} does not have"
+    with pytest.raises(AdapterError, match=message):
+        lorax.load_adapter(moe, out)
 
 
-def test_save_refuses_dropout_on_mixtral_experts(tmp_path, mixtral):
-    lora = random_lora(mixtral, np.random.default_rng(6), 4, 8, ("experts_down_proj",))
+def test_save_refuses_dropout_on_moe_experts(tmp_path, moe):
+    lora = random_lora(moe, np.random.default_rng(6), 4, 8, ("experts_down_proj",))
     lora = lorax.LoraWeights(lora.params, dataclasses.replace(lora.config, dropout=0.1))
     with pytest.raises(AdapterError, match="PEFT applies no dropout to target_parameters"):
-        lorax.save_adapter(mixtral, lora, tmp_path / "x")
+        lorax.save_adapter(moe, lora, tmp_path / "x")
     assert not os.path.exists(tmp_path / "x")
 
 
