@@ -19,7 +19,10 @@ What we claim and how it is checked:
   configs those architectures cannot compute are refused with the reason.
 * Mixtral runs as llama.cpp's ``llama`` with experts (router, per-part 3-D expert tensors, each
   expert's LoRA merged) in every type, quantizes like llama-quantize (its 8-expert rules
-  included) and reads back as the same model, NF4 per expert as from HF.
+  included) and reads back as the same model, NF4 per expert as from HF. Qwen 3 MoE runs as
+  llama.cpp's ``qwen3moe`` (experts of their own width, q/k norms), quantizes like
+  llama-quantize and reads back as the same model; one that does not renormalize its chosen
+  weights, or slides a window, is refused.
 * GGUF → lorax → GGUF preserves tensors and metadata; bad files are ``GGUFError``s that name
   the file (and tensor), and a failed export leaves no file behind.
 """
@@ -38,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import make_hf_model
+from test_model_parity import QWEN3_MOE
 
 import lorax
 from convert.gguf import GGUFError, GGUFFile, bundled_smollm2_path
@@ -664,7 +668,7 @@ def test_each_family_quantizes_like_llama_cpp(llama_cpp, family, out, name):
             assert ours.tensors["blk.1.attn_qkv.weight"].type == T.Q6_K
 
 
-# ---------------------------------------------------------------------------- Mixtral
+# ------------------------------------------------------------------- Mixtral, Qwen 3 MoE
 
 # Mixtral as llama.cpp's converter writes it: arch llama with experts. 8 experts (the count
 # llama-quantize's Mixtral rules key on: attn_v and attn_k in Q8_0, attn_output in Q5_K for
@@ -679,27 +683,51 @@ MIXTRAL = dict(
     num_attention_heads=4,
     num_key_value_heads=2,
 )
-EXPERT_PARTS = {  # GGUF tensor -> (lorax projection, its rows in each expert's [out, in])
-    "ffn_gate_exps": ("experts_gate_up_proj", slice(0, 512)),
-    "ffn_up_exps": ("experts_gate_up_proj", slice(512, 1024)),
-    "ffn_down_exps": ("experts_down_proj", slice(None)),
+# Qwen 3 MoE as llama.cpp's qwen3moe: test_model_parity's tiny one, q/k norms and 4 experts 48
+# wide (intermediate_size 96 is no layer's), 2 per token, renormalized. Its rows of 64 hold no
+# K-quant block and those of 48 no block at all: llama-quantize falls back (to F16 for the
+# experts' down projection in every quantized type), and so must export.
+MOE = {  # name -> (model_type, llama.cpp architecture, overrides)
+    "mixtral": ("mixtral", "llama", MIXTRAL),
+    "qwen3-moe": ("qwen3_moe", "qwen3moe", QWEN3_MOE),
+}
+EXPERT_PARTS = {  # GGUF tensor -> (lorax projection, its half of each expert's rows, or all)
+    "ffn_gate_exps": ("experts_gate_up_proj", 0),
+    "ffn_up_exps": ("experts_gate_up_proj", 1),
+    "ffn_down_exps": ("experts_down_proj", None),
 }
 
 
-def _export_mixtral(model, lora, path, quant):
-    with pytest.warns(UserWarning, match="no sliding-window"):
-        lorax.export_gguf(model, lora, path, quant=quant, name="tiny-mixtral")
+def _export_moe(model, lora, path, quant):
+    """``export_gguf``; Mixtral's window draws the warning that llama.cpp ignores it."""
+    windowed = pytest.warns(UserWarning, match="no sliding-window")
+    with windowed if any(model.config.layer_windows) else contextlib.nullcontext():
+        lorax.export_gguf(model, lora, path, quant=quant, name=f"tiny-{model.config.model_type}")
 
 
 @pytest.fixture(scope="module")
-def mixtral(tmp_path_factory, out):
-    """(model, lora on every projection experts included, path of its f32 GGUF, merged)."""
-    model = _model(tmp_path_factory, "mixtral", **MIXTRAL)
-    lora = _lora(model)
-    assert {"experts_gate_up_proj", "experts_down_proj"} <= set(lora.params["layers"])
-    path = out / "mixtral-f32.gguf"
-    _export_mixtral(model, lora, path, "f32")
-    return model, lora, path
+def moe(tmp_path_factory, out):
+    """``get(name)`` -> (model, lora on every projection experts included, path of its f32
+    GGUF with the LoRA merged)."""
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            model_type, _, overrides = MOE[name]
+            model = _model(tmp_path_factory, model_type, **overrides)
+            lora = _lora(model)
+            assert {"experts_gate_up_proj", "experts_down_proj"} <= set(lora.params["layers"])
+            path = out / f"{name}-f32.gguf"
+            _export_moe(model, lora, path, "f32")
+            cache[name] = model, lora, path
+        return cache[name]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def mixtral(moe):
+    return moe("mixtral")
 
 
 def _merged_experts(model, lora, projection, layer):
@@ -719,27 +747,44 @@ def _merged_experts(model, lora, projection, layer):
     )
 
 
-def test_llama_cpp_computes_mixtral(llama_cpp, mixtral):
-    """llama.cpp runs our Mixtral file (f32, float32 KV cache) as lorax computes the model with
-    LoRA on attention and on every expert; the file holds what llama.cpp's converter writes:
-    arch llama, expert_count/expert_used_count, the router as a float32 ffn_gate_inp
-    [experts, hidden], and per layer three [experts, out, in] tensors, gate (w1) and up (w3)
-    being the halves of each expert's merged gate_up and down its merged down."""
-    model, lora, path = mixtral
+@pytest.mark.parametrize("name", list(MOE))
+def test_llama_cpp_computes_moe(llama_cpp, moe, name):
+    """llama.cpp runs our file (f32, float32 KV cache) as lorax computes the model with LoRA
+    on attention and on every expert; the file holds what llama.cpp's converter writes:
+    expert_count/expert_used_count (Qwen 3 MoE's width as expert_feed_forward_length, its
+    q/k norms as attn_q_norm/attn_k_norm), the router as a float32 ffn_gate_inp
+    [experts, hidden], and per layer three [experts, out, in] tensors, gate (Mixtral's w1) and
+    up (w3) being the halves of each expert's merged gate_up and down its merged down. Both
+    architectures renormalize the chosen weights: the same model without renormalizing is
+    far off, which is why export refuses such a model."""
+    model, lora, path = moe(name)
+    c = model.config
     f = GGUFFile(path)
-    assert f.architecture == "llama"
-    assert f.get("llama.expert_count") == 8 and f.get("llama.expert_used_count") == 2
-    assert f.get("llama.feed_forward_length") == 512
-    assert f.get("llama.attention.sliding_window") == 200
+    a = MOE[name][1]
+    assert f.architecture == a
+    assert f.get(f"{a}.expert_count") == c.num_experts
+    assert f.get(f"{a}.expert_used_count") == c.experts_per_token
+    assert f.get(f"{a}.feed_forward_length") == c.intermediate_size
+    if name == "mixtral":
+        assert f.get("llama.attention.sliding_window") == 200
+        assert "llama.expert_feed_forward_length" not in f.metadata
+    else:
+        assert f.get("qwen3moe.expert_feed_forward_length") == c.expert_width == 48
+        for norm in ("q_norm", "k_norm"):
+            stored = f.tensor(f"blk.1.attn_{norm}.weight")
+            np.testing.assert_array_equal(stored, _layer(model.params, "layers", norm, i=1))
     assert not any(t in f for t in ("blk.0.ffn_gate.weight", "blk.0.ffn_up.weight"))
-    for layer in range(2):
+    for layer in range(c.num_layers):
         router = f"blk.{layer}.ffn_gate_inp.weight"
-        assert f.tensors[router].type == T.F32 and f.tensors[router].shape == (8, 256)
+        assert f.tensors[router].type == T.F32
+        assert f.tensors[router].shape == (c.num_experts, c.hidden_size)
         np.testing.assert_array_equal(
             f.tensor(router), np.asarray(model.params["layers"]["router"]["weight"][layer])
         )
-        for tensor, (projection, rows) in EXPERT_PARTS.items():
-            expected = _merged_experts(model, lora, projection, layer)[:, rows]
+        for tensor, (projection, half) in EXPERT_PARTS.items():
+            expected = _merged_experts(model, lora, projection, layer)
+            if half is not None:
+                expected = np.split(expected, 2, axis=1)[half]
             stored = f.tensor(f"blk.{layer}.{tensor}.weight")
             assert stored.shape == expected.shape, tensor
             np.testing.assert_allclose(stored, expected, rtol=1e-6, atol=1e-7, err_msg=tensor)
@@ -747,9 +792,15 @@ def test_llama_cpp_computes_mixtral(llama_cpp, mixtral):
     cpp = _cpp_logits(llama_cpp, path, ids, type_k=0, type_v=0)
     ours = _lorax_logits(model, lora, ids)
     error = _rel(cpp, ours)
-    print(f"mixtral f32: llama.cpp vs lorax {error:.1e} over {len(ids)} tokens")
+    raw = dataclasses.replace(c, normalize_expert_weights=False)
+    unnormalized = _rel(cpp, _lorax_logits(lorax.Model(model.params, raw, None), lora, ids))
+    print(
+        f"{name} f32: llama.cpp vs lorax {error:.1e} over {len(ids)} tokens; vs lorax without "
+        f"renormalizing {unnormalized:.1e}"
+    )
     assert error < 1e-4
     assert (cpp.argmax(-1) == ours.argmax(-1)).all()
+    assert unnormalized > 1e-2
 
 
 @pytest.mark.parametrize("quant", ["f16", "bf16", "q8_0", "q4_0", "q4_k_m", "q6_k"])
@@ -767,7 +818,7 @@ def test_llama_cpp_computes_quantized_mixtral(llama_cpp, mixtral, out, quant):
     every position: median 0.66-0.71, no position within 8e-2."""
     model, lora, _ = mixtral
     path = out / f"mixtral-{quant}.gguf"
-    _export_mixtral(model, lora, path, quant)
+    _export_moe(model, lora, path, quant)
     ids = _ids(model)
     from_file = _lorax_logits(lorax.load(str(path), dtype="float32"), None, ids)
     cpp = _cpp_logits(llama_cpp, path, ids)
@@ -785,43 +836,50 @@ def test_llama_cpp_computes_quantized_mixtral(llama_cpp, mixtral, out, quant):
     assert np.median(per_position) < tolerance
 
 
-def test_mixtral_quantizes_like_llama_cpp(llama_cpp, mixtral, out):
-    """llama-quantize on our f32 Mixtral gives every tensor the type our export does (the
-    router kept in float32, the 8-expert bumps of attn_v, attn_k and attn_output, Q6_K for
-    the bumped layer's ffn_down_exps), with identical bytes for the legacy types and for
-    (nearly) every K-quant block of the 3-D expert tensors."""
-    model, lora, f32_path = mixtral
+@pytest.mark.parametrize("name", list(MOE))
+def test_moe_quantizes_like_llama_cpp(llama_cpp, moe, out, name):
+    """llama-quantize on our f32 file gives every tensor the type our export does (the
+    router kept in float32; Mixtral's 8-expert bumps of attn_v, attn_k and attn_output, Q6_K
+    for the bumped layer's ffn_down_exps; Qwen 3 MoE's fallbacks for rows too short), with
+    identical bytes for the legacy types and for (nearly) every K-quant block of the 3-D
+    expert tensors."""
+    model, lora, f32_path = moe(name)
     for quant in ("q4_k_m", "q5_k_m", "q4_0"):
-        cpp_path = out / f"mixtral-cpp-{quant}.gguf"
-        ours_path = out / f"mixtral-ours-{quant}.gguf"
+        cpp_path = out / f"{name}-cpp-{quant}.gguf"
+        ours_path = out / f"{name}-ours-{quant}.gguf"
         _llama_quantize(llama_cpp, f32_path, cpp_path, quant)
-        _export_mixtral(model, lora, ours_path, quant)
+        _export_moe(model, lora, ours_path, quant)
         cpp, ours = GGUFFile(cpp_path), GGUFFile(ours_path)
         k_blocks, k_same, _ = _same_as_llama_quantize(cpp, ours, quant)
         assert k_same >= 0.99 * k_blocks
-        if quant == "q4_k_m":
+        if name == "qwen3-moe":  # 48-wide rows hold no 32-block: F16, as llama-quantize
+            assert ours.tensors["blk.0.ffn_down_exps.weight"].type == T.F16
+        elif quant == "q4_k_m":
             types = {t: ours.tensors[f"blk.1.{t}.weight"].type for t in ("attn_k", "attn_v")}
             assert types == {"attn_k": T.Q8_0, "attn_v": T.Q8_0}
             assert ours.tensors["blk.1.attn_output.weight"].type == T.Q5_K
             assert ours.tensors["blk.0.ffn_down_exps.weight"].type == T.Q4_K
             assert ours.tensors["blk.1.ffn_down_exps.weight"].type == T.Q6_K
             assert ours.tensors["blk.1.ffn_gate_inp.weight"].type == T.F32
-        print(f"mixtral {quant}: {k_same}/{k_blocks} K-quant blocks identical to llama.cpp's")
+        print(f"{name} {quant}: {k_same}/{k_blocks} K-quant blocks identical to llama.cpp's")
 
 
-def test_mixtral_round_trips(mixtral, out):
+@pytest.mark.parametrize("name", list(MOE))
+def test_moe_round_trips(moe, out, name):
     """GGUF -> lorax: the same config, each expert's merged matrices exactly (the f32 file),
     gate and up back in their halves of experts_gate_up_proj; the same logits; written again,
     the same file."""
-    model, lora, path = mixtral
+    model, lora, path = moe(name)
+    c = model.config
     back = lorax.load(str(path), dtype="float32")
     assert back.config == model.config
     layers = back.params["layers"]
-    assert layers["experts_gate_up_proj"]["weight"].shape == (2, 8, 2, 512, 256)
-    assert layers["experts_down_proj"]["weight"].shape == (2, 8, 256, 512)
-    for layer in range(2):
+    stack, width, hidden = (c.num_layers, c.num_experts), c.expert_width, c.hidden_size
+    assert layers["experts_gate_up_proj"]["weight"].shape == (*stack, 2, width, hidden)
+    assert layers["experts_down_proj"]["weight"].shape == (*stack, hidden, width)
+    for layer in range(c.num_layers):
         for projection in ("experts_gate_up_proj", "experts_down_proj"):
-            read = np.asarray(layers[projection]["weight"][layer]).reshape(8, -1, 512 // 2)
+            read = np.asarray(layers[projection]["weight"][layer])
             expected = _merged_experts(model, lora, projection, layer)
             np.testing.assert_array_equal(read.reshape(expected.shape), expected)
         np.testing.assert_array_equal(
@@ -829,10 +887,10 @@ def test_mixtral_round_trips(mixtral, out):
         )
     ids = _ids(model)
     error = _rel(_lorax_logits(back, None, ids), _lorax_logits(model, lora, ids))
-    print(f"mixtral: round trip {error:.1e}")
+    print(f"{name}: round trip {error:.1e}")
     assert error < 1e-5
-    again = out / "mixtral-again.gguf"
-    _export_mixtral(back, None, again, "f32")
+    again = out / f"{name}-again.gguf"
+    _export_moe(back, None, again, "f32")
     a, b = GGUFFile(path), GGUFFile(again)
     assert a.metadata.keys() == b.metadata.keys()
     assert list(a.tensors) == list(b.tensors)
@@ -847,7 +905,7 @@ def test_nf4_mixtral_and_gguf(mixtral, out):
     f32 file read back computes the QLoRA model."""
     model, _, _ = mixtral
     path = out / "mixtral-nf4.gguf"
-    _export_mixtral(model, None, path, "f32")
+    _export_moe(model, None, path, "f32")
     from_gguf = lorax.load(str(path), quantize="nf4", dtype="float32")
     from_hf = lorax.load(model.tokenizer.name_or_path, quantize="nf4", dtype="float32")
     weight = from_gguf.params["layers"]["experts_gate_up_proj"]["weight"]
@@ -858,7 +916,7 @@ def test_nf4_mixtral_and_gguf(mixtral, out):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     qlora = _lora(from_hf, seed=5)
     merged = out / "mixtral-qlora.gguf"
-    _export_mixtral(from_hf, qlora, merged, "f32")
+    _export_moe(from_hf, qlora, merged, "f32")
     ids = _ids(model)
     back = lorax.load(str(merged), dtype="float32")
     error = _rel(_lorax_logits(back, None, ids), _lorax_logits(from_hf, qlora, ids))
@@ -866,29 +924,43 @@ def test_nf4_mixtral_and_gguf(mixtral, out):
     assert error < 1e-5
 
 
-def test_mixtral_files_lorax_cannot_read_are_refused(mixtral, family, tmp_path):
-    """Experts are read only where lorax has the model (llama's Mixtral), and a file whose
-    expert tensors disagree with its expert keys names what is wrong."""
-    _, _, path = mixtral
+def test_moe_files_lorax_cannot_read_are_refused(moe, family, tmp_path):
+    """Experts are read only where lorax has the model (llama's Mixtral, qwen3moe), and a file
+    whose expert tensors disagree with its expert keys names what is wrong. Without
+    expert_count a llama file is a dense llama, whose expert tensors are unexpected, and a
+    qwen3moe file is refused, as llama.cpp refuses it; a qwen3moe window is refused, since
+    llama.cpp's qwen3moe has none. Without expert_feed_forward_length, llama.cpp takes
+    feed_forward_length / expert_used_count (96 / 2: this model's 48), and so does import."""
+    _, _, mixtral = moe("mixtral")
+    qwen3_moe, _, qwen3_moe_path = moe("qwen3-moe")
     _, _, qwen3 = family("qwen3")
+    no_experts = {k: None for k in GGUFFile(mixtral).metadata if "expert" in k}
     cases = [
-        (qwen3, {"qwen3.expert_count": u32(4)}, (), r"routed experts only for \['llama'\]"),
-        (path, {"llama.expert_count": u32(4)}, (), r"ffn_gate_inp.weight' has shape \[8, 256\]"),
-        (path, {}, ("blk.1.ffn_up_exps.weight",), "missing tensor 'blk.1.ffn_up_exps.weight'"),
+        (qwen3, {"qwen3.expert_count": u32(4)}, (), r"experts only for \['llama', 'qwen3moe'\]"),
+        (mixtral, {"llama.expert_count": u32(4)}, (), r"gate_inp.weight' has shape \[8, 256\]"),
+        (mixtral, {}, ("blk.1.ffn_up_exps.weight",), "missing tensor 'blk.1.ffn_up_exps.weight'"),
+        (mixtral, no_experts, (), r"unexpected tensor.*ffn_down_exps"),
+        (qwen3_moe_path, {"qwen3moe.expert_count": None}, (), "'qwen3moe.expert_count' is missing"),
+        (
+            qwen3_moe_path,
+            {"qwen3moe.expert_feed_forward_length": u32(32)},
+            (),
+            r"ffn_gate_exps.weight' has shape \[4, 48, 64\], the config expects \[4, 32, 64\]",
+        ),
+        (
+            qwen3_moe_path,
+            {"qwen3moe.attention.sliding_window": u32(8)},
+            (),
+            "sliding_window=8, but llama.cpp's qwen3moe architecture has no sliding-window",
+        ),
     ]
     for i, (src, keys, drop, match) in enumerate(cases):
         bad = _rewrite(src, tmp_path / f"bad-{i}.gguf", keys, drop)
         with pytest.raises(GGUFError, match=match):
             lorax.load(str(bad), dtype="float32")
-    # Without expert_count the file is a dense llama, whose expert tensors are unexpected.
-    f = GGUFFile(path)
-    dense = {k: v for k, v in f.metadata.items() if "expert" not in k}
-    plans = [
-        TensorPlan(n, info.shape, info.type, lambda n=n: f.raw(n)) for n, info in f.tensors.items()
-    ]
-    write_gguf(tmp_path / "dense.gguf", dense, plans)
-    with pytest.raises(GGUFError, match=r"unexpected tensor.*ffn_down_exps"):
-        lorax.load(str(tmp_path / "dense.gguf"), dtype="float32")
+    width = {"qwen3moe.expert_feed_forward_length": None}
+    no_width = _rewrite(qwen3_moe_path, tmp_path / "no-width.gguf", width)
+    assert lorax.load(str(no_width), dtype="float32").config == qwen3_moe.config
 
 
 def test_mixtral_lora_of_the_wrong_shape_is_refused(mixtral, tmp_path):
@@ -1113,6 +1185,9 @@ def test_unsupported_architecture_is_named(tmp_path):
         lorax.load(str(path))
 
 
+UNNORMALIZED = r"always renormalizes.*normalize_expert_weights=False, HF's norm_topk_prob"
+
+
 @pytest.mark.parametrize(
     "name, change, match",
     [
@@ -1145,15 +1220,23 @@ def test_unsupported_architecture_is_named(tmp_path):
             dict(rope=dataclasses.replace(PHI3_ROPE, short_factor=(1.0, 1.0, 1.0))),
             "one short and one long factor per rotated frequency",
         ),
+        ("mixtral", dict(normalize_expert_weights=False), UNNORMALIZED),
+        ("mixtral", dict(expert_intermediate_size=256), "experts are 256 wide"),
+        ("qwen3-moe", dict(normalize_expert_weights=False), UNNORMALIZED),
+        ("qwen3-moe", dict(layer_windows=(8, 8)), r"no sliding-window.*sliding_window=8 on"),
+        ("qwen3-moe", dict(bias_projections=("q_proj", "k_proj", "v_proj")), "no projection"),
+        ("qwen3-moe", dict(qk_norm=False), "cannot compute"),
     ],
 )
-def test_what_llama_cpp_cannot_compute_is_refused(family, tmp_path, name, change, match):
+def test_what_llama_cpp_cannot_compute_is_refused(family, moe, tmp_path, name, change, match):
     """Configs lorax computes but llama.cpp's architecture would compute differently (or not
     load: an untied Gemma 2 head, Qwen 3 biases, a Gemma 2 without sliding layers aborts
     llama.cpp; partial rotary outside phi3, which llama.cpp's llama refuses and its qwen2/qwen3
-    graphs assert against; a phi3 query size other than hidden_size) are errors that say why,
-    and leave no file."""
-    model, _, _ = family(name)
+    graphs assert against; a phi3 query size other than hidden_size; experts whose chosen
+    weights are not renormalized, which llama and qwen3moe always do; Mixtral experts of
+    another width than feed_forward_length; a Qwen 3 MoE window) are errors that say why, and
+    leave no file."""
+    model, _, _ = moe(name) if name in MOE else family(name)
     changed = lorax.Model(model.params, dataclasses.replace(model.config, **change), None)
     with pytest.raises(GGUFError, match=match):
         lorax.export_gguf(changed, None, tmp_path / "x.gguf", quant="f16")
@@ -1173,14 +1256,16 @@ def test_a_phi3_name_needs_phi3_tokens(family, tmp_path):
 
 
 def _rewrite(src, dst, keys=None, drop=()):
-    """A copy of the GGUF at ``src`` with metadata ``keys`` set and tensors ``drop`` left out."""
+    """A copy of the GGUF at ``src`` with metadata ``keys`` set (those set to None left out)
+    and tensors ``drop`` left out."""
     f = GGUFFile(src)
     plans = [
         TensorPlan(name, info.shape, info.type, lambda name=name: f.raw(name))
         for name, info in f.tensors.items()
         if name not in drop
     ]
-    write_gguf(dst, {**f.metadata, **(keys or {})}, plans)
+    metadata = {**f.metadata, **(keys or {})}
+    write_gguf(dst, {k: v for k, v in metadata.items() if v is not None}, plans)
     return dst
 
 

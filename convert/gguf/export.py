@@ -5,11 +5,11 @@ stacked pytree (NF4 dequantized), the adapter merged in float32 (``W + scale·B�
 same merge as ``save_merged``; a Phi-3 fused projection is one weight with one adapter), the
 query/key rows reordered for llama.cpp's rope (``llama``), one added to Gemma's norm weights
 (llama.cpp's Gemma scales by the stored weight), and the result encoded in the type
-llama.cpp's quantizer would pick for it. An expert projection (Mixtral) is written per part,
-each tensor all of a layer's experts: every expert's adapter is merged into its own matrix,
-and a gate/up part takes its rows of the merged ``[2·F, D]`` (gate the first F, up the rest).
-Only the tensor being written exists outside the model, so an export needs little memory
-beyond the model itself.
+llama.cpp's quantizer would pick for it. An expert projection (Mixtral, Qwen 3 MoE) is
+written per part, each tensor all of a layer's experts: every expert's adapter is merged into
+its own matrix, and a gate/up part takes its rows of the merged ``[2·F, D]`` (gate the first
+F, up the rest). Only the tensor being written exists outside the model, so an export needs
+little memory beyond the model itself.
 """
 
 from __future__ import annotations

@@ -30,6 +30,13 @@ is: ``ffn_gate_exps`` (HF's ``w1``, the first half of lorax's ``experts_gate_up_
 ``ffn_up_exps`` (``w3``, its second half) and ``ffn_down_exps`` (``w2``). llama.cpp routes as
 Mixtral does: a softmax over the router's logits, the top ``expert_used_count`` weights
 renormalized to sum to one.
+
+Qwen 3 MoE is llama.cpp's ``qwen3moe``: Qwen 3's attention (per-head query/key norms, NEOX
+rope, no biases) with the same router and expert tensors as Mixtral's, gate and up being each
+expert's ``gate_proj`` and ``up_proj``. Its experts have a width of their own, the
+``expert_feed_forward_length`` key (HF's ``moe_intermediate_size``), where Mixtral's are
+``feed_forward_length`` wide. Its graph renormalizes the chosen weights too, always: no key
+turns that off, so a model with ``norm_topk_prob`` false has no qwen3moe file.
 """
 
 from __future__ import annotations
@@ -61,6 +68,15 @@ class Arch:
     # The HF model_type a file of this architecture with routed experts (``expert_count``)
     # loads as; None: lorax writes and reads no experts for this architecture.
     moe_model_type: str | None = None
+    # The experts' width is ``expert_feed_forward_length``; else llama.cpp makes them
+    # ``feed_forward_length`` wide (Mixtral's, as ``llama``).
+    expert_width_key: bool = False
+    # Where llama.cpp computes no sliding window (swa_period None), a model's window is
+    # recorded (for lorax to read back) with a warning that llama.cpp attends over the whole
+    # context, as for Mistral's and Phi-3's released windows; False: refused instead, where
+    # no released model of the family has one (Qwen 3 MoE) and llama.cpp's converter writes
+    # none.
+    records_window: bool = True
 
     def family_type(self, moe: bool) -> str:
         """The HF model_type a model of this architecture computes as: with routed experts
@@ -77,6 +93,14 @@ ARCHES = {
         Arch("gemma2", "gemma2", False, gemma=True, swa_period=2, wide_scale_layers=46),
         Arch("gemma3", "gemma3_text", False, gemma=True, swa_period=6, wide_scale_layers=62),
         Arch("phi3", "phi3", False),
+        Arch(
+            "qwen3moe",
+            "qwen3_moe",
+            False,
+            moe_model_type="qwen3_moe",
+            expert_width_key=True,
+            records_window=False,
+        ),
     )
 }
 # Mistral and Mixtral are computed as llama by llama.cpp (its converter writes arch "llama");
@@ -90,6 +114,7 @@ EXPORT_ARCH = {
     "gemma2": "gemma2",
     "gemma3_text": "gemma3",
     "phi3": "phi3",
+    "qwen3_moe": "qwen3moe",
 }
 
 

@@ -1,5 +1,5 @@
-"""Reading a GGUF (llama, Mistral and Mixtral included; qwen2, qwen3, gemma2, gemma3, phi3)
-into lorax's config dict, stacked parameters and tokenizer.
+"""Reading a GGUF (llama, Mistral and Mixtral included; qwen2, qwen3, gemma2, gemma3, phi3,
+qwen3moe) into lorax's config dict, stacked parameters and tokenizer.
 
 Tensors are dequantized to float32 one at a time (any type ``gguf`` decodes: float, the
 legacy block types, the K-quants, ...), their query/key rows put back into HF's rope order,

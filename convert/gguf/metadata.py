@@ -40,6 +40,15 @@ Mixtral is llama.cpp's ``llama`` with ``expert_count`` and ``expert_used_count``
 its routing (softmax, top-k weights renormalized, as Mixtral); import reads a ``llama`` file
 with experts as a Mixtral. Its window is Mistral's case: recorded, ignored by llama.cpp, a
 warning. The router's load-balancing loss weight is for training only and is not recorded.
+
+Qwen 3 MoE is llama.cpp's ``qwen3moe``, which adds ``expert_feed_forward_length`` (the experts'
+width; llama.cpp takes ``feed_forward_length / expert_used_count`` without it) and routes as
+Mixtral, renormalizing the chosen weights whatever the file says (its graph passes a
+constant, not ``expert_weights_norm``): a model with ``norm_topk_prob`` false is refused, and
+import reads ``norm_topk_prob`` true. llama.cpp loads no qwen3moe file without
+``expert_count`` and ``expert_used_count``, and neither does import. Its graph has no sliding
+window and no released Qwen 3 MoE uses one, so a windowed model is refused rather than
+recorded.
 """
 
 from __future__ import annotations
@@ -51,7 +60,7 @@ from typing import Any
 import numpy as np
 from gguf import GGML_QUANT_VERSION
 
-from convert.families import departures
+from convert.families import FAMILIES, departures
 from convert.gguf.format import KV, GGUFError, ValueType, array, f32, string, u32
 from convert.gguf.layout import (
     ARCHES,
@@ -100,18 +109,22 @@ def model_metadata(config: Any, arch: Arch, file_type: int, name: str) -> dict[s
 
 
 def _experts(config: Any, arch: Arch) -> dict[str, KV]:
-    """A mixture of experts' size and top-k (llama.cpp routes as Mixtral by architecture:
-    softmax, top-k weights renormalized)."""
+    """A mixture of experts' size, top-k and (``expert_width_key``) width; llama.cpp routes
+    as Mixtral by architecture (softmax, top-k weights renormalized)."""
     if not config.moe:
         return {}
-    return {
-        f"{arch.name}.expert_count": u32(config.num_experts),
-        f"{arch.name}.expert_used_count": u32(config.experts_per_token),
+    a = arch.name
+    kv = {
+        f"{a}.expert_count": u32(config.num_experts),
+        f"{a}.expert_used_count": u32(config.experts_per_token),
     }
+    if arch.expert_width_key:
+        kv[f"{a}.expert_feed_forward_length"] = u32(config.expert_width)
+    return kv
 
 
 # llama.cpp loads no projection biases for these.
-_NO_BIASES = ("qwen3", "gemma2", "gemma3", "phi3")
+_NO_BIASES = ("qwen3", "gemma2", "gemma3", "phi3", "qwen3moe")
 # Graphs that rotate part of each head (the others assert rope.dimension_count == head size).
 _PARTIAL_ROTARY = ("phi3",)
 
@@ -127,6 +140,8 @@ def _check_family(config: Any, arch: Arch) -> None:
             f"llama.cpp's {a} architecture cannot compute this {config.model_type} model: "
             f"{wrong} differ from what it implies ({_scale_rule(arch)})"
         )
+    if config.moe:
+        _check_experts(config, arch)
     if a in _NO_BIASES and config.bias_projections:
         raise GGUFError(
             f"llama.cpp's {a} architecture has no projection biases; this model has biases on "
@@ -143,6 +158,24 @@ def _check_family(config: Any, arch: Arch) -> None:
         raise GGUFError(
             "llama.cpp's gemma2 architecture always ties the output head to the token "
             "embedding; this model has a separate lm_head"
+        )
+
+
+def _check_experts(config: Any, arch: Arch) -> None:
+    """Refuses experts ``arch`` routes or sizes otherwise: llama.cpp's MoE architectures all
+    renormalize the chosen weights, and ``llama``'s experts are feed_forward_length wide."""
+    a = arch.name
+    if not config.normalize_expert_weights:
+        raise GGUFError(
+            f"llama.cpp's {a} architecture always renormalizes the chosen experts' weights to "
+            "sum to one; this model does not (normalize_expert_weights=False, HF's "
+            "norm_topk_prob=false)"
+        )
+    if not arch.expert_width_key and config.expert_width != config.intermediate_size:
+        raise GGUFError(
+            f"llama.cpp's {a} architecture makes each expert feed_forward_length "
+            f"(intermediate_size={config.intermediate_size}) wide; this model's experts are "
+            f"{config.expert_width} wide (expert_intermediate_size)"
         )
 
 
@@ -296,6 +329,11 @@ def _sliding_window(config: Any, arch: Arch) -> dict[str, KV]:
     sizes = sorted(set(windows) - {0})
     if len(sizes) > 1:
         raise GGUFError(f"layers use several sliding windows {sizes}; GGUF records one")
+    if sizes and not arch.records_window:
+        raise GGUFError(
+            f"llama.cpp's {a} architecture has no sliding-window attention; this model has "
+            f"sliding_window={sizes[0]} on layers {[i for i, w in enumerate(windows) if w]}"
+        )
     if arch.swa_period is not None:
         return _periodic_window(windows, sizes, arch)
     if a == "phi3" and sizes and 0 in windows:
@@ -488,7 +526,8 @@ def config_from_gguf(f: GGUFFile) -> dict[str, Any]:
     vocab = key("vocab_size") or (len(tokens) if tokens is not None else None)
     if vocab is None and "token_embd.weight" in f:
         vocab = f.tensors["token_embd.weight"].shape[0]
-    experts = int(key("expert_count", 0))
+    # llama.cpp refuses a file of an MoE family's own architecture (qwen3moe) without experts.
+    experts = int(key("expert_count", 0, required=FAMILIES[arch.model_type].moe))
     if experts and arch.moe_model_type is None:
         raise GGUFError(
             f"{f.path}: {a}.expert_count={experts}: lorax reads routed experts only for "
@@ -512,8 +551,14 @@ def config_from_gguf(f: GGUFFile) -> dict[str, Any]:
         "pad_token_id": f.get("tokenizer.ggml.padding_token_id"),
     }
     if experts:
+        used = int(key("expert_used_count", required=True))
         hf["num_local_experts"] = experts
-        hf["num_experts_per_tok"] = int(key("expert_used_count", required=True))
+        hf["num_experts_per_tok"] = used
+        hf["norm_topk_prob"] = True  # llama.cpp renormalizes by architecture (module docstring)
+        if arch.expert_width_key:
+            hf["moe_intermediate_size"] = int(
+                key("expert_feed_forward_length", hf["intermediate_size"] // used)
+            )
     if arch.name == "llama":
         hf["attention_bias"] = "blk.0.attn_q.bias" in f
         hf["mlp_bias"] = "blk.0.ffn_gate.bias" in f
@@ -529,7 +574,7 @@ def config_from_gguf(f: GGUFFile) -> dict[str, Any]:
     elif arch.swa_period is not None:
         hf.update(_periodic_window_from_gguf(f, arch, layers))
     else:
-        hf.update(_window_from_gguf(f, a, layers, hf["model_type"]))
+        hf.update(_window_from_gguf(f, arch, layers, hf["model_type"]))
     if arch.gemma:
         hf.update(_gemma_from_gguf(f, arch, hf))
     elif _own_swa_base(f, a, hf["rope_theta"]):
@@ -675,10 +720,16 @@ def _rope_from_gguf(f: GGUFFile, a: str, head_dim: int, theta: float) -> dict[st
     return out
 
 
-def _window_from_gguf(f: GGUFFile, a: str, layers: int, model_type: str) -> dict[str, Any]:
+def _window_from_gguf(f: GGUFFile, arch: Arch, layers: int, model_type: str) -> dict[str, Any]:
+    a = arch.name
     window = f.get(f"{a}.attention.sliding_window")
     if not window:
         return {}
+    if not arch.records_window:
+        raise GGUFError(
+            f"{f.path}: {a}.attention.sliding_window={window}, but llama.cpp's {a} "
+            "architecture has no sliding-window attention (lorax reads no window for it)"
+        )
     pattern = f.get(f"{a}.attention.sliding_window_pattern")
     sliding = [bool(x) for x in pattern] if pattern is not None else [True] * layers
     if len(sliding) != layers:
