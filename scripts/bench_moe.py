@@ -34,6 +34,8 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
+import threading
 
 import numpy as np
 
@@ -55,6 +57,7 @@ class MoEShape:
 MODELS = {
     "mixtral": MoEShape(4096, 14336, 8, 2),  # Mixtral-8x7B
     "qwen3": MoEShape(2048, 768, 128, 8),  # Qwen3-30B-A3B
+    "tiny": MoEShape(256, 128, 32, 4),  # a smoke run on a CPU
 }
 CUDNN_FLAG = "--xla_gpu_experimental_use_ragged_dot_fusion=true"
 ROW = "ROW "
@@ -141,9 +144,14 @@ def run_impl(shape: MoEShape, impl: str, tokens_list: list[int]) -> list[dict]:
                     row |= dict(ms=ms, tflops=flops / ms / 1e9, rel_l2=err)
                 except Exception as e:  # a lowering this jax lacks: report, go on
                     row |= dict(error=f"{type(e).__name__}: {str(e).splitlines()[0][:160]}")
-                print(row, flush=True)
+                emit(row)
                 rows.append(row)
     return rows
+
+
+def emit(row: dict) -> None:
+    """A child's row, on its own line as it is measured: what a timeout cuts keeps the rest."""
+    print(ROW + json.dumps(row), flush=True)
 
 
 def ceiling(shape: MoEShape, tokens_list: list[int]) -> list[dict]:
@@ -224,8 +232,29 @@ def layer(
         flops = 2.0 * 2 * tokens * k_top * 3 * f * d
         row = dict(impl=f"moe layer fwd+bwd ({impl}, LoRA {products})", tokens=tokens, ms=ms,
                    tflops=flops / ms / 1e9)  # fmt: skip
-        print(row, flush=True)
+        emit(row)
         rows.append(row)
+    return rows
+
+
+def run_child(impl: str, argv: list[str], env: dict, timeout: float) -> list[dict]:
+    """The child's rows, printed as they arrive; a failure or timeout keeps those so far."""
+    with tempfile.TemporaryFile("w+") as errors:
+        child = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=errors, text=True)
+        timer = threading.Timer(timeout, child.kill)
+        timer.start()
+        rows = []
+        for line in child.stdout:
+            if line.startswith(ROW):
+                row = json.loads(line[len(ROW) :])
+                row = dict(row, impl=row["impl"].replace("xla", impl, 1))
+                print(row, flush=True)
+                rows.append(row)
+        code = child.wait()
+        timer.cancel()
+        if code:
+            errors.seek(0)
+            print(f"{impl}: FAILED (exit {code}, timeout {timeout} s): {errors.read()[-1500:]}")
     return rows
 
 
@@ -234,6 +263,8 @@ def main() -> None:
     parser.add_argument("--model", default="mixtral", choices=sorted(MODELS))
     parser.add_argument("--tokens", default="4096,8192")
     parser.add_argument("--lora-products", default="dense,chunked")
+    parser.add_argument("--no-sweep", action="store_true", help="Mosaic: the default tiles only")
+    parser.add_argument("--child-timeout", type=float, default=400)
     parser.add_argument("--impls", default="xla,triton,mosaic,cudnn")
     parser.add_argument("--layer", action="store_true")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -243,10 +274,11 @@ def main() -> None:
     shape = MODELS[args.model]
     if args.child:
         impl = "xla" if args.child == "cudnn" else args.child
-        rows = run_impl(shape, impl, tokens)
+        global MOSAIC_CONFIGS
+        MOSAIC_CONFIGS = MOSAIC_CONFIGS[:1] if args.no_sweep else MOSAIC_CONFIGS
+        run_impl(shape, impl, tokens)
         if args.layer:
-            rows += layer(shape, tokens, impl, args.lora_products.split(","))
-        print(ROW + json.dumps(rows), flush=True)
+            layer(shape, tokens, impl, args.lora_products.split(","))
         return
     print(f"model {args.model}: {shape}", flush=True)
     rows = ceiling(shape, tokens)
@@ -257,17 +289,8 @@ def main() -> None:
             env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {CUDNN_FLAG}"
         argv = [sys.executable, __file__, "--child", impl, "--tokens", args.tokens,
                 "--model", args.model, "--lora-products", args.lora_products]  # fmt: skip
-        child = subprocess.run(
-            argv + ["--layer"] * args.layer, env=env, capture_output=True, text=True, timeout=400
-        )
-        found = [ln for ln in child.stdout.splitlines() if ln.startswith(ROW)]
-        if child.returncode or not found:
-            print(f"{impl}: FAILED (exit {child.returncode}): {child.stderr[-1500:]}", flush=True)
-            continue
-        for row in json.loads(found[-1][len(ROW) :]):
-            row = dict(row, impl=row["impl"].replace("xla", impl, 1))
-            print(row, flush=True)
-            rows.append(row)
+        argv += ["--layer"] * args.layer + ["--no-sweep"] * args.no_sweep
+        rows += run_child(impl, argv, env, args.child_timeout)
     dense = {(r["tokens"], r.get("proj"), r.get("dir")): r["tflops"] for r in rows
              if r["impl"] == "dense dot"}  # fmt: skip
     print("\n| impl | tokens | proj | dir | ms | TFLOP/s | % of dense | rel L2 |")
