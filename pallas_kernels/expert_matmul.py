@@ -34,7 +34,9 @@ they cost for Qwen 3 MoE's 128; or ``"chunked"``, each expert's rows gathered in
 chunks of ``CHUNK_ROWS`` (zero-padded), so that every chunk multiplies its own expert's
 factors in one batched dot and the gradients of A and B are sums over chunks (see
 ``_chunk_rows``): rank-r work per row, plus the gathers. ``None`` picks by the expert count
-(``DENSE_LORA_MAX_EXPERTS``).
+(``MANY_EXPERTS``): at Qwen3-30B-A3B's shapes (128 experts, r=16, 8192 tokens) one MoE layer's
+forward+backward took 16.3 ms with "dense", 9.6 ms with "chunked" and 6.9 ms without LoRA on
+an H200 (BENCHMARKS.md §8).
 
 Layouts (lorax's base pytree, per layer): W is ``[E, N, K]`` dense, or ``[E, P, N/P, K]``
 when the checkpoint stores the projection as P matrices per expert (Mixtral's gate and up,
@@ -59,9 +61,10 @@ from pallas_kernels.nf4 import NF4Tensor, dequantize_nf4
 Array = jax.Array
 IMPLS = ("xla", "mosaic")
 LORA_PRODUCTS = ("dense", "chunked")
-# Up to this many experts the LoRA products run "dense" (E·r columns per row), above it
-# "chunked" (the module docstring).
-DENSE_LORA_MAX_EXPERTS = 16
+# Above this many experts the products are planned for many small groups: the LoRA products
+# run "chunked" (the module docstring) and the Mosaic kernel takes ``MANY_EXPERTS_TILES``.
+# Mixtral's 8 are below it, Qwen 3 MoE's 128 above.
+MANY_EXPERTS = 16
 CHUNK_ROWS = 64  # rows per chunk of one expert in the "chunked" layout
 
 
@@ -80,6 +83,19 @@ class MosaicRaggedConfig:
     block_k: int = 64
     max_concurrent_steps: int = 5
     grid_block_n: int = 4
+
+
+# The tiles for many small groups (Qwen3-30B-A3B: 128 experts, ~512 rows each at 8192 tokens,
+# K or N 768). The kernel runs one more row tile per group boundary, so half-height tiles waste
+# less there, and wider ones keep each tile's work up. A sweep at those shapes on an H200
+# (BENCHMARKS.md §8): 50-55% of the dense dot where the defaults ran 38-50%. A width of 256
+# applies where the output's width is a multiple of it, else 128.
+MANY_EXPERTS_TILES = MosaicRaggedConfig(block_m=64, block_n=256, max_concurrent_steps=4)
+
+
+def default_tiles(num_experts: int) -> MosaicRaggedConfig:
+    """The Mosaic kernel's tiles for a call with ``num_experts`` groups."""
+    return MANY_EXPERTS_TILES if num_experts > MANY_EXPERTS else MosaicRaggedConfig()
 
 
 # Contract the rows' last axis with each expert matrix's last axis (x·W_eᵀ), or with its
@@ -163,7 +179,7 @@ def resolve_lora_products(lora_products: str | None, num_experts: int) -> str:
         raise ValueError(
             f"lora_products must be one of {LORA_PRODUCTS} or None, got {lora_products!r}"
         )
-    return lora_products or ("dense" if num_experts <= DENSE_LORA_MAX_EXPERTS else "chunked")
+    return lora_products or ("dense" if num_experts <= MANY_EXPERTS else "chunked")
 
 
 def expert_lora_matmul(
@@ -188,7 +204,7 @@ def expert_lora_matmul(
     e, n, k = expert_weight_shape(w)
     plan = _Plan(
         resolve_impl(impl, x.dtype, n, k),
-        config or MosaicRaggedConfig(),
+        config or default_tiles(e),
         resolve_lora_products(lora_products, e),
     )
     return _expert_matmul(plan, float(scale) if a is not None else 0.0, x, w, group_sizes, a, b)
@@ -240,6 +256,8 @@ def _weight_product(plan: Any, lhs: Array, w: Array, group_sizes: Array, dims: A
     from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu
 
     out_columns = w.shape[1] if dims is _NT else w.shape[2]
+    if out_columns % config.block_n:
+        config = dataclasses.replace(config, block_n=128)  # mosaic_applies: a multiple of 128
     tiles = out_columns // config.block_n
     grid_block_n = next(g for g in (config.grid_block_n, 4, 2, 1) if tiles % g == 0)
     return ragged_dot_mgpu.ragged_dot(

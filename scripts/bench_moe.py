@@ -94,9 +94,11 @@ MOSAIC_CONFIGS = (
 def mosaic_ragged(lhs, w, sizes, *, transpose_rhs: bool, config: dict):
     from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu
 
-    from pallas_kernels.expert_matmul import MosaicRaggedConfig
+    from pallas_kernels.expert_matmul import MosaicRaggedConfig, default_tiles
 
-    tiles = dataclasses.asdict(MosaicRaggedConfig(**config))
+    # None: what lorax picks for this many experts.
+    tiles = default_tiles(w.shape[0]) if config is None else MosaicRaggedConfig(**config)
+    tiles = dataclasses.asdict(tiles)
     return ragged_dot_mgpu.ragged_dot(
         lhs, w, group_sizes=sizes, transpose_rhs=transpose_rhs, **tiles
     )
@@ -141,7 +143,8 @@ def run_impl(shape: MoEShape, impl: str, tokens_list: list[int]) -> list[dict]:
                 reference = functools.partial(
                     grouped_reference, sizes=tuple(int(g) for g in sizes), fwd=direction == "fwd"
                 )
-                tag = impl if config is None else f"mosaic {json.dumps(config)}"
+                tiles = "(lorax's tiles)" if config is None else json.dumps(config)
+                tag = f"mosaic {tiles}" if impl == "mosaic" else impl
                 row = dict(impl=tag, tokens=tokens, proj=name, dir=direction)
                 try:
                     out = call(lhs, w, sizes)
@@ -293,7 +296,7 @@ def main() -> None:
     parser.add_argument("--model", default="mixtral", choices=sorted(MODELS))
     parser.add_argument("--tokens", default="4096,8192")
     parser.add_argument("--lora-products", default="dense,chunked")
-    parser.add_argument("--no-sweep", action="store_true", help="Mosaic: the default tiles only")
+    parser.add_argument("--no-sweep", action="store_true", help="Mosaic: lorax's tiles only")
     parser.add_argument("--sweep", choices=["qwen3"], default=None, help="Mosaic: these tiles")
     parser.add_argument("--child-timeout", type=float, default=400)
     parser.add_argument("--impls", default="xla,triton,mosaic,cudnn")
@@ -306,7 +309,7 @@ def main() -> None:
     if args.child:
         impl = "xla" if args.child == "cudnn" else args.child
         global MOSAIC_CONFIGS
-        MOSAIC_CONFIGS = MOSAIC_CONFIGS[:1] if args.no_sweep else MOSAIC_CONFIGS
+        MOSAIC_CONFIGS = (None,) if args.no_sweep else MOSAIC_CONFIGS
         MOSAIC_CONFIGS = QWEN3_SWEEP if args.sweep == "qwen3" else MOSAIC_CONFIGS
         run_impl(shape, impl, tokens)
         if args.layer:
