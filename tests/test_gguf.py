@@ -45,7 +45,7 @@ from test_model_parity import QWEN3_MOE
 
 import lorax
 from convert.gguf import GGUFError, GGUFFile, bundled_smollm2_path
-from convert.gguf.format import TensorType, string, u32
+from convert.gguf.format import TensorType, f32, string, u32
 from convert.gguf.kquants import quantize_k
 from convert.gguf.quants import SCHEMES
 from convert.gguf.writer import TensorPlan, write_gguf
@@ -929,8 +929,10 @@ def test_moe_files_lorax_cannot_read_are_refused(moe, family, tmp_path):
     whose expert tensors disagree with its expert keys names what is wrong. Without
     expert_count a llama file is a dense llama, whose expert tensors are unexpected, and a
     qwen3moe file is refused, as llama.cpp refuses it; a qwen3moe window is refused, since
-    llama.cpp's qwen3moe has none. Without expert_feed_forward_length, llama.cpp takes
-    feed_forward_length / expert_used_count (96 / 2: this model's 48), and so does import."""
+    llama.cpp's qwen3moe has none, as are expert weights scaled or gated otherwise than by
+    the softmax (keys llama.cpp reads for other MoE families). Without
+    expert_feed_forward_length, llama.cpp takes feed_forward_length / expert_used_count
+    (96 / 2: this model's 48), and so does import."""
     _, _, mixtral = moe("mixtral")
     qwen3_moe, _, qwen3_moe_path = moe("qwen3-moe")
     _, _, qwen3 = family("qwen3")
@@ -953,6 +955,8 @@ def test_moe_files_lorax_cannot_read_are_refused(moe, family, tmp_path):
             (),
             "sliding_window=8, but llama.cpp's qwen3moe architecture has no sliding-window",
         ),
+        (qwen3_moe_path, {"qwen3moe.expert_weights_scale": f32(2.5)}, (), "weights_scale=2.5"),
+        (mixtral, {"llama.expert_gating_func": u32(2)}, (), "gating_func=2: lorax routes"),
     ]
     for i, (src, keys, drop, match) in enumerate(cases):
         bad = _rewrite(src, tmp_path / f"bad-{i}.gguf", keys, drop)

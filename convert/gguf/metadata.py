@@ -551,6 +551,7 @@ def config_from_gguf(f: GGUFFile) -> dict[str, Any]:
         "pad_token_id": f.get("tokenizer.ggml.padding_token_id"),
     }
     if experts:
+        _check_expert_weighting(f, a)
         used = int(key("expert_used_count", required=True))
         hf["num_local_experts"] = experts
         hf["num_experts_per_tok"] = used
@@ -718,6 +719,27 @@ def _rope_from_gguf(f: GGUFFile, a: str, head_dim: int, theta: float) -> dict[st
     if params:
         out["rope_scaling"] = params
     return out
+
+
+# llama.cpp's expert-weighting keys some architectures set (DeepSeek's): a gating function
+# other than the softmax (1; sigmoid is 2), and a factor on the chosen weights (0 or 1: none).
+# lorax's MoE families route by softmax, unscaled.
+_SOFTMAX_GATING = 1
+
+
+def _check_expert_weighting(f: GGUFFile, a: str) -> None:
+    gating = f.get(f"{a}.expert_gating_func")
+    if gating is not None and int(gating) != _SOFTMAX_GATING:
+        raise GGUFError(
+            f"{f.path}: {a}.expert_gating_func={gating}: lorax routes experts by softmax "
+            f"({_SOFTMAX_GATING}) only"
+        )
+    scale = f.get(f"{a}.expert_weights_scale")
+    if scale is not None and float(scale) not in (0.0, 1.0):
+        raise GGUFError(
+            f"{f.path}: {a}.expert_weights_scale={float(scale)}: llama.cpp scales the chosen "
+            "experts' weights by it, which no model lorax reads does"
+        )
 
 
 def _window_from_gguf(f: GGUFFile, arch: Arch, layers: int, model_type: str) -> dict[str, Any]:
