@@ -36,6 +36,23 @@ from lorax.train.step import make_train_step  # noqa: E402
 from lorax.train.trainer import Trainer  # noqa: E402
 
 RULES = sharding.ShardingRules(base_min_bytes=0, trainable_min_bytes=0)
+# The MoE checkpoints loaded whole and onto the mesh (test_sharding's MoE families).
+MOE_CHECKPOINTS = {
+    "mixtral": dict(
+        model_type="mixtral",
+        architectures=["MixtralForCausalLM"],
+        num_local_experts=4,
+        num_experts_per_tok=2,
+    ),
+    "qwen3_moe": dict(
+        model_type="qwen3_moe",
+        architectures=["Qwen3MoeForCausalLM"],
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        norm_topk_prob=True,
+    ),
+}
 SAVE_AT = RUN["save_every"]
 
 
@@ -149,25 +166,22 @@ def main(work: str) -> None:
         for p, x in jax.tree_util.tree_flatten_with_path(split.params)[0]
     }
     # A mixture of experts: its expert matrices are read whole, then placed; the same bytes.
-    moe = write_checkpoint(
-        os.path.join(work, "moe"),
-        model_type="mixtral",
-        architectures=["MixtralForCausalLM"],
-        num_local_experts=4,
-        num_experts_per_tok=2,
-    )
+    # Mixtral, and Qwen 3 MoE (its own checkpoint names, narrower experts).
     from lorax.model import forward
 
     ids = jax.numpy.asarray(np.arange(64).reshape(2, 32) % 256)
-    for quantize in ("nf4", None):
-        whole = lorax.load(moe, quantize=quantize, dtype="float32")
-        split = lorax.load(
-            moe, quantize=quantize, dtype="float32", mesh=mesh8, sharding_rules=RULES
-        )
-        report[f"moe_load_equal_{quantize}"] = leaves_equal(split.params, whole.params)
-        report[f"moe_logits_max_diff_{quantize}"] = float(
-            np.max(np.abs(host(forward(split, None, ids)) - host(forward(whole, None, ids))))
-        )
+    for family, fields in MOE_CHECKPOINTS.items():
+        moe = write_checkpoint(os.path.join(work, family), **fields)
+        for quantize in ("nf4", None):
+            whole = lorax.load(moe, quantize=quantize, dtype="float32")
+            split = lorax.load(
+                moe, quantize=quantize, dtype="float32", mesh=mesh8, sharding_rules=RULES
+            )
+            key = f"{family}_{quantize}"
+            report[f"moe_load_equal_{key}"] = leaves_equal(split.params, whole.params)
+            report[f"moe_logits_max_diff_{key}"] = float(
+                np.max(np.abs(host(forward(split, None, ids)) - host(forward(whole, None, ids))))
+            )
     report["base_device_bytes"] = sharding.per_device_bytes(model.params)
     report["base_device_bytes_measured"] = sum(
         s.data.nbytes

@@ -204,12 +204,13 @@ def test_sharded_load_equals_whole_load_bit_for_bit(report, case):
         assert specs["['layers']['down_proj']['weight']"] == "P(None, 'fsdp')"
 
 
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
 @pytest.mark.parametrize("quantize", ["nf4", "None"])
-def test_sharded_mixtral_load_equals_whole_load(report, quantize):
+def test_sharded_moe_load_equals_whole_load(report, family, quantize):
     """A mixture of experts loads onto a mesh (the CLI always passes one): the same bytes as
     loading whole, and the same logits."""
-    assert report[f"moe_load_equal_{quantize}"]
-    assert report[f"moe_logits_max_diff_{quantize}"] < 1e-5
+    assert report[f"moe_load_equal_{family}_{quantize}"]
+    assert report[f"moe_logits_max_diff_{family}_{quantize}"] < 1e-5
 
 
 def test_each_device_holds_a_quarter_of_the_base(report):
