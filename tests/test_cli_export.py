@@ -87,23 +87,30 @@ def test_export_refuses_bad_input_clearly(trained, tmp_path):
     assert not (tmp_path / "y.gguf").exists()
 
 
-def test_cli_trains_and_exports_a_mixtral(tmp_path):
-    """The whole command-line path on a mixture of experts: ``lorax train`` on a Mixtral
-    directory (loaded onto the CLI's mesh), LoRA on its experts, then a merged export that
-    computes the adapted model and a GGUF that reads back as a Mixtral."""
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_cli_trains_and_exports_an_moe(tmp_path, family):
+    """The whole command-line path on a mixture of experts: ``lorax train`` on a Mixtral or
+    Qwen 3 MoE directory (loaded onto the CLI's mesh), LoRA on its experts, then a merged
+    export that computes the adapted model and a GGUF that reads back as the same family."""
     import json
 
     import transformers
 
     tokenizer = demo.demo_tokenizer()
-    config = transformers.MixtralConfig(
+    common = dict(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
-        num_experts_per_tok=2, max_position_embeddings=256,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        num_attention_heads=4, num_key_value_heads=2, num_experts_per_tok=2,
+        max_position_embeddings=256, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
     )  # fmt: skip
-    base = tmp_path / "mixtral"
-    transformers.MixtralForCausalLM(config).save_pretrained(base)
+    if family == "mixtral":
+        config = transformers.MixtralConfig(num_local_experts=4, **common)
+    else:
+        config = transformers.Qwen3MoeConfig(
+            num_experts=4, moe_intermediate_size=48, norm_topk_prob=True, head_dim=16, **common
+        )
+    base = tmp_path / family
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(base)
     tokenizer.save_pretrained(base)
     out = tmp_path / "run"
     done = _lorax(
@@ -129,4 +136,5 @@ def test_cli_trains_and_exports_a_mixtral(tmp_path):
     gguf = tmp_path / "model.gguf"
     done = _lorax("export", "--adapter", str(adapter), "--gguf", "q8_0", str(gguf))
     assert done.returncode == 0, done.stderr[-2000:]
-    assert lorax.load(str(gguf), dtype="float32").config.num_experts == 4
+    back = lorax.load(str(gguf), dtype="float32").config
+    assert (back.model_type, back.num_experts) == (family, 4)
