@@ -76,7 +76,8 @@ PROJECTION_GROUPS = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", 
 # The same with q/k/v and gate/up stored fused (Phi-3): one projection per group.
 FUSED_PROJECTIONS = FUSED_ATTENTION + FUSED_MLP
 FUSED_PROJECTION_GROUPS = tuple((name,) for name in FUSED_PROJECTIONS)
-# A mixture-of-experts layer (Mixtral): Llama's attention, then per-expert gate/up and down.
+# A mixture-of-experts layer (Mixtral, Qwen 3 MoE): the attention projections, then per-expert
+# gate/up and down.
 MOE_PROJECTIONS = ATTENTION_PROJECTIONS + EXPERT_PROJECTIONS
 MOE_PROJECTION_GROUPS = PROJECTION_GROUPS[:2] + tuple((name,) for name in EXPERT_PROJECTIONS)
 
@@ -162,10 +163,10 @@ class ModelConfig:
     # q/k/v stored as one ``qkv_proj`` and gate/up as one ``gate_up_proj`` (Phi-3).
     fused_projections: bool = False
     # A routed mixture of experts replaces the MLP when num_experts > 0 (Mixtral, Qwen 3 MoE):
-    # each token goes through experts_per_token of them, weighted by the router's softmax
-    # over the chosen ones, renormalized to sum to one when normalize_expert_weights (Qwen's
-    # norm_topk_prob; Mixtral always). Each expert is a SwiGLU MLP of width
-    # expert_intermediate_size (None: intermediate_size, Mixtral's).
+    # each token goes through the experts_per_token most probable under the router's softmax,
+    # weighted by their probabilities, renormalized to sum to one when
+    # normalize_expert_weights (Qwen's norm_topk_prob; Mixtral always). Each expert is a
+    # SwiGLU MLP of width expert_intermediate_size (None: intermediate_size, Mixtral's).
     num_experts: int = 0
     experts_per_token: int = 0
     expert_intermediate_size: int | None = None
@@ -601,6 +602,7 @@ def _layer_windows_from_hf(
     if model_type in ("mistral", "mixtral", "phi3"):  # one window on every layer
         return (int(window or 0),) * num_layers
     if model_type == "qwen3_moe":  # every layer, only with use_sliding_window
+        window = hf.get("sliding_window", 4096)  # transformers' default
         return (int(window or 0) if hf.get("use_sliding_window") else 0,) * num_layers
     if model_type in ("qwen2", "qwen3", *GEMMA_MODEL_TYPES):
         layer_types = hf.get("layer_types")

@@ -46,7 +46,7 @@ class Model:
                 (Gemma) pre_feedforward_layernorm, post_feedforward_layernorm [L, D],
                 (Qwen 3, Gemma 3) q_norm, k_norm [L, head_dim],
                 {q,k,v,o,gate,up,down}_proj: {"weight": [L, out, in] | NF4Tensor, "bias"?: [L, out]}
-                (Mixtral, in place of gate/up/down) router: {"weight": [L, E, D]},
+                (Mixtral, Qwen 3 MoE; in place of gate/up/down) router: {"weight": [L, E, D]},
                 experts_gate_up_proj: {"weight": [L, E, 2, F, D] | NF4Tensor (batch [L, E, 2])},
                 experts_down_proj: {"weight": [L, E, D, F] | NF4Tensor (batch [L, E])}
         norm [D]

@@ -1,9 +1,9 @@
 """A routed mixture-of-experts MLP (Mixtral, Qwen 3 MoE): route each token, group rows by
 expert, multiply.
 
-Each token's hidden state goes to ``experts_per_token`` of ``num_experts`` SwiGLU experts,
-chosen by a linear router; their outputs are summed, weighted by the router's softmax over
-the chosen experts (renormalized to sum to one: Mixtral, and Qwen with ``norm_topk_prob``).
+Each token's hidden state goes to the ``experts_per_token`` of ``num_experts`` SwiGLU experts
+most probable under a linear router's softmax; their outputs are summed, weighted by those
+probabilities (renormalized to sum to one: Mixtral, and Qwen with ``norm_topk_prob``).
 As in transformers, the router's logits come out of a matmul in the compute dtype and the
 softmax runs in float32.
 

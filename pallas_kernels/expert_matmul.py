@@ -1,6 +1,6 @@
 """``y = x·W_eᵀ + scale·(x·A_eᵀ)·B_eᵀ`` for rows grouped by expert: an MoE layer's projection.
 
-A mixture-of-experts layer (Mixtral) sends each token to a few of its experts. Sorted by
+A mixture-of-experts layer (Mixtral, Qwen 3 MoE) sends each token to a few of its experts. Sorted by
 expert, the rows of one projection form consecutive groups, one per expert, and each group
 multiplies its own frozen W_e (NF4 or dense) and LoRA factors A_e, B_e. The op is XLA's
 grouped matmul (``lax.ragged_dot_general``) under the same contract as
@@ -22,9 +22,10 @@ TFLOP/s of useful work at Mixtral's shapes on an H200, where the bf16 dot of the
 runs at 684-711 (BENCHMARKS.md §8); on a CPU it is the only one. ``"mosaic"``: jax's own
 Mosaic GPU grouped-matmul kernel (``jax.experimental.pallas.ops.gpu.ragged_dot_mgpu``) for the
 two large products (``x·W_eᵀ`` and ``dy·W_e``), reading W in its stored ``[E, N, K]``
-orientation both ways (552-612 TFLOP/s, 78-88% of that dot, with :class:`MosaicRaggedConfig`'s
-tiles). ``None`` picks ``"mosaic"`` on a Hopper GPU where it applies (16-bit x, N and K
-multiples of 128), else ``"xla"``.
+orientation both ways: 552-612 TFLOP/s, 78-88% of that dot, at Mixtral's shapes with
+:class:`MosaicRaggedConfig`'s tiles; 41-55% at Qwen 3 MoE's many small groups with
+``MANY_EXPERTS_TILES`` (``default_tiles``). ``None`` picks ``"mosaic"`` on a Hopper GPU where
+it applies (16-bit x, N and K multiples of 128), else ``"xla"``.
 
 The rank-r LoRA products never run as a grouped matmul (XLA's GPU one would pad every group
 to all rows). ``lora_products`` picks how they run instead: ``"dense"``, ordinary dots over
@@ -88,8 +89,9 @@ class MosaicRaggedConfig:
 # The tiles for many small groups (Qwen3-30B-A3B: 128 experts, ~512 rows each at 8192 tokens,
 # K or N 768). The kernel runs one more row tile per group boundary, so half-height tiles waste
 # less there, and wider ones keep each tile's work up. A sweep at those shapes on an H200
-# (BENCHMARKS.md §8): 50-55% of the dense dot where the defaults ran 38-50%. A width of 256
-# applies where the output's width is a multiple of it, else 128.
+# (BENCHMARKS.md §8): 41-55% of the dense dot where the defaults ran 38-50% (the three
+# orientations measured). Where the output's width is not a multiple of 256, a call takes
+# the defaults instead.
 MANY_EXPERTS_TILES = MosaicRaggedConfig(block_m=64, block_n=256, max_concurrent_steps=4)
 
 
@@ -256,9 +258,9 @@ def _weight_product(plan: Any, lhs: Array, w: Array, group_sizes: Array, dims: A
     from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu
 
     out_columns = w.shape[1] if dims is _NT else w.shape[2]
-    if out_columns % config.block_n:
-        config = dataclasses.replace(config, block_n=128)  # mosaic_applies: a multiple of 128
-    tiles = out_columns // config.block_n
+    if config == MANY_EXPERTS_TILES and out_columns % config.block_n:
+        config = MosaicRaggedConfig()  # measured tiles, for widths the wide ones do not divide
+    tiles = -(-out_columns // config.block_n)
     grid_block_n = next(g for g in (config.grid_block_n, 4, 2, 1) if tiles % g == 0)
     return ragged_dot_mgpu.ragged_dot(
         lhs,
@@ -449,10 +451,13 @@ class _ChunkedLora:
         ).astype(cd)
         da = jnp.einsum("pcr,pck->prk", dyb, x_c, preferred_element_type=jnp.float32)
         db = jnp.einsum("pcn,pcr->pnr", dy_c, xa_c, preferred_element_type=jnp.float32)
+        # Each expert's sum over its chunks as a dot with the chunks' one-hot experts: exact
+        # in float32 accumulation and deterministic, where a scatter-add may use atomics.
+        owner = jax.nn.one_hot(c.expert, e, dtype=jnp.float32)  # [P, E]
         return (
             _take(low.reshape(-1, k), c.position),
-            jax.ops.segment_sum(da, c.expert, e),
-            jax.ops.segment_sum(db, c.expert, e),
+            jnp.einsum("pe,prk->erk", owner, da),
+            jnp.einsum("pe,pnr->enr", owner, db),
         )
 
 

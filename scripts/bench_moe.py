@@ -9,16 +9,18 @@ Mosaic GPU grouped-matmul kernel (``jax.experimental.pallas.ops.gpu.ragged_dot_m
 times each on the expert projections of Mixtral-8x7B (``--model mixtral``: E = 8 experts of
 width 14336, top-2) or Qwen3-30B-A3B (``qwen3``: 128 experts of width 768, top-8), both
 orientations the training step needs (``x·W_eᵀ`` forward, ``dy·W_e`` for dx), against the bf16
-cuBLAS dot of the same FLOPs (one dense matrix: the ceiling), and checks each against the
-default's result.
+cuBLAS dot of the same FLOPs (one dense matrix: the ceiling), and checks each against a
+float32 reference computed one group at a time.
 
 Then ``--layer``: one whole MoE MLP (router, sort, gate/up, SwiGLU, down, combine), NF4 experts
 and r=16 LoRA on both expert projections, forward+backward, as lorax runs it, once per way of
 running the LoRA products (``--lora-products dense,chunked``; see
 ``pallas_kernels.expert_matmul``), and once without LoRA.
 
-Usage: ``python scripts/bench_moe.py [--model mixtral] [--tokens 4096,8192] [--impls
-xla,triton,mosaic,cudnn] [--layer] [--lora-products dense,chunked]``. Each implementation runs
+Usage: ``python scripts/bench_moe.py [--model mixtral|qwen3|tiny] [--tokens 4096,8192]
+[--impls xla,triton,mosaic,cudnn] [--layer] [--lora-products dense,chunked] [--no-sweep | --sweep
+qwen3] [--child-timeout S]``; ``--no-sweep`` times lorax's own call (its tiles as it lowers
+them), a child's rows stream as they are measured. Each implementation runs
 in a child process of its own (``cudnn`` is XLA's lowering with that flag set before jax
 starts; a jax whose XLA lacks the flag reports that instead of rows; ``triton`` sets jax's
 config flag). ``mosaic`` sweeps a few tile configs.
@@ -94,11 +96,12 @@ MOSAIC_CONFIGS = (
 def mosaic_ragged(lhs, w, sizes, *, transpose_rhs: bool, config: dict):
     from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu
 
-    from pallas_kernels.expert_matmul import MosaicRaggedConfig, default_tiles
+    from pallas_kernels import expert_matmul as em
 
-    # None: what lorax picks for this many experts.
-    tiles = default_tiles(w.shape[0]) if config is None else MosaicRaggedConfig(**config)
-    tiles = dataclasses.asdict(tiles)
+    if config is None:  # lorax's own call: its tiles for this many experts, as it lowers them
+        plan = em._Plan("mosaic", em.default_tiles(w.shape[0]), "dense")
+        return em._weight_product(plan, lhs, w, sizes, em._NT if transpose_rhs else em._NN)
+    tiles = dataclasses.asdict(em.MosaicRaggedConfig(**config))
     return ragged_dot_mgpu.ragged_dot(
         lhs, w, group_sizes=sizes, transpose_rhs=transpose_rhs, **tiles
     )

@@ -162,8 +162,9 @@ def _check_family(config: Any, arch: Arch) -> None:
 
 
 def _check_experts(config: Any, arch: Arch) -> None:
-    """Refuses experts ``arch`` routes or sizes otherwise: llama.cpp's MoE architectures all
-    renormalize the chosen weights, and ``llama``'s experts are feed_forward_length wide."""
+    """Refuses experts ``arch`` routes or sizes otherwise: the architectures lorax writes with
+    experts (``llama``, ``qwen3moe``) renormalize the chosen weights, and ``llama``'s experts
+    are feed_forward_length wide."""
     a = arch.name
     if not config.normalize_expert_weights:
         raise GGUFError(
