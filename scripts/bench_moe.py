@@ -93,18 +93,15 @@ MOSAIC_CONFIGS = (
 )
 
 
-def mosaic_ragged(lhs, w, sizes, *, transpose_rhs: bool, config: dict):
-    from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu
-
+def mosaic_ragged(lhs, w, sizes, *, transpose_rhs: bool, config: dict | None):
+    """jax's Mosaic grouped matmul as lorax calls it (``expert_matmul._weight_product``: the
+    same lowering of ``grid_block_n`` to a divisor of the column tiles), with ``config``'s
+    tiles, or lorax's own for this many experts (None)."""
     from pallas_kernels import expert_matmul as em
 
-    if config is None:  # lorax's own call: its tiles for this many experts, as it lowers them
-        plan = em._Plan("mosaic", em.default_tiles(w.shape[0]), "dense")
-        return em._weight_product(plan, lhs, w, sizes, em._NT if transpose_rhs else em._NN)
-    tiles = dataclasses.asdict(em.MosaicRaggedConfig(**config))
-    return ragged_dot_mgpu.ragged_dot(
-        lhs, w, group_sizes=sizes, transpose_rhs=transpose_rhs, **tiles
-    )
+    tiles = em.default_tiles(w.shape[0]) if config is None else em.MosaicRaggedConfig(**config)
+    plan = em._Plan("mosaic", tiles, "dense")
+    return em._weight_product(plan, lhs, w, sizes, em._NT if transpose_rhs else em._NN)
 
 
 def run_impl(shape: MoEShape, impl: str, tokens_list: list[int]) -> list[dict]:
