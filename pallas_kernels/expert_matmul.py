@@ -61,7 +61,6 @@ from pallas_kernels.nf4 import NF4Tensor, dequantize_nf4
 
 Array = jax.Array
 IMPLS = ("xla", "mosaic")
-LORA_PRODUCTS = ("dense", "chunked")
 # Above this many experts the products are planned for many small groups: the LoRA products
 # run "chunked" (the module docstring) and the Mosaic kernel takes ``MANY_EXPERTS_TILES``.
 # Mixtral's 8 are below it, Qwen 3 MoE's 128 above.
@@ -90,14 +89,16 @@ class MosaicRaggedConfig:
 # K or N 768). The kernel runs one more row tile per group boundary, so half-height tiles waste
 # less there, and wider ones keep each tile's work up. A sweep at those shapes on an H200
 # (BENCHMARKS.md §8): 41-55% of the dense dot where the defaults ran 38-50% (the three
-# orientations measured). Where the output's width is not a multiple of 256, a call takes
-# the defaults instead.
+# orientations measured).
 MANY_EXPERTS_TILES = MosaicRaggedConfig(block_m=64, block_n=256, max_concurrent_steps=4)
 
 
-def default_tiles(num_experts: int) -> MosaicRaggedConfig:
-    """The Mosaic kernel's tiles for a call with ``num_experts`` groups."""
-    return MANY_EXPERTS_TILES if num_experts > MANY_EXPERTS else MosaicRaggedConfig()
+def default_tiles(num_experts: int, n: int, k: int) -> MosaicRaggedConfig:
+    """The Mosaic kernel's tiles for ``num_experts`` groups of ``[N, K]`` matrices: the wide
+    ones only where both output widths (N forward, K for dx) are multiples of theirs."""
+    wide = MANY_EXPERTS_TILES
+    fits = n % wide.block_n == 0 and k % wide.block_n == 0
+    return wide if num_experts > MANY_EXPERTS and fits else MosaicRaggedConfig()
 
 
 # Contract the rows' last axis with each expert matrix's last axis (x·W_eᵀ), or with its
@@ -206,7 +207,7 @@ def expert_lora_matmul(
     e, n, k = expert_weight_shape(w)
     plan = _Plan(
         resolve_impl(impl, x.dtype, n, k),
-        config or default_tiles(e),
+        config or default_tiles(e, n, k),
         resolve_lora_products(lora_products, e),
     )
     return _expert_matmul(plan, float(scale) if a is not None else 0.0, x, w, group_sizes, a, b)
@@ -258,8 +259,6 @@ def _weight_product(plan: Any, lhs: Array, w: Array, group_sizes: Array, dims: A
     from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu
 
     out_columns = w.shape[1] if dims is _NT else w.shape[2]
-    if config == MANY_EXPERTS_TILES and out_columns % config.block_n:
-        config = MosaicRaggedConfig()  # measured tiles, for widths the wide ones do not divide
     tiles = -(-out_columns // config.block_n)
     grid_block_n = next(g for g in (config.grid_block_n, 4, 2, 1) if tiles % g == 0)
     return ragged_dot_mgpu.ragged_dot(
@@ -297,8 +296,7 @@ def _expert_matmul_fwd(
     y = _weight_product(plan, x, expert_weights(w, cd), group_sizes, _NT)
     xa = None
     if a is not None:
-        lora = _DENSE if plan.lora_products == "dense" else _CHUNKED
-        low, xa = lora.forward(x, a, b, group_sizes, cd)
+        low, xa = _LORA[plan.lora_products].forward(x, a, b, group_sizes, cd)
         y = (y.astype(jnp.float32) + scale * low.astype(jnp.float32)).astype(cd)
     return y, (x, xa, w, group_sizes, a, b)
 
@@ -310,8 +308,7 @@ def _expert_matmul_bwd(plan: Any, scale: float, res: tuple[Any, ...], dy: Array)
     dx = _weight_product(plan, dy, expert_weights(w, cd), group_sizes, _NN)
     da = db = None
     if a is not None:
-        lora = _DENSE if plan.lora_products == "dense" else _CHUNKED
-        low, da, db = lora.backward(x, xa, dy, a, b, group_sizes, cd)
+        low, da, db = _LORA[plan.lora_products].backward(x, xa, dy, a, b, group_sizes, cd)
         dx = (dx.astype(jnp.float32) + scale * low.astype(jnp.float32)).astype(cd)
         da, db = (scale * da).astype(a.dtype), (scale * db).astype(b.dtype)
     return dx, None, None, da, db
@@ -461,7 +458,9 @@ class _ChunkedLora:
         )
 
 
-_DENSE, _CHUNKED = _DenseLora(), _ChunkedLora()
+# How the LoRA products can run, by ``lora_products`` name.
+_LORA = {"dense": _DenseLora, "chunked": _ChunkedLora}
+LORA_PRODUCTS = tuple(_LORA)
 
 
 _expert_matmul.defvjp(_expert_matmul_fwd, _expert_matmul_bwd)

@@ -99,7 +99,8 @@ def mosaic_ragged(lhs, w, sizes, *, transpose_rhs: bool, config: dict | None):
     tiles, or lorax's own for this many experts (None)."""
     from pallas_kernels import expert_matmul as em
 
-    tiles = em.default_tiles(w.shape[0]) if config is None else em.MosaicRaggedConfig(**config)
+    e, n, k = w.shape
+    tiles = em.default_tiles(e, n, k) if config is None else em.MosaicRaggedConfig(**config)
     plan = em._Plan("mosaic", tiles, "dense")
     return em._weight_product(plan, lhs, w, sizes, em._NT if transpose_rhs else em._NN)
 
