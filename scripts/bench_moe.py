@@ -189,7 +189,9 @@ def emit(row: dict) -> None:
 
 
 def ceiling(shape: MoEShape, tokens_list: list[int]) -> list[dict]:
-    """bf16 cuBLAS dots of the same FLOPs: [M, K] x one dense [N, K] matrix."""
+    """bf16 cuBLAS dots of the same FLOPs: [M, K] x one dense [N, K] matrix (a child of its
+    own, as every implementation: a parent holding GPU memory starves the children, whose
+    allocations then fail — runs 120-121's down-projection child)."""
     import jax
     import jax.numpy as jnp
     from _common import pipelined_ms
@@ -206,7 +208,7 @@ def ceiling(shape: MoEShape, tokens_list: list[int]) -> list[dict]:
                 ms = pipelined_ms(call, lhs, w)
                 row = dict(impl="dense dot", tokens=tokens, proj=name, dir=direction, ms=ms,
                            tflops=2.0 * m * n * k / ms / 1e9)  # fmt: skip
-                print(row, flush=True)
+                emit(row)
                 rows.append(row)
     return rows
 
@@ -262,10 +264,16 @@ def layer(
 
         step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
         ms = pipelined_ms(step, used, x)
+        # Bitwise the same twice? (An atomic scatter-add in a gradient would not be.)
+        first, second = step(used, x), step(used, x)
+        same = all(
+            bool(jnp.array_equal(a, b))
+            for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(second), strict=True)
+        )
         # Base GEMMs: 3 per projection pair forward (gate/up, down) and dx backward: 2x fwd.
         flops = 2.0 * 2 * tokens * k_top * 3 * f * d
         row = dict(impl=f"moe layer fwd+bwd ({impl}, LoRA {products})", tokens=tokens, ms=ms,
-                   tflops=flops / ms / 1e9)  # fmt: skip
+                   tflops=flops / ms / 1e9, deterministic=same)  # fmt: skip
         emit(row)
         rows.append(row)
     return rows
@@ -307,6 +315,9 @@ def main() -> None:
     args = parser.parse_args()
     tokens = [int(t) for t in args.tokens.split(",")]
     shape = MODELS[args.model]
+    if args.child == "dense":
+        ceiling(shape, tokens)
+        return
     if args.child:
         impl = "xla" if args.child == "cudnn" else args.child
         global MOSAIC_CONFIGS
@@ -317,9 +328,10 @@ def main() -> None:
             layer(shape, tokens, impl, args.lora_products.split(","))
         return
     print(f"model {args.model}: {shape}", flush=True)
-    rows = ceiling(shape, tokens)
-    # One process per implementation: a lowering flag or a failed compile stays in its own.
-    for impl in args.impls.split(","):
+    # One process per implementation (the dense ceiling too): a lowering flag, a failed
+    # compile or the memory a process holds stays in its own; this one never starts jax.
+    rows = []
+    for impl in ["dense", *args.impls.split(",")]:
         env = dict(os.environ)
         if impl == "cudnn":
             env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {CUDNN_FLAG}"
@@ -330,7 +342,9 @@ def main() -> None:
         rows += run_child(impl, argv, env, args.child_timeout)
     dense = {(r["tokens"], r.get("proj"), r.get("dir")): r["tflops"] for r in rows
              if r["impl"] == "dense dot"}  # fmt: skip
-    print("\n| impl | tokens | proj | dir | ms | TFLOP/s | % of dense | rel L2 |")
+    # Last column: the error against float32 (a grouped matmul), or whether a layer's step
+    # repeats bitwise (a layer).
+    print("\n| impl | tokens | proj | dir | ms | TFLOP/s | % of dense | rel L2 / repeats |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
@@ -339,11 +353,12 @@ def main() -> None:
             continue
         share = dense.get((r["tokens"], r.get("proj"), r.get("dir")))
         pct = f"{100 * r['tflops'] / share:.0f}%" if share and r["impl"] != "dense dot" else ""
+        repeats = r.get("deterministic", "")
         print(f"| {r['impl']} | {r['tokens']} | {r.get('proj', '')} | {r.get('dir', '')} | "
               f"{r['ms']:.3f} | {r['tflops']:.0f} | {pct} | {r.get('rel_l2', ''):.3g} |"
               if "rel_l2" in r else
               f"| {r['impl']} | {r['tokens']} | {r.get('proj', '')} | {r.get('dir', '')} | "
-              f"{r['ms']:.3f} | {r['tflops']:.0f} | {pct} | |")  # fmt: skip
+              f"{r['ms']:.3f} | {r['tflops']:.0f} | {pct} | {repeats} |")  # fmt: skip
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

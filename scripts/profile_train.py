@@ -1,9 +1,9 @@
 """Where a QLoRA training step's device time goes, by HLO op and by category.
 
-Builds the end-to-end benchmark's workload (scripts/bench_train.py: Llama-3.1-8B architecture,
-random NF4 weights, LoRA r=16 on all 7 projections, AdamW), warms the jitted step up, traces
-``--steps`` steps with ``jax.profiler``, and reads the trace back with
-``jax.profiler.ProfileData``: every GPU kernel carries the HLO op it implements, and the
+Builds the end-to-end benchmark's workload (scripts/bench_train.py: Llama-3.1-8B architecture
+or another of its ``--model``s, random NF4 weights, LoRA r=16 on every projection, AdamW),
+warms the jitted step up, traces ``--steps`` steps with ``jax.profiler``, and reads the trace
+back with ``jax.profiler.ProfileData``: every GPU kernel carries the HLO op it implements, and the
 compiled module's text says what that op is (a cuBLAS GEMM, cuDNN attention, a Pallas kernel,
 an elementwise fusion and which primitives it fuses, a host copy). The tables give milliseconds
 per step, so the categories add up to the step time the benchmark reports (less idle gaps).
@@ -51,6 +51,7 @@ def build_step(
     tiny: bool,
     on_host: bool = False,
     prepare: str | None = None,
+    model_name: str = "llama31-8b",
 ):
     import jax
     import numpy as np
@@ -62,7 +63,7 @@ def build_step(
     from lorax.train.step import StepConfig, init_train_state, make_train_step
 
     b, s = (int(x) for x in shape.split("x"))
-    model = build_model(layers, TINY if tiny else None)
+    model = build_model(layers, TINY if tiny else None, name=model_name)
     if on_host:
         model = lorax.embeddings_to_host(model)
     if prepare:
@@ -145,6 +146,10 @@ def describe_kernel(kernel: str) -> tuple[str, str]:
     return "other", kernel
 
 
+# An MoE layer's routing: sorting rows by expert, gathering them, scattering them back.
+ROUTING_OPS = frozenset(("sort", "gather", "scatter"))
+
+
 def describe(op: str, instructions: dict, computations: dict, kernel: str = "") -> tuple[str, str]:
     """(category, short description) of one HLO op from its instruction text."""
     text = instructions.get(op, "")
@@ -172,6 +177,8 @@ def describe(op: str, instructions: dict, computations: dict, kernel: str = "") 
         return "collectives", shape
     if opcode == "fusion" and "kind=kCustom" in text and "dot" in body:
         return "matmul (XLA Triton GEMM fusions)", f"{shape} [{summary}]"
+    if opcode in ROUTING_OPS or ROUTING_OPS & body.keys():
+        return "sorts, gathers, scatters", f"{shape} [{summary}]"
     if "dynamic-update-slice" in body or opcode in ("copy", "dynamic-update-slice"):
         return "copies / slices", f"{shape} [{summary}]"
     if "reduce" in body or opcode == "reduce":
@@ -201,12 +208,13 @@ def device_events(trace_dir: str) -> tuple[list[tuple[str, str, float]], str]:
 
 
 def main() -> None:
-    from bench_train import add_prepare_argument, parse_forward  # no jax at import
+    from bench_train import MODELS, add_prepare_argument, parse_forward  # no jax at import
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument(
         "--case", default="2x2048:selective", help="SHAPE:REMAT (remat may be a schedule)"
     )
+    p.add_argument("--model", default="llama31-8b", choices=MODELS, help="bench_train's")
     p.add_argument("--forward", default=None, help="extra ForwardOptions, key=value,...")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=2)
@@ -240,7 +248,14 @@ def main() -> None:
     shape, remat = a.case.split(":", 1)
     forward = parse_forward(a.forward)
     step, compiled, state, batch = build_step(
-        shape, remat, forward, a.layers, a.tiny, a.embeddings_on_host, a.prepare_kernel_weights
+        shape,
+        remat,
+        forward,
+        a.layers,
+        a.tiny,
+        a.embeddings_on_host,
+        a.prepare_kernel_weights,
+        a.model,
     )
     hlo_text = compiled.as_text()
     memory = compiled.memory_analysis()
