@@ -32,6 +32,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 
 import numpy as np
 
@@ -221,19 +223,26 @@ def check_family(name: str, hf: dict, seq_len: int, directory: str) -> dict:
 
     reference = ForwardOptions(attention_impl="reference", matmul_impl="reference")
     out: dict = {"family": name}
+    start = time.perf_counter()
+
+    def record(key: str, value) -> None:
+        """One value, printed as it is measured: what a timeout cuts keeps the rest."""
+        out[key] = value
+        print(f"{PART}{json.dumps([key, value, time.perf_counter() - start])}", flush=True)
+
     model32 = lorax.load(directory, dtype="float32")
     with jax.default_matmul_precision("highest"):  # float32 dots, not TF32: like torch's
         logits = jax.jit(lambda m, x: lorax.forward(m, None, x, options=reference))(
             model32, jnp.asarray(ids)
         )
-    out["f32 ref vs torch"] = rel_l2(logits[:, rows], ref)
+    record("f32 ref vs torch", rel_l2(logits[:, rows], ref))
     del model32, logits
 
     model16 = lorax.load(directory, dtype="bfloat16")
     logits = jax.jit(lambda m, x: lorax.forward(m, None, x))(model16, jnp.asarray(ids))
     sub = np.asarray(logits[:, rows], np.float32)
-    out["bf16 kernels vs torch"] = rel_l2(sub, ref)
-    out["top-1 agree"] = float(np.mean(sub.argmax(-1) == ref.argmax(-1)))
+    record("bf16 kernels vs torch", rel_l2(sub, ref))
+    record("top-1 agree", float(np.mean(sub.argmax(-1) == ref.argmax(-1))))
     del model16, logits
 
     model = lorax.load(directory, quantize="nf4", dtype="bfloat16")
@@ -254,15 +263,16 @@ def check_family(name: str, hf: dict, seq_len: int, directory: str) -> dict:
         if packed:
             batch |= {"segment_ids": jnp.asarray(segment_ids), "positions": jnp.asarray(positions)}
         tag = "packed" if packed else "unpacked"
-        out[f"attention ({tag})"] = "/".join(
+        kernels = [
             resolve_impl(
                 _attention_impl(
                     None, batch.get("segment_ids"), probe, w or None, config.attn_logit_softcap
                 ),
                 None,
-            )[0]  # fmt: skip
+            )[0]
             for w in windows
-        )
+        ]
+        record(f"attention ({tag})", "/".join(kernels))
         results = {}
         # Full remat: the references' [heads, S, S] scores then exist for one layer at a time
         # (without it the reference step asked XLA for 74 GiB at 1x8192).
@@ -279,9 +289,9 @@ def check_family(name: str, hf: dict, seq_len: int, directory: str) -> dict:
             grad = jax.jit(jax.value_and_grad(loss))
             value, grads = grad(lora, model, batch)
             results[impl] = (float(value), grads)
-            out[f"step ms {impl} ({tag})"] = median_ms(grad, lora, model, batch)
-        out[f"loss default/ref ({tag})"] = results["default"][0] / results["reference"][0]
-        out[f"grad rel L2 ({tag})"] = tree_rel_l2(results["default"][1], results["reference"][1])
+            record(f"step ms {impl} ({tag})", median_ms(grad, lora, model, batch))
+        record(f"loss default/ref ({tag})", results["default"][0] / results["reference"][0])
+        record(f"grad rel L2 ({tag})", tree_rel_l2(results["default"][1], results["reference"][1]))
     return out
 
 
@@ -290,11 +300,13 @@ def main() -> None:
     parser.add_argument("--families", default=",".join(FAMILIES))
     parser.add_argument("--seq-len", type=int, default=8192)
     parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--child-timeout", type=float, default=None, help="seconds per family")
     parser.add_argument("--row", action="store_true", help="one family, its row as JSON")
     args = parser.parse_args()
     names = args.families.split(",")
     if args.row:
-        print(ROW + json.dumps(run_one(names[0], args.seq_len, args.tiny)), flush=True)
+        run_one(names[0], args.seq_len, args.tiny)
+        print(PART + json.dumps([ROW_DONE, True, 0.0]), flush=True)
         return
     # One process per family: transformers keeps state between models in a process (gpu_run110:
     # Gemma 3's logits, built after Gemma 2's in the same process, came out 25% off; alone, on
@@ -310,24 +322,47 @@ def main() -> None:
             "--seq-len",
             str(args.seq_len),
         ]
-        child = subprocess.run(argv + ["--tiny"] * args.tiny, capture_output=True, text=True)
-        found = [line for line in child.stdout.splitlines() if line.startswith(ROW)]
-        if child.returncode or not found:
-            print(f"{name}: FAILED (exit {child.returncode}):\n{child.stderr[-3000:]}", flush=True)
-            continue
-        rows.append(json.loads(found[-1][len(ROW) :]))
-        print(rows[-1], flush=True)
+        row, code, errors = run_child(argv + ["--tiny"] * args.tiny, args.child_timeout)
+        if code or ROW_DONE not in row:
+            print(f"{name}: FAILED (exit {code}, timeout {args.child_timeout} s):\n{errors}")
+        if len(row) > 1:
+            rows.append(row)
+            print(row, flush=True)
     if not rows:
         raise SystemExit("every family failed")
-    keys = list(rows[0])
+    keys = list(dict.fromkeys(k for row in rows for k in row if k != ROW_DONE))
     print("\n| " + " | ".join(keys) + " |")
     print("|" + "---|" * len(keys))
     for row in rows:
-        cells = [f"{v:.3g}" if isinstance(v, float) else str(v) for v in row.values()]
+        cells = [row.get(k, "(cut)") for k in keys]
+        cells = [f"{v:.3g}" if isinstance(v, float) else str(v) for v in cells]
         print("| " + " | ".join(cells) + " |")
 
 
-ROW = "ROW "
+def run_child(argv: list[str], timeout: float | None) -> tuple[dict, int, str]:
+    """A family's values as its process prints them (each relayed with its time since the
+    family started), the exit code, and the end of its stderr. A timeout kills it and keeps
+    what it measured."""
+    with tempfile.TemporaryFile("w+") as errors:
+        child = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=errors, text=True)
+        timer = threading.Timer(timeout, child.kill) if timeout else None
+        if timer:
+            timer.start()
+        row = {"family": argv[argv.index("--families") + 1]}
+        for line in child.stdout:
+            if line.startswith(PART):
+                key, value, seconds = json.loads(line[len(PART) :])
+                row[key] = value
+                print(f"  {row['family']}: {key} = {value} ({seconds:.0f} s)", flush=True)
+        code = child.wait()
+        if timer:
+            timer.cancel()
+        errors.seek(0)
+        return row, code, errors.read()[-3000:]
+
+
+PART = "PART "  # a child's line: [key, value, seconds since its family started]
+ROW_DONE = "done"
 
 
 def run_one(name: str, seq_len: int, tiny: bool) -> dict:
