@@ -18,12 +18,12 @@ running the LoRA products (``--lora-products dense,chunked``; see
 ``pallas_kernels.expert_matmul``), and once without LoRA.
 
 Usage: ``python scripts/bench_moe.py [--model mixtral|qwen3|tiny] [--tokens 4096,8192]
-[--impls xla,triton,mosaic,cudnn] [--layer] [--lora-products dense,chunked] [--no-sweep | --sweep
-qwen3] [--child-timeout S]``; ``--no-sweep`` times lorax's own call (its tiles as it lowers
-them), a child's rows stream as they are measured. Each implementation runs
-in a child process of its own (``cudnn`` is XLA's lowering with that flag set before jax
-starts; a jax whose XLA lacks the flag reports that instead of rows; ``triton`` sets jax's
-config flag). ``mosaic`` sweeps a few tile configs.
+[--impls xla,triton,mosaic,cudnn] [--layer | --layer-only] [--lora-products dense,chunked]
+[--no-sweep | --sweep qwen3] [--child-timeout S]``; ``--no-sweep`` times lorax's own call (its
+tiles as it lowers them), a child's rows and progress stream as they are measured. Each
+implementation runs in a child process of its own (``cudnn`` is XLA's lowering with that flag
+set before jax starts; a jax whose XLA lacks the flag reports that instead of rows; ``triton``
+sets jax's config flag). ``mosaic`` sweeps a few tile configs.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 
 import numpy as np
 
@@ -63,6 +64,8 @@ MODELS = {
 }
 CUDNN_FLAG = "--xla_gpu_experimental_use_ragged_dot_fusion=true"
 ROW = "ROW "
+PROGRESS = "PROGRESS "
+STARTED = time.perf_counter()
 
 
 def group_sizes(shape: MoEShape, tokens: int, seed: int = 0):
@@ -147,6 +150,7 @@ def run_impl(shape: MoEShape, impl: str, tokens_list: list[int]) -> list[dict]:
                 tiles = "(lorax's tiles)" if config is None else json.dumps(config)
                 tag = f"mosaic {tiles}" if impl == "mosaic" else impl
                 row = dict(impl=tag, tokens=tokens, proj=name, dir=direction)
+                progress(f"{name} {direction} {tag}")
                 try:
                     out = call(lhs, w, sizes)
                     if ref is None:
@@ -181,6 +185,11 @@ def grouped_reference(lhs, w, sizes: tuple[int, ...], fwd: bool):
         return jnp.concatenate(outs)
 
     return run(lhs, w)
+
+
+def progress(message: str) -> None:
+    """A child's progress line, relayed with the seconds since it started."""
+    print(f"{PROGRESS}{time.perf_counter() - STARTED:.0f} s: {message}", flush=True)
 
 
 def emit(row: dict) -> None:
@@ -263,6 +272,9 @@ def layer(
             return jnp.sum(out.astype(jnp.float32) ** 2)
 
         step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+        progress(f"layer, LoRA {products}: compiling")
+        step = step.lower(used, x).compile()
+        progress(f"layer, LoRA {products}: compiled, timing")
         ms = pipelined_ms(step, used, x)
         # Bitwise the same twice? (An atomic scatter-add in a gradient would not be.)
         first, second = step(used, x), step(used, x)
@@ -287,6 +299,8 @@ def run_child(impl: str, argv: list[str], env: dict, timeout: float) -> list[dic
         timer.start()
         rows = []
         for line in child.stdout:
+            if line.startswith(PROGRESS):
+                print(f"  {impl}, {line[len(PROGRESS) :].rstrip()}", flush=True)
             if line.startswith(ROW):
                 row = json.loads(line[len(ROW) :])
                 row = dict(row, impl=row["impl"].replace("xla", impl, 1))
@@ -310,6 +324,7 @@ def main() -> None:
     parser.add_argument("--child-timeout", type=float, default=400)
     parser.add_argument("--impls", default="xla,triton,mosaic,cudnn")
     parser.add_argument("--layer", action="store_true")
+    parser.add_argument("--layer-only", action="store_true", help="--layer, without the matmuls")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -323,8 +338,9 @@ def main() -> None:
         global MOSAIC_CONFIGS
         MOSAIC_CONFIGS = (None,) if args.no_sweep else MOSAIC_CONFIGS
         MOSAIC_CONFIGS = QWEN3_SWEEP if args.sweep == "qwen3" else MOSAIC_CONFIGS
-        run_impl(shape, impl, tokens)
-        if args.layer:
+        if not args.layer_only:
+            run_impl(shape, impl, tokens)
+        if args.layer or args.layer_only:
             layer(shape, tokens, impl, args.lora_products.split(","))
         return
     print(f"model {args.model}: {shape}", flush=True)
@@ -337,7 +353,8 @@ def main() -> None:
             env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {CUDNN_FLAG}"
         argv = [sys.executable, __file__, "--child", impl, "--tokens", args.tokens,
                 "--model", args.model, "--lora-products", args.lora_products]  # fmt: skip
-        argv += ["--layer"] * args.layer + ["--no-sweep"] * args.no_sweep
+        argv += ["--layer"] * args.layer + ["--layer-only"] * args.layer_only
+        argv += ["--no-sweep"] * args.no_sweep
         argv += ["--sweep", args.sweep] if args.sweep else []
         rows += run_child(impl, argv, env, args.child_timeout)
     dense = {(r["tokens"], r.get("proj"), r.get("dir")): r["tflops"] for r in rows
