@@ -42,7 +42,11 @@ def route(
         "td,ed->te", x, router.astype(x.dtype), preferred_element_type=jnp.float32
     ).astype(x.dtype)
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-    weights, experts = jax.lax.top_k(probs, experts_per_token)
+    _, experts = jax.lax.top_k(probs, experts_per_token)
+    # The chosen probabilities, read through a one-hot mask (exact: one term is nonzero) rather
+    # than taken from top_k, whose gradient is a scatter the GPU may run with atomic adds.
+    chosen = jax.nn.one_hot(experts, probs.shape[-1], dtype=probs.dtype)
+    weights = jnp.sum(chosen * probs[:, None, :], axis=-1)
     if normalize:
         weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
     return weights, experts, probs
@@ -111,7 +115,7 @@ def moe_mlp(
     flat = experts.reshape(-1)
     order = jnp.argsort(flat, stable=True)
     group_sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
-    rows = tokens[order // k]
+    rows = _permute(jnp.repeat(tokens, k, axis=0), order)
 
     def project(name: str, rows: Array) -> Array:
         adapter = adapters.get(name)
@@ -124,8 +128,16 @@ def moe_mlp(
     gate, up = jnp.split(project("experts_gate_up_proj", rows), 2, axis=-1)
     gate, up = remat_lib.name(gate, "mlp_gate"), remat_lib.name(up, "mlp_up")
     down = project("experts_down_proj", activation(gate) * up)
-    per_choice = down[jnp.argsort(order)].reshape(tokens.shape[0], k, shape[-1])
+    per_choice = _permute(down, jnp.argsort(order)).reshape(tokens.shape[0], k, shape[-1])
     # Each expert's output is weighted in float32 and rounded, then the k are summed, the
     # order transformers rounds in.
     weighted = (per_choice.astype(jnp.float32) * weights[..., None]).astype(x.dtype)
     return jnp.sum(weighted, axis=1).reshape(shape)
+
+
+def _permute(v: Array, order: Array) -> Array:
+    """``v[order]`` for a permutation ``order``, said to be one: its gradient is then a scatter
+    of distinct rows, exact and deterministic, where gathering a token's row k times
+    (``tokens[order // k]``) had a gradient that sums k rows per token by atomic adds in no
+    fixed order (the GPU's; measured nondeterministic on an H200 with Qwen 3 MoE's k = 8)."""
+    return v.at[order].get(unique_indices=True)

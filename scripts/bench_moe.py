@@ -263,7 +263,9 @@ def layer(
         x = jax.random.normal(keys[7], (1, tokens, d), jnp.bfloat16)
         used = {} if products == "no LoRA" else adapters
 
-        def loss(adapters, x, layer_params=layer_params, products=products):
+        # The frozen weights are an argument, not a closure: as constants, XLA would fold their
+        # NF4 decode into the compile (run 123: Mixtral's took minutes) and time no decode.
+        def loss(adapters, x, layer_params, products=products):
             out = moe_mlp(
                 x, layer_params, adapters, num_experts=e, experts_per_token=k_top,
                 activation=jax.nn.silu, lora_scale=1.0, impl=impl,
@@ -273,11 +275,11 @@ def layer(
 
         step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
         progress(f"layer, LoRA {products}: compiling")
-        step = step.lower(used, x).compile()
+        step = step.lower(used, x, layer_params).compile()
         progress(f"layer, LoRA {products}: compiled, timing")
-        ms = pipelined_ms(step, used, x)
+        ms = pipelined_ms(step, used, x, layer_params)
         # Bitwise the same twice? (An atomic scatter-add in a gradient would not be.)
-        first, second = step(used, x), step(used, x)
+        first, second = step(used, x, layer_params), step(used, x, layer_params)
         same = all(
             bool(jnp.array_equal(a, b))
             for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(second), strict=True)

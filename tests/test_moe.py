@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -451,3 +452,45 @@ def test_loads_a_bitsandbytes_4bit_moe_checkpoint(tmp_path, rng, model_type):
     ids = jnp.asarray(rng.integers(0, model.config.vocab_size, size=(1, 16)))
     # bnb's CPU double-quant rounding is one step off in ~0.2% of blocks (see nf4.py).
     assert rel_err(lorax.forward(model, None, ids), lorax.forward(ours, None, ids)) < 2e-3
+
+
+@pytest.mark.parametrize("lora_products", [None, "dense", "chunked"])
+def test_moe_gradient_sums_in_a_fixed_order(rng, lora_products):
+    """No scatter in the MoE layer's gradient adds two values into one place: a GPU runs such a
+    scatter with atomic adds in no fixed order, so a step would not repeat bitwise (an H200
+    ran Qwen 3 MoE's layer, k = 8, nondeterministically until the routing's gathers said
+    which are permutations). Read from the gradient's program, where the CPU cannot show it."""
+    from lorax.moe import moe_mlp
+
+    e, d, f, k, r = 6, 32, 16, 3, 2
+    layer = {
+        "router": {"weight": jnp.asarray(rng.normal(size=(e, d)), jnp.float32)},
+        "experts_gate_up_proj": {"weight": jnp.asarray(rng.normal(size=(e, 2 * f, d)))},
+        "experts_down_proj": {"weight": jnp.asarray(rng.normal(size=(e, d, f)))},
+    }
+    adapters = {
+        name: {"lora_a": jnp.ones((e, r, layer[name]["weight"].shape[2])),
+               "lora_b": jnp.ones((e, layer[name]["weight"].shape[1], r))}
+        for name in ("experts_gate_up_proj", "experts_down_proj")
+    } if lora_products else {}  # fmt: skip
+
+    def loss(adapters, x):
+        out = moe_mlp(
+            x, layer, adapters, num_experts=e, experts_per_token=k, activation=jax.nn.silu,
+            lora_scale=1.0, lora_products=lora_products,
+        )  # fmt: skip
+        return jnp.sum(out**2)
+
+    x = jnp.asarray(rng.normal(size=(40, d)), jnp.float32)
+    jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(adapters, x)
+
+    def scatters(jaxpr):
+        yield from (eqn for eqn in jaxpr.eqns if eqn.primitive.name.startswith("scatter"))
+        for sub in jax.extend.core.subjaxprs(jaxpr):
+            yield from scatters(sub)
+
+    # Integer sums (the group sizes' count) are exact in any order.
+    adding = [s for s in scatters(jaxpr.jaxpr) if s.primitive.name != "scatter"
+              and jnp.issubdtype(s.outvars[0].aval.dtype, jnp.floating)]  # fmt: skip
+    assert adding, "the gradient has no float scatter-add at all: the test reads nothing"
+    assert all(s.params["unique_indices"] for s in adding), [str(s)[:300] for s in adding]
