@@ -97,11 +97,13 @@ def build_model(
 ):
     """The random-weight NF4 model of architecture ``name`` (``MODELS``); ``sliding_window``:
     every layer attends within that window (as Mistral's layers do), 0 for full causal
-    attention. Every projection (each expert's matrices too) is NF4, the routers bf16."""
+    attention. Every tensor a checkpoint of the architecture holds (``convert.names.
+    tensor_specs``, the loaders' own list): projections (each expert's matrices too) NF4,
+    norms ones, biases zeros, routers and gates N(0, 0.02) in bf16."""
     import jax
     import jax.numpy as jnp
 
-    from convert.names import EXPERT_PROJECTIONS, QK_NORMS, ROUTER
+    from convert.names import tensor_specs
     from lorax.model import Model
     from pallas_kernels.nf4 import quantize_nf4, stack
 
@@ -111,7 +113,6 @@ def build_model(
     config = model_config(name, **fields)
     if sliding_window:
         config = dataclasses.replace(config, layer_windows=(sliding_window,) * config.num_layers)
-    key = jax.random.key(0)
 
     @functools.partial(jax.jit, static_argnums=(1,))
     def random_nf4(k, shape):
@@ -122,42 +123,35 @@ def build_model(
             quantize = jax.vmap(quantize)
         return quantize(w)
 
-    layer_count, d = config.num_layers, config.hidden_size
-    layers = {norm: jnp.ones((layer_count, d), jnp.bfloat16) for norm in config.layer_norm_names()}
-    if config.qk_norm:
-        for norm in QK_NORMS:
-            layers[norm] = jnp.ones((layer_count, config.head_dim), jnp.bfloat16)
-    for p in config.projections():
-        out_dim, in_dim = config.projection_shape(p)
-        # The checkpoint's matrices: an expert's gate/up is two (gate, up), each quantized.
-        parts = (config.num_experts, 2) if p == "experts_gate_up_proj" else (
-            (config.num_experts,) if p in EXPERT_PROJECTIONS else ())  # fmt: skip
-        shape = (*parts, out_dim // (parts[1] if len(parts) > 1 else 1), in_dim)
-        per_layer = []
-        for _ in range(layer_count):
-            key, k = jax.random.split(key)
-            per_layer.append(random_nf4(k, shape))
-        layers[p] = {"weight": stack(per_layer)}
-        del per_layer
-    if config.moe:
-        key, k = jax.random.split(key)
-        router = 0.02 * jax.random.normal(k, (layer_count, config.num_experts, d), jnp.float32)
-        layers[ROUTER] = {"weight": router.astype(jnp.bfloat16)}
-    k1, k2 = jax.random.split(key)
-    v = config.vocab_size
-
     # Under jit the f32 normals stay inside one fusion: no f32 [V, D] temporary inflates the
     # process's peak-memory reading before training starts.
-    @jax.jit
-    def random_dense(k):
-        return (0.02 * jax.random.normal(k, (v, d), jnp.float32)).astype(jnp.bfloat16)
+    @functools.partial(jax.jit, static_argnums=(1,))
+    def random_dense(k, shape):
+        return (0.02 * jax.random.normal(k, shape, jnp.float32)).astype(jnp.bfloat16)
 
-    params = {
-        "embed_tokens": random_dense(k1),
-        "layers": layers,
-        "norm": jnp.ones((d,), jnp.bfloat16),
-        "lm_head": {"weight": random_dense(k2)},
-    }
+    def value(spec, k):
+        shape = (*spec.stack, *spec.shape)
+        if spec.quantizable:  # one layer at a time: no bf16 copy of every layer at once
+            keys = jax.random.split(k, config.num_layers)
+            return stack([random_nf4(keys[i], shape) for i in range(config.num_layers)])
+        shape = (config.num_layers, *shape) if spec.per_layer else shape
+        if spec.path[-1] == "bias":
+            return jnp.zeros(shape, jnp.bfloat16)
+        if spec.path[-1].endswith("norm"):  # RMSNorm scales: input_layernorm, q_norm, norm...
+            return (jnp.zeros if config.norm_style == "gemma" else jnp.ones)(shape, jnp.bfloat16)
+        return random_dense(k, shape)
+
+    # A path holds one tensor, or a stack of them (an MoE layer's experts): one value each.
+    specs: dict = {}
+    for spec in tensor_specs(config):
+        specs.setdefault(spec.path, spec)
+    keys = jax.random.split(jax.random.key(0), len(specs))
+    params: dict = {}
+    for spec, k in zip(specs.values(), keys, strict=True):
+        node = params
+        for part in spec.path[:-1]:
+            node = node.setdefault(part, {})
+        node[spec.path[-1]] = value(spec, k)
     return Model(params, config, None)
 
 
