@@ -1,5 +1,5 @@
-"""A routed mixture-of-experts MLP (Mixtral, Qwen 3 MoE): route each token, group rows by
-expert, multiply.
+"""A routed mixture-of-experts MLP (Mixtral, Qwen 2/3 MoE): route each token, group rows by
+expert, multiply; and the gate of a shared expert beside the routed ones (Qwen 2 MoE).
 
 Each token's hidden state goes to the ``experts_per_token`` of ``num_experts`` SwiGLU experts
 most probable under a linear router's softmax; their outputs are summed, weighted by those
@@ -129,3 +129,16 @@ def moe_mlp(
     # order transformers rounds in.
     weighted = (per_choice.astype(jnp.float32) * weights[..., None]).astype(x.dtype)
     return jnp.sum(weighted, axis=1).reshape(shape)
+
+
+def gate_shared_expert(x: Array, gate: Array, shared: Array) -> Array:
+    """A shared expert's output ``shared [..., D]`` scaled per token by ``sigmoid(x · gateᵀ)``
+    (``gate [1, D]``, frozen), for the layer input ``x [..., D]``.
+
+    Rounded where transformers' Qwen 2 MoE rounds: the gate's logit comes out of a matmul in
+    the compute dtype, its sigmoid and the product are taken in that dtype.
+    """
+    logit = jnp.einsum(
+        "...d,od->...o", x, gate.astype(x.dtype), preferred_element_type=jnp.float32
+    ).astype(x.dtype)
+    return jax.nn.sigmoid(logit) * shared
