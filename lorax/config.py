@@ -223,7 +223,7 @@ class ModelConfig:
             )
         if self.num_experts and self.fused_projections:
             raise ConfigError("a mixture-of-experts model with fused projections is not supported")
-        if self.shared_expert and not (self.num_experts and self.shared_expert_width > 0):
+        if self.shared_expert and not (self.num_experts and self.mlp_width > 0):
             raise ConfigError(
                 f"shared_expert_intermediate_size={self.shared_expert_intermediate_size} needs "
                 f"a positive width and routed experts (num_experts={self.num_experts})"
@@ -249,15 +249,11 @@ class ModelConfig:
         return self.shared_expert_intermediate_size is not None
 
     @property
-    def shared_expert_width(self) -> int:
-        """The shared expert's hidden width (0 without one)."""
-        return self.shared_expert_intermediate_size or 0
-
-    @property
     def mlp_width(self) -> int:
         """The width of the layer's gate/up/down_proj: the shared expert's beside routed
         experts, else intermediate_size."""
-        return self.shared_expert_width if self.shared_expert else self.intermediate_size
+        shared = self.shared_expert_intermediate_size
+        return self.intermediate_size if shared is None else shared
 
     def gate_parameters(self) -> int:
         """Per layer, the weights that only weigh outputs, never LoRA targets nor quantized:
