@@ -27,6 +27,10 @@ class Family:
     # The router's chosen weights are rounded to the compute dtype before they scale the
     # experts' outputs (Qwen's MoE); Mixtral scales in float32.
     round_expert_weights: bool = False
+    # Beside the routed experts, one dense SwiGLU MLP every token goes through, scaled by
+    # sigmoid(x · shared_expert_gate) (Qwen 2 MoE): its projections are the layer's
+    # gate/up/down_proj, shared_expert_intermediate_size wide.
+    shared_expert: bool = False
 
     def embedding_multiplier(self, hidden_size: int) -> float:
         return math.sqrt(hidden_size) if self.scaled_embeddings else 1.0
@@ -45,6 +49,7 @@ FAMILIES = {
     "phi3": Family(fused_projections=True),
     "mixtral": Family(moe=True),
     "qwen3_moe": Family(qk_norm=True, moe=True, round_expert_weights=True),
+    "qwen2_moe": Family(moe=True, round_expert_weights=True, shared_expert=True),
 }
 
 

@@ -27,6 +27,7 @@ ARCHITECTURES = {
     "phi3": "Phi3ForCausalLM",
     "mixtral": "MixtralForCausalLM",
     "qwen3_moe": "Qwen3MoeForCausalLM",
+    "qwen2_moe": "Qwen2MoeForCausalLM",
 }
 _GEMMA = ("gemma2", "gemma3_text")
 DTYPE_NAMES = ("bfloat16", "float16", "float32")
@@ -134,7 +135,13 @@ def _moe_fields(config: Any) -> dict[str, Any]:
                 f"{config.intermediate_size}), normalize={config.normalize_expert_weights}"
             )
         return {**fields, "num_local_experts": config.num_experts, "router_jitter_noise": 0.0}
-    # Qwen 3 MoE, in the hub's spelling (num_experts), every layer routed.
+    # Qwen 2/3 MoE, in the hub's spelling (num_experts), every layer routed; Qwen 2 MoE's
+    # shared expert beside the routed ones (departures() has checked the family has one).
+    shared = (
+        {"shared_expert_intermediate_size": config.shared_expert_intermediate_size}
+        if config.shared_expert
+        else {}
+    )
     return {
         **fields,
         "num_experts": config.num_experts,
@@ -142,6 +149,7 @@ def _moe_fields(config: Any) -> dict[str, Any]:
         "norm_topk_prob": config.normalize_expert_weights,
         "decoder_sparse_step": 1,
         "mlp_only_layers": [],
+        **shared,
     }
 
 
@@ -165,6 +173,13 @@ def _bias_fields(config: Any) -> dict[str, Any]:
                 f"qwen2 has biases on exactly {list(_QWEN2_BIAS)}; config has {sorted(bias)}"
             )
         return {}
+    if config.model_type == "qwen2_moe":  # one switch, qkv_bias, for q/k/v's (never o's)
+        if bias not in (set(), set(_QWEN2_BIAS)):
+            raise HFConfigError(
+                f"qwen2_moe's qkv_bias covers exactly {list(_QWEN2_BIAS)}; config has biases "
+                f"on {sorted(bias)}"
+            )
+        return {"qkv_bias": bool(bias)}
     if config.model_type in ("mistral", "mixtral", "phi3"):
         if bias:
             raise HFConfigError(
@@ -219,6 +234,8 @@ def _window_fields(config: Any) -> dict[str, Any]:
         if config.model_type == "gemma3_text" and period is not None:
             fields["sliding_window_pattern"] = period
         return fields
+    if config.model_type == "qwen2_moe":
+        return _qwen2_moe_window_fields(windows, window)
     # qwen2/qwen3: layers from ``max_window_layers`` on slide; ``layer_types`` spells it per
     # layer.
     first = windows.index(window) if window is not None else len(windows)
@@ -233,6 +250,30 @@ def _window_fields(config: Any) -> dict[str, Any]:
         "max_window_layers": first,
         "layer_types": layer_types,
     }
+
+
+def _qwen2_moe_window_fields(windows: tuple[int, ...], window: int | None) -> dict[str, Any]:
+    """Qwen 2 MoE's windows: ``layer_types`` per layer, and the ``max_window_layers`` that
+    gives the same layers under ``Qwen2MoeConfig``'s rule for files without them (every other
+    layer, the first included, below it; ``lorax.config``'s reader applies the same rule).
+    Patterns that rule cannot give are refused, as for qwen2."""
+    sliding = [bool(w) for w in windows]
+    fields = {
+        "use_sliding_window": window is not None,
+        "sliding_window": window,
+        "layer_types": ["sliding_attention" if s else "full_attention" for s in sliding],
+    }
+    if window is None:
+        return fields  # max_window_layers is read only with a window
+    below = max(i + 1 for i, s in enumerate(sliding) if s)
+    if all(sliding[0::2]):
+        below = len(windows)  # every other layer throughout: bounded by the layer count
+    if sliding != [i % 2 == 0 and i < below for i in range(len(windows))]:
+        raise HFConfigError(
+            "qwen2_moe slides the window on every other layer, the first included, below "
+            f"max_window_layers; config has layer windows {list(windows)}"
+        )
+    return {**fields, "max_window_layers": below}
 
 
 def _rope_fields(config: Any) -> dict[str, Any]:

@@ -12,14 +12,15 @@ model alone, a causal LM (``Gemma3ForCausalLM``), with a warning: lorax never lo
 vision tower, so it has none to write. Its PEFT adapter (``save_adapter``) on the original
 checkpoint is the way to keep the images.
 
-A mixture of experts (Mixtral, Qwen 3 MoE) is written as its checkpoint stores it
+A mixture of experts (Mixtral, Qwen 2/3 MoE) is written as its checkpoint stores it
 (``convert.names.EXPERT_CHECKPOINTS``, the names transformers' ``save_pretrained`` writes): the
 router, and each expert's matrices on their own (Mixtral's ``w1``/``w3``, Qwen's
 ``gate_proj``/``up_proj``, are the gate and up rows of lorax's fused ``experts_gate_up_proj``;
 ``w2``/``down_proj`` its ``experts_down_proj``), each merged with its expert's LoRA
-(``W_e + scale·B_e·A_e``, B's rows split the same way). ``"nf4"`` is refused for it:
-transformers' bitsandbytes integration quantizes only ``nn.Linear`` modules, and an MoE's
-experts are 3-D parameters it keeps in 16 bits.
+(``W_e + scale·B_e·A_e``, B's rows split the same way). Qwen 2 MoE's shared expert is merged
+as any dense projection (``mlp.shared_expert.*``), its gate written as it is. ``"nf4"`` is
+refused for an MoE: transformers' bitsandbytes integration quantizes only ``nn.Linear``
+modules, and an MoE's experts are 3-D parameters it keeps in 16 bits.
 
 Tensors are produced one at a time, layer by layer in HF's order, and written into shards of
 at most ``max_shard_size``, so host memory peaks near one shard beyond the loaded model. The

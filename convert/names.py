@@ -20,10 +20,15 @@ FUSED_MLP = ("gate_up_proj", "down_proj")
 # Every projection name of every family, in an order each family's own order is a part of.
 ALL_PROJECTIONS = ("qkv_proj", *ATTENTION, "gate_up_proj", *MLP)
 QK_NORMS = ("q_norm", "k_norm")  # per-head RMSNorms of queries and keys (Qwen 3, Gemma 3)
-# A mixture-of-experts MLP (Mixtral, Qwen 3 MoE): a router and per-expert projections, each
+# A mixture-of-experts MLP (Mixtral, Qwen 2/3 MoE): a router and per-expert projections, each
 # stacked on an expert axis after the layer axis. Each lorax name is a LoRA target too; PEFT
 # adapts it as the 3-D parameter ``mlp.experts.<HF name>`` (``target_parameters``).
 ROUTER = "router"  # HF: <module>.gate, [experts, hidden], never quantized
+# A shared expert's gate (Qwen 2 MoE): its output's scale is sigmoid(x · gate). HF:
+# <module>.shared_expert_gate, [1, hidden], frozen like the router and never quantized. The
+# shared expert's own projections are the layer's gate/up/down_proj (LoRA targets, by PEFT's
+# suffix match on those names too).
+SHARED_EXPERT_GATE = "shared_expert_gate"
 EXPERT_PROJECTIONS = ("experts_gate_up_proj", "experts_down_proj")
 EXPERT_HF_PARAMETERS = {"experts_gate_up_proj": "gate_up_proj", "experts_down_proj": "down_proj"}
 
@@ -35,21 +40,26 @@ class ExpertCheckpoint:
 
     ``module`` holds the router (``gate``) and ``experts.<e>.<part>``; ``parts`` are each
     expert projection's matrices in row order (gate/up's rows: gate's, then up's), each
-    quantized on its own.
+    quantized on its own. ``shared_expert``: the submodule of ``module`` holding a shared
+    expert's gate/up/down_proj, where the family has one (its gate is
+    ``<module>.shared_expert_gate``).
     """
 
     module: str
     parts: dict[str, tuple[str, ...]]
+    shared_expert: str | None = None
 
 
+_QWEN_EXPERT_PARTS = {
+    "experts_gate_up_proj": ("gate_proj", "up_proj"),
+    "experts_down_proj": ("down_proj",),
+}
 EXPERT_CHECKPOINTS = {
     "mixtral": ExpertCheckpoint(
         "block_sparse_moe", {"experts_gate_up_proj": ("w1", "w3"), "experts_down_proj": ("w2",)}
     ),
-    "qwen3_moe": ExpertCheckpoint(
-        "mlp",
-        {"experts_gate_up_proj": ("gate_proj", "up_proj"), "experts_down_proj": ("down_proj",)},
-    ),
+    "qwen3_moe": ExpertCheckpoint("mlp", _QWEN_EXPERT_PARTS),
+    "qwen2_moe": ExpertCheckpoint("mlp", _QWEN_EXPERT_PARTS, shared_expert="shared_expert"),
 }
 # The Llama MLP projections each expert projection computes (for scripts written with those).
 EXPERT_MLP = {"experts_gate_up_proj": ("gate_proj", "up_proj"), "experts_down_proj": ("down_proj",)}
@@ -78,12 +88,24 @@ class TensorSpec:
         return [self.hf_name.format(i=i) for i in range(num_layers)]
 
 
-def module_name(projection: str) -> str:
-    """HF's module path of a projection inside a decoder layer (``self_attn.q_proj``); for an
+def module_name(projection: str, model_type: str | None = None) -> str:
+    """HF's module path of a projection inside a decoder layer of ``model_type``
+    (``self_attn.q_proj``; a shared expert's: ``mlp.shared_expert.gate_proj``); for an
     expert projection, transformers' in-memory 3-D parameter (``mlp.experts.gate_up_proj``)."""
     if projection in EXPERT_HF_PARAMETERS:
         return f"mlp.experts.{EXPERT_HF_PARAMETERS[projection]}"
-    return f"{'self_attn' if projection in ATTENTION + FUSED_ATTENTION else 'mlp'}.{projection}"
+    if projection in ATTENTION + FUSED_ATTENTION:
+        return f"self_attn.{projection}"
+    return f"{mlp_module(model_type)}.{projection}"
+
+
+def mlp_module(model_type: str | None = None) -> str:
+    """Where a decoder layer of ``model_type`` keeps its dense MLP projections: ``mlp``, or a
+    shared expert's submodule of it (``EXPERT_CHECKPOINTS``)."""
+    checkpoint = EXPERT_CHECKPOINTS.get(model_type) if model_type else None
+    if checkpoint is None or checkpoint.shared_expert is None:
+        return "mlp"
+    return f"{checkpoint.module}.{checkpoint.shared_expert}"
 
 
 def layer_prefix(i: int | str = "{i}", decoder: str = "model.") -> str:
@@ -162,12 +184,16 @@ def tensor_specs(config: Any) -> Iterator[TensorSpec]:
             yield from _expert_specs(config, proj)
             continue
         out_dim, in_dim = config.projection_shape(proj)
-        base = f"{layer_prefix()}.{module_name(proj)}"
+        base = f"{layer_prefix()}.{module_name(proj, config.model_type)}"
         yield TensorSpec(
             ("layers", proj, "weight"), f"{base}.weight", (out_dim, in_dim), True, True
         )
         if proj in config.bias_projections:
             yield TensorSpec(("layers", proj, "bias"), f"{base}.bias", (out_dim,), True)
+    if config.shared_expert:
+        module = EXPERT_CHECKPOINTS[config.model_type].module
+        name = f"{layer_prefix()}.{module}.{SHARED_EXPERT_GATE}.weight"
+        yield TensorSpec(("layers", SHARED_EXPERT_GATE, "weight"), name, (1, d), True)
     yield TensorSpec(("norm",), "model.norm.weight", (d,), False)
     if not config.tie_word_embeddings:
         yield TensorSpec(("lm_head", "weight"), "lm_head.weight", (v, d), False)
@@ -208,6 +234,7 @@ def peft_lora_name(
     which: str,
     expert_targets: tuple[str, ...] = (),
     decoder: str = "model.",
+    model_type: str | None = None,
 ) -> str:
     """PEFT's key for a LoRA matrix in ``adapter_model.safetensors`` (``which``: A or B).
 
@@ -216,7 +243,8 @@ def peft_lora_name(
     projections), in the order the module registers them (``EXPERT_PROJECTIONS``' order),
     each wrapper around the previous one. So the last targeted sits at ``mlp.experts`` and
     each earlier one a ``base_layer.`` deeper, whatever order the config lists them in.
-    ``decoder`` is where the decoder's modules sit (``CheckpointLayout.modules``).
+    ``decoder`` is where the decoder's modules sit (``CheckpointLayout.modules``);
+    ``model_type``, where its layers keep each projection (``module_name``).
     """
     if projection in EXPERT_PROJECTIONS:
         ordered = [p for p in EXPERT_PROJECTIONS if p in expert_targets]
@@ -225,5 +253,5 @@ def peft_lora_name(
         depth = len(ordered) - 1 - ordered.index(projection)
         module = "mlp.experts" + ".base_layer" * depth
     else:
-        module = module_name(projection)
+        module = module_name(projection, model_type)
     return f"base_model.model.{layer_prefix(i, decoder)}.{module}.lora_{which}.weight"

@@ -42,6 +42,7 @@ from convert.names import (
     CAUSAL_LM,
     EXPERT_PROJECTIONS,
     LAYOUTS,
+    SHARED_EXPERT_GATE,
     CheckpointLayout,
     module_name,
     peft_lora_name,
@@ -79,11 +80,15 @@ def expert_factors_from_peft(
 # A LoRA key as PEFT saves it, or as some tools leave it: without the ``base_model.model.``
 # prefix, or with the adapter name (``.default``) still inside, as in a raw state_dict.
 # ``decoder`` is where the decoder layers sit (``model.``; an image-text model's language
-# model: one of its layout's spellings), checked against the base model's layout.
+# model: one of its layout's spellings), checked against the base model's layout. A
+# projection may sit deeper than ``self_attn``/``mlp`` (a shared expert's:
+# ``mlp.shared_expert.gate_proj``); the path is checked against the base model's
+# (``peft_lora_name``).
 _PEFT_PREFIX = "base_model.model."
 _KEY = re.compile(
     r"(?:base_model\.model\.)?(?P<decoder>(?:\w+\.)*?)layers\.(?P<layer>\d+)\."
-    r"(?:self_attn|mlp)\.(?P<proj>\w+)\.lora_(?P<which>[AB])(?:\.(?P<adapter>[\w-]+))?\.weight"
+    r"(?:self_attn|mlp)\.(?:\w+\.)*?(?P<proj>\w+)\.lora_(?P<which>[AB])"
+    r"(?:\.(?P<adapter>[\w-]+))?\.weight"
 )
 # The same for an expert parameter's LoRA: the key names PEFT's wrapper of ``mlp.experts``,
 # ``base_layer``-nested once per later-wrapped target (``peft_lora_name``).
@@ -119,6 +124,14 @@ _UNSUPPORTED_FIELDS = {
 # Initialisations that rewrite the base weights: such an adapter only fits the rewritten
 # base, which we do not have (PEFT converts them to plain LoRA when asked to at save time).
 _BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+
+
+# Why an adapter of Qwen 2 MoE's shared_expert_gate (PEFT's "all-linear" takes it: a Linear
+# of one output) is refused.
+_FROZEN_GATE = (
+    "the shared expert's gate, which lorax keeps frozen as the router; target the "
+    "projections by name instead of 'all-linear'"
+)
 
 
 class AdapterError(ValueError):
@@ -189,7 +202,7 @@ def adapter_tensors(config: Any, lora_params: Mapping[str, Any]) -> dict[str, np
         for i in range(config.num_layers):
             pair = expert_factors_to_peft(a[i], b[i]) if expert else (a[i], b[i])
             for which, matrix in zip("AB", pair, strict=True):
-                name = peft_lora_name(i, proj, which, expert_targets, decoder)
+                name = peft_lora_name(i, proj, which, expert_targets, decoder, config.model_type)
                 tensors[name] = np.ascontiguousarray(matrix)
     if not tensors:
         raise AdapterError("LoRA has no adapted projections; nothing to save")
@@ -288,7 +301,7 @@ def read_adapter(
             "the adapter is for a different base model"
         )
     weights = _open_weights(directory)
-    found = _index_tensors(weights, expert_targets, LAYOUTS[config.checkpoint_layout])
+    found = _index_tensors(weights, expert_targets, config)
     targets = _check_targets(weights, found, listed, expert_targets, config)
     _check_coverage(weights, found, targets, config, expert_targets)
 
@@ -429,8 +442,10 @@ def _listed_targets(target_modules: Any, source: str) -> tuple[str, ...] | None:
     names = tuple(str(t).rsplit(".", 1)[-1] for t in target_modules)
     unknown = sorted(set(names) - set(PROJECTIONS))
     if unknown:
+        frozen = f" ({_FROZEN_GATE})" if SHARED_EXPERT_GATE in unknown else ""
         raise AdapterError(
-            f"{source}: target_modules includes {unknown}; lorax adapts only {list(PROJECTIONS)}"
+            f"{source}: target_modules includes {unknown}; lorax adapts only "
+            f"{list(PROJECTIONS)}{frozen}"
         )
     return names
 
@@ -453,15 +468,18 @@ def _open_weights(directory: str) -> SafetensorsFile:
 
 
 def _index_tensors(
-    weights: SafetensorsFile, expert_targets: tuple[str, ...], layout: CheckpointLayout
+    weights: SafetensorsFile, expert_targets: tuple[str, ...], config: Any
 ) -> dict[tuple[int, str, str], str]:
     """(layer, projection, "A"|"B") -> tensor name, for every tensor of the file.
 
     An expert LoRA's key says which parameter it adapts only by its ``base_layer`` nesting,
     read against the ``expert_targets`` the config lists (``peft_lora_name``). Keys name
-    the decoder where the base model's ``layout`` puts it, in any of its spellings (PEFT
-    reads each); a LoRA of a part lorax does not compute (a vision tower) is refused.
+    the decoder where the base model's layout puts it, in any of its spellings (PEFT reads
+    each), and each projection where the base model's layers keep it; a LoRA of a part
+    lorax does not compute (a vision tower) or keeps frozen (a shared expert's gate) is
+    refused.
     """
+    layout = LAYOUTS[config.checkpoint_layout]
     decoders = [decoder for decoder, _ in layout.spellings]
     found: dict[tuple[int, str, str], str] = {}
     adapter_names = set()
@@ -482,11 +500,15 @@ def _index_tensors(
             )
         layer, which = int(m["layer"]), m["which"]
         proj = m["proj"] if m.re is _KEY else _expert_projection(weights, name, m, expert_targets)
+        if proj == SHARED_EXPERT_GATE:
+            raise AdapterError(f"{weights.path}: tensor {name!r} adapts {_FROZEN_GATE}")
         # The canonical spelling must come back out of the one name map, else the module
         # path is wrong for this projection (e.g. "mlp.q_proj") or for this base model.
         known = (proj in PROJECTIONS or proj in EXPERT_PROJECTIONS) and m["decoder"] in decoders
         canonical = (
-            peft_lora_name(layer, proj, which, expert_targets, m["decoder"]) if known else None
+            peft_lora_name(layer, proj, which, expert_targets, m["decoder"], config.model_type)
+            if known
+            else None
         )
         stripped = name.replace(f".{m['adapter']}.weight", ".weight") if m["adapter"] else name
         if canonical is None or not canonical.endswith(stripped):
@@ -575,7 +597,7 @@ def _check_coverage(
             f"{num_layers} layers; the adapter is for a different base model"
         )
     missing = [
-        peft_lora_name(i, proj, which, expert_targets, decoder)
+        peft_lora_name(i, proj, which, expert_targets, decoder, config.model_type)
         for proj in targets
         for i in range(num_layers)
         for which in "AB"

@@ -79,9 +79,18 @@ FUSED_PROJECTION_GROUPS = tuple((name,) for name in FUSED_PROJECTIONS)
 # A mixture-of-experts layer (Mixtral, Qwen 3 MoE): the attention projections, then per-expert
 # gate/up and down.
 MOE_PROJECTIONS = ATTENTION_PROJECTIONS + EXPERT_PROJECTIONS
-MOE_PROJECTION_GROUPS = PROJECTION_GROUPS[:2] + tuple((name,) for name in EXPERT_PROJECTIONS)
+EXPERT_GROUPS = tuple((name,) for name in EXPERT_PROJECTIONS)
+MOE_PROJECTION_GROUPS = PROJECTION_GROUPS[:2] + EXPERT_GROUPS
+# One with a shared expert too (Qwen 2 MoE): its gate/up/down are Llama's MLP projections, in
+# Llama's place, before the experts' (the forward reads the groups in this order).
+SHARED_EXPERT_MOE_PROJECTIONS = PROJECTIONS + EXPERT_PROJECTIONS
+SHARED_EXPERT_MOE_PROJECTION_GROUPS = PROJECTION_GROUPS + EXPERT_GROUPS
 
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
+# Qwen 2's attention biases (and Qwen 2 MoE's, with qkv_bias): q, k and v, not o.
+QKV_BIAS = ("q_proj", "k_proj", "v_proj")
+# Families whose config classes have no attention_bias field: one in a config.json is ignored.
+_NO_ATTENTION_BIAS = ("mistral", "mixtral", "phi3", "qwen2_moe")
 
 
 class ConfigError(ValueError):
@@ -128,6 +137,7 @@ class ModelConfig:
     (``sqrt(hidden_size)``), ``query_pre_attn_scalar``, the two softcaps and GeGLU. Qwen 3 and
     Gemma 3: ``qk_norm`` (an RMSNorm over each head's query and key before RoPE). Gemma 3:
     ``sliding_rope``, the RoPE of its sliding-window layers. Phi-3: ``fused_projections``.
+    Mixtral, Qwen 2/3 MoE: the routed experts' fields; Qwen 2 MoE: a shared expert beside them.
     """
 
     model_type: str
@@ -162,7 +172,7 @@ class ModelConfig:
     sliding_rope: RopeConfig | None = None
     # q/k/v stored as one ``qkv_proj`` and gate/up as one ``gate_up_proj`` (Phi-3).
     fused_projections: bool = False
-    # A routed mixture of experts replaces the MLP when num_experts > 0 (Mixtral, Qwen 3 MoE):
+    # A routed mixture of experts replaces the MLP when num_experts > 0 (Mixtral, Qwen 2/3 MoE):
     # each token goes through the experts_per_token most probable under the router's softmax,
     # weighted by their probabilities, renormalized to sum to one when
     # normalize_expert_weights (Qwen's norm_topk_prob; Mixtral always). Each expert is a
@@ -172,6 +182,11 @@ class ModelConfig:
     expert_intermediate_size: int | None = None
     normalize_expert_weights: bool = True
     round_expert_weights: bool = False
+    # Beside the routed experts, a shared expert when set (Qwen 2 MoE): a SwiGLU MLP of this
+    # width (the layer's gate/up/down_proj) that every token goes through, its output scaled
+    # by sigmoid(x · shared_expert_gate) and added to the experts'. intermediate_size is then
+    # no layer's width (as for Qwen 3 MoE).
+    shared_expert_intermediate_size: int | None = None
     # The router's load-balancing loss is added to the training loss with this weight
     # (transformers does when config.json sets output_router_logits); None: not added.
     router_aux_loss_coef: float | None = None
@@ -208,6 +223,11 @@ class ModelConfig:
             )
         if self.num_experts and self.fused_projections:
             raise ConfigError("a mixture-of-experts model with fused projections is not supported")
+        if self.shared_expert and not (self.num_experts and self.mlp_width > 0):
+            raise ConfigError(
+                f"shared_expert_intermediate_size={self.shared_expert_intermediate_size} needs "
+                f"a positive width and routed experts (num_experts={self.num_experts})"
+            )
         if self.checkpoint_layout not in LAYOUTS:
             raise ConfigError(
                 f"checkpoint_layout={self.checkpoint_layout!r}; supported: {tuple(LAYOUTS)}"
@@ -222,6 +242,23 @@ class ModelConfig:
     def expert_width(self) -> int:
         """Each expert's hidden width (its gate/up output, its down input)."""
         return self.expert_intermediate_size or self.intermediate_size
+
+    @property
+    def shared_expert(self) -> bool:
+        """Whether an MoE layer has a shared expert beside its routed ones (Qwen 2 MoE)."""
+        return self.shared_expert_intermediate_size is not None
+
+    @property
+    def mlp_width(self) -> int:
+        """The width of the layer's gate/up/down_proj: the shared expert's beside routed
+        experts, else intermediate_size."""
+        shared = self.shared_expert_intermediate_size
+        return self.intermediate_size if shared is None else shared
+
+    def gate_parameters(self) -> int:
+        """Per layer, the weights that only weigh outputs, never LoRA targets nor quantized:
+        the router's [experts, D] and the shared expert's gate [1, D]."""
+        return (self.num_experts + int(self.shared_expert)) * self.hidden_size
 
     @property
     def attention_scale(self) -> float:
@@ -254,14 +291,18 @@ class ModelConfig:
 
     def projections(self) -> tuple[str, ...]:
         """The projections of one decoder layer, in HF's names and order (an MoE layer's
-        expert projections: ``convert.names.EXPERT_PROJECTIONS``)."""
+        expert projections: ``convert.names.EXPERT_PROJECTIONS``; a shared expert's are
+        Llama's MLP names)."""
         if self.moe:
-            return MOE_PROJECTIONS
+            return SHARED_EXPERT_MOE_PROJECTIONS if self.shared_expert else MOE_PROJECTIONS
         return FUSED_PROJECTIONS if self.fused_projections else PROJECTIONS
 
     def projection_groups(self) -> tuple[tuple[str, ...], ...]:
         """The forward's matmul-layer calls, by the projections each computes from one input:
-        q/k/v (or qkv), o, gate/up (or gate_up, or the experts'), down."""
+        q/k/v (or qkv), o, gate/up (or gate_up, or the experts'), down; with a shared expert,
+        its gate/up and down, then the experts'."""
+        if self.moe and self.shared_expert:
+            return SHARED_EXPERT_MOE_PROJECTION_GROUPS
         if self.moe:
             return MOE_PROJECTION_GROUPS
         return FUSED_PROJECTION_GROUPS if self.fused_projections else PROJECTION_GROUPS
@@ -271,13 +312,13 @@ class ModelConfig:
 
     def mlp_projections(self) -> tuple[str, ...]:
         if self.moe:
-            return EXPERT_PROJECTIONS
+            return (MLP_PROJECTIONS if self.shared_expert else ()) + EXPERT_PROJECTIONS
         return FUSED_MLP if self.fused_projections else MLP_PROJECTIONS
 
     def projection_shape(self, name: str) -> tuple[int, int]:
         """The HF ``[out, in]`` shape of one layer's projection ``name`` (of one expert's, for
         an expert projection)."""
-        d, f = self.hidden_size, self.intermediate_size
+        d, f = self.hidden_size, self.mlp_width
         shapes = {
             "q_proj": (self.q_size, d),
             "k_proj": (self.kv_size, d),
@@ -307,13 +348,13 @@ class ModelConfig:
         return self.experts_per_token if name in EXPERT_PROJECTIONS else 1
 
     def num_parameters(self) -> int:
-        """Parameters in the model (embeddings, projections with every expert, routers,
-        biases, norms, head)."""
+        """Parameters in the model (embeddings, projections with every expert, routers and
+        gates, biases, norms, head)."""
         linear = sum(
             self.projection_copies(p) * int(np.prod(self.projection_shape(p)))
             for p in self.projections()
         )
-        linear += self.num_experts * self.hidden_size  # the router
+        linear += self.gate_parameters()
         biases = sum(self.projection_shape(p)[0] for p in self.bias_projections)
         norms = len(self.layer_norm_names()) * self.hidden_size
         per_layer = linear + biases + norms + (2 * self.head_dim if self.qk_norm else 0)
@@ -379,10 +420,10 @@ class ModelConfig:
         head_dim = int(hf.get("head_dim") or (256 if gemma else hidden // num_heads))
 
         bias: tuple[str, ...] = ()
-        if model_type == "qwen2":
-            bias = ("q_proj", "k_proj", "v_proj")
-        elif model_type not in ("mistral", "mixtral", "phi3") and hf.get("attention_bias"):
-            bias = ATTENTION_PROJECTIONS  # Mistral and Phi-3 have no attention_bias: ignored
+        if model_type == "qwen2" or (model_type == "qwen2_moe" and hf.get("qkv_bias", True)):
+            bias = QKV_BIAS  # Qwen 2 MoE's switch for them: qkv_bias (no o_proj bias)
+        elif model_type not in _NO_ATTENTION_BIAS and hf.get("attention_bias"):
+            bias = ATTENTION_PROJECTIONS
         if model_type == "llama" and hf.get("mlp_bias"):
             bias = bias + MLP_PROJECTIONS
 
@@ -480,6 +521,23 @@ def _optional_float(value: Any) -> float | None:
     return None if value is None else float(value)
 
 
+# The keys a Qwen MoE config.json may count its experts by, and transformers' defaults for the
+# MoE fields it may omit (Qwen3MoeConfig's, Qwen2MoeConfig's: Qwen1.5-MoE-A2.7B's shape).
+_EXPERT_COUNT_KEYS = {
+    "qwen3_moe": ("num_experts", "num_local_experts"),
+    "qwen2_moe": ("num_experts",),
+}
+_QWEN_MOE_DEFAULTS = {
+    "qwen3_moe": dict(num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768),
+    "qwen2_moe": dict(
+        num_experts=60,
+        num_experts_per_tok=4,
+        moe_intermediate_size=1408,
+        shared_expert_intermediate_size=5632,
+    ),
+}
+
+
 def _moe_fields(hf: Mapping[str, Any], model_type: str, source: str) -> dict[str, Any]:
     """The experts' count, top-k, width and weighting, and the load-balancing loss
     (transformers' defaults for ``model_type``)."""
@@ -499,8 +557,10 @@ def _moe_fields(hf: Mapping[str, Any], model_type: str, source: str) -> dict[str
             experts_per_token=int(hf.get("num_experts_per_tok", 2)),
             router_aux_loss_coef=aux_loss,
         )
-    # Qwen 3 MoE: the hub's files say num_experts, transformers >= 5 writes num_local_experts.
-    counts = {hf[k] for k in ("num_experts", "num_local_experts") if hf.get(k) is not None}
+    # Qwen's MoE: Qwen 3's hub files say num_experts, transformers >= 5 writes
+    # num_local_experts (its attribute map); Qwen 2 MoE's config reads num_experts alone.
+    keys = _EXPERT_COUNT_KEYS[model_type]
+    counts = {hf[k] for k in keys if hf.get(k) is not None}
     if len(counts) > 1:
         raise ConfigError(
             f"{source}: num_experts={hf['num_experts']!r} and "
@@ -509,18 +569,27 @@ def _moe_fields(hf: Mapping[str, Any], model_type: str, source: str) -> dict[str
     dense_layers = list(hf.get("mlp_only_layers") or [])
     step = int(hf.get("decoder_sparse_step") or 1)
     if dense_layers or step != 1:
-        # Every released Qwen 3 MoE routes every layer; lorax scans one layer structure.
+        # Every released Qwen MoE routes every layer; lorax scans one layer structure.
         raise ConfigError(
             f"{source}: layers with a dense MLP (mlp_only_layers={dense_layers}, "
             f"decoder_sparse_step={step}) are not supported; every layer must route "
             "(mlp_only_layers=[], decoder_sparse_step=1)"
         )
+    defaults = _QWEN_MOE_DEFAULTS[model_type]
+
+    def field(key: str) -> int:
+        return int(hf.get(key, defaults[key]))
+
+    shared = {}
+    if FAMILIES[model_type].shared_expert:
+        shared["shared_expert_intermediate_size"] = field("shared_expert_intermediate_size")
     return dict(
-        num_experts=int(counts.pop() if counts else 128),
-        experts_per_token=int(hf.get("num_experts_per_tok", 8)),
-        expert_intermediate_size=int(hf.get("moe_intermediate_size", 768)),
+        num_experts=int(counts.pop() if counts else defaults["num_experts"]),
+        experts_per_token=field("num_experts_per_tok"),
+        expert_intermediate_size=field("moe_intermediate_size"),
         normalize_expert_weights=bool(hf.get("norm_topk_prob", False)),
         router_aux_loss_coef=aux_loss,
+        **shared,
     )
 
 
@@ -604,10 +673,11 @@ def _layer_windows_from_hf(
     if model_type == "qwen3_moe":  # every layer, only with use_sliding_window
         window = hf.get("sliding_window", 4096)  # transformers' default
         return (int(window or 0) if hf.get("use_sliding_window") else 0,) * num_layers
-    if model_type in ("qwen2", "qwen3", *GEMMA_MODEL_TYPES):
+    if model_type in ("qwen2", "qwen3", "qwen2_moe", *GEMMA_MODEL_TYPES):
         layer_types = hf.get("layer_types")
+        if model_type in ("qwen2_moe", *GEMMA_MODEL_TYPES):
+            window = hf.get("sliding_window", 4096)  # transformers' default
         if model_type in GEMMA_MODEL_TYPES:
-            window = hf.get("sliding_window", 4096)
             if layer_types is None:
                 # Gemma 2 alternates (sliding first); Gemma 3 has one full layer in `pattern`.
                 pattern = 2 if model_type == "gemma2" else int(hf.get("sliding_window_pattern", 6))
@@ -616,12 +686,16 @@ def _layer_windows_from_hf(
                     for i in range(num_layers)
                 ]
         elif not hf.get("use_sliding_window"):
+            if model_type == "qwen2_moe" and "sliding_attention" in (layer_types or ()):
+                # Qwen2MoeConfig zeroes the window then, and transformers fails on its layers.
+                raise ConfigError(
+                    f"{source}: layer_types has sliding_attention layers but "
+                    "use_sliding_window is false; set use_sliding_window (and sliding_window) "
+                    "or make every layer full_attention"
+                )
             return (0,) * num_layers
         elif layer_types is None:
-            first = int(hf.get("max_window_layers", num_layers))
-            layer_types = [
-                "sliding_attention" if i >= first else "full_attention" for i in range(num_layers)
-            ]
+            layer_types = _qwen_default_layer_types(hf, model_type, num_layers)
         if len(layer_types) != num_layers:
             raise ConfigError(
                 f"{source}: layer_types has {len(layer_types)} entries for "
@@ -636,6 +710,23 @@ def _layer_windows_from_hf(
     if window:
         raise ConfigError(f"{source}: sliding_window={window!r} is not supported for {model_type}")
     return (0,) * num_layers
+
+
+def _qwen_default_layer_types(hf: Mapping[str, Any], model_type: str, num_layers: int) -> list[str]:
+    """transformers' layer_types for a Qwen config.json that slides a window and lists none.
+
+    Qwen 2/3 slide every layer from ``max_window_layers`` on. Qwen 2 MoE, as
+    ``Qwen2MoeConfig`` spells it since transformers 5 (earlier versions windowed only their
+    flash-attention path, from ``max_window_layers`` on): every other layer, the first
+    included, below ``max_window_layers`` (default 28). No released Qwen 2 MoE slides.
+    """
+    if model_type == "qwen2_moe":
+        below = int(hf.get("max_window_layers", 28))
+        sliding = [i % 2 == 0 and i < below for i in range(num_layers)]
+    else:
+        first = int(hf.get("max_window_layers", num_layers))
+        sliding = [i >= first for i in range(num_layers)]
+    return ["sliding_attention" if s else "full_attention" for s in sliding]
 
 
 # ---------------------------------------------------------------------------------- RoPE

@@ -100,10 +100,14 @@ def _llama_targets(model: Model, targets: str | Iterable[str]) -> str | tuple[st
     qkv_proj, gate/up -> gate_up_proj) or as experts (Mixtral: gate/up ->
     experts_gate_up_proj, down -> experts_down_proj). Unsloth loads Phi-3 with the
     projections split, so its scripts list them; here each fused or expert projection is one
-    module (PEFT's too), so all of its parts must be asked for together."""
+    module (PEFT's too), so all of its parts must be asked for together. A model with a shared
+    expert (Qwen 2 MoE) has the Llama MLP names as its own (the shared expert's), which is
+    what they name there, as in PEFT."""
     config = model.config
     if isinstance(targets, str) or not (config.fused_projections or config.moe):
         return targets
+    if config.shared_expert:
+        return tuple(targets)
     known_parts = EXPERT_MLP if config.moe else FUSED
     names = tuple(targets)
     mapped = []

@@ -14,11 +14,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from convert.names import ROUTER
+from convert.names import ROUTER, SHARED_EXPERT_GATE
 from lorax import remat as remat_lib
 from lorax.config import ModelConfig, rope_frequencies
 from lorax.lora import LoraWeights, lora_linears
-from lorax.moe import moe_mlp, router_statistics
+from lorax.moe import gate_shared_expert, moe_mlp, router_statistics
 from pallas_kernels.flash_attention import flash_attention, mosaic_supports, resolve_impl
 from pallas_kernels.flash_attention_mgpu import MgpuAttentionConfig
 from pallas_kernels.nf4_matmul import NF4MatmulConfig
@@ -46,9 +46,11 @@ class Model:
                 (Gemma) pre_feedforward_layernorm, post_feedforward_layernorm [L, D],
                 (Qwen 3, Gemma 3) q_norm, k_norm [L, head_dim],
                 {q,k,v,o,gate,up,down}_proj: {"weight": [L, out, in] | NF4Tensor, "bias"?: [L, out]}
-                (Mixtral, Qwen 3 MoE; in place of gate/up/down) router: {"weight": [L, E, D]},
+                (Mixtral, Qwen 2/3 MoE; in place of gate/up/down) router: {"weight": [L, E, D]},
                 experts_gate_up_proj: {"weight": [L, E, 2, F, D] | NF4Tensor (batch [L, E, 2])},
                 experts_down_proj: {"weight": [L, E, D, F] | NF4Tensor (batch [L, E])}
+                (Qwen 2 MoE: beside them, gate/up/down_proj are the shared expert's)
+                shared_expert_gate: {"weight": [L, 1, D]}
         norm [D]
         lm_head: {"weight": [V, D]}          (absent when embeddings are tied)
 
@@ -317,7 +319,9 @@ def _decoder_layer(
         if dropout_key is not None
         else {}
     )
-    qkv_group, out_group, gate_up_group, down_group = config.projection_groups()
+    # The MLP's groups are the dense MLP's (a shared expert's with experts beside it), or
+    # the experts' (which ``moe`` runs itself).
+    qkv_group, out_group, gate_up_group, down_group = config.projection_groups()[:4]
 
     def linears(names: tuple[str, ...], x: Array, key_salt: Array | None = None) -> list[Array]:
         # Projections of the same x go through the matmul layer together (one GEMM each way).
@@ -424,7 +428,7 @@ def _decoder_layer(
 
     def mlp(x: Array, chunk_index: Array | None = None) -> Array:
         # Chunks fold their index into the dropout keys so they draw different masks.
-        f = config.intermediate_size
+        f = config.mlp_width
         gate, up = split(linears(gate_up_group, x, chunk_index), f, f)
         gate, up = remat_lib.name(gate, "mlp_gate"), remat_lib.name(up, "mlp_up")
         (down,) = linears(down_group, _activation(config.activation, gate) * up, chunk_index)
@@ -432,11 +436,18 @@ def _decoder_layer(
             down = norm(down, "post_feedforward_layernorm")
         return down
 
+    def moe_and_shared_expert(x: Array, chunk_index: Array | None = None) -> Array:
+        # Qwen 2 MoE: the routed experts' output plus the gated shared expert's, the sum
+        # rounded to the compute dtype as transformers adds them.
+        shared = gate_shared_expert(x, layer[SHARED_EXPERT_GATE]["weight"], mlp(x, chunk_index))
+        return moe(x, chunk_index) + shared
+
     stats = None
     if router_stats and config.moe:
         mask = None if segment_ids is None else segment_ids > 0
         stats = router_statistics(x, layer[ROUTER]["weight"], config.experts_per_token, mask)
-    out = h + _chunked_over_tokens(moe if config.moe else mlp, x, options.mlp_chunk_tokens)
+    block = moe_and_shared_expert if config.shared_expert else moe if config.moe else mlp
+    out = h + _chunked_over_tokens(block, x, options.mlp_chunk_tokens)
     return out, stats
 
 

@@ -1,5 +1,5 @@
-"""A routed mixture-of-experts MLP (Mixtral, Qwen 3 MoE): route each token, group rows by
-expert, multiply.
+"""A routed mixture-of-experts MLP (Mixtral, Qwen 2/3 MoE): route each token, group rows by
+expert, multiply; and the gate of a shared expert beside the routed ones (Qwen 2 MoE).
 
 Each token's hidden state goes to the ``experts_per_token`` of ``num_experts`` SwiGLU experts
 most probable under a linear router's softmax; their outputs are summed, weighted by those
@@ -141,3 +141,16 @@ def _permute(v: Array, order: Array) -> Array:
     (``tokens[order // k]``) had a gradient that sums k rows per token by atomic adds in no
     fixed order (the GPU's; measured nondeterministic on an H200 with Qwen 3 MoE's k = 8)."""
     return v.at[order].get(unique_indices=True)
+
+
+def gate_shared_expert(x: Array, gate: Array, shared: Array) -> Array:
+    """A shared expert's output ``shared [..., D]`` scaled per token by ``sigmoid(x · gateᵀ)``
+    (``gate [1, D]``, frozen), for the layer input ``x [..., D]``.
+
+    Rounded where transformers' Qwen 2 MoE rounds: the gate's logit comes out of a matmul in
+    the compute dtype, its sigmoid and the product are taken in that dtype.
+    """
+    logit = jnp.einsum(
+        "...d,od->...o", x, gate.astype(x.dtype), preferred_element_type=jnp.float32
+    ).astype(x.dtype)
+    return jax.nn.sigmoid(logit) * shared

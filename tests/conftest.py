@@ -143,6 +143,7 @@ def make_hf_model(tmp_path, model_type: str = "llama", seed: int = 0, **override
         "phi3": transformers.Phi3Config,
         "mixtral": transformers.MixtralConfig,
         "qwen3_moe": transformers.Qwen3MoeConfig,
+        "qwen2_moe": transformers.Qwen2MoeConfig,
     }[model_type]
     config = config_cls(**{**TINY, **overrides})
     return _save_hf_model(tmp_path, config, model_type, seed)

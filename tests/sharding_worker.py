@@ -52,6 +52,14 @@ MOE_CHECKPOINTS = {
         moe_intermediate_size=32,
         norm_topk_prob=True,
     ),
+    "qwen2_moe": dict(
+        model_type="qwen2_moe",
+        architectures=["Qwen2MoeForCausalLM"],
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=64,
+    ),
 }
 SAVE_AT = RUN["save_every"]
 
@@ -166,7 +174,8 @@ def main(work: str) -> None:
         for p, x in jax.tree_util.tree_flatten_with_path(split.params)[0]
     }
     # A mixture of experts: its expert matrices are read whole, then placed; the same bytes.
-    # Mixtral, and Qwen 3 MoE (its own checkpoint names, narrower experts).
+    # Mixtral, Qwen 3 MoE (its own checkpoint names, narrower experts) and Qwen 2 MoE (a
+    # shared expert and its gate beside them).
     from lorax.model import forward
 
     ids = jax.numpy.asarray(np.arange(64).reshape(2, 32) % 256)

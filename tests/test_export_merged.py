@@ -148,6 +148,8 @@ FAMILY_FIELDS = (
     "tie_word_embeddings",
     "num_local_experts",
     "num_experts",
+    "shared_expert_intermediate_size",
+    "qkv_bias",
     "num_experts_per_tok",
     "moe_intermediate_size",
     "norm_topk_prob",
@@ -173,6 +175,8 @@ FAMILY_FIELDS = (
         ("mixtral", "bfloat16"),
         ("qwen3-moe", "float32"),
         ("qwen3-moe-unnormalized-window", "bfloat16"),
+        ("qwen2-moe", "float32"),
+        ("qwen2-moe-normalized-window-unbiased", "bfloat16"),
     ],
 )
 def test_merged_families_load_in_transformers(tmp_path, rng, case, dtype):
@@ -363,19 +367,22 @@ def _exact_expert_merge(model, lora, proj, i, e) -> np.ndarray:
 # The NF4 base's per-expert dequantization is the same code for every family: Mixtral alone
 # takes it (each NF4 case compiles its own forward, seconds on CPU).
 @pytest.mark.parametrize(
-    "case, quantize", [("mixtral", None), ("mixtral", "nf4"), ("qwen3-moe", None)]
+    "case, quantize",
+    [("mixtral", None), ("mixtral", "nf4"), ("qwen3-moe", None), ("qwen2-moe", None)],
 )
 def test_moe_merged_writes_each_expert_merged(tmp_path, rng, case, quantize):
     """The merged checkpoint has the very tensor names transformers' save_pretrained wrote
     for the source (per expert: Mixtral's w1/w3/w2, Qwen 3 MoE's gate/up/down_proj, the rows
     of experts_gate_up_proj and experts_down_proj), each expert matrix its own merge;
     transformers computes lorax's adapted logits from them. From an NF4 base too, where each
-    expert matrix is dequantized as bitsandbytes does before the float32 sum."""
+    expert matrix is dequantized as bitsandbytes does before the float32 sum. Qwen 2 MoE's
+    shared expert is merged as a dense projection, and its gate kept as it is."""
     model_type, overrides = CASES[case]
     torch_model, path = make_hf_model(tmp_path, model_type, **overrides)
     model = lorax.load(path, dtype="float32", quantize=quantize)
     targets = ("k_proj", "experts_gate_up_proj", "experts_down_proj")
-    lora = random_lora(model, rng, 4, 8, targets)
+    shared = model.config.shared_expert
+    lora = random_lora(model, rng, 4, 8, targets + (("down_proj",) if shared else ()))
     out = str(tmp_path / "merged")
     lorax.save_merged(model, lora, out, dtype="float32")
 
@@ -395,6 +402,17 @@ def test_moe_merged_writes_each_expert_merged(tmp_path, rng, case, quantize):
         stored[f"model.layers.1.{checkpoint.module}.gate.weight"],
         model.params["layers"]["router"]["weight"][1],
     )
+    if shared:
+        np.testing.assert_allclose(
+            stored["model.layers.1.mlp.shared_expert.down_proj.weight"],
+            _exact_merge(model, lora, "down_proj", 1),
+            rtol=1e-5,
+            atol=1e-6,
+        )
+        np.testing.assert_array_equal(
+            stored["model.layers.1.mlp.shared_expert_gate.weight"],
+            model.params["layers"]["shared_expert_gate"]["weight"][1],
+        )
 
     hf = _hf_model(out)
     assert type(hf).__name__ == ARCHITECTURES[model_type]
@@ -406,7 +424,7 @@ def test_moe_merged_writes_each_expert_merged(tmp_path, rng, case, quantize):
     assert rel_l2(_logits(model, None, ids), expected) > 1e-2  # the merge mattered
 
 
-@pytest.mark.parametrize("case", ["mixtral", "qwen3-moe"])
+@pytest.mark.parametrize("case", ["mixtral", "qwen3-moe", "qwen2-moe"])
 def test_moe_nf4_merged_is_refused(tmp_path, case):
     model_type, overrides = CASES[case]
     _, path = make_hf_model(tmp_path, model_type, **overrides)
@@ -540,6 +558,23 @@ def _gemma(model_type="gemma2", **kw) -> lorax.ModelConfig:
     return _cfg(**{**gemma, **kw})
 
 
+def _qwen2_moe(**kw) -> lorax.ModelConfig:
+    """A Qwen 2 MoE config as ``ModelConfig.from_hf_dict`` builds one: q/k/v biases, experts
+    narrower than intermediate_size, their weights rounded to the compute dtype and not
+    renormalized, a shared expert of its own width."""
+    moe = dict(
+        model_type="qwen2_moe",
+        bias_projections=("q_proj", "k_proj", "v_proj"),
+        round_expert_weights=True,
+        num_experts=8,
+        experts_per_token=2,
+        expert_intermediate_size=12,
+        normalize_expert_weights=False,
+        shared_expert_intermediate_size=20,
+    )
+    return _cfg(**{**moe, **kw})
+
+
 def _qwen3_moe(**kw) -> lorax.ModelConfig:
     """A Qwen 3 MoE config as ``ModelConfig.from_hf_dict`` builds one: q/k norms, experts
     narrower than intermediate_size, their weights rounded to the compute dtype."""
@@ -608,6 +643,14 @@ def _qwen3_moe(**kw) -> lorax.ModelConfig:
             router_aux_loss_coef=0.02,
             tie_word_embeddings=True,
         ),
+        _qwen2_moe(),
+        _qwen2_moe(  # every other layer slides; renormalized; no biases; aux loss
+            layer_windows=(9, 0, 9, 0),
+            normalize_expert_weights=True,
+            bias_projections=(),
+            router_aux_loss_coef=0.02,
+        ),
+        _qwen2_moe(layer_windows=(9, 0, 0, 0), tie_word_embeddings=True),  # below layer 1
     ],
 )
 def test_hf_config_round_trips(config):
@@ -617,21 +660,30 @@ def test_hf_config_round_trips(config):
     parsed = transformers.AutoConfig.for_model(**hf)
     assert parsed.num_key_value_heads == config.num_kv_heads and parsed.head_dim == config.head_dim
     assert parsed.rope_parameters["rope_type"] == config.rope.type
-    if config.moe:
-        assert (parsed.num_local_experts, parsed.num_experts_per_tok) == (
-            config.num_experts,
-            config.experts_per_token,
-        )
+    if config.moe:  # Qwen 2 MoE's config has num_experts only (no attribute map)
+        count = parsed.num_experts if config.shared_expert else parsed.num_local_experts
+        assert (count, parsed.num_experts_per_tok) == (config.num_experts, config.experts_per_token)
         assert parsed.output_router_logits == (config.router_aux_loss_coef is not None)
         if config.router_aux_loss_coef is not None:
             assert parsed.router_aux_loss_coef == config.router_aux_loss_coef
-    if config.model_type == "qwen3_moe":
+    if config.model_type in ("qwen3_moe", "qwen2_moe"):
         assert (parsed.moe_intermediate_size, parsed.norm_topk_prob) == (
             config.expert_width,
             config.normalize_expert_weights,
         )
+    if config.model_type == "qwen3_moe":
         window = max(config.layer_windows) or None
         assert (parsed.use_sliding_window, parsed.sliding_window) == (bool(window), window)
+    if config.model_type == "qwen2_moe":
+        assert parsed.shared_expert_intermediate_size == config.mlp_width
+        assert parsed.qkv_bias == bool(config.bias_projections)
+        windows = config.layer_windows
+        assert parsed.layer_types == ["sliding_attention" if w else "full_attention"
+                                      for w in windows]  # fmt: skip
+        assert parsed.sliding_window == max(windows)  # 0 without a window, as it spells it
+        # Readers that ignore layer_types take the same layers from max_window_layers.
+        legacy = {k: v for k, v in hf.items() if k != "layer_types"}
+        assert lorax.ModelConfig.from_hf_dict(legacy) == config
 
 
 def _rope_type_and_theta(params) -> tuple[str, float]:
@@ -773,6 +825,17 @@ def test_family_hf_config_round_trips_and_reads_in_transformers(config):
         (_qwen3_moe(qk_norm=False), r"qwen3_moe's config.json cannot express \['qk_norm'\]"),
         (_qwen3_moe(round_expert_weights=False), r"cannot express \['round_expert_weights'\]"),
         (_qwen3_moe(layer_windows=(0, 4, 4, 4)), "every layer or none"),
+        (
+            _qwen3_moe(shared_expert_intermediate_size=16),
+            r"qwen3_moe's config.json cannot express \['shared_expert'\]",
+        ),
+        (
+            _qwen2_moe(shared_expert_intermediate_size=None),
+            r"qwen2_moe's config.json cannot express \['shared_expert'\]",
+        ),
+        (_qwen2_moe(bias_projections=ATTENTION), r"qkv_bias covers exactly.*'o_proj'"),
+        (_qwen2_moe(layer_windows=(0, 4, 0, 4)), "every other layer, the first included"),
+        (_qwen2_moe(layer_windows=(4, 4, 4, 4)), "every other layer, the first included"),
     ],
 )
 def test_hf_config_refuses_what_the_format_cannot_say(config, message):

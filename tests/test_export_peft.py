@@ -327,15 +327,16 @@ def test_lora_for_another_model_is_refused_on_save(tmp_path, base, lora):
     assert not os.path.exists(tmp_path / "x")
 
 
-# ----------------------------------------------- Mixture of experts: Mixtral, Qwen 3 MoE
+# ------------------------------------------ Mixture of experts: Mixtral, Qwen 3 MoE, Qwen 2 MoE
 # PEFT adapts the experts' 3-D parameters through target_parameters: one lora_A [E·r, in] /
 # lora_B [out, r·E] pair per layer and parameter, keyed by the (nested) wrapper module.
 
 GATE_UP, DOWN = "mlp.experts.gate_up_proj", "mlp.experts.down_proj"
-# Each MoE family's tiny model (test_model_parity's cases): transformers keeps both families'
+# Each MoE family's tiny model (test_model_parity's cases): transformers keeps every family's
 # experts as the same 3-D parameters, so PEFT's keys are the same; the widths differ (Qwen's
-# experts are narrower than intermediate_size).
-MOE_CASES = ("mixtral", "qwen3-moe")
+# experts are narrower than intermediate_size). Qwen 2 MoE's gate/up/down_proj are its shared
+# expert's (mlp.shared_expert.*), which PEFT's target_modules match by name.
+MOE_CASES = ("mixtral", "qwen3-moe", "qwen2-moe")
 
 
 def _peft_lora_config(lora: lorax.LoraWeights):
@@ -402,13 +403,14 @@ def test_peft_runs_our_moe_adapter_like_lorax(tmp_path, rng, case, targets):
 @pytest.mark.parametrize("case", MOE_CASES)
 def test_reads_moe_adapter_written_by_peft(tmp_path, rng, case):
     torch_model, path = _make(tmp_path, case)
+    modules = ["q_proj", "o_proj"] + (["up_proj"] if case == "qwen2-moe" else [])  # shared's
     out, peft_model = _peft_saved_adapter(
         tmp_path, torch_model, rng, r=4, lora_alpha=16, use_rslora=True,
-        target_modules=["q_proj", "o_proj"], target_parameters=[DOWN, GATE_UP],
+        target_modules=modules, target_parameters=[DOWN, GATE_UP],
     )  # fmt: skip
     model = lorax.load(path, dtype="float32")
     lora = lorax.load_adapter(model, out)
-    targets = ("q_proj", "o_proj", "experts_gate_up_proj", "experts_down_proj")
+    targets = (*modules, "experts_gate_up_proj", "experts_down_proj")
     assert lora.config == lorax.LoraConfig(4, 16.0, targets, use_rslora=True)
     ids = rng.integers(0, model.config.vocab_size, size=(2, 10))
     expected = torch_logits(peft_model, ids)
@@ -428,9 +430,10 @@ def moe(request, tmp_path_factory) -> lorax.Model:
 
 @pytest.fixture
 def moe_adapter(tmp_path, moe) -> str:
+    shared = ("down_proj",) if moe.config.shared_expert else ()  # mlp.shared_expert.down_proj
     lora = random_lora(
         moe, np.random.default_rng(3), rank=4, alpha=8,
-        targets=("q_proj", "experts_gate_up_proj", "experts_down_proj"),
+        targets=("q_proj", *shared, "experts_gate_up_proj", "experts_down_proj"),
     )  # fmt: skip
     out = str(tmp_path / "adapter")
     lorax.save_adapter(moe, lora, out)
@@ -492,12 +495,36 @@ def test_moe_adapter_missing_an_expert_parameter_is_named(moe, moe_adapter):
 
 
 def test_llama_names_on_moe_are_refused(tmp_path, moe):
-    other = _other_base(moe, num_experts=0, experts_per_token=0)
+    """A dense model's MLP LoRA (``mlp.up_proj``) on an MoE: Mixtral and Qwen 3 MoE have no
+    up_proj; Qwen 2 MoE's is its shared expert's, another module (PEFT would find none)."""
+    other = _other_base(
+        moe, model_type="llama", num_experts=0, experts_per_token=0,
+        shared_expert_intermediate_size=None,
+    )  # fmt: skip
     out = str(tmp_path / "dense")
     lorax.save_adapter(other, random_lora(other, np.random.default_rng(5), 4, 8, ("up_proj",)), out)
     message = rf"\['up_proj'\], which {moe.config.model_type} does not have"
+    if moe.config.shared_expert:
+        message = r"layers\.0\.mlp\.up_proj\.lora_A\.weight' names an unknown module"
     with pytest.raises(AdapterError, match=message):
         lorax.load_adapter(moe, out)
+
+
+def test_qwen2_moe_adapter_of_the_shared_experts_gate_is_refused(tmp_path, rng):
+    """PEFT's "all-linear" adapts every Linear of Qwen2MoeForCausalLM but the head: the
+    projections, and the shared expert's gate, a Linear of one output that lorax keeps frozen
+    (as the router, which transformers 5 keeps as a parameter, not a Linear)."""
+    torch_model, path = _make(tmp_path, "qwen2-moe")
+    out, peft_model = _peft_saved_adapter(
+        tmp_path, torch_model, rng, r=2, target_modules="all-linear"
+    )
+    assert any("shared_expert_gate.lora_A" in n for n, _ in peft_model.named_parameters())
+    model = lorax.load(path, dtype="float32")
+    with pytest.raises(AdapterError, match=r"includes \['shared_expert_gate'\].*keeps frozen"):
+        lorax.load_adapter(model, out)  # PEFT saves the names "all-linear" matched
+    _rewrite(out, target_modules=r".*\.(q_proj|shared_expert_gate)")  # as a regex: the tensors
+    with pytest.raises(AdapterError, match=r"mlp\.shared_expert_gate\.lora_A.*keeps frozen"):
+        lorax.load_adapter(model, out)
 
 
 def test_save_refuses_dropout_on_moe_experts(tmp_path, moe):

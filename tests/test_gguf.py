@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import make_hf_model
-from test_model_parity import QWEN3_MOE
+from test_model_parity import QWEN2_MOE, QWEN3_MOE
 
 import lorax
 from convert.gguf import GGUFError, GGUFFile, bundled_smollm2_path
@@ -922,6 +922,17 @@ def test_nf4_mixtral_and_gguf(mixtral, out):
     error = _rel(_lorax_logits(back, None, ids), _lorax_logits(from_hf, qlora, ids))
     print(f"mixtral QLoRA (NF4) -> GGUF -> lorax: {error:.1e}")
     assert error < 1e-5
+
+
+def test_qwen2_moe_export_is_refused_by_model_type(tmp_path):
+    """lorax does not write Qwen 2 MoE (llama.cpp's qwen2moe, with its shared-expert tensors)
+    yet: the export says so by model type, and leaves no file."""
+    _, path = make_hf_model(tmp_path, "qwen2_moe", **QWEN2_MOE)
+    model = lorax.load(path, dtype="float32")
+    out = tmp_path / "model.gguf"
+    with pytest.raises(GGUFError, match="cannot export model_type='qwen2_moe' to GGUF"):
+        lorax.export_gguf(model, None, str(out), quant="f16")
+    assert not out.exists()
 
 
 def test_moe_files_lorax_cannot_read_are_refused(moe, family, tmp_path):

@@ -35,6 +35,14 @@ QWEN3_MOE = dict(
     num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, norm_topk_prob=True
 )
 
+# Qwen 2 MoE: Qwen 2's q/k/v biases, 4 experts narrower than intermediate_size (which no layer
+# then uses), 2 per token, their weights not renormalized (as Qwen1.5-MoE-A2.7B's and
+# Qwen2-57B-A14B's), and beside them a shared expert of its own width, sigmoid-gated.
+QWEN2_MOE = dict(
+    num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
+    shared_expert_intermediate_size=80,
+)  # fmt: skip
+
 CASES = {
     "llama-llama3-rope": ("llama", dict(rope_parameters=LLAMA3_ROPE)),
     "llama-headdim-mqa-bias-tied": (
@@ -132,6 +140,22 @@ CASES = {
             num_experts_per_tok=3,
             use_sliding_window=True,
             sliding_window=8,
+        ),
+    ),
+    "qwen2-moe": ("qwen2_moe", QWEN2_MOE),
+    # ... renormalized (norm_topk_prob), top-3 of 5, without biases, and a window on every
+    # other layer from the first (transformers' layer_types for use_sliding_window).
+    "qwen2-moe-normalized-window-unbiased": (
+        "qwen2_moe",
+        dict(
+            QWEN2_MOE,
+            norm_topk_prob=True,
+            num_experts=5,
+            num_experts_per_tok=3,
+            qkv_bias=False,
+            use_sliding_window=True,
+            sliding_window=8,
+            max_window_layers=2,
         ),
     ),
     # Gemma 3: q/k norms, and the full layers' RoPE (scaled) apart from the sliding layers'.

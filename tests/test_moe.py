@@ -1,5 +1,6 @@
-"""Mixture of experts (Mixtral, Qwen 3 MoE): the grouped expert matmul against its definition,
-the router's load-balancing loss against transformers', and the MoE models' bookkeeping."""
+"""Mixture of experts (Mixtral, Qwen 2/3 MoE): the grouped expert matmul against its
+definition, the router's load-balancing loss against transformers', and the MoE models'
+bookkeeping."""
 
 from __future__ import annotations
 
@@ -21,7 +22,11 @@ from pallas_kernels.expert_matmul import expert_lora_matmul, expert_lora_matmul_
 from pallas_kernels.nf4 import quantize_nf4
 
 # Each MoE family's tiny config (test_model_parity's cases), by model_type.
-MOE = {"mixtral": CASES["mixtral"][1], "qwen3_moe": CASES["qwen3-moe"][1]}
+MOE = {
+    "mixtral": CASES["mixtral"][1],
+    "qwen3_moe": CASES["qwen3-moe"][1],
+    "qwen2_moe": CASES["qwen2-moe"][1],
+}
 
 
 def _expert_case(rng, dtype, nf4: bool, parts: int):
@@ -157,7 +162,9 @@ def _aux_case(tmp_path, coef: float, model_type: str = "mixtral"):
 def test_router_aux_loss_matches_transformers(tmp_path, rng, model_type):
     """With output_router_logits, transformers trains on CE + coef · load-balancing loss; so
     does lorax, with the same value and LoRA gradients, padding (segment 0) left out of the
-    routers' statistics as transformers leaves out masked tokens."""
+    routers' statistics as transformers leaves out masked tokens. LoRA on every projection:
+    the experts (PEFT's target_parameters) and, on Qwen 2 MoE, the shared expert's
+    gate/up/down_proj (PEFT's target_modules, matched by name)."""
     import peft
     import torch
 
@@ -208,7 +215,7 @@ def test_router_aux_loss_matches_transformers(tmp_path, rng, model_type):
             if proj in experts:
                 yield proj, wrappers[EXPERT_HF_PARAMETERS[proj]]
             else:
-                yield proj, layer.get_submodule(module_name(proj))
+                yield proj, layer.get_submodule(module_name(proj, model_type))
 
     with torch.no_grad():
         for i, layer in enumerate(layers):
@@ -268,6 +275,11 @@ def test_moe_bookkeeping(tmp_path, model_type):
                                                               c.hidden_size)  # fmt: skip
     assert layers["experts_down_proj"]["weight"].shape == (*dims, c.hidden_size, c.expert_width)
     assert layers["router"]["weight"].shape == (*dims, c.hidden_size)
+    if c.shared_expert:  # Qwen 2 MoE: a shared expert of its own width, and its gate
+        shared = torch_model.model.layers[0].mlp.shared_expert
+        assert c.mlp_width == shared.down_proj.in_features != c.intermediate_size
+        assert layers["down_proj"]["weight"].shape == (c.num_layers, c.hidden_size, c.mlp_width)
+        assert layers["shared_expert_gate"]["weight"].shape == (c.num_layers, 1, c.hidden_size)
     with pytest.raises(ValueError, match="dropout on the expert projections"):
         lorax.init_lora(model, rank=4, alpha=8, dropout=0.1)
     assert lorax.init_lora(model, 4, 8, targets="attention", dropout=0.1).config.dropout == 0.1
@@ -324,11 +336,91 @@ def test_qwen3_moe_config_refuses_what_lorax_cannot_compute(changes, match):
         ModelConfig.from_hf_dict({**_QWEN3_MOE_HF, **changes})
 
 
+_QWEN2_MOE_HF = dict(model_type="qwen2_moe", vocab_size=64, hidden_size=32, intermediate_size=48,
+                     num_hidden_layers=5, num_attention_heads=4, num_experts=4,
+                     num_experts_per_tok=2, moe_intermediate_size=16,
+                     shared_expert_intermediate_size=40)  # fmt: skip
+
+
+def test_qwen2_moe_config_reads_what_transformers_reads():
+    """A config.json without the MoE fields gets Qwen2MoeConfig's defaults (Qwen1.5-MoE-A2.7B's
+    shape: 60 experts, top-4, width 1408, a shared expert 5632 wide, no renormalization);
+    q/k/v carry biases unless qkv_bias is false (Qwen 2 MoE has no attention_bias field: one
+    is ignored, as transformers ignores it); num_local_experts is no Qwen 2 MoE field."""
+    import transformers
+
+    hub = ModelConfig.from_hf_dict(_QWEN2_MOE_HF)
+    assert (hub.num_experts, hub.experts_per_token, hub.expert_width, hub.mlp_width) == (
+        4, 2, 16, 40
+    )  # fmt: skip
+    assert hub.bias_projections == ("q_proj", "k_proj", "v_proj")
+    assert hub.round_expert_weights and hub.shared_expert and not hub.qk_norm
+    assert ModelConfig.from_hf_dict({**_QWEN2_MOE_HF, "num_local_experts": 8}) == hub
+    unbiased = ModelConfig.from_hf_dict(
+        {**_QWEN2_MOE_HF, "qkv_bias": False, "attention_bias": True}
+    )
+    assert unbiased.bias_projections == ()
+    bare = {k: v for k, v in _QWEN2_MOE_HF.items() if "expert" not in k and "moe_" not in k}
+    c, theirs = ModelConfig.from_hf_dict(bare), transformers.Qwen2MoeConfig(**bare)
+    assert (c.num_experts, c.experts_per_token, c.expert_width, c.mlp_width) == (
+        theirs.num_experts, theirs.num_experts_per_tok, theirs.moe_intermediate_size,
+        theirs.shared_expert_intermediate_size,
+    )  # fmt: skip
+    assert c.normalize_expert_weights is theirs.norm_topk_prob is False
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        dict(),
+        dict(use_sliding_window=False, sliding_window=16, max_window_layers=3),
+        dict(use_sliding_window=True, sliding_window=16),  # max_window_layers 28: all even
+        dict(use_sliding_window=True, sliding_window=16, max_window_layers=3),
+        dict(use_sliding_window=True, sliding_window=16, max_window_layers=0),
+        dict(use_sliding_window=True, max_window_layers=5),  # transformers' window: 4096
+    ],
+)
+def test_qwen2_moe_windows_are_transformers_layer_types(fields):
+    """Without layer_types in the file, Qwen2MoeConfig slides every other layer, the first
+    included, below max_window_layers, and only with use_sliding_window (transformers 5's
+    rule, unlike Qwen 2's from max_window_layers on); lorax reads the same layers."""
+    import transformers
+
+    theirs = transformers.Qwen2MoeConfig(**_QWEN2_MOE_HF, **fields)
+    expected = tuple(theirs.sliding_window if t == "sliding_attention" else 0
+                     for t in theirs.layer_types)  # fmt: skip
+    assert ModelConfig.from_hf_dict({**_QWEN2_MOE_HF, **fields}).layer_windows == expected
+    spelled = {**_QWEN2_MOE_HF, **fields, "layer_types": theirs.layer_types}
+    assert ModelConfig.from_hf_dict(spelled).layer_windows == expected
+
+
+@pytest.mark.parametrize(
+    "changes, match",
+    [
+        (dict(mlp_only_layers=[1]), r"mlp_only_layers=\[1\]"),
+        (dict(decoder_sparse_step=2), "decoder_sparse_step=2"),
+        (dict(num_experts_per_tok=5), "num_experts_per_tok=5"),
+        (dict(shared_expert_intermediate_size=0), "shared_expert_intermediate_size=0"),
+        (
+            dict(layer_types=["sliding_attention"] + ["full_attention"] * 4),
+            "layer_types has sliding_attention layers but use_sliding_window is false",
+        ),
+    ],
+)
+def test_qwen2_moe_config_refuses_what_lorax_cannot_compute(changes, match):
+    """Dense-MLP layers (no released Qwen 2 MoE has them), a shared expert of no width, and
+    sliding layers whose window Qwen2MoeConfig zeroes (transformers cannot run them) are
+    refused by name, never computed as something else."""
+    with pytest.raises(ConfigError, match=match):
+        ModelConfig.from_hf_dict({**_QWEN2_MOE_HF, **changes})
+
+
 @pytest.mark.parametrize("model_type", list(MOE))
 def test_nf4_moe_matches_transformers_with_bnb_experts(tmp_path, rng, model_type):
     """Every expert matrix quantized on its own, as bitsandbytes quantizes a checkpoint's
-    per-expert Linear layers (Mixtral's w1/w3/w2, Qwen's gate/up/down): lorax's NF4 forward
-    equals transformers on those dequantized."""
+    per-expert Linear layers (Mixtral's w1/w3/w2, Qwen's gate/up/down), and Qwen 2 MoE's
+    shared expert as any dense projection (its gate, like the router, stays as it is): lorax's
+    NF4 forward equals transformers on those dequantized."""
     bnb_f = pytest.importorskip("bitsandbytes.functional", reason="bitsandbytes checks NF4")
     import torch
     from conftest import bnb_dequantize
@@ -377,6 +469,28 @@ def test_mixtral_targets_and_kernel_groups(tmp_path):
     assert kernel_groups_for(model, "all", 1024) == group_keys(model)
 
 
+def test_qwen2_moe_targets_and_kernel_groups(tmp_path):
+    """Qwen 2 MoE's gate/up/down_proj are its shared expert's: LoRA targets by those names (in
+    the presets beside the experts'), which the Unsloth facade passes on as PEFT reads them
+    (never onto the experts), and the Mosaic NF4 kernel's groups (dense projections)."""
+    from lorax.kernel_weights import group_keys
+
+    _, path = make_hf_model(tmp_path, "qwen2_moe", **MOE["qwen2_moe"])
+    model = lorax.load(path, dtype="float32")
+    mlp, experts = ("gate_proj", "up_proj", "down_proj"), ("experts_gate_up_proj",
+                                                          "experts_down_proj")  # fmt: skip
+    attention = ("q_proj", "k_proj", "v_proj", "o_proj")
+    assert lorax.init_lora(model, 2, 4).config.targets == (*attention, *mlp, *experts)
+    assert lorax.init_lora(model, 2, 4, targets="mlp").config.targets == (*mlp, *experts)
+    facade = lorax.FastLanguageModel.get_peft_model
+    assert facade(model, r=2, target_modules=[*attention, *mlp]).lora.config.targets == (
+        *attention, *mlp
+    )  # fmt: skip
+    assert facade(model, r=2, target_modules=["up_proj"]).lora.config.targets == ("up_proj",)
+    assert group_keys(model) == ("q_proj+k_proj+v_proj", "o_proj", "gate_proj+up_proj",
+                                 "down_proj")  # fmt: skip
+
+
 @pytest.mark.parametrize("all_experts", [False, True])
 @pytest.mark.parametrize("model_type", list(MOE))
 def test_moe_bf16_matches_transformers_where_routes_agree(tmp_path, rng, model_type, all_experts):
@@ -397,10 +511,12 @@ def test_moe_bf16_matches_transformers_where_routes_agree(tmp_path, rng, model_t
     ref = torch_logits(torch_model, ids).astype(np.float64)
     per_position = np.abs(ours - ref).max(-1) / np.abs(ref).max()
     assert np.mean(ours.argmax(-1) == ref.argmax(-1)) > 0.9
-    if all_experts:  # 30 draws, both families: medians 0.005-0.009, every position < 3e-2
+    # Mixtral, Qwen 3 MoE: 30 draws each; Qwen 2 MoE: 12 draws (medians <= 0.008, shares of
+    # top-2 routing >= 0.98; with all experts every position < 0.014).
+    if all_experts:  # medians 0.005-0.009, every position < 3e-2
         assert np.median(per_position) < 1.2e-2
         assert np.max(per_position) < 3e-2
-    else:  # 30 draws: medians 0.005-0.007 (Mixtral), 0.006-0.019 (Qwen); shares >= 0.67
+    else:  # medians 0.005-0.007 (Mixtral), 0.006-0.019 (Qwen 3); shares >= 0.67
         assert np.median(per_position) < 2.5e-2
         assert np.mean(per_position < 3e-2) > 0.6
 

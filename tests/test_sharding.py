@@ -204,7 +204,7 @@ def test_sharded_load_equals_whole_load_bit_for_bit(report, case):
         assert specs["['layers']['down_proj']['weight']"] == "P(None, 'fsdp')"
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "qwen2_moe"])
 @pytest.mark.parametrize("quantize", ["nf4", "None"])
 def test_sharded_moe_load_equals_whole_load(report, family, quantize):
     """A mixture of experts loads onto a mesh (the CLI always passes one): the same bytes as

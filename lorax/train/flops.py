@@ -25,14 +25,15 @@ def train_flops_per_token(
     lora_targets: tuple[str, ...] = (),
 ) -> float:
     """Model FLOPs per trained token (fwd + input-grad bwd, + recompute with remat). An MoE
-    layer counts the experts a token is routed to (and its router), not all of them."""
+    layer counts the experts a token is routed to (and its router and gates), not all of
+    them."""
     active = config.active_projection_copies
     linear = config.num_layers * (
         sum(
             active(p) * config.projection_shape(p)[0] * config.projection_shape(p)[1]
             for p in config.projections()
         )
-        + config.num_experts * config.hidden_size  # the router
+        + config.gate_parameters()
     )
     head = config.vocab_size * config.hidden_size
     passes = 6 if remat in ("full", "offload") else 4
