@@ -64,6 +64,14 @@ MOE_MODELS = {
         num_experts=128, experts_per_token=8, expert_intermediate_size=768,
         normalize_expert_weights=True,
     ),
+    "qwen15-moe-a27b": dict(
+        model_type="qwen2_moe", vocab_size=151936, hidden_size=2048, intermediate_size=5632,
+        num_layers=24, num_heads=16, num_kv_heads=16, head_dim=128, rms_norm_eps=1e-6,
+        max_position_embeddings=8192, bias_projections=("q_proj", "k_proj", "v_proj"),
+        round_expert_weights=True, num_experts=60, experts_per_token=4,
+        expert_intermediate_size=1408, normalize_expert_weights=False,
+        shared_expert_intermediate_size=5632,
+    ),
     "mixtral-8x7b": dict(
         model_type="mixtral", vocab_size=32000, hidden_size=4096, intermediate_size=14336,
         num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-5,

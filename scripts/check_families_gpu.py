@@ -1,4 +1,4 @@
-"""Qwen 3, Gemma 2, Gemma 3, Phi-3, Mixtral and Qwen 3 MoE on the GPU at their real layer
+"""Qwen 3, Gemma 2, Gemma 3, Phi-3, Mixtral and Qwen 2/3 MoE on the GPU at their real layer
 widths: parity and step time.
 
 The CPU tests check each family's logits against transformers on tiny configs, with the jnp
@@ -154,6 +154,22 @@ FAMILIES["qwen3-moe"] = dict(
     num_experts_per_tok=8,
     moe_intermediate_size=768,
     norm_topk_prob=True,
+)
+# Qwen1.5-MoE-A2.7B's layer: 60 experts of width 1408, 4 per token, not renormalized, and a
+# shared expert of width 5632 behind a sigmoid gate; q/k/v biases.
+FAMILIES["qwen2-moe"] = dict(
+    model_type="qwen2_moe",
+    hidden_size=2048,
+    intermediate_size=5632,
+    num_attention_heads=16,
+    num_key_value_heads=16,
+    vocab_size=151936,
+    rope_theta=1e6,
+    num_experts=60,
+    num_experts_per_tok=4,
+    moe_intermediate_size=1408,
+    shared_expert_intermediate_size=5632,
+    norm_topk_prob=False,
 )
 # The same with every expert used (k = E): the router's weights are then its whole softmax, a
 # continuous function, where top-2 switches experts when two logits cross. Separates what bf16
