@@ -574,8 +574,9 @@ def test_loads_a_bitsandbytes_4bit_moe_checkpoint(tmp_path, rng, model_type):
 def test_moe_gradient_sums_in_a_fixed_order(rng, lora_products):
     """No scatter in the MoE layer's gradient adds two values into one place: a GPU runs such a
     scatter with atomic adds in no fixed order, so a step would not repeat bitwise (an H200
-    ran Qwen 3 MoE's layer, k = 8, nondeterministically until the routing's gathers said
-    which are permutations). Read from the gradient's program, where the CPU cannot show it."""
+    ran Qwen 3 MoE's layer, k = 8, nondeterministically while the routing's gradient was
+    autodiff's scatter-add; it is now the inverse gather). Read from the gradient's program,
+    where the CPU cannot show it."""
     from lorax.moe import moe_mlp
 
     e, d, f, k, r = 6, 32, 16, 3, 2
@@ -600,13 +601,15 @@ def test_moe_gradient_sums_in_a_fixed_order(rng, lora_products):
     x = jnp.asarray(rng.normal(size=(40, d)), jnp.float32)
     jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(adapters, x)
 
-    def scatters(jaxpr):
-        yield from (eqn for eqn in jaxpr.eqns if eqn.primitive.name.startswith("scatter"))
+    def equations(jaxpr):
+        yield from jaxpr.eqns
         for sub in jax.extend.core.subjaxprs(jaxpr):
-            yield from scatters(sub)
+            yield from equations(sub)
 
+    eqns = list(equations(jaxpr.jaxpr))
+    assert any(e.primitive.name == "gather" for e in eqns), "no routing gather: nothing read"
     # Integer sums (the group sizes' count) are exact in any order.
-    adding = [s for s in scatters(jaxpr.jaxpr) if s.primitive.name != "scatter"
-              and jnp.issubdtype(s.outvars[0].aval.dtype, jnp.floating)]  # fmt: skip
-    assert adding, "the gradient has no float scatter-add at all: the test reads nothing"
-    assert all(s.params["unique_indices"] for s in adding), [str(s)[:300] for s in adding]
+    adding = [e for e in eqns if e.primitive.name.startswith("scatter")
+              and e.primitive.name != "scatter"
+              and jnp.issubdtype(e.outvars[0].aval.dtype, jnp.floating)]  # fmt: skip
+    assert all(e.params["unique_indices"] for e in adding), [str(e)[:300] for e in adding]
