@@ -115,8 +115,7 @@ def moe_mlp(
     flat = experts.reshape(-1)
     order = jnp.argsort(flat, stable=True)
     group_sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
-    inverse = jnp.argsort(order)  # the permutation back to (token, choice) order
-    rows = _permute(jnp.repeat(tokens, k, axis=0), order, inverse)
+    rows = _permute(jnp.repeat(tokens, k, axis=0), order)
 
     def project(name: str, rows: Array) -> Array:
         adapter = adapters.get(name)
@@ -129,36 +128,25 @@ def moe_mlp(
     gate, up = jnp.split(project("experts_gate_up_proj", rows), 2, axis=-1)
     gate, up = remat_lib.name(gate, "mlp_gate"), remat_lib.name(up, "mlp_up")
     down = project("experts_down_proj", activation(gate) * up)
-    per_choice = _permute(down, inverse, order).reshape(tokens.shape[0], k, shape[-1])
+    per_choice = _permute(down, jnp.argsort(order)).reshape(tokens.shape[0], k, shape[-1])
     # Each expert's output is weighted in float32 and rounded, then the k are summed, the
     # order transformers rounds in.
     weighted = (per_choice.astype(jnp.float32) * weights[..., None]).astype(x.dtype)
     return jnp.sum(weighted, axis=1).reshape(shape)
 
 
-@jax.custom_vjp
-def _permute(v: Array, order: Array, inverse: Array) -> Array:
-    """``v[order]`` for a permutation ``order`` whose inverse is ``inverse``.
+def _permute(v: Array, order: Array) -> Array:
+    """``v[order]`` for a permutation ``order``, said to be one: its gradient is then a scatter
+    of distinct rows, exact and deterministic. Gathering a token's row k times
+    (``tokens[order // k]``) had a gradient that adds k rows per token by atomic adds in no
+    fixed order (an H200 ran Qwen 3 MoE's layer step, k = 8, to different bits each time).
 
-    Its gradient is the inverse gather, ``g[inverse]``: exact, deterministic, and a read of
-    whole rows. Autodiff of ``tokens[order // k]`` gave a scatter that adds k rows per token
-    with atomic adds in no fixed order (an H200 ran Qwen 3 MoE's layer step, k = 8, to
-    different bits each time); marked as a permutation, XLA's scatter was deterministic but
-    ran at 0.3 TB/s (52 ms of a 491 ms Qwen3-30B-A3B step, run 126).
+    Measured against the alternative of a custom VJP that differentiates as the inverse
+    gather (BENCHMARKS.md §8, runs 124-127): that one ran the MoE layer alone 0.4-0.5 ms
+    faster at 8192 tokens, but a whole Qwen3-30B-A3B step at 7,695 tokens/s against this
+    one's 8,224; one run each, so this, the faster step, stays.
     """
-    return v[order]
-
-
-def _permute_fwd(v: Array, order: Array, inverse: Array) -> tuple[Array, tuple[Array, Array]]:
-    return v[order], (order, inverse)
-
-
-def _permute_bwd(res: tuple[Array, Array], g: Array) -> tuple[Array, None, None]:
-    _, inverse = res
-    return g[inverse], None, None
-
-
-_permute.defvjp(_permute_fwd, _permute_bwd)
+    return v.at[order].get(unique_indices=True)
 
 
 def gate_shared_expert(x: Array, gate: Array, shared: Array) -> Array:

@@ -574,9 +574,8 @@ def test_loads_a_bitsandbytes_4bit_moe_checkpoint(tmp_path, rng, model_type):
 def test_moe_gradient_sums_in_a_fixed_order(rng, lora_products):
     """No scatter in the MoE layer's gradient adds two values into one place: a GPU runs such a
     scatter with atomic adds in no fixed order, so a step would not repeat bitwise (an H200
-    ran Qwen 3 MoE's layer, k = 8, nondeterministically while the routing's gradient was
-    autodiff's scatter-add; it is now the inverse gather). Read from the gradient's program,
-    where the CPU cannot show it."""
+    ran Qwen 3 MoE's layer, k = 8, nondeterministically until the routing's gathers said
+    which are permutations). Read from the gradient's program, where the CPU cannot show it."""
     from lorax.moe import moe_mlp
 
     e, d, f, k, r = 6, 32, 16, 3, 2
