@@ -77,6 +77,18 @@ class Arch:
     # no released model of the family has one (Qwen 3 MoE) and llama.cpp's converter writes
     # none.
     records_window: bool = True
+    # llama.cpp's graph renormalizes the chosen experts' weights to sum to one (a constant
+    # of the graph, not a key): Mixtral (as llama) and qwen3moe do.
+    renormalizes: bool = True
+    # llama.cpp's head: True, always the token embedding (gemma2 loads no output.weight);
+    # None: either.
+    tied_head: bool | None = None
+    # llama.cpp sizes the query projection and attn_output hidden_size wide, so a model must
+    # have num_heads * head_dim == hidden_size (phi3).
+    hidden_wide_query: bool = False
+    # The projections llama.cpp loads biases for (a file with others does not load); None:
+    # any of lorax's (llama's are all optional; qwen2's are Qwen 2's q/k/v by model type).
+    biases: tuple[str, ...] | None = None
 
     def family_type(self, moe: bool) -> str:
         """The HF model_type a model of this architecture computes as: with routed experts
@@ -89,10 +101,27 @@ ARCHES = {
     for a in (
         Arch("llama", "llama", True, moe_model_type="mixtral"),
         Arch("qwen2", "qwen2", False),
-        Arch("qwen3", "qwen3", False),
-        Arch("gemma2", "gemma2", False, gemma=True, swa_period=2, wide_scale_layers=46),
-        Arch("gemma3", "gemma3_text", False, gemma=True, swa_period=6, wide_scale_layers=62),
-        Arch("phi3", "phi3", False),
+        Arch("qwen3", "qwen3", False, biases=()),
+        Arch(
+            "gemma2",
+            "gemma2",
+            False,
+            gemma=True,
+            swa_period=2,
+            wide_scale_layers=46,
+            tied_head=True,
+            biases=(),
+        ),
+        Arch(
+            "gemma3",
+            "gemma3_text",
+            False,
+            gemma=True,
+            swa_period=6,
+            wide_scale_layers=62,
+            biases=(),
+        ),
+        Arch("phi3", "phi3", False, hidden_wide_query=True, biases=()),
         Arch(
             "qwen3moe",
             "qwen3_moe",
@@ -100,6 +129,7 @@ ARCHES = {
             moe_model_type="qwen3_moe",
             expert_width_key=True,
             records_window=False,
+            biases=(),
         ),
     )
 }

@@ -123,8 +123,6 @@ def _experts(config: Any, arch: Arch) -> dict[str, KV]:
     return kv
 
 
-# llama.cpp loads no projection biases for these.
-_NO_BIASES = ("qwen3", "gemma2", "gemma3", "phi3", "qwen3moe")
 # Graphs that rotate part of each head (the others assert rope.dimension_count == head size).
 _PARTIAL_ROTARY = ("phi3",)
 
@@ -142,35 +140,43 @@ def _check_family(config: Any, arch: Arch) -> None:
         )
     if config.moe:
         _check_experts(config, arch)
-    if a in _NO_BIASES and config.bias_projections:
+    if arch.biases is not None and set(config.bias_projections) - set(arch.biases):
+        loads = f"biases only on {list(arch.biases)}" if arch.biases else "no projection biases"
         raise GGUFError(
-            f"llama.cpp's {a} architecture has no projection biases; this model has biases on "
+            f"llama.cpp's {a} architecture has {loads}; this model has biases on "
             f"{list(config.bias_projections)}"
         )
-    if a == "phi3" and config.q_size != config.hidden_size:
-        # Its query block of attn_qkv and its attn_output are hidden_size wide.
+    if arch.hidden_wide_query and config.q_size != config.hidden_size:
         raise GGUFError(
-            f"llama.cpp's phi3 architecture needs num_heads * head_dim == hidden_size; this "
+            f"llama.cpp's {a} architecture needs num_heads * head_dim == hidden_size; this "
             f"model's query size is {config.num_heads} * {config.head_dim} = {config.q_size}, "
             f"its hidden size {config.hidden_size}"
         )
-    if a == "gemma2" and not config.tie_word_embeddings:
-        raise GGUFError(
-            "llama.cpp's gemma2 architecture always ties the output head to the token "
-            "embedding; this model has a separate lm_head"
-        )
+    _check_head(config, arch)
+
+
+def _check_head(config: Any, arch: Arch) -> None:
+    """Refuses a head ``arch`` does not load: separate where llama.cpp reads only the token
+    embedding (``Arch.tied_head``)."""
+    if arch.tied_head is None or config.tie_word_embeddings == arch.tied_head:
+        return
+    raise GGUFError(
+        f"llama.cpp's {arch.name} architecture always ties the output head to the token "
+        "embedding; this model has a separate lm_head"
+    )
 
 
 def _check_experts(config: Any, arch: Arch) -> None:
-    """Refuses experts ``arch`` routes or sizes otherwise: the architectures lorax writes with
-    experts (``llama``, ``qwen3moe``) renormalize the chosen weights, and ``llama``'s experts
-    are feed_forward_length wide."""
+    """Refuses experts ``arch`` routes or sizes otherwise: each architecture renormalizes the
+    chosen weights or not whatever the file says (``Arch.renormalizes``), and ``llama``'s
+    experts are feed_forward_length wide."""
     a = arch.name
-    if not config.normalize_expert_weights:
+    if config.normalize_expert_weights != arch.renormalizes:
+        does = "always renormalizes" if arch.renormalizes else "never renormalizes"
         raise GGUFError(
-            f"llama.cpp's {a} architecture always renormalizes the chosen experts' weights to "
-            "sum to one; this model does not (normalize_expert_weights=False, HF's "
-            "norm_topk_prob=false)"
+            f"llama.cpp's {a} architecture {does} the chosen experts' weights to sum to one; "
+            f"this model has normalize_expert_weights={config.normalize_expert_weights} "
+            f"(HF's norm_topk_prob={str(config.normalize_expert_weights).lower()})"
         )
     if not arch.expert_width_key and config.expert_width != config.intermediate_size:
         raise GGUFError(
@@ -556,7 +562,7 @@ def config_from_gguf(f: GGUFFile) -> dict[str, Any]:
         used = int(key("expert_used_count", required=True))
         hf["num_local_experts"] = experts
         hf["num_experts_per_tok"] = used
-        hf["norm_topk_prob"] = True  # llama.cpp renormalizes by architecture (module docstring)
+        hf["norm_topk_prob"] = arch.renormalizes  # by architecture (module docstring)
         if arch.expert_width_key:
             hf["moe_intermediate_size"] = int(
                 key("expert_feed_forward_length", hf["intermediate_size"] // used)
