@@ -22,7 +22,11 @@ What we claim and how it is checked:
   included) and reads back as the same model, NF4 per expert as from HF. Qwen 3 MoE runs as
   llama.cpp's ``qwen3moe`` (experts of their own width, q/k norms), quantizes like
   llama-quantize and reads back as the same model; one that does not renormalize its chosen
-  weights, or slides a window, is refused.
+  weights, or slides a window, is refused. Qwen 2 MoE runs as llama.cpp's ``qwen2moe`` (q/k/v
+  biases, experts that are not renormalized, and a shared expert under its ``*_shexp`` names
+  with its sigmoid gate ``ffn_gate_inp_shexp``, each LoRA merged), quantizes like
+  llama-quantize and reads back as the same model; one that renormalizes, slides a window,
+  ties its head or has another query width than hidden_size is refused.
 * GGUF → lorax → GGUF preserves tensors and metadata; bad files are ``GGUFError``s that name
   the file (and tensor), and a failed export leaves no file behind.
 """
@@ -668,7 +672,7 @@ def test_each_family_quantizes_like_llama_cpp(llama_cpp, family, out, name):
             assert ours.tensors["blk.1.attn_qkv.weight"].type == T.Q6_K
 
 
-# ------------------------------------------------------------------- Mixtral, Qwen 3 MoE
+# -------------------------------------------------------------- Mixtral, Qwen 2/3 MoE
 
 # Mixtral as llama.cpp's converter writes it: arch llama with experts. 8 experts (the count
 # llama-quantize's Mixtral rules key on: attn_v and attn_k in Q8_0, attn_output in Q5_K for
@@ -686,15 +690,25 @@ MIXTRAL = dict(
 # Qwen 3 MoE as llama.cpp's qwen3moe: test_model_parity's tiny one, q/k norms and 4 experts 48
 # wide (intermediate_size 96 is no layer's), 2 per token, renormalized. Its rows of 64 hold no
 # K-quant block and those of 48 no block at all: llama-quantize falls back (to F16 for the
-# experts' down projection in every quantized type), and so must export.
+# experts' down projection in every quantized type), and so must export. Qwen 2 MoE as
+# llama.cpp's qwen2moe: test_model_parity's tiny one (q/k/v biases, experts as Qwen 3 MoE's
+# but not renormalized) with a shared expert 256 wide, so that its down projection's rows hold
+# K-quant blocks and take the medium mixes' ffn_down bump.
+QWEN2_MOE_GGUF = dict(QWEN2_MOE, shared_expert_intermediate_size=256)
 MOE = {  # name -> (model_type, llama.cpp architecture, overrides)
     "mixtral": ("mixtral", "llama", MIXTRAL),
     "qwen3-moe": ("qwen3_moe", "qwen3moe", QWEN3_MOE),
+    "qwen2-moe": ("qwen2_moe", "qwen2moe", QWEN2_MOE_GGUF),
 }
 EXPERT_PARTS = {  # GGUF tensor -> (lorax projection, its half of each expert's rows, or all)
     "ffn_gate_exps": ("experts_gate_up_proj", 0),
     "ffn_up_exps": ("experts_gate_up_proj", 1),
     "ffn_down_exps": ("experts_down_proj", None),
+}
+SHARED_EXPERT = {  # GGUF tensor -> lorax projection (Qwen 2 MoE's shared expert)
+    "ffn_gate_shexp": "gate_proj",
+    "ffn_up_shexp": "up_proj",
+    "ffn_down_shexp": "down_proj",
 }
 
 
@@ -730,6 +744,39 @@ def mixtral(moe):
     return moe("mixtral")
 
 
+def _merged(model, lora, projection, layer):
+    """A dense projection's matrix in ``layer`` with its adapter merged (``W + s·B·A``)."""
+    adapter = lora.params["layers"][projection]
+    return np.asarray(
+        merge_lora_weight(
+            model.params["layers"][projection]["weight"][layer],
+            adapter["lora_a"][layer],
+            adapter["lora_b"][layer],
+            lora.config.scale,
+            jnp.float32,
+        )
+    )
+
+
+def _check_shared_expert(f, model, lora):
+    """The file holds Qwen 2 MoE's shared expert as llama.cpp's qwen2moe reads it: its width as
+    expert_shared_feed_forward_length, its projections (each LoRA merged) as ffn_*_shexp and
+    its gate as the float32 vector ffn_gate_inp_shexp [hidden]."""
+    c = model.config
+    assert f.get("qwen2moe.expert_shared_feed_forward_length") == c.mlp_width == 256
+    for layer in range(c.num_layers):
+        for tensor, projection in SHARED_EXPERT.items():
+            stored = f.tensor(f"blk.{layer}.{tensor}.weight")
+            expected = _merged(model, lora, projection, layer)
+            np.testing.assert_allclose(stored, expected, rtol=1e-6, atol=1e-7, err_msg=tensor)
+        gate = f"blk.{layer}.ffn_gate_inp_shexp.weight"
+        assert f.tensors[gate].type == T.F32 and f.tensors[gate].shape == (c.hidden_size,)
+        np.testing.assert_array_equal(
+            f.tensor(gate),
+            _layer(model.params, "layers", "shared_expert_gate", "weight", i=layer)[0],
+        )
+
+
 def _merged_experts(model, lora, projection, layer):
     """Every expert's matrix ``[E, out, in]`` with its own adapter merged (``W_e + s·B_e·A_e``),
     gate/up as one ``[2F, D]`` matrix per expert: computed apart from the exporter's split."""
@@ -752,11 +799,12 @@ def test_llama_cpp_computes_moe(llama_cpp, moe, name):
     """llama.cpp runs our file (f32, float32 KV cache) as lorax computes the model with LoRA
     on attention and on every expert; the file holds what llama.cpp's converter writes:
     expert_count/expert_used_count (Qwen 3 MoE's width as expert_feed_forward_length, its
-    q/k norms as attn_q_norm/attn_k_norm), the router as a float32 ffn_gate_inp
-    [experts, hidden], and per layer three [experts, out, in] tensors, gate (Mixtral's w1) and
-    up (w3) being the halves of each expert's merged gate_up and down its merged down. Both
-    architectures renormalize the chosen weights: the same model without renormalizing is
-    far off, which is why export refuses such a model."""
+    q/k norms as attn_q_norm/attn_k_norm; Qwen 2 MoE's shared expert, see
+    ``_check_shared_expert``), the router as a float32 ffn_gate_inp [experts, hidden], and per
+    layer three [experts, out, in] tensors, gate (Mixtral's w1) and up (w3) being the halves of
+    each expert's merged gate_up and down its merged down. llama and qwen3moe renormalize the
+    chosen weights, qwen2moe does not: the same model weighted the other way is far off, which
+    is why export refuses such a model."""
     model, lora, path = moe(name)
     c = model.config
     f = GGUFFile(path)
@@ -768,6 +816,10 @@ def test_llama_cpp_computes_moe(llama_cpp, moe, name):
     if name == "mixtral":
         assert f.get("llama.attention.sliding_window") == 200
         assert "llama.expert_feed_forward_length" not in f.metadata
+    elif name == "qwen2-moe":
+        assert f.get("qwen2moe.expert_feed_forward_length") == c.expert_width == 48
+        assert f.tensors["blk.0.attn_q.bias"].shape == (c.q_size,)
+        _check_shared_expert(f, model, lora)
     else:
         assert f.get("qwen3moe.expert_feed_forward_length") == c.expert_width == 48
         for norm in ("q_norm", "k_norm"):
@@ -792,15 +844,15 @@ def test_llama_cpp_computes_moe(llama_cpp, moe, name):
     cpp = _cpp_logits(llama_cpp, path, ids, type_k=0, type_v=0)
     ours = _lorax_logits(model, lora, ids)
     error = _rel(cpp, ours)
-    raw = dataclasses.replace(c, normalize_expert_weights=False)
-    unnormalized = _rel(cpp, _lorax_logits(lorax.Model(model.params, raw, None), lora, ids))
+    other = dataclasses.replace(c, normalize_expert_weights=not c.normalize_expert_weights)
+    weighted_otherwise = _rel(cpp, _lorax_logits(lorax.Model(model.params, other, None), lora, ids))
     print(
-        f"{name} f32: llama.cpp vs lorax {error:.1e} over {len(ids)} tokens; vs lorax without "
-        f"renormalizing {unnormalized:.1e}"
+        f"{name} f32: llama.cpp vs lorax {error:.1e} over {len(ids)} tokens; vs lorax with "
+        f"normalize_expert_weights={other.normalize_expert_weights} {weighted_otherwise:.1e}"
     )
     assert error < 1e-4
     assert (cpp.argmax(-1) == ours.argmax(-1)).all()
-    assert unnormalized > 1e-2
+    assert weighted_otherwise > 1e-2
 
 
 @pytest.mark.parametrize("quant", ["f16", "bf16", "q8_0", "q4_0", "q4_k_m", "q6_k"])
@@ -842,7 +894,8 @@ def test_moe_quantizes_like_llama_cpp(llama_cpp, moe, out, name):
     router kept in float32; Mixtral's 8-expert bumps of attn_v, attn_k and attn_output, Q6_K
     for the bumped layer's ffn_down_exps; Qwen 3 MoE's fallbacks for rows too short), with
     identical bytes for the legacy types and for (nearly) every K-quant block of the 3-D
-    expert tensors."""
+    expert tensors. Qwen 2 MoE's shared expert: its gate kept in float32 (one dimension), its
+    down projection given its layer's ffn_down type (in Q4_K_M, Q6_K for the bumped layer 1)."""
     model, lora, f32_path = moe(name)
     for quant in ("q4_k_m", "q5_k_m", "q4_0"):
         cpp_path = out / f"{name}-cpp-{quant}.gguf"
@@ -852,9 +905,14 @@ def test_moe_quantizes_like_llama_cpp(llama_cpp, moe, out, name):
         cpp, ours = GGUFFile(cpp_path), GGUFFile(ours_path)
         k_blocks, k_same, _ = _same_as_llama_quantize(cpp, ours, quant)
         assert k_same >= 0.99 * k_blocks
-        if name == "qwen3-moe":  # 48-wide rows hold no 32-block: F16, as llama-quantize
+        if name in ("qwen3-moe", "qwen2-moe"):  # 48-wide rows hold no 32-block: F16
             assert ours.tensors["blk.0.ffn_down_exps.weight"].type == T.F16
-        elif quant == "q4_k_m":
+        if name == "qwen2-moe":
+            assert ours.tensors["blk.1.ffn_gate_inp_shexp.weight"].type == T.F32
+        if name == "qwen2-moe" and quant == "q4_k_m":
+            types = [ours.tensors[f"blk.{i}.ffn_down_shexp.weight"].type for i in (0, 1)]
+            assert types == [T.Q4_K, T.Q6_K]
+        if name == "mixtral" and quant == "q4_k_m":
             types = {t: ours.tensors[f"blk.1.{t}.weight"].type for t in ("attn_k", "attn_v")}
             assert types == {"attn_k": T.Q8_0, "attn_v": T.Q8_0}
             assert ours.tensors["blk.1.attn_output.weight"].type == T.Q5_K
@@ -867,8 +925,8 @@ def test_moe_quantizes_like_llama_cpp(llama_cpp, moe, out, name):
 @pytest.mark.parametrize("name", list(MOE))
 def test_moe_round_trips(moe, out, name):
     """GGUF -> lorax: the same config, each expert's merged matrices exactly (the f32 file),
-    gate and up back in their halves of experts_gate_up_proj; the same logits; written again,
-    the same file."""
+    gate and up back in their halves of experts_gate_up_proj (Qwen 2 MoE's shared expert
+    merged, its gate back to [1, hidden]); the same logits; written again, the same file."""
     model, lora, path = moe(name)
     c = model.config
     back = lorax.load(str(path), dtype="float32")
@@ -885,6 +943,14 @@ def test_moe_round_trips(moe, out, name):
         np.testing.assert_array_equal(
             layers["router"]["weight"][layer], model.params["layers"]["router"]["weight"][layer]
         )
+        if c.shared_expert:
+            for projection in SHARED_EXPERT.values():
+                read = np.asarray(layers[projection]["weight"][layer])
+                np.testing.assert_array_equal(read, _merged(model, lora, projection, layer))
+            np.testing.assert_array_equal(
+                layers["shared_expert_gate"]["weight"][layer],
+                model.params["layers"]["shared_expert_gate"]["weight"][layer],
+            )
     ids = _ids(model)
     error = _rel(_lorax_logits(back, None, ids), _lorax_logits(model, lora, ids))
     print(f"{name}: round trip {error:.1e}")
@@ -924,20 +990,9 @@ def test_nf4_mixtral_and_gguf(mixtral, out):
     assert error < 1e-5
 
 
-def test_qwen2_moe_export_is_refused_by_model_type(tmp_path):
-    """lorax does not write Qwen 2 MoE (llama.cpp's qwen2moe, with its shared-expert tensors)
-    yet: the export says so by model type, and leaves no file."""
-    _, path = make_hf_model(tmp_path, "qwen2_moe", **QWEN2_MOE)
-    model = lorax.load(path, dtype="float32")
-    out = tmp_path / "model.gguf"
-    with pytest.raises(GGUFError, match="cannot export model_type='qwen2_moe' to GGUF"):
-        lorax.export_gguf(model, None, str(out), quant="f16")
-    assert not out.exists()
-
-
 def test_moe_files_lorax_cannot_read_are_refused(moe, family, tmp_path):
-    """Experts are read only where lorax has the model (llama's Mixtral, qwen3moe), and a file
-    whose expert tensors disagree with its expert keys names what is wrong. Without
+    """Experts are read only where lorax has the model (llama's Mixtral, qwen3moe, qwen2moe),
+    and a file whose expert tensors disagree with its expert keys names what is wrong. Without
     expert_count a llama file is a dense llama, whose expert tensors are unexpected, and a
     qwen3moe file is refused, as llama.cpp refuses it; a qwen3moe window is refused, since
     llama.cpp's qwen3moe has none, as are expert weights scaled or gated otherwise than by
@@ -949,7 +1004,12 @@ def test_moe_files_lorax_cannot_read_are_refused(moe, family, tmp_path):
     _, _, qwen3 = family("qwen3")
     no_experts = {k: None for k in GGUFFile(mixtral).metadata if "expert" in k}
     cases = [
-        (qwen3, {"qwen3.expert_count": u32(4)}, (), r"experts only for \['llama', 'qwen3moe'\]"),
+        (
+            qwen3,
+            {"qwen3.expert_count": u32(4)},
+            (),
+            r"only for \['llama', 'qwen3moe', 'qwen2moe'\]",
+        ),
         (mixtral, {"llama.expert_count": u32(4)}, (), r"gate_inp.weight' has shape \[8, 256\]"),
         (mixtral, {}, ("blk.1.ffn_up_exps.weight",), "missing tensor 'blk.1.ffn_up_exps.weight'"),
         (mixtral, no_experts, (), r"unexpected tensor.*ffn_down_exps"),
@@ -976,6 +1036,62 @@ def test_moe_files_lorax_cannot_read_are_refused(moe, family, tmp_path):
     width = {"qwen3moe.expert_feed_forward_length": None}
     no_width = _rewrite(qwen3_moe_path, tmp_path / "no-width.gguf", width)
     assert lorax.load(str(no_width), dtype="float32").config == qwen3_moe.config
+
+
+def test_qwen2_moe_files_read_as_llama_cpp_reads_them(moe, tmp_path):
+    """A qwen2moe file is read as llama.cpp's qwen2moe computes it, or refused: without
+    expert_count (llama.cpp refuses it too), with a window (its graph has none), with expert
+    weights gated or scaled otherwise than by the softmax, or without a shared expert's tensor.
+    Without expert_shared_feed_forward_length llama.cpp takes feed_forward_length (96), which
+    the file's 256-wide shared expert then contradicts. The shared expert's gate stored as
+    [1, hidden] (as llama.cpp's converter wrote it before squeezing it) reads the same, and a
+    file without q/k/v biases reads as qkv_bias=false (llama.cpp loads both)."""
+    model, _, path = moe("qwen2-moe")
+    cases = [
+        ({"qwen2moe.expert_count": None}, (), "'qwen2moe.expert_count' is missing"),
+        (
+            {"qwen2moe.expert_shared_feed_forward_length": None},
+            (),
+            r"ffn_gate_shexp.weight' has shape \[256, 64\], the config expects \[96, 64\]",
+        ),
+        ({"qwen2moe.attention.sliding_window": u32(8)}, (), "qwen2moe architecture has no sliding"),
+        ({"qwen2moe.expert_gating_func": u32(2)}, (), "gating_func=2: lorax routes"),
+        ({"qwen2moe.expert_weights_scale": f32(2.5)}, (), "weights_scale=2.5"),
+        ({}, ("blk.1.ffn_gate_inp_shexp.weight",), "missing tensor 'blk.1.ffn_gate_inp_shexp"),
+    ]
+    for i, (keys, drop, match) in enumerate(cases):
+        bad = _rewrite(path, tmp_path / f"bad-{i}.gguf", keys, drop)
+        with pytest.raises(GGUFError, match=match):
+            lorax.load(str(bad), dtype="float32")
+
+    f = GGUFFile(path)
+    as_matrix = tmp_path / "gate-as-matrix.gguf"
+    plans = [
+        TensorPlan(
+            name,
+            (1, *info.shape) if "ffn_gate_inp_shexp" in name else info.shape,
+            info.type,
+            lambda name=name: f.raw(name),
+        )
+        for name, info in f.tensors.items()
+    ]
+    write_gguf(as_matrix, dict(f.metadata), plans)
+    assert GGUFFile(as_matrix).tensors["blk.0.ffn_gate_inp_shexp.weight"].shape == (1, 64)
+    read = lorax.load(str(as_matrix), dtype="float32")
+    assert read.config == model.config
+    for a, b in zip(
+        jax.tree.leaves(read.params),
+        jax.tree.leaves(lorax.load(str(path), dtype="float32").params),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+
+    biases = [n for n in f.tensors if n.endswith(".bias")]
+    assert len(biases) == 3 * model.config.num_layers
+    unbiased = lorax.load(
+        str(_rewrite(path, tmp_path / "no-bias.gguf", drop=biases)), dtype="float32"
+    )
+    assert unbiased.config == dataclasses.replace(model.config, bias_projections=())
 
 
 def test_mixtral_lora_of_the_wrong_shape_is_refused(mixtral, tmp_path):
@@ -1200,7 +1316,7 @@ def test_unsupported_architecture_is_named(tmp_path):
         lorax.load(str(path))
 
 
-UNNORMALIZED = r"always renormalizes.*normalize_expert_weights=False, HF's norm_topk_prob"
+UNNORMALIZED = r"always renormalizes.*normalize_expert_weights=False \(HF's norm_topk_prob"
 
 
 @pytest.mark.parametrize(
@@ -1241,6 +1357,21 @@ UNNORMALIZED = r"always renormalizes.*normalize_expert_weights=False, HF's norm_
         ("qwen3-moe", dict(layer_windows=(8, 8)), r"no sliding-window.*sliding_window=8 on"),
         ("qwen3-moe", dict(bias_projections=("q_proj", "k_proj", "v_proj")), "no projection"),
         ("qwen3-moe", dict(qk_norm=False), "cannot compute"),
+        (
+            "qwen2-moe",
+            dict(normalize_expert_weights=True),
+            r"qwen2moe architecture never renormalizes.*normalize_expert_weights=True",
+        ),
+        ("qwen2-moe", dict(layer_windows=(8, 0)), r"no sliding-window.*sliding_window=8 on"),
+        (
+            "qwen2-moe",
+            dict(bias_projections=("q_proj", "k_proj", "v_proj", "o_proj")),
+            r"biases only on \['q_proj', 'k_proj', 'v_proj'\]; this model has biases on",
+        ),
+        ("qwen2-moe", dict(tie_word_embeddings=True), r"separate output head \(output.weight\)"),
+        ("qwen2-moe", dict(head_dim=32), r"num_heads \* head_dim == hidden_size.*= 128"),
+        ("qwen2-moe", dict(shared_expert_intermediate_size=None), r"'shared_expert': False"),
+        ("qwen2-moe", dict(qk_norm=True), r"cannot compute.*'qk_norm': True"),
     ],
 )
 def test_what_llama_cpp_cannot_compute_is_refused(family, moe, tmp_path, name, change, match):
@@ -1248,9 +1379,11 @@ def test_what_llama_cpp_cannot_compute_is_refused(family, moe, tmp_path, name, c
     load: an untied Gemma 2 head, Qwen 3 biases, a Gemma 2 without sliding layers aborts
     llama.cpp; partial rotary outside phi3, which llama.cpp's llama refuses and its qwen2/qwen3
     graphs assert against; a phi3 query size other than hidden_size; experts whose chosen
-    weights are not renormalized, which llama and qwen3moe always do; Mixtral experts of
-    another width than feed_forward_length; a Qwen 3 MoE window) are errors that say why, and
-    leave no file."""
+    weights are not renormalized, which llama and qwen3moe always do, or are, which qwen2moe
+    never does; Mixtral experts of another width than feed_forward_length; a Qwen 2/3 MoE
+    window; a Qwen 2 MoE with o_proj biases, a tied head (llama.cpp's qwen2moe fails to load
+    without output.weight), a query width other than hidden_size (its attn_q shape check
+    fails), or no shared expert) are errors that say why, and leave no file."""
     model, _, _ = moe(name) if name in MOE else family(name)
     changed = lorax.Model(model.params, dataclasses.replace(model.config, **change), None)
     with pytest.raises(GGUFError, match=match):

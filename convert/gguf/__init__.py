@@ -2,7 +2,7 @@
 
 ``export_gguf(model, lora, path, quant)`` writes a lorax model, LoRA merged in, as a file
 llama.cpp and Ollama run (architectures llama, which also computes Mistral and Mixtral,
-qwen2, qwen3, gemma2, gemma3, phi3, qwen3moe);
+qwen2, qwen3, gemma2, gemma3, phi3, qwen3moe, qwen2moe);
 ``load_gguf(path, build_config, ...)`` reads such a file back (``lorax.load("model.gguf")``
 calls it). ``GGUFFile`` reads any GGUF strictly, and every malformed file is a
 ``GGUFError`` (a ``ValueError``) naming the file and tensor.

@@ -5,11 +5,12 @@ stacked pytree (NF4 dequantized), the adapter merged in float32 (``W + scale·B�
 same merge as ``save_merged``; a Phi-3 fused projection is one weight with one adapter), the
 query/key rows reordered for llama.cpp's rope (``llama``), one added to Gemma's norm weights
 (llama.cpp's Gemma scales by the stored weight), and the result encoded in the type
-llama.cpp's quantizer would pick for it. An expert projection (Mixtral, Qwen 3 MoE) is
+llama.cpp's quantizer would pick for it. An expert projection (Mixtral, Qwen 2/3 MoE) is
 written per part, each tensor all of a layer's experts: every expert's adapter is merged into
 its own matrix, and a gate/up part takes its rows of the merged ``[2·F, D]`` (gate the first
-F, up the rest). Only the tensor being written exists outside the model, so an export needs
-little memory beyond the model itself.
+F, up the rest). Qwen 2 MoE's shared expert is merged as any dense projection, and its gate
+written as it is (frozen, never adapted). Only the tensor being written exists outside the
+model, so an export needs little memory beyond the model itself.
 """
 
 from __future__ import annotations

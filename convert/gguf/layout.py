@@ -37,6 +37,16 @@ expert's ``gate_proj`` and ``up_proj``. Its experts have a width of their own, t
 ``expert_feed_forward_length`` key (HF's ``moe_intermediate_size``), where Mixtral's are
 ``feed_forward_length`` wide. Its graph renormalizes the chosen weights too, always: no key
 turns that off, so a model with ``norm_topk_prob`` false has no qwen3moe file.
+
+Qwen 2 MoE is llama.cpp's ``qwen2moe``: Qwen 2's attention (q/k/v biases, NEOX rope) with the
+same router and expert tensors as Qwen 3 MoE's, and beside them a shared expert: the layer's
+``gate_proj``/``up_proj``/``down_proj`` (lorax's names for it) are ``ffn_gate_shexp``/
+``ffn_up_shexp``/``ffn_down_shexp``, of their own width (``expert_shared_feed_forward_length``),
+and its gate (HF's ``shared_expert_gate``, ``[1, hidden]``) is ``ffn_gate_inp_shexp``, which
+llama.cpp reads as one vector ``[hidden]`` and its converter writes float32, squeezed to one
+dimension. Its graph routes the other way round from qwen3moe's: it never renormalizes the
+chosen weights (Qwen1.5-MoE's and Qwen2-57B-A14B's ``norm_topk_prob`` false), so a model that
+does has no qwen2moe file.
 """
 
 from __future__ import annotations
@@ -47,7 +57,13 @@ from typing import Any
 from gguf import MODEL_TENSOR, TENSOR_NAMES
 
 from convert.gguf.format import GGUFError
-from convert.names import EXPERT_PROJECTIONS, ROUTER, TensorSpec, tensor_specs
+from convert.names import (
+    EXPERT_PROJECTIONS,
+    ROUTER,
+    SHARED_EXPERT_GATE,
+    TensorSpec,
+    tensor_specs,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +93,21 @@ class Arch:
     # no released model of the family has one (Qwen 3 MoE) and llama.cpp's converter writes
     # none.
     records_window: bool = True
+    # llama.cpp's graph renormalizes the chosen experts' weights to sum to one (a constant
+    # of the graph, not a key): Mixtral (as llama) and qwen3moe do, qwen2moe does not.
+    renormalizes: bool = True
+    # The layer's gate/up/down_proj are a shared expert beside the routed ones, under
+    # llama.cpp's ``*_shexp`` names, with its sigmoid gate ``ffn_gate_inp_shexp`` (qwen2moe).
+    shared_expert: bool = False
+    # llama.cpp's head: True, always the token embedding (gemma2 loads no output.weight);
+    # False, always output.weight (qwen2moe fails to load a file without it); None: either.
+    tied_head: bool | None = None
+    # llama.cpp sizes the query projection and attn_output hidden_size wide, so a model must
+    # have num_heads * head_dim == hidden_size (phi3, qwen2moe).
+    hidden_wide_query: bool = False
+    # The projections llama.cpp loads biases for (a file with others does not load); None:
+    # any of lorax's (llama's are all optional; qwen2's are Qwen 2's q/k/v by model type).
+    biases: tuple[str, ...] | None = None
 
     def family_type(self, moe: bool) -> str:
         """The HF model_type a model of this architecture computes as: with routed experts
@@ -89,10 +120,27 @@ ARCHES = {
     for a in (
         Arch("llama", "llama", True, moe_model_type="mixtral"),
         Arch("qwen2", "qwen2", False),
-        Arch("qwen3", "qwen3", False),
-        Arch("gemma2", "gemma2", False, gemma=True, swa_period=2, wide_scale_layers=46),
-        Arch("gemma3", "gemma3_text", False, gemma=True, swa_period=6, wide_scale_layers=62),
-        Arch("phi3", "phi3", False),
+        Arch("qwen3", "qwen3", False, biases=()),
+        Arch(
+            "gemma2",
+            "gemma2",
+            False,
+            gemma=True,
+            swa_period=2,
+            wide_scale_layers=46,
+            tied_head=True,
+            biases=(),
+        ),
+        Arch(
+            "gemma3",
+            "gemma3_text",
+            False,
+            gemma=True,
+            swa_period=6,
+            wide_scale_layers=62,
+            biases=(),
+        ),
+        Arch("phi3", "phi3", False, hidden_wide_query=True, biases=()),
         Arch(
             "qwen3moe",
             "qwen3_moe",
@@ -100,6 +148,20 @@ ARCHES = {
             moe_model_type="qwen3_moe",
             expert_width_key=True,
             records_window=False,
+            biases=(),
+        ),
+        Arch(
+            "qwen2moe",
+            "qwen2_moe",
+            False,
+            moe_model_type="qwen2_moe",
+            expert_width_key=True,
+            records_window=False,
+            renormalizes=False,
+            shared_expert=True,
+            tied_head=False,
+            hidden_wide_query=True,
+            biases=("q_proj", "k_proj", "v_proj"),
         ),
     )
 }
@@ -115,6 +177,7 @@ EXPORT_ARCH = {
     "gemma3_text": "gemma3",
     "phi3": "phi3",
     "qwen3_moe": "qwen3moe",
+    "qwen2_moe": "qwen2moe",
 }
 
 
@@ -167,6 +230,13 @@ _GEMMA = {
     ("layers", "pre_feedforward_layernorm"): MODEL_TENSOR.FFN_NORM,
     ("layers", "post_feedforward_layernorm"): MODEL_TENSOR.FFN_POST_NORM,
 }
+# A shared expert's projections and gate (see the module docstring).
+_SHARED_EXPERT = {
+    "gate_proj": MODEL_TENSOR.FFN_GATE_SHEXP,
+    "up_proj": MODEL_TENSOR.FFN_UP_SHEXP,
+    "down_proj": MODEL_TENSOR.FFN_DOWN_SHEXP,
+    SHARED_EXPERT_GATE: MODEL_TENSOR.FFN_GATE_INP_SHEXP,
+}
 ROPE_FREQS = TENSOR_NAMES[MODEL_TENSOR.ROPE_FREQS] + ".weight"
 ROPE_FACTORS_SHORT = TENSOR_NAMES[MODEL_TENSOR.ROPE_FACTORS_SHORT] + ".weight"
 ROPE_FACTORS_LONG = TENSOR_NAMES[MODEL_TENSOR.ROPE_FACTORS_LONG] + ".weight"
@@ -179,7 +249,8 @@ class FileTensor:
     expert, ``value[layer][:, part]`` (``part`` None: the value has no part axis)."""
 
     spec: TensorSpec  # for an expert part, the spec of its expert 0
-    shape: tuple[int, ...]  # numpy order: [experts, out, in] for an expert part
+    # numpy order: [experts, out, in] for an expert part; [hidden] for a shared expert's gate
+    shape: tuple[int, ...]
     part: int | None = None
 
     @property
@@ -194,11 +265,19 @@ def file_tensors(config: Any) -> list[FileTensor]:
     tensors = []
     for spec in tensor_specs(config):
         if not spec.index:
-            tensors.append(FileTensor(spec, spec.shape))
+            tensors.append(FileTensor(spec, _file_shape(spec)))
         elif spec.index[0] == 0:  # expert 0 stands for its part's tensor
             part = spec.index[1] if len(spec.index) > 1 else None
             tensors.append(FileTensor(spec, (spec.stack[0], *spec.shape), part))
     return tensors
+
+
+def _file_shape(spec: TensorSpec) -> tuple[int, ...]:
+    """The numpy shape a file stores the parameter of ``spec`` in: its own, but for a shared
+    expert's gate, one vector (llama.cpp's ``{hidden}``; lorax's, HF's ``[1, hidden]``)."""
+    if spec.path[1:2] == (SHARED_EXPERT_GATE,):
+        return spec.shape[-1:]
+    return spec.shape
 
 
 def gguf_name(
@@ -211,6 +290,8 @@ def gguf_name(
         base, suffix = _EXPERT_PARTS[path[1]][part or 0], path[2]
     elif path in single:
         base, suffix = single[path], "weight"
+    elif arch.shared_expert and len(path) == 3 and path[1] in _SHARED_EXPERT:
+        base, suffix = _SHARED_EXPERT[path[1]], path[2]
     elif len(path) == 3 and path[0] == "layers" and path[1] in _PROJECTIONS:
         base, suffix = _PROJECTIONS[path[1]], path[2]
     else:

@@ -1,13 +1,14 @@
 """Reading a GGUF (llama, Mistral and Mixtral included; qwen2, qwen3, gemma2, gemma3, phi3,
-qwen3moe) into lorax's config dict, stacked parameters and tokenizer.
+qwen3moe, qwen2moe) into lorax's config dict, stacked parameters and tokenizer.
 
 Tensors are dequantized to float32 one at a time (any type ``gguf`` decodes: float, the
 legacy block types, the K-quants, ...), their query/key rows put back into HF's rope order,
 Gemma's norm weights put back to HF's ``weight`` (the file stores ``1 + weight``), cast (and
 NF4-quantized when asked) and stacked per layer; an expert tensor is split into its experts'
 matrices, each cast (and quantized) on its own as from an HF checkpoint, and stacked
-``[L, E(, part)]``. Every mismatch between the file and the
-config it declares names the file and the tensor.
+``[L, E(, part)]``; a shared expert's gate, one vector in the file, is read back as HF's
+``[1, hidden]``. Every mismatch between the file and the config it declares names the file and
+the tensor.
 """
 
 from __future__ import annotations
@@ -90,12 +91,12 @@ def _read_params(
         if name not in f:
             raise GGUFError(f"{f.path}: missing tensor {name!r}")
         shape = f.tensors[name].shape
-        if tuple(shape) != tuple(t.shape):
+        if _squeezed(shape) != _squeezed(t.shape):
             raise GGUFError(
                 f"{f.path}: tensor {name!r} has shape {list(shape)}, the config "
                 f"expects {list(t.shape)}"
             )
-        value = f.tensor(name)
+        value = f.tensor(name).reshape(t.shape)
         heads = rope_heads(arch, config, t.spec.path)
         if heads is not None:
             value = from_gguf_rope_rows(value, heads)
@@ -117,7 +118,8 @@ def _read_params(
         if not spec.per_layer:
             set_path(params, spec.path, store(spec, read(t, None)))
         elif not t.experts:
-            values = [store(spec, read(t, i)) for i in range(config.num_layers)]
+            # As lorax holds it (a shared expert's gate, stored as one vector, is [1, hidden]).
+            values = [store(spec, read(t, i).reshape(spec.shape)) for i in range(config.num_layers)]
             set_path(params, spec.path, stack_layers(values))
         else:
             # Each expert's matrix on its own (NF4 too), as from an HF checkpoint.
@@ -132,6 +134,16 @@ def _read_params(
             if len(members) == math.prod(spec.stack):
                 set_path(params, spec.path, stack_members(experts.pop(spec.path), spec.stack))
     return params
+
+
+def _squeezed(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """A numpy shape without its leading ones: llama.cpp loads a tensor whose dimensions
+    beyond those it expects are one (a shared expert's gate as ``[1, hidden]``, as llama.cpp's
+    converter wrote it before it squeezed the gate to ``[hidden]``)."""
+    shape = tuple(shape)
+    while len(shape) > 1 and shape[0] == 1:
+        shape = shape[1:]
+    return shape
 
 
 def bundled_smollm2_path() -> str | None:

@@ -49,12 +49,23 @@ import reads ``norm_topk_prob`` true. llama.cpp loads no qwen3moe file without
 ``expert_count`` and ``expert_used_count``, and neither does import. Its graph has no sliding
 window and no released Qwen 3 MoE uses one, so a windowed model is refused rather than
 recorded.
+
+Qwen 2 MoE is llama.cpp's ``qwen2moe``: Qwen 3 MoE's keys plus
+``expert_shared_feed_forward_length`` (the shared expert's width; llama.cpp takes
+``feed_forward_length`` without it, and so does import). Its graph never renormalizes the
+chosen weights (again a constant, not ``expert_weights_norm``), so a model with
+``norm_topk_prob`` true is refused and import reads it false. Beyond the keys, llama.cpp's
+qwen2moe loads no file without ``output.weight`` and sizes the query ``hidden_size`` wide:
+a model with tied embeddings, or with ``num_heads * head_dim != hidden_size``, is refused.
+Its q/k/v biases are optional there, so import reads ``qkv_bias`` from their presence. Like
+qwen3moe it has no sliding window and loads no file without ``expert_count``.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -109,8 +120,9 @@ def model_metadata(config: Any, arch: Arch, file_type: int, name: str) -> dict[s
 
 
 def _experts(config: Any, arch: Arch) -> dict[str, KV]:
-    """A mixture of experts' size, top-k and (``expert_width_key``) width; llama.cpp routes
-    as Mixtral by architecture (softmax, top-k weights renormalized)."""
+    """A mixture of experts' size, top-k, (``expert_width_key``) width and (``shared_expert``)
+    shared expert's width; llama.cpp routes by architecture (a softmax, its top-k weights
+    renormalized or not: ``Arch.renormalizes``)."""
     if not config.moe:
         return {}
     a = arch.name
@@ -120,11 +132,11 @@ def _experts(config: Any, arch: Arch) -> dict[str, KV]:
     }
     if arch.expert_width_key:
         kv[f"{a}.expert_feed_forward_length"] = u32(config.expert_width)
+    if arch.shared_expert:
+        kv[f"{a}.expert_shared_feed_forward_length"] = u32(config.mlp_width)
     return kv
 
 
-# llama.cpp loads no projection biases for these.
-_NO_BIASES = ("qwen3", "gemma2", "gemma3", "phi3", "qwen3moe")
 # Graphs that rotate part of each head (the others assert rope.dimension_count == head size).
 _PARTIAL_ROTARY = ("phi3",)
 
@@ -142,35 +154,50 @@ def _check_family(config: Any, arch: Arch) -> None:
         )
     if config.moe:
         _check_experts(config, arch)
-    if a in _NO_BIASES and config.bias_projections:
+    if arch.biases is not None and set(config.bias_projections) - set(arch.biases):
+        loads = f"biases only on {list(arch.biases)}" if arch.biases else "no projection biases"
         raise GGUFError(
-            f"llama.cpp's {a} architecture has no projection biases; this model has biases on "
+            f"llama.cpp's {a} architecture has {loads}; this model has biases on "
             f"{list(config.bias_projections)}"
         )
-    if a == "phi3" and config.q_size != config.hidden_size:
-        # Its query block of attn_qkv and its attn_output are hidden_size wide.
+    if arch.hidden_wide_query and config.q_size != config.hidden_size:
         raise GGUFError(
-            f"llama.cpp's phi3 architecture needs num_heads * head_dim == hidden_size; this "
+            f"llama.cpp's {a} architecture needs num_heads * head_dim == hidden_size; this "
             f"model's query size is {config.num_heads} * {config.head_dim} = {config.q_size}, "
             f"its hidden size {config.hidden_size}"
         )
-    if a == "gemma2" and not config.tie_word_embeddings:
+    _check_head(config, arch)
+
+
+def _check_head(config: Any, arch: Arch) -> None:
+    """Refuses a head ``arch`` does not load: tied where llama.cpp needs ``output.weight``,
+    separate where it reads only the token embedding (``Arch.tied_head``)."""
+    if arch.tied_head is None or config.tie_word_embeddings == arch.tied_head:
+        return
+    if arch.tied_head:
         raise GGUFError(
-            "llama.cpp's gemma2 architecture always ties the output head to the token "
+            f"llama.cpp's {arch.name} architecture always ties the output head to the token "
             "embedding; this model has a separate lm_head"
         )
+    raise GGUFError(
+        f"llama.cpp's {arch.name} architecture loads no file without a separate output head "
+        "(output.weight); this model ties lm_head to the token embedding "
+        "(tie_word_embeddings=True)"
+    )
 
 
 def _check_experts(config: Any, arch: Arch) -> None:
-    """Refuses experts ``arch`` routes or sizes otherwise: the architectures lorax writes with
-    experts (``llama``, ``qwen3moe``) renormalize the chosen weights, and ``llama``'s experts
-    are feed_forward_length wide."""
+    """Refuses experts ``arch`` routes or sizes otherwise: each architecture renormalizes the
+    chosen weights or not whatever the file says (``Arch.renormalizes``), and ``llama``'s
+    experts are feed_forward_length wide. (A shared expert is a family trait: ``departures``
+    has checked it.)"""
     a = arch.name
-    if not config.normalize_expert_weights:
+    if config.normalize_expert_weights != arch.renormalizes:
+        does = "always renormalizes" if arch.renormalizes else "never renormalizes"
         raise GGUFError(
-            f"llama.cpp's {a} architecture always renormalizes the chosen experts' weights to "
-            "sum to one; this model does not (normalize_expert_weights=False, HF's "
-            "norm_topk_prob=false)"
+            f"llama.cpp's {a} architecture {does} the chosen experts' weights to sum to one; "
+            f"this model has normalize_expert_weights={config.normalize_expert_weights} "
+            f"(HF's norm_topk_prob={str(config.normalize_expert_weights).lower()})"
         )
     if not arch.expert_width_key and config.expert_width != config.intermediate_size:
         raise GGUFError(
@@ -552,18 +579,12 @@ def config_from_gguf(f: GGUFFile) -> dict[str, Any]:
         "pad_token_id": f.get("tokenizer.ggml.padding_token_id"),
     }
     if experts:
-        _check_expert_weighting(f, a)
-        used = int(key("expert_used_count", required=True))
-        hf["num_local_experts"] = experts
-        hf["num_experts_per_tok"] = used
-        hf["norm_topk_prob"] = True  # llama.cpp renormalizes by architecture (module docstring)
-        if arch.expert_width_key:
-            hf["moe_intermediate_size"] = int(
-                key("expert_feed_forward_length", hf["intermediate_size"] // used)
-            )
+        hf.update(_experts_from_gguf(f, arch, experts, key))
     if arch.name == "llama":
         hf["attention_bias"] = "blk.0.attn_q.bias" in f
         hf["mlp_bias"] = "blk.0.ffn_gate.bias" in f
+    elif arch.name == "qwen2moe":  # Qwen 2 MoE's one switch for its q/k/v biases
+        hf["qkv_bias"] = "blk.0.attn_q.bias" in f
     elif arch.name not in ("qwen2", "phi3"):  # qwen2's biases are implied; phi3 has none
         hf["attention_bias"] = "blk.0.attn_q.bias" in f
     hf.update(_rope_from_gguf(f, a, head_dim, _f32(key("rope.freq_base", 10000.0))))
@@ -581,6 +602,28 @@ def config_from_gguf(f: GGUFFile) -> dict[str, Any]:
         hf.update(_gemma_from_gguf(f, arch, hf))
     elif _own_swa_base(f, a, hf["rope_theta"]):
         raise GGUFError(f"{f.path}: {a} with a separate sliding-window RoPE base is not supported")
+    return hf
+
+
+def _experts_from_gguf(
+    f: GGUFFile, arch: Arch, experts: int, key: Callable[..., Any]
+) -> dict[str, Any]:
+    """The MoE fields of config.json: the count (under the key the family's config.json
+    spells it with), top-k, the weighting the architecture computes (module docstring), and
+    the widths, with llama.cpp's defaults where a key is absent: the experts'
+    feed_forward_length / expert_used_count, the shared expert's feed_forward_length."""
+    _check_expert_weighting(f, arch.name)
+    used = int(key("expert_used_count", required=True))
+    n_ff = int(key("feed_forward_length", required=True))
+    hf: dict[str, Any] = {
+        "num_local_experts" if arch.moe_model_type == "mixtral" else "num_experts": experts,
+        "num_experts_per_tok": used,
+        "norm_topk_prob": arch.renormalizes,
+    }
+    if arch.expert_width_key:
+        hf["moe_intermediate_size"] = int(key("expert_feed_forward_length", n_ff // used))
+    if arch.shared_expert:
+        hf["shared_expert_intermediate_size"] = int(key("expert_shared_feed_forward_length", n_ff))
     return hf
 
 

@@ -3,10 +3,12 @@
 One table, ``SCHEMES``, names every export choice with the file type llama.cpp records for
 it and its default tensor type. ``tensor_type`` then picks each tensor's type the way
 llama.cpp's ``llama-quantize`` does for the llama family (its per-tensor rules in
-``llama-quant.cpp``): 1-D tensors and MoE routers (``ffn_gate_inp``) stay float32; the
-output matrix (or the tied embedding) gets Q6_K in the quantized schemes; Q4_K_M/Q5_K_M give
-Q6_K to the ``attn_v`` and ``ffn_down`` of a fixed subset of layers (a fused ``attn_qkv``
-counts as ``attn_v``; a layer's ``ffn_down_exps`` counts as its ``ffn_down``); a model of
+``llama-quant.cpp``): 1-D tensors (a shared expert's gate ``ffn_gate_inp_shexp`` among them)
+and MoE routers (``ffn_gate_inp``) stay float32; the output matrix (or the tied embedding)
+gets Q6_K in the quantized schemes; Q4_K_M/Q5_K_M give Q6_K to the ``attn_v`` and
+``ffn_down`` of a fixed subset of layers (a fused ``attn_qkv`` counts as ``attn_v``; every
+tensor whose name holds ``ffn_down`` counts as its layer's ``ffn_down``: ``ffn_down_exps``
+and a shared expert's ``ffn_down_shexp`` each get the layer's type); a model of
 exactly 8 experts (Mixtral 8x7B, 8x22B) gets Q8_0 for ``attn_v`` and ``attn_k`` and, in
 Q4_K_M, Q5_K for ``attn_output``; and a tensor whose rows cannot hold whole blocks of its
 type falls back to the type llama.cpp falls back to. A file we write therefore has the same
@@ -125,7 +127,7 @@ def tensor_type(s: Scheme, name: str, shape: tuple[int, ...], model: ModelShape)
         if s.file_type == F.MOSTLY_Q4_K_M:
             chosen = T.Q5_K
     elif (
-        name.endswith(("ffn_down.weight", "ffn_down_exps.weight"))
+        ".ffn_down" in name  # llama.cpp's category: ffn_down, ffn_down_exps, ffn_down_shexp
         and s.medium_mix
         and _more_bits(layer, model.num_layers)
     ):
