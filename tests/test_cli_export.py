@@ -87,10 +87,13 @@ def test_export_refuses_bad_input_clearly(trained, tmp_path):
     assert not (tmp_path / "y.gguf").exists()
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "qwen2_moe"])
+# Mixtral (GGUF's llama) and Qwen 2 MoE (a shared expert, GGUF's qwen2moe). Qwen 3 MoE takes the
+# same command-line path (a case costs CI 36 s); its exports are tested in test_export_* and
+# test_gguf.
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
 def test_cli_trains_and_exports_an_moe(tmp_path, family):
-    """The whole command-line path on a mixture of experts: ``lorax train`` on a Mixtral,
-    Qwen 3 MoE or Qwen 2 MoE directory (loaded onto the CLI's mesh), LoRA on its experts (and
+    """The whole command-line path on a mixture of experts: ``lorax train`` on a Mixtral or
+    Qwen 2 MoE directory (loaded onto the CLI's mesh), LoRA on its experts (and
     Qwen 2 MoE's shared expert), then a merged export that computes the adapted model and a
     GGUF that reads back as the same family (Qwen 2 MoE's with its shared expert)."""
     import json
@@ -106,13 +109,9 @@ def test_cli_trains_and_exports_an_moe(tmp_path, family):
     )  # fmt: skip
     if family == "mixtral":
         config = transformers.MixtralConfig(num_local_experts=4, **common)
-    elif family == "qwen2_moe":
+    else:
         config = transformers.Qwen2MoeConfig(
             num_experts=4, moe_intermediate_size=48, shared_expert_intermediate_size=80, **common
-        )
-    else:
-        config = transformers.Qwen3MoeConfig(
-            num_experts=4, moe_intermediate_size=48, norm_topk_prob=True, head_dim=16, **common
         )
     base = tmp_path / family
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(base)
