@@ -36,8 +36,8 @@ chunks of ``CHUNK_ROWS`` (zero-padded), so that every chunk multiplies its own e
 factors in one batched dot and the gradients of A and B are sums over chunks (see
 ``_chunk_rows``): rank-r work per row, plus the gathers. ``None`` picks by the expert count
 (``MANY_EXPERTS``): at Qwen3-30B-A3B's shapes (128 experts, r=16, 8192 tokens) one MoE layer's
-forward+backward took 16.3 ms with "dense", 9.6 ms with "chunked" and 6.9 ms without LoRA on
-an H200 (BENCHMARKS.md §8).
+forward+backward took 15.0 ms with "dense", 8.2 ms with "chunked" and 5.6 ms without LoRA on
+an H200, at Mixtral-8x7B's (8 experts) 25.1, 26.4 and 22.2 ms (BENCHMARKS.md §8).
 
 Layouts (lorax's base pytree, per layer): W is ``[E, N, K]`` dense, or ``[E, P, N/P, K]``
 when the checkpoint stores the projection as P matrices per expert (Mixtral's gate and up,
