@@ -43,10 +43,11 @@ def route(
     ).astype(x.dtype)
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
     _, experts = jax.lax.top_k(probs, experts_per_token)
-    # The chosen probabilities, read through a one-hot mask (exact: one term is nonzero) rather
-    # than taken from top_k, whose gradient is a scatter the GPU may run with atomic adds.
-    chosen = jax.nn.one_hot(experts, probs.shape[-1], dtype=probs.dtype)
-    weights = jnp.sum(chosen * probs[:, None, :], axis=-1)
+    # The chosen probabilities, read by a gather marked as one of distinct places (a token's
+    # k experts are distinct): its gradient is then a scatter no place receives twice, which
+    # lets XLA skip atomic adds, and which a test can tell from one that adds in no fixed order.
+    tokens = jnp.arange(probs.shape[0])[:, None]
+    weights = probs.at[tokens, experts].get(unique_indices=True)
     if normalize:
         weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
     return weights, experts, probs
@@ -129,8 +130,9 @@ def moe_mlp(
     gate, up = remat_lib.name(gate, "mlp_gate"), remat_lib.name(up, "mlp_up")
     down = project("experts_down_proj", activation(gate) * up)
     per_choice = _permute(down, jnp.argsort(order)).reshape(tokens.shape[0], k, shape[-1])
-    # Each expert's output is weighted in float32 and rounded, then the k are summed, the
-    # order transformers rounds in.
+    # Each expert's output is weighted in float32 and rounded, as transformers does; the k are
+    # then summed in one reduction, where transformers adds them into the output one expert at
+    # a time (in expert order, rounding each time): in bf16 the two can differ in a last bit.
     weighted = (per_choice.astype(jnp.float32) * weights[..., None]).astype(x.dtype)
     return jnp.sum(weighted, axis=1).reshape(shape)
 
@@ -142,9 +144,9 @@ def _permute(v: Array, order: Array) -> Array:
     fixed order (an H200 ran Qwen 3 MoE's layer step, k = 8, to different bits each time).
 
     Measured against the alternative of a custom VJP that differentiates as the inverse
-    gather (BENCHMARKS.md §8, runs 124-127): that one ran the MoE layer alone 0.4-0.5 ms
+    gather (BENCHMARKS.md §8, runs 124-127): that one ran the MoE layer alone 0.1-0.5 ms
     faster at 8192 tokens, but a whole Qwen3-30B-A3B step at 7,695 tokens/s against this
-    one's 8,224; one run each, so this, the faster step, stays.
+    one's 8,224. One run each, on different machine leases, so not settled; this one stays.
     """
     return v.at[order].get(unique_indices=True)
 
