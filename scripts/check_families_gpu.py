@@ -318,10 +318,16 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--child-timeout", type=float, default=None, help="seconds per family")
     parser.add_argument("--row", action="store_true", help="one family, its row as JSON")
+    parser.add_argument("--directory", default=None, help=argparse.SUPPRESS)  # --row's scratch
     args = parser.parse_args()
     names = args.families.split(",")
     if args.row:
-        run_one(names[0], args.seq_len, args.tiny)
+        directory = args.directory or tempfile.mkdtemp()
+        try:
+            run_one(names[0], args.seq_len, args.tiny, directory)
+        finally:
+            if not args.directory:  # a row run alone cleans up after itself
+                shutil.rmtree(directory, ignore_errors=True)
         print(PART + json.dumps([ROW_DONE, True, 0.0]), flush=True)
         return
     # One process per family: transformers keeps state between models in a process (gpu_run110:
@@ -329,18 +335,19 @@ def main() -> None:
     # either device, they agree with lorax to 2e-5).
     rows = []
     for name in names:
-        argv = [
-            sys.executable,
-            __file__,
-            "--row",
-            "--families",
-            name,
-            "--seq-len",
-            str(args.seq_len),
-        ]
-        row, code, errors = run_child(argv + ["--tiny"] * args.tiny, args.child_timeout)
+        # The parent owns the family's scratch directory (RAM-backed where there is one): a
+        # child killed by its timeout cannot clean up the model it saved there (GBs of RAM).
+        scratch = "/dev/shm" if os.path.isdir("/dev/shm") else None
+        directory = tempfile.mkdtemp(dir=scratch)
+        argv = [sys.executable, __file__, "--row", "--families", name, "--seq-len",
+                str(args.seq_len), "--directory", directory]  # fmt: skip
+        try:
+            row, code, errors = run_child(argv + ["--tiny"] * args.tiny, args.child_timeout)
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)
         if code or ROW_DONE not in row:
-            print(f"{name}: FAILED (exit {code}, timeout {args.child_timeout} s):\n{errors}")
+            cut = f", its timeout {args.child_timeout:.0f} s" if args.child_timeout else ""
+            print(f"{name}: FAILED (exit {code}{cut}):\n{errors}")
         if len(row) > 1:
             rows.append(row)
             print(row, flush=True)
@@ -369,7 +376,8 @@ def run_child(argv: list[str], timeout: float | None) -> tuple[dict, int, str]:
             if line.startswith(PART):
                 key, value, seconds = json.loads(line[len(PART) :])
                 row[key] = value
-                print(f"  {row['family']}: {key} = {value} ({seconds:.0f} s)", flush=True)
+                if key != ROW_DONE:
+                    print(f"  {row['family']}: {key} = {value} ({seconds:.0f} s)", flush=True)
         code = child.wait()
         if timer:
             timer.cancel()
@@ -381,8 +389,8 @@ PART = "PART "  # a child's line: [key, value, seconds since its family started]
 ROW_DONE = "done"
 
 
-def run_one(name: str, seq_len: int, tiny: bool) -> dict:
-    """``check_family`` for one family, in a scratch directory (RAM-backed where there is one)."""
+def run_one(name: str, seq_len: int, tiny: bool, directory: str) -> dict:
+    """``check_family`` for one family, its model saved in ``directory`` (the parent's)."""
     global DEVICE
     hf = dict(FAMILIES[name])
     if tiny:
@@ -395,12 +403,7 @@ def run_one(name: str, seq_len: int, tiny: bool) -> dict:
             cut = {k: rope[k][:freqs] for k in ("short_factor", "long_factor")}
             hf["rope_parameters"] = {**rope, **cut, "original_max_position_embeddings": 16}
             hf["original_max_position_embeddings"] = 16
-    scratch = "/dev/shm" if os.path.isdir("/dev/shm") else None
-    directory = tempfile.mkdtemp(dir=scratch)
-    try:
-        return check_family(name, hf, seq_len, directory)
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
+    return check_family(name, hf, seq_len, directory)
 
 
 if __name__ == "__main__":

@@ -146,7 +146,8 @@ def describe_kernel(kernel: str) -> tuple[str, str]:
     return "other", kernel
 
 
-# An MoE layer's routing: sorting rows by expert, gathering them, scattering them back.
+# An MoE layer's routing (sorting rows by expert, gathering them, scattering them back), as an
+# op or as the root of a fusion (embedding lookups and label picks are gathers too).
 ROUTING_OPS = frozenset(("sort", "gather", "scatter"))
 
 
@@ -177,8 +178,11 @@ def describe(op: str, instructions: dict, computations: dict, kernel: str = "") 
         return "collectives", shape
     if opcode == "fusion" and "kind=kCustom" in text and "dot" in body:
         return "matmul (XLA Triton GEMM fusions)", f"{shape} [{summary}]"
-    if opcode in ROUTING_OPS or ROUTING_OPS & body.keys():
-        return "sorts, gathers, scatters", f"{shape} [{summary}]"
+    if "dequantize_nf4" in text:  # its op name (metadata): the codebook lookup is a gather
+        return "NF4 decode", f"{shape} [{summary}]"
+    root = computations.get(called.group(1), [opcode])[-1] if called else opcode
+    if opcode in ROUTING_OPS or root in ROUTING_OPS:  # the fusion's output is routed rows
+        return "sorts, gathers, scatters", f"{shape} [root {root}: {summary}]"
     if "dynamic-update-slice" in body or opcode in ("copy", "dynamic-update-slice"):
         return "copies / slices", f"{shape} [{summary}]"
     if "reduce" in body or opcode == "reduce":
