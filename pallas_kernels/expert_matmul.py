@@ -1,7 +1,7 @@
 """``y = x·W_eᵀ + scale·(x·A_eᵀ)·B_eᵀ`` for rows grouped by expert: an MoE layer's projection.
 
-A mixture-of-experts layer (Mixtral, Qwen 3 MoE) sends each token to a few of its experts. Sorted by
-expert, the rows of one projection form consecutive groups, one per expert, and each group
+A mixture-of-experts layer (Mixtral, Qwen 2/3 MoE) sends each token to a few of its experts.
+Sorted by expert, the rows of one projection form consecutive groups, one per expert, and each group
 multiplies its own frozen W_e (NF4 or dense) and LoRA factors A_e, B_e. The op is XLA's
 grouped matmul (``lax.ragged_dot_general``) under the same contract as
 :func:`pallas_kernels.nf4_lora_matmul`:

@@ -180,7 +180,7 @@ FAMILY_FIELDS = (
     ],
 )
 def test_merged_families_load_in_transformers(tmp_path, rng, case, dtype):
-    """Qwen 3, Gemma 2, Gemma 3, Phi-3, Mixtral and Qwen 3 MoE merged: transformers builds the
+    """Qwen 3, Gemma 2, Gemma 3, Phi-3, Mixtral and Qwen 2/3 MoE merged: transformers builds the
     right class from our config.json, reads the family's fields as it read the source's, and
     computes lorax's logits; ``lorax.load`` gives back the same ``ModelConfig``."""
     model_type, overrides = CASES[case]
@@ -351,7 +351,7 @@ def test_merging_into_nf4_base_dequantizes_like_bitsandbytes(tmp_path, rng):
     np.testing.assert_array_equal(stored["model.layers.1.self_attn.q_proj.weight"], base_q)
 
 
-# ----------------------------------------------- Mixture of experts: Mixtral, Qwen 3 MoE
+# -------------------------------------------- Mixture of experts: Mixtral, Qwen 2/3 MoE
 
 
 def _exact_expert_merge(model, lora, proj, i, e) -> np.ndarray:

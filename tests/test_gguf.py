@@ -1044,7 +1044,7 @@ def test_qwen2_moe_files_read_as_llama_cpp_reads_them(moe, tmp_path):
     weights gated or scaled otherwise than by the softmax, or without a shared expert's tensor.
     Without expert_shared_feed_forward_length llama.cpp takes feed_forward_length (96), which
     the file's 256-wide shared expert then contradicts. The shared expert's gate stored as
-    [1, hidden] (as llama.cpp's converter wrote it before squeezing it) reads the same, and a
+    [1, hidden] (one of the two shapes llama.cpp's converter has written) reads the same, and a
     file without q/k/v biases reads as qkv_bias=false (llama.cpp loads both)."""
     model, _, path = moe("qwen2-moe")
     cases = [

@@ -43,10 +43,10 @@ same router and expert tensors as Qwen 3 MoE's, and beside them a shared expert:
 ``gate_proj``/``up_proj``/``down_proj`` (lorax's names for it) are ``ffn_gate_shexp``/
 ``ffn_up_shexp``/``ffn_down_shexp``, of their own width (``expert_shared_feed_forward_length``),
 and its gate (HF's ``shared_expert_gate``, ``[1, hidden]``) is ``ffn_gate_inp_shexp``, which
-llama.cpp reads as one vector ``[hidden]`` and its converter writes float32, squeezed to one
-dimension. Its graph routes the other way round from qwen3moe's: it never renormalizes the
-chosen weights (Qwen1.5-MoE's and Qwen2-57B-A14B's ``norm_topk_prob`` false), so a model that
-does has no qwen2moe file.
+llama.cpp loads as ``[hidden]`` or ``[1, hidden]`` (its converter has written both); lorax
+writes it float32 as ``[hidden]``. Its graph routes the other way round from qwen3moe's: it
+never renormalizes the chosen weights (Qwen1.5-MoE's and Qwen2-57B-A14B's ``norm_topk_prob``
+false), so a model that does has no qwen2moe file.
 """
 
 from __future__ import annotations

@@ -138,8 +138,8 @@ def _read_params(
 
 def _squeezed(shape: tuple[int, ...]) -> tuple[int, ...]:
     """A numpy shape without its leading ones: llama.cpp loads a tensor whose dimensions
-    beyond those it expects are one (a shared expert's gate as ``[1, hidden]``, as llama.cpp's
-    converter wrote it before it squeezed the gate to ``[hidden]``)."""
+    beyond those it expects are one (a shared expert's gate as ``[1, hidden]``, one of the two
+    shapes llama.cpp's converter has written it in)."""
     shape = tuple(shape)
     while len(shape) > 1 and shape[0] == 1:
         shape = shape[1:]
