@@ -123,7 +123,10 @@ def test_reads_adapter_written_by_peft(tmp_path, rng, case):
     lora = lorax.load_adapter(model, out)
     assert lora.config == lorax.LoraConfig(4, 16.0, targets, dropout=0.05, use_rslora=True)
     ids = rng.integers(0, model.config.vocab_size, size=(2, 10))
-    assert rel_err(_lorax_logits(model, lora, ids), torch_logits(peft_model, ids)) < 1e-4
+    # Over all logits, not the worst one: a random model can have a position where float32's
+    # rounding is amplified (seed 1809431739, phi3-window: one position at 1.9e-4 of the
+    # largest logit, the others at 1e-5 or less; rel. L2 4.5e-5; so at cd8e139 too).
+    assert rel_l2(_lorax_logits(model, lora, ids), torch_logits(peft_model, ids)) < 1e-4
 
 
 def _rewrite(adapter_dir, edit_tensors=None, **config_changes) -> None:
