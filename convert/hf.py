@@ -28,7 +28,7 @@ from convert.names import (
     tensor_specs,
 )
 from convert.safetensors_io import SafetensorsError, SafetensorsFile
-from pallas_kernels.nf4 import NF4Tensor, quantize_nf4, stack
+from pallas_kernels.nf4 import NF4Tensor, dequantize_nf4, quantize_nf4, stack
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -98,6 +98,9 @@ class ShardedCheckpoint(Mapping[str, np.ndarray]):
 
     def __len__(self) -> int:
         return len(self._where)
+
+    def __contains__(self, name: object) -> bool:  # by the index: no tensor read
+        return name in self._where
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self.files[self._where[name]].shape(name)
@@ -188,13 +191,23 @@ def read_tensor(
 ) -> Any:
     """One whole tensor as the base pytree stores it: cast to ``dtype``, NF4 when asked.
 
-    A pre-quantized (bitsandbytes 4-bit) projection is read as the NF4Tensor it holds.
+    A pre-quantized (bitsandbytes 4-bit) projection is read as the NF4Tensor it holds. A
+    tensor lorax keeps in 16 bits that such a checkpoint stores in 4-bit (transformers 4
+    quantized every ``nn.Linear``: an MoE router, a shared expert's gate) is decoded.
     """
-    if pre_quantized and spec.quantizable:
+    if pre_quantized and (spec.quantizable or f"{name}.absmax" in ckpt):
         from convert.bnb import nf4_from_bnb_tensors
 
         prefix = name[: -len(".weight")]
-        return nf4_from_bnb_tensors(prefix, ckpt, source=ckpt.file_of(name))
+        nf4 = nf4_from_bnb_tensors(prefix, ckpt, source=ckpt.file_of(name))
+        if spec.quantizable:
+            return nf4
+        if nf4.shape != spec.shape:
+            raise CheckpointError(
+                f"{ckpt.file_of(name)}: 4-bit tensor {name!r} has shape {list(nf4.shape)}, "
+                f"config expects {list(spec.shape)}"
+            )
+        return dequantize_nf4(nf4, dtype)
     check_shape(ckpt, spec, name)
     array = jnp.asarray(np.asarray(ckpt[name]), dtype=dtype)
     if quantize == "nf4" and spec.quantizable:

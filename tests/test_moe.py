@@ -15,6 +15,7 @@ from conftest import make_hf_model, rel_err, rel_l2, torch_logits
 from test_model_parity import CASES
 
 import lorax
+from convert.names import SHARED_EXPERT_GATE
 from lorax.config import ConfigError, ModelConfig
 from lorax.model import ForwardOptions
 from lorax.train.step import StepConfig, loss_sum
@@ -521,13 +522,13 @@ def test_moe_bf16_matches_transformers_where_routes_agree(tmp_path, rng, model_t
         assert np.mean(per_position < 3e-2) > 0.6
 
 
-@pytest.mark.parametrize("model_type", list(MOE))
-def test_loads_a_bitsandbytes_4bit_moe_checkpoint(tmp_path, rng, model_type):
-    """Pre-quantized MoE checkpoints on the hub (e.g. Unsloth's mixtral-8x7b-bnb-4bit and
-    Qwen3-30B-A3B-bnb-4bit) were written by transformers 4, whose experts were Linear modules:
-    every expert matrix (and the attention projections) stored as bitsandbytes 4-bit. lorax
-    reads their bytes as they are, per expert, and computes what it computes after quantizing
-    the float weights itself."""
+_PROJECTIONS = ("_proj.weight", ".w1.weight", ".w2.weight", ".w3.weight")
+
+
+def _bnb_4bit_checkpoint(tmp_path, path, suffixes) -> tuple[str, dict[str, np.ndarray]]:
+    """The HF checkpoint at ``path`` rewritten as transformers 4 saved ``load_in_4bit`` models:
+    every tensor named with one of ``suffixes`` stored as bitsandbytes NF4 (double-quantized,
+    blocks of 64). Returns the directory and bitsandbytes' own decoding of each such tensor."""
     bnb_f = pytest.importorskip("bitsandbytes.functional", reason="bitsandbytes writes the file")
     import json
     import os
@@ -537,18 +538,18 @@ def test_loads_a_bitsandbytes_4bit_moe_checkpoint(tmp_path, rng, model_type):
     from convert.bnb import bnb_quantization_config
     from convert.safetensors_io import SafetensorsFile, save_file
 
-    _, path = make_hf_model(tmp_path, model_type, **MOE[model_type])
     source = SafetensorsFile(os.path.join(path, "model.safetensors"))
-    tensors = {}
+    tensors, decoded = {}, {}
     for name in source:
         value = np.asarray(source[name])
-        if name.endswith(("_proj.weight", ".w1.weight", ".w2.weight", ".w3.weight")):
+        if name.endswith(suffixes):
             packed, state = bnb_f.quantize_4bit(
                 torch.from_numpy(value), blocksize=64, quant_type="nf4", compress_statistics=True
             )
             tensors[name] = packed.numpy()
             for key, v in state.as_dict(packed=True).items():
                 tensors[f"{name}.{key}"] = v.numpy()
+            decoded[name] = bnb_f.dequantize_4bit(packed, state).numpy()
         else:
             tensors[name] = value
     quantized = tmp_path / "bnb"
@@ -558,8 +559,20 @@ def test_loads_a_bitsandbytes_4bit_moe_checkpoint(tmp_path, rng, model_type):
         config = json.load(f)
     config["quantization_config"] = bnb_quantization_config(compute_dtype="float32")
     (quantized / "config.json").write_text(json.dumps(config))
+    return str(quantized), decoded
 
-    model = lorax.load(str(quantized), dtype="float32")
+
+@pytest.mark.parametrize("model_type", list(MOE))
+def test_loads_a_bitsandbytes_4bit_moe_checkpoint(tmp_path, rng, model_type):
+    """Pre-quantized MoE checkpoints on the hub (e.g. Unsloth's mixtral-8x7b-bnb-4bit and
+    Qwen3-30B-A3B-bnb-4bit) were written by transformers 4, whose experts were Linear modules:
+    every expert matrix (and the attention projections) stored as bitsandbytes 4-bit. lorax
+    reads their bytes as they are, per expert, and computes what it computes after quantizing
+    the float weights itself."""
+    _, path = make_hf_model(tmp_path, model_type, **MOE[model_type])
+    quantized, _ = _bnb_4bit_checkpoint(tmp_path, path, _PROJECTIONS)
+
+    model = lorax.load(quantized, dtype="float32")
     ours = lorax.load(path, quantize="nf4", dtype="float32")
     for name in ("experts_gate_up_proj", "experts_down_proj", "q_proj"):
         stored, made = model.params["layers"][name]["weight"], ours.params["layers"][name]["weight"]
@@ -576,6 +589,23 @@ def test_loads_a_bitsandbytes_4bit_moe_checkpoint(tmp_path, rng, model_type):
     # cause: the stored bytes are asserted equal above).
     errors = np.max(np.abs(np.asarray(got - want)), axis=-1) / np.max(np.abs(np.asarray(want)))
     assert np.median(errors) < 2e-3, errors
+
+
+def test_decodes_what_a_4bit_checkpoint_quantized_beyond_the_projections(tmp_path):
+    """transformers 4 quantized every ``nn.Linear`` of a ``load_in_4bit`` model unless told
+    otherwise: an MoE router and Qwen 2 MoE's shared-expert gate can be stored in 4-bit. lorax
+    keeps those in 16 bits, so it decodes them: to bitsandbytes' own decoding."""
+    _, path = make_hf_model(tmp_path, "qwen2_moe", **MOE["qwen2_moe"])
+    gates = (".mlp.gate.weight", ".shared_expert_gate.weight")
+    quantized, decoded = _bnb_4bit_checkpoint(tmp_path, path, _PROJECTIONS + gates)
+    model = lorax.load(quantized, dtype="float32")
+    layers = range(model.config.num_layers)
+    for name, path_in_tree in (("gate", "router"), ("shared_expert_gate", SHARED_EXPERT_GATE)):
+        got = model.params["layers"][path_in_tree]["weight"]
+        assert not isinstance(got, lorax.NF4Tensor), name
+        want = np.stack([decoded[f"model.layers.{i}.mlp.{name}.weight"] for i in layers])
+        # bnb's CPU double-quant rounding: one absmax code step off in a few blocks (nf4.py).
+        assert got.shape == want.shape and rel_err(got, want) < 1e-2, name
 
 
 @pytest.mark.parametrize("lora_products", [None, "dense", "chunked"])
