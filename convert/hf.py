@@ -251,7 +251,7 @@ def load_params(
         )
 
     def read_layers(spec: TensorSpec) -> Any:
-        return stack_layers([read(spec, n) for n in spec.hf_names(config.num_layers)])
+        return stack_layers([read(spec, n) for n in spec.hf_names()])
 
     params: dict[str, Any] = {}
     for spec in specs:
@@ -321,7 +321,7 @@ def _check_names(
 ) -> None:
     expected: dict[str, TensorSpec] = {}
     for spec in specs:
-        for name in spec.hf_names(config.num_layers):
+        for name in spec.hf_names():
             expected[name] = spec
     missing = [n for n in expected if n not in ckpt]
     if missing:

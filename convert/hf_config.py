@@ -134,9 +134,14 @@ def _moe_fields(config: Any) -> dict[str, Any]:
                 f"config has expert width {config.expert_width} (intermediate_size "
                 f"{config.intermediate_size}), normalize={config.normalize_expert_weights}"
             )
+        if config.dense_mlp_layers:
+            raise HFConfigError(
+                f"mixtral routes every layer; config has dense MLPs in layers "
+                f"{list(config.dense_mlp_layers)}"
+            )
         return {**fields, "num_local_experts": config.num_experts, "router_jitter_noise": 0.0}
-    # Qwen 2/3 MoE, in the hub's spelling (num_experts), every layer routed; Qwen 2 MoE's
-    # shared expert beside the routed ones (departures() has checked the family has one).
+    # Qwen 2/3 MoE, in the hub's spelling (num_experts), dense layers listed by index; Qwen 2
+    # MoE's shared expert beside the routed ones (departures() has checked the family has one).
     shared = (
         {"shared_expert_intermediate_size": config.shared_expert_intermediate_size}
         if config.shared_expert
@@ -148,7 +153,7 @@ def _moe_fields(config: Any) -> dict[str, Any]:
         "moe_intermediate_size": config.expert_width,
         "norm_topk_prob": config.normalize_expert_weights,
         "decoder_sparse_step": 1,
-        "mlp_only_layers": [],
+        "mlp_only_layers": list(config.dense_mlp_layers),
         **shared,
     }
 

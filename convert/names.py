@@ -10,6 +10,11 @@ import dataclasses
 from collections.abc import Iterator
 from typing import Any
 
+# Where the stacked decoder layers sit in the parameter pytrees (``ModelConfig.layer_stacks``):
+# every layer, or an MoE model's routed layers when some layers have a dense MLP instead,
+# which then sit under DENSE_LAYERS.
+LAYERS = "layers"
+DENSE_LAYERS = "dense_layers"
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
 # Phi-3 stores q/k/v as one projection and gate/up as another (PEFT targets these names too):
@@ -69,34 +74,41 @@ EXPERT_MLP = {"experts_gate_up_proj": ("gate_proj", "up_proj"), "experts_down_pr
 class TensorSpec:
     """One parameter: its path in the pytree, its HF name template and its HF shape.
 
-    ``hf_name`` contains ``{i}`` for per-layer tensors, which lorax stacks on axis 0.
+    ``hf_name`` contains ``{i}`` for per-layer tensors: one per model layer in ``layers``,
+    which lorax stacks on axis 0 in that order (the path's first key names the stack).
     """
 
     path: tuple[str, ...]
     hf_name: str
     shape: tuple[int, ...]
-    per_layer: bool
+    layers: tuple[int, ...] = ()
     quantizable: bool = False
     # Where this tensor sits in the value at ``path`` when several tensors share it (an MoE
     # layer's experts): ``value[layer][index]``, of a value shaped ``(L, *stack, *shape)``.
     index: tuple[int, ...] = ()
     stack: tuple[int, ...] = ()
 
-    def hf_names(self, num_layers: int) -> list[str]:
+    @property
+    def per_layer(self) -> bool:
+        return bool(self.layers)
+
+    def hf_names(self) -> list[str]:
         if not self.per_layer:
             return [self.hf_name]
-        return [self.hf_name.format(i=i) for i in range(num_layers)]
+        return [self.hf_name.format(i=i) for i in self.layers]
 
 
-def module_name(projection: str, model_type: str | None = None) -> str:
+def module_name(projection: str, model_type: str | None = None, shared_expert: bool = True) -> str:
     """HF's module path of a projection inside a decoder layer of ``model_type``
     (``self_attn.q_proj``; a shared expert's: ``mlp.shared_expert.gate_proj``); for an
-    expert projection, transformers' in-memory 3-D parameter (``mlp.experts.gate_up_proj``)."""
+    expert projection, transformers' in-memory 3-D parameter (``mlp.experts.gate_up_proj``).
+    ``shared_expert=False``: a layer of the family without one (a dense-MLP layer of an MoE
+    model)."""
     if projection in EXPERT_HF_PARAMETERS:
         return f"mlp.experts.{EXPERT_HF_PARAMETERS[projection]}"
     if projection in ATTENTION + FUSED_ATTENTION:
         return f"self_attn.{projection}"
-    return f"{mlp_module(model_type)}.{projection}"
+    return f"{mlp_module(model_type if shared_expert else None)}.{projection}"
 
 
 def mlp_module(model_type: str | None = None) -> str:
@@ -106,6 +118,11 @@ def mlp_module(model_type: str | None = None) -> str:
     if checkpoint is None or checkpoint.shared_expert is None:
         return "mlp"
     return f"{checkpoint.module}.{checkpoint.shared_expert}"
+
+
+def projection_module(projection: str, config: Any) -> str:
+    """``module_name`` for the layers of ``config`` (a layer stack's: ``layer_stacks``)."""
+    return module_name(projection, config.model_type, config.shared_expert)
 
 
 def layer_prefix(i: int | str = "{i}", decoder: str = "model.") -> str:
@@ -172,34 +189,42 @@ def tensor_specs(config: Any) -> Iterator[TensorSpec]:
     """Every tensor of a checkpoint of ``config``'s architecture (HF's order within a layer may
     differ; loaders look tensors up by name)."""
     d, v = config.hidden_size, config.vocab_size
-    yield TensorSpec(("embed_tokens",), "model.embed_tokens.weight", (v, d), False)
+    yield TensorSpec(("embed_tokens",), "model.embed_tokens.weight", (v, d))
+    for stack in config.layer_stacks():
+        yield from _layer_specs(stack.config, stack.key, stack.layers)
+    yield TensorSpec(("norm",), "model.norm.weight", (d,))
+    if not config.tie_word_embeddings:
+        yield TensorSpec(("lm_head", "weight"), "lm_head.weight", (v, d))
+
+
+def _layer_specs(config: Any, key: str, layers: tuple[int, ...]) -> Iterator[TensorSpec]:
+    """The tensors of the decoder layers ``layers``, stacked under ``key``, all of
+    ``config``'s (uniform) structure."""
+    d = config.hidden_size
     for norm in config.layer_norm_names():
-        yield TensorSpec(("layers", norm), f"{layer_prefix()}.{norm}.weight", (d,), True)
+        yield TensorSpec((key, norm), f"{layer_prefix()}.{norm}.weight", (d,), layers)
     if config.qk_norm:
         for norm in QK_NORMS:
             name = f"{layer_prefix()}.self_attn.{norm}.weight"
-            yield TensorSpec(("layers", norm), name, (config.head_dim,), True)
+            yield TensorSpec((key, norm), name, (config.head_dim,), layers)
     for proj in config.projections():
         if proj in EXPERT_PROJECTIONS:
-            yield from _expert_specs(config, proj)
+            yield from _expert_specs(config, proj, key, layers)
             continue
         out_dim, in_dim = config.projection_shape(proj)
-        base = f"{layer_prefix()}.{module_name(proj, config.model_type)}"
-        yield TensorSpec(
-            ("layers", proj, "weight"), f"{base}.weight", (out_dim, in_dim), True, True
-        )
+        base = f"{layer_prefix()}.{projection_module(proj, config)}"
+        yield TensorSpec((key, proj, "weight"), f"{base}.weight", (out_dim, in_dim), layers, True)
         if proj in config.bias_projections:
-            yield TensorSpec(("layers", proj, "bias"), f"{base}.bias", (out_dim,), True)
+            yield TensorSpec((key, proj, "bias"), f"{base}.bias", (out_dim,), layers)
     if config.shared_expert:
         module = EXPERT_CHECKPOINTS[config.model_type].module
         name = f"{layer_prefix()}.{module}.{SHARED_EXPERT_GATE}.weight"
-        yield TensorSpec(("layers", SHARED_EXPERT_GATE, "weight"), name, (1, d), True)
-    yield TensorSpec(("norm",), "model.norm.weight", (d,), False)
-    if not config.tie_word_embeddings:
-        yield TensorSpec(("lm_head", "weight"), "lm_head.weight", (v, d), False)
+        yield TensorSpec((key, SHARED_EXPERT_GATE, "weight"), name, (1, d), layers)
 
 
-def _expert_specs(config: Any, projection: str) -> Iterator[TensorSpec]:
+def _expert_specs(
+    config: Any, projection: str, key: str, layers: tuple[int, ...]
+) -> Iterator[TensorSpec]:
     """One spec per checkpoint matrix of an expert projection, in (expert, part) order; the
     layer's router comes first, with the gate/up projection."""
     checkpoint = EXPERT_CHECKPOINTS[config.model_type]
@@ -207,17 +232,17 @@ def _expert_specs(config: Any, projection: str) -> Iterator[TensorSpec]:
     experts, parts = config.num_experts, checkpoint.parts[projection]
     if projection == EXPERT_PROJECTIONS[0]:
         shape = (experts, config.hidden_size)
-        yield TensorSpec(("layers", ROUTER, "weight"), f"{base}.gate.weight", shape, True)
+        yield TensorSpec((key, ROUTER, "weight"), f"{base}.gate.weight", shape, layers)
     out_dim, in_dim = config.projection_shape(projection)
     shape = (out_dim // len(parts), in_dim)
     stack = (experts, len(parts)) if len(parts) > 1 else (experts,)
     for e in range(experts):
         for p, part in enumerate(parts):
             yield TensorSpec(
-                ("layers", projection, "weight"),
+                (key, projection, "weight"),
                 f"{base}.experts.{e}.{part}.weight",
                 shape,
-                True,
+                layers,
                 True,
                 index=(e, p) if len(parts) > 1 else (e,),
                 stack=stack,
@@ -234,7 +259,7 @@ def peft_lora_name(
     which: str,
     expert_targets: tuple[str, ...] = (),
     decoder: str = "model.",
-    model_type: str | None = None,
+    layer_config: Any = None,
 ) -> str:
     """PEFT's key for a LoRA matrix in ``adapter_model.safetensors`` (``which``: A or B).
 
@@ -244,7 +269,8 @@ def peft_lora_name(
     each wrapper around the previous one. So the last targeted sits at ``mlp.experts`` and
     each earlier one a ``base_layer.`` deeper, whatever order the config lists them in.
     ``decoder`` is where the decoder's modules sit (``CheckpointLayout.modules``);
-    ``model_type``, where its layers keep each projection (``module_name``).
+    ``layer_config``, the config of layer ``i``'s stack, where it keeps each projection
+    (``projection_module``; None: Llama's places).
     """
     if projection in EXPERT_PROJECTIONS:
         ordered = [p for p in EXPERT_PROJECTIONS if p in expert_targets]
@@ -253,5 +279,9 @@ def peft_lora_name(
         depth = len(ordered) - 1 - ordered.index(projection)
         module = "mlp.experts" + ".base_layer" * depth
     else:
-        module = module_name(projection, model_type)
+        module = (
+            module_name(projection)
+            if layer_config is None
+            else projection_module(projection, layer_config)
+        )
     return f"base_model.model.{layer_prefix(i, decoder)}.{module}.lora_{which}.weight"

@@ -21,11 +21,13 @@ from convert.families import FAMILIES
 from convert.names import (
     ATTENTION,
     CAUSAL_LM,
+    DENSE_LAYERS,
     EXPERT_PROJECTIONS,
     FUSED,
     FUSED_ATTENTION,
     FUSED_MLP,
     IMAGE_TEXT,
+    LAYERS,
     LAYOUTS,
     MLP,
 )
@@ -128,6 +130,17 @@ class RopeConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class LayerStack:
+    """Decoder layers of one structure: their parameters are stacked on a leading axis under
+    ``params[key]`` (and the LoRA pytree's), in the order of ``layers``, the model's indices
+    of them; ``config`` is the architecture of these layers alone."""
+
+    key: str
+    layers: tuple[int, ...]
+    config: ModelConfig
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """The architecture of a decoder-only model: Llama's, and what other families change.
 
@@ -187,6 +200,10 @@ class ModelConfig:
     # by sigmoid(x · shared_expert_gate) and added to the experts'. intermediate_size is then
     # no layer's width (as for Qwen 3 MoE).
     shared_expert_intermediate_size: int | None = None
+    # The layers of an MoE model whose MLP is a dense SwiGLU of intermediate_size instead
+    # (Qwen MoE's mlp_only_layers / decoder_sparse_step): no router, no experts, no shared
+    # expert. They are stacked apart from the routed layers (``layer_stacks``).
+    dense_mlp_layers: tuple[int, ...] = ()
     # The router's load-balancing loss is added to the training loss with this weight
     # (transformers does when config.json sets output_router_logits); None: not added.
     router_aux_loss_coef: float | None = None
@@ -228,10 +245,60 @@ class ModelConfig:
                 f"shared_expert_intermediate_size={self.shared_expert_intermediate_size} needs "
                 f"a positive width and routed experts (num_experts={self.num_experts})"
             )
+        if self.dense_mlp_layers:
+            dense = self.dense_mlp_layers
+            if not self.moe:
+                raise ConfigError(f"dense_mlp_layers={dense} needs routed experts (num_experts=0)")
+            if (
+                list(dense) != sorted(set(dense))
+                or not 0 <= dense[0] <= dense[-1] < self.num_layers
+            ):
+                raise ConfigError(
+                    f"dense_mlp_layers={dense} must be distinct ascending layer indices below "
+                    f"num_hidden_layers={self.num_layers}"
+                )
+            if len(dense) == self.num_layers:
+                raise ConfigError(
+                    f"dense_mlp_layers={dense}: every layer is dense, so no layer routes to the "
+                    f"{self.num_experts} experts"
+                )
         if self.checkpoint_layout not in LAYOUTS:
             raise ConfigError(
                 f"checkpoint_layout={self.checkpoint_layout!r}; supported: {tuple(LAYOUTS)}"
             )
+
+    def layer_stacks(self) -> tuple[LayerStack, ...]:
+        """The model's layers grouped by structure, each group one stack of parameters.
+
+        One stack (``"layers"``, every layer, this config) unless some layers of an MoE model
+        have a dense MLP: those then form a second stack (``"dense_layers"``) whose config is
+        a dense model's. Each stack's config describes its own layers only (its
+        ``num_layers`` counts them), so code written for a uniform stack runs on each.
+        """
+        if not self.dense_mlp_layers:
+            return (LayerStack(LAYERS, tuple(range(self.num_layers)), self),)
+        dense = self.dense_mlp_layers
+        routed = tuple(i for i in range(self.num_layers) if i not in dense)
+
+        def view(layers: tuple[int, ...], **changes: Any) -> ModelConfig:
+            windows = tuple(self.layer_windows[i] for i in layers)
+            return dataclasses.replace(
+                self, num_layers=len(layers), layer_windows=windows, dense_mlp_layers=(),
+                **changes,
+            )  # fmt: skip
+
+        dense_config = view(
+            dense,
+            num_experts=0,
+            experts_per_token=0,
+            expert_intermediate_size=None,
+            shared_expert_intermediate_size=None,
+            router_aux_loss_coef=None,
+        )
+        return (
+            LayerStack(LAYERS, routed, view(routed)),
+            LayerStack(DENSE_LAYERS, dense, dense_config),
+        )
 
     @property
     def moe(self) -> bool:
@@ -292,7 +359,9 @@ class ModelConfig:
     def projections(self) -> tuple[str, ...]:
         """The projections of one decoder layer, in HF's names and order (an MoE layer's
         expert projections: ``convert.names.EXPERT_PROJECTIONS``; a shared expert's are
-        Llama's MLP names)."""
+        Llama's MLP names); with several layer stacks, those of any layer."""
+        if self.dense_mlp_layers:
+            return self._any_stack(ModelConfig.projections)
         if self.moe:
             return SHARED_EXPERT_MOE_PROJECTIONS if self.shared_expert else MOE_PROJECTIONS
         return FUSED_PROJECTIONS if self.fused_projections else PROJECTIONS
@@ -311,9 +380,16 @@ class ModelConfig:
         return FUSED_ATTENTION if self.fused_projections else ATTENTION_PROJECTIONS
 
     def mlp_projections(self) -> tuple[str, ...]:
+        if self.dense_mlp_layers:
+            return self._any_stack(ModelConfig.mlp_projections)
         if self.moe:
             return (MLP_PROJECTIONS if self.shared_expert else ()) + EXPERT_PROJECTIONS
         return FUSED_MLP if self.fused_projections else MLP_PROJECTIONS
+
+    def _any_stack(self, names: Any) -> tuple[str, ...]:
+        """The projections ``names(stack config)`` gives for any stack, in canonical order."""
+        found = {p for stack in self.layer_stacks() for p in names(stack.config)}
+        return tuple(p for p in SHARED_EXPERT_MOE_PROJECTIONS if p in found)
 
     def projection_shape(self, name: str) -> tuple[int, int]:
         """The HF ``[out, in]`` shape of one layer's projection ``name`` (of one expert's, for
@@ -350,6 +426,12 @@ class ModelConfig:
     def num_parameters(self) -> int:
         """Parameters in the model (embeddings, projections with every expert, routers and
         gates, biases, norms, head)."""
+        layers = sum(len(s.layers) * s.config.layer_parameters() for s in self.layer_stacks())
+        head = 0 if self.tie_word_embeddings else self.vocab_size * self.hidden_size
+        return self.vocab_size * self.hidden_size + layers + self.hidden_size + head
+
+    def layer_parameters(self) -> int:
+        """Parameters in one decoder layer (of a uniform stack: ``layer_stacks``)."""
         linear = sum(
             self.projection_copies(p) * int(np.prod(self.projection_shape(p)))
             for p in self.projections()
@@ -357,14 +439,7 @@ class ModelConfig:
         linear += self.gate_parameters()
         biases = sum(self.projection_shape(p)[0] for p in self.bias_projections)
         norms = len(self.layer_norm_names()) * self.hidden_size
-        per_layer = linear + biases + norms + (2 * self.head_dim if self.qk_norm else 0)
-        head = 0 if self.tie_word_embeddings else self.vocab_size * self.hidden_size
-        return (
-            self.vocab_size * self.hidden_size
-            + self.num_layers * per_layer
-            + self.hidden_size
-            + head
-        )
+        return linear + biases + norms + (2 * self.head_dim if self.qk_norm else 0)
 
     # ------------------------------------------------------------------ reading HF configs
 
@@ -566,15 +641,7 @@ def _moe_fields(hf: Mapping[str, Any], model_type: str, source: str) -> dict[str
             f"{source}: num_experts={hf['num_experts']!r} and "
             f"num_local_experts={hf['num_local_experts']!r} disagree"
         )
-    dense_layers = list(hf.get("mlp_only_layers") or [])
-    step = int(hf.get("decoder_sparse_step") or 1)
-    if dense_layers or step != 1:
-        # Every released Qwen MoE routes every layer; lorax scans one layer structure.
-        raise ConfigError(
-            f"{source}: layers with a dense MLP (mlp_only_layers={dense_layers}, "
-            f"decoder_sparse_step={step}) are not supported; every layer must route "
-            "(mlp_only_layers=[], decoder_sparse_step=1)"
-        )
+    dense_layers = _dense_mlp_layers(hf, source)
     defaults = _QWEN_MOE_DEFAULTS[model_type]
 
     def field(key: str) -> int:
@@ -589,8 +656,27 @@ def _moe_fields(hf: Mapping[str, Any], model_type: str, source: str) -> dict[str
         expert_intermediate_size=field("moe_intermediate_size"),
         normalize_expert_weights=bool(hf.get("norm_topk_prob", False)),
         router_aux_loss_coef=aux_loss,
+        dense_mlp_layers=dense_layers,
         **shared,
     )
+
+
+def _dense_mlp_layers(hf: Mapping[str, Any], source: str) -> tuple[int, ...]:
+    """The layers of a Qwen MoE model with a dense MLP, as transformers picks them: those in
+    ``mlp_only_layers``, and those whose number (from 1) ``decoder_sparse_step`` does not
+    divide."""
+    num_layers = int(hf["num_hidden_layers"])
+    listed = hf.get("mlp_only_layers") or []
+    step = hf.get("decoder_sparse_step") or 1
+    if not isinstance(step, int) or step < 1:
+        raise ConfigError(f"{source}: decoder_sparse_step={step!r} must be a positive integer")
+    strays = [i for i in listed if not isinstance(i, int) or not 0 <= i < num_layers]
+    if strays:
+        raise ConfigError(
+            f"{source}: mlp_only_layers={list(listed)} names {strays}, not layers of "
+            f"num_hidden_layers={num_layers}"
+        )
+    return tuple(i for i in range(num_layers) if i in listed or (i + 1) % step)
 
 
 def _ropes_from_hf(

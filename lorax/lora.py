@@ -2,8 +2,9 @@
 
 The LoRA parameters are a pytree separate from the frozen base, with the base's nesting
 (``{"layers": {"q_proj": {"lora_a": [L, r, in], "lora_b": [L, out, r]}}}``; an MoE expert
-projection has ``[L, E, r, in]`` and ``[L, E, out, r]``, one pair per expert) and PEFT's
-shapes, init and scaling, so adapters round-trip with ``peft``. The static half (rank,
+projection has ``[L, E, r, in]`` and ``[L, E, out, r]``, one pair per expert; an MoE model
+with dense-MLP layers keeps theirs under ``"dense_layers"``, ``ModelConfig.layer_stacks``)
+and PEFT's shapes, init and scaling, so adapters round-trip with ``peft``. The static half (rank,
 alpha, targets, ...) travels as pytree metadata, so ``jax.grad`` w.r.t. a ``LoraWeights``
 gives a ``LoraWeights`` of gradients and ``jit`` specialises on the config, not the values.
 """
@@ -125,16 +126,23 @@ def init_lora(
             "express it either: it adapts them as weights); target the others, or use 0.0"
         )
     key = jax.random.key(0) if key is None else key
-    layers = {}
-    for name, k in zip(cfg.targets, jax.random.split(key, len(cfg.targets)), strict=True):
-        out_dim, in_dim = config.projection_shape(name)
-        bound = 1.0 / math.sqrt(in_dim)
-        lead = config.adapter_batch_shape(name)
-        layers[name] = {
-            "lora_a": jax.random.uniform(k, (*lead, rank, in_dim), dtype, -bound, bound),
-            "lora_b": jnp.zeros((*lead, out_dim, rank), dtype),
-        }
-    return LoraWeights({"layers": layers}, cfg)
+    params: dict[str, Any] = {}
+    for stack in config.layer_stacks():
+        # Each target draws from one key, whichever stacks hold it (a stack's layers differ).
+        layers = {}
+        for name, k in zip(cfg.targets, jax.random.split(key, len(cfg.targets)), strict=True):
+            if name not in stack.config.projections():
+                continue  # the target is a projection of the model's other layers
+            k = jax.random.fold_in(k, stack.layers[0]) if len(config.layer_stacks()) > 1 else k
+            out_dim, in_dim = stack.config.projection_shape(name)
+            bound = 1.0 / math.sqrt(in_dim)
+            lead = stack.config.adapter_batch_shape(name)
+            layers[name] = {
+                "lora_a": jax.random.uniform(k, (*lead, rank, in_dim), dtype, -bound, bound),
+                "lora_b": jnp.zeros((*lead, out_dim, rank), dtype),
+            }
+        params[stack.key] = layers
+    return LoraWeights(params, cfg)
 
 
 def lora_linear(

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from convert.names import ROUTER, SHARED_EXPERT_GATE
 from lorax import remat as remat_lib
-from lorax.config import ModelConfig, rope_frequencies
+from lorax.config import LayerStack, ModelConfig, rope_frequencies
 from lorax.lora import LoraWeights, lora_linears
 from lorax.moe import gate_shared_expert, moe_mlp, router_statistics
 from pallas_kernels.flash_attention import flash_attention, mosaic_supports, resolve_impl
@@ -451,6 +451,26 @@ def _decoder_layer(
     return out, stats
 
 
+def _scans(
+    config: ModelConfig, segments: list[tuple[str, int]]
+) -> list[tuple[str, LayerStack, int, int]]:
+    """The forward's scans, in layer order: ``(remat policy, stack, first, stop)``, each over
+    the stack's layers ``first:stop`` (positions in ``stack.layers``), which are consecutive
+    layers of the model under one policy segment (``lorax.remat.schedule``)."""
+    owner = {i: (stack, j) for stack in config.layer_stacks() for j, i in enumerate(stack.layers)}
+    scans: list[tuple[str, LayerStack, int, int]] = []
+    start = 0
+    for kind, count in segments:
+        for i in range(start, start + count):
+            stack, j = owner[i]
+            if i > start and scans[-1][1] is stack:
+                scans[-1] = (kind, stack, scans[-1][2], j + 1)
+            else:
+                scans.append((kind, stack, j, j + 1))
+        start += count
+    return scans
+
+
 def _chunked_over_tokens(fn: Any, x: Array, chunk: int | None) -> Array:
     """``fn(x)`` for a per-token ``fn(x, chunk_index=None)``, ``chunk`` tokens at a time.
 
@@ -502,85 +522,99 @@ def hidden_states(
         # Rounded to the compute dtype first, as HF's Gemma does (sqrt(3072) -> 55.5 in bf16).
         h = h * jnp.asarray(config.embedding_multiplier, h.dtype)
 
-    adapters = lora.params["layers"] if lora is not None else {}
     lora_cfg = lora.config if lora is not None else None
-    windows = distinct_windows(config)
-    # One cos/sin table, or one per distinct window when the layers' RoPEs differ (Gemma 3),
-    # picked per layer by the scanned window index.
-    rope_per_window = len({config.layer_rope(w) for w in windows}) > 1
-    if rope_per_window:
-        tables = [rope_cos_sin(config, positions, dtype, w) for w in windows]
-        cos, sin = (jnp.stack(t) for t in zip(*tables, strict=True))
-    else:
-        cos, sin = rope_cos_sin(config, positions, dtype, windows[0])
-    window_index = jnp.asarray([windows.index(w) for w in config.layer_windows], jnp.int32)
     layer_keys = (
         jax.random.split(dropout_key, config.num_layers) if dropout_key is not None else None
     )
 
-    def body(carry: Array, xs: tuple) -> tuple[Array, dict[str, Array] | None]:
-        layer, layer_adapters, window_index, key = xs
-        if options.layer_weights_sharding is not None:
-            # The adapters too: their A factors are stacked beside the gathered weights in
-            # one GEMM operand, and a sharded A would make XLA split (and re-gather, decoded)
-            # the weights to match. They are rank-r small; their gradients reduce-scatter.
-            layer, layer_adapters = jax.tree.map(
-                lambda p: jax.lax.with_sharding_constraint(p, options.layer_weights_sharding),
-                (layer, layer_adapters),
-            )
-        if options.activation_sharding is not None:
-            carry = jax.lax.with_sharding_constraint(carry, options.activation_sharding)
-        layer_cos, layer_sin = (cos, sin)
+    def stack_body(stack: LayerStack) -> tuple[Any, Array]:
+        """The scan body of ``stack``'s layers, and each layer's window index (into the
+        stack's distinct windows, which pick its attention kernel and RoPE table)."""
+        stack_config = stack.config
+        windows = distinct_windows(stack_config)
+        # One cos/sin table, or one per distinct window when the layers' RoPEs differ
+        # (Gemma 3), picked per layer by the scanned window index.
+        rope_per_window = len({stack_config.layer_rope(w) for w in windows}) > 1
         if rope_per_window:
-            layer_cos, layer_sin = cos[window_index], sin[window_index]
-        return _decoder_layer(
-            config,
-            lora_cfg,
-            options,
-            carry,
-            layer,
-            layer_adapters,
-            window_index,
-            layer_cos,
-            layer_sin,
-            segment_ids,
-            key,
-            router_stats,
+            tables = [rope_cos_sin(stack_config, positions, dtype, w) for w in windows]
+            cos, sin = (jnp.stack(t) for t in zip(*tables, strict=True))
+        else:
+            cos, sin = rope_cos_sin(stack_config, positions, dtype, windows[0])
+        window_index = [windows.index(w) for w in stack_config.layer_windows]
+
+        def body(carry: Array, xs: tuple) -> tuple[Array, dict[str, Array] | None]:
+            layer, layer_adapters, window_index, key = xs
+            if options.layer_weights_sharding is not None:
+                # The adapters too: their A factors are stacked beside the gathered weights
+                # in one GEMM operand, and a sharded A would make XLA split (and re-gather,
+                # decoded) the weights to match. They are rank-r small; their gradients
+                # reduce-scatter.
+                layer, layer_adapters = jax.tree.map(
+                    lambda p: jax.lax.with_sharding_constraint(p, options.layer_weights_sharding),
+                    (layer, layer_adapters),
+                )
+            if options.activation_sharding is not None:
+                carry = jax.lax.with_sharding_constraint(carry, options.activation_sharding)
+            layer_cos, layer_sin = (cos, sin)
+            if rope_per_window:
+                layer_cos, layer_sin = cos[window_index], sin[window_index]
+            return _decoder_layer(
+                stack_config,
+                lora_cfg,
+                options,
+                carry,
+                layer,
+                layer_adapters,
+                window_index,
+                layer_cos,
+                layer_sin,
+                segment_ids,
+                key,
+                router_stats,
+            )
+
+        return body, jnp.asarray(window_index, jnp.int32)
+
+    per_scan = []
+    segments = remat_lib.schedule(options.remat, config.num_layers)
+    for kind, stack, first, stop in _scans(config, segments):
+        body, window_index = stack_body(stack)
+        layers = params[stack.key]
+        adapters = lora.params.get(stack.key, {}) if lora is not None else {}
+        # The scan's layers are consecutive layers of the model.
+        keys = (
+            None
+            if layer_keys is None
+            else layer_keys[stack.layers[first] : stack.layers[stop - 1] + 1]
         )
 
-    segments = remat_lib.schedule(options.remat, config.num_layers)
-    if len(segments) == 1:
-        body = remat_lib.apply(body, options.remat, options.offload_layer_inputs)
-        h, stats = jax.lax.scan(body, h, (params["layers"], adapters, window_index, layer_keys))
-        per_segment = [stats]
-    else:
-        # One scan per policy segment. The frozen layers are indexed inside the body rather
-        # than sliced outside it, so no segment copies its part of the (large) base weights.
-        start = 0
-        per_segment = []
-        for kind, count in segments:
-            stop = start + count
+        def part(tree: Any, first: int = first, stop: int = stop) -> Any:
+            return jax.tree.map(lambda a: a[first:stop], tree)
 
-            def indexed_body(carry: Array, xs: tuple, _body: Any = body) -> tuple[Array, Any]:
+        if stop - first == len(stack.layers):
+            xs = (layers, adapters, window_index, keys)
+        else:
+            # The frozen layers are indexed inside the body rather than sliced outside it,
+            # so no scan copies its part of the (large) base weights.
+            def indexed_body(
+                carry: Array, xs: tuple, _body: Any = body, _layers: Any = layers
+            ) -> tuple[Array, Any]:
                 i, layer_adapters, window_index, key = xs
                 layer = jax.tree.map(
-                    lambda p, i=i: jax.lax.dynamic_index_in_dim(p, i, keepdims=False),
-                    params["layers"],
+                    lambda p, i=i: jax.lax.dynamic_index_in_dim(p, i, keepdims=False), _layers
                 )
                 return _body(carry, (layer, layer_adapters, window_index, key))
 
-            def part(tree: Any, start: int = start, stop: int = stop) -> Any:
-                return jax.tree.map(lambda a: a[start:stop], tree)
-
-            xs = (jnp.arange(start, stop), part(adapters), part(window_index), part(layer_keys))
-            body_k = remat_lib.apply(indexed_body, kind, options.offload_layer_inputs)
-            h, stats = jax.lax.scan(body_k, h, xs)
-            per_segment.append(stats)
-            start = stop
+            body = indexed_body
+            xs = (jnp.arange(first, stop), part(adapters), part(window_index), keys)
+        body = remat_lib.apply(body, kind, options.offload_layer_inputs)
+        h, stats = jax.lax.scan(body, h, xs)
+        per_scan.append(stats)
     h = rms_norm(h, params["norm"], config.rms_norm_eps, config.norm_style)
     if not router_stats:
         return h
-    totals = jax.tree.map(lambda *per_layer: sum(x.sum(0) for x in per_layer), *per_segment)
+    per_scan = [stats for stats in per_scan if stats is not None]  # dense-MLP layers route none
+    totals = jax.tree.map(lambda *per_layer: sum(x.sum(0) for x in per_layer), *per_scan)
     return h, totals
 
 

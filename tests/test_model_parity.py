@@ -158,6 +158,16 @@ CASES = {
             max_window_layers=2,
         ),
     ),
+    # Qwen MoE with dense-MLP layers among the routed ones (mlp_only_layers, and
+    # decoder_sparse_step: a layer routes when its number from 1 is a multiple): two layer
+    # stacks, scanned in turns. Qwen 2 MoE's dense layers have no shared expert.
+    "qwen3-moe-dense-layers": (
+        "qwen3_moe", dict(QWEN3_MOE, num_hidden_layers=4, mlp_only_layers=[0, 2])
+    ),
+    "qwen2-moe-sparse-step": (
+        "qwen2_moe",
+        dict(QWEN2_MOE, num_hidden_layers=4, decoder_sparse_step=2, mlp_only_layers=[3]),
+    ),
     # Gemma 3: q/k norms, and the full layers' RoPE (scaled) apart from the sliding layers'.
     "gemma3-two-ropes": ("gemma3_text", GEMMA3_TEXT),
     # Gemma 3's image-text model (4B-27B): the same language model beside a vision tower,

@@ -64,10 +64,9 @@ def load_params_sharded(
     """
     check_quantize(quantize)
     ckpt, specs, pre_quantized = open_checkpoint(directory, config, hf_config)
-    num_layers = config.num_layers
     for spec in specs:
         if not (pre_quantized and spec.quantizable):
-            for name in spec.hf_names(num_layers):
+            for name in spec.hf_names():
                 check_shape(ckpt, spec, name)
 
     def nf4(spec: TensorSpec) -> bool:
@@ -91,7 +90,7 @@ def load_params_sharded(
                     double_quant=double_quant,
                     pre_quantized=pre_quantized,
                 )
-                for n in spec.hf_names(num_layers)
+                for n in spec.hf_names()
             ]
         )
 
@@ -99,7 +98,7 @@ def load_params_sharded(
     for spec in specs:
         if spec.index:
             continue  # an MoE expert matrix: below
-        names = spec.hf_names(num_layers)
+        names = spec.hf_names()
         sharding = _get_path(shardings, spec.path)
         if pre_quantized and spec.quantizable:
             value = read_layers(spec)
@@ -107,7 +106,7 @@ def load_params_sharded(
         elif nf4(spec):
             value = quantize_nf4_sharded(
                 functools.partial(_read_layer_flat, ckpt, names),
-                num_layers=num_layers,
+                num_layers=len(spec.layers),
                 shape=spec.shape,
                 dtype=dtype,
                 double_quant=double_quant,
@@ -138,7 +137,7 @@ def abstract_base_params(
     for spec in tensor_specs(config):
         if any(spec.index):
             continue  # one more member of a parameter already placed (an MoE expert)
-        batch = (config.num_layers, *spec.stack) if spec.per_layer else ()
+        batch = (len(spec.layers), *spec.stack) if spec.per_layer else ()
         leaf = jax.ShapeDtypeStruct((*batch, *spec.shape), dtype)
         if quantize == "nf4" and spec.quantizable:
             leaf = _abstract_nf4(leaf, len(batch), double_quant)

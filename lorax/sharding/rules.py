@@ -5,9 +5,9 @@ Rules (every leaf not covered is replicated):
 * **Small leaves are replicated.** A leaf below ``ShardingRules.base_min_bytes`` (frozen base)
   or ``trainable_min_bytes`` (adapters, optimizer state) costs more in collective latency
   than it saves in memory. Scalars and 1-D leaves of stacked subtrees are always replicated.
-* **Never the layer axis.** Leaves under a ``"layers"`` key carry a leading layer axis that
-  ``lax.scan`` slices one layer at a time; splitting it would make every step gather the
-  whole stack, so axis 0 of such leaves is never sharded.
+* **Never the layer axis.** Leaves under a ``"layers"`` (or ``"dense_layers"``) key carry a
+  leading layer axis that ``lax.scan`` slices one layer at a time; splitting it would make
+  every step gather the whole stack, so axis 0 of such leaves is never sharded.
 * **Base dense leaves: the first divisible axis** (rows of ``embed_tokens [V, D]``, ``out`` of
   a dense ``[L, out, in]`` projection). A row piece is one contiguous byte range of the
   checkpoint, so the sharded loader reads each device's piece with one read.
@@ -36,10 +36,11 @@ import jax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from convert.names import DENSE_LAYERS, LAYERS
 from lorax.sharding.mesh import BATCH_AXES, FSDP
 from pallas_kernels.nf4 import NF4Tensor
 
-LAYERS_KEY = "layers"
+LAYERS_KEYS = (LAYERS, DENSE_LAYERS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,7 +101,7 @@ def _spec(ndim: int, axis: int | None) -> P:
 
 
 def _is_stacked(path: Sequence[Any]) -> bool:
-    return any(getattr(k, "key", None) == LAYERS_KEY for k in path)
+    return any(getattr(k, "key", None) in LAYERS_KEYS for k in path)
 
 
 def _nbytes(x: Any) -> int:
