@@ -300,6 +300,13 @@ class ModelConfig:
             LayerStack(DENSE_LAYERS, dense, dense_config),
         )
 
+    def stack_position(self, layer: int) -> tuple[LayerStack, int]:
+        """The stack holding model layer ``layer``, and the layer's position in it."""
+        for stack in self.layer_stacks():
+            if layer in stack.layers:
+                return stack, stack.layers.index(layer)
+        raise IndexError(f"layer {layer} of a {self.num_layers}-layer model")
+
     @property
     def moe(self) -> bool:
         """Whether the MLP is a routed mixture of experts."""
@@ -667,7 +674,8 @@ def _dense_mlp_layers(hf: Mapping[str, Any], source: str) -> tuple[int, ...]:
     divide."""
     num_layers = int(hf["num_hidden_layers"])
     listed = hf.get("mlp_only_layers") or []
-    step = hf.get("decoder_sparse_step") or 1
+    step = hf.get("decoder_sparse_step")
+    step = 1 if step is None else step
     if not isinstance(step, int) or step < 1:
         raise ConfigError(f"{source}: decoder_sparse_step={step!r} must be a positive integer")
     strays = [i for i in listed if not isinstance(i, int) or not 0 <= i < num_layers]

@@ -57,14 +57,16 @@ GROUP_KEYS = tuple(group_key(names) for names in PROJECTION_GROUPS)
 
 
 def group_keys(model: Model) -> tuple[str, ...]:
-    """The keys of ``model``'s projection groups (Phi-3's fused projections: one each). An
-    MoE layer's expert projections are not among them: they run on the grouped matmul
-    (``pallas_kernels.expert_matmul``), not this kernel."""
-    return tuple(
-        group_key(names)
-        for names in model.config.projection_groups()
+    """The keys of ``model``'s projection groups (Phi-3's fused projections: one each; those
+    of any layer stack). An MoE layer's expert projections are not among them: they run on
+    the grouped matmul (``pallas_kernels.expert_matmul``), not this kernel."""
+    keys = {
+        group_key(names): None
+        for stack in model.config.layer_stacks()
+        for names in stack.config.projection_groups()
         if not set(names) & set(EXPERT_PROJECTIONS)
-    )
+    }
+    return tuple(keys)
 
 
 # ``kernel_groups_for(..., "auto", tokens)`` prepares every group for steps of at most this
@@ -101,19 +103,22 @@ def prepare_kernel_weights(model: Model, groups: str | Sequence[str] | None = No
     unknown = [g for g in wanted if g not in known]
     if unknown:
         raise ValueError(f"unknown projection groups {unknown}; known: {list(known)}")
-    layers = dict(model.params["layers"])
-    prepared = {}
-    for names in model.config.projection_groups():
-        if group_key(names) not in wanted:
-            continue
-        weights = [layers[name]["weight"] for name in names]
-        if not all(isinstance(w, NF4Tensor) for w in weights):
-            continue
-        prepared[group_key(names)] = _prepare_group(tuple(weights), model.dtype)
-        for name in names:
-            layers[name] = {k: v for k, v in layers[name].items() if k != "weight"}
-    layers[PREPARED] = prepared
-    return dataclasses.replace(model, params={**model.params, "layers": layers})
+    params = dict(model.params)
+    for stack in model.config.layer_stacks():
+        layers = dict(params[stack.key])
+        prepared = {}
+        for names in stack.config.projection_groups():
+            if group_key(names) not in wanted:
+                continue
+            weights = [layers[name]["weight"] for name in names]
+            if not all(isinstance(w, NF4Tensor) for w in weights):
+                continue
+            prepared[group_key(names)] = _prepare_group(tuple(weights), model.dtype)
+            for name in names:
+                layers[name] = {k: v for k, v in layers[name].items() if k != "weight"}
+        layers[PREPARED] = prepared
+        params[stack.key] = layers
+    return dataclasses.replace(model, params=params)
 
 
 @functools.partial(jax.jit, static_argnames=("dtype",))
@@ -124,7 +129,7 @@ def _prepare_group(weights: tuple[NF4Tensor, ...], dtype: Any) -> MgpuNF4Weight:
 
 def is_prepared(model: Model) -> bool:
     """Whether :func:`prepare_kernel_weights` has rewritten the model's frozen weights."""
-    return PREPARED in model.params.get("layers", {})
+    return any(PREPARED in model.params.get(s.key, {}) for s in model.config.layer_stacks())
 
 
 def require_unprepared(model: Model, what: str) -> None:
@@ -172,8 +177,11 @@ def _kernel_takes(model: Model) -> bool:
     other models as loaded rather than stop a run."""
     if jnp.dtype(model.dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
         return False
-    layers = model.params.get("layers", {})
-    names = [n for n in model.config.projections() if n not in EXPERT_PROJECTIONS]
-    weights = [layers.get(name, {}).get("weight") for name in names]
+    weights = [
+        model.params[stack.key].get(name, {}).get("weight")
+        for stack in model.config.layer_stacks()
+        for name in stack.config.projections()
+        if name not in EXPERT_PROJECTIONS
+    ]
     nf4 = [w for w in weights if isinstance(w, NF4Tensor)]
     return bool(nf4) and all(w.blocksize == QBLOCK and w.shape[-1] % QBLOCK == 0 for w in nf4)

@@ -55,7 +55,7 @@ def write_checkpoint(directory: str) -> None:
     rng = np.random.default_rng(0)
     tensors = {}
     for spec in tensor_specs(config):
-        for name in spec.hf_names(config.num_layers):
+        for name in spec.hf_names():
             a = rng.standard_normal(spec.shape, dtype=np.float32) * 0.02
             tensors[name] = a.astype(ml_dtypes.bfloat16)
     os.makedirs(directory, exist_ok=True)

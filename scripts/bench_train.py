@@ -140,9 +140,9 @@ def build_model(
     def value(spec, k):
         shape = (*spec.stack, *spec.shape)
         if spec.quantizable:  # one layer at a time: no bf16 copy of every layer at once
-            keys = jax.random.split(k, config.num_layers)
-            return stack([random_nf4(keys[i], shape) for i in range(config.num_layers)])
-        shape = (config.num_layers, *shape) if spec.per_layer else shape
+            keys = jax.random.split(k, len(spec.layers))
+            return stack([random_nf4(keys[i], shape) for i in range(len(spec.layers))])
+        shape = (len(spec.layers), *shape) if spec.per_layer else shape
         if spec.path[-1] == "bias":
             return jnp.zeros(shape, jnp.bfloat16)
         if spec.path[-1].endswith("norm"):  # RMSNorm scales: input_layernorm, q_norm, norm...

@@ -95,7 +95,7 @@ def write_checkpoint(directory: str, hf: dict) -> None:
     pattern = (0.02 * rng.standard_normal(1_000_003, dtype=np.float32)).astype(ml_dtypes.bfloat16)
     tensors = {}
     for spec in tensor_specs(ModelConfig.from_hf_dict(hf)):
-        for name in spec.hf_names(hf["num_hidden_layers"]):
+        for name in spec.hf_names():
             shift = int(rng.integers(len(pattern)))
             flat = np.resize(np.roll(pattern, shift), math.prod(spec.shape))
             tensors[name] = flat.reshape(spec.shape)

@@ -46,7 +46,7 @@ def write_checkpoint(directory: str, seed: int = 0, dtype: str = "float32", **ov
     np_dtype = {"float32": np.float32, "float16": np.float16}[dtype]
     tensors: dict[str, np.ndarray] = {}
     for spec in tensor_specs(config):
-        for name in spec.hf_names(config.num_layers):
+        for name in spec.hf_names():
             if name.endswith("norm.weight"):
                 value = 1.0 + 0.1 * rng.standard_normal(spec.shape)
             else:

@@ -153,23 +153,29 @@ def test_moe_rounds_the_chosen_weights_only_where_asked(rng):
     assert np.mean(np.asarray(outs[True]) != np.asarray(outs[False])) > 0.05
 
 
-def _aux_case(tmp_path, coef: float, model_type: str = "mixtral"):
-    overrides = dict(MOE[model_type], output_router_logits=True, router_aux_loss_coef=coef)
+# MoE models with dense-MLP layers among the routed ones (two layer stacks).
+DENSE_LAYER_CASES = ("qwen3-moe-dense-layers", "qwen2-moe-sparse-step")
+
+
+def _aux_case(tmp_path, coef: float, case: str = "mixtral"):
+    model_type, overrides = (case, MOE[case]) if case in MOE else CASES[case]
+    overrides = dict(overrides, output_router_logits=True, router_aux_loss_coef=coef)
     torch_model, path = make_hf_model(tmp_path, model_type, **overrides)
     return torch_model, lorax.load(path, dtype="float32")
 
 
-@pytest.mark.parametrize("model_type", list(MOE))
-def test_router_aux_loss_matches_transformers(tmp_path, rng, model_type):
+@pytest.mark.parametrize("case", [*MOE, "qwen2-moe-sparse-step"])
+def test_router_aux_loss_matches_transformers(tmp_path, rng, case):
     """With output_router_logits, transformers trains on CE + coef · load-balancing loss; so
     does lorax, with the same value and LoRA gradients, padding (segment 0) left out of the
     routers' statistics as transformers leaves out masked tokens. LoRA on every projection:
     the experts (PEFT's target_parameters) and, on Qwen 2 MoE, the shared expert's
-    gate/up/down_proj (PEFT's target_modules, matched by name)."""
+    gate/up/down_proj (PEFT's target_modules, matched by name), and with dense-MLP layers
+    their gate/up/down_proj (which route nothing: the loss averages over routed layers)."""
     import peft
     import torch
 
-    torch_model, model = _aux_case(tmp_path, coef=0.5, model_type=model_type)
+    torch_model, model = _aux_case(tmp_path, coef=0.5, case=case)
     assert model.config.router_aux_loss_coef == 0.5
     lora = lorax.init_lora(model, rank=4, alpha=8, targets="all-linear", key=jax.random.key(3))
     lora = lorax.LoraWeights(
@@ -195,7 +201,7 @@ def test_router_aux_loss_matches_transformers(tmp_path, rng, model_type):
 
     from peft.tuners.lora.layer import ParamWrapper
 
-    from convert.names import EXPERT_HF_PARAMETERS, module_name
+    from convert.names import EXPERT_HF_PARAMETERS, module_name, projection_module
     from convert.peft import expert_factors_from_peft, expert_factors_to_peft
 
     experts = [t for t in lora.config.targets if t in EXPERT_HF_PARAMETERS]
@@ -210,19 +216,24 @@ def test_router_aux_loss_matches_transformers(tmp_path, rng, model_type):
     )
     layers = peft_model.base_model.model.model.layers
 
-    def modules(layer):
+    def modules(i, layer):
+        """(projection, its PEFT module, its LoRA factors' place) of model layer i."""
+        stack, j = model.config.stack_position(i)
         wrappers = {m.parameter_name: m for m in layer.mlp.modules() if isinstance(m, ParamWrapper)}
         for proj in lora.config.targets:
+            if proj not in stack.config.projections():
+                continue
             if proj in experts:
-                yield proj, wrappers[EXPERT_HF_PARAMETERS[proj]]
+                module = wrappers[EXPERT_HF_PARAMETERS[proj]]
             else:
-                yield proj, layer.get_submodule(module_name(proj, model_type))
+                module = layer.get_submodule(projection_module(proj, stack.config))
+            yield proj, module, (stack.key, j)
 
     with torch.no_grad():
         for i, layer in enumerate(layers):
-            for proj, module in modules(layer):
-                ab = lora.params["layers"][proj]
-                a, b = ab["lora_a"][i], ab["lora_b"][i]
+            for proj, module, (key, j) in modules(i, layer):
+                ab = lora.params[key][proj]
+                a, b = ab["lora_a"][j], ab["lora_b"][j]
                 if proj in experts:
                     a, b = expert_factors_to_peft(a, b)
                 module.lora_A["default"].weight.copy_(torch.from_numpy(np.array(a)))
@@ -234,14 +245,14 @@ def test_router_aux_loss_matches_transformers(tmp_path, rng, model_type):
     assert float(out.aux_loss.detach()) > 1.0  # the term is there (≈ k = 2 when balanced)
     assert float(value) == pytest.approx(float(out.loss), rel=1e-5)
     for i, layer in enumerate(layers):
-        for proj, module in modules(layer):
+        for proj, module, (key, j) in modules(i, layer):
             ref_a = module.lora_A["default"].weight.grad.numpy()
             ref_b = module.lora_B["default"].weight.grad.numpy()
             if proj in experts:
                 ref_a, ref_b = expert_factors_from_peft(ref_a, ref_b, model.config.num_experts)
-            ab = grads.params["layers"][proj]
-            assert rel_l2(ab["lora_a"][i], ref_a) < 1e-4, (proj, i)
-            assert rel_l2(ab["lora_b"][i], ref_b) < 1e-4, (proj, i)
+            ab = grads.params[key][proj]
+            assert rel_l2(ab["lora_a"][j], ref_a) < 1e-4, (proj, i)
+            assert rel_l2(ab["lora_b"][j], ref_b) < 1e-4, (proj, i)
 
 
 def test_router_aux_loss_changes_the_loss_by_its_coefficient(tmp_path, rng):
@@ -286,6 +297,89 @@ def test_moe_bookkeeping(tmp_path, model_type):
     assert lorax.init_lora(model, 4, 8, targets="attention", dropout=0.1).config.dropout == 0.1
 
 
+@pytest.mark.parametrize("case", DENSE_LAYER_CASES)
+def test_dense_mlp_layers_bookkeeping(tmp_path, case):
+    """An MoE model whose listed layers have a dense MLP: the layers split into two stacks as
+    transformers builds them, each of its own shapes; parameters and FLOPs counted per stack;
+    LoRA targets the union of the stacks' projections; GGUF (llama.cpp routes every layer)
+    refuses it by name."""
+    from convert.gguf import GGUFError, export_gguf
+    from lorax.train.flops import mean_attended_keys, train_flops_per_token
+
+    model_type, overrides = CASES[case]
+    torch_model, path = make_hf_model(tmp_path, model_type, **overrides)
+    model = lorax.load(path, dtype="float32")
+    c = model.config
+    assert c.num_parameters() == sum(p.numel() for p in torch_model.parameters())
+    dense = tuple(i for i, layer in enumerate(torch_model.model.layers)
+                  if not hasattr(layer.mlp, "experts"))  # fmt: skip
+    assert c.dense_mlp_layers == dense and 0 < len(dense) < c.num_layers
+    routed, dense_stack = c.layer_stacks()
+    assert (routed.key, dense_stack.key) == ("layers", "dense_layers")
+    assert dense_stack.layers == dense and set(routed.layers) | set(dense) == set(range(4))
+    width = torch_model.model.layers[dense[0]].mlp.down_proj.in_features
+    assert width == c.intermediate_size
+    assert model.params["dense_layers"]["down_proj"]["weight"].shape == (len(dense), 64, width)
+    assert "router" not in model.params["dense_layers"]
+    assert model.params["layers"]["router"]["weight"].shape[0] == len(routed.layers)
+    lora = lorax.init_lora(model, 2, 4)
+    assert {"gate_proj", "experts_gate_up_proj"} <= set(lora.config.targets)
+    assert set(lora.params["dense_layers"]) == set(dense_stack.config.projections())
+    assert set(lora.params["layers"]) == set(routed.config.projections())
+    # FLOPs per token: 2 per weight a token multiplies (k of E experts' in a routed layer),
+    # forward and backward (x2), counted from transformers' modules.
+    active = sum(
+        p.numel() * (c.experts_per_token / c.num_experts if ".experts." in name else 1)
+        for name, p in torch_model.model.layers.named_parameters()
+        if p.dim() >= 2
+    )
+    attention = sum(4.0 * c.num_heads * c.head_dim * mean_attended_keys(64, w) * 3.5
+                    for w in c.layer_windows)  # fmt: skip
+    expected = 4 * active + 4 * c.vocab_size * c.hidden_size + attention
+    assert train_flops_per_token(c, 64) == pytest.approx(expected, rel=1e-9)
+    with pytest.raises(GGUFError, match=r"routes every layer.*mlp_only_layers"):
+        export_gguf(model, None, str(tmp_path / "m.gguf"))
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "qwen2_moe"])
+@pytest.mark.parametrize(
+    "fields",
+    [dict(mlp_only_layers=[1]), dict(decoder_sparse_step=2),
+     dict(decoder_sparse_step=3, mlp_only_layers=[2, 4]), dict(decoder_sparse_step=1)],
+)  # fmt: skip
+def test_dense_mlp_layers_are_those_transformers_builds(model_type, fields):
+    """The layers read as dense are those transformers builds without experts, from
+    mlp_only_layers and decoder_sparse_step together."""
+    import torch
+    import transformers
+
+    hf = dict(_QWEN3_MOE_HF if model_type == "qwen3_moe" else _QWEN2_MOE_HF,
+              num_hidden_layers=6, **fields)  # fmt: skip
+    config = transformers.AutoConfig.for_model(**hf)
+    with torch.device("meta"):
+        layers = transformers.AutoModelForCausalLM.from_config(config).model.layers
+    dense = tuple(i for i, layer in enumerate(layers) if not hasattr(layer.mlp, "experts"))
+    assert ModelConfig.from_hf_dict(hf).dense_mlp_layers == dense
+    assert bool(dense) == (fields != dict(decoder_sparse_step=1))
+
+
+@pytest.mark.parametrize(
+    "changes, match",
+    [
+        (dict(decoder_sparse_step=0), "decoder_sparse_step=0"),
+        (dict(mlp_only_layers=[1, 7]), r"names \[7\]"),
+        (dict(mlp_only_layers=[0, 1]), "every layer is dense"),
+    ],
+)
+def test_dense_mlp_layers_config_refusals(changes, match):
+    hf = dict(model_type="qwen3_moe", vocab_size=64, hidden_size=32, intermediate_size=48,
+              num_hidden_layers=2, num_attention_heads=4, num_experts=4,
+              num_experts_per_tok=2)  # fmt: skip
+    ModelConfig.from_hf_dict(hf)  # the same config with every layer routed is fine
+    with pytest.raises(ConfigError, match=match):
+        ModelConfig.from_hf_dict({**hf, **changes})
+
+
 @pytest.mark.parametrize(
     "field, value, match",
     [
@@ -324,15 +418,12 @@ def test_qwen3_moe_config_reads_both_spellings_and_transformers_defaults():
 @pytest.mark.parametrize(
     "changes, match",
     [
-        (dict(mlp_only_layers=[1]), r"mlp_only_layers=\[1\]"),
-        (dict(decoder_sparse_step=2), "decoder_sparse_step=2"),
         (dict(num_local_experts=8), "num_experts=4 and num_local_experts=8 disagree"),
         (dict(num_experts_per_tok=5), "num_experts_per_tok=5"),
     ],
 )
 def test_qwen3_moe_config_refuses_what_lorax_cannot_compute(changes, match):
-    """Layers with a dense MLP (no released Qwen 3 MoE has them) and contradictions are
-    refused by name, never computed as something else."""
+    """Contradictions are refused by name, never computed as something else."""
     with pytest.raises(ConfigError, match=match):
         ModelConfig.from_hf_dict({**_QWEN3_MOE_HF, **changes})
 
@@ -398,8 +489,6 @@ def test_qwen2_moe_windows_are_transformers_layer_types(fields):
 @pytest.mark.parametrize(
     "changes, match",
     [
-        (dict(mlp_only_layers=[1]), r"mlp_only_layers=\[1\]"),
-        (dict(decoder_sparse_step=2), "decoder_sparse_step=2"),
         (dict(num_experts_per_tok=5), "num_experts_per_tok=5"),
         (dict(shared_expert_intermediate_size=0), "shared_expert_intermediate_size=0"),
         (
@@ -409,9 +498,8 @@ def test_qwen2_moe_windows_are_transformers_layer_types(fields):
     ],
 )
 def test_qwen2_moe_config_refuses_what_lorax_cannot_compute(changes, match):
-    """Dense-MLP layers (no released Qwen 2 MoE has them), a shared expert of no width, and
-    sliding layers whose window Qwen2MoeConfig zeroes (transformers cannot run them) are
-    refused by name, never computed as something else."""
+    """A shared expert of no width, and sliding layers whose window Qwen2MoeConfig zeroes
+    (transformers cannot run them) are refused by name, never computed as something else."""
     with pytest.raises(ConfigError, match=match):
         ModelConfig.from_hf_dict({**_QWEN2_MOE_HF, **changes})
 

@@ -189,9 +189,15 @@ def _check_head(config: Any, arch: Arch) -> None:
 def _check_experts(config: Any, arch: Arch) -> None:
     """Refuses experts ``arch`` routes or sizes otherwise: each architecture renormalizes the
     chosen weights or not whatever the file says (``Arch.renormalizes``), and ``llama``'s
-    experts are feed_forward_length wide. (A shared expert is a family trait: ``departures``
-    has checked it.)"""
+    experts are feed_forward_length wide; every layer routes. (A shared expert is a family
+    trait: ``departures`` has checked it.)"""
     a = arch.name
+    if config.dense_mlp_layers:
+        raise GGUFError(
+            f"llama.cpp's {a} architecture routes every layer to the experts; this model's "
+            f"layers {list(config.dense_mlp_layers)} have a dense MLP instead (HF's "
+            "mlp_only_layers / decoder_sparse_step)"
+        )
     if config.normalize_expert_weights != arch.renormalizes:
         does = "always renormalizes" if arch.renormalizes else "never renormalizes"
         raise GGUFError(

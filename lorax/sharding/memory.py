@@ -26,6 +26,7 @@ from jax.sharding import Mesh
 from lorax import remat as remat_lib
 from lorax.model import HOST_MEMORY_KINDS
 from lorax.sharding.mesh import describe
+from lorax.sharding.rules import LAYERS_KEYS
 from lorax.train.step import auto_chunk_size
 from pallas_kernels.nf4 import NF4Tensor
 from pallas_kernels.nf4_matmul_mgpu import MgpuNF4Weight
@@ -64,11 +65,17 @@ def total_bytes(tree: Any) -> int:
 
 def _layer_weight_bytes(params: Any) -> tuple[int, int]:
     """(bytes of one layer's stored weights, elements of its largest projection decoded to
-    16 bits: weights prepared for the Mosaic GPU kernel are never decoded, so count none)."""
+    16 bits: weights prepared for the Mosaic GPU kernel are never decoded, so count none),
+    of the larger layers where the model has two stacks (``ModelConfig.layer_stacks``)."""
+    per_stack = [_stack_weight_bytes(params[key]) for key in LAYERS_KEYS if key in params]
+    return max(per_stack, default=(0, 0))
+
+
+def _stack_weight_bytes(stack: Any) -> tuple[int, int]:
     stored = 0
     largest = 0
     for proj in jax.tree_util.tree_leaves(
-        params.get("layers", {}), is_leaf=lambda x: isinstance(x, NF4Tensor | MgpuNF4Weight)
+        stack, is_leaf=lambda x: isinstance(x, NF4Tensor | MgpuNF4Weight)
     ):
         if isinstance(proj, MgpuNF4Weight):
             stored += total_bytes(proj) // max(proj.quads.shape[0], 1)
@@ -208,7 +215,7 @@ def memory_report(
     compute_bytes = jnp.dtype(model.params["embed_tokens"].dtype).itemsize
     # One layer's weights gathered (when sharded) and its largest projection decoded, in the
     # forward and again in the backward.
-    layers = model.params["layers"]
+    layers = [model.params[key] for key in LAYERS_KEYS if key in model.params]
     gathered = stored_layer if per_device_bytes(layers) < total_bytes(layers) else 0
     workspace = 2 * (gathered + largest * compute_bytes)
     lora_bytes = per_device_bytes(lora.params)

@@ -27,13 +27,17 @@ def train_flops_per_token(
     """Model FLOPs per trained token (fwd + input-grad bwd, + recompute with remat). An MoE
     layer counts the experts a token is routed to (and its router and gates), not all of
     them."""
-    active = config.active_projection_copies
-    linear = config.num_layers * (
-        sum(
-            active(p) * config.projection_shape(p)[0] * config.projection_shape(p)[1]
-            for p in config.projections()
+    stacks = [(len(stack.layers), stack.config) for stack in config.layer_stacks()]
+    linear = sum(
+        layers
+        * (
+            sum(
+                c.active_projection_copies(p) * c.projection_shape(p)[0] * c.projection_shape(p)[1]
+                for p in c.projections()
+            )
+            + c.gate_parameters()
         )
-        + config.gate_parameters()
+        for layers, c in stacks
     )
     head = config.vocab_size * config.hidden_size
     passes = 6 if remat in ("full", "offload") else 4
@@ -47,9 +51,14 @@ def train_flops_per_token(
     attn = attn_fwd * (1 + 2.5 + (1 if remat in ("full", "offload") else 0))
     lora = 0.0
     if lora_rank:
-        per_layer = sum(active(p) * sum(config.projection_shape(p)) for p in lora_targets)
+        adapted = sum(
+            layers * c.active_projection_copies(p) * sum(c.projection_shape(p))
+            for layers, c in stacks
+            for p in lora_targets
+            if p in c.projections()
+        )
         # forward 2 matmuls, backward 4 (grad of both inputs and both factors)
-        lora = 6.0 * 2 * lora_rank * per_layer * config.num_layers / 2
+        lora = 6.0 * 2 * lora_rank * adapted / 2
     return passes * linear + 4.0 * head + attn + lora
 
 
