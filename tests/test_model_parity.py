@@ -162,7 +162,8 @@ CASES = {
     # decoder_sparse_step: a layer routes when its number from 1 is a multiple): two layer
     # stacks, scanned in turns. Qwen 2 MoE's dense layers have no shared expert.
     "qwen3-moe-dense-layers": (
-        "qwen3_moe", dict(QWEN3_MOE, num_hidden_layers=4, mlp_only_layers=[0, 2])
+        "qwen3_moe",
+        dict(QWEN3_MOE, num_hidden_layers=4, mlp_only_layers=[0, 2]),
     ),
     "qwen2-moe-sparse-step": (
         "qwen2_moe",
