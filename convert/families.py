@@ -31,12 +31,21 @@ class Family:
     # sigmoid(x · shared_expert_gate) (Qwen 2 MoE): its projections are the layer's
     # gate/up/down_proj, shared_expert_intermediate_size wide.
     shared_expert: bool = False
+    # The shared expert's output is scaled by sigmoid(x · shared_expert_gate) (Qwen 2 MoE);
+    # DeepSeek's shared experts are added unscaled.
+    shared_expert_gate: bool = False
+    # Multi-head latent attention (DeepSeek V2/V3): keys and values are expanded per head from
+    # a low-rank latent of each token (kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj), queries
+    # from one too where q_lora_rank is set, and RoPE turns a separate slice of each head.
+    mla: bool = False
 
     def embedding_multiplier(self, hidden_size: int) -> float:
         return math.sqrt(hidden_size) if self.scaled_embeddings else 1.0
 
 
 _GEMMA = Family("gelu_pytorch_tanh", "gemma", sandwich_norms=True, scaled_embeddings=True)
+
+_DEEPSEEK = Family(moe=True, shared_expert=True, mla=True)
 
 # Yi and DeepSeek's dense models ship as ``llama``; ``gemma3_text`` is Gemma 3's language model.
 FAMILIES = {
@@ -49,7 +58,11 @@ FAMILIES = {
     "phi3": Family(fused_projections=True),
     "mixtral": Family(moe=True),
     "qwen3_moe": Family(qk_norm=True, moe=True, round_expert_weights=True),
-    "qwen2_moe": Family(moe=True, round_expert_weights=True, shared_expert=True),
+    "qwen2_moe": Family(
+        moe=True, round_expert_weights=True, shared_expert=True, shared_expert_gate=True
+    ),
+    "deepseek_v2": _DEEPSEEK,
+    "deepseek_v3": _DEEPSEEK,
 }
 
 

@@ -189,7 +189,8 @@ def read_tensor(
     double_quant: bool,
     pre_quantized: bool,
 ) -> Any:
-    """One whole tensor as the base pytree stores it: cast to ``dtype``, NF4 when asked.
+    """One whole tensor as the base pytree stores it: cast to ``dtype`` (or the spec's own),
+    NF4 when asked.
 
     A pre-quantized (bitsandbytes 4-bit) projection is read as the NF4Tensor it holds. A
     tensor lorax keeps in 16 bits that such a checkpoint stores in 4-bit (transformers 4
@@ -209,7 +210,7 @@ def read_tensor(
             )
         return dequantize_nf4(nf4, dtype)
     check_shape(ckpt, spec, name)
-    array = jnp.asarray(np.asarray(ckpt[name]), dtype=dtype)
+    array = jnp.asarray(np.asarray(ckpt[name]), dtype=spec.dtype or dtype)
     if quantize == "nf4" and spec.quantizable:
         return quantize_nf4(array, blocksize=64, double_quant=double_quant)
     return array

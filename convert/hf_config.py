@@ -13,6 +13,8 @@ This module knows config layouts, not models: it duck-types the config object it
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from typing import Any
 
 from convert.families import FAMILIES, departures
@@ -28,6 +30,8 @@ ARCHITECTURES = {
     "mixtral": "MixtralForCausalLM",
     "qwen3_moe": "Qwen3MoeForCausalLM",
     "qwen2_moe": "Qwen2MoeForCausalLM",
+    "deepseek_v2": "DeepseekV2ForCausalLM",
+    "deepseek_v3": "DeepseekV3ForCausalLM",
 }
 _GEMMA = ("gemma2", "gemma3_text")
 DTYPE_NAMES = ("bfloat16", "float16", "float32")
@@ -87,6 +91,13 @@ def _family_fields(config: Any) -> dict[str, Any]:
     the file cannot say."""
     gemma = config.model_type in _GEMMA
     wrong = list(departures(config))
+    if FAMILIES[config.model_type].mla:
+        # The softmax scale is the RoPE's (YaRN's mscale_all_dim), not a field of its own.
+        implied = dataclasses.replace(config, query_pre_attn_scalar=None)
+        scalar = _latent_attention_scalar(config)
+        if config.query_pre_attn_scalar != scalar:
+            wrong.append(f"attention scale (query_pre_attn_scalar {scalar} implied by the RoPE)")
+        config = implied
     if not gemma and (
         config.query_pre_attn_scalar is not None
         or config.attn_logit_softcap is not None
@@ -95,6 +106,8 @@ def _family_fields(config: Any) -> dict[str, Any]:
         wrong.append("attention scale / softcaps")
     if wrong:
         raise HFConfigError(f"{config.model_type}'s config.json cannot express {wrong}")
+    if FAMILIES[config.model_type].mla:
+        return _deepseek_fields(config)
     if FAMILIES[config.model_type].moe:
         return _moe_fields(config)
     if not gemma:
@@ -169,8 +182,80 @@ def generation_config_dict(config: Any) -> dict[str, Any]:
     return {k: v for k, v in out.items() if v is not None}
 
 
+def _latent_attention_scalar(config: Any) -> float | None:
+    """The query_pre_attn_scalar a DeepSeek config reads from its RoPE (lorax.config)."""
+    rope = config.rope
+    if rope.type == "default" or not rope.mscale_all_dim or rope.factor <= 1:
+        return None
+    return config.head_dim / (0.1 * rope.mscale_all_dim * math.log(rope.factor) + 1.0) ** 4
+
+
+def _deepseek_fields(config: Any) -> dict[str, Any]:
+    """DeepSeek V2/V3's latent attention, experts and routing, in transformers' names; an
+    error for what their config classes cannot say."""
+    v3 = config.model_type == "deepseek_v3"
+    dense = config.dense_mlp_layers
+    wrong = []
+    if dense != tuple(range(len(dense))):
+        wrong.append(
+            f"dense-MLP layers {list(dense)} (only the first layers: first_k_dense_replace)"
+        )
+    width = config.expert_width
+    shared = config.shared_expert_intermediate_size or 0
+    if shared % width:
+        wrong.append(f"a shared-expert width {shared} not a multiple of the experts' {width}")
+    expected = dict(
+        router_scoring="sigmoid" if v3 else "softmax",
+        router_bias=v3,
+        float32_router=True,
+        expert_group_score="top2_sum" if v3 else "max",
+        round_expert_weights=False,
+        rope_interleave=config.rope_interleave if v3 else True,
+        num_kv_heads=config.num_heads,
+    )
+    if not v3:
+        expected["normalize_expert_weights"] = False
+    wrong += [f"{k}={getattr(config, k)!r}" for k, v in expected.items() if getattr(config, k) != v]
+    if any(config.layer_windows):
+        wrong.append("sliding windows")
+    if wrong:
+        raise HFConfigError(f"{config.model_type}'s config.json cannot express {wrong}")
+    fields: dict[str, Any] = {
+        "q_lora_rank": config.q_lora_rank,
+        "kv_lora_rank": config.kv_lora_rank,
+        "qk_nope_head_dim": config.qk_nope_head_dim,
+        "qk_rope_head_dim": config.qk_rope_head_dim,
+        "v_head_dim": config.v_head_dim,
+        "head_dim": config.qk_rope_head_dim,  # what the config classes set it to
+        "n_routed_experts": config.num_experts,
+        "num_experts_per_tok": config.experts_per_token,
+        "moe_intermediate_size": width,
+        "n_shared_experts": shared // width,
+        "first_k_dense_replace": len(dense),
+        "routed_scaling_factor": config.routed_scaling_factor,
+        "n_group": config.expert_groups,
+        "topk_group": config.expert_groups_kept,
+    }
+    if v3:
+        fields |= {"norm_topk_prob": config.normalize_expert_weights,
+                   "rope_interleave": config.rope_interleave}  # fmt: skip
+    else:
+        grouped = config.expert_groups > 1
+        fields |= {"topk_method": "group_limited_greedy" if grouped else "greedy",
+                   "norm_topk_prob": False}  # fmt: skip
+    return fields
+
+
 def _bias_fields(config: Any) -> dict[str, Any]:
     bias = set(config.bias_projections)
+    if FAMILIES[config.model_type].mla:
+        if bias not in (set(), {"q_a_proj", "kv_a_proj_with_mqa", "o_proj"},
+                        {"kv_a_proj_with_mqa", "o_proj"}):  # fmt: skip
+            raise HFConfigError(
+                f"{config.model_type}'s attention_bias covers q_a_proj, kv_a_proj_with_mqa and "
+                f"o_proj; config has biases on {sorted(bias)}"
+            )
+        return {"attention_bias": bool(bias)}
     attention, mlp = bias & set(_ATTENTION), bias & set(_MLP)
     if config.model_type == "qwen2":
         if bias != set(_QWEN2_BIAS):

@@ -22,8 +22,14 @@ MLP = ("gate_proj", "up_proj", "down_proj")
 FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 FUSED_ATTENTION = ("qkv_proj", "o_proj")
 FUSED_MLP = ("gate_up_proj", "down_proj")
+# Multi-head latent attention (DeepSeek V2/V3): queries from x (q_proj) or through a rank
+# q_lora_rank latent (q_a_proj, then q_b_proj); a latent of each token and its shared RoPE key
+# (kv_a_proj_with_mqa), expanded into each head's key and value (kv_b_proj).
+MLA = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
+MLA_NORMS = ("q_a_layernorm", "kv_a_layernorm")  # RMSNorms of the two latents
 # Every projection name of every family, in an order each family's own order is a part of.
-ALL_PROJECTIONS = ("qkv_proj", *ATTENTION, "gate_up_proj", *MLP)
+ALL_PROJECTIONS = ("qkv_proj", "q_proj", "q_a_proj", "q_b_proj", "k_proj", "v_proj",
+                   "kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "gate_up_proj", *MLP)  # fmt: skip
 QK_NORMS = ("q_norm", "k_norm")  # per-head RMSNorms of queries and keys (Qwen 3, Gemma 3)
 # A mixture-of-experts MLP (Mixtral, Qwen 2/3 MoE): a router and per-expert projections, each
 # stacked on an expert axis after the layer axis. Each lorax name is a LoRA target too; PEFT
@@ -34,6 +40,9 @@ ROUTER = "router"  # HF: <module>.gate, [experts, hidden], never quantized
 # shared expert's own projections are the layer's gate/up/down_proj (LoRA targets, by PEFT's
 # suffix match on those names too).
 SHARED_EXPERT_GATE = "shared_expert_gate"
+# DeepSeek V3's per-expert bias added to the router's scores when choosing experts, never to
+# the weights. HF: <module>.gate.e_score_correction_bias, [experts], float32; frozen.
+ROUTER_BIAS = "router_bias"
 EXPERT_PROJECTIONS = ("experts_gate_up_proj", "experts_down_proj")
 EXPERT_HF_PARAMETERS = {"experts_gate_up_proj": "gate_up_proj", "experts_down_proj": "down_proj"}
 
@@ -65,6 +74,8 @@ EXPERT_CHECKPOINTS = {
     ),
     "qwen3_moe": ExpertCheckpoint("mlp", _QWEN_EXPERT_PARTS),
     "qwen2_moe": ExpertCheckpoint("mlp", _QWEN_EXPERT_PARTS, shared_expert="shared_expert"),
+    "deepseek_v2": ExpertCheckpoint("mlp", _QWEN_EXPERT_PARTS, shared_expert="shared_experts"),
+    "deepseek_v3": ExpertCheckpoint("mlp", _QWEN_EXPERT_PARTS, shared_expert="shared_experts"),
 }
 # The Llama MLP projections each expert projection computes (for scripts written with those).
 EXPERT_MLP = {"experts_gate_up_proj": ("gate_proj", "up_proj"), "experts_down_proj": ("down_proj",)}
@@ -87,6 +98,8 @@ class TensorSpec:
     # layer's experts): ``value[layer][index]``, of a value shaped ``(L, *stack, *shape)``.
     index: tuple[int, ...] = ()
     stack: tuple[int, ...] = ()
+    # The dtype lorax keeps this tensor in whatever the model's (None: the model's).
+    dtype: str | None = None
 
     @property
     def per_layer(self) -> bool:
@@ -106,7 +119,7 @@ def module_name(projection: str, model_type: str | None = None, shared_expert: b
     model)."""
     if projection in EXPERT_HF_PARAMETERS:
         return f"mlp.experts.{EXPERT_HF_PARAMETERS[projection]}"
-    if projection in ATTENTION + FUSED_ATTENTION:
+    if projection in ATTENTION + FUSED_ATTENTION + MLA:
         return f"self_attn.{projection}"
     return f"{mlp_module(model_type if shared_expert else None)}.{projection}"
 
@@ -207,6 +220,9 @@ def _layer_specs(config: Any, key: str, layers: tuple[int, ...]) -> Iterator[Ten
         for norm in QK_NORMS:
             name = f"{layer_prefix()}.self_attn.{norm}.weight"
             yield TensorSpec((key, norm), name, (config.head_dim,), layers)
+    for norm, width in config.latent_norms().items():
+        name = f"{layer_prefix()}.self_attn.{norm}.weight"
+        yield TensorSpec((key, norm), name, (width,), layers)
     for proj in config.projections():
         if proj in EXPERT_PROJECTIONS:
             yield from _expert_specs(config, proj, key, layers)
@@ -216,7 +232,7 @@ def _layer_specs(config: Any, key: str, layers: tuple[int, ...]) -> Iterator[Ten
         yield TensorSpec((key, proj, "weight"), f"{base}.weight", (out_dim, in_dim), layers, True)
         if proj in config.bias_projections:
             yield TensorSpec((key, proj, "bias"), f"{base}.bias", (out_dim,), layers)
-    if config.shared_expert:
+    if config.shared_expert_gate:
         module = EXPERT_CHECKPOINTS[config.model_type].module
         name = f"{layer_prefix()}.{module}.{SHARED_EXPERT_GATE}.weight"
         yield TensorSpec((key, SHARED_EXPERT_GATE, "weight"), name, (1, d), layers)
@@ -232,7 +248,12 @@ def _expert_specs(
     experts, parts = config.num_experts, checkpoint.parts[projection]
     if projection == EXPERT_PROJECTIONS[0]:
         shape = (experts, config.hidden_size)
-        yield TensorSpec((key, ROUTER, "weight"), f"{base}.gate.weight", shape, layers)
+        # A float32 router (DeepSeek's: transformers keeps it in float32 in a 16-bit model).
+        dtype = "float32" if config.float32_router else None
+        yield TensorSpec((key, ROUTER, "weight"), f"{base}.gate.weight", shape, layers, dtype=dtype)
+        if config.router_bias:
+            name = f"{base}.gate.e_score_correction_bias"
+            yield TensorSpec((key, ROUTER_BIAS), name, (experts,), layers, dtype="float32")
     out_dim, in_dim = config.projection_shape(projection)
     shape = (out_dim // len(parts), in_dim)
     stack = (experts, len(parts)) if len(parts) > 1 else (experts,)

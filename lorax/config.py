@@ -19,6 +19,7 @@ import numpy as np
 
 from convert.families import FAMILIES
 from convert.names import (
+    ALL_PROJECTIONS,
     ATTENTION,
     CAUSAL_LM,
     DENSE_LAYERS,
@@ -78,17 +79,13 @@ PROJECTION_GROUPS = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", 
 # The same with q/k/v and gate/up stored fused (Phi-3): one projection per group.
 FUSED_PROJECTIONS = FUSED_ATTENTION + FUSED_MLP
 FUSED_PROJECTION_GROUPS = tuple((name,) for name in FUSED_PROJECTIONS)
-# A mixture-of-experts layer (Mixtral, Qwen 3 MoE): the attention projections, then per-expert
-# gate/up and down.
-MOE_PROJECTIONS = ATTENTION_PROJECTIONS + EXPERT_PROJECTIONS
+# A mixture-of-experts layer's per-expert gate/up and down (Mixtral, Qwen 2/3 MoE, DeepSeek),
+# after a shared expert's gate/up and down where it has one (Llama's MLP names and groups).
 EXPERT_GROUPS = tuple((name,) for name in EXPERT_PROJECTIONS)
-MOE_PROJECTION_GROUPS = PROJECTION_GROUPS[:2] + EXPERT_GROUPS
-# One with a shared expert too (Qwen 2 MoE): its gate/up/down are Llama's MLP projections, in
-# Llama's place, before the experts' (the forward reads the groups in this order).
-SHARED_EXPERT_MOE_PROJECTIONS = PROJECTIONS + EXPERT_PROJECTIONS
-SHARED_EXPERT_MOE_PROJECTION_GROUPS = PROJECTION_GROUPS + EXPERT_GROUPS
 
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
+# Latent attention's biases (attention_bias): on the projections of x (q_a, kv_a) and o.
+MLA_BIAS = ("q_a_proj", "kv_a_proj_with_mqa", "o_proj")
 # Qwen 2's attention biases (and Qwen 2 MoE's, with qkv_bias): q, k and v, not o.
 QKV_BIAS = ("q_proj", "k_proj", "v_proj")
 # Families whose config classes have no attention_bias field: one in a config.json is ignored.
@@ -204,6 +201,28 @@ class ModelConfig:
     # (Qwen MoE's mlp_only_layers / decoder_sparse_step): no router, no experts, no shared
     # expert. They are stacked apart from the routed layers (``layer_stacks``).
     dense_mlp_layers: tuple[int, ...] = ()
+    # How the router chooses and weighs experts beyond Mixtral's softmax top-k
+    # (``lorax.moe.Routing``, DeepSeek's): "sigmoid" scores, a per-expert bias added to the
+    # scores when choosing (router_bias), experts chosen within the expert_groups_kept best of
+    # expert_groups groups (scored by "max" or "top2_sum" of their experts), weights times
+    # routed_scaling_factor, router logits in float32.
+    router_scoring: str = "softmax"
+    router_bias: bool = False
+    expert_groups: int = 1
+    expert_groups_kept: int = 1
+    expert_group_score: str = "max"
+    routed_scaling_factor: float = 1.0
+    float32_router: bool = False
+    # Multi-head latent attention (DeepSeek V2/V3), when kv_lora_rank is set: head_dim is a
+    # query/key head's width, whose last qk_rope_head_dim dims RoPE turns (one key slice shared
+    # by the heads); values are v_head_dim wide; queries go through a q_lora_rank latent when
+    # that is set. rope_interleave: the rotary dims pair up as (0, 1), (2, 3), ... (DeepSeek's
+    # layout) rather than (i, i + half).
+    q_lora_rank: int | None = None
+    kv_lora_rank: int | None = None
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
+    rope_interleave: bool = False
     # The router's load-balancing loss is added to the training loss with this weight
     # (transformers does when config.json sets output_router_logits); None: not added.
     router_aux_loss_coef: float | None = None
@@ -245,6 +264,21 @@ class ModelConfig:
                 f"shared_expert_intermediate_size={self.shared_expert_intermediate_size} needs "
                 f"a positive width and routed experts (num_experts={self.num_experts})"
             )
+        if self.mla and not (
+            0 < self.qk_rope_head_dim <= self.head_dim
+            and self.qk_rope_head_dim % 2 == 0
+            and self.v_head_dim > 0
+        ):
+            raise ConfigError(
+                f"latent attention needs an even qk_rope_head_dim within the head "
+                f"({self.qk_rope_head_dim} of {self.head_dim}) and v_head_dim > 0 "
+                f"({self.v_head_dim})"
+            )
+        if self.moe:
+            try:
+                self.routing().check(self.num_experts)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
         if self.dense_mlp_layers:
             dense = self.dense_mlp_layers
             if not self.moe:
@@ -307,6 +341,25 @@ class ModelConfig:
                 return stack, stack.layers.index(layer)
         raise IndexError(f"layer {layer} of a {self.num_layers}-layer model")
 
+    def routing(self) -> Any:
+        """The router's static choices, as ``lorax.moe.Routing``."""
+        from lorax.moe import Routing
+
+        return Routing(
+            self.experts_per_token,
+            scoring=self.router_scoring,
+            correction_bias=self.router_bias,
+            groups=self.expert_groups,
+            groups_kept=self.expert_groups_kept,
+            group_score=self.expert_group_score,
+            normalize=self.normalize_expert_weights,
+            # Sigmoid weights can all underflow to zero (DeepSeek V3 adds 1e-20 to their sum);
+            # a softmax's cannot.
+            normalize_eps=1e-20 if self.router_scoring == "sigmoid" else 0.0,
+            scaling=self.routed_scaling_factor,
+            float32_logits=self.float32_router,
+        )
+
     @property
     def moe(self) -> bool:
         """Whether the MLP is a routed mixture of experts."""
@@ -329,10 +382,18 @@ class ModelConfig:
         shared = self.shared_expert_intermediate_size
         return self.intermediate_size if shared is None else shared
 
+    @property
+    def shared_expert_gate(self) -> bool:
+        """Whether the shared expert's output is scaled by a sigmoid gate (Qwen 2 MoE's;
+        DeepSeek adds its shared experts unscaled)."""
+        return self.shared_expert and FAMILIES[self.model_type].shared_expert_gate
+
     def gate_parameters(self) -> int:
         """Per layer, the weights that only weigh outputs, never LoRA targets nor quantized:
-        the router's [experts, D] and the shared expert's gate [1, D]."""
-        return (self.num_experts + int(self.shared_expert)) * self.hidden_size
+        the router's [experts, D] (and its correction bias [experts]) and the shared
+        expert's gate [1, D]."""
+        gates = (self.num_experts + int(self.shared_expert_gate)) * self.hidden_size
+        return gates + (self.num_experts if self.router_bias else 0)
 
     @property
     def attention_scale(self) -> float:
@@ -360,6 +421,34 @@ class ModelConfig:
         return self.num_heads * self.head_dim
 
     @property
+    def attention_output_size(self) -> int:
+        """The width of the heads' concatenated outputs (o_proj's input)."""
+        return self.num_heads * (self.v_head_dim if self.mla else self.head_dim)
+
+    @property
+    def mla(self) -> bool:
+        """Whether attention is multi-head latent attention (DeepSeek V2/V3)."""
+        return self.kv_lora_rank is not None
+
+    @property
+    def qk_nope_head_dim(self) -> int:
+        """Latent attention: the dims of each query/key head that RoPE leaves alone."""
+        return self.head_dim - self.qk_rope_head_dim
+
+    @property
+    def rope_head_dim(self) -> int:
+        """The per-head width RoPE's frequencies are laid out over (latent attention's rotary
+        slice, else the head)."""
+        return self.qk_rope_head_dim if self.mla else self.head_dim
+
+    def latent_norms(self) -> dict[str, int]:
+        """Latent attention's RMSNorms over its latents, by HF name, with their widths."""
+        if not self.mla:
+            return {}
+        norms = {"q_a_layernorm": self.q_lora_rank, "kv_a_layernorm": self.kv_lora_rank}
+        return {name: width for name, width in norms.items() if width is not None}
+
+    @property
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
 
@@ -369,21 +458,33 @@ class ModelConfig:
         Llama's MLP names); with several layer stacks, those of any layer."""
         if self.dense_mlp_layers:
             return self._any_stack(ModelConfig.projections)
-        if self.moe:
-            return SHARED_EXPERT_MOE_PROJECTIONS if self.shared_expert else MOE_PROJECTIONS
-        return FUSED_PROJECTIONS if self.fused_projections else PROJECTIONS
+        return self.attention_projections() + self.mlp_projections()
 
     def projection_groups(self) -> tuple[tuple[str, ...], ...]:
         """The forward's matmul-layer calls, by the projections each computes from one input:
-        q/k/v (or qkv), o, gate/up (or gate_up, or the experts'), down; with a shared expert,
-        its gate/up and down, then the experts'."""
-        if self.moe and self.shared_expert:
-            return SHARED_EXPERT_MOE_PROJECTION_GROUPS
+        q/k/v (or qkv, or latent attention's projections of x), o, gate/up (or gate_up, or
+        the experts'), down; with a shared expert, its gate/up and down, then the experts';
+        latent attention's expansions of its latents (q_b, kv_b) last."""
+        if self.mla:
+            first = "q_proj" if self.q_lora_rank is None else "q_a_proj"
+            attention = ((first, "kv_a_proj_with_mqa"), ("o_proj",))
+        else:
+            attention = (FUSED_PROJECTION_GROUPS if self.fused_projections else PROJECTION_GROUPS)[
+                :2
+            ]
         if self.moe:
-            return MOE_PROJECTION_GROUPS
-        return FUSED_PROJECTION_GROUPS if self.fused_projections else PROJECTION_GROUPS
+            mlp = (PROJECTION_GROUPS[2:] if self.shared_expert else ()) + EXPERT_GROUPS
+        else:
+            mlp = (FUSED_PROJECTION_GROUPS if self.fused_projections else PROJECTION_GROUPS)[2:]
+        latent = ()
+        if self.mla:
+            latent = ((("q_b_proj",),) if self.q_lora_rank is not None else ()) + (("kv_b_proj",),)
+        return attention + mlp + latent
 
     def attention_projections(self) -> tuple[str, ...]:
+        if self.mla:
+            queries = ("q_proj",) if self.q_lora_rank is None else ("q_a_proj", "q_b_proj")
+            return (*queries, "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
         return FUSED_ATTENTION if self.fused_projections else ATTENTION_PROJECTIONS
 
     def mlp_projections(self) -> tuple[str, ...]:
@@ -396,7 +497,7 @@ class ModelConfig:
     def _any_stack(self, names: Any) -> tuple[str, ...]:
         """The projections ``names(stack config)`` gives for any stack, in canonical order."""
         found = {p for stack in self.layer_stacks() for p in names(stack.config)}
-        return tuple(p for p in SHARED_EXPERT_MOE_PROJECTIONS if p in found)
+        return tuple(p for p in (*ALL_PROJECTIONS, *EXPERT_PROJECTIONS) if p in found)
 
     def projection_shape(self, name: str) -> tuple[int, int]:
         """The HF ``[out, in]`` shape of one layer's projection ``name`` (of one expert's, for
@@ -406,13 +507,21 @@ class ModelConfig:
             "q_proj": (self.q_size, d),
             "k_proj": (self.kv_size, d),
             "v_proj": (self.kv_size, d),
-            "o_proj": (d, self.q_size),
+            "o_proj": (d, self.attention_output_size),
             "gate_proj": (f, d),
             "up_proj": (f, d),
             "down_proj": (d, f),
             "experts_gate_up_proj": (2 * self.expert_width, d),
             "experts_down_proj": (d, self.expert_width),
         }
+        if self.mla:
+            q_rank, kv_rank, h = self.q_lora_rank or 0, self.kv_lora_rank or 0, self.num_heads
+            shapes |= {
+                "q_a_proj": (q_rank, d),
+                "q_b_proj": (self.q_size, q_rank),
+                "kv_a_proj_with_mqa": (kv_rank + self.qk_rope_head_dim, d),
+                "kv_b_proj": (h * (self.qk_nope_head_dim + self.v_head_dim), kv_rank),
+            }
         if name in FUSED:
             return (sum(shapes[part][0] for part in FUSED[name]), d)
         return shapes[name]
@@ -445,7 +554,7 @@ class ModelConfig:
         )
         linear += self.gate_parameters()
         biases = sum(self.projection_shape(p)[0] for p in self.bias_projections)
-        norms = len(self.layer_norm_names()) * self.hidden_size
+        norms = len(self.layer_norm_names()) * self.hidden_size + sum(self.latent_norms().values())
         return linear + biases + norms + (2 * self.head_dim if self.qk_norm else 0)
 
     # ------------------------------------------------------------------ reading HF configs
@@ -500,10 +609,17 @@ class ModelConfig:
         num_kv = int(hf.get("num_key_value_heads") or num_heads)
         num_layers = int(need("num_hidden_layers"))
         head_dim = int(hf.get("head_dim") or (256 if gemma else hidden // num_heads))
+        mla_fields = _mla_fields(hf, source) if family.mla else {}
+        if family.mla:
+            # The config classes set head_dim (RoPE's width) and num_key_value_heads (every
+            # head gets its own key and value from the latent) themselves.
+            head_dim, num_kv = mla_fields.pop("head_dim"), num_heads
 
         bias: tuple[str, ...] = ()
         if model_type == "qwen2" or (model_type == "qwen2_moe" and hf.get("qkv_bias", True)):
             bias = QKV_BIAS  # Qwen 2 MoE's switch for them: qkv_bias (no o_proj bias)
+        elif family.mla and hf.get("attention_bias"):
+            bias = MLA_BIAS if hf.get("q_lora_rank") is not None else MLA_BIAS[1:]
         elif model_type not in _NO_ATTENTION_BIAS and hf.get("attention_bias"):
             bias = ATTENTION_PROJECTIONS
         if model_type == "llama" and hf.get("mlp_bias"):
@@ -520,6 +636,12 @@ class ModelConfig:
         if isinstance(eos, list):
             eos = tuple(eos)
         moe_fields = _moe_fields(hf, model_type, source) if family.moe else {}
+        if family.mla and rope.type != "default" and rope.mscale_all_dim:
+            # DeepSeek's softmax scale grows with YaRN's context factor: times mscale².
+            scale = (
+                0.1 * rope.mscale_all_dim * math.log(rope.factor) + 1.0 if rope.factor > 1 else 1.0
+            )
+            mla_fields["query_pre_attn_scalar"] = head_dim / scale**4
         gemma_fields: dict[str, Any] = {}
         if gemma:
             softcap_defaults = (50.0, 30.0) if model_type == "gemma2" else (None, None)
@@ -561,6 +683,7 @@ class ModelConfig:
             checkpoint_layout=layout,
             **gemma_fields,
             **moe_fields,
+            **mla_fields,
         )
 
     @classmethod
@@ -639,6 +762,8 @@ def _moe_fields(hf: Mapping[str, Any], model_type: str, source: str) -> dict[str
             experts_per_token=int(hf.get("num_experts_per_tok", 2)),
             router_aux_loss_coef=aux_loss,
         )
+    if FAMILIES[model_type].mla:
+        return _deepseek_moe_fields(hf, model_type, source, aux_loss)
     # Qwen's MoE: Qwen 3's hub files say num_experts, transformers >= 5 writes
     # num_local_experts (its attribute map); Qwen 2 MoE's config reads num_experts alone.
     keys = _EXPERT_COUNT_KEYS[model_type]
@@ -665,6 +790,120 @@ def _moe_fields(hf: Mapping[str, Any], model_type: str, source: str) -> dict[str
         router_aux_loss_coef=aux_loss,
         dense_mlp_layers=dense_layers,
         **shared,
+    )
+
+
+def _deepseek_moe_fields(
+    hf: Mapping[str, Any], model_type: str, source: str, aux_loss: float | None
+) -> dict[str, Any]:
+    """DeepSeek V2/V3's experts, shared experts, dense first layers and routing, with
+    transformers' defaults (DeepseekV2Config's, DeepseekV3Config's: DeepSeek-V3's shape)."""
+    v3 = model_type == "deepseek_v3"
+    defaults = _DEEPSEEK_DEFAULTS[model_type]
+
+    def field(key: str) -> Any:
+        value = hf.get(key)
+        return defaults[key] if value is None else value
+
+    if aux_loss is not None:
+        raise ConfigError(
+            f"{source}: output_router_logits=true: transformers computes no load-balancing "
+            f"loss for {model_type}, so lorax would train on another loss"
+        )
+    if int(hf.get("moe_layer_freq", 1)) != 1:
+        raise ConfigError(
+            f"{source}: moe_layer_freq={hf['moe_layer_freq']!r} is not supported (transformers "
+            "routes every layer from first_k_dense_replace on)"
+        )
+    num_layers = int(hf["num_hidden_layers"])
+    first_dense = int(field("first_k_dense_replace"))
+    if not 0 <= first_dense < num_layers:
+        raise ConfigError(
+            f"{source}: first_k_dense_replace={first_dense} must leave a routed layer among "
+            f"num_hidden_layers={num_layers}"
+        )
+    width = int(field("moe_intermediate_size"))
+    shared = int(field("n_shared_experts") or 0)
+    if shared < 1:
+        raise ConfigError(f"{source}: n_shared_experts={shared}; lorax computes DeepSeek with 1+")
+    if v3:
+        routing = dict(
+            router_scoring="sigmoid",
+            router_bias=True,
+            expert_groups=int(field("n_group")),
+            expert_groups_kept=int(field("topk_group")),
+            expert_group_score="top2_sum",
+            normalize_expert_weights=bool(field("norm_topk_prob")),
+        )
+    else:
+        method = field("topk_method")
+        if method not in ("greedy", "group_limited_greedy"):
+            raise ConfigError(
+                f"{source}: topk_method={method!r}; transformers' deepseek_v2 supports "
+                "'greedy' and 'group_limited_greedy'"
+            )
+        if hf.get("norm_topk_prob"):
+            # transformers' DeepseekV2 ignores the field (DeepSeek's own code normalizes).
+            raise ConfigError(
+                f"{source}: norm_topk_prob=true is ambiguous for deepseek_v2 (transformers "
+                "ignores it, DeepSeek's code renormalizes); every released V2 has it false"
+            )
+        grouped = method == "group_limited_greedy"
+        routing = dict(
+            expert_groups=int(hf["n_group"]) if grouped else 1,
+            expert_groups_kept=int(hf["topk_group"]) if grouped else 1,
+            normalize_expert_weights=False,
+        )
+    return dict(
+        num_experts=int(field("n_routed_experts")),
+        experts_per_token=int(field("num_experts_per_tok")),
+        expert_intermediate_size=width,
+        shared_expert_intermediate_size=shared * width if shared else None,
+        dense_mlp_layers=tuple(range(first_dense)),
+        routed_scaling_factor=float(field("routed_scaling_factor")),
+        float32_router=True,
+        **routing,
+    )
+
+
+# transformers' defaults for the DeepSeek fields a config.json may omit.
+_DEEPSEEK_DEFAULTS = {
+    "deepseek_v2": dict(
+        first_k_dense_replace=0, n_routed_experts=64, num_experts_per_tok=None,
+        moe_intermediate_size=1407, n_shared_experts=2, routed_scaling_factor=1.0,
+        topk_method="greedy", q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128,
+        qk_rope_head_dim=64, v_head_dim=128,
+    ),
+    "deepseek_v3": dict(
+        first_k_dense_replace=3, n_routed_experts=256, num_experts_per_tok=8,
+        moe_intermediate_size=2048, n_shared_experts=1, routed_scaling_factor=2.5,
+        n_group=8, topk_group=4, norm_topk_prob=True, q_lora_rank=1536, kv_lora_rank=512,
+        qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, rope_interleave=True,
+    ),
+}  # fmt: skip
+
+
+def _mla_fields(hf: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """Latent attention's widths (and ``head_dim``, the query/key head's), with transformers'
+    defaults for the family."""
+    model_type = hf["model_type"]
+    defaults = _DEEPSEEK_DEFAULTS[model_type]
+
+    def width(key: str) -> int | None:
+        value = hf.get(key, defaults[key])
+        return None if value is None else int(value)
+
+    rope, nope = width("qk_rope_head_dim"), width("qk_nope_head_dim")
+    return dict(
+        head_dim=nope + rope,
+        q_lora_rank=width("q_lora_rank"),
+        kv_lora_rank=width("kv_lora_rank"),
+        qk_rope_head_dim=rope,
+        v_head_dim=width("v_head_dim"),
+        # transformers' DeepseekV2 always rotates interleaved pairs (as complex numbers).
+        rope_interleave=bool(hf.get("rope_interleave", True))
+        if model_type == "deepseek_v3"
+        else True,
     )
 
 

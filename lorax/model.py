@@ -27,6 +27,8 @@ Array = jax.Array
 # params["layers"][PREPARED][group_key(names)]: a group's frozen weights stacked in the Mosaic
 # GPU kernel's layout (lorax.prepare_kernel_weights).
 PREPARED = "prepared"
+# The epsilon of latent attention's RMSNorms (q_a_layernorm, kv_a_layernorm).
+LATENT_NORM_EPS = 1e-6
 
 
 def group_key(names: tuple[str, ...]) -> str:
@@ -102,7 +104,7 @@ def rope_cos_sin(
     rope = config.layer_rope(window)
 
     def frequencies(seq_len: int) -> tuple[Any, float]:
-        return rope_frequencies(rope, config.head_dim, seq_len, config.max_position_embeddings)
+        return rope_frequencies(rope, config.rope_head_dim, seq_len, config.max_position_embeddings)
 
     inv_freq, attention_factor = frequencies(positions.shape[-1])
     inv_freq = jnp.asarray(inv_freq)
@@ -345,8 +347,8 @@ def _decoder_layer(
             stacked_weight=stacked,
         )
 
-    def norm(x: Array, name: str) -> Array:
-        return rms_norm(x, layer[name], config.rms_norm_eps, config.norm_style)
+    def norm(x: Array, name: str, eps: float = config.rms_norm_eps) -> Array:
+        return rms_norm(x, layer[name], eps, config.norm_style)
 
     def split(outputs: list[Array], *sizes: int) -> list[Array]:
         # A fused projection (Phi-3's qkv_proj, gate_up_proj): its parts are row blocks.
@@ -355,13 +357,16 @@ def _decoder_layer(
         return jnp.split(outputs[0], list(itertools.accumulate(sizes[:-1])), axis=-1)
 
     x = norm(h, "input_layernorm")
-    q, k, v = split(linears(qkv_group, x), config.q_size, config.kv_size, config.kv_size)
-    q = q.reshape(b, s, config.num_heads, config.head_dim)
-    k = k.reshape(b, s, config.num_kv_heads, config.head_dim)
-    v = v.reshape(b, s, config.num_kv_heads, config.head_dim)
-    if config.qk_norm:
-        q, k = norm(q, "q_norm"), norm(k, "k_norm")
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    if config.mla:
+        q, k, v = _latent_attention_inputs(config, x, linears, norm, cos, sin)
+    else:
+        q, k, v = split(linears(qkv_group, x), config.q_size, config.kv_size, config.kv_size)
+        q = q.reshape(b, s, config.num_heads, config.head_dim)
+        k = k.reshape(b, s, config.num_kv_heads, config.head_dim)
+        v = v.reshape(b, s, config.num_kv_heads, config.head_dim)
+        if config.qk_norm:
+            q, k = norm(q, "q_norm"), norm(k, "k_norm")
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     q, k, v = remat_lib.name(q, "query"), remat_lib.name(k, "key"), remat_lib.name(v, "value")
 
     def attention_impl(window: int) -> str | None:
@@ -402,7 +407,9 @@ def _decoder_layer(
         # naming it too would stack the same values twice in the scan's residuals (measured:
         # +1.9 GiB at 1x8192 with the Mosaic kernels). Only plain XLA attention needs the name.
         attn = remat_lib.name(attn, "attention_out")
-    (attn_out,) = linears(out_group, attn.reshape(b, s, config.q_size))
+    if attn.shape[-1] != config.attention_output_size // config.num_heads:
+        attn = attn[..., : config.v_head_dim]  # latent attention's values, padded (below)
+    (attn_out,) = linears(out_group, attn.reshape(b, s, config.attention_output_size))
     if config.sandwich_norms:
         attn_out = norm(attn_out, "post_attention_layernorm")
     h = h + attn_out
@@ -420,7 +427,7 @@ def _decoder_layer(
             experts_per_token=config.experts_per_token,
             activation=lambda z: _activation(config.activation, z),
             lora_scale=lora_cfg.scale if lora_cfg is not None else 0.0,
-            normalize_weights=config.normalize_expert_weights,
+            routing=config.routing(),
             round_weights=config.round_expert_weights,
             # The jnp reference is XLA's grouped matmul; otherwise the fastest that applies.
             impl="xla" if options.matmul_impl == "reference" else None,
@@ -437,9 +444,11 @@ def _decoder_layer(
         return down
 
     def moe_and_shared_expert(x: Array, chunk_index: Array | None = None) -> Array:
-        # Qwen 2 MoE: the routed experts' output plus the gated shared expert's, the sum
+        # The routed experts' output plus the shared expert's (gated: Qwen 2 MoE), the sum
         # rounded to the compute dtype as transformers adds them.
-        shared = gate_shared_expert(x, layer[SHARED_EXPERT_GATE]["weight"], mlp(x, chunk_index))
+        shared = mlp(x, chunk_index)
+        if config.shared_expert_gate:
+            shared = gate_shared_expert(x, layer[SHARED_EXPERT_GATE]["weight"], shared)
         return moe(x, chunk_index) + shared
 
     stats = None
@@ -449,6 +458,47 @@ def _decoder_layer(
     block = moe_and_shared_expert if config.shared_expert else moe if config.moe else mlp
     out = h + _chunked_over_tokens(block, x, options.mlp_chunk_tokens)
     return out, stats
+
+
+def _latent_attention_inputs(
+    config: ModelConfig, x: Array, linears: Any, norm: Any, cos: Array, sin: Array
+) -> tuple[Array, Array, Array]:
+    """Multi-head latent attention's (DeepSeek V2/V3) queries, keys and values ``[B, S, H, *]``
+    from the normed hidden states ``x``, as transformers computes them.
+
+    Each token's key/value latent (``kv_lora_rank`` wide, normed) is expanded per head into
+    the key's position-free part and the value (``kv_b_proj``); the key's rotary part is one
+    slice per token, turned by RoPE and shared by every head. Queries come from x directly
+    (``q_proj``) or through their own normed latent (``q_a_proj``, ``q_b_proj``). The values
+    are zero-padded to the query/key head width, so one attention kernel call takes all three
+    (the output's padding columns are zero and are dropped before ``o_proj``).
+    """
+    b, s, _ = x.shape
+    h, nope, rope = config.num_heads, config.qk_nope_head_dim, config.qk_rope_head_dim
+    first, kv_a = linears(config.projection_groups()[0], x)
+
+    def latent_norm(x: Array, name: str) -> Array:
+        # Their RMSNorms keep the default epsilon whatever rms_norm_eps says (transformers'
+        # and DeepSeek's modules alike).
+        return norm(x, name, LATENT_NORM_EPS)
+
+    if config.q_lora_rank is not None:
+        (first,) = linears(("q_b_proj",), latent_norm(first, "q_a_layernorm"))
+    q = first.reshape(b, s, h, config.head_dim)
+    latent, k_rot = jnp.split(kv_a, [config.kv_lora_rank], axis=-1)
+    (kv,) = linears(("kv_b_proj",), latent_norm(latent, "kv_a_layernorm"))
+    k_pass, v = jnp.split(kv.reshape(b, s, h, nope + config.v_head_dim), [nope], axis=-1)
+    if config.rope_interleave:
+        # Pairs (0, 1), (2, 3), ... turn together: put each pair's members half a slice apart,
+        # in queries and keys alike (which leaves their dot products as they are).
+        q = jnp.concatenate([q[..., :nope], q[..., nope::2], q[..., nope + 1 :: 2]], axis=-1)
+        k_rot = jnp.concatenate([k_rot[..., 0::2], k_rot[..., 1::2]], axis=-1)
+    q_pass, q_rot = jnp.split(q, [nope], axis=-1)
+    q = jnp.concatenate([q_pass, apply_rope(q_rot, cos, sin)], axis=-1)
+    k_rot = apply_rope(k_rot[:, :, None, :], cos, sin)
+    k = jnp.concatenate([k_pass, jnp.broadcast_to(k_rot, (b, s, h, rope))], axis=-1)
+    v = jnp.pad(v, ((0, 0), (0, 0), (0, 0), (0, config.head_dim - config.v_head_dim)))
+    return q, k, v
 
 
 def _scans(

@@ -27,7 +27,7 @@ from typing import Any, Literal
 import jax
 import jax.numpy as jnp
 
-from convert.names import ROUTER
+from convert.names import ROUTER, ROUTER_BIAS
 from lorax import remat as remat_lib
 from pallas_kernels.expert_matmul import expert_lora_matmul
 
@@ -251,12 +251,15 @@ def moe_mlp(
     round_weights: bool = False,
     impl: str | None = None,
     lora_products: str | None = None,
+    routing: Routing | None = None,
 ) -> Array:
     """One layer's MoE MLP for ``x [..., D]``.
 
     ``layer`` holds the frozen ``router`` and ``experts_gate_up_proj`` / ``experts_down_proj``
     weights (``convert.names``); ``adapters`` their LoRA factors, where targeted.
-    ``normalize_weights``: the chosen experts' weights sum to one (``route``);
+    ``normalize_weights``: the chosen experts' weights sum to one (``route``); ``routing``, in
+    its place, a family's whole routing (DeepSeek's; the correction bias, where it has one, is
+    the layer's ``router_bias``);
     ``round_weights``: they are rounded to ``x``'s dtype before they scale the outputs
     (Qwen's MoE), as transformers does. ``impl`` and ``lora_products``: how the grouped
     matmuls run (``expert_lora_matmul``; None: the fastest that applies).
@@ -264,7 +267,10 @@ def moe_mlp(
     shape = x.shape
     tokens = x.reshape(-1, shape[-1])
     k = experts_per_token
-    weights, experts, _ = route(tokens, layer[ROUTER]["weight"], k, normalize_weights)
+    if routing is None:
+        routing = Routing(k, normalize=normalize_weights)
+    bias = layer[ROUTER_BIAS] if routing.correction_bias else None
+    weights, experts, _ = select_experts(tokens, layer[ROUTER]["weight"], routing, bias)
     if round_weights:
         weights = weights.astype(x.dtype).astype(jnp.float32)
     # Sort the (token, choice) pairs by expert; a stable sort keeps each expert's rows in

@@ -1,5 +1,5 @@
-"""Qwen 3, Gemma 2, Gemma 3, Phi-3, Mixtral and Qwen 2/3 MoE on the GPU at their real layer
-widths: parity and step time.
+"""Qwen 3, Gemma 2, Gemma 3, Phi-3, Mixtral, Qwen 2/3 MoE and DeepSeek V2/V3 on the GPU at
+their real layer widths: parity and step time.
 
 The CPU tests check each family's logits against transformers on tiny configs, with the jnp
 references. This runs what a GPU user gets instead: real head dims (Gemma's 256), real
@@ -175,6 +175,48 @@ FAMILIES["qwen2-moe"] = dict(
 # continuous function, where top-2 switches experts when two logits cross. Separates what bf16
 # rounding does to a route from what it does to the arithmetic.
 FAMILIES["mixtral-all8"] = dict(FAMILIES["mixtral"], num_experts_per_tok=8)
+# DeepSeek-V2-Lite's layers (layer 0 dense, layer 1 routed): latent attention (512-wide key/
+# value latent, queries from x, head dims 192 for q/k and 128 for v), YaRN with its softmax
+# scale; 64 experts of width 1408, 6 per token by softmax, 2 shared experts.
+FAMILIES["deepseek-v2-lite"] = dict(
+    model_type="deepseek_v2",
+    hidden_size=2048,
+    intermediate_size=10944,
+    num_attention_heads=16,
+    num_key_value_heads=16,
+    vocab_size=102400,
+    q_lora_rank=None,
+    kv_lora_rank=512,
+    qk_nope_head_dim=128,
+    qk_rope_head_dim=64,
+    v_head_dim=128,
+    n_routed_experts=64,
+    num_experts_per_tok=6,
+    moe_intermediate_size=1408,
+    n_shared_experts=2,
+    first_k_dense_replace=1,
+    topk_method="greedy",
+    rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=40.0, mscale=0.707,
+                         mscale_all_dim=0.707, original_max_position_embeddings=4096,
+                         beta_fast=32, beta_slow=1),
+)  # fmt: skip
+# Moonlight-16B-A3B's (DeepSeek V3's architecture): the same widths, sigmoid routing with a
+# correction bias, weights renormalized and scaled by 2.446.
+FAMILIES["moonlight"] = dict(
+    {k: v for k, v in FAMILIES["deepseek-v2-lite"].items() if k not in ("topk_method",)},
+    model_type="deepseek_v3",
+    intermediate_size=11264,
+    vocab_size=163840,
+    n_group=1,
+    topk_group=1,
+    norm_topk_prob=True,
+    routed_scaling_factor=2.446,
+    rope_parameters=dict(rope_type="default", rope_theta=50000.0),
+)
+# --tiny's latent attention and experts.
+TINY_DEEPSEEK = dict(num_key_value_heads=4, kv_lora_rank=16, qk_nope_head_dim=8,
+                     qk_rope_head_dim=8, v_head_dim=12, n_routed_experts=8,
+                     num_experts_per_tok=2, moe_intermediate_size=32)  # fmt: skip
 
 
 DEVICE = "cuda"
@@ -197,6 +239,9 @@ def write_hf_model(directory: str, hf: dict) -> object:
         for name, p in model.named_parameters():
             noise = torch.randn_like(p)
             p.copy_(center + 0.2 * noise if name.endswith("norm.weight") else 0.02 * noise)
+        for name, buffer in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):  # DeepSeek V3's router bias
+                buffer.copy_(0.02 * torch.randn_like(buffer))
     model.save_pretrained(directory)
     return model
 
@@ -397,6 +442,9 @@ def run_one(name: str, seq_len: int, tiny: bool, directory: str) -> dict:
         DEVICE = "cpu"
         window = hf.get("sliding_window")
         hf.update(TINY, sliding_window=window and min(window, seq_len // 4))
+        if hf["model_type"].startswith("deepseek"):
+            hf.update(TINY_DEEPSEEK)
+            hf.pop("head_dim")
         rope = hf.get("rope_parameters", {})
         if rope.get("rope_type") == "longrope":  # one factor per rotating frequency
             freqs = int(TINY["head_dim"] * rope.get("partial_rotary_factor", 1.0)) // 2

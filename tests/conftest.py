@@ -101,6 +101,9 @@ def perturb_(model, seed: int = 0) -> None:
                 p.copy_(norm_center + 0.2 * noise)
             else:
                 p.copy_(0.08 * noise)
+        for name, buffer in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):  # DeepSeek V3's router bias
+                buffer.copy_(0.1 * torch.randn(buffer.shape, generator=g))
 
 
 # A tiny SigLIP for Gemma 3's image-text model: 2x2 patches of 14 pixels, pooled to 4 tokens.
@@ -144,6 +147,8 @@ def make_hf_model(tmp_path, model_type: str = "llama", seed: int = 0, **override
         "mixtral": transformers.MixtralConfig,
         "qwen3_moe": transformers.Qwen3MoeConfig,
         "qwen2_moe": transformers.Qwen2MoeConfig,
+        "deepseek_v2": transformers.DeepseekV2Config,
+        "deepseek_v3": transformers.DeepseekV3Config,
     }[model_type]
     config = config_cls(**{**TINY, **overrides})
     return _save_hf_model(tmp_path, config, model_type, seed)
@@ -201,14 +206,18 @@ def random_lora(model, rng, rank, alpha, targets, **kw) -> lorax.LoraWeights:
     this keeps them free of per-shape compiles.
     """
     config = lorax.LoraConfig(rank, float(alpha), tuple(targets), **kw)
-    layers = {}
-    for proj in config.targets:
-        out_dim, in_dim = model.config.projection_shape(proj)
-        lead = model.config.adapter_batch_shape(proj)
-        shape_a = (*lead, rank, in_dim)
-        shape_b = (*lead, out_dim, rank)
-        layers[proj] = {
-            "lora_a": jnp.asarray(rng.uniform(-1, 1, shape_a) / np.sqrt(in_dim), jnp.float32),
-            "lora_b": jnp.asarray(0.2 * rng.normal(size=shape_b), jnp.float32),
-        }
-    return lorax.LoraWeights({"layers": layers}, config)
+    params = {}
+    for stack in model.config.layer_stacks():
+        layers = params.setdefault(stack.key, {})
+        for proj in config.targets:
+            if proj not in stack.config.projections():
+                continue
+            out_dim, in_dim = stack.config.projection_shape(proj)
+            lead = stack.config.adapter_batch_shape(proj)
+            shape_a = (*lead, rank, in_dim)
+            shape_b = (*lead, out_dim, rank)
+            layers[proj] = {
+                "lora_a": jnp.asarray(rng.uniform(-1, 1, shape_a) / np.sqrt(in_dim), jnp.float32),
+                "lora_b": jnp.asarray(0.2 * rng.normal(size=shape_b), jnp.float32),
+            }
+    return lorax.LoraWeights(params, config)

@@ -43,6 +43,25 @@ QWEN2_MOE = dict(
     shared_expert_intermediate_size=80,
 )  # fmt: skip
 
+# DeepSeek V3 (DeepSeek-V3, Kimi's Moonlight): latent attention with a query latent,
+# interleaved RoPE, values narrower than the query/key heads; a dense first layer, then
+# sigmoid routing with a correction bias among the best 2 of 4 groups, weights renormalized
+# and scaled, beside an unscaled shared expert.
+DEEPSEEK_V3 = dict(
+    num_hidden_layers=3, num_key_value_heads=4, first_k_dense_replace=1, n_routed_experts=8,
+    num_experts_per_tok=2, n_group=4, topk_group=2, moe_intermediate_size=32,
+    n_shared_experts=1, routed_scaling_factor=2.5, norm_topk_prob=True, q_lora_rank=24,
+    kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12,
+)  # fmt: skip
+# DeepSeek V2 (DeepSeek-V2-Lite's form): queries straight from x, softmax routing chosen
+# within groups by their best expert, two shared experts.
+DEEPSEEK_V2 = dict(
+    num_hidden_layers=3, num_key_value_heads=4, first_k_dense_replace=1, n_routed_experts=8,
+    num_experts_per_tok=3, topk_method="group_limited_greedy", n_group=4, topk_group=2,
+    moe_intermediate_size=32, n_shared_experts=2, routed_scaling_factor=1.5, q_lora_rank=None,
+    kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12,
+)  # fmt: skip
+
 CASES = {
     "llama-llama3-rope": ("llama", dict(rope_parameters=LLAMA3_ROPE)),
     "llama-headdim-mqa-bias-tied": (
@@ -169,6 +188,28 @@ CASES = {
         "qwen2_moe",
         dict(QWEN2_MOE, num_hidden_layers=4, decoder_sparse_step=2, mlp_only_layers=[3]),
     ),
+    "deepseek-v3": ("deepseek_v3", DEEPSEEK_V3),
+    # ... with YaRN (its softmax scale grows by mscale_all_dim's factor) and RoPE's pairs
+    # split in halves (rope_interleave false), greedy routing.
+    "deepseek-v3-yarn-halves": (
+        "deepseek_v3",
+        dict(
+            DEEPSEEK_V3,
+            rope_interleave=False,
+            n_group=1,
+            topk_group=1,
+            norm_topk_prob=False,
+            rope_parameters={
+                "rope_type": "yarn",
+                "factor": 4.0,
+                "rope_theta": 10000.0,
+                "original_max_position_embeddings": 16,
+                "mscale": 1.0,
+                "mscale_all_dim": 0.8,
+            },
+        ),
+    ),  # fmt: skip
+    "deepseek-v2": ("deepseek_v2", DEEPSEEK_V2),
     # Gemma 3: q/k norms, and the full layers' RoPE (scaled) apart from the sliding layers'.
     "gemma3-two-ropes": ("gemma3_text", GEMMA3_TEXT),
     # Gemma 3's image-text model (4B-27B): the same language model beside a vision tower,

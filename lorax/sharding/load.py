@@ -113,7 +113,7 @@ def load_params_sharded(
                 shardings=sharding,
             )
         else:
-            value = _load_dense(ckpt, spec, names, sharding, dtype)
+            value = _load_dense(ckpt, spec, names, sharding, spec.dtype or dtype)
         set_path(params, spec.path, value)
     # Expert matrices are read and quantized one at a time on the default device, then each
     # projection's experts are placed together.
@@ -138,7 +138,7 @@ def abstract_base_params(
         if any(spec.index):
             continue  # one more member of a parameter already placed (an MoE expert)
         batch = (len(spec.layers), *spec.stack) if spec.per_layer else ()
-        leaf = jax.ShapeDtypeStruct((*batch, *spec.shape), dtype)
+        leaf = jax.ShapeDtypeStruct((*batch, *spec.shape), spec.dtype or dtype)
         if quantize == "nf4" and spec.quantizable:
             leaf = _abstract_nf4(leaf, len(batch), double_quant)
         set_path(abstract, spec.path, leaf)

@@ -1,0 +1,110 @@
+"""DeepSeek V2/V3 (multi-head latent attention, dense first layers, grouped routing with
+shared experts): its config read as transformers reads it, its logits and gradients (in
+test_model_parity and test_moe), and its merged export computed by transformers."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import make_hf_model, random_lora, rel_err, torch_logits
+from test_model_parity import CASES
+
+import lorax
+from lorax.config import ConfigError, ModelConfig
+
+DEEPSEEK_CASES = ("deepseek-v3", "deepseek-v3-yarn-halves", "deepseek-v2")
+
+
+@pytest.mark.parametrize("case", DEEPSEEK_CASES)
+def test_deepseek_logits_match_transformers_closely(tmp_path, rng, case):
+    """Closer than the families' shared bound: a latent norm with rms_norm_eps in place of
+    transformers' fixed 1e-6 is off by ~2e-5 here."""
+    model_type, overrides = CASES[case]
+    torch_model, path = make_hf_model(tmp_path, model_type, **overrides)
+    model = lorax.load(path, dtype="float32")
+    ids = rng.integers(0, model.config.vocab_size, size=(2, 40))
+    ours = jax.jit(lorax.forward)(model, None, jnp.asarray(ids))
+    assert rel_err(ours, torch_logits(torch_model, ids)) < 5e-6
+
+
+def test_deepseek_config_reads_what_transformers_reads():
+    """A config.json without DeepSeek's fields gets DeepseekV3Config's defaults (DeepSeek-V3's
+    shape); the attention scale follows YaRN's mscale_all_dim."""
+    import transformers
+
+    hf = dict(model_type="deepseek_v3", vocab_size=64, hidden_size=64, intermediate_size=96,
+              num_hidden_layers=4, num_attention_heads=4)  # fmt: skip
+    c = ModelConfig.from_hf_dict(hf)
+    theirs = transformers.DeepseekV3Config(**hf)
+    assert (c.num_experts, c.experts_per_token, c.expert_width) == (
+        theirs.n_routed_experts, theirs.num_experts_per_tok, theirs.moe_intermediate_size
+    )  # fmt: skip
+    assert c.dense_mlp_layers == tuple(range(theirs.first_k_dense_replace))
+    assert (c.q_lora_rank, c.kv_lora_rank, c.v_head_dim) == (
+        theirs.q_lora_rank, theirs.kv_lora_rank, theirs.v_head_dim
+    )  # fmt: skip
+    assert c.head_dim == theirs.qk_nope_head_dim + theirs.qk_rope_head_dim
+    assert (c.expert_groups, c.expert_groups_kept) == (theirs.n_group, theirs.topk_group)
+    assert c.routed_scaling_factor == theirs.routed_scaling_factor and c.router_bias
+    assert c.rope_interleave and c.float32_router and c.num_kv_heads == c.num_heads
+    yarn = {"rope_type": "yarn", "factor": 40.0, "rope_theta": 10000.0, "mscale": 1.0,
+            "mscale_all_dim": 1.0, "original_max_position_embeddings": 4096}  # fmt: skip
+    scaled = ModelConfig.from_hf_dict({**hf, "rope_parameters": yarn})
+    module = transformers.models.deepseek_v3.modeling_deepseek_v3
+    scale = module.yarn_apply_mscale(yarn, c.head_dim**-0.5)
+    assert scaled.attention_scale == pytest.approx(scale, rel=1e-12)
+    assert c.attention_scale == pytest.approx(c.head_dim**-0.5, rel=1e-12)
+
+
+_V2 = dict(model_type="deepseek_v2", vocab_size=64, hidden_size=64, intermediate_size=96,
+           num_hidden_layers=2, num_attention_heads=4, n_routed_experts=8,
+           num_experts_per_tok=2)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "changes, match",
+    [
+        (dict(norm_topk_prob=True), "norm_topk_prob=true is ambiguous"),
+        (dict(topk_method="noaux_tc"), "topk_method='noaux_tc'"),
+        (dict(output_router_logits=True), "no load-balancing"),
+        (dict(moe_layer_freq=2), "moe_layer_freq=2"),
+        (dict(first_k_dense_replace=2), "first_k_dense_replace=2"),
+        (dict(n_shared_experts=0), "n_shared_experts=0"),
+        (dict(topk_method="group_limited_greedy", n_group=3, topk_group=1), "split into 3"),
+    ],
+)
+def test_deepseek_config_refuses_what_lorax_cannot_compute(changes, match):
+    ModelConfig.from_hf_dict(_V2)  # fine as it is
+    with pytest.raises(ConfigError, match=match):
+        ModelConfig.from_hf_dict({**_V2, **changes})
+
+
+@pytest.mark.parametrize("case", ["deepseek-v3-yarn-halves", "deepseek-v2"])
+def test_deepseek_merged_model_computes_lorax_logits_in_transformers(tmp_path, rng, case):
+    """The merged export (LoRA on latent attention, the shared experts, the dense layer and the
+    experts) loads in transformers from its own config.json and computes lorax's adapted
+    logits; the config reads back as the same lorax config. GGUF is refused by name."""
+    import torch
+    import transformers
+
+    from convert.gguf import GGUFError
+
+    model_type, overrides = CASES[case]
+    _, path = make_hf_model(tmp_path, model_type, **overrides)
+    model = lorax.load(path, dtype="float32")
+    lora = random_lora(model, rng, 4, 8, model.config.projections())
+    ids = rng.integers(0, model.config.vocab_size, size=(2, 24))
+    ours = jax.jit(lorax.forward)(model, lora, jnp.asarray(ids))
+    out = str(tmp_path / "merged")
+    lorax.save_merged(model, lora, out, dtype="float32")
+    assert lorax.load(out, dtype="float32").config == model.config
+    merged = transformers.AutoModelForCausalLM.from_pretrained(
+        out, dtype=torch.float32, attn_implementation="eager"
+    )
+    assert rel_err(ours, torch_logits(merged, ids)) < 1e-5
+    no_lora = jax.jit(lorax.forward)(model, None, jnp.asarray(ids))
+    assert rel_err(no_lora, ours) > 1e-2  # the adapters change the logits
+    with pytest.raises(GGUFError, match=f"model_type='{model_type}'"):
+        lorax.export_gguf(model, lora, str(tmp_path / "m.gguf"))
