@@ -61,6 +61,43 @@ def write_json(path: str, obj: Any) -> None:
         f.write("\n")
 
 
+# ------------------------------------------------------------------------ layer stacks
+
+
+def describe_stack(config: Any, stack: Any) -> str:
+    """Words for a layer stack of ``config`` (``ModelConfig.layer_stacks``) in messages."""
+    kind = "routed" if stack.config.moe else "dense-MLP"
+    return f"{stack.key!r} ({kind} layers {list(stack.layers)} of {config.model_type})"
+
+
+def unknown_stacks_message(config: Any, lora_params: Mapping[str, Any]) -> str | None:
+    """Why a LoRA pytree does not fit ``config``'s layer stacks (None: it does): a key that
+    names none of them, e.g. ``"dense_layers"`` on a model whose layers are all alike."""
+    keys = [stack.key for stack in config.layer_stacks()]
+    unknown = [key for key in lora_params if key not in keys]
+    if not unknown:
+        return None
+    return (
+        f"LoRA has entries under {unknown}, which {config.model_type} has no layer stack of "
+        f"(its stacks: {keys})"
+    )
+
+
+def misplaced_projection_message(config: Any, stack: Any, projection: str) -> str | None:
+    """Why a LoRA entry of ``projection`` under ``stack`` does not fit, when ``projection`` is
+    a projection of the model's other layers (None otherwise): on a model of several stacks a
+    target is adapted in the layers that have it (Qwen 3 MoE's gate_proj in the dense-MLP
+    layers, the experts in the routed ones)."""
+    if projection in stack.config.projections() or projection not in config.projections():
+        return None
+    owners = [s for s in config.layer_stacks() if projection in s.config.projections()]
+    return (
+        f"LoRA has an entry for {projection!r} under {describe_stack(config, stack)}, which "
+        f"have no {projection}; it belongs under "
+        + " and ".join(describe_stack(config, s) for s in owners)
+    )
+
+
 # ------------------------------------------------------------------- atomic directories
 
 

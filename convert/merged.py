@@ -22,6 +22,12 @@ as any dense projection (``mlp.shared_expert.*``), its gate written as it is. ``
 refused for an MoE: transformers' bitsandbytes integration quantizes only ``nn.Linear``
 modules, and an MoE's experts are 3-D parameters it keeps in 16 bits.
 
+An MoE model with dense-MLP layers (Qwen MoE's ``mlp_only_layers`` / ``decoder_sparse_step``)
+holds them as a second layer stack (``ModelConfig.layer_stacks``), with its own LoRA entries:
+each layer is written under its index in the model with its stack's tensors (a dense layer's
+``mlp.gate_proj``, no router or experts) merged with its stack's adapters, and ``config.json``
+lists the dense layers in ``mlp_only_layers``.
+
 Tensors are produced one at a time, layer by layer in HF's order, and written into shards of
 at most ``max_shard_size``, so host memory peaks near one shard beyond the loaded model. The
 directory is written beside the destination and renamed into place only when complete.
@@ -45,11 +51,13 @@ from convert.export_common import (
     DEFAULT_MAX_SHARD_SIZE,
     ShardWriter,
     check_destination,
+    misplaced_projection_message,
     staged_directory,
+    unknown_stacks_message,
     write_json,
 )
 from convert.hf_config import ARCHITECTURES, generation_config_dict, hf_config_dict
-from convert.names import CAUSAL_LM, TensorSpec, tensor_specs
+from convert.names import CAUSAL_LM, LAYERS, TensorSpec, tensor_specs
 from pallas_kernels.nf4 import NF4Tensor, dequantize_nf4, quantize_nf4
 
 OUTPUT_DTYPES = ("bfloat16", "float16", "float32", "nf4")
@@ -108,8 +116,8 @@ def save_merged(
 
     with staged_directory(directory, allow_overwrite=allow_overwrite) as staging:
         writer = ShardWriter(staging, max_shard_size)
-        for spec, layer in _in_hf_order(tensor_specs(config), config.num_layers):
-            writer.add(plan.tensors(spec, layer))
+        for spec, layer, position in _in_hf_order(tensor_specs(config), config.num_layers):
+            writer.add(plan.tensors(spec, layer, position))
         writer.close()
         write_json(os.path.join(staging, "config.json"), hf_config)
         write_json(os.path.join(staging, "generation_config.json"), generation_config_dict(config))
@@ -122,7 +130,7 @@ class _Plan:
     """What every tensor of one export needs: the weights, the adapters and the formats."""
 
     params: Mapping[str, Any]
-    adapters: Mapping[str, Mapping[str, jax.Array]]
+    adapters: Mapping[str, Mapping[str, Mapping[str, jax.Array]]]  # stack -> projection -> A, B
     scale: float
     store: np.dtype  # dtype of every stored tensor that is not 4-bit
     quantize: bool  # projections as bnb 4-bit
@@ -132,22 +140,23 @@ class _Plan:
     def make(cls, model: Any, lora: Any, dtype: str) -> _Plan:
         quantize = dtype == "nf4"
         store = jnp.dtype(model.dtype) if quantize else jnp.dtype(_STORE_DTYPES[dtype])
-        adapters, scale = lora_adapters(model.config, lora)
+        adapters, scale = stack_adapters(model.config, lora)
         return cls(model.params, adapters, scale, store, quantize, _double_quant(model.params))
 
-    def tensors(self, spec: TensorSpec, layer: int) -> dict[str, np.ndarray]:
-        """One HF tensor (or the group of tensors of a bnb 4-bit weight), ready to write."""
+    def tensors(self, spec: TensorSpec, layer: int, position: int) -> dict[str, np.ndarray]:
+        """One HF tensor (or the group of tensors of a bnb 4-bit weight), ready to write: of
+        the model's layer ``layer``, at ``position`` on its stack's axis (a per-layer spec)."""
         name = spec.hf_name.format(i=layer) if spec.per_layer else spec.hf_name
         value = _param(self.params, spec.path)
         if spec.per_layer:  # this layer's matrix (an expert's, of an MoE's stacked experts)
-            value = jax.tree.map(lambda x: x[(layer, *spec.index)], value)
+            value = jax.tree.map(lambda x: x[(position, *spec.index)], value)
         projection = _is_projection_weight(spec)
-        adapter = self.adapters.get(spec.path[1]) if projection else None
+        adapter = self.adapters.get(spec.path[0], {}).get(spec.path[1]) if projection else None
         if self.quantize and projection and adapter is None and isinstance(value, NF4Tensor):
             return _bnb_tensors(name, value)  # untouched: keep its exact bytes
         a = b = None
         if adapter is not None:
-            a, b = matrix_factors(adapter, layer, spec)
+            a, b = matrix_factors(adapter, position, spec)
         merged = merge_lora_weight(value, a, b, self.scale, self.store)
         if not bool(jnp.isfinite(merged).all()):
             raise ValueError(
@@ -159,36 +168,66 @@ class _Plan:
         return {name: np.asarray(merged)}
 
 
-def lora_adapters(config: Any, lora: Any) -> tuple[dict[str, Any], float]:
-    """The LoRA entries by projection (checked against the base's projections and shapes)
-    and their scale."""
+def stack_adapters(config: Any, lora: Any) -> tuple[dict[str, dict[str, Any]], float]:
+    """The LoRA entries by layer stack and projection (checked against each stack's
+    projections and shapes, ``ModelConfig.layer_stacks``) and their scale."""
     if lora is None:
         return {}, 0.0
-    layers = lora.params["layers"]
-    for proj, ab in layers.items():
-        if proj not in config.projections():
-            raise ValueError(
-                f"LoRA has an entry for {proj!r}, which {config.model_type} does not have (its "
-                f"projections: {list(config.projections())})"
-            )
-        out_dim, in_dim = config.projection_shape(proj)
-        lead = config.adapter_batch_shape(proj)
-        a_shape, b_shape = tuple(ab["lora_a"].shape), tuple(ab["lora_b"].shape)
-        rank = a_shape[len(lead)] if len(a_shape) == len(lead) + 2 else -1
-        expected_a, expected_b = (*lead, rank, in_dim), (*lead, out_dim, rank)
-        if a_shape != expected_a or b_shape != expected_b:
-            dims = ", ".join(map(str, lead))
-            raise ValueError(
-                f"LoRA {proj} has lora_a {list(a_shape)} and lora_b {list(b_shape)}; the model "
-                f"needs [{dims}, r, {in_dim}] and [{dims}, {out_dim}, r]"
-            )
-    return dict(layers), float(lora.config.scale)
+    unknown = unknown_stacks_message(config, lora.params)
+    if unknown is not None:
+        raise ValueError(unknown)
+    adapters = {}
+    for stack in config.layer_stacks():
+        entries = lora.params.get(stack.key, {})
+        for proj, ab in entries.items():
+            misplaced = misplaced_projection_message(config, stack, proj)
+            if misplaced is not None:
+                raise ValueError(misplaced)
+            if proj not in stack.config.projections():
+                raise ValueError(
+                    f"LoRA has an entry for {proj!r}, which {config.model_type} does not have "
+                    f"(its projections: {list(config.projections())})"
+                )
+            _check_adapter_shapes(stack.config, proj, ab)
+        adapters[stack.key] = dict(entries)
+    return adapters, float(lora.config.scale)
+
+
+def lora_adapters(config: Any, lora: Any) -> tuple[dict[str, Any], float]:
+    """The LoRA entries by projection (checked against the base's projections and shapes)
+    and their scale, of a model whose layers are all alike (one layer stack: for several,
+    :func:`stack_adapters`)."""
+    if len(config.layer_stacks()) > 1:
+        raise ValueError(
+            f"this {config.model_type} has layers of two structures (dense-MLP layers "
+            f"{list(config.dense_mlp_layers)}), each with its own LoRA entries; read them by "
+            "layer stack (stack_adapters)"
+        )
+    adapters, scale = stack_adapters(config, lora)
+    return adapters.get(LAYERS, {}), scale
+
+
+def _check_adapter_shapes(config: Any, proj: str, ab: Mapping[str, Any]) -> None:
+    """A LoRA entry's factors must have the shapes of ``proj`` in the layers of ``config``
+    (one stack's)."""
+    out_dim, in_dim = config.projection_shape(proj)
+    lead = config.adapter_batch_shape(proj)
+    a_shape, b_shape = tuple(ab["lora_a"].shape), tuple(ab["lora_b"].shape)
+    rank = a_shape[len(lead)] if len(a_shape) == len(lead) + 2 else -1
+    expected_a, expected_b = (*lead, rank, in_dim), (*lead, out_dim, rank)
+    if a_shape != expected_a or b_shape != expected_b:
+        dims = ", ".join(map(str, lead))
+        raise ValueError(
+            f"LoRA {proj} has lora_a {list(a_shape)} and lora_b {list(b_shape)}; the model "
+            f"needs [{dims}, r, {in_dim}] and [{dims}, {out_dim}, r]"
+        )
 
 
 def matrix_factors(
     adapter: Mapping[str, jax.Array], layer: int, spec: TensorSpec
 ) -> tuple[jax.Array, jax.Array]:
-    """The LoRA factors ``(A, B)`` of the one checkpoint matrix ``spec`` names in ``layer``.
+    """The LoRA factors ``(A, B)`` of the one checkpoint matrix ``spec`` names in ``layer``
+    (the layer's position on its stack's axis, which is its index in a uniform model).
 
     An expert's matrix (``spec.index = (expert, *part)``) takes its expert's pair. Parts of
     one projection (Mixtral's w1 and w3, the gate and up rows of ``experts_gate_up_proj``)
@@ -213,22 +252,32 @@ def _double_quant(params: Any) -> bool:
     return True
 
 
-def _in_hf_order(specs: Iterator[TensorSpec], num_layers: int) -> Iterator[tuple[TensorSpec, int]]:
-    """(spec, layer) in HF's on-disk order: each layer's tensors together, layer by layer.
+def _in_hf_order(
+    specs: Iterator[TensorSpec], num_layers: int
+) -> Iterator[tuple[TensorSpec, int, int]]:
+    """(spec, layer, position) in HF's on-disk order: each layer's tensors together, layer by
+    layer, a layer's from the stack that holds it (``position``: its index in the stack).
 
-    Non-layer tensors get layer -1.
+    Non-layer tensors get layer and position -1.
     """
     block: list[TensorSpec] = []
     for spec in [*specs, None]:
         if spec is not None and spec.per_layer:
             block.append(spec)
             continue
+        # Each stack's position of each model layer (a spec's path starts with its stack).
+        positions: dict[str, dict[int, int]] = {}
+        for s in block:
+            if s.path[0] not in positions:
+                positions[s.path[0]] = {i: j for j, i in enumerate(s.layers)}
         for i in range(num_layers):
             for s in block:
-                yield s, i
+                j = positions[s.path[0]].get(i)
+                if j is not None:
+                    yield s, i, j
         block = []
         if spec is not None:
-            yield spec, -1
+            yield spec, -1, -1
 
 
 def _is_projection_weight(spec: TensorSpec) -> bool:

@@ -5,6 +5,16 @@ An adapter directory holds ``adapter_config.json`` (PEFT's ``LoraConfig``) and
 under PEFT's names (``convert.names.peft_lora_name``). lorax's LoRA already has PEFT's
 shapes and scaling, so the conversion is only un-stacking (or stacking) the layer axis.
 
+An MoE model whose dense-MLP layers form a second layer stack (``ModelConfig.layer_stacks``:
+Qwen MoE's ``mlp_only_layers`` / ``decoder_sparse_step``) keeps each stack's LoRA under the
+stack's key, stacked in the order of the stack's layers; PEFT's keys name each layer by its
+index in the model and each projection where that layer keeps it (Qwen 2 MoE's gate/up/down
+are ``mlp.shared_expert.*`` in a routed layer, ``mlp.*`` in a dense one). A target is adapted
+in every layer that has it: the expert projections in the routed layers only, and Qwen 3
+MoE's gate/up/down in the dense layers only. PEFT (on transformers >= 5) reads those three
+names on a Qwen 3 MoE as the experts', so such an adapter is read but never written
+(``_PEFT_EXPERT_ALIASES``).
+
 A mixture-of-experts model's expert projections are 3-D parameters to PEFT, adapted through
 ``target_parameters`` (``mlp.experts.gate_up_proj`` / ``mlp.experts.down_proj``): one
 ``lora_A``/``lora_B`` pair per layer holds every expert's factors
@@ -31,12 +41,18 @@ import math
 import os
 import re
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
 
-from convert.export_common import staged_directory, write_json
+from convert.export_common import (
+    describe_stack,
+    misplaced_projection_message,
+    staged_directory,
+    unknown_stacks_message,
+    write_json,
+)
 from convert.names import (
     ALL_PROJECTIONS,
     CAUSAL_LM,
@@ -46,11 +62,9 @@ from convert.names import (
     CheckpointLayout,
     module_name,
     peft_lora_name,
+    projection_module,
 )
 from convert.safetensors_io import SafetensorsError, SafetensorsFile, save_file
-
-if TYPE_CHECKING:
-    pass
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -126,6 +140,15 @@ _UNSUPPORTED_FIELDS = {
 _BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 
 
+# Model types whose MLP projection names PEFT reads as the experts' on transformers >= 5: it
+# converts a transformers-4 adapter config (where each expert was an nn.Linear named
+# gate_proj/up_proj/down_proj) by moving those target_modules to target_parameters
+# (experts' gate_up_proj / down_proj; peft.utils.transformers_weight_conversion, checked with
+# PEFT 0.21.2 and transformers 5.24), for any config it loads or creates. So PEFT cannot
+# adapt a Qwen 3 MoE's dense-MLP layers (mlp_only_layers): lorax refuses to write such an
+# adapter rather than have PEFT apply none of it. (Qwen 2 MoE's names are left alone.)
+_PEFT_EXPERT_ALIASES = {"qwen3_moe": ("gate_proj", "up_proj", "down_proj")}
+
 # Why an adapter of Qwen 2 MoE's shared_expert_gate (PEFT's "all-linear" takes it: a Linear
 # of one output) is refused.
 _FROZEN_GATE = (
@@ -158,6 +181,8 @@ def save_adapter(
     """
     config = model.config
     tensors = adapter_tensors(config, lora.params)
+    check_targets_adapted(config, lora)
+    _check_peft_reads_targets(config, lora.config.targets)
     if base_model_name_or_path is None:
         base_model_name_or_path = getattr(model.tokenizer, "name_or_path", None) or None
     peft_config = adapter_config_dict(
@@ -171,42 +196,111 @@ def save_adapter(
 def adapter_tensors(config: Any, lora_params: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """PEFT's per-layer tensors of a stacked LoRA pytree, checked against the base's shapes.
 
-    An expert projection's ``[L, E, ...]`` factors become one PEFT pair per layer
-    (:func:`expert_factors_to_peft`).
+    Each layer stack's entries (``lora_params[stack.key]``) are un-stacked onto the model
+    layers ``stack.layers``, with the shapes and module paths of ``stack.config``. An expert
+    projection's ``[L, E, ...]`` factors become one PEFT pair per layer
+    (:func:`expert_factors_to_peft`). Tensors come projection by projection, each in model
+    layer order.
     """
-    layers = lora_params["layers"]
-    expert_targets = tuple(p for p in EXPERT_PROJECTIONS if p in layers)
+    stacks = config.layer_stacks()
+    _check_stack_keys(config, lora_params)
+    expert_targets = tuple(
+        p for p in EXPERT_PROJECTIONS if any(p in lora_params.get(s.key, {}) for s in stacks)
+    )
     decoder = LAYOUTS[config.checkpoint_layout].modules
-    tensors: dict[str, np.ndarray] = {}
-    for proj, ab in layers.items():
-        if proj not in config.projections():
-            raise AdapterError(
-                f"LoRA has an entry for {proj!r}, which is not a projection of "
-                f"{config.model_type} (it has {list(config.projections())})"
-            )
-        a, b = np.asarray(ab["lora_a"]), np.asarray(ab["lora_b"])
-        out_dim, in_dim = config.projection_shape(proj)
-        expert = proj in EXPERT_PROJECTIONS
-        lead = config.adapter_batch_shape(proj)
-        rank = a.shape[len(lead)] if a.ndim == len(lead) + 2 else -1
-        axes = "[layers, experts, ...]" if expert else "[layers, ...]"
-        for which, array, expected in (
-            ("lora_a", a, (*lead, rank, in_dim)),
-            ("lora_b", b, (*lead, out_dim, rank)),
-        ):
-            if array.shape != expected:
-                raise AdapterError(
-                    f"LoRA {proj}.{which} has shape {list(array.shape)}; the model needs "
-                    f"{axes} = {list(expected)}"
-                )
-        for i in range(config.num_layers):
-            pair = expert_factors_to_peft(a[i], b[i]) if expert else (a[i], b[i])
-            for which, matrix in zip("AB", pair, strict=True):
-                name = peft_lora_name(i, proj, which, expert_targets, decoder, config.model_type)
-                tensors[name] = np.ascontiguousarray(matrix)
-    if not tensors:
+    # (projection, model layer) -> (A, B) in PEFT's shapes, gathered from every stack.
+    pairs: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
+    layer_configs = {}
+    for stack in stacks:
+        for proj, ab in lora_params.get(stack.key, {}).items():
+            _check_stack_entry(config, stack, proj)
+            a, b = np.asarray(ab["lora_a"]), np.asarray(ab["lora_b"])
+            stack_config = stack.config
+            out_dim, in_dim = stack_config.projection_shape(proj)
+            expert = proj in EXPERT_PROJECTIONS
+            lead = stack_config.adapter_batch_shape(proj)
+            rank = a.shape[len(lead)] if a.ndim == len(lead) + 2 else -1
+            axes = "[layers, experts, ...]" if expert else "[layers, ...]"
+            for which, array, expected in (
+                ("lora_a", a, (*lead, rank, in_dim)),
+                ("lora_b", b, (*lead, out_dim, rank)),
+            ):
+                if array.shape != expected:
+                    raise AdapterError(
+                        f"LoRA {_entry(config, stack, proj)}.{which} has shape "
+                        f"{list(array.shape)}; the model needs {axes} = {list(expected)}"
+                    )
+            for j, i in enumerate(stack.layers):
+                pairs[proj, i] = expert_factors_to_peft(a[j], b[j]) if expert else (a[j], b[j])
+                layer_configs[i] = stack_config
+    if not pairs:
         raise AdapterError("LoRA has no adapted projections; nothing to save")
+    first_seen = {proj: k for k, proj in enumerate(dict.fromkeys(p for p, _ in pairs))}
+    tensors: dict[str, np.ndarray] = {}
+    for proj, i in sorted(pairs, key=lambda key: (first_seen[key[0]], key[1])):
+        for which, matrix in zip("AB", pairs[proj, i], strict=True):
+            name = peft_lora_name(i, proj, which, expert_targets, decoder, layer_configs[i])
+            tensors[name] = np.ascontiguousarray(matrix)
     return tensors
+
+
+def _check_stack_keys(config: Any, lora_params: Mapping[str, Any]) -> None:
+    message = unknown_stacks_message(config, lora_params)
+    if message is not None:
+        raise AdapterError(message)
+
+
+def _check_stack_entry(config: Any, stack: Any, proj: str) -> None:
+    """A LoRA entry of ``proj`` under ``stack`` must be a projection of the stack's layers."""
+    misplaced = misplaced_projection_message(config, stack, proj)
+    if misplaced is not None:
+        raise AdapterError(misplaced)
+    if proj not in stack.config.projections():
+        raise AdapterError(
+            f"LoRA has an entry for {proj!r}, which is not a projection of "
+            f"{config.model_type} (it has {list(config.projections())})"
+        )
+
+
+def _entry(config: Any, stack: Any, proj: str) -> str:
+    """A LoRA entry's name in messages: the projection, under its stack's key when the model
+    has several."""
+    return proj if len(config.layer_stacks()) == 1 else f"{stack.key}.{proj}"
+
+
+def check_targets_adapted(config: Any, lora: Any) -> None:
+    """``lora``'s entries are its config's targets in every layer stack that has them: the
+    adapter's ``target_modules`` / ``target_parameters`` say so to PEFT (which adapts every
+    module they match), and lorax reads back nothing else."""
+    targets = lora.config.targets
+    for stack in config.layer_stacks():
+        entries = lora.params.get(stack.key, {})
+        want = {t for t in targets if t in stack.config.projections()}
+        if set(entries) == want:
+            continue
+        where = "" if len(config.layer_stacks()) == 1 else f" under {describe_stack(config, stack)}"
+        missing, extra = sorted(want - set(entries)), sorted(set(entries) - set(targets))
+        raise AdapterError(
+            f"LoRA targets {list(targets)} but has entries{where} for {sorted(entries)}"
+            + (f"; missing {missing}" if missing else "")
+            + (f"; {extra} are not among its targets" if extra else "")
+            + ": PEFT would adapt every layer with a targeted projection"
+        )
+
+
+def _check_peft_reads_targets(config: Any, targets: tuple[str, ...]) -> None:
+    """Refuses targets PEFT would read as other modules (``_PEFT_EXPERT_ALIASES``)."""
+    aliased = [t for t in targets if t in _PEFT_EXPERT_ALIASES.get(config.model_type, ())]
+    if not aliased:
+        return
+    raise AdapterError(
+        f"LoRA on {aliased} of {config.model_type}'s dense-MLP layers "
+        f"{list(config.dense_mlp_layers)} cannot be saved as a PEFT adapter: PEFT on "
+        f"transformers >= 5 reads target_modules {aliased} of a {config.model_type} model as "
+        "the experts' (their transformers-4 names; it moves them to target_parameters "
+        "gate_up_proj / down_proj), so it would apply none of these matrices. Export the "
+        "merged model (save_merged) instead, or adapt the other projections only"
+    )
 
 
 def adapter_config_dict(
@@ -305,26 +399,41 @@ def read_adapter(
     targets = _check_targets(weights, found, listed, expert_targets, config)
     _check_coverage(weights, found, targets, config, expert_targets)
 
-    rank, experts = settings["rank"], config.num_experts
+    rank = settings["rank"]
     names = {}
     for proj in targets:
-        for which, shape, dims in _peft_shapes(config, proj, rank):
-            names[proj, which] = [found[(i, proj, which)] for i in range(config.num_layers)]
-            for name in names[proj, which]:
-                _check_shape(weights, name, shape, proj, which, dims)
+        for stack in _stacks_with(config, proj):
+            for which, shape, dims in _peft_shapes(stack.config, proj, rank):
+                names[stack.key, proj, which] = [found[(i, proj, which)] for i in stack.layers]
+                for name in names[stack.key, proj, which]:
+                    _check_shape(weights, name, shape, proj, which, dims)
 
-    def layer_pair(proj: str, i: int) -> tuple[np.ndarray, np.ndarray]:
-        a, b = weights[names[proj, "A"][i]], weights[names[proj, "B"][i]]
-        return expert_factors_from_peft(a, b, experts) if proj in EXPERT_PROJECTIONS else (a, b)
+    params: dict[str, Any] = {}
+    for stack in config.layer_stacks():  # every stack, as init_lora makes them
+        experts = stack.config.num_experts
 
-    layers = {}
-    for proj in targets:
-        pairs = [layer_pair(proj, i) for i in range(config.num_layers)]
-        layers[proj] = {
-            key: jnp.asarray(np.stack([pair[k] for pair in pairs]), dtype=dtype)
-            for k, key in enumerate(("lora_a", "lora_b"))
-        }
-    return {"layers": layers}, {**settings, "targets": targets}
+        def layer_pair(proj: str, j: int, key: str = stack.key, experts: int = experts) -> Any:
+            a, b = weights[names[key, proj, "A"][j]], weights[names[key, proj, "B"][j]]
+            if proj in EXPERT_PROJECTIONS:
+                return expert_factors_from_peft(a, b, experts)
+            return a, b
+
+        layers = {}
+        for proj in targets:
+            if proj not in stack.config.projections():
+                continue  # a projection of the model's other layers
+            pairs = [layer_pair(proj, j) for j in range(len(stack.layers))]
+            layers[proj] = {
+                key: jnp.asarray(np.stack([pair[k] for pair in pairs]), dtype=dtype)
+                for k, key in enumerate(("lora_a", "lora_b"))
+            }
+        params[stack.key] = layers
+    return params, {**settings, "targets": targets}
+
+
+def _stacks_with(config: Any, proj: str) -> list[Any]:
+    """The layer stacks of ``config`` whose layers have the projection ``proj``."""
+    return [stack for stack in config.layer_stacks() if proj in stack.config.projections()]
 
 
 def _peft_shapes(config: Any, proj: str, rank: int) -> list[tuple[str, tuple[int, int], str]]:
@@ -481,6 +590,7 @@ def _index_tensors(
     """
     layout = LAYOUTS[config.checkpoint_layout]
     decoders = [decoder for decoder, _ in layout.spellings]
+    stacks, owner = config.layer_stacks(), _layer_owner(config)
     found: dict[tuple[int, str, str], str] = {}
     adapter_names = set()
     for name in weights:
@@ -503,15 +613,30 @@ def _index_tensors(
         if proj == SHARED_EXPERT_GATE:
             raise AdapterError(f"{weights.path}: tensor {name!r} adapts {_FROZEN_GATE}")
         # The canonical spelling must come back out of the one name map, else the module
-        # path is wrong for this projection (e.g. "mlp.q_proj") or for this base model.
+        # path is wrong for this projection (e.g. "mlp.q_proj") or for this base model's
+        # layer (its stack's config places it: Qwen 2 MoE's up_proj is the shared expert's
+        # in a routed layer, the MLP's in a dense one). A layer the model lacks may be
+        # spelled as any stack's (the coverage check names it).
         known = (proj in PROJECTIONS or proj in EXPERT_PROJECTIONS) and m["decoder"] in decoders
-        canonical = (
-            peft_lora_name(layer, proj, which, expert_targets, m["decoder"], config.model_type)
-            if known
-            else None
-        )
         stripped = name.replace(f".{m['adapter']}.weight", ".weight") if m["adapter"] else name
-        if canonical is None or not canonical.endswith(stripped):
+
+        spelled_as = {
+            stack.key: peft_lora_name(
+                layer, proj, which, expert_targets, m["decoder"], stack.config
+            ).endswith(stripped)
+            for stack in (stacks if known else ())
+        }
+        mine = [owner[layer]] if layer in owner else stacks
+        if not any(spelled_as.get(s.key) for s in mine):
+            other = [s for s in stacks if s not in mine and spelled_as.get(s.key)]
+            if other:
+                stack = owner[layer]
+                raise AdapterError(
+                    f"{weights.path}: tensor {name!r} adapts {proj} where "
+                    f"{describe_stack(config, other[0])} keep it, but layer {layer} is one of "
+                    f"{describe_stack(config, stack)}, which keep it at "
+                    f"{projection_module(proj, stack.config)}"
+                )
             where = f"; the base model's decoder layers are under {decoders}"
             raise AdapterError(f"{weights.path}: tensor {name!r} names an unknown module{where}")
         if (layer, proj, which) in found:
@@ -588,6 +713,7 @@ def _check_coverage(
     config: Any,
     expert_targets: tuple[str, ...],
 ) -> None:
+    """Every targeted projection adapted in every layer that has it, and in no other."""
     num_layers = config.num_layers
     decoder = LAYOUTS[config.checkpoint_layout].modules
     deepest = max(layer for layer, _, _ in found)
@@ -596,10 +722,20 @@ def _check_coverage(
             f"{weights.path}: has LoRA tensors for layer {deepest} but the base model has "
             f"{num_layers} layers; the adapter is for a different base model"
         )
+    owner = _layer_owner(config)
+    for (layer, proj, _), name in found.items():
+        stack = owner[layer]
+        if proj not in stack.config.projections():  # only on a model of several stacks
+            raise AdapterError(
+                f"{weights.path}: tensor {name!r} adapts {proj} in layer {layer}, one of "
+                f"{describe_stack(config, stack)}, which have no {proj}; the adapter is for a "
+                "different base model"
+            )
     missing = [
-        peft_lora_name(i, proj, which, expert_targets, decoder, config.model_type)
+        peft_lora_name(i, proj, which, expert_targets, decoder, owner[i].config)
         for proj in targets
         for i in range(num_layers)
+        if proj in owner[i].config.projections()
         for which in "AB"
         if (i, proj, which) not in found
     ]
@@ -607,7 +743,13 @@ def _check_coverage(
         raise AdapterError(
             f"{weights.path}: missing LoRA tensor(s) {_some(missing)}; lorax needs every targeted "
             "projection adapted in every layer"
+            + (" that has it" if len(config.layer_stacks()) > 1 else "")
         )
+
+
+def _layer_owner(config: Any) -> dict[int, Any]:
+    """Each model layer's index -> the layer stack holding it."""
+    return {i: stack for stack in config.layer_stacks() for i in stack.layers}
 
 
 def _check_shape(

@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import types
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +21,7 @@ from convert import export_common
 from convert.export_common import INDEX_FILE, ShardWriter, parse_size
 from convert.hf import ShardedCheckpoint
 from convert.hf_config import ARCHITECTURES, HFConfigError, hf_config_dict
+from convert.merged import lora_adapters
 from convert.names import EXPERT_CHECKPOINTS
 from convert.safetensors_io import SafetensorsFile
 
@@ -29,6 +31,17 @@ transformers = pytest.importorskip("transformers")
 forward = jax.jit(lorax.forward)
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
+
+
+def _random_lora(model, rng, rank, alpha, targets, **kw) -> lorax.LoraWeights:
+    """conftest's ``random_lora`` on each layer stack of ``model``: a target in every stack
+    whose layers have it (as ``lorax.init_lora``), ``{"layers": ...}`` alone when uniform."""
+    params = {}
+    for stack in model.config.layer_stacks():
+        mine = [t for t in targets if t in stack.config.projections()]
+        part = random_lora(types.SimpleNamespace(config=stack.config), rng, rank, alpha, mine)
+        params[stack.key] = part.params["layers"]
+    return lorax.LoraWeights(params, lorax.LoraConfig(rank, float(alpha), tuple(targets), **kw))
 
 
 def _hf_model(path, **kw):
@@ -177,6 +190,10 @@ FAMILY_FIELDS = (
         ("qwen3-moe-unnormalized-window", "bfloat16"),
         ("qwen2-moe", "float32"),
         ("qwen2-moe-normalized-window-unbiased", "bfloat16"),
+        # Dense-MLP layers among the routed ones: two layer stacks, merged each with its own
+        # LoRA, written under the model's layer indices and listed in mlp_only_layers.
+        ("qwen3-moe-dense-layers", "float32"),
+        ("qwen2-moe-sparse-step", "float32"),
     ],
 )
 def test_merged_families_load_in_transformers(tmp_path, rng, case, dtype):
@@ -186,7 +203,7 @@ def test_merged_families_load_in_transformers(tmp_path, rng, case, dtype):
     model_type, overrides = CASES[case]
     torch_model, path = make_hf_model(tmp_path, model_type, **overrides)
     model = lorax.load(path, dtype="float32")
-    lora = random_lora(model, rng, 4, 8, model.config.projections())
+    lora = _random_lora(model, rng, 4, 8, model.config.projections())
     out = str(tmp_path / "merged")
     lorax.save_merged(model, lora, out, dtype=dtype)
 
@@ -203,16 +220,26 @@ def test_merged_families_load_in_transformers(tmp_path, rng, case, dtype):
     for field in FAMILY_FIELDS:
         if field == "max_window_layers" and not getattr(source, "use_sliding_window", False):
             continue  # read only with a sliding window
+        if field in ("decoder_sparse_step", "mlp_only_layers"):
+            continue  # below: the layers they make dense, however the file spells them
         assert read(exported, field) == read(source, field), field
+    if model.config.moe:
+        assert _dense_mlp_layers(exported) == _dense_mlp_layers(source)
+        assert _dense_mlp_layers(source) == list(model.config.dense_mlp_layers)
     # Upcast to float32: transformers and lorax then compute with the same stored weights.
     hf = _hf_model(out, dtype=torch.float32)
     assert type(hf).__name__ == ARCHITECTURES[model_type]
+    routed = [hasattr(layer.mlp, "experts") for layer in hf.model.layers]
+    if model.config.moe:  # transformers built each layer's MLP as the source's
+        assert routed == [i not in model.config.dense_mlp_layers for i in range(len(routed))]
     ids = rng.integers(0, model.config.vocab_size, size=(2, 12))
     merged = _logits(reloaded, None, ids)
     assert rel_err(torch_logits(hf, ids), merged) < 1e-4
     adapted = _logits(model, lora, ids)
     assert rel_err(torch_logits(torch_model, ids), adapted) > 1e-2  # the merge mattered
     if dtype == "float32":
+        error = rel_err(torch_logits(hf, ids), adapted)
+        print(f"transformers on the merged {case} vs lorax's adapted: {error:.1e}")
         assert rel_err(merged, adapted) < 1e-4
     else:  # only the rounding of the stored weights differs (up to 2e-2 seen over 12 seeds)
         assert ShardedCheckpoint(out)["model.norm.weight"].dtype == ml_dtypes.bfloat16
@@ -223,6 +250,48 @@ def test_merged_families_load_in_transformers(tmp_path, rng, case, dtype):
             # over 8 seeds), not drift: the typical token is bounded (5e-3..7e-3 seen).
             per_token = np.abs(merged - adapted).max(-1) / np.abs(adapted).max()
             assert np.median(per_token) < 2e-2
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        # Qwen 3 MoE's gate_proj is its dense layers' alone (0 and 2; 1 and 3 route).
+        (
+            lambda p: p["layers"].update(gate_proj=p["dense_layers"]["gate_proj"]),
+            r"entry for 'gate_proj' under 'layers' \(routed layers \[1, 3\] of qwen3_moe\), "
+            r"which have no gate_proj; it belongs under 'dense_layers'",
+        ),
+        (lambda p: p.update(mlp_layers=p.pop("dense_layers")), r"under \['mlp_layers'\]"),
+        (
+            lambda p: p["dense_layers"].update(
+                gate_proj=jax.tree.map(lambda x: x[:, :, :32], p["dense_layers"]["gate_proj"])
+            ),
+            r"LoRA gate_proj has lora_a \[2, 4, 32\] and lora_b \[2, 96, 4\]; the model needs "
+            r"\[2, r, 64\] and \[2, 96, r\]",
+        ),
+    ],
+)
+def test_merged_refuses_lora_that_does_not_fit_its_stacks(tmp_path, rng, change, message):
+    model_type, overrides = CASES["qwen3-moe-dense-layers"]
+    _, path = make_hf_model(tmp_path, model_type, **overrides)
+    model = lorax.load(path, dtype="float32")
+    lora = _random_lora(model, rng, 4, 8, ("q_proj", "gate_proj", "experts_down_proj"))
+    with pytest.raises(ValueError, match=r"two structures \(dense-MLP layers \[0, 2\]\)"):
+        lora_adapters(model.config, lora)  # a projection's entries: one stack's only
+    params = {key: dict(entries) for key, entries in lora.params.items()}
+    change(params)
+    out = tmp_path / "merged"
+    with pytest.raises(ValueError, match=message):
+        lorax.save_merged(model, lorax.LoraWeights(params, lora.config), out, dtype="float32")
+    assert not os.path.exists(out)
+
+
+def _dense_mlp_layers(hf_config) -> list[int]:
+    """The layers transformers builds with a dense MLP from an MoE config (Qwen2/3MoeDecoderLayer's
+    rule; Mixtral routes every layer)."""
+    step = getattr(hf_config, "decoder_sparse_step", None) or 1
+    listed = getattr(hf_config, "mlp_only_layers", None) or []
+    return [i for i in range(hf_config.num_hidden_layers) if i in listed or (i + 1) % step]
 
 
 def test_gemma3_image_text_merges_to_its_language_model_with_a_warning(tmp_path, rng):

@@ -27,6 +27,7 @@ transformers = pytest.importorskip("transformers")
 
 forward = jax.jit(lorax.forward)
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+MLP_NAMES = ALL[4:]
 
 
 def _lorax_logits(model, lora, ids) -> np.ndarray:
@@ -39,6 +40,17 @@ def _assert_same_lora(a: lorax.LoraWeights, b: lorax.LoraWeights) -> None:
 
 
 PHI3 = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")  # its fused projections
+
+
+def _random_lora(model, rng, rank, alpha, targets, **kw) -> lorax.LoraWeights:
+    """conftest's ``random_lora`` on each layer stack of ``model``: a target in every stack
+    whose layers have it (as ``lorax.init_lora``), ``{"layers": ...}`` alone when uniform."""
+    params = {}
+    for stack in model.config.layer_stacks():
+        mine = [t for t in targets if t in stack.config.projections()]
+        part = random_lora(types.SimpleNamespace(config=stack.config), rng, rank, alpha, mine)
+        params[stack.key] = part.params["layers"]
+    return lorax.LoraWeights(params, lorax.LoraConfig(rank, float(alpha), tuple(targets), **kw))
 
 
 def _make(tmp_path, case: str):
@@ -340,6 +352,11 @@ GATE_UP, DOWN = "mlp.experts.gate_up_proj", "mlp.experts.down_proj"
 # experts are narrower than intermediate_size). Qwen 2 MoE's gate/up/down_proj are its shared
 # expert's (mlp.shared_expert.*), which PEFT's target_modules match by name.
 MOE_CASES = ("mixtral", "qwen3-moe", "qwen2-moe")
+# Qwen MoE with dense-MLP layers among the routed ones: two layer stacks. Qwen 3 MoE's
+# gate/up/down_proj are the dense layers' alone (routed layers: layers 1, 3); Qwen 2 MoE's are
+# the shared expert's in its routed layer (1) and the MLP's in its dense ones (0, 2, 3), of
+# another width.
+STACK_CASES = ("qwen3-moe-dense-layers", "qwen2-moe-sparse-step")
 
 
 def _peft_lora_config(lora: lorax.LoraWeights):
@@ -374,20 +391,28 @@ def _assert_peft_runs_it_like_lorax(base, out, model, lora, rng):
     return peft_model
 
 
+ATTENTION_AND_EXPERTS = (*ALL[:4], "experts_gate_up_proj", "experts_down_proj")
+MOE_TARGETS = ("all-linear", ("v_proj", "o_proj", "experts_down_proj"), ("experts_gate_up_proj",))
+
+
 @pytest.mark.parametrize(
-    "targets",
+    "case, targets",
     [
-        "all-linear",
-        ("v_proj", "o_proj", "experts_down_proj"),
-        ("experts_gate_up_proj",),
+        *[(case, targets) for case in MOE_CASES for targets in MOE_TARGETS],
+        # Every projection PEFT can adapt: Qwen 2 MoE's gate/up/down in both stacks (another
+        # module and width in each); Qwen 3 MoE's attention in both and experts in the routed
+        # layers (its dense layers' MLP: test_qwen3_moe_dense_mlp_lora_is_refused_for_peft).
+        # Then the routed layers alone, the dense ones unadapted.
+        ("qwen3-moe-dense-layers", ATTENTION_AND_EXPERTS),
+        ("qwen2-moe-sparse-step", "all-linear"),
+        ("qwen2-moe-sparse-step", ("experts_gate_up_proj",)),
     ],
 )
-@pytest.mark.parametrize("case", MOE_CASES)
 def test_peft_runs_our_moe_adapter_like_lorax(tmp_path, rng, case, targets):
     torch_model, path = _make(tmp_path, case)
     model = lorax.load(path, dtype="float32")
     targets = model.config.projections() if targets == "all-linear" else targets
-    lora = random_lora(model, rng, rank=4, alpha=8, targets=targets)
+    lora = _random_lora(model, rng, rank=4, alpha=8, targets=targets)
     out = tmp_path / "adapter"
     lorax.save_adapter(model, lora, out)
 
@@ -403,10 +428,12 @@ def test_peft_runs_our_moe_adapter_like_lorax(tmp_path, rng, case, targets):
     _assert_peft_runs_it_like_lorax(base, out, model, lora, rng)
 
 
-@pytest.mark.parametrize("case", MOE_CASES)
+@pytest.mark.parametrize("case", MOE_CASES + STACK_CASES)
 def test_reads_moe_adapter_written_by_peft(tmp_path, rng, case):
     torch_model, path = _make(tmp_path, case)
-    modules = ["q_proj", "o_proj"] + (["up_proj"] if case == "qwen2-moe" else [])  # shared's
+    # up_proj: Qwen 2 MoE's shared expert's, in its dense-MLP layers the MLP's. (PEFT reads
+    # Qwen 3 MoE's as the experts', test_qwen3_moe_dense_mlp_lora_is_refused_for_peft.)
+    modules = ["q_proj", "o_proj"] + (["up_proj"] if case.startswith("qwen2-moe") else [])
     out, peft_model = _peft_saved_adapter(
         tmp_path, torch_model, rng, r=4, lora_alpha=16, use_rslora=True,
         target_modules=modules, target_parameters=[DOWN, GATE_UP],
@@ -536,6 +563,211 @@ def test_save_refuses_dropout_on_moe_experts(tmp_path, moe):
     with pytest.raises(AdapterError, match="PEFT applies no dropout to target_parameters"):
         lorax.save_adapter(moe, lora, tmp_path / "x")
     assert not os.path.exists(tmp_path / "x")
+
+
+# ------------------------------------------------ Layer stacks: dense-MLP layers of a Qwen MoE
+
+
+@pytest.fixture(scope="module")
+def stacked(tmp_path_factory):
+    """The tiny model of a case of STACK_CASES, loaded once for the tests below, which only
+    read it."""
+    models = {}
+
+    def get(case: str) -> lorax.Model:
+        if case not in models:
+            _, path = _make(tmp_path_factory.mktemp(case), case)
+            models[case] = lorax.load(path, dtype="float32")
+        return models[case]
+
+    return get
+
+
+def _layer_key(i: int, module: str, which: str = "A") -> str:
+    return f"base_model.model.model.layers.{i}.{module}.lora_{which}.weight"
+
+
+def _write_adapter(model, lora, out: str) -> None:
+    """``lora`` in PEFT's format as ``save_adapter`` writes it, without its refusal of what
+    PEFT would misread (Qwen 3 MoE's dense-MLP targets), which lorax reads as written."""
+    os.makedirs(out)
+    tensors = peft_io.adapter_tensors(model.config, lora.params)
+    save_file(os.path.join(out, ADAPTER_WEIGHTS), tensors, {"format": "pt"})
+    with open(os.path.join(out, ADAPTER_CONFIG), "w") as f:
+        json.dump(peft_io.adapter_config_dict(lora.config, None), f)
+
+
+@pytest.mark.parametrize(
+    "case, targets, edit, message",
+    [
+        # Qwen 3 MoE: layers 0 and 2 dense, 1 and 3 routed.
+        (
+            "qwen3-moe-dense-layers",
+            ("up_proj", "experts_down_proj"),
+            lambda t: t.update({_layer_key(1, "mlp.up_proj"): t[_layer_key(0, "mlp.up_proj")]}),
+            r"layers\.1\.mlp\.up_proj\.lora_A\.weight' adapts up_proj in layer 1, one of "
+            r"'layers' \(routed layers \[1, 3\] of qwen3_moe\), which have no up_proj",
+        ),
+        (
+            "qwen3-moe-dense-layers",
+            ("up_proj", "experts_down_proj"),
+            lambda t: t.update({_layer_key(2, "mlp.experts"): t[_layer_key(1, "mlp.experts")]}),
+            r"layers\.2\.mlp\.experts\.lora_A\.weight' adapts experts_down_proj in layer 2, "
+            r"one of 'dense_layers' \(dense-MLP layers \[0, 2\]",
+        ),
+        (
+            "qwen3-moe-dense-layers",
+            ("up_proj", "experts_down_proj"),
+            lambda t: t.pop(_layer_key(2, "mlp.up_proj", "B")),
+            r"missing LoRA tensor\(s\) \S*layers\.2\.mlp\.up_proj\.lora_B\.weight; .* every "
+            "layer that has it",
+        ),
+        # Qwen 2 MoE: layer 1 routed (up_proj: its shared expert's, 80 wide), 0, 2, 3 dense
+        # (up_proj: the MLP's, 96 wide).
+        (
+            "qwen2-moe-sparse-step",
+            ("up_proj",),
+            lambda t: t.update(
+                {_layer_key(0, "mlp.shared_expert.up_proj"): t.pop(_layer_key(0, "mlp.up_proj"))}
+            ),
+            r"layers\.0\.mlp\.shared_expert\.up_proj\.lora_A\.weight' adapts up_proj where "
+            r"'layers' \(routed layers \[1\] of qwen2_moe\) keep it, but layer 0 is one of "
+            r"'dense_layers' \(dense-MLP layers \[0, 2, 3\] of qwen2_moe\), which keep it at "
+            r"mlp\.up_proj",
+        ),
+        (
+            "qwen2-moe-sparse-step",
+            ("up_proj",),
+            lambda t: t.update(
+                {_layer_key(1, "mlp.up_proj"): t.pop(_layer_key(1, "mlp.shared_expert.up_proj"))}
+            ),
+            r"layers\.1\.mlp\.up_proj\.lora_A\.weight' adapts up_proj where 'dense_layers'.*"
+            r"layer 1 is one of 'layers'.*keep it at mlp\.shared_expert\.up_proj",
+        ),
+        (
+            "qwen2-moe-sparse-step",
+            ("up_proj",),
+            lambda t: t.update(
+                {
+                    _layer_key(3, "mlp.up_proj", "B"): t[
+                        _layer_key(1, "mlp.shared_expert.up_proj", "B")
+                    ]
+                }
+            ),
+            r"layers\.3\.mlp\.up_proj\.lora_B\.weight' has shape \[80, 4\], but the base "
+            r"model's up_proj needs lora_B \[out, r=4\] = \[96, 4\]",
+        ),
+    ],
+)
+def test_stacked_adapter_in_the_wrong_layers_is_named(
+    tmp_path, stacked, case, targets, edit, message
+):
+    """Each layer's LoRA must be where its stack's layers keep the projection, with their
+    shapes, and in every layer that has it."""
+    model = stacked(case)
+    out = str(tmp_path / "adapter")
+    lora = _random_lora(model, np.random.default_rng(7), 4, 8, targets)
+    _write_adapter(model, lora, out)
+    _assert_same_lora(lorax.load_adapter(model, out), lora)  # as written: read back
+    _rewrite(out, edit)
+    with pytest.raises(AdapterError, match=message):
+        lorax.load_adapter(model, out)
+
+
+@pytest.mark.parametrize("case", STACK_CASES)
+def test_stacked_adapter_reads_back_as_init_lora_lays_it_out(tmp_path, stacked, case):
+    """Every stack's entries, in each stack's layer order, under init_lora's keys (a stack
+    without a target keeps an empty entry), so a loaded adapter trains like a fresh one."""
+    model = stacked(case)
+    every = model.config.projections() if case.startswith("qwen2") else ATTENTION_AND_EXPERTS
+    for targets in (every, ("q_proj", "experts_gate_up_proj")):
+        lora = _random_lora(model, np.random.default_rng(8), 2, 4, targets)
+        fresh = lorax.init_lora(model, 2, 4, targets)
+        assert jax.tree.structure(lora) == jax.tree.structure(fresh)
+        assert jax.tree.map(np.shape, lora.params) == jax.tree.map(np.shape, fresh.params)
+        out = tmp_path / "-".join(targets)
+        lorax.save_adapter(model, lora, out)
+        _assert_same_lora(lorax.load_adapter(model, out), lora)
+        # Each PEFT key holds its own model layer's matrices (stack j-th entry = layer i).
+        f = SafetensorsFile(str(out / ADAPTER_WEIGHTS))
+        for stack in model.config.layer_stacks():
+            for j, i in enumerate(stack.layers):
+                key = _layer_key(i, "self_attn.q_proj")
+                np.testing.assert_array_equal(f[key], lora.params[stack.key]["q_proj"]["lora_a"][j])
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        # Qwen 3 MoE's gate_proj is its dense layers' alone.
+        (
+            lambda p: p["layers"].update(gate_proj=p["dense_layers"]["gate_proj"]),
+            r"entry for 'gate_proj' under 'layers' \(routed layers \[1, 3\] of qwen3_moe\), "
+            r"which have no gate_proj; it belongs under 'dense_layers' \(dense-MLP layers",
+        ),
+        (
+            lambda p: p["dense_layers"].update(experts_down_proj=p["layers"]["experts_down_proj"]),
+            r"'experts_down_proj' under 'dense_layers'.*it belongs under 'layers'",
+        ),
+        (lambda p: p.update(mlp_layers=p.pop("dense_layers")), r"under \['mlp_layers'\]"),
+        (  # the dense layers' q_proj LoRA of one layer, not two
+            lambda p: p["dense_layers"].update(
+                q_proj=jax.tree.map(lambda x: x[:1], p["dense_layers"]["q_proj"])
+            ),
+            r"LoRA dense_layers\.q_proj\.lora_a has shape \[1, 4, 64\]; the model needs "
+            r"\[layers, \.\.\.\] = \[2, 4, 64\]",
+        ),
+        (
+            lambda p: p["dense_layers"].pop("q_proj"),
+            r"LoRA targets \['q_proj', 'gate_proj', 'experts_down_proj'\] but has entries under "
+            r"'dense_layers' .* for \['gate_proj'\]; missing \['q_proj'\]",
+        ),
+    ],
+)
+def test_stacked_lora_that_does_not_fit_its_stacks_is_refused_on_save(
+    tmp_path, stacked, change, message
+):
+    model = stacked("qwen3-moe-dense-layers")
+    lora = _random_lora(
+        model, np.random.default_rng(9), 4, 8, ("q_proj", "gate_proj", "experts_down_proj")
+    )
+    params = {key: dict(entries) for key, entries in lora.params.items()}
+    change(params)
+    with pytest.raises(AdapterError, match=message):
+        lorax.save_adapter(model, lorax.LoraWeights(params, lora.config), tmp_path / "x")
+    assert not os.path.exists(tmp_path / "x")
+
+
+def test_qwen3_moe_dense_mlp_lora_is_refused_for_peft(tmp_path, rng, stacked):
+    """PEFT on transformers >= 5 reads target_modules gate/up/down_proj of a Qwen 3 MoE as the
+    experts' (transformers 4's expert names), so it cannot adapt the dense-MLP layers' and
+    would silently apply none of an adapter's: lorax refuses to write one (and reads one)."""
+    model = stacked("qwen3-moe-dense-layers")
+    lora = _random_lora(model, rng, 4, 8, ("q_proj", "up_proj", "experts_down_proj"))
+    with pytest.raises(
+        AdapterError,
+        match=r"LoRA on \['up_proj'\] of qwen3_moe's dense-MLP layers \[0, 2\] cannot be saved "
+        r"as a PEFT adapter: .* as the experts'.*save_merged",
+    ):
+        lorax.save_adapter(model, lora, tmp_path / "x")
+    assert not os.path.exists(tmp_path / "x")
+    # What PEFT does with these names (when it stops, lorax can write them).
+    torch_model, _ = _make(tmp_path, "qwen3-moe-dense-layers")
+    config = peft.LoraConfig(task_type="CAUSAL_LM", r=2, target_modules=["q_proj", *MLP_NAMES])
+    peft_model = peft.get_peft_model(torch_model, config)
+    wrapped = {n for n, m in peft_model.named_modules() if hasattr(m, "lora_A")}
+    assert not any(n.endswith(MLP_NAMES) for n in wrapped), wrapped
+    assert set(peft_model.peft_config["default"].target_parameters) == {"gate_up_proj", "down_proj"}
+    # lorax reads dense-MLP LoRA where the keys put it (an adapter PEFT did not write).
+    out = str(tmp_path / "adapter")
+    _write_adapter(model, lora, out)
+    _assert_same_lora(lorax.load_adapter(model, out), lora)
+
+
+def test_dense_layers_lora_on_a_uniform_model_is_refused_on_save(tmp_path, base, lora):
+    params = {**lora.params, "dense_layers": lora.params["layers"]}
+    with pytest.raises(AdapterError, match=r"under \['dense_layers'\], which llama has no layer"):
+        lorax.save_adapter(base, lorax.LoraWeights(params, lora.config), tmp_path / "x")
 
 
 # ----------------------------------------------------------------- Gemma 3 image-text
