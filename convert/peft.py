@@ -145,9 +145,13 @@ _BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 # gate_proj/up_proj/down_proj) by moving those target_modules to target_parameters
 # (experts' gate_up_proj / down_proj; peft.utils.transformers_weight_conversion, checked with
 # PEFT 0.21.2 and transformers 5.24), for any config it loads or creates. So PEFT cannot
-# adapt a Qwen 3 MoE's dense-MLP layers (mlp_only_layers): lorax refuses to write such an
-# adapter rather than have PEFT apply none of it. (Qwen 2 MoE's names are left alone.)
-_PEFT_EXPERT_ALIASES = {"qwen3_moe": ("gate_proj", "up_proj", "down_proj")}
+# adapt a Qwen 3 MoE's dense-MLP layers (mlp_only_layers), nor DeepSeek's dense first layers
+# and shared experts: lorax refuses to write such an adapter rather than have PEFT apply none
+# of it. (Qwen 2 MoE's names are left alone.)
+_PEFT_EXPERT_ALIASES = {
+    model_type: ("gate_proj", "up_proj", "down_proj")
+    for model_type in ("qwen3_moe", "deepseek_v2", "deepseek_v3")
+}
 
 # Why an adapter of Qwen 2 MoE's shared_expert_gate (PEFT's "all-linear" takes it: a Linear
 # of one output) is refused.
@@ -294,8 +298,9 @@ def _check_peft_reads_targets(config: Any, targets: tuple[str, ...]) -> None:
     if not aliased:
         return
     raise AdapterError(
-        f"LoRA on {aliased} of {config.model_type}'s dense-MLP layers "
-        f"{list(config.dense_mlp_layers)} cannot be saved as a PEFT adapter: PEFT on "
+        f"LoRA on {aliased} of {config.model_type}'s dense MLPs (its dense layers "
+        f"{list(config.dense_mlp_layers)}, its shared experts) cannot be saved as a PEFT "
+        "adapter: PEFT on "
         f"transformers >= 5 reads target_modules {aliased} of a {config.model_type} model as "
         "the experts' (their transformers-4 names; it moves them to target_parameters "
         "gate_up_proj / down_proj), so it would apply none of these matrices. Export the "

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 from conftest import make_hf_model, random_lora, rel_err, torch_logits
 from test_model_parity import CASES
@@ -108,3 +107,36 @@ def test_deepseek_merged_model_computes_lorax_logits_in_transformers(tmp_path, r
     assert rel_err(no_lora, ours) > 1e-2  # the adapters change the logits
     with pytest.raises(GGUFError, match=f"model_type='{model_type}'"):
         lorax.export_gguf(model, lora, str(tmp_path / "m.gguf"))
+
+
+@pytest.mark.parametrize("case", ["deepseek-v3", "deepseek-v2"])
+def test_peft_runs_our_deepseek_adapter_like_lorax(tmp_path, rng, case):
+    """LoRA on latent attention's projections and the experts, saved as a PEFT adapter: PEFT
+    computes lorax's logits with it and lorax reads it back as written. The shared experts'
+    and dense layers' gate/up/down_proj are refused by name (PEFT would read those names as
+    the experts')."""
+    import peft
+    import transformers
+
+    from convert.peft import AdapterError
+
+    model_type, overrides = CASES[case]
+    _, path = make_hf_model(tmp_path, model_type, **overrides)
+    model = lorax.load(path, dtype="float32")
+    mlp = ("gate_proj", "up_proj", "down_proj")
+    targets = [p for p in model.config.projections() if p not in mlp]
+    lora = random_lora(model, rng, 4, 8, targets)
+    out = tmp_path / "adapter"
+    lorax.save_adapter(model, lora, out)
+    base = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager")
+    peft_model = peft.PeftModel.from_pretrained(base, str(out)).eval()
+    ids = rng.integers(0, model.config.vocab_size, size=(2, 16))
+    expected = jax.jit(lorax.forward)(model, lora, jnp.asarray(ids))
+    assert rel_err(torch_logits(peft_model, ids), expected) < 1e-5
+    with peft_model.disable_adapter():  # the adapter must matter
+        assert rel_err(torch_logits(peft_model, ids), expected) > 1e-2
+    back = lorax.load_adapter(model, out)
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), back.params,
+                                     lora.params))  # fmt: skip
+    with pytest.raises(AdapterError, match="shared experts"):
+        lorax.save_adapter(model, random_lora(model, rng, 4, 8, ["gate_proj"]), tmp_path / "b")
