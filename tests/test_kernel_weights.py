@@ -199,3 +199,40 @@ def test_cli_kernel_weights_train_like_the_loaded_model(tmp_path, capsys):
             losses[setting] = [json.loads(line)["loss"] for line in f if '"loss"' in line]
     assert len(losses["all"]) == len(losses["none"]) == 4
     np.testing.assert_allclose(losses["all"], losses["none"], rtol=2e-2)
+
+
+def test_prepared_model_with_two_layer_stacks(tmp_path, rng):
+    """An MoE model with dense-MLP layers: each stack's projection groups are prepared in its
+    own subtree (the dense layers' gate/up and down too), and the forward is the loaded
+    model's."""
+    from test_model_parity import CASES
+
+    from lorax.kernel_weights import group_keys
+
+    model_type, overrides = CASES["qwen2-moe-sparse-step"]
+    _, path = make_hf_model(
+        tmp_path,
+        model_type,
+        **dict(
+            overrides,
+            intermediate_size=128,
+            moe_intermediate_size=64,
+            shared_expert_intermediate_size=128,
+        ),
+    )
+    model = lorax.load(path, quantize="nf4", dtype="bfloat16")
+    groups = ["q_proj+k_proj+v_proj", "o_proj", "gate_proj+up_proj", "down_proj"]
+    assert list(group_keys(model)) == groups
+    prepared = lorax.prepare_kernel_weights(model)
+    for stack in model.config.layer_stacks():
+        layers = prepared.params[stack.key]
+        assert sorted(layers[PREPARED]) == sorted(groups)
+        assert layers[PREPARED]["down_proj"].quads.shape[0] == len(stack.layers)
+        assert "weight" not in layers["gate_proj"]
+    assert lorax.kernel_weights.is_prepared(prepared)
+    lora = random_lora(model, rng, rank=4, alpha=8, targets=["q_proj", "gate_proj", "down_proj"])
+    ids = jnp.asarray(rng.integers(0, model.config.vocab_size, size=(2, 24)))
+    options = ForwardOptions(matmul_impl="reference")
+    want = forward(model, lora, ids, options=options)
+    got = forward(prepared, lora, ids, options=options)
+    assert rel_l2(got, want) < 2e-2
