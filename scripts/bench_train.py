@@ -72,6 +72,16 @@ MOE_MODELS = {
         expert_intermediate_size=1408, normalize_expert_weights=False,
         shared_expert_intermediate_size=5632,
     ),
+    # DeepSeek-V2-Lite: latent attention (192/128-wide heads from a 512-wide latent), a dense
+    # first layer, 64 experts top-6 beside 2 shared ones (RoPE plain: YaRN costs the same).
+    "deepseek-v2-lite": dict(
+        model_type="deepseek_v2", vocab_size=102400, hidden_size=2048, intermediate_size=10944,
+        num_layers=27, num_heads=16, num_kv_heads=16, head_dim=192, rms_norm_eps=1e-6,
+        max_position_embeddings=163840, kv_lora_rank=512, qk_rope_head_dim=64, v_head_dim=128,
+        rope_interleave=True, num_experts=64, experts_per_token=6, expert_intermediate_size=1408,
+        shared_expert_intermediate_size=2816, normalize_expert_weights=False,
+        float32_router=True, dense_mlp_layers=(0,),
+    ),
     "mixtral-8x7b": dict(
         model_type="mixtral", vocab_size=32000, hidden_size=4096, intermediate_size=14336,
         num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-5,
