@@ -148,6 +148,8 @@ class ModelConfig:
     Gemma 3: ``qk_norm`` (an RMSNorm over each head's query and key before RoPE). Gemma 3:
     ``sliding_rope``, the RoPE of its sliding-window layers. Phi-3: ``fused_projections``.
     Mixtral, Qwen 2/3 MoE: the routed experts' fields; Qwen 2 MoE: a shared expert beside them.
+    DeepSeek V2/V3: latent attention (``kv_lora_rank`` ...), its routing (``router_scoring``
+    ...), shared experts and dense first layers (``dense_mlp_layers``, a second layer stack).
     """
 
     model_type: str

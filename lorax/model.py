@@ -51,8 +51,13 @@ class Model:
                 (Mixtral, Qwen 2/3 MoE; in place of gate/up/down) router: {"weight": [L, E, D]},
                 experts_gate_up_proj: {"weight": [L, E, 2, F, D] | NF4Tensor (batch [L, E, 2])},
                 experts_down_proj: {"weight": [L, E, D, F] | NF4Tensor (batch [L, E])}
-                (Qwen 2 MoE: beside them, gate/up/down_proj are the shared expert's)
-                shared_expert_gate: {"weight": [L, 1, D]}
+                (Qwen 2 MoE, DeepSeek: beside them, gate/up/down_proj are the shared
+                 expert's) shared_expert_gate: {"weight": [L, 1, D]} (Qwen 2 MoE),
+                router_bias [L, E] float32 (DeepSeek V3)
+                (DeepSeek, latent attention: in place of q/k/v) q_proj or q_a_proj and
+                q_b_proj, kv_a_proj_with_mqa, kv_b_proj; q_a_layernorm, kv_a_layernorm
+        dense_layers: (an MoE model's dense-MLP layers, ``ModelConfig.layer_stacks``) the
+                same for those layers, with a dense gate/up/down_proj
         norm [D]
         lm_head: {"weight": [V, D]}          (absent when embeddings are tied)
 

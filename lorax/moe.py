@@ -1,4 +1,5 @@
-"""A routed mixture-of-experts MLP (Mixtral, Qwen 2/3 MoE): route each token, group rows by
+"""A routed mixture-of-experts MLP (Mixtral, Qwen 2/3 MoE, DeepSeek V2/V3): route each token
+(``Routing``: softmax or sigmoid scores, group-limited choice, correction bias), group rows by
 expert, multiply; and the gate of a shared expert beside the routed ones (Qwen 2 MoE).
 
 Each token's hidden state goes to the ``experts_per_token`` of ``num_experts`` SwiGLU experts

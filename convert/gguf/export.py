@@ -69,9 +69,9 @@ def export_gguf(
     chosen = scheme(quant)
     config = model.config
     arch = arch_for_export(config.model_type)
-    adapters, lora_scale = lora_adapters(config, lora)
     name = name or _default_name(model)
-    metadata = model_metadata(config, arch, chosen.file_type, name)
+    metadata = model_metadata(config, arch, chosen.file_type, name)  # refuses what llama.cpp can't
+    adapters, lora_scale = lora_adapters(config, lora)
     metadata.update(_tokenizer_keys(model.tokenizer, config.vocab_size))
     _check_loadable_name(name, metadata)
     plans = list(_plans(model, adapters, lora_scale, arch, chosen))
