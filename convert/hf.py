@@ -25,6 +25,7 @@ from convert.names import (
     LAYOUTS,
     CheckpointLayout,
     TensorSpec,
+    layer_prefix,
     tensor_specs,
 )
 from convert.safetensors_io import SafetensorsError, SafetensorsFile
@@ -148,7 +149,14 @@ def open_checkpoint(
         dataclasses.replace(spec, hf_name=layout.rename(spec.hf_name, spelling))
         for spec in tensor_specs(config)
     ]
-    _check_names(ckpt, specs, config, pre_quantized, layout, spelling)
+    # DeepSeek-V3's files carry its multi-token-prediction layers after the decoder's, which
+    # transformers skips on load (and computes nothing with): so does lorax.
+    # (The hub's files say num_nextn_predict_layers; transformers >= 5 writes num_mtp_layers.)
+    skipped = int(hf_config.get("num_nextn_predict_layers") or hf_config.get("num_mtp_layers") or 0)
+    extra = tuple(
+        layout.rename(f"{layer_prefix(config.num_layers + i)}.", spelling) for i in range(skipped)
+    )
+    _check_names(ckpt, specs, config, pre_quantized, layout, spelling, extra)
     return ckpt, specs, pre_quantized
 
 
@@ -319,6 +327,7 @@ def _check_names(
     pre_quantized: bool,
     layout: CheckpointLayout,
     spelling: tuple[str, str],
+    skipped: tuple[str, ...] = (),
 ) -> None:
     expected: dict[str, TensorSpec] = {}
     for spec in specs:
@@ -335,6 +344,8 @@ def _check_names(
 
     def accounted(name: str) -> bool:
         if name in expected or name.endswith(IGNORABLE_SUFFIXES) or layout.foreign_part(name):
+            return True
+        if name.startswith(skipped):
             return True
         if config.tie_word_embeddings and name == head:
             return True  # some tied checkpoints store the shared matrix twice

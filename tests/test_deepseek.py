@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from conftest import make_hf_model, random_lora, rel_err, torch_logits
 from test_model_parity import CASES
@@ -140,3 +141,39 @@ def test_peft_runs_our_deepseek_adapter_like_lorax(tmp_path, rng, case):
                                      lora.params))  # fmt: skip
     with pytest.raises(AdapterError, match="shared experts"):
         lorax.save_adapter(model, random_lora(model, rng, 4, 8, ["gate_proj"]), tmp_path / "b")
+
+
+def test_loads_a_checkpoint_with_multi_token_prediction_layers(tmp_path):
+    """DeepSeek-V3's files carry num_nextn_predict_layers layers after the decoder's (its
+    multi-token-prediction module), which transformers skips on load: lorax does too, and
+    still refuses them in a file whose config does not declare them."""
+    import json
+    import os
+
+    from safetensors.numpy import load_file, save_file
+
+    from convert.hf import CheckpointError
+
+    model_type, overrides = CASES["deepseek-v3"]
+    _, path = make_hf_model(tmp_path, model_type, **overrides)
+    want = lorax.load(path, dtype="float32")
+    weights = os.path.join(path, "model.safetensors")
+    tensors = load_file(weights)
+    n = want.config.num_layers
+    tensors[f"model.layers.{n}.eh_proj.weight"] = np.ones((64, 128), np.float32)
+    tensors[f"model.layers.{n}.self_attn.kv_b_proj.weight"] = np.ones((80, 16), np.float32)
+    save_file(tensors, weights, metadata={"format": "pt"})
+    config_path = os.path.join(path, "config.json")
+    with open(config_path) as f:
+        hf = json.load(f)
+    assert hf.pop("num_nextn_predict_layers") == 1  # what transformers writes, as the hub
+    got = lorax.load(path, dtype="float32")
+    with open(config_path, "w") as f:
+        json.dump(hf, f)
+    with pytest.raises(CheckpointError, match=f"unexpected tensor.*model.layers.{n}"):
+        lorax.load(path, dtype="float32")
+    with open(config_path, "w") as f:
+        json.dump({**hf, "num_mtp_layers": 1}, f)  # the name transformers maps to it
+    assert lorax.load(path, dtype="float32").config == got.config
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), got.params,
+                                     want.params))  # fmt: skip
