@@ -73,7 +73,9 @@ def departures(config: Any, model_type: str | None = None) -> dict[str, Any]:
     wrong = {
         field.name: getattr(config, field.name)
         for field in dataclasses.fields(Family)
-        if field.name != "scaled_embeddings"
+        # scaled_embeddings is checked by value below; a config's shared_expert_gate is its
+        # family's wherever it has a shared expert (which is checked).
+        if field.name not in ("scaled_embeddings", "shared_expert_gate")
         and getattr(config, field.name) != getattr(family, field.name)
     }
     if not math.isclose(

@@ -141,6 +141,14 @@ def open_checkpoint(
     one in ``lorax.sharding``) share this so they accept and reject exactly the same files.
     """
     hf_config = read_config(directory) if hf_config is None else hf_config
+    quantization = hf_config.get("quantization_config")
+    if quantization and not is_bnb_4bit(hf_config):
+        method = quantization.get("quant_method") if isinstance(quantization, Mapping) else None
+        raise CheckpointError(
+            f"{directory}: config.json's quantization_config (quant_method={method!r}) stores "
+            "weights lorax does not read; it reads 16/32-bit checkpoints and bitsandbytes "
+            "4-bit ones (convert others first: DeepSeek-V3/R1's FP8 files to bf16)"
+        )
     ckpt = ShardedCheckpoint(directory)
     pre_quantized = is_bnb_4bit(hf_config)
     layout = LAYOUTS[config.checkpoint_layout]

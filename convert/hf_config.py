@@ -249,11 +249,11 @@ def _deepseek_fields(config: Any) -> dict[str, Any]:
 def _bias_fields(config: Any) -> dict[str, Any]:
     bias = set(config.bias_projections)
     if FAMILIES[config.model_type].mla:
-        if bias not in (set(), {"q_a_proj", "kv_a_proj_with_mqa", "o_proj"},
-                        {"kv_a_proj_with_mqa", "o_proj"}):  # fmt: skip
+        covered = {"kv_a_proj_with_mqa", "o_proj"} | ({"q_a_proj"} if config.q_lora_rank else set())
+        if bias not in (set(), covered):
             raise HFConfigError(
-                f"{config.model_type}'s attention_bias covers q_a_proj, kv_a_proj_with_mqa and "
-                f"o_proj; config has biases on {sorted(bias)}"
+                f"{config.model_type}'s attention_bias covers {sorted(covered)}; config has "
+                f"biases on {sorted(bias)}"
             )
         return {"attention_bias": bool(bias)}
     attention, mlp = bias & set(_ATTENTION), bias & set(_MLP)

@@ -157,10 +157,13 @@ class _Plan:
         a = b = None
         if adapter is not None:
             a, b = matrix_factors(adapter, position, spec)
-        merged = merge_lora_weight(value, a, b, self.scale, self.store)
+        # A tensor kept in a dtype of its own (a float32 router) is stored in it, as
+        # transformers stores it.
+        store = jnp.dtype(spec.dtype) if spec.dtype is not None else self.store
+        merged = merge_lora_weight(value, a, b, self.scale, store)
         if not bool(jnp.isfinite(merged).all()):
             raise ValueError(
-                f"tensor {name!r} is not finite in {self.store.name} (overflow?); export in a "
+                f"tensor {name!r} is not finite in {store.name} (overflow?); export in a "
                 "wider dtype such as bfloat16 or float32"
             )
         if self.quantize and projection:

@@ -186,7 +186,7 @@ def save_adapter(
     config = model.config
     tensors = adapter_tensors(config, lora.params)
     check_targets_adapted(config, lora)
-    _check_peft_reads_targets(config, lora.config.targets)
+    check_peft_reads_targets(config, lora.config.targets)
     if base_model_name_or_path is None:
         base_model_name_or_path = getattr(model.tokenizer, "name_or_path", None) or None
     peft_config = adapter_config_dict(
@@ -292,15 +292,19 @@ def check_targets_adapted(config: Any, lora: Any) -> None:
         )
 
 
-def _check_peft_reads_targets(config: Any, targets: tuple[str, ...]) -> None:
+def check_peft_reads_targets(config: Any, targets: tuple[str, ...]) -> None:
     """Refuses targets PEFT would read as other modules (``_PEFT_EXPERT_ALIASES``)."""
     aliased = [t for t in targets if t in _PEFT_EXPERT_ALIASES.get(config.model_type, ())]
     if not aliased:
         return
+    where = []
+    if config.dense_mlp_layers:
+        where.append(f"dense-MLP layers {list(config.dense_mlp_layers)}")
+    if config.shared_expert:
+        where.append("shared experts")
     raise AdapterError(
-        f"LoRA on {aliased} of {config.model_type}'s dense MLPs (its dense layers "
-        f"{list(config.dense_mlp_layers)}, its shared experts) cannot be saved as a PEFT "
-        "adapter: PEFT on "
+        f"LoRA on {aliased} of {config.model_type}'s {' and '.join(where)} cannot be saved as "
+        "a PEFT adapter: PEFT on "
         f"transformers >= 5 reads target_modules {aliased} of a {config.model_type} model as "
         "the experts' (their transformers-4 names; it moves them to target_parameters "
         "gate_up_proj / down_proj), so it would apply none of these matrices. Export the "

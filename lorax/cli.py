@@ -199,6 +199,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     import lorax
     import lorax.distributed
     import lorax.sharding
+    from convert.peft import check_peft_reads_targets
     from lorax.data import demo_data_path
     from lorax.generate import generate_text
     from lorax.kernel_weights import kernel_groups_for
@@ -239,6 +240,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         dropout=options["dropout"],
         use_rslora=options["use_rslora"],
     )
+    # The run ends by saving a PEFT adapter: refuse targets PEFT cannot apply before training.
+    check_peft_reads_targets(model.config, lora.config.targets)
     data = options["data"] or str(demo_data_path())
     prompt = options["prompt"] or (DEMO_PROMPT if options["data"] is None else None)
     # Sampling runs a whole-sequence forward outside the mesh: one process only.

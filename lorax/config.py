@@ -269,18 +269,23 @@ class ModelConfig:
         if self.mla and not (
             0 < self.qk_rope_head_dim <= self.head_dim
             and self.qk_rope_head_dim % 2 == 0
-            and self.v_head_dim > 0
+            and 0 < self.v_head_dim <= self.head_dim
         ):
+            # (Values are padded to the query/key head for one attention call.)
             raise ConfigError(
-                f"latent attention needs an even qk_rope_head_dim within the head "
-                f"({self.qk_rope_head_dim} of {self.head_dim}) and v_head_dim > 0 "
-                f"({self.v_head_dim})"
+                f"latent attention needs an even qk_rope_head_dim within the query/key head "
+                f"({self.qk_rope_head_dim} of qk_nope_head_dim + qk_rope_head_dim = "
+                f"{self.head_dim}) and 0 < v_head_dim <= {self.head_dim} ({self.v_head_dim})"
             )
         if self.moe:
             try:
                 self.routing().check(self.num_experts)
             except ValueError as e:
-                raise ConfigError(str(e)) from None
+                raise ConfigError(
+                    f"routing {self.experts_per_token} of {self.num_experts} experts "
+                    f"(n_routed_experts / num_experts_per_tok) in {self.expert_groups} groups, "
+                    f"{self.expert_groups_kept} kept (n_group / topk_group): {e}"
+                ) from None
         if self.dense_mlp_layers:
             dense = self.dense_mlp_layers
             if not self.moe:
@@ -621,7 +626,7 @@ class ModelConfig:
         if model_type == "qwen2" or (model_type == "qwen2_moe" and hf.get("qkv_bias", True)):
             bias = QKV_BIAS  # Qwen 2 MoE's switch for them: qkv_bias (no o_proj bias)
         elif family.mla and hf.get("attention_bias"):
-            bias = MLA_BIAS if hf.get("q_lora_rank") is not None else MLA_BIAS[1:]
+            bias = MLA_BIAS if mla_fields["q_lora_rank"] is not None else MLA_BIAS[1:]
         elif model_type not in _NO_ATTENTION_BIAS and hf.get("attention_bias"):
             bias = ATTENTION_PROJECTIONS
         if model_type == "llama" and hf.get("mlp_bias"):
@@ -638,11 +643,9 @@ class ModelConfig:
         if isinstance(eos, list):
             eos = tuple(eos)
         moe_fields = _moe_fields(hf, model_type, source) if family.moe else {}
-        if family.mla and rope.type != "default" and rope.mscale_all_dim:
+        if family.mla and rope.type != "default" and rope.mscale_all_dim and rope.factor > 1:
             # DeepSeek's softmax scale grows with YaRN's context factor: times mscale².
-            scale = (
-                0.1 * rope.mscale_all_dim * math.log(rope.factor) + 1.0 if rope.factor > 1 else 1.0
-            )
+            scale = 0.1 * rope.mscale_all_dim * math.log(rope.factor) + 1.0
             mla_fields["query_pre_attn_scalar"] = head_dim / scale**4
         gemma_fields: dict[str, Any] = {}
         if gemma:
@@ -805,14 +808,17 @@ def _deepseek_moe_fields(
 
     def field(key: str) -> Any:
         value = hf.get(key)
-        return defaults[key] if value is None else value
+        value = defaults.get(key) if value is None else value
+        if value is None:
+            raise ConfigError(f"{source}: required field {key!r} is missing")
+        return value
 
     if aux_loss is not None:
         raise ConfigError(
             f"{source}: output_router_logits=true: transformers computes no load-balancing "
             f"loss for {model_type}, so lorax would train on another loss"
         )
-    if int(hf.get("moe_layer_freq", 1)) != 1:
+    if int(hf.get("moe_layer_freq") or 1) != 1:
         raise ConfigError(
             f"{source}: moe_layer_freq={hf['moe_layer_freq']!r} is not supported (transformers "
             "routes every layer from first_k_dense_replace on)"
@@ -852,8 +858,8 @@ def _deepseek_moe_fields(
             )
         grouped = method == "group_limited_greedy"
         routing = dict(
-            expert_groups=int(hf["n_group"]) if grouped else 1,
-            expert_groups_kept=int(hf["topk_group"]) if grouped else 1,
+            expert_groups=int(field("n_group")) if grouped else 1,
+            expert_groups_kept=int(field("topk_group")) if grouped else 1,
             normalize_expert_weights=False,
         )
     return dict(

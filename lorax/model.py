@@ -18,14 +18,14 @@ from convert.names import ROUTER, SHARED_EXPERT_GATE
 from lorax import remat as remat_lib
 from lorax.config import LayerStack, ModelConfig, rope_frequencies
 from lorax.lora import LoraWeights, lora_linears
-from lorax.moe import gate_shared_expert, moe_mlp, router_statistics
+from lorax.moe import Routing, gate_shared_expert, moe_mlp, router_statistics
 from pallas_kernels.flash_attention import flash_attention, mosaic_supports, resolve_impl
 from pallas_kernels.flash_attention_mgpu import MgpuAttentionConfig
 from pallas_kernels.nf4_matmul import NF4MatmulConfig
 
 Array = jax.Array
-# params["layers"][PREPARED][group_key(names)]: a group's frozen weights stacked in the Mosaic
-# GPU kernel's layout (lorax.prepare_kernel_weights).
+# params[stack][PREPARED][group_key(names)] (stack: "layers", "dense_layers"): a group's frozen
+# weights stacked in the Mosaic GPU kernel's layout (lorax.prepare_kernel_weights).
 PREPARED = "prepared"
 # The epsilon of latent attention's RMSNorms (q_a_layernorm, kv_a_layernorm).
 LATENT_NORM_EPS = 1e-6
@@ -564,6 +564,11 @@ def hidden_states(
     """
     if router_stats and not model.config.moe:
         raise ValueError(f"router_stats: {model.config.model_type} has no routed experts")
+    plain = Routing(model.config.experts_per_token, normalize=model.config.normalize_expert_weights)
+    if router_stats and model.config.routing() != plain:
+        # The load-balancing loss is Switch Transformer's over a softmax top-k (Mixtral's,
+        # Qwen's); transformers computes none for DeepSeek's routing.
+        raise ValueError(f"router_stats: {model.config.model_type}'s routing has no such loss")
     config = model.config
     params = model.params
     if input_ids.ndim != 2:

@@ -217,7 +217,7 @@ def router_statistics(
     (``mask``: which count, e.g. not padding): each expert's top-k assignments (a count: no
     gradient), its router probability, and the number of tokens."""
     tokens = x.reshape(-1, x.shape[-1])
-    _, experts, probs = route(tokens, router, experts_per_token)
+    _, experts, probs = route(tokens, router, experts_per_token)  # Mixtral's and Qwen's routing
     weight = (jnp.ones(tokens.shape[0], jnp.float32) if mask is None else mask.reshape(-1)).astype(
         jnp.float32
     )

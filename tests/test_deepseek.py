@@ -139,7 +139,7 @@ def test_peft_runs_our_deepseek_adapter_like_lorax(tmp_path, rng, case):
     back = lorax.load_adapter(model, out)
     assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), back.params,
                                      lora.params))  # fmt: skip
-    with pytest.raises(AdapterError, match="shared experts"):
+    with pytest.raises(AdapterError, match=r"dense-MLP layers \[0\] and shared experts cannot"):
         lorax.save_adapter(model, random_lora(model, rng, 4, 8, ["gate_proj"]), tmp_path / "b")
 
 
@@ -177,3 +177,67 @@ def test_loads_a_checkpoint_with_multi_token_prediction_layers(tmp_path):
     assert lorax.load(path, dtype="float32").config == got.config
     assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), got.params,
                                      want.params))  # fmt: skip
+
+
+def test_bf16_merged_export_keeps_the_router_and_its_bias_in_float32(tmp_path, rng):
+    """transformers keeps DeepSeek's routers and V3's correction bias in float32 (they choose
+    the experts) in a 16-bit model; lorax loads them so and writes them so: a bf16 merged
+    export stores those tensors' float32 bytes exactly."""
+    from safetensors.numpy import load_file
+
+    model_type, overrides = CASES["deepseek-v3"]
+    _, path = make_hf_model(tmp_path, model_type, **overrides)
+    model = lorax.load(path, dtype="bfloat16")
+    assert model.params["layers"]["router_bias"].dtype == jnp.float32
+    assert model.params["layers"]["router"]["weight"].dtype == jnp.float32
+    out = str(tmp_path / "merged")
+    lorax.save_merged(model, random_lora(model, rng, 4, 8, ["kv_b_proj"]), out)
+    source, merged = load_file(f"{path}/model.safetensors"), load_file(f"{out}/model.safetensors")
+    for name in (
+        "model.layers.1.mlp.gate.e_score_correction_bias",
+        "model.layers.2.mlp.gate.weight",
+    ):
+        assert merged[name].dtype == np.float32
+        np.testing.assert_array_equal(merged[name], source[name])
+    assert str(merged["model.layers.1.self_attn.o_proj.weight"].dtype) == "bfloat16"
+
+
+@pytest.mark.parametrize(
+    "changes, match",
+    [
+        (dict(v_head_dim=24), "0 < v_head_dim <= 16"),
+        (dict(topk_method="group_limited_greedy"), "'n_group' is missing"),
+        (dict(num_experts_per_tok=None), "'num_experts_per_tok' is missing"),
+        (dict(topk_method="group_limited_greedy", n_group=8, topk_group=1),
+         r"in 8 groups, 1 kept \(n_group / topk_group\)"),
+    ],
+)  # fmt: skip
+def test_deepseek_config_errors_name_their_fields(changes, match):
+    hf = dict(_V2, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, moe_layer_freq=None)
+    ModelConfig.from_hf_dict(hf)  # fine as it is (a null moe_layer_freq is its default, 1)
+    with pytest.raises(ConfigError, match=match):
+        ModelConfig.from_hf_dict({**hf, **changes})
+
+
+def test_refuses_fp8_checkpoints_and_deepseek_router_statistics(tmp_path):
+    """DeepSeek-V3/R1's released files are FP8 (quantization_config fp8): refused by name, not
+    read as 16-bit. DeepSeek's routing has no load-balancing loss to collect statistics for."""
+    import json
+    import os
+
+    from convert.hf import CheckpointError
+    from lorax.model import hidden_states
+
+    model_type, overrides = CASES["deepseek-v3"]
+    _, path = make_hf_model(tmp_path, model_type, **overrides)
+    model = lorax.load(path, dtype="float32")
+    with pytest.raises(ValueError, match="routing has no such loss"):
+        hidden_states(model, None, jnp.zeros((1, 4), jnp.int32), router_stats=True)
+    config_path = os.path.join(path, "config.json")
+    with open(config_path) as f:
+        hf = json.load(f)
+    fp8 = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}
+    with open(config_path, "w") as f:
+        json.dump({**hf, "quantization_config": fp8}, f)
+    with pytest.raises(CheckpointError, match="quant_method='fp8'.*FP8 files to bf16"):
+        lorax.load(path, dtype="float32")

@@ -173,8 +173,9 @@ def test_moe_loss_and_lora_gradients_match_peft(tmp_path, rng, case):
     the experts (PEFT's target_parameters) and, on Qwen 2 MoE, the shared expert's
     gate/up/down_proj (PEFT's target_modules, matched by name), and with dense-MLP layers
     their gate/up/down_proj (which route nothing: the loss averages over routed layers).
-    DeepSeek (no load-balancing loss in transformers): latent attention's projections, the
-    shared experts' and the dense first layer's."""
+    DeepSeek (no load-balancing loss in transformers): latent attention's projections and the
+    experts (PEFT reads the shared experts' and dense layers' gate/up/down_proj there as the
+    experts', so those are left out; they run the dense-MLP path Qwen 2 MoE's cases check)."""
     import peft
     import torch
 
