@@ -7,6 +7,14 @@ kinds), the GQA reduction inside the dK/dV kernel (4 query heads on 2 KV heads),
 and both head dims, packed segments, sliding windows and the softcap (their tile ranges and
 masks), and the math, against float32 autodiff of attention. The wgmma
 operand forms are the GPU's (``scripts/check_mgpu_attention.py``).
+
+What the tests cost: the interpreter compiles one program per warpgroup and CTA (about a
+second each), so a test's time is its kernels' grid points (query or KV heads x tiles of 128
+rows x batch). Each test takes the fewest heads and the shortest rows that still give its
+tile story. A second KV head (KV head 1 read by query heads 2-3: ``head // groups``, and the
+GQA sum of a KV head after the first) is in the 64-wide forward, the head-dim-128 backward
+and the head-dim-128 fused backward; the window test's first case has two query heads on
+one KV head (the dK/dV kernel's per-head loops with a window).
 """
 
 from __future__ import annotations
@@ -40,15 +48,17 @@ def _attention(q, k, v, scale, segment_ids=None, **options):
     return attention_reference(q, k, v, **options), attention_logsumexp(q, k, **options)
 
 
-def _packed_segments(s=512):
+def _packed_segments(s=384, lengths=(150, 170, 40)):
     """A packed row as lorax.data.packing makes it: examples 1..k, then padding (0).
 
-    The boundaries fall inside tiles; the second example's rows in the second query block see
-    none of their keys in the first K/V tile (the forward's online softmax must not produce NaN
-    there); the last query block's span starts in the third K/V tile and the first key block's
-    ends in the third query tile, so every kernel skips tiles that lie across segments.
+    With the default S = 384: the boundaries fall inside tiles; the second example's rows in the
+    second query block see none of their keys in the first K/V tile (the forward's online
+    softmax must not produce NaN there); the last query block's span starts in the second K/V
+    tile and the first key block's ends in the third query tile (of 64 rows), so every kernel
+    skips tiles that lie across segments.
     """
-    return jnp.asarray(np.repeat([1, 2, 3, 0], [150, 200, 100, s - 450])[None], jnp.int32)
+    ids = np.repeat([*range(1, len(lengths) + 1), 0], [*lengths, s - sum(lengths)])
+    return jnp.asarray(ids[None], jnp.int32)
 
 
 def _inputs(rng, b=1, s=256, hq=4, hkv=2, d=64):
@@ -61,16 +71,21 @@ def _rel_err(got, want):
     return float(jnp.max(jnp.abs(got.astype(jnp.float32) - want)) / jnp.max(jnp.abs(want)))
 
 
-@pytest.mark.parametrize(("block_kv", "launch_order"), [(64, "heads"), (128, "tiles")])
-def test_forward_matches_reference(rng, block_kv, launch_order):
-    q, k, v, _ = _inputs(rng)
+@pytest.mark.parametrize(
+    ("block_kv", "launch_order", "hq", "hkv"), [(64, "heads", 4, 2), (128, "tiles", 2, 1)]
+)
+def test_forward_matches_reference(rng, block_kv, launch_order, hq, hkv):
+    """S = 256: the 64-wide K/V tiles run the ring past its two slots and the skipped tile
+    above the earlier warpgroup's diagonal, on two KV heads; the 128-wide tiles stream one
+    unmasked and one diagonal tile."""
+    q, k, v, _ = _inputs(rng, hq=hq, hkv=hkv)
     scale = 0.3  # not D**-0.5: the scale must reach the kernel
     want_out, want_lse = _attention(*(x.astype(jnp.float32) for x in (q, k, v)), scale)
     config = MgpuAttentionConfig(fwd_block_kv=block_kv, launch_order=launch_order)
     out, lse = flash_forward_mgpu(
         q, k, v, scale=scale, config=config, interpret=interpret_params.InterpretGPUParams()
     )
-    assert out.dtype == jnp.bfloat16 and lse.shape == (1, 4, 256)
+    assert out.dtype == jnp.bfloat16 and lse.shape == (1, hq, 256)
     assert _rel_err(out, want_out) < 1e-2
     np.testing.assert_allclose(lse, want_lse, rtol=0, atol=2e-3)
 
@@ -88,16 +103,17 @@ def test_auto_launch_order_goes_heads_first_once_a_head_fills_the_gpu():
 
 
 @pytest.mark.parametrize(
-    ("config", "d"),
+    ("config", "d", "hq", "hkv"),
     [
-        (MgpuAttentionConfig(dq_block_kv=64), 64),
-        (MgpuAttentionConfig(), 64),
-        (MgpuAttentionConfig(launch_order="heads"), 128),  # the other launch order
+        (MgpuAttentionConfig(dq_block_kv=64), 64, 2, 1),
+        (MgpuAttentionConfig(), 64, 2, 1),
+        # The other launch order; 4 query heads on 2 KV heads (KV head 1 in both kernels).
+        (MgpuAttentionConfig(launch_order="heads"), 128, 4, 2),
     ],
     ids=["dq-kernel-kv64", "dq-kernel-kv128", "head-dim-128-heads-first"],
 )
-def test_backward_matches_reference_gradients(rng, config, d):
-    q, k, v, do = _inputs(rng, d=d)
+def test_backward_matches_reference_gradients(rng, config, d, hq, hkv):
+    q, k, v, do = _inputs(rng, hq=hq, hkv=hkv, d=d)
     scale = d**-0.5
     f32 = [x.astype(jnp.float32) for x in (q, k, v)]
     (out, lse), vjp = jax.vjp(lambda *x: _attention(*x, scale), *f32)
@@ -115,11 +131,11 @@ def test_backward_matches_reference_gradients(rng, config, d):
 
 def test_packed_segments_match_reference(rng):
     """Forward (out, lse) and backward (dq, dk, dv) with segment ids, against the references."""
-    q, k, v, do = _inputs(rng, s=512, hq=2, hkv=1)
+    q, k, v, do = _inputs(rng, s=384, hq=1, hkv=1)
     segment_ids = _packed_segments()
     np.testing.assert_array_equal(
-        segment_spans(segment_ids, 128)[0], [[0, 149], [0, 349], [150, 449], [350, 511]]
-    )  # the tiles the kernels stream: K/V from 350 // 128 = 2 for rows 384-511, and so on
+        segment_spans(segment_ids, 128)[0], [[0, 149], [0, 319], [150, 383]]
+    )  # the tiles the kernels stream: K/V from 150 // 128 = 1 for rows 256-383, and so on
     scale = 0.125
     params = interpret_params.InterpretGPUParams()
     f32 = [x.astype(jnp.float32) for x in (q, k, v)]
@@ -140,20 +156,23 @@ def test_packed_segments_match_reference(rng):
 
 
 @pytest.mark.parametrize(
-    ("window", "softcap", "segmented"),
-    [(200, None, False), (None, 2.0, False), (100, 2.0, True)],
+    ("window", "softcap", "segmented", "s", "hq"),
+    [(193, None, False, 384, 2), (None, 2.0, False, 256, 1), (100, 2.0, True, 384, 1)],
     ids=["window", "softcap", "window-softcap-segments"],
 )
-def test_window_and_softcap_match_reference(rng, window, softcap, segmented):
+def test_window_and_softcap_match_reference(rng, window, softcap, segmented, s, hq):
     """Forward and backward with a sliding window and/or a softcap, against the references.
 
-    S = 512 with a window of 200: the forward's and dQ's last CTA skips K/V tile 0 (before every
-    row's window), masks tile 1 (the window's edge), streams tile 2 unmasked and masks tile 3
-    (the diagonal); the dK/dV kernel's first CTA stops after query tile 5 and masks tiles 3-5.
-    A window of 100 is narrower than a CTA's rows, so the later warpgroup's first tile holds no
-    key it may see. The softcap of 2 with scores of magnitude ~3 saturates the tanh.
+    S = 384 with a window of 193: the forward's and dQ's last CTA masks K/V tile 0 (the window's
+    edge; the later warpgroup's rows see no key there), streams tile 1 unmasked and masks tile 2
+    (the diagonal); the dK/dV kernel's first CTA masks query tiles 0-1 (the diagonal), streams
+    tile 2 unmasked, masks tiles 3-4 (the window's edge) and stops there, before the last
+    (for each of its two query heads). A window of 100 is narrower than a CTA's rows: the
+    forward's and dQ's last CTA skips K/V tile 0 (before every row's window), and the later
+    warpgroup's first tile holds no key it may see. The softcap of 2 with scores of magnitude
+    ~3 saturates the tanh.
     """
-    q, k, v, do = _inputs(rng, s=512, hq=2, hkv=1)
+    q, k, v, do = _inputs(rng, s=s, hq=hq, hkv=1)
     segment_ids = _packed_segments() if segmented else None
     options = dict(sliding_window=window, softcap=softcap)
     scale = 0.4
@@ -179,18 +198,20 @@ def test_window_and_softcap_match_reference(rng, window, softcap, segmented):
 
 
 @pytest.mark.parametrize(
-    ("d", "s", "options"),
-    [(64, 256, {}), (128, 256, {}), (64, 512, dict(sliding_window=100, softcap=2.0))],
+    ("d", "hq", "hkv", "options"),
+    [(64, 2, 1, {}), (128, 4, 2, {}), (64, 2, 1, dict(sliding_window=100, softcap=2.0))],
     ids=["head-dim-64", "head-dim-128", "window-softcap-segments"],
 )
-def test_fused_backward_matches_reference(rng, d, s, options):
+def test_fused_backward_matches_reference(rng, d, hq, hkv, options):
     """dQ inside the dK/dV kernel (``bwd_dq="fused"``): warpgroup 0 hands P to warpgroup 1
     through a double-buffered tile, and each CTA's dQ partials are added into a float32
-    buffer. S = 256 gives CTAs of one and of two masked query tiles per head; the last case
-    adds packed rows, a window narrower than a CTA's keys and a saturating softcap (the P tile
-    then carries the softcap's derivative)."""
-    q, k, v, do = _inputs(rng, s=s, d=d)
-    segment_ids = _packed_segments() if options else None
+    buffer. S = 256 gives per head a CTA that streams only the two masked query tiles at its
+    diagonal and one that streams two unmasked tiles after them; two query heads per KV head
+    (KV head 1 at head dim 128). The last case adds packed rows (the first CTA's keys stop
+    after query tile 2: their example ends at 149), a window narrower than a CTA's keys and a
+    saturating softcap (the P tile then carries the softcap's derivative)."""
+    q, k, v, do = _inputs(rng, s=256, hq=hq, hkv=hkv, d=d)
+    segment_ids = _packed_segments(256, (150, 80)) if options else None
     scale = d**-0.5
     f32 = [x.astype(jnp.float32) for x in (q, k, v)]
     attend = lambda *x: _attention(*x, scale, segment_ids, **options)
@@ -214,8 +235,9 @@ def test_segment_spans_need_no_contiguous_runs():
 
 
 def test_custom_vjp_end_to_end(rng):
-    """jax.grad through the forward kernel's residuals into the backward kernels."""
-    q, k, v, do = _inputs(rng, b=2, s=128, hq=2, hkv=1, d=128)
+    """jax.grad through the forward kernel's residuals into the backward kernels, on two batch
+    rows (the other tests take one; GQA goes through the custom VJP in the entry-point tests)."""
+    q, k, v, do = _inputs(rng, b=2, s=128, hq=1, hkv=1, d=128)
     scale = 128**-0.5
     params = interpret_params.InterpretGPUParams()
 

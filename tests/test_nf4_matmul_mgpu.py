@@ -9,6 +9,12 @@ simulated over the kernel's own address function, the scale loads over its own o
 the decode PTX run by the emulator in ``ptx_emulation``, must give every thread's operand
 registers bit for bit. ``test_lowers_for_hopper`` lowers the compiled kernel for ``cuda``;
 ptxas and the run itself are left to ``scripts/check_nf4_matmul_mgpu.py`` on the GPU.
+
+What the interpreter tests cost: one compiled program per warpgroup and CTA (about a second
+each), so their shapes take the fewest token tiles that keep each case's tile story (several
+token tiles where the token index matters: ``fill-sms``, ``persistent``, ``grouped-order``
+and the low-rank term's second case), and the persistent cases run many tiles on two CTAs
+(``max_ctas``).
 """
 
 from __future__ import annotations
@@ -199,11 +205,12 @@ def _reference(lhs, w: NF4Tensor, backward: bool):
     "m, n, k, config",
     [
         (64, 128, 128, MgpuNF4Config(block_m=64)),  # one tile, one step
-        # Ragged; 3 K steps; the 128-token tile kept (a launch this small would shrink it).
-        (200, 130, 320, MgpuNF4Config(block_m=128, persistent=False, fill_sms=False)),
-        (256, 128, 128, MgpuNF4Config()),  # the default's 256-token tile shrunk to 4 of 64
-        (96, 384, 192, MgpuNF4Config(block_m=64, slots=3)),  # 3 N steps
-        # 2 CTAs looping over 9 (fwd) or 6 (bwd) tiles of 2-3 steps through one ring.
+        # One CTA per tile (2 fwd, 3 bwd); ragged M, N and K; 3 K steps through 2 slots; the
+        # 128-token tile kept (a launch this small would shrink it).
+        (100, 130, 320, MgpuNF4Config(block_m=128, persistent=False, fill_sms=False)),
+        (128, 128, 128, MgpuNF4Config()),  # the default's 256-token tile shrunk to 2 of 64
+        (40, 384, 192, MgpuNF4Config(block_m=64, slots=3)),  # 3 N steps; fwd 3 N tiles
+        # 2 CTAs looping over 9 tiles (5 and 4) of 3 steps through one ring.
         (150, 384, 320, MgpuNF4Config(block_m=64, slots=2, max_ctas=2)),
         # Token tiles fastest in groups of 2 (the last group ragged: 3 token tiles).
         (150, 384, 320, MgpuNF4Config(block_m=64, slots=2, max_ctas=2, group_m=2)),
@@ -260,10 +267,11 @@ def test_stacked_weights(rng):
     assert stack.members == ((0, 136), (256, 64), (384, 128))
     assert stack.shape == (512, 128)
     params = interpret_params.InterpretGPUParams()
-    x = jnp.asarray(rng.standard_normal((70, 128)), jnp.bfloat16)
+    m = 48  # one (ragged) token tile: 4 CTAs forward (one per 128 rows of the stack), 1 backward
+    x = jnp.asarray(rng.standard_normal((m, 128)), jnp.bfloat16)
     y = np.asarray(nf4_matmul_mgpu(x, stack, interpret=params), np.float32)
-    dys = [jnp.asarray(rng.standard_normal((70, w.shape[0])), jnp.bfloat16) for w in ws]
-    dy = jnp.zeros((70, stack.shape[0]), jnp.bfloat16)
+    dys = [jnp.asarray(rng.standard_normal((m, w.shape[0])), jnp.bfloat16) for w in ws]
+    dy = jnp.zeros((m, stack.shape[0]), jnp.bfloat16)
     dx_want = 0
     for (offset, n), w, dy_i in zip(stack.members, ws, dys, strict=True):
         assert rel_l2(y[:, offset : offset + n], _reference(x, w, False)) < 3e-3
@@ -286,12 +294,12 @@ def test_prepared_weight_f16_and_batch_axes(rng):
     w = _weight(rng, 128, 192, double_quant=False)
     p = prepare_weight(w, jnp.float16)
     params = interpret_params.InterpretGPUParams()
-    x = jnp.asarray(rng.standard_normal((2, 40, 192)), jnp.float16)
-    dy = jnp.asarray(rng.standard_normal((2, 40, 128)), jnp.float16)
+    x = jnp.asarray(rng.standard_normal((2, 24, 192)), jnp.float16)  # 48 rows: one token tile
+    dy = jnp.asarray(rng.standard_normal((2, 24, 128)), jnp.float16)
     for lhs, backward, op in ((x, False, nf4_matmul_mgpu), (dy, True, nf4_matmul_t_mgpu)):
         got = op(lhs, p, interpret=params)
-        assert got.shape == (2, 40, 128 if not backward else 192) and got.dtype == jnp.float16
-        want = _reference(lhs.reshape(80, -1), w, backward).reshape(got.shape)
+        assert got.shape == (2, 24, 128 if not backward else 192) and got.dtype == jnp.float16
+        want = _reference(lhs.reshape(48, -1), w, backward).reshape(got.shape)
         assert rel_l2(np.asarray(got, np.float32), want) < 3e-3
 
 
