@@ -84,12 +84,17 @@ def unknown_stacks_message(config: Any, lora_params: Mapping[str, Any]) -> str |
 
 
 def misplaced_projection_message(config: Any, stack: Any, projection: str) -> str | None:
-    """Why a LoRA entry of ``projection`` under ``stack`` does not fit, when ``projection`` is
-    a projection of the model's other layers (None otherwise): on a model of several stacks a
-    target is adapted in the layers that have it (Qwen 3 MoE's gate_proj in the dense-MLP
-    layers, the experts in the routed ones)."""
-    if projection in stack.config.projections() or projection not in config.projections():
+    """Why a LoRA entry of ``projection`` under ``stack`` does not fit (None: it does): a
+    projection of the model's other layers (on a model of several stacks a target is adapted
+    in the layers that have it: Qwen 3 MoE's gate_proj in the dense-MLP layers, the experts
+    in the routed ones), or of no layer of the model."""
+    if projection in stack.config.projections():
         return None
+    if projection not in config.projections():
+        return (
+            f"LoRA has an entry for {projection!r}, which is not a projection of "
+            f"{config.model_type} (it has {list(config.projections())})"
+        )
     owners = [s for s in config.layer_stacks() if projection in s.config.projections()]
     return (
         f"LoRA has an entry for {projection!r} under {describe_stack(config, stack)}, which "

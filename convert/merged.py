@@ -186,11 +186,6 @@ def stack_adapters(config: Any, lora: Any) -> tuple[dict[str, dict[str, Any]], f
             misplaced = misplaced_projection_message(config, stack, proj)
             if misplaced is not None:
                 raise ValueError(misplaced)
-            if proj not in stack.config.projections():
-                raise ValueError(
-                    f"LoRA has an entry for {proj!r}, which {config.model_type} does not have "
-                    f"(its projections: {list(config.projections())})"
-                )
             _check_adapter_shapes(stack.config, proj, ab)
         adapters[stack.key] = dict(entries)
     return adapters, float(lora.config.scale)

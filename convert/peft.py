@@ -259,11 +259,6 @@ def _check_stack_entry(config: Any, stack: Any, proj: str) -> None:
     misplaced = misplaced_projection_message(config, stack, proj)
     if misplaced is not None:
         raise AdapterError(misplaced)
-    if proj not in stack.config.projections():
-        raise AdapterError(
-            f"LoRA has an entry for {proj!r}, which is not a projection of "
-            f"{config.model_type} (it has {list(config.projections())})"
-        )
 
 
 def _entry(config: Any, stack: Any, proj: str) -> str:

@@ -6,7 +6,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import types
 
 import jax
 import jax.numpy as jnp
@@ -31,17 +30,6 @@ transformers = pytest.importorskip("transformers")
 forward = jax.jit(lorax.forward)
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
-
-
-def _random_lora(model, rng, rank, alpha, targets, **kw) -> lorax.LoraWeights:
-    """conftest's ``random_lora`` on each layer stack of ``model``: a target in every stack
-    whose layers have it (as ``lorax.init_lora``), ``{"layers": ...}`` alone when uniform."""
-    params = {}
-    for stack in model.config.layer_stacks():
-        mine = [t for t in targets if t in stack.config.projections()]
-        part = random_lora(types.SimpleNamespace(config=stack.config), rng, rank, alpha, mine)
-        params[stack.key] = part.params["layers"]
-    return lorax.LoraWeights(params, lorax.LoraConfig(rank, float(alpha), tuple(targets), **kw))
 
 
 def _hf_model(path, **kw):
@@ -203,7 +191,7 @@ def test_merged_families_load_in_transformers(tmp_path, rng, case, dtype):
     model_type, overrides = CASES[case]
     torch_model, path = make_hf_model(tmp_path, model_type, **overrides)
     model = lorax.load(path, dtype="float32")
-    lora = _random_lora(model, rng, 4, 8, model.config.projections())
+    lora = random_lora(model, rng, 4, 8, model.config.projections())
     out = str(tmp_path / "merged")
     lorax.save_merged(model, lora, out, dtype=dtype)
 
@@ -275,7 +263,7 @@ def test_merged_refuses_lora_that_does_not_fit_its_stacks(tmp_path, rng, change,
     model_type, overrides = CASES["qwen3-moe-dense-layers"]
     _, path = make_hf_model(tmp_path, model_type, **overrides)
     model = lorax.load(path, dtype="float32")
-    lora = _random_lora(model, rng, 4, 8, ("q_proj", "gate_proj", "experts_down_proj"))
+    lora = random_lora(model, rng, 4, 8, ("q_proj", "gate_proj", "experts_down_proj"))
     with pytest.raises(ValueError, match=r"two structures \(dense-MLP layers \[0, 2\]\)"):
         lora_adapters(model.config, lora)  # a projection's entries: one stack's only
     params = {key: dict(entries) for key, entries in lora.params.items()}

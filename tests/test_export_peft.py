@@ -42,17 +42,6 @@ def _assert_same_lora(a: lorax.LoraWeights, b: lorax.LoraWeights) -> None:
 PHI3 = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")  # its fused projections
 
 
-def _random_lora(model, rng, rank, alpha, targets, **kw) -> lorax.LoraWeights:
-    """conftest's ``random_lora`` on each layer stack of ``model``: a target in every stack
-    whose layers have it (as ``lorax.init_lora``), ``{"layers": ...}`` alone when uniform."""
-    params = {}
-    for stack in model.config.layer_stacks():
-        mine = [t for t in targets if t in stack.config.projections()]
-        part = random_lora(types.SimpleNamespace(config=stack.config), rng, rank, alpha, mine)
-        params[stack.key] = part.params["layers"]
-    return lorax.LoraWeights(params, lorax.LoraConfig(rank, float(alpha), tuple(targets), **kw))
-
-
 def _make(tmp_path, case: str):
     """A tiny HF model for ``case``: a model type, or a case of test_model_parity."""
     model_type, overrides = CASES.get(case, (case, {}))
@@ -412,7 +401,7 @@ def test_peft_runs_our_moe_adapter_like_lorax(tmp_path, rng, case, targets):
     torch_model, path = _make(tmp_path, case)
     model = lorax.load(path, dtype="float32")
     targets = model.config.projections() if targets == "all-linear" else targets
-    lora = _random_lora(model, rng, rank=4, alpha=8, targets=targets)
+    lora = random_lora(model, rng, rank=4, alpha=8, targets=targets)
     out = tmp_path / "adapter"
     lorax.save_adapter(model, lora, out)
 
@@ -666,7 +655,7 @@ def test_stacked_adapter_in_the_wrong_layers_is_named(
     shapes, and in every layer that has it."""
     model = stacked(case)
     out = str(tmp_path / "adapter")
-    lora = _random_lora(model, np.random.default_rng(7), 4, 8, targets)
+    lora = random_lora(model, np.random.default_rng(7), 4, 8, targets)
     _write_adapter(model, lora, out)
     _assert_same_lora(lorax.load_adapter(model, out), lora)  # as written: read back
     _rewrite(out, edit)
@@ -681,7 +670,7 @@ def test_stacked_adapter_reads_back_as_init_lora_lays_it_out(tmp_path, stacked, 
     model = stacked(case)
     every = model.config.projections() if case.startswith("qwen2") else ATTENTION_AND_EXPERTS
     for targets in (every, ("q_proj", "experts_gate_up_proj")):
-        lora = _random_lora(model, np.random.default_rng(8), 2, 4, targets)
+        lora = random_lora(model, np.random.default_rng(8), 2, 4, targets)
         fresh = lorax.init_lora(model, 2, 4, targets)
         assert jax.tree.structure(lora) == jax.tree.structure(fresh)
         assert jax.tree.map(np.shape, lora.params) == jax.tree.map(np.shape, fresh.params)
@@ -728,7 +717,7 @@ def test_stacked_lora_that_does_not_fit_its_stacks_is_refused_on_save(
     tmp_path, stacked, change, message
 ):
     model = stacked("qwen3-moe-dense-layers")
-    lora = _random_lora(
+    lora = random_lora(
         model, np.random.default_rng(9), 4, 8, ("q_proj", "gate_proj", "experts_down_proj")
     )
     params = {key: dict(entries) for key, entries in lora.params.items()}
@@ -743,7 +732,7 @@ def test_qwen3_moe_dense_mlp_lora_is_refused_for_peft(tmp_path, rng, stacked):
     experts' (transformers 4's expert names), so it cannot adapt the dense-MLP layers' and
     would silently apply none of an adapter's: lorax refuses to write one (and reads one)."""
     model = stacked("qwen3-moe-dense-layers")
-    lora = _random_lora(model, rng, 4, 8, ("q_proj", "up_proj", "experts_down_proj"))
+    lora = random_lora(model, rng, 4, 8, ("q_proj", "up_proj", "experts_down_proj"))
     with pytest.raises(
         AdapterError,
         match=r"LoRA on \['up_proj'\] of qwen3_moe's dense-MLP layers \[0, 2\] cannot be saved "
