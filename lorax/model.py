@@ -564,8 +564,9 @@ def hidden_states(
     """
     if router_stats and not model.config.moe:
         raise ValueError(f"router_stats: {model.config.model_type} has no routed experts")
-    plain = Routing(model.config.experts_per_token, normalize=model.config.normalize_expert_weights)
-    if router_stats and model.config.routing() != plain:
+    if router_stats and model.config.routing() != Routing(
+        model.config.experts_per_token, normalize=model.config.normalize_expert_weights
+    ):
         # The load-balancing loss is Switch Transformer's over a softmax top-k (Mixtral's,
         # Qwen's); transformers computes none for DeepSeek's routing.
         raise ValueError(f"router_stats: {model.config.model_type}'s routing has no such loss")
