@@ -9,6 +9,7 @@ option we cannot honour is rejected by name instead of silently computing someth
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -318,6 +319,9 @@ class ModelConfig:
         """
         if not self.dense_mlp_layers:
             return (LayerStack(LAYERS, tuple(range(self.num_layers)), self),)
+        return _layer_stacks(self)
+
+    def _split_stacks(self) -> tuple[LayerStack, ...]:
         dense = self.dense_mlp_layers
         routed = tuple(i for i in range(self.num_layers) if i not in dense)
 
@@ -699,6 +703,13 @@ class ModelConfig:
             except json.JSONDecodeError as e:
                 raise ConfigError(f"{path}: not valid JSON ({e})") from e
         return cls.from_hf_dict(hf, source=str(path))
+
+
+@functools.cache
+def _layer_stacks(config: ModelConfig) -> tuple[LayerStack, ...]:
+    """``config``'s two layer stacks, built once per config (the views are configs too, and
+    every walk over a model's layers asks for them)."""
+    return config._split_stacks()
 
 
 def language_model_dict(hf: Mapping[str, Any], source: str) -> dict[str, Any]:

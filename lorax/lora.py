@@ -127,13 +127,14 @@ def init_lora(
         )
     key = jax.random.key(0) if key is None else key
     params: dict[str, Any] = {}
-    for stack in config.layer_stacks():
+    stacks = config.layer_stacks()
+    for stack in stacks:
         # Each target draws from one key, whichever stacks hold it (a stack's layers differ).
         layers = {}
         for name, k in zip(cfg.targets, jax.random.split(key, len(cfg.targets)), strict=True):
             if name not in stack.config.projections():
                 continue  # the target is a projection of the model's other layers
-            k = jax.random.fold_in(k, stack.layers[0]) if len(config.layer_stacks()) > 1 else k
+            k = jax.random.fold_in(k, stack.layers[0]) if len(stacks) > 1 else k
             out_dim, in_dim = stack.config.projection_shape(name)
             bound = 1.0 / math.sqrt(in_dim)
             lead = stack.config.adapter_batch_shape(name)

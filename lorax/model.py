@@ -638,8 +638,10 @@ def hidden_states(
 
     per_scan = []
     segments = remat_lib.schedule(options.remat, config.num_layers)
+    # One body (and RoPE table) per stack, whichever of its scans use it.
+    bodies = {stack.key: stack_body(stack) for stack in config.layer_stacks()}
     for kind, stack, first, stop in _scans(config, segments):
-        body, window_index = stack_body(stack)
+        body, window_index = bodies[stack.key]
         layers = params[stack.key]
         adapters = lora.params.get(stack.key, {}) if lora is not None else {}
         # The scan's layers are consecutive layers of the model.
