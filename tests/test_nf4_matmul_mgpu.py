@@ -261,15 +261,17 @@ def test_low_rank_term(rng, m, r, config, backward):
 
 def test_stacked_weights(rng):
     """Weights stacked along N (q/k/v) give each member's product from one call, in both
-    orientations, with the padding rows between members contributing nothing."""
+    orientations, with the padding rows between members contributing nothing. One (ragged)
+    token tile; forward, 2 persistent CTAs take the stack's 4 row tiles, two each, from
+    different members."""
     ws = [_weight(rng, n, 128) for n in (136, 64, 128)]
     stack = stack_prepared([prepare_weight(w) for w in ws])
     assert stack.members == ((0, 136), (256, 64), (384, 128))
     assert stack.shape == (512, 128)
     params = interpret_params.InterpretGPUParams()
-    m = 48  # one (ragged) token tile: 4 CTAs forward (one per 128 rows of the stack), 1 backward
+    m, config = 48, MgpuNF4Config(max_ctas=2)
     x = jnp.asarray(rng.standard_normal((m, 128)), jnp.bfloat16)
-    y = np.asarray(nf4_matmul_mgpu(x, stack, interpret=params), np.float32)
+    y = np.asarray(nf4_matmul_mgpu(x, stack, config=config, interpret=params), np.float32)
     dys = [jnp.asarray(rng.standard_normal((m, w.shape[0])), jnp.bfloat16) for w in ws]
     dy = jnp.zeros((m, stack.shape[0]), jnp.bfloat16)
     dx_want = 0
@@ -277,7 +279,7 @@ def test_stacked_weights(rng):
         assert rel_l2(y[:, offset : offset + n], _reference(x, w, False)) < 3e-3
         dy = dy.at[:, offset : offset + n].set(dy_i)
         dx_want = dx_want + _reference(dy_i, w, True)
-    dx = np.asarray(nf4_matmul_t_mgpu(dy, stack, interpret=params), np.float32)
+    dx = np.asarray(nf4_matmul_t_mgpu(dy, stack, config=config, interpret=params), np.float32)
     assert rel_l2(dx, dx_want) < 3e-3
     for i, w in enumerate(ws):  # a member sliced back out is the member prepared alone
         member = stacked_member(stack, i)
