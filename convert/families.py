@@ -46,6 +46,9 @@ class Family:
 _GEMMA = Family("gelu_pytorch_tanh", "gemma", sandwich_norms=True, scaled_embeddings=True)
 
 _DEEPSEEK = Family(moe=True, shared_expert=True, mla=True)
+# The epsilon of latent attention's RMSNorms (q_a_layernorm, kv_a_layernorm): transformers'
+# and DeepSeek's modules keep the default whatever rms_norm_eps says.
+LATENT_NORM_EPS = 1e-6
 
 # Yi and DeepSeek's dense models ship as ``llama``; ``gemma3_text`` is Gemma 3's language model.
 FAMILIES = {

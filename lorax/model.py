@@ -14,6 +14,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from convert.families import LATENT_NORM_EPS
 from convert.names import ROUTER, SHARED_EXPERT_GATE
 from lorax import remat as remat_lib
 from lorax.config import LayerStack, ModelConfig, rope_frequencies
@@ -27,8 +28,6 @@ Array = jax.Array
 # params[stack][PREPARED][group_key(names)] (stack: "layers", "dense_layers"): a group's frozen
 # weights stacked in the Mosaic GPU kernel's layout (lorax.prepare_kernel_weights).
 PREPARED = "prepared"
-# The epsilon of latent attention's RMSNorms (q_a_layernorm, kv_a_layernorm).
-LATENT_NORM_EPS = 1e-6
 
 
 def group_key(names: tuple[str, ...]) -> str:
@@ -483,8 +482,6 @@ def _latent_attention_inputs(
     first, kv_a = linears(config.projection_groups()[0], x)
 
     def latent_norm(x: Array, name: str) -> Array:
-        # Their RMSNorms keep the default epsilon whatever rms_norm_eps says (transformers'
-        # and DeepSeek's modules alike).
         return norm(x, name, LATENT_NORM_EPS)
 
     if config.q_lora_rank is not None:

@@ -9,7 +9,9 @@ llama.cpp's quantizer would pick for it. An expert projection (Mixtral, Qwen 2/3
 written per part, each tensor all of a layer's experts: every expert's adapter is merged into
 its own matrix, and a gate/up part takes its rows of the merged ``[2·F, D]`` (gate the first
 F, up the rest). Qwen 2 MoE's shared expert is merged as any dense projection, and its gate
-written as it is (frozen, never adapted). Only the tensor being written exists outside the
+written as it is (frozen, never adapted). DeepSeek's layers come from two layer stacks (the
+dense first layers and the routed ones), each tensor under its model layer's number with its
+own stack's adapters, and its merged ``kv_b_proj`` is written as its two per-head parts. Only the tensor being written exists outside the
 model, so an export needs little memory beyond the model itself.
 """
 
@@ -32,18 +34,20 @@ from convert.gguf.layout import (
     ROPE_FREQS,
     Arch,
     FileTensor,
+    RopeRows,
     arch_for_export,
-    file_tensors,
     gguf_name,
+    kv_b_part,
     norm_offset,
-    rope_heads,
+    placed_tensors,
+    rope_rows,
     to_gguf_rope_rows,
 )
 from convert.gguf.metadata import longrope_factors, model_metadata
 from convert.gguf.quants import ModelShape, Scheme, encode, scheme, tensor_type
 from convert.gguf.tokenizer import tokenizer_metadata
 from convert.gguf.writer import TensorPlan, write_gguf
-from convert.merged import lora_adapters, merge_lora_weight
+from convert.merged import merge_lora_weight, stack_adapters
 from convert.rope import llama3_rope_factors
 
 
@@ -71,7 +75,7 @@ def export_gguf(
     arch = arch_for_export(config.model_type)
     name = name or _default_name(model)
     metadata = model_metadata(config, arch, chosen.file_type, name)  # refuses what llama.cpp can't
-    adapters, lora_scale = lora_adapters(config, lora)
+    adapters, lora_scale = stack_adapters(config, lora)
     metadata.update(_tokenizer_keys(model.tokenizer, config.vocab_size))
     _check_loadable_name(name, metadata)
     plans = list(_plans(model, adapters, lora_scale, arch, chosen))
@@ -126,10 +130,7 @@ def _plans(
         config.tie_word_embeddings,
         config.num_experts,
     )
-    tensors = file_tensors(config)
-    placed = [(t, None) for t in tensors if not t.spec.per_layer]
-    placed += [(t, i) for i in range(config.num_layers) for t in tensors if t.spec.per_layer]
-    for tensor, layer in placed:
+    for tensor, layer, position in placed_tensors(config):
         spec = tensor.spec
         name = gguf_name(arch, spec.path, layer, tensor.part)
         ttype = tensor_type(s, name, tensor.shape, shape)
@@ -137,13 +138,14 @@ def _plans(
             _encode_param,
             model.params,
             tensor,
-            layer,
-            adapters,
+            position,
+            adapters.get(spec.path[0], {}),
             lora_scale,
-            rope_heads(arch, config, spec.path),
+            rope_rows(arch, config, spec.path),
             norm_offset(arch, spec.path),
             ttype,
             name,
+            config,
         )
         yield TensorPlan(name, tensor.shape, ttype, produce)
     if config.rope.type == "llama3":
@@ -166,31 +168,36 @@ def _plans(
 def _encode_param(
     params: Mapping[str, Any],
     tensor: FileTensor,
-    layer: int | None,
+    position: int | None,
     adapters: Mapping[str, Any],
     lora_scale: float,
-    heads: int | None,
+    rows: RopeRows | None,
     offset: float,
     ttype: TensorType,
     name: str,
+    config: Any,
 ) -> np.ndarray:
+    """The bytes of one tensor: for a per-layer one, the layer at ``position`` on its
+    stack's axis, with that stack's ``adapters`` merged."""
     spec = tensor.spec
     value: Any = params
     for key in spec.path:
         value = value[key]
     a = b = None
-    if layer is not None:
-        value = jax.tree.map(lambda x: x[layer], value)
+    if position is not None:
+        value = jax.tree.map(lambda x: x[position], value)
         adapter = adapters.get(spec.path[1]) if spec.path[-1] == "weight" else None
         if adapter is not None:
-            a, b = adapter["lora_a"][layer], adapter["lora_b"][layer]
-    if tensor.part is not None:
+            a, b = adapter["lora_a"][position], adapter["lora_b"][position]
+    if tensor.experts and tensor.part is not None:
         value, b = _expert_part(value, b, tensor.part, spec.shape[0])
     weight = merge_lora_weight(value, a, b, lora_scale, jnp.float32)
     if not bool(jnp.isfinite(weight).all()):
         raise GGUFError(f"tensor {name!r} has non-finite values; refusing to export it")
-    if heads is not None:
-        weight = to_gguf_rope_rows(weight, heads)
+    if rows is not None:
+        weight = to_gguf_rope_rows(weight, rows)
+    if not tensor.experts and tensor.part is not None:
+        weight = kv_b_part(weight, tensor.part, config)
     if offset:
         weight = weight + offset
     return encode(weight.reshape(-1, weight.shape[-1]), ttype)

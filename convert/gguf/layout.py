@@ -47,6 +47,19 @@ llama.cpp loads as ``[hidden]`` or ``[1, hidden]`` (its converter has written bo
 writes it float32 as ``[hidden]``. Its graph routes the other way round from qwen3moe's: it
 never renormalizes the chosen weights (Qwen1.5-MoE's and Qwen2-57B-A14B's ``norm_topk_prob``
 false), so a model that does has no qwen2moe file.
+
+DeepSeek V2/V3 is llama.cpp's ``deepseek2``, which computes latent attention with the
+"absorbed" weights its converter writes: ``q_proj`` (or ``q_a_proj``, ``q_a_layernorm`` and
+``q_b_proj``) as ``attn_q`` (``attn_q_a``, ``attn_q_a_norm``, ``attn_q_b``),
+``kv_a_proj_with_mqa`` and ``kv_a_layernorm`` as ``attn_kv_a_mqa`` and ``attn_kv_a_norm``, and
+``kv_b_proj`` (per head, the key's position-free rows then the value's, ``[H·(nope+v),
+kv_lora]``) split per head into ``attn_k_b`` (numpy ``[H, kv_lora, nope]``, each head's key
+rows transposed) and ``attn_v_b`` (``[H, v, kv_lora]``). Its rope turns adjacent pairs, which
+is DeepSeek's own (``rope_interleave``); a model that turns halves has the rotary rows of each
+query head and of the shared rotary key reordered, as Llama's are. Routing is recorded in
+keys (see ``metadata``), the V3 selection bias is the float32 vector ``exp_probs_b.bias``, the
+shared experts (ungated) are ``ffn_*_shexp`` and the leading dense layers' MLP is
+``ffn_gate``/``ffn_up``/``ffn_down``, each tensor under its model layer's ``blk`` number.
 """
 
 from __future__ import annotations
@@ -54,12 +67,18 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 from gguf import MODEL_TENSOR, TENSOR_NAMES
 
 from convert.gguf.format import GGUFError
 from convert.names import (
+    DENSE_LAYERS,
     EXPERT_PROJECTIONS,
+    LAYERS,
     ROUTER,
+    ROUTER_BIAS,
     SHARED_EXPERT_GATE,
     TensorSpec,
     tensor_specs,
@@ -95,10 +114,13 @@ class Arch:
     records_window: bool = True
     # llama.cpp's graph renormalizes the chosen experts' weights to sum to one (a constant
     # of the graph, not a key): Mixtral (as llama) and qwen3moe do, qwen2moe does not.
-    renormalizes: bool = True
+    # None: the graph reads it from ``expert_weights_norm`` (deepseek2).
+    renormalizes: bool | None = True
     # The layer's gate/up/down_proj are a shared expert beside the routed ones, under
-    # llama.cpp's ``*_shexp`` names, with its sigmoid gate ``ffn_gate_inp_shexp`` (qwen2moe).
-    shared_expert: bool = False
+    # llama.cpp's ``*_shexp`` names: "gated", with its sigmoid gate ``ffn_gate_inp_shexp`` and
+    # a width of its own (qwen2moe); "counted", ungated and ``expert_shared_count`` experts
+    # wide (deepseek2). None: no shared expert.
+    shared_expert: str | None = None
     # llama.cpp's head: True, always the token embedding (gemma2 loads no output.weight);
     # False, always output.weight (qwen2moe fails to load a file without it); None: either.
     tied_head: bool | None = None
@@ -108,6 +130,11 @@ class Arch:
     # The projections llama.cpp loads biases for (a file with others does not load); None:
     # any of lorax's (llama's are all optional; qwen2's are Qwen 2's q/k/v by model type).
     biases: tuple[str, ...] | None = None
+    # DeepSeek's latent attention, its routing keys and selection bias, and leading
+    # dense-MLP layers (deepseek2; see the module docstring).
+    deepseek: bool = False
+    # lorax reads files of this architecture back (``load_gguf``); False: export only.
+    readable: bool = True
 
     def family_type(self, moe: bool) -> str:
         """The HF model_type a model of this architecture computes as: with routed experts
@@ -158,10 +185,23 @@ ARCHES = {
             expert_width_key=True,
             records_window=False,
             renormalizes=False,
-            shared_expert=True,
+            shared_expert="gated",
             tied_head=False,
             hidden_wide_query=True,
             biases=("q_proj", "k_proj", "v_proj"),
+        ),
+        Arch(
+            "deepseek2",
+            "deepseek_v3",
+            False,
+            moe_model_type="deepseek_v3",
+            expert_width_key=True,
+            records_window=False,
+            renormalizes=None,
+            shared_expert="counted",
+            biases=(),
+            deepseek=True,
+            readable=False,
         ),
     )
 }
@@ -178,6 +218,8 @@ EXPORT_ARCH = {
     "phi3": "phi3",
     "qwen3_moe": "qwen3moe",
     "qwen2_moe": "qwen2moe",
+    "deepseek_v2": "deepseek2",
+    "deepseek_v3": "deepseek2",
 }
 
 
@@ -190,8 +232,13 @@ def arch_for_export(model_type: str) -> Arch:
 
 
 def arch_named(name: str, source: str) -> Arch:
-    if name not in ARCHES:
-        raise GGUFError(f"{source}: unsupported architecture {name!r}; lorax reads {list(ARCHES)}")
+    """The architecture of a file lorax reads."""
+    readable = [a.name for a in ARCHES.values() if a.readable]
+    if name not in readable:
+        exported = " (lorax exports it, but does not read it yet)" if name in ARCHES else ""
+        raise GGUFError(
+            f"{source}: unsupported architecture {name!r}{exported}; lorax reads {readable}"
+        )
     return ARCHES[name]
 
 
@@ -207,7 +254,14 @@ _PROJECTIONS = {
     "qkv_proj": MODEL_TENSOR.ATTN_QKV,
     "gate_up_proj": MODEL_TENSOR.FFN_UP,
     ROUTER: MODEL_TENSOR.FFN_GATE_INP,
+    # DeepSeek's latent attention (see the module docstring).
+    "q_a_proj": MODEL_TENSOR.ATTN_Q_A,
+    "q_b_proj": MODEL_TENSOR.ATTN_Q_B,
+    "kv_a_proj_with_mqa": MODEL_TENSOR.ATTN_KV_A_MQA,
 }
+# DeepSeek's kv_b_proj in its two parts (``FileTensor.part``): the keys' and the values'.
+_KV_B_PARTS = (MODEL_TENSOR.ATTN_K_B, MODEL_TENSOR.ATTN_V_B)
+KV_B_PROJ = "kv_b_proj"
 # An expert projection's parts, in row order (``EXPERT_CHECKPOINTS``' parts), each one 3-D
 # tensor over the experts (see the module docstring).
 _EXPERT_PARTS = {
@@ -222,7 +276,11 @@ _SINGLE = {
     ("layers", "post_attention_layernorm"): MODEL_TENSOR.FFN_NORM,
     ("layers", "q_norm"): MODEL_TENSOR.ATTN_Q_NORM,
     ("layers", "k_norm"): MODEL_TENSOR.ATTN_K_NORM,
+    ("layers", "q_a_layernorm"): MODEL_TENSOR.ATTN_Q_A_NORM,
+    ("layers", "kv_a_layernorm"): MODEL_TENSOR.ATTN_KV_A_NORM,
 }
+# Parameters llama.cpp names with the suffix ".bias" though lorax's path has none.
+_BIASES = {("layers", ROUTER_BIAS): MODEL_TENSOR.FFN_EXP_PROBS_B}
 # Gemma's four per-layer norms (see the module docstring).
 _GEMMA = {
     **_SINGLE,
@@ -244,12 +302,14 @@ ROPE_FACTORS_LONG = TENSOR_NAMES[MODEL_TENSOR.ROPE_FACTORS_LONG] + ".weight"
 
 @dataclasses.dataclass(frozen=True)
 class FileTensor:
-    """One tensor of the file (once per layer for per-layer ones) and what it holds of the
-    parameter at ``spec.path``: all of it, or for an expert projection one part of every
-    expert, ``value[layer][:, part]`` (``part`` None: the value has no part axis)."""
+    """One tensor of the file (once per layer of its stack for per-layer ones) and what it
+    holds of the parameter at ``spec.path``: all of it, or one part of it (``part``): for an
+    expert projection one part of every expert, ``value[layer][:, part]``; for DeepSeek's
+    ``kv_b_proj`` its keys' (0) or values' (1) rows, per head (``kv_b_part``)."""
 
     spec: TensorSpec  # for an expert part, the spec of its expert 0
-    # numpy order: [experts, out, in] for an expert part; [hidden] for a shared expert's gate
+    # numpy order: [experts, out, in] for an expert part; [hidden] for a shared expert's gate;
+    # [heads, kv_lora, nope] and [heads, v, kv_lora] for kv_b_proj's parts
     shape: tuple[int, ...]
     part: int | None = None
 
@@ -261,15 +321,32 @@ class FileTensor:
 def file_tensors(config: Any) -> list[FileTensor]:
     """The tensors a GGUF of ``config`` holds besides RoPE factor tensors, in
     ``tensor_specs`` order: one per spec, except that the specs of one expert projection's
-    part (one per expert) are one tensor."""
+    part (one per expert) are one tensor, and latent attention's ``kv_b_proj`` is two."""
     tensors = []
     for spec in tensor_specs(config):
-        if not spec.index:
+        if config.mla and spec.path[1:] == (KV_B_PROJ, "weight"):
+            h, nope, v = config.num_heads, config.qk_nope_head_dim, config.v_head_dim
+            tensors.append(FileTensor(spec, (h, config.kv_lora_rank, nope), 0))
+            tensors.append(FileTensor(spec, (h, v, config.kv_lora_rank), 1))
+        elif not spec.index:
             tensors.append(FileTensor(spec, _file_shape(spec)))
         elif spec.index[0] == 0:  # expert 0 stands for its part's tensor
             part = spec.index[1] if len(spec.index) > 1 else None
             tensors.append(FileTensor(spec, (spec.stack[0], *spec.shape), part))
     return tensors
+
+
+def placed_tensors(config: Any) -> list[tuple[FileTensor, int | None, int | None]]:
+    """``(tensor, layer, position)`` in file order: the model-wide tensors, then each model
+    layer's (``blk.{layer}``), whose values sit at ``position`` on their layer stack's axis."""
+    tensors = file_tensors(config)
+    placed: list[tuple[FileTensor, int | None, int | None]] = [
+        (t, None, None) for t in tensors if not t.spec.per_layer
+    ]
+    for layer in range(config.num_layers):
+        here = [t for t in tensors if layer in t.spec.layers]
+        placed += [(t, layer, t.spec.layers.index(layer)) for t in here]
+    return placed
 
 
 def _file_shape(spec: TensorSpec) -> tuple[int, ...]:
@@ -280,19 +357,36 @@ def _file_shape(spec: TensorSpec) -> tuple[int, ...]:
     return spec.shape
 
 
+def kv_b_part(weight: Any, part: int, config: Any) -> Any:
+    """One part of DeepSeek's ``kv_b_proj`` ``[H·(nope+v), kv_lora]`` as llama.cpp's
+    ``deepseek2`` reads it: 0, the keys' rows of each head transposed, ``[H, kv_lora, nope]``;
+    1, the values' rows of each head, ``[H, v, kv_lora]``."""
+    nope = config.qk_nope_head_dim
+    per_head = weight.reshape(config.num_heads, nope + config.v_head_dim, -1)
+    return per_head[:, :nope].swapaxes(1, 2) if part == 0 else per_head[:, nope:]
+
+
 def gguf_name(
     arch: Arch, path: tuple[str, ...], layer: int | None = None, part: int | None = None
 ) -> str:
-    """The GGUF name of the parameter at pytree ``path`` (``layer`` for per-layer ones;
-    ``part`` for one part of an expert projection, as ``FileTensor.part``)."""
+    """The GGUF name of the parameter at pytree ``path`` (``layer`` for per-layer ones, its
+    model layer; ``part`` for one part of it, as ``FileTensor.part``)."""
     single = _GEMMA if arch.gemma else _SINGLE
+    stack = path[0]
+    # Each layer stack's parameters have the names of a uniform model's (the dense layers'
+    # gate/up/down_proj as a dense MLP's), numbered by model layer.
+    key = (LAYERS, *path[1:]) if stack == DENSE_LAYERS else path
     if len(path) == 3 and path[1] in EXPERT_PROJECTIONS:
         base, suffix = _EXPERT_PARTS[path[1]][part or 0], path[2]
-    elif path in single:
-        base, suffix = single[path], "weight"
-    elif arch.shared_expert and len(path) == 3 and path[1] in _SHARED_EXPERT:
+    elif key in single:
+        base, suffix = single[key], "weight"
+    elif key in _BIASES:
+        base, suffix = _BIASES[key], "bias"
+    elif arch.deepseek and path[1:] == (KV_B_PROJ, "weight") and part is not None:
+        base, suffix = _KV_B_PARTS[part], path[2]
+    elif arch.shared_expert and stack == LAYERS and len(path) == 3 and path[1] in _SHARED_EXPERT:
         base, suffix = _SHARED_EXPERT[path[1]], path[2]
-    elif len(path) == 3 and path[0] == "layers" and path[1] in _PROJECTIONS:
+    elif len(path) == 3 and key[0] == LAYERS and path[1] in _PROJECTIONS:
         base, suffix = _PROJECTIONS[path[1]], path[2]
     else:
         raise KeyError(f"no GGUF name for parameter {'/'.join(path)}")
@@ -309,22 +403,51 @@ def norm_offset(arch: Arch, path: tuple[str, ...]) -> float:
     return 1.0 if arch.gemma and is_norm(path) else 0.0
 
 
-def rope_heads(arch: Arch, config: Any, path: tuple[str, ...]) -> int | None:
-    """Heads whose rows are reordered for ``arch``'s rope (None: store as is)."""
-    if not arch.interleaved_rope or len(path) != 3:
+@dataclasses.dataclass(frozen=True)
+class RopeRows:
+    """Rows of a projection that llama.cpp's adjacent-pair rope needs reordered: in each of
+    ``heads`` blocks of rows, all but the first ``skip`` (the rows that do not rotate)."""
+
+    heads: int
+    skip: int = 0
+
+
+def rope_rows(arch: Arch, config: Any, path: tuple[str, ...]) -> RopeRows | None:
+    """The rows of the parameter at ``path`` reordered for ``arch``'s rope (None: store as
+    is): Llama's query and key heads; where DeepSeek's model turns halves, the rotary rows of
+    each query head and the rotary key that follows the key/value latent."""
+    if len(path) != 3:
         return None
-    return {"q_proj": config.num_heads, "k_proj": config.num_kv_heads}.get(path[1])
+    if arch.interleaved_rope:
+        heads = {"q_proj": config.num_heads, "k_proj": config.num_kv_heads}.get(path[1])
+        return None if heads is None else RopeRows(heads)
+    if arch.deepseek and not config.rope_interleave:
+        query = RopeRows(config.num_heads, config.qk_nope_head_dim)
+        key = RopeRows(1, config.kv_lora_rank)
+        return {"q_proj": query, "q_b_proj": query, "kv_a_proj_with_mqa": key}.get(path[1])
+    return None
 
 
-def to_gguf_rope_rows(w: Any, heads: int) -> Any:
+def to_gguf_rope_rows(w: Any, rows: RopeRows) -> Any:
     """HF's half-split rows → llama.cpp's interleaved pairs, per head (weight or bias)."""
-    return (
-        w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-    )
+    return _reorder_rope_rows(w, rows, from_halves=True)
 
 
-def from_gguf_rope_rows(w: Any, heads: int) -> Any:
+def from_gguf_rope_rows(w: Any, rows: RopeRows) -> Any:
     """The inverse of ``to_gguf_rope_rows``."""
-    return (
-        w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-    )
+    return _reorder_rope_rows(w, rows, from_halves=False)
+
+
+def _reorder_rope_rows(w: Any, rows: RopeRows, from_halves: bool) -> Any:
+    """Within each head's rotary rows, ``(2, d/2) → (d/2, 2)`` (``from_halves``: row ``i`` of
+    the second half goes next to row ``i`` of the first) or back; leading rows stay."""
+    blocks = w.reshape(rows.heads, w.shape[0] // rows.heads, *w.shape[1:])
+    rotary = blocks[:, rows.skip :]
+    half = rotary.shape[1] // 2
+    split = (2, half) if from_halves else (half, 2)
+    rotary = rotary.reshape(rows.heads, *split, *w.shape[1:]).swapaxes(1, 2)
+    rotary = rotary.reshape(rows.heads, 2 * half, *w.shape[1:])
+    if rows.skip:
+        lib = jnp if isinstance(w, jax.Array) else np
+        rotary = lib.concatenate([blocks[:, : rows.skip], rotary], axis=1)
+    return rotary.reshape(w.shape)

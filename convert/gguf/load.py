@@ -34,7 +34,7 @@ from convert.gguf.layout import (
     from_gguf_rope_rows,
     gguf_name,
     norm_offset,
-    rope_heads,
+    rope_rows,
 )
 from convert.gguf.metadata import config_from_gguf
 from convert.gguf.reader import GGUFFile
@@ -97,9 +97,9 @@ def _read_params(
                 f"expects {list(t.shape)}"
             )
         value = f.tensor(name).reshape(t.shape)
-        heads = rope_heads(arch, config, t.spec.path)
-        if heads is not None:
-            value = from_gguf_rope_rows(value, heads)
+        rows = rope_rows(arch, config, t.spec.path)
+        if rows is not None:
+            value = from_gguf_rope_rows(value, rows)
         offset = norm_offset(arch, t.spec.path)
         if offset:
             value = value - np.float32(offset)

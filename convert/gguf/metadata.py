@@ -59,6 +59,26 @@ qwen2moe loads no file without ``output.weight`` and sizes the query ``hidden_si
 a model with tied embeddings, or with ``num_heads * head_dim != hidden_size``, is refused.
 Its q/k/v biases are optional there, so import reads ``qkv_bias`` from their presence. Like
 qwen3moe it has no sliding window and loads no file without ``expert_count``.
+
+DeepSeek V2/V3 is llama.cpp's ``deepseek2``, written as its converter writes it (export only:
+lorax does not read these files back yet). Latent attention is recorded as the multi-query
+attention llama.cpp computes it as: one key/value head (``head_count_kv`` 1) of
+``kv_lora_rank + qk_rope_head_dim`` (keys) and ``kv_lora_rank`` (values), the heads' real
+sizes as ``key_length_mla``/``value_length_mla``, the ranks as ``q_lora_rank`` (0: no query
+latent) and ``kv_lora_rank``, the rotary slice as ``rope.dimension_count``. The routing is
+keys: ``expert_gating_func`` (softmax 1, sigmoid 2), ``expert_weights_norm``,
+``expert_weights_scale`` (``routed_scaling_factor``), ``expert_group_count``/
+``expert_group_used_count``, whose groups llama.cpp scores by their top-2 sum (V3's, not
+V2's best expert), and ``expert_shared_count`` experts of ``expert_feed_forward_length`` make
+the shared experts; ``leading_dense_block_count`` layers have a dense MLP
+``feed_forward_length`` wide. llama.cpp norms the latents with ``rms_norm_eps`` where
+DeepSeek's modules use 1e-6, and decides by the layer count that a 26/27-layer model has no
+query latent (DeepSeek-V2-Lite's), so models that depart from either are refused. YaRN: the
+file holds ``rope.scaling.yarn_log_multiplier`` (0.1 · ``mscale_all_dim``, which llama.cpp
+divides back out) from which llama.cpp's graph scales attention by
+``(1 + 0.1 · mscale_all_dim · ln factor)²`` as transformers does, leaving the rotation
+unscaled; a model whose YaRN scales the rotation too (``mscale`` ≠ ``mscale_all_dim``) is
+refused.
 """
 
 from __future__ import annotations
@@ -71,8 +91,8 @@ from typing import Any
 import numpy as np
 from gguf import GGML_QUANT_VERSION
 
-from convert.families import FAMILIES, departures
-from convert.gguf.format import KV, GGUFError, ValueType, array, f32, string, u32
+from convert.families import FAMILIES, LATENT_NORM_EPS, departures
+from convert.gguf.format import KV, GGUFError, ValueType, array, boolean, f32, string, u32
 from convert.gguf.layout import (
     ARCHES,
     ROPE_FACTORS_LONG,
@@ -116,7 +136,97 @@ def model_metadata(config: Any, arch: Arch, file_type: int, name: str) -> dict[s
     kv.update(_sliding_window(config, arch))
     kv.update(_softcaps(config, arch))
     kv.update(_experts(config, arch))
+    if arch.deepseek:
+        kv.update(_deepseek(config, arch))
     return kv
+
+
+# llama.cpp's expert_gating_func values (its LLAMA_EXPERT_GATING_FUNC_TYPE_*).
+_GATING_FUNCS = {"softmax": 1, "sigmoid": 2}
+# llama.cpp's deepseek2 takes a model of these layer counts for DeepSeek-V2-Lite, which has no
+# query latent, and then reads no q_lora_rank.
+_DEEPSEEK_LITE_LAYERS = (26, 27)
+
+
+def _deepseek(config: Any, arch: Arch) -> dict[str, KV]:
+    """deepseek2's keys for latent attention, routing, shared experts and dense layers (see
+    the module docstring); they replace the base keys' per-head sizes."""
+    a = arch.name
+    _check_deepseek(config, arch)
+    routing = config.routing()
+    rope, latent = config.qk_rope_head_dim, config.kv_lora_rank
+    kv = {
+        f"{a}.attention.head_count_kv": u32(1),
+        f"{a}.attention.key_length": u32(latent + rope),
+        f"{a}.attention.value_length": u32(latent),
+        f"{a}.attention.key_length_mla": u32(config.head_dim),
+        f"{a}.attention.value_length_mla": u32(config.v_head_dim),
+        f"{a}.attention.q_lora_rank": u32(config.q_lora_rank or 0),
+        f"{a}.attention.kv_lora_rank": u32(latent),
+        f"{a}.rope.dimension_count": u32(rope),
+        f"{a}.leading_dense_block_count": u32(len(config.dense_mlp_layers)),
+        f"{a}.expert_shared_count": u32(config.mlp_width // config.expert_width),
+        f"{a}.expert_gating_func": u32(_GATING_FUNCS[routing.scoring]),
+        f"{a}.expert_weights_norm": boolean(routing.normalize),
+        f"{a}.expert_weights_scale": f32(routing.scaling),
+    }
+    if routing.groups > 1:
+        kv[f"{a}.expert_group_count"] = u32(routing.groups)
+        kv[f"{a}.expert_group_used_count"] = u32(routing.groups_kept)
+    if config.rope.type == "yarn":
+        # llama.cpp divides it by 0.1 again (its converter's legacy factor).
+        kv[f"{a}.rope.scaling.yarn_log_multiplier"] = f32(0.1 * config.rope.mscale_all_dim)
+    return kv
+
+
+def _check_deepseek(config: Any, arch: Arch) -> None:
+    """Refuses a DeepSeek model llama.cpp's deepseek2 computes otherwise (module docstring)."""
+    a = arch.name
+    routing = config.routing()
+    if routing.scoring not in _GATING_FUNCS:
+        raise GGUFError(f"llama.cpp's {a} architecture has no {routing.scoring!r} expert scoring")
+    grouped = routing.groups > 1 and routing.groups_kept < routing.groups
+    if grouped and routing.group_score != "top2_sum":
+        raise GGUFError(
+            f"llama.cpp's {a} architecture keeps the expert groups with the best top-2 "
+            f"sums (DeepSeek V3's); this model scores groups by {routing.group_score!r} "
+            f"(DeepSeek V2's topk_method='group_limited_greedy', n_group={routing.groups}, "
+            f"topk_group={routing.groups_kept})"
+        )
+    if config.rms_norm_eps != LATENT_NORM_EPS:
+        raise GGUFError(
+            f"llama.cpp's {a} architecture norms the attention latents with rms_norm_eps; "
+            f"this model's latent norms use {LATENT_NORM_EPS} and its rms_norm_eps is "
+            f"{config.rms_norm_eps}"
+        )
+    if config.num_layers in _DEEPSEEK_LITE_LAYERS and config.q_lora_rank is not None:
+        raise GGUFError(
+            f"llama.cpp's {a} architecture takes a model of {config.num_layers} layers for "
+            "DeepSeek-V2-Lite, without a query latent; this model has "
+            f"q_lora_rank={config.q_lora_rank}"
+        )
+    leading = tuple(range(len(config.dense_mlp_layers)))
+    if config.dense_mlp_layers != leading:
+        raise GGUFError(
+            f"llama.cpp's {a} architecture gives the leading layers a dense MLP; this model's "
+            f"dense-MLP layers are {list(config.dense_mlp_layers)}"
+        )
+    if config.mlp_width % config.expert_width:
+        raise GGUFError(
+            f"llama.cpp's {a} architecture makes the shared experts a whole number of experts "
+            f"wide ({config.expert_width} each); this model's are {config.mlp_width} wide"
+        )
+    rope = config.rope
+    if rope.type not in ("default", "yarn"):
+        raise GGUFError(f"llama.cpp's {a} architecture has no {rope.type!r} RoPE scaling")
+    if rope.type == "yarn" and not (
+        rope.mscale_all_dim and math.isclose(yarn_attention_factor(rope), 1.0, rel_tol=1e-7)
+    ):
+        raise GGUFError(
+            f"llama.cpp's {a} architecture scales YaRN's attention by mscale_all_dim and leaves "
+            f"the rotation unscaled; this model has mscale={rope.mscale}, "
+            f"mscale_all_dim={rope.mscale_all_dim}, attention_factor={rope.attention_factor}"
+        )
 
 
 def _experts(config: Any, arch: Arch) -> dict[str, KV]:
@@ -132,7 +242,7 @@ def _experts(config: Any, arch: Arch) -> dict[str, KV]:
     }
     if arch.expert_width_key:
         kv[f"{a}.expert_feed_forward_length"] = u32(config.expert_width)
-    if arch.shared_expert:
+    if arch.shared_expert == "gated":
         kv[f"{a}.expert_shared_feed_forward_length"] = u32(config.mlp_width)
     return kv
 
@@ -192,13 +302,13 @@ def _check_experts(config: Any, arch: Arch) -> None:
     experts are feed_forward_length wide; every layer routes. (A shared expert is a family
     trait: ``departures`` has checked it.)"""
     a = arch.name
-    if config.dense_mlp_layers:
+    if config.dense_mlp_layers and not arch.deepseek:
         raise GGUFError(
             f"llama.cpp's {a} architecture routes every layer to the experts; this model's "
             f"layers {list(config.dense_mlp_layers)} have a dense MLP instead (HF's "
             "mlp_only_layers / decoder_sparse_step)"
         )
-    if config.normalize_expert_weights != arch.renormalizes:
+    if arch.renormalizes is not None and config.normalize_expert_weights != arch.renormalizes:
         does = "always renormalizes" if arch.renormalizes else "never renormalizes"
         raise GGUFError(
             f"llama.cpp's {a} architecture {does} the chosen experts' weights to sum to one; "
@@ -240,6 +350,10 @@ def _attention_scale(arch: Arch, config: Any) -> float:
     """The factor llama.cpp's ``arch`` multiplies attention scores by."""
     if arch.wide_scale_layers is not None and config.num_layers == arch.wide_scale_layers:
         return (config.hidden_size // config.num_heads) ** -0.5
+    if arch.deepseek and config.rope.type == "yarn":  # module docstring
+        return _mscale(config.rope.factor, config.rope.mscale_all_dim or 0.0) ** 2 * (
+            config.head_dim**-0.5
+        )
     return config.head_dim**-0.5
 
 
@@ -252,6 +366,8 @@ def _scale_rule(arch: Arch) -> str:
         )
     if arch.gemma:
         rule += ", embeddings scaled by sqrt(hidden_size), Gemma RMSNorms, GeGLU"
+    if arch.deepseek:
+        rule += ", times YaRN's (1 + 0.1 * mscale_all_dim * ln factor) ** 2"
     return rule
 
 
@@ -339,9 +455,10 @@ def _one_rope_scaling(config: Any, arch: Arch) -> dict[str, KV]:
             f"{a}.rope.scaling.yarn_beta_fast": f32(rope.beta_fast),
             f"{a}.rope.scaling.yarn_beta_slow": f32(rope.beta_slow),
         }
-        # llama.cpp scales attention by YaRN's default mscale, times this factor.
+        # llama.cpp scales attention by YaRN's default mscale, times this factor; deepseek2
+        # scales it otherwise (its own keys).
         extra = yarn_attention_factor(rope) / _mscale(rope.factor)
-        if not math.isclose(extra, 1.0, rel_tol=1e-7):
+        if not arch.deepseek and not math.isclose(extra, 1.0, rel_tol=1e-7):
             kv[f"{a}.rope.scaling.attn_factor"] = f32(extra)
         return kv
     if rope.type == "dynamic":
