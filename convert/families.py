@@ -38,6 +38,10 @@ class Family:
     # a low-rank latent of each token (kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj), queries
     # from one too where q_lora_rank is set, and RoPE turns a separate slice of each head.
     mla: bool = False
+    # RoPE turns queries and keys in float32 by float32 cos/sin, rounded once to the compute
+    # dtype (DeepSeek V2: transformers rotates its complex pairs in float32). The others round
+    # cos/sin to the compute dtype and turn in it.
+    rope_in_float32: bool = False
 
     def embedding_multiplier(self, hidden_size: int) -> float:
         return math.sqrt(hidden_size) if self.scaled_embeddings else 1.0
@@ -64,7 +68,7 @@ FAMILIES = {
     "qwen2_moe": Family(
         moe=True, round_expert_weights=True, shared_expert=True, shared_expert_gate=True
     ),
-    "deepseek_v2": _DEEPSEEK,
+    "deepseek_v2": dataclasses.replace(_DEEPSEEK, rope_in_float32=True),
     "deepseek_v3": _DEEPSEEK,
 }
 

@@ -399,6 +399,12 @@ class ModelConfig:
         DeepSeek adds its shared experts unscaled)."""
         return self.shared_expert and FAMILIES[self.model_type].shared_expert_gate
 
+    @property
+    def rope_in_float32(self) -> bool:
+        """Whether RoPE turns queries and keys in float32 whatever the compute dtype, rounding
+        once to it (DeepSeek V2, as transformers does; ``convert.families``)."""
+        return FAMILIES[self.model_type].rope_in_float32
+
     def gate_parameters(self) -> int:
         """Per layer, the weights that only weigh outputs, never LoRA targets nor quantized:
         the router's [experts, D] (and its correction bias [experts]) and the shared

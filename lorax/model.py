@@ -104,7 +104,13 @@ def rope_cos_sin(
     config: ModelConfig, positions: Array, dtype: Any, window: int = 0
 ) -> tuple[Array, Array]:
     """cos/sin tables ``[B, S, rotary_dim]`` for the given positions (HF's half-split layout),
-    for the layers whose attention window is ``window`` (their RoPE may differ: Gemma 3)."""
+    for the layers whose attention window is ``window`` (their RoPE may differ: Gemma 3).
+
+    They are computed in float32 and rounded to ``dtype``, as transformers' rotary embeddings
+    return them cast to the activations' dtype; where the family rotates in float32
+    (``config.rope_in_float32``: DeepSeek V2, whose ``freqs_cis`` stay complex64) they stay
+    float32, and ``apply_rope`` then turns in float32.
+    """
     rope = config.layer_rope(window)
 
     def frequencies(seq_len: int) -> tuple[Any, float]:
@@ -119,20 +125,27 @@ def rope_cos_sin(
         inv_freq = jnp.where(beyond, frequencies(original + 1)[0], frequencies(original)[0])
     angles = positions.astype(jnp.float32)[..., None] * inv_freq
     angles = jnp.concatenate([angles, angles], axis=-1)
-    cos = (jnp.cos(angles) * attention_factor).astype(dtype)
-    sin = (jnp.sin(angles) * attention_factor).astype(dtype)
+    table_dtype = jnp.float32 if config.rope_in_float32 else dtype
+    cos = (jnp.cos(angles) * attention_factor).astype(table_dtype)
+    sin = (jnp.sin(angles) * attention_factor).astype(table_dtype)
     return cos, sin
 
 
 def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
     """Rotates ``x [B, S, H, D]`` by the position angles (rotate-half convention); with
-    partial rotary (``cos`` narrower than D) only the leading dims rotate."""
+    partial rotary (``cos`` narrower than D) only the leading dims rotate.
+
+    The rotation runs in the wider of ``x``'s and the tables' dtypes and is rounded once to
+    ``x``'s: tables in the activations' dtype turn in it (transformers' Llama-style
+    ``apply_rotary_pos_emb``), float32 tables turn 16-bit activations in float32 (DeepSeek
+    V2's ``apply_rotary_emb``: ``xq.float()`` times complex64 ``freqs_cis``, ``type_as(xq)``).
+    """
     rotary = cos.shape[-1]
     if rotary < x.shape[-1]:
         return jnp.concatenate([apply_rope(x[..., :rotary], cos, sin), x[..., rotary:]], axis=-1)
     half = x.shape[-1] // 2
     rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+    return (x * cos[:, :, None, :] + rotated * sin[:, :, None, :]).astype(x.dtype)
 
 
 HOST_MEMORY_KINDS = ("pinned_host", "unpinned_host")
@@ -490,17 +503,28 @@ def _latent_attention_inputs(
     latent, k_rot = jnp.split(kv_a, [config.kv_lora_rank], axis=-1)
     (kv,) = linears(("kv_b_proj",), latent_norm(latent, "kv_a_layernorm"))
     k_pass, v = jnp.split(kv.reshape(b, s, h, nope + config.v_head_dim), [nope], axis=-1)
-    if config.rope_interleave:
-        # Pairs (0, 1), (2, 3), ... turn together: put each pair's members half a slice apart,
-        # in queries and keys alike (which leaves their dot products as they are).
-        q = jnp.concatenate([q[..., :nope], q[..., nope::2], q[..., nope + 1 :: 2]], axis=-1)
-        k_rot = jnp.concatenate([k_rot[..., 0::2], k_rot[..., 1::2]], axis=-1)
     q_pass, q_rot = jnp.split(q, [nope], axis=-1)
-    q = jnp.concatenate([q_pass, apply_rope(q_rot, cos, sin)], axis=-1)
-    k_rot = apply_rope(k_rot[:, :, None, :], cos, sin)
+    q_rot, k_rot = latent_rope(config, q_rot, k_rot[:, :, None, :], cos, sin)
+    q = jnp.concatenate([q_pass, q_rot], axis=-1)
     k = jnp.concatenate([k_pass, jnp.broadcast_to(k_rot, (b, s, h, rope))], axis=-1)
     v = jnp.pad(v, ((0, 0), (0, 0), (0, 0), (0, config.head_dim - config.v_head_dim)))
     return q, k, v
+
+
+def latent_rope(
+    config: ModelConfig, q: Array, k: Array, cos: Array, sin: Array
+) -> tuple[Array, Array]:
+    """Latent attention's rotary slices of queries and keys ``[B, S, H, qk_rope_head_dim]``
+    (``rope_cos_sin``'s tables), turned by RoPE.
+
+    With ``rope_interleave`` (DeepSeek's layout) the pairs (0, 1), (2, 3), ... turn together:
+    each pair's members are first put half a slice apart, in queries and keys alike (an exact
+    permutation, which leaves their dot products as they are; transformers keeps the pairs
+    side by side in V2 and puts them half a slice apart in V3).
+    """
+    if config.rope_interleave:
+        q, k = (jnp.concatenate([x[..., 0::2], x[..., 1::2]], axis=-1) for x in (q, k))
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
 
 def _scans(

@@ -29,6 +29,67 @@ def test_deepseek_logits_match_transformers_closely(tmp_path, rng, case):
     assert rel_err(ours, torch_logits(torch_model, ids)) < 5e-6
 
 
+_V2_YARN = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0, "mscale": 1.0,
+            "mscale_all_dim": 0.8, "original_max_position_embeddings": 64}  # fmt: skip
+
+
+@pytest.mark.parametrize("rope_parameters", [None, _V2_YARN], ids=["default", "yarn"])
+def test_deepseek_v2_turns_rope_in_float32_as_transformers_does(
+    tmp_path, rng, monkeypatch, rope_parameters
+):
+    """transformers' DeepSeek V2 turns RoPE's pairs in float32 (its complex64 ``freqs_cis``,
+    YaRN's attention factor in them) and rounds once to the activations' dtype
+    (``apply_rotary_emb``); its other families (V3 too) turn in the activations' dtype.
+    In a bf16 forward, lorax's rotated query and key slices of transformers' own inputs are
+    transformers' (bit for bit on CPU; a rare one-ulp tie allowed). Rounding the tables to
+    bf16 and rotating in bf16 instead leaves 25-39% of them off."""
+    import torch
+    import transformers
+    from transformers.models.deepseek_v2 import modeling_deepseek_v2
+
+    from lorax.model import latent_rope, rope_cos_sin
+
+    model_type, overrides = CASES["deepseek-v2"]
+    if rope_parameters is not None:
+        overrides = dict(overrides, rope_parameters=rope_parameters)
+    _, path = make_hf_model(tmp_path, model_type, **overrides)
+    # Loaded in bf16 as users load it: ``.bfloat16()`` would round the rotary embedding's
+    # inv_freq buffer too, which transformers keeps float32.
+    torch_model = transformers.AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.bfloat16, attn_implementation="eager"
+    )
+    calls = []
+    rotate = modeling_deepseek_v2.apply_rotary_emb
+
+    def recorded(xq, xk, freqs_cis):
+        out = rotate(xq, xk, freqs_cis)
+        calls.append(((xq, xk), out))
+        return out
+
+    monkeypatch.setattr(modeling_deepseek_v2, "apply_rotary_emb", recorded)
+    ids = rng.integers(0, torch_model.config.vocab_size, size=(2, 40))
+    torch_logits(torch_model, ids)
+    config = lorax.load(path, dtype="bfloat16").config
+    assert config.rope_in_float32 and len(calls) == config.num_layers
+
+    @jax.jit
+    def ours(q, k):
+        positions = jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)
+        return latent_rope(config, q, k, *rope_cos_sin(config, positions, jnp.bfloat16))
+
+    def in_lorax_layout(t):  # transformers' [B, H, S, D], pairs side by side
+        t = t.transpose(1, 2).float().numpy()
+        return np.concatenate([t[..., 0::2], t[..., 1::2]], axis=-1)
+
+    for inputs, theirs in calls:
+        inputs = [jnp.asarray(t.transpose(1, 2).float().numpy(), jnp.bfloat16) for t in inputs]
+        for got, want in zip(ours(*inputs), theirs, strict=True):
+            assert got.dtype == jnp.bfloat16
+            got, want = np.asarray(got, np.float32), in_lorax_layout(want)
+            assert np.mean(got != want) < 0.01
+            assert np.all(np.abs(got - want) <= np.abs(want) * 2.0**-7)  # one bf16 ulp
+
+
 def test_deepseek_config_reads_what_transformers_reads():
     """A config.json without DeepSeek's fields gets DeepseekV3Config's defaults (DeepSeek-V3's
     shape); the attention scale follows YaRN's mscale_all_dim."""
