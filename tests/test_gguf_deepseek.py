@@ -240,6 +240,11 @@ def test_deepseek_quantizes_like_llama_cpp(llama_cpp, deepseek, out, name):  # n
         ),
         ("deepseek-v3", dict(shared_expert_intermediate_size=48), "whole number of experts"),
         (
+            "deepseek-v3",
+            dict(num_layers=27, layer_windows=(0,) * 27),
+            r"27 layers for DeepSeek-V2-Lite, without a query latent.*q_lora_rank=24",
+        ),
+        (
             "deepseek-v3-yarn-halves",
             dict(
                 rope=lorax.RopeConfig(
@@ -257,7 +262,8 @@ def test_deepseek_quantizes_like_llama_cpp(llama_cpp, deepseek, out, name):  # n
 def test_what_deepseek2_cannot_compute_is_refused(deepseek, tmp_path, name, change, match):
     """V2's groups scored by their best expert (llama.cpp scores by the top-2 sum), latent
     norms with another epsilon than rms_norm_eps, shared experts that are not whole experts
-    wide, YaRN that scales the rotation: errors that say why, and leave no file."""
+    wide, a query latent in a model of V2-Lite's layer count, YaRN that scales the rotation:
+    errors that say why, and leave no file."""
     model, _, _ = deepseek(name)
     changed = lorax.Model(model.params, dataclasses.replace(model.config, **change), None)
     with pytest.raises(GGUFError, match=match):

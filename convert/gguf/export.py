@@ -11,8 +11,9 @@ its own matrix, and a gate/up part takes its rows of the merged ``[2·F, D]`` (g
 F, up the rest). Qwen 2 MoE's shared expert is merged as any dense projection, and its gate
 written as it is (frozen, never adapted). DeepSeek's layers come from two layer stacks (the
 dense first layers and the routed ones), each tensor under its model layer's number with its
-own stack's adapters, and its merged ``kv_b_proj`` is written as its two per-head parts. Only the tensor being written exists outside the
-model, so an export needs little memory beyond the model itself.
+own stack's adapters, and its merged ``kv_b_proj`` is written as its two per-head parts. Only
+the tensor being written exists outside the model, so an export needs little memory beyond the
+model itself.
 """
 
 from __future__ import annotations

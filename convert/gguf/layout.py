@@ -135,10 +135,16 @@ class Arch:
     deepseek: bool = False
     # lorax reads files of this architecture back (``load_gguf``); False: export only.
     readable: bool = True
+    # Other HF model types the architecture computes as they are, each with its own family
+    # traits (deepseek2: DeepSeek V2, whose RoPE turns in float32, beside V3).
+    also_computes: tuple[str, ...] = ()
 
-    def family_type(self, moe: bool) -> str:
-        """The HF model_type a model of this architecture computes as: with routed experts
+    def family_type(self, moe: bool, model_type: str | None = None) -> str:
+        """The HF model_type a model of this architecture computes as: ``model_type`` where
+        the architecture computes it as it is (``also_computes``), else with routed experts
         its ``moe_model_type``, where it has one."""
+        if model_type in self.also_computes:
+            return model_type
         return self.moe_model_type if moe and self.moe_model_type else self.model_type
 
 
@@ -202,6 +208,7 @@ ARCHES = {
             biases=(),
             deepseek=True,
             readable=False,
+            also_computes=("deepseek_v2",),
         ),
     )
 }

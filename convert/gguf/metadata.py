@@ -254,7 +254,7 @@ _PARTIAL_ROTARY = ("phi3",)
 def _check_family(config: Any, arch: Arch) -> None:
     """Refuses a config whose computation ``arch`` does not express in llama.cpp."""
     a = arch.name
-    wrong = departures(config, arch.family_type(config.moe))
+    wrong = departures(config, arch.family_type(config.moe, config.model_type))
     if not math.isclose(config.attention_scale, _attention_scale(arch, config), rel_tol=1e-6):
         wrong["query_pre_attn_scalar"] = config.query_pre_attn_scalar
     if wrong:
