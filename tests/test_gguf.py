@@ -991,12 +991,13 @@ def test_nf4_mixtral_and_gguf(mixtral, out):
 
 
 def test_moe_files_lorax_cannot_read_are_refused(moe, family, tmp_path):
-    """Experts are read only where lorax has the model (llama's Mixtral, qwen3moe, qwen2moe),
-    and a file whose expert tensors disagree with its expert keys names what is wrong. Without
-    expert_count a llama file is a dense llama, whose expert tensors are unexpected, and a
-    qwen3moe file is refused, as llama.cpp refuses it; a qwen3moe window is refused, since
-    llama.cpp's qwen3moe has none, as are expert weights scaled or gated otherwise than by
-    the softmax (keys llama.cpp reads for other MoE families). Without
+    """Experts are read only where lorax has the model (llama's Mixtral, qwen3moe, qwen2moe,
+    deepseek2), and a file whose expert tensors disagree with its expert keys names what is
+    wrong. Without expert_count a llama file is a dense llama, whose expert tensors are
+    unexpected, and a qwen3moe file is refused, as llama.cpp refuses it; a qwen3moe window is
+    refused, since llama.cpp's qwen3moe has none, as are expert weights scaled or gated
+    otherwise than by the softmax, or chosen within groups (keys llama.cpp reads for other MoE
+    families such as deepseek2, and the groups for any architecture). Without
     expert_feed_forward_length, llama.cpp takes feed_forward_length / expert_used_count
     (96 / 2: this model's 48), and so does import."""
     _, _, mixtral = moe("mixtral")
@@ -1008,7 +1009,7 @@ def test_moe_files_lorax_cannot_read_are_refused(moe, family, tmp_path):
             qwen3,
             {"qwen3.expert_count": u32(4)},
             (),
-            r"only for \['llama', 'qwen3moe', 'qwen2moe'\]",
+            r"only for \['llama', 'qwen3moe', 'qwen2moe', 'deepseek2'\]",
         ),
         (mixtral, {"llama.expert_count": u32(4)}, (), r"gate_inp.weight' has shape \[8, 256\]"),
         (mixtral, {}, ("blk.1.ffn_up_exps.weight",), "missing tensor 'blk.1.ffn_up_exps.weight'"),
@@ -1027,6 +1028,12 @@ def test_moe_files_lorax_cannot_read_are_refused(moe, family, tmp_path):
             "sliding_window=8, but llama.cpp's qwen3moe architecture has no sliding-window",
         ),
         (qwen3_moe_path, {"qwen3moe.expert_weights_scale": f32(2.5)}, (), "weights_scale=2.5"),
+        (
+            qwen3_moe_path,
+            {"qwen3moe.expert_group_count": u32(2), "qwen3moe.expert_group_used_count": u32(1)},
+            (),
+            "expert_group_count=2, expert_group_used_count=1: llama.cpp chooses experts within",
+        ),
         (mixtral, {"llama.expert_gating_func": u32(2)}, (), "gating_func=2: lorax routes"),
     ]
     for i, (src, keys, drop, match) in enumerate(cases):

@@ -60,6 +60,9 @@ query head and of the shared rotary key reordered, as Llama's are. Routing is re
 keys (see ``metadata``), the V3 selection bias is the float32 vector ``exp_probs_b.bias``, the
 shared experts (ungated) are ``ffn_*_shexp`` and the leading dense layers' MLP is
 ``ffn_gate``/``ffn_up``/``ffn_down``, each tensor under its model layer's ``blk`` number.
+Read back, ``kv_b_proj`` is put together again from its parts (``kv_b_from_parts``) and the
+rotary rows stay as the file has them: a deepseek2 file is a model that turns pairs
+(``rope_interleave``; see ``metadata``).
 """
 
 from __future__ import annotations
@@ -133,8 +136,6 @@ class Arch:
     # DeepSeek's latent attention, its routing keys and selection bias, and leading
     # dense-MLP layers (deepseek2; see the module docstring).
     deepseek: bool = False
-    # lorax reads files of this architecture back (``load_gguf``); False: export only.
-    readable: bool = True
     # Other HF model types the architecture computes as they are, each with its own family
     # traits (deepseek2: DeepSeek V2, whose RoPE turns in float32, beside V3).
     also_computes: tuple[str, ...] = ()
@@ -207,7 +208,6 @@ ARCHES = {
             shared_expert="counted",
             biases=(),
             deepseek=True,
-            readable=False,
             also_computes=("deepseek_v2",),
         ),
     )
@@ -240,12 +240,8 @@ def arch_for_export(model_type: str) -> Arch:
 
 def arch_named(name: str, source: str) -> Arch:
     """The architecture of a file lorax reads."""
-    readable = [a.name for a in ARCHES.values() if a.readable]
-    if name not in readable:
-        exported = " (lorax exports it, but does not read it yet)" if name in ARCHES else ""
-        raise GGUFError(
-            f"{source}: unsupported architecture {name!r}{exported}; lorax reads {readable}"
-        )
+    if name not in ARCHES:
+        raise GGUFError(f"{source}: unsupported architecture {name!r}; lorax reads {list(ARCHES)}")
     return ARCHES[name]
 
 
@@ -371,6 +367,13 @@ def kv_b_part(weight: Any, part: int, config: Any) -> Any:
     nope = config.qk_nope_head_dim
     per_head = weight.reshape(config.num_heads, nope + config.v_head_dim, -1)
     return per_head[:, :nope].swapaxes(1, 2) if part == 0 else per_head[:, nope:]
+
+
+def kv_b_from_parts(keys: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """The inverse of ``kv_b_part``: ``kv_b_proj`` ``[H·(nope+v), kv_lora]`` from its keys'
+    part ``[H, kv_lora, nope]`` and its values' ``[H, v, kv_lora]``."""
+    per_head = np.concatenate([keys.swapaxes(1, 2), values], axis=1)
+    return per_head.reshape(-1, per_head.shape[-1])
 
 
 def gguf_name(

@@ -1,14 +1,17 @@
 """Reading a GGUF (llama, Mistral and Mixtral included; qwen2, qwen3, gemma2, gemma3, phi3,
-qwen3moe, qwen2moe) into lorax's config dict, stacked parameters and tokenizer.
+qwen3moe, qwen2moe, deepseek2) into lorax's config dict, stacked parameters and tokenizer.
 
 Tensors are dequantized to float32 one at a time (any type ``gguf`` decodes: float, the
 legacy block types, the K-quants, ...), their query/key rows put back into HF's rope order,
 Gemma's norm weights put back to HF's ``weight`` (the file stores ``1 + weight``), cast (and
-NF4-quantized when asked) and stacked per layer; an expert tensor is split into its experts'
-matrices, each cast (and quantized) on its own as from an HF checkpoint, and stacked
-``[L, E(, part)]``; a shared expert's gate, one vector in the file, is read back as HF's
-``[1, hidden]``. Every mismatch between the file and the config it declares names the file and
-the tensor.
+NF4-quantized when asked) and stacked per layer stack (DeepSeek's dense first layers are a
+stack of their own, ``config.layer_stacks()``), in the order of the stack's model layers; an
+expert tensor is split into its experts' matrices, each cast (and quantized) on its own as
+from an HF checkpoint, and stacked ``[L, E(, part)]``; a shared expert's gate, one vector in
+the file, is read back as HF's ``[1, hidden]``; DeepSeek's ``kv_b_proj`` is put back together
+from ``attn_k_b`` and ``attn_v_b``. Tensors lorax keeps in float32 whatever the model's dtype
+(DeepSeek's router and selection bias: ``TensorSpec.dtype``) stay float32. Every mismatch
+between the file and the config it declares names the file and the tensor.
 """
 
 from __future__ import annotations
@@ -33,7 +36,9 @@ from convert.gguf.layout import (
     file_tensors,
     from_gguf_rope_rows,
     gguf_name,
+    kv_b_from_parts,
     norm_offset,
+    placed_tensors,
     rope_rows,
 )
 from convert.gguf.metadata import config_from_gguf
@@ -74,9 +79,7 @@ def _read_params(
     expected = {ROPE_FREQS}
     if config.rope.type == "longrope":
         expected.update((ROPE_FACTORS_SHORT, ROPE_FACTORS_LONG))
-    for t in tensors:
-        layers = range(config.num_layers) if t.spec.per_layer else [None]
-        expected.update(gguf_name(arch, t.spec.path, i, t.part) for i in layers)
+    expected.update(gguf_name(arch, t.spec.path, i, t.part) for t, i, _ in placed_tensors(config))
     unexpected = sorted(set(f.tensors) - expected)
     if unexpected:
         shown = ", ".join(unexpected[:5]) + (" ..." if len(unexpected) > 5 else "")
@@ -105,12 +108,24 @@ def _read_params(
             value = value - np.float32(offset)
         return value
 
+    # DeepSeek's kv_b_proj, two tensors of the file: read as one, when its keys' part comes.
+    values_part = {t.spec.path: t for t in tensors if not t.experts and t.part == 1}
+
+    def read_whole(t: FileTensor, layer: int) -> np.ndarray:
+        """A per-layer parameter of one expert-free tensor (kv_b_proj from both parts), in
+        lorax's shape (a shared expert's gate, one vector in the file, is [1, hidden])."""
+        if t.part == 0:
+            return kv_b_from_parts(read(t, layer), read(values_part[t.spec.path], layer))
+        return read(t, layer).reshape(t.spec.shape)
+
     def store(spec: TensorSpec, value: np.ndarray) -> Any:
-        array = jnp.asarray(value, dtype=dtype)
+        array = jnp.asarray(value, dtype=spec.dtype or dtype)
         if quantize == "nf4" and spec.quantizable:
             return quantize_nf4(array, blocksize=64, double_quant=double_quant)
         return array
 
+    # Each per-layer parameter is its stack's layers (``spec.layers``, model layer numbers)
+    # stacked in that order, which is their position on the stack's axis.
     params: dict[str, Any] = {}
     experts: dict[tuple[str, ...], dict[tuple[int, ...], Any]] = {}
     for t in tensors:
@@ -118,13 +133,14 @@ def _read_params(
         if not spec.per_layer:
             set_path(params, spec.path, store(spec, read(t, None)))
         elif not t.experts:
-            # As lorax holds it (a shared expert's gate, stored as one vector, is [1, hidden]).
-            values = [store(spec, read(t, i).reshape(spec.shape)) for i in range(config.num_layers)]
+            if t.part == 1:  # read with part 0
+                continue
+            values = [store(spec, read_whole(t, i)) for i in spec.layers]
             set_path(params, spec.path, stack_layers(values))
         else:
             # Each expert's matrix on its own (NF4 too), as from an HF checkpoint.
             by_expert: list[list[Any]] = [[] for _ in range(t.shape[0])]
-            for i in range(config.num_layers):
+            for i in spec.layers:
                 value = read(t, i)
                 for e, matrices in enumerate(by_expert):
                     matrices.append(store(spec, value[e]))

@@ -60,25 +60,52 @@ a model with tied embeddings, or with ``num_heads * head_dim != hidden_size``, i
 Its q/k/v biases are optional there, so import reads ``qkv_bias`` from their presence. Like
 qwen3moe it has no sliding window and loads no file without ``expert_count``.
 
-DeepSeek V2/V3 is llama.cpp's ``deepseek2``, written as its converter writes it (export only:
-lorax does not read these files back yet). Latent attention is recorded as the multi-query
-attention llama.cpp computes it as: one key/value head (``head_count_kv`` 1) of
-``kv_lora_rank + qk_rope_head_dim`` (keys) and ``kv_lora_rank`` (values), the heads' real
-sizes as ``key_length_mla``/``value_length_mla``, the ranks as ``q_lora_rank`` (0: no query
-latent) and ``kv_lora_rank``, the rotary slice as ``rope.dimension_count``. The routing is
-keys: ``expert_gating_func`` (softmax 1, sigmoid 2), ``expert_weights_norm``,
-``expert_weights_scale`` (``routed_scaling_factor``), ``expert_group_count``/
-``expert_group_used_count``, whose groups llama.cpp scores by their top-2 sum (V3's, not
-V2's best expert), and ``expert_shared_count`` experts of ``expert_feed_forward_length`` make
-the shared experts; ``leading_dense_block_count`` layers have a dense MLP
-``feed_forward_length`` wide. llama.cpp norms the latents with ``rms_norm_eps`` where
-DeepSeek's modules use 1e-6, and decides by the layer count that a 26/27-layer model has no
-query latent (DeepSeek-V2-Lite's), so models that depart from either are refused. YaRN: the
-file holds ``rope.scaling.yarn_log_multiplier`` (0.1 · ``mscale_all_dim``, which llama.cpp
-divides back out) from which llama.cpp's graph scales attention by
-``(1 + 0.1 · mscale_all_dim · ln factor)²`` as transformers does, leaving the rotation
-unscaled; a model whose YaRN scales the rotation too (``mscale`` ≠ ``mscale_all_dim``) is
-refused.
+DeepSeek V2/V3 is llama.cpp's ``deepseek2``, written as its converter writes it. Latent
+attention is recorded as the multi-query attention llama.cpp computes it as: one key/value
+head (``head_count_kv`` 1) of ``kv_lora_rank + qk_rope_head_dim`` (keys) and
+``kv_lora_rank`` (values), the heads' real sizes as ``key_length_mla``/``value_length_mla``,
+the ranks as ``q_lora_rank`` (0: no query latent) and ``kv_lora_rank``, the rotary slice as
+``rope.dimension_count``. The routing is keys: ``expert_gating_func`` (softmax 1, sigmoid
+2), ``expert_weights_norm``, ``expert_weights_scale`` (``routed_scaling_factor``),
+``expert_group_count``/``expert_group_used_count``, whose groups llama.cpp scores by their
+top-2 sum (V3's, not V2's best expert), and ``expert_shared_count`` experts of
+``expert_feed_forward_length`` make the shared experts; ``leading_dense_block_count`` layers
+have a dense MLP ``feed_forward_length`` wide. llama.cpp norms the latents with
+``rms_norm_eps`` where DeepSeek's modules use 1e-6, and decides by the layer count that a
+26/27-layer model has no query latent (DeepSeek-V2-Lite's), so models that depart from
+either are refused. YaRN: the file holds ``rope.scaling.yarn_log_multiplier`` (0.1 ·
+``mscale_all_dim``, which llama.cpp divides back out) from which llama.cpp's graph scales
+attention by ``(1 + 0.1 · mscale_all_dim · ln factor)²`` as transformers does, leaving the
+rotation unscaled; a model whose YaRN scales the rotation too (``mscale`` ≠
+``mscale_all_dim``) is refused.
+
+Import inverts that into DeepSeek's config.json: the gating picks the model, softmax (1, or
+the key absent, as llama.cpp reads the first V2 conversions) DeepSeek V2 (``topk_method``
+"greedy", or "group_limited_greedy" where groups are recorded) and sigmoid (2) V3
+("noaux_tc"), whose selection bias lorax's V3 always has: a sigmoid file without
+``exp_probs_b.bias`` and a softmax file with it are refused, as are softmax files whose
+groups keep fewer than all (llama.cpp's top-2 sums are not V2's best expert) or whose weights
+are renormalized (V2 never does). ``num_key_value_heads`` is the head count (the file's one
+key/value head is the absorbed form), ``qk_rope_head_dim`` is ``rope.dimension_count``,
+``qk_nope_head_dim`` ``key_length_mla`` minus it, ``v_head_dim`` ``value_length_mla``,
+``q_lora_rank`` 0 none, ``first_k_dense_replace`` ``leading_dense_block_count``,
+``moe_intermediate_size`` ``expert_feed_forward_length``, ``n_shared_experts``
+``expert_shared_count``, ``routed_scaling_factor`` ``expert_weights_scale``,
+``norm_topk_prob`` ``expert_weights_norm``, ``n_group``/``topk_group`` the group keys (1/1
+without them), ``intermediate_size`` (the dense layers') ``feed_forward_length``. YaRN reads
+back as ``mscale = mscale_all_dim = yarn_log_multiplier / 0.1``; a YaRN file without that
+multiplier or with ``rope.scaling.attn_factor``, and other RoPE scalings, are refused. The
+file turns RoPE in adjacent pairs, so it reads as ``rope_interleave`` true: a model that
+turned halves was written with its rotary rows reordered into pairs, and reads back as the
+interleaved model with those rows, which computes the same (its config differs in that one
+field, and writing it again gives the same file). The latents' epsilon must be 1e-6 and the
+absorbed sizes (``head_count_kv`` 1, ``key_length`` ``kv_lora_rank + rope``,
+``value_length`` ``kv_lora_rank``) must agree with the others; a file without
+``key_length_mla`` (older conversions, holding ``attn_kv_b``) is refused.
+
+The MoE families' files (llama's Mixtral, qwen3moe, qwen2moe) are refused where they set the
+keys llama.cpp would route them by otherwise than lorax's models: a gating function other
+than the softmax, a weight scale, or expert groups that keep fewer than all.
 """
 
 from __future__ import annotations
@@ -100,8 +127,10 @@ from convert.gguf.layout import (
     ROPE_FREQS,
     Arch,
     arch_named,
+    gguf_name,
 )
 from convert.gguf.reader import GGUFFile
+from convert.names import LAYERS, ROUTER_BIAS
 from convert.rope import (
     default_inv_freq,
     llama3_rope_factors,
@@ -661,13 +690,19 @@ def config_from_gguf(f: GGUFFile) -> dict[str, Any]:
     hidden = int(key("embedding_length", required=True))
     heads = int(key("attention.head_count", required=True))
     layers = int(key("block_count", required=True))
-    head_dim = int(key("attention.key_length", hidden // heads))
-    if int(key("attention.value_length", head_dim)) != head_dim:
-        raise GGUFError(
-            f"{f.path}: {a}.attention.value_length={key('attention.value_length')} differs "
-            f"from the head size {head_dim}; lorax supports no distinct value heads"
-        )
-    rotary = int(key("rope.dimension_count", head_dim))
+    latent: dict[str, Any] = {}
+    if arch.deepseek:
+        latent = _latent_attention_from_gguf(f, a, key, layers)
+        # What DeepSeek's config classes set head_dim to (RoPE's width; module docstring).
+        head_dim = rotary = latent["qk_rope_head_dim"]
+    else:
+        head_dim = int(key("attention.key_length", hidden // heads))
+        if int(key("attention.value_length", head_dim)) != head_dim:
+            raise GGUFError(
+                f"{f.path}: {a}.attention.value_length={key('attention.value_length')} differs "
+                f"from the head size {head_dim}; lorax supports no distinct value heads"
+            )
+        rotary = int(key("rope.dimension_count", head_dim))
     if rotary != head_dim and (a not in _PARTIAL_ROTARY or not 0 < rotary < head_dim):
         raise GGUFError(
             f"{f.path}: {a}.rope.dimension_count={rotary} differs from the head size "
@@ -701,16 +736,22 @@ def config_from_gguf(f: GGUFFile) -> dict[str, Any]:
         "eos_token_id": f.get("tokenizer.ggml.eos_token_id"),
         "pad_token_id": f.get("tokenizer.ggml.padding_token_id"),
     }
-    if experts:
+    if arch.deepseek:
+        hf.update(latent, num_key_value_heads=heads, attention_bias=False)
+        hf.update(_deepseek_experts_from_gguf(f, arch, key, layers))
+    elif experts:
         hf.update(_experts_from_gguf(f, arch, experts, key))
     if arch.name == "llama":
         hf["attention_bias"] = "blk.0.attn_q.bias" in f
         hf["mlp_bias"] = "blk.0.ffn_gate.bias" in f
     elif arch.name == "qwen2moe":  # Qwen 2 MoE's one switch for its q/k/v biases
         hf["qkv_bias"] = "blk.0.attn_q.bias" in f
-    elif arch.name not in ("qwen2", "phi3"):  # qwen2's biases are implied; phi3 has none
+    elif arch.name not in ("qwen2", "phi3") and not arch.deepseek:
+        # qwen2's biases are implied; phi3 and deepseek2 load none (attention_bias false).
         hf["attention_bias"] = "blk.0.attn_q.bias" in f
     hf.update(_rope_from_gguf(f, a, head_dim, _f32(key("rope.freq_base", 10000.0))))
+    if arch.deepseek:
+        _deepseek_yarn_from_gguf(f, a, key, hf.get("rope_scaling"))
     if rotary != head_dim:
         hf["partial_rotary_factor"] = _partial_rotary_factor(rotary, head_dim)
     if a == "phi3":
@@ -748,6 +789,167 @@ def _experts_from_gguf(
     if arch.shared_expert:
         hf["shared_expert_intermediate_size"] = int(key("expert_shared_feed_forward_length", n_ff))
     return hf
+
+
+def _latent_attention_from_gguf(
+    f: GGUFFile, a: str, key: Callable[..., Any], layers: int
+) -> dict[str, Any]:
+    """DeepSeek's latent attention from deepseek2's keys (module docstring), in config.json's
+    names: the heads' real sizes, the ranks and the rotary slice. The multi-query sizes
+    llama.cpp computes with must be the ones these imply, and the latents' epsilon lorax's."""
+    if f"{a}.attention.key_length_mla" not in f.metadata:
+        raise GGUFError(
+            f"{f.path}: required metadata key '{a}.attention.key_length_mla' is missing (a "
+            "file written before llama.cpp split kv_b_proj into attn_k_b/attn_v_b holds "
+            "attn_kv_b instead, which lorax does not read)"
+        )
+    rope = int(key("rope.dimension_count", required=True))
+    key_length = int(key("attention.key_length_mla", required=True))
+    kv_lora = int(key("attention.kv_lora_rank", required=True))
+    if not 0 < rope < key_length:
+        raise GGUFError(
+            f"{f.path}: {a}.rope.dimension_count={rope} must be positive and below the "
+            f"query/key head's {a}.attention.key_length_mla={key_length}"
+        )
+    absorbed = {
+        "attention.head_count_kv": 1,
+        "attention.key_length": kv_lora + rope,
+        "attention.value_length": kv_lora,
+    }
+    for name, expected in absorbed.items():
+        value = int(key(name, required=True))
+        if value != expected:
+            raise GGUFError(
+                f"{f.path}: {a}.{name}={value}; llama.cpp's {a} architecture computes latent "
+                "attention as one key/value head, kv_lora_rank + rope.dimension_count wide for "
+                f"keys and kv_lora_rank for values: {expected} here (kv_lora_rank {kv_lora}, "
+                f"rope.dimension_count {rope})"
+            )
+    if layers in _DEEPSEEK_LITE_LAYERS:  # llama.cpp reads no q_lora_rank (module docstring)
+        q_lora = int(key("attention.q_lora_rank", 0))
+        if q_lora:
+            raise GGUFError(
+                f"{f.path}: {a}.attention.q_lora_rank={q_lora}, but llama.cpp's {a} "
+                f"architecture takes a model of {layers} layers for DeepSeek-V2-Lite, without "
+                "a query latent"
+            )
+    else:
+        q_lora = int(key("attention.q_lora_rank", required=True))
+    eps = _f32(key("attention.layer_norm_rms_epsilon", required=True))
+    if eps != LATENT_NORM_EPS:
+        raise GGUFError(
+            f"{f.path}: {a}.attention.layer_norm_rms_epsilon={eps}: llama.cpp norms the "
+            f"attention latents with it, lorax's DeepSeek (as transformers') with "
+            f"{LATENT_NORM_EPS}, so it reads only files where the two agree"
+        )
+    return {
+        "q_lora_rank": q_lora or None,
+        "kv_lora_rank": kv_lora,
+        "qk_nope_head_dim": key_length - rope,
+        "qk_rope_head_dim": rope,
+        "v_head_dim": int(key("attention.value_length_mla", required=True)),
+    }
+
+
+# expert_gating_func: llama.cpp reads a deepseek2 file without it (the first DeepSeek V2
+# conversions) as softmax.
+_GATING_NONE = 0
+
+
+def _deepseek_experts_from_gguf(
+    f: GGUFFile, arch: Arch, key: Callable[..., Any], layers: int
+) -> dict[str, Any]:
+    """DeepSeek's model_type, experts, shared experts, dense layers and routing from
+    deepseek2's keys (module docstring): softmax gating is DeepSeek V2's, sigmoid (with the
+    selection bias) V3's; what neither computes as llama.cpp does is refused."""
+    a = arch.name
+    gating = int(key("expert_gating_func", _GATING_NONE)) or _GATING_FUNCS["softmax"]
+    if gating not in _GATING_FUNCS.values():
+        raise GGUFError(
+            f"{f.path}: {a}.expert_gating_func={gating}: lorax reads deepseek2 experts gated "
+            "by softmax (1, DeepSeek V2) or sigmoid (2, DeepSeek V3)"
+        )
+    v3 = gating == _GATING_FUNCS["sigmoid"]
+    leading = int(key("leading_dense_block_count", required=True))
+    biases = [gguf_name(arch, (LAYERS, ROUTER_BIAS), i) for i in range(layers)]
+    if v3 and leading < layers and biases[leading] not in f:
+        raise GGUFError(
+            f"{f.path}: {a}.expert_gating_func=2 (sigmoid, DeepSeek V3) without the experts' "
+            f"selection bias: missing tensor {biases[leading]!r} (lorax's deepseek_v3 always "
+            "has one)"
+        )
+    present = [name for name in biases if name in f]
+    if not v3 and present:
+        raise GGUFError(
+            f"{f.path}: {a}.expert_gating_func={gating} (softmax, DeepSeek V2) with a selection "
+            f"bias ({present[0]!r}), which lorax's deepseek_v2 does not have"
+        )
+    groups = int(key("expert_group_count", 1)) or 1
+    kept = int(key("expert_group_used_count", required=True)) if groups > 1 else 1
+    if not v3 and kept < groups:
+        raise GGUFError(
+            f"{f.path}: {a}.expert_group_count={groups}, expert_group_used_count={kept}: "
+            "llama.cpp keeps the groups with the best top-2 sums (DeepSeek V3's), lorax's "
+            "deepseek_v2 (softmax gating) those with the best expert"
+        )
+    normalize = bool(key("expert_weights_norm", False))
+    if not v3 and normalize:
+        raise GGUFError(
+            f"{f.path}: {a}.expert_weights_norm=true with softmax gating: lorax's deepseek_v2 "
+            "never renormalizes the chosen experts' weights (as transformers' DeepseekV2)"
+        )
+    shared = int(key("expert_shared_count", required=True))
+    if shared < 1:
+        raise GGUFError(
+            f"{f.path}: {a}.expert_shared_count={shared}: lorax computes DeepSeek with one or "
+            "more shared experts"
+        )
+    hf: dict[str, Any] = {
+        "model_type": "deepseek_v3" if v3 else "deepseek_v2",
+        "n_routed_experts": int(key("expert_count", required=True)),
+        "num_experts_per_tok": int(key("expert_used_count", required=True)),
+        "moe_intermediate_size": int(key("expert_feed_forward_length", required=True)),
+        "n_shared_experts": shared,
+        "first_k_dense_replace": leading,
+        "routed_scaling_factor": _f32(key("expert_weights_scale", required=True)),
+        "n_group": groups,
+        "topk_group": kept,
+        "norm_topk_prob": normalize,
+    }
+    if v3:
+        # llama.cpp turns adjacent pairs, DeepSeek's own layout (module docstring).
+        hf |= {"topk_method": "noaux_tc", "rope_interleave": True}
+    else:
+        hf["topk_method"] = "group_limited_greedy" if groups > 1 else "greedy"
+    return hf
+
+
+def _deepseek_yarn_from_gguf(
+    f: GGUFFile, a: str, key: Callable[..., Any], scaling: dict[str, Any] | None
+) -> None:
+    """DeepSeek's YaRN, completed in place: ``mscale`` and ``mscale_all_dim`` are both
+    ``yarn_log_multiplier / 0.1`` (module docstring); other scalings are refused."""
+    if scaling is None:
+        return
+    if scaling["rope_type"] != "yarn":
+        raise GGUFError(
+            f"{f.path}: {scaling['rope_type']} RoPE scaling: llama.cpp's {a} architecture "
+            "computes DeepSeek's YaRN, and lorax reads no other scaling for it"
+        )
+    if "attention_factor" in scaling:
+        raise GGUFError(
+            f"{f.path}: {a}.rope.scaling.attn_factor={f.get(f'{a}.rope.scaling.attn_factor')}:"
+            f" llama.cpp's {a} architecture would scale the rotation by it, which no DeepSeek "
+            "YaRN does"
+        )
+    multiplier = _f32(key("rope.scaling.yarn_log_multiplier", 0.0))
+    if not multiplier > 0:
+        raise GGUFError(
+            f"{f.path}: {a}.rope.scaling.yarn_log_multiplier={multiplier}: lorax reads "
+            "DeepSeek's YaRN as mscale = mscale_all_dim = yarn_log_multiplier / 0.1, which "
+            "needs one above 0"
+        )
+    scaling["mscale"] = scaling["mscale_all_dim"] = _f32(multiplier / 0.1)
 
 
 def _partial_rotary_factor(rotary: int, head_dim: int) -> float:
@@ -888,13 +1090,17 @@ def _rope_from_gguf(f: GGUFFile, a: str, head_dim: int, theta: float) -> dict[st
     return out
 
 
-# llama.cpp's expert-weighting keys some architectures set (DeepSeek's): a gating function
-# other than the softmax (1; sigmoid is 2), and a factor on the chosen weights (0 or 1: none).
-# lorax's MoE families route by softmax, unscaled.
-_SOFTMAX_GATING = 1
+# llama.cpp's expert-weighting keys that deepseek2 routes by (``_deepseek_experts_from_gguf``)
+# and other architectures may set: a gating function other than the softmax (1; sigmoid is
+# 2), a factor on the chosen weights (0 or 1: none) and expert groups (llama.cpp reads
+# ``expert_group_count`` for every architecture and then keeps the groups with the best top-2
+# sums). lorax's Mixtral and Qwen MoE route by softmax over all experts, unscaled.
+_SOFTMAX_GATING = _GATING_FUNCS["softmax"]
 
 
 def _check_expert_weighting(f: GGUFFile, a: str) -> None:
+    """Refuses routing keys a Mixtral/Qwen MoE file (llama, qwen3moe, qwen2moe) would be
+    computed with by llama.cpp, but lorax's model of it does not compute."""
     gating = f.get(f"{a}.expert_gating_func")
     if gating is not None and int(gating) != _SOFTMAX_GATING:
         raise GGUFError(
@@ -906,6 +1112,14 @@ def _check_expert_weighting(f: GGUFFile, a: str) -> None:
         raise GGUFError(
             f"{f.path}: {a}.expert_weights_scale={float(scale)}: llama.cpp scales the chosen "
             "experts' weights by it, which no model lorax reads does"
+        )
+    groups = int(f.get(f"{a}.expert_group_count", 1))
+    kept = int(f.get(f"{a}.expert_group_used_count", groups))
+    if groups > 1 and kept < groups:
+        raise GGUFError(
+            f"{f.path}: {a}.expert_group_count={groups}, expert_group_used_count={kept}: "
+            f"llama.cpp chooses experts within the best {kept} groups, which lorax's {a} "
+            "experts do not"
         )
 
 
