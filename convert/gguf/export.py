@@ -197,8 +197,8 @@ def _encode_param(
         raise GGUFError(f"tensor {name!r} has non-finite values; refusing to export it")
     if rows is not None:
         weight = to_gguf_rope_rows(weight, rows)
-    if not tensor.experts and tensor.part is not None:
-        weight = kv_b_part(weight, tensor.part, config)
+    if tensor.kv_b_half is not None:
+        weight = kv_b_part(weight, tensor.kv_b_half, config)
     if offset:
         weight = weight + offset
     return encode(weight.reshape(-1, weight.shape[-1]), ttype)

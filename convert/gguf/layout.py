@@ -320,6 +320,11 @@ class FileTensor:
     def experts(self) -> bool:
         return bool(self.spec.index)
 
+    @property
+    def kv_b_half(self) -> int | None:
+        """For one of ``kv_b_proj``'s parts, which (0: the keys', 1: the values')."""
+        return None if self.experts else self.part
+
 
 def file_tensors(config: Any) -> list[FileTensor]:
     """The tensors a GGUF of ``config`` holds besides RoPE factor tensors, in

@@ -109,12 +109,12 @@ def _read_params(
         return value
 
     # DeepSeek's kv_b_proj, two tensors of the file: read as one, when its keys' part comes.
-    values_part = {t.spec.path: t for t in tensors if not t.experts and t.part == 1}
+    values_part = {t.spec.path: t for t in tensors if t.kv_b_half == 1}
 
     def read_whole(t: FileTensor, layer: int) -> np.ndarray:
         """A per-layer parameter of one expert-free tensor (kv_b_proj from both parts), in
         lorax's shape (a shared expert's gate, one vector in the file, is [1, hidden])."""
-        if t.part == 0:
+        if t.kv_b_half == 0:
             return kv_b_from_parts(read(t, layer), read(values_part[t.spec.path], layer))
         return read(t, layer).reshape(t.spec.shape)
 
@@ -133,7 +133,7 @@ def _read_params(
         if not spec.per_layer:
             set_path(params, spec.path, store(spec, read(t, None)))
         elif not t.experts:
-            if t.part == 1:  # read with part 0
+            if t.kv_b_half == 1:  # read with the keys' part
                 continue
             values = [store(spec, read_whole(t, i)) for i in spec.layers]
             set_path(params, spec.path, stack_layers(values))

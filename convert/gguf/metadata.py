@@ -71,9 +71,11 @@ the ranks as ``q_lora_rank`` (0: no query latent) and ``kv_lora_rank``, the rota
 top-2 sum (V3's, not V2's best expert), and ``expert_shared_count`` experts of
 ``expert_feed_forward_length`` make the shared experts; ``leading_dense_block_count`` layers
 have a dense MLP ``feed_forward_length`` wide. llama.cpp norms the latents with
-``rms_norm_eps`` where DeepSeek's modules use 1e-6, and decides by the layer count that a
-26/27-layer model has no query latent (DeepSeek-V2-Lite's), so models that depart from
-either are refused. YaRN: the file holds ``rope.scaling.yarn_log_multiplier`` (0.1 ·
+``rms_norm_eps`` where DeepSeek's modules use 1e-6, and decides by the shape that a model
+of 26 or 27 layers (or 48 with a vocabulary of 128256) has no query latent (DeepSeek-V2-Lite's),
+so models that depart from either are refused. The group keys are written only where fewer
+groups are kept than there are (llama.cpp asserts it; keeping all is no grouping). YaRN: the
+file holds ``rope.scaling.yarn_log_multiplier`` (0.1 ·
 ``mscale_all_dim``, which llama.cpp divides back out) from which llama.cpp's graph scales
 attention by ``(1 + 0.1 · mscale_all_dim · ln factor)²`` as transformers does, leaving the
 rotation unscaled; a model whose YaRN scales the rotation too (``mscale`` ≠
@@ -90,7 +92,8 @@ key/value head is the absorbed form), ``qk_rope_head_dim`` is ``rope.dimension_c
 ``qk_nope_head_dim`` ``key_length_mla`` minus it, ``v_head_dim`` ``value_length_mla``,
 ``q_lora_rank`` 0 none, ``first_k_dense_replace`` ``leading_dense_block_count``,
 ``moe_intermediate_size`` ``expert_feed_forward_length``, ``n_shared_experts``
-``expert_shared_count``, ``routed_scaling_factor`` ``expert_weights_scale``,
+``expert_shared_count``, ``routed_scaling_factor`` ``expert_weights_scale`` (1 where it is
+absent or 0, which llama.cpp does not scale by),
 ``norm_topk_prob`` ``expert_weights_norm``, ``n_group``/``topk_group`` the group keys (1/1
 without them), ``intermediate_size`` (the dense layers') ``feed_forward_length``. YaRN reads
 back as ``mscale = mscale_all_dim = yarn_log_multiplier / 0.1``; a YaRN file without that
@@ -172,9 +175,13 @@ def model_metadata(config: Any, arch: Arch, file_type: int, name: str) -> dict[s
 
 # llama.cpp's expert_gating_func values (its LLAMA_EXPERT_GATING_FUNC_TYPE_*).
 _GATING_FUNCS = {"softmax": 1, "sigmoid": 2}
-# llama.cpp's deepseek2 takes a model of these layer counts for DeepSeek-V2-Lite, which has no
-# query latent, and then reads no q_lora_rank.
-_DEEPSEEK_LITE_LAYERS = (26, 27)
+
+
+def _read_as_lite(layers: int, vocab: int | None) -> bool:
+    """Whether llama.cpp's deepseek2 takes a model of this shape for a "lite" one (DeepSeek-
+    V2-Lite, GigaChat3, Kanana-2: 26 or 27 layers, or 48 with a vocabulary of 128256), which
+    has no query latent: it then reads no q_lora_rank and loads attn_q."""
+    return layers in (26, 27) or (layers == 48 and vocab == 128256)
 
 
 def _deepseek(config: Any, arch: Arch) -> dict[str, KV]:
@@ -199,7 +206,9 @@ def _deepseek(config: Any, arch: Arch) -> dict[str, KV]:
         f"{a}.expert_weights_norm": boolean(routing.normalize),
         f"{a}.expert_weights_scale": f32(routing.scaling),
     }
-    if routing.groups > 1:
+    if routing.groups_kept < routing.groups:
+        # Only then: llama.cpp asserts that fewer groups are kept than there are (keeping
+        # them all is no grouping, and reads back as n_group = topk_group = 1).
         kv[f"{a}.expert_group_count"] = u32(routing.groups)
         kv[f"{a}.expert_group_used_count"] = u32(routing.groups_kept)
     if config.rope.type == "yarn":
@@ -228,11 +237,11 @@ def _check_deepseek(config: Any, arch: Arch) -> None:
             f"this model's latent norms use {LATENT_NORM_EPS} and its rms_norm_eps is "
             f"{config.rms_norm_eps}"
         )
-    if config.num_layers in _DEEPSEEK_LITE_LAYERS and config.q_lora_rank is not None:
+    if _read_as_lite(config.num_layers, config.vocab_size) and config.q_lora_rank is not None:
         raise GGUFError(
-            f"llama.cpp's {a} architecture takes a model of {config.num_layers} layers for "
-            "DeepSeek-V2-Lite, without a query latent; this model has "
-            f"q_lora_rank={config.q_lora_rank}"
+            f"llama.cpp's {a} architecture takes a model of {config.num_layers} layers "
+            f"(vocabulary {config.vocab_size}) for DeepSeek-V2-Lite, without a query latent; "
+            f"this model has q_lora_rank={config.q_lora_rank}"
         )
     leading = tuple(range(len(config.dense_mlp_layers)))
     if config.dense_mlp_layers != leading:
@@ -690,9 +699,13 @@ def config_from_gguf(f: GGUFFile) -> dict[str, Any]:
     hidden = int(key("embedding_length", required=True))
     heads = int(key("attention.head_count", required=True))
     layers = int(key("block_count", required=True))
+    tokens = f.get("tokenizer.ggml.tokens")
+    vocab = key("vocab_size") or (len(tokens) if tokens is not None else None)
+    if vocab is None and "token_embd.weight" in f:
+        vocab = f.tensors["token_embd.weight"].shape[0]
     latent: dict[str, Any] = {}
     if arch.deepseek:
-        latent = _latent_attention_from_gguf(f, a, key, layers)
+        latent = _latent_attention_from_gguf(f, a, key, layers, vocab)
         # What DeepSeek's config classes set head_dim to (RoPE's width; module docstring).
         head_dim = rotary = latent["qk_rope_head_dim"]
     else:
@@ -708,10 +721,6 @@ def config_from_gguf(f: GGUFFile) -> dict[str, Any]:
             f"{f.path}: {a}.rope.dimension_count={rotary} differs from the head size "
             f"{head_dim}; lorax reads partial rotary only for {list(_PARTIAL_ROTARY)}"
         )
-    tokens = f.get("tokenizer.ggml.tokens")
-    vocab = key("vocab_size") or (len(tokens) if tokens is not None else None)
-    if vocab is None and "token_embd.weight" in f:
-        vocab = f.tensors["token_embd.weight"].shape[0]
     # llama.cpp refuses a file of an MoE family's own architecture (qwen3moe) without experts.
     experts = int(key("expert_count", 0, required=FAMILIES[arch.model_type].moe))
     if experts and arch.moe_model_type is None:
@@ -738,7 +747,7 @@ def config_from_gguf(f: GGUFFile) -> dict[str, Any]:
     }
     if arch.deepseek:
         hf.update(latent, num_key_value_heads=heads, attention_bias=False)
-        hf.update(_deepseek_experts_from_gguf(f, arch, key, layers))
+        hf.update(_deepseek_experts_from_gguf(f, arch, key, layers, vocab))
     elif experts:
         hf.update(_experts_from_gguf(f, arch, experts, key))
     if arch.name == "llama":
@@ -750,8 +759,8 @@ def config_from_gguf(f: GGUFFile) -> dict[str, Any]:
         # qwen2's biases are implied; phi3 and deepseek2 load none (attention_bias false).
         hf["attention_bias"] = "blk.0.attn_q.bias" in f
     hf.update(_rope_from_gguf(f, a, head_dim, _f32(key("rope.freq_base", 10000.0))))
-    if arch.deepseek:
-        _deepseek_yarn_from_gguf(f, a, key, hf.get("rope_scaling"))
+    if arch.deepseek and "rope_scaling" in hf:
+        hf["rope_scaling"] = _deepseek_yarn_from_gguf(f, a, key, hf["rope_scaling"])
     if rotary != head_dim:
         hf["partial_rotary_factor"] = _partial_rotary_factor(rotary, head_dim)
     if a == "phi3":
@@ -786,13 +795,13 @@ def _experts_from_gguf(
     }
     if arch.expert_width_key:
         hf["moe_intermediate_size"] = int(key("expert_feed_forward_length", n_ff // used))
-    if arch.shared_expert:
+    if arch.shared_expert == "gated":
         hf["shared_expert_intermediate_size"] = int(key("expert_shared_feed_forward_length", n_ff))
     return hf
 
 
 def _latent_attention_from_gguf(
-    f: GGUFFile, a: str, key: Callable[..., Any], layers: int
+    f: GGUFFile, a: str, key: Callable[..., Any], layers: int, vocab: int | None
 ) -> dict[str, Any]:
     """DeepSeek's latent attention from deepseek2's keys (module docstring), in config.json's
     names: the heads' real sizes, the ranks and the rotary slice. The multi-query sizes
@@ -825,13 +834,13 @@ def _latent_attention_from_gguf(
                 f"keys and kv_lora_rank for values: {expected} here (kv_lora_rank {kv_lora}, "
                 f"rope.dimension_count {rope})"
             )
-    if layers in _DEEPSEEK_LITE_LAYERS:  # llama.cpp reads no q_lora_rank (module docstring)
+    if _read_as_lite(layers, vocab):  # llama.cpp reads no q_lora_rank
         q_lora = int(key("attention.q_lora_rank", 0))
         if q_lora:
             raise GGUFError(
                 f"{f.path}: {a}.attention.q_lora_rank={q_lora}, but llama.cpp's {a} "
-                f"architecture takes a model of {layers} layers for DeepSeek-V2-Lite, without "
-                "a query latent"
+                f"architecture takes a model of {layers} layers (vocabulary {vocab}) for "
+                "DeepSeek-V2-Lite, without a query latent"
             )
     else:
         q_lora = int(key("attention.q_lora_rank", required=True))
@@ -852,31 +861,40 @@ def _latent_attention_from_gguf(
 
 
 # expert_gating_func: llama.cpp reads a deepseek2 file without it (the first DeepSeek V2
-# conversions) as softmax.
+# conversions) as softmax, but one shaped as GLM 4.7 Lite (47 or 48 layers, a vocabulary of
+# 154880) as sigmoid.
 _GATING_NONE = 0
 
 
 def _deepseek_experts_from_gguf(
-    f: GGUFFile, arch: Arch, key: Callable[..., Any], layers: int
+    f: GGUFFile, arch: Arch, key: Callable[..., Any], layers: int, vocab: int | None
 ) -> dict[str, Any]:
     """DeepSeek's model_type, experts, shared experts, dense layers and routing from
-    deepseek2's keys (module docstring): softmax gating is DeepSeek V2's, sigmoid (with the
-    selection bias) V3's; what neither computes as llama.cpp does is refused."""
+    deepseek2's keys (module docstring), with llama.cpp's defaults where a key is absent:
+    softmax gating is DeepSeek V2's, sigmoid (with the selection bias) V3's; what neither
+    computes as llama.cpp does is refused."""
     a = arch.name
-    gating = int(key("expert_gating_func", _GATING_NONE)) or _GATING_FUNCS["softmax"]
+    gating = int(key("expert_gating_func", _GATING_NONE))
+    if gating == _GATING_NONE and layers in (47, 48) and vocab == 154880:
+        raise GGUFError(
+            f"{f.path}: no {a}.expert_gating_func: llama.cpp gates a file of this shape "
+            f"({layers} layers, vocabulary {vocab}) by sigmoid as GLM 4.7 Lite, which lorax "
+            "does not read"
+        )
+    gating = gating or _GATING_FUNCS["softmax"]
     if gating not in _GATING_FUNCS.values():
         raise GGUFError(
             f"{f.path}: {a}.expert_gating_func={gating}: lorax reads deepseek2 experts gated "
             "by softmax (1, DeepSeek V2) or sigmoid (2, DeepSeek V3)"
         )
     v3 = gating == _GATING_FUNCS["sigmoid"]
-    leading = int(key("leading_dense_block_count", required=True))
+    leading = int(key("leading_dense_block_count", 0))
     biases = [gguf_name(arch, (LAYERS, ROUTER_BIAS), i) for i in range(layers)]
     if v3 and leading < layers and biases[leading] not in f:
         raise GGUFError(
             f"{f.path}: {a}.expert_gating_func=2 (sigmoid, DeepSeek V3) without the experts' "
-            f"selection bias: missing tensor {biases[leading]!r} (lorax's deepseek_v3 always "
-            "has one)"
+            f"selection bias: missing tensor {biases[leading]!r} (llama.cpp computes none; "
+            "lorax reads a deepseek_v3 only with its bias)"
         )
     present = [name for name in biases if name in f]
     if not v3 and present:
@@ -911,7 +929,8 @@ def _deepseek_experts_from_gguf(
         "moe_intermediate_size": int(key("expert_feed_forward_length", required=True)),
         "n_shared_experts": shared,
         "first_k_dense_replace": leading,
-        "routed_scaling_factor": _f32(key("expert_weights_scale", required=True)),
+        # llama.cpp scales by neither 0 (the key absent) nor 1.
+        "routed_scaling_factor": _f32(key("expert_weights_scale", 0.0)) or 1.0,
         "n_group": groups,
         "topk_group": kept,
         "norm_topk_prob": normalize,
@@ -925,12 +944,11 @@ def _deepseek_experts_from_gguf(
 
 
 def _deepseek_yarn_from_gguf(
-    f: GGUFFile, a: str, key: Callable[..., Any], scaling: dict[str, Any] | None
-) -> None:
-    """DeepSeek's YaRN, completed in place: ``mscale`` and ``mscale_all_dim`` are both
-    ``yarn_log_multiplier / 0.1`` (module docstring); other scalings are refused."""
-    if scaling is None:
-        return
+    f: GGUFFile, a: str, key: Callable[..., Any], scaling: dict[str, Any]
+) -> dict[str, Any]:
+    """The RoPE scaling read from the file, completed as DeepSeek's YaRN: ``mscale`` and
+    ``mscale_all_dim`` both ``yarn_log_multiplier / 0.1`` (module docstring); other scalings
+    are refused."""
     if scaling["rope_type"] != "yarn":
         raise GGUFError(
             f"{f.path}: {scaling['rope_type']} RoPE scaling: llama.cpp's {a} architecture "
@@ -939,8 +957,8 @@ def _deepseek_yarn_from_gguf(
     if "attention_factor" in scaling:
         raise GGUFError(
             f"{f.path}: {a}.rope.scaling.attn_factor={f.get(f'{a}.rope.scaling.attn_factor')}:"
-            f" llama.cpp's {a} architecture would scale the rotation by it, which no DeepSeek "
-            "YaRN does"
+            f" llama.cpp's {a} architecture would scale the rotation by it; lorax reads "
+            "deepseek2's YaRN as mscale == mscale_all_dim, which leaves the rotation unscaled"
         )
     multiplier = _f32(key("rope.scaling.yarn_log_multiplier", 0.0))
     if not multiplier > 0:
@@ -949,7 +967,8 @@ def _deepseek_yarn_from_gguf(
             "DeepSeek's YaRN as mscale = mscale_all_dim = yarn_log_multiplier / 0.1, which "
             "needs one above 0"
         )
-    scaling["mscale"] = scaling["mscale_all_dim"] = _f32(multiplier / 0.1)
+    mscale = _f32(multiplier / 0.1)
+    return {**scaling, "mscale": mscale, "mscale_all_dim": mscale}
 
 
 def _partial_rotary_factor(rotary: int, head_dim: int) -> float:
