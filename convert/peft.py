@@ -287,9 +287,15 @@ def check_targets_adapted(config: Any, lora: Any) -> None:
         )
 
 
+def peft_misread_targets(config: Any, targets: tuple[str, ...]) -> list[str]:
+    """The targets PEFT would read as other modules of ``config``'s model
+    (``_PEFT_EXPERT_ALIASES``): DeepSeek's, and Qwen 3 MoE's dense layers', gate/up/down."""
+    return [t for t in targets if t in _PEFT_EXPERT_ALIASES.get(config.model_type, ())]
+
+
 def check_peft_reads_targets(config: Any, targets: tuple[str, ...]) -> None:
-    """Refuses targets PEFT would read as other modules (``_PEFT_EXPERT_ALIASES``)."""
-    aliased = [t for t in targets if t in _PEFT_EXPERT_ALIASES.get(config.model_type, ())]
+    """Refuses targets PEFT would read as other modules (``peft_misread_targets``)."""
+    aliased = peft_misread_targets(config, targets)
     if not aliased:
         return
     where = []

@@ -228,9 +228,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         model = lorax.prepare_kernel_weights(model, groups)
         if primary:
             print(f"kernel weights: {', '.join(groups)} in the Mosaic GPU kernel's layout")
-    targets = options["targets"]
-    if isinstance(targets, str) and "," in targets:
-        targets = [t.strip() for t in targets.split(",")]
+    targets, left_out = _targets(options["targets"], model.config)
+    if left_out and primary:
+        print(
+            f"targets: {options['targets']} on {model.config.model_type} leaves out {left_out} "
+            "(its dense-MLP layers' and shared experts'): the run saves a PEFT adapter, and "
+            "PEFT reads those names as the experts'. To adapt them, train with the Python API "
+            "and export the merged model (save_merged)"
+        )
     lora = lorax.init_lora(
         model,
         rank=options["rank"],
@@ -269,6 +274,23 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"loss curve: {os.path.join(cfg.output_dir, 'loss_curve.png')}"
     )
     return 0
+
+
+def _targets(option: Any, config: Any) -> tuple[Any, list[str]]:
+    """``--targets`` as ``init_lora`` takes it, and what a preset leaves out: the run ends by
+    saving a PEFT adapter, so a preset (``all-linear``, the default, or ``mlp``) keeps only
+    the projections PEFT reads as lorax's; named ones are taken as given (and refused by
+    ``check_peft_reads_targets`` where PEFT would misread them)."""
+    from convert.peft import peft_misread_targets
+    from lorax.lora import resolve_targets, target_presets
+
+    if not isinstance(option, str) or option not in target_presets(config):
+        if isinstance(option, str):
+            option = [t.strip() for t in option.split(",")]
+        return option, []
+    resolved = resolve_targets(option, config)
+    left_out = peft_misread_targets(config, resolved)
+    return [t for t in resolved if t not in left_out], left_out
 
 
 def _sampler(model: Any, prompt: str | None, max_new_tokens: int, generate_text: Any):

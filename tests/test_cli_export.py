@@ -145,3 +145,30 @@ def test_cli_trains_and_exports_an_moe(tmp_path, family):
     back = lorax.load(str(gguf), dtype="float32").config
     assert (back.model_type, back.num_experts) == (family, 4)
     assert back.shared_expert_intermediate_size == (80 if family == "qwen2_moe" else None)
+
+
+def test_train_presets_leave_out_what_peft_would_misread():
+    """``lorax train`` saves a PEFT adapter, and PEFT reads DeepSeek's dense layers' and
+    shared experts' gate/up/down_proj as the experts': the presets leave them out (the run
+    says so), named targets are taken as given (and refused before training), and a model
+    PEFT reads whole keeps every projection."""
+    from lorax.cli import _targets
+    from lorax.config import ModelConfig
+
+    deepseek = ModelConfig.from_hf_dict(
+        dict(model_type="deepseek_v3", vocab_size=64, hidden_size=64, intermediate_size=96,
+             num_hidden_layers=2, num_attention_heads=4, n_routed_experts=4,
+             num_experts_per_tok=2, moe_intermediate_size=32, first_k_dense_replace=1,
+             n_group=1, topk_group=1)
+    )  # fmt: skip
+    mlp = ["gate_proj", "up_proj", "down_proj"]
+    targets, left_out = _targets("all-linear", deepseek)
+    assert left_out == mlp and not set(mlp) & set(targets)
+    assert {"kv_b_proj", "experts_gate_up_proj", "experts_down_proj"} <= set(targets)
+    assert _targets("mlp", deepseek) == (["experts_gate_up_proj", "experts_down_proj"], mlp)
+    assert _targets("q_a_proj, gate_proj", deepseek) == (["q_a_proj", "gate_proj"], [])
+    llama = ModelConfig.from_hf_dict(
+        dict(model_type="llama", vocab_size=64, hidden_size=64, intermediate_size=96,
+             num_hidden_layers=2, num_attention_heads=4)
+    )  # fmt: skip
+    assert _targets("all-linear", llama) == (list(llama.projections()), [])
