@@ -293,18 +293,23 @@ def peft_misread_targets(config: Any, targets: tuple[str, ...]) -> list[str]:
     return [t for t in targets if t in _PEFT_EXPERT_ALIASES.get(config.model_type, ())]
 
 
-def check_peft_reads_targets(config: Any, targets: tuple[str, ...]) -> None:
-    """Refuses targets PEFT would read as other modules (``peft_misread_targets``)."""
-    aliased = peft_misread_targets(config, targets)
-    if not aliased:
-        return
+def misread_modules(config: Any) -> str:
+    """Where ``config``'s model has the projections ``peft_misread_targets`` names."""
     where = []
     if config.dense_mlp_layers:
         where.append(f"dense-MLP layers {list(config.dense_mlp_layers)}")
     if config.shared_expert:
         where.append("shared experts")
+    return f"{config.model_type}'s {' and '.join(where)}"
+
+
+def check_peft_reads_targets(config: Any, targets: tuple[str, ...]) -> None:
+    """Refuses targets PEFT would read as other modules (``peft_misread_targets``)."""
+    aliased = peft_misread_targets(config, targets)
+    if not aliased:
+        return
     raise AdapterError(
-        f"LoRA on {aliased} of {config.model_type}'s {' and '.join(where)} cannot be saved as "
+        f"LoRA on {aliased} of {misread_modules(config)} cannot be saved as "
         "a PEFT adapter: PEFT on "
         f"transformers >= 5 reads target_modules {aliased} of a {config.model_type} model as "
         "the experts' (their transformers-4 names; it moves them to target_parameters "

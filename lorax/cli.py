@@ -230,11 +230,13 @@ def cmd_train(args: argparse.Namespace) -> int:
             print(f"kernel weights: {', '.join(groups)} in the Mosaic GPU kernel's layout")
     targets, left_out = _targets(options["targets"], model.config)
     if left_out and primary:
+        from convert.peft import misread_modules
+
         print(
-            f"targets: {options['targets']} on {model.config.model_type} leaves out {left_out} "
-            "(its dense-MLP layers' and shared experts'): the run saves a PEFT adapter, and "
-            "PEFT reads those names as the experts'. To adapt them, train with the Python API "
-            "and export the merged model (save_merged)"
+            f"targets: {options['targets']} leaves out {left_out} of "
+            f"{misread_modules(model.config)}: the run saves a PEFT adapter, and PEFT reads "
+            "those names as the experts'. To adapt them, train with the Python API and export "
+            "the merged model (save_merged)"
         )
     lora = lorax.init_lora(
         model,
