@@ -204,7 +204,12 @@ def test_cli_kernel_weights_train_like_the_loaded_model(tmp_path, capsys):
 def test_prepared_model_with_two_layer_stacks(tmp_path, rng):
     """An MoE model with dense-MLP layers: each stack's projection groups are prepared in its
     own subtree (the dense layers' gate/up and down too), and the forward is the loaded
-    model's."""
+    model's.
+
+    Every token goes to all 4 experts: the prepared weights are within a bf16 ulp of the
+    loaded ones, and with top-2 routing such a difference moves near-tied choices, which put
+    3 of 8 seeds past 2e-2 (measured 1.4-2.8e-2). Routed to all, 8 seeds measured 1.3-1.7e-2
+    over the 4 layers (as bf16 runs of one model differ); a misplaced stack is off by O(1)."""
     from test_model_parity import CASES
 
     from lorax.kernel_weights import group_keys
@@ -218,6 +223,7 @@ def test_prepared_model_with_two_layer_stacks(tmp_path, rng):
             intermediate_size=128,
             moe_intermediate_size=64,
             shared_expert_intermediate_size=128,
+            num_experts_per_tok=4,
         ),
     )
     model = lorax.load(path, quantize="nf4", dtype="bfloat16")
@@ -235,4 +241,4 @@ def test_prepared_model_with_two_layer_stacks(tmp_path, rng):
     options = ForwardOptions(matmul_impl="reference")
     want = forward(model, lora, ids, options=options)
     got = forward(prepared, lora, ids, options=options)
-    assert rel_l2(got, want) < 2e-2
+    assert rel_l2(got, want) < 3e-2
